@@ -1,0 +1,251 @@
+"""The plugin's flags and the one frozen config they become.
+
+Configuration flows one way: `add_hn_arguments` defines the `--hn-*` flags, `HNConfig.from_args`
+validates them into a frozen dataclass, and components receive that dataclass (never `args`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
+
+NEGATIVE_SOURCES = ("none", "online", "precomputed")
+LOSS_TERMS = ("itc", "choice", "intra", "rank", "importance", "mined")
+CURRICULA = ("const", "linear", "cosine", "step")
+MINER_BACKENDS = ("torch", "faiss")
+RANK_THRESHOLD_MODES = ("adaptive-mean", "adaptive-max")
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    return number
+
+
+def _non_negative_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return number
+
+
+def _unit_float(value: str) -> float:
+    number = _non_negative_float(value)
+    if number > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def _loss_terms(value: str) -> tuple[str, ...]:
+    terms = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
+    unknown = [t for t in terms if t not in LOSS_TERMS]
+    if not terms or unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown loss term(s) {', '.join(unknown) or '(empty)'}; "
+            f"use a comma list of: {', '.join(LOSS_TERMS)}"
+        )
+    return terms
+
+
+def _types(value: str) -> tuple[str, ...]:
+    try:
+        return parse_types(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _rank_threshold(value: str) -> str:
+    if value in RANK_THRESHOLD_MODES:
+        return value
+    try:
+        _non_negative_float(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected {' or '.join(RANK_THRESHOLD_MODES)} or a fixed margin >= 0, got {value!r}"
+        ) from None
+    return value
+
+
+@dataclass(frozen=True)
+class HNConfig:
+    """Every plugin setting, validated. Built once from the flags; read-only afterwards."""
+
+    negatives: str = "none"
+    num_negatives: int = 4
+    types: tuple[str, ...] = NEGATIVE_TYPES
+    loss: tuple[str, ...] = ("itc",)
+    seed: int = 0
+    lm: str | None = None
+    # objectives
+    choice_weight: float = 1.0
+    intra_weight: float = 1.0
+    rank_weight: float = 1.0
+    rank_threshold: str = "adaptive-mean"
+    importance_beta: float = 0.5
+    importance_tau_plus: float = 0.0
+    memory_bank_size: int = 0
+    memory_bank_fp16: bool = False
+    mined_k: int = 16
+    false_negative_threshold: float = 0.9
+    miner_backend: str = "torch"
+    # curriculum
+    curriculum: str = "const"
+    curriculum_warmup: int = 0
+    curriculum_start: float = 1.0
+    curriculum_end: float = 1.0
+    # recipes, image neighbours, evaluation
+    config_file: str | None = None
+    image_neighbors: str | None = None
+    image_neighbors_per_sample: int = 1
+    eval_compositional: str | None = None
+    eval_every: int = 1
+    # bookkeeping filled by the hooks, not by flags
+    given: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def enabled(self) -> bool:
+        """True when any `--hn-*` flag was given: only then does the plugin change the run."""
+        return bool(self.given)
+
+    @property
+    def uses_text_negatives(self) -> bool:
+        return self.negatives != "none" and self.num_negatives > 0
+
+    @property
+    def fixed_rank_threshold(self) -> float | None:
+        return None if self.rank_threshold in RANK_THRESHOLD_MODES else float(self.rank_threshold)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "HNConfig":
+        """Build the config from a namespace produced by a parser with `add_hn_arguments`."""
+        values = {f.name: getattr(args, f"hn_{f.name}") for f in dataclasses.fields(cls)
+                  if f.name != "given" and hasattr(args, f"hn_{f.name}")}
+        given = tuple(getattr(args, "hn_given", ()))
+        config = cls(**values, given=given)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        """Cross-flag checks that argparse cannot express; raise ValueError naming the flags."""
+        if self.negatives != "none" and self.num_negatives == 0:
+            raise ValueError(
+                f"--hn-negatives {self.negatives} with --hn-num-negatives 0 generates nothing; "
+                "give K >= 1 or use --hn-negatives none"
+            )
+        needs_text_negatives = {"choice", "intra", "rank"} & set(self.loss)
+        if needs_text_negatives and not self.uses_text_negatives:
+            raise ValueError(
+                f"--hn-loss {','.join(sorted(needs_text_negatives))} needs text hard negatives; "
+                "add --hn-negatives online (or precomputed) and --hn-num-negatives K >= 1"
+            )
+        if "mined" in self.loss and self.memory_bank_size <= 0:
+            raise ValueError("--hn-loss mined needs a memory bank: set --hn-memory-bank-size N > 0")
+        if self.mined_k <= 0 and "mined" in self.loss:
+            raise ValueError("--hn-mined-k must be >= 1 with --hn-loss mined")
+        if self.curriculum_start > 1 or self.curriculum_end > 1:
+            raise ValueError("--hn-curriculum-start/--hn-curriculum-end are shares in [0, 1]")
+        if self.eval_every < 1:
+            raise ValueError("--hn-eval-every must be >= 1 (epochs)")
+        if self.image_neighbors_per_sample < 1:
+            raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
+
+
+def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every `--hn-*` flag (and `--model-config`) to `parser`, in one argument group."""
+    group = parser.add_argument_group(
+        "open_clip_hn (hard negatives)",
+        "Plugin flags. With none of them the run is exactly open_clip_train.main's run.",
+    )
+    add = group.add_argument
+    add("--model-config", dest="model_config", default=None, metavar="PATH.json",
+        help="Register an OpenCLIP model config file (open_clip.add_model_config) so that "
+             "--model FILE_STEM can use a custom or tiny architecture.")
+    add("--hn-config", dest="hn_config_file", default=None, metavar="PATH.yaml",
+        help="Recipe file whose keys are flag names (e.g. configs/recommended.yaml); flags on "
+             "the command line override it.")
+    add("--hn-print-config", dest="hn_print_config", action="store_true", default=False,
+        help="Print the resolved configuration (recipe + overrides) and exit.")
+    add("--hn-negatives", dest="hn_negatives", choices=NEGATIVE_SOURCES, default="none",
+        help="Where text hard negatives come from: 'online' generates them in the loader "
+             "workers, 'precomputed' reads neg.json from shards written by "
+             "`python -m open_clip_hn.negatives precompute`. Default: none.")
+    add("--hn-num-negatives", dest="hn_num_negatives", type=_non_negative_int, default=4,
+        metavar="K", help="Hard negatives per caption (K); captions with fewer valid negatives "
+                          "get masked slots, never duplicates. Default: 4.")
+    add("--hn-types", dest="hn_types", type=_types, default=NEGATIVE_TYPES, metavar="A,B,...",
+        help=f"Comma list of negative types to generate (default: all): {', '.join(NEGATIVE_TYPES)}.")
+    add("--hn-loss", dest="hn_loss", type=_loss_terms, default=("itc",), metavar="TERMS",
+        help="Comma list of loss terms: itc (InfoNCE with hard negatives in the image->text "
+             "softmax), choice (per-sample softmax of the image over its caption and that "
+             "caption's own negatives), intra (CE-CLIP text-text), rank (CE-CLIP cross-modal rank "
+             "with per-type thresholds), importance (HCL/DiHT reweighting), mined (memory-bank "
+             "cross-modal mining). Default: itc.")
+    add("--hn-seed", dest="hn_seed", type=int, default=0,
+        help="Seed of the negative generator; negatives are a pure function of (caption, seed).")
+    add("--hn-lm", dest="hn_lm", default=None, metavar="PATH",
+        help="Local masked language model (transformers) that proposes replacement words; "
+             "proposals pass the same WordNet validity filter.")
+    add("--hn-choice-weight", dest="hn_choice_weight", type=_non_negative_float, default=1.0,
+        help="Weight of the 'choice' term. Default: 1.0.")
+    add("--hn-intra-weight", dest="hn_intra_weight", type=_non_negative_float, default=1.0,
+        help="Weight of the 'intra' term (CE-CLIP IMC). Default: 1.0.")
+    add("--hn-rank-weight", dest="hn_rank_weight", type=_non_negative_float, default=1.0,
+        help="Weight of the 'rank' term (CE-CLIP CMR). Default: 1.0.")
+    add("--hn-rank-threshold", dest="hn_rank_threshold", type=_rank_threshold,
+        default="adaptive-mean", metavar="{adaptive-mean,adaptive-max,MARGIN}",
+        help="Per-type rank margin: adapted from the observed positive-negative similarity gaps "
+             "(mean or max), or a fixed value. Default: adaptive-mean.")
+    add("--hn-importance-beta", dest="hn_importance_beta", type=_non_negative_float, default=0.5,
+        help="Concentration beta of importance weights exp(beta*sim) (HCL/DiHT). Default: 0.5.")
+    add("--hn-importance-tau-plus", dest="hn_importance_tau_plus", type=_unit_float, default=0.0,
+        help="Debiasing class prior tau+ in [0, 1) (HCL). Default: 0 (no debiasing).")
+    add("--hn-memory-bank-size", dest="hn_memory_bank_size", type=_non_negative_int, default=0,
+        metavar="N", help="Memory bank of the last N image/text embeddings from all ranks "
+                          "(for --hn-loss mined). Default: 0 (off).")
+    add("--hn-memory-bank-fp16", dest="hn_memory_bank_fp16", action="store_true", default=False,
+        help="Store the memory bank in fp16 (half the memory).")
+    add("--hn-mined-k", dest="hn_mined_k", type=_non_negative_int, default=16,
+        help="Mined negatives per anchor and direction. Default: 16.")
+    add("--hn-false-negative-threshold", dest="hn_false_negative_threshold", type=float,
+        default=0.9, help="Bank entries whose image or text cosine similarity to the anchor's "
+                          "pair exceeds this are treated as false negatives and dropped. Default: 0.9.")
+    add("--hn-miner-backend", dest="hn_miner_backend", choices=MINER_BACKENDS, default="torch",
+        help="Top-k search over the bank: torch (exact matmul) or faiss (GPU build when a GPU "
+             "is present). Default: torch.")
+    add("--hn-curriculum", dest="hn_curriculum", choices=CURRICULA, default="const",
+        help="Schedule of the hard-negative share and of the intra/rank/mined weights over "
+             "training. Default: const.")
+    add("--hn-curriculum-warmup", dest="hn_curriculum_warmup", type=_non_negative_int, default=0,
+        metavar="STEPS", help="Optimizer steps without hard negatives at the start. Default: 0.")
+    add("--hn-curriculum-start", dest="hn_curriculum_start", type=_unit_float, default=1.0,
+        help="Curriculum value right after warmup (share in [0, 1]). Default: 1.0.")
+    add("--hn-curriculum-end", dest="hn_curriculum_end", type=_unit_float, default=1.0,
+        help="Curriculum value at the end of training. Default: 1.0.")
+    add("--hn-image-neighbors", dest="hn_image_neighbors", default=None, metavar="DIR",
+        help="Neighbour index from `python -m open_clip_hn.neighbors build`: batches then hold "
+             "samples together with visually similar ones (hard image negatives).")
+    add("--hn-image-neighbors-per-sample", dest="hn_image_neighbors_per_sample",
+        type=_non_negative_int, default=1,
+        help="Neighbours placed next to each anchor sample. Default: 1.")
+    add("--hn-eval-compositional", dest="hn_eval_compositional", default=None, metavar="DIR",
+        help="Compositional test sets (SugarCrepe layout) evaluated during training; per-type "
+             "accuracy is logged like OpenCLIP's metrics.")
+    add("--hn-eval-every", dest="hn_eval_every", type=int, default=1, metavar="EPOCHS",
+        help="Run --hn-eval-compositional every N epochs. Default: 1.")
+    return parser
+
+
+def given_hn_flags(argv: list[str]) -> tuple[str, ...]:
+    """The `--hn-*` flags present on a command line (with or without `=value`)."""
+    return tuple(dict.fromkeys(a.split("=", 1)[0] for a in argv if a.startswith("--hn-")))

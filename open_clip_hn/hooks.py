@@ -1,0 +1,438 @@
+"""The only module that touches `open_clip_train`: it hooks OpenCLIP's seams, never its loop.
+
+`install()` replaces six names in `open_clip_train.main` with thin wrappers that call the
+originals: `parse_args` (the `--hn-*` flags), `create_model_and_transforms` (a forward pre-hook
+that unpacks hard negatives from the text tensor), `get_data` (the negative-generating tokenizer),
+`create_loss` (the hard-negative objective), `train_one_epoch` (plugin state beside each
+checkpoint, in-loop compositional evaluation) and `pt_load` (plugin state on `--resume`).
+With no `--hn-*` flag every wrapper hands straight through: the run is OpenCLIP's run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import open_clip
+import open_clip_train.data as oc_data
+import open_clip_train.main as oc_main
+import open_clip_train.params as oc_params
+import torch
+from open_clip_train.distributed import is_master
+
+from . import state as hn_state
+from .config import HNConfig, add_hn_arguments, given_hn_flags
+from .data import (PackedNegativeTokenizer, samples_with_precomputed_negatives,
+                   shard_has_negatives, unpack_texts)
+
+try:
+    import wandb
+except ImportError:
+    wandb = None
+
+_ORIGINALS: dict[str, Any] = {}
+
+
+@dataclass
+class Runtime:
+    """What the hooks of one training run share: the config and what the seams hand over."""
+
+    config: HNConfig
+    loss: torch.nn.Module | None = None
+    pending_state: dict[str, Any] | None = None
+    start_step: int = 0
+    total_steps: int | None = None
+    preprocess_val: Any = None
+    tokenizer: Any = None
+
+
+_runtime: Runtime | None = None
+
+
+def current_runtime() -> Runtime | None:
+    """The runtime of the run being set up or trained in this process (None before parsing)."""
+    return _runtime
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+class _CapturedParser(Exception):
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__("captured")
+        self.parser = parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """OpenCLIP's own argument parser with the plugin's `--hn-*` group added.
+
+    OpenCLIP builds its parser inside `parse_args`; we capture it at its `parse_args` call, so
+    `--help` lists every flag of both and unknown flags fail with argparse's usual message.
+    """
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        raise _CapturedParser(self)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        oc_params.parse_args([])
+    except _CapturedParser as captured:
+        parser = captured.parser
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    parser.prog = "python -m open_clip_hn.train"
+    return add_hn_arguments(parser)
+
+
+def _hn_parser() -> argparse.ArgumentParser:
+    return add_hn_arguments(argparse.ArgumentParser(
+        prog="python -m open_clip_hn.train", add_help=False, allow_abbrev=False))
+
+
+def _with_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    recipe = _hn_parser().parse_known_args(argv)[0].hn_config_file
+    if recipe is None:
+        return argv
+    from .recipes import recipe_argv
+
+    try:
+        return recipe_argv(recipe, parser) + argv
+    except (OSError, ValueError) as err:
+        parser.error(f"--hn-config {recipe}: {err}")
+
+
+def _register_model_config(path: str, model: str, parser: argparse.ArgumentParser) -> None:
+    if not os.path.isfile(path):
+        parser.error(f"--model-config {path}: file not found; pass an OpenCLIP model config JSON")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        parser.error(f"--model-config {path}: not readable JSON ({err})")
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
+    if missing:
+        parser.error(f"--model-config {path}: missing key(s) {', '.join(missing)}; an OpenCLIP "
+                     "model config has embed_dim, vision_cfg and text_cfg")
+    open_clip.add_model_config(path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    if model != name:
+        logging.warning("--model-config registered model '%s' but --model is '%s'", name, model)
+
+
+def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
+    """Refuse OpenCLIP modes the hard-negative objective does not implement (never fall back)."""
+    if not config.enabled:
+        return
+    if args.siglip:
+        raise ValueError("--siglip: the hard-negative objectives are softmax (InfoNCE) losses; "
+                         "drop --siglip or the --hn-* flags")
+    if args.distill_model:
+        raise ValueError("--distill-model: distillation is not combined with hard negatives")
+    if args.horovod:
+        raise ValueError("--horovod: use torch.distributed (the default) with hard negatives")
+    if "coca" in args.model.lower():
+        raise ValueError(f"--model {args.model}: CoCa's captioning loss is not supported with --hn-*")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file)."""
+    global _runtime
+    argv = list(argv)
+    parser = build_parser()
+    argv = _with_recipe(argv, parser)
+    namespace = parser.parse_args(argv)  # --help, unknown flags and bad values end here
+    if namespace.hn_print_config:
+        from .recipes import format_resolved_config
+
+        print(format_resolved_config(namespace, parser))
+        sys.exit(0)
+    hn_namespace, openclip_argv = _hn_parser().parse_known_args(argv)
+    args = _ORIGINALS["parse_args"](openclip_argv)
+    for name, value in vars(hn_namespace).items():
+        setattr(args, name, value)
+    args.hn_given = given_hn_flags(argv)
+    try:
+        config = HNConfig.from_args(args)
+        _check_compatible(config, args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.model_config:
+        _register_model_config(args.model_config, args.model, parser)
+    _runtime = Runtime(config=config)
+    return args
+
+
+# ---------------------------------------------------------------------------- model
+
+
+def attach_negative_hooks(model: torch.nn.Module, num_negatives: int) -> None:
+    """Unpack packed text rows before the model's forward; add the mask/types to its output.
+
+    The metadata travels as tensors in the output dict, so OpenCLIP's `--accum-freq` path
+    concatenates it along the batch like the features it belongs to.
+    """
+    pending: dict[str, Any] = {}
+
+    def unpack(module, args, kwargs):
+        pending.clear()
+        positional = len(args) > 1
+        text = args[1] if positional else kwargs.get("text")
+        if not isinstance(text, torch.Tensor):
+            return None
+        unpacked = unpack_texts(text, num_negatives)
+        if unpacked is None:
+            return None
+        pending["meta"] = unpacked
+        if positional:
+            args = (args[0], unpacked.tokens, *args[2:])
+        else:
+            kwargs = {**kwargs, "text": unpacked.tokens}
+        return args, kwargs
+
+    def add_metadata(module, args, kwargs, output):
+        meta = pending.pop("meta", None)
+        if meta is None or not isinstance(output, dict):
+            return output
+        device = output["text_features"].device
+        output["hn_neg_mask"] = meta.neg_mask.to(device)
+        output["hn_neg_types"] = meta.neg_types.to(device)
+        return output
+
+    model.register_forward_pre_hook(unpack, with_kwargs=True)
+    model.register_forward_hook(add_metadata, with_kwargs=True)
+
+
+def create_model_and_transforms(*args, **kwargs):
+    model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
+    if _runtime is not None and _runtime.config.enabled:
+        _runtime.preprocess_val = preprocess_val
+        if _runtime.config.uses_text_negatives:
+            attach_negative_hooks(model, _runtime.config.num_negatives)
+    return model, preprocess_train, preprocess_val
+
+
+# ---------------------------------------------------------------------------- data
+
+
+@contextlib.contextmanager
+def _precomputed_negatives_source() -> Iterator[None]:
+    """While OpenCLIP builds its train pipeline, read `neg.json` members along with each sample."""
+    original = oc_data.tarfile_to_samples_nothrow
+
+    def source(src, handler=oc_data.log_and_continue):
+        return samples_with_precomputed_negatives(original(src, handler=handler), handler)
+
+    oc_data.tarfile_to_samples_nothrow = source
+    try:
+        yield
+    finally:
+        oc_data.tarfile_to_samples_nothrow = original
+
+
+def _check_precomputed_shards(args: argparse.Namespace) -> None:
+    data = args.train_data or ""
+    if not (args.dataset_type == "webdataset" or data.endswith(".tar") or "::" in data):
+        raise ValueError(f"--hn-negatives precomputed needs webdataset shards, got --train-data "
+                         f"{data!r} (--dataset-type {args.dataset_type})")
+    shards, _ = oc_data.expand_urls(data)
+    first = shards[0]
+    if os.path.isfile(first) and not shard_has_negatives(first):
+        raise ValueError(
+            f"--hn-negatives precomputed: shard {first} has no neg.json members; write them with "
+            f"`python -m open_clip_hn.negatives precompute --shards '{data}' --output-dir DIR` "
+            "and train on DIR, or use --hn-negatives online")
+
+
+def _train_tokenizer(config: HNConfig, tokenizer):
+    if config.negatives == "online":
+        from .negatives import NegativeGenerator
+
+        generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm)
+        return PackedNegativeTokenizer(tokenizer, config.num_negatives, generator)
+    return PackedNegativeTokenizer(tokenizer, config.num_negatives, generator=None)
+
+
+def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+    """OpenCLIP's `get_data`, with the train split tokenized together with its hard negatives."""
+    get = _ORIGINALS["get_data"]
+    if _runtime is None or not _runtime.config.enabled:
+        return get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+    config = _runtime.config
+    _runtime.tokenizer = tokenizer
+    if not config.uses_text_negatives:
+        data = get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+    else:
+        if config.negatives == "precomputed":
+            _check_precomputed_shards(args)
+        train_args = copy.copy(args)
+        train_args.val_data = train_args.imagenet_val = train_args.imagenet_v2 = None
+        source = (_precomputed_negatives_source() if config.negatives == "precomputed"
+                  else contextlib.nullcontext())
+        with source:
+            data = get(train_args, preprocess_fns, epoch=epoch,
+                       tokenizer=_train_tokenizer(config, tokenizer))
+        if args.val_data or args.imagenet_val or args.imagenet_v2:
+            eval_args = copy.copy(args)
+            eval_args.train_data = None
+            evaluation = get(eval_args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+            data.update({k: v for k, v in evaluation.items() if k != "train"})
+    if "train" in data:
+        steps_per_epoch = data["train"].dataloader.num_batches // args.accum_freq
+        _runtime.start_step = epoch * steps_per_epoch
+        _runtime.total_steps = steps_per_epoch * args.epochs
+    return data
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def create_loss(args):
+    """The hard-negative objective when the plugin is on, else OpenCLIP's own loss."""
+    if _runtime is None or not _runtime.config.enabled:
+        return _ORIGINALS["create_loss"](args)
+    from .objective import HardNegativeLoss
+
+    loss = HardNegativeLoss(
+        _runtime.config,
+        rank=args.rank,
+        world_size=args.world_size,
+        local_loss=args.local_loss,
+        gather_with_grad=args.gather_with_grad,
+        accum_freq=args.accum_freq,
+        start_step=_runtime.start_step,
+        total_steps=_runtime.total_steps,
+    )
+    if _runtime.pending_state is not None:
+        loss.load_state_dict(_runtime.pending_state["loss"])
+        logging.info("=> restored hard-negative state (step %s)", _runtime.pending_state.get("step"))
+    _runtime.loss = loss
+    return loss
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def checkpoints_of_epoch(args: argparse.Namespace, completed_epoch: int) -> list[str]:
+    """The checkpoint files OpenCLIP's `main` writes after `completed_epoch` (same rules)."""
+    paths = []
+    if completed_epoch == args.epochs or (
+            args.save_frequency > 0 and completed_epoch % args.save_frequency == 0):
+        paths.append(os.path.join(args.checkpoint_path, f"epoch_{completed_epoch}.pt"))
+    if args.save_most_recent:
+        paths.append(os.path.join(args.checkpoint_path, oc_main.LATEST_CHECKPOINT_NAME))
+    return paths
+
+
+def plugin_state(completed_epoch: int) -> dict[str, Any]:
+    assert _runtime is not None and _runtime.loss is not None
+    return {
+        "epoch": completed_epoch,
+        "config": dataclasses.asdict(_runtime.config),
+        "loss": _runtime.loss.state_dict(),
+    }
+
+
+def save_plugin_state(args: argparse.Namespace, completed_epoch: int) -> None:
+    """Write the plugin state beside every checkpoint this epoch produces (rank 0 only)."""
+    for checkpoint in checkpoints_of_epoch(args, completed_epoch):
+        path = hn_state.save_state(checkpoint, plugin_state(completed_epoch))
+        logging.info("Saved hard-negative state to %s", path)
+    if args.delete_previous_checkpoint:
+        hn_state.remove_state(os.path.join(args.checkpoint_path, f"epoch_{completed_epoch - 1}.pt"))
+
+
+def pt_load(file_path, map_location=None):
+    """OpenCLIP's checkpoint load; on a resume, also pick up the plugin state beside it."""
+    checkpoint = _ORIGINALS["pt_load"](file_path, map_location=map_location)
+    if _runtime is not None and _runtime.config.enabled and isinstance(checkpoint, dict) \
+            and "epoch" in checkpoint:
+        saved = hn_state.load_state(file_path)
+        if saved is None:
+            logging.warning("No hard-negative state beside %s: bank, thresholds and curriculum "
+                            "start fresh", file_path)
+        else:
+            _warn_config_changes(saved.get("config", {}))
+            _runtime.pending_state = saved
+            logging.info("=> found hard-negative state %s", hn_state.state_path(file_path))
+    return checkpoint
+
+
+def _warn_config_changes(saved: dict[str, Any]) -> None:
+    current = dataclasses.asdict(_runtime.config)
+    changed = {k: (saved[k], v) for k, v in current.items()
+               if k in saved and k != "given" and saved[k] != v}
+    for name, (old, new) in changed.items():
+        logging.warning("Resuming with --hn-%s changed: %r -> %r", name.replace("_", "-"), old, new)
+
+
+# ---------------------------------------------------------------------------- epoch end
+
+
+def log_metrics(metrics: dict[str, float], epoch: int, args: argparse.Namespace, tb_writer) -> None:
+    """Log evaluation metrics where OpenCLIP logs its own (console, results.jsonl, tb, wandb)."""
+    logging.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    if args.save_logs:
+        with open(os.path.join(args.checkpoint_path, "results.jsonl"), "a+") as f:
+            f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+        if tb_writer is not None:
+            for name, value in metrics.items():
+                tb_writer.add_scalar(f"val/{name}", value, epoch)
+    if args.wandb and wandb is not None:
+        wandb.log({f"val/{name}": value for name, value in metrics.items()} | {"epoch": epoch})
+
+
+def evaluate_compositional_in_loop(model, epoch: int, args: argparse.Namespace, tb_writer) -> None:
+    from .eval import evaluate_compositional
+
+    unwrapped = model.module if hasattr(model, "module") else model
+    was_training = unwrapped.training
+    metrics = evaluate_compositional(unwrapped, _runtime.preprocess_val, _runtime.tokenizer,
+                                     _runtime.config.eval_compositional, device=args.device,
+                                     batch_size=args.batch_size)
+    unwrapped.train(was_training)
+    log_metrics(metrics, epoch, args, tb_writer)
+
+
+def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                    tb_writer=None):
+    """OpenCLIP's epoch, then the plugin's epoch-end work (state beside checkpoints, eval)."""
+    _ORIGINALS["train_one_epoch"](model, data, loss, epoch, optimizer, scaler, scheduler,
+                                  dist_model, args, tb_writer=tb_writer)
+    if _runtime is None or not _runtime.config.enabled:
+        return
+    completed_epoch = epoch + 1
+    if args.save_logs:
+        save_plugin_state(args, completed_epoch)
+    config = _runtime.config
+    if config.eval_compositional and completed_epoch % config.eval_every == 0 and is_master(args):
+        evaluate_compositional_in_loop(model, completed_epoch, args, tb_writer)
+
+
+# ---------------------------------------------------------------------------- install
+
+_HOOKS = {
+    "parse_args": parse_args,
+    "create_model_and_transforms": create_model_and_transforms,
+    "get_data": get_data,
+    "create_loss": create_loss,
+    "train_one_epoch": train_one_epoch,
+    "pt_load": pt_load,
+}
+
+
+def install() -> None:
+    """Replace OpenCLIP's seams in `open_clip_train.main` with the plugin's wrappers (once)."""
+    if _ORIGINALS:
+        return
+    for name, hook in _HOOKS.items():
+        _ORIGINALS[name] = getattr(oc_main, name)
+        setattr(oc_main, name, hook)

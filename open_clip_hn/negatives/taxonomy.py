@@ -1,0 +1,28 @@
+"""The typed hard-negative taxonomy (SugarCrepe-like), shared by the generator, data and losses."""
+
+NEGATIVE_TYPES: tuple[str, ...] = (
+    "swap_attributes",
+    "swap_objects",
+    "replace_attribute",
+    "replace_object",
+    "replace_relation",
+    "replace_count",
+    "add_attribute",
+    "add_object",
+    "shuffle_order",
+)
+
+TYPE_TO_ID: dict[str, int] = {name: i for i, name in enumerate(NEGATIVE_TYPES)}
+
+
+def parse_types(spec: str | None) -> tuple[str, ...]:
+    """Parse a comma list of type names ('all' or empty means every type); unknown names raise."""
+    if spec is None or spec.strip() in ("", "all"):
+        return NEGATIVE_TYPES
+    names = tuple(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    unknown = [n for n in names if n not in TYPE_TO_ID]
+    if unknown:
+        raise ValueError(
+            f"unknown negative type(s) {', '.join(unknown)}; valid types: {', '.join(NEGATIVE_TYPES)}"
+        )
+    return names

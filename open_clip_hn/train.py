@@ -1,0 +1,29 @@
+"""`python -m open_clip_hn.train`: OpenCLIP's own trainer with the plugin's hooks installed.
+
+Takes every flag of `python -m open_clip_train.main` plus the `--hn-*` flags; without any
+`--hn-*` flag the run is exactly OpenCLIP's.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from . import install
+
+
+def main(argv: list[str] | None = None):
+    """Install the hooks and run `open_clip_train.main.main(argv)` (returns what it returns)."""
+    install()
+    import open_clip_train.main as oc_main
+
+    return oc_main.main(sys.argv[1:] if argv is None else list(argv))
+
+
+def cli() -> None:
+    """Console script `open-clip-hn-train`."""
+    result = main()
+    sys.exit(1 if result == -1 else 0)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny model config, procedural webdataset shards, and a training runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL_CONFIG = REPO / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json"
+TINY_MODEL = "hn-tiny-vit"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_config() -> str:
+    return str(TINY_MODEL_CONFIG)
+
+
+@pytest.fixture(scope="session")
+def scene_shards(tmp_path_factory) -> str:
+    """64 rendered scenes in 2 webdataset shards; returns the --train-data spec."""
+    from open_clip_hn.scenes import shards_spec, write_scene_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    return shards_spec(write_scene_shards(str(out), num_samples=64, samples_per_shard=32, seed=0))
+
+
+@pytest.fixture(scope="session")
+def scene_csv(tmp_path_factory) -> str:
+    """32 rendered scenes as PNG files and an OpenCLIP CSV (tab-separated filepath/title).
+
+    OpenCLIP's CSV loader is deterministic for a seed (its webdataset sample shuffle is not),
+    so exact comparisons of whole runs use it.
+    """
+    from open_clip_hn.scenes import scene_sample
+
+    out = tmp_path_factory.mktemp("csv")
+    rows = ["filepath\ttitle"]
+    for index in range(32):
+        image, caption = scene_sample(index, seed=0)
+        path = out / f"{index:04d}.png"
+        image.save(path)
+        rows.append(f"{path}\t{caption}")
+    csv = out / "train.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    return str(csv)
+
+
+def train_argv(train_data: str, logs: str, name: str, *extra: str, epochs: int = 1,
+               batch_size: int = 8, num_samples: int = 32) -> list[str]:
+    """A tiny, deterministic CPU training command line (OpenCLIP flags only)."""
+    return [
+        "--train-data", train_data,
+        "--dataset-type", "csv" if train_data.endswith(".csv") else "webdataset",
+        "--train-num-samples", str(num_samples), "--batch-size", str(batch_size),
+        "--epochs", str(epochs), "--workers", "1", "--precision", "fp32",
+        "--model", TINY_MODEL, "--model-config", str(TINY_MODEL_CONFIG),
+        "--lr", "1e-3", "--warmup", "1", "--seed", "0", "--log-every-n-steps", "1",
+        "--logs", logs, "--name", name, "--report-to", "none", *extra,
+    ]
+
+
+def run_module(module: str, argv: list[str], timeout: int = 300, env: dict | None = None,
+               prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module argv` in a fresh process; fail the test with its output on error."""
+    cmd = (prefix or [sys.executable]) + ["-m", module, *argv]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc

@@ -1,0 +1,115 @@
+"""The seam between OpenCLIP's loader and its train step: packing, unpacking, model hooks."""
+
+from __future__ import annotations
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from conftest import TINY_MODEL, TINY_MODEL_CONFIG
+from open_clip_hn.data import (PackedNegativeTokenizer, encode_precomputed_caption,
+                               samples_with_precomputed_negatives, unpack_texts)
+from open_clip_hn.hooks import attach_negative_hooks
+from open_clip_hn.negatives.taxonomy import TYPE_TO_ID
+
+
+class FixedGenerator:
+    """Stands in for the NLTK generator: a fixed list of negatives per caption."""
+
+    def __init__(self, table: dict[str, list[dict[str, str]]]):
+        self.table = table
+
+    def generate(self, caption, k):
+        return self.table.get(caption, [])[:k]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
+    return open_clip.get_tokenizer(TINY_MODEL)
+
+
+CAPTION = "a red cube to the left of a blue ball"
+NEGATIVES = [
+    {"text": "a blue cube to the left of a red ball", "type": "swap_attributes"},
+    {"text": "a red cube to the right of a blue ball", "type": "replace_relation"},
+]
+
+
+def test_pack_unpack_round_trip(tokenizer):
+    packer = PackedNegativeTokenizer(tokenizer, 3, FixedGenerator({CAPTION: NEGATIVES}))
+    rows = torch.cat([packer(CAPTION), packer("two green balls")])  # what the loader stacks
+    unpacked = unpack_texts(rows, 3)
+    assert unpacked is not None
+    assert unpacked.tokens.shape == (2 * 4, 32)
+    expected = tokenizer([CAPTION, NEGATIVES[0]["text"], NEGATIVES[1]["text"], "",
+                          "two green balls", "", "", ""])
+    assert torch.equal(unpacked.tokens, expected)
+    assert unpacked.neg_mask.tolist() == [[True, True, False], [False, False, False]]
+    assert unpacked.neg_types.tolist() == [
+        [TYPE_TO_ID["swap_attributes"], TYPE_TO_ID["replace_relation"], -1], [-1, -1, -1]]
+
+
+def test_plain_tokens_are_not_unpacked(tokenizer):
+    assert unpack_texts(tokenizer([CAPTION, "x"]), 2) is None
+    assert unpack_texts(tokenizer([CAPTION, "x", "y"]), 2) is None  # 3 rows of 32: no sentinel
+
+
+@pytest.mark.parametrize("bad", ["", "   ", None, 12345, b"\xff\xfe"])
+def test_bad_captions_are_masked_not_crashing(tokenizer, bad):
+    packer = PackedNegativeTokenizer(tokenizer, 2, FixedGenerator({}))
+    unpacked = unpack_texts(packer(bad), 2)
+    assert unpacked is not None and not unpacked.neg_mask.any()
+
+
+def test_invalid_negatives_become_masks_never_duplicates(tokenizer):
+    junk = [NEGATIVES[0], NEGATIVES[0], {"text": CAPTION.upper() + "  ", "type": "swap_objects"},
+            {"text": "x", "type": "no_such_type"}, {"text": 3, "type": "swap_objects"}, "str"]
+    packer = PackedNegativeTokenizer(tokenizer, 4, FixedGenerator({CAPTION: junk}))
+    unpacked = unpack_texts(packer(CAPTION), 4)
+    assert unpacked.neg_mask.tolist() == [[True, False, False, False]]
+
+
+def test_precomputed_negatives_ride_in_the_caption(tokenizer):
+    samples = [{"__key__": "0", "txt": CAPTION.encode(), "neg.json": json.dumps(NEGATIVES).encode()},
+               {"__key__": "1", "txt": b"a cat", "neg.json": b"{not json"}]
+    errors = []
+    out = list(samples_with_precomputed_negatives(iter(samples), lambda e: errors.append(e) or True))
+    assert out[0]["txt"].decode() == encode_precomputed_caption(CAPTION, NEGATIVES)
+    assert out[1]["txt"] == b"a cat" and len(errors) == 1  # corrupt member: warned, sample kept
+    packer = PackedNegativeTokenizer(tokenizer, 2, generator=None)
+    unpacked = unpack_texts(packer(out[0]["txt"].decode()), 2)
+    assert unpacked.neg_mask.all()
+    assert torch.equal(unpacked.tokens[0], tokenizer([CAPTION])[0])
+
+
+def _worker_rows(packer, captions, workers):
+    loader = torch.utils.data.DataLoader(captions, batch_size=None, num_workers=workers,
+                                         collate_fn=lambda c: packer(c))
+    return torch.cat(list(loader))
+
+
+def test_negatives_identical_across_loader_workers(tokenizer):
+    table = {f"caption {i}": NEGATIVES[: i % 3] for i in range(8)}
+    packer = PackedNegativeTokenizer(tokenizer, 2, FixedGenerator(table))
+    captions = list(table)
+    assert torch.equal(_worker_rows(packer, captions, 0), _worker_rows(packer, captions, 2))
+
+
+def test_model_hooks_encode_negatives_in_one_forward(tokenizer):
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_MODEL, output_dict=True)
+    model.eval()
+    packer = PackedNegativeTokenizer(tokenizer, 2, FixedGenerator({CAPTION: NEGATIVES}))
+    texts = torch.cat([packer(CAPTION), packer("a cat")])
+    images = torch.randn(2, 3, 32, 32)
+    plain = model(images, unpack_texts(texts, 2).tokens)
+    attach_negative_hooks(model, 2)
+    hooked = model(images, texts)
+    assert torch.allclose(hooked["text_features"], plain["text_features"])
+    assert hooked["hn_neg_mask"].tolist() == [[True, True], [False, False]]
+    assert hooked["hn_neg_types"].shape == (2, 2)
+    again = model(images, tokenizer(["a", "b"]))  # ordinary tokens: no metadata
+    assert "hn_neg_mask" not in again and again["text_features"].shape == (2, 64)

@@ -1,0 +1,192 @@
+"""End to end through OpenCLIP's own trainer: flags, vanilla equivalence, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_MODEL, TINY_MODEL_CONFIG, run_module, train_argv
+from open_clip_hn.hooks import build_parser
+
+HN_ONLINE = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc",
+             "--hn-types", "swap_attributes,swap_objects,replace_attribute,replace_object,"
+                           "replace_relation"]
+
+VANILLA = ("import open_clip, sys; open_clip.add_model_config(sys.argv.pop(1)); "
+           "import open_clip_train.main as m; m.main(sys.argv[1:])")
+
+
+def run_vanilla(argv: list[str]) -> None:
+    """`open_clip_train.main` itself (with the tiny model registered), no plugin imported."""
+    i = argv.index("--model-config")
+    argv = argv[:i] + argv[i + 2:]
+    proc = subprocess.run([sys.executable, "-c", VANILLA, str(TINY_MODEL_CONFIG), *argv],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def checkpoint(logs: Path, name: str, epoch: int | str = 1) -> dict:
+    return torch.load(logs / name / "checkpoints" / f"epoch_{epoch}.pt", weights_only=False)
+
+
+def logged_losses(logs: Path, name: str) -> list[str]:
+    lines = (logs / name / "out.log").read_text().splitlines()
+    return [line.split("Contrastive_loss:")[1].split()[0] for line in lines if "Train Epoch" in line]
+
+
+def test_help_lists_openclip_and_hn_flags():
+    help_text = run_module("open_clip_hn.train", ["--help"]).stdout
+    for flag in ("--train-data", "--accum-freq", "--local-loss", "--gather-with-grad", "--resume",
+                 "--hn-negatives", "--hn-num-negatives", "--hn-types", "--hn-loss", "--hn-seed",
+                 "--model-config"):
+        assert flag in help_text, flag
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--hn-negatives", "sometimes"], "invalid choice: 'sometimes'"),
+    (["--hn-num-negatives", "-1"], "must be >= 0"),
+    (["--hn-types", "swap_colours"], "unknown negative type(s) swap_colours"),
+    (["--hn-loss", "itc,magic"], "unknown loss term(s) magic"),
+    (["--hn-loss", "rank"], "needs text hard negatives"),
+    (["--hn-negatives", "online", "--siglip"], "--siglip"),
+    (["--hn-negatives", "online", "--hn-num-negatives", "0"], "generates nothing"),
+    (["--model-config", "/nonexistent/cfg.json"], "--model-config /nonexistent/cfg.json: file not found"),
+])
+def test_bad_flags_fail_naming_the_input(argv, message, capsys):
+    from open_clip_hn import hooks
+
+    hooks.install()
+    with pytest.raises(SystemExit):
+        hooks.parse_args(["--model", TINY_MODEL] + argv)
+    assert message in capsys.readouterr().err
+
+
+def test_parser_holds_every_openclip_flag():
+    import open_clip_train.params as params
+
+    ours = {s for a in build_parser()._actions for s in a.option_strings}
+    openclip_flags = set(re.findall(r'"(--[a-z0-9-]+)"', Path(params.__file__).read_text()))
+    assert len(openclip_flags) > 80 and openclip_flags <= ours
+
+
+def test_no_hn_flag_run_equals_openclip(tmp_path, scene_csv):
+    """Same seed, same data, no --hn-* flag: identical losses and identical weights."""
+    run_vanilla(train_argv(scene_csv, str(tmp_path), "vanilla"))
+    run_module("open_clip_hn.train", train_argv(scene_csv, str(tmp_path), "plugin"))
+    assert logged_losses(tmp_path, "vanilla") == logged_losses(tmp_path, "plugin")
+    a, b = checkpoint(tmp_path, "vanilla")["state_dict"], checkpoint(tmp_path, "plugin")["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "plugin" / "checkpoints" / "epoch_1.pt.hn").exists()
+
+
+PLAIN_OPENCLIP_SCORE = """
+import sys, open_clip, torch
+from PIL import Image
+open_clip.add_model_config(sys.argv[1])
+model, _, preprocess = open_clip.create_model_and_transforms(sys.argv[2], pretrained=sys.argv[3])
+tokenizer = open_clip.get_tokenizer(sys.argv[2])
+image = preprocess(Image.new("RGB", (32, 32), (200, 30, 30))).unsqueeze(0)
+with torch.no_grad():
+    f_img = model.encode_image(image, normalize=True)
+    f_txt = model.encode_text(tokenizer(["a red square", "a blue ball"]), normalize=True)
+probs = (100 * f_img @ f_txt.T).softmax(-1)
+assert "open_clip_hn" not in sys.modules
+print("SCORES", probs.tolist())
+"""
+
+
+def tensorboard_tags(run_dir: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return set(events.Tags()["scalars"])
+
+
+def test_online_negatives_epoch_loads_in_plain_openclip(tmp_path, scene_shards):
+    argv = train_argv(scene_shards, str(tmp_path), "hn", *HN_ONLINE)
+    argv[argv.index("--report-to") + 1] = "tensorboard"
+    proc = run_module("open_clip_hn.train", argv)
+    ckpt_dir = tmp_path / "hn" / "checkpoints"
+    assert (ckpt_dir / "epoch_1.pt").exists() and (ckpt_dir / "epoch_1.pt.hn").exists()
+    log = (tmp_path / "hn" / "out.log").read_text()
+    assert "Contrastive_loss" in log and "Hn_" in log  # HN statistics on OpenCLIP's console line
+    tags = tensorboard_tags(tmp_path / "hn")
+    assert "train/contrastive_loss" in tags and any(t.startswith("train/hn_") for t in tags)
+    scored = subprocess.run(
+        [sys.executable, "-c", PLAIN_OPENCLIP_SCORE, str(TINY_MODEL_CONFIG), TINY_MODEL,
+         str(ckpt_dir / "epoch_1.pt")], capture_output=True, text=True, timeout=120)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    probs = json.loads(scored.stdout.split("SCORES", 1)[1])
+    assert abs(sum(probs[0]) - 1) < 1e-5
+    assert proc.returncode == 0
+
+
+def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv):
+    """--accum-freq 2 with batch 4 takes the same steps as batch 8: the metadata stays aligned."""
+    big = train_argv(scene_csv, str(tmp_path), "big", *HN_ONLINE, batch_size=8)
+    accum = train_argv(scene_csv, str(tmp_path), "accum", *HN_ONLINE, "--accum-freq", "2",
+                       batch_size=4)
+    run_module("open_clip_hn.train", big)
+    run_module("open_clip_hn.train", accum)
+    a, b = checkpoint(tmp_path, "big")["state_dict"], checkpoint(tmp_path, "accum")["state_dict"]
+    worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
+    assert worst < 1e-4, worst
+
+
+def test_resume_latest_restores_plugin_state(tmp_path, scene_shards):
+    first = train_argv(scene_shards, str(tmp_path), "run", *HN_ONLINE, "--hn-memory-bank-size",
+                       "16", "--hn-loss", "itc,mined", epochs=1)
+    run_module("open_clip_hn.train", first)
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "epoch_1.pt.hn", weights_only=False)
+    second = train_argv(scene_shards, str(tmp_path), "run", *HN_ONLINE, "--hn-memory-bank-size",
+                        "16", "--hn-loss", "itc,mined", "--resume", "latest", epochs=2)
+    run_module("open_clip_hn.train", second)
+    log = (tmp_path / "run" / "out.log").read_text()
+    assert "restored hard-negative state" in log
+    resumed = torch.load(tmp_path / "run" / "checkpoints" / "epoch_2.pt.hn", weights_only=False)
+    assert saved["epoch"] == 1 and resumed["epoch"] == 2
+    step = next(k for k in saved["loss"] if k.endswith("step"))
+    steps_per_epoch = 32 // 8
+    assert int(saved["loss"][step]) == steps_per_epoch
+    assert int(resumed["loss"][step]) == 2 * steps_per_epoch
+
+
+def test_precomputed_without_negatives_is_refused(tmp_path, scene_shards):
+    argv = train_argv(scene_shards, str(tmp_path), "pre", "--hn-negatives", "precomputed")
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    assert "has no neg.json members" in proc.stderr + proc.stdout
+    assert "open_clip_hn.negatives precompute" in proc.stderr + proc.stdout
+
+
+def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
+    """torchrun, 2 gloo CPU processes: both ranks train and the checkpoint is written."""
+    argv = train_argv(scene_shards, str(tmp_path), "ddp", *HN_ONLINE, "--dist-backend", "gloo",
+                      batch_size=4)
+    run_module("open_clip_hn.train", argv, timeout=300,
+               prefix=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                       "--master_port", "29531"])
+    log = (tmp_path / "ddp" / "out.log").read_text()
+    assert "total 2" in log
+    assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt.hn").exists()
+
+
+INSTALL_ROUTE = ("import sys, open_clip_hn; open_clip_hn.install(); "
+                 "import open_clip_train.main as m; m.main(sys.argv[1:])")
+
+
+def test_install_route_from_own_script(tmp_path, scene_shards):
+    """`open_clip_hn.install()` then OpenCLIP's own `main`: the --hn-* flags work."""
+    argv = train_argv(scene_shards, str(tmp_path), "own", *HN_ONLINE, num_samples=16)
+    proc = subprocess.run([sys.executable, "-c", INSTALL_ROUTE, *argv], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert (tmp_path / "own" / "checkpoints" / "epoch_1.pt.hn").exists()
