@@ -27,6 +27,7 @@ import open_clip_train.main as oc_main
 import open_clip_train.params as oc_params
 import torch
 from open_clip_train.distributed import is_master
+from open_clip_train.precision import get_autocast
 
 from . import state as hn_state
 from .config import HNConfig, add_hn_arguments, given_hn_flags
@@ -211,8 +212,28 @@ def attach_negative_hooks(model: torch.nn.Module, num_negatives: int) -> None:
     model.register_forward_hook(add_metadata, with_kwargs=True)
 
 
+class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
+    """DDP that accepts OpenCLIP's `device_ids=[cpu]`: torch refuses device ids for CPU modules.
+
+    OpenCLIP 3.3 passes `device_ids=[device]` whatever the device, which makes every CPU
+    (gloo) multi-process run fail at start-up; with no device ids the behaviour is the same.
+    """
+
+    def __init__(self, module, device_ids=None, *args, **kwargs):
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids, *args, **kwargs)
+
+
+def _allow_cpu_ddp(device) -> None:
+    if torch.device(device).type == "cpu" and torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
+        torch.nn.parallel.DistributedDataParallel = CpuDistributedDataParallel
+
+
 def create_model_and_transforms(*args, **kwargs):
     model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
+    _allow_cpu_ddp(kwargs.get("device", "cpu"))
     if _runtime is not None and _runtime.config.enabled:
         _runtime.preprocess_val = preprocess_val
         if _runtime.config.uses_text_negatives:
@@ -394,11 +415,11 @@ def evaluate_compositional_in_loop(model, epoch: int, args: argparse.Namespace, 
     from .eval import evaluate_compositional
 
     unwrapped = model.module if hasattr(model, "module") else model
-    was_training = unwrapped.training
     metrics = evaluate_compositional(unwrapped, _runtime.preprocess_val, _runtime.tokenizer,
                                      _runtime.config.eval_compositional, device=args.device,
-                                     batch_size=args.batch_size)
-    unwrapped.train(was_training)
+                                     batch_size=args.batch_size,
+                                     autocast=get_autocast(args.precision,
+                                                           device_type=torch.device(args.device).type))
     log_metrics(metrics, epoch, args, tb_writer)
 
 

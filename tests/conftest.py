@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -63,10 +64,16 @@ def train_argv(train_data: str, logs: str, name: str, *extra: str, epochs: int =
     ]
 
 
-def run_module(module: str, argv: list[str], timeout: int = 300, env: dict | None = None,
-               prefix: list[str] | None = None) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_module(module: str, argv: list[str], timeout: int = 300, env: dict | None = None
+               ) -> subprocess.CompletedProcess:
     """Run `python -m module argv` in a fresh process; fail the test with its output on error."""
-    cmd = (prefix or [sys.executable]) + ["-m", module, *argv]
+    cmd = [sys.executable, "-m", module, *argv]
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
     if proc.returncode != 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, TINY_MODEL_CONFIG, run_module, train_argv
+from conftest import REPO, TINY_MODEL, TINY_MODEL_CONFIG, free_port, run_module, train_argv
 from open_clip_hn.hooks import build_parser
 
 HN_ONLINE = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc",
@@ -168,14 +169,20 @@ def test_precomputed_without_negatives_is_refused(tmp_path, scene_shards):
 
 
 def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
-    """torchrun, 2 gloo CPU processes: both ranks train and the checkpoint is written."""
+    """2 gloo CPU processes (the env torchrun sets): both ranks train, one checkpoint + state."""
     argv = train_argv(scene_shards, str(tmp_path), "ddp", *HN_ONLINE, "--dist-backend", "gloo",
                       batch_size=4)
-    run_module("open_clip_hn.train", argv, timeout=300,
-               prefix=[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                       "--master_port", "29531"])
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": "2", "PYTHONUNBUFFERED": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(2)]
+    outputs = [p.communicate(timeout=300)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     log = (tmp_path / "ddp" / "out.log").read_text()
-    assert "total 2" in log
+    assert "Process (global: 0, local 0), total 2" in log
+    assert "Hn_" in log
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt.hn").exists()
 
 
@@ -183,10 +190,22 @@ INSTALL_ROUTE = ("import sys, open_clip_hn; open_clip_hn.install(); "
                  "import open_clip_train.main as m; m.main(sys.argv[1:])")
 
 
-def test_install_route_from_own_script(tmp_path, scene_shards):
-    """`open_clip_hn.install()` then OpenCLIP's own `main`: the --hn-* flags work."""
-    argv = train_argv(scene_shards, str(tmp_path), "own", *HN_ONLINE, num_samples=16)
+def test_install_route_and_in_loop_evaluation(tmp_path, scene_shards):
+    """`open_clip_hn.install()` then OpenCLIP's own `main`; compositional accuracy is logged."""
+    from open_clip_hn.scenes import write_compositional_sets
+
+    sets = tmp_path / "sets"
+    write_compositional_sets(str(sets), num_items=24, num_pairs=8, num_retrieval=16)
+    argv = train_argv(scene_shards, str(tmp_path), "own", *HN_ONLINE, "--hn-eval-compositional",
+                      str(sets), num_samples=16)
     proc = subprocess.run([sys.executable, "-c", INSTALL_ROUTE, *argv], capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert (tmp_path / "own" / "checkpoints" / "epoch_1.pt.hn").exists()
+    results = [json.loads(line) for line in
+               (tmp_path / "own" / "checkpoints" / "results.jsonl").read_text().splitlines()]
+    assert results[-1]["epoch"] == 1
+    accuracies = {k: v for k, v in results[-1].items() if k.endswith("/acc")}
+    assert "compositional/replace_relation/acc" in accuracies
+    assert all(0 <= v <= 1 for v in accuracies.values())
+    assert "Eval Epoch: 1" in (tmp_path / "own" / "out.log").read_text()

@@ -1,0 +1,334 @@
+"""`python -m open_clip_hn.negatives`: show, generate, precompute, setup-nltk.
+
+`generate` turns a caption file into JSON lines; `precompute` rewrites webdataset shards with a
+`<key>.neg.json` member per sample (for `--hn-negatives precomputed`), one shard at a time, each
+written to a temp file and renamed, so a killed run resumes by skipping finished shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import tarfile
+import tempfile
+from functools import partial
+from multiprocessing import Pool
+from pathlib import Path
+from typing import Iterator
+
+from .generator import NegativeGenerator
+from .taxonomy import NEGATIVE_TYPES, parse_types
+
+TMP_PREFIX = ".tmp-"
+
+
+def _types(value: str) -> tuple[str, ...]:
+    try:
+        return parse_types(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> None:
+    parser.add_argument("--num", "-k", type=int, default=num_default, metavar="K",
+                        help=f"Negatives per caption. Default: {num_default}.")
+    parser.add_argument("--types", type=_types, default=NEGATIVE_TYPES, metavar="A,B",
+                        help=f"Comma list of types (default: all): {', '.join(NEGATIVE_TYPES)}.")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Generator seed; output is a pure function of (caption, seed, types, K).")
+    parser.add_argument("--lm", default=None, metavar="PATH",
+                        help="Local masked LM (transformers) proposing replacement words.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m open_clip_hn.negatives",
+        description="Typed synthetic text hard negatives (NLTK + WordNet).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    show = sub.add_parser("show", help="Print each type's negatives for a caption.")
+    show.add_argument("caption", help="The caption, in quotes.")
+    _add_generator_flags(show, 3)
+
+    gen = sub.add_parser("generate", help="Caption file (txt/csv/tsv/jsonl) -> JSON lines of negatives.")
+    gen.add_argument("--input", required=True, help="captions.txt (one per line), .csv, .tsv or .jsonl")
+    gen.add_argument("--caption-key", default="caption",
+                     help="Column (csv/tsv) or key (jsonl) holding the caption. Default: caption.")
+    gen.add_argument("--output", required=True, help="Output .jsonl, written atomically.")
+    gen.add_argument("--workers", type=int, default=1, help="Worker processes. Default: 1.")
+    gen.add_argument("--strict", action="store_true", help="Fail on the first malformed input line.")
+    _add_generator_flags(gen, 4)
+
+    pre = sub.add_parser("precompute", help="Write webdataset shards with <key>.neg.json added.")
+    pre.add_argument("--shards", required=True, help="Input shards, brace pattern: 'in-{000000..000009}.tar'.")
+    pre.add_argument("--output-dir", required=True, help="Folder for the output shards (same names).")
+    pre.add_argument("--caption-key", default="txt", help="Member extension holding the caption. Default: txt.")
+    pre.add_argument("--workers", type=int, default=1, help="Shards processed in parallel. Default: 1.")
+    _add_generator_flags(pre, 4)
+
+    setup = sub.add_parser("setup-nltk", help="Install WordNet for NLTK offline from Debian's wordnet packages.")
+    setup.add_argument("--target", default=None,
+                       help="nltk_data folder to install into. Default: first writable entry of nltk.data.path.")
+    setup.add_argument("--source", default="/usr/share/wordnet", help="Debian's WordNet database folder.")
+    setup.add_argument("--man-page", default="/usr/share/man/man5/lexnames.5WN.gz",
+                       help="The lexnames(5WN) man page of wordnet-base.")
+    return parser
+
+
+# ---- reading caption files ---------------------------------------------------------------------
+
+class MalformedLine(ValueError):
+    def __init__(self, line: int, reason: str):
+        super().__init__(f"line {line}: {reason}")
+        self.line = line
+
+
+def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
+    """Captions of a txt/csv/tsv/jsonl file in order; malformed lines come as MalformedLine."""
+    suffix = Path(path).suffix.lower()
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        if suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            if reader.fieldnames is None or caption_key not in reader.fieldnames:
+                raise SystemExit(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
+                                 "pass --caption-key NAME")
+            for row in reader:
+                value = row.get(caption_key)
+                yield value if isinstance(value, str) else MalformedLine(reader.line_num, "missing caption field")
+        elif suffix == ".jsonl":
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    yield MalformedLine(number, "empty line")
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield MalformedLine(number, f"invalid JSON ({err.msg})")
+                    continue
+                if not isinstance(record, dict) or caption_key not in record:
+                    yield MalformedLine(number, f"no key {caption_key!r}; pass --caption-key KEY")
+                    continue
+                yield record[caption_key]
+        else:
+            for line in handle:
+                yield line.rstrip("\r\n")
+
+
+def _atomic_writer(path: str):
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
+    return os.fdopen(fd, "w", encoding="utf-8"), tmp
+
+
+def _generate_one(generator: NegativeGenerator, k: int, caption: object) -> list[dict[str, str]]:
+    return generator.generate(caption, k)
+
+
+def _progress(iterable, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    generator = NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm)
+    captions, malformed = [], 0
+    for item in read_captions(args.input, args.caption_key):
+        if isinstance(item, MalformedLine):
+            if args.strict:
+                print(f"error: {args.input}: {item}", file=sys.stderr)
+                return 2
+            print(f"warning: {args.input}: {item}; skipped", file=sys.stderr)
+            malformed += 1
+            continue
+        captions.append(item)
+    work = partial(_generate_one, generator, args.num)
+    handle, tmp = _atomic_writer(args.output)
+    masked = 0
+    try:
+        with handle:
+            if args.workers > 1:
+                with Pool(args.workers, initializer=generator.load) as pool:
+                    results = pool.imap(work, captions, chunksize=256)
+                    masked = _write_results(handle, captions, results)
+            else:
+                generator.load()
+                masked = _write_results(handle, captions, map(work, captions))
+        os.replace(tmp, args.output)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    print(f"{len(captions)} captions, {masked} without negatives (masked), {malformed} malformed lines "
+          f"skipped -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def _write_results(handle, captions: list, results) -> int:
+    masked = 0
+    for caption, negatives in zip(captions, _progress(results, total=len(captions), unit="cap")):
+        masked += not negatives
+        handle.write(json.dumps({"caption": caption, "negatives": negatives}, ensure_ascii=False) + "\n")
+    return masked
+
+
+# ---- webdataset shards ---------------------------------------------------------------------------
+
+def expand_shards(pattern: str) -> list[str]:
+    """Brace-expanded shard list ('in-{000..009}.tar'; '::' separates several patterns)."""
+    from braceexpand import braceexpand
+
+    return [path for part in pattern.split("::") for path in braceexpand(part)]
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    """webdataset's sample key and extension: 'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg')."""
+    directory, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), extension
+
+
+def _neg_member(key: str, negatives: list, template: tarfile.TarInfo) -> tuple[tarfile.TarInfo, bytes]:
+    data = json.dumps(negatives, ensure_ascii=False).encode("utf-8")
+    info = tarfile.TarInfo(f"{key}.neg.json")
+    info.size, info.mtime, info.mode = len(data), template.mtime, 0o644
+    return info, data
+
+
+def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator, k: int,
+                     caption_key: str) -> tuple[str, int, int]:
+    """Write `output_dir/<name>` with a neg.json per sample; skip when it already exists.
+
+    Returns (status, samples, masked). Corrupt members are skipped with a warning, like
+    webdataset's warn_and_continue; a truncated archive keeps the samples read so far.
+    """
+    destination = os.path.join(output_dir, os.path.basename(source))
+    if os.path.exists(destination):
+        return "skipped", 0, 0
+    generator.load()
+    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=TMP_PREFIX + os.path.basename(source) + ".")
+    os.close(fd)
+    samples = masked = 0
+    try:
+        # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
+        with tarfile.open(source, "r:*", ignore_zeros=True) as reader, \
+                tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as writer:
+            key, caption, last, expected_offset = None, None, None, 0
+
+            def flush() -> None:
+                nonlocal samples, masked
+                if key is None:
+                    return
+                negatives = generator.generate(caption, k) if caption is not None else []
+                samples += 1
+                masked += not negatives
+                info, data = _neg_member(key, negatives, last)
+                writer.addfile(info, io.BytesIO(data))
+
+            try:
+                for member in reader:
+                    if member.offset > expected_offset:
+                        print(f"warning: {source}: corrupt tar data at byte {expected_offset} skipped "
+                              f"(resuming at {member.name})", file=sys.stderr)
+                    expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    if not member.isfile():
+                        continue
+                    member_key, extension = _split_key(member.name)
+                    if extension == "neg.json":
+                        continue  # a rerun on precomputed shards replaces old negatives
+                    payload = reader.extractfile(member).read()
+                    if member_key != key:
+                        flush()
+                        key, caption = member_key, None
+                    last = member
+                    if extension == caption_key:
+                        try:
+                            caption = payload.decode("utf-8")
+                        except UnicodeDecodeError:
+                            print(f"warning: {source}: {member.name} is not UTF-8; sample masked", file=sys.stderr)
+                    writer.addfile(member, io.BytesIO(payload))
+            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                print(f"warning: {source}: unreadable tar data after {samples} samples ({err}); "
+                      "rest of the shard skipped", file=sys.stderr)
+            flush()
+        os.replace(tmp, destination)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return "written", samples, masked
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    shards = expand_shards(args.shards)
+    missing = [s for s in shards if not os.path.exists(s)]
+    if missing:
+        print(f"error: {len(missing)} shard(s) not found, e.g. {missing[0]}", file=sys.stderr)
+        return 2
+    os.makedirs(args.output_dir, exist_ok=True)
+    for stale in Path(args.output_dir).glob(TMP_PREFIX + "*"):
+        stale.unlink()  # temp files of a killed run
+    generator = NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm)
+    work = partial(precompute_shard, output_dir=args.output_dir, generator=generator, k=args.num,
+                   caption_key=args.caption_key)
+    totals = {"written": 0, "skipped": 0}
+    samples = masked = 0
+    if args.workers > 1:
+        with Pool(args.workers) as pool:
+            results = list(_progress(pool.imap(work, shards), total=len(shards), unit="shard"))
+    else:
+        results = [work(s) for s in _progress(shards, unit="shard")]
+    for status, count, empty in results:
+        totals[status] += 1
+        samples += count
+        masked += empty
+    print(f"{totals['written']} shards written, {totals['skipped']} already done (skipped); "
+          f"{samples} samples, {masked} without negatives -> {args.output_dir}", file=sys.stderr)
+    return 0
+
+
+def run_show(args: argparse.Namespace) -> int:
+    generator = NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm)
+    found = generator.candidates(args.caption)
+    print(f"caption: {args.caption}")
+    if not found:
+        print("  (no negatives: the caption is empty, not English text, or has nothing to change)")
+    for name in generator.types:
+        texts = found.get(name, [])[: args.num]
+        print(f"{name}:" + ("" if texts else " (does not apply)"))
+        for text in texts:
+            print(f"  {text}")
+    return 0
+
+
+def run_setup(args: argparse.Namespace) -> int:
+    from .nltk_data import setup_nltk
+
+    corpus = setup_nltk(args.target, args.source, args.man_page)
+    print(f"WordNet installed for NLTK in {corpus}")
+    if args.target and os.path.abspath(str(Path(args.target))) not in map(os.path.abspath, _nltk_paths()):
+        print(f"note: {args.target} is not in NLTK's search path; export NLTK_DATA={args.target}")
+    return 0
+
+
+def _nltk_paths() -> list[str]:
+    from .nltk_data import default_search_paths
+
+    return default_search_paths()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "setup-nltk":
+        return run_setup(args)
+    from .nltk_data import WordNetMissingError
+
+    try:
+        return {"show": run_show, "generate": run_generate, "precompute": run_precompute}[args.command](args)
+    except WordNetMissingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,422 @@
+"""Typed text hard negatives: one caption in, up to K captions with one meaning change out.
+
+Each type edits a parsed caption (see parse.py) and keeps English agreement (a/an, singular or
+plural nouns, verb number). Replacement words come from tables precomputed from WordNet
+(lexicon.py), which already exclude synonyms, hypernyms and hyponyms of the replaced word.
+Negatives are a pure function of (caption, seed, types, k): the random generator is seeded from a
+CRC of the seed and the caption, never from Python's salted hash().
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+from typing import Callable
+
+from .lexicon import Resources, load_resources, regular_plural
+from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
+from .taxonomy import NEGATIVE_TYPES, parse_types
+
+Edit = tuple[list[str], list[str]]  # (words, gaps) of a candidate negative
+_NORMALISE = re.compile(r"[^a-z0-9]+")
+_AN_EXCEPTIONS = ("uni", "use", "usu", "eu", "one", "once", "ur", "uk")
+_AN_SILENT_H = ("hour", "honest", "honor", "heir")
+_BE_NUMBER = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has"}
+_SINGULAR_VERBS = ("is", "was", "has")
+
+_PROCESS: dict = {}  # per-process lazily loaded resources, taggers and LMs (never pickled)
+
+
+def normalise(text: str) -> str:
+    """Lower case, punctuation and spacing removed: how negatives are compared to the positive."""
+    return _NORMALISE.sub(" ", text.lower()).strip()
+
+
+def _resources() -> Resources:
+    if "resources" not in _PROCESS:
+        _PROCESS["resources"] = load_resources()
+    return _PROCESS["resources"]
+
+
+def _tagger(kind: str):
+    key = f"tagger:{kind}"
+    if key not in _PROCESS:
+        use_nltk = kind == "nltk" or (kind == "auto" and nltk_tagger_available())
+        _PROCESS[key] = NLTKTagger() if use_nltk else LexiconTagger(_resources())
+    return _PROCESS[key]
+
+
+def article_for(word: str) -> str:
+    """'a' or 'an' by the sound of the next word (spelling heuristics for the common cases)."""
+    w = word.lower()
+    if w[:1].isdigit():
+        return "an" if w.startswith(("8", "11", "18")) else "a"
+    if w.startswith(_AN_SILENT_H):
+        return "an"
+    if w[:1] in "aeiou" and not w.startswith(_AN_EXCEPTIONS):
+        return "an"
+    return "a"
+
+
+_ARTICLES = frozenset(("a", "an", "A", "An", "AN"))
+
+
+def _fix_articles(words: list[str]) -> list[str]:
+    for i in range(len(words) - 1):
+        if words[i] in _ARTICLES:
+            wanted = article_for(words[i + 1])
+            words[i] = wanted.capitalize() if words[i][0].isupper() else wanted
+    return words
+
+
+def _match_case(template: str, word: str) -> str:
+    if template.isupper() and len(template) > 1:
+        return word.upper()
+    if template[:1].isupper():
+        return word[:1].upper() + word[1:]
+    return word
+
+
+def _noun_form(res: Resources, lemma: str, plural: bool) -> str:
+    return (res.plurals.get(lemma) or regular_plural(lemma)) if plural else lemma
+
+
+def _splice(p: Parse, replacements: list[tuple[int, int, list[str], list[str] | None]]) -> Edit:
+    """Replace unit ranges [a, b) by new words (new gaps default to the old first gap, then ' ')."""
+    words, gaps = list(p.words), list(p.gaps)
+    for a, b, new_words, new_gaps in sorted(replacements, key=lambda r: r[0], reverse=True):
+        if new_gaps is None:
+            first = gaps[a] if a < len(gaps) else " "
+            new_gaps = [first] + [" "] * (len(new_words) - 1)
+        words[a:b], gaps[a:b] = new_words, new_gaps
+    return _fix_articles(words), gaps
+
+
+def _agree_verb(res: Resources, p: Parse, np: NounPhrase, plural: bool) -> list:
+    """Replacement for the verb right after a subject noun phrase whose number changes."""
+    i = np.end
+    if i >= len(p.words):
+        return []
+    lower = p.words[i].lower()
+    if lower in _BE_NUMBER and (lower in _SINGULAR_VERBS) == plural:
+        return [(i, i + 1, [_match_case(p.words[i], _BE_NUMBER[lower])], [p.gaps[i]])]
+    form = res.verb_forms.get(lower)
+    if p.tags[i] == "VERB" and form and form[1] in ("s", "base"):
+        wanted = res.verb_table[form[0]]["base" if plural else "s"]
+        if wanted != lower:
+            return [(i, i + 1, [_match_case(p.words[i], wanted)], [p.gaps[i]])]
+    return []
+
+
+# ---- the nine types: each returns candidate edits, best first --------------------------------
+
+def swap_attributes(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """Attributes of two objects trade places ("a red cube and a blue ball" -> blue cube, red ball)."""
+    out = []
+    with_attrs = [np for np in p.nps if np.attrs]
+    for x in range(len(with_attrs)):
+        for y in range(x + 1, len(with_attrs)):
+            a, b = with_attrs[x], with_attrs[y]
+            pairs = [(i, j) for i in a.attrs for j in b.attrs
+                     if res.attr_category.get(p.words[i].lower()) == res.attr_category.get(p.words[j].lower())
+                     and p.words[i].lower() != p.words[j].lower()]
+            for i, j in pairs:
+                out.append(_splice(p, [(i, i + 1, [p.words[j].lower()], None), (j, j + 1, [p.words[i].lower()], None)]))
+            if not pairs:
+                a0, a1, b0, b1 = a.attrs[0], a.attrs[-1] + 1, b.attrs[0], b.attrs[-1] + 1
+                if [w.lower() for w in p.words[a0:a1]] != [w.lower() for w in p.words[b0:b1]]:
+                    out.append(_splice(p, [(a0, a1, [w.lower() for w in p.words[b0:b1]], None),
+                                           (b0, b1, [w.lower() for w in p.words[a0:a1]], None)]))
+    rng.shuffle(out)
+    return out
+
+
+def _swappable(res: Resources, a: NounPhrase, b: NounPhrase) -> bool:
+    return a.lemma != b.lemma and frozenset((a.lemma, b.lemma)) not in res.related_nouns
+
+
+def swap_objects(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """Two objects trade places, each taking the other's slot number ("a man riding a horse")."""
+    out = []
+    for x in range(len(p.nps)):
+        for y in range(x + 1, len(p.nps)):
+            a, b = p.nps[x], p.nps[y]
+            if _swappable(res, a, b):
+                out.append(_splice(p, [
+                    (a.head, a.head + 1, [_match_case(p.words[a.head], _noun_form(res, b.lemma, a.plural))], None),
+                    (b.head, b.head + 1, [_match_case(p.words[b.head], _noun_form(res, a.lemma, b.plural))], None)]))
+    rng.shuffle(out)
+    return out
+
+
+def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """Whole noun phrases (with their attributes) trade places: same words, another order."""
+    out = []
+    for x in range(len(p.nps)):
+        for y in range(x + 1, len(p.nps)):
+            a, b = p.nps[x], p.nps[y]
+            wa, wb = [w.lower() for w in p.words[a.start:a.end]], [w.lower() for w in p.words[b.start:b.end]]
+            if wa != wb and a.lemma != b.lemma:
+                edits = [(a.start, a.end, wb, None), (b.start, b.end, wa, None)]
+                if a.plural != b.plural:
+                    edits += _agree_verb(res, p, a, b.plural) + [
+                        (r[0], r[1], r[2], r[3]) for r in _agree_verb(res, p, b, a.plural) if r[0] != a.start]
+                out.append(_splice(p, edits))
+    rng.shuffle(out)
+    return out
+
+
+def replace_object(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """One object becomes a co-hyponym (dog -> cat), never a synonym, hypernym or hyponym."""
+    out = []
+    present = {np.lemma for np in p.nps}
+    for np in p.nps:
+        options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
+        if options:
+            choice = rng.choice(options[:6])
+            word = _match_case(p.words[np.head], _noun_form(res, choice, np.plural))
+            out.append(_splice(p, [(np.head, np.head + 1, [word], None)]))
+    rng.shuffle(out)
+    return out
+
+
+def _attribute_options(res: Resources, word: str) -> list[str]:
+    if word in res.attr_candidates:
+        options = list(res.attr_candidates[word])
+        opposites = [o for o in res.antonyms.get(word, ()) if o in options]
+        return opposites or options
+    return list(res.antonyms.get(word, ()))
+
+
+def replace_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """One attribute changes within its category (red -> blue), opposites first (big -> small)."""
+    out = []
+    present = {w.lower() for w in p.words}
+    in_phrase = {i for np in p.nps for i in np.attrs}
+    for i, tag in enumerate(p.tags):
+        predicative = tag == "ADJ" and i > 0 and p.words[i - 1].lower() in _BE_NUMBER
+        if i not in in_phrase and not predicative:
+            continue
+        options = [o for o in _attribute_options(res, p.words[i].lower()) if o not in present]
+        if options:
+            out.append(_splice(p, [(i, i + 1, [_match_case(p.words[i], rng.choice(options[:8]))], None)]))
+    rng.shuffle(out)
+    return out
+
+
+def replace_relation(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """A spatial relation becomes its opposite (left of -> right of) or an action verb another one."""
+    out = []
+    for i, word in enumerate(p.words):
+        lower = word.lower()
+        if p.kinds[i] == "rel" or (p.tags[i] == "ADP" and lower in res.relations):
+            choice = rng.choice(res.relations[lower])
+            out.append(_splice(p, [(i, i + 1, [_match_case(word, choice)], None)]))
+        elif p.tags[i] == "VERB" and lower in res.verb_forms:
+            base, form = res.verb_forms[lower]
+            if form in ("ing", "s") and res.verb_candidates.get(base):
+                options = res.verb_candidates[base]
+                choice = rng.choice(options[:8])
+                out.append(_splice(p, [(i, i + 1, [_match_case(word, res.verb_table[choice][form])], None)]))
+    rng.shuffle(out)
+    return out
+
+
+def _count_value(res: Resources, word: str) -> int | None:
+    if word.isdigit():
+        value = int(word)
+        return value if 0 < value <= res.max_digit else None
+    return res.counts.get(word)
+
+
+def replace_count(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """A count changes (two dogs -> three dogs), with noun and verb number kept in agreement."""
+    out = []
+    names = {v: w for w, v in res.counts.items()}
+    for np in p.nps:
+        if np.num is None:
+            continue
+        word = p.words[np.num].lower()
+        value = _count_value(res, word)
+        if value is None:
+            continue
+        top = res.max_digit if word.isdigit() else max(names)
+        options = [v for v in (value + 1, value - 1, value + 2, value - 2) if 1 <= v <= top]
+        new = rng.choice(options[:2] if value > 1 else options)
+        new_word = str(new) if word.isdigit() else names[new]
+        edits = [(np.num, np.num + 1, [_match_case(p.words[np.num], new_word)], None)]
+        plural = new != 1
+        if plural != np.plural:
+            edits.append((np.head, np.head + 1, [_match_case(p.words[np.head], _noun_form(res, np.lemma, plural))], None))
+            edits.extend(_agree_verb(res, p, np, plural))
+        out.append(_splice(p, edits))
+    rng.shuffle(out)
+    return out
+
+
+_BEFORE_COLOR = ("size", "age", "state", "texture", "shape")
+
+
+def add_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """An object gets an attribute it did not have (a dog -> a brown dog), in English word order."""
+    out = []
+    present = {w.lower() for w in p.words}
+    for np in p.nps:
+        lexname = res.noun_lexname.get(np.lemma)
+        if lexname is None:
+            continue
+        have = {res.attr_category.get(p.words[i].lower()) for i in np.attrs}
+        categories = [c for c in res.add_categories.get(lexname, res.add_categories["default"]) if c not in have]
+        if not categories:
+            continue
+        category = rng.choice(categories)
+        options = [w for w in res.categories[category] if w not in present]
+        if not options:
+            continue
+        if np.attrs:
+            first_noun = np.attrs[-1] + 1
+        else:
+            first_noun = max((x for x in (np.det, np.num) if x is not None), default=np.start - 1) + 1
+        if category == "material":
+            at = first_noun
+        elif category == "color":
+            at = next((i for i in np.attrs if res.attr_category.get(p.words[i].lower()) == "material"), first_noun)
+        else:
+            at = np.attrs[0] if np.attrs else first_noun
+        # the new word takes the gap before the unit it precedes; that unit gets a plain space
+        out.append(_splice(p, [(at, at + 1, [rng.choice(options), p.words[at]], [p.gaps[at], " "])]))
+    rng.shuffle(out)
+    return out
+
+
+def add_object(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+    """Another object joins one that is there (a dog on a couch -> a dog and a cat on a couch)."""
+    out = []
+    present = {np.lemma for np in p.nps}
+    for np in reversed(p.nps):
+        nxt = p.words[np.end].lower() if np.end < len(p.words) else ""
+        if nxt in _SINGULAR_VERBS or (np.end < len(p.words) and p.tags[np.end] == "VERB"
+                                      and res.verb_forms.get(nxt, ("", ""))[1] == "s"):
+            continue  # "a dog and a cat is" would break verb agreement
+        options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
+        if options:
+            noun = rng.choice(options[:6])
+            out.append(_splice(p, [(np.end, np.end, ["and", "a", noun], [" ", " ", " "])]))
+    return out
+
+
+GENERATORS: dict[str, Callable[[Resources, Parse, random.Random], list[Edit]]] = {
+    "swap_attributes": swap_attributes,
+    "swap_objects": swap_objects,
+    "replace_attribute": replace_attribute,
+    "replace_object": replace_object,
+    "replace_relation": replace_relation,
+    "replace_count": replace_count,
+    "add_attribute": add_attribute,
+    "add_object": add_object,
+    "shuffle_order": shuffle_order,
+}
+assert tuple(GENERATORS) == NEGATIVE_TYPES
+
+
+class NegativeGenerator:
+    """Turns a caption into up to k typed hard negatives `{"text", "type"}`.
+
+    Cheap to build and to pickle (DataLoader workers get a copy); WordNet tables, taggers and the
+    optional masked LM load lazily once per process.
+    """
+
+    def __init__(self, types: tuple[str, ...] | str | None = NEGATIVE_TYPES, seed: int = 0,
+                 lm_path: str | None = None, tagger: str = "auto"):
+        self.types = parse_types(types) if isinstance(types, str) or types is None else parse_types(",".join(types))
+        if tagger not in ("auto", "nltk", "lexicon"):
+            raise ValueError(f"tagger must be auto, nltk or lexicon, got {tagger!r}")
+        self.seed = int(seed)
+        self.lm_path = lm_path
+        self.tagger = tagger
+
+    def __repr__(self) -> str:
+        return f"NegativeGenerator(types={self.types}, seed={self.seed}, lm_path={self.lm_path!r})"
+
+    def load(self) -> "NegativeGenerator":
+        """Load the per-process resources now (otherwise the first generate() call does it)."""
+        _resources()
+        _tagger(self.tagger)
+        if self.lm_path:
+            self._lm()
+        return self
+
+    def _lm(self):
+        from .lm import MaskedLMProposer
+
+        key = f"lm:{self.lm_path}"
+        if key not in _PROCESS:
+            _PROCESS[key] = MaskedLMProposer(self.lm_path)
+        return _PROCESS[key]
+
+    def parse(self, caption: object) -> Parse | None:
+        text = clean_caption(caption)
+        if text is None:
+            return None
+        return parse_caption(text, _resources(), _tagger(self.tagger))
+
+    def _edits(self, res: Resources, parse: Parse, name: str, rng: random.Random) -> list[Edit]:
+        edits = GENERATORS[name](res, parse, rng)
+        if self.lm_path and name in ("replace_object", "replace_attribute"):
+            edits = self._lm().edits(res, parse, name, rng) + edits
+        return edits
+
+    def candidates(self, caption: object, k: int = 1_000_000) -> dict[str, list[str]]:
+        """Every type's valid candidate texts for `caption` (used by `show`), best first."""
+        found: dict[str, list[str]] = {}
+        for item in self._iterate(caption, k, round_robin=False):
+            found.setdefault(item["type"], []).append(item["text"])
+        return found
+
+    def generate(self, caption: object, k: int) -> list[dict[str, str]]:
+        """Up to k negatives spread over the applicable types; [] for unusable captions."""
+        if k <= 0:
+            return []
+        return list(self._iterate(caption, k, round_robin=True))
+
+    def _iterate(self, caption: object, k: int, round_robin: bool):
+        """Yield valid negatives type by type (round robin: one per type per round).
+
+        Types are only expanded when reached, so K=4 of nine types does about half the work.
+        Nothing equal to the positive (after normalisation) or to an earlier negative is yielded.
+        """
+        parse = self.parse(caption)
+        if parse is None:
+            return
+        res = _resources()
+        rng = random.Random(zlib.crc32(f"{self.seed}\0{k}\0{caption}".encode("utf-8", "replace")))
+        seen = {normalise(parse.render(parse.words, parse.gaps))}
+        order = list(self.types)
+        rng.shuffle(order)
+        edits: dict[str, list[Edit]] = {}
+        cursor = dict.fromkeys(order, 0)
+        emitted = 0
+        while emitted < k:
+            progressed = False
+            for name in order:
+                if name not in edits:
+                    edits[name] = self._edits(res, parse, name, rng)
+                pending = edits[name]
+                while cursor[name] < len(pending):
+                    words, gaps = pending[cursor[name]]
+                    cursor[name] += 1
+                    text = parse.render(words, gaps)
+                    key = normalise(text)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    emitted += 1
+                    progressed = True
+                    yield {"text": text, "type": name}
+                    if round_robin or emitted >= k:
+                        break
+                if emitted >= k:
+                    return
+            if not progressed:
+                return

@@ -1,0 +1,327 @@
+"""Lexicons (data files) plus the WordNet facts the generator needs, cached on disk.
+
+Loading NLTK's WordNet reader costs seconds, and loader workers start often, so everything the
+generator asks WordNet (POS sets, inflection exceptions, which replacements are co-hyponyms and
+which are synonyms, hypernyms or hyponyms) is computed once into a pickle keyed by the data files,
+the WordNet files and this module's version. Later processes only unpickle it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA_DIR = Path(__file__).with_name("data")
+CACHE_VERSION = 3
+# Hypernyms too general to make two nouns co-hyponyms ("a dog" and "a banana" are both organisms).
+GENERIC_SYNSETS = frozenset((
+    "entity.n.01", "physical_entity.n.01", "abstraction.n.06", "object.n.01", "whole.n.02",
+    "artifact.n.01", "living_thing.n.01", "organism.n.01", "matter.n.03", "causal_agent.n.01",
+    "instrumentality.n.03", "attribute.n.02", "location.n.01", "substance.n.01", "unit.n.03",
+    "group.n.01", "psychological_feature.n.01", "measure.n.02", "relation.n.01", "part.n.02",
+    "thing.n.12", "physical_object.n.01", "structure.n.01", "container.n.01", "device.n.01",
+    "covering.n.02", "equipment.n.01",
+))
+MAX_NOUN_CANDIDATES = 12
+
+
+@dataclass
+class Resources:
+    """Everything the tagger and the generator look up, as plain dicts and sets."""
+
+    pos_of: dict[str, str]  # lemma -> WordNet POS letters, most frequent first ("nv", "a", ...)
+    exceptions: dict[str, tuple[str, str]]  # irregular inflected form -> (lemma, pos letter)
+    closed: dict[str, str]  # closed-class word -> universal tag
+    nouns: dict[str, tuple[str, bool]]  # noun form (vocabulary) -> (lemma, plural?)
+    plurals: dict[str, str]  # vocabulary lemma -> plural form
+    noun_lexname: dict[str, str]  # vocabulary lemma -> WordNet lexname of its first sense
+    noun_candidates: dict[str, tuple[str, ...]]  # lemma -> co-hyponyms, closest first
+    related_nouns: frozenset  # frozenset({a, b}) pairs that are synonyms/hypernyms/hyponyms
+    attr_category: dict[str, str]  # attribute word -> category
+    attr_candidates: dict[str, tuple[str, ...]]  # attribute -> replacements, opposites first
+    antonyms: dict[str, tuple[str, ...]]  # any WordNet adjective -> its direct antonyms
+    add_categories: dict[str, tuple[str, ...]]  # noun lexname -> attribute categories to add
+    categories: dict[str, tuple[str, ...]]  # attribute category -> words
+    relations: dict[str, tuple[str, ...]]  # spatial relation -> opposites
+    verb_forms: dict[str, tuple[str, str]]  # verb form -> (base, form name: base/s/ing/past)
+    verb_table: dict[str, dict[str, str]]  # base -> {form name: text}
+    verb_candidates: dict[str, tuple[str, ...]]  # base -> replacements, same WordNet class first
+    multiword: dict[str, tuple[tuple[str, ...], ...]]  # first word -> word sequences, longest first
+    counts: dict[str, int]  # number word -> value
+    max_digit: int
+
+
+def _read_json(name: str) -> dict:
+    with open(DATA_DIR / name, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def _read_objects() -> list[tuple[str, str, str]]:
+    """(singular, plural, pinned WordNet sense or '') rows of objects.txt."""
+    rows = []
+    for line in (DATA_DIR / "objects.txt").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        singular, plural, sense = (line.split("|") + ["", ""])[:3]
+        rows.append((singular, plural or regular_plural(singular), sense))
+    return rows
+
+
+def regular_plural(noun: str) -> str:
+    """English plural by the regular spelling rules (irregulars are listed in objects.txt)."""
+    if noun.endswith(("s", "x", "z", "ch", "sh")):
+        return noun + "es"
+    if len(noun) > 1 and noun.endswith("y") and noun[-2] not in "aeiou":
+        return noun[:-1] + "ies"
+    return noun + "s"
+
+
+def _fingerprint(wordnet_path: str) -> str:
+    """Cache key: this module's version, the data files and WordNet's content (by file sizes,
+    so a copy of the same WordNet elsewhere, e.g. after setup-nltk, reuses the cache)."""
+    digest = hashlib.sha256(str(CACHE_VERSION).encode())
+    for item in sorted(DATA_DIR.iterdir()):
+        digest.update(item.name.encode() + item.read_bytes())
+    root = Path(wordnet_path)
+    for name in ("index.noun", "data.noun", "index.adj", "data.verb"):
+        probe = root / name
+        digest.update(f"{name}:{probe.stat().st_size if probe.exists() else wordnet_path}".encode())
+    return digest.hexdigest()[:16]
+
+
+def cache_dir() -> Path:
+    """Where the WordNet cache lives: $OPEN_CLIP_HN_CACHE, else ~/.cache/open_clip_hn."""
+    env = os.environ.get("OPEN_CLIP_HN_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "open_clip_hn"
+
+
+def load_resources() -> Resources:
+    """Load the cached resources, building the cache from WordNet on first use."""
+    from .nltk_data import ensure_wordnet
+
+    wordnet_path = ensure_wordnet()
+    path = cache_dir() / f"negatives-{_fingerprint(wordnet_path)}.pkl"
+    try:
+        with open(path, "rb") as handle:
+            return pickle.load(handle)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError):
+        pass
+    resources = build_resources()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as handle:
+            pickle.dump(resources, handle, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only home still works, it just rebuilds per process
+    return resources
+
+
+def _index_pos(wn) -> dict[str, str]:
+    """lemma -> POS letters ordered by tagged-sense count, read from WordNet's index files."""
+    scores: dict[str, list[tuple[int, int, str]]] = {}
+    for pos, filename in (("n", "index.noun"), ("v", "index.verb"), ("a", "index.adj"), ("r", "index.adv")):
+        with wn.open(filename) as handle:
+            for line in handle:
+                if line.startswith(" "):
+                    continue
+                fields = line.split()
+                lemma = fields[0]
+                if "_" in lemma or not lemma.isalpha():
+                    continue
+                pointer_count = int(fields[3])
+                synset_count = int(fields[2])
+                tagged = int(fields[5 + pointer_count])
+                scores.setdefault(lemma, []).append((tagged, synset_count, pos))
+    return {lemma: "".join(p for _, _, p in sorted(items, reverse=True)) for lemma, items in scores.items()}
+
+
+def _exceptions(wn) -> dict[str, tuple[str, str]]:
+    table = {}
+    for pos, filename in (("n", "noun.exc"), ("v", "verb.exc"), ("a", "adj.exc")):
+        with wn.open(filename) as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0].isalpha():
+                    table.setdefault(fields[0], (fields[1], pos))
+    return table
+
+
+def _ancestors(synset) -> dict:
+    """synset -> depth for the synset and all its hypernyms (instance hypernyms too)."""
+    seen = {}
+    stack = [synset]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen[node] = node.max_depth()
+        stack.extend(node.hypernyms() + node.instance_hypernyms())
+    return seen
+
+
+def _related(synsets_a: list, synsets_b: list, closure_a: set, closure_b: set) -> bool:
+    """Same synset, or one word's sense is a hypernym of the other's (any senses)."""
+    return bool(set(synsets_a) & set(synsets_b)) or bool(set(synsets_b) & closure_a) or bool(
+        set(synsets_a) & closure_b)
+
+
+VISUAL_LEXNAMES = ("noun.Tops", "noun.artifact", "noun.animal", "noun.person", "noun.food", "noun.plant",
+                   "noun.object", "noun.shape", "noun.location", "noun.body", "noun.substance",
+                   "noun.phenomenon")
+
+
+def _noun_synsets(wn, noun: str) -> list:
+    """Noun senses; a multi-word noun WordNet lacks ("stop sign") falls back to its head word."""
+    return wn.synsets(noun.replace(" ", "_"), "n") or wn.synsets(noun.split()[-1], "n")
+
+
+def _visual_sense(synsets: list):
+    """The most frequent sense that names something visible (a 'table' is furniture, not data)."""
+    return next((s for s in synsets if s.lexname() in VISUAL_LEXNAMES), synsets[0])
+
+
+def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str]):
+    """Lexnames, co-hyponym candidates and related (never-swap, never-replace) pairs."""
+    synsets = {w: _noun_synsets(wn, w) for w in lemmas}
+    closure = {w: {a for s in synsets[w] for a in _ancestors(s)} for w in lemmas}
+    sense = {w: wn.synset(pinned[w]) if pinned.get(w) else _visual_sense(synsets[w])
+             for w in lemmas if synsets[w]}
+    first = {w: _ancestors(s) for w, s in sense.items()}
+    lexname = {w: s.lexname() for w, s in sense.items()}
+    related, candidates = set(), {}
+    for a in lemmas:
+        scored = []
+        for b in lemmas:
+            if a == b:
+                continue
+            if set(synsets[a]) & set(synsets[b]) or (b in sense and sense[b] in closure[a]) or (
+                    a in sense and sense[a] in closure[b]):
+                related.add(frozenset((a, b)))
+            elif a in first and b in first:
+                shared = [s for s in first[a].keys() & first[b].keys() if s.name() not in GENERIC_SYNSETS]
+                if shared:
+                    scored.append((-max(first[a][s] for s in shared), b))
+        if scored:
+            scored.sort()
+            floor = -scored[0][0] - 2
+            candidates[a] = tuple(b for d, b in scored[:MAX_NOUN_CANDIDATES] if -d >= floor)
+    for a in first:  # no close co-hyponym: fall back to unrelated nouns of the same lexicographer class
+        if not candidates.get(a):
+            same = [b for b in first if b != a and lexname[b] == lexname[a] and frozenset((a, b)) not in related]
+            candidates[a] = tuple(sorted(same)[:MAX_NOUN_CANDIDATES])
+    return lexname, candidates, frozenset(related)
+
+
+def _adjective_related(wn, a: str, b: str) -> bool:
+    """Same adjective synset or linked by similar_to: near-synonyms, not negatives."""
+    sa, sb = set(wn.synsets(a, "a")), set(wn.synsets(b, "a"))
+    if sa & sb:
+        return True
+    return any(set(s.similar_tos()) & sb for s in sa) or any(set(s.similar_tos()) & sa for s in sb)
+
+
+def _verb_tables(wn, bases: list[str]):
+    synsets = {v: wn.synsets(v, "v") for v in bases}
+    closure = {v: {a for s in synsets[v] for a in _ancestors(s)} for v in bases}
+    lexname = {v: synsets[v][0].lexname() if synsets[v] else "" for v in bases}
+    candidates = {}
+    for a in bases:
+        valid = [b for b in bases if b != a and not _related(synsets[a], synsets[b], closure[a], closure[b])]
+        same_class = [b for b in valid if lexname[b] == lexname[a]]
+        candidates[a] = tuple(same_class + [b for b in valid if b not in same_class])
+    return candidates
+
+
+def build_resources() -> Resources:
+    """Compute every table from the data files and NLTK's WordNet (slow: seconds)."""
+    from nltk.corpus import wordnet as wn
+
+    attributes = _read_json("attributes.json")
+    relations_data = _read_json("relations.json")
+    closed_data = _read_json("closed_class.json")
+    counts_data = _read_json("counts.json")
+    objects = _read_objects()
+
+    nouns, plurals = {}, {}
+    for singular, plural, _ in objects:
+        plurals[singular] = plural
+        nouns.setdefault(singular, (singular, False))
+        nouns.setdefault(plural, (singular, True))
+    noun_lexname, noun_candidates, related_nouns = _noun_tables(wn, list(plurals), {s: sense for s, _, sense in objects})
+
+    categories = {c: tuple(dict.fromkeys(ws)) for c, ws in attributes["categories"].items()}
+    attr_category = {w: c for c, ws in categories.items() for w in ws}
+    opposites: dict[str, list[str]] = {}
+    for a, b in attributes["opposites"]:
+        opposites.setdefault(a, []).append(b)
+        opposites.setdefault(b, []).append(a)
+    antonyms: dict[str, list[str]] = {}
+    for synset in wn.all_synsets("a"):
+        for lemma in synset.lemmas():
+            for antonym in lemma.antonyms():
+                name, other = lemma.name(), antonym.name()
+                if name.isalpha() and other.isalpha() and other not in antonyms.get(name, []):
+                    antonyms.setdefault(name, []).append(other)
+    attr_candidates = {}
+    for word, category in attr_category.items():
+        first = [o for o in opposites.get(word, []) + antonyms.get(word, [])
+                 if attr_category.get(o) == category]
+        rest = [o for o in categories[category] if o != word and o not in first
+                and not _adjective_related(wn, word, o)]
+        attr_candidates[word] = tuple(dict.fromkeys(first + rest))
+    antonyms_all = {w: tuple(v) for w, v in antonyms.items()}
+    for word, others in opposites.items():
+        antonyms_all[word] = tuple(dict.fromkeys(list(antonyms_all.get(word, ())) + others))
+
+    relations: dict[str, list[str]] = {}
+    for a, b in relations_data["spatial"]:
+        relations.setdefault(a, []).append(b)
+        relations.setdefault(b, []).append(a)
+    verb_table, verb_forms = {}, {}
+    for base, third, ing, past in relations_data["verbs"]:
+        verb_table[base] = {"base": base, "s": third, "ing": ing, "past": past}
+        for name, form in (("ing", ing), ("s", third), ("base", base), ("past", past)):
+            verb_forms.setdefault(form, (base, name))
+
+    multiword: dict[str, list[tuple[str, ...]]] = {}
+    for phrase in [*relations, *(s for s, _, _ in objects), *(p for _, p, _ in objects)]:
+        words = tuple(phrase.split())
+        if len(words) > 1:
+            multiword.setdefault(words[0], []).append(words)
+    closed = {}
+    for tag, words in closed_data.items():
+        if tag.startswith("_"):
+            continue
+        for word in words:
+            closed.setdefault(word, tag)
+
+    return Resources(
+        pos_of=_index_pos(wn),
+        exceptions=_exceptions(wn),
+        closed=closed,
+        nouns=nouns,
+        plurals=plurals,
+        noun_lexname=noun_lexname,
+        noun_candidates=noun_candidates,
+        related_nouns=related_nouns,
+        attr_category=attr_category,
+        attr_candidates=attr_candidates,
+        antonyms=antonyms_all,
+        add_categories={k: tuple(v) for k, v in attributes["add_categories"].items()},
+        categories=categories,
+        relations={k: tuple(dict.fromkeys(v)) for k, v in relations.items()},
+        verb_forms=verb_forms,
+        verb_table=verb_table,
+        verb_candidates=_verb_tables(wn, list(verb_table)),
+        multiword={k: tuple(sorted(set(v), key=len, reverse=True)) for k, v in multiword.items()},
+        counts=dict(counts_data["words"]),
+        max_digit=int(counts_data["max_digit"]),
+    )

@@ -1,0 +1,66 @@
+"""Optional masked-LM route (`--hn-lm PATH`): a local masked LM proposes the replacement word.
+
+The LM only proposes; proposals pass the same validity tables as the rule route (co-hyponym
+nouns, same-category attributes, never synonyms, hypernyms or hyponyms), so a bad or random
+model can reorder valid negatives but never create invalid ones. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import random
+
+from .lexicon import Resources
+from .parse import Parse
+
+TOP_K = 50
+
+
+class MaskedLMProposer:
+    """Wraps a local transformers masked LM (and its tokenizer) saved with save_pretrained."""
+
+    def __init__(self, path: str):
+        from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True).eval()
+
+    def propose(self, words: list[str], index: int, top: int = TOP_K) -> list[str]:
+        """Whole-word proposals for the masked unit `index`, most likely first."""
+        import torch
+
+        masked = [w.lower() for w in words]
+        masked[index] = self.tokenizer.mask_token
+        encoded = self.tokenizer(" ".join(masked), return_tensors="pt", truncation=True)
+        positions = (encoded["input_ids"][0] == self.tokenizer.mask_token_id).nonzero()
+        if len(positions) == 0:
+            return []
+        with torch.no_grad():
+            logits = self.model(**encoded).logits[0, positions[0, 0]]
+        ids = logits.topk(min(top, logits.numel())).indices.tolist()
+        tokens = self.tokenizer.convert_ids_to_tokens(ids)
+        return [t for t in tokens if t.isalpha()]
+
+    def edits(self, res: Resources, parse: Parse, name: str, rng: random.Random) -> list:
+        """replace_object / replace_attribute edits whose new word the LM proposed (and is valid)."""
+        from .generator import _match_case, _noun_form, _splice
+
+        out = []
+        present = {w.lower() for w in parse.words} | {np.lemma for np in parse.nps}
+        if name == "replace_object":
+            for np in parse.nps:
+                valid = set(res.noun_candidates.get(np.lemma, ())) - present
+                for word in self.propose(parse.words, np.head):
+                    lemma = res.nouns.get(word, (word, False))[0]
+                    if lemma in valid:
+                        new = _match_case(parse.words[np.head], _noun_form(res, lemma, np.plural))
+                        out.append(_splice(parse, [(np.head, np.head + 1, [new], None)]))
+                        break
+        elif name == "replace_attribute":
+            for np in parse.nps:
+                for i in np.attrs:
+                    valid = set(res.attr_candidates.get(parse.words[i].lower(), ())) - present
+                    choice = next((w for w in self.propose(parse.words, i) if w in valid), None)
+                    if choice:
+                        out.append(_splice(parse, [(i, i + 1, [_match_case(parse.words[i], choice)], None)]))
+        rng.shuffle(out)
+        return out

@@ -1,0 +1,253 @@
+"""Caption analysis: cleaning, tokenisation, POS tagging, multi-word units and noun phrases.
+
+Two taggers give the same universal tags (NOUN, VERB, ADJ, ADV, ADP, DET, NUM, PRON, CONJ, PRT,
+'.'): NLTK's averaged perceptron when its model is installed, else `LexiconTagger`, built from
+WordNet's POS sets, the visual lexicons and closed-class word lists (fast, no model download).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .lexicon import Resources
+
+MAX_CHARS = 1000
+MIN_KNOWN_SHARE = 0.6
+TOKEN = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*|'[A-Za-z]+|\d+(?:[.,]\d+)*|[^\sA-Za-z\d]")
+_FORBIDDEN = re.compile(r"[^A-Za-z0-9 .,;:!?'\"()/&-]")
+_HTML_ENTITY = re.compile(r"&#?\w+;")
+_UNICODE_PUNCT = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"',
+                                "\u2013": "-", "\u2014": "-", "\u00a0": " "})
+_PENN_TO_UNIVERSAL = {
+    "NN": "NOUN", "NNS": "NOUN", "NNP": "NOUN", "NNPS": "NOUN", "VB": "VERB", "VBD": "VERB",
+    "VBG": "VERB", "VBN": "VERB", "VBP": "VERB", "VBZ": "VERB", "MD": "VERB", "JJ": "ADJ",
+    "JJR": "ADJ", "JJS": "ADJ", "RB": "ADV", "RBR": "ADV", "RBS": "ADV", "WRB": "ADV",
+    "IN": "ADP", "TO": "PRT", "RP": "PRT", "POS": "PRT", "DT": "DET", "PDT": "DET", "WDT": "DET",
+    "PRP$": "DET", "WP$": "DET", "EX": "PRON", "PRP": "PRON", "WP": "PRON", "CD": "NUM",
+    "CC": "CONJ", "UH": "X", "FW": "X", "SYM": "X", "LS": "X",
+}
+_WORDNET_TAG = {"n": "NOUN", "v": "VERB", "a": "ADJ", "s": "ADJ", "r": "ADV"}
+
+
+def clean_caption(caption: object) -> str | None:
+    """The caption as plain English-alphabet text, or None when it is not a usable caption.
+
+    Why reject rather than repair: a negative must be the positive with one meaning change, so
+    captions we cannot read (HTML, emoji, control characters, other scripts, huge blobs) get no
+    negatives and the sample is masked instead.
+    """
+    if not isinstance(caption, str) or len(caption) > MAX_CHARS:
+        return None
+    text = caption.translate(_UNICODE_PUNCT).strip()
+    if not text or _FORBIDDEN.search(text) or _HTML_ENTITY.search(text):
+        return None
+    return text
+
+
+class LexiconTagger:
+    """Universal POS tags from closed-class lists, visual lexicons and WordNet's POS sets."""
+
+    def __init__(self, resources: Resources):
+        self.res = resources
+        self._cache: dict[str, tuple[str, bool]] = {}
+
+    def lexical(self, word: str) -> tuple[str, bool]:
+        """(context-free tag, known English word?) for a lower-case token."""
+        hit = self._cache.get(word)
+        if hit is None:
+            hit = self._cache[word] = self._lookup(word)
+        return hit
+
+    def _lookup(self, w: str) -> tuple[str, bool]:
+        res = self.res
+        if not w[0].isalpha() and w[0] != "'":
+            return ("NUM", True) if w[0].isdigit() else (".", True)
+        if w in res.closed:
+            return res.closed[w], True
+        if w in res.counts:
+            return "NUM", True
+        if w in res.attr_category:
+            return "ADJ", True
+        if w in res.nouns:
+            return "NOUN", True
+        if w in res.verb_forms:
+            return "VERB", True
+        if w in res.pos_of:
+            return _WORDNET_TAG[res.pos_of[w][0]], True
+        if w in res.exceptions:
+            return _WORDNET_TAG[res.exceptions[w][1]], True
+        for suffix, repl, tag in (("ing", "", "VERB"), ("ing", "e", "VERB"), ("ed", "", "VERB"),
+                                  ("ed", "e", "VERB"), ("ies", "y", "NOUN"), ("es", "", "NOUN"),
+                                  ("s", "", "NOUN"), ("ly", "", "ADV"), ("er", "", "ADJ"),
+                                  ("est", "", "ADJ")):
+            if w.endswith(suffix) and len(w) > len(suffix) + 1:
+                stem = w[: -len(suffix)] + repl
+                if tag == "VERB" and len(stem) > 2 and stem[-1] == stem[-2] and stem[:-1] in res.pos_of:
+                    stem = stem[:-1]
+                if stem in res.pos_of:
+                    letters = res.pos_of[stem]
+                    if tag == "NOUN" and "n" not in letters and "v" in letters:
+                        return "VERB", True
+                    return tag, True
+        return "NOUN", False
+
+    def tag(self, words: list[str]) -> list[str]:
+        """Tags for a token list, with a few left-context rules for noun/verb/adjective ambiguity."""
+        tags = []
+        for i, word in enumerate(words):
+            lower = word.lower()
+            tag = self.lexical(lower)[0]
+            prev = tags[-1] if tags else None
+            if tag == "VERB" and prev in ("DET", "ADJ", "NUM") and "n" in self.res.pos_of.get(lower, "n"):
+                tag = "NOUN"
+            elif tag == "NOUN" and prev in ("PRT",) and words[i - 1].lower() == "to" and \
+                    "v" in self.res.pos_of.get(lower, ""):
+                tag = "VERB"
+            tags.append(tag)
+        for i, tag in enumerate(tags):  # "a yellow square", "a glass of water": the noun reading
+            if tag == "ADJ" and words[i].lower() in self.res.nouns and (
+                    i + 1 == len(tags) or tags[i + 1] not in ("NOUN", "ADJ")) and i > 0 and \
+                    tags[i - 1] in ("DET", "ADJ", "NUM"):
+                tags[i] = "NOUN"
+        return tags
+
+
+class NLTKTagger:
+    """NLTK's averaged perceptron tagger, mapped to universal tags (used when its model exists)."""
+
+    def __init__(self):
+        from nltk.tag import PerceptronTagger
+
+        self._tagger = PerceptronTagger()
+
+    def tag(self, words: list[str]) -> list[str]:
+        tags = [_PENN_TO_UNIVERSAL.get(t, "." if not t[:1].isalpha() else "X")
+                for _, t in self._tagger.tag(words)]
+        return ["PRT" if w.lower() == "to" else t for w, t in zip(words, tags)]
+
+
+def nltk_tagger_available() -> bool:
+    """True when NLTK's averaged perceptron tagger model is installed."""
+    from .nltk_data import find_resource
+
+    return any(find_resource(name) for name in ("taggers/averaged_perceptron_tagger_eng",
+                                                "taggers/averaged_perceptron_tagger"))
+
+
+@dataclass
+class NounPhrase:
+    start: int  # first unit (determiner, count, attribute or noun)
+    end: int  # one past the head noun
+    det: int | None
+    num: int | None
+    attrs: list[int]
+    head: int
+    lemma: str
+    plural: bool
+
+
+@dataclass
+class Parse:
+    """A caption split into units (words or multi-word units) with the text between them."""
+
+    words: list[str]
+    gaps: list[str]
+    tail: str
+    tags: list[str]
+    kinds: list[str]  # "rel" for spatial relations, "noun" for vocabulary nouns, "" otherwise
+    capitalized: bool
+    nps: list[NounPhrase] = field(default_factory=list)
+
+    def render(self, words: list[str], gaps: list[str]) -> str:
+        text = "".join(g + w for g, w in zip(gaps, words)) + self.tail
+        text = text.strip()
+        if self.capitalized and text:
+            text = text[0].upper() + text[1:]
+        return text
+
+
+def noun_lemma(res: Resources, word: str) -> tuple[str, bool]:
+    """(lemma, plural?) of a noun form, from the vocabulary, WordNet exceptions or suffix rules."""
+    if word in res.nouns:
+        return res.nouns[word]
+    exception = res.exceptions.get(word)
+    if exception and exception[1] == "n":
+        return exception[0], True
+    for suffix, repl in (("ies", "y"), ("es", ""), ("s", "")):
+        if word.endswith(suffix) and len(word) > len(suffix) + 1 and not word.endswith("ss"):
+            stem = word[: -len(suffix)] + repl
+            if "n" in res.pos_of.get(stem, ""):
+                return stem, True
+    return word, False
+
+
+def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
+    """Tokenise, tag, merge multi-word units and chunk noun phrases; None for non-English text."""
+    spans = [(m.start(), m.end()) for m in TOKEN.finditer(text)]
+    tokens = [text[a:b] for a, b in spans]
+    lowers = [t.lower() for t in tokens]
+    lexical = getattr(tagger, "lexical", None) or LexiconTagger(res).lexical
+    alpha = [w for w in lowers if w[0].isalpha()]
+    if len(alpha) < 2 or sum(lexical(w)[1] for w in alpha) < MIN_KNOWN_SHARE * len(alpha):
+        return None
+    if len(alpha) > 3 and not any(w in res.closed for w in alpha):
+        return None  # English captions have function words; "le chat est sur la table" has none
+    tags = tagger.tag(tokens)
+    words, gaps, unit_tags, kinds = [], [], [], []
+    previous_end, i = 0, 0
+    while i < len(tokens):
+        length, kind = 1, ""
+        for sequence in res.multiword.get(lowers[i], ()):
+            if tuple(lowers[i:i + len(sequence)]) == sequence:
+                length = len(sequence)
+                kind = "rel" if " ".join(sequence) in res.relations else "noun"
+                break
+        start, end = spans[i][0], spans[i + length - 1][1]
+        words.append(text[start:end])
+        gaps.append(text[previous_end:start])
+        if kind == "rel":
+            unit_tags.append("ADP")
+        elif kind == "noun":
+            unit_tags.append("NOUN")
+        else:
+            unit_tags.append(tags[i])
+            if tags[i] == "ADP" and lowers[i] in res.relations:
+                kind = "rel"
+        kinds.append(kind)
+        previous_end = end
+        i += length
+    capitalized = bool(words) and words[0][:1].isupper() and (len(words[0]) == 1 or words[0][1:].islower())
+    if capitalized:
+        words[0] = words[0].lower()
+    parse = Parse(words, gaps, text[previous_end:], unit_tags, kinds, capitalized)
+    parse.nps = chunk_noun_phrases(parse, res)
+    return parse
+
+
+def chunk_noun_phrases(parse: Parse, res: Resources) -> list[NounPhrase]:
+    """Noun phrases: [determiner] [count] attribute* noun+ (the last noun is the head)."""
+    nps, tags, words, i, n = [], parse.tags, parse.words, 0, len(parse.words)
+    while i < n:
+        j, det, num, attrs = i, None, None, []
+        if tags[j] == "DET":
+            det, j = j, j + 1
+        if j < n and tags[j] == "NUM":
+            num, j = j, j + 1
+        while j < n and (tags[j] == "ADJ" or (tags[j] == "ADV" and j + 1 < n and tags[j + 1] == "ADJ")):
+            if tags[j] == "ADJ":
+                attrs.append(j)
+            j += 1
+        nouns_start = j
+        while j < n and tags[j] == "NOUN" and parse.kinds[j] != "rel":
+            j += 1
+        if j > nouns_start:
+            head = j - 1
+            lemma, plural = noun_lemma(res, words[head].lower())
+            if num is not None and not plural and words[num].lower() not in ("one", "1"):
+                plural = True  # "two sheep"
+            nps.append(NounPhrase(i, j, det, num, attrs, head, lemma, plural))
+            i = j
+        else:
+            i += 1
+    return nps

@@ -1,0 +1,207 @@
+"""The text hard-negative generator: types, validity rules, agreement, bad input, determinism."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from open_clip_hn.negatives import NEGATIVE_TYPES, NegativeGenerator, normalise
+from open_clip_hn.negatives.generator import _resources, article_for
+from open_clip_hn.negatives.parse import LexiconTagger, NLTKTagger, nltk_tagger_available
+
+DATA = Path(__file__).parent / "data"
+CAPTIONS = [line for line in (DATA / "coco_style_captions.txt").read_text().splitlines() if line]
+ALL = NegativeGenerator(seed=0)
+
+
+def by_type(caption: str, types: str, k: int = 20) -> list[str]:
+    return [n["text"] for n in NegativeGenerator(types=types, seed=0).generate(caption, k)]
+
+
+def test_demo_caption_every_relevant_type():
+    caption = "a red cube to the left of a small blue sphere"
+    assert "a blue cube to the left of a small red sphere" in by_type(caption, "swap_attributes")
+    assert by_type(caption, "replace_relation") == ["a red cube to the right of a small blue sphere"]
+    assert "a red sphere to the left of a small blue cube" in by_type(caption, "swap_objects")
+    assert "a small blue sphere to the left of a red cube" in by_type(caption, "shuffle_order")
+    objects = by_type(caption, "replace_object")
+    assert objects and all(o.startswith("a red ") or o.endswith("small blue sphere") for o in objects)
+    assert by_type(caption, "replace_count") == []  # no count: the type does not apply
+
+
+def test_relations_and_agreement():
+    assert by_type("two green balls above a yellow square", "replace_relation") == [
+        "two green balls below a yellow square"]
+    counts = by_type("two green balls above a yellow square", "replace_count")
+    assert counts == ["three green balls above a yellow square"] or counts == ["one green ball above a yellow square"]
+    counted = by_type("Two dogs are sitting on a couch.", "replace_count", k=5)
+    for text in counted:
+        assert ("One dog is" in text) or ("dogs are" in text and not text.startswith("Two"))
+    assert by_type("A man is holding an umbrella.", "replace_relation")[0].split()[3].endswith("ing")
+
+
+def test_articles_follow_the_new_word():
+    assert article_for("orange") == "an" and article_for("unicorn") == "a" and article_for("hour") == "an"
+    swapped = by_type("an orange cube next to a red ball", "swap_attributes")
+    assert swapped == ["a red cube next to an orange ball"]
+
+
+def test_sentence_case_is_kept_when_phrases_move():
+    moved = by_type("A dog sitting next to the cat.", "shuffle_order")
+    assert moved == ["The cat sitting next to a dog."]
+
+
+def test_no_synonym_hypernym_or_hyponym_replacements():
+    """Checked against NLTK's WordNet directly, independent of the generator's cache."""
+    from nltk.corpus import wordnet as wn
+
+    res = _resources()
+
+    def closure(synsets):
+        return {h for s in synsets for h in s.closure(lambda x: x.hypernyms() + x.instance_hypernyms())}
+
+    checked = 0
+    for caption in CAPTIONS:
+        for item in NegativeGenerator(types="replace_object,replace_attribute").generate(caption, 6):
+            old = [w.lower() for w in caption.split()]
+            new = [w.lower() for w in item["text"].split()]
+            if len(old) != len(new):
+                continue  # multi-word replacements are checked through the cache tables below
+            diffs = [(x.strip(".,"), y.strip(".,")) for x, y in zip(old, new) if x != y and {x, y} != {"a", "an"}]
+            a, b = " ".join(x for x, _ in diffs), " ".join(y for _, y in diffs)  # "street sign"
+            pos = "n" if item["type"] == "replace_object" else "a"
+            if pos == "n":
+                a, b = res.nouns.get(a, (a, 0))[0], res.nouns.get(b, (b, 0))[0]
+            sa, sb = wn.synsets(a.replace(" ", "_"), pos), wn.synsets(b.replace(" ", "_"), pos)
+            assert not set(sa) & set(sb), (caption, item)
+            if pos == "n":
+                assert not set(sb) & closure(sa[:1]) and not set(sa[:1]) & closure(sb), (caption, item)
+            checked += 1
+    assert checked > 40
+    assert "animal" not in res.noun_candidates["dog"] and "cat" in res.noun_candidates["dog"]
+    assert "grey" not in res.attr_candidates["gray"]
+
+
+def test_coverage_on_held_out_captions_and_never_the_positive():
+    applies, produced = Counter(), Counter()
+    for caption in CAPTIONS:
+        parse = ALL.parse(caption)
+        assert parse is not None, caption
+        for name in NEGATIVE_TYPES:
+            found = NegativeGenerator(types=name).generate(caption, 2)
+            for item in found:
+                assert normalise(item["text"]) != normalise(caption)
+            produced[name] += bool(found)
+        applies["swap_objects"] += len(parse.nps) >= 2
+        applies["replace_object"] += len(parse.nps) >= 1
+        applies["add_object"] += len(parse.nps) >= 1
+        applies["add_attribute"] += len(parse.nps) >= 1
+        applies["replace_relation"] += any(k == "rel" for k in parse.kinds) or any(
+            t == "VERB" and w.lower().endswith("ing") for w, t in zip(parse.words, parse.tags))
+        applies["replace_count"] += any(np.num is not None for np in parse.nps)
+        applies["swap_attributes"] += sum(bool(np.attrs) for np in parse.nps) >= 2
+        applies["shuffle_order"] += len(parse.nps) >= 2
+    for name, count in applies.items():
+        share = produced[name] / max(count, 1)
+        floor = 0.6 if name.startswith("swap") or name == "shuffle_order" else 0.8
+        assert share >= floor, (name, produced[name], count)
+    assert applies["replace_count"] >= 5 and applies["swap_attributes"] >= 5
+
+
+def test_k_limits_no_duplicates_and_spread_over_types():
+    for caption in CAPTIONS:
+        out = ALL.generate(caption, 4)
+        assert len(out) <= 4
+        assert len({normalise(n["text"]) for n in out}) == len(out)
+        assert all(set(n) == {"text", "type"} and n["type"] in NEGATIVE_TYPES for n in out)
+        if len(out) == 4:
+            assert len({n["type"] for n in out}) >= 3
+    assert ALL.generate(CAPTIONS[0], 0) == []
+
+
+def test_deterministic_picklable_and_seeded():
+    first = [ALL.generate(c, 4) for c in CAPTIONS]
+    clone = pickle.loads(pickle.dumps(ALL))
+    assert [clone.generate(c, 4) for c in CAPTIONS] == first
+    other = NegativeGenerator(seed=1)
+    assert [other.generate(c, 4) for c in CAPTIONS] != first
+    script = ("import json,sys; from open_clip_hn.negatives import NegativeGenerator as G; "
+              "print(json.dumps([G(seed=0).generate(c, 4) for c in sys.argv[1:]]))")
+    env_out = subprocess.run([sys.executable, "-c", script, *CAPTIONS[:10]], capture_output=True,
+                             text=True, check=True, env={"PYTHONHASHSEED": "123", "PATH": ""} | _env())
+    import json
+
+    assert json.loads(env_out.stdout) == first[:10]
+
+
+def _env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k != "PYTHONHASHSEED"}
+
+
+def test_import_stays_light():
+    code = "import sys, open_clip_hn.negatives; print(sorted(m for m in ('torch', 'open_clip', 'nltk') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+BAD = ["", "   \t ", "x" * 10_000, "un chien noir sur le canapé", "le chat est sur la table rouge",
+       "🐶🐱 on a couch 🛋️", "<b>a dog</b> on a <i>couch</i>", "a dog\x00 on a couch", "a\x1b[31mred\x1b[0m car",
+       "1234 5678", "3.14159", "!!! ??? ...", None, 42, 3.5, b"a dog on a couch", ["a dog"], {"caption": "x"},
+       "a dog &amp; a cat", "\u202eeci\u202d", "狗在沙发上"]
+
+
+@pytest.mark.parametrize("caption", BAD, ids=range(len(BAD)))
+def test_bad_captions_give_no_negatives(caption):
+    assert ALL.generate(caption, 4) == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=50), st.integers(), st.none(),
+                 st.lists(st.sampled_from(["a", "red", "dog", "on", "the", "two", "left", "of", ",", "🐶",
+                                           "<br>", "\x07", "ünïcode", "cats", "is", "an"]), max_size=30).map(" ".join)))
+def test_fuzz_never_raises_and_never_returns_the_positive(caption):
+    out = ALL.generate(caption, 4)
+    assert isinstance(out, list) and len(out) <= 4
+    if out:
+        assert isinstance(caption, str)
+        assert all(normalise(n["text"]) != normalise(caption) for n in out)
+
+
+def _tagged_sample() -> list[tuple[list[str], list[str]]]:
+    rows = []
+    for line in (DATA / "pos_tagged.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            pairs = [item.rsplit("/", 1) for item in line.split()]
+            rows.append(([w for w, _ in pairs], [t for _, t in pairs]))
+    return rows
+
+
+def _accuracy(tagger) -> float:
+    right = total = 0
+    for words, gold in _tagged_sample():
+        right += sum(a == b for a, b in zip(tagger.tag(words), gold))
+        total += len(gold)
+    return right / total
+
+
+def test_lexicon_tagger_accuracy_on_hand_tagged_sample():
+    accuracy = _accuracy(LexiconTagger(_resources()))
+    print(f"\nLexiconTagger accuracy on {DATA / 'pos_tagged.txt'}: {accuracy:.3f}")
+    assert accuracy >= 0.9
+
+
+@pytest.mark.skipif(not nltk_tagger_available(),
+                    reason="NLTK's averaged_perceptron_tagger_eng model is not installed (no download here)")
+def test_nltk_tagger_accuracy_on_hand_tagged_sample():
+    accuracy = _accuracy(NLTKTagger())
+    print(f"\nNLTK perceptron tagger accuracy: {accuracy:.3f}")
+    assert accuracy >= 0.9

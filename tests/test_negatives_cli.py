@@ -1,0 +1,137 @@
+"""`python -m open_clip_hn.negatives`: show, generate, precompute (resumable), setup-nltk."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from open_clip_hn.negatives import NegativeGenerator
+from open_clip_hn.negatives.cli import main
+from open_clip_hn.negatives.lexicon import cache_dir
+
+CAPTIONS = [line for line in (Path(__file__).parent / "data" / "coco_style_captions.txt").read_text().splitlines()
+            if line]
+
+
+def run_cli(*argv: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "open_clip_hn.negatives", *argv], capture_output=True,
+                          text=True, env=env, **kwargs)
+
+
+def test_help_and_show():
+    out = run_cli("show", "a red car next to a blue house")
+    assert out.returncode == 0, out.stderr
+    assert "replace_relation:\n  a red car far from a blue house" in out.stdout
+    assert "replace_count: (does not apply)" in out.stdout
+    assert run_cli("--help").stdout.count("precompute") >= 1
+
+
+def test_generate_formats_order_and_malformed_lines(tmp_path, capsys):
+    jsonl = tmp_path / "in.jsonl"
+    lines = [json.dumps({"caption": c}) for c in CAPTIONS[:5]]
+    lines.insert(2, "{not json")
+    jsonl.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", str(jsonl), "--output", str(out), "--num", "4"]) == 0
+    assert "line 3: invalid JSON" in capsys.readouterr().err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["caption"] for r in rows] == CAPTIONS[:5]
+    generator = NegativeGenerator(seed=0)
+    assert [r["negatives"] for r in rows] == [generator.generate(c, 4) for c in CAPTIONS[:5]]
+    assert main(["generate", "--input", str(jsonl), "--output", str(tmp_path / "x.jsonl"), "--strict"]) == 2
+
+    csv_path = tmp_path / "in.csv"
+    csv_path.write_text("id,title\n1,\"A dog, sitting on a couch.\"\n2,\n")
+    out_csv = tmp_path / "csv.jsonl"
+    assert main(["generate", "--input", str(csv_path), "--caption-key", "title", "--output", str(out_csv),
+                 "--types", "replace_relation", "--workers", "2"]) == 0
+    rows = [json.loads(line) for line in out_csv.read_text().splitlines()]
+    assert {"text": "A dog, sitting under a couch.", "type": "replace_relation"} in rows[0]["negatives"]
+    assert rows[1] == {"caption": "", "negatives": []}
+
+
+def _write_shards(folder: Path, count: int, per_shard: int) -> None:
+    for s in range(count):
+        with tarfile.open(folder / f"in-{s:06d}.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+            for i in range(per_shard):
+                key = f"{s:03d}{i:05d}"
+                caption = CAPTIONS[(s * per_shard + i) % len(CAPTIONS)] if i % 7 else "🐶🐶"
+                for ext, data in (("jpg", bytes([i % 256]) * 16), ("txt", caption.encode())):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size, info.mtime = len(data), 1_700_000_000
+                    tar.addfile(info, io.BytesIO(data))
+
+
+def test_precompute_adds_neg_json_and_resumes_after_kill(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=6, per_shard=400)
+    pattern = str(source / "in-{000000..000005}.tar")
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    assert main(["precompute", "--shards", pattern, "--output-dir", str(clean)]) == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", "open_clip_hn.negatives", "precompute", "--shards", pattern,
+                             "--output-dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while proc.poll() is None and not list(killed.glob("in-*.tar")):
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    finished = sorted(p.name for p in killed.glob("in-*.tar"))
+    assert 1 <= len(finished) < 6, "the run should be killed midway"
+    out = run_cli("precompute", "--shards", pattern, "--output-dir", str(killed), "--workers", "2")
+    assert out.returncode == 0, out.stderr
+    assert f"{len(finished)} already done" in out.stderr
+    assert sorted(os.listdir(killed)) == sorted(os.listdir(clean))
+    for name in os.listdir(clean):
+        assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
+
+    generator = NegativeGenerator(seed=0)
+    with tarfile.open(clean / "in-000001.tar") as tar:
+        names = tar.getnames()
+        assert names[:3] == ["00100000.jpg", "00100000.txt", "00100000.neg.json"]
+        negs = json.loads(tar.extractfile("00100001.neg.json").read())
+        caption = tar.extractfile("00100001.txt").read().decode()
+        assert negs == generator.generate(caption, 4) and negs
+        assert json.loads(tar.extractfile("00100000.neg.json").read()) == []  # emoji caption: masked
+
+
+def test_precompute_skips_a_corrupt_member_with_a_warning(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=1, per_shard=20)
+    shard = source / "in-000000.tar"
+    data = bytearray(shard.read_bytes())
+    data[512 * 12: 512 * 12 + 64] = b"\xff" * 64  # smash a header in the middle
+    shard.write_bytes(bytes(data))
+    out = run_cli("precompute", "--shards", str(shard), "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 0, out.stderr
+    assert "warning:" in out.stderr and "corrupt" in out.stderr
+    with tarfile.open(tmp_path / "out" / "in-000000.tar") as tar:
+        assert any(n.endswith(".neg.json") for n in tar.getnames())
+
+
+def test_missing_wordnet_message_then_setup_nltk_offline(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("NLTK_DATA",)}
+    env.update(HOME=str(tmp_path / "home"), OPEN_CLIP_HN_CACHE=str(cache_dir()))
+    missing = run_cli("show", "a dog on a couch", env=env)
+    assert missing.returncode == 2
+    assert "python -m nltk.downloader wordnet" in missing.stderr
+    assert "python -m open_clip_hn.negatives setup-nltk" in missing.stderr
+
+    target = tmp_path / "nltk_data"
+    setup = run_cli("setup-nltk", "--target", str(target), env=env)
+    assert setup.returncode == 0, setup.stderr
+    lexnames = (target / "corpora" / "wordnet" / "lexnames").read_text().splitlines()
+    assert len(lexnames) == 45 and lexnames[5] == "05\tnoun.animal\t1" and lexnames[44] == "44\tadj.ppl\t3"
+    env["NLTK_DATA"] = str(target)
+    shown = run_cli("show", "a dog on a couch", env=env)
+    assert shown.returncode == 0 and "replace_relation:\n  a dog under a couch" in shown.stdout
+    check = subprocess.run([sys.executable, "-c", "from nltk.corpus import wordnet as wn; "
+                            "print(wn.synsets('dog')[0].lexname())"], capture_output=True, text=True, env=env)
+    assert check.stdout.strip() == "noun.animal", check.stderr
