@@ -72,6 +72,8 @@ def _fix_articles(words: list[str]) -> list[str]:
 
 def _match_case(template: str, word: str) -> str:
     if template.isupper() and len(template) > 1:
+        if word.lower().startswith(template.lower()):
+            return template + word[len(template):]  # "TV" -> "TVs"
         return word.upper()
     if template[:1].isupper():
         return word[:1].upper() + word[1:]
@@ -111,43 +113,118 @@ def _agree_verb(res: Resources, p: Parse, np: NounPhrase, plural: bool) -> list:
 
 # ---- the nine types: each returns candidate edits, best first --------------------------------
 
+def _group(p: Parse, np: NounPhrase) -> tuple[list[str], list[str]]:
+    """The attribute group of a noun phrase as (lower-case words, gaps)."""
+    return p.words[np.attr_start:np.nouns_start], p.gaps[np.attr_start:np.nouns_start]
+
+
+def _trade_groups(p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
+    """Whole attribute groups trade places ("a very tall building by lush green grass")."""
+    (wa, ga), (wb, gb) = _group(p, a), _group(p, b)
+    return _splice(p, [(a.attr_start, a.nouns_start, wb, [p.gaps[a.attr_start]] + gb[1:]),
+                       (b.attr_start, b.nouns_start, wa, [p.gaps[b.attr_start]] + ga[1:])])
+
+
+def _move_group(p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
+    """a's attribute group moves to b, which had none ("a striped cat in a tub" -> a striped tub)."""
+    words, gaps = _group(p, a)
+    n = b.nouns_start
+    return _splice(p, [(a.attr_start, a.nouns_start, [], []),
+                       (n, n + 1, words + [p.words[n]], [p.gaps[n]] + gaps[1:] + [" "])])
+
+
+_QUANTIFIERS = frozenset(("many", "several", "some", "few", "multiple", "numerous"))
+
+
+def _quantity(res: Resources, p: Parse, np: NounPhrase) -> tuple[int, str] | None:
+    """(unit, word) of the count of a noun phrase: a number, a plural quantifier or a/an (one)."""
+    if np.num is not None and np.det is None:
+        word = p.words[np.num].lower()
+        return (np.num, word) if _count_value(res, word) is not None else None
+    if np.det is not None and np.num is None and np.nouns_start == np.head:
+        word = p.words[np.det].lower()
+        if (word in ("a", "an") and not np.plural) or (word in _QUANTIFIERS and np.plural):
+            return np.det, word
+    return None
+
+
+def _trade_counts(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> Edit | None:
+    """Counts trade places ("two women ... a sofa" -> a woman ... two sofas), agreement kept."""
+    qa, qb = _quantity(res, p, a), _quantity(res, p, b)
+    if qa is None or qb is None or qa[1] == qb[1] or {qa[1], qb[1]} <= {"a", "an"}:
+        return None
+    edits = []
+    for np, (unit, _), (_, word) in ((a, qa, qb), (b, qb, qa)):
+        plural = word not in ("a", "an", "one", "1")
+        edits.append((unit, unit + 1, [_match_case(p.words[unit], word)], None))
+        if plural != np.plural:
+            edits.append((np.head, np.head + 1, [_match_case(p.words[np.head], _noun_form(res, np.lemma, plural))],
+                          None))
+            edits.extend(_agree_verb(res, p, np, plural))
+    return _splice(p, edits)
+
+
 def swap_attributes(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
-    """Attributes of two objects trade places ("a red cube and a blue ball" -> blue cube, red ball)."""
-    out = []
-    with_attrs = [np for np in p.nps if np.attrs]
-    for x in range(len(with_attrs)):
-        for y in range(x + 1, len(with_attrs)):
-            a, b = with_attrs[x], with_attrs[y]
-            pairs = [(i, j) for i in a.attrs for j in b.attrs
-                     if res.attr_category.get(p.words[i].lower()) == res.attr_category.get(p.words[j].lower())
-                     and p.words[i].lower() != p.words[j].lower()]
-            for i, j in pairs:
-                out.append(_splice(p, [(i, i + 1, [p.words[j].lower()], None), (j, j + 1, [p.words[i].lower()], None)]))
-            if not pairs:
-                a0, a1, b0, b1 = a.attrs[0], a.attrs[-1] + 1, b.attrs[0], b.attrs[-1] + 1
-                if [w.lower() for w in p.words[a0:a1]] != [w.lower() for w in p.words[b0:b1]]:
-                    out.append(_splice(p, [(a0, a1, [w.lower() for w in p.words[b0:b1]], None),
-                                           (b0, b1, [w.lower() for w in p.words[a0:a1]], None)]))
-    rng.shuffle(out)
-    return out
+    """Attributes of two objects trade places: whole attribute groups or counts first ("a red cube
+    and a blue ball" -> blue cube, red ball; "two cats and a dog" -> a cat and two dogs), then
+    single same-category words, then a group moving to an object that had none."""
+    groups, words, moves = [], [], []
+    for x in range(len(p.nps)):
+        for y in range(x + 1, len(p.nps)):
+            a, b = p.nps[x], p.nps[y]
+            counts = _trade_counts(res, p, a, b)
+            if counts is not None:
+                groups.append(counts)
+            if a.attrs and b.attrs:
+                if _group(p, a)[0] != _group(p, b)[0]:
+                    groups.append(_trade_groups(p, a, b))
+                for i in a.attrs:
+                    for j in b.attrs:
+                        wi, wj = p.words[i].lower(), p.words[j].lower()
+                        if wi != wj and res.attr_category.get(wi) == res.attr_category.get(wj) and (
+                                len(a.attrs) > 1 or len(b.attrs) > 1) and not (  # no "brown and brown"
+                                wj in {p.words[x].lower() for x in a.attrs} or wi in {p.words[x].lower() for x in b.attrs}):
+                            words.append(_splice(p, [(i, i + 1, [wj], None), (j, j + 1, [wi], None)]))
+            elif a.attrs or b.attrs:
+                moves.append(_move_group(p, a, b) if a.attrs else _move_group(p, b, a))
+    for tier in (groups, words, moves):
+        rng.shuffle(tier)
+    return groups + words + moves
 
 
 def _swappable(res: Resources, a: NounPhrase, b: NounPhrase) -> bool:
     return a.lemma != b.lemma and frozenset((a.lemma, b.lemma)) not in res.related_nouns
 
 
+def _trade_phrases(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
+    """Whole noun phrases trade places; the verb after each agrees with its new subject."""
+    wa, wb = p.words[a.start:a.end], p.words[b.start:b.end]
+    edits = [(a.start, a.end, wb, None), (b.start, b.end, wa, None)]
+    if a.plural != b.plural:
+        edits += _agree_verb(res, p, a, b.plural) + [r for r in _agree_verb(res, p, b, a.plural) if r[0] != a.start]
+    return _splice(p, edits)
+
+
 def swap_objects(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
-    """Two objects trade places, each taking the other's slot number ("a man riding a horse")."""
-    out = []
+    """Two objects trade places ("a horse pulling a carriage" -> a carriage pulling a horse).
+
+    Whole noun phrases move (article, count, attributes), the subject's pairs first; then, where
+    attributes are involved, only the nouns move and each keeps the other's attributes and number.
+    """
+    subject, others, heads = [], [], []
     for x in range(len(p.nps)):
         for y in range(x + 1, len(p.nps)):
             a, b = p.nps[x], p.nps[y]
-            if _swappable(res, a, b):
-                out.append(_splice(p, [
+            if not _swappable(res, a, b):
+                continue
+            (subject if x == 0 else others).append(_trade_phrases(res, p, a, b))
+            if a.attrs or b.attrs:
+                heads.append(_splice(p, [
                     (a.head, a.head + 1, [_match_case(p.words[a.head], _noun_form(res, b.lemma, a.plural))], None),
                     (b.head, b.head + 1, [_match_case(p.words[b.head], _noun_form(res, a.lemma, b.plural))], None)]))
-    rng.shuffle(out)
-    return out
+    for tier in (subject, others, heads):
+        rng.shuffle(tier)
+    return subject + others + heads
 
 
 def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
@@ -158,11 +235,7 @@ def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
             a, b = p.nps[x], p.nps[y]
             wa, wb = [w.lower() for w in p.words[a.start:a.end]], [w.lower() for w in p.words[b.start:b.end]]
             if wa != wb and a.lemma != b.lemma:
-                edits = [(a.start, a.end, wb, None), (b.start, b.end, wa, None)]
-                if a.plural != b.plural:
-                    edits += _agree_verb(res, p, a, b.plural) + [
-                        (r[0], r[1], r[2], r[3]) for r in _agree_verb(res, p, b, a.plural) if r[0] != a.start]
-                out.append(_splice(p, edits))
+                out.append(_trade_phrases(res, p, a, b))
     rng.shuffle(out)
     return out
 
@@ -206,21 +279,26 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit
 
 
 def replace_relation(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
-    """A spatial relation becomes its opposite (left of -> right of) or an action verb another one."""
-    out = []
+    """A spatial relation becomes an opposite or contrasting one (left of -> right of, on -> next
+    to) or an action verb another of its group (sitting -> standing). Two choices per relation:
+    every relation's first choice comes before any second one."""
+    first, second = [], []
     for i, word in enumerate(p.words):
         lower = word.lower()
         if p.kinds[i] == "rel" or (p.tags[i] == "ADP" and lower in res.relations):
-            choice = rng.choice(res.relations[lower])
-            out.append(_splice(p, [(i, i + 1, [_match_case(word, choice)], None)]))
+            forms = list(res.relations[lower])
         elif p.tags[i] == "VERB" and lower in res.verb_forms:
             base, form = res.verb_forms[lower]
-            if form in ("ing", "s") and res.verb_candidates.get(base):
-                options = res.verb_candidates[base]
-                choice = rng.choice(options[:8])
-                out.append(_splice(p, [(i, i + 1, [_match_case(word, res.verb_table[choice][form])], None)]))
-    rng.shuffle(out)
-    return out
+            if form not in ("ing", "s") or not res.verb_candidates.get(base):
+                continue
+            forms = [res.verb_table[v][form] for v in res.verb_candidates[base][:4]]
+        else:
+            continue
+        for tier, choice in zip((first, second), rng.sample(forms, min(2, len(forms)))):
+            tier.append(_splice(p, [(i, i + 1, [_match_case(word, choice)], None)]))
+    rng.shuffle(first)
+    rng.shuffle(second)
+    return first + second
 
 
 def _count_value(res: Resources, word: str) -> int | None:
@@ -274,10 +352,7 @@ def add_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
         options = [w for w in res.categories[category] if w not in present]
         if not options:
             continue
-        if np.attrs:
-            first_noun = np.attrs[-1] + 1
-        else:
-            first_noun = max((x for x in (np.det, np.num) if x is not None), default=np.start - 1) + 1
+        first_noun = np.nouns_start
         if category == "material":
             at = first_noun
         elif category == "color":

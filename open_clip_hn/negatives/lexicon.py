@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DATA_DIR = Path(__file__).with_name("data")
-CACHE_VERSION = 3
+CACHE_VERSION = 4
 # Hypernyms too general to make two nouns co-hyponyms ("a dog" and "a banana" are both organisms).
 GENERIC_SYNSETS = frozenset((
     "entity.n.01", "physical_entity.n.01", "abstraction.n.06", "object.n.01", "whole.n.02",
@@ -54,6 +54,7 @@ class Resources:
     multiword: dict[str, tuple[tuple[str, ...], ...]]  # first word -> word sequences, longest first
     counts: dict[str, int]  # number word -> value
     max_digit: int
+    collective: frozenset  # nouns that head "a bunch of ..." phrases
 
 
 def _read_json(name: str) -> dict:
@@ -228,15 +229,19 @@ def _adjective_related(wn, a: str, b: str) -> bool:
     return any(set(s.similar_tos()) & sb for s in sa) or any(set(s.similar_tos()) & sa for s in sb)
 
 
-def _verb_tables(wn, bases: list[str]):
+def _verb_tables(wn, bases: list[str], groups: dict[str, list[str]]):
+    """Replacement verbs: never synonyms, hypernyms or troponyms; the verb's own curated group
+    first (posture, motion, ...), then its WordNet lexicographer class, then the rest."""
+    group_of = {v: name for name, verbs in groups.items() for v in verbs}
     synsets = {v: wn.synsets(v, "v") for v in bases}
     closure = {v: {a for s in synsets[v] for a in _ancestors(s)} for v in bases}
     lexname = {v: synsets[v][0].lexname() if synsets[v] else "" for v in bases}
     candidates = {}
     for a in bases:
         valid = [b for b in bases if b != a and not _related(synsets[a], synsets[b], closure[a], closure[b])]
-        same_class = [b for b in valid if lexname[b] == lexname[a]]
-        candidates[a] = tuple(same_class + [b for b in valid if b not in same_class])
+        same_group = [b for b in valid if a in group_of and group_of.get(b) == group_of[a]]
+        same_class = [b for b in valid if lexname[b] == lexname[a] and b not in same_group]
+        candidates[a] = tuple(same_group + same_class + [b for b in valid if b not in same_group + same_class])
     return candidates
 
 
@@ -320,8 +325,9 @@ def build_resources() -> Resources:
         relations={k: tuple(dict.fromkeys(v)) for k, v in relations.items()},
         verb_forms=verb_forms,
         verb_table=verb_table,
-        verb_candidates=_verb_tables(wn, list(verb_table)),
+        verb_candidates=_verb_tables(wn, list(verb_table), relations_data.get("verb_groups", {})),
         multiword={k: tuple(sorted(set(v), key=len, reverse=True)) for k, v in multiword.items()},
         counts=dict(counts_data["words"]),
         max_digit=int(counts_data["max_digit"]),
+        collective=frozenset(closed_data.get("_collective_nouns", ())),
     )

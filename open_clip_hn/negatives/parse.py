@@ -27,6 +27,7 @@ _PENN_TO_UNIVERSAL = {
     "PRP$": "DET", "WP$": "DET", "EX": "PRON", "PRP": "PRON", "WP": "PRON", "CD": "NUM",
     "CC": "CONJ", "UH": "X", "FW": "X", "SYM": "X", "LS": "X",
 }
+_PLURAL_VERBS = frozenset(("are", "were", "have"))
 _WORDNET_TAG = {"n": "NOUN", "v": "VERB", "a": "ADJ", "s": "ADJ", "r": "ADV"}
 
 
@@ -141,10 +142,12 @@ class NounPhrase:
     end: int  # one past the head noun
     det: int | None
     num: int | None
-    attrs: list[int]
+    attrs: list[int]  # adjectives only
     head: int
     lemma: str
     plural: bool
+    attr_start: int = -1  # first unit of the attribute group ("very tall", "black and white")
+    nouns_start: int = -1  # first noun unit; the attribute group is [attr_start, nouns_start)
 
 
 @dataclass
@@ -204,7 +207,7 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
                 kind = "rel" if " ".join(sequence) in res.relations else "noun"
                 break
         start, end = spans[i][0], spans[i + length - 1][1]
-        words.append(text[start:end])
+        words.append(" ".join(tokens[i:i + length]))  # "in front  of" is the unit "in front of"
         gaps.append(text[previous_end:start])
         if kind == "rel":
             unit_tags.append("ADP")
@@ -225,19 +228,42 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
     return parse
 
 
+def _attribute_group(tags: list[str], words: list[str], j: int) -> tuple[int, list[int]]:
+    """End of the attribute group starting at j and its adjectives: intensifiers ("very tall") and
+    coordination ("black and white", "green, white, and red") stay inside the group."""
+    n, attrs = len(tags), []
+    while j < n:
+        if tags[j] == "ADJ":
+            attrs.append(j)
+            j += 1
+        elif tags[j] == "ADV" and j + 1 < n and tags[j + 1] == "ADJ":
+            j += 1
+        elif attrs and attrs[-1] == j - 1 and words[j].lower() in (",", "and", "or"):
+            k = j + 1 + (words[j] == "," and j + 1 < n and words[j + 1].lower() in ("and", "or"))
+            if k < n and tags[k] == "ADJ":
+                j = k
+            else:
+                break
+        else:
+            break
+    return j, attrs
+
+
 def chunk_noun_phrases(parse: Parse, res: Resources) -> list[NounPhrase]:
-    """Noun phrases: [determiner] [count] attribute* noun+ (the last noun is the head)."""
+    """Noun phrases: [determiner] [count] attribute-group noun+ (the last noun is the head).
+
+    A collective noun and its "of" phrase form one noun phrase headed by the inner noun ("a bunch
+    of sheep" is sheep), so swaps and replacements act on the objects themselves.
+    """
     nps, tags, words, i, n = [], parse.tags, parse.words, 0, len(parse.words)
     while i < n:
-        j, det, num, attrs = i, None, None, []
+        j, det, num = i, None, None
         if tags[j] == "DET":
             det, j = j, j + 1
         if j < n and tags[j] == "NUM":
             num, j = j, j + 1
-        while j < n and (tags[j] == "ADJ" or (tags[j] == "ADV" and j + 1 < n and tags[j + 1] == "ADJ")):
-            if tags[j] == "ADJ":
-                attrs.append(j)
-            j += 1
+        attr_start = j
+        j, attrs = _attribute_group(tags, words, j)
         nouns_start = j
         while j < n and tags[j] == "NOUN" and parse.kinds[j] != "rel":
             j += 1
@@ -246,7 +272,17 @@ def chunk_noun_phrases(parse: Parse, res: Resources) -> list[NounPhrase]:
             lemma, plural = noun_lemma(res, words[head].lower())
             if num is not None and not plural and words[num].lower() not in ("one", "1"):
                 plural = True  # "two sheep"
-            nps.append(NounPhrase(i, j, det, num, attrs, head, lemma, plural))
+            elif not plural and res.plurals.get(lemma) == lemma and j < n and words[j].lower() in _PLURAL_VERBS:
+                plural = True  # "the sheep are"
+            np = NounPhrase(i, j, det, num, attrs, head, lemma, plural, attr_start if attrs else nouns_start,
+                            nouns_start)
+            outer = nps[-1] if nps else None
+            if outer is not None and outer.lemma in res.collective and outer.end + 1 == i and \
+                    words[outer.end].lower() == "of":
+                np.start, np.det, np.num = outer.start, outer.det, outer.num
+                nps[-1] = np
+            else:
+                nps.append(np)
             i = j
         else:
             i += 1
