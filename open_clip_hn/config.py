@@ -153,6 +153,9 @@ class HNConfig:
             raise ValueError("--hn-loss mined needs a memory bank: set --hn-memory-bank-size N > 0")
         if self.mined_k <= 0 and "mined" in self.loss:
             raise ValueError("--hn-mined-k must be >= 1 with --hn-loss mined")
+        if self.importance_tau_plus >= 1:
+            raise ValueError("--hn-importance-tau-plus is a class prior in [0, 1): with 1 every "
+                             "negative would be a false negative; use a value below 1")
         if self.curriculum_start > 1 or self.curriculum_end > 1:
             raise ValueError("--hn-curriculum-start/--hn-curriculum-end are shares in [0, 1]")
         if self.eval_every < 1:

@@ -57,6 +57,8 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-loss", "rank"], "needs text hard negatives"),
     (["--hn-negatives", "online", "--siglip"], "--siglip"),
     (["--hn-negatives", "online", "--hn-num-negatives", "0"], "generates nothing"),
+    (["--hn-loss", "importance", "--hn-importance-tau-plus", "1"], "--hn-importance-tau-plus"),
+    (["--hn-loss", "mined"], "--hn-memory-bank-size"),
     (["--model-config", "/nonexistent/cfg.json"], "--model-config /nonexistent/cfg.json: file not found"),
 ])
 def test_bad_flags_fail_naming_the_input(argv, message, capsys):
@@ -209,3 +211,10 @@ def test_install_route_and_in_loop_evaluation(tmp_path, scene_shards):
     assert "compositional/replace_relation/acc" in accuracies
     assert all(0 <= v <= 1 for v in accuracies.values())
     assert "Eval Epoch: 1" in (tmp_path / "own" / "out.log").read_text()
+
+
+def test_readme_documents_every_plugin_flag():
+    readme = (REPO / "README.md").read_text()
+    group = next(g for g in build_parser()._action_groups if g.title.startswith("open_clip_hn"))
+    missing = [a.option_strings[0] for a in group._group_actions if f"`{a.option_strings[0]}" not in readme]
+    assert not missing, f"README's flag reference lacks {missing}"

@@ -1,0 +1,122 @@
+"""How hard the objective is at a given optimizer step: the curriculum and the rank margins.
+
+The curriculum value c(step) in [0, 1] is 0 during warmup, then follows the schedule from
+`--hn-curriculum-start` to `--hn-curriculum-end`. It is the share of hard negatives used and it
+scales the intra, rank and mined weights, so a run starts as plain CLIP and hardens gradually
+(a rank loss at full weight from scratch collapses training).
+
+Which negatives make up the share is a pure function of (seed, step, global slot), so one
+process and N processes keep the same ones and a resumed run continues the same sequence.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .negatives.taxonomy import NEGATIVE_TYPES
+
+STEP_STAGES = 4  # the 'step' schedule climbs in this many equal stairs
+
+
+def curriculum_value(step: int, *, kind: str, warmup: int, start: float, end: float,
+                     total_steps: int | None) -> float:
+    """c(step): 0 before `warmup`, then const (= start), linear, cosine or stepped start -> end.
+    Without `total_steps` (unknown run length) the schedule stays at `start`."""
+    if step < warmup:
+        return 0.0
+    if kind == "const":
+        return start
+    span = (total_steps - warmup) if total_steps is not None else 0
+    progress = min(1.0, (step - warmup) / span) if span > 0 else 0.0
+    if kind == "linear":
+        return start + (end - start) * progress
+    if kind == "cosine":
+        return end + (start - end) * (1 + math.cos(math.pi * progress)) / 2
+    if kind == "step":
+        return start + (end - start) * min(math.floor(progress * STEP_STAGES), STEP_STAGES - 1) / (STEP_STAGES - 1)
+    raise ValueError(f"unknown curriculum {kind!r}; use const, linear, cosine or step")
+
+
+def negative_keep_mask(shape: tuple[int, int], share: float, *, seed: int, step: int,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """Bool [N, K]: which hard-negative slots of the global batch the curriculum keeps at `step`.
+
+    Drawn from a generator seeded by (seed, step) over the whole global batch, so every rank and
+    a single process on the same batch agree slot for slot.
+    """
+    if share >= 1.0:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if share <= 0.0:
+        return torch.zeros(shape, dtype=torch.bool, device=device)
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    return (torch.rand(shape, generator=generator) < share).to(device)
+
+
+class RankThresholds:
+    """Per-negative-type margins of the rank loss, adapted from the observed cosine gaps.
+
+    Each optimizer step, the gaps s(I,T) - s(I,T_k) of the global batch are summarised per type
+    (mean or max, clipped to [0, 1]) and folded into a bias-corrected exponential moving average.
+    Margins start at 0 (only mis-ranked negatives are penalised) and grow as the model separates
+    a type, which makes the rank loss its own curriculum (CE-CLIP). A fixed margin never moves.
+    """
+
+    def __init__(self, mode: str, fixed: float | None = None, momentum: float = 0.99,
+                 num_types: int = len(NEGATIVE_TYPES)):
+        if mode not in ("adaptive-mean", "adaptive-max", "fixed"):
+            raise ValueError(f"rank threshold mode {mode!r}: use adaptive-mean, adaptive-max or fixed")
+        self.mode = mode
+        self.fixed = fixed
+        self.momentum = momentum
+        self.average = torch.zeros(num_types, dtype=torch.float64)
+        self.updates = torch.zeros(num_types, dtype=torch.long)
+
+    def values(self) -> torch.Tensor:
+        """Current margin per type, float32 [T] on the device of the last update (0 for unseen types)."""
+        if self.mode == "fixed":
+            return torch.full_like(self.average, self.fixed).float()
+        correction = 1 - self.momentum ** self.updates.double()
+        return torch.where(self.updates > 0, self.average / correction.clamp(min=1e-12),
+                           torch.zeros_like(self.average)).float()
+
+    def seen(self) -> torch.Tensor:
+        """Bool [T]: types that have been observed at least once."""
+        return self.updates > 0
+
+    def update(self, gaps: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> None:
+        """Fold one step's gaps [N, K] of the valid slots into the per-type averages.
+
+        Stays on the features' device (no host sync per step)."""
+        if self.mode == "fixed":
+            return
+        num_types = len(self.average)
+        self.average, self.updates = self.average.to(gaps.device), self.updates.to(gaps.device)
+        valid = mask & (types >= 0) & (types < num_types)
+        index = torch.where(valid, types, torch.zeros_like(types)).flatten()
+        weight = valid.flatten().double()
+        clipped = gaps.detach().double().clamp(0.0, 1.0).flatten()
+        count = torch.zeros(num_types, dtype=torch.float64, device=gaps.device).index_add_(0, index, weight)
+        present = count > 0
+        if self.mode == "adaptive-mean":
+            total = torch.zeros_like(count).index_add_(0, index, clipped * weight)
+            observed = total / count.clamp(min=1)
+        else:
+            observed = torch.zeros_like(count).scatter_reduce_(
+                0, index, torch.where(valid.flatten(), clipped, torch.zeros_like(clipped)),
+                reduce="amax", include_self=True)
+        blended = self.momentum * self.average + (1 - self.momentum) * observed
+        self.average = torch.where(present, blended, self.average)
+        self.updates = self.updates + present.long()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"average": self.average.detach().cpu().clone(), "updates": self.updates.detach().cpu().clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if state["average"].shape != self.average.shape:
+            raise ValueError(f"rank thresholds for {state['average'].numel()} negative types cannot be "
+                             f"loaded into {self.average.numel()} types; the taxonomy changed")
+        device = self.average.device
+        self.average = state["average"].to(device=device, dtype=torch.float64)
+        self.updates = state["updates"].to(device=device, dtype=torch.long)

@@ -1,0 +1,165 @@
+"""The hard-negative loss terms as pure tensor functions.
+
+Every function takes features that are already gathered across ranks (see `distributed.py`),
+masks and scales, and returns a scalar (or per-row) tensor: no state, no I/O, no collectives.
+That is what lets a test compare one process with N processes term by term.
+
+Shapes: A anchors (the rows this rank averages over), N samples in the global batch, K hard
+negatives per sample, D embedding width. Features are L2-normalised (OpenCLIP's outputs are);
+`labels[a]` is the global row of anchor a's own pair. Masked slots never contribute: their
+logits are -inf, so they carry neither probability mass nor gradient.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def split_text_features(text_features: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split per-sample interleaved rows [pos_0, neg_0_1..neg_0_K, pos_1, ...] into
+    positives [B, D] and negatives [B, K, D] (views, no copy)."""
+    rows, dim = text_features.shape
+    if rows % batch_size:
+        raise ValueError(f"text_features has {rows} rows, not a multiple of the {batch_size} images; "
+                         "expected B*(1+K) rows interleaved per sample")
+    grouped = text_features.view(batch_size, rows // batch_size, dim)
+    return grouped[:, 0], grouped[:, 1:]
+
+
+def _masked_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return logits.masked_fill(~mask, float("-inf"))
+
+
+def contrastive_logits(
+        image_anchor: torch.Tensor,
+        text_anchor: torch.Tensor,
+        all_image: torch.Tensor,
+        all_text: torch.Tensor,
+        all_negatives: torch.Tensor,
+        negative_mask: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NegCLIP logits: image->text over the N positives and the N*K hard negatives (masked ones
+    at -inf), text->image over the N images only. Returns ([A, N + N*K], [A, N])."""
+    per_image = logit_scale * image_anchor @ all_text.T
+    if all_negatives.shape[1]:
+        negatives = logit_scale * image_anchor @ all_negatives.flatten(0, 1).T
+        negatives = _masked_logits(negatives, negative_mask.flatten().unsqueeze(0))
+        per_image = torch.cat([per_image, negatives], dim=1)
+    per_text = logit_scale * text_anchor @ all_image.T
+    if logit_bias is not None:
+        per_image = per_image + logit_bias
+        per_text = per_text + logit_bias
+    return per_image, per_text
+
+
+def itc_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor,
+             labels: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE, OpenCLIP's ClipLoss reduction: (CE(i->t) + CE(t->i)) / 2."""
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def importance_weighted_nce(logits: torch.Tensor, labels: torch.Tensor, beta: float,
+                            tau_plus: float, min_logit: torch.Tensor) -> torch.Tensor:
+    """Per-row HCL/DiHT loss: negatives reweighted by exp(beta * logit), debiased with tau_plus.
+
+    With M valid negatives l_j and positive p (all logits, i.e. scale * cosine):
+        Ng = (M * sum_j w_j e^{l_j} - tau_plus * M * e^p) / (1 - tau_plus),  w_j = softmax_j(beta * l_j)
+        Ng >= M * e^{min_logit}  (HCL's clamp, so debiasing never makes the denominator vanish)
+        loss = log(e^p + Ng) - p
+    Computed in log space. beta = tau_plus = 0 is exactly InfoNCE. Rows without negatives give 0.
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    positive = logits[rows, labels]
+    valid = torch.isfinite(logits).index_put((rows, labels), torch.tensor(False, device=logits.device))
+    count = valid.sum(dim=1)
+    has_negatives = count > 0
+    # rows without negatives get dummy zeros: their result is discarded, but -inf there would
+    # turn into NaN gradients (0 * inf) through logsumexp and beta * (-inf)
+    valid = valid | ~has_negatives.unsqueeze(1)
+    safe = logits.masked_fill(~valid, 0.0)
+    log_count = count.clamp(min=1).to(logits.dtype).log()
+    weighted = (torch.logsumexp(((1 + beta) * safe).masked_fill(~valid, float("-inf")), dim=1)
+                - torch.logsumexp((beta * safe).masked_fill(~valid, float("-inf")), dim=1))
+    log_ng = log_count + weighted
+    if tau_plus > 0:
+        debias = math.log(tau_plus) + log_count + positive
+        gap = (debias - log_ng).clamp(max=-1e-6)  # only used where debias < log_ng
+        debiased = torch.where(debias < log_ng, log_ng + torch.log1p(-gap.exp()),
+                               torch.full_like(log_ng, float("-inf")))
+        log_ng = debiased - math.log1p(-tau_plus)
+    log_ng = torch.maximum(log_ng, log_count + min_logit)
+    loss = torch.logaddexp(positive, log_ng) - positive
+    return torch.where(has_negatives, loss, torch.zeros_like(loss))
+
+
+def importance_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor, labels: torch.Tensor,
+                    beta: float, tau_plus: float, min_logit: torch.Tensor) -> torch.Tensor:
+    """Symmetric importance-weighted contrastive loss (both directions, ClipLoss reduction)."""
+    return (importance_weighted_nce(logits_per_image, labels, beta, tau_plus, min_logit).mean()
+            + importance_weighted_nce(logits_per_text, labels, beta, tau_plus, min_logit).mean()) / 2
+
+
+def _own_choice_logits(anchor: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor,
+                       negative_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """[A, 1 + K] logits of `anchor` against its positive and its own (masked) negatives."""
+    pos = (anchor * positive).sum(dim=-1, keepdim=True)
+    neg = torch.einsum("ad,akd->ak", anchor, negatives)
+    # mask after scaling: d(scale * -inf)/d(scale) would be NaN
+    return torch.cat([logit_scale * pos, _masked_logits(logit_scale * neg, negative_mask)], dim=1)
+
+
+def _first_is_target(logits: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(logits, dim=1) - logits[:, 0]
+
+
+def choice_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
+                negative_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Each image picks its caption among that caption's own hard negatives: mean CE over [A].
+    A sample without valid negatives contributes exactly 0."""
+    return _first_is_target(_own_choice_logits(image, text, negatives, negative_mask, logit_scale)).mean()
+
+
+def intra_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
+               negative_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CE-CLIP's intra-modal contrast: the caption T is the anchor, its image the positive and its
+    own hard negatives (text-text similarity) the negatives:
+        -log e^{s<T,I>} / (e^{s<T,I>} + sum_k e^{s<T,T_k>})."""
+    return _first_is_target(_own_choice_logits(text, image, negatives, negative_mask, logit_scale)).mean()
+
+
+def rank_gaps(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """Cosine gap s(I,T) - s(I,T_k) per hard negative: [A, K]."""
+    pos = (image * text).sum(dim=-1, keepdim=True)
+    return pos - torch.einsum("ad,akd->ak", image, negatives)
+
+
+def rank_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
+              negative_mask: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """CE-CLIP's cross-modal rank loss: relu(thr + s(I,T_k) - s(I,T)) per valid negative,
+    averaged over each sample's valid negatives, then over samples (no negative -> 0).
+    `thresholds` [A, K] is each slot's per-type margin (cosine units)."""
+    hinge = F.relu(thresholds - rank_gaps(image, text, negatives))
+    hinge = torch.where(negative_mask, hinge, torch.zeros_like(hinge))
+    count = negative_mask.sum(dim=1).clamp(min=1)
+    return (hinge.sum(dim=1) / count).mean()
+
+
+def mined_loss(image_anchor: torch.Tensor, text_anchor: torch.Tensor, all_image: torch.Tensor,
+               all_text: torch.Tensor, labels: torch.Tensor, mined_text: torch.Tensor,
+               mined_text_mask: torch.Tensor, mined_image: torch.Tensor, mined_image_mask: torch.Tensor,
+               logit_scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE whose denominators also hold each anchor's mined bank entries:
+    image a vs the N texts + its mined texts [A, k, D]; text a vs the N images + its mined
+    images. Mined features are constants (detached here, whatever the caller passes)."""
+    def direction(anchor, columns, mined, mask):
+        in_batch = logit_scale * anchor @ columns.T
+        extra = logit_scale * torch.einsum("ad,akd->ak", anchor, mined.detach())
+        return F.cross_entropy(torch.cat([in_batch, _masked_logits(extra, mask)], dim=1), labels)
+
+    return (direction(image_anchor, all_text, mined_text, mined_text_mask)
+            + direction(text_anchor, all_image, mined_image, mined_image_mask)) / 2

@@ -1,0 +1,102 @@
+"""2 and 3 gloo processes give the losses and feature gradients of one process on the whole batch,
+for every term (bank, thresholds and curriculum share included) and every gather mode."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from open_clip_hn.config import HNConfig
+from open_clip_hn.objective import HardNegativeLoss
+
+N, K, D, STEPS = 6, 2, 8, 4
+SCALE = torch.tensor(6.0)
+CONFIGS = {
+    "itc+choice+intra+rank+mined": dict(loss=("itc", "choice", "intra", "rank", "mined")),
+    "importance+mined": dict(loss=("importance", "mined"), importance_tau_plus=0.1),
+}
+MODES = [(False, True), (True, True), (False, False)]  # (local_loss, gather_with_grad)
+
+
+def config(name: str) -> HNConfig:
+    return HNConfig(negatives="online", num_negatives=K, memory_bank_size=9, mined_k=3,
+                    false_negative_threshold=0.95, curriculum="linear", curriculum_warmup=1,
+                    curriculum_start=0.5, curriculum_end=1.0, **CONFIGS[name])
+
+
+def global_batch(step: int):
+    g = torch.Generator().manual_seed(100 + step)
+    image = F.normalize(torch.randn(N, D, generator=g), dim=-1)
+    text = F.normalize(torch.randn(N * (1 + K), D, generator=g), dim=-1)
+    mask = torch.rand(N, K, generator=g) > 0.25
+    types = torch.randint(0, 9, (N, K), generator=g).masked_fill(~mask, -1)
+    return image, text, mask, types
+
+
+def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_grad: bool):
+    loss = HardNegativeLoss(config(name), rank=rank, world_size=world_size, local_loss=local_loss,
+                            gather_with_grad=gather_with_grad, total_steps=STEPS)
+    b = N // world_size
+    records = []
+    for step in range(STEPS):
+        image, text, mask, types = global_batch(step)
+        image = image[rank * b:(rank + 1) * b].clone().requires_grad_()
+        text = text[rank * b * (1 + K):(rank + 1) * b * (1 + K)].clone().requires_grad_()
+        out = loss(image, text, SCALE, mask[rank * b:(rank + 1) * b], types[rank * b:(rank + 1) * b],
+                   output_dict=True)
+        sum(out.values()).backward()
+        records.append({"values": {k: v.item() for k, v in out.items()},
+                        "image_grad": image.grad, "text_grad": text.grad})
+    return records, loss.state_dict()
+
+
+def worker(rank: int, world_size: int, port: int, out_dir: str):
+    torch.set_num_threads(1)  # gloo + intra-op threads on 2 cores otherwise spin against each other
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        results = {(name, *mode): run(rank, world_size, name, *mode) for name in CONFIGS for mode in MODES}
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_processes_agree_with_one_process(world_size, tmp_path):
+    mp.spawn(worker, args=(world_size, free_port(), str(tmp_path)), nprocs=world_size, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    b = N // world_size
+    for name in CONFIGS:
+        for local_loss, gather_with_grad in MODES:
+            single, single_state = run(0, 1, name, False, False)
+            grad_factor = world_size if gather_with_grad else 1  # OpenCLIP's gather semantics
+            for r, results in enumerate(ranks):
+                records, state = results[(name, local_loss, gather_with_grad)]
+                for step, (got, want) in enumerate(zip(records, single)):
+                    where = f"{name} local_loss={local_loss} gather_with_grad={gather_with_grad} rank {r} step {step}"
+                    if not local_loss:
+                        assert got["values"] == pytest.approx(want["values"], rel=1e-5, abs=1e-6), where
+                    torch.testing.assert_close(got["image_grad"], grad_factor * want["image_grad"][r * b:(r + 1) * b],
+                                               rtol=1e-4, atol=1e-6, msg=where)
+                    rows = slice(r * b * (1 + K), (r + 1) * b * (1 + K))
+                    torch.testing.assert_close(got["text_grad"], grad_factor * want["text_grad"][rows],
+                                               rtol=1e-4, atol=1e-6, msg=where)
+                torch.testing.assert_close(state["bank"]["storage"], single_state["bank"]["storage"])
+                torch.testing.assert_close(state["thresholds"]["average"], single_state["thresholds"]["average"])
+            if local_loss:  # each rank averages its own anchors: the mean over ranks is the global loss
+                for step, want in enumerate(single):
+                    for key, value in want["values"].items():
+                        mean = sum(res[(name, True, gather_with_grad)][0][step]["values"][key]
+                                   for res in ranks) / world_size
+                        assert mean == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key, step)

@@ -1,0 +1,131 @@
+"""Curriculum, rank thresholds, step counting under --accum-freq, and exact resume of the state."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from open_clip_hn.config import HNConfig
+from open_clip_hn.curriculum import RankThresholds, curriculum_value, negative_keep_mask
+from open_clip_hn.objective import HardNegativeLoss
+
+B, K, D = 4, 2, 8
+SCALE = torch.tensor(5.0)
+
+
+def step_batch(step: int):
+    g = torch.Generator().manual_seed(step)
+    image = F.normalize(torch.randn(B, D, generator=g), dim=-1).requires_grad_()
+    text = F.normalize(torch.randn(B * (1 + K), D, generator=g), dim=-1)
+    mask = torch.rand(B, K, generator=g) > 0.2
+    types = torch.randint(0, 9, (B, K), generator=g).masked_fill(~mask, -1)
+    return image, text, mask, types
+
+
+def call(loss: HardNegativeLoss, step: int):
+    image, text, mask, types = step_batch(step)
+    return loss(image, text, SCALE, mask, types, output_dict=True)
+
+
+def full_config(**kw) -> HNConfig:
+    return HNConfig(negatives="online", num_negatives=K, loss=("itc", "choice", "intra", "rank", "mined"),
+                    memory_bank_size=10, mined_k=3, curriculum="linear", curriculum_warmup=1,
+                    curriculum_start=0.5, curriculum_end=1.0, **kw)
+
+
+def run(loss: HardNegativeLoss, steps: range) -> list[dict[str, float]]:
+    logs = []
+    for step in steps:
+        out = call(loss, step)
+        sum(out.values()).backward()
+        logs.append({k: v.item() for k, v in out.items()})
+    return logs
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("const", [0, 0, 0.2, 0.2, 0.2, 0.2]),
+    ("linear", [0, 0, 0.2, 0.4, 0.6, 0.8]),
+    ("cosine", [0, 0, 0.2, 1 - 0.8 * (1 + math.cos(math.pi / 4)) / 2, 0.6,
+                1 - 0.8 * (1 + math.cos(3 * math.pi / 4)) / 2]),
+    ("step", [0, 0, 0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0]),
+])
+def test_curriculum_schedules(kind, expected):
+    values = [curriculum_value(s, kind=kind, warmup=2, start=0.2, end=1.0, total_steps=6) for s in range(6)]
+    assert values == pytest.approx(expected, abs=1e-9)
+    assert curriculum_value(6, kind=kind, warmup=2, start=0.2, end=1.0, total_steps=6) == \
+        pytest.approx(0.2 if kind == "const" else 1.0)
+
+
+def test_keep_mask_is_a_pure_function_of_seed_and_step():
+    a = negative_keep_mask((64, 4), 0.5, seed=3, step=7)
+    assert torch.equal(a, negative_keep_mask((64, 4), 0.5, seed=3, step=7))
+    assert not torch.equal(a, negative_keep_mask((64, 4), 0.5, seed=3, step=8))
+    assert 0.3 < a.float().mean() < 0.7
+    assert negative_keep_mask((5, 4), 0.0, seed=0, step=0).sum() == 0
+
+
+def test_warmup_uses_no_hard_negatives():
+    loss = HardNegativeLoss(full_config())
+    out = call(loss, 0)
+    assert out["hn_curriculum"].item() == 0 and out["hn_negatives"].item() == 0
+    assert out["intra_loss"].item() == 0 and out["rank_loss"].item() == 0 and out["mined_loss"].item() == 0
+
+
+def test_rank_thresholds_follow_the_observed_gaps():
+    gaps = torch.tensor([[0.2, 0.4], [0.6, -0.5]])
+    types = torch.tensor([[0, 0], [1, 1]])
+    mask = torch.tensor([[True, True], [True, False]])
+    mean = RankThresholds("adaptive-mean", momentum=0.5)
+    mean.update(gaps, types, mask)
+    assert mean.values()[:2].tolist() == pytest.approx([0.3, 0.6])  # bias-corrected: first = observed
+    mean.update(torch.full((2, 2), 0.9), types, mask)
+    assert mean.values()[0].item() == pytest.approx((0.5 * 0.5 * 0.3 + 0.5 * 0.9) / (1 - 0.25))
+    maximum = RankThresholds("adaptive-max")
+    maximum.update(gaps, types, mask)
+    assert maximum.values()[:3].tolist() == pytest.approx([0.4, 0.6, 0.0])
+    fixed = RankThresholds("fixed", fixed=0.1)
+    fixed.update(gaps, types, mask)
+    assert torch.allclose(fixed.values(), torch.full((9,), 0.1))
+
+
+def test_state_updates_once_per_optimizer_step_with_accum_freq():
+    loss = HardNegativeLoss(full_config(), accum_freq=3, start_step=5)
+    for micro_batch in range(3):
+        assert loss.step == 5
+        assert len(loss.bank) == 0
+        run(loss, range(micro_batch, micro_batch + 1))
+    assert loss.step == 6 and len(loss.bank) == B
+    with torch.no_grad():  # evaluation-like calls move nothing
+        call(loss, 0)
+    assert loss.step == 6 and len(loss.bank) == B
+
+
+def test_resume_continues_bank_thresholds_and_curriculum_exactly():
+    straight = HardNegativeLoss(full_config(), total_steps=8)
+    expected = run(straight, range(8))
+    first = HardNegativeLoss(full_config(), total_steps=8)
+    run(first, range(4))
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = HardNegativeLoss(full_config(), total_steps=8)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert resumed.step == 4
+    assert run(resumed, range(4, 8)) == expected[4:]
+    final, again = straight.state_dict(), resumed.state_dict()
+    assert torch.equal(final["bank"]["storage"], again["bank"]["storage"])
+    assert torch.equal(final["thresholds"]["average"], again["thresholds"]["average"])
+    assert final["step"] == again["step"] == 8
+
+
+def test_resume_refuses_a_different_bank_size():
+    state = HardNegativeLoss(full_config()).state_dict()
+    other = copy.deepcopy(state)
+    other["bank"] = {"size": 99, "pointer": 0, "count": 0, "storage": None}
+    with pytest.raises(ValueError, match="--hn-memory-bank-size"):
+        HardNegativeLoss(full_config()).load_state_dict(other)
