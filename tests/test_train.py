@@ -122,13 +122,34 @@ def test_online_negatives_epoch_loads_in_plain_openclip(tmp_path, scene_shards):
     assert "Contrastive_loss" in log and "Hn_" in log  # HN statistics on OpenCLIP's console line
     tags = tensorboard_tags(tmp_path / "hn")
     assert "train/contrastive_loss" in tags and any(t.startswith("train/hn_") for t in tags)
+    assert_plain_openclip_scores(ckpt_dir / "epoch_1.pt")
+    assert proc.returncode == 0
+
+
+def assert_plain_openclip_scores(checkpoint_path: Path) -> None:
+    """A process that never imports open_clip_hn loads the checkpoint and scores with it."""
     scored = subprocess.run(
         [sys.executable, "-c", PLAIN_OPENCLIP_SCORE, str(TINY_MODEL_CONFIG), TINY_MODEL,
-         str(ckpt_dir / "epoch_1.pt")], capture_output=True, text=True, timeout=120)
+         str(checkpoint_path)], capture_output=True, text=True, timeout=120)
     assert scored.returncode == 0, scored.stderr[-3000:]
     probs = json.loads(scored.stdout.split("SCORES", 1)[1])
     assert abs(sum(probs[0]) - 1) < 1e-5
-    assert proc.returncode == 0
+
+
+def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
+    """Issue 5's run: itc,intra,rank,importance + bank + linear curriculum with warmup."""
+    argv = train_argv(scene_shards, str(tmp_path), "all", "--hn-negatives", "online",
+                      "--hn-num-negatives", "2", "--hn-loss", "itc,intra,rank,importance,choice",
+                      "--hn-memory-bank-size", "256", "--hn-curriculum", "linear",
+                      "--hn-curriculum-warmup", "2")
+    run_module("open_clip_hn.train", argv)
+    lines = [l for l in (tmp_path / "all" / "out.log").read_text().splitlines() if "Train Epoch" in l]
+    for term in ("Contrastive_loss", "Intra_loss", "Rank_loss", "Choice_loss", "Hn_curriculum"):
+        assert term in lines[-1], term
+    curriculum = [float(l.split("Hn_curriculum:")[1].split()[0]) for l in lines]
+    assert curriculum[0] == 0.0 and curriculum[-1] > 0  # no hard negatives during warmup
+    assert "nan" not in " ".join(lines).lower()
+    assert_plain_openclip_scores(tmp_path / "all" / "checkpoints" / "epoch_1.pt")
 
 
 def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv):
@@ -175,7 +196,7 @@ def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
     argv = train_argv(scene_shards, str(tmp_path), "ddp", *HN_ONLINE, "--dist-backend", "gloo",
                       batch_size=4)
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-            "WORLD_SIZE": "2", "PYTHONUNBUFFERED": "1"}
+            "WORLD_SIZE": "2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
                               env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
