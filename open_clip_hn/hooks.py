@@ -282,6 +282,17 @@ def _train_tokenizer(config: HNConfig, tokenizer):
     return PackedNegativeTokenizer(tokenizer, config.num_negatives, generator=None)
 
 
+def _add_image_neighbors(loader, config: HNConfig, args: argparse.Namespace) -> None:
+    """Make each train batch hold samples together with their image neighbours (NegCLIP)."""
+    from .neighbors import insert_before_decode, neighbor_stage
+
+    stage = neighbor_stage(config.image_neighbors, config.image_neighbors_per_sample,
+                           args.batch_size, shards=oc_data.expand_urls(args.train_data)[0])
+    insert_before_decode(loader, stage)
+    logging.info("Hard image negatives: each sample is followed by %d of its neighbours from %s",
+                 config.image_neighbors_per_sample, config.image_neighbors)
+
+
 def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     """OpenCLIP's `get_data`, with the train split tokenized together with its hard negatives."""
     get = _ORIGINALS["get_data"]
@@ -306,6 +317,8 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
             eval_args.train_data = None
             evaluation = get(eval_args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
             data.update({k: v for k, v in evaluation.items() if k != "train"})
+    if config.image_neighbors and "train" in data:
+        _add_image_neighbors(data["train"].dataloader, config, args)
     if "train" in data:
         steps_per_epoch = data["train"].dataloader.num_batches // args.accum_freq
         _runtime.start_step = epoch * steps_per_epoch

@@ -1,0 +1,521 @@
+"""Hard image negatives: a kNN index over webdataset shards and a stage that groups batches by it.
+
+NegCLIP's gain from hard *image* negatives needs batches that hold visually similar images. On
+webdataset shards the loader only sees a shuffled stream, so similar images almost never meet.
+`python -m open_clip_hn.neighbors build` embeds every image once with an OpenCLIP model, finds
+each image's k nearest neighbours with faiss, and records where each sample's tar members lie
+(byte offsets). During training `NeighborStage` follows each sample of the shuffled stream with
+some of its neighbours, read straight from their shards by offset, so every batch holds small
+groups of look-alike images while the order of the groups stays webdataset's shuffle.
+
+Output directory:
+  build.json                 model the embeddings come from (a resumed build must match it)
+  catalog/<shard>.json       per shard: size, sample keys, member offsets (written per shard)
+  embeddings/<shard>.npy     per shard: L2-normalised image embeddings, float16
+  neighbors.npy, similarities.npy   [N, k] global sample ids (-1 = none) and cosine similarities
+  index.json                 manifest: shards (name, size, count) in id order, k, index type;
+                             written last, so its presence means the index is complete
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import sys
+import tarfile
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
+MANIFEST = "index.json"
+FORMAT_VERSION = 1
+_MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key.ext split
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the index is meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+    _atomic_write_bytes(path, json.dumps(obj).encode())
+
+
+def _atomic_save_npy(path: str, array: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    _atomic_write_bytes(path, buffer.getvalue())
+
+
+def _read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Local shard paths from an OpenCLIP-style spec ('a/{000..009}.tar::b/x.tar')."""
+    import braceexpand
+
+    paths = [p for part in spec.split("::") for p in braceexpand.braceexpand(part)]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or missing:
+        raise ValueError(f"--shards {spec!r}: {len(missing)} of {len(paths)} shard file(s) not found "
+                         f"(first: {missing[0] if missing else '-'}); give local .tar paths, "
+                         "brace patterns and '::' separators as in --train-data")
+    names = [os.path.basename(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--shards {spec!r}: shard file names must be unique (the index names "
+                         "shards by file name)")
+    return paths
+
+
+def scan_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Samples of one tar in stream order: (key, {ext: (byte offset, size)}) for those that
+    have a caption and an image, the ones OpenCLIP's pipeline keeps."""
+    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, "r:") as tar:
+        for member in tar:
+            match = _MEMBER.match(member.name) if member.isfile() else None
+            if match:
+                samples.setdefault(match.group(1), {})[match.group(2)] = (member.offset_data, member.size)
+    return [(key, members) for key, members in samples.items()
+            if "txt" in members and any(ext in members for ext in IMAGE_EXTS)]
+
+
+def read_member(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as handle:
+        handle.seek(offset)
+        return handle.read(size)
+
+
+# ---------------------------------------------------------------------------- kNN (pure)
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """Largest divisor of dim that is <= dim / 8 (8-bit codes of ~8 dims each)."""
+    return max(m for m in range(1, max(1, dim // 8) + 1) if dim % m == 0)
+
+
+def knn_search(embeddings: np.ndarray, k: int, exact_max: int = 1_000_000, nlist: int | None = None,
+               nprobe: int = 32, refine: int = 4, use_gpu: bool | None = None, chunk: int = 4096,
+               progress: bool = False) -> tuple[np.ndarray, np.ndarray, str]:
+    """k nearest neighbours (inner product) of every row among the other rows.
+
+    Exact `IndexFlatIP` up to `exact_max` rows; beyond, all-pairs search grows as N^2, so an
+    IVF-PQ index (4-bit fast-scan codes: cheap to train) proposes `refine * k` candidates that
+    are re-ranked exactly against the embeddings, which are in memory anyway. Returns ids
+    [N, k] (int64, -1 where fewer exist), similarities [N, k] and the index description. Uses
+    every GPU when faiss has GPU support and `use_gpu` allows.
+    """
+    import faiss
+    from tqdm import tqdm
+
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    n, dim = x.shape
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if n <= exact_max:
+        nlist, description = None, "Flat"
+        index = faiss.IndexFlatIP(dim)
+    else:
+        nlist = nlist or int(2 ** round(math.log2(4 * math.sqrt(n))))
+        description = f"IVF{nlist},PQ{_pq_subquantizers(dim)}x4fs"
+        index = faiss.index_factory(dim, description, faiss.METRIC_INNER_PRODUCT)
+    on_gpu = use_gpu is not False and hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
+    if on_gpu:
+        options = faiss.GpuMultipleClonerOptions()
+        options.useFloat16 = True  # PQ lookup tables above 48 sub-quantizers need float16 on GPU
+        index = faiss.index_cpu_to_all_gpus(index, co=options)
+        description += " (GPU)"
+    if not index.is_trained:
+        rng = np.random.default_rng(0)
+        index.train(x[rng.choice(n, size=min(n, 64 * nlist), replace=False)])  # ~64 per list
+    index.add(x)
+    if nlist is not None:
+        space = faiss.GpuParameterSpace() if on_gpu else faiss.ParameterSpace()
+        space.set_index_parameter(index, "nprobe", nprobe)
+    search_k = min(n, k + 1 if nlist is None else refine * k + 1)
+    ids = np.full((n, k), -1, dtype=np.int64)
+    sims = np.zeros((n, k), dtype=np.float32)
+    for start in tqdm(range(0, n, chunk), desc="kNN search", unit="chunk", disable=not progress):
+        queries = x[start:start + chunk]
+        found_sims, found_ids = index.search(queries, search_k)
+        if nlist is not None:
+            found_ids, found_sims = _rerank(x, queries, found_ids)
+        for row, (row_ids, row_sims) in enumerate(zip(found_ids, found_sims)):
+            keep = (row_ids != start + row) & (row_ids >= 0)  # drop self, keep order
+            row_ids, row_sims = row_ids[keep][:k], row_sims[keep][:k]
+            ids[start + row, :len(row_ids)] = row_ids
+            sims[start + row, :len(row_sims)] = row_sims
+    return ids, sims, description
+
+
+def _rerank(x: np.ndarray, queries: np.ndarray, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates sorted by their exact inner product with each query (-1 slots last)."""
+    exact = np.einsum("qd,qcd->qc", queries, x[np.maximum(candidates, 0)])
+    exact[candidates < 0] = -np.inf
+    order = np.argsort(-exact, axis=1, kind="stable")
+    return np.take_along_axis(candidates, order, 1), np.take_along_axis(exact, order, 1)
+
+
+# ---------------------------------------------------------------------------- build (I/O)
+
+
+class _ShardImages(torch.utils.data.IterableDataset):
+    """Iterable dataset: each worker decodes whole shards and yields (shard, images, last)."""
+
+    def __init__(self, paths: list[str], catalogs: list[list], preprocess: Callable, batch_size: int):
+        self.paths, self.catalogs = paths, catalogs
+        self.preprocess, self.batch_size = preprocess, batch_size
+
+    def __iter__(self) -> Iterator[tuple[int, Any, bool]]:
+        from PIL import Image
+
+        info = torch.utils.data.get_worker_info()
+        mine = range(len(self.paths)) if info is None else range(info.id, len(self.paths), info.num_workers)
+        for shard in mine:
+            samples = self.catalogs[shard]
+            if not samples:
+                yield shard, torch.empty(0), True
+                continue
+            with open(self.paths[shard], "rb") as handle:
+                for start in range(0, len(samples), self.batch_size):
+                    images = []
+                    for _, members in samples[start:start + self.batch_size]:
+                        offset, size = members[next(e for e in IMAGE_EXTS if e in members)]
+                        handle.seek(offset)
+                        image = Image.open(io.BytesIO(handle.read(size))).convert("RGB")
+                        images.append(self.preprocess(image))
+                    yield shard, torch.stack(images), start + self.batch_size >= len(samples)
+
+
+def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
+    """A resumed build must embed with the same model, or its rows would not be comparable."""
+    path = os.path.join(output, "build.json")
+    if os.path.exists(path):
+        previous = _read_json(path)
+        if previous != identity:
+            raise ValueError(f"--output {output} holds embeddings from {previous}, not {identity}; "
+                             "use a fresh --output or the same --model/--pretrained/--model-config")
+    else:
+        _atomic_write_json(path, identity)
+
+
+def _load_model(model_name: str, pretrained: str | None, model_config: str | None, device: str):
+    import open_clip
+
+    if model_config:
+        open_clip.add_model_config(model_config)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        model_name, pretrained=pretrained, device=device)
+    return model.eval(), preprocess
+
+
+def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, preprocess,
+                   device: str, batch_size: int, workers: int) -> None:
+    """Embed the shards without an embeddings file yet; each shard's file lands when complete."""
+    from tqdm import tqdm
+
+    pending = [i for i, path in enumerate(paths)
+               if not os.path.exists(os.path.join(output, "embeddings", os.path.basename(path) + ".npy"))]
+    total = sum(len(catalogs[i]) for i in pending)
+    dataset = _ShardImages([paths[i] for i in pending], [catalogs[i] for i in pending], preprocess,
+                           batch_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    parts: dict[int, list[np.ndarray]] = {}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else \
+        torch.autocast("cpu", enabled=False)
+    with tqdm(total=total, desc="embedding images", unit="img") as bar, torch.inference_mode(), autocast:
+        for local, images, last in loader:
+            if len(images):
+                features = model.encode_image(images.to(device), normalize=True).float().cpu().numpy()
+                parts.setdefault(local, []).append(features)
+                bar.update(len(images))
+            if last:
+                name = os.path.basename(paths[pending[local]])
+                rows = parts.pop(local, [])
+                embedding = np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+                _atomic_save_npy(os.path.join(output, "embeddings", name + ".npy"),
+                                 embedding.astype(np.float16))
+
+
+def build(shards: str, model_name: str, output: str, pretrained: str | None = None,
+          model_config: str | None = None, k: int = 8, batch_size: int = 256, workers: int = 0,
+          device: str | None = None, exact_max: int = 1_000_000, nlist: int | None = None,
+          nprobe: int = 32) -> str:
+    """Build (or resume) a neighbour index of `shards` in `output`; return the manifest path."""
+    from tqdm import tqdm
+
+    paths = expand_shards(shards)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    identity = {"model": model_name, "pretrained": pretrained,
+                "model_config": os.path.basename(model_config) if model_config else None}
+    os.makedirs(os.path.join(output, "catalog"), exist_ok=True)
+    os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
+    _check_build_identity(output, identity)
+    if os.path.exists(os.path.join(output, MANIFEST)):
+        os.remove(os.path.join(output, MANIFEST))  # until rewritten, the index reads as unfinished
+
+    catalogs = []
+    for path in tqdm(paths, desc="scanning shards", unit="shard"):
+        name, size = os.path.basename(path), os.path.getsize(path)
+        catalog_path = os.path.join(output, "catalog", name + ".json")
+        stored = _read_json(catalog_path) if os.path.exists(catalog_path) else None
+        if stored is None or stored["size"] != size:
+            samples = scan_shard(path)
+            stored = {"name": name, "size": size, "keys": [key for key, _ in samples],
+                      "members": [members for _, members in samples]}
+            embedding = os.path.join(output, "embeddings", name + ".npy")
+            if os.path.exists(embedding):
+                os.remove(embedding)  # the shard changed: its old embeddings are stale
+            _atomic_write_json(catalog_path, stored)
+        catalogs.append(list(zip(stored["keys"], stored["members"])))
+
+    model, preprocess = _load_model(model_name, pretrained, model_config, device)
+    _embed_pending(paths, catalogs, output, model, preprocess, device, batch_size, workers)
+
+    embeddings = np.concatenate([
+        np.load(os.path.join(output, "embeddings", os.path.basename(p) + ".npy"))
+        for p, c in zip(paths, catalogs) if c]).astype(np.float32)  # empty shards hold no rows
+    ids, sims, description = knn_search(embeddings, k, exact_max=exact_max, nlist=nlist,
+                                        nprobe=nprobe, progress=True)
+    _atomic_save_npy(os.path.join(output, "neighbors.npy"), ids.astype(np.int32))
+    _atomic_save_npy(os.path.join(output, "similarities.npy"), sims.astype(np.float16))
+    manifest = {
+        "version": FORMAT_VERSION, "k": k, "index": description, "num_samples": int(len(ids)),
+        **identity,
+        "shards": [{"name": os.path.basename(p), "path": os.path.abspath(p),
+                    "size": os.path.getsize(p), "num_samples": len(c)} for p, c in zip(paths, catalogs)],
+    }
+    manifest_path = os.path.join(output, MANIFEST)
+    _atomic_write_json(manifest_path, manifest)
+    return manifest_path
+
+
+# ---------------------------------------------------------------------------- training side
+
+
+@dataclass
+class _Shard:
+    name: str
+    path: str
+    first_id: int
+    keys: list[str] | None = None
+    ids: dict[str, int] | None = None
+    members: list[dict[str, list[int]]] | None = None
+
+
+class NeighborIndex:
+    """A built index: maps (shard, key) to a global id, gives neighbours, fetches samples."""
+
+    def __init__(self, index_dir: str, shards: list[str] | None = None):
+        manifest_path = os.path.join(index_dir, MANIFEST)
+        if not os.path.exists(manifest_path):
+            raise ValueError(f"--hn-image-neighbors {index_dir}: no {MANIFEST} (the build did not "
+                             "finish); run `python -m open_clip_hn.neighbors build ... --output "
+                             f"{index_dir}` again, it resumes")
+        manifest = _read_json(manifest_path)
+        self.index_dir = index_dir
+        self.k = manifest["k"]
+        built = {s["name"]: s for s in manifest["shards"]}
+        paths = {s["name"]: s["path"] for s in manifest["shards"]}
+        if shards is not None:
+            _check_same_shards(index_dir, built, shards)
+            paths.update({os.path.basename(p): p for p in shards})
+        self._shards: list[_Shard] = []
+        first = 0
+        for entry in manifest["shards"]:
+            self._shards.append(_Shard(entry["name"], paths[entry["name"]], first))
+            first += entry["num_samples"]
+        self._by_name = {s.name: s for s in self._shards}
+        self._starts = np.array([s.first_id for s in self._shards])
+        self.neighbors = np.load(os.path.join(index_dir, "neighbors.npy"), mmap_mode="r")
+
+    def __len__(self) -> int:
+        return len(self.neighbors)
+
+    def _catalog(self, shard: _Shard) -> _Shard:
+        """Load a shard's keys and offsets on first use (a worker touches few shards as anchors)."""
+        if shard.keys is None:
+            stored = _read_json(os.path.join(self.index_dir, "catalog", shard.name + ".json"))
+            shard.keys, shard.members = stored["keys"], stored["members"]
+            shard.ids = {key: shard.first_id + i for i, key in enumerate(shard.keys)}
+        return shard
+
+    def id_of(self, url: str, key: str) -> int | None:
+        """Global id of the sample `key` of the shard at `url`, None if the index lacks it."""
+        shard = self._by_name.get(os.path.basename(url))
+        return None if shard is None else self._catalog(shard).ids.get(key)
+
+    def fetch(self, sample_id: int) -> dict[str, Any]:
+        """The raw sample (as webdataset's tar reader yields it) read by byte offset."""
+        shard = self._catalog(self._shards[int(np.searchsorted(self._starts, sample_id, "right")) - 1])
+        position = sample_id - shard.first_id
+        sample: dict[str, Any] = {"__key__": shard.keys[position], "__url__": shard.path}
+        with open(shard.path, "rb") as handle:
+            for ext, (offset, size) in shard.members[position].items():
+                handle.seek(offset)
+                sample[ext] = handle.read(size)
+        return sample
+
+
+def _check_same_shards(index_dir: str, built: dict[str, dict], shards: list[str]) -> None:
+    """Refuse an index built for other shards: names must match, and sizes for local files."""
+    names = {os.path.basename(p): p for p in shards}
+    missing = sorted(set(names) - set(built))
+    extra = sorted(set(built) - set(names))
+    changed = sorted(n for n, p in names.items()
+                     if n in built and os.path.isfile(p) and os.path.getsize(p) != built[n]["size"])
+    if missing or extra or changed:
+        detail = "; ".join(part for part in (
+            f"not in the index: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
+            f"in the index but not in --train-data: {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}"
+            if extra else "",
+            f"changed since the build: {', '.join(changed[:3])}" if changed else "") if part)
+        raise ValueError(f"--hn-image-neighbors {index_dir} was built for other shards ({detail}); "
+                         "rebuild it with `python -m open_clip_hn.neighbors build --shards "
+                         f"'<your --train-data>' --output {index_dir}`")
+
+
+class NeighborStage:
+    """Webdataset stage: each sample is followed by up to `per_sample` of its kNN neighbours.
+
+    Groups never straddle a batch boundary and a batch never holds the same sample twice (a
+    duplicate would be its own false negative), so the stage must sit where every sample it
+    emits reaches `batched`: after OpenCLIP's caption/image filter, before decoding. Picklable
+    and lazy, so each loader worker opens the index itself.
+    """
+
+    def __init__(self, index_dir: str, per_sample: int, batch_size: int, shards: list[str] | None = None):
+        if per_sample < 1 or per_sample + 1 > batch_size:
+            raise ValueError(f"--hn-image-neighbors-per-sample {per_sample} must be in [1, "
+                             f"batch size - 1 = {batch_size - 1}]")
+        self.index_dir, self.per_sample, self.batch_size = index_dir, per_sample, batch_size
+        self.shards = shards
+        self._index: NeighborIndex | None = None
+        if shards is not None:
+            NeighborIndex(index_dir, shards)  # fail in the main process, before workers start
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_index": None}
+
+    @property
+    def index(self) -> NeighborIndex:
+        if self._index is None:
+            self._index = NeighborIndex(self.index_dir, self.shards)
+        return self._index
+
+    def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        index, slot, in_batch = self.index, 0, set()
+        for sample in samples:
+            anchor = index.id_of(sample.get("__url__", ""), sample.get("__key__", ""))
+            if anchor is not None and anchor in in_batch:
+                continue  # already in this batch as someone's neighbour
+            group = [sample]
+            if anchor is not None:
+                in_batch.add(anchor)
+                room = min(self.per_sample, self.batch_size - slot - 1)
+                for neighbor in index.neighbors[anchor]:
+                    if room == 0 or neighbor < 0:
+                        break
+                    if int(neighbor) not in in_batch:
+                        in_batch.add(int(neighbor))
+                        group.append(index.fetch(int(neighbor)))
+                        room -= 1
+            for item in group:
+                yield item
+                slot += 1
+                if slot == self.batch_size:
+                    slot, in_batch = 0, set()
+
+
+def neighbor_stage(index_dir: str, per_sample: int, batch_size: int,
+                   shards: list[str] | None = None) -> NeighborStage:
+    """The stage for `--hn-image-neighbors DIR`; `shards` (the expanded --train-data) are
+    checked against the index now, so a mismatch fails before training starts."""
+    return NeighborStage(index_dir, per_sample, batch_size, shards)
+
+
+def insert_before_decode(pipeline, stage: Callable) -> None:
+    """Put `stage` right before the `decode` stage of a webdataset pipeline: OpenCLIP's train
+    pipeline becomes ... shuffle, select(caption and image), STAGE, decode, ..., batched.
+
+    `pipeline` may be the DataPipeline or the WebLoader that OpenCLIP's `get_wds_dataset`
+    returns (`data["train"].dataloader`); call it before the loader is first iterated.
+    """
+    todo = [pipeline]
+    while todo:
+        current = todo.pop()
+        for position, step in enumerate(getattr(current, "pipeline", [])):
+            if getattr(getattr(step, "f", None), "__name__", "") == "_decode":
+                current.pipeline.insert(position, stage)
+                return
+            if hasattr(step, "dataset"):  # a DataLoader inside a WebLoader
+                todo.append(step.dataset)
+    raise ValueError("no decode stage found in the webdataset pipeline; --hn-image-neighbors "
+                     "needs OpenCLIP's webdataset train pipeline (--dataset-type webdataset)")
+
+
+# ---------------------------------------------------------------------------- CLI
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m open_clip_hn.neighbors", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    b = commands.add_parser("build", help="Embed the images of shards and find each one's kNN.")
+    b.add_argument("--shards", required=True, help="Local shards, as --train-data ('dir/{000..099}.tar').")
+    b.add_argument("--model", required=True, help="OpenCLIP model name (e.g. ViT-B-32).")
+    b.add_argument("--model-config", default=None, metavar="PATH.json",
+                   help="Register this OpenCLIP model config first (custom or tiny models).")
+    b.add_argument("--pretrained", default=None,
+                   help="Pretrained tag or checkpoint path (e.g. openai, or logs/run/checkpoints/epoch_5.pt).")
+    b.add_argument("--output", required=True, help="Index directory (resumes when it exists).")
+    b.add_argument("--k", type=int, default=8, help="Neighbours kept per image. Default: 8.")
+    b.add_argument("--batch-size", type=int, default=256, help="Images per forward. Default: 256.")
+    b.add_argument("--workers", type=int, default=4, help="Image decoding processes. Default: 4.")
+    b.add_argument("--device", default=None, help="Torch device. Default: cuda when available, else cpu.")
+    b.add_argument("--exact-max", type=int, default=1_000_000,
+                   help="Largest N searched exactly (IndexFlatIP); IVF-PQ beyond. Default: 1000000.")
+    b.add_argument("--nlist", type=int, default=None, help="IVF lists. Default: ~4*sqrt(N), a power of 2.")
+    b.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query. Default: 32.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        manifest = build(args.shards, args.model, args.output, pretrained=args.pretrained,
+                         model_config=args.model_config, k=args.k, batch_size=args.batch_size,
+                         workers=args.workers, device=args.device, exact_max=args.exact_max,
+                         nlist=args.nlist, nprobe=args.nprobe)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
+    print(f"wrote {manifest}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Recipe files: YAML whose keys are flag names, turned into argv tokens before the command line.
+
+A recipe is just a saved command line, so it is resolved by the same parser that reads the
+command line: `recipe_argv` turns the file into tokens that go *before* the user's tokens, and
+argparse's last-wins rule makes the command line override the file. Every key and value is
+checked against the parser's own actions first, so a typo fails with the file and key named
+instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from typing import Any
+
+import yaml
+
+RECIPE_FLAG = "--hn-config"
+# Flags that steer recipe handling itself; a recipe may not set them (no nesting, no exit).
+_META_FLAGS = ("--hn-config", "--hn-print-config", "--help")
+
+
+def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Long option string (e.g. '--batch-size') -> its action, for every optional flag."""
+    actions = {}
+    for action in parser._actions:  # argparse has no public accessor for its actions
+        for option in action.option_strings:
+            if option.startswith("--"):
+                actions[option] = action
+    return actions
+
+
+def _normalize_key(key: Any) -> str:
+    """'batch_size', '--batch-size' and 'batch-size' all name the flag '--batch-size'."""
+    return "--" + str(key).lstrip("-").replace("_", "-")
+
+
+def _error(path: str, message: str) -> ValueError:
+    return ValueError(f"recipe {path}: {message}")
+
+
+def _check_scalar(path: str, option: str, action: argparse.Action, value: Any) -> str:
+    """Run the action's own type and choices on one value; return its command-line form."""
+    if isinstance(value, bool) or isinstance(value, (dict, list)):
+        raise _error(path, f"key {option[2:]!r} expects a single value, got {value!r}")
+    text = str(value)
+    converted: Any = text
+    if action.type is not None:
+        try:
+            converted = action.type(text)
+        except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            raise _error(path, f"key {option[2:]!r} has a bad value {value!r}: {err}") from None
+    if action.choices is not None and converted not in action.choices:
+        raise _error(path, f"key {option[2:]!r} must be one of {', '.join(map(str, action.choices))}; "
+                           f"got {value!r}")
+    return text
+
+
+def _tokens(path: str, option: str, action: argparse.Action, value: Any) -> list[str]:
+    """The argv tokens that set `option` to `value`, validated; [] leaves the default."""
+    if value is None:
+        return []
+    if action.nargs == 0:  # store_true / store_false / store_const
+        if not isinstance(value, bool):
+            raise _error(path, f"key {option[2:]!r} is a switch: use true or false, got {value!r}")
+        switch_on = value if isinstance(action, argparse._StoreTrueAction) else not value
+        return [option] if switch_on else []
+    if isinstance(value, dict):
+        if not (action.nargs in ("*", "+") and action.type is None):
+            raise _error(path, f"key {option[2:]!r} does not take a mapping, got {value!r}")
+        return [option, *(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in value.items())]
+    if action.nargs in ("*", "+") or isinstance(action.nargs, int):
+        items = value if isinstance(value, list) else [value]
+        return [option, *(_check_scalar(path, option, action, item) for item in items)]
+    if isinstance(value, list):  # comma-list flags such as --hn-loss accept a YAML list too
+        value = ",".join(map(str, value))
+    return [f"{option}={_check_scalar(path, option, action, value)}"]
+
+
+def load_recipe(path: str) -> dict[str, Any]:
+    """Read a recipe file into a mapping; an empty file is an empty recipe."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"recipe {path} does not exist (give --hn-config PATH.yaml, e.g. "
+                                "configs/recommended.yaml)")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            data = yaml.safe_load(handle)
+        except yaml.YAMLError as err:
+            raise _error(path, f"is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise _error(path, f"must be a mapping of flag names to values, got {type(data).__name__}")
+    return data
+
+
+def recipe_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """Validated argv tokens for the recipe at `path`, to be placed before the command line."""
+    actions = _flag_actions(parser)
+    argv: list[str] = []
+    for key, value in load_recipe(path).items():
+        option = _normalize_key(key)
+        if option in _META_FLAGS:
+            raise _error(path, f"key {key!r} cannot be set inside a recipe; give it on the command line")
+        if option not in actions:
+            valid = sorted(o[2:] for o in actions if o not in _META_FLAGS)
+            close = difflib.get_close_matches(option[2:], valid, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise _error(path, f"unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}")
+        argv += _tokens(path, option, actions[option], value)
+    return argv
+
+
+def expand_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`argv` with the tokens of its `--hn-config` recipe (if any) put in front of it."""
+    path = None
+    for i, token in enumerate(argv):
+        if token == RECIPE_FLAG:
+            if i + 1 >= len(argv):
+                raise ValueError(f"{RECIPE_FLAG} needs a path, e.g. {RECIPE_FLAG} configs/recommended.yaml")
+            path = argv[i + 1]
+        elif token.startswith(RECIPE_FLAG + "="):
+            path = token.split("=", 1)[1]
+    return argv if path is None else recipe_argv(path, parser) + list(argv)
+
+
+def _yaml_value(action: argparse.Action, value: Any) -> Any:
+    """The recipe form of a parsed value, so that the printed config is itself a recipe."""
+    if isinstance(value, tuple) and action.nargs not in ("*", "+") and not isinstance(action.nargs, int):
+        return ",".join(map(str, value))  # comma-list flags parse to tuples
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def format_resolved_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> str:
+    """Every flag's resolved value as a YAML recipe (what `--hn-print-config` prints).
+
+    The output is a valid recipe: saving it and passing it to `--hn-config` reproduces the run.
+    """
+    resolved: dict[str, Any] = {}
+    seen: set[int] = set()
+    for option, action in _flag_actions(parser).items():
+        if option in _META_FLAGS or id(action) in seen or not hasattr(args, action.dest):
+            continue  # one entry per action (its first long name); recipe flags themselves skipped
+        seen.add(id(action))
+        resolved[option[2:]] = _yaml_value(action, getattr(args, action.dest))
+    recipe = getattr(args, "hn_config_file", None)
+    header = f"# resolved configuration{f' (recipe {recipe} + command line)' if recipe else ''}\n"
+    return header + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)

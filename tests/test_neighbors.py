@@ -1,0 +1,178 @@
+"""Image kNN index over shards and the stage that puts neighbours into the same batch."""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from open_clip_hn.neighbors import (NeighborIndex, build, insert_before_decode, knn_search, main,
+                                    neighbor_stage)
+from open_clip_hn.scenes import shards_spec, write_scene_shards
+
+TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json")
+NUM_SAMPLES, PER_SHARD, K = 2000, 250, 4
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> list[str]:
+    return write_scene_shards(str(tmp_path_factory.mktemp("nb-shards")), NUM_SAMPLES, PER_SHARD, seed=3)
+
+
+@pytest.fixture(scope="module")
+def index_dir(shards, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("nb-index"))
+    build(shards_spec(shards), "hn-tiny-vit", out, model_config=TINY_CONFIG, k=K, batch_size=500)
+    return out
+
+
+def test_knn_search_exact_excludes_self_and_finds_true_neighbours():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids, sims, description = knn_search(x, 5, use_gpu=False)
+    brute = x @ x.T
+    np.fill_diagonal(brute, -np.inf)
+    assert description == "Flat"
+    assert np.array_equal(ids, np.argsort(-brute, axis=1)[:, :5])
+    assert np.allclose(sims, np.take_along_axis(brute, ids, axis=1), atol=1e-5)
+
+
+def test_knn_search_switches_to_ivf_pq_beyond_exact_max():
+    rng = np.random.default_rng(1)
+    cluster = rng.integers(0, 40, 4000)
+    x = (rng.normal(size=(40, 32))[cluster] + 0.2 * rng.normal(size=(4000, 32))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    approx, _, description = knn_search(x, 10, exact_max=1000, nlist=32, nprobe=8, use_gpu=False)
+    assert description == "IVF32,PQ4x4fs"
+    assert not np.any(approx == np.arange(len(x))[:, None])  # self never returned
+    same_cluster = np.mean(cluster[approx] == cluster[:, None])
+    assert same_cluster > 0.9  # a random pick would be ~1/40
+
+
+def test_build_writes_a_manifest_naming_its_shards(index_dir, shards):
+    manifest = json.loads(Path(index_dir, "index.json").read_text())
+    assert manifest["num_samples"] == NUM_SAMPLES and manifest["k"] == K and manifest["index"] == "Flat"
+    assert [s["name"] for s in manifest["shards"]] == [os.path.basename(p) for p in shards]
+    neighbors = np.load(Path(index_dir, "neighbors.npy"))
+    assert neighbors.shape == (NUM_SAMPLES, K)
+    assert not np.any(neighbors == np.arange(NUM_SAMPLES)[:, None])
+    assert neighbors.min() >= 0 and neighbors.max() < NUM_SAMPLES
+
+
+def test_fetch_returns_the_tar_members_byte_for_byte(index_dir, shards):
+    index = NeighborIndex(index_dir, shards)
+    sample_id = PER_SHARD * 3 + 17
+    sample = index.fetch(sample_id)
+    with tarfile.open(shards[3]) as tar:
+        assert sample["png"] == tar.extractfile(f"{sample['__key__']}.png").read()
+        assert sample["txt"] == tar.extractfile(f"{sample['__key__']}.txt").read()
+    assert index.id_of(shards[3], sample["__key__"]) == sample_id
+
+
+def test_build_resumes_without_reembedding(index_dir, shards):
+    embeddings = sorted(Path(index_dir, "embeddings").glob("*.npy"))
+    before = {p: p.stat().st_mtime_ns for p in embeddings}
+    os.remove(embeddings[0])  # as if the build had stopped before this shard was done
+    main(["build", "--shards", shards_spec(shards), "--model", "hn-tiny-vit", "--model-config",
+          TINY_CONFIG, "--output", index_dir, "--k", str(K), "--workers", "0"])
+    after = {p: p.stat().st_mtime_ns for p in embeddings}
+    assert [p for p in embeddings if after[p] != before[p]] == [embeddings[0]]
+
+
+def test_resume_with_another_model_is_refused(index_dir, shards):
+    with pytest.raises(ValueError, match="holds embeddings from .*use a fresh --output"):
+        build(shards_spec(shards), "hn-tiny-vit", index_dir, model_config=TINY_CONFIG,
+              pretrained="/elsewhere/epoch_1.pt", k=K)
+
+
+def test_index_built_for_other_shards_is_refused(index_dir, shards, tmp_path):
+    with pytest.raises(ValueError, match="built for other shards .*in the index but not in --train-data"):
+        neighbor_stage(index_dir, 1, 16, shards=shards[:-1])
+    other = write_scene_shards(str(tmp_path), NUM_SAMPLES, PER_SHARD, seed=4)  # same names, new data
+    Path(other[0]).write_bytes(Path(other[0]).read_bytes() + b"\0" * 512)
+    with pytest.raises(ValueError, match="changed since the build: shard-00000.tar"):
+        neighbor_stage(index_dir, 1, 16, shards=other)
+
+
+def test_stage_rejects_groups_larger_than_a_batch(index_dir):
+    with pytest.raises(ValueError, match="must be in \\[1, batch size - 1 = 3\\]"):
+        neighbor_stage(index_dir, 4, 4)
+
+
+class _IdTokenizer:
+    """Stands in for the tokenizer: the 'caption' is the sample's global id (set by _tag_ids)."""
+
+    def __call__(self, text: str) -> torch.Tensor:
+        return torch.tensor([[int(text)]])
+
+
+class _TagIds:
+    """Replaces each caption by the sample's global id, so batches can be traced to the index."""
+
+    def __init__(self, index_dir: str):
+        self.index_dir = index_dir
+
+    def __call__(self, samples):
+        index = NeighborIndex(self.index_dir)
+        for sample in samples:
+            sample["txt"] = str(index.id_of(sample["__url__"], sample["__key__"])).encode()
+            yield sample
+
+
+def _preprocess(image):
+    return torch.zeros(1)
+
+
+def _batches_of_ids(shards, index_dir: str, grouped: bool, per_sample: int, batch_size: int
+                    ) -> list[list[int]]:
+    """Run OpenCLIP's own webdataset train pipeline (2 workers) and return each batch's ids."""
+    from open_clip_train.data import get_wds_dataset
+
+    args = argparse.Namespace(train_data=shards_spec(shards), train_num_samples=NUM_SAMPLES,
+                              dataset_resampled=False, train_data_upsampling_factors=None, seed=0,
+                              batch_size=batch_size, workers=2, world_size=1)
+    data = get_wds_dataset(args, _preprocess, is_train=True, tokenizer=_IdTokenizer())
+    if grouped:
+        insert_before_decode(data.dataloader, neighbor_stage(index_dir, per_sample, batch_size, shards))
+    insert_before_decode(data.dataloader, _TagIds(index_dir))
+    return [texts[:, 0].tolist() for _, texts in data.dataloader]
+
+
+def _pair_shares(batches: list[list[int]], neighbors: np.ndarray) -> tuple[float, float]:
+    """Share of within-batch pairs that are kNN neighbours (either way) and mutual neighbours."""
+    knn = [set(row.tolist()) for row in neighbors]
+    related = mutual = pairs = 0
+    for batch in batches:
+        for a, b in itertools.combinations(batch, 2):
+            forward, backward = b in knn[a], a in knn[b]
+            pairs += 1
+            related += forward or backward
+            mutual += forward and backward
+    return related / pairs, mutual / pairs
+
+
+def test_batches_hold_neighbours_far_above_random(index_dir, shards):
+    neighbors = np.load(Path(index_dir, "neighbors.npy"))
+    batch_size, per_sample = 16, 1
+    grouped = _batches_of_ids(shards, index_dir, True, per_sample, batch_size)
+    plain = _batches_of_ids(shards, index_dir, False, per_sample, batch_size)
+
+    assert len(grouped) == len(plain) and all(len(b) == batch_size for b in grouped)
+    assert all(len(set(b)) == len(b) for b in grouped), "a batch holds a sample twice"
+    related, mutual = _pair_shares(grouped, neighbors)
+    plain_related, plain_mutual = _pair_shares(plain, neighbors)
+    edges = {frozenset((i, int(j))) for i, row in enumerate(neighbors) for j in row}
+    expected = len(edges) / (NUM_SAMPLES * (NUM_SAMPLES - 1) / 2)
+    print(f"\nkNN pairs within batches (k={K}, B={batch_size}, 1+{per_sample} per group): "
+          f"grouped {related:.2%} (mutual {mutual:.2%}), plain shuffle {plain_related:.2%} "
+          f"(mutual {plain_mutual:.2%}), random expectation {expected:.2%}")
+    assert related > 10 * expected and related > 10 * max(plain_related, expected / 10)
+    assert mutual > 5 * expected

@@ -1,0 +1,153 @@
+"""Recipe files: keys validated against the real parser, command line overrides, print round trip."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import yaml
+
+from open_clip_hn.config import HNConfig, add_hn_arguments
+from open_clip_hn.recipes import expand_recipe, format_resolved_config, recipe_argv
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+EXPECTED_RECIPES = {"negclip", "ce-clip", "diht", "cm-hnco", "concept-permutation", "recommended"}
+
+
+class _Captured(Exception):
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        super().__init__("parser captured")
+        self.parser = parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """OpenCLIP's own parser (captured from open_clip_train.params) plus the --hn-* group."""
+    try:
+        from open_clip_hn.hooks import build_parser as lead_build_parser
+        return lead_build_parser()
+    except ImportError:
+        pass
+    from open_clip_train import params
+
+    original = argparse.ArgumentParser.parse_args
+
+    def capture(self, *args, **kwargs):
+        raise _Captured(self)
+
+    argparse.ArgumentParser.parse_args = capture
+    try:
+        params.parse_args([])
+    except _Captured as captured:
+        parser = captured.parser
+    finally:
+        argparse.ArgumentParser.parse_args = original
+    if not any(a.dest == "hn_negatives" for a in parser._actions):
+        add_hn_arguments(parser)
+    return parser
+
+
+@pytest.fixture(scope="module")
+def parser() -> argparse.ArgumentParser:
+    return build_parser()
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_listed_recipe_exists_with_a_header():
+    assert {p.stem for p in CONFIGS} == EXPECTED_RECIPES
+    for path in CONFIGS:
+        header = path.read_text().splitlines()[:4]
+        assert all(line.startswith("#") for line in header), path
+        assert "Source:" in path.read_text() and "Reproduces:" in path.read_text(), path
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_recipe_resolves_into_a_valid_config(path: Path, parser):
+    args = parser.parse_args(recipe_argv(str(path), parser))
+    config = HNConfig.from_args(args)
+    recipe = yaml.safe_load(path.read_text())
+    if "hn-loss" in recipe:
+        expected = recipe["hn-loss"]
+        expected = expected if isinstance(expected, list) else expected.split(",")
+        assert config.loss == tuple(expected)
+    if "lr" in recipe:
+        assert args.lr == pytest.approx(float(recipe["lr"]))
+
+
+def test_key_spellings_and_value_forms(tmp_path, parser):
+    path = write(tmp_path, "batch_size: 7\n--hn-num-negatives: 2\nhn-loss: [itc, choice]\n"
+                           "lock-image: true\nsave-most-recent: false\nimage-mean: [0.1, 0.2, 0.3]\n"
+                           "aug-cfg: {scale: [0.5, 1.0], use_timm: false}\nhn-negatives: online\n")
+    argv = recipe_argv(path, parser)
+    args = parser.parse_args(argv)
+    assert args.batch_size == 7 and args.hn_num_negatives == 2
+    assert args.hn_loss == ("itc", "choice")
+    assert args.lock_image is True and args.save_most_recent is False
+    assert args.image_mean == [0.1, 0.2, 0.3]
+    assert args.aug_cfg == {"scale": [0.5, 1.0], "use_timm": False}
+
+
+def test_command_line_overrides_the_file(tmp_path, parser):
+    path = write(tmp_path, "batch-size: 7\nhn-negatives: online\nhn-num-negatives: 2\n")
+    argv = expand_recipe(["--hn-config", path, "--hn-num-negatives", "5"], parser)
+    args = parser.parse_args(argv)
+    assert (args.batch_size, args.hn_negatives, args.hn_num_negatives) == (7, "online", 5)
+    assert args.hn_config_file == path
+    assert expand_recipe(["--batch-size", "3"], parser) == ["--batch-size", "3"]
+
+
+def test_print_config_is_the_file_plus_overrides(tmp_path, parser):
+    recipe_path = CONFIGS[[p.stem for p in CONFIGS].index("ce-clip")]
+    overrides = ["--hn-num-negatives", "2", "--batch-size", "16", "--hn-types", "swap_objects"]
+    args = parser.parse_args(expand_recipe(["--hn-config", str(recipe_path), *overrides], parser))
+    printed = yaml.safe_load(format_resolved_config(args, parser))
+
+    expected = yaml.safe_load(recipe_path.read_text())
+    expected.update({"hn-num-negatives": 2, "batch-size": 16, "hn-types": "swap_objects"})
+    expected["hn-loss"] = ",".join(expected["hn-loss"])  # printed in the flag's own comma form
+    expected["hn-types"] = "swap_objects"
+    for key, value in expected.items():
+        assert printed[key] == value, key
+    # Everything else keeps the parser's default.
+    defaults = parser.parse_args([])
+    assert printed["epochs"] == defaults.epochs and printed["hn-memory-bank-size"] == 0
+    # The printed text is itself a recipe that reproduces the same namespace.
+    again = parser.parse_args(recipe_argv(write(tmp_path, format_resolved_config(args, parser), "p.yaml"),
+                                          parser))
+    assert {k: v for k, v in vars(again).items() if k != "hn_config_file"} == \
+           {k: v for k, v in vars(args).items() if k != "hn_config_file"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("hn-num-negatvies: 3\n", "unknown key 'hn-num-negatvies'. Did you mean 'hn-num-negatives'?"),
+    ("hn-num-negatives: many\n", "key 'hn-num-negatives' has a bad value 'many'"),
+    ("hn-num-negatives: -1\n", "must be >= 0"),
+    ("hn-negatives: offline\n", "key 'hn-negatives' must be one of none, online, precomputed"),
+    ("hn-loss: [itc, bogus]\n", "unknown loss term(s) bogus"),
+    ("lock-image: 1\n", "key 'lock-image' is a switch: use true or false"),
+    ("batch-size: true\n", "key 'batch-size' expects a single value"),
+    ("hn-config: other.yaml\n", "cannot be set inside a recipe"),
+    ("- batch-size\n", "must be a mapping of flag names to values"),
+])
+def test_bad_recipes_name_the_key_the_file_and_the_fix(tmp_path, parser, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ValueError) as err:
+        recipe_argv(path, parser)
+    assert message in str(err.value) and path in str(err.value)
+
+
+def test_unknown_key_lists_the_valid_keys(tmp_path, parser):
+    path = write(tmp_path, "not-a-flag: 1\n")
+    with pytest.raises(ValueError, match="Valid keys: .*hn-negatives.*") as err:
+        recipe_argv(path, parser)
+    assert "batch-size" in str(err.value)
+
+
+def test_missing_recipe_file(tmp_path, parser):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        expand_recipe(["--hn-config", str(tmp_path / "nope.yaml")], parser)
