@@ -223,3 +223,61 @@ def test_multiword_relation_with_extra_spaces():
     """Real captions have double spaces inside units ("in front  of"); this used to raise."""
     out = by_type("a dog in front  of a car", "replace_relation")
     assert "a dog behind a car" in out
+
+
+def _tags(caption: str) -> list[tuple[str, str]]:
+    parse = NegativeGenerator(tagger="lexicon").parse(caption)
+    return list(zip(parse.words, parse.tags))
+
+
+def test_tagger_reads_s_verbs_and_multiword_materials():
+    """"shows"/"creeps" after a singular noun are verbs; "road signs on a pole" keeps its noun;
+    "stainless steel" is one material; a material noun outside a noun's modifier slot is a noun."""
+    assert ("shows", "VERB") in _tags("A photo shows a man on a bench.")
+    assert ("creeps", "VERB") in _tags("A cat creeps along the fence.")
+    assert ("signs", "NOUN") in _tags("Two road signs on a pole.")
+    assert ("stainless steel", "ADJ") in _tags("A stainless steel refrigerator in a kitchen.")
+    assert ("wood", "ADJ") in _tags("A wood floor in a room.") and ("wood", "NOUN") in _tags("A pile of wood.")
+    assert ("are", "VERB") in _tags("Three zebras that are standing in the dirt.")
+    out = by_type("A stainless steel refrigerator in a kitchen.", "replace_attribute")
+    assert out and all("stainless" not in t or "stainless steel" in t for t in out)
+    assert "A steel refrigerator in a kitchen." not in out  # a hypernym-like curated synonym
+
+
+def test_replace_attribute_reaches_beyond_the_core_lexicon():
+    """SugarCrepe's replace_att kinds: comparatives, WordNet (indirect) antonyms, nominal
+    modifiers, worn colours, postures and expressions of a subject, materials after 'made of'."""
+    assert "An older man is sitting on the bus." not in by_type("An older man is sitting on the bus.", "replace_attribute")
+    assert "A younger man is sitting on the bus." in by_type("An older man is sitting on the bus.", "replace_attribute")
+    assert by_type("An unmade bed in a room.", "replace_attribute") == ["A made bed in a room."]  # WordNet
+    assert "A person holding up a vanilla doughnut." in by_type("A person holding up a chocolate doughnut.",
+                                                                 "replace_attribute")
+    worn = by_type("A man in white is playing tennis.", "replace_attribute")
+    assert worn and all(t.startswith("A man in ") and "white" not in t for t in worn)
+    postures = {f"A man {v} behind the dog." for v in ("sitting", "lying", "laying", "kneeling", "squatting")}
+    assert set(by_type("A man standing behind the dog.", "replace_attribute")) <= postures
+    assert by_type("A man standing behind the dog.", "replace_attribute")
+    assert by_type("A bicycle is standing next to a bed.", "replace_attribute") == [
+        "A bicycle is lying next to a bed."]  # a thing only stands or lies
+    assert by_type("Two sinks sitting next to a toilet.", "replace_attribute") == []
+    clay = by_type("Three vases made of clay on a table.", "replace_attribute")
+    assert clay and all(t.startswith("Three vases made of ") for t in clay)
+
+
+def test_replace_attribute_validity():
+    """Never a curated or WordNet synonym, never 'un-' + participle, states only to opposites,
+    'laying' never becomes 'lying'; a word already in the caption only when nothing else fits."""
+    for caption, banned in (("A colorful umbrella on a beach.", "multicolored"),
+                            ("A dog laying on a couch.", "lying"),
+                            ("A wooded area with a bench.", "forested"),
+                            ("A rainbow colored umbrella.", "uncolored"),
+                            ("A car parked on the street.", "happy")):
+        assert all(banned not in t for t in by_type(caption, "replace_attribute")), caption
+    assert by_type("A car parked on the street.", "replace_attribute") == ["A car moving on the street."]
+    shirts = by_type("A man in black shirt and white shorts.", "replace_attribute")
+    assert "A man in white shirt and white shorts." not in shirts and len(shirts) == 2
+
+
+def test_all_caps_articles_stay_upper_case():
+    out = by_type("A GREEN TABLE WITH AN OLD BLENDER", "replace_attribute")
+    assert out and all(" An " not in t for t in out)

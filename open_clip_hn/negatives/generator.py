@@ -20,7 +20,7 @@ from .taxonomy import NEGATIVE_TYPES, parse_types
 
 Edit = tuple[list[str], list[str]]  # (words, gaps) of a candidate negative
 _NORMALISE = re.compile(r"[^a-z0-9]+")
-_AN_EXCEPTIONS = ("uni", "use", "usu", "eu", "one", "once", "ur", "uk")
+_AN_EXCEPTIONS = ("uni", "use", "usu", "uti", "eu", "one", "once", "ur", "uk")
 _AN_SILENT_H = ("hour", "honest", "honor", "heir")
 _BE_NUMBER = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has"}
 _SINGULAR_VERBS = ("is", "was", "has")
@@ -66,7 +66,10 @@ def _fix_articles(words: list[str]) -> list[str]:
     for i in range(len(words) - 1):
         if words[i] in _ARTICLES:
             wanted = article_for(words[i + 1])
-            words[i] = wanted.capitalize() if words[i][0].isupper() else wanted
+            if words[i + 1].isupper() and len(words[i + 1]) > 1:
+                words[i] = wanted.upper()  # "A GREEN TABLE WITH AN OLD BLENDER"
+            else:
+                words[i] = wanted.capitalize() if words[i][0].isupper() else wanted
     return words
 
 
@@ -254,24 +257,123 @@ def replace_object(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
     return out
 
 
-def _attribute_options(res: Resources, word: str) -> list[str]:
+def _attribute_options(res: Resources, word: str, present: set[str]) -> list[str]:
+    """Replacements for an attribute word: its opposites if any, else its category; words already
+    in the caption last ("a black shirt and white shorts" -> a white shirt ... only if nothing else)."""
     if word in res.attr_candidates:
         options = list(res.attr_candidates[word])
         opposites = [o for o in res.antonyms.get(word, ()) if o in options]
-        return opposites or options
+        ranked = [o for o in opposites if o not in present] or [o for o in options if o not in present]
+        return ranked or opposites or options
     return list(res.antonyms.get(word, ()))
 
 
+def _syllables(word: str) -> int:
+    return len(re.findall(r"[aeiouy]+", word.rstrip("e")))
+
+
+def comparative(word: str, suffix: str) -> str | None:
+    """'er'/'est' form of a short adjective ("big" -> "bigger", "tiny" -> "tinier"), else None."""
+    if word.endswith("y") and _syllables(word[:-1]) == 1:
+        return word[:-1] + "i" + suffix
+    if _syllables(word) != 1 or not word.isalpha():
+        return None
+    if word.endswith("e"):
+        return word + suffix[1:]
+    if len(word) > 2 and word[-1] not in "aeiouwxy" and word[-2] in "aeiou" and word[-3] not in "aeiou":
+        return word + word[-1] + suffix  # big -> bigger, thin -> thinnest
+    return word + suffix
+
+
+def _graded(res: Resources, word: str) -> tuple[str, str] | None:
+    """(base adjective, 'er' or 'est') of a comparative or superlative attribute ("older" -> old)."""
+    for suffix in ("er", "est"):
+        if word.endswith(suffix) and len(word) > len(suffix) + 2:
+            stem = word[: -len(suffix)]
+            for base in (stem, stem + "e", stem[:-1] if stem[-1] == stem[-2] else "",
+                         stem[:-1] + "y" if stem.endswith("i") else ""):
+                if base and (base in res.attr_category or base in res.antonyms) and comparative(base, suffix) == word:
+                    return base, suffix
+    return None
+
+
+def _replacements(res: Resources, word: str, present: set[str]) -> list[str]:
+    options = _attribute_options(res, word, present)
+    if options or word in res.attr_category:
+        return options
+    graded = _graded(res, word)
+    if graded is None:
+        return []
+    base, suffix = graded
+    forms = (comparative(o, suffix) for o in _attribute_options(res, base, present))
+    return [f for f in forms if f and f != word]
+
+
+_ANIMATE = frozenset(("noun.person", "noun.animal", "noun.group"))
+_UPRIGHT = {"standing": ("lying",), "lying": ("standing",), "laying": ("standing",)}  # a bicycle, a sign
+
+
+def _state_participle(res: Resources, p: Parse, i: int) -> list[str]:
+    """Replacements for a posture or expression participle describing a person or an animal ("a man
+    standing", "dogs that are sitting", "a smiling boy") within its group; a thing only stands or
+    lies (sinks "sitting" next to a toilet are only located); [] for any other word."""
+    form = res.verb_forms.get(p.words[i].lower())
+    if form is None or form[1] != "ing" or form[0] not in res.state_verbs or i == 0:
+        return []
+    if p.tags[i - 1] in ("DET", "ADJ") and i + 1 < len(p.tags) and p.tags[i + 1] == "NOUN":
+        subject = next((np for np in p.nps if np.start <= i + 1 < np.end), None)  # "a smiling boy"
+    elif p.tags[i] == "VERB" and p.words[i - 1].lower() in ("while", "and") and p.nps and p.nps[0].end < i:
+        subject = p.nps[0]  # "a man wearing a hat while standing": the caption's subject
+    elif p.tags[i] == "VERB":
+        end = i - 1 if p.words[i - 1].lower() in _BE_NUMBER else i
+        if end < i and end > 0 and p.words[end - 1].lower() in ("that", "who", "which"):
+            end -= 1
+        subject = next((np for np in p.nps if np.end == end), None)
+    else:
+        subject = None
+    if subject is None:
+        return []
+    if res.noun_lexname.get(subject.lemma, "noun.person") not in _ANIMATE:  # unknown: "a skier"
+        return list(_UPRIGHT.get(p.words[i].lower(), ()))
+    return [res.verb_table[v]["ing"] for v in res.state_verbs[form[0]]]
+
+
+_CLOTHED = frozenset(("in", "wearing", "wears", "wear"))
+
+
+def _attributive(res: Resources, p: Parse, i: int, np_ends: set[int]) -> bool:
+    """Whether an adjective outside a chunked noun phrase still describes something: predicative
+    ("the car is (very) red"), a lexicon attribute before a noun ("a large number of") or after a
+    noun as a participle ("cars parked along"), a colour worn ("a man in white") or a material
+    something is made of ("a vase made of clay")."""
+    words = [w.lower() for w in p.words]
+    if i > 1 and words[i - 2:i] == ["made", "of"] and res.attr_category.get(words[i]) == "material":
+        return True
+    if p.tags[i] != "ADJ":
+        return False
+    j = i - 1 if i > 0 and p.tags[i - 1] == "ADV" else i
+    if j > 0 and words[j - 1] in _BE_NUMBER:
+        return True
+    if words[i] not in res.attr_category:
+        return False
+    return (i + 1 < len(words) and p.tags[i + 1] == "NOUN") or (i in np_ends and words[i].endswith("ed")) or (
+        i > 0 and words[i - 1] in _CLOTHED and res.attr_category[words[i]] == "color")
+
+
 def replace_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
-    """One attribute changes within its category (red -> blue), opposites first (big -> small)."""
+    """One attribute changes within its category (red -> blue), opposites first (big -> small);
+    other adjectives become a WordNet antonym (direct, else of the head they are similar to),
+    comparatives stay comparatives (older -> younger), and a subject's posture or expression
+    changes within its group (a man standing -> a man sitting)."""
     out = []
     present = {w.lower() for w in p.words}
     in_phrase = {i for np in p.nps for i in np.attrs}
+    np_ends = {np.end for np in p.nps}
     for i, tag in enumerate(p.tags):
-        predicative = tag == "ADJ" and i > 0 and p.words[i - 1].lower() in _BE_NUMBER
-        if i not in in_phrase and not predicative:
-            continue
-        options = [o for o in _attribute_options(res, p.words[i].lower()) if o not in present]
+        if i not in in_phrase and not _attributive(res, p, i, np_ends):
+            options = _state_participle(res, p, i)[:4]
+        else:
+            options = _replacements(res, p.words[i].lower(), present)
         if options:
             out.append(_splice(p, [(i, i + 1, [_match_case(p.words[i], rng.choice(options[:8]))], None)]))
     rng.shuffle(out)

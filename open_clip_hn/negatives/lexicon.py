@@ -13,11 +13,11 @@ import json
 import os
 import pickle
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 DATA_DIR = Path(__file__).with_name("data")
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 # Hypernyms too general to make two nouns co-hyponyms ("a dog" and "a banana" are both organisms).
 GENERIC_SYNSETS = frozenset((
     "entity.n.01", "physical_entity.n.01", "abstraction.n.06", "object.n.01", "whole.n.02",
@@ -28,6 +28,9 @@ GENERIC_SYNSETS = frozenset((
     "covering.n.02", "equipment.n.01",
 ))
 MAX_NOUN_CANDIDATES = 12
+# An indirect antonym ("rainy" is similar to "wet", whose antonym is "dry") is only used when it is a
+# common word: rare ones ("unrhetorical") mostly come from a sense a caption does not mean.
+MIN_INDIRECT_ANTONYM_TAGS = 3
 
 
 @dataclass
@@ -44,13 +47,14 @@ class Resources:
     related_nouns: frozenset  # frozenset({a, b}) pairs that are synonyms/hypernyms/hyponyms
     attr_category: dict[str, str]  # attribute word -> category
     attr_candidates: dict[str, tuple[str, ...]]  # attribute -> replacements, opposites first
-    antonyms: dict[str, tuple[str, ...]]  # any WordNet adjective -> its direct antonyms
+    antonyms: dict[str, tuple[str, ...]]  # any WordNet adjective -> direct (else indirect) antonyms
     add_categories: dict[str, tuple[str, ...]]  # noun lexname -> attribute categories to add
     categories: dict[str, tuple[str, ...]]  # attribute category -> words
     relations: dict[str, tuple[str, ...]]  # spatial relation -> opposites
     verb_forms: dict[str, tuple[str, str]]  # verb form -> (base, form name: base/s/ing/past)
     verb_table: dict[str, dict[str, str]]  # base -> {form name: text}
     verb_candidates: dict[str, tuple[str, ...]]  # base -> replacements, same WordNet class first
+    state_verbs: dict[str, tuple[str, ...]]  # posture/expression verb -> replacements in its group
     multiword: dict[str, tuple[tuple[str, ...], ...]]  # first word -> word sequences, longest first
     counts: dict[str, int]  # number word -> value
     max_digit: int
@@ -83,10 +87,15 @@ def regular_plural(noun: str) -> str:
     return noun + "s"
 
 
+# The code that builds the tables, as this process loaded it: a process still running older code
+# must not write its tables under the key of newer code (another worker reads them).
+_SOURCE = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
 def _fingerprint(wordnet_path: str) -> str:
-    """Cache key: this module's version, the data files and WordNet's content (by file sizes,
-    so a copy of the same WordNet elsewhere, e.g. after setup-nltk, reuses the cache)."""
-    digest = hashlib.sha256(str(CACHE_VERSION).encode())
+    """Cache key: this module's code and version, the data files and WordNet's content (by file
+    sizes, so a copy of the same WordNet elsewhere, e.g. after setup-nltk, reuses the cache)."""
+    digest = hashlib.sha256(f"{CACHE_VERSION}:{_SOURCE}".encode())
     for item in sorted(DATA_DIR.iterdir()):
         digest.update(item.name.encode() + item.read_bytes())
     root = Path(wordnet_path)
@@ -110,7 +119,9 @@ def load_resources() -> Resources:
     path = cache_dir() / f"negatives-{_fingerprint(wordnet_path)}.pkl"
     try:
         with open(path, "rb") as handle:
-            return pickle.load(handle)
+            cached = pickle.load(handle)
+        if isinstance(cached, Resources) and all(hasattr(cached, f.name) for f in fields(Resources)):
+            return cached
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError):
         pass
     resources = build_resources()
@@ -221,25 +232,75 @@ def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str]):
     return lexname, candidates, frozenset(related)
 
 
-def _adjective_related(wn, a: str, b: str) -> bool:
-    """Same adjective synset or linked by similar_to: near-synonyms, not negatives."""
-    sa, sb = set(wn.synsets(a, "a")), set(wn.synsets(b, "a"))
+def _adjective_related(wn, a: str, b: str, synonyms: frozenset) -> bool:
+    """Curated synonyms, same adjective synset or linked by similar_to: not negatives."""
+    if frozenset((a, b)) in synonyms:
+        return True
+    sa, sb = set(wn.synsets(a.replace(" ", "_"), "a")), set(wn.synsets(b.replace(" ", "_"), "a"))
     if sa & sb:
         return True
     return any(set(s.similar_tos()) & sb for s in sa) or any(set(s.similar_tos()) & sa for s in sb)
 
 
-def _verb_tables(wn, bases: list[str], groups: dict[str, list[str]]):
-    """Replacement verbs: never synonyms, hypernyms or troponyms; the verb's own curated group
-    first (posture, motion, ...), then its WordNet lexicographer class, then the rest."""
+def _adjective_tags(wn) -> dict[str, int]:
+    """Adjective lemma -> tagged-sense count in WordNet's index (a corpus frequency)."""
+    tags = {}
+    with wn.open("index.adj") as handle:
+        for line in handle:
+            if not line.startswith(" "):
+                fields = line.split()
+                tags[fields[0]] = int(fields[5 + int(fields[3])])
+    return tags
+
+
+def _adjective_antonyms(wn, lexicon: set[str], pos_of: dict[str, str]) -> dict[str, list[str]]:
+    """Antonyms of adjectives. Lexicon words get the direct antonyms of all their senses (only used
+    to rank their own category). Other adjectives get those of their first sense, else the common
+    antonyms of the head that sense is similar to ("rainy" ~ "wet" -> "dry", "fried" ~ "cooked" ->
+    "raw"); relational adjectives ("electrical"), antonyms that are mostly not adjectives ("fallen"
+    -> "up"), "non-" words and "un-" + participle ones ("colored" -> "uncolored") are left out as
+    unnatural."""
+    antonyms: dict[str, list[str]] = {}
+    for synset in wn.all_synsets("a"):
+        for lemma in synset.lemmas():
+            name = lemma.name()
+            if name in lexicon:
+                for antonym in lemma.antonyms():
+                    if antonym.name().isalpha() and antonym.name() not in antonyms.get(name, []):
+                        antonyms.setdefault(name, []).append(antonym.name())
+    tags = _adjective_tags(wn)
+    for word in tags:
+        if word in lexicon or not word.isalpha():
+            continue
+        synsets = wn.synsets(word, "a")
+        if not synsets or synsets[0].lexname() == "adj.pert":
+            continue
+        first = synsets[0]
+        found = [a.name() for lemma in first.lemmas() if lemma.name() == word for a in lemma.antonyms()]
+        if not found and first.pos() == "s":
+            found = [a.name() for head in first.similar_tos() for lemma in head.lemmas() for a in lemma.antonyms()
+                     if tags.get(a.name(), 0) >= MIN_INDIRECT_ANTONYM_TAGS]
+        found = [a for a in found if a.isalpha() and pos_of.get(a, "")[:1] == "a" and not (
+            a.startswith("non") or word.endswith("ed") and a in ("un" + word, "dis" + word))]
+        if found:
+            antonyms[word] = list(dict.fromkeys(found))
+    return antonyms
+
+
+def _verb_tables(wn, bases: list[str], groups: dict[str, list[str]], synonyms: frozenset):
+    """Replacement verbs: never synonyms (WordNet's or curated: captions say "laying" for "lying"),
+    hypernyms or troponyms; the verb's own curated group first (posture, motion, ...) in the
+    group's order, then its WordNet lexicographer class, then the rest."""
     group_of = {v: name for name, verbs in groups.items() for v in verbs}
+    rank = {v: i for verbs in groups.values() for i, v in enumerate(verbs)}
     synsets = {v: wn.synsets(v, "v") for v in bases}
     closure = {v: {a for s in synsets[v] for a in _ancestors(s)} for v in bases}
     lexname = {v: synsets[v][0].lexname() if synsets[v] else "" for v in bases}
     candidates = {}
     for a in bases:
-        valid = [b for b in bases if b != a and not _related(synsets[a], synsets[b], closure[a], closure[b])]
-        same_group = [b for b in valid if a in group_of and group_of.get(b) == group_of[a]]
+        valid = [b for b in bases if b != a and frozenset((a, b)) not in synonyms
+                 and not _related(synsets[a], synsets[b], closure[a], closure[b])]
+        same_group = sorted((b for b in valid if a in group_of and group_of.get(b) == group_of[a]), key=rank.get)
         same_class = [b for b in valid if lexname[b] == lexname[a] and b not in same_group]
         candidates[a] = tuple(same_group + same_class + [b for b in valid if b not in same_group + same_class])
     return candidates
@@ -268,19 +329,16 @@ def build_resources() -> Resources:
     for a, b in attributes["opposites"]:
         opposites.setdefault(a, []).append(b)
         opposites.setdefault(b, []).append(a)
-    antonyms: dict[str, list[str]] = {}
-    for synset in wn.all_synsets("a"):
-        for lemma in synset.lemmas():
-            for antonym in lemma.antonyms():
-                name, other = lemma.name(), antonym.name()
-                if name.isalpha() and other.isalpha() and other not in antonyms.get(name, []):
-                    antonyms.setdefault(name, []).append(other)
+    synonyms = frozenset(frozenset(pair) for pair in attributes.get("synonyms", ()))
+    opposites_only = set(attributes.get("opposites_only", ()))
+    pos_of = _index_pos(wn)
+    antonyms = _adjective_antonyms(wn, set(attr_category), pos_of)
     attr_candidates = {}
     for word, category in attr_category.items():
         first = [o for o in opposites.get(word, []) + antonyms.get(word, [])
                  if attr_category.get(o) == category]
-        rest = [o for o in categories[category] if o != word and o not in first
-                and not _adjective_related(wn, word, o)]
+        rest = [] if category in opposites_only else [
+            o for o in categories[category] if o != word and o not in first and not _adjective_related(wn, word, o, synonyms)]
         attr_candidates[word] = tuple(dict.fromkeys(first + rest))
     antonyms_all = {w: tuple(v) for w, v in antonyms.items()}
     for word, others in opposites.items():
@@ -296,8 +354,12 @@ def build_resources() -> Resources:
         for name, form in (("ing", ing), ("s", third), ("base", base), ("past", past)):
             verb_forms.setdefault(form, (base, name))
 
+    verb_groups = relations_data.get("verb_groups", {})
+    verb_synonyms = frozenset(frozenset(pair) for pair in relations_data.get("verb_synonyms", ()))
+    verb_candidates = _verb_tables(wn, list(verb_table), verb_groups, verb_synonyms)
+    state_groups = [set(verb_groups[name]) for name in attributes.get("state_verb_groups", ())]
     multiword: dict[str, list[tuple[str, ...]]] = {}
-    for phrase in [*relations, *(s for s, _, _ in objects), *(p for _, p, _ in objects)]:
+    for phrase in [*relations, *attr_category, *(s for s, _, _ in objects), *(p for _, p, _ in objects)]:
         words = tuple(phrase.split())
         if len(words) > 1:
             multiword.setdefault(words[0], []).append(words)
@@ -309,7 +371,7 @@ def build_resources() -> Resources:
             closed.setdefault(word, tag)
 
     return Resources(
-        pos_of=_index_pos(wn),
+        pos_of=pos_of,
         exceptions=_exceptions(wn),
         closed=closed,
         nouns=nouns,
@@ -325,7 +387,9 @@ def build_resources() -> Resources:
         relations={k: tuple(dict.fromkeys(v)) for k, v in relations.items()},
         verb_forms=verb_forms,
         verb_table=verb_table,
-        verb_candidates=_verb_tables(wn, list(verb_table), relations_data.get("verb_groups", {})),
+        verb_candidates=verb_candidates,
+        state_verbs={v: tuple(c for c in verb_candidates[v] if c in group) for group in state_groups for v in group
+                     if v in verb_candidates},
         multiword={k: tuple(sorted(set(v), key=len, reverse=True)) for k, v in multiword.items()},
         counts=dict(counts_data["words"]),
         max_digit=int(counts_data["max_digit"]),

@@ -28,6 +28,10 @@ _PENN_TO_UNIVERSAL = {
     "CC": "CONJ", "UH": "X", "FW": "X", "SYM": "X", "LS": "X",
 }
 _PLURAL_VERBS = frozenset(("are", "were", "have"))
+_BE = frozenset(("is", "are", "was", "were", "be", "been", "being", "'s", "looks", "look", "seems", "appears"))
+# Attribute categories whose words are also nouns ("a wood floor" / "made of wood"): outside the
+# position before a noun they are read as nouns. Colours stay adjectives ("a man in black").
+_ADJECTIVE_ONLY = frozenset(("color",))
 _WORDNET_TAG = {"n": "NOUN", "v": "VERB", "a": "ADJ", "s": "ADJ", "r": "ADV"}
 
 
@@ -95,23 +99,55 @@ class LexiconTagger:
 
     def tag(self, words: list[str]) -> list[str]:
         """Tags for a token list, with a few left-context rules for noun/verb/adjective ambiguity."""
-        tags = []
-        for i, word in enumerate(words):
-            lower = word.lower()
+        res, tags = self.res, []
+        lowers = [w.lower() for w in words]
+        for i, lower in enumerate(lowers):
             tag = self.lexical(lower)[0]
             prev = tags[-1] if tags else None
-            if tag == "VERB" and prev in ("DET", "ADJ", "NUM") and "n" in self.res.pos_of.get(lower, "n"):
+            if tag == "VERB" and prev in ("DET", "ADJ", "NUM") and "n" in res.pos_of.get(lower, "n") and \
+                    lower not in res.closed:  # "that are", "this is": never the noun "are"
                 tag = "NOUN"
-            elif tag == "NOUN" and prev in ("PRT",) and words[i - 1].lower() == "to" and \
-                    "v" in self.res.pos_of.get(lower, ""):
+            elif tag == "NOUN" and prev in ("PRT",) and lowers[i - 1] == "to" and "v" in res.pos_of.get(lower, ""):
                 tag = "VERB"
+            elif tag == "NOUN" and prev == "NOUN" and self._present_verb(lowers, i):
+                tag = "VERB"  # "a photo shows a man", "a cat creeps along a fence"
             tags.append(tag)
         for i, tag in enumerate(tags):  # "a yellow square", "a glass of water": the noun reading
-            if tag == "ADJ" and words[i].lower() in self.res.nouns and (
-                    i + 1 == len(tags) or tags[i + 1] not in ("NOUN", "ADJ")) and i > 0 and \
-                    tags[i - 1] in ("DET", "ADJ", "NUM"):
+            if tag == "ADJ" and self._noun_reading(lowers, tags, i):
                 tags[i] = "NOUN"
         return tags
+
+    def _present_verb(self, lowers: list[str], i: int) -> bool:
+        """An -s form right after a singular noun and before an object or a preposition is a verb
+        ("shows a", "creeps along"); "street signs on a pole" keeps its noun (sign is mostly a noun)."""
+        word, res = lowers[i], self.res
+        prev = lowers[i - 1]
+        if not word.endswith("s") or word.endswith("ss") or noun_lemma(res, prev)[1] or i + 1 == len(lowers):
+            return False
+        stem = word[:-2] if word.endswith(("ches", "shes", "sses", "xes")) else word[:-1]
+        if word.endswith("ies"):
+            stem = word[:-3] + "y"
+        letters = res.pos_of.get(stem, "")
+        if "v" not in letters or stem in res.nouns and word in res.nouns and letters[0] != "v":
+            return False
+        nxt = self.lexical(lowers[i + 1])[0]
+        return nxt in ("DET", "PRON") or (nxt == "ADP" and letters[0] == "v")
+
+    def _noun_reading(self, lowers: list[str], tags: list[str], i: int) -> bool:
+        """Whether an attribute word that is also a noun is the noun here: not before a noun or a
+        coordinated adjective ("a wood and metal bench"), nor predicative ("the floor is wood")."""
+        word, res, n = lowers[i], self.res, len(tags)
+        nxt = tags[i + 1] if i + 1 < n else None
+        if nxt in ("NOUN", "ADJ") or i == 0:
+            return False
+        if word in res.nouns and tags[i - 1] in ("DET", "ADJ", "NUM"):
+            return True
+        if res.attr_category.get(word) in _ADJECTIVE_ONLY or not res.pos_of.get(word, "a").startswith("n"):
+            return False
+        if tags[i - 1] == "ADV" or lowers[i - 1] in _BE:
+            return False
+        return not (lowers[i + 1] in (",", "and", "or") if i + 1 < n else False) or not (
+            i + 2 < n and tags[i + 2] == "ADJ")
 
 
 class NLTKTagger:
@@ -204,13 +240,17 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
         for sequence in res.multiword.get(lowers[i], ()):
             if tuple(lowers[i:i + len(sequence)]) == sequence:
                 length = len(sequence)
-                kind = "rel" if " ".join(sequence) in res.relations else "noun"
+                phrase = " ".join(sequence)
+                kind = "rel" if phrase in res.relations else "attr" if phrase in res.attr_category else "noun"
                 break
         start, end = spans[i][0], spans[i + length - 1][1]
         words.append(" ".join(tokens[i:i + length]))  # "in front  of" is the unit "in front of"
         gaps.append(text[previous_end:start])
         if kind == "rel":
             unit_tags.append("ADP")
+        elif kind == "attr":
+            unit_tags.append("ADJ")
+            kind = ""
         elif kind == "noun":
             unit_tags.append("NOUN")
         else:
