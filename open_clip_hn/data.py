@@ -17,11 +17,11 @@ from __future__ import annotations
 import json
 import tarfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Iterator
 
 import torch
 
-from .negatives.taxonomy import TYPE_TO_ID
+from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 
 if TYPE_CHECKING:
     from .negatives import NegativeGenerator
@@ -51,15 +51,16 @@ def decode_precomputed_caption(text: str) -> tuple[str, list[dict[str, str]] | N
     return payload["caption"], payload["negatives"]
 
 
-def valid_negatives(negatives: Any, caption: str, k: int) -> list[dict[str, str]]:
-    """Keep well-formed, distinct, typed negatives that differ from the caption; at most k."""
+def valid_negatives(negatives: Any, caption: str, k: int,
+                    types: Collection[str] = NEGATIVE_TYPES) -> list[dict[str, str]]:
+    """Keep well-formed, distinct negatives of the wanted types that differ from the caption."""
     kept: list[dict[str, str]] = []
     seen = {" ".join(caption.lower().split())}
     for item in negatives if isinstance(negatives, list) else []:
         if not isinstance(item, dict):
             continue
         text, kind = item.get("text"), item.get("type")
-        if not isinstance(text, str) or kind not in TYPE_TO_ID:
+        if not isinstance(text, str) or kind not in types:
             continue
         norm = " ".join(text.lower().split())
         if not norm or norm in seen:
@@ -78,18 +79,20 @@ class PackedNegativeTokenizer:
     caption and seed) or from the precomputed payload; missing ones become masked slots.
     """
 
-    def __init__(self, tokenizer: Callable, num_negatives: int, generator: "NegativeGenerator | None"):
+    def __init__(self, tokenizer: Callable, num_negatives: int,
+                 generator: "NegativeGenerator | None", types: Collection[str] = NEGATIVE_TYPES):
         self.tokenizer = tokenizer
         self.num_negatives = num_negatives
         self.generator = generator
+        self.types = frozenset(types)
 
     def negatives_for(self, caption: str, precomputed: list | None) -> list[dict[str, str]]:
         if precomputed is not None:
-            return valid_negatives(precomputed, caption, self.num_negatives)
+            return valid_negatives(precomputed, caption, self.num_negatives, self.types)
         if self.generator is None:
             return []
         return valid_negatives(self.generator.generate(caption, self.num_negatives), caption,
-                               self.num_negatives)
+                               self.num_negatives, self.types)
 
     def pack(self, text: Any) -> torch.Tensor:
         caption, precomputed = (decode_precomputed_caption(text) if isinstance(text, str)

@@ -6,6 +6,10 @@ that unpacks hard negatives from the text tensor), `get_data` (the negative-gene
 `create_loss` (the hard-negative objective), `train_one_epoch` (plugin state beside each
 checkpoint, in-loop compositional evaluation) and `pt_load` (plugin state on `--resume`).
 With no `--hn-*` flag every wrapper hands straight through: the run is OpenCLIP's run.
+
+`Plugin` is the same seams for an OpenCLIP that has plugin hook points (patches/): registered
+under the `open_clip_train.plugins` entry-point group, enabled by `--plugins open_clip_hn`, and
+preferred by `install()` when present, so that nothing is monkeypatched.
 """
 
 from __future__ import annotations
@@ -144,22 +148,35 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model}: CoCa's captioning loss is not supported with --hn-*")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file)."""
-    global _runtime
-    argv = list(argv)
-    parser = build_parser()
-    argv = _with_recipe(argv, parser)
-    namespace = parser.parse_args(argv)  # --help, unknown flags and bad values end here
+def _print_config_if_asked(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     if namespace.hn_print_config:
         from .recipes import format_resolved_config
 
         print(format_resolved_config(namespace, parser))
         sys.exit(0)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file)."""
+    argv = list(argv)
+    parser = build_parser()
+    argv = _with_recipe(argv, parser)
+    namespace = parser.parse_args(argv)  # --help, unknown flags and bad values end here
+    _print_config_if_asked(namespace, parser)
     hn_namespace, openclip_argv = _hn_parser().parse_known_args(argv)
-    args = _ORIGINALS["parse_args"](openclip_argv)
+    args = _ORIGINALS.get("parse_args", oc_params.parse_args)(openclip_argv)
     for name, value in vars(hn_namespace).items():
         setattr(args, name, value)
+    configure(args, argv, parser)
+    if not _runtime.config.enabled:  # a run without --hn-* keeps exactly OpenCLIP's args
+        for name in (*vars(hn_namespace), "hn_given"):
+            delattr(args, name)
+    return args
+
+
+def configure(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """Start the run's `Runtime` from the parsed flags; bad combinations end in `parser.error`."""
+    global _runtime
     args.hn_given = given_hn_flags(argv)
     try:
         config = HNConfig.from_args(args)
@@ -169,7 +186,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.model_config:
         _register_model_config(args.model_config, args.model, parser)
     _runtime = Runtime(config=config)
-    return args
 
 
 # ---------------------------------------------------------------------------- model
@@ -231,13 +247,18 @@ def _allow_cpu_ddp(device) -> None:
         torch.nn.parallel.DistributedDataParallel = CpuDistributedDataParallel
 
 
-def create_model_and_transforms(*args, **kwargs):
-    model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
-    _allow_cpu_ddp(kwargs.get("device", "cpu"))
+def model_created(model: torch.nn.Module, preprocess_val, device) -> None:
+    """Prepare the model OpenCLIP just created: negative-unpacking hooks, CPU DDP."""
+    _allow_cpu_ddp(device)
     if _runtime is not None and _runtime.config.enabled:
         _runtime.preprocess_val = preprocess_val
         if _runtime.config.uses_text_negatives:
             attach_negative_hooks(model, _runtime.config.num_negatives)
+
+
+def create_model_and_transforms(*args, **kwargs):
+    model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
+    model_created(model, preprocess_val, kwargs.get("device", "cpu"))
     return model, preprocess_train, preprocess_val
 
 
@@ -278,8 +299,8 @@ def _train_tokenizer(config: HNConfig, tokenizer):
         from .negatives import NegativeGenerator
 
         generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm)
-        return PackedNegativeTokenizer(tokenizer, config.num_negatives, generator)
-    return PackedNegativeTokenizer(tokenizer, config.num_negatives, generator=None)
+        return PackedNegativeTokenizer(tokenizer, config.num_negatives, generator, config.types)
+    return PackedNegativeTokenizer(tokenizer, config.num_negatives, None, config.types)
 
 
 def _add_image_neighbors(loader, config: HNConfig, args: argparse.Namespace) -> None:
@@ -295,7 +316,10 @@ def _add_image_neighbors(loader, config: HNConfig, args: argparse.Namespace) -> 
 
 def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
     """OpenCLIP's `get_data`, with the train split tokenized together with its hard negatives."""
-    get = _ORIGINALS["get_data"]
+    return _get_data(args, preprocess_fns, epoch, tokenizer, get=_ORIGINALS["get_data"])
+
+
+def _get_data(args, preprocess_fns, epoch, tokenizer, get):
     if _runtime is None or not _runtime.config.enabled:
         return get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     config = _runtime.config
@@ -331,8 +355,12 @@ def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
 
 def create_loss(args):
     """The hard-negative objective when the plugin is on, else OpenCLIP's own loss."""
+    return _create_loss(args, create=_ORIGINALS["create_loss"])
+
+
+def _create_loss(args, create):
     if _runtime is None or not _runtime.config.enabled:
-        return _ORIGINALS["create_loss"](args)
+        return create(args)
     from .objective import HardNegativeLoss
 
     loss = HardNegativeLoss(
@@ -346,8 +374,14 @@ def create_loss(args):
         total_steps=_runtime.total_steps,
     )
     if _runtime.pending_state is not None:
-        loss.load_state_dict(_runtime.pending_state["loss"])
-        logging.info("=> restored hard-negative state (step %s)", _runtime.pending_state.get("step"))
+        saved = _runtime.pending_state["loss"]
+        loss.load_state_dict(saved)
+        if saved["step"] != _runtime.start_step:
+            logging.warning("Hard-negative state was saved at step %s; OpenCLIP resumes at step %s "
+                            "(batch size, world size or samples changed): the curriculum follows "
+                            "OpenCLIP's step", saved["step"], _runtime.start_step)
+        logging.info("=> restored hard-negative state (epoch %s, step %s)",
+                     _runtime.pending_state["epoch"], _runtime.start_step)
     _runtime.loss = loss
     return loss
 
@@ -366,37 +400,33 @@ def checkpoints_of_epoch(args: argparse.Namespace, completed_epoch: int) -> list
     return paths
 
 
-def plugin_state(completed_epoch: int) -> dict[str, Any]:
+def plugin_state() -> dict[str, Any]:
     assert _runtime is not None and _runtime.loss is not None
-    return {
-        "epoch": completed_epoch,
-        "config": dataclasses.asdict(_runtime.config),
-        "loss": _runtime.loss.state_dict(),
-    }
+    return {"config": dataclasses.asdict(_runtime.config), "loss": _runtime.loss.state_dict()}
 
 
 def save_plugin_state(args: argparse.Namespace, completed_epoch: int) -> None:
-    """Write the plugin state beside every checkpoint this epoch produces (rank 0 only)."""
-    for checkpoint in checkpoints_of_epoch(args, completed_epoch):
-        path = hn_state.save_state(checkpoint, plugin_state(completed_epoch))
+    """Save the plugin state of every epoch OpenCLIP checkpoints (rank 0; all ranks agree)."""
+    if checkpoints_of_epoch(args, completed_epoch):
+        path = hn_state.save_state(args.checkpoint_path, completed_epoch, plugin_state())
         logging.info("Saved hard-negative state to %s", path)
-    if args.delete_previous_checkpoint:
-        hn_state.remove_state(os.path.join(args.checkpoint_path, f"epoch_{completed_epoch - 1}.pt"))
+    hn_state.prune_states(args.checkpoint_path, completed_epoch)
 
 
 def pt_load(file_path, map_location=None):
-    """OpenCLIP's checkpoint load; on a resume, also pick up the plugin state beside it."""
+    """OpenCLIP's checkpoint load; on a resume, also pick up the plugin state of its epoch."""
     checkpoint = _ORIGINALS["pt_load"](file_path, map_location=map_location)
     if _runtime is not None and _runtime.config.enabled and isinstance(checkpoint, dict) \
             and "epoch" in checkpoint:
-        saved = hn_state.load_state(file_path)
-        if saved is None:
-            logging.warning("No hard-negative state beside %s: bank, thresholds and curriculum "
-                            "start fresh", file_path)
+        found = hn_state.find_state(file_path, checkpoint["epoch"])
+        if found is None:
+            logging.warning("No hard-negative state for epoch %s beside %s: bank, thresholds and "
+                            "curriculum start fresh", checkpoint["epoch"], file_path)
         else:
+            path, saved = found
             _warn_config_changes(saved.get("config", {}))
             _runtime.pending_state = saved
-            logging.info("=> found hard-negative state %s", hn_state.state_path(file_path))
+            logging.info("=> found hard-negative state %s", path)
     return checkpoint
 
 
@@ -441,6 +471,11 @@ def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist
     """OpenCLIP's epoch, then the plugin's epoch-end work (state beside checkpoints, eval)."""
     _ORIGINALS["train_one_epoch"](model, data, loss, epoch, optimizer, scaler, scheduler,
                                   dist_model, args, tb_writer=tb_writer)
+    epoch_end(model, epoch, args, tb_writer)
+
+
+def epoch_end(model, epoch: int, args: argparse.Namespace, tb_writer=None) -> None:
+    """After epoch `epoch` (0-based), before OpenCLIP's checkpoint: plugin state, eval."""
     if _runtime is None or not _runtime.config.enabled:
         return
     completed_epoch = epoch + 1
@@ -463,8 +498,66 @@ _HOOKS = {
 }
 
 
+class Plugin:
+    """The plugin for OpenCLIP's own hook points (`--plugins open_clip_hn`, see patches/).
+
+    Its hooks call the functions the wrappers above call, so both routes train alike. It needs
+    no base class: this module imports whether or not the installed OpenCLIP has the hooks.
+    """
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        add_hn_arguments(parser)
+
+    def expand_argv(self, argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+        return _with_recipe(list(argv), parser)
+
+    def configure(self, args: argparse.Namespace, argv: list[str],
+                  parser: argparse.ArgumentParser) -> None:
+        _print_config_if_asked(args, parser)
+        configure(args, argv, parser)
+
+    def model_created(self, model, preprocess_train, preprocess_val, args) -> None:
+        model_created(model, preprocess_val, args.device)
+
+    def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None, *, get_data):
+        return _get_data(args, preprocess_fns, epoch, tokenizer, get=get_data)
+
+    def create_loss(self, args, *, create_loss):
+        return _create_loss(args, create=create_loss)
+
+    def checkpoint_loaded(self, path: str, checkpoint, args) -> None:
+        checkpoint_loaded(path, checkpoint)
+
+    def epoch_end(self, model, data, loss, epoch, optimizer, args, tb_writer=None) -> None:
+        epoch_end(model, epoch, args, tb_writer)
+
+
+PLUGIN_NAME = "open_clip_hn"
+
+
+def official_hooks() -> bool:
+    """Whether the installed `open_clip_train` has the plugin hook points of patches/."""
+    try:
+        from open_clip_train import plugins
+    except ImportError:
+        return False
+    return getattr(plugins, "ENTRY_POINT_GROUP", None) == "open_clip_train.plugins"
+
+
 def install() -> None:
-    """Replace OpenCLIP's seams in `open_clip_train.main` with the plugin's wrappers (once)."""
+    """Make `open_clip_train.main.main` take the `--hn-*` flags in this process (idempotent).
+
+    On an OpenCLIP with the plugin hook points this enables the plugin through them (adds it
+    to `$OPEN_CLIP_TRAIN_PLUGINS`, which they read) and patches nothing; otherwise it replaces
+    OpenCLIP's seams in `open_clip_train.main` with the wrappers above.
+    """
+    if official_hooks():
+        from open_clip_train.plugins import ENV_VAR
+
+        enabled = [name.strip() for name in os.environ.get(ENV_VAR, "").split(",") if name.strip()]
+        if PLUGIN_NAME not in enabled:
+            os.environ[ENV_VAR] = ",".join(enabled + [PLUGIN_NAME])
+        return
     if _ORIGINALS:
         return
     for name, hook in _HOOKS.items():

@@ -248,8 +248,13 @@ class HardNegativeLoss(torch.nn.Module):
         }
 
     def load_state_dict(self, state: dict[str, object], strict: bool = True, assign: bool = False) -> None:
-        """Continue from `state_dict()`: the step counter, bank and thresholds resume exactly."""
-        self.start_step = int(state["step"])
+        """Continue from `state_dict()`: the bank and thresholds resume exactly.
+
+        The step stays the one given to the constructor: OpenCLIP's resumed epoch decides where
+        the LR schedule restarts, and the curriculum must follow the same clock (a resume with
+        another batch size or world size changes steps per epoch). The saved step is kept in
+        `state["step"]` for the caller to compare.
+        """
         self.grad_calls = 0
         self.thresholds.load_state_dict(state["thresholds"])
         if self.bank is not None and state.get("bank") is not None:

@@ -8,6 +8,7 @@ OpenCLIP's `--resume latest` picks the newest `*.pt` file, which must stay a mod
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -17,19 +18,22 @@ STATE_SUFFIX = ".hn"
 STATE_VERSION = 1
 
 
-def state_path(checkpoint_path: str) -> str:
-    """Where the plugin state of a checkpoint lives."""
-    return checkpoint_path + STATE_SUFFIX
+def state_path(checkpoint_dir: str, epoch: int) -> str:
+    """Where the plugin state after `epoch` lives: `epoch_N.pt.hn`, whatever the checkpoint's name.
+
+    Keyed by epoch, not by file: `epoch_latest.pt` (--save-most-recent) finds its state through
+    the epoch stored inside it, so a state file never claims a checkpoint it was not saved with.
+    """
+    return os.path.join(checkpoint_dir, f"epoch_{epoch}.pt{STATE_SUFFIX}")
 
 
-def save_state(checkpoint_path: str, state: dict[str, Any]) -> str:
-    """Write the plugin state for `checkpoint_path` atomically (temp file + rename)."""
-    path = state_path(checkpoint_path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=STATE_SUFFIX, dir=folder)
+def save_state(checkpoint_dir: str, epoch: int, state: dict[str, Any]) -> str:
+    """Write the plugin state after `epoch` atomically (temp file + rename)."""
+    path = state_path(checkpoint_dir, epoch)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=STATE_SUFFIX, dir=checkpoint_dir)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save({"version": STATE_VERSION, **state}, f)
+            torch.save({"version": STATE_VERSION, "epoch": epoch, **state}, f)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -38,11 +42,7 @@ def save_state(checkpoint_path: str, state: dict[str, Any]) -> str:
     return path
 
 
-def load_state(checkpoint_path: str) -> dict[str, Any] | None:
-    """The plugin state saved beside `checkpoint_path`, or None when there is none."""
-    path = state_path(checkpoint_path)
-    if not os.path.exists(path):
-        return None
+def _read(path: str) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("version") != STATE_VERSION:
         raise ValueError(f"{path}: plugin state version {state.get('version')!r} is not "
@@ -50,7 +50,30 @@ def load_state(checkpoint_path: str) -> dict[str, Any] | None:
     return state
 
 
-def remove_state(checkpoint_path: str) -> None:
-    path = state_path(checkpoint_path)
-    if os.path.exists(path):
-        os.remove(path)
+def find_state(checkpoint_path: str, epoch: int) -> tuple[str, dict[str, Any]] | None:
+    """The plugin state saved after `epoch` (the checkpoint's own epoch), or None.
+
+    Looked for beside the checkpoint under its own name first (`X.pt.hn`, for checkpoints that
+    were copied with their state), then as `epoch_N.pt.hn` in its folder. A file whose epoch
+    differs from the checkpoint's is never used.
+    """
+    folder = os.path.dirname(os.path.abspath(checkpoint_path))
+    for path in (checkpoint_path + STATE_SUFFIX, state_path(folder, epoch)):
+        if os.path.exists(path):
+            state = _read(path)
+            if state.get("epoch") == epoch:
+                return path, state
+    return None
+
+
+def prune_states(checkpoint_dir: str, epoch: int) -> None:
+    """Drop states older than the previous epoch whose checkpoint OpenCLIP no longer keeps.
+
+    The previous epoch's state stays: OpenCLIP writes the checkpoint of `epoch` only after the
+    plugin has saved its state, so until then the previous pair is the one to resume from.
+    """
+    for name in os.listdir(checkpoint_dir):
+        match = re.fullmatch(r"epoch_(\d+)\.pt" + re.escape(STATE_SUFFIX), name)
+        if match and int(match.group(1)) < epoch - 1 and \
+                not os.path.exists(os.path.join(checkpoint_dir, name[: -len(STATE_SUFFIX)])):
+            os.remove(os.path.join(checkpoint_dir, name))

@@ -113,3 +113,10 @@ def test_model_hooks_encode_negatives_in_one_forward(tokenizer):
     assert hooked["hn_neg_types"].shape == (2, 2)
     again = model(images, tokenizer(["a", "b"]))  # ordinary tokens: no metadata
     assert "hn_neg_mask" not in again and again["text_features"].shape == (2, 64)
+
+
+def test_precomputed_negatives_keep_only_the_requested_types(tokenizer):
+    packer = PackedNegativeTokenizer(tokenizer, 2, None, types=("replace_relation",))
+    unpacked = unpack_texts(packer(encode_precomputed_caption(CAPTION, NEGATIVES)), 2)
+    assert unpacked.neg_mask.tolist() == [[True, False]]
+    assert unpacked.neg_types.tolist() == [[TYPE_TO_ID["replace_relation"], -1]]

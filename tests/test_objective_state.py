@@ -113,8 +113,9 @@ def test_resume_continues_bank_thresholds_and_curriculum_exactly():
     buffer = io.BytesIO()
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
-    resumed = HardNegativeLoss(full_config(), total_steps=8)
-    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    saved = torch.load(buffer, weights_only=False)
+    resumed = HardNegativeLoss(full_config(), total_steps=8, start_step=saved["step"])
+    resumed.load_state_dict(saved)
     assert resumed.step == 4
     assert run(resumed, range(4, 8)) == expected[4:]
     final, again = straight.state_dict(), resumed.state_dict()

@@ -1,0 +1,452 @@
+#!/usr/bin/env python
+"""Submit `python -m open_clip_hn.train` to SLURM with submitit: N nodes x G GPUs, one task per GPU.
+
+    python slurm/submit.py --nodes 4 --gpus-per-node 8 --partition P --time 72:00:00 \\
+        -- --train-data ... --model ViT-B-32 --hn-negatives online ...
+
+Every task sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK from SLURM (through submitit's
+`JobEnvironment`) so OpenCLIP's `init_distributed_device` works unchanged. The job is a submitit
+checkpointable: on SIGUSR2 (SLURM sends it `--signal-delay` seconds before the time limit, and
+`scancel --signal=USR2` sends it on preemption) rank 0 requeues it, and the new start runs with
+`--resume latest`, so OpenCLIP's checkpoint and the plugin's `epoch_N.pt.hn` state continue the
+run. Logs, submitit's files and checkpoints live in one job folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import functools
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENT_NAME = "train"
+
+
+class SubmitError(Exception):
+    """Bad input found before submission: the message names the input and the fix."""
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python slurm/submit.py",
+        description="Submit open_clip_hn training to SLURM (submitit): one task per GPU, "
+                    "requeued and resumed on preemption or time limit. Training flags follow '--'.",
+        usage="%(prog)s [options] -- <flags of python -m open_clip_hn.train>",
+    )
+    parser.add_argument("--nodes", type=int, default=1, help="Number of nodes.")
+    parser.add_argument("--gpus-per-node", type=int, default=8,
+                        help="GPUs per node; one task per GPU. 0 for CPU-only runs (then "
+                             "--tasks-per-node tasks, gloo backend).")
+    parser.add_argument("--tasks-per-node", type=int, default=None,
+                        help="Tasks per node (default: --gpus-per-node, or 1 without GPUs).")
+    parser.add_argument("--cpus-per-task", type=int, default=10,
+                        help="CPUs per task (data loader workers + main thread); also sets "
+                             "OMP_NUM_THREADS.")
+    parser.add_argument("--mem", default=None,
+                        help="Memory per node in SLURM syntax (e.g. 400G); default: the cluster's.")
+    parser.add_argument("--partition", default=None,
+                        help="SLURM partition (default: the cluster's default partition).")
+    parser.add_argument("--time", default="72:00:00",
+                        help="Time limit per start of the job: MM, HH:MM:SS or D-HH:MM:SS.")
+    parser.add_argument("--account", default=None, help="SLURM account to charge.")
+    parser.add_argument("--qos", default=None, help="SLURM quality of service.")
+    parser.add_argument("--constraint", default=None, help="SLURM node feature constraint.")
+    parser.add_argument("--job-name", default="open_clip_hn", help="SLURM job name.")
+    parser.add_argument("--job-dir", default=None,
+                        help="Job folder for submitit's files, logs and (unless --logs/--name are "
+                             "given) the experiment; default ./slurm_jobs/<job-name>_<time>.")
+    parser.add_argument("--signal-delay", type=int, default=120,
+                        help="Seconds before the time limit at which SLURM sends SIGUSR2 so the "
+                             "job requeues itself.")
+    parser.add_argument("--max-timeouts", type=int, default=3,
+                        help="How many times a job that reaches its time limit is requeued.")
+    parser.add_argument("--dist-timeout", type=float, default=30.0,
+                        help="Minutes a collective (NCCL/gloo) may wait before the job fails, "
+                             "e.g. when a node dies.")
+    parser.add_argument("--local", action="store_true",
+                        help="Run the same job on this machine with submitit's local executor "
+                             "(one node, no SLURM), waiting for it: for debugging.")
+    parser.add_argument("--wait", action="store_true",
+                        help="Wait for the job to finish (through requeues) and exit non-zero "
+                             "if it failed.")
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Launcher flags before '--', training flags after it."""
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
+def parse_time(text: str) -> int:
+    """A SLURM time limit (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not match:
+        raise SubmitError(f"--time {text!r}: not a SLURM time; use MM, HH:MM:SS or D-HH:MM:SS")
+    days, first, second, third = match.groups()
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = int(days) * 86400 + int(first) * 3600 + int(second or 0) * 60 + int(third or 0)
+    elif third is not None:  # HH:MM:SS
+        seconds = int(first) * 3600 + int(second) * 60 + int(third)
+    else:  # MM[:SS]
+        seconds = int(first) * 60 + int(second or 0)
+    minutes = -(-seconds // 60)
+    if minutes < 1:
+        raise SubmitError(f"--time {text!r}: the time limit must be at least one minute")
+    return minutes
+
+
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in argv (`--flag V` or `--flag=V`; the last one wins), else None."""
+    value = None
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg[len(flag) + 1:]
+    return value
+
+
+def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+    """argv with every `flag` occurrence removed and `flag value` appended."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == flag:
+            skip = True
+        elif not arg.startswith(flag + "="):
+            out.append(arg)
+    return [*out, flag, value]
+
+
+def experiment_argv(train_argv: list[str], job_dir: Path) -> list[str]:
+    """The training flags the job runs: its experiment in the job folder, resuming its own latest.
+
+    `--resume latest` needs a fixed `--logs`/`--name`; with no `--resume` given the job always
+    continues its own experiment (the first start finds no checkpoint and starts fresh), so any
+    restart, by submitit or by SLURM itself, resumes instead of being refused by OpenCLIP.
+    """
+    argv = list(train_argv)
+    if flag_value(argv, "--logs") is None:
+        argv = with_flag(argv, "--logs", str(job_dir))
+    if flag_value(argv, "--name") is None:
+        argv = with_flag(argv, "--name", EXPERIMENT_NAME)
+    if flag_value(argv, "--resume") is None:
+        argv = with_flag(argv, "--resume", "latest")
+    return argv
+
+
+def experiment_dir(train_argv: list[str]) -> Path:
+    return Path(flag_value(train_argv, "--logs")) / flag_value(train_argv, "--name")
+
+
+# ---------------------------------------------------------------------------- checks before submission
+
+
+def check_train_flags(train_argv: list[str]) -> None:
+    """Parse the training flags exactly as `python -m open_clip_hn.train` will (exits on error)."""
+    sys.path.insert(0, str(REPO))
+    from open_clip_hn import hooks, install
+
+    install()
+    try:
+        hooks.parse_args(train_argv)
+    except SystemExit as err:
+        if err.code:
+            raise SubmitError("the training flags after '--' were refused (see the message "
+                              "above); nothing was submitted") from None
+        raise
+
+
+def check_job_dir(job_dir: Path) -> None:
+    try:
+        job_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=job_dir):
+            pass
+    except OSError as err:
+        raise SubmitError(f"--job-dir {job_dir}: not writable ({err.strerror}); pass "
+                          "--job-dir with a folder you can write on a shared file system") from None
+
+
+def check_experiment(train_argv: list[str]) -> None:
+    """OpenCLIP refuses an existing experiment unless resuming it: refuse before queueing."""
+    log = experiment_dir(train_argv) / "out.log"
+    if log.exists() and flag_value(train_argv, "--resume") != "latest":
+        raise SubmitError(f"experiment {log.parent} already exists: pass --resume latest after "
+                          "'--' to continue it, or another --job-dir / --name")
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    for flag, value, least in (("--nodes", args.nodes, 1), ("--gpus-per-node", args.gpus_per_node, 0),
+                               ("--tasks-per-node", args.tasks_per_node, 1),
+                               ("--cpus-per-task", args.cpus_per_task, 1),
+                               ("--signal-delay", args.signal_delay, 1),
+                               ("--max-timeouts", args.max_timeouts, 0)):
+        if value is not None and value < least:
+            raise SubmitError(f"{flag} {value}: must be at least {least}")
+    if args.dist_timeout <= 0:
+        raise SubmitError(f"--dist-timeout {args.dist_timeout}: must be a positive number of minutes")
+    if args.local and args.nodes != 1:
+        raise SubmitError(f"--local runs on this machine only: use --nodes 1 (got {args.nodes})")
+
+
+def partitions() -> tuple[list[str], str | None]:
+    """The cluster's partitions and its default one (None when it has none)."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    except subprocess.CalledProcessError as err:
+        raise SubmitError(f"cannot reach SLURM (sinfo: {err.stderr.strip()}); run on a login "
+                          "node, check SLURM_CONF, or use --local") from None
+    except (OSError, subprocess.SubprocessError) as err:
+        raise SubmitError(f"cannot reach SLURM (sinfo: {err}); run on a login node or use "
+                          "--local") from None
+    names = [name.strip() for name in out.split()]
+    default = next((name[:-1] for name in names if name.endswith("*")), None)
+    return [name.rstrip("*") for name in names], default
+
+
+def check_partition(partition: str | None) -> None:
+    if shutil.which("sbatch") is None:
+        raise SubmitError("no sbatch on this machine: run on a SLURM login node, or pass --local")
+    names, default = partitions()
+    if partition is None and default is None:
+        raise SubmitError(f"this cluster has no default partition: pass --partition "
+                          f"(one of {', '.join(names) or 'none found'})")
+    if partition is not None and partition not in names:
+        raise SubmitError(f"--partition {partition}: no such partition (have: {', '.join(names)})")
+
+
+# ---------------------------------------------------------------------------- the job
+
+
+def distributed_env(hostnames: list[str], job_id: str, global_rank: int, local_rank: int,
+                    num_tasks: int) -> dict[str, str]:
+    """torch.distributed's env:// variables for one task; the first node hosts the rendezvous.
+
+    The port is derived from the job id, so all tasks agree and a requeued job reuses it.
+    """
+    digits = re.sub(r"\D", "", job_id) or "0"
+    return {
+        "MASTER_ADDR": "127.0.0.1" if len(hostnames) == 1 else hostnames[0],
+        "MASTER_PORT": str(20000 + int(digits) % 40000),
+        "RANK": str(global_rank),
+        "LOCAL_RANK": str(local_rank),
+        "WORLD_SIZE": str(num_tasks),
+    }
+
+
+def checkpoints(checkpoint_dir: Path) -> list[Path]:
+    return sorted(checkpoint_dir.glob("*.pt")) if checkpoint_dir.is_dir() else []
+
+
+def set_aside_broken_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Rename unreadable checkpoints that `--resume latest` would pick, so it picks the one before.
+
+    A node that dies while OpenCLIP writes `epoch_N.pt` (in place) leaves a truncated file that
+    would otherwise be the newest checkpoint and fail every later start. Only the pick is read
+    (memory-mapped, so the tensors are not loaded).
+    """
+    import torch
+    from open_clip_train.main import get_latest_checkpoint
+
+    moved = []
+    while (latest := get_latest_checkpoint(str(checkpoint_dir), remote=False)) is not None:
+        try:
+            torch.load(latest, map_location="cpu", mmap=True, weights_only=True)
+            break
+        except Exception:  # any failure to read it back: truncated zip, missing records
+            target = latest + ".broken"
+            os.replace(latest, target)
+            moved.append(Path(target))
+    return moved
+
+
+@contextlib.contextmanager
+def deferred_signal(signum: int) -> Iterator[None]:
+    """Hold `signum` back while the body runs, then deliver it (main thread only).
+
+    submitit's SIGUSR2 handler requeues and exits at once; inside `torch.save` that would leave
+    a checkpoint with missing tensors. Deferred, the save completes first.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signum, lambda num, frame: caught.append(num))
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+        if caught:
+            signal.raise_signal(signum)
+
+
+def defer_signal_during_saves(signum: int) -> None:
+    """Make every `torch.save` of this process (checkpoints, plugin state) finish before `signum`."""
+    import torch
+
+    original = torch.save
+
+    @functools.wraps(original)
+    def save(*args: Any, **kwargs: Any) -> Any:
+        with deferred_signal(signum):
+            return original(*args, **kwargs)
+
+    torch.save = save
+
+
+def ignore_signal_in_forked_children(signum: int) -> None:
+    """Data loader workers fork with submitit's handler; only the task itself may requeue."""
+    os.register_at_fork(after_in_child=lambda: signal.signal(signum, signal.SIG_IGN))
+
+
+def set_dist_timeout(minutes: float) -> None:
+    """Make torch.distributed's process group use `minutes` as its collective timeout.
+
+    OpenCLIP calls `init_process_group` without one; an explicit timeout (with NCCL's async
+    error handling) makes a dead node fail the job instead of leaving the others waiting.
+    """
+    import torch.distributed as dist
+
+    original = dist.init_process_group
+
+    @functools.wraps(original)
+    def init_process_group(*args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("timeout", datetime.timedelta(minutes=minutes))
+        return original(*args, **kwargs)
+
+    dist.init_process_group = init_process_group
+
+
+class TrainJob:
+    """One task of the training job; submitit pickles it and calls it on every task.
+
+    `checkpoint()` is submitit's preemption/time-limit hook (rank 0, on SIGUSR2): it returns the
+    job to requeue, switched to `--resume latest` once the experiment has a checkpoint.
+    """
+
+    def __init__(self, train_argv: list[str], dist_timeout_min: float):
+        self.train_argv = list(train_argv)
+        self.dist_timeout_min = dist_timeout_min
+
+    def __call__(self) -> str:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        os.environ.update(distributed_env(list(env.hostnames), env.job_id, env.global_rank,
+                                          env.local_rank, env.num_tasks))
+        print(f"open_clip_hn job {env}: {' '.join(self.train_argv)}", flush=True)
+        if env.global_rank == 0:
+            for path in set_aside_broken_checkpoints(experiment_dir(self.train_argv) / "checkpoints"):
+                print(f"Set aside an incomplete checkpoint: {path}", flush=True)
+        set_dist_timeout(self.dist_timeout_min)
+        requeue_signal = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
+        defer_signal_during_saves(requeue_signal)
+        ignore_signal_in_forked_children(requeue_signal)
+        from open_clip_hn.train import main
+
+        if main(self.train_argv) == -1:
+            raise RuntimeError("open_clip_hn.train refused to start; see the log above")
+        # Done: a time-limit signal now would only kill the exiting interpreter (Python restores
+        # default handlers while it shuts down) and mark a finished run FAILED.
+        signal.signal(requeue_signal, signal.SIG_IGN)
+        return str(experiment_dir(self.train_argv))
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
+        import submitit
+
+        argv = self.train_argv
+        if flag_value(argv, "--resume") != "latest" and checkpoints(
+                experiment_dir(argv) / "checkpoints"):
+            argv = with_flag(argv, "--resume", "latest")
+        return submitit.helpers.DelayedSubmission(TrainJob(argv, self.dist_timeout_min))
+
+
+# ---------------------------------------------------------------------------- submission
+
+
+def make_executor(args: argparse.Namespace, job_dir: Path, tasks_per_node: int) -> Any:
+    import submitit
+
+    setup = [f"export OMP_NUM_THREADS={args.cpus_per_task}",
+             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+             f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}"]
+    timeout_min = parse_time(args.time)
+    if args.local:
+        executor = submitit.LocalExecutor(folder=str(job_dir))
+        executor.update_parameters(timeout_min=timeout_min, tasks_per_node=tasks_per_node,
+                                   gpus_per_node=args.gpus_per_node,
+                                   signal_delay_s=args.signal_delay, setup=setup)
+        return executor
+    executor = submitit.SlurmExecutor(folder=str(job_dir), max_num_timeout=args.max_timeouts)
+    extra = {"mem": args.mem} if args.mem else {}
+    executor.update_parameters(
+        job_name=args.job_name, nodes=args.nodes, ntasks_per_node=tasks_per_node,
+        cpus_per_task=args.cpus_per_task, gpus_per_node=args.gpus_per_node or None,
+        time=timeout_min, partition=args.partition, account=args.account, qos=args.qos,
+        constraint=args.constraint, signal_delay_s=args.signal_delay, setup=setup,
+        srun_args=["--kill-on-bad-exit=1"], additional_parameters=extra,
+    )
+    return executor
+
+
+def main(argv: list[str] | None = None) -> int:
+    launcher_argv, train_argv = split_argv(sys.argv[1:] if argv is None else list(argv))
+    args = build_parser().parse_args(launcher_argv)
+    try:
+        if not train_argv:
+            raise SubmitError("no training flags: put the flags of python -m open_clip_hn.train "
+                              "after '--'")
+        check_counts(args)
+        parse_time(args.time)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        job_dir = Path(args.job_dir or Path("slurm_jobs") / f"{args.job_name}_{stamp}").absolute()
+        check_job_dir(job_dir)
+        train_argv = experiment_argv(train_argv, job_dir)
+        check_train_flags(train_argv)
+        check_experiment(train_argv)
+        if not args.local:
+            check_partition(args.partition)
+    except SubmitError as err:
+        print(f"submit.py: error: {err}", file=sys.stderr)
+        return 2
+
+    tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
+    executor = make_executor(args, job_dir, tasks_per_node)
+    job = executor.submit(TrainJob(train_argv, args.dist_timeout))
+    where = "locally" if args.local else f"on {args.nodes} node(s)"
+    print(f"Submitted job {job.job_id} {where}, {tasks_per_node} task(s) per node")
+    print(f"Job folder: {job_dir}")
+    print(f"Experiment: {experiment_dir(train_argv)}")
+    print(f"Follow the log: tail -f {job.paths.stdout}", flush=True)
+    if not (args.wait or args.local):
+        return 0
+    try:
+        print(f"Finished: {job.results()[0]}")
+    except Exception as err:  # submitit raises the task's error or a failed-job error
+        print(f"Job {job.job_id} failed: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
