@@ -416,6 +416,12 @@ def save_plugin_state(args: argparse.Namespace, completed_epoch: int) -> None:
 def pt_load(file_path, map_location=None):
     """OpenCLIP's checkpoint load; on a resume, also pick up the plugin state of its epoch."""
     checkpoint = _ORIGINALS["pt_load"](file_path, map_location=map_location)
+    checkpoint_loaded(file_path, checkpoint)
+    return checkpoint
+
+
+def checkpoint_loaded(file_path: str, checkpoint) -> None:
+    """On a resume from `file_path`, pick up the plugin state of the checkpoint's epoch."""
     if _runtime is not None and _runtime.config.enabled and isinstance(checkpoint, dict) \
             and "epoch" in checkpoint:
         found = hn_state.find_state(file_path, checkpoint["epoch"])
@@ -427,7 +433,6 @@ def pt_load(file_path, map_location=None):
             _warn_config_changes(saved.get("config", {}))
             _runtime.pending_state = saved
             logging.info("=> found hard-negative state %s", path)
-    return checkpoint
 
 
 def _warn_config_changes(saved: dict[str, Any]) -> None:
