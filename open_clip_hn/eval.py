@@ -1,0 +1,504 @@
+"""Compositional evaluation of any OpenCLIP model: per negative type, in the loop and after.
+
+Set layouts read from one folder (each file is one set, named by its stem):
+  SugarCrepe   `{name}.json` = {id: {"filename", "caption", "negative_caption"}}; images under
+               `images/` (or beside the JSON). Accuracy: the image scores caption > negative.
+  ARO          `{name}.json` = [{"image_path", "true_caption", "false_caption", optional
+               "bbox_x", "bbox_y", "bbox_w", "bbox_h"}, ...] (VG-Relation, VG-Attribution); the
+               image is cropped to the box as ARO does. Accuracy as above.
+  image pairs  `{name}.jsonl`, one {"image_0", "image_1", "caption_0", "caption_1"} per line
+               (Winoground; InpaintCOCO converts to it): text, image and group scores.
+Retrieval reads a folder of `{key}.{png,jpg,jpeg,webp}` + `{key}.txt` pairs: R@1/R@5 both ways.
+
+The scoring functions are pure (features in, numbers out); loading and encoding sit around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Sequence
+
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+SUGARCREPE_KEYS = ("filename", "caption", "negative_caption")
+ARO_KEYS = ("image_path", "true_caption", "false_caption")
+PAIR_KEYS = ("image_0", "image_1", "caption_0", "caption_1")
+
+
+# ----------------------------------------------------------------------------- pure scoring
+
+def choice_correct(image_features: torch.Tensor, option_features: torch.Tensor) -> torch.Tensor:
+    """Items whose image scores option 0 (the true caption) strictly above every other option.
+
+    image_features [N, D], option_features [N, C, D] (L2-normalised) -> bool [N]. Ties and NaN
+    count as wrong, so a model that cannot tell the captions apart (or diverged) scores 0.
+    """
+    scores = torch.einsum("nd,ncd->nc", image_features, option_features)
+    return scores[:, 0] > scores[:, 1:].max(dim=1).values
+
+
+def pair_scores(scores: torch.Tensor) -> dict[str, float]:
+    """Winoground's text, image and group scores from scores[n, caption i, image j] ([N, 2, 2]).
+
+    Comparisons are strict, so ties and NaN (a diverged model) count as wrong."""
+    s = scores
+    text = (s[:, 0, 0] > s[:, 1, 0]) & (s[:, 1, 1] > s[:, 0, 1])
+    image = (s[:, 0, 0] > s[:, 0, 1]) & (s[:, 1, 1] > s[:, 1, 0])
+    return {"text": text.float().mean().item(), "image": image.float().mean().item(),
+            "group": (text & image).float().mean().item()}
+
+
+def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor,
+                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    """R@k of image->text and text->image for N matched pairs (row i of each is a pair)."""
+    similarity = image_features @ text_features.T
+    target = torch.arange(similarity.shape[0], device=similarity.device)
+    results = {}
+    for direction, sim in (("image_to_text", similarity), ("text_to_image", similarity.T)):
+        # rank of the true partner = candidates not scoring below it (NaN counts against it)
+        rank = (~(sim <= sim[target, target].unsqueeze(1))).sum(dim=1)
+        for k in ks:
+            results[f"{direction}_R@{k}"] = (rank < k).float().mean().item()
+    return results
+
+
+# ----------------------------------------------------------------------------- loading
+
+@dataclass
+class ChoiceSet:
+    """Items of (image path, crop box or None, [true caption, negatives...])."""
+
+    name: str
+    path: str
+    items: list[tuple[str, tuple[float, float, float, float] | None, list[str]]]
+    skipped: int = 0
+
+
+@dataclass
+class PairSet:
+    name: str
+    path: str
+    items: list[tuple[str, str, str, str]]  # image_0, image_1, caption_0, caption_1
+    skipped: int = 0
+
+
+@dataclass
+class RetrievalSet:
+    path: str
+    items: list[tuple[str, str]] = field(default_factory=list)  # image path, caption
+
+
+def _find_image(root: str, name: str) -> str | None:
+    for candidate in (os.path.join(root, "images", name), os.path.join(root, name)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _layout_error(path: str, detail: str) -> ValueError:
+    return ValueError(
+        f"{path}: {detail}. Expected SugarCrepe layout {{id: {{\"filename\", \"caption\", "
+        f"\"negative_caption\"}}}} or ARO layout [{{\"image_path\", \"true_caption\", "
+        f"\"false_caption\", ...}}]")
+
+
+def load_choice_set(path: str) -> ChoiceSet:
+    """Read one SugarCrepe- or ARO-layout JSON; missing images are skipped and counted."""
+    root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise _layout_error(path, f"not valid JSON ({err})") from None
+    if isinstance(data, dict):
+        records, keys = list(data.values()), SUGARCREPE_KEYS
+    elif isinstance(data, list):
+        records, keys = data, ARO_KEYS
+    else:
+        raise _layout_error(path, f"top level is a {type(data).__name__}")
+    if not records:
+        raise ValueError(f"{path}: the set is empty; it needs at least one item")
+    result = ChoiceSet(name, path, [])
+    for position, record in enumerate(records):
+        if not isinstance(record, dict) or any(k not in record for k in keys):
+            raise _layout_error(path, f"item {position} lacks one of {', '.join(keys)}")
+        image = _find_image(root, record[keys[0]])
+        if image is None:
+            result.skipped += 1
+            continue
+        box = None
+        if all(k in record for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")):
+            x, y, w, h = (float(record[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+            box = (x, y, x + w, y + h)
+        result.items.append((image, box, [record[keys[1]], record[keys[2]]]))
+    if not result.items:
+        raise FileNotFoundError(f"{path}: none of its {len(records)} images were found under "
+                                f"{os.path.join(root, 'images')} or {root}")
+    return result
+
+
+def load_pair_set(path: str) -> PairSet:
+    """Read a Winoground-style JSONL of image pairs; pairs with a missing image are skipped."""
+    root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    result = PairSet(name, path, [])
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{path}: the set is empty; it needs at least one line")
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or any(k not in record for k in PAIR_KEYS):
+            raise ValueError(f"{path}:{number}: expected one JSON object per line with keys "
+                             f"{', '.join(PAIR_KEYS)} (Winoground layout)")
+        images = [_find_image(root, record[k]) or _find_image(root, record[k] + ".png")
+                  for k in ("image_0", "image_1")]
+        if None in images:
+            result.skipped += 1
+            continue
+        result.items.append((images[0], images[1], record["caption_0"], record["caption_1"]))
+    if not result.items:
+        raise FileNotFoundError(f"{path}: none of its images were found under {root}/images")
+    return result
+
+
+def load_retrieval_set(folder: str) -> RetrievalSet:
+    """Pair every image in `folder` with the `.txt` of the same stem."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"retrieval folder {folder} does not exist")
+    result = RetrievalSet(folder)
+    for filename in sorted(os.listdir(folder)):
+        stem, ext = os.path.splitext(filename)
+        caption_path = os.path.join(folder, stem + ".txt")
+        if ext.lower() in IMAGE_EXTENSIONS and os.path.isfile(caption_path):
+            with open(caption_path) as f:
+                result.items.append((os.path.join(folder, filename), f.read().strip()))
+    if len(result.items) < 2:
+        raise ValueError(f"retrieval folder {folder} holds {len(result.items)} image+caption "
+                         f"pairs; expected at least 2 pairs named KEY.png (or .jpg) + KEY.txt")
+    return result
+
+
+def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
+    """Every `*.json` (choice) and `*.jsonl` (image-pair) set directly inside `root`."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"compositional folder {root} does not exist")
+    names = sorted(os.listdir(root))
+    choice = [load_choice_set(os.path.join(root, n)) for n in names if n.endswith(".json")]
+    pairs = [load_pair_set(os.path.join(root, n)) for n in names if n.endswith(".jsonl")]
+    if not choice and not pairs:
+        raise ValueError(f"compositional folder {root} holds no *.json or *.jsonl sets")
+    return choice, pairs
+
+
+# ----------------------------------------------------------------------------- encoding
+
+def _load_image(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image:
+    image = Image.open(path).convert("RGB")
+    return image.crop(box) if box else image
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, preprocess: Callable, images: Sequence[tuple],
+                  device: torch.device | str, batch_size: int, autocast: Callable[[], ContextManager],
+                  progress: Callable | None = None) -> torch.Tensor:
+    """L2-normalised image features [N, D] (fp32) of (path, box) entries, in batches."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.stack([preprocess(_load_image(*entry))
+                             for entry in images[start:start + batch_size]]).to(device)
+        with autocast():
+            features = model.encode_image(batch)
+        out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        if progress:
+            progress(len(batch))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str],
+                 device: torch.device | str, batch_size: int, autocast: Callable[[], ContextManager],
+                 progress: Callable | None = None) -> torch.Tensor:
+    """L2-normalised text features [N, D] (fp32), in batches."""
+    out = []
+    for start in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
+        with autocast():
+            features = model.encode_text(tokens)
+        out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        if progress:
+            progress(len(tokens))
+    return torch.cat(out)
+
+
+def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
+                  choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = (),
+                  retrieval: RetrievalSet | None = None, device: torch.device | str = "cpu",
+                  batch_size: int = 256, autocast: Callable[[], ContextManager] | None = None,
+                  show_progress: bool = False) -> dict[str, dict[str, float]]:
+    """{set name: {metric: value, "n": items, "skipped": missing images}} for loaded sets."""
+    from tqdm import tqdm
+
+    autocast = autocast or contextlib.nullcontext
+    model = getattr(model, "module", model)  # DDP
+    was_training = model.training
+    model.eval()
+    total = sum(len(s.items) * (1 + len(s.items[0][2])) for s in choice_sets)
+    total += sum(len(s.items) * 4 for s in pair_sets)
+    total += 2 * len(retrieval.items) if retrieval else 0
+    bar = tqdm(total=total, desc="eval", unit="enc", disable=not show_progress)
+    encode = dict(device=device, batch_size=batch_size, autocast=autocast, progress=bar.update)
+    results: dict[str, dict[str, float]] = {}
+    try:
+        for s in choice_sets:
+            images = encode_images(model, preprocess, [(p, b) for p, b, _ in s.items], **encode)
+            options = len(s.items[0][2])
+            texts = encode_texts(model, tokenizer, [c for *_, caps in s.items for c in caps],
+                                 **encode).view(len(s.items), options, -1)
+            accuracy = choice_correct(images, texts).float().mean().item()
+            results[s.name] = {"acc": accuracy, "n": len(s.items), "skipped": s.skipped}
+        for s in pair_sets:
+            images = encode_images(model, preprocess,
+                                   [(p, None) for i0, i1, *_ in s.items for p in (i0, i1)],
+                                   **encode).view(len(s.items), 2, -1)
+            texts = encode_texts(model, tokenizer, [c for *_, c0, c1 in s.items for c in (c0, c1)],
+                                 **encode).view(len(s.items), 2, -1)
+            scores = torch.einsum("nid,njd->nij", texts, images)
+            results[s.name] = {**pair_scores(scores), "n": len(s.items), "skipped": s.skipped}
+        if retrieval:
+            images = encode_images(model, preprocess, [(p, None) for p, _ in retrieval.items],
+                                   **encode)
+            texts = encode_texts(model, tokenizer, [c for _, c in retrieval.items], **encode)
+            results["retrieval"] = {**retrieval_recall(images, texts), "n": len(retrieval.items),
+                                    "skipped": 0}
+    finally:
+        bar.close()
+        model.train(was_training)
+    for name, metrics in results.items():
+        if metrics["skipped"]:
+            logging.warning(f"eval: {name}: skipped {metrics['skipped']} item(s) with a missing "
+                            f"image; scored {metrics['n']}")
+    return results
+
+
+def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """{"compositional/{set}/{metric}" or "retrieval/{metric}": value}, without n/skipped."""
+    flat = {}
+    for name, metrics in results.items():
+        prefix = "retrieval" if name == "retrieval" else f"compositional/{name}"
+        flat.update({f"{prefix}/{k}": v for k, v in metrics.items() if k not in ("n", "skipped")})
+    return flat
+
+
+def evaluate_compositional(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
+                           root: str, device: torch.device | str = "cpu", batch_size: int = 256,
+                           autocast: Callable[[], ContextManager] | None = None
+                           ) -> dict[str, float]:
+    """The in-loop evaluation: every set in `root` (and `root/retrieval` when present).
+
+    Returns flat metric names ready for OpenCLIP's logging, e.g.
+    "compositional/replace_relation/acc", "compositional/relation_pairs/group",
+    "retrieval/image_to_text_R@1". Restores the model's train/eval mode.
+    """
+    choice_sets, pair_sets = discover_sets(root)
+    retrieval_dir = os.path.join(root, "retrieval")
+    retrieval = load_retrieval_set(retrieval_dir) if os.path.isdir(retrieval_dir) else None
+    return flatten(evaluate_sets(model, preprocess, tokenizer, choice_sets, pair_sets, retrieval,
+                                 device, batch_size, autocast))
+
+
+# ----------------------------------------------------------------------------- models
+
+def load_model(name: str, pretrained: str | None, device: torch.device | str = "cpu",
+               model_configs: Sequence[str] = ()):
+    """(model, preprocess, tokenizer) for an OpenCLIP model name and checkpoint or pretrained tag.
+
+    Plugin checkpoints are plain OpenCLIP checkpoints, so both load the same way; a checkpoint
+    of another architecture raises a ValueError naming both.
+    """
+    import open_clip
+
+    for config in model_configs:
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"--model-config {config} does not exist")
+        open_clip.add_model_config(config)
+    looks_like_path = os.path.sep in (pretrained or "") or (pretrained or "").endswith(
+        (".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"checkpoint {pretrained} does not exist")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device=device)
+    except RuntimeError as err:
+        if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
+            raise ValueError(f"checkpoint {pretrained} does not fit model {name!r} (another "
+                             f"architecture?); pass the --model it was trained with.\n{err}") from None
+        raise
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(name)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def metric_rows(runs: Sequence[dict[str, dict[str, float]]]) -> list[tuple[str, str]]:
+    """(set, metric) rows in first-seen order across runs, without n/skipped."""
+    rows: dict[tuple[str, str], None] = {}
+    for results in runs:
+        for name, metrics in results.items():
+            rows.update({(name, k): None for k in metrics if k not in ("n", "skipped")})
+    return list(rows)
+
+
+def format_table(labels: Sequence[str], runs: Sequence[dict[str, dict[str, float]]]) -> str:
+    """A text table: one row per (set, metric), one column per run, then Δ vs the first run."""
+    rows = metric_rows(runs)
+    header = ["set", "metric", *labels] + [f"Δ {label}" for label in labels[1:]]
+    body = []
+    for name, metric in rows:
+        values = [r.get(name, {}).get(metric) for r in runs]
+        cells = ["-" if v is None else f"{100 * v:.1f}" for v in values]
+        base = values[0]
+        cells += ["-" if v is None or base is None else f"{100 * (v - base):+.1f}"
+                  for v in values[1:]]
+        body.append([name, metric, *cells])
+    widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
+    line = lambda row: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
+                                 for i, (c, w) in enumerate(zip(row, widths)))
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body)])
+
+
+def plot_results(path: str, labels: Sequence[str], runs: Sequence[dict[str, dict[str, float]]],
+                 title: str = "Compositional evaluation") -> None:
+    """Grouped bar plot (one bar per run) of every metric, written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = metric_rows(runs)
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4.2))
+    for i, (label, results) in enumerate(zip(labels, runs)):
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(rows))]
+        values = [100 * results.get(n, {}).get(m, float("nan")) for n, m in rows]
+        bars = ax.bar(xs, values, width, label=label)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    chance = [50 if m == "acc" else None for _, m in rows]
+    for j, c in enumerate(chance):
+        if c is not None:
+            ax.hlines(c, j - 0.45, j + 0.45, colors="gray", linestyles="dotted", linewidth=1)
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{n}\n{m}" for n, m in rows], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("score (%)  ·  dotted: chance")
+    ax.set_ylim(0, 105)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=130)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, obj: object) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def report(labels: Sequence[str], runs: Sequence[dict[str, dict[str, float]]],
+           meta: Sequence[dict] | None = None) -> dict:
+    """The JSON document: each run's results, and differences to the first run."""
+    meta = meta or [{} for _ in runs]
+    document = {"runs": [{"label": label, **m, "results": r}
+                         for label, m, r in zip(labels, meta, runs)]}
+    if len(runs) > 1:
+        document["differences_vs_first"] = {
+            label: {f"{n}/{k}": r[n][k] - runs[0][n][k] for n, k in metric_rows(runs)
+                    if n in r and k in r[n] and n in runs[0] and k in runs[0][n]}
+            for label, r in zip(labels[1:], runs[1:])}
+    return document
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        prog="python -m open_clip_hn.eval",
+        description="Score OpenCLIP checkpoints on compositional sets (SugarCrepe, ARO, "
+                    "Winoground-style pairs) and image-text retrieval; with several "
+                    "checkpoints, print them side by side with differences.")
+    parser.add_argument("--model", nargs="+", required=True,
+                        help="OpenCLIP model name(s): one for all checkpoints, or one each.")
+    parser.add_argument("--model-config", nargs="*", default=[], metavar="CFG.json",
+                        help="Model config file(s) to register first (custom or tiny models).")
+    parser.add_argument("--pretrained", nargs="+", required=True,
+                        help="Checkpoint path(s) or OpenCLIP pretrained tag(s).")
+    parser.add_argument("--labels", nargs="+", default=None,
+                        help="Column names, one per checkpoint. Default: file names.")
+    parser.add_argument("--compositional", required=True, metavar="DIR",
+                        help="Folder of sets: *.json (SugarCrepe or ARO layout, images in "
+                             "DIR/images) and *.jsonl (Winoground-style image pairs).")
+    parser.add_argument("--retrieval", default=None, metavar="DIR",
+                        help="Folder of KEY.png + KEY.txt pairs for R@1/R@5 both ways.")
+    parser.add_argument("--output", default=None, metavar="results.json", help="JSON output.")
+    parser.add_argument("--plot", default=None, metavar="results.png", help="Bar plot output.")
+    parser.add_argument("--batch-size", type=int, default=256, help="Default: 256.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Default: cuda when available, else cpu.")
+    args = parser.parse_args(argv)
+    if len(args.model) not in (1, len(args.pretrained)):
+        parser.error(f"give one --model or one per --pretrained ({len(args.pretrained)})")
+    if args.labels and len(args.labels) != len(args.pretrained):
+        parser.error(f"give one --labels entry per --pretrained ({len(args.pretrained)})")
+    models = args.model * len(args.pretrained) if len(args.model) == 1 else args.model
+    labels = args.labels or [os.path.basename(p) for p in args.pretrained]
+    if len(set(labels)) < len(labels):
+        labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+
+    choice_sets, pair_sets = discover_sets(args.compositional)
+    retrieval = load_retrieval_set(args.retrieval) if args.retrieval else None
+    runs = []
+    for name, pretrained in zip(models, args.pretrained):
+        model, preprocess, tokenizer = load_model(name, pretrained, args.device, args.model_config)
+        print(f"evaluating {name} @ {pretrained} on {args.device}")
+        runs.append(evaluate_sets(model, preprocess, tokenizer, choice_sets, pair_sets, retrieval,
+                                  args.device, args.batch_size, show_progress=True))
+    print(format_table(labels, runs))
+    document = report(labels, runs, [{"model": m, "pretrained": p}
+                                     for m, p in zip(models, args.pretrained)])
+    if args.output:
+        write_json(args.output, document)
+        print(f"wrote {args.output}")
+    if args.plot:
+        plot_results(args.plot, labels, runs)
+        print(f"wrote {args.plot}")
+    return document
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""The demo end to end at toy size: data, three training runs, evaluation, table, JSON, plot."""
+
+import json
+
+import pytest
+
+from open_clip_hn import demo
+
+HN_ARGS = "--hn-num-negatives 2 --hn-curriculum const --hn-curriculum-warmup 0"
+
+
+def test_summary_targets():
+    vanilla = {"replace_relation": {"acc": 0.5}, "swap_attributes": {"acc": 0.9},
+               "swap_objects": {"acc": 0.8}, "retrieval": {"image_to_text_R@1": 0.4}}
+    hn = {"replace_relation": {"acc": 0.7}, "swap_attributes": {"acc": 0.95},
+          "swap_objects": {"acc": 0.8}, "retrieval": {"image_to_text_R@1": 0.39}}
+    out = demo.summary(vanilla, hn)
+    assert out["relation_gain"] == pytest.approx(0.2)
+    assert out["swap_attributes_error_reduction"] == pytest.approx(0.5)
+    assert out["swap_objects_error_reduction"] == pytest.approx(0.0)
+    assert out["i2t_R@1_change"] == pytest.approx(-0.01)
+
+
+def test_mean_negatives_used_reads_the_last_epoch_line(tmp_path):
+    log = tmp_path / "hn.log"
+    log.write_text("x | INFO | Train Epoch: 0 [1/2] Hn_negatives: 0.0000 (0.0000) Loss: 1\n"
+                   "x | INFO | Train Epoch: 0 [2/2] Hn_negatives: 3.5000 (1.7500) Loss: 1\n")
+    assert demo.mean_negatives_used(str(log)) == 1.75
+    log.write_text("x | INFO | Train Epoch: 0 [2/2] Loss: 1\n")
+    assert demo.mean_negatives_used(str(log)) is None
+
+
+def test_missing_recipe_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--output-dir", str(tmp_path), "--hn-config", str(tmp_path / "none.yaml")])
+    assert "none.yaml does not exist" in capsys.readouterr().err
+
+
+def test_demo_end_to_end_tiny(tmp_path, capsys):
+    document = demo.main(["--output-dir", str(tmp_path), "--samples", "128", "--test-items", "8",
+                          "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "32",
+                          "--hn-args", HN_ARGS])
+    out = capsys.readouterr().out
+    assert "unseen sets (test)" in out and "replace_relation" in out
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved == json.loads(json.dumps(document))
+    bench = saved["benchmarks"]["demo sets (val)"]
+    assert [r["label"] for r in bench["runs"]] == ["pretrained", "vanilla", "hard-negatives"]
+    assert set(bench["targets"]) == {"relation_gain", "i2t_R@1_change",
+                                     "swap_attributes_error_reduction",
+                                     "swap_objects_error_reduction"}
+    assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    assert demo.mean_negatives_used(str(tmp_path / "runs" / "hard-negatives.log")) > 0
+    # a second run reuses data and checkpoints instead of retraining
+    demo.main(["--output-dir", str(tmp_path), "--samples", "128", "--test-items", "8",
+               "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "32",
+               "--hn-args", HN_ARGS])
+    assert capsys.readouterr().out.count("reusing") == 4

@@ -1,0 +1,177 @@
+"""Compositional evaluation: pure scorers, agreement with an independent scorer, bad input."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+from open_clip_hn import eval as hn_eval
+from open_clip_hn import scenes
+
+CONFIG = os.path.join(os.path.dirname(hn_eval.__file__), "model_configs", "hn-tiny-vit.json")
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sets")
+    scenes.write_compositional_sets(str(root), num_items=60, num_pairs=30, num_retrieval=40)
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A random tiny model saved the way open_clip_train saves (DDP 'module.' prefix)."""
+    import open_clip
+    open_clip.add_model_config(CONFIG)
+    torch.manual_seed(0)
+    model = open_clip.create_model("hn-tiny-vit")
+    path = tmp_path_factory.mktemp("ckpt") / "epoch_1.pt"
+    torch.save({"epoch": 1, "name": "t", "state_dict":
+                {f"module.{k}": v for k, v in model.state_dict().items()}}, path)
+    return str(path)
+
+
+def test_choice_correct_counts_ties_as_wrong():
+    image = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    options = torch.tensor([[[1.0, 0.0], [0.0, 1.0]],   # true wins
+                            [[0.0, 1.0], [1.0, 0.0]],   # negative wins
+                            [[1.0, 0.0], [1.0, 0.0]]])  # tie
+    assert hn_eval.choice_correct(image, options).tolist() == [True, False, False]
+
+
+def test_pair_scores_by_hand():
+    # scores[n, caption i, image j]
+    right = torch.tensor([[2.0, 0.0], [0.0, 2.0]])
+    text_only = torch.tensor([[2.0, 3.0], [1.0, 4.0]])  # c0>c1 on i0, c1>c0 on i1; c0 prefers i1
+    result = hn_eval.pair_scores(torch.stack([right, text_only]))
+    assert result == {"text": 1.0, "image": 0.5, "group": 0.5}
+
+
+def test_retrieval_recall_by_hand():
+    images = torch.eye(6)
+    texts = torch.eye(6)[[0, 1, 2, 3, 5, 4]]  # pairs 4 and 5 swapped
+    result = hn_eval.retrieval_recall(images, texts, ks=(1, 5))
+    assert result["image_to_text_R@1"] == pytest.approx(4 / 6)
+    assert result["text_to_image_R@1"] == pytest.approx(4 / 6)
+    assert result["image_to_text_R@5"] == 1.0
+
+
+def test_diverged_model_scores_zero_not_perfect():
+    nan = torch.full((4, 3), float("nan"))
+    assert hn_eval.retrieval_recall(nan, nan, ks=(1,)) == {"image_to_text_R@1": 0.0,
+                                                           "text_to_image_R@1": 0.0}
+    assert not hn_eval.choice_correct(nan, torch.full((4, 2, 3), float("nan"))).any()
+    assert hn_eval.pair_scores(torch.full((2, 2, 2), float("nan")))["group"] == 0.0
+
+
+def _independent_accuracy(model, preprocess, tokenizer, json_path):
+    """Item by item, no batching, with its own file handling: the reference scorer."""
+    from PIL import Image
+    data = json.load(open(json_path))
+    correct = 0
+    with torch.no_grad():
+        for item in data.values():
+            image = Image.open(os.path.join(os.path.dirname(json_path), "images",
+                                            item["filename"])).convert("RGB")
+            f_img = model.encode_image(preprocess(image)[None])[0]
+            f_pos = model.encode_text(tokenizer([item["caption"]]))[0]
+            f_neg = model.encode_text(tokenizer([item["negative_caption"]]))[0]
+            cos = torch.nn.functional.cosine_similarity
+            correct += int(cos(f_img, f_pos, dim=0) > cos(f_img, f_neg, dim=0))
+    return correct / len(data)
+
+
+def test_agrees_with_independent_scorer(sets, checkpoint):
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint,
+                                                      model_configs=[CONFIG])
+    flat = hn_eval.evaluate_compositional(model, preprocess, tokenizer, str(sets), batch_size=17)
+    for kind in scenes.COMPOSITIONAL_TYPES:
+        reference = _independent_accuracy(model, preprocess, tokenizer, sets / f"{kind}.json")
+        assert abs(flat[f"compositional/{kind}/acc"] - reference) <= 0.005, kind
+    assert {"compositional/relation_pairs/group", "retrieval/image_to_text_R@1"} <= set(flat)
+    assert not model.training
+
+
+def test_cli_side_by_side_writes_json_and_plot(sets, checkpoint, tmp_path, capsys):
+    document = hn_eval.main([
+        "--model", "hn-tiny-vit", "--model-config", CONFIG, "--pretrained", checkpoint,
+        checkpoint, "--labels", "vanilla", "hn", "--compositional", str(sets),
+        "--retrieval", str(sets / "retrieval"), "--output", str(tmp_path / "r.json"),
+        "--plot", str(tmp_path / "r.png"), "--batch-size", "64"])
+    out = capsys.readouterr().out
+    assert "replace_relation" in out and "Δ hn" in out
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved == json.loads(json.dumps(document))
+    assert [r["label"] for r in saved["runs"]] == ["vanilla", "hn"]
+    assert all(v == 0 for v in saved["differences_vs_first"]["hn"].values())
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_aro_layout_with_crop(tmp_path, sets):
+    shutil.copytree(sets / "images", tmp_path / "images")
+    items = json.loads((sets / "replace_relation.json").read_text())
+    aro = [{"image_path": v["filename"], "true_caption": v["caption"],
+            "false_caption": v["negative_caption"], "bbox_x": 0, "bbox_y": 0, "bbox_w": 32,
+            "bbox_h": 32} for v in items.values()]
+    (tmp_path / "visual_genome_relation.json").write_text(json.dumps(aro))
+    loaded = hn_eval.load_choice_set(str(tmp_path / "visual_genome_relation.json"))
+    assert len(loaded.items) == len(items) and loaded.items[0][1] == (0, 0, 32, 32)
+    assert loaded.items[0][2] == [items["0"]["caption"], items["0"]["negative_caption"]]
+
+
+def test_missing_image_is_skipped_and_counted(tmp_path, sets, checkpoint, caplog):
+    data = json.loads((sets / "swap_objects.json").read_text())
+    shutil.copytree(sets / "images", tmp_path / "images")
+    os.remove(tmp_path / "images" / data["3"]["filename"])
+    (tmp_path / "swap_objects.json").write_text(json.dumps(data))
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint,
+                                                      model_configs=[CONFIG])
+    choice, pairs = hn_eval.discover_sets(str(tmp_path))
+    results = hn_eval.evaluate_sets(model, preprocess, tokenizer, choice, pairs)
+    assert results["swap_objects"]["skipped"] == 1 and results["swap_objects"]["n"] == 59
+    assert "skipped 1" in caplog.text
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"0": {"image": "a.png", "text": "x"}}', "lacks one of filename, caption"),
+    ('"just a string"', "top level is a str"),
+    ("{not json", "not valid JSON"),
+    ("{}", "empty"),
+    ("[]", "empty"),
+])
+def test_bad_json_names_file_and_layout(tmp_path, content, message):
+    path = tmp_path / "broken.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as err:
+        hn_eval.load_choice_set(str(path))
+    assert str(path) in str(err.value)
+
+
+def test_all_images_missing_and_bad_folders(tmp_path):
+    (tmp_path / "s.json").write_text(json.dumps(
+        {"0": {"filename": "nope.png", "caption": "a", "negative_caption": "b"}}))
+    with pytest.raises(FileNotFoundError, match="s.json: none of its 1 images"):
+        hn_eval.load_choice_set(str(tmp_path / "s.json"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hn_eval.discover_sets(str(tmp_path / "absent"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no \\*.json or \\*.jsonl sets"):
+        hn_eval.discover_sets(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        hn_eval.load_retrieval_set(str(tmp_path / "empty"))
+    (tmp_path / "p.jsonl").write_text('{"image_0": "x.png"}\n')
+    with pytest.raises(ValueError, match="p.jsonl:1: .*Winoground"):
+        hn_eval.load_pair_set(str(tmp_path / "p.jsonl"))
+
+
+def test_checkpoint_of_another_architecture(tmp_path, checkpoint):
+    other = dict(json.load(open(CONFIG)))
+    other["embed_dim"] = 32
+    config = tmp_path / "hn-other-vit.json"
+    config.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="does not fit model 'hn-other-vit'"):
+        hn_eval.load_model("hn-other-vit", checkpoint, model_configs=[str(config)])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        hn_eval.load_model("hn-tiny-vit", str(tmp_path / "missing.pt"), model_configs=[CONFIG])
