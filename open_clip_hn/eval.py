@@ -211,12 +211,17 @@ def _load_image(path: str, box: tuple[float, float, float, float] | None = None)
 @torch.no_grad()
 def encode_images(model: torch.nn.Module, preprocess: Callable, images: Sequence[tuple],
                   device: torch.device | str, batch_size: int, autocast: Callable[[], ContextManager],
-                  progress: Callable | None = None) -> torch.Tensor:
-    """L2-normalised image features [N, D] (fp32) of (path, box) entries, in batches."""
+                  progress: Callable | None = None, input_dtype: torch.dtype | None = None
+                  ) -> torch.Tensor:
+    """L2-normalised image features [N, D] (fp32) of (path, box) entries, in batches.
+
+    `input_dtype` casts the images like OpenCLIP's own evaluation (`get_input_dtype`), which
+    models trained with pure_bf16 / fp16 precision need.
+    """
     out = []
     for start in range(0, len(images), batch_size):
         batch = torch.stack([preprocess(_load_image(*entry))
-                             for entry in images[start:start + batch_size]]).to(device)
+                             for entry in images[start:start + batch_size]]).to(device, input_dtype)
         with autocast():
             features = model.encode_image(batch)
         out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
@@ -245,7 +250,8 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
                   choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = (),
                   retrieval: RetrievalSet | None = None, device: torch.device | str = "cpu",
                   batch_size: int = 256, autocast: Callable[[], ContextManager] | None = None,
-                  show_progress: bool = False) -> dict[str, dict[str, float]]:
+                  show_progress: bool = False, input_dtype: torch.dtype | None = None
+                  ) -> dict[str, dict[str, float]]:
     """{set name: {metric: value, "n": items, "skipped": missing images}} for loaded sets."""
     from tqdm import tqdm
 
@@ -261,7 +267,8 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
     results: dict[str, dict[str, float]] = {}
     try:
         for s in choice_sets:
-            images = encode_images(model, preprocess, [(p, b) for p, b, _ in s.items], **encode)
+            images = encode_images(model, preprocess, [(p, b) for p, b, _ in s.items],
+                                   input_dtype=input_dtype, **encode)
             options = len(s.items[0][2])
             texts = encode_texts(model, tokenizer, [c for *_, caps in s.items for c in caps],
                                  **encode).view(len(s.items), options, -1)
@@ -270,6 +277,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
         for s in pair_sets:
             images = encode_images(model, preprocess,
                                    [(p, None) for i0, i1, *_ in s.items for p in (i0, i1)],
+                                   input_dtype=input_dtype,
                                    **encode).view(len(s.items), 2, -1)
             texts = encode_texts(model, tokenizer, [c for *_, c0, c1 in s.items for c in (c0, c1)],
                                  **encode).view(len(s.items), 2, -1)
@@ -277,7 +285,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
             results[s.name] = {**pair_scores(scores), "n": len(s.items), "skipped": s.skipped}
         if retrieval:
             images = encode_images(model, preprocess, [(p, None) for p, _ in retrieval.items],
-                                   **encode)
+                                   input_dtype=input_dtype, **encode)
             texts = encode_texts(model, tokenizer, [c for _, c in retrieval.items], **encode)
             results["retrieval"] = {**retrieval_recall(images, texts), "n": len(retrieval.items),
                                     "skipped": 0}
@@ -302,8 +310,8 @@ def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
 
 def evaluate_compositional(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
                            root: str, device: torch.device | str = "cpu", batch_size: int = 256,
-                           autocast: Callable[[], ContextManager] | None = None
-                           ) -> dict[str, float]:
+                           autocast: Callable[[], ContextManager] | None = None,
+                           input_dtype: torch.dtype | None = None) -> dict[str, float]:
     """The in-loop evaluation: every set in `root` (and `root/retrieval` when present).
 
     Returns flat metric names ready for OpenCLIP's logging, e.g.
@@ -314,7 +322,7 @@ def evaluate_compositional(model: torch.nn.Module, preprocess: Callable, tokeniz
     retrieval_dir = os.path.join(root, "retrieval")
     retrieval = load_retrieval_set(retrieval_dir) if os.path.isdir(retrieval_dir) else None
     return flatten(evaluate_sets(model, preprocess, tokenizer, choice_sets, pair_sets, retrieval,
-                                 device, batch_size, autocast))
+                                 device, batch_size, autocast, input_dtype=input_dtype))
 
 
 # ----------------------------------------------------------------------------- models

@@ -467,7 +467,8 @@ def evaluate_compositional_in_loop(model, epoch: int, args: argparse.Namespace, 
                                      _runtime.config.eval_compositional, device=args.device,
                                      batch_size=args.batch_size,
                                      autocast=get_autocast(args.precision,
-                                                           device_type=torch.device(args.device).type))
+                                                           device_type=torch.device(args.device).type),
+                                     input_dtype=open_clip.get_input_dtype(args.precision))
     log_metrics(metrics, epoch, args, tb_writer)
 
 

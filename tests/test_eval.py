@@ -175,3 +175,20 @@ def test_checkpoint_of_another_architecture(tmp_path, checkpoint):
         hn_eval.load_model("hn-other-vit", checkpoint, model_configs=[str(config)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         hn_eval.load_model("hn-tiny-vit", str(tmp_path / "missing.pt"), model_configs=[CONFIG])
+
+
+def test_in_loop_evaluation_of_a_pure_bf16_model(tmp_path):
+    """Models trained with --precision pure_bf16 take bf16 images, as in OpenCLIP's evaluate."""
+    import open_clip
+
+    from conftest import TINY_MODEL, TINY_MODEL_CONFIG
+    from open_clip_hn.eval import evaluate_compositional
+    from open_clip_hn.scenes import write_compositional_sets
+
+    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_MODEL, precision="pure_bf16")
+    write_compositional_sets(str(tmp_path), num_items=8, num_pairs=4, num_retrieval=8)
+    metrics = evaluate_compositional(model, preprocess, open_clip.get_tokenizer(TINY_MODEL),
+                                     str(tmp_path),
+                                     input_dtype=open_clip.get_input_dtype("pure_bf16"))
+    assert 0 <= metrics["compositional/replace_relation/acc"] <= 1
