@@ -20,12 +20,13 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Sequence
 
 import torch
 from PIL import Image
+
+from .files import atomic_open
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SUGARCREPE_KEYS = ("filename", "caption", "negative_caption")
@@ -412,32 +413,17 @@ def plot_results(path: str, labels: Sequence[str], runs: Sequence[dict[str, dict
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=130)
-        os.replace(tmp, path)
+        with atomic_open(path, "wb") as handle:
+            fig.savefig(handle, dpi=130, format="png")
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def write_json(path: str, obj: object) -> None:
     """Write JSON atomically (temp file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2)
 
 
 def report(labels: Sequence[str], runs: Sequence[dict[str, dict[str, float]]],

@@ -27,13 +27,14 @@ import os
 import re
 import sys
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from .files import atomic_write_bytes
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
 MANIFEST = "index.json"
@@ -44,30 +45,14 @@ _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key.ext spl
 # ---------------------------------------------------------------------------- files
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    """Write via a temp file in the same folder and os.replace, so readers never see half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the index is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _atomic_write_json(path: str, obj: Any) -> None:
-    _atomic_write_bytes(path, json.dumps(obj).encode())
+    atomic_write_bytes(path, json.dumps(obj).encode())
 
 
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def _read_json(path: str) -> Any:

@@ -20,11 +20,12 @@ import json
 import os
 import random
 import tarfile
-import tempfile
 from dataclasses import dataclass, replace
 from typing import Iterable
 
 from PIL import Image, ImageDraw
+
+from .files import atomic_write_bytes
 
 SHAPES: tuple[str, ...] = ("cube", "sphere", "cone", "cylinder")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -204,22 +205,8 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _write_json(path: str, obj: object) -> None:
-    _atomic_write(path, json.dumps(obj, indent=1).encode())
+    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def _tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
@@ -250,7 +237,7 @@ def write_scene_shards(out_dir: str, num_samples: int, samples_per_shard: int = 
             members += [(f"{key}.png", _png(image)), (f"{key}.txt", caption.encode())]
         name = f"shard-{shard:05d}.tar"
         path = os.path.join(out_dir, name)
-        _atomic_write(path, _tar_bytes(members))
+        atomic_write_bytes(path, _tar_bytes(members))
         paths.append(path)
         sizes[name] = len(members) // 2
     _write_json(os.path.join(out_dir, "sizes.json"), sizes)
@@ -330,7 +317,7 @@ def write_compositional_sets(out_dir: str, num_items: int = 1000, seed: int = 1,
             if negative is None:
                 continue
             filename = f"{kind}-{len(items):05d}.png"
-            _atomic_write(os.path.join(images_dir, filename),
+            atomic_write_bytes(os.path.join(images_dir, filename),
                           _png(render(scene, image_size, background=rng.randint(40, 100))))
             items[str(len(items))] = {"filename": filename, "caption": scene.caption,
                                       "negative_caption": negative}
@@ -362,7 +349,7 @@ def _write_pair_set(out_dir: str, name: str, count: int, seed: int, image_size: 
         background = rng.randint(40, 100)
         names = [f"{name}-{i:05d}-{j}.png" for j in (0, 1)]
         for filename, picture in zip(names, (scene, other)):
-            _atomic_write(os.path.join(out_dir, "images", filename),
+            atomic_write_bytes(os.path.join(out_dir, "images", filename),
                           _png(render(picture, image_size, background)))
         # caption_1 describes image_1 with caption_0's words in another order or binding
         caption_1 = (replace(scene, relation=OPPOSITE[scene.relation]).caption
@@ -370,7 +357,7 @@ def _write_pair_set(out_dir: str, name: str, count: int, seed: int, image_size: 
         lines.append(json.dumps({"id": i, "image_0": names[0], "image_1": names[1],
                                  "caption_0": scene.caption, "caption_1": caption_1}))
     path = os.path.join(out_dir, f"{name}.jsonl")
-    _atomic_write(path, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
     return path
 
 
@@ -388,9 +375,9 @@ def _write_retrieval(out_dir: str, count: int, seed: int, image_size: int, split
             continue
         key = f"{len(seen):05d}"
         seen.add(scene.composition())
-        _atomic_write(os.path.join(out_dir, f"{key}.png"),
+        atomic_write_bytes(os.path.join(out_dir, f"{key}.png"),
                       _png(render(scene, image_size, background=rng.randint(40, 100))))
-        _atomic_write(os.path.join(out_dir, f"{key}.txt"), scene.caption.encode())
+        atomic_write_bytes(os.path.join(out_dir, f"{key}.txt"), scene.caption.encode())
     return out_dir
 
 

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from typing import Any
 
 import torch
+
+from .files import atomic_open
 
 STATE_SUFFIX = ".hn"
 STATE_VERSION = 1
@@ -30,15 +31,8 @@ def state_path(checkpoint_dir: str, epoch: int) -> str:
 def save_state(checkpoint_dir: str, epoch: int, state: dict[str, Any]) -> str:
     """Write the plugin state after `epoch` atomically (temp file + rename)."""
     path = state_path(checkpoint_dir, epoch)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=STATE_SUFFIX, dir=checkpoint_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"version": STATE_VERSION, "epoch": epoch, **state}, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        torch.save({"version": STATE_VERSION, "epoch": epoch, **state}, f)
     return path
 
 
