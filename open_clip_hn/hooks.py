@@ -62,11 +62,6 @@ class Runtime:
 _runtime: Runtime | None = None
 
 
-def current_runtime() -> Runtime | None:
-    """The runtime of the run being set up or trained in this process (None before parsing)."""
-    return _runtime
-
-
 # ---------------------------------------------------------------------------- arguments
 
 

@@ -8,43 +8,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from open_clip_hn.config import HNConfig, add_hn_arguments
+from open_clip_hn.config import HNConfig
+from open_clip_hn.hooks import build_parser
 from open_clip_hn.recipes import expand_recipe, format_resolved_config, recipe_argv
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 EXPECTED_RECIPES = {"negclip", "ce-clip", "diht", "cm-hnco", "concept-permutation", "recommended"}
-
-
-class _Captured(Exception):
-    def __init__(self, parser: argparse.ArgumentParser) -> None:
-        super().__init__("parser captured")
-        self.parser = parser
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """OpenCLIP's own parser (captured from open_clip_train.params) plus the --hn-* group."""
-    try:
-        from open_clip_hn.hooks import build_parser as lead_build_parser
-        return lead_build_parser()
-    except ImportError:
-        pass
-    from open_clip_train import params
-
-    original = argparse.ArgumentParser.parse_args
-
-    def capture(self, *args, **kwargs):
-        raise _Captured(self)
-
-    argparse.ArgumentParser.parse_args = capture
-    try:
-        params.parse_args([])
-    except _Captured as captured:
-        parser = captured.parser
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    if not any(a.dest == "hn_negatives" for a in parser._actions):
-        add_hn_arguments(parser)
-    return parser
 
 
 @pytest.fixture(scope="module")
