@@ -11,6 +11,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+from .mirror import parse_axes
 from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
 
 NEGATIVE_SOURCES = ("none", "online", "precomputed")
@@ -65,6 +66,13 @@ def _types(value: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _mirror_axes(value: str) -> tuple[str, ...]:
+    try:
+        return parse_axes(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _rank_threshold(value: str) -> str:
     if value in RANK_THRESHOLD_MODES:
         return value
@@ -99,6 +107,9 @@ class HNConfig:
     mined_k: int = 16
     false_negative_threshold: float = 0.9
     miner_backend: str = "torch"
+    # mirrored image pairs (image-side negatives for spatial relations)
+    mirror: tuple[str, ...] = ()
+    mirror_weight: float = 1.0
     # curriculum
     curriculum: str = "const"
     curriculum_warmup: int = 0
@@ -121,6 +132,16 @@ class HNConfig:
     @property
     def uses_text_negatives(self) -> bool:
         return self.negatives != "none" and self.num_negatives > 0
+
+    @property
+    def packed_negatives(self) -> int:
+        """Negative slots K in each packed row (0 when only the mirrored caption is packed)."""
+        return self.num_negatives if self.uses_text_negatives else 0
+
+    @property
+    def packs_texts(self) -> bool:
+        """Train captions travel packed (with negatives and/or the mirrored caption)."""
+        return self.uses_text_negatives or bool(self.mirror)
 
     @property
     def fixed_rank_threshold(self) -> float | None:
@@ -226,8 +247,19 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-miner-backend", dest="hn_miner_backend", choices=MINER_BACKENDS, default="torch",
         help="Top-k search over the bank: torch (exact matmul) or faiss (GPU build when a GPU "
              "is present). Default: torch.")
+    add("--hn-mirror", dest="hn_mirror", type=_mirror_axes, default=(), metavar="AXES",
+        help="Comma list of mirror axes (horizontal, vertical): each image whose caption names "
+             "a relation along an axis (left/right; above/below, top/bottom, over/under) gets a "
+             "flipped copy paired with the caption whose relation words are exchanged. The pair "
+             "joins the itc batch and the mirror term; it is the image-side hard negative that "
+             "makes the image encoder read the layout. Vertical flips suit rendered scenes, "
+             "rarely photos. Default: off.")
+    add("--hn-mirror-weight", dest="hn_mirror_weight", type=_non_negative_float, default=1.0,
+        help="Weight of the mirror term: each image picks its caption over the mirrored one, each "
+             "caption picks its image over the mirrored one (and the same for the mirrored "
+             "pair). Scaled by the curriculum. Default: 1.0.")
     add("--hn-curriculum", dest="hn_curriculum", choices=CURRICULA, default="const",
-        help="Schedule of the hard-negative share and of the intra/rank/mined weights over "
+        help="Schedule of the hard-negative share and of the intra/rank/mined/mirror weights over "
              "training. Default: const.")
     add("--hn-curriculum-warmup", dest="hn_curriculum_warmup", type=_non_negative_int, default=0,
         metavar="STEPS", help="Optimizer steps without hard negatives at the start. Default: 0.")

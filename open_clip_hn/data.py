@@ -8,8 +8,10 @@ the row again, so OpenCLIP's unmodified train step encodes positives and negativ
 forward, and the metadata stays glued to its sample through workers, ranks and `--accum-freq`.
 
 Row layout per sample, K negatives, context length L, M = META_COLUMNS:
-    (1 + K) blocks of [L token ids | SENTINEL, valid, type_id]
-blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking).
+    (1 + K [+ 1]) blocks of [L token ids | SENTINEL, valid, type_id]
+blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking),
+and with `--hn-mirror` one more block: the caption of the mirrored image (`mirror.py`), whose
+type_id is the mirror axis.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Iterator
 
 import torch
 
+from .mirror import AXIS_TO_ID, mirror_caption
 from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 
 if TYPE_CHECKING:
@@ -37,6 +40,8 @@ class UnpackedTexts:
     tokens: torch.Tensor  # [B * (1 + K), L], per-sample interleaved
     neg_mask: torch.Tensor  # [B, K] bool
     neg_types: torch.Tensor  # [B, K] long, -1 where masked
+    mirror_tokens: torch.Tensor | None = None  # [B, L] caption of each mirrored image
+    mirror_axis: torch.Tensor | None = None  # [B] long: 0 horizontal, 1 vertical, -1 no mirror
 
 
 def encode_precomputed_caption(caption: str, negatives: list[dict[str, str]]) -> str:
@@ -76,15 +81,18 @@ class PackedNegativeTokenizer:
     """Tokenizer wrapper: caption -> a [1, (1+K)*(L+META_COLUMNS)] row with its typed negatives.
 
     Runs inside loader workers. Negatives come from the caption itself (online, a pure function of
-    caption and seed) or from the precomputed payload; missing ones become masked slots.
+    caption and seed) or from the precomputed payload; missing ones become masked slots. With
+    `mirror_axes` the row ends with the mirrored image's caption (masked when there is none).
     """
 
     def __init__(self, tokenizer: Callable, num_negatives: int,
-                 generator: "NegativeGenerator | None", types: Collection[str] = NEGATIVE_TYPES):
+                 generator: "NegativeGenerator | None", types: Collection[str] = NEGATIVE_TYPES,
+                 mirror_axes: Collection[str] = ()):
         self.tokenizer = tokenizer
         self.num_negatives = num_negatives
         self.generator = generator
         self.types = frozenset(types)
+        self.mirror_axes = tuple(mirror_axes)
 
     def negatives_for(self, caption: str, precomputed: list | None) -> list[dict[str, str]]:
         if precomputed is not None:
@@ -98,16 +106,21 @@ class PackedNegativeTokenizer:
         caption, precomputed = (decode_precomputed_caption(text) if isinstance(text, str)
                                 else (text, None))
         caption = caption if isinstance(caption, str) else ""
-        negatives = self.negatives_for(caption, precomputed)
+        negatives = self.negatives_for(caption, precomputed) if self.num_negatives else []
         k = self.num_negatives
         texts = [caption] + [n["text"] for n in negatives] + [""] * (k - len(negatives))
+        mirrored = mirror_caption(caption, self.mirror_axes) if self.mirror_axes else None
+        if self.mirror_axes:
+            texts.append(mirrored[0] if mirrored else "")
         tokens = self.tokenizer(texts)
-        meta = torch.full((1 + k, META_COLUMNS), SENTINEL, dtype=tokens.dtype)
+        meta = torch.full((len(texts), META_COLUMNS), SENTINEL, dtype=tokens.dtype)
         meta[:, 1] = 0
         meta[:, 2] = -1
         meta[1:1 + len(negatives), 1] = 1
         meta[1:1 + len(negatives), 2] = torch.tensor([TYPE_TO_ID[n["type"]] for n in negatives],
                                                      dtype=tokens.dtype)
+        if mirrored:
+            meta[-1, 1], meta[-1, 2] = 1, AXIS_TO_ID[mirrored[1]]
         return torch.cat([tokens, meta], dim=1).reshape(1, -1)
 
     def __call__(self, texts: Any) -> torch.Tensor:
@@ -116,11 +129,12 @@ class PackedNegativeTokenizer:
         return torch.cat([self.pack(t) for t in items], dim=0)
 
 
-def unpack_texts(texts: torch.Tensor, num_negatives: int) -> UnpackedTexts | None:
+def unpack_texts(texts: torch.Tensor, num_negatives: int, mirror: bool = False
+                 ) -> UnpackedTexts | None:
     """Split packed rows back into token rows and metadata; None for ordinary token tensors."""
     if texts.dim() != 2 or texts.dtype not in (torch.int64, torch.int32):
         return None
-    blocks = 1 + num_negatives
+    blocks = 1 + num_negatives + int(mirror)
     width = texts.shape[1]
     if width % blocks or width // blocks <= META_COLUMNS:
         return None
@@ -128,11 +142,17 @@ def unpack_texts(texts: torch.Tensor, num_negatives: int) -> UnpackedTexts | Non
     if not bool((rows[:, -META_COLUMNS] == SENTINEL).all()):
         return None
     batch = texts.shape[0]
-    meta = rows[:, -META_COLUMNS:].reshape(batch, blocks, META_COLUMNS)[:, 1:]
+    meta = rows[:, -META_COLUMNS:].reshape(batch, blocks, META_COLUMNS)
+    tokens = rows[:, :-META_COLUMNS].reshape(batch, blocks, -1)
+    if not mirror:
+        return UnpackedTexts(tokens.flatten(0, 1), meta[:, 1:, 1] == 1, meta[:, 1:, 2].long())
+    has_mirror = meta[:, -1, 1] == 1
     return UnpackedTexts(
-        tokens=rows[:, :-META_COLUMNS],
-        neg_mask=meta[..., 1] == 1,
-        neg_types=meta[..., 2].long(),
+        tokens=tokens[:, :-1].flatten(0, 1),
+        neg_mask=meta[:, 1:-1, 1] == 1,
+        neg_types=meta[:, 1:-1, 2].long(),
+        mirror_tokens=tokens[:, -1],
+        mirror_axis=torch.where(has_mirror, meta[:, -1, 2].long(), -1),
     )
 
 

@@ -35,6 +35,7 @@ from open_clip_train.precision import get_autocast
 
 from . import state as hn_state
 from .config import HNConfig, add_hn_arguments, given_hn_flags
+from .mirror import flip_images
 from .data import (PackedNegativeTokenizer, samples_with_precomputed_negatives,
                    shard_has_negatives, unpack_texts)
 
@@ -186,11 +187,13 @@ def configure(args: argparse.Namespace, argv: list[str], parser: argparse.Argume
 # ---------------------------------------------------------------------------- model
 
 
-def attach_negative_hooks(model: torch.nn.Module, num_negatives: int) -> None:
+def attach_negative_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False) -> None:
     """Unpack packed text rows before the model's forward; add the mask/types to its output.
 
     The metadata travels as tensors in the output dict, so OpenCLIP's `--accum-freq` path
-    concatenates it along the batch like the features it belongs to.
+    concatenates it along the batch like the features it belongs to. With `mirror`, the flipped
+    images and their captions ride in the same forward (one encoder call per tower) and come out
+    as [B, D] features beside a [B] mask, zero rows where a sample has no mirror.
     """
     pending: dict[str, Any] = {}
 
@@ -200,23 +203,43 @@ def attach_negative_hooks(model: torch.nn.Module, num_negatives: int) -> None:
         text = args[1] if positional else kwargs.get("text")
         if not isinstance(text, torch.Tensor):
             return None
-        unpacked = unpack_texts(text, num_negatives)
+        unpacked = unpack_texts(text, num_negatives, mirror)
         if unpacked is None:
             return None
         pending["meta"] = unpacked
+        tokens = unpacked.tokens
+        image = args[0] if args else kwargs.get("image")
+        if unpacked.mirror_axis is not None and isinstance(image, torch.Tensor):
+            rows = (unpacked.mirror_axis >= 0).nonzero().flatten()
+            pending["mirror_rows"] = rows
+            flipped = flip_images(image[rows.to(image.device)], unpacked.mirror_axis[rows])
+            image = torch.cat([image, flipped])
+            tokens = torch.cat([tokens, unpacked.mirror_tokens[rows]])
         if positional:
-            args = (args[0], unpacked.tokens, *args[2:])
+            args = (image, tokens, *args[2:])
         else:
-            kwargs = {**kwargs, "text": unpacked.tokens}
+            kwargs = {**kwargs, "text": tokens}
+            if "image" in kwargs:
+                kwargs["image"] = image
         return args, kwargs
 
     def add_metadata(module, args, kwargs, output):
         meta = pending.pop("meta", None)
+        rows = pending.pop("mirror_rows", None)
         if meta is None or not isinstance(output, dict):
             return output
         device = output["text_features"].device
         output["hn_neg_mask"] = meta.neg_mask.to(device)
         output["hn_neg_types"] = meta.neg_types.to(device)
+        if rows is not None:
+            batch = meta.neg_mask.shape[0]
+            rows = rows.to(device)
+            for key, split in (("image_features", batch), ("text_features", batch * (1 + num_negatives))):
+                features = output[key]
+                output[key] = features[:split]
+                mirrored = features.new_zeros(batch, features.shape[1])
+                output[f"hn_mirror_{key}"] = mirrored.index_copy(0, rows, features[split:])
+            output["hn_mirror_mask"] = (meta.mirror_axis >= 0).to(device)
         return output
 
     model.register_forward_pre_hook(unpack, with_kwargs=True)
@@ -247,8 +270,9 @@ def model_created(model: torch.nn.Module, preprocess_val, device) -> None:
     _allow_cpu_ddp(device)
     if _runtime is not None and _runtime.config.enabled:
         _runtime.preprocess_val = preprocess_val
-        if _runtime.config.uses_text_negatives:
-            attach_negative_hooks(model, _runtime.config.num_negatives)
+        if _runtime.config.packs_texts:
+            attach_negative_hooks(model, _runtime.config.packed_negatives,
+                                  bool(_runtime.config.mirror))
 
 
 def create_model_and_transforms(*args, **kwargs):
@@ -290,12 +314,13 @@ def _check_precomputed_shards(args: argparse.Namespace) -> None:
 
 
 def _train_tokenizer(config: HNConfig, tokenizer):
-    if config.negatives == "online":
+    generator = None
+    if config.negatives == "online" and config.uses_text_negatives:
         from .negatives import NegativeGenerator
 
         generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm)
-        return PackedNegativeTokenizer(tokenizer, config.num_negatives, generator, config.types)
-    return PackedNegativeTokenizer(tokenizer, config.num_negatives, None, config.types)
+    return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
+                                   config.mirror)
 
 
 def _add_image_neighbors(loader, config: HNConfig, args: argparse.Namespace) -> None:
@@ -319,7 +344,7 @@ def _get_data(args, preprocess_fns, epoch, tokenizer, get):
         return get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     config = _runtime.config
     _runtime.tokenizer = tokenizer
-    if not config.uses_text_negatives:
+    if not config.packs_texts:
         data = get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     else:
         if config.negatives == "precomputed":

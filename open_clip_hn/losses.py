@@ -132,6 +132,26 @@ def intra_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
     return _first_is_target(_own_choice_logits(text, image, negatives, negative_mask, logit_scale)).mean()
 
 
+def mirror_loss(image: torch.Tensor, text: torch.Tensor, mirror_image: torch.Tensor,
+                mirror_text: torch.Tensor, mirror_mask: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+    """Two-way choices inside each (pair, mirrored pair), both directions, both pairs:
+    image: caption over mirrored caption; mirrored image: the reverse; caption: image over
+    mirrored image; mirrored caption: the reverse. Each is -log e^{s<a,p>} / (e^{s<a,p>} +
+    e^{s<a,n>}) = softplus(s(<a,n> - <a,p>)); mean of the four over the A rows, where a row
+    without a mirror contributes exactly 0 (as `choice_loss` treats a caption without negatives).
+    The caption-side choices are what no text negative gives: the image must encode the layout."""
+    own = (image * text).sum(dim=-1)
+    mirror_own = (mirror_image * mirror_text).sum(dim=-1)
+    image_mirror_text = (image * mirror_text).sum(dim=-1)
+    mirror_image_text = (mirror_image * text).sum(dim=-1)
+    per_row = (F.softplus(logit_scale * (image_mirror_text - own))
+               + F.softplus(logit_scale * (mirror_image_text - mirror_own))
+               + F.softplus(logit_scale * (mirror_image_text - own))
+               + F.softplus(logit_scale * (image_mirror_text - mirror_own))) / 4
+    return (per_row * mirror_mask.to(per_row.dtype)).sum() / max(per_row.shape[0], 1)
+
+
 def rank_gaps(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     """Cosine gap s(I,T) - s(I,T_k) per hard negative: [A, K]."""
     pos = (image * text).sum(dim=-1, keepdim=True)

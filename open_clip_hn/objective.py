@@ -65,6 +65,23 @@ class _Batch:
     anchor_used: torch.Tensor    # [A, K]
     anchor_types: torch.Tensor   # [A, K]
     labels: torch.Tensor         # [A] global row of each anchor's pair
+    # mirrored pairs (--hn-mirror), zero rows where a sample has none; None without mirrors
+    all_mirror_image: torch.Tensor | None = None  # [N, D]
+    all_mirror_text: torch.Tensor | None = None   # [N, D]
+    all_mirror_mask: torch.Tensor | None = None   # [N]
+    mirror_image: torch.Tensor | None = None      # [A, D]
+    mirror_text: torch.Tensor | None = None       # [A, D]
+    mirror_mask: torch.Tensor | None = None       # [A]
+    mirror_labels: torch.Tensor | None = None     # [A] global row of each anchor's mirror
+
+
+@dataclass
+class _Mirrors:
+    """This rank's mirrored pairs as the model hook returns them."""
+
+    image: torch.Tensor  # [B, D]
+    text: torch.Tensor   # [B, D]
+    mask: torch.Tensor   # [B]
 
 
 class HardNegativeLoss(torch.nn.Module):
@@ -111,12 +128,19 @@ class HardNegativeLoss(torch.nn.Module):
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 hn_neg_mask: torch.Tensor | None = None, hn_neg_types: torch.Tensor | None = None,
-                logit_bias: torch.Tensor | None = None, output_dict: bool = False, **unused):
+                logit_bias: torch.Tensor | None = None, output_dict: bool = False,
+                hn_mirror_image_features: torch.Tensor | None = None,
+                hn_mirror_text_features: torch.Tensor | None = None,
+                hn_mirror_mask: torch.Tensor | None = None, **unused):
+        mirrors = None
+        if hn_mirror_mask is not None:
+            mirrors = _Mirrors(hn_mirror_image_features.float(), hn_mirror_text_features.float(),
+                               hn_mirror_mask.to(image_features.device, torch.bool))
         # the terms run in fp32 even under bf16/fp16 autocast: -inf masks and logsumexp need the range
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             losses = self._losses(image_features.float(), text_features.float(), logit_scale.float(),
                                   hn_neg_mask, hn_neg_types,
-                                  None if logit_bias is None else logit_bias.float())
+                                  None if logit_bias is None else logit_bias.float(), mirrors)
         if output_dict:
             return losses
         return sum(v for v in losses.values() if isinstance(v, torch.Tensor))
@@ -142,7 +166,7 @@ class HardNegativeLoss(torch.nn.Module):
         return mask.to(image.device, torch.bool), types.to(image.device, torch.long)
 
     def _gather(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
-                share: float, step: int) -> _Batch:
+                share: float, step: int, mirrors: _Mirrors | None = None) -> _Batch:
         batch, dim = image.shape
         positives, negatives = L.split_text_features(text, batch)
         k = negatives.shape[1]
@@ -158,14 +182,73 @@ class HardNegativeLoss(torch.nn.Module):
             all_mask, all_types = meta[:, 0].bool(), meta[:, 1]
         used = all_mask & negative_keep_mask(tuple(all_mask.shape), share, seed=self.config.seed,
                                              step=step, device=all_mask.device)
-        if self.local_loss and self.world_size > 1:
+        local = self.local_loss and self.world_size > 1
+        if local:
             rows = slice(self.rank * batch, (self.rank + 1) * batch)
             anchors = (image, positives, negatives, used[rows], all_types[rows])
             labels = torch.arange(batch, device=image.device) + self.rank * batch
         else:
             anchors = (all_image, all_text, all_negatives, used, all_types)
             labels = torch.arange(all_image.shape[0], device=image.device)
-        return _Batch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels)
+        b = _Batch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels)
+        if mirrors is not None:
+            self._gather_mirrors(b, mirrors, local)
+        return b
+
+    def _gather_mirrors(self, b: _Batch, mirrors: _Mirrors, local: bool) -> None:
+        """Gather the mirrored pairs; give each anchor the itc row of its mirror (after the N
+        originals, valid mirrors only, in global order)."""
+        pairs = torch.stack([mirrors.image, mirrors.text], dim=1)
+        pairs = gather_rows(pairs, rank=self.rank, world_size=self.world_size,
+                            with_grad=self.gather_with_grad, keep_local_grad=not self.local_loss)
+        b.all_mirror_image, b.all_mirror_text = pairs[:, 0], pairs[:, 1]
+        b.all_mirror_mask = gather_rows(mirrors.mask, rank=self.rank, world_size=self.world_size)
+        n = b.all_image.shape[0]
+        all_labels = n + torch.cumsum(b.all_mirror_mask.long(), dim=0) - 1
+        if local:
+            batch = mirrors.mask.shape[0]
+            b.mirror_image, b.mirror_text, b.mirror_mask = mirrors.image, mirrors.text, mirrors.mask
+            b.mirror_labels = all_labels[self.rank * batch:(self.rank + 1) * batch]
+        else:
+            b.mirror_image, b.mirror_text = b.all_mirror_image, b.all_mirror_text
+            b.mirror_mask, b.mirror_labels = b.all_mirror_mask, all_labels
+
+    @staticmethod
+    def _itc_rows(b: _Batch) -> tuple[torch.Tensor, ...]:
+        """(image anchors, text anchors, image columns, text columns, labels) of the itc softmax:
+        the batch's pairs plus, with mirrors, every valid mirrored pair as one more pair."""
+        if b.all_mirror_mask is None:
+            return b.image, b.text, b.all_image, b.all_text, b.labels
+        all_valid, own = b.all_mirror_mask, b.mirror_mask
+        return (torch.cat([b.image, b.mirror_image[own]]), torch.cat([b.text, b.mirror_text[own]]),
+                torch.cat([b.all_image, b.all_mirror_image[all_valid]]),
+                torch.cat([b.all_text, b.all_mirror_text[all_valid]]),
+                torch.cat([b.labels, b.mirror_labels[own]]))
+
+    @staticmethod
+    def _mirror_row_share(b: _Batch, labels: torch.Tensor) -> float:
+        """Turns this rank's mean over its R = A + own-mirror rows into its share of the global
+        mean over N + V rows: R * N / (A * (N + V)). 1 without mirrors or without local_loss;
+        with local_loss the ranks' means then average to the global loss, as in ClipLoss."""
+        if b.all_mirror_mask is None:
+            return 1.0
+        n, anchors = b.all_image.shape[0], b.image.shape[0]
+        total = n + int(b.all_mirror_mask.sum())
+        return labels.shape[0] * n / (anchors * total)
+
+    @staticmethod
+    def _hide_own_negatives(per_image: torch.Tensor, b: _Batch, text_columns: int) -> torch.Tensor:
+        """A mirrored image's own sample's text negatives may *be* its caption (a relation
+        replacement reads like the mirrored caption): mask them in its row."""
+        k = b.all_negatives.shape[1]
+        if b.mirror_mask is None or not k:
+            return per_image
+        sources = b.labels[b.mirror_mask]
+        rows = per_image.shape[0] - sources.shape[0] + torch.arange(sources.shape[0], device=per_image.device)
+        columns = text_columns + sources[:, None] * k + torch.arange(k, device=per_image.device)
+        hide = torch.zeros_like(per_image, dtype=torch.bool)
+        hide[rows[:, None], columns] = True
+        return per_image.masked_fill(hide, float("-inf"))
 
     def _mined_features(self, b: _Batch, share: float):
         anchors, dim, k = b.image.shape[0], b.image.shape[1], self.config.mined_k
@@ -181,26 +264,30 @@ class HardNegativeLoss(torch.nn.Module):
 
     def _losses(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                 mask: torch.Tensor | None, types: torch.Tensor | None,
-                logit_bias: torch.Tensor | None) -> dict[str, torch.Tensor | LoggedValue]:
+                logit_bias: torch.Tensor | None, mirrors: _Mirrors | None = None
+                ) -> dict[str, torch.Tensor | LoggedValue]:
         cfg, terms = self.config, self.terms
         mask, types = self._metadata(image, text, mask, types)
         step = self.step
         share = self.curriculum(step)
-        b = self._gather(image, text, mask, types, share, step)
+        b = self._gather(image, text, mask, types, share, step, mirrors)
         if self.bank is not None:
             self.bank.to(image.device)
         losses: dict[str, torch.Tensor | LoggedValue] = {}
         stats: dict[str, LoggedValue] = {"hn_curriculum": LoggedValue(share)}
 
         if terms & {"itc", "importance"}:
-            per_image, per_text = L.contrastive_logits(b.image, b.text, b.all_image, b.all_text,
+            image_rows, text_rows, image_columns, text_columns, labels = self._itc_rows(b)
+            per_image, per_text = L.contrastive_logits(image_rows, text_rows, image_columns, text_columns,
                                                        b.all_negatives, b.used, logit_scale, logit_bias)
+            per_image = self._hide_own_negatives(per_image, b, text_columns.shape[0])
             if "importance" in terms:
                 min_logit = -logit_scale if logit_bias is None else logit_bias - logit_scale
                 losses["contrastive_loss"] = L.importance_loss(
-                    per_image, per_text, b.labels, cfg.importance_beta, cfg.importance_tau_plus, min_logit)
+                    per_image, per_text, labels, cfg.importance_beta, cfg.importance_tau_plus, min_logit)
             else:
-                losses["contrastive_loss"] = L.itc_loss(per_image, per_text, b.labels)
+                losses["contrastive_loss"] = L.itc_loss(per_image, per_text, labels)
+            losses["contrastive_loss"] = losses["contrastive_loss"] * self._mirror_row_share(b, labels)
         if "choice" in terms:
             losses["choice_loss"] = cfg.choice_weight * L.choice_loss(
                 b.image, b.text, b.negatives, b.anchor_used, logit_scale)
@@ -219,6 +306,11 @@ class HardNegativeLoss(torch.nn.Module):
                 b.image, b.text, b.all_image, b.all_text, b.labels,
                 mined_text, text_valid, mined_image, image_valid, logit_scale)
             stats["hn_mined"] = LoggedValue(text_valid.sum(dim=1).float().mean())
+        if b.mirror_mask is not None:
+            if cfg.mirror_weight > 0:
+                losses["mirror_loss"] = cfg.mirror_weight * share * L.mirror_loss(
+                    b.image, b.text, b.mirror_image, b.mirror_text, b.mirror_mask, logit_scale)
+            stats["hn_mirrored"] = LoggedValue(b.all_mirror_mask.float().mean())
         if b.all_mask.shape[1]:
             stats["hn_negatives"] = LoggedValue(b.used.sum(dim=1).float().mean())
             stats["hn_masked"] = LoggedValue(1 - b.all_mask.float().mean())

@@ -20,6 +20,7 @@ SCALE = torch.tensor(6.0)
 CONFIGS = {
     "itc+choice+intra+rank+mined": dict(loss=("itc", "choice", "intra", "rank", "mined")),
     "importance+mined": dict(loss=("importance", "mined"), importance_tau_plus=0.1),
+    "itc+choice+mirror": dict(loss=("itc", "choice"), mirror=("horizontal",), mirror_weight=2.0),
 }
 MODES = [(False, True), (True, True), (False, False)]  # (local_loss, gather_with_grad)
 
@@ -36,7 +37,10 @@ def global_batch(step: int):
     text = F.normalize(torch.randn(N * (1 + K), D, generator=g), dim=-1)
     mask = torch.rand(N, K, generator=g) > 0.25
     types = torch.randint(0, 9, (N, K), generator=g).masked_fill(~mask, -1)
-    return image, text, mask, types
+    mirror_image = F.normalize(torch.randn(N, D, generator=g), dim=-1)
+    mirror_text = F.normalize(torch.randn(N, D, generator=g), dim=-1)
+    mirror_mask = torch.rand(N, generator=g) > 0.4
+    return image, text, mask, types, (mirror_image, mirror_text, mirror_mask)
 
 
 def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_grad: bool):
@@ -45,14 +49,20 @@ def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_gra
     b = N // world_size
     records = []
     for step in range(STEPS):
-        image, text, mask, types = global_batch(step)
-        image = image[rank * b:(rank + 1) * b].clone().requires_grad_()
+        image, text, mask, types, mirrors = global_batch(step)
+        rows = slice(rank * b, (rank + 1) * b)
+        image = image[rows].clone().requires_grad_()
         text = text[rank * b * (1 + K):(rank + 1) * b * (1 + K)].clone().requires_grad_()
-        out = loss(image, text, SCALE, mask[rank * b:(rank + 1) * b], types[rank * b:(rank + 1) * b],
-                   output_dict=True)
+        mirror_image, mirror_text = (m[rows].clone().requires_grad_() for m in mirrors[:2])
+        extra = {}
+        if loss.config.mirror:
+            extra = dict(hn_mirror_image_features=mirror_image, hn_mirror_text_features=mirror_text,
+                         hn_mirror_mask=mirrors[2][rows])
+        out = loss(image, text, SCALE, mask[rows], types[rows], output_dict=True, **extra)
         sum(out.values()).backward()
         records.append({"values": {k: v.item() for k, v in out.items()},
-                        "image_grad": image.grad, "text_grad": text.grad})
+                        "image_grad": image.grad, "text_grad": text.grad,
+                        "mirror_grad": mirror_image.grad if extra else None})
     return records, loss.state_dict()
 
 
@@ -92,6 +102,10 @@ def test_processes_agree_with_one_process(world_size, tmp_path):
                     rows = slice(r * b * (1 + K), (r + 1) * b * (1 + K))
                     torch.testing.assert_close(got["text_grad"], grad_factor * want["text_grad"][rows],
                                                rtol=1e-4, atol=1e-6, msg=where)
+                    if want["mirror_grad"] is not None:
+                        torch.testing.assert_close(
+                            got["mirror_grad"], grad_factor * want["mirror_grad"][r * b:(r + 1) * b],
+                            rtol=1e-4, atol=1e-6, msg=where)
                 torch.testing.assert_close(state["bank"]["storage"], single_state["bank"]["storage"])
                 torch.testing.assert_close(state["thresholds"]["average"], single_state["thresholds"]["average"])
             if local_loss:  # each rank averages its own anchors: the mean over ranks is the global loss

@@ -152,16 +152,28 @@ def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
     assert_plain_openclip_scores(tmp_path / "all" / "checkpoints" / "epoch_1.pt")
 
 
-def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv):
-    """--accum-freq 2 with batch 4 takes the same steps as batch 8: the metadata stays aligned."""
-    big = train_argv(scene_csv, str(tmp_path), "big", *HN_ONLINE, batch_size=8)
-    accum = train_argv(scene_csv, str(tmp_path), "accum", *HN_ONLINE, "--accum-freq", "2",
+MIRROR = ["--hn-mirror", "horizontal,vertical", "--hn-mirror-weight", "2", "--hn-loss", "itc,choice"]
+
+
+@pytest.mark.parametrize("extra", [[], MIRROR], ids=["negatives", "negatives+mirror"])
+def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
+    """--accum-freq 2 with batch 4 takes the same steps as batch 8: the metadata (and the
+    mirrored pairs) stay aligned."""
+    big = train_argv(scene_csv, str(tmp_path), "big", *HN_ONLINE, *extra, batch_size=8)
+    accum = train_argv(scene_csv, str(tmp_path), "accum", *HN_ONLINE, *extra, "--accum-freq", "2",
                        batch_size=4)
     run_module("open_clip_hn.train", big)
     run_module("open_clip_hn.train", accum)
     a, b = checkpoint(tmp_path, "big")["state_dict"], checkpoint(tmp_path, "accum")["state_dict"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
     assert worst < 1e-4, worst
+    if extra:
+        log = (tmp_path / "accum" / "out.log").read_text()
+        mirrored = [float(l.split("Hn_mirrored:")[1].split()[0]) for l in log.splitlines()
+                    if "Train Epoch" in l]
+        assert mirrored and min(mirrored) == 1.0  # every scene caption names a relation
+        assert "Mirror_loss" in log
+        assert_plain_openclip_scores(tmp_path / "accum" / "checkpoints" / "epoch_1.pt")
 
 
 def test_resume_latest_restores_plugin_state(tmp_path, scene_shards):

@@ -1,0 +1,184 @@
+"""Mirrored image pairs (--hn-mirror): captions, flips, packing, the model hook and the loss."""
+
+from __future__ import annotations
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+
+from conftest import TINY_MODEL, TINY_MODEL_CONFIG
+from open_clip_hn import losses as L
+from open_clip_hn.config import HNConfig
+from open_clip_hn.data import PackedNegativeTokenizer, unpack_texts
+from open_clip_hn.hooks import attach_negative_hooks, build_parser
+from open_clip_hn.mirror import flip_images, mirror_caption, parse_axes
+from open_clip_hn.objective import HardNegativeLoss
+
+BOTH = ("horizontal", "vertical")
+
+
+@pytest.mark.parametrize("caption, axes, expected", [
+    ("a red cube to the left of a blue cone", BOTH, ("a red cube to the right of a blue cone", "horizontal")),
+    ("Left: a dog. Right: a cat", BOTH, ("Right: a dog. Left: a cat", "horizontal")),
+    ("a lamp above a bed", BOTH, ("a lamp below a bed", "vertical")),
+    ("a cup on top of a box", BOTH, ("a cup on bottom of a box", "vertical")),
+    ("a bird over the water, left of a boat", ("vertical",), ("a bird under the water, left of a boat", "vertical")),
+    ("a lamp above a bed", ("horizontal",), None),
+    ("a bright red cube", BOTH, None),  # "bright" holds "right" but is not the word
+    ("two dogs on a sofa", BOTH, None),
+    ("LEFT of the door", BOTH, ("RIGHT of the door", "horizontal")),
+])
+def test_mirror_caption_exchanges_the_axis_words(caption, axes, expected):
+    assert mirror_caption(caption, axes) == expected
+
+
+def test_mirroring_twice_gives_the_caption_back():
+    for caption in ("a cube to the left of a sphere", "the upper shelf is above the lower one"):
+        once, axis = mirror_caption(caption, BOTH)
+        assert mirror_caption(once, (axis,)) == (caption, axis)
+
+
+def test_unknown_axes_are_refused_naming_the_choices(capsys):
+    with pytest.raises(ValueError, match="diagonal.*horizontal, vertical"):
+        parse_axes("horizontal,diagonal")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--hn-mirror", "sideways"])
+    assert "unknown mirror axis/axes sideways" in capsys.readouterr().err
+
+
+def test_flip_images_per_row_axis():
+    images = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    flipped = flip_images(images, torch.tensor([0, 1]))
+    assert torch.equal(flipped[0], images[0].flip(-1))
+    assert torch.equal(flipped[1], images[1].flip(-2))
+    with pytest.raises(ValueError, match="0 \\(horizontal\\) or 1 \\(vertical\\)"):
+        flip_images(images, torch.tensor([0, 2]))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
+    return open_clip.get_tokenizer(TINY_MODEL)
+
+
+CAPTIONS = ["a red cube to the left of a blue cone", "a cat", "a lamp above a bed"]
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_mirrored_caption_is_packed_after_the_negatives(tokenizer, k):
+    packer = PackedNegativeTokenizer(tokenizer, k, None, mirror_axes=BOTH)
+    unpacked = unpack_texts(packer(CAPTIONS), k, mirror=True)
+    assert unpacked.tokens.shape == (3 * (1 + k), 32)
+    assert torch.equal(unpacked.tokens[::1 + k], tokenizer(CAPTIONS))
+    assert unpacked.mirror_axis.tolist() == [0, -1, 1]
+    assert torch.equal(unpacked.mirror_tokens[[0, 2]], tokenizer(
+        ["a red cube to the right of a blue cone", "a lamp below a bed"]))
+    assert unpacked.neg_mask.shape == (3, k) and not unpacked.neg_mask.any()
+
+
+def test_model_hook_encodes_flipped_images_with_their_captions(tokenizer):
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_MODEL, output_dict=True).eval()
+    packer = PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=BOTH)
+    images = torch.randn(3, 3, 32, 32)
+    plain = model(images, tokenizer(CAPTIONS))
+    attach_negative_hooks(model, 0, mirror=True)
+    hooked = model(images, packer(CAPTIONS))
+    torch.testing.assert_close(hooked["image_features"], plain["image_features"])
+    torch.testing.assert_close(hooked["text_features"], plain["text_features"])
+    assert hooked["hn_mirror_mask"].tolist() == [True, False, True]
+    expected_images = model.encode_image(torch.stack([images[0].flip(-1), images[2].flip(-2)]),
+                                         normalize=True)
+    expected_texts = model.encode_text(tokenizer(["a red cube to the right of a blue cone",
+                                                  "a lamp below a bed"]), normalize=True)
+    torch.testing.assert_close(hooked["hn_mirror_image_features"][[0, 2]], expected_images)
+    torch.testing.assert_close(hooked["hn_mirror_text_features"][[0, 2]], expected_texts)
+    assert not hooked["hn_mirror_image_features"][1].any()
+
+
+B, D = 5, 8
+SCALE = torch.tensor(6.0)
+
+
+def unit(*shape: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_mirror_loss_matches_the_written_out_choices():
+    image, text, m_image, m_text = (unit(B, D, seed=s) for s in range(4))
+    mask = torch.tensor([True, False, True, True, False])
+    got = L.mirror_loss(image, text, m_image, m_text, mask, SCALE)
+
+    def choose(anchor, positive, negative) -> float:
+        p, n = float(SCALE * anchor @ positive), float(SCALE * anchor @ negative)
+        return -math.log(math.exp(p) / (math.exp(p) + math.exp(n)))
+
+    rows = [i for i in range(B) if mask[i]]
+    expected = sum(choose(image[i], text[i], m_text[i]) + choose(m_image[i], m_text[i], text[i])
+                   + choose(text[i], image[i], m_image[i]) + choose(m_text[i], m_image[i], image[i])
+                   for i in rows) / (4 * B)  # rows without a mirror count as 0
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_mirror_loss_without_mirrors_is_zero_with_finite_gradients():
+    image = unit(B, D, seed=0).requires_grad_()
+    loss = L.mirror_loss(image, unit(B, D, seed=1), torch.zeros(B, D), torch.zeros(B, D),
+                         torch.zeros(B, dtype=torch.bool), SCALE)
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(image.grad).all()
+
+
+def test_itc_treats_each_mirrored_pair_as_one_more_pair():
+    """Without text negatives the itc term is OpenCLIP's ClipLoss on the batch plus its mirrors."""
+    image, text, m_image, m_text = (unit(B, D, seed=s + 10) for s in range(4))
+    mask = torch.tensor([True, True, False, True, False])
+    config = HNConfig(loss=("itc",), mirror=BOTH, mirror_weight=0.0)
+    out = HardNegativeLoss(config)(image, text, SCALE, hn_mirror_image_features=m_image,
+                                   hn_mirror_text_features=m_text, hn_mirror_mask=mask,
+                                   output_dict=True)
+    expected = ClipLoss()(torch.cat([image, m_image[mask]]), torch.cat([text, m_text[mask]]), SCALE)
+    torch.testing.assert_close(out["contrastive_loss"], expected)
+    assert "mirror_loss" not in out and out["hn_mirrored"].item() == pytest.approx(0.6)
+
+
+def test_a_mirrored_image_never_meets_its_caption_as_a_negative():
+    """The relation negative of "A left of B" is often "A right of B": the mirrored image's own
+    caption. In the mirrored image's row that column is hidden; other rows still see it."""
+    k = 2
+    image, m_image = unit(B, D, seed=20), unit(B, D, seed=21)
+    text = unit(B, 1 + k, D, seed=22)
+    m_text = text[:, 1].clone()  # negative 1 of each sample is its mirrored caption
+    mask = torch.ones(B, k, dtype=torch.bool)
+    config = HNConfig(negatives="online", num_negatives=k, loss=("itc",), mirror=BOTH,
+                      mirror_weight=0.0)
+    mirror_mask = torch.ones(B, dtype=torch.bool)
+    got = HardNegativeLoss(config)(image, text.flatten(0, 1), SCALE, mask,
+                                   hn_mirror_image_features=m_image,
+                                   hn_mirror_text_features=m_text, hn_mirror_mask=mirror_mask,
+                                   output_dict=True)["contrastive_loss"]
+    images, texts = torch.cat([image, m_image]), torch.cat([text[:, 0], m_text])
+    negatives = text[:, 1:].flatten(0, 1)
+    per_image = SCALE * images @ torch.cat([texts, negatives]).T
+    own = torch.zeros_like(per_image, dtype=torch.bool)
+    for i in range(B):
+        own[B + i, 2 * B + i * k: 2 * B + (i + 1) * k] = True
+    per_image = per_image.masked_fill(own, float("-inf"))
+    labels = torch.arange(2 * B)
+    expected = (F.cross_entropy(per_image, labels) + F.cross_entropy(SCALE * texts @ images.T, labels)) / 2
+    torch.testing.assert_close(got, expected)
+
+
+def test_mirror_term_is_weighted_and_scaled_by_the_curriculum():
+    image, text, m_image, m_text = (unit(B, D, seed=s + 30) for s in range(4))
+    mask = torch.ones(B, dtype=torch.bool)
+    config = HNConfig(loss=("itc",), mirror=("horizontal",), mirror_weight=3.0,
+                      curriculum="const", curriculum_start=0.5, curriculum_end=0.5)
+    out = HardNegativeLoss(config)(image, text, SCALE, hn_mirror_image_features=m_image,
+                                   hn_mirror_text_features=m_text, hn_mirror_mask=mask,
+                                   output_dict=True)
+    expected = 3.0 * 0.5 * L.mirror_loss(image, text, m_image, m_text, mask, SCALE)
+    torch.testing.assert_close(out["mirror_loss"], expected)
