@@ -58,7 +58,7 @@ def prepare_data(root: str, samples: int, test_items: int, image_size: int = 32,
     for split in ("val", "test"):
         scenes.write_compositional_sets(getattr(data, split), test_items, seed + 1, image_size,
                                         split, num_pairs=test_items // 2,
-                                        num_retrieval=min(test_items, 400))
+                                        num_retrieval=min(test_items, 300))
     hn_eval.write_json(stamp_path, stamp)
     print(f"[data] done in {time.time() - start:.0f}s -> {root}")
     return data
@@ -119,15 +119,16 @@ def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool
     return checkpoint
 
 
-def mean_negatives_used(log_path: str) -> float | None:
-    """Hard negatives per sample averaged over the run's last logged epoch (None if not logged).
+def logged_average(log_path: str, key: str = "Hn_curriculum") -> float | None:
+    """A logged statistic averaged over the run's last logged epoch (None if not logged).
 
-    A recipe whose curriculum warmup outlasts the run trains with none at all; the demo says so.
+    A recipe whose curriculum warmup outlasts the run (Hn_curriculum 0) trains with no hard
+    negatives at all; the demo says so.
     """
-    lines = [line for line in open(log_path) if "Train Epoch" in line and "Hn_negatives:" in line]
+    lines = [line for line in open(log_path) if "Train Epoch" in line and f"{key}:" in line]
     if not lines:
         return None
-    average = lines[-1].split("Hn_negatives:", 1)[1].split("(", 1)[1].split(")", 1)[0]
+    average = lines[-1].split(f"{key}:", 1)[1].split("(", 1)[1].split(")", 1)[0]
     return float(average)
 
 
@@ -167,15 +168,17 @@ def main(argv: list[str] | None = None) -> dict:
                     "scenes, continuing the same pretrained tiny CLIP.")
     add = parser.add_argument
     add("--output-dir", default="demo", help="Where data, runs and results go. Default: demo.")
-    add("--samples", type=int, default=10000, help="Training scenes. Default: 10000.")
+    add("--samples", type=int, default=20000, help="Training scenes. Default: 20000.")
     add("--test-items", type=int, default=1000, help="Items per test set. Default: 1000.")
-    add("--pretrain-epochs", type=int, default=2, help="Vanilla pretraining epochs. Default: 2.")
-    add("--epochs", type=int, default=1,
-        help="Epochs of each continued run (vanilla and hard negatives). Default: 1.")
-    add("--batch-size", type=int, default=128, help="Default: 128.")
+    add("--pretrain-epochs", type=int, default=1, help="Vanilla pretraining epochs. Default: 1.")
+    add("--pretrain-batch-size", type=int, default=128, help="Default: 128.")
     add("--lr", type=float, default=2e-3, help="Pretraining learning rate. Default: 2e-3.")
-    add("--continue-lr", type=float, default=5e-4,
-        help="Learning rate of both continued runs. Default: 5e-4.")
+    add("--epochs", type=int, default=3,
+        help="Epochs of each continued run (vanilla and hard negatives). Default: 3.")
+    add("--batch-size", type=int, default=64,
+        help="Batch size of both continued runs. Default: 64.")
+    add("--continue-lr", type=float, default=1e-3,
+        help="Learning rate of both continued runs. Default: 1e-3.")
     add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
     add("--workers", type=int, default=1, help="Loader workers per run. Default: 1.")
     add("--seed", type=int, default=0, help="Default: 0.")
@@ -191,19 +194,20 @@ def main(argv: list[str] | None = None) -> dict:
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "runs")
     data = prepare_data(os.path.join(out, "data"), args.samples, args.test_items, seed=args.seed)
-    common = dict(data=data, logs=logs, batch_size=args.batch_size, device=args.device,
-                  workers=args.workers, seed=args.seed)
-    steps_per_epoch = max(1, args.samples // args.batch_size)
+    common = dict(data=data, logs=logs, device=args.device, workers=args.workers, seed=args.seed)
+    pretrain_steps = max(1, args.samples // args.pretrain_batch_size)
     pretrained = run_training(train_argv(name="pretrain", epochs=args.pretrain_epochs, lr=args.lr,
-                                         warmup=min(100, steps_per_epoch), **common),
+                                         batch_size=args.pretrain_batch_size,
+                                         warmup=min(100, pretrain_steps), **common),
                               logs, "pretrain", args.pretrain_epochs)
+    steps_per_epoch = max(1, args.samples // args.batch_size)
     cont = dict(epochs=args.epochs, lr=args.continue_lr, warmup=steps_per_epoch // 10,
-                pretrained=pretrained, **common)
+                batch_size=args.batch_size, pretrained=pretrained, **common)
     vanilla = run_training(train_argv(name="vanilla", **cont), logs, "vanilla", args.epochs)
     hn_extra = ["--hn-config", args.hn_config, *args.hn_args.split()]
     hn = run_training(train_argv(name="hard-negatives", extra=hn_extra, **cont), logs,
                       "hard-negatives", args.epochs)
-    used = mean_negatives_used(os.path.join(logs, "hard-negatives.log"))
+    used = logged_average(os.path.join(logs, "hard-negatives.log"))
     if used is not None and used == 0:
         print("[hard-negatives] WARNING: no hard negatives were used in this run (is the recipe's "
               "--hn-curriculum-warmup longer than the run?)")

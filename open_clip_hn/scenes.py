@@ -6,7 +6,8 @@ shards and test sets are reproducible and can be written in any order.
 
 Compositions (the two objects and their relation, whichever way the caption words it) are split by
 a hash into train / val / test, so the compositional sets are held apart from the training shards:
-no test scene's composition is ever seen in training. The swap negatives hold the caption's exact
+no test scene's composition is ever seen in training, not even mirrored (a composition and its
+mirror image share a split). The swap negatives hold the caption's exact
 words, and every relation is worded both ways in training ("A left of B" = "B right of A"), so a
 model that ignores word order and binding scores swap and relation negatives at chance.
 """
@@ -112,8 +113,15 @@ def parse_caption(caption: str) -> Scene:
 
 
 def split_of(composition: str) -> str:
-    """Deterministic train/val/test assignment of a composition (80/10/10 by hash)."""
-    bucket = int(hashlib.sha256(composition.encode()).hexdigest()[:8], 16) % 100
+    """Deterministic train/val/test assignment (80/10/10 by hash) of a composition.
+
+    A composition and its mirror image ("A left of B" and "B left of A") share a split, so a
+    flipped training image (`--hn-mirror`) never shows a held-out composition.
+    """
+    a, relation, b = composition.split("|")
+    axis = "horizontal" if relation in ("to the left of", "to the right of") else "vertical"
+    key = "|".join(sorted((a, b))) + "|" + axis
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % 100
     return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
 
 

@@ -21,13 +21,16 @@ def test_summary_targets():
     assert out["i2t_R@1_change"] == pytest.approx(-0.01)
 
 
-def test_mean_negatives_used_reads_the_last_epoch_line(tmp_path):
+def test_logged_average_reads_the_last_epoch_line(tmp_path):
     log = tmp_path / "hn.log"
-    log.write_text("x | INFO | Train Epoch: 0 [1/2] Hn_negatives: 0.0000 (0.0000) Loss: 1\n"
-                   "x | INFO | Train Epoch: 0 [2/2] Hn_negatives: 3.5000 (1.7500) Loss: 1\n")
-    assert demo.mean_negatives_used(str(log)) == 1.75
+    log.write_text("x | INFO | Train Epoch: 0 [1/2] Hn_curriculum: 0.0000 (0.0000) Hn_negatives: "
+                   "0.0000 (0.0000) Loss: 1\n"
+                   "x | INFO | Train Epoch: 0 [2/2] Hn_curriculum: 1.0000 (0.5000) Hn_negatives: "
+                   "3.5000 (1.7500) Loss: 1\n")
+    assert demo.logged_average(str(log)) == 0.5
+    assert demo.logged_average(str(log), "Hn_negatives") == 1.75
     log.write_text("x | INFO | Train Epoch: 0 [2/2] Loss: 1\n")
-    assert demo.mean_negatives_used(str(log)) is None
+    assert demo.logged_average(str(log)) is None
 
 
 def test_missing_recipe_is_named(tmp_path, capsys):
@@ -50,7 +53,9 @@ def test_demo_end_to_end_tiny(tmp_path, capsys):
                                      "swap_attributes_error_reduction",
                                      "swap_objects_error_reduction"}
     assert (tmp_path / "compare.png").read_bytes()[:4] == b"\x89PNG"
-    assert demo.mean_negatives_used(str(tmp_path / "runs" / "hard-negatives.log")) > 0
+    hn_log = str(tmp_path / "runs" / "hard-negatives.log")
+    assert demo.logged_average(hn_log) > 0
+    assert demo.logged_average(hn_log, "Hn_mirrored") == 1.0  # the recipe mirrors every scene
     # a second run reuses data and checkpoints instead of retraining
     demo.main(["--output-dir", str(tmp_path), "--samples", "128", "--test-items", "8",
                "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "32",

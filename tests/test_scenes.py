@@ -102,6 +102,18 @@ def test_test_compositions_never_appear_in_training(tmp_path):
     assert {scenes.split_of(c) for c in train} == {"train"}
 
 
+def test_a_composition_and_its_mirror_share_a_split():
+    """A flipped training image (--hn-mirror) must not show a held-out composition."""
+    splits = set()
+    for i in range(300):
+        scene = scenes.sample_scene(random.Random(i), "train")
+        mirrored = scenes.Scene(scene.subject, scenes.OPPOSITE[scene.relation], scene.reference)
+        assert scenes.split_of(mirrored.composition()) == "train", scene.caption
+        splits.add(scenes.split_of(scenes.describe(scene.subject.identity, "above",
+                                                   scene.reference.identity)))
+    assert splits == {"train", "val", "test"}  # still a real split
+
+
 def test_both_wordings_of_relations_in_training():
     captions = [scenes.scene_sample(i, image_size=8)[1] for i in range(200)]
     for relation in scenes.RELATIONS:
