@@ -37,9 +37,15 @@ ABLATIONS: dict[str, list[str]] = {
     # twice and three times the steps: the same budget for vanilla and hard negatives
     "vanilla, 6 ep": ["--epochs", "6"],
     "mirror w5, 6 ep": MIRROR + ["--epochs", "6"],
+    "mirror w5, cosine curriculum 1 -> 0, 6 ep": MIRROR + [
+        "--hn-curriculum", "cosine", "--hn-curriculum-start", "1", "--hn-curriculum-end", "0",
+        "--epochs", "6"],
     "mirror w5 + choice w2 (swap objects/attributes, K2), 6 ep": MIRROR + [
         "--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc,choice",
         "--hn-types", "swap_objects,swap_attributes", "--hn-choice-weight", "2", "--epochs", "6"],
+    # from scratch (--from-scratch): mirrored pairs only after the first epoch (78 steps)
+    "recommended.yaml, warmup 78 steps": ["--hn-config", demo.RECOMMENDED,
+                                          "--hn-curriculum-warmup", "78"],
     "vanilla, 9 ep": ["--epochs", "9"],
     "mirror w5, 9 ep": MIRROR + ["--epochs", "9"],
 }
@@ -89,8 +95,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Default: 1e-3.")
     parser.add_argument("--test-items", type=int, default=1000)
     parser.add_argument("--from-scratch", action="store_true",
-                        help="Train 'vanilla' and 'recommended.yaml' from random weights (lr 2e-3, "
-                             "batch 128) instead of continuing the pretrained model.")
+                        help="Train from random weights (lr 2e-3, batch 128) instead of continuing "
+                             "the pretrained model; default rows: vanilla and recommended.yaml.")
     parser.add_argument("--only", default=None, help="Semicolon list of ablation names to run.")
     args = parser.parse_args()
 
@@ -102,7 +108,7 @@ def main() -> None:
     pretrained = args.pretrained
     if args.from_scratch:
         pretrained, lr, batch_size, tag = None, 2e-3, 128, "scratch-"
-        names = ["vanilla", "recommended.yaml"]
+        names = args.only.split(";") if args.only else ["vanilla", "recommended.yaml"]
     else:
         lr, batch_size, tag = args.lr, args.batch_size, ""
         names = args.only.split(";") if args.only else list(ABLATIONS)

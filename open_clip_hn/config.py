@@ -257,7 +257,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-mirror-weight", dest="hn_mirror_weight", type=_non_negative_float, default=1.0,
         help="Weight of the mirror term: each image picks its caption over the mirrored one, each "
              "caption picks its image over the mirrored one (and the same for the mirrored "
-             "pair). Scaled by the curriculum. Default: 1.0.")
+             "pair). Scaled by the curriculum, whose share also decides which mirrored pairs "
+             "are used. Default: 1.0.")
     add("--hn-curriculum", dest="hn_curriculum", choices=CURRICULA, default="const",
         help="Schedule of the hard-negative share and of the intra/rank/mined/mirror weights over "
              "training. Default: const.")

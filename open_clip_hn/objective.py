@@ -192,23 +192,29 @@ class HardNegativeLoss(torch.nn.Module):
             labels = torch.arange(all_image.shape[0], device=image.device)
         b = _Batch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels)
         if mirrors is not None:
-            self._gather_mirrors(b, mirrors, local)
+            self._gather_mirrors(b, mirrors, local, share, step)
         return b
 
-    def _gather_mirrors(self, b: _Batch, mirrors: _Mirrors, local: bool) -> None:
-        """Gather the mirrored pairs; give each anchor the itc row of its mirror (after the N
-        originals, valid mirrors only, in global order)."""
+    def _gather_mirrors(self, b: _Batch, mirrors: _Mirrors, local: bool, share: float,
+                        step: int) -> None:
+        """Gather the mirrored pairs and keep the curriculum's share of them (none during its
+        warmup); give each anchor the itc row of its mirror (after the N originals, kept mirrors
+        only, in global order)."""
         pairs = torch.stack([mirrors.image, mirrors.text], dim=1)
         pairs = gather_rows(pairs, rank=self.rank, world_size=self.world_size,
                             with_grad=self.gather_with_grad, keep_local_grad=not self.local_loss)
         b.all_mirror_image, b.all_mirror_text = pairs[:, 0], pairs[:, 1]
-        b.all_mirror_mask = gather_rows(mirrors.mask, rank=self.rank, world_size=self.world_size)
+        valid = gather_rows(mirrors.mask, rank=self.rank, world_size=self.world_size)
         n = b.all_image.shape[0]
+        # its own stream (seed + 1): the kept mirrors do not follow the kept text negatives
+        keep = negative_keep_mask((n, 1), share, seed=self.config.seed + 1, step=step,
+                                  device=valid.device)[:, 0]
+        b.all_mirror_mask = valid & keep
         all_labels = n + torch.cumsum(b.all_mirror_mask.long(), dim=0) - 1
         if local:
-            batch = mirrors.mask.shape[0]
-            b.mirror_image, b.mirror_text, b.mirror_mask = mirrors.image, mirrors.text, mirrors.mask
-            b.mirror_labels = all_labels[self.rank * batch:(self.rank + 1) * batch]
+            rows = slice(self.rank * mirrors.mask.shape[0], (self.rank + 1) * mirrors.mask.shape[0])
+            b.mirror_image, b.mirror_text = mirrors.image, mirrors.text
+            b.mirror_mask, b.mirror_labels = b.all_mirror_mask[rows], all_labels[rows]
         else:
             b.mirror_image, b.mirror_text = b.all_mirror_image, b.all_mirror_text
             b.mirror_mask, b.mirror_labels = b.all_mirror_mask, all_labels

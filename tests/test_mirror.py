@@ -13,6 +13,7 @@ from open_clip.loss import ClipLoss
 from conftest import TINY_MODEL, TINY_MODEL_CONFIG
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
+from open_clip_hn.curriculum import negative_keep_mask
 from open_clip_hn.data import PackedNegativeTokenizer, unpack_texts
 from open_clip_hn.hooks import attach_negative_hooks, build_parser
 from open_clip_hn.mirror import flip_images, mirror_caption, parse_axes
@@ -180,5 +181,25 @@ def test_mirror_term_is_weighted_and_scaled_by_the_curriculum():
     out = HardNegativeLoss(config)(image, text, SCALE, hn_mirror_image_features=m_image,
                                    hn_mirror_text_features=m_text, hn_mirror_mask=mask,
                                    output_dict=True)
-    expected = 3.0 * 0.5 * L.mirror_loss(image, text, m_image, m_text, mask, SCALE)
+    kept = mask & negative_keep_mask((B, 1), 0.5, seed=config.seed + 1, step=0)[:, 0]
+    assert 0 < kept.sum() < B
+    expected = 3.0 * 0.5 * L.mirror_loss(image, text, m_image, m_text, kept, SCALE)
     torch.testing.assert_close(out["mirror_loss"], expected)
+
+
+def test_curriculum_share_decides_which_mirrored_pairs_are_used():
+    """During the warmup no mirrored pair is used (itc is plain ClipLoss); then the share."""
+    image, text, m_image, m_text = (unit(B, D, seed=s + 40) for s in range(4))
+    mask = torch.ones(B, dtype=torch.bool)
+    config = HNConfig(loss=("itc",), mirror=BOTH, mirror_weight=1.0, curriculum="const",
+                      curriculum_warmup=1, curriculum_start=0.5, curriculum_end=0.5)
+    loss = HardNegativeLoss(config)
+    mirrors = dict(hn_mirror_image_features=m_image, hn_mirror_text_features=m_text,
+                   hn_mirror_mask=mask, output_dict=True)
+    warm = loss(image, text, SCALE, **mirrors)  # step 0: warmup
+    torch.testing.assert_close(warm["contrastive_loss"], ClipLoss()(image, text, SCALE))
+    assert warm["hn_mirrored"].item() == 0 and warm["mirror_loss"].item() == 0
+    shares = []
+    for _ in range(20):
+        shares.append(loss(image, text, SCALE, **mirrors)["hn_mirrored"].item())
+    assert 0.2 < sum(shares) / len(shares) < 0.8 and len(set(shares)) > 1
