@@ -115,7 +115,8 @@ def main() -> None:
         if pretrained is None:
             pretrained = demo.run_training(
                 demo.train_argv(data, logs, "pretrain", args.pretrain_epochs, batch_size=128,
-                                lr=2e-3, warmup=min(100, args.samples // 128), **common), logs, "pretrain", args.pretrain_epochs)
+                                lr=2e-3, warmup=min(100, args.samples // 128), **common),
+                logs, "pretrain", args.pretrain_epochs)
     rows: dict[str, dict] = {}
     results_path = os.path.join(out, f"{tag}ablation.json")
     if os.path.isfile(results_path):

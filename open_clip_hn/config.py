@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .mirror import parse_axes
 from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
@@ -59,18 +60,15 @@ def _loss_terms(value: str) -> tuple[str, ...]:
     return terms
 
 
-def _types(value: str) -> tuple[str, ...]:
-    try:
-        return parse_types(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+def argparse_type(parse: Callable[[str], tuple[str, ...]]) -> Callable[[str], tuple[str, ...]]:
+    """`parse` as an argparse `type=`: its ValueError becomes argparse's usage error."""
+    def convert(value: str) -> tuple[str, ...]:
+        try:
+            return parse(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-
-def _mirror_axes(value: str) -> tuple[str, ...]:
-    try:
-        return parse_axes(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+    return convert
 
 
 def _rank_threshold(value: str) -> str:
@@ -207,7 +205,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-num-negatives", dest="hn_num_negatives", type=_non_negative_int, default=4,
         metavar="K", help="Hard negatives per caption (K); captions with fewer valid negatives "
                           "get masked slots, never duplicates. Default: 4.")
-    add("--hn-types", dest="hn_types", type=_types, default=NEGATIVE_TYPES, metavar="A,B,...",
+    add("--hn-types", dest="hn_types", type=argparse_type(parse_types), default=NEGATIVE_TYPES,
+        metavar="A,B,...",
         help=f"Comma list of negative types to generate (default: all): {', '.join(NEGATIVE_TYPES)}.")
     add("--hn-loss", dest="hn_loss", type=_loss_terms, default=("itc",), metavar="TERMS",
         help="Comma list of loss terms: itc (InfoNCE with hard negatives in the image->text "
@@ -247,7 +246,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-miner-backend", dest="hn_miner_backend", choices=MINER_BACKENDS, default="torch",
         help="Top-k search over the bank: torch (exact matmul) or faiss (GPU build when a GPU "
              "is present). Default: torch.")
-    add("--hn-mirror", dest="hn_mirror", type=_mirror_axes, default=(), metavar="AXES",
+    add("--hn-mirror", dest="hn_mirror", type=argparse_type(parse_axes), default=(),
+        metavar="AXES",
         help="Comma list of mirror axes (horizontal, vertical): each image whose caption names "
              "a relation along an axis (left/right; above/below, top/bottom, over/under) gets a "
              "flipped copy paired with the caption whose relation words are exchanged. The pair "

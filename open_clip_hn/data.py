@@ -109,7 +109,7 @@ class PackedNegativeTokenizer:
         negatives = self.negatives_for(caption, precomputed) if self.num_negatives else []
         k = self.num_negatives
         texts = [caption] + [n["text"] for n in negatives] + [""] * (k - len(negatives))
-        mirrored = mirror_caption(caption, self.mirror_axes) if self.mirror_axes else None
+        mirrored = mirror_caption(caption, self.mirror_axes)
         if self.mirror_axes:
             texts.append(mirrored[0] if mirrored else "")
         tokens = self.tokenizer(texts)

@@ -210,6 +210,22 @@ def _load_image(path: str, box: tuple[float, float, float, float] | None = None)
 
 
 @torch.no_grad()
+def _encode_batches(count: int, batch_size: int, make_batch: Callable[[int, int], torch.Tensor],
+                    encode: Callable[[torch.Tensor], torch.Tensor],
+                    autocast: Callable[[], ContextManager], progress: Callable | None
+                    ) -> torch.Tensor:
+    """L2-normalised features [count, D] (fp32, CPU) of `encode(make_batch(start, stop))`."""
+    out = []
+    for start in range(0, count, batch_size):
+        batch = make_batch(start, min(start + batch_size, count))
+        with autocast():
+            features = encode(batch)
+        out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
+        if progress:
+            progress(len(batch))
+    return torch.cat(out)
+
+
 def encode_images(model: torch.nn.Module, preprocess: Callable, images: Sequence[tuple],
                   device: torch.device | str, batch_size: int, autocast: Callable[[], ContextManager],
                   progress: Callable | None = None, input_dtype: torch.dtype | None = None
@@ -219,32 +235,23 @@ def encode_images(model: torch.nn.Module, preprocess: Callable, images: Sequence
     `input_dtype` casts the images like OpenCLIP's own evaluation (`get_input_dtype`), which
     models trained with pure_bf16 / fp16 precision need.
     """
-    out = []
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack([preprocess(_load_image(*entry))
-                             for entry in images[start:start + batch_size]]).to(device, input_dtype)
-        with autocast():
-            features = model.encode_image(batch)
-        out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-        if progress:
-            progress(len(batch))
-    return torch.cat(out)
+    def make_batch(start: int, stop: int) -> torch.Tensor:
+        return torch.stack([preprocess(_load_image(*entry))
+                            for entry in images[start:stop]]).to(device, input_dtype)
+
+    return _encode_batches(len(images), batch_size, make_batch, model.encode_image, autocast,
+                           progress)
 
 
-@torch.no_grad()
 def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[str],
                  device: torch.device | str, batch_size: int, autocast: Callable[[], ContextManager],
                  progress: Callable | None = None) -> torch.Tensor:
     """L2-normalised text features [N, D] (fp32), in batches."""
-    out = []
-    for start in range(0, len(texts), batch_size):
-        tokens = tokenizer(list(texts[start:start + batch_size])).to(device)
-        with autocast():
-            features = model.encode_text(tokens)
-        out.append(torch.nn.functional.normalize(features.float(), dim=-1).cpu())
-        if progress:
-            progress(len(tokens))
-    return torch.cat(out)
+    def make_batch(start: int, stop: int) -> torch.Tensor:
+        return tokenizer(list(texts[start:stop])).to(device)
+
+    return _encode_batches(len(texts), batch_size, make_batch, model.encode_text, autocast,
+                           progress)
 
 
 def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,

@@ -9,10 +9,26 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL_CONFIG = REPO / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json"
 TINY_MODEL = "hn-tiny-vit"
+
+
+def unit(*shape: int, seed: int = 0) -> torch.Tensor:
+    """Random L2-normalised features (rows along the last dim), a pure function of `seed`."""
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny model's OpenCLIP tokenizer."""
+    import open_clip
+
+    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
+    return open_clip.get_tokenizer(TINY_MODEL)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import open_clip
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_MODEL_CONFIG
+from conftest import TINY_MODEL
 from open_clip_hn.data import (PackedNegativeTokenizer, encode_precomputed_caption,
                                samples_with_precomputed_negatives, unpack_texts)
 from open_clip_hn.hooks import attach_negative_hooks
@@ -23,12 +23,6 @@ class FixedGenerator:
 
     def generate(self, caption, k):
         return self.table.get(caption, [])[:k]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
-    return open_clip.get_tokenizer(TINY_MODEL)
 
 
 CAPTION = "a red cube to the left of a blue ball"

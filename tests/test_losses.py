@@ -6,19 +6,15 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
+from conftest import unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.objective import HardNegativeLoss, LoggedValue
 
 B, K, D = 6, 3, 8
 SCALE = torch.tensor(7.0)
-
-
-def unit(*shape: int, seed: int = 0) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 def batch(seed: int = 0, masked_share: float = 0.3):

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from conftest import unit
 from open_clip_hn import miner as miner_module
 from open_clip_hn.memory_bank import MemoryBank
 from open_clip_hn.miner import mine
 
 D = 16
-
-
-def unit(*shape: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 def filled_bank(rows: int, seed: int, fp16: bool = False) -> MemoryBank:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from conftest import TINY_MODEL, TINY_MODEL_CONFIG
+from conftest import TINY_MODEL, unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.curriculum import negative_keep_mask
@@ -60,12 +60,6 @@ def test_flip_images_per_row_axis():
         flip_images(images, torch.tensor([0, 2]))
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
-    return open_clip.get_tokenizer(TINY_MODEL)
-
-
 CAPTIONS = ["a red cube to the left of a blue cone", "a cat", "a lamp above a bed"]
 
 
@@ -103,10 +97,6 @@ def test_model_hook_encodes_flipped_images_with_their_captions(tokenizer):
 
 B, D = 5, 8
 SCALE = torch.tensor(6.0)
-
-
-def unit(*shape: int, seed: int) -> torch.Tensor:
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
 def test_mirror_loss_matches_the_written_out_choices():

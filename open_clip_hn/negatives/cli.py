@@ -20,23 +20,17 @@ from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator
 
+from ..config import argparse_type
 from .generator import NegativeGenerator
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 TMP_PREFIX = ".tmp-"
 
 
-def _types(value: str) -> tuple[str, ...]:
-    try:
-        return parse_types(value)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
 def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> None:
     parser.add_argument("--num", "-k", type=int, default=num_default, metavar="K",
                         help=f"Negatives per caption. Default: {num_default}.")
-    parser.add_argument("--types", type=_types, default=NEGATIVE_TYPES, metavar="A,B",
+    parser.add_argument("--types", type=argparse_type(parse_types), default=NEGATIVE_TYPES, metavar="A,B",
                         help=f"Comma list of types (default: all): {', '.join(NEGATIVE_TYPES)}.")
     parser.add_argument("--seed", type=int, default=0,
                         help="Generator seed; output is a pure function of (caption, seed, types, K).")
