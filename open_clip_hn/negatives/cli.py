@@ -14,17 +14,15 @@ import json
 import os
 import sys
 import tarfile
-import tempfile
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 from typing import Iterator
 
 from ..config import argparse_type
+from ..files import TMP_PREFIX, atomic_open
 from .generator import NegativeGenerator
 from .taxonomy import NEGATIVE_TYPES, parse_types
-
-TMP_PREFIX = ".tmp-"
 
 
 def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> None:
@@ -112,13 +110,6 @@ def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
                 yield line.rstrip("\r\n")
 
 
-def _atomic_writer(path: str):
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=TMP_PREFIX)
-    return os.fdopen(fd, "w", encoding="utf-8"), tmp
-
-
 def _generate_one(generator: NegativeGenerator, k: int, caption: object) -> list[dict[str, str]]:
     return generator.generate(caption, k)
 
@@ -142,21 +133,14 @@ def run_generate(args: argparse.Namespace) -> int:
             continue
         captions.append(item)
     work = partial(_generate_one, generator, args.num)
-    handle, tmp = _atomic_writer(args.output)
-    masked = 0
-    try:
-        with handle:
-            if args.workers > 1:
-                with Pool(args.workers, initializer=generator.load) as pool:
-                    results = pool.imap(work, captions, chunksize=256)
-                    masked = _write_results(handle, captions, results)
-            else:
-                generator.load()
-                masked = _write_results(handle, captions, map(work, captions))
-        os.replace(tmp, args.output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with atomic_open(args.output, "w", encoding="utf-8") as handle:
+        if args.workers > 1:
+            with Pool(args.workers, initializer=generator.load) as pool:
+                results = pool.imap(work, captions, chunksize=256)
+                masked = _write_results(handle, captions, results)
+        else:
+            generator.load()
+            masked = _write_results(handle, captions, map(work, captions))
     print(f"{len(captions)} captions, {masked} without negatives (masked), {malformed} malformed lines "
           f"skipped -> {args.output}", file=sys.stderr)
     return 0
@@ -204,56 +188,49 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
     if os.path.exists(destination):
         return "skipped", 0, 0
     generator.load()
-    fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=TMP_PREFIX + os.path.basename(source) + ".")
-    os.close(fd)
     samples = masked = 0
-    try:
-        # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
-        with tarfile.open(source, "r:*", ignore_zeros=True) as reader, \
-                tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as writer:
-            key, caption, last, expected_offset = None, None, None, 0
+    # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
+    with atomic_open(destination, "wb") as handle, \
+            tarfile.open(source, "r:*", ignore_zeros=True) as reader, \
+            tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
+        key, caption, last, expected_offset = None, None, None, 0
 
-            def flush() -> None:
-                nonlocal samples, masked
-                if key is None:
-                    return
-                negatives = generator.generate(caption, k) if caption is not None else []
-                samples += 1
-                masked += not negatives
-                info, data = _neg_member(key, negatives, last)
-                writer.addfile(info, io.BytesIO(data))
+        def flush() -> None:
+            nonlocal samples, masked
+            if key is None:
+                return
+            negatives = generator.generate(caption, k) if caption is not None else []
+            samples += 1
+            masked += not negatives
+            info, data = _neg_member(key, negatives, last)
+            writer.addfile(info, io.BytesIO(data))
 
-            try:
-                for member in reader:
-                    if member.offset > expected_offset:
-                        print(f"warning: {source}: corrupt tar data at byte {expected_offset} skipped "
-                              f"(resuming at {member.name})", file=sys.stderr)
-                    expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                    if not member.isfile():
-                        continue
-                    member_key, extension = _split_key(member.name)
-                    if extension == "neg.json":
-                        continue  # a rerun on precomputed shards replaces old negatives
-                    payload = reader.extractfile(member).read()
-                    if member_key != key:
-                        flush()
-                        key, caption = member_key, None
-                    last = member
-                    if extension == caption_key:
-                        try:
-                            caption = payload.decode("utf-8")
-                        except UnicodeDecodeError:
-                            print(f"warning: {source}: {member.name} is not UTF-8; sample masked", file=sys.stderr)
-                    writer.addfile(member, io.BytesIO(payload))
-            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-                print(f"warning: {source}: unreadable tar data after {samples} samples ({err}); "
-                      "rest of the shard skipped", file=sys.stderr)
-            flush()
-        os.replace(tmp, destination)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        try:
+            for member in reader:
+                if member.offset > expected_offset:
+                    print(f"warning: {source}: corrupt tar data at byte {expected_offset} skipped "
+                          f"(resuming at {member.name})", file=sys.stderr)
+                expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                if not member.isfile():
+                    continue
+                member_key, extension = _split_key(member.name)
+                if extension == "neg.json":
+                    continue  # a rerun on precomputed shards replaces old negatives
+                payload = reader.extractfile(member).read()
+                if member_key != key:
+                    flush()
+                    key, caption = member_key, None
+                last = member
+                if extension == caption_key:
+                    try:
+                        caption = payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        print(f"warning: {source}: {member.name} is not UTF-8; sample masked", file=sys.stderr)
+                writer.addfile(member, io.BytesIO(payload))
+        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+            print(f"warning: {source}: unreadable tar data after {samples} samples ({err}); "
+                  "rest of the shard skipped", file=sys.stderr)
+        flush()
     return "written", samples, masked
 
 

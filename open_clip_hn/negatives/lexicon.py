@@ -12,9 +12,10 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from ..files import atomic_open
 
 DATA_DIR = Path(__file__).with_name("data")
 CACHE_VERSION = 5
@@ -126,11 +127,8 @@ def load_resources() -> Resources:
         pass
     resources = build_resources()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_open(path, "wb") as handle:
             pickle.dump(resources, handle, protocol=pickle.HIGHEST_PROTOCOL)
-        os.replace(tmp, path)
     except OSError:
         pass  # a read-only home still works, it just rebuilds per process
     return resources

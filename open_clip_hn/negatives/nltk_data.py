@@ -13,8 +13,9 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from pathlib import Path
+
+from ..files import atomic_open, atomic_write_bytes
 
 DEBIAN_WORDNET_DIR = Path("/usr/share/wordnet")
 DEBIAN_LEXNAMES_MAN = Path("/usr/share/man/man5/lexnames.5WN.gz")
@@ -115,28 +116,6 @@ def _writable_target() -> Path:
     raise PermissionError(f"no writable directory in nltk.data.path ({nltk.data.path}); pass --target DIR")
 
 
-def _atomic_copy(source: Path, destination: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-    os.close(fd)
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def _atomic_write_text(destination: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, destination)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def setup_nltk(target: str | os.PathLike | None = None,
                source: str | os.PathLike = DEBIAN_WORDNET_DIR,
                man_page: str | os.PathLike = DEBIAN_LEXNAMES_MAN) -> Path:
@@ -156,9 +135,10 @@ def setup_nltk(target: str | os.PathLike | None = None,
     corpus.mkdir(parents=True, exist_ok=True)
     for item in sorted(source.iterdir()):
         if item.is_file():
-            _atomic_copy(item, corpus / item.name)
+            with open(item, "rb") as reader, atomic_open(corpus / item.name, "wb") as writer:
+                shutil.copyfileobj(reader, writer)
     opener = gzip.open if man_page.suffix == ".gz" else open
     with opener(man_page, "rt", encoding="utf-8", errors="replace") as handle:
         lexnames = lexnames_from_man_page(handle.read())
-    _atomic_write_text(corpus / "lexnames", "\n".join(lexnames) + "\n")
+    atomic_write_bytes(corpus / "lexnames", ("\n".join(lexnames) + "\n").encode())
     return corpus
