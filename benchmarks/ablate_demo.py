@@ -73,7 +73,7 @@ ABLATIONS: dict[str, list[str]] = {
     "mirror w5, 9 ep": MIRROR + ["--epochs", "9"],
 }
 KEYS = [("replace_relation", "acc"), ("swap_attributes", "acc"), ("swap_objects", "acc"),
-        ("replace_attribute", "acc"), ("relation_pairs", "group"),
+        ("replace_object", "acc"), ("replace_attribute", "acc"), ("relation_pairs", "group"),
         ("retrieval", "image_to_text_R@1")]
 
 
