@@ -5,8 +5,9 @@ lr 2e-3) with the same samples, seed, batch size (64) and learning rate (1e-3) a
 of the same budget, then is scored on the demo's sets (val compositions) and on the unseen sets
 (test compositions). Prints one table per benchmark with differences to that vanilla row.
 `--from-scratch` trains vanilla and the recommended recipe from random weights instead (the
-no-collapse check; README reports it at the default 3 epochs and with `--epochs 9`). The rows aimed at swap objects were measured on the demo's own defaults
-(`--samples 20000 --pretrain-epochs 1`: the same data, pretrained model and continuation as
+no-collapse check; README reports it at the default 3 epochs and with `--epochs 9`). The rows
+aimed at swap objects were measured on the demo's own defaults (`--samples 20000
+--pretrain-epochs 1`: the same data, pretrained model and continuation as
 `python -m open_clip_hn.demo`); the image-neighbour row builds its kNN index of the training
 shards with the pretrained model first.
 
@@ -92,10 +93,10 @@ def _baseline(run: str) -> str | None:
 
 
 def neighbor_index(data: demo.DemoData, pretrained: str | None, output: str) -> str:
-    """The kNN index of the training shards under the model that is continued (built once)."""
-    if not os.path.isfile(os.path.join(output, neighbors.MANIFEST)):
-        neighbors.build(data.train, "hn-tiny-vit", output, pretrained=pretrained,
-                        model_config=demo.MODEL_CONFIG, device="cpu")
+    """The kNN index of the training shards under the model that is continued. `build` resumes
+    a finished index from its cached embeddings and refuses one made with another model."""
+    neighbors.build(data.train, "hn-tiny-vit", output, pretrained=pretrained,
+                    model_config=demo.MODEL_CONFIG, device="cpu")
     return output
 
 

@@ -326,7 +326,7 @@ def write_compositional_sets(out_dir: str, num_items: int = 1000, seed: int = 1,
                 continue
             filename = f"{kind}-{len(items):05d}.png"
             atomic_write_bytes(os.path.join(images_dir, filename),
-                          _png(render(scene, image_size, background=rng.randint(40, 100))))
+                               _png(render(scene, image_size, background=rng.randint(40, 100))))
             items[str(len(items))] = {"filename": filename, "caption": scene.caption,
                                       "negative_caption": negative}
         written[kind] = os.path.join(out_dir, f"{kind}.json")
@@ -358,7 +358,7 @@ def _write_pair_set(out_dir: str, name: str, count: int, seed: int, image_size: 
         names = [f"{name}-{i:05d}-{j}.png" for j in (0, 1)]
         for filename, picture in zip(names, (scene, other)):
             atomic_write_bytes(os.path.join(out_dir, "images", filename),
-                          _png(render(picture, image_size, background)))
+                               _png(render(picture, image_size, background)))
         # caption_1 describes image_1 with caption_0's words in another order or binding
         caption_1 = (replace(scene, relation=OPPOSITE[scene.relation]).caption
                      if name == "relation_pairs" else other.caption)
@@ -384,7 +384,7 @@ def _write_retrieval(out_dir: str, count: int, seed: int, image_size: int, split
         key = f"{len(seen):05d}"
         seen.add(scene.composition())
         atomic_write_bytes(os.path.join(out_dir, f"{key}.png"),
-                      _png(render(scene, image_size, background=rng.randint(40, 100))))
+                           _png(render(scene, image_size, background=rng.randint(40, 100))))
         atomic_write_bytes(os.path.join(out_dir, f"{key}.txt"), scene.caption.encode())
     return out_dir
 
