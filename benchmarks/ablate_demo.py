@@ -9,7 +9,8 @@ no-collapse check; README reports it at the default 3 epochs and with `--epochs 
 aimed at swap objects were measured on the demo's own defaults (`--samples 20000
 --pretrain-epochs 1`: the same data, pretrained model and continuation as
 `python -m open_clip_hn.demo`); the image-neighbour row builds its kNN index of the training
-shards with the pretrained model first.
+shards with the pretrained model first, the partner rows an index of each scene's swap-object
+twins (`neighbors.write_given`).
 
     python benchmarks/ablate_demo.py --output-dir ablate [--only "vanilla;recommended.yaml"]
 
@@ -21,17 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
+
+import numpy as np
 
 from open_clip_hn import demo
 from open_clip_hn import eval as hn_eval
-from open_clip_hn import neighbors
+from open_clip_hn import neighbors, scenes
 
 MIRROR = ["--hn-mirror", "horizontal,vertical", "--hn-mirror-weight", "5"]
 RECOMMENDED = ["--hn-config", demo.RECOMMENDED]
 SHAPE_NEGATIVES = ["--hn-negatives", "online", "--hn-types", "replace_object,swap_objects",
                    "--hn-num-negatives", "4"]
 NEIGHBORS = "{neighbors}"  # replaced by an index of the training shards built with the pretrained model
+PARTNERS = "{partners}"  # replaced by an index pairing each training scene with its swap-object twins
 # name -> flags; rows without --hn-* flags are plain OpenCLIP
 ABLATIONS: dict[str, list[str]] = {
     "vanilla": [],
@@ -71,6 +76,10 @@ ABLATIONS: dict[str, list[str]] = {
         "--hn-loss", "itc,mined", "--hn-memory-bank-size", "4096", "--hn-mined-k", "16"],
     "recommended + importance (HCL, beta 0.5)": RECOMMENDED + ["--hn-loss", "itc,importance"],
     "recommended, mirror w3": RECOMMENDED + ["--hn-mirror-weight", "3"],
+    "vanilla + swap-object partners (1 per sample)": [
+        "--hn-image-neighbors", PARTNERS, "--hn-image-neighbors-per-sample", "1"],
+    "recommended + swap-object partners (1 per sample)": RECOMMENDED + [
+        "--hn-image-neighbors", PARTNERS, "--hn-image-neighbors-per-sample", "1"],
     "vanilla, 9 ep": ["--epochs", "9"],
     "mirror w5, 9 ep": MIRROR + ["--epochs", "9"],
 }
@@ -97,6 +106,30 @@ def neighbor_index(data: demo.DemoData, pretrained: str | None, output: str) -> 
     a finished index from its cached embeddings and refuses one made with another model."""
     neighbors.build(data.train, "hn-tiny-vit", output, pretrained=pretrained,
                     model_config=demo.MODEL_CONFIG, device="cpu")
+    return output
+
+
+def partner_index(data: demo.DemoData, output: str, k: int = 4) -> str:
+    """Each training scene's neighbours are up to k training scenes that show its swap-objects
+    negative (the same scene with the two shapes exchanged, however the caption words it): the
+    image-side twin of that text negative, placed in the same batch."""
+    def twins(captions: list[str]) -> np.ndarray:
+        parsed = [scenes.parse_caption(c) for c in captions]
+        by_composition: dict[str, list[int]] = {}
+        for i, scene in enumerate(parsed):
+            by_composition.setdefault(scene.composition(), []).append(i)
+        rng = random.Random(0)
+        ids = np.full((len(parsed), k), -1)
+        for i, scene in enumerate(parsed):
+            negative = scenes.negative_caption(scene, "swap_objects", rng)
+            if negative is None:
+                continue  # two objects of one shape
+            found = list(by_composition.get(scenes.parse_caption(negative).composition(), []))
+            rng.shuffle(found)
+            ids[i, :len(found[:k])] = found[:k]
+        return ids
+
+    neighbors.write_given(data.train, output, twins, "swap-object twins")
     return output
 
 
@@ -161,6 +194,9 @@ def main() -> None:
         if NEIGHBORS in flags:
             flags = [neighbor_index(data, pretrained, os.path.join(out, "neighbors"))
                      if f == NEIGHBORS else f for f in flags]
+        if PARTNERS in flags:
+            flags = [partner_index(data, os.path.join(out, "partners")) if f == PARTNERS else f
+                     for f in flags]
         epochs = int(flags[flags.index("--epochs") + 1]) if "--epochs" in flags else args.epochs
         slug = tag + "".join(c if c.isalnum() else "-" for c in name)
         start = time.time()

@@ -4,7 +4,8 @@ NegCLIP's gain from hard *image* negatives needs batches that hold visually simi
 webdataset shards the loader only sees a shuffled stream, so similar images almost never meet.
 `python -m open_clip_hn.neighbors build` embeds every image once with an OpenCLIP model, finds
 each image's k nearest neighbours with faiss, and records where each sample's tar members lie
-(byte offsets). During training `NeighborStage` follows each sample of the shuffled stream with
+(byte offsets). `write_given` writes the same index from neighbours chosen another way (e.g.
+samples whose caption is another's hard negative: the dataset's own image-side negatives). During training `NeighborStage` follows each sample of the shuffled stream with
 some of its neighbours, read straight from their shards by offset, so every batch holds small
 groups of look-alike images while the order of the groups stays webdataset's shuffle.
 
@@ -198,12 +199,13 @@ class _ShardImages(torch.utils.data.IterableDataset):
 
 
 def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
-    """A resumed build must embed with the same model, or its rows would not be comparable."""
+    """A resumed build must embed with the same model, or its rows would not be comparable (and
+    an index of given neighbours is never mixed with one of embeddings)."""
     path = os.path.join(output, "build.json")
     if os.path.exists(path):
         previous = _read_json(path)
         if previous != identity:
-            raise ValueError(f"--output {output} holds embeddings from {previous}, not {identity}; "
+            raise ValueError(f"--output {output} was built from {previous}, not {identity}; "
                              "use a fresh --output or the same --model/--pretrained/--model-config")
     else:
         _atomic_write_json(path, identity)
@@ -247,23 +249,12 @@ def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, p
                                  embedding.astype(np.float16))
 
 
-def build(shards: str, model_name: str, output: str, pretrained: str | None = None,
-          model_config: str | None = None, k: int = 8, batch_size: int = 256, workers: int = 0,
-          device: str | None = None, exact_max: int = 1_000_000, nlist: int | None = None,
-          nprobe: int = 32) -> str:
-    """Build (or resume) a neighbour index of `shards` in `output`; return the manifest path."""
+def _catalog_shards(paths: list[str], output: str) -> list[list[tuple[str, dict]]]:
+    """Each shard's (key, members) in stream order, cached in `output/catalog` per shard; a shard
+    whose size changed is scanned again and its stale embeddings are dropped."""
     from tqdm import tqdm
 
-    paths = expand_shards(shards)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    identity = {"model": model_name, "pretrained": pretrained,
-                "model_config": os.path.basename(model_config) if model_config else None}
     os.makedirs(os.path.join(output, "catalog"), exist_ok=True)
-    os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
-    _check_build_identity(output, identity)
-    if os.path.exists(os.path.join(output, MANIFEST)):
-        os.remove(os.path.join(output, MANIFEST))  # until rewritten, the index reads as unfinished
-
     catalogs = []
     for path in tqdm(paths, desc="scanning shards", unit="shard"):
         name, size = os.path.basename(path), os.path.getsize(path)
@@ -278,7 +269,45 @@ def build(shards: str, model_name: str, output: str, pretrained: str | None = No
                 os.remove(embedding)  # the shard changed: its old embeddings are stale
             _atomic_write_json(catalog_path, stored)
         catalogs.append(list(zip(stored["keys"], stored["members"])))
+    return catalogs
 
+
+def _start(shards: str, output: str, identity: dict[str, Any]) -> tuple[list[str], list[list]]:
+    """Expand and catalogue the shards; the manifest goes until rewritten (unfinished)."""
+    paths = expand_shards(shards)
+    os.makedirs(output, exist_ok=True)
+    _check_build_identity(output, identity)
+    if os.path.exists(os.path.join(output, MANIFEST)):
+        os.remove(os.path.join(output, MANIFEST))
+    return paths, _catalog_shards(paths, output)
+
+
+def _write_index(output: str, paths: list[str], catalogs: list[list], ids: np.ndarray,
+                 sims: np.ndarray, description: str, identity: dict[str, Any]) -> str:
+    """neighbors.npy, similarities.npy, then the manifest (its presence marks a finished index)."""
+    _atomic_save_npy(os.path.join(output, "neighbors.npy"), ids.astype(np.int32))
+    _atomic_save_npy(os.path.join(output, "similarities.npy"), sims.astype(np.float16))
+    manifest = {
+        "version": FORMAT_VERSION, "k": int(ids.shape[1]), "index": description,
+        "num_samples": int(len(ids)), **identity,
+        "shards": [{"name": os.path.basename(p), "path": os.path.abspath(p),
+                    "size": os.path.getsize(p), "num_samples": len(c)} for p, c in zip(paths, catalogs)],
+    }
+    manifest_path = os.path.join(output, MANIFEST)
+    _atomic_write_json(manifest_path, manifest)
+    return manifest_path
+
+
+def build(shards: str, model_name: str, output: str, pretrained: str | None = None,
+          model_config: str | None = None, k: int = 8, batch_size: int = 256, workers: int = 0,
+          device: str | None = None, exact_max: int = 1_000_000, nlist: int | None = None,
+          nprobe: int = 32) -> str:
+    """Build (or resume) a neighbour index of `shards` in `output`; return the manifest path."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    identity = {"model": model_name, "pretrained": pretrained,
+                "model_config": os.path.basename(model_config) if model_config else None}
+    os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
+    paths, catalogs = _start(shards, output, identity)
     model, preprocess = _load_model(model_name, pretrained, model_config, device)
     _embed_pending(paths, catalogs, output, model, preprocess, device, batch_size, workers)
 
@@ -287,17 +316,26 @@ def build(shards: str, model_name: str, output: str, pretrained: str | None = No
         for p, c in zip(paths, catalogs) if c]).astype(np.float32)  # empty shards hold no rows
     ids, sims, description = knn_search(embeddings, k, exact_max=exact_max, nlist=nlist,
                                         nprobe=nprobe, progress=True)
-    _atomic_save_npy(os.path.join(output, "neighbors.npy"), ids.astype(np.int32))
-    _atomic_save_npy(os.path.join(output, "similarities.npy"), sims.astype(np.float16))
-    manifest = {
-        "version": FORMAT_VERSION, "k": k, "index": description, "num_samples": int(len(ids)),
-        **identity,
-        "shards": [{"name": os.path.basename(p), "path": os.path.abspath(p),
-                    "size": os.path.getsize(p), "num_samples": len(c)} for p, c in zip(paths, catalogs)],
-    }
-    manifest_path = os.path.join(output, MANIFEST)
-    _atomic_write_json(manifest_path, manifest)
-    return manifest_path
+    return _write_index(output, paths, catalogs, ids, sims, description, identity)
+
+
+def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarray],
+                description: str) -> str:
+    """An index whose neighbours you choose: `choose(captions)` gets every sample's caption in
+    id order and returns [N, k] global ids (-1 = no neighbour), e.g. samples whose caption is
+    another's hard negative, or a kNN computed elsewhere. Same format and checks as `build`."""
+    identity = {"model": None, "pretrained": None, "model_config": None, "given": description}
+    paths, catalogs = _start(shards, output, identity)
+    captions = [read_member(path, *members["txt"]).decode("utf-8", "replace")
+                for path, catalog in zip(paths, catalogs) for _, members in catalog]
+    ids = np.asarray(choose(captions))
+    if ids.ndim != 2 or len(ids) != len(captions) or (ids.size and (
+            ids.min() < -1 or ids.max() >= len(captions)
+            or np.any(ids == np.arange(len(ids))[:, None]))):
+        raise ValueError(f"the neighbours chosen for {output} must be an [N={len(captions)}, k] "
+                         f"array of other samples' ids (-1 = none), got shape {ids.shape}")
+    sims = np.where(ids >= 0, 1.0, 0.0)
+    return _write_index(output, paths, catalogs, ids, sims, description, identity)
 
 
 # ---------------------------------------------------------------------------- training side

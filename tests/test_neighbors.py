@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from open_clip_hn.neighbors import (NeighborIndex, build, insert_before_decode, knn_search, main,
-                                    neighbor_stage)
+                                    neighbor_stage, write_given)
 from open_clip_hn.scenes import shards_spec, write_scene_shards
 
 TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json")
@@ -88,7 +88,7 @@ def test_build_resumes_without_reembedding(index_dir, shards):
 
 
 def test_resume_with_another_model_is_refused(index_dir, shards):
-    with pytest.raises(ValueError, match="holds embeddings from .*use a fresh --output"):
+    with pytest.raises(ValueError, match="was built from .*use a fresh --output"):
         build(shards_spec(shards), "hn-tiny-vit", index_dir, model_config=TINY_CONFIG,
               pretrained="/elsewhere/epoch_1.pt", k=K)
 
@@ -176,3 +176,33 @@ def test_batches_hold_neighbours_far_above_random(index_dir, shards):
           f"(mutual {plain_mutual:.2%}), random expectation {expected:.2%}")
     assert related > 10 * expected and related > 10 * max(plain_related, expected / 10)
     assert mutual > 5 * expected
+
+
+def test_write_given_stores_chosen_neighbours_that_the_stage_serves(shards, tmp_path):
+    """Neighbours chosen from captions (here: the next sample with the same size word) are
+    written in the built index's format, read back by id, and refused when they name the
+    sample itself or ids out of range."""
+    def same_size(captions: list[str]) -> np.ndarray:
+        ids = np.full((len(captions), 1), -1)
+        last: dict[str, int] = {}
+        for i in reversed(range(len(captions))):
+            word = captions[i].split()[1]  # "a SIZE ...": the size word
+            ids[i, 0] = last.get(word, -1)
+            last[word] = i
+        return ids
+
+    out = str(tmp_path / "given")
+    write_given(shards_spec(shards), out, same_size, "next sample of the same size")
+    manifest = json.loads(Path(out, "index.json").read_text())
+    assert manifest["index"] == "next sample of the same size" and manifest["k"] == 1
+    index = NeighborIndex(out, shards)
+    chosen = np.load(Path(out, "neighbors.npy"))
+    assert (chosen >= 0).mean() > 0.99
+    for sample_id in (0, 777, NUM_SAMPLES - 10):
+        anchor, partner = index.fetch(sample_id), index.fetch(int(chosen[sample_id, 0]))
+        assert anchor["txt"].split()[1] == partner["txt"].split()[1]
+    with pytest.raises(ValueError, match=r"array of other samples' ids"):
+        write_given(shards_spec(shards), str(tmp_path / "self"),
+                    lambda captions: np.arange(len(captions))[:, None], "itself")
+    with pytest.raises(ValueError, match="was built from"):
+        write_given(shards_spec(shards), out, same_size, "another description")

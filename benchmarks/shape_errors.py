@@ -1,0 +1,73 @@
+"""Where the demo's shape errors lie: swap-object and replace-object accuracy per shape pair.
+
+The compositional sets score a whole type at once; this splits the two shape types by which
+shapes are involved, for each checkpoint side by side, to tell a shape the tiny model cannot see
+from a binding it does not learn.
+
+    python benchmarks/shape_errors.py --sets demo/data/test \\
+        pretrain=demo/runs/pretrain/checkpoints/epoch_1.pt \\
+        vanilla=demo/runs/vanilla/checkpoints/epoch_3.pt \\
+        hard-negatives=demo/runs/hard-negatives/checkpoints/epoch_3.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+
+from open_clip_hn import demo
+from open_clip_hn import eval as hn_eval
+from open_clip_hn import scenes
+
+
+def shape_group(kind: str, caption: str, negative: str) -> str:
+    """swap_objects: the two shapes ("cube+sphere"); replace_object: shown -> named shape."""
+    shown, named = scenes.parse_caption(caption), scenes.parse_caption(negative)
+    if kind == "swap_objects":
+        return "+".join(sorted((shown.subject.shape, shown.reference.shape)))
+    changed = [(a.shape, b.shape) for a, b in ((shown.subject, named.subject),
+                                               (shown.reference, named.reference)) if a.shape != b.shape]
+    return " -> ".join(changed[0])
+
+
+def correct_per_item(checkpoint: str, items: list, device: str) -> torch.Tensor:
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, device,
+                                                      [demo.MODEL_CONFIG])
+    images = hn_eval.encode_images(model, preprocess, [(path, box) for path, box, _ in items],
+                                   device, 500, nullcontext)
+    texts = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
+                                 device, 500, nullcontext)
+    return hn_eval.choice_correct(images, texts.view(len(items), 2, -1))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", required=True, help="A folder of the demo's compositional sets.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("checkpoints", nargs="+", metavar="LABEL=CHECKPOINT")
+    args = parser.parse_args()
+    runs = dict(c.split("=", 1) for c in args.checkpoints if "=" in c)
+    if len(runs) != len(args.checkpoints):
+        parser.error("give checkpoints as LABEL=PATH")
+    for kind in ("swap_objects", "replace_object"):
+        choice_set = hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json"))
+        groups = [shape_group(kind, *pair) for _, _, pair in choice_set.items]
+        correct = {label: correct_per_item(path, choice_set.items, args.device)
+                   for label, path in runs.items()}
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, group in enumerate(groups):
+            rows[group].append(i)
+        print(f"\n== {kind} ({len(groups)} items): accuracy per shape group ==")
+        print(f"{'shapes':22s} {'items':>5s} " + " ".join(f"{label[:14]:>14s}" for label in runs))
+        for group in sorted(rows) + ["all"]:
+            index = torch.tensor(rows[group] if group != "all" else range(len(groups)))
+            print(f"{group:22s} {len(index):5d} " + " ".join(
+                f"{correct[label][index].float().mean().item():14.3f}" for label in runs))
+
+
+if __name__ == "__main__":
+    main()
