@@ -80,16 +80,29 @@ def train_argv(data: DemoData, logs: str, name: str, epochs: int, batch_size: in
     return argv + list(extra)
 
 
+def run_stamp(argv: list[str]) -> dict:
+    """What decides a run: its command line and the contents of the recipe it names (an edited
+    recipe under the same path is another run)."""
+    recipes = {}
+    for flag, value in zip(argv, argv[1:]):
+        if flag == "--hn-config" and os.path.isfile(value):
+            with open(value, encoding="utf-8") as handle:
+                recipes[value] = handle.read()
+    return {"argv": argv, "recipes": recipes}
+
+
 def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool = False) -> str:
     """Run `python -m open_clip_hn.train argv` in a subprocess, echoing its progress lines.
 
     Returns the final checkpoint; raises with the log's tail when the run fails. An earlier
-    finished run with the same name and the same command line is reused.
+    finished run with the same name, the same command line and the same recipe file contents is
+    reused.
     """
     checkpoint = os.path.join(logs, name, "checkpoints", f"epoch_{epochs}.pt")
     argv_path = os.path.join(logs, f"{name}.argv.json")
+    stamp = run_stamp(argv)
     if (os.path.isfile(checkpoint) and os.path.isfile(argv_path)
-            and json.load(open(argv_path)) == argv):
+            and json.load(open(argv_path)) == stamp):
         print(f"[{name}] reusing {checkpoint}")
         return checkpoint
     if os.path.isdir(os.path.join(logs, name)):
@@ -114,7 +127,7 @@ def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool
         tail = "".join(open(log_path).readlines()[-25:])
         raise RuntimeError(f"training run {name!r} failed (exit {process.returncode}); "
                            f"log {log_path} ends with:\n{tail}")
-    hn_eval.write_json(argv_path, argv)
+    hn_eval.write_json(argv_path, stamp)
     print(f"[{name}] done in {time.time() - start:.0f}s")
     return checkpoint
 

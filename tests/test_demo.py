@@ -33,6 +33,18 @@ def test_logged_average_reads_the_last_epoch_line(tmp_path):
     assert demo.logged_average(str(log)) is None
 
 
+def test_an_edited_recipe_is_another_run(tmp_path):
+    """Cached runs are keyed on the recipe's contents too, not only on its path."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("hn-mirror-weight: 5\n")
+    argv = ["--epochs", "1", "--hn-config", str(recipe)]
+    before = demo.run_stamp(argv)
+    assert demo.run_stamp(list(argv)) == before
+    recipe.write_text("hn-mirror-weight: 3\n")
+    assert demo.run_stamp(argv) != before
+    assert demo.run_stamp(["--epochs", "1"]) == {"argv": ["--epochs", "1"], "recipes": {}}
+
+
 def test_missing_recipe_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo.main(["--output-dir", str(tmp_path), "--hn-config", str(tmp_path / "none.yaml")])
