@@ -5,9 +5,10 @@ webdataset shards the loader only sees a shuffled stream, so similar images almo
 `python -m open_clip_hn.neighbors build` embeds every image once with an OpenCLIP model, finds
 each image's k nearest neighbours with faiss, and records where each sample's tar members lie
 (byte offsets). `write_given` writes the same index from neighbours chosen another way (e.g.
-samples whose caption is another's hard negative: the dataset's own image-side negatives). During training `NeighborStage` follows each sample of the shuffled stream with
-some of its neighbours, read straight from their shards by offset, so every batch holds small
-groups of look-alike images while the order of the groups stays webdataset's shuffle.
+samples whose caption is another's hard negative: the dataset's own image-side negatives).
+During training `NeighborStage` follows each sample of the shuffled stream with some of its
+neighbours, read straight from their shards by offset, so every batch holds small groups of
+look-alike images while the order of the groups stays webdataset's shuffle.
 
 Output directory:
   build.json                 model the embeddings come from (a resumed build must match it)
@@ -326,14 +327,20 @@ def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarr
     another's hard negative, or a kNN computed elsewhere. Same format and checks as `build`."""
     identity = {"model": None, "pretrained": None, "model_config": None, "given": description}
     paths, catalogs = _start(shards, output, identity)
-    captions = [read_member(path, *members["txt"]).decode("utf-8", "replace")
-                for path, catalog in zip(paths, catalogs) for _, members in catalog]
+    captions = []
+    for path, catalog in zip(paths, catalogs):
+        with open(path, "rb") as handle:
+            for _, members in catalog:
+                offset, size = members["txt"]
+                handle.seek(offset)
+                captions.append(handle.read(size).decode("utf-8", "replace"))
     ids = np.asarray(choose(captions))
-    if ids.ndim != 2 or len(ids) != len(captions) or (ids.size and (
-            ids.min() < -1 or ids.max() >= len(captions)
-            or np.any(ids == np.arange(len(ids))[:, None]))):
+    if (ids.ndim != 2 or len(ids) != len(captions) or not np.issubdtype(ids.dtype, np.integer)
+            or (ids.size and (ids.min() < -1 or ids.max() >= len(captions)
+                              or np.any(ids == np.arange(len(ids))[:, None])))):
         raise ValueError(f"the neighbours chosen for {output} must be an [N={len(captions)}, k] "
-                         f"array of other samples' ids (-1 = none), got shape {ids.shape}")
+                         f"integer array of other samples' ids (-1 = none), got {ids.dtype} "
+                         f"{ids.shape}")
     sims = np.where(ids >= 0, 1.0, 0.0)
     return _write_index(output, paths, catalogs, ids, sims, description, identity)
 

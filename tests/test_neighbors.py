@@ -201,8 +201,11 @@ def test_write_given_stores_chosen_neighbours_that_the_stage_serves(shards, tmp_
     for sample_id in (0, 777, NUM_SAMPLES - 10):
         anchor, partner = index.fetch(sample_id), index.fetch(int(chosen[sample_id, 0]))
         assert anchor["txt"].split()[1] == partner["txt"].split()[1]
-    with pytest.raises(ValueError, match=r"array of other samples' ids"):
-        write_given(shards_spec(shards), str(tmp_path / "self"),
-                    lambda captions: np.arange(len(captions))[:, None], "itself")
+    for name, wrong in (("itself", lambda captions: np.arange(len(captions))[:, None]),
+                        ("past the end", lambda captions: np.full((len(captions), 1), len(captions))),
+                        ("floats", lambda captions: np.zeros((len(captions), 1))),
+                        ("one row short", lambda captions: np.full((len(captions) - 1, 1), -1))):
+        with pytest.raises(ValueError, match=r"integer array of other samples' ids"):
+            write_given(shards_spec(shards), str(tmp_path / name.replace(" ", "-")), wrong, name)
     with pytest.raises(ValueError, match="was built from"):
         write_given(shards_spec(shards), out, same_size, "another description")
