@@ -82,6 +82,8 @@ ABLATIONS: dict[str, list[str]] = {
         "--hn-image-neighbors", PARTNERS, "--hn-image-neighbors-per-sample", "1"],
     "mirror w5 + swap-object partners (1 per sample)": MIRROR + [
         "--hn-image-neighbors", PARTNERS, "--hn-image-neighbors-per-sample", "1"],
+    "recommended.yaml + swap-object partners (1 per sample)": RECOMMENDED + [
+        "--hn-image-neighbors", PARTNERS, "--hn-image-neighbors-per-sample", "1"],
     "vanilla, 9 ep": ["--epochs", "9"],
     "mirror w5, 9 ep": MIRROR + ["--epochs", "9"],
 }
