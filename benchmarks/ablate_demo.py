@@ -16,7 +16,8 @@ twins (`neighbors.write_given`).
 
     python benchmarks/ablate_demo.py --output-dir ablate [--only "vanilla;recommended.yaml"]
 
-The data are rendered on first use; runs and scores are cached in the output folder.
+The data are rendered on first use; runs and scores are cached in the output folder, each row
+under its command line, recipe contents and starting checkpoint (a change re-runs the row).
 """
 
 from __future__ import annotations
@@ -193,25 +194,26 @@ def main() -> None:
     results_path = os.path.join(out, f"{tag}ablation.json")
     if os.path.isfile(results_path):
         rows = json.load(open(results_path))
+    index_dirs = {NEIGHBORS: os.path.join(out, "neighbors"), PARTNERS: os.path.join(out, "partners")}
     for name in names:
-        if name in rows:
-            continue
-        flags = ABLATIONS[name]
-        if NEIGHBORS in flags:
-            flags = [neighbor_index(data, pretrained, os.path.join(out, "neighbors"))
-                     if f == NEIGHBORS else f for f in flags]
-        if PARTNERS in flags:
-            flags = [partner_index(data, os.path.join(out, "partners")) if f == PARTNERS else f
-                     for f in flags]
+        flags = [index_dirs.get(f, f) for f in ABLATIONS[name]]
         epochs = int(flags[flags.index("--epochs") + 1]) if "--epochs" in flags else args.epochs
         slug = tag + "".join(c if c.isalnum() else "-" for c in name)
+        argv = demo.train_argv(data, logs, slug, epochs, batch_size=batch_size, lr=lr,
+                               warmup=max(1, steps_per_epoch // 10), pretrained=pretrained,
+                               extra=flags, **common)
+        stamp = demo.run_stamp(argv)
+        if rows.get(name, {}).get("stamp") == stamp:
+            continue  # scored before with the same command line, recipe and starting checkpoint
+        if NEIGHBORS in ABLATIONS[name]:
+            neighbor_index(data, pretrained, index_dirs[NEIGHBORS])
+        if PARTNERS in ABLATIONS[name]:
+            partner_index(data, index_dirs[PARTNERS])
         start = time.time()
-        checkpoint = demo.run_training(
-            demo.train_argv(data, logs, slug, epochs, batch_size=batch_size, lr=lr,
-                            warmup=max(1, steps_per_epoch // 10), pretrained=pretrained,
-                            extra=flags, **common), logs, slug, epochs, quiet=True)
+        checkpoint = demo.run_training(argv, logs, slug, epochs, quiet=True)
         rows[name] = demo.evaluate_checkpoints({name: checkpoint},
                                                {"val": data.val, "test": data.test}, "cpu")[name]
+        rows[name]["stamp"] = stamp
         rows[name]["seconds"] = time.time() - start
         hn_eval.write_json(results_path, rows)
         print(f"{name}: {time.time() - start:.0f}s")

@@ -81,14 +81,18 @@ def train_argv(data: DemoData, logs: str, name: str, epochs: int, batch_size: in
 
 
 def run_stamp(argv: list[str]) -> dict:
-    """What decides a run: its command line and the contents of the recipe it names (an edited
-    recipe under the same path is another run)."""
-    recipes = {}
+    """What decides a run: its command line, the contents of the recipe it names and the
+    checkpoint it starts from (an edited recipe or a re-trained checkpoint under the same path is
+    another run)."""
+    recipes, start = {}, None
     for flag, value in zip(argv, argv[1:]):
         if flag == "--hn-config" and os.path.isfile(value):
             with open(value, encoding="utf-8") as handle:
                 recipes[value] = handle.read()
-    return {"argv": argv, "recipes": recipes}
+        if flag == "--pretrained" and os.path.isfile(value):
+            info = os.stat(value)
+            start = [info.st_size, info.st_mtime_ns]
+    return {"argv": argv, "recipes": recipes, "pretrained_file": start}
 
 
 def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool = False) -> str:

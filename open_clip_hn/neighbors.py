@@ -11,10 +11,12 @@ neighbours, read straight from their shards by offset, so every batch holds smal
 look-alike images while the order of the groups stays webdataset's shuffle.
 
 Output directory:
-  build.json                 model the embeddings come from (a resumed build must match it)
+  build.json                 model the embeddings come from (a resumed build must match it), or
+                             for `write_given` the description of the given neighbours
   catalog/<shard>.json       per shard: size, sample keys, member offsets (written per shard)
-  embeddings/<shard>.npy     per shard: L2-normalised image embeddings, float16
-  neighbors.npy, similarities.npy   [N, k] global sample ids (-1 = none) and cosine similarities
+  embeddings/<shard>.npy     per shard: L2-normalised image embeddings, float16 (`build` only)
+  neighbors.npy, similarities.npy   [N, k] global sample ids (-1 = none, at the end of a row) and
+                             cosine similarities (`write_given`: 1 for a neighbour, 0 for none)
   index.json                 manifest: shards (name, size, count) in id order, k, index type;
                              written last, so its presence means the index is complete
 """
@@ -207,7 +209,8 @@ def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
         previous = _read_json(path)
         if previous != identity:
             raise ValueError(f"--output {output} was built from {previous}, not {identity}; "
-                             "use a fresh --output or the same --model/--pretrained/--model-config")
+                             "use a fresh --output, or the same --model/--pretrained/--model-config "
+                             "(build) or description (write_given)")
     else:
         _atomic_write_json(path, identity)
 
@@ -274,13 +277,17 @@ def _catalog_shards(paths: list[str], output: str) -> list[list[tuple[str, dict]
 
 
 def _start(shards: str, output: str, identity: dict[str, Any]) -> tuple[list[str], list[list]]:
-    """Expand and catalogue the shards; the manifest goes until rewritten (unfinished)."""
+    """Expand the shards, check the output's identity, catalogue the shards."""
     paths = expand_shards(shards)
     os.makedirs(output, exist_ok=True)
     _check_build_identity(output, identity)
+    return paths, _catalog_shards(paths, output)
+
+
+def _mark_unfinished(output: str) -> None:
+    """Remove the manifest: until it is rewritten the index reads as unfinished."""
     if os.path.exists(os.path.join(output, MANIFEST)):
         os.remove(os.path.join(output, MANIFEST))
-    return paths, _catalog_shards(paths, output)
 
 
 def _write_index(output: str, paths: list[str], catalogs: list[list], ids: np.ndarray,
@@ -309,6 +316,7 @@ def build(shards: str, model_name: str, output: str, pretrained: str | None = No
                 "model_config": os.path.basename(model_config) if model_config else None}
     os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
     paths, catalogs = _start(shards, output, identity)
+    _mark_unfinished(output)
     model, preprocess = _load_model(model_name, pretrained, model_config, device)
     _embed_pending(paths, catalogs, output, model, preprocess, device, batch_size, workers)
 
@@ -335,14 +343,31 @@ def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarr
                 handle.seek(offset)
                 captions.append(handle.read(size).decode("utf-8", "replace"))
     ids = np.asarray(choose(captions))
-    if (ids.ndim != 2 or len(ids) != len(captions) or not np.issubdtype(ids.dtype, np.integer)
-            or (ids.size and (ids.min() < -1 or ids.max() >= len(captions)
-                              or np.any(ids == np.arange(len(ids))[:, None])))):
-        raise ValueError(f"the neighbours chosen for {output} must be an [N={len(captions)}, k] "
-                         f"integer array of other samples' ids (-1 = none), got {ids.dtype} "
-                         f"{ids.shape}")
+    problem = _given_problem(ids, len(captions))
+    if problem:
+        raise ValueError(f"the neighbours chosen for {output} must be an [N={len(captions)}, k>=1] "
+                         f"integer array of other samples' ids, -1 (none) only at the end of a "
+                         f"row: {problem}")
+    _mark_unfinished(output)  # only now: a failed choice leaves a finished index as it was
     sims = np.where(ids >= 0, 1.0, 0.0)
     return _write_index(output, paths, catalogs, ids, sims, description, identity)
+
+
+def _given_problem(ids: np.ndarray, count: int) -> str | None:
+    """What is wrong with given neighbour ids for `count` samples (None if nothing)."""
+    if ids.ndim != 2 or len(ids) != count or ids.shape[1] < 1:
+        return f"got shape {ids.shape}"
+    if not np.issubdtype(ids.dtype, np.integer):
+        return f"got dtype {ids.dtype}"
+    if ids.min() < -1 or ids.max() >= count:
+        return f"ids range over [{ids.min()}, {ids.max()}]"
+    selfs = np.flatnonzero((ids == np.arange(count)[:, None]).any(axis=1))
+    if len(selfs):
+        return f"row {selfs[0]} names its own sample"
+    gaps = np.flatnonzero(((ids[:, 1:] >= 0) & (ids[:, :-1] < 0)).any(axis=1))
+    if len(gaps):
+        return f"row {gaps[0]} has an id after a -1 (the stage stops at the first -1)"
+    return None
 
 
 # ---------------------------------------------------------------------------- training side
@@ -366,7 +391,8 @@ class NeighborIndex:
         if not os.path.exists(manifest_path):
             raise ValueError(f"--hn-image-neighbors {index_dir}: no {MANIFEST} (the build did not "
                              "finish); run `python -m open_clip_hn.neighbors build ... --output "
-                             f"{index_dir}` again, it resumes")
+                             f"{index_dir}` again, it resumes (or `neighbors.write_given` for an "
+                             "index of given neighbours)")
         manifest = _read_json(manifest_path)
         self.index_dir = index_dir
         self.k = manifest["k"]

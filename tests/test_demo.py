@@ -34,7 +34,8 @@ def test_logged_average_reads_the_last_epoch_line(tmp_path):
 
 
 def test_an_edited_recipe_is_another_run(tmp_path):
-    """Cached runs are keyed on the recipe's contents too, not only on its path."""
+    """Cached runs are keyed on the recipe's contents and the starting checkpoint too, not only
+    on their paths."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("hn-mirror-weight: 5\n")
     argv = ["--epochs", "1", "--hn-config", str(recipe)]
@@ -42,7 +43,11 @@ def test_an_edited_recipe_is_another_run(tmp_path):
     assert demo.run_stamp(list(argv)) == before
     recipe.write_text("hn-mirror-weight: 3\n")
     assert demo.run_stamp(argv) != before
-    assert demo.run_stamp(["--epochs", "1"]) == {"argv": ["--epochs", "1"], "recipes": {}}
+    checkpoint = tmp_path / "epoch_1.pt"
+    checkpoint.write_bytes(b"weights")
+    continued = demo.run_stamp(["--pretrained", str(checkpoint)])
+    checkpoint.write_bytes(b"other weights")  # pretraining ran again
+    assert demo.run_stamp(["--pretrained", str(checkpoint)]) != continued
 
 
 def test_missing_recipe_is_named(tmp_path, capsys):

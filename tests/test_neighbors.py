@@ -180,8 +180,8 @@ def test_batches_hold_neighbours_far_above_random(index_dir, shards):
 
 def test_write_given_stores_chosen_neighbours_that_the_stage_serves(shards, tmp_path):
     """Neighbours chosen from captions (here: the next sample with the same size word) are
-    written in the built index's format, read back by id, and refused when they name the
-    sample itself or ids out of range."""
+    written in the built index's format and read back by id; malformed choices are refused,
+    each with its reason, and leave a finished index as it was."""
     def same_size(captions: list[str]) -> np.ndarray:
         ids = np.full((len(captions), 1), -1)
         last: dict[str, int] = {}
@@ -201,11 +201,25 @@ def test_write_given_stores_chosen_neighbours_that_the_stage_serves(shards, tmp_
     for sample_id in (0, 777, NUM_SAMPLES - 10):
         anchor, partner = index.fetch(sample_id), index.fetch(int(chosen[sample_id, 0]))
         assert anchor["txt"].split()[1] == partner["txt"].split()[1]
-    for name, wrong in (("itself", lambda captions: np.arange(len(captions))[:, None]),
-                        ("past the end", lambda captions: np.full((len(captions), 1), len(captions))),
-                        ("floats", lambda captions: np.zeros((len(captions), 1))),
-                        ("one row short", lambda captions: np.full((len(captions) - 1, 1), -1))):
-        with pytest.raises(ValueError, match=r"integer array of other samples' ids"):
+
+    def gap_then_id(captions: list[str]) -> np.ndarray:
+        ids = np.full((len(captions), 2), -1)
+        ids[0, 1] = 1
+        return ids
+
+    for name, wrong, reason in (
+            ("itself", lambda captions: np.arange(len(captions))[:, None], "row 0 names its own"),
+            ("past the end", lambda captions: np.full((len(captions), 1), len(captions)), "range"),
+            ("floats", lambda captions: np.zeros((len(captions), 1)), "dtype float64"),
+            ("one row short", lambda captions: np.full((len(captions) - 1, 1), -1), "shape"),
+            ("no columns", lambda captions: np.zeros((len(captions), 0), int), "shape"),
+            ("gap", gap_then_id, "row 0 has an id after a -1")):
+        with pytest.raises(ValueError, match=f"integer array of other samples' ids.*{reason}"):
             write_given(shards_spec(shards), str(tmp_path / name.replace(" ", "-")), wrong, name)
+    # a failed choice leaves the finished index in place
+    with pytest.raises(ValueError, match="names its own"):
+        write_given(shards_spec(shards), out, lambda captions: np.arange(len(captions))[:, None],
+                    "next sample of the same size")
+    assert NeighborIndex(out, shards).k == 1
     with pytest.raises(ValueError, match="was built from"):
         write_given(shards_spec(shards), out, same_size, "another description")
