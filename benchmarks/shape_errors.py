@@ -34,14 +34,23 @@ def shape_group(kind: str, caption: str, negative: str) -> str:
     return " -> ".join(changed[0])
 
 
-def correct_per_item(checkpoint: str, items: list, device: str) -> torch.Tensor:
+KINDS = ("swap_objects", "replace_object")
+
+
+def correct_per_item(checkpoint: str, choice_sets: dict[str, hn_eval.ChoiceSet], device: str
+                     ) -> dict[str, torch.Tensor]:
+    """{kind: bool [items]}: which items the checkpoint gets right (the model is loaded once)."""
     model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, device,
                                                       [demo.MODEL_CONFIG])
-    images = hn_eval.encode_images(model, preprocess, [(path, box) for path, box, _ in items],
-                                   device, 500, nullcontext)
-    texts = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
-                                 device, 500, nullcontext)
-    return hn_eval.choice_correct(images, texts.view(len(items), 2, -1))
+    correct = {}
+    for kind, choice_set in choice_sets.items():
+        items = choice_set.items
+        images = hn_eval.encode_images(model, preprocess, [(path, box) for path, box, _ in items],
+                                       device, 500, nullcontext)
+        texts = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
+                                     device, 500, nullcontext)
+        correct[kind] = hn_eval.choice_correct(images, texts.view(len(items), 2, -1))
+    return correct
 
 
 def main() -> None:
@@ -52,12 +61,12 @@ def main() -> None:
     args = parser.parse_args()
     runs = dict(c.split("=", 1) for c in args.checkpoints if "=" in c)
     if len(runs) != len(args.checkpoints):
-        parser.error("give checkpoints as LABEL=PATH")
-    for kind in ("swap_objects", "replace_object"):
-        choice_set = hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json"))
+        parser.error("give checkpoints as LABEL=PATH, each with its own label")
+    choice_sets = {kind: hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json"))
+                   for kind in KINDS}
+    correct = {label: correct_per_item(path, choice_sets, args.device) for label, path in runs.items()}
+    for kind, choice_set in choice_sets.items():
         groups = [shape_group(kind, *pair) for _, _, pair in choice_set.items]
-        correct = {label: correct_per_item(path, choice_set.items, args.device)
-                   for label, path in runs.items()}
         rows: dict[str, list[int]] = defaultdict(list)
         for i, group in enumerate(groups):
             rows[group].append(i)
@@ -66,7 +75,7 @@ def main() -> None:
         for group in sorted(rows) + ["all"]:
             index = torch.tensor(rows[group] if group != "all" else range(len(groups)))
             print(f"{group:22s} {len(index):5d} " + " ".join(
-                f"{correct[label][index].float().mean().item():14.3f}" for label in runs))
+                f"{correct[label][kind][index].float().mean().item():14.3f}" for label in runs))
 
 
 if __name__ == "__main__":

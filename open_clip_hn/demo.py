@@ -99,8 +99,8 @@ def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool
     """Run `python -m open_clip_hn.train argv` in a subprocess, echoing its progress lines.
 
     Returns the final checkpoint; raises with the log's tail when the run fails. An earlier
-    finished run with the same name, the same command line and the same recipe file contents is
-    reused.
+    finished run with the same name and the same `run_stamp` (command line, recipe contents,
+    starting checkpoint) is reused.
     """
     checkpoint = os.path.join(logs, name, "checkpoints", f"epoch_{epochs}.pt")
     argv_path = os.path.join(logs, f"{name}.argv.json")
