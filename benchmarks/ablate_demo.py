@@ -31,8 +31,8 @@ import time
 import numpy as np
 
 from open_clip_hn import demo
-from open_clip_hn import eval as hn_eval
 from open_clip_hn import neighbors, scenes
+from open_clip_hn.files import atomic_write_json
 
 MIRROR = ["--hn-mirror", "horizontal,vertical", "--hn-mirror-weight", "5"]
 RECOMMENDED = ["--hn-config", demo.RECOMMENDED]
@@ -215,7 +215,7 @@ def main() -> None:
                                                {"val": data.val, "test": data.test}, "cpu")[name]
         rows[name]["stamp"] = stamp
         rows[name]["seconds"] = time.time() - start
-        hn_eval.write_json(results_path, rows)
+        atomic_write_json(results_path, rows)
         print(f"{name}: {time.time() - start:.0f}s")
     rows = {k: v for k, v in rows.items() if k in names or k == "vanilla"}
     for bench in ("val", "test"):

@@ -26,6 +26,7 @@ from typing import Sequence
 
 from . import eval as hn_eval
 from . import scenes
+from .files import atomic_write_json
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-vit.json")
@@ -44,7 +45,8 @@ def prepare_data(root: str, samples: int, test_items: int, image_size: int = 32,
     """Render shards and sets once; reuse them when a previous run used the same settings."""
     stamp_path = os.path.join(root, "stamp.json")
     stamp = {"samples": samples, "test_items": test_items, "image_size": image_size,
-             "seed": seed, "samples_per_shard": samples_per_shard}
+             "seed": seed, "samples_per_shard": samples_per_shard,
+             "render_version": scenes.RENDER_VERSION}
     train_dir = os.path.join(root, "train")
     names = [f"shard-{i:05d}.tar" for i in range(-(-samples // samples_per_shard))]
     data = DemoData(scenes.shards_spec([os.path.join(train_dir, n) for n in names]),
@@ -59,7 +61,7 @@ def prepare_data(root: str, samples: int, test_items: int, image_size: int = 32,
         scenes.write_compositional_sets(getattr(data, split), test_items, seed + 1, image_size,
                                         split, num_pairs=test_items // 2,
                                         num_retrieval=min(test_items, 300))
-    hn_eval.write_json(stamp_path, stamp)
+    atomic_write_json(stamp_path, stamp)
     print(f"[data] done in {time.time() - start:.0f}s -> {root}")
     return data
 
@@ -80,19 +82,28 @@ def train_argv(data: DemoData, logs: str, name: str, epochs: int, batch_size: in
     return argv + list(extra)
 
 
+def _file_stamp(path: str) -> list[int] | None:
+    """Size and modification time of `path` (None when missing): a re-written file is new."""
+    if not os.path.isfile(path):
+        return None
+    info = os.stat(path)
+    return [info.st_size, info.st_mtime_ns]
+
+
 def run_stamp(argv: list[str]) -> dict:
-    """What decides a run: its command line, the contents of the recipe it names and the
-    checkpoint it starts from (an edited recipe or a re-trained checkpoint under the same path is
-    another run)."""
-    recipes, start = {}, None
+    """What decides a run: its command line, the contents of the recipe it names, the checkpoint
+    it starts from and its training shards (an edited recipe, a re-trained checkpoint or
+    re-rendered data under the same path is another run)."""
+    recipes, start, shards = {}, None, []
     for flag, value in zip(argv, argv[1:]):
         if flag == "--hn-config" and os.path.isfile(value):
             with open(value, encoding="utf-8") as handle:
                 recipes[value] = handle.read()
-        if flag == "--pretrained" and os.path.isfile(value):
-            info = os.stat(value)
-            start = [info.st_size, info.st_mtime_ns]
-    return {"argv": argv, "recipes": recipes, "pretrained_file": start}
+        if flag == "--pretrained":
+            start = _file_stamp(value)
+        if flag == "--train-data":
+            shards = [_file_stamp(path) for path in value.split("::")]
+    return {"argv": argv, "recipes": recipes, "pretrained_file": start, "train_files": shards}
 
 
 def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool = False) -> str:
@@ -131,7 +142,7 @@ def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool
         tail = "".join(open(log_path).readlines()[-25:])
         raise RuntimeError(f"training run {name!r} failed (exit {process.returncode}); "
                            f"log {log_path} ends with:\n{tail}")
-    hn_eval.write_json(argv_path, stamp)
+    atomic_write_json(argv_path, stamp)
     print(f"[{name}] done in {time.time() - start:.0f}s")
     return checkpoint
 
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     document["benchmarks"][bench]["targets"].items()))
     results_path = os.path.join(out, "results.json")
     plot_path = os.path.join(out, "compare.png")
-    hn_eval.write_json(results_path, document)
+    atomic_write_json(results_path, document)
     demo_bench = next(iter(results[labels[0]]))
     hn_eval.plot_results(plot_path, labels[1:], [results[label][demo_bench] for label in labels[1:]],
                          title="Continuing the same tiny CLIP: vanilla vs hard negatives")

@@ -26,7 +26,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from PIL import Image
 
-from .files import atomic_open
+from .files import atomic_open, atomic_write_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SUGARCREPE_KEYS = ("filename", "caption", "negative_caption")
@@ -427,12 +427,6 @@ def plot_results(path: str, labels: Sequence[str], runs: Sequence[dict[str, dict
         plt.close(fig)
 
 
-def write_json(path: str, obj: object) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    with atomic_open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
 def report(labels: Sequence[str], runs: Sequence[dict[str, dict[str, float]]],
            meta: Sequence[dict] | None = None) -> dict:
     """The JSON document: each run's results, and differences to the first run."""
@@ -493,7 +487,7 @@ def main(argv: list[str] | None = None) -> dict:
     document = report(labels, runs, [{"model": m, "pretrained": p}
                                      for m, p in zip(models, args.pretrained)])
     if args.output:
-        write_json(args.output, document)
+        atomic_write_json(args.output, document, indent=2)
         print(f"wrote {args.output}")
     if args.plot:
         plot_results(args.plot, labels, runs)

@@ -6,6 +6,7 @@ Plain Python (no torch), so the negatives CLI and loader workers can use it too.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from typing import IO, Iterator
@@ -34,3 +35,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as handle:
         handle.write(data)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = None) -> None:
+    """JSON of `obj` at `path`, written through a temp file (see `atomic_open`)."""
+    atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, atomic_write_json
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
 MANIFEST = "index.json"
@@ -47,10 +47,6 @@ _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key.ext spl
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def _atomic_write_json(path: str, obj: Any) -> None:
-    atomic_write_bytes(path, json.dumps(obj).encode())
 
 
 def _atomic_save_npy(path: str, array: np.ndarray) -> None:
@@ -212,7 +208,7 @@ def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
                              "use a fresh --output, or the same --model/--pretrained/--model-config "
                              "(build) or description (write_given)")
     else:
-        _atomic_write_json(path, identity)
+        atomic_write_json(path, identity)
 
 
 def _load_model(model_name: str, pretrained: str | None, model_config: str | None, device: str):
@@ -271,7 +267,7 @@ def _catalog_shards(paths: list[str], output: str) -> list[list[tuple[str, dict]
             embedding = os.path.join(output, "embeddings", name + ".npy")
             if os.path.exists(embedding):
                 os.remove(embedding)  # the shard changed: its old embeddings are stale
-            _atomic_write_json(catalog_path, stored)
+            atomic_write_json(catalog_path, stored)
         catalogs.append(list(zip(stored["keys"], stored["members"])))
     return catalogs
 
@@ -302,7 +298,7 @@ def _write_index(output: str, paths: list[str], catalogs: list[list], ids: np.nd
                     "size": os.path.getsize(p), "num_samples": len(c)} for p, c in zip(paths, catalogs)],
     }
     manifest_path = os.path.join(output, MANIFEST)
-    _atomic_write_json(manifest_path, manifest)
+    atomic_write_json(manifest_path, manifest)
     return manifest_path
 
 

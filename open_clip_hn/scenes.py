@@ -26,7 +26,7 @@ from typing import Iterable
 
 from PIL import Image, ImageDraw
 
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, atomic_write_json
 
 SHAPES: tuple[str, ...] = ("cube", "sphere", "cone", "cylinder")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -55,6 +55,7 @@ COMPOSITIONAL_TYPES: tuple[str, ...] = (
 )
 IMAGE_PAIR_SETS: tuple[str, ...] = ("relation_pairs", "attribute_pairs")
 _SUPERSAMPLE = 4
+RENDER_VERSION = 1  # bump when the images change, so cached data (the demo's) is rendered anew
 
 
 @dataclass(frozen=True)
@@ -213,10 +214,6 @@ def _png(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _write_json(path: str, obj: object) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1).encode())
-
-
 def _tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w") as tar:
@@ -248,7 +245,7 @@ def write_scene_shards(out_dir: str, num_samples: int, samples_per_shard: int = 
         atomic_write_bytes(path, _tar_bytes(members))
         paths.append(path)
         sizes[name] = len(members) // 2
-    _write_json(os.path.join(out_dir, "sizes.json"), sizes)
+    atomic_write_json(os.path.join(out_dir, "sizes.json"), sizes, indent=1)
     return paths
 
 
@@ -330,7 +327,7 @@ def write_compositional_sets(out_dir: str, num_items: int = 1000, seed: int = 1,
             items[str(len(items))] = {"filename": filename, "caption": scene.caption,
                                       "negative_caption": negative}
         written[kind] = os.path.join(out_dir, f"{kind}.json")
-        _write_json(written[kind], items)
+        atomic_write_json(written[kind], items, indent=1)
     for name in IMAGE_PAIR_SETS:
         written[name] = _write_pair_set(out_dir, name, num_pairs or num_items // 2 or 1,
                                         seed, image_size, split)

@@ -34,8 +34,8 @@ def test_logged_average_reads_the_last_epoch_line(tmp_path):
 
 
 def test_an_edited_recipe_is_another_run(tmp_path):
-    """Cached runs are keyed on the recipe's contents and the starting checkpoint too, not only
-    on their paths."""
+    """Cached runs are keyed on the recipe's contents, the starting checkpoint and the training
+    shards too, not only on their paths."""
     recipe = tmp_path / "r.yaml"
     recipe.write_text("hn-mirror-weight: 5\n")
     argv = ["--epochs", "1", "--hn-config", str(recipe)]
@@ -48,6 +48,24 @@ def test_an_edited_recipe_is_another_run(tmp_path):
     continued = demo.run_stamp(["--pretrained", str(checkpoint)])
     checkpoint.write_bytes(b"other weights")  # pretraining ran again
     assert demo.run_stamp(["--pretrained", str(checkpoint)]) != continued
+    shards = [tmp_path / "a.tar", tmp_path / "b.tar"]
+    for shard in shards:
+        shard.write_bytes(b"scenes")
+    spec = ["--train-data", "::".join(map(str, shards))]
+    rendered = demo.run_stamp(spec)
+    shards[1].write_bytes(b"scenes drawn anew")  # the renderer changed
+    assert demo.run_stamp(spec) != rendered
+
+
+def test_cached_data_is_rendered_anew_when_the_renderer_changes(tmp_path, monkeypatch, capsys):
+    from open_clip_hn import scenes
+    root = str(tmp_path / "data")
+    demo.prepare_data(root, samples=4, test_items=2, samples_per_shard=2)
+    demo.prepare_data(root, samples=4, test_items=2, samples_per_shard=2)
+    assert "reusing" in capsys.readouterr().out
+    monkeypatch.setattr(scenes, "RENDER_VERSION", scenes.RENDER_VERSION + 1)
+    demo.prepare_data(root, samples=4, test_items=2, samples_per_shard=2)
+    assert "rendering" in capsys.readouterr().out
 
 
 def test_missing_recipe_is_named(tmp_path, capsys):
