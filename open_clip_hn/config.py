@@ -93,6 +93,7 @@ class HNConfig:
     loss: tuple[str, ...] = ("itc",)
     seed: int = 0
     lm: str | None = None
+    vocabulary: str | None = None  # word file: online negatives only bring in these words
     # objectives
     choice_weight: float = 1.0
     intra_weight: float = 1.0
@@ -179,6 +180,11 @@ class HNConfig:
             raise ValueError("--hn-curriculum-start/--hn-curriculum-end are shares in [0, 1]")
         if self.eval_every < 1:
             raise ValueError("--hn-eval-every must be >= 1 (epochs)")
+        if self.vocabulary is not None and self.negatives != "online":
+            raise ValueError(
+                f"--hn-vocabulary applies to --hn-negatives online (this run: {self.negatives}); "
+                "for precomputed negatives pass --vocabulary to `python -m open_clip_hn.negatives "
+                "precompute`")
         if self.image_neighbors_per_sample < 1:
             raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
 
@@ -219,6 +225,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-lm", dest="hn_lm", default=None, metavar="PATH",
         help="Local masked language model (transformers) that proposes replacement words; "
              "proposals pass the same WordNet validity filter.")
+    add("--hn-vocabulary", dest="hn_vocabulary", default=None, metavar="PATH",
+        help="Text file of the words online negatives may bring in (a word list, or the training "
+             "captions themselves): replacements stay inside the data's own words, so the text "
+             "tower cannot reject a negative for a word it never saw. Default: any lexicon word.")
     add("--hn-choice-weight", dest="hn_choice_weight", type=_non_negative_float, default=1.0,
         help="Weight of the 'choice' term. Default: 1.0.")
     add("--hn-intra-weight", dest="hn_intra_weight", type=_non_negative_float, default=1.0,

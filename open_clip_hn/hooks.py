@@ -317,8 +317,11 @@ def _train_tokenizer(config: HNConfig, tokenizer):
     generator = None
     if config.negatives == "online" and config.uses_text_negatives:
         from .negatives import NegativeGenerator
+        from .negatives.lexicon import read_vocabulary
 
-        generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm)
+        vocabulary = None if config.vocabulary is None else read_vocabulary(config.vocabulary)
+        generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
+                                      vocabulary=vocabulary)
     return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
                                    config.mirror)
 

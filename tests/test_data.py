@@ -114,3 +114,22 @@ def test_precomputed_negatives_keep_only_the_requested_types(tokenizer):
     unpacked = unpack_texts(packer(encode_precomputed_caption(CAPTION, NEGATIVES)), 2)
     assert unpacked.neg_mask.tolist() == [[True, False]]
     assert unpacked.neg_types.tolist() == [[TYPE_TO_ID["replace_relation"], -1]]
+
+
+def test_online_generator_gets_the_vocabulary_file(tokenizer, tmp_path):
+    """--hn-vocabulary reaches the loader's generator: its negatives only bring in those words."""
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.hooks import _train_tokenizer
+    from open_clip_hn.negatives.lexicon import VocabularyError
+
+    words = tmp_path / "captions.txt"
+    words.write_text("a red cube to the left of a blue ball\na green cone to the right of a cube\n")
+    config = HNConfig(negatives="online", types=("replace_object", "replace_attribute"),
+                      vocabulary=str(words))
+    packer = _train_tokenizer(config, tokenizer)
+    negatives = packer.negatives_for(CAPTION, None)
+    assert negatives and all(set(n["text"].split()) <= set(words.read_text().split())
+                             for n in negatives)
+    with pytest.raises(VocabularyError, match="nowhere.txt"):
+        _train_tokenizer(HNConfig(negatives="online", vocabulary=str(tmp_path / "nowhere.txt")),
+                         tokenizer)

@@ -281,3 +281,48 @@ def test_replace_attribute_validity():
 def test_all_caps_articles_stay_upper_case():
     out = by_type("A GREEN TABLE WITH AN OLD BLENDER", "replace_attribute")
     assert out and all(" An " not in t for t in out)
+
+
+def _scene_vocabulary() -> frozenset[str]:
+    from open_clip_hn import scenes
+
+    words = " ".join([*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, *scenes.RELATIONS, "a"])
+    return frozenset(words.split())
+
+
+def test_vocabulary_keeps_new_words_inside_the_data():
+    """With a vocabulary, a negative only brings in the data's own words ("cube" -> "cone", never
+    "doughnut"), so the text tower cannot reject it for an unseen word; each type still applies."""
+    import random
+
+    from open_clip_hn import scenes
+
+    vocabulary = _scene_vocabulary()
+    inside = NegativeGenerator(seed=0, vocabulary=vocabulary)
+    outside_words, found_types = set(), set()
+    for index in range(60):
+        caption = scenes.sample_scene(random.Random(index)).caption
+        for negative in inside.generate(caption, 20):
+            assert set(negative["text"].split()) <= vocabulary, negative
+            found_types.add(negative["type"])
+        for negative in ALL.generate(caption, 20):
+            outside_words |= set(negative["text"].split()) - vocabulary
+    assert {"replace_object", "replace_attribute", "replace_relation", "swap_objects",
+            "swap_attributes"} <= found_types
+    assert outside_words  # the unrestricted lexicon does bring in new words
+    clone = pickle.loads(pickle.dumps(inside))
+    caption = "a small red cube above a large blue sphere"
+    assert clone.generate(caption, 8) == inside.generate(caption, 8)
+
+
+def test_vocabulary_file_errors_name_the_file(tmp_path):
+    from open_clip_hn.negatives.lexicon import VocabularyError, read_vocabulary
+
+    words = tmp_path / "captions.txt"
+    words.write_text("A Small red cube, above a large BLUE sphere.\n")
+    assert read_vocabulary(words) == {"a", "small", "red", "cube", "above", "large", "blue", "sphere"}
+    with pytest.raises(VocabularyError, match="missing.txt.*training captions"):
+        read_vocabulary(tmp_path / "missing.txt")
+    (tmp_path / "empty.txt").write_text(" ,. \n")
+    with pytest.raises(VocabularyError, match="empty.txt holds no words"):
+        read_vocabulary(tmp_path / "empty.txt")

@@ -30,6 +30,8 @@ def test_help_and_show():
     assert "replace_relation:\n  a red car far from a blue house" in out.stdout
     assert "replace_count: (does not apply)" in out.stdout
     assert run_cli("--help").stdout.count("precompute") >= 1
+    missing = run_cli("show", "--vocabulary", "/nonexistent/words.txt", "a red car")
+    assert missing.returncode == 2 and "/nonexistent/words.txt" in missing.stderr
 
 
 def test_generate_formats_order_and_malformed_lines(tmp_path, capsys):
@@ -135,3 +137,27 @@ def test_missing_wordnet_message_then_setup_nltk_offline(tmp_path):
     check = subprocess.run([sys.executable, "-c", "from nltk.corpus import wordnet as wn; "
                             "print(wn.synsets('dog')[0].lexname())"], capture_output=True, text=True, env=env)
     assert check.stdout.strip() == "noun.animal", check.stderr
+
+
+def test_vocabulary_from_shards_or_captions_feeds_show(tmp_path, scene_shards):
+    from open_clip_hn import scenes
+
+    words = tmp_path / "words.txt"
+    assert main(["vocabulary", "--shards", scene_shards, "--output", str(words)]) == 0
+    vocabulary = set(words.read_text().split())
+    assert {"a", "to", "left", "of"} <= vocabulary <= set(
+        " ".join([*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, *scenes.RELATIONS, "a"]).split())
+    out = run_cli("show", "--vocabulary", str(words), "--types", "replace_object",
+                  "a small red cube above a large blue sphere")
+    assert out.returncode == 0, out.stderr
+    assert set(out.stdout.split("replace_object:", 1)[1].split()) <= vocabulary
+
+    captions = tmp_path / "captions.tsv"
+    captions.write_text("caption\tfilepath\nA dog on a sofa\tx.jpg\na dog, a cat\ty.jpg\n")
+    assert main(["vocabulary", "--input", str(captions), "--min-count", "2",
+                 "--output", str(words)]) == 0
+    assert words.read_text() == "a\ndog\n"
+    assert main(["vocabulary", "--input", str(captions), "--min-count", "9",
+                 "--output", str(words)]) == 2
+    assert main(["vocabulary", "--shards", str(tmp_path / "none-{0..1}.tar"),
+                 "--output", str(words)]) == 2

@@ -59,6 +59,7 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "online", "--hn-num-negatives", "0"], "generates nothing"),
     (["--hn-loss", "importance", "--hn-importance-tau-plus", "1"], "--hn-importance-tau-plus"),
     (["--hn-loss", "mined"], "--hn-memory-bank-size"),
+    (["--hn-vocabulary", "words.txt"], "--hn-vocabulary applies to --hn-negatives online"),
     (["--model-config", "/nonexistent/cfg.json"], "--model-config /nonexistent/cfg.json: file not found"),
 ])
 def test_bad_flags_fail_naming_the_input(argv, message, capsys):

@@ -1,14 +1,16 @@
-"""`python -m open_clip_hn.negatives`: show, generate, precompute, setup-nltk.
+"""`python -m open_clip_hn.negatives`: show, generate, precompute, vocabulary, setup-nltk.
 
 `generate` turns a caption file into JSON lines; `precompute` rewrites webdataset shards with a
 `<key>.neg.json` member per sample (for `--hn-negatives precomputed`), one shard at a time, each
 written to a temp file and renamed, so a killed run resumes by skipping finished shards.
+`vocabulary` lists the words of the training captions, for `--hn-vocabulary`.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+from collections import Counter
 import io
 import json
 import os
@@ -22,6 +24,7 @@ from typing import Iterator
 from ..config import argparse_type
 from ..files import TMP_PREFIX, atomic_open
 from .generator import NegativeGenerator
+from .lexicon import VocabularyError, read_vocabulary, words_of
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 
@@ -34,6 +37,14 @@ def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> N
                         help="Generator seed; output is a pure function of (caption, seed, types, K).")
     parser.add_argument("--lm", default=None, metavar="PATH",
                         help="Local masked LM (transformers) proposing replacement words.")
+    parser.add_argument("--vocabulary", default=None, metavar="PATH",
+                        help="Text file of the words negatives may bring in (a word list, or the "
+                             "captions themselves). Default: any lexicon word.")
+
+
+def _generator(args: argparse.Namespace) -> NegativeGenerator:
+    vocabulary = None if args.vocabulary is None else read_vocabulary(args.vocabulary)
+    return NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,6 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--caption-key", default="txt", help="Member extension holding the caption. Default: txt.")
     pre.add_argument("--workers", type=int, default=1, help="Shards processed in parallel. Default: 1.")
     _add_generator_flags(pre, 4)
+
+    voc = sub.add_parser("vocabulary", help="Words of the training captions -> a --hn-vocabulary file.")
+    source = voc.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", help="Webdataset shards, brace pattern: 'in-{000000..000009}.tar'.")
+    source.add_argument("--input", help="Caption file: captions.txt (one per line), .csv, .tsv or .jsonl.")
+    voc.add_argument("--caption-key", default=None,
+                     help="Member extension (shards; default: txt) or column/key (file; default: "
+                          "caption) holding the caption.")
+    voc.add_argument("--min-count", type=int, default=1, metavar="N",
+                     help="Keep words seen at least N times (drops typos). Default: 1.")
+    voc.add_argument("--output", required=True, help="Word list (one per line), written atomically.")
 
     setup = sub.add_parser("setup-nltk", help="Install WordNet for NLTK offline from Debian's wordnet packages.")
     setup.add_argument("--target", default=None,
@@ -121,7 +143,7 @@ def _progress(iterable, **kwargs):
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    generator = NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm)
+    generator = _generator(args)
     captions, malformed = [], 0
     for item in read_captions(args.input, args.caption_key):
         if isinstance(item, MalformedLine):
@@ -243,7 +265,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     os.makedirs(args.output_dir, exist_ok=True)
     for stale in Path(args.output_dir).glob(TMP_PREFIX + "*"):
         stale.unlink()  # temp files of a killed run
-    generator = NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm)
+    generator = _generator(args)
     work = partial(precompute_shard, output_dir=args.output_dir, generator=generator, k=args.num,
                    caption_key=args.caption_key)
     totals = {"written": 0, "skipped": 0}
@@ -262,8 +284,52 @@ def run_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def shard_captions(path: str, caption_key: str) -> Iterator[str]:
+    """The captions (members with extension `caption_key`) of one webdataset shard."""
+    try:
+        with tarfile.open(path, "r:*") as reader:
+            for member in reader:
+                if member.isfile() and _split_key(member.name)[1] == caption_key:
+                    yield reader.extractfile(member).read().decode("utf-8", errors="replace")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise VocabularyError(f"shard {path} cannot be read ({err}); expected a webdataset tar") from err
+
+
+def run_vocabulary(args: argparse.Namespace) -> int:
+    if args.min_count < 1:
+        print(f"error: --min-count must be >= 1, got {args.min_count}", file=sys.stderr)
+        return 2
+    if args.shards:
+        shards = expand_shards(args.shards)
+        missing = [s for s in shards if not os.path.exists(s)]
+        if missing:
+            print(f"error: {len(missing)} shard(s) not found, e.g. {missing[0]}", file=sys.stderr)
+            return 2
+        key = args.caption_key or "txt"
+        captions = (c for shard in _progress(shards, unit="shard") for c in shard_captions(shard, key))
+    else:
+        if not os.path.isfile(args.input):
+            print(f"error: caption file {args.input} not found", file=sys.stderr)
+            return 2
+        captions = (c for c in read_captions(args.input, args.caption_key or "caption")
+                    if isinstance(c, str))
+    counts: Counter[str] = Counter()
+    total = 0
+    for caption in captions:
+        counts.update(words_of(caption))
+        total += 1
+    words = sorted(w for w, n in counts.items() if n >= args.min_count)
+    if not words:
+        print(f"error: no word seen {args.min_count} time(s) in {total} captions", file=sys.stderr)
+        return 2
+    with atomic_open(args.output, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(words) + "\n")
+    print(f"{len(words)} words (of {len(counts)}) from {total} captions -> {args.output}", file=sys.stderr)
+    return 0
+
+
 def run_show(args: argparse.Namespace) -> int:
-    generator = NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm)
+    generator = _generator(args)
     found = generator.candidates(args.caption)
     print(f"caption: {args.caption}")
     if not found:
@@ -299,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     from .nltk_data import WordNetMissingError
 
     try:
-        return {"show": run_show, "generate": run_generate, "precompute": run_precompute}[args.command](args)
-    except WordNetMissingError as err:
+        return {"show": run_show, "generate": run_generate, "precompute": run_precompute,
+                "vocabulary": run_vocabulary}[args.command](args)
+    except (WordNetMissingError, VocabularyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

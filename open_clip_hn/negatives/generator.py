@@ -14,7 +14,7 @@ import re
 import zlib
 from typing import Callable
 
-from .lexicon import Resources, load_resources, regular_plural
+from .lexicon import Resources, load_resources, regular_plural, restrict_to_vocabulary, words_of
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
@@ -505,20 +505,33 @@ class NegativeGenerator:
     """
 
     def __init__(self, types: tuple[str, ...] | str | None = NEGATIVE_TYPES, seed: int = 0,
-                 lm_path: str | None = None, tagger: str = "auto"):
+                 lm_path: str | None = None, tagger: str = "auto",
+                 vocabulary: frozenset[str] | None = None):
         self.types = parse_types(types) if isinstance(types, str) or types is None else parse_types(",".join(types))
         if tagger not in ("auto", "nltk", "lexicon"):
             raise ValueError(f"tagger must be auto, nltk or lexicon, got {tagger!r}")
         self.seed = int(seed)
         self.lm_path = lm_path
         self.tagger = tagger
+        # None: any word of the lexicons; else negatives only bring in words of this set
+        self.vocabulary = None if vocabulary is None else frozenset(w.lower() for w in vocabulary)
 
     def __repr__(self) -> str:
-        return f"NegativeGenerator(types={self.types}, seed={self.seed}, lm_path={self.lm_path!r})"
+        words = "" if self.vocabulary is None else f", vocabulary={len(self.vocabulary)} words"
+        return f"NegativeGenerator(types={self.types}, seed={self.seed}, lm_path={self.lm_path!r}{words})"
+
+    def _resources(self) -> Resources:
+        """The lexicon tables, restricted to the vocabulary when there is one (once per process)."""
+        if self.vocabulary is None:
+            return _resources()
+        key = ("vocabulary", self.vocabulary)
+        if key not in _PROCESS:
+            _PROCESS[key] = restrict_to_vocabulary(_resources(), self.vocabulary)
+        return _PROCESS[key]
 
     def load(self) -> "NegativeGenerator":
         """Load the per-process resources now (otherwise the first generate() call does it)."""
-        _resources()
+        self._resources()
         _tagger(self.tagger)
         if self.lm_path:
             self._lm()
@@ -557,6 +570,11 @@ class NegativeGenerator:
             return []
         return list(self._iterate(caption, k, round_robin=True))
 
+    def _in_vocabulary(self, text: str, own_words: set[str]) -> bool:
+        """Every word the negative brings in (beyond the caption's own) is in the vocabulary."""
+        return self.vocabulary is None or all(
+            w in self.vocabulary or w in own_words for w in text.split())
+
     def _iterate(self, caption: object, k: int, round_robin: bool):
         """Yield valid negatives type by type (round robin: one per type per round).
 
@@ -566,7 +584,8 @@ class NegativeGenerator:
         parse = self.parse(caption)
         if parse is None:
             return
-        res = _resources()
+        res = self._resources()
+        own_words = set(words_of(" ".join(parse.words)))
         rng = random.Random(zlib.crc32(f"{self.seed}\0{k}\0{caption}".encode("utf-8", "replace")))
         seen = {normalise(parse.render(parse.words, parse.gaps))}
         order = list(self.types)
@@ -585,7 +604,7 @@ class NegativeGenerator:
                     cursor[name] += 1
                     text = parse.render(words, gaps)
                     key = normalise(text)
-                    if key in seen:
+                    if key in seen or not self._in_vocabulary(key, own_words):
                         continue
                     seen.add(key)
                     emitted += 1

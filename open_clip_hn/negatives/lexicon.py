@@ -12,7 +12,8 @@ import hashlib
 import json
 import os
 import pickle
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from ..files import atomic_open
@@ -393,3 +394,58 @@ def build_resources() -> Resources:
         max_digit=int(counts_data["max_digit"]),
         collective=frozenset(closed_data.get("_collective_nouns", ())),
     )
+
+
+def restrict_to_vocabulary(res: Resources, vocabulary: frozenset[str]) -> Resources:
+    """`res` whose replacement tables only offer words of `vocabulary` (lower case).
+
+    A negative that brings in a word the training captions never use ("a red cube" -> "a red
+    doughnut") is told apart by the text tower alone; inside the data's own words only the image
+    can tell it apart. A multi-word replacement needs all its words; a noun its singular or plural,
+    a verb any of its forms.
+    """
+    def known(phrase: str) -> bool:
+        return all(word in vocabulary for word in words_of(phrase))
+
+    def noun(lemma: str) -> bool:
+        return known(lemma) or known(res.plurals.get(lemma, regular_plural(lemma)))
+
+    def verb(base: str) -> bool:
+        return any(known(form) for form in res.verb_table.get(base, {base: base}).values())
+
+    def keep(table: dict[str, tuple[str, ...]], ok) -> dict[str, tuple[str, ...]]:
+        return {key: tuple(w for w in words if ok(w)) for key, words in table.items()}
+
+    return replace(
+        res,
+        noun_candidates=keep(res.noun_candidates, noun),
+        attr_candidates=keep(res.attr_candidates, known),
+        antonyms=keep(res.antonyms, known),
+        categories=keep(res.categories, known),
+        relations=keep(res.relations, known),
+        verb_candidates=keep(res.verb_candidates, verb),
+        state_verbs=keep(res.state_verbs, verb),
+    )
+
+
+def words_of(text: str) -> list[str]:
+    """Lower-case alphanumeric runs: the words a vocabulary holds and a negative is checked by."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+class VocabularyError(ValueError):
+    """A vocabulary file that cannot be read or holds no words."""
+
+
+def read_vocabulary(path: str | os.PathLike) -> frozenset[str]:
+    """The lower-case words of a text file (a word list, or captions themselves)."""
+    expected = "expected a UTF-8 text file of the words negatives may use (e.g. the training captions)"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise VocabularyError(f"vocabulary file {path}: {getattr(err, 'strerror', None) or err}; "
+                              f"{expected}") from err
+    words = frozenset(words_of(text))
+    if not words:
+        raise VocabularyError(f"vocabulary file {path} holds no words; {expected}")
+    return words
