@@ -20,6 +20,7 @@ LOSS_TERMS = ("itc", "choice", "intra", "rank", "importance", "mined")
 CURRICULA = ("const", "linear", "cosine", "step")
 MINER_BACKENDS = ("torch", "faiss")
 RANK_THRESHOLD_MODES = ("adaptive-mean", "adaptive-max")
+TRAIN_DATA_VOCABULARY = "train-data"  # --hn-vocabulary: the words of the training captions
 
 
 def _non_negative_int(value: str) -> int:
@@ -227,8 +228,11 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "proposals pass the same WordNet validity filter.")
     add("--hn-vocabulary", dest="hn_vocabulary", default=None, metavar="PATH",
         help="Text file of the words online negatives may bring in (a word list, or the training "
-             "captions themselves): replacements stay inside the data's own words, so the text "
-             "tower cannot reject a negative for a word it never saw. Default: any lexicon word.")
+             "captions themselves), or 'train-data': the words of the --train-data captions, read "
+             "at start (local shards or CSV; for large data write the file once with `python -m "
+             "open_clip_hn.negatives vocabulary`). Replacements stay inside the data's own words, "
+             "so the text tower cannot reject a negative for a word it never saw. Default: any "
+             "lexicon word.")
     add("--hn-choice-weight", dest="hn_choice_weight", type=_non_negative_float, default=1.0,
         help="Weight of the 'choice' term. Default: 1.0.")
     add("--hn-intra-weight", dest="hn_intra_weight", type=_non_negative_float, default=1.0,

@@ -34,7 +34,7 @@ from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 
 from . import state as hn_state
-from .config import HNConfig, add_hn_arguments, given_hn_flags
+from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .mirror import flip_images
 from .data import (PackedNegativeTokenizer, samples_with_precomputed_negatives,
                    shard_has_negatives, unpack_texts)
@@ -313,15 +313,43 @@ def _check_precomputed_shards(args: argparse.Namespace) -> None:
             "and train on DIR, or use --hn-negatives online")
 
 
-def _train_tokenizer(config: HNConfig, tokenizer):
+def _vocabulary(config: HNConfig, args: argparse.Namespace) -> frozenset[str] | None:
+    """--hn-vocabulary's words: a file's, or with `train-data` those of the training captions."""
+    from .negatives.cli import shard_captions
+    from .negatives.lexicon import VocabularyError, read_vocabulary, words_of
+
+    if config.vocabulary != TRAIN_DATA_VOCABULARY:
+        return None if config.vocabulary is None else read_vocabulary(config.vocabulary)
+    data = args.train_data or ""
+    fix = ("write the word list once with `python -m open_clip_hn.negatives vocabulary` and pass "
+           "its path to --hn-vocabulary")
+    if args.dataset_type == "synthetic":
+        raise VocabularyError(f"--hn-vocabulary train-data: synthetic data has no captions; {fix}")
+    if oc_data.get_dataset_fn(data, args.dataset_type) is oc_data.get_csv_dataset:
+        import pandas
+
+        captions = pandas.read_csv(data, sep=args.csv_separator)[args.csv_caption_key].astype(str)
+    else:
+        shards = oc_data.expand_urls(data)[0]
+        remote = [s for s in shards if not os.path.isfile(s)]
+        if remote:
+            raise VocabularyError(f"--hn-vocabulary train-data reads local shards, and {remote[0]} "
+                                  f"is not a local file; {fix}")
+        captions = (c for shard in shards for c in shard_captions(shard, "txt"))
+    words = frozenset(w for caption in captions for w in words_of(caption))
+    if not words:
+        raise VocabularyError(f"--hn-vocabulary train-data: no words in the captions of {data}")
+    logging.info("Negatives stay inside the %d words of the --train-data captions", len(words))
+    return words
+
+
+def _train_tokenizer(config: HNConfig, tokenizer, args: argparse.Namespace):
     generator = None
     if config.negatives == "online" and config.uses_text_negatives:
         from .negatives import NegativeGenerator
-        from .negatives.lexicon import read_vocabulary
 
-        vocabulary = None if config.vocabulary is None else read_vocabulary(config.vocabulary)
         generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
-                                      vocabulary=vocabulary)
+                                      vocabulary=_vocabulary(config, args))
     return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
                                    config.mirror)
 
@@ -358,7 +386,7 @@ def _get_data(args, preprocess_fns, epoch, tokenizer, get):
                   else contextlib.nullcontext())
         with source:
             data = get(train_args, preprocess_fns, epoch=epoch,
-                       tokenizer=_train_tokenizer(config, tokenizer))
+                       tokenizer=_train_tokenizer(config, tokenizer, args))
         if args.val_data or args.imagenet_val or args.imagenet_v2:
             eval_args = copy.copy(args)
             eval_args.train_data = None

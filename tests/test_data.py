@@ -116,20 +116,37 @@ def test_precomputed_negatives_keep_only_the_requested_types(tokenizer):
     assert unpacked.neg_types.tolist() == [[TYPE_TO_ID["replace_relation"], -1]]
 
 
-def test_online_generator_gets_the_vocabulary_file(tokenizer, tmp_path):
-    """--hn-vocabulary reaches the loader's generator: its negatives only bring in those words."""
+def test_online_generator_gets_the_vocabulary(tokenizer, tmp_path, scene_shards):
+    """--hn-vocabulary reaches the loader's generator: its negatives only bring in those words,
+    read from a file or (train-data) from the training captions."""
+    import argparse
+
+    from open_clip_hn import scenes
     from open_clip_hn.config import HNConfig
     from open_clip_hn.hooks import _train_tokenizer
     from open_clip_hn.negatives.lexicon import VocabularyError
 
+    def packer(vocabulary, train_data=scene_shards, dataset_type="webdataset"):
+        config = HNConfig(negatives="online", types=("replace_object", "replace_attribute"),
+                          vocabulary=vocabulary)
+        args = argparse.Namespace(train_data=train_data, dataset_type=dataset_type,
+                                  csv_separator="\t", csv_caption_key="title")
+        return _train_tokenizer(config, tokenizer, args)
+
     words = tmp_path / "captions.txt"
     words.write_text("a red cube to the left of a blue ball\na green cone to the right of a cube\n")
-    config = HNConfig(negatives="online", types=("replace_object", "replace_attribute"),
-                      vocabulary=str(words))
-    packer = _train_tokenizer(config, tokenizer)
-    negatives = packer.negatives_for(CAPTION, None)
+    negatives = packer(str(words)).negatives_for(CAPTION, None)
     assert negatives and all(set(n["text"].split()) <= set(words.read_text().split())
                              for n in negatives)
+    scene_words = set(" ".join([*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES,
+                                *scenes.RELATIONS, "a"]).split())
+    from_shards = packer("train-data").generator.vocabulary
+    assert {"cube", "left"} <= from_shards <= scene_words
+    table = tmp_path / "train.csv"
+    table.write_text("filepath\ttitle\nx.png\ta red cube above a blue ball\n")
+    assert packer("train-data", str(table), "auto").generator.vocabulary == set(
+        "a red cube above blue ball".split())
     with pytest.raises(VocabularyError, match="nowhere.txt"):
-        _train_tokenizer(HNConfig(negatives="online", vocabulary=str(tmp_path / "nowhere.txt")),
-                         tokenizer)
+        packer(str(tmp_path / "nowhere.txt"))
+    with pytest.raises(VocabularyError, match="not a local file.*negatives vocabulary"):
+        packer("train-data", "pipe:curl -s https://host/shard-{0..1}.tar")
