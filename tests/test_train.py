@@ -205,9 +205,10 @@ def test_precomputed_without_negatives_is_refused(tmp_path, scene_shards):
 
 
 def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
-    """2 gloo CPU processes (the env torchrun sets): both ranks train, one checkpoint + state."""
+    """2 gloo CPU processes (the env torchrun sets): both ranks train, one checkpoint + state;
+    each rank reads the same vocabulary from the training captions."""
     argv = train_argv(scene_shards, str(tmp_path), "ddp", *HN_ONLINE, "--dist-backend", "gloo",
-                      batch_size=4)
+                      "--hn-vocabulary", "train-data", batch_size=4)
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
             "WORLD_SIZE": "2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
@@ -218,6 +219,7 @@ def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
     assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     log = (tmp_path / "ddp" / "out.log").read_text()
     assert "Process (global: 0, local 0), total 2" in log
+    assert "Negatives stay inside the 20 words of the --train-data captions" in log
     assert "Hn_" in log
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt.hn").exists()
 
