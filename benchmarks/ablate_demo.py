@@ -215,7 +215,7 @@ def main() -> None:
                                                {"val": data.val, "test": data.test}, "cpu")[name]
         rows[name]["stamp"] = stamp
         rows[name]["seconds"] = time.time() - start
-        atomic_write_json(results_path, rows)
+        atomic_write_json(results_path, rows, indent=2)
         print(f"{name}: {time.time() - start:.0f}s")
     rows = {k: v for k, v in rows.items() if k in names or k == "vanilla"}
     for bench in ("val", "test"):

@@ -94,7 +94,7 @@ class HNConfig:
     loss: tuple[str, ...] = ("itc",)
     seed: int = 0
     lm: str | None = None
-    vocabulary: str | None = None  # word file: online negatives only bring in these words
+    vocabulary: str | None = None  # word file or 'train-data': the words negatives may bring in
     # objectives
     choice_weight: float = 1.0
     intra_weight: float = 1.0

@@ -27,6 +27,7 @@ from typing import Sequence
 from . import eval as hn_eval
 from . import scenes
 from .files import atomic_write_json
+from .negatives.cli import expand_shards
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-vit.json")
@@ -61,7 +62,7 @@ def prepare_data(root: str, samples: int, test_items: int, image_size: int = 32,
         scenes.write_compositional_sets(getattr(data, split), test_items, seed + 1, image_size,
                                         split, num_pairs=test_items // 2,
                                         num_retrieval=min(test_items, 300))
-    atomic_write_json(stamp_path, stamp)
+    atomic_write_json(stamp_path, stamp, indent=2)
     print(f"[data] done in {time.time() - start:.0f}s -> {root}")
     return data
 
@@ -102,7 +103,7 @@ def run_stamp(argv: list[str]) -> dict:
         if flag == "--pretrained":
             start = _file_stamp(value)
         if flag == "--train-data":
-            shards = [_file_stamp(path) for path in value.split("::")]
+            shards = [_file_stamp(path) for path in expand_shards(value)]
     return {"argv": argv, "recipes": recipes, "pretrained_file": start, "train_files": shards}
 
 
@@ -111,7 +112,7 @@ def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool
 
     Returns the final checkpoint; raises with the log's tail when the run fails. An earlier
     finished run with the same name and the same `run_stamp` (command line, recipe contents,
-    starting checkpoint) is reused.
+    starting checkpoint, training shards) is reused.
     """
     checkpoint = os.path.join(logs, name, "checkpoints", f"epoch_{epochs}.pt")
     argv_path = os.path.join(logs, f"{name}.argv.json")
@@ -142,7 +143,7 @@ def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool
         tail = "".join(open(log_path).readlines()[-25:])
         raise RuntimeError(f"training run {name!r} failed (exit {process.returncode}); "
                            f"log {log_path} ends with:\n{tail}")
-    atomic_write_json(argv_path, stamp)
+    atomic_write_json(argv_path, stamp, indent=2)
     print(f"[{name}] done in {time.time() - start:.0f}s")
     return checkpoint
 
@@ -255,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     document["benchmarks"][bench]["targets"].items()))
     results_path = os.path.join(out, "results.json")
     plot_path = os.path.join(out, "compare.png")
-    atomic_write_json(results_path, document)
+    atomic_write_json(results_path, document, indent=2)
     demo_bench = next(iter(results[labels[0]]))
     hn_eval.plot_results(plot_path, labels[1:], [results[label][demo_bench] for label in labels[1:]],
                          title="Continuing the same tiny CLIP: vanilla vs hard negatives")

@@ -142,6 +142,10 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError("--horovod: use torch.distributed (the default) with hard negatives")
     if "coca" in args.model.lower():
         raise ValueError(f"--model {args.model}: CoCa's captioning loss is not supported with --hn-*")
+    if config.vocabulary not in (None, TRAIN_DATA_VOCABULARY) and not os.path.isfile(config.vocabulary):
+        raise ValueError(f"--hn-vocabulary {config.vocabulary}: file not found; pass a word list "
+                         f"(`python -m open_clip_hn.negatives vocabulary` writes one) or "
+                         f"{TRAIN_DATA_VOCABULARY}")
 
 
 def _print_config_if_asked(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -328,7 +332,12 @@ def _vocabulary(config: HNConfig, args: argparse.Namespace) -> frozenset[str] | 
     if oc_data.get_dataset_fn(data, args.dataset_type) is oc_data.get_csv_dataset:
         import pandas
 
-        captions = pandas.read_csv(data, sep=args.csv_separator)[args.csv_caption_key].astype(str)
+        table = pandas.read_csv(data, sep=args.csv_separator)
+        if args.csv_caption_key not in table.columns:
+            raise VocabularyError(f"--hn-vocabulary train-data: {data} has no column "
+                                  f"{args.csv_caption_key!r} (columns: {list(table.columns)}); "
+                                  "set --csv-caption-key and --csv-separator")
+        captions = table[args.csv_caption_key].astype(str)
     else:
         shards = oc_data.expand_urls(data)[0]
         remote = [s for s in shards if not os.path.isfile(s)]
@@ -338,7 +347,9 @@ def _vocabulary(config: HNConfig, args: argparse.Namespace) -> frozenset[str] | 
         captions = (c for shard in shards for c in shard_captions(shard, "txt"))
     words = frozenset(w for caption in captions for w in words_of(caption))
     if not words:
-        raise VocabularyError(f"--hn-vocabulary train-data: no words in the captions of {data}")
+        raise VocabularyError(f"--hn-vocabulary train-data: no words in the captions of {data} "
+                              "(webdataset captions are read from the .txt members); pass a word "
+                              "list instead")
     logging.info("Negatives stay inside the %d words of the --train-data captions", len(words))
     return words
 

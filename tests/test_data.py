@@ -126,11 +126,11 @@ def test_online_generator_gets_the_vocabulary(tokenizer, tmp_path, scene_shards)
     from open_clip_hn.hooks import _train_tokenizer
     from open_clip_hn.negatives.lexicon import VocabularyError
 
-    def packer(vocabulary, train_data=scene_shards, dataset_type="webdataset"):
+    def packer(vocabulary, train_data=scene_shards, dataset_type="webdataset", caption_key="title"):
         config = HNConfig(negatives="online", types=("replace_object", "replace_attribute"),
                           vocabulary=vocabulary)
         args = argparse.Namespace(train_data=train_data, dataset_type=dataset_type,
-                                  csv_separator="\t", csv_caption_key="title")
+                                  csv_separator="\t", csv_caption_key=caption_key)
         return _train_tokenizer(config, tokenizer, args)
 
     words = tmp_path / "captions.txt"
@@ -146,6 +146,8 @@ def test_online_generator_gets_the_vocabulary(tokenizer, tmp_path, scene_shards)
     table.write_text("filepath\ttitle\nx.png\ta red cube above a blue ball\n")
     assert packer("train-data", str(table), "auto").generator.vocabulary == set(
         "a red cube above blue ball".split())
+    with pytest.raises(VocabularyError, match="no column 'caption'.*--csv-caption-key"):
+        packer("train-data", str(table), "auto", caption_key="caption")
     with pytest.raises(VocabularyError, match="nowhere.txt"):
         packer(str(tmp_path / "nowhere.txt"))
     with pytest.raises(VocabularyError, match="not a local file.*negatives vocabulary"):

@@ -25,8 +25,6 @@ def test_json_replaces_the_file_whole(tmp_path):
 def test_a_failed_write_keeps_the_old_file(tmp_path):
     path = tmp_path / "out.json"
     files.atomic_write_json(path, {"kept": True})
-    with pytest.raises(TypeError):
-        files.atomic_write_json(path, {"not json": object()})
     with pytest.raises(RuntimeError):
         with files.atomic_open(path, "w", encoding="utf-8") as handle:
             handle.write("half a fi")

@@ -157,6 +157,11 @@ def test_vocabulary_from_shards_or_captions_feeds_show(tmp_path, scene_shards):
     assert main(["vocabulary", "--input", str(captions), "--min-count", "2",
                  "--output", str(words)]) == 0
     assert words.read_text() == "a\ndog\n"
+    openclip_csv = tmp_path / "train.csv"  # OpenCLIP's CSVs are tab-separated, whatever the name
+    openclip_csv.write_text("filepath\ttitle\nx.jpg\tA cat, a hat\n")
+    assert main(["vocabulary", "--input", str(openclip_csv), "--caption-key", "title",
+                 "--output", str(words)]) == 0
+    assert words.read_text() == "a\ncat\nhat\n"
     assert main(["vocabulary", "--input", str(captions), "--min-count", "9",
                  "--output", str(words)]) == 2
     assert main(["vocabulary", "--shards", str(tmp_path / "none-{0..1}.tar"),

@@ -60,6 +60,8 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-loss", "importance", "--hn-importance-tau-plus", "1"], "--hn-importance-tau-plus"),
     (["--hn-loss", "mined"], "--hn-memory-bank-size"),
     (["--hn-vocabulary", "words.txt"], "--hn-vocabulary applies to --hn-negatives online"),
+    (["--hn-negatives", "online", "--hn-vocabulary", "/nonexistent/words.txt"],
+     "--hn-vocabulary /nonexistent/words.txt: file not found"),
     (["--model-config", "/nonexistent/cfg.json"], "--model-config /nonexistent/cfg.json: file not found"),
 ])
 def test_bad_flags_fail_naming_the_input(argv, message, capsys):
@@ -219,7 +221,10 @@ def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
     assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     log = (tmp_path / "ddp" / "out.log").read_text()
     assert "Process (global: 0, local 0), total 2" in log
-    assert "Negatives stay inside the 20 words of the --train-data captions" in log
+    from open_clip_hn import scenes
+    words = {w for c in [*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, *scenes.RELATIONS, "a"]
+             for w in c.split()}
+    assert f"Negatives stay inside the {len(words)} words of the --train-data captions" in log
     assert "Hn_" in log
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt.hn").exists()
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-from collections import Counter
 import io
 import json
 import os
 import sys
 import tarfile
+from collections import Counter
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
@@ -102,11 +102,16 @@ class MalformedLine(ValueError):
 
 
 def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
-    """Captions of a txt/csv/tsv/jsonl file in order; malformed lines come as MalformedLine."""
+    """Captions of a txt/csv/tsv/jsonl file in order; malformed lines come as MalformedLine.
+
+    A .csv whose header holds a tab is read as tab-separated: OpenCLIP's own CSVs are (its
+    --csv-separator default), whatever their extension."""
     suffix = Path(path).suffix.lower()
     with open(path, encoding="utf-8", errors="replace", newline="") as handle:
         if suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ",")
+            tabs = suffix == ".tsv" or "\t" in handle.readline()
+            handle.seek(0)
+            reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
             if reader.fieldnames is None or caption_key not in reader.fieldnames:
                 raise SystemExit(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
                                  "pass --caption-key NAME")
@@ -320,7 +325,10 @@ def run_vocabulary(args: argparse.Namespace) -> int:
         total += 1
     words = sorted(w for w, n in counts.items() if n >= args.min_count)
     if not words:
-        print(f"error: no word seen {args.min_count} time(s) in {total} captions", file=sys.stderr)
+        where = (f"members '.{args.caption_key or 'txt'}'" if args.shards
+                 else f"column/key '{args.caption_key or 'caption'}'")
+        print(f"error: no word seen {args.min_count} time(s) in {total} captions (read from the "
+              f"{where}); check --caption-key and --min-count", file=sys.stderr)
         return 2
     with atomic_open(args.output, "w", encoding="utf-8") as handle:
         handle.write("\n".join(words) + "\n")

@@ -9,12 +9,13 @@ CRC of the seed and the caption, never from Python's salted hash().
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import zlib
 from typing import Callable
 
-from .lexicon import Resources, load_resources, regular_plural, restrict_to_vocabulary, words_of
+from .lexicon import Resources, load_resources, regular_plural, restrict_to_vocabulary
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
@@ -515,6 +516,10 @@ class NegativeGenerator:
         self.tagger = tagger
         # None: any word of the lexicons; else negatives only bring in words of this set
         self.vocabulary = None if vocabulary is None else frozenset(w.lower() for w in vocabulary)
+        # the process cache's key: a copy pickled into a worker holds an equal, not the same,
+        # set, and comparing large sets per caption would cost milliseconds
+        self._vocabulary_key = None if vocabulary is None else hashlib.sha1(
+            "\n".join(sorted(self.vocabulary)).encode()).hexdigest()
 
     def __repr__(self) -> str:
         words = "" if self.vocabulary is None else f", vocabulary={len(self.vocabulary)} words"
@@ -524,7 +529,7 @@ class NegativeGenerator:
         """The lexicon tables, restricted to the vocabulary when there is one (once per process)."""
         if self.vocabulary is None:
             return _resources()
-        key = ("vocabulary", self.vocabulary)
+        key = f"vocabulary:{self._vocabulary_key}"
         if key not in _PROCESS:
             _PROCESS[key] = restrict_to_vocabulary(_resources(), self.vocabulary)
         return _PROCESS[key]
@@ -585,9 +590,9 @@ class NegativeGenerator:
         if parse is None:
             return
         res = self._resources()
-        own_words = set(words_of(" ".join(parse.words)))
         rng = random.Random(zlib.crc32(f"{self.seed}\0{k}\0{caption}".encode("utf-8", "replace")))
         seen = {normalise(parse.render(parse.words, parse.gaps))}
+        own_words = set(next(iter(seen)).split())
         order = list(self.types)
         rng.shuffle(order)
         edits: dict[str, list[Edit]] = {}

@@ -15,6 +15,7 @@ import pickle
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Callable
 
 from ..files import atomic_open
 
@@ -402,7 +403,8 @@ def restrict_to_vocabulary(res: Resources, vocabulary: frozenset[str]) -> Resour
     A negative that brings in a word the training captions never use ("a red cube" -> "a red
     doughnut") is told apart by the text tower alone; inside the data's own words only the image
     can tell it apart. A multi-word replacement needs all its words; a noun its singular or plural,
-    a verb any of its forms.
+    a verb any of its forms (the generator still drops a negative whose rendered form, or an
+    article or agreement word it adds, is outside the vocabulary).
     """
     def known(phrase: str) -> bool:
         return all(word in vocabulary for word in words_of(phrase))
@@ -413,7 +415,8 @@ def restrict_to_vocabulary(res: Resources, vocabulary: frozenset[str]) -> Resour
     def verb(base: str) -> bool:
         return any(known(form) for form in res.verb_table.get(base, {base: base}).values())
 
-    def keep(table: dict[str, tuple[str, ...]], ok) -> dict[str, tuple[str, ...]]:
+    def keep(table: dict[str, tuple[str, ...]], ok: Callable[[str], bool]
+             ) -> dict[str, tuple[str, ...]]:
         return {key: tuple(w for w in words if ok(w)) for key, words in table.items()}
 
     return replace(
@@ -428,9 +431,12 @@ def restrict_to_vocabulary(res: Resources, vocabulary: frozenset[str]) -> Resour
     )
 
 
+_WORD = re.compile(r"[a-z0-9]+")
+
+
 def words_of(text: str) -> list[str]:
     """Lower-case alphanumeric runs: the words a vocabulary holds and a negative is checked by."""
-    return re.findall(r"[a-z0-9]+", text.lower())
+    return _WORD.findall(text.lower())
 
 
 class VocabularyError(ValueError):
