@@ -15,12 +15,11 @@ import re
 import zlib
 from typing import Callable
 
-from .lexicon import Resources, load_resources, regular_plural, restrict_to_vocabulary
+from .lexicon import Resources, load_resources, regular_plural, restrict_to_vocabulary, words_of
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 Edit = tuple[list[str], list[str]]  # (words, gaps) of a candidate negative
-_NORMALISE = re.compile(r"[^a-z0-9]+")
 _AN_EXCEPTIONS = ("uni", "use", "usu", "uti", "eu", "one", "once", "ur", "uk")
 _AN_SILENT_H = ("hour", "honest", "honor", "heir")
 _BE_NUMBER = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has"}
@@ -30,8 +29,9 @@ _PROCESS: dict = {}  # per-process lazily loaded resources, taggers and LMs (nev
 
 
 def normalise(text: str) -> str:
-    """Lower case, punctuation and spacing removed: how negatives are compared to the positive."""
-    return _NORMALISE.sub(" ", text.lower()).strip()
+    """Lower case, punctuation and spacing removed: how negatives are compared to the positive
+    (and, word by word, to a vocabulary)."""
+    return " ".join(words_of(text))
 
 
 def _resources() -> Resources:
