@@ -26,8 +26,7 @@ from typing import Sequence
 
 from . import eval as hn_eval
 from . import scenes
-from .files import atomic_write_json
-from .negatives.cli import expand_shards
+from .files import atomic_write_json, expand_shards
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-vit.json")

@@ -1,4 +1,4 @@
-"""Atomic file writes: readers (and resumed runs) never see half a file.
+"""Local files: atomic writes (readers and resumed runs never see half a file) and shard specs.
 
 Plain Python (no torch), so the negatives CLI and loader workers can use it too.
 """
@@ -40,3 +40,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = None) -> None:
     """JSON of `obj` at `path`, written through a temp file (see `atomic_open`)."""
     atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Paths of an OpenCLIP-style shard spec: brace patterns, '::' between several
+    ('a/{000..009}.tar::b/x.tar'), as `--train-data` takes them."""
+    from braceexpand import braceexpand
+
+    return [path for part in spec.split("::") for path in braceexpand(part)]

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, expand_shards
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
 MANIFEST = "index.json"
@@ -60,11 +60,10 @@ def _read_json(path: str) -> Any:
         return json.load(handle)
 
 
-def expand_shards(spec: str) -> list[str]:
-    """Local shard paths from an OpenCLIP-style spec ('a/{000..009}.tar::b/x.tar')."""
-    import braceexpand
-
-    paths = [p for part in spec.split("::") for p in braceexpand.braceexpand(part)]
+def local_shards(spec: str) -> list[str]:
+    """The shard files of `--shards` (a spec as `expand_shards` reads it), all present
+    and with unique names."""
+    paths = expand_shards(spec)
     missing = [p for p in paths if not os.path.isfile(p)]
     if not paths or missing:
         raise ValueError(f"--shards {spec!r}: {len(missing)} of {len(paths)} shard file(s) not found "
@@ -274,7 +273,7 @@ def _catalog_shards(paths: list[str], output: str) -> list[list[tuple[str, dict]
 
 def _start(shards: str, output: str, identity: dict[str, Any]) -> tuple[list[str], list[list]]:
     """Expand the shards, check the output's identity, catalogue the shards."""
-    paths = expand_shards(shards)
+    paths = local_shards(shards)
     os.makedirs(output, exist_ok=True)
     _check_build_identity(output, identity)
     return paths, _catalog_shards(paths, output)

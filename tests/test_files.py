@@ -31,3 +31,23 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
             raise RuntimeError("writer died")
     assert json.loads(path.read_text()) == {"kept": True}
     assert not _temps(tmp_path)
+
+
+def test_shard_specs_expand_like_train_data():
+    spec = "a/shard-{000..002}.tar::b/extra.tar"
+    assert files.expand_shards(spec) == ["a/shard-000.tar", "a/shard-001.tar", "a/shard-002.tar",
+                                         "b/extra.tar"]
+
+
+def test_neighbour_shards_must_exist_and_be_unique(tmp_path):
+    from open_clip_hn.neighbors import local_shards
+
+    for name in ("x-0.tar", "x-1.tar"):
+        (tmp_path / name).write_bytes(b"")
+    assert local_shards(f"{tmp_path}/x-{{0..1}}.tar") == [f"{tmp_path}/x-0.tar", f"{tmp_path}/x-1.tar"]
+    with pytest.raises(ValueError, match="1 of 3 shard file"):
+        local_shards(f"{tmp_path}/x-{{0..2}}.tar")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x-0.tar").write_bytes(b"")
+    with pytest.raises(ValueError, match="unique"):
+        local_shards(f"{tmp_path}/x-0.tar::{tmp_path}/other/x-0.tar")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import argparse_type
-from ..files import TMP_PREFIX, atomic_open
+from ..files import TMP_PREFIX, atomic_open, expand_shards
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary, words_of
 from .taxonomy import NEGATIVE_TYPES, parse_types
@@ -182,13 +182,6 @@ def _write_results(handle, captions: list, results) -> int:
 
 
 # ---- webdataset shards ---------------------------------------------------------------------------
-
-def expand_shards(pattern: str) -> list[str]:
-    """Brace-expanded shard list ('in-{000..009}.tar'; '::' separates several patterns)."""
-    from braceexpand import braceexpand
-
-    return [path for part in pattern.split("::") for path in braceexpand(part)]
-
 
 def _split_key(name: str) -> tuple[str, str]:
     """webdataset's sample key and extension: 'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg')."""
