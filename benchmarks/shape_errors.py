@@ -37,11 +37,11 @@ def shape_group(kind: str, caption: str, negative: str) -> str:
 KINDS = ("swap_objects", "replace_object")
 
 
-def correct_per_item(checkpoint: str, choice_sets: dict[str, hn_eval.ChoiceSet], device: str
-                     ) -> dict[str, torch.Tensor]:
+def correct_per_item(checkpoint: str, choice_sets: dict[str, hn_eval.ChoiceSet], device: str,
+                     model_config: str) -> dict[str, torch.Tensor]:
     """{kind: bool [items]}: which items the checkpoint gets right (the model is loaded once)."""
-    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, device,
-                                                      [demo.MODEL_CONFIG])
+    model, preprocess, tokenizer = hn_eval.load_model(demo.model_name(model_config), checkpoint,
+                                                      device, [model_config])
     correct = {}
     for kind, choice_set in choice_sets.items():
         items = choice_set.items
@@ -57,6 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", required=True, help="A folder of the demo's compositional sets.")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model-config", default=demo.MODEL_CONFIG,
+                        help="The checkpoints' model config. Default: the demo's.")
     parser.add_argument("checkpoints", nargs="+", metavar="LABEL=CHECKPOINT")
     args = parser.parse_args()
     runs = dict(c.split("=", 1) for c in args.checkpoints if "=" in c)
@@ -64,7 +66,8 @@ def main() -> None:
         parser.error("give checkpoints as LABEL=PATH, each with its own label")
     choice_sets = {kind: hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json"))
                    for kind in KINDS}
-    correct = {label: correct_per_item(path, choice_sets, args.device) for label, path in runs.items()}
+    correct = {label: correct_per_item(path, choice_sets, args.device, args.model_config)
+               for label, path in runs.items()}
     for kind, choice_set in choice_sets.items():
         groups = [shape_group(kind, *pair) for _, _, pair in choice_set.items]
         rows: dict[str, list[int]] = defaultdict(list)

@@ -21,6 +21,12 @@ CURRICULA = ("const", "linear", "cosine", "step")
 MINER_BACKENDS = ("torch", "faiss")
 RANK_THRESHOLD_MODES = ("adaptive-mean", "adaptive-max")
 TRAIN_DATA_VOCABULARY = "train-data"  # --hn-vocabulary: the words of the training captions
+NO_VOCABULARY = "none"  # --hn-vocabulary: any lexicon word (overrides a recipe's vocabulary)
+
+
+def _vocabulary(value: str) -> str | None:
+    """--hn-vocabulary's value; 'none' lifts the restriction (e.g. a recipe's train-data)."""
+    return None if value == NO_VOCABULARY else value
 
 
 def _non_negative_int(value: str) -> int:
@@ -185,7 +191,7 @@ class HNConfig:
             raise ValueError(
                 f"--hn-vocabulary applies to --hn-negatives online (this run: {self.negatives}); "
                 "for precomputed negatives pass --vocabulary to `python -m open_clip_hn.negatives "
-                "precompute`")
+                "precompute` (and --hn-vocabulary none to drop a recipe's vocabulary)")
         if self.image_neighbors_per_sample < 1:
             raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
 
@@ -226,13 +232,13 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-lm", dest="hn_lm", default=None, metavar="PATH",
         help="Local masked language model (transformers) that proposes replacement words; "
              "proposals pass the same WordNet validity filter.")
-    add("--hn-vocabulary", dest="hn_vocabulary", default=None, metavar="PATH",
+    add("--hn-vocabulary", dest="hn_vocabulary", type=_vocabulary, default=None, metavar="PATH",
         help="Text file of the words online negatives may bring in (a word list, or the training "
              "captions themselves), or 'train-data': the words of the --train-data captions, read "
              "at start (local shards or CSV; for large data write the file once with `python -m "
              "open_clip_hn.negatives vocabulary`). Replacements stay inside the data's own words, "
-             "so the text tower cannot reject a negative for a word it never saw. Default: any "
-             "lexicon word.")
+             "so the text tower cannot reject a negative for a word it never saw. 'none' (the "
+             "default): any lexicon word.")
     add("--hn-choice-weight", dest="hn_choice_weight", type=_non_negative_float, default=1.0,
         help="Weight of the 'choice' term. Default: 1.0.")
     add("--hn-intra-weight", dest="hn_intra_weight", type=_non_negative_float, default=1.0,
@@ -267,7 +273,7 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "flipped copy paired with the caption whose relation words are exchanged. The pair "
              "joins the itc batch and the mirror term; it is the image-side hard negative that "
              "makes the image encoder read the layout. Vertical flips suit rendered scenes, "
-             "rarely photos. Default: off.")
+             "rarely photos. 'none' (the default): off.")
     add("--hn-mirror-weight", dest="hn_mirror_weight", type=_non_negative_float, default=1.0,
         help="Weight of the mirror term: each image picks its caption over the mirrored one, each "
              "caption picks its image over the mirrored one (and the same for the mirrored "

@@ -29,7 +29,9 @@ from . import scenes
 from .files import atomic_write_json, expand_shards
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-vit.json")
+# The demo's tiny CLIP: a 4-stage ModifiedResNet image tower (the ViT of the same size reads
+# the shapes of 6-pixel objects too slowly to learn object identity in this budget; README)
+MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-rn.json")
 RECOMMENDED = os.path.join(os.path.dirname(PACKAGE_DIR), "configs", "recommended.yaml")
 
 
@@ -66,11 +68,17 @@ def prepare_data(root: str, samples: int, test_items: int, image_size: int = 32,
     return data
 
 
+def model_name(model_config: str) -> str:
+    """OpenCLIP registers a config file under its file name without `.json`."""
+    return os.path.splitext(os.path.basename(model_config))[0]
+
+
 def train_argv(data: DemoData, logs: str, name: str, epochs: int, batch_size: int, lr: float,
                device: str, workers: int, seed: int, warmup: int,
-               pretrained: str | None = None, extra: Sequence[str] = ()) -> list[str]:
+               pretrained: str | None = None, extra: Sequence[str] = (),
+               model_config: str = MODEL_CONFIG) -> list[str]:
     """OpenCLIP's command line for one run (plus plugin flags in `extra`)."""
-    argv = ["--model", "hn-tiny-vit", "--model-config", MODEL_CONFIG,
+    argv = ["--model", model_name(model_config), "--model-config", model_config,
             "--train-data", data.train, "--dataset-type", "webdataset",
             "--batch-size", str(batch_size), "--epochs", str(epochs), "--lr", str(lr),
             "--wd", "0.1", "--warmup", str(warmup), "--workers", str(workers),
@@ -91,12 +99,12 @@ def _file_stamp(path: str) -> list[int] | None:
 
 
 def run_stamp(argv: list[str]) -> dict:
-    """What decides a run: its command line, the contents of the recipe it names, the checkpoint
-    it starts from and its training shards (an edited recipe, a re-trained checkpoint or
-    re-rendered data under the same path is another run)."""
+    """What decides a run: its command line, the contents of the recipe and model config it
+    names, the checkpoint it starts from and its training shards (an edited recipe or model
+    config, a re-trained checkpoint or re-rendered data under the same path is another run)."""
     recipes, start, shards = {}, None, []
     for flag, value in zip(argv, argv[1:]):
-        if flag == "--hn-config" and os.path.isfile(value):
+        if flag in ("--hn-config", "--model-config") and os.path.isfile(value):
             with open(value, encoding="utf-8") as handle:
                 recipes[value] = handle.read()
         if flag == "--pretrained":
@@ -161,7 +169,8 @@ def logged_average(log_path: str, key: str = "Hn_curriculum") -> float | None:
 
 
 def evaluate_checkpoints(checkpoints: dict[str, str], roots: dict[str, str], device: str,
-                         batch_size: int = 500) -> dict[str, dict[str, dict[str, dict]]]:
+                         batch_size: int = 500, model_config: str = MODEL_CONFIG
+                         ) -> dict[str, dict[str, dict[str, dict]]]:
     """{label: {benchmark: results}} for each checkpoint on each compositional folder."""
     loaded = {}
     for bench, root in roots.items():
@@ -169,8 +178,8 @@ def evaluate_checkpoints(checkpoints: dict[str, str], roots: dict[str, str], dev
         loaded[bench] = (choice, pairs, hn_eval.load_retrieval_set(os.path.join(root, "retrieval")))
     results: dict[str, dict[str, dict]] = {}
     for label, checkpoint in checkpoints.items():
-        model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, device,
-                                                          [MODEL_CONFIG])
+        model, preprocess, tokenizer = hn_eval.load_model(model_name(model_config), checkpoint,
+                                                          device, [model_config])
         print(f"[eval] {label}")
         results[label] = {bench: hn_eval.evaluate_sets(model, preprocess, tokenizer, *sets,
                                                        device=device, batch_size=batch_size)
@@ -210,6 +219,9 @@ def main(argv: list[str] | None = None) -> dict:
     add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
     add("--workers", type=int, default=1, help="Loader workers per run. Default: 1.")
     add("--seed", type=int, default=0, help="Default: 0.")
+    add("--model-config", default=MODEL_CONFIG, metavar="PATH.json",
+        help="OpenCLIP model config of the tiny CLIP (its file name is the model name). "
+             "Default: the package's hn-tiny-rn.json; hn-tiny-vit.json is a ViT of similar cost.")
     add("--hn-config", default=RECOMMENDED, metavar="PATH.yaml",
         help="Recipe of the hard-negative run. Default: configs/recommended.yaml.")
     add("--hn-args", default="", metavar="'--hn-... ...'",
@@ -218,11 +230,15 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isfile(args.hn_config):
         parser.error(f"--hn-config {args.hn_config} does not exist; pass the path of a recipe "
                      f"such as configs/recommended.yaml from the open_clip_hn repository")
+    if not os.path.isfile(args.model_config):
+        parser.error(f"--model-config {args.model_config} does not exist; pass an OpenCLIP model "
+                     f"config JSON such as {MODEL_CONFIG}")
     start = time.time()
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "runs")
     data = prepare_data(os.path.join(out, "data"), args.samples, args.test_items, seed=args.seed)
-    common = dict(data=data, logs=logs, device=args.device, workers=args.workers, seed=args.seed)
+    common = dict(data=data, logs=logs, device=args.device, workers=args.workers, seed=args.seed,
+                  model_config=os.path.abspath(args.model_config))
     pretrain_steps = max(1, args.samples // args.pretrain_batch_size)
     pretrained = run_training(train_argv(name="pretrain", epochs=args.pretrain_epochs, lr=args.lr,
                                          batch_size=args.pretrain_batch_size,
@@ -241,7 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
               "--hn-curriculum-warmup longer than the run?)")
     results = evaluate_checkpoints(
         {"pretrained": pretrained, "vanilla": vanilla, "hard-negatives": hn},
-        {"demo sets (val)": data.val, "unseen sets (test)": data.test}, args.device)
+        {"demo sets (val)": data.val, "unseen sets (test)": data.test}, args.device,
+        model_config=common["model_config"])
     labels = list(results)
     document = {"settings": {**vars(args), "data": asdict(data)}, "benchmarks": {}}
     for bench in results[labels[0]]:

@@ -36,7 +36,10 @@ _AXIS_PATTERNS = {axis: re.compile(r"\b(" + "|".join(sorted(words, key=len, reve
 
 
 def parse_axes(value: str) -> tuple[str, ...]:
-    """'horizontal,vertical' -> ('horizontal', 'vertical'); ValueError naming unknown axes."""
+    """'horizontal,vertical' -> ('horizontal', 'vertical'); 'none' -> () (turns a recipe's
+    mirrors off); ValueError naming unknown axes."""
+    if value.strip() == "none":
+        return ()
     axes = tuple(dict.fromkeys(a.strip() for a in value.split(",") if a.strip()))
     unknown = [a for a in axes if a not in MIRROR_AXES]
     if unknown:

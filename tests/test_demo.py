@@ -44,6 +44,11 @@ def test_an_edited_recipe_is_another_run(tmp_path):
     assert demo.run_stamp(list(argv)) == before
     recipe.write_text("hn-mirror-weight: 3\n")
     assert demo.run_stamp(argv) != before
+    model = tmp_path / "tiny.json"
+    model.write_text('{"embed_dim": 64}')
+    sized = demo.run_stamp(["--model-config", str(model)])
+    model.write_text('{"embed_dim": 32}')
+    assert demo.run_stamp(["--model-config", str(model)]) != sized
     checkpoint = tmp_path / "epoch_1.pt"
     checkpoint.write_bytes(b"weights")
     continued = demo.run_stamp(["--pretrained", str(checkpoint)])
@@ -73,6 +78,20 @@ def test_missing_recipe_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         demo.main(["--output-dir", str(tmp_path), "--hn-config", str(tmp_path / "none.yaml")])
     assert "none.yaml does not exist" in capsys.readouterr().err
+
+
+def test_missing_model_config_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--output-dir", str(tmp_path), "--model-config", str(tmp_path / "none.json")])
+    assert "--model-config" in capsys.readouterr().err
+
+
+def test_the_model_config_names_the_model(tmp_path):
+    data = demo.DemoData("train.tar", "val", "test")
+    argv = demo.train_argv(data, str(tmp_path), "run", 1, 8, 1e-3, "cpu", 0, 0, 1,
+                           model_config="/configs/my-clip.json")
+    assert argv[:4] == ["--model", "my-clip", "--model-config", "/configs/my-clip.json"]
+    assert demo.train_argv(data, str(tmp_path), "run", 1, 8, 1e-3, "cpu", 0, 0, 1)[1] == "hn-tiny-rn"
 
 
 def test_demo_end_to_end_tiny(tmp_path, capsys):

@@ -43,6 +43,13 @@ def test_mirroring_twice_gives_the_caption_back():
         assert mirror_caption(once, (axis,)) == (caption, axis)
 
 
+def test_none_turns_a_recipes_mirrors_off():
+    assert parse_axes("none") == ()
+    assert parse_axes("vertical, horizontal") == ("vertical", "horizontal")
+    recipe_and_override = ["--hn-mirror", "horizontal,vertical", "--hn-mirror", "none"]
+    assert build_parser().parse_args(recipe_and_override).hn_mirror == ()
+
+
 def test_unknown_axes_are_refused_naming_the_choices(capsys):
     with pytest.raises(ValueError, match="diagonal.*horizontal, vertical"):
         parse_axes("horizontal,diagonal")

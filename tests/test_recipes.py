@@ -68,6 +68,10 @@ def test_command_line_overrides_the_file(tmp_path, parser):
     assert (args.batch_size, args.hn_negatives, args.hn_num_negatives) == (7, "online", 5)
     assert args.hn_config_file == path
     assert expand_recipe(["--batch-size", "3"], parser) == ["--batch-size", "3"]
+    path = write(tmp_path, "hn-negatives: online\nhn-vocabulary: train-data\n", "v.yaml")
+    assert parser.parse_args(expand_recipe(["--hn-config", path], parser)).hn_vocabulary == "train-data"
+    lifted = parser.parse_args(expand_recipe(["--hn-config", path, "--hn-vocabulary", "none"], parser))
+    assert lifted.hn_vocabulary is None  # 'none' drops a recipe's vocabulary
 
 
 def test_print_config_is_the_file_plus_overrides(tmp_path, parser):
