@@ -1,7 +1,7 @@
 """Ablation of the hard-negative recipe on the demo's data: what each objective and setting adds.
 
 Every row continues the same vanilla-pretrained tiny CLIP (the demo's: 1 epoch of 20k scenes,
-batch 128, lr 2e-3, `demo.MODEL_CONFIG`) with the same samples, seed, batch size (64) and
+batch 128, lr 2e-3, `demo.MODEL_CONFIG` or `--model-config`) with the same samples, seed, batch size (64) and
 learning rate (1e-3) as the vanilla row, then is scored on the demo's sets (val compositions) and
 on the unseen sets (test compositions). Prints one table per benchmark with differences to the
 vanilla row. The rows take one part of `configs/recommended.yaml` away or change one setting.
