@@ -17,6 +17,14 @@ TINY_MODEL_CONFIG = REPO / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json"
 TINY_MODEL = "hn-tiny-vit"
 
 
+def scene_words() -> frozenset[str]:
+    """Every word the rendered scenes' captions can use (shapes, colours, sizes, relations, "a")."""
+    from open_clip_hn import scenes
+
+    return frozenset(" ".join([*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, *scenes.RELATIONS,
+                               "a"]).split())
+
+
 def unit(*shape: int, seed: int = 0) -> torch.Tensor:
     """Random L2-normalised features (rows along the last dim), a pure function of `seed`."""
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)

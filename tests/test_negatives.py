@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import scene_words
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -283,13 +284,6 @@ def test_all_caps_articles_stay_upper_case():
     assert out and all(" An " not in t for t in out)
 
 
-def _scene_vocabulary() -> frozenset[str]:
-    from open_clip_hn import scenes
-
-    words = " ".join([*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, *scenes.RELATIONS, "a"])
-    return frozenset(words.split())
-
-
 def test_vocabulary_keeps_new_words_inside_the_data():
     """With a vocabulary, a negative only brings in the data's own words ("cube" -> "cone", never
     "doughnut"), so the text tower cannot reject it for an unseen word; each type still applies."""
@@ -297,7 +291,7 @@ def test_vocabulary_keeps_new_words_inside_the_data():
 
     from open_clip_hn import scenes
 
-    vocabulary = _scene_vocabulary()
+    vocabulary = scene_words()
     inside = NegativeGenerator(seed=0, vocabulary=vocabulary)
     outside_words, found_types = set(), set()
     for index in range(60):

@@ -11,6 +11,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from conftest import scene_words
 from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.negatives.cli import main
 from open_clip_hn.negatives.lexicon import cache_dir
@@ -140,13 +141,10 @@ def test_missing_wordnet_message_then_setup_nltk_offline(tmp_path):
 
 
 def test_vocabulary_from_shards_or_captions_feeds_show(tmp_path, scene_shards):
-    from open_clip_hn import scenes
-
     words = tmp_path / "words.txt"
     assert main(["vocabulary", "--shards", scene_shards, "--output", str(words)]) == 0
     vocabulary = set(words.read_text().split())
-    assert {"a", "to", "left", "of"} <= vocabulary <= set(
-        " ".join([*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, *scenes.RELATIONS, "a"]).split())
+    assert {"a", "to", "left", "of"} <= vocabulary <= scene_words()
     out = run_cli("show", "--vocabulary", str(words), "--types", "replace_object",
                   "a small red cube above a large blue sphere")
     assert out.returncode == 0, out.stderr
@@ -166,3 +164,12 @@ def test_vocabulary_from_shards_or_captions_feeds_show(tmp_path, scene_shards):
                  "--output", str(words)]) == 2
     assert main(["vocabulary", "--shards", str(tmp_path / "none-{0..1}.tar"),
                  "--output", str(words)]) == 2
+
+
+def test_missing_shards_are_named_by_precompute_and_vocabulary(tmp_path, capsys):
+    spec = str(tmp_path / "none-{0..1}.tar")
+    assert main(["precompute", "--shards", spec, "--output-dir", str(tmp_path / "out")]) == 2
+    assert f"2 shard(s) not found, e.g. {tmp_path}/none-0.tar" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["vocabulary", "--shards", spec, "--output", str(tmp_path / "w.txt")]) == 2
+    assert "2 shard(s) not found" in capsys.readouterr().err

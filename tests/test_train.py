@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL, TINY_MODEL_CONFIG, free_port, run_module, train_argv
+from conftest import (REPO, TINY_MODEL, TINY_MODEL_CONFIG, free_port, run_module, scene_words,
+                      train_argv)
 from open_clip_hn.hooks import build_parser
 
 HN_ONLINE = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc",
@@ -221,10 +222,7 @@ def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
     assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     log = (tmp_path / "ddp" / "out.log").read_text()
     assert "Process (global: 0, local 0), total 2" in log
-    from open_clip_hn import scenes
-    words = {w for c in [*scenes.SHAPES, *scenes.COLOURS, *scenes.SIZES, *scenes.RELATIONS, "a"]
-             for w in c.split()}
-    assert f"Negatives stay inside the {len(words)} words of the --train-data captions" in log
+    assert f"Negatives stay inside the {len(scene_words())} words of the --train-data captions" in log
     assert "Hn_" in log
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt.hn").exists()
 

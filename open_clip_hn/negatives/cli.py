@@ -254,11 +254,19 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
     return "written", samples, masked
 
 
-def run_precompute(args: argparse.Namespace) -> int:
-    shards = expand_shards(args.shards)
+def _existing_shards(spec: str) -> list[str] | None:
+    """The shards of `--shards`; None, after naming a missing one, when any is not there."""
+    shards = expand_shards(spec)
     missing = [s for s in shards if not os.path.exists(s)]
     if missing:
         print(f"error: {len(missing)} shard(s) not found, e.g. {missing[0]}", file=sys.stderr)
+        return None
+    return shards
+
+
+def run_precompute(args: argparse.Namespace) -> int:
+    shards = _existing_shards(args.shards)
+    if shards is None:
         return 2
     os.makedirs(args.output_dir, exist_ok=True)
     for stale in Path(args.output_dir).glob(TMP_PREFIX + "*"):
@@ -298,10 +306,8 @@ def run_vocabulary(args: argparse.Namespace) -> int:
         print(f"error: --min-count must be >= 1, got {args.min_count}", file=sys.stderr)
         return 2
     if args.shards:
-        shards = expand_shards(args.shards)
-        missing = [s for s in shards if not os.path.exists(s)]
-        if missing:
-            print(f"error: {len(missing)} shard(s) not found, e.g. {missing[0]}", file=sys.stderr)
+        shards = _existing_shards(args.shards)
+        if shards is None:
             return 2
         key = args.caption_key or "txt"
         captions = (c for shard in _progress(shards, unit="shard") for c in shard_captions(shard, key))
