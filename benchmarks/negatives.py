@@ -33,7 +33,8 @@ TEMPLATES = (
 
 
 def make_corpus(n: int, seed: int = 0) -> list[str]:
-    from open_clip_hn.negatives.generator import _resources, article_for
+    from open_clip_hn.negatives.edits import article_for
+    from open_clip_hn.negatives.generator import _resources
 
     res = _resources()
     rng = random.Random(seed)

@@ -24,6 +24,7 @@ from open_clip.loss import ClipLoss
 
 from open_clip_hn.config import HNConfig
 from open_clip_hn.objective import HardNegativeLoss
+from open_clip_hn.packing import PackedOutputs
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "open_clip_hn", "model_configs", "hn-tiny-vit.json")
 OBJECTIVES = {
@@ -85,7 +86,7 @@ def print_loss_only(args, variants, model, images, texts, mask, types, reference
             synchronize(device)
             start = time.perf_counter()
             if hn:
-                losses = loss_fn(i, t, scale, hn_neg_mask=mask, hn_neg_types=types, output_dict=True)
+                losses = loss_fn(i, t, scale, PackedOutputs(mask, types), output_dict=True)
             else:
                 losses = loss_fn(i, t.view(b, 1 + k, -1)[:, 0], scale, output_dict=True)
             sum(losses.values()).backward()
@@ -120,7 +121,7 @@ def main() -> None:
         out = model(images, texts_in)
         if hn:
             losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                             hn_neg_mask=mask, hn_neg_types=types, output_dict=True)
+                             PackedOutputs(mask, types), output_dict=True)
         else:
             text_features = out["text_features"].view(b, -1, out["text_features"].shape[-1])[:, 0]
             losses = loss_fn(out["image_features"], text_features, out["logit_scale"], output_dict=True)

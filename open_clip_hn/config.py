@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Callable
 
+from .argtypes import argparse_type, non_negative_float, non_negative_int, unit_float
 from .mirror import parse_axes
 from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
+from .terms import TERMS, loss_help, missing_needs, selectable_terms
 
 NEGATIVE_SOURCES = ("none", "online", "precomputed")
-LOSS_TERMS = ("itc", "choice", "intra", "rank", "importance", "mined")
 CURRICULA = ("const", "linear", "cosine", "step")
 MINER_BACKENDS = ("torch", "faiss")
 RANK_THRESHOLD_MODES = ("adaptive-mean", "adaptive-max")
@@ -29,60 +28,23 @@ def _vocabulary(value: str) -> str | None:
     return None if value == NO_VOCABULARY else value
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
-    return number
-
-
-def _unit_float(value: str) -> float:
-    number = _non_negative_float(value)
-    if number > 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return number
-
-
 def _loss_terms(value: str) -> tuple[str, ...]:
     terms = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
-    unknown = [t for t in terms if t not in LOSS_TERMS]
+    known = selectable_terms()
+    unknown = [t for t in terms if t not in known]
     if not terms or unknown:
         raise argparse.ArgumentTypeError(
             f"unknown loss term(s) {', '.join(unknown) or '(empty)'}; "
-            f"use a comma list of: {', '.join(LOSS_TERMS)}"
+            f"use a comma list of: {', '.join(known)}"
         )
     return terms
-
-
-def argparse_type(parse: Callable[[str], tuple[str, ...]]) -> Callable[[str], tuple[str, ...]]:
-    """`parse` as an argparse `type=`: its ValueError becomes argparse's usage error."""
-    def convert(value: str) -> tuple[str, ...]:
-        try:
-            return parse(value)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return convert
 
 
 def _rank_threshold(value: str) -> str:
     if value in RANK_THRESHOLD_MODES:
         return value
     try:
-        _non_negative_float(value)
+        non_negative_float(value)
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
             f"expected {' or '.join(RANK_THRESHOLD_MODES)} or a fixed margin >= 0, got {value!r}"
@@ -102,6 +64,7 @@ class HNConfig:
     lm: str | None = None
     vocabulary: str | None = None  # word file or 'train-data': the words negatives may bring in
     # objectives
+    # `<term>_weight` for each term registered with a weight (terms.py; a test checks the pairing)
     choice_weight: float = 1.0
     intra_weight: float = 1.0
     rank_weight: float = 1.0
@@ -170,14 +133,9 @@ class HNConfig:
                 f"--hn-negatives {self.negatives} with --hn-num-negatives 0 generates nothing; "
                 "give K >= 1 or use --hn-negatives none"
             )
-        needs_text_negatives = {"choice", "intra", "rank"} & set(self.loss)
-        if needs_text_negatives and not self.uses_text_negatives:
-            raise ValueError(
-                f"--hn-loss {','.join(sorted(needs_text_negatives))} needs text hard negatives; "
-                "add --hn-negatives online (or precomputed) and --hn-num-negatives K >= 1"
-            )
-        if "mined" in self.loss and self.memory_bank_size <= 0:
-            raise ValueError("--hn-loss mined needs a memory bank: set --hn-memory-bank-size N > 0")
+        missing = missing_needs(self)
+        if missing:
+            raise ValueError(missing[0])
         if self.mined_k <= 0 and "mined" in self.loss:
             raise ValueError("--hn-mined-k must be >= 1 with --hn-loss mined")
         if self.importance_tau_plus >= 1:
@@ -215,18 +173,14 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Where text hard negatives come from: 'online' generates them in the loader "
              "workers, 'precomputed' reads neg.json from shards written by "
              "`python -m open_clip_hn.negatives precompute`. Default: none.")
-    add("--hn-num-negatives", dest="hn_num_negatives", type=_non_negative_int, default=4,
+    add("--hn-num-negatives", dest="hn_num_negatives", type=non_negative_int, default=4,
         metavar="K", help="Hard negatives per caption (K); captions with fewer valid negatives "
                           "get masked slots, never duplicates. Default: 4.")
     add("--hn-types", dest="hn_types", type=argparse_type(parse_types), default=NEGATIVE_TYPES,
         metavar="A,B,...",
         help=f"Comma list of negative types to generate (default: all): {', '.join(NEGATIVE_TYPES)}.")
     add("--hn-loss", dest="hn_loss", type=_loss_terms, default=("itc",), metavar="TERMS",
-        help="Comma list of loss terms: itc (InfoNCE with hard negatives in the image->text "
-             "softmax), choice (per-sample softmax of the image over its caption and that "
-             "caption's own negatives), intra (CE-CLIP text-text), rank (CE-CLIP cross-modal rank "
-             "with per-type thresholds), importance (HCL/DiHT reweighting), mined (memory-bank "
-             "cross-modal mining). Default: itc.")
+        help=loss_help())
     add("--hn-seed", dest="hn_seed", type=int, default=0,
         help="Seed of the negative generator; negatives are a pure function of (caption, seed).")
     add("--hn-lm", dest="hn_lm", default=None, metavar="PATH",
@@ -239,26 +193,25 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "open_clip_hn.negatives vocabulary`). Replacements stay inside the data's own words, "
              "so the text tower cannot reject a negative for a word it never saw. 'none' (the "
              "default): any lexicon word.")
-    add("--hn-choice-weight", dest="hn_choice_weight", type=_non_negative_float, default=1.0,
-        help="Weight of the 'choice' term. Default: 1.0.")
-    add("--hn-intra-weight", dest="hn_intra_weight", type=_non_negative_float, default=1.0,
-        help="Weight of the 'intra' term (CE-CLIP IMC). Default: 1.0.")
-    add("--hn-rank-weight", dest="hn_rank_weight", type=_non_negative_float, default=1.0,
-        help="Weight of the 'rank' term (CE-CLIP CMR). Default: 1.0.")
+    for term in TERMS.values():
+        if term.weight:
+            add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,
+                default=1.0, help=f"Weight of the '{term.name}' term"
+                                  f"{': ' + term.weight_help if term.weight_help else ''}. Default: 1.0.")
     add("--hn-rank-threshold", dest="hn_rank_threshold", type=_rank_threshold,
         default="adaptive-mean", metavar="{adaptive-mean,adaptive-max,MARGIN}",
         help="Per-type rank margin: adapted from the observed positive-negative similarity gaps "
              "(mean or max), or a fixed value. Default: adaptive-mean.")
-    add("--hn-importance-beta", dest="hn_importance_beta", type=_non_negative_float, default=0.5,
+    add("--hn-importance-beta", dest="hn_importance_beta", type=non_negative_float, default=0.5,
         help="Concentration beta of importance weights exp(beta*sim) (HCL/DiHT). Default: 0.5.")
-    add("--hn-importance-tau-plus", dest="hn_importance_tau_plus", type=_unit_float, default=0.0,
+    add("--hn-importance-tau-plus", dest="hn_importance_tau_plus", type=unit_float, default=0.0,
         help="Debiasing class prior tau+ in [0, 1) (HCL). Default: 0 (no debiasing).")
-    add("--hn-memory-bank-size", dest="hn_memory_bank_size", type=_non_negative_int, default=0,
+    add("--hn-memory-bank-size", dest="hn_memory_bank_size", type=non_negative_int, default=0,
         metavar="N", help="Memory bank of the last N image/text embeddings from all ranks "
                           "(for --hn-loss mined). Default: 0 (off).")
     add("--hn-memory-bank-fp16", dest="hn_memory_bank_fp16", action="store_true", default=False,
         help="Store the memory bank in fp16 (half the memory).")
-    add("--hn-mined-k", dest="hn_mined_k", type=_non_negative_int, default=16,
+    add("--hn-mined-k", dest="hn_mined_k", type=non_negative_int, default=16,
         help="Mined negatives per anchor and direction. Default: 16.")
     add("--hn-false-negative-threshold", dest="hn_false_negative_threshold", type=float,
         default=0.9, help="Bank entries whose image or text cosine similarity to the anchor's "
@@ -274,25 +227,20 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "joins the itc batch and the mirror term; it is the image-side hard negative that "
              "makes the image encoder read the layout. Vertical flips suit rendered scenes, "
              "rarely photos. 'none' (the default): off.")
-    add("--hn-mirror-weight", dest="hn_mirror_weight", type=_non_negative_float, default=1.0,
-        help="Weight of the mirror term: each image picks its caption over the mirrored one, each "
-             "caption picks its image over the mirrored one (and the same for the mirrored "
-             "pair). Scaled by the curriculum, whose share also decides which mirrored pairs "
-             "are used. Default: 1.0.")
     add("--hn-curriculum", dest="hn_curriculum", choices=CURRICULA, default="const",
         help="Schedule of the hard-negative share and of the intra/rank/mined/mirror weights over "
              "training. Default: const.")
-    add("--hn-curriculum-warmup", dest="hn_curriculum_warmup", type=_non_negative_int, default=0,
+    add("--hn-curriculum-warmup", dest="hn_curriculum_warmup", type=non_negative_int, default=0,
         metavar="STEPS", help="Optimizer steps without hard negatives at the start. Default: 0.")
-    add("--hn-curriculum-start", dest="hn_curriculum_start", type=_unit_float, default=1.0,
+    add("--hn-curriculum-start", dest="hn_curriculum_start", type=unit_float, default=1.0,
         help="Curriculum value right after warmup (share in [0, 1]). Default: 1.0.")
-    add("--hn-curriculum-end", dest="hn_curriculum_end", type=_unit_float, default=1.0,
+    add("--hn-curriculum-end", dest="hn_curriculum_end", type=unit_float, default=1.0,
         help="Curriculum value at the end of training. Default: 1.0.")
     add("--hn-image-neighbors", dest="hn_image_neighbors", default=None, metavar="DIR",
         help="Neighbour index from `python -m open_clip_hn.neighbors build`: batches then hold "
              "samples together with visually similar ones (hard image negatives).")
     add("--hn-image-neighbors-per-sample", dest="hn_image_neighbors_per_sample",
-        type=_non_negative_int, default=1,
+        type=non_negative_int, default=1,
         help="Neighbours placed next to each anchor sample. Default: 1.")
     add("--hn-eval-compositional", dest="hn_eval_compositional", default=None, metavar="DIR",
         help="Compositional test sets (SugarCrepe layout) evaluated during training; per-type "

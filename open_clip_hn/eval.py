@@ -335,6 +335,23 @@ def evaluate_compositional(model: torch.nn.Module, preprocess: Callable, tokeniz
 
 # ----------------------------------------------------------------------------- models
 
+def log_metrics(metrics: dict[str, float], epoch: int, *, results_dir: str | None = None,
+                tb_writer=None, use_wandb: bool = False) -> None:
+    """Log in-loop evaluation metrics where OpenCLIP logs its own: the console, `results.jsonl`
+    in `results_dir` (OpenCLIP's checkpoint folder, with --save-logs), tensorboard, wandb."""
+    logging.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+    if results_dir is not None:
+        with open(os.path.join(results_dir, "results.jsonl"), "a+") as f:
+            f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+        if tb_writer is not None:
+            for name, value in metrics.items():
+                tb_writer.add_scalar(f"val/{name}", value, epoch)
+    if use_wandb:
+        import wandb
+
+        wandb.log({f"val/{name}": value for name, value in metrics.items()} | {"epoch": epoch})
+
+
 def load_model(name: str, pretrained: str | None, device: torch.device | str = "cpu",
                model_configs: Sequence[str] = ()):
     """(model, preprocess, tokenizer) for an OpenCLIP model name and checkpoint or pretrained tag.

@@ -1,15 +1,19 @@
-"""The only module that touches `open_clip_train`: it hooks OpenCLIP's seams, never its loop.
+"""The adapter: the only module that touches `open_clip_train`. It hooks OpenCLIP's seams, never its loop.
 
-`install()` replaces six names in `open_clip_train.main` with thin wrappers that call the
-originals: `parse_args` (the `--hn-*` flags), `create_model_and_transforms` (a forward pre-hook
-that unpacks hard negatives from the text tensor), `get_data` (the negative-generating tokenizer),
-`create_loss` (the hard-negative objective), `train_one_epoch` (plugin state beside each
-checkpoint, in-loop compositional evaluation) and `pt_load` (plugin state on `--resume`).
-With no `--hn-*` flag every wrapper hands straight through: the run is OpenCLIP's run.
+`Plugin` is the plugin object. On an OpenCLIP with plugin hook points (patches/) it is registered
+under the `open_clip_train.plugins` entry-point group and enabled by `--plugins open_clip_hn`; on
+a stock OpenCLIP, `install()` replaces six names in `open_clip_train.main` with thin wrappers that
+call the originals and the same `Plugin` methods, so both routes train alike:
 
-`Plugin` is the same seams for an OpenCLIP that has plugin hook points (patches/): registered
-under the `open_clip_train.plugins` entry-point group, enabled by `--plugins open_clip_hn`, and
-preferred by `install()` when present, so that nothing is monkeypatched.
+    parse_args                   OpenCLIP's parser + the --hn-* flags -> Plugin.configure
+    create_model_and_transforms  -> Plugin.model_created
+    pt_load (--resume)           -> Plugin.checkpoint_loaded
+    get_data                     -> Plugin.get_data (wraps OpenCLIP's)
+    create_loss                  -> Plugin.create_loss (wraps OpenCLIP's)
+    train_one_epoch              -> OpenCLIP's epoch, then Plugin.epoch_end
+
+The plugin's part of the run lives in one `run.HardNegativeRun`, built by `configure` and held by
+the plugin object; with no `--hn-*` flag there is none, and every hook hands straight through.
 """
 
 from __future__ import annotations
@@ -17,12 +21,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import open_clip
@@ -33,34 +35,14 @@ import torch
 from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 
-from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
-from .mirror import flip_images
-from .data import (PackedNegativeTokenizer, samples_with_precomputed_negatives,
-                   shard_has_negatives, unpack_texts)
+from .eval import log_metrics
+from .negatives.shards import shard_has_negatives
+from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
+from .recipes import expand_recipe, recipe_path
+from .run import HardNegativeRun, TrainCaptions, checkpointed_epoch
 
-try:
-    import wandb
-except ImportError:
-    wandb = None
-
-_ORIGINALS: dict[str, Any] = {}
-
-
-@dataclass
-class Runtime:
-    """What the hooks of one training run share: the config and what the seams hand over."""
-
-    config: HNConfig
-    loss: torch.nn.Module | None = None
-    pending_state: dict[str, Any] | None = None
-    start_step: int = 0
-    total_steps: int | None = None
-    preprocess_val: Any = None
-    tokenizer: Any = None
-
-
-_runtime: Runtime | None = None
+PLUGIN_NAME = "open_clip_hn"
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -100,15 +82,10 @@ def _hn_parser() -> argparse.ArgumentParser:
 
 
 def _with_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    recipe = _hn_parser().parse_known_args(argv)[0].hn_config_file
-    if recipe is None:
-        return argv
-    from .recipes import recipe_argv
-
     try:
-        return recipe_argv(recipe, parser) + argv
+        return expand_recipe(argv, parser)
     except (OSError, ValueError) as err:
-        parser.error(f"--hn-config {recipe}: {err}")
+        parser.error(f"--hn-config {recipe_path(argv)}: {err}")
 
 
 def _register_model_config(path: str, model: str, parser: argparse.ArgumentParser) -> None:
@@ -131,8 +108,6 @@ def _register_model_config(path: str, model: str, parser: argparse.ArgumentParse
 
 def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     """Refuse OpenCLIP modes the hard-negative objective does not implement (never fall back)."""
-    if not config.enabled:
-        return
     if args.siglip:
         raise ValueError("--siglip: the hard-negative objectives are softmax (InfoNCE) losses; "
                          "drop --siglip or the --hn-* flags")
@@ -156,8 +131,25 @@ def _print_config_if_asked(namespace: argparse.Namespace, parser: argparse.Argum
         sys.exit(0)
 
 
+def configure(args: argparse.Namespace, argv: list[str],
+              parser: argparse.ArgumentParser) -> HardNegativeRun | None:
+    """The run's plugin part from the parsed flags (None without `--hn-*` flags); bad
+    combinations end in `parser.error`."""
+    args.hn_given = given_hn_flags(argv)
+    try:
+        config = HNConfig.from_args(args)
+        if config.enabled:
+            _check_compatible(config, args)
+    except ValueError as err:
+        parser.error(str(err))
+    if args.model_config:
+        _register_model_config(args.model_config, args.model, parser)
+    return HardNegativeRun(config) if config.enabled else None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file)."""
+    """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file); configures
+    the installed plugin's run."""
     argv = list(argv)
     parser = build_parser()
     argv = _with_recipe(argv, parser)
@@ -167,87 +159,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = _ORIGINALS.get("parse_args", oc_params.parse_args)(openclip_argv)
     for name, value in vars(hn_namespace).items():
         setattr(args, name, value)
-    configure(args, argv, parser)
-    if not _runtime.config.enabled:  # a run without --hn-* keeps exactly OpenCLIP's args
+    _PLUGIN.run = configure(args, argv, parser)
+    if _PLUGIN.run is None:  # a run without --hn-* keeps exactly OpenCLIP's args
         for name in (*vars(hn_namespace), "hn_given"):
             delattr(args, name)
     return args
 
 
-def configure(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> None:
-    """Start the run's `Runtime` from the parsed flags; bad combinations end in `parser.error`."""
-    global _runtime
-    args.hn_given = given_hn_flags(argv)
-    try:
-        config = HNConfig.from_args(args)
-        _check_compatible(config, args)
-    except ValueError as err:
-        parser.error(str(err))
-    if args.model_config:
-        _register_model_config(args.model_config, args.model, parser)
-    _runtime = Runtime(config=config)
-
-
 # ---------------------------------------------------------------------------- model
-
-
-def attach_negative_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False) -> None:
-    """Unpack packed text rows before the model's forward; add the mask/types to its output.
-
-    The metadata travels as tensors in the output dict, so OpenCLIP's `--accum-freq` path
-    concatenates it along the batch like the features it belongs to. With `mirror`, the flipped
-    images and their captions ride in the same forward (one encoder call per tower) and come out
-    as [B, D] features beside a [B] mask, zero rows where a sample has no mirror.
-    """
-    pending: dict[str, Any] = {}
-
-    def unpack(module, args, kwargs):
-        pending.clear()
-        positional = len(args) > 1
-        text = args[1] if positional else kwargs.get("text")
-        if not isinstance(text, torch.Tensor):
-            return None
-        unpacked = unpack_texts(text, num_negatives, mirror)
-        if unpacked is None:
-            return None
-        pending["meta"] = unpacked
-        tokens = unpacked.tokens
-        image = args[0] if args else kwargs.get("image")
-        if unpacked.mirror_axis is not None and isinstance(image, torch.Tensor):
-            rows = (unpacked.mirror_axis >= 0).nonzero().flatten()
-            pending["mirror_rows"] = rows
-            flipped = flip_images(image[rows.to(image.device)], unpacked.mirror_axis[rows])
-            image = torch.cat([image, flipped])
-            tokens = torch.cat([tokens, unpacked.mirror_tokens[rows]])
-        if positional:
-            args = (image, tokens, *args[2:])
-        else:
-            kwargs = {**kwargs, "text": tokens}
-            if "image" in kwargs:
-                kwargs["image"] = image
-        return args, kwargs
-
-    def add_metadata(module, args, kwargs, output):
-        meta = pending.pop("meta", None)
-        rows = pending.pop("mirror_rows", None)
-        if meta is None or not isinstance(output, dict):
-            return output
-        device = output["text_features"].device
-        output["hn_neg_mask"] = meta.neg_mask.to(device)
-        output["hn_neg_types"] = meta.neg_types.to(device)
-        if rows is not None:
-            batch = meta.neg_mask.shape[0]
-            rows = rows.to(device)
-            for key, split in (("image_features", batch), ("text_features", batch * (1 + num_negatives))):
-                features = output[key]
-                output[key] = features[:split]
-                mirrored = features.new_zeros(batch, features.shape[1])
-                output[f"hn_mirror_{key}"] = mirrored.index_copy(0, rows, features[split:])
-            output["hn_mirror_mask"] = (meta.mirror_axis >= 0).to(device)
-        return output
-
-    model.register_forward_pre_hook(unpack, with_kwargs=True)
-    model.register_forward_hook(add_metadata, with_kwargs=True)
 
 
 class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
@@ -255,6 +174,7 @@ class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
 
     OpenCLIP 3.3 passes `device_ids=[device]` whatever the device, which makes every CPU
     (gloo) multi-process run fail at start-up; with no device ids the behaviour is the same.
+    Applied to every run this adapter starts, with or without `--hn-*` flags (README says so).
     """
 
     def __init__(self, module, device_ids=None, *args, **kwargs):
@@ -267,22 +187,6 @@ def _allow_cpu_ddp(device) -> None:
     if torch.device(device).type == "cpu" and torch.distributed.is_available() \
             and torch.distributed.is_initialized():
         torch.nn.parallel.DistributedDataParallel = CpuDistributedDataParallel
-
-
-def model_created(model: torch.nn.Module, preprocess_val, device) -> None:
-    """Prepare the model OpenCLIP just created: negative-unpacking hooks, CPU DDP."""
-    _allow_cpu_ddp(device)
-    if _runtime is not None and _runtime.config.enabled:
-        _runtime.preprocess_val = preprocess_val
-        if _runtime.config.packs_texts:
-            attach_negative_hooks(model, _runtime.config.packed_negatives,
-                                  bool(_runtime.config.mirror))
-
-
-def create_model_and_transforms(*args, **kwargs):
-    model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
-    model_created(model, preprocess_val, kwargs.get("device", "cpu"))
-    return model, preprocess_train, preprocess_val
 
 
 # ---------------------------------------------------------------------------- data
@@ -317,52 +221,19 @@ def _check_precomputed_shards(args: argparse.Namespace) -> None:
             "and train on DIR, or use --hn-negatives online")
 
 
-def _vocabulary(config: HNConfig, args: argparse.Namespace) -> frozenset[str] | None:
-    """--hn-vocabulary's words: a file's, or with `train-data` those of the training captions."""
-    from .negatives.cli import shard_captions
-    from .negatives.lexicon import VocabularyError, read_vocabulary, words_of
-
-    if config.vocabulary != TRAIN_DATA_VOCABULARY:
-        return None if config.vocabulary is None else read_vocabulary(config.vocabulary)
+def _train_captions(args: argparse.Namespace) -> TrainCaptions:
     data = args.train_data or ""
-    fix = ("write the word list once with `python -m open_clip_hn.negatives vocabulary` and pass "
-           "its path to --hn-vocabulary")
-    if args.dataset_type == "synthetic":
-        raise VocabularyError(f"--hn-vocabulary train-data: synthetic data has no captions; {fix}")
-    if oc_data.get_dataset_fn(data, args.dataset_type) is oc_data.get_csv_dataset:
-        import pandas
-
-        table = pandas.read_csv(data, sep=args.csv_separator)
-        if args.csv_caption_key not in table.columns:
-            raise VocabularyError(f"--hn-vocabulary train-data: {data} has no column "
-                                  f"{args.csv_caption_key!r} (columns: {list(table.columns)}); "
-                                  "set --csv-caption-key and --csv-separator")
-        captions = table[args.csv_caption_key].astype(str)
-    else:
-        shards = oc_data.expand_urls(data)[0]
-        remote = [s for s in shards if not os.path.isfile(s)]
-        if remote:
-            raise VocabularyError(f"--hn-vocabulary train-data reads local shards, and {remote[0]} "
-                                  f"is not a local file; {fix}")
-        captions = (c for shard in shards for c in shard_captions(shard, "txt"))
-    words = frozenset(w for caption in captions for w in words_of(caption))
-    if not words:
-        raise VocabularyError(f"--hn-vocabulary train-data: no words in the captions of {data} "
-                              "(webdataset captions are read from the .txt members); pass a word "
-                              "list instead")
-    logging.info("Negatives stay inside the %d words of the --train-data captions", len(words))
-    return words
+    synthetic = args.dataset_type == "synthetic"
+    is_csv = not synthetic and oc_data.get_dataset_fn(data, args.dataset_type) is oc_data.get_csv_dataset
+    return TrainCaptions(data, is_csv=is_csv, synthetic=synthetic, csv_separator=args.csv_separator,
+                         csv_caption_key=args.csv_caption_key)
 
 
-def _train_tokenizer(config: HNConfig, tokenizer, args: argparse.Namespace):
-    generator = None
-    if config.negatives == "online" and config.uses_text_negatives:
-        from .negatives import NegativeGenerator
-
-        generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
-                                      vocabulary=_vocabulary(config, args))
-    return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
-                                   config.mirror)
+def train_tokenizer(run: HardNegativeRun, tokenizer, args: argparse.Namespace) -> PackedNegativeTokenizer:
+    """The run's packing tokenizer for OpenCLIP's train split (`--train-data` read only when
+    `--hn-vocabulary train-data` needs its captions)."""
+    needs_captions = run.config.vocabulary == TRAIN_DATA_VOCABULARY
+    return run.train_tokenizer(tokenizer, _train_captions(args) if needs_captions else None)
 
 
 def _add_image_neighbors(loader, config: HNConfig, args: argparse.Namespace) -> None:
@@ -376,16 +247,9 @@ def _add_image_neighbors(loader, config: HNConfig, args: argparse.Namespace) -> 
                  config.image_neighbors_per_sample, config.image_neighbors)
 
 
-def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get):
     """OpenCLIP's `get_data`, with the train split tokenized together with its hard negatives."""
-    return _get_data(args, preprocess_fns, epoch, tokenizer, get=_ORIGINALS["get_data"])
-
-
-def _get_data(args, preprocess_fns, epoch, tokenizer, get):
-    if _runtime is None or not _runtime.config.enabled:
-        return get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
-    config = _runtime.config
-    _runtime.tokenizer = tokenizer
+    config = run.config
     if not config.packs_texts:
         data = get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     else:
@@ -397,7 +261,7 @@ def _get_data(args, preprocess_fns, epoch, tokenizer, get):
                   else contextlib.nullcontext())
         with source:
             data = get(train_args, preprocess_fns, epoch=epoch,
-                       tokenizer=_train_tokenizer(config, tokenizer, args))
+                       tokenizer=train_tokenizer(run, tokenizer, args))
         if args.val_data or args.imagenet_val or args.imagenet_v2:
             eval_args = copy.copy(args)
             eval_args.train_data = None
@@ -405,173 +269,23 @@ def _get_data(args, preprocess_fns, epoch, tokenizer, get):
             data.update({k: v for k, v in evaluation.items() if k != "train"})
     if config.image_neighbors and "train" in data:
         _add_image_neighbors(data["train"].dataloader, config, args)
-    if "train" in data:
-        steps_per_epoch = data["train"].dataloader.num_batches // args.accum_freq
-        _runtime.start_step = epoch * steps_per_epoch
-        _runtime.total_steps = steps_per_epoch * args.epochs
+    steps = data["train"].dataloader.num_batches // args.accum_freq if "train" in data else None
+    run.data_ready(tokenizer, epoch, steps, args.epochs)
     return data
 
 
-# ---------------------------------------------------------------------------- loss
-
-
-def create_loss(args):
-    """The hard-negative objective when the plugin is on, else OpenCLIP's own loss."""
-    return _create_loss(args, create=_ORIGINALS["create_loss"])
-
-
-def _create_loss(args, create):
-    if _runtime is None or not _runtime.config.enabled:
-        return create(args)
-    from .objective import HardNegativeLoss
-
-    loss = HardNegativeLoss(
-        _runtime.config,
-        rank=args.rank,
-        world_size=args.world_size,
-        local_loss=args.local_loss,
-        gather_with_grad=args.gather_with_grad,
-        accum_freq=args.accum_freq,
-        start_step=_runtime.start_step,
-        total_steps=_runtime.total_steps,
-    )
-    if _runtime.pending_state is not None:
-        saved = _runtime.pending_state["loss"]
-        loss.load_state_dict(saved)
-        if saved["step"] != _runtime.start_step:
-            logging.warning("Hard-negative state was saved at step %s; OpenCLIP resumes at step %s "
-                            "(batch size, world size or samples changed): the curriculum follows "
-                            "OpenCLIP's step", saved["step"], _runtime.start_step)
-        logging.info("=> restored hard-negative state (epoch %s, step %s)",
-                     _runtime.pending_state["epoch"], _runtime.start_step)
-    _runtime.loss = loss
-    return loss
-
-
-# ---------------------------------------------------------------------------- checkpoints
-
-
-def checkpoints_of_epoch(args: argparse.Namespace, completed_epoch: int) -> list[str]:
-    """The checkpoint files OpenCLIP's `main` writes after `completed_epoch` (same rules)."""
-    paths = []
-    if completed_epoch == args.epochs or (
-            args.save_frequency > 0 and completed_epoch % args.save_frequency == 0):
-        paths.append(os.path.join(args.checkpoint_path, f"epoch_{completed_epoch}.pt"))
-    if args.save_most_recent:
-        paths.append(os.path.join(args.checkpoint_path, oc_main.LATEST_CHECKPOINT_NAME))
-    return paths
-
-
-def plugin_state() -> dict[str, Any]:
-    assert _runtime is not None and _runtime.loss is not None
-    return {"config": dataclasses.asdict(_runtime.config), "loss": _runtime.loss.state_dict()}
-
-
-def save_plugin_state(args: argparse.Namespace, completed_epoch: int) -> None:
-    """Save the plugin state of every epoch OpenCLIP checkpoints (rank 0; all ranks agree)."""
-    if checkpoints_of_epoch(args, completed_epoch):
-        path = hn_state.save_state(args.checkpoint_path, completed_epoch, plugin_state())
-        logging.info("Saved hard-negative state to %s", path)
-    hn_state.prune_states(args.checkpoint_path, completed_epoch)
-
-
-def pt_load(file_path, map_location=None):
-    """OpenCLIP's checkpoint load; on a resume, also pick up the plugin state of its epoch."""
-    checkpoint = _ORIGINALS["pt_load"](file_path, map_location=map_location)
-    checkpoint_loaded(file_path, checkpoint)
-    return checkpoint
-
-
-def checkpoint_loaded(file_path: str, checkpoint) -> None:
-    """On a resume from `file_path`, pick up the plugin state of the checkpoint's epoch."""
-    if _runtime is not None and _runtime.config.enabled and isinstance(checkpoint, dict) \
-            and "epoch" in checkpoint:
-        found = hn_state.find_state(file_path, checkpoint["epoch"])
-        if found is None:
-            logging.warning("No hard-negative state for epoch %s beside %s: bank, thresholds and "
-                            "curriculum start fresh", checkpoint["epoch"], file_path)
-        else:
-            path, saved = found
-            _warn_config_changes(saved.get("config", {}))
-            _runtime.pending_state = saved
-            logging.info("=> found hard-negative state %s", path)
-
-
-def _warn_config_changes(saved: dict[str, Any]) -> None:
-    current = dataclasses.asdict(_runtime.config)
-    changed = {k: (saved[k], v) for k, v in current.items()
-               if k in saved and k != "given" and saved[k] != v}
-    for name, (old, new) in changed.items():
-        logging.warning("Resuming with --hn-%s changed: %r -> %r", name.replace("_", "-"), old, new)
-
-
-# ---------------------------------------------------------------------------- epoch end
-
-
-def log_metrics(metrics: dict[str, float], epoch: int, args: argparse.Namespace, tb_writer) -> None:
-    """Log evaluation metrics where OpenCLIP logs its own (console, results.jsonl, tb, wandb)."""
-    logging.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
-    if args.save_logs:
-        with open(os.path.join(args.checkpoint_path, "results.jsonl"), "a+") as f:
-            f.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
-        if tb_writer is not None:
-            for name, value in metrics.items():
-                tb_writer.add_scalar(f"val/{name}", value, epoch)
-    if args.wandb and wandb is not None:
-        wandb.log({f"val/{name}": value for name, value in metrics.items()} | {"epoch": epoch})
-
-
-def evaluate_compositional_in_loop(model, epoch: int, args: argparse.Namespace, tb_writer) -> None:
-    from .eval import evaluate_compositional
-
-    unwrapped = model.module if hasattr(model, "module") else model
-    metrics = evaluate_compositional(unwrapped, _runtime.preprocess_val, _runtime.tokenizer,
-                                     _runtime.config.eval_compositional, device=args.device,
-                                     batch_size=args.batch_size,
-                                     autocast=get_autocast(args.precision,
-                                                           device_type=torch.device(args.device).type),
-                                     input_dtype=open_clip.get_input_dtype(args.precision))
-    log_metrics(metrics, epoch, args, tb_writer)
-
-
-def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
-                    tb_writer=None):
-    """OpenCLIP's epoch, then the plugin's epoch-end work (state beside checkpoints, eval)."""
-    _ORIGINALS["train_one_epoch"](model, data, loss, epoch, optimizer, scaler, scheduler,
-                                  dist_model, args, tb_writer=tb_writer)
-    epoch_end(model, epoch, args, tb_writer)
-
-
-def epoch_end(model, epoch: int, args: argparse.Namespace, tb_writer=None) -> None:
-    """After epoch `epoch` (0-based), before OpenCLIP's checkpoint: plugin state, eval."""
-    if _runtime is None or not _runtime.config.enabled:
-        return
-    completed_epoch = epoch + 1
-    if args.save_logs:
-        save_plugin_state(args, completed_epoch)
-    config = _runtime.config
-    if config.eval_compositional and completed_epoch % config.eval_every == 0 and is_master(args):
-        evaluate_compositional_in_loop(model, completed_epoch, args, tb_writer)
-
-
-# ---------------------------------------------------------------------------- install
-
-_HOOKS = {
-    "parse_args": parse_args,
-    "create_model_and_transforms": create_model_and_transforms,
-    "get_data": get_data,
-    "create_loss": create_loss,
-    "train_one_epoch": train_one_epoch,
-    "pt_load": pt_load,
-}
+# ---------------------------------------------------------------------------- the plugin
 
 
 class Plugin:
-    """The plugin for OpenCLIP's own hook points (`--plugins open_clip_hn`, see patches/).
+    """The plugin object: OpenCLIP's hook points (`--plugins open_clip_hn`, see patches/).
 
-    Its hooks call the functions the wrappers above call, so both routes train alike. It needs
-    no base class: this module imports whether or not the installed OpenCLIP has the hooks.
+    It needs no base class, so this module imports whether or not the installed OpenCLIP has the
+    hooks; every public method is a hook (the patch refuses a plugin method that is not one).
     """
+
+    def __init__(self):
+        self.run: HardNegativeRun | None = None
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_hn_arguments(parser)
@@ -582,25 +296,94 @@ class Plugin:
     def configure(self, args: argparse.Namespace, argv: list[str],
                   parser: argparse.ArgumentParser) -> None:
         _print_config_if_asked(args, parser)
-        configure(args, argv, parser)
+        self.run = configure(args, argv, parser)
 
     def model_created(self, model, preprocess_train, preprocess_val, args) -> None:
-        model_created(model, preprocess_val, args.device)
-
-    def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None, *, get_data):
-        return _get_data(args, preprocess_fns, epoch, tokenizer, get=get_data)
-
-    def create_loss(self, args, *, create_loss):
-        return _create_loss(args, create=create_loss)
+        _allow_cpu_ddp(args.device)
+        if self.run is not None:
+            self.run.model_created(model, preprocess_val)
 
     def checkpoint_loaded(self, path: str, checkpoint, args) -> None:
-        checkpoint_loaded(path, checkpoint)
+        if self.run is not None:
+            self.run.checkpoint_loaded(path, checkpoint)
+
+    def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None, *, get_data):
+        if self.run is None:
+            return get_data(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
+        return _get_data(self.run, args, preprocess_fns, epoch, tokenizer, get_data)
+
+    def create_loss(self, args, *, create_loss):
+        if self.run is None:
+            return create_loss(args)
+        return self.run.create_loss(rank=args.rank, world_size=args.world_size,
+                                    local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
+                                    accum_freq=args.accum_freq)
 
     def epoch_end(self, model, data, loss, epoch, optimizer, args, tb_writer=None) -> None:
-        epoch_end(model, epoch, args, tb_writer)
+        """After epoch `epoch` (0-based), before OpenCLIP's checkpoint: plugin state, eval."""
+        run = self.run
+        if run is None:
+            return
+        completed = epoch + 1
+        if args.save_logs:
+            run.save_state(args.checkpoint_path, completed, checkpointed_epoch(
+                completed, args.epochs, args.save_frequency, args.save_most_recent))
+        if run.evaluation_due(completed) and is_master(args):
+            device_type = torch.device(args.device).type
+            metrics = run.evaluate(model, device=args.device, batch_size=args.batch_size,
+                                   autocast=get_autocast(args.precision, device_type=device_type),
+                                   input_dtype=open_clip.get_input_dtype(args.precision))
+            log_metrics(metrics, completed, results_dir=args.checkpoint_path if args.save_logs else None,
+                        tb_writer=tb_writer, use_wandb=bool(args.wandb))
 
 
-PLUGIN_NAME = "open_clip_hn"
+_PLUGIN = Plugin()  # the plugin object of the monkeypatched route (install() below)
+
+
+# ---------------------------------------------------------------------------- wrappers
+
+
+_ORIGINALS: dict[str, Any] = {}
+
+
+def create_model_and_transforms(*args, **kwargs):
+    model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
+    _allow_cpu_ddp(kwargs.get("device", "cpu"))
+    if _PLUGIN.run is not None:
+        _PLUGIN.run.model_created(model, preprocess_val)
+    return model, preprocess_train, preprocess_val
+
+
+def pt_load(file_path, map_location=None):
+    checkpoint = _ORIGINALS["pt_load"](file_path, map_location=map_location)
+    if _PLUGIN.run is not None:
+        _PLUGIN.run.checkpoint_loaded(file_path, checkpoint)
+    return checkpoint
+
+
+def get_data(args, preprocess_fns, epoch=0, tokenizer=None):
+    return _PLUGIN.get_data(args, preprocess_fns, epoch, tokenizer, get_data=_ORIGINALS["get_data"])
+
+
+def create_loss(args):
+    return _PLUGIN.create_loss(args, create_loss=_ORIGINALS["create_loss"])
+
+
+def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                    tb_writer=None):
+    _ORIGINALS["train_one_epoch"](model, data, loss, epoch, optimizer, scaler, scheduler,
+                                  dist_model, args, tb_writer=tb_writer)
+    _PLUGIN.epoch_end(model, data, loss, epoch, optimizer, args, tb_writer)
+
+
+_WRAPPERS = {
+    "parse_args": parse_args,
+    "create_model_and_transforms": create_model_and_transforms,
+    "get_data": get_data,
+    "create_loss": create_loss,
+    "train_one_epoch": train_one_epoch,
+    "pt_load": pt_load,
+}
 
 
 def official_hooks() -> bool:
@@ -628,6 +411,12 @@ def install() -> None:
         return
     if _ORIGINALS:
         return
-    for name, hook in _HOOKS.items():
+    for name, wrapper in _WRAPPERS.items():
         _ORIGINALS[name] = getattr(oc_main, name)
-        setattr(oc_main, name, hook)
+        setattr(oc_main, name, wrapper)
+
+
+def run_openclip_main(argv: list[str]):
+    """`open_clip_train.main.main(argv)` with the plugin installed (returns what it returns)."""
+    install()
+    return oc_main.main(argv)

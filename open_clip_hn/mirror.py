@@ -7,17 +7,22 @@ the caption with that axis's words exchanged ("a cube to the left of a cone" -> 
 so each sample brings a (mirrored image, mirrored caption) pair that is a hard negative of the
 original pair in both directions.
 
-The mirrored caption is made in the loader workers (packed with the negatives, see `data.py`); the
-flip itself is done on the preprocessed image tensor in the model's forward pre-hook (a flip
-commutes with OpenCLIP's resize, centre crop and per-channel normalisation).
+The concept's one home: the axes and the caption rewrite (run in the loader workers, packed with
+the negatives by `packing.py`), the image flip (done on the preprocessed image tensor in the
+model's forward pre-hook: a flip commutes with OpenCLIP's resize, centre crop and per-channel
+normalisation), `MirrorPairs` (what the model returns) and `MirrorBatch` (the pairs gathered
+across ranks, as the objective's terms use them). The mirror term itself is `losses.mirror_loss`.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Collection
 
 import torch
+
+from .distributed import gather_rows
 
 MIRROR_AXES = ("horizontal", "vertical")
 AXIS_TO_ID = {axis: index for index, axis in enumerate(MIRROR_AXES)}
@@ -79,3 +84,80 @@ def flip_images(images: torch.Tensor, axis_ids: torch.Tensor) -> torch.Tensor:
                          f"{sorted(set(axis_ids.tolist()))}")
     horizontal = (axis_ids == AXIS_TO_ID["horizontal"]).view(-1, *([1] * (images.dim() - 1)))
     return torch.where(horizontal.to(images.device), images.flip(-1), images.flip(-2))
+
+
+@dataclass(frozen=True)
+class MirrorPairs:
+    """This rank's mirrored pairs as the model returns them; zero rows where a sample has none."""
+
+    image: torch.Tensor  # [B, D] features of the flipped images
+    text: torch.Tensor   # [B, D] features of the mirrored captions
+    mask: torch.Tensor   # [B] bool: the sample has a mirrored pair
+
+    def float(self) -> "MirrorPairs":
+        return MirrorPairs(self.image.float(), self.text.float(), self.mask.to(torch.bool))
+
+
+@dataclass(frozen=True)
+class MirrorBatch:
+    """The mirrored pairs of the global batch as the terms see them.
+
+    Each used pair (valid, and kept by the curriculum's share) joins the itc softmax as one more
+    pair after the N originals, in global order; `labels` is each anchor's row there.
+    """
+
+    all_image: torch.Tensor  # [N, D]
+    all_text: torch.Tensor   # [N, D]
+    all_used: torch.Tensor   # [N] bool: valid and kept
+    image: torch.Tensor      # [A, D] the anchors' mirrored pairs
+    text: torch.Tensor       # [A, D]
+    used: torch.Tensor       # [A] bool
+    labels: torch.Tensor     # [A] itc row of each anchor's mirrored pair
+
+    def itc_rows(self, image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor,
+                 all_text: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(image anchors, text anchors, image columns, text columns, labels) of the itc softmax
+        with every used mirrored pair added as one more pair."""
+        own, every = self.used, self.all_used
+        return (torch.cat([image, self.image[own]]), torch.cat([text, self.text[own]]),
+                torch.cat([all_image, self.all_image[every]]),
+                torch.cat([all_text, self.all_text[every]]), torch.cat([labels, self.labels[own]]))
+
+    def row_share(self, anchors: int, rows: int) -> float:
+        """Turns this rank's mean over its `rows` = A + own-mirror rows into its share of the
+        global mean over N + V rows: R * N / (A * (N + V)); with local_loss the ranks' means then
+        average to the global loss, as in ClipLoss."""
+        n = self.all_image.shape[0]
+        return rows * n / (anchors * (n + int(self.all_used.sum())))
+
+    def hide_own_negatives(self, per_image: torch.Tensor, labels: torch.Tensor, k: int,
+                           text_columns: int) -> torch.Tensor:
+        """A mirrored image's own sample's text negatives may *be* its caption (a relation
+        replacement reads like the mirrored caption): mask them in its itc row."""
+        if not k:
+            return per_image
+        sources = labels[self.used]
+        rows = per_image.shape[0] - sources.shape[0] + torch.arange(sources.shape[0],
+                                                                    device=per_image.device)
+        columns = text_columns + sources[:, None] * k + torch.arange(k, device=per_image.device)
+        hide = torch.zeros_like(per_image, dtype=torch.bool)
+        hide[rows[:, None], columns] = True
+        return per_image.masked_fill(hide, float("-inf"))
+
+
+def gather_mirrors(pairs: MirrorPairs, keep: torch.Tensor, *, rank: int, world_size: int,
+                   local: bool, with_grad: bool) -> MirrorBatch:
+    """Gather every rank's mirrored pairs; `keep` [N] is the curriculum's choice of pairs (none
+    during its warmup). With `local`, this rank's anchors are its own samples."""
+    stacked = gather_rows(torch.stack([pairs.image, pairs.text], dim=1), rank=rank,
+                          world_size=world_size, with_grad=with_grad, keep_local_grad=not local)
+    valid = gather_rows(pairs.mask, rank=rank, world_size=world_size)
+    all_used = valid & keep
+    n = all_used.shape[0]
+    all_labels = n + torch.cumsum(all_used.long(), dim=0) - 1
+    if local:
+        rows = slice(rank * pairs.mask.shape[0], (rank + 1) * pairs.mask.shape[0])
+        return MirrorBatch(stacked[:, 0], stacked[:, 1], all_used, pairs.image, pairs.text,
+                           all_used[rows], all_labels[rows])
+    return MirrorBatch(stacked[:, 0], stacked[:, 1], all_used, stacked[:, 0], stacked[:, 1],
+                       all_used, all_labels)

@@ -1,14 +1,13 @@
 """The hard-negative objective OpenCLIP's train step calls in place of `ClipLoss`.
 
-`HardNegativeLoss` is the stateful edge around the pure terms of `losses.py`: it gathers the
-batch across ranks once (`distributed.py`), applies the curriculum, mines the memory bank, calls
-the terms, and — once per optimizer step — updates the bank and the rank thresholds. Its
-`state_dict()` holds everything a resumed run needs to continue where it stopped.
+`HardNegativeLoss` is the stateful edge around the pure terms of `losses.py`: it reads what the
+model hooks added (`packing.PackedOutputs`), gathers the batch across ranks once
+(`distributed.py`, `mirror.gather_mirrors`), applies the curriculum, loops over the registered
+terms (`terms.py`), and — once per optimizer step — updates the bank and the rank thresholds.
+Its `state_dict()` holds everything a resumed run needs to continue where it stopped.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -18,70 +17,9 @@ from .curriculum import RankThresholds, curriculum_value, negative_keep_mask
 from .distributed import gather_rows
 from .memory_bank import MemoryBank
 from .miner import mine
-
-
-class LoggedValue:
-    """A statistic that rides in the loss dict for OpenCLIP's logging but is not a loss.
-
-    `.item()` gives the number (OpenCLIP's meters call it); adding it to anything returns the other
-    operand, so OpenCLIP's `sum(losses.values())` ignores it. Holding a tensor defers the host
-    sync to the moment the value is actually logged.
-    """
-
-    __slots__ = ("value",)
-
-    def __init__(self, value: float | torch.Tensor):
-        self.value = value.detach() if isinstance(value, torch.Tensor) else float(value)
-
-    def item(self) -> float:
-        return float(self.value)
-
-    def __float__(self) -> float:
-        return self.item()
-
-    def __add__(self, other):
-        return other
-
-    def __radd__(self, other):
-        return other
-
-    def __repr__(self) -> str:
-        return f"LoggedValue({self.item():.4g})"
-
-
-@dataclass
-class _Batch:
-    """The global batch as the terms see it (after gathering and the curriculum share)."""
-
-    all_image: torch.Tensor      # [N, D]
-    all_text: torch.Tensor       # [N, D]
-    all_negatives: torch.Tensor  # [N, K, D]
-    all_mask: torch.Tensor       # [N, K] valid negatives
-    all_types: torch.Tensor      # [N, K]
-    used: torch.Tensor           # [N, K] valid and kept by the curriculum
-    image: torch.Tensor          # [A, D] anchors this rank averages over
-    text: torch.Tensor           # [A, D]
-    negatives: torch.Tensor      # [A, K, D]
-    anchor_used: torch.Tensor    # [A, K]
-    anchor_types: torch.Tensor   # [A, K]
-    labels: torch.Tensor         # [A] global row of each anchor's pair
-    # mirrored pairs (--hn-mirror), zero rows where a sample has none; None without mirrors
-    all_mirror_image: torch.Tensor | None = None  # [N, D]
-    all_mirror_text: torch.Tensor | None = None   # [N, D]
-    all_mirror_mask: torch.Tensor | None = None   # [N]
-    mirror_image: torch.Tensor | None = None      # [A, D]
-    mirror_text: torch.Tensor | None = None       # [A, D]
-    mirror_mask: torch.Tensor | None = None       # [A]
-    mirror_labels: torch.Tensor | None = None     # [A] global row of each anchor's mirror
-
-
-@dataclass
-class _Mirrors:
-    """This rank's mirrored pairs as the model hook returns them."""
-
-    image: torch.Tensor  # [B, D]
-    text: torch.Tensor   # [B, D]
-    mask: torch.Tensor   # [B]
+from .mirror import MirrorPairs, gather_mirrors
+from .packing import PackedOutputs
+from .terms import LoggedValue, MinedNegatives, TermBatch, TermContext, active_terms, weight_of
 
 
 class HardNegativeLoss(torch.nn.Module):
@@ -102,7 +40,7 @@ class HardNegativeLoss(torch.nn.Module):
         if accum_freq < 1:
             raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
         self.config = config
-        self.terms = frozenset(config.loss)
+        self.terms = active_terms(config)
         self.rank = rank
         self.world_size = world_size
         self.local_loss = local_loss
@@ -127,19 +65,19 @@ class HardNegativeLoss(torch.nn.Module):
                                 start=c.curriculum_start, end=c.curriculum_end, total_steps=self.total_steps)
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                hn_neg_mask: torch.Tensor | None = None, hn_neg_types: torch.Tensor | None = None,
-                logit_bias: torch.Tensor | None = None, output_dict: bool = False,
-                hn_mirror_image_features: torch.Tensor | None = None,
-                hn_mirror_text_features: torch.Tensor | None = None,
-                hn_mirror_mask: torch.Tensor | None = None, **unused):
-        mirrors = None
-        if hn_mirror_mask is not None:
-            mirrors = _Mirrors(hn_mirror_image_features.float(), hn_mirror_text_features.float(),
-                               hn_mirror_mask.to(image_features.device, torch.bool))
+                packed: PackedOutputs | None = None, logit_bias: torch.Tensor | None = None,
+                output_dict: bool = False, **model_outputs):
+        """OpenCLIP calls `loss(**model_out, output_dict=True)`: what the model hooks added is read
+        from `model_outputs`. Your own loop may pass it as `packed` instead."""
+        from_outputs = PackedOutputs.read(model_outputs)
+        if packed is not None and not from_outputs.empty:
+            raise ValueError("hard-negative outputs given twice: as `packed` and as model output keys")
+        packed = from_outputs if packed is None else packed
+        mirrors = None if packed.mirrors is None else packed.mirrors.float()
         # the terms run in fp32 even under bf16/fp16 autocast: -inf masks and logsumexp need the range
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             losses = self._losses(image_features.float(), text_features.float(), logit_scale.float(),
-                                  hn_neg_mask, hn_neg_types,
+                                  packed.neg_mask, packed.neg_types,
                                   None if logit_bias is None else logit_bias.float(), mirrors)
         if output_dict:
             return losses
@@ -166,7 +104,7 @@ class HardNegativeLoss(torch.nn.Module):
         return mask.to(image.device, torch.bool), types.to(image.device, torch.long)
 
     def _gather(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
-                share: float, step: int, mirrors: _Mirrors | None = None) -> _Batch:
+                share: float, step: int, mirrors: MirrorPairs | None = None) -> TermBatch:
         batch, dim = image.shape
         positives, negatives = L.split_text_features(text, batch)
         k = negatives.shape[1]
@@ -190,133 +128,52 @@ class HardNegativeLoss(torch.nn.Module):
         else:
             anchors = (all_image, all_text, all_negatives, used, all_types)
             labels = torch.arange(all_image.shape[0], device=image.device)
-        b = _Batch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels)
+        gathered_mirrors = None
         if mirrors is not None:
-            self._gather_mirrors(b, mirrors, local, share, step)
-        return b
+            # its own stream (seed + 1): the kept mirrors do not follow the kept text negatives
+            keep = negative_keep_mask((all_image.shape[0], 1), share, seed=self.config.seed + 1,
+                                      step=step, device=all_mask.device)[:, 0]
+            gathered_mirrors = gather_mirrors(mirrors, keep, rank=self.rank, world_size=self.world_size,
+                                              local=local, with_grad=self.gather_with_grad)
+        return TermBatch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels,
+                         mirrors=gathered_mirrors)
 
-    def _gather_mirrors(self, b: _Batch, mirrors: _Mirrors, local: bool, share: float,
-                        step: int) -> None:
-        """Gather the mirrored pairs and keep the curriculum's share of them (none during its
-        warmup); give each anchor the itc row of its mirror (after the N originals, kept mirrors
-        only, in global order)."""
-        pairs = torch.stack([mirrors.image, mirrors.text], dim=1)
-        pairs = gather_rows(pairs, rank=self.rank, world_size=self.world_size,
-                            with_grad=self.gather_with_grad, keep_local_grad=not self.local_loss)
-        b.all_mirror_image, b.all_mirror_text = pairs[:, 0], pairs[:, 1]
-        valid = gather_rows(mirrors.mask, rank=self.rank, world_size=self.world_size)
-        n = b.all_image.shape[0]
-        # its own stream (seed + 1): the kept mirrors do not follow the kept text negatives
-        keep = negative_keep_mask((n, 1), share, seed=self.config.seed + 1, step=step,
-                                  device=valid.device)[:, 0]
-        b.all_mirror_mask = valid & keep
-        all_labels = n + torch.cumsum(b.all_mirror_mask.long(), dim=0) - 1
-        if local:
-            rows = slice(self.rank * mirrors.mask.shape[0], (self.rank + 1) * mirrors.mask.shape[0])
-            b.mirror_image, b.mirror_text = mirrors.image, mirrors.text
-            b.mirror_mask, b.mirror_labels = b.all_mirror_mask[rows], all_labels[rows]
-        else:
-            b.mirror_image, b.mirror_text = b.all_mirror_image, b.all_mirror_text
-            b.mirror_mask, b.mirror_labels = b.all_mirror_mask, all_labels
-
-    @staticmethod
-    def _itc_rows(b: _Batch) -> tuple[torch.Tensor, ...]:
-        """(image anchors, text anchors, image columns, text columns, labels) of the itc softmax:
-        the batch's pairs plus, with mirrors, every valid mirrored pair as one more pair."""
-        if b.all_mirror_mask is None:
-            return b.image, b.text, b.all_image, b.all_text, b.labels
-        all_valid, own = b.all_mirror_mask, b.mirror_mask
-        return (torch.cat([b.image, b.mirror_image[own]]), torch.cat([b.text, b.mirror_text[own]]),
-                torch.cat([b.all_image, b.all_mirror_image[all_valid]]),
-                torch.cat([b.all_text, b.all_mirror_text[all_valid]]),
-                torch.cat([b.labels, b.mirror_labels[own]]))
-
-    @staticmethod
-    def _mirror_row_share(b: _Batch, labels: torch.Tensor) -> float:
-        """Turns this rank's mean over its R = A + own-mirror rows into its share of the global
-        mean over N + V rows: R * N / (A * (N + V)). 1 without mirrors or without local_loss;
-        with local_loss the ranks' means then average to the global loss, as in ClipLoss."""
-        if b.all_mirror_mask is None:
-            return 1.0
-        n, anchors = b.all_image.shape[0], b.image.shape[0]
-        total = n + int(b.all_mirror_mask.sum())
-        return labels.shape[0] * n / (anchors * total)
-
-    @staticmethod
-    def _hide_own_negatives(per_image: torch.Tensor, b: _Batch, text_columns: int) -> torch.Tensor:
-        """A mirrored image's own sample's text negatives may *be* its caption (a relation
-        replacement reads like the mirrored caption): mask them in its row."""
-        k = b.all_negatives.shape[1]
-        if b.mirror_mask is None or not k:
-            return per_image
-        sources = b.labels[b.mirror_mask]
-        rows = per_image.shape[0] - sources.shape[0] + torch.arange(sources.shape[0], device=per_image.device)
-        columns = text_columns + sources[:, None] * k + torch.arange(k, device=per_image.device)
-        hide = torch.zeros_like(per_image, dtype=torch.bool)
-        hide[rows[:, None], columns] = True
-        return per_image.masked_fill(hide, float("-inf"))
-
-    def _mined_features(self, b: _Batch, share: float):
+    def _mine(self, b: TermBatch, share: float) -> MinedNegatives:
         anchors, dim, k = b.image.shape[0], b.image.shape[1], self.config.mined_k
         if self.bank is None or len(self.bank) == 0 or share <= 0:
             zeros = b.image.new_zeros(anchors, k, dim)
             invalid = torch.zeros(anchors, k, dtype=torch.bool, device=b.image.device)
-            return zeros, invalid, zeros, invalid
+            return MinedNegatives(zeros, invalid, zeros, invalid)
         found = mine(b.image, b.text, self.bank.entries(), k, self.config.false_negative_threshold,
                      self.config.miner_backend)
         texts, images = self.bank.texts(), self.bank.images()
-        return (texts[found.text_index].float(), found.text_valid,
-                images[found.image_index].float(), found.image_valid)
+        return MinedNegatives(texts[found.text_index].float(), found.text_valid,
+                              images[found.image_index].float(), found.image_valid)
 
     def _losses(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                 mask: torch.Tensor | None, types: torch.Tensor | None,
-                logit_bias: torch.Tensor | None, mirrors: _Mirrors | None = None
+                logit_bias: torch.Tensor | None, mirrors: MirrorPairs | None = None
                 ) -> dict[str, torch.Tensor | LoggedValue]:
-        cfg, terms = self.config, self.terms
         mask, types = self._metadata(image, text, mask, types)
         step = self.step
         share = self.curriculum(step)
         b = self._gather(image, text, mask, types, share, step, mirrors)
         if self.bank is not None:
             self.bank.to(image.device)
+        ctx = TermContext(self.config, logit_scale, logit_bias, share, self.thresholds,
+                          mine=lambda: self._mine(b, share))
         losses: dict[str, torch.Tensor | LoggedValue] = {}
         stats: dict[str, LoggedValue] = {"hn_curriculum": LoggedValue(share)}
-
-        if terms & {"itc", "importance"}:
-            image_rows, text_rows, image_columns, text_columns, labels = self._itc_rows(b)
-            per_image, per_text = L.contrastive_logits(image_rows, text_rows, image_columns, text_columns,
-                                                       b.all_negatives, b.used, logit_scale, logit_bias)
-            per_image = self._hide_own_negatives(per_image, b, text_columns.shape[0])
-            if "importance" in terms:
-                min_logit = -logit_scale if logit_bias is None else logit_bias - logit_scale
-                losses["contrastive_loss"] = L.importance_loss(
-                    per_image, per_text, labels, cfg.importance_beta, cfg.importance_tau_plus, min_logit)
-            else:
-                losses["contrastive_loss"] = L.itc_loss(per_image, per_text, labels)
-            losses["contrastive_loss"] = losses["contrastive_loss"] * self._mirror_row_share(b, labels)
-        if "choice" in terms:
-            losses["choice_loss"] = cfg.choice_weight * L.choice_loss(
-                b.image, b.text, b.negatives, b.anchor_used, logit_scale)
-        if "intra" in terms:
-            losses["intra_loss"] = cfg.intra_weight * share * L.intra_loss(
-                b.image, b.text, b.negatives, b.anchor_used, logit_scale)
-        if "rank" in terms:
-            margins = torch.cat([self.thresholds.values().to(image.device), image.new_zeros(1)])
-            losses["rank_loss"] = cfg.rank_weight * share * L.rank_loss(
-                b.image, b.text, b.negatives, b.anchor_used, margins[b.anchor_types])
-            seen = self.thresholds.seen().to(image.device).float()
-            stats["hn_rank_thr"] = LoggedValue((margins[:-1] * seen).sum() / seen.sum().clamp(min=1))
-        if "mined" in terms:
-            mined_text, text_valid, mined_image, image_valid = self._mined_features(b, share)
-            losses["mined_loss"] = share * L.mined_loss(
-                b.image, b.text, b.all_image, b.all_text, b.labels,
-                mined_text, text_valid, mined_image, image_valid, logit_scale)
-            stats["hn_mined"] = LoggedValue(text_valid.sum(dim=1).float().mean())
-        if b.mirror_mask is not None:
-            if cfg.mirror_weight > 0:
-                losses["mirror_loss"] = cfg.mirror_weight * share * L.mirror_loss(
-                    b.image, b.text, b.mirror_image, b.mirror_text, b.mirror_mask, logit_scale)
-            stats["hn_mirrored"] = LoggedValue(b.all_mirror_mask.float().mean())
+        for term in self.terms:
+            if "mirrors" in term.needs and b.mirrors is None:
+                continue  # a batch without mirrored pairs (e.g. a caller's own loop)
+            result = term.compute(b, ctx)
+            value, term_stats = result if isinstance(result, tuple) else (result, {})
+            factor = weight_of(term, self.config) * (share if term.curriculum else 1.0)
+            losses[term.output] = factor * value
+            stats.update(term_stats)
+        if b.mirrors is not None:
+            stats["hn_mirrored"] = LoggedValue(b.mirrors.all_used.float().mean())
         if b.all_mask.shape[1]:
             stats["hn_negatives"] = LoggedValue(b.used.sum(dim=1).float().mean())
             stats["hn_masked"] = LoggedValue(1 - b.all_mask.float().mean())
@@ -328,9 +185,9 @@ class HardNegativeLoss(torch.nn.Module):
         return {**losses, **stats}
 
     @torch.no_grad()
-    def _end_of_step(self, b: _Batch) -> None:
+    def _end_of_step(self, b: TermBatch) -> None:
         """Once per optimizer step (last micro-batch call): fold the global batch into the state."""
-        if "rank" in self.terms and b.all_mask.shape[1]:
+        if any(t.name == "rank" for t in self.terms) and b.all_mask.shape[1]:
             self.thresholds.update(L.rank_gaps(b.all_image, b.all_text, b.all_negatives), b.all_types, b.all_mask)
         if self.bank is not None:
             self.bank.push(b.all_image, b.all_text)

@@ -112,17 +112,17 @@ def recipe_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     return argv
 
 
+def recipe_path(argv: list[str]) -> str | None:
+    """The `--hn-config` value on a command line (the last one wins, as argparse's would)."""
+    finder = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    finder.add_argument(RECIPE_FLAG, default=None)
+    return finder.parse_known_args(argv)[0].hn_config
+
+
 def expand_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """`argv` with the tokens of its `--hn-config` recipe (if any) put in front of it."""
-    path = None
-    for i, token in enumerate(argv):
-        if token == RECIPE_FLAG:
-            if i + 1 >= len(argv):
-                raise ValueError(f"{RECIPE_FLAG} needs a path, e.g. {RECIPE_FLAG} configs/recommended.yaml")
-            path = argv[i + 1]
-        elif token.startswith(RECIPE_FLAG + "="):
-            path = token.split("=", 1)[1]
-    return argv if path is None else recipe_argv(path, parser) + list(argv)
+    path = recipe_path(argv)
+    return list(argv) if path is None else recipe_argv(path, parser) + list(argv)
 
 
 def _yaml_value(action: argparse.Action, value: Any) -> Any:

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import sys
 
-from . import install
-
 
 def main(argv: list[str] | None = None):
     """Install the hooks and run `open_clip_train.main.main(argv)` (returns what it returns)."""
-    install()
-    import open_clip_train.main as oc_main
+    from .hooks import run_openclip_main
 
-    return oc_main.main(sys.argv[1:] if argv is None else list(argv))
+    return run_openclip_main(sys.argv[1:] if argv is None else list(argv))
 
 
 def cli() -> None:

@@ -12,6 +12,7 @@ from conftest import unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.objective import HardNegativeLoss, LoggedValue
+from open_clip_hn.packing import PackedOutputs
 
 B, K, D = 6, 3, 8
 SCALE = torch.tensor(7.0)
@@ -104,7 +105,7 @@ def ref_rank(image, text, mask, types, thresholds):
 
 def test_itc_matches_negclip_reference():
     image, text, mask, types = batch()
-    out = HardNegativeLoss(config(loss=("itc",)))(image, text, SCALE, mask, types, output_dict=True)
+    out = HardNegativeLoss(config(loss=("itc",)))(image, text, SCALE, PackedOutputs(mask, types), output_dict=True)
     assert out["contrastive_loss"].item() == pytest.approx(ref_itc(image, text, mask, 7.0), rel=1e-5)
 
 
@@ -112,16 +113,16 @@ def test_itc_matches_negclip_reference():
 def test_importance_matches_hcl_reference(beta, tau_plus):
     image, text, mask, types = batch(seed=4)
     out = HardNegativeLoss(config(loss=("importance",), importance_beta=beta, importance_tau_plus=tau_plus))(
-        image, text, SCALE, mask, types, output_dict=True)
+        image, text, SCALE, PackedOutputs(mask, types), output_dict=True)
     assert out["contrastive_loss"].item() == pytest.approx(
         ref_importance(image, text, mask, 7.0, beta, tau_plus), rel=1e-5)
 
 
 def test_importance_without_weighting_is_itc():
     image, text, mask, types = batch(seed=5)
-    plain = HardNegativeLoss(config(loss=("itc",)))(image, text, SCALE, mask, types, output_dict=True)
+    plain = HardNegativeLoss(config(loss=("itc",)))(image, text, SCALE, PackedOutputs(mask, types), output_dict=True)
     flat = HardNegativeLoss(config(loss=("importance",), importance_beta=0.0, importance_tau_plus=0.0))(
-        image, text, SCALE, mask, types, output_dict=True)
+        image, text, SCALE, PackedOutputs(mask, types), output_dict=True)
     torch.testing.assert_close(plain["contrastive_loss"], flat["contrastive_loss"])
 
 
@@ -129,7 +130,7 @@ def test_choice_intra_rank_match_references():
     image, text, mask, types = batch(seed=6)
     loss = HardNegativeLoss(config(loss=("choice", "intra", "rank"), choice_weight=0.5, intra_weight=2.0,
                                    rank_weight=3.0, rank_threshold="0.2"))
-    out = loss(image, text, SCALE, mask, types, output_dict=True)
+    out = loss(image, text, SCALE, PackedOutputs(mask, types), output_dict=True)
     assert out["choice_loss"].item() == pytest.approx(0.5 * ref_choice(image, text, mask, 7.0), rel=1e-5)
     assert out["intra_loss"].item() == pytest.approx(2.0 * ref_intra(image, text, mask, 7.0), rel=1e-5)
     assert out["rank_loss"].item() == pytest.approx(
@@ -166,14 +167,14 @@ def test_masked_caption_changes_nothing_but_its_own_slots():
     image, text, mask, types = batch(seed=13)
     loss = HardNegativeLoss(config(loss=("itc", "choice", "intra", "rank", "importance")))
     text = text.clone().requires_grad_()
-    total = loss(image, text, SCALE, mask, types)
+    total = loss(image, text, SCALE, PackedOutputs(mask, types))
     total.backward()
     grad = text.grad.view(B, 1 + K, D)[:, 1:]
     assert torch.all(grad[~mask] == 0) and torch.all(grad[mask].abs().sum(-1) > 0)
     scrambled = text.detach().clone().view(B, 1 + K, D)
     scrambled[:, 1:][~mask] = unit(int((~mask).sum()), D, seed=99)
     again = HardNegativeLoss(config(loss=("itc", "choice", "intra", "rank", "importance")))
-    assert again(image, scrambled.flatten(0, 1), SCALE, mask, types).item() == pytest.approx(total.item(), abs=1e-6)
+    assert again(image, scrambled.flatten(0, 1), SCALE, PackedOutputs(mask, types)).item() == pytest.approx(total.item(), abs=1e-6)
 
 
 def test_logged_values_do_not_add_to_the_loss():
@@ -211,9 +212,9 @@ def test_no_nan_or_inf(case):
         i, t, s = image.clone().requires_grad_(), text.clone().requires_grad_(), SCALE.clone().requires_grad_()
         if case == "bf16":
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                out = loss(i.bfloat16(), t.bfloat16(), s, mask, types, output_dict=True)
+                out = loss(i.bfloat16(), t.bfloat16(), s, PackedOutputs(mask, types), output_dict=True)
         else:
-            out = loss(i, t, s, mask, types, output_dict=True)
+            out = loss(i, t, s, PackedOutputs(mask, types), output_dict=True)
         sum(out.values()).backward()
         assert_finite(out, i, t, s)
 
@@ -223,7 +224,7 @@ def test_warmup_gives_finite_gradients_to_the_logit_scale():
     image, text, mask, types = batch(seed=17)
     loss = HardNegativeLoss(all_terms(curriculum="linear", curriculum_warmup=5))
     i, t, s = image.clone().requires_grad_(), text.clone().requires_grad_(), SCALE.clone().requires_grad_()
-    out = loss(i, t, s, mask, types, output_dict=True)
+    out = loss(i, t, s, PackedOutputs(mask, types), output_dict=True)
     assert out["hn_curriculum"].item() == 0
     sum(out.values()).backward()
     assert_finite(out, i, t, s)
@@ -243,6 +244,6 @@ def test_no_nan_without_negatives():
 def test_bad_shapes_are_named():
     image, text, mask, types = batch()
     with pytest.raises(ValueError, match="hn_neg_mask"):
-        HardNegativeLoss(config())(image, text[:-1], SCALE, mask, types)
+        HardNegativeLoss(config())(image, text[:-1], SCALE, PackedOutputs(mask, types))
     with pytest.raises(ValueError, match="tau-plus"):
         HardNegativeLoss(config(importance_tau_plus=1.0))

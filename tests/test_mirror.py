@@ -14,10 +14,10 @@ from conftest import TINY_MODEL, unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.curriculum import negative_keep_mask
-from open_clip_hn.data import PackedNegativeTokenizer, unpack_texts
-from open_clip_hn.hooks import attach_negative_hooks, build_parser
-from open_clip_hn.mirror import flip_images, mirror_caption, parse_axes
+from open_clip_hn.hooks import build_parser
+from open_clip_hn.mirror import MirrorPairs, flip_images, mirror_caption, parse_axes
 from open_clip_hn.objective import HardNegativeLoss
+from open_clip_hn.packing import PackedNegativeTokenizer, PackedOutputs, attach_model_hooks, unpack_texts
 
 BOTH = ("horizontal", "vertical")
 
@@ -88,7 +88,7 @@ def test_model_hook_encodes_flipped_images_with_their_captions(tokenizer):
     packer = PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=BOTH)
     images = torch.randn(3, 3, 32, 32)
     plain = model(images, tokenizer(CAPTIONS))
-    attach_negative_hooks(model, 0, mirror=True)
+    attach_model_hooks(model, 0, mirror=True)
     hooked = model(images, packer(CAPTIONS))
     torch.testing.assert_close(hooked["image_features"], plain["image_features"])
     torch.testing.assert_close(hooked["text_features"], plain["text_features"])
@@ -154,9 +154,8 @@ def test_a_mirrored_image_never_meets_its_caption_as_a_negative():
     config = HNConfig(negatives="online", num_negatives=k, loss=("itc",), mirror=BOTH,
                       mirror_weight=0.0)
     mirror_mask = torch.ones(B, dtype=torch.bool)
-    got = HardNegativeLoss(config)(image, text.flatten(0, 1), SCALE, mask,
-                                   hn_mirror_image_features=m_image,
-                                   hn_mirror_text_features=m_text, hn_mirror_mask=mirror_mask,
+    packed = PackedOutputs(mask, mirrors=MirrorPairs(m_image, m_text, mirror_mask))
+    got = HardNegativeLoss(config)(image, text.flatten(0, 1), SCALE, packed,
                                    output_dict=True)["contrastive_loss"]
     images, texts = torch.cat([image, m_image]), torch.cat([text[:, 0], m_text])
     negatives = text[:, 1:].flatten(0, 1)

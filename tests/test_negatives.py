@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from open_clip_hn.negatives import NEGATIVE_TYPES, NegativeGenerator, normalise
-from open_clip_hn.negatives.generator import _resources, article_for
+from open_clip_hn.negatives.edits import article_for
+from open_clip_hn.negatives.generator import _resources
 from open_clip_hn.negatives.parse import LexiconTagger, NLTKTagger, nltk_tagger_available
 
 DATA = Path(__file__).parent / "data"

@@ -13,7 +13,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from open_clip_hn.config import HNConfig
+from open_clip_hn.mirror import MirrorPairs
 from open_clip_hn.objective import HardNegativeLoss
+from open_clip_hn.packing import PackedOutputs
 
 N, K, D, STEPS = 6, 2, 8, 4
 SCALE = torch.tensor(6.0)
@@ -54,15 +56,12 @@ def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_gra
         image = image[rows].clone().requires_grad_()
         text = text[rank * b * (1 + K):(rank + 1) * b * (1 + K)].clone().requires_grad_()
         mirror_image, mirror_text = (m[rows].clone().requires_grad_() for m in mirrors[:2])
-        extra = {}
-        if loss.config.mirror:
-            extra = dict(hn_mirror_image_features=mirror_image, hn_mirror_text_features=mirror_text,
-                         hn_mirror_mask=mirrors[2][rows])
-        out = loss(image, text, SCALE, mask[rows], types[rows], output_dict=True, **extra)
+        pairs = MirrorPairs(mirror_image, mirror_text, mirrors[2][rows]) if loss.config.mirror else None
+        out = loss(image, text, SCALE, PackedOutputs(mask[rows], types[rows], pairs), output_dict=True)
         sum(out.values()).backward()
         records.append({"values": {k: v.item() for k, v in out.items()},
                         "image_grad": image.grad, "text_grad": text.grad,
-                        "mirror_grad": mirror_image.grad if extra else None})
+                        "mirror_grad": mirror_image.grad if pairs is not None else None})
     return records, loss.state_dict()
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from open_clip_hn.config import HNConfig
 from open_clip_hn.curriculum import RankThresholds, curriculum_value, negative_keep_mask
 from open_clip_hn.objective import HardNegativeLoss
+from open_clip_hn.packing import PackedOutputs
 
 B, K, D = 4, 2, 8
 SCALE = torch.tensor(5.0)
@@ -29,7 +30,7 @@ def step_batch(step: int):
 
 def call(loss: HardNegativeLoss, step: int):
     image, text, mask, types = step_batch(step)
-    return loss(image, text, SCALE, mask, types, output_dict=True)
+    return loss(image, text, SCALE, PackedOutputs(mask, types), output_dict=True)
 
 
 def full_config(**kw) -> HNConfig:

@@ -152,3 +152,18 @@ def test_unknown_plugin_fails_naming_it(patched_site, tmp_path):
     assert proc.returncode == 2
     assert "--plugins open_clip_nope: no plugin of that name is installed" in proc.stderr
     assert "installed: open_clip_hn" in proc.stderr
+
+
+def test_a_misspelled_hook_is_an_error(patched_site):
+    """A plugin method that is not a hook (`epoch_ends`) would silently never be called: refused,
+    naming the hook it resembles. The plugin's own object passes the same check."""
+    check = ("from open_clip_train.plugins import Plugins; from open_clip_hn.hooks import Plugin\n"
+             "Plugins({'open_clip_hn': Plugin()})\n"
+             "class Typo:\n    def epoch_ends(self, *a): pass\n    def _helper(self): pass\n"
+             "Plugins({'typo': Typo()})\n")
+    env = {**os.environ, "PYTHONPATH": str(patched_site)}
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=REPO)
+    assert proc.returncode != 0
+    assert "plugin 'typo': method 'epoch_ends' is not a hook" in proc.stderr
+    assert "did you mean 'epoch_end'?" in proc.stderr and "_helper" not in proc.stderr

@@ -3,28 +3,28 @@
 `generate` turns a caption file into JSON lines; `precompute` rewrites webdataset shards with a
 `<key>.neg.json` member per sample (for `--hn-negatives precomputed`), one shard at a time, each
 written to a temp file and renamed, so a killed run resumes by skipping finished shards.
-`vocabulary` lists the words of the training captions, for `--hn-vocabulary`.
+`vocabulary` lists the words of the training captions, for `--hn-vocabulary`. The on-disk formats
+(caption files, shard members, `neg.json`) live in `shards.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import io
 import json
 import os
 import sys
 import tarfile
-from collections import Counter
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterator
 
-from ..config import argparse_type
+from ..argtypes import argparse_type
 from ..files import TMP_PREFIX, atomic_open, expand_shards
 from .generator import NegativeGenerator
-from .lexicon import VocabularyError, read_vocabulary, words_of
+from .lexicon import VocabularyError, read_vocabulary
+from .shards import (NEGATIVES_EXTENSION, MalformedLine, negatives_member, read_captions,
+                     shard_captions, split_key, word_counts)
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 
@@ -93,49 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- reading caption files ---------------------------------------------------------------------
-
-class MalformedLine(ValueError):
-    def __init__(self, line: int, reason: str):
-        super().__init__(f"line {line}: {reason}")
-        self.line = line
-
-
-def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
-    """Captions of a txt/csv/tsv/jsonl file in order; malformed lines come as MalformedLine.
-
-    A .csv whose header holds a tab is read as tab-separated: OpenCLIP's own CSVs are (its
-    --csv-separator default), whatever their extension."""
-    suffix = Path(path).suffix.lower()
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        if suffix in (".csv", ".tsv"):
-            tabs = suffix == ".tsv" or "\t" in handle.readline()
-            handle.seek(0)
-            reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
-            if reader.fieldnames is None or caption_key not in reader.fieldnames:
-                raise SystemExit(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
-                                 "pass --caption-key NAME")
-            for row in reader:
-                value = row.get(caption_key)
-                yield value if isinstance(value, str) else MalformedLine(reader.line_num, "missing caption field")
-        elif suffix == ".jsonl":
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    yield MalformedLine(number, "empty line")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield MalformedLine(number, f"invalid JSON ({err.msg})")
-                    continue
-                if not isinstance(record, dict) or caption_key not in record:
-                    yield MalformedLine(number, f"no key {caption_key!r}; pass --caption-key KEY")
-                    continue
-                yield record[caption_key]
-        else:
-            for line in handle:
-                yield line.rstrip("\r\n")
-
+# ---- caption files ---------------------------------------------------------------------------
 
 def _generate_one(generator: NegativeGenerator, k: int, caption: object) -> list[dict[str, str]]:
     return generator.generate(caption, k)
@@ -183,20 +141,6 @@ def _write_results(handle, captions: list, results) -> int:
 
 # ---- webdataset shards ---------------------------------------------------------------------------
 
-def _split_key(name: str) -> tuple[str, str]:
-    """webdataset's sample key and extension: 'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg')."""
-    directory, _, base = name.rpartition("/")
-    stem, _, extension = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), extension
-
-
-def _neg_member(key: str, negatives: list, template: tarfile.TarInfo) -> tuple[tarfile.TarInfo, bytes]:
-    data = json.dumps(negatives, ensure_ascii=False).encode("utf-8")
-    info = tarfile.TarInfo(f"{key}.neg.json")
-    info.size, info.mtime, info.mode = len(data), template.mtime, 0o644
-    return info, data
-
-
 def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator, k: int,
                      caption_key: str) -> tuple[str, int, int]:
     """Write `output_dir/<name>` with a neg.json per sample; skip when it already exists.
@@ -222,7 +166,7 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
             negatives = generator.generate(caption, k) if caption is not None else []
             samples += 1
             masked += not negatives
-            info, data = _neg_member(key, negatives, last)
+            info, data = negatives_member(key, negatives, last)
             writer.addfile(info, io.BytesIO(data))
 
         try:
@@ -233,8 +177,8 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
                 expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
                 if not member.isfile():
                     continue
-                member_key, extension = _split_key(member.name)
-                if extension == "neg.json":
+                member_key, extension = split_key(member.name)
+                if extension == NEGATIVES_EXTENSION:
                     continue  # a rerun on precomputed shards replaces old negatives
                 payload = reader.extractfile(member).read()
                 if member_key != key:
@@ -290,17 +234,6 @@ def run_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
-def shard_captions(path: str, caption_key: str) -> Iterator[str]:
-    """The captions (members with extension `caption_key`) of one webdataset shard."""
-    try:
-        with tarfile.open(path, "r:*") as reader:
-            for member in reader:
-                if member.isfile() and _split_key(member.name)[1] == caption_key:
-                    yield reader.extractfile(member).read().decode("utf-8", errors="replace")
-    except (tarfile.TarError, EOFError, OSError) as err:
-        raise VocabularyError(f"shard {path} cannot be read ({err}); expected a webdataset tar") from err
-
-
 def run_vocabulary(args: argparse.Namespace) -> int:
     if args.min_count < 1:
         print(f"error: --min-count must be >= 1, got {args.min_count}", file=sys.stderr)
@@ -317,11 +250,7 @@ def run_vocabulary(args: argparse.Namespace) -> int:
             return 2
         captions = (c for c in read_captions(args.input, args.caption_key or "caption")
                     if isinstance(c, str))
-    counts: Counter[str] = Counter()
-    total = 0
-    for caption in captions:
-        counts.update(words_of(caption))
-        total += 1
+    counts, total = word_counts(captions)
     words = sorted(w for w, n in counts.items() if n >= args.min_count)
     if not words:
         where = (f"members '.{args.caption_key or 'txt'}'" if args.shards

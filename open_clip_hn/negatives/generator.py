@@ -15,13 +15,11 @@ import re
 import zlib
 from typing import Callable
 
-from .lexicon import Resources, load_resources, regular_plural, restrict_to_vocabulary, words_of
+from .edits import Edit, match_case, noun_form, splice
+from .lexicon import Resources, load_resources, restrict_to_vocabulary, words_of
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
-Edit = tuple[list[str], list[str]]  # (words, gaps) of a candidate negative
-_AN_EXCEPTIONS = ("uni", "use", "usu", "uti", "eu", "one", "once", "ur", "uk")
-_AN_SILENT_H = ("hour", "honest", "honor", "heir")
 _BE_NUMBER = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has"}
 _SINGULAR_VERBS = ("is", "was", "has")
 
@@ -48,57 +46,6 @@ def _tagger(kind: str):
     return _PROCESS[key]
 
 
-def article_for(word: str) -> str:
-    """'a' or 'an' by the sound of the next word (spelling heuristics for the common cases)."""
-    w = word.lower()
-    if w[:1].isdigit():
-        return "an" if w.startswith(("8", "11", "18")) else "a"
-    if w.startswith(_AN_SILENT_H):
-        return "an"
-    if w[:1] in "aeiou" and not w.startswith(_AN_EXCEPTIONS):
-        return "an"
-    return "a"
-
-
-_ARTICLES = frozenset(("a", "an", "A", "An", "AN"))
-
-
-def _fix_articles(words: list[str]) -> list[str]:
-    for i in range(len(words) - 1):
-        if words[i] in _ARTICLES:
-            wanted = article_for(words[i + 1])
-            if words[i + 1].isupper() and len(words[i + 1]) > 1:
-                words[i] = wanted.upper()  # "A GREEN TABLE WITH AN OLD BLENDER"
-            else:
-                words[i] = wanted.capitalize() if words[i][0].isupper() else wanted
-    return words
-
-
-def _match_case(template: str, word: str) -> str:
-    if template.isupper() and len(template) > 1:
-        if word.lower().startswith(template.lower()):
-            return template + word[len(template):]  # "TV" -> "TVs"
-        return word.upper()
-    if template[:1].isupper():
-        return word[:1].upper() + word[1:]
-    return word
-
-
-def _noun_form(res: Resources, lemma: str, plural: bool) -> str:
-    return (res.plurals.get(lemma) or regular_plural(lemma)) if plural else lemma
-
-
-def _splice(p: Parse, replacements: list[tuple[int, int, list[str], list[str] | None]]) -> Edit:
-    """Replace unit ranges [a, b) by new words (new gaps default to the old first gap, then ' ')."""
-    words, gaps = list(p.words), list(p.gaps)
-    for a, b, new_words, new_gaps in sorted(replacements, key=lambda r: r[0], reverse=True):
-        if new_gaps is None:
-            first = gaps[a] if a < len(gaps) else " "
-            new_gaps = [first] + [" "] * (len(new_words) - 1)
-        words[a:b], gaps[a:b] = new_words, new_gaps
-    return _fix_articles(words), gaps
-
-
 def _agree_verb(res: Resources, p: Parse, np: NounPhrase, plural: bool) -> list:
     """Replacement for the verb right after a subject noun phrase whose number changes."""
     i = np.end
@@ -106,12 +53,12 @@ def _agree_verb(res: Resources, p: Parse, np: NounPhrase, plural: bool) -> list:
         return []
     lower = p.words[i].lower()
     if lower in _BE_NUMBER and (lower in _SINGULAR_VERBS) == plural:
-        return [(i, i + 1, [_match_case(p.words[i], _BE_NUMBER[lower])], [p.gaps[i]])]
+        return [(i, i + 1, [match_case(p.words[i], _BE_NUMBER[lower])], [p.gaps[i]])]
     form = res.verb_forms.get(lower)
     if p.tags[i] == "VERB" and form and form[1] in ("s", "base"):
         wanted = res.verb_table[form[0]]["base" if plural else "s"]
         if wanted != lower:
-            return [(i, i + 1, [_match_case(p.words[i], wanted)], [p.gaps[i]])]
+            return [(i, i + 1, [match_case(p.words[i], wanted)], [p.gaps[i]])]
     return []
 
 
@@ -125,7 +72,7 @@ def _group(p: Parse, np: NounPhrase) -> tuple[list[str], list[str]]:
 def _trade_groups(p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
     """Whole attribute groups trade places ("a very tall building by lush green grass")."""
     (wa, ga), (wb, gb) = _group(p, a), _group(p, b)
-    return _splice(p, [(a.attr_start, a.nouns_start, wb, [p.gaps[a.attr_start]] + gb[1:]),
+    return splice(p, [(a.attr_start, a.nouns_start, wb, [p.gaps[a.attr_start]] + gb[1:]),
                        (b.attr_start, b.nouns_start, wa, [p.gaps[b.attr_start]] + ga[1:])])
 
 
@@ -133,7 +80,7 @@ def _move_group(p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
     """a's attribute group moves to b, which had none ("a striped cat in a tub" -> a striped tub)."""
     words, gaps = _group(p, a)
     n = b.nouns_start
-    return _splice(p, [(a.attr_start, a.nouns_start, [], []),
+    return splice(p, [(a.attr_start, a.nouns_start, [], []),
                        (n, n + 1, words + [p.words[n]], [p.gaps[n]] + gaps[1:] + [" "])])
 
 
@@ -160,12 +107,12 @@ def _trade_counts(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> Edi
     edits = []
     for np, (unit, _), (_, word) in ((a, qa, qb), (b, qb, qa)):
         plural = word not in ("a", "an", "one", "1")
-        edits.append((unit, unit + 1, [_match_case(p.words[unit], word)], None))
+        edits.append((unit, unit + 1, [match_case(p.words[unit], word)], None))
         if plural != np.plural:
-            edits.append((np.head, np.head + 1, [_match_case(p.words[np.head], _noun_form(res, np.lemma, plural))],
+            edits.append((np.head, np.head + 1, [match_case(p.words[np.head], noun_form(res, np.lemma, plural))],
                           None))
             edits.extend(_agree_verb(res, p, np, plural))
-    return _splice(p, edits)
+    return splice(p, edits)
 
 
 def swap_attributes(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
@@ -188,7 +135,7 @@ def swap_attributes(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
                         if wi != wj and res.attr_category.get(wi) == res.attr_category.get(wj) and (
                                 len(a.attrs) > 1 or len(b.attrs) > 1) and not (  # no "brown and brown"
                                 wj in {p.words[x].lower() for x in a.attrs} or wi in {p.words[x].lower() for x in b.attrs}):
-                            words.append(_splice(p, [(i, i + 1, [wj], None), (j, j + 1, [wi], None)]))
+                            words.append(splice(p, [(i, i + 1, [wj], None), (j, j + 1, [wi], None)]))
             elif a.attrs or b.attrs:
                 moves.append(_move_group(p, a, b) if a.attrs else _move_group(p, b, a))
     for tier in (groups, words, moves):
@@ -206,7 +153,7 @@ def _trade_phrases(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> Ed
     edits = [(a.start, a.end, wb, None), (b.start, b.end, wa, None)]
     if a.plural != b.plural:
         edits += _agree_verb(res, p, a, b.plural) + [r for r in _agree_verb(res, p, b, a.plural) if r[0] != a.start]
-    return _splice(p, edits)
+    return splice(p, edits)
 
 
 def swap_objects(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
@@ -223,9 +170,9 @@ def swap_objects(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
                 continue
             (subject if x == 0 else others).append(_trade_phrases(res, p, a, b))
             if a.attrs or b.attrs:
-                heads.append(_splice(p, [
-                    (a.head, a.head + 1, [_match_case(p.words[a.head], _noun_form(res, b.lemma, a.plural))], None),
-                    (b.head, b.head + 1, [_match_case(p.words[b.head], _noun_form(res, a.lemma, b.plural))], None)]))
+                heads.append(splice(p, [
+                    (a.head, a.head + 1, [match_case(p.words[a.head], noun_form(res, b.lemma, a.plural))], None),
+                    (b.head, b.head + 1, [match_case(p.words[b.head], noun_form(res, a.lemma, b.plural))], None)]))
     for tier in (subject, others, heads):
         rng.shuffle(tier)
     return subject + others + heads
@@ -252,8 +199,8 @@ def replace_object(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
         options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
         if options:
             choice = rng.choice(options[:6])
-            word = _match_case(p.words[np.head], _noun_form(res, choice, np.plural))
-            out.append(_splice(p, [(np.head, np.head + 1, [word], None)]))
+            word = match_case(p.words[np.head], noun_form(res, choice, np.plural))
+            out.append(splice(p, [(np.head, np.head + 1, [word], None)]))
     rng.shuffle(out)
     return out
 
@@ -376,7 +323,7 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit
         else:
             options = _replacements(res, p.words[i].lower(), present)
         if options:
-            out.append(_splice(p, [(i, i + 1, [_match_case(p.words[i], rng.choice(options[:8]))], None)]))
+            out.append(splice(p, [(i, i + 1, [match_case(p.words[i], rng.choice(options[:8]))], None)]))
     rng.shuffle(out)
     return out
 
@@ -398,7 +345,7 @@ def replace_relation(res: Resources, p: Parse, rng: random.Random) -> list[Edit]
         else:
             continue
         for tier, choice in zip((first, second), rng.sample(forms, min(2, len(forms)))):
-            tier.append(_splice(p, [(i, i + 1, [_match_case(word, choice)], None)]))
+            tier.append(splice(p, [(i, i + 1, [match_case(word, choice)], None)]))
     rng.shuffle(first)
     rng.shuffle(second)
     return first + second
@@ -426,12 +373,12 @@ def replace_count(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
         options = [v for v in (value + 1, value - 1, value + 2, value - 2) if 1 <= v <= top]
         new = rng.choice(options[:2] if value > 1 else options)
         new_word = str(new) if word.isdigit() else names[new]
-        edits = [(np.num, np.num + 1, [_match_case(p.words[np.num], new_word)], None)]
+        edits = [(np.num, np.num + 1, [match_case(p.words[np.num], new_word)], None)]
         plural = new != 1
         if plural != np.plural:
-            edits.append((np.head, np.head + 1, [_match_case(p.words[np.head], _noun_form(res, np.lemma, plural))], None))
+            edits.append((np.head, np.head + 1, [match_case(p.words[np.head], noun_form(res, np.lemma, plural))], None))
             edits.extend(_agree_verb(res, p, np, plural))
-        out.append(_splice(p, edits))
+        out.append(splice(p, edits))
     rng.shuffle(out)
     return out
 
@@ -463,7 +410,7 @@ def add_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
         else:
             at = np.attrs[0] if np.attrs else first_noun
         # the new word takes the gap before the unit it precedes; that unit gets a plain space
-        out.append(_splice(p, [(at, at + 1, [rng.choice(options), p.words[at]], [p.gaps[at], " "])]))
+        out.append(splice(p, [(at, at + 1, [rng.choice(options), p.words[at]], [p.gaps[at], " "])]))
     rng.shuffle(out)
     return out
 
@@ -480,7 +427,7 @@ def add_object(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
         options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
         if options:
             noun = rng.choice(options[:6])
-            out.append(_splice(p, [(np.end, np.end, ["and", "a", noun], [" ", " ", " "])]))
+            out.append(splice(p, [(np.end, np.end, ["and", "a", noun], [" ", " ", " "])]))
     return out
 
 

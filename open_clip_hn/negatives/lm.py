@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 
+from .edits import match_case, noun_form, splice
 from .lexicon import Resources
 from .parse import Parse
 
@@ -42,8 +43,6 @@ class MaskedLMProposer:
 
     def edits(self, res: Resources, parse: Parse, name: str, rng: random.Random) -> list:
         """replace_object / replace_attribute edits whose new word the LM proposed (and is valid)."""
-        from .generator import _match_case, _noun_form, _splice
-
         out = []
         present = {w.lower() for w in parse.words} | {np.lemma for np in parse.nps}
         if name == "replace_object":
@@ -52,8 +51,8 @@ class MaskedLMProposer:
                 for word in self.propose(parse.words, np.head):
                     lemma = res.nouns.get(word, (word, False))[0]
                     if lemma in valid:
-                        new = _match_case(parse.words[np.head], _noun_form(res, lemma, np.plural))
-                        out.append(_splice(parse, [(np.head, np.head + 1, [new], None)]))
+                        new = match_case(parse.words[np.head], noun_form(res, lemma, np.plural))
+                        out.append(splice(parse, [(np.head, np.head + 1, [new], None)]))
                         break
         elif name == "replace_attribute":
             for np in parse.nps:
@@ -61,6 +60,6 @@ class MaskedLMProposer:
                     valid = set(res.attr_candidates.get(parse.words[i].lower(), ())) - present
                     choice = next((w for w in self.propose(parse.words, i) if w in valid), None)
                     if choice:
-                        out.append(_splice(parse, [(i, i + 1, [_match_case(parse.words[i], choice)], None)]))
+                        out.append(splice(parse, [(i, i + 1, [match_case(parse.words[i], choice)], None)]))
         rng.shuffle(out)
         return out

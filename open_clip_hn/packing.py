@@ -1,29 +1,42 @@
-"""Hard negatives through OpenCLIP's own data pipeline.
+"""The wire format between OpenCLIP's loader, its model and the objective: both halves.
 
-OpenCLIP's loaders call `tokenizer(caption)[0]` per sample and stack the results, and its train
-step passes the stacked tensor straight to `model(images, texts)`. So the plugin rides on the
-tokenizer: `PackedNegativeTokenizer` turns one caption into one flat row holding the caption, its
-K negatives and their mask/type metadata. A forward pre-hook on the model (`unpack_texts`) splits
-the row again, so OpenCLIP's unmodified train step encodes positives and negatives in one text
-forward, and the metadata stays glued to its sample through workers, ranks and `--accum-freq`.
+OpenCLIP's loaders call `tokenizer(caption)[0]` per sample and stack the results, its train step
+passes the stacked tensor straight to `model(images, texts)`, and only the model's output dict
+reaches the loss. So the plugin rides on those three:
+
+* worker half: `PackedNegativeTokenizer` turns one caption into one flat row holding the caption,
+  its K negatives and their mask/type metadata (and, with `--hn-mirror`, the mirrored caption);
+* model half: `attach_model_hooks` puts a forward pre-hook on the model that splits the rows again
+  (`unpack_texts`) and flips the mirrored images, so OpenCLIP's unmodified train step encodes
+  positives, negatives and mirrored pairs in one forward per tower; a forward hook adds the
+  metadata to the output dict;
+* `PackedOutputs` is what rides in that dict: `write` and `read` are the only places that know
+  its keys, and the objective receives it as one typed value.
+
+The metadata travels as tensors, so OpenCLIP's `--accum-freq` path concatenates it along the
+batch like the features it belongs to, and it stays glued to its sample through workers and ranks.
 
 Row layout per sample, K negatives, context length L, M = META_COLUMNS:
     (1 + K [+ 1]) blocks of [L token ids | SENTINEL, valid, type_id]
 blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking),
 and with `--hn-mirror` one more block: the caption of the mirrored image (`mirror.py`), whose
 type_id is the mirror axis.
+
+Precomputed negatives (`neg.json` members, see `negatives/shards.py`) reach the tokenizer through
+the only field OpenCLIP's pipeline carries to it, the caption string: `samples_with_precomputed_
+negatives` folds them into it and `PackedNegativeTokenizer` unfolds them, both in this module.
 """
 
 from __future__ import annotations
 
 import json
-import tarfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Iterable, Iterator, Mapping
 
 import torch
 
-from .mirror import AXIS_TO_ID, mirror_caption
+from .mirror import AXIS_TO_ID, MirrorPairs, flip_images, mirror_caption
+from .negatives.shards import NEGATIVES_EXTENSION, read_negatives
 from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 
 if TYPE_CHECKING:
@@ -32,7 +45,6 @@ if TYPE_CHECKING:
 META_COLUMNS = 3
 SENTINEL = -0x48_4E_48_4E  # never a token id: marks a packed row
 PRECOMPUTED_PREFIX = "\x00open_clip_hn\x00"  # marks a caption that carries its precomputed negatives
-NEGATIVES_MEMBER = "neg.json"
 
 
 @dataclass(frozen=True)
@@ -163,25 +175,116 @@ def samples_with_precomputed_negatives(samples: Iterable[dict], handler: Callabl
     failure is reported through webdataset's handler like any other corrupt member.
     """
     for sample in samples:
-        raw, text = sample.pop(NEGATIVES_MEMBER, None), sample.get("txt")
+        raw, text = sample.pop(NEGATIVES_EXTENSION, None), sample.get("txt")
         if raw is not None and text is not None:
             try:
                 caption = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-                negatives = json.loads(raw)
-                sample["txt"] = encode_precomputed_caption(caption, negatives).encode("utf-8")
-            except (UnicodeDecodeError, json.JSONDecodeError) as exn:
+                sample["txt"] = encode_precomputed_caption(caption, read_negatives(raw)).encode("utf-8")
+            except ValueError as exn:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 if not handler(exn):
                     raise
         yield sample
 
 
-def shard_has_negatives(shard_path: str, max_members: int = 64) -> bool:
-    """True if the first samples of a local tar shard carry `neg.json` members."""
-    with tarfile.open(shard_path) as tar:
-        for i, member in enumerate(tar):
-            if member.name.endswith("." + NEGATIVES_MEMBER):
-                return True
-            if i >= max_members:
-                break
-    return False
+# ---------------------------------------------------------------------------- model half
 
+
+@dataclass(frozen=True)
+class PackedOutputs:
+    """What the model hooks add to OpenCLIP's output dict, as the objective receives it.
+
+    Tensors under private keys, because OpenCLIP's `--accum-freq` path concatenates every value
+    of the dict along the batch; `write` and `read` are the only code that knows the keys.
+    """
+
+    neg_mask: torch.Tensor | None = None   # [B, K] bool: valid negative slots
+    neg_types: torch.Tensor | None = None  # [B, K] long: type id, -1 where masked
+    mirrors: MirrorPairs | None = None     # the mirrored pairs' features (--hn-mirror)
+
+    _KEYS: ClassVar[dict[str, str]] = {"neg_mask": "hn_neg_mask", "neg_types": "hn_neg_types"}
+    _MIRROR_KEYS: ClassVar[dict[str, str]] = {"image": "hn_mirror_image_features",
+                                              "text": "hn_mirror_text_features",
+                                              "mask": "hn_mirror_mask"}
+
+    @property
+    def empty(self) -> bool:
+        return self.neg_mask is None and self.neg_types is None and self.mirrors is None
+
+    def write(self, output: dict) -> dict:
+        """Put the values into a model output dict (in place; returned for chaining)."""
+        for field, key in self._KEYS.items():
+            if getattr(self, field) is not None:
+                output[key] = getattr(self, field)
+        if self.mirrors is not None:
+            for field, key in self._MIRROR_KEYS.items():
+                output[key] = getattr(self.mirrors, field)
+        return output
+
+    @classmethod
+    def read(cls, outputs: Mapping[str, Any]) -> "PackedOutputs":
+        """The values a loss received as keyword arguments (absent ones are None)."""
+        values = {field: outputs.get(key) for field, key in cls._KEYS.items()}
+        mirrors = None
+        if outputs.get(cls._MIRROR_KEYS["mask"]) is not None:
+            mirrors = MirrorPairs(**{field: outputs[key] for field, key in cls._MIRROR_KEYS.items()})
+        return cls(**values, mirrors=mirrors)
+
+
+def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False) -> None:
+    """Unpack packed text rows before the model's forward; add `PackedOutputs` to its output.
+
+    With `mirror`, the flipped images and their captions ride in the same forward (one encoder
+    call per tower) and come out as [B, D] features beside a [B] mask, zero rows where a sample
+    has no mirror.
+    """
+    pending: dict[str, Any] = {}
+
+    def unpack(module, args, kwargs):
+        pending.clear()
+        positional = len(args) > 1
+        text = args[1] if positional else kwargs.get("text")
+        if not isinstance(text, torch.Tensor):
+            return None
+        unpacked = unpack_texts(text, num_negatives, mirror)
+        if unpacked is None:
+            return None
+        pending["meta"] = unpacked
+        tokens = unpacked.tokens
+        image = args[0] if args else kwargs.get("image")
+        if unpacked.mirror_axis is not None and isinstance(image, torch.Tensor):
+            rows = (unpacked.mirror_axis >= 0).nonzero().flatten()
+            pending["mirror_rows"] = rows
+            flipped = flip_images(image[rows.to(image.device)], unpacked.mirror_axis[rows])
+            image = torch.cat([image, flipped])
+            tokens = torch.cat([tokens, unpacked.mirror_tokens[rows]])
+        if positional:
+            args = (image, tokens, *args[2:])
+        else:
+            kwargs = {**kwargs, "text": tokens}
+            if "image" in kwargs:
+                kwargs["image"] = image
+        return args, kwargs
+
+    def add_outputs(module, args, kwargs, output):
+        meta = pending.pop("meta", None)
+        rows = pending.pop("mirror_rows", None)
+        if meta is None or not isinstance(output, dict):
+            return output
+        device = output["text_features"].device
+        mirrors = None
+        if rows is not None:
+            batch = meta.neg_mask.shape[0]
+            rows = rows.to(device)
+            split = {"image_features": batch, "text_features": batch * (1 + num_negatives)}
+            mirrored = {}
+            for key, size in split.items():
+                features = output[key]
+                output[key] = features[:size]
+                mirrored[key] = features.new_zeros(batch, features.shape[1]).index_copy(
+                    0, rows, features[size:])
+            mirrors = MirrorPairs(mirrored["image_features"], mirrored["text_features"],
+                                  (meta.mirror_axis >= 0).to(device))
+        return PackedOutputs(meta.neg_mask.to(device), meta.neg_types.to(device), mirrors).write(output)
+
+    model.register_forward_pre_hook(unpack, with_kwargs=True)
+    model.register_forward_hook(add_outputs, with_kwargs=True)

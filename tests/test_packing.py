@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, scene_words
-from open_clip_hn.data import (PackedNegativeTokenizer, encode_precomputed_caption,
-                               samples_with_precomputed_negatives, unpack_texts)
-from open_clip_hn.hooks import attach_negative_hooks
+from open_clip_hn.packing import (PackedNegativeTokenizer, attach_model_hooks, encode_precomputed_caption,
+                                  samples_with_precomputed_negatives, unpack_texts)
 from open_clip_hn.negatives.taxonomy import TYPE_TO_ID
 
 
@@ -100,7 +99,7 @@ def test_model_hooks_encode_negatives_in_one_forward(tokenizer):
     texts = torch.cat([packer(CAPTION), packer("a cat")])
     images = torch.randn(2, 3, 32, 32)
     plain = model(images, unpack_texts(texts, 2).tokens)
-    attach_negative_hooks(model, 2)
+    attach_model_hooks(model, 2)
     hooked = model(images, texts)
     assert torch.allclose(hooked["text_features"], plain["text_features"])
     assert hooked["hn_neg_mask"].tolist() == [[True, True], [False, False]]
@@ -122,7 +121,8 @@ def test_online_generator_gets_the_vocabulary(tokenizer, tmp_path, scene_shards)
     import argparse
 
     from open_clip_hn.config import HNConfig
-    from open_clip_hn.hooks import _train_tokenizer
+    from open_clip_hn.hooks import train_tokenizer
+    from open_clip_hn.run import HardNegativeRun
     from open_clip_hn.negatives.lexicon import VocabularyError
 
     def packer(vocabulary, train_data=scene_shards, dataset_type="webdataset", caption_key="title"):
@@ -130,7 +130,7 @@ def test_online_generator_gets_the_vocabulary(tokenizer, tmp_path, scene_shards)
                           vocabulary=vocabulary)
         args = argparse.Namespace(train_data=train_data, dataset_type=dataset_type,
                                   csv_separator="\t", csv_caption_key=caption_key)
-        return _train_tokenizer(config, tokenizer, args)
+        return train_tokenizer(HardNegativeRun(config), tokenizer, args)
 
     words = tmp_path / "captions.txt"
     words.write_text("a red cube to the left of a blue ball\na green cone to the right of a cube\n")

@@ -1,0 +1,65 @@
+"""The edit kit every negative type is built from: splice new words into a parsed caption and keep
+its English right (a/an, the case of the word replaced, singular or plural noun forms).
+
+Shared by the rule route (`generator.py`) and the masked-LM route (`lm.py`). Plain Python.
+"""
+
+from __future__ import annotations
+
+from .lexicon import Resources, regular_plural
+from .parse import Parse
+
+Edit = tuple[list[str], list[str]]  # (words, gaps) of a candidate negative
+_AN_EXCEPTIONS = ("uni", "use", "usu", "uti", "eu", "one", "once", "ur", "uk")
+_AN_SILENT_H = ("hour", "honest", "honor", "heir")
+
+
+def article_for(word: str) -> str:
+    """'a' or 'an' by the sound of the next word (spelling heuristics for the common cases)."""
+    w = word.lower()
+    if w[:1].isdigit():
+        return "an" if w.startswith(("8", "11", "18")) else "a"
+    if w.startswith(_AN_SILENT_H):
+        return "an"
+    if w[:1] in "aeiou" and not w.startswith(_AN_EXCEPTIONS):
+        return "an"
+    return "a"
+
+
+_ARTICLES = frozenset(("a", "an", "A", "An", "AN"))
+
+
+def fix_articles(words: list[str]) -> list[str]:
+    for i in range(len(words) - 1):
+        if words[i] in _ARTICLES:
+            wanted = article_for(words[i + 1])
+            if words[i + 1].isupper() and len(words[i + 1]) > 1:
+                words[i] = wanted.upper()  # "A GREEN TABLE WITH AN OLD BLENDER"
+            else:
+                words[i] = wanted.capitalize() if words[i][0].isupper() else wanted
+    return words
+
+
+def match_case(template: str, word: str) -> str:
+    if template.isupper() and len(template) > 1:
+        if word.lower().startswith(template.lower()):
+            return template + word[len(template):]  # "TV" -> "TVs"
+        return word.upper()
+    if template[:1].isupper():
+        return word[:1].upper() + word[1:]
+    return word
+
+
+def noun_form(res: Resources, lemma: str, plural: bool) -> str:
+    return (res.plurals.get(lemma) or regular_plural(lemma)) if plural else lemma
+
+
+def splice(p: Parse, replacements: list[tuple[int, int, list[str], list[str] | None]]) -> Edit:
+    """Replace unit ranges [a, b) by new words (new gaps default to the old first gap, then ' ')."""
+    words, gaps = list(p.words), list(p.gaps)
+    for a, b, new_words, new_gaps in sorted(replacements, key=lambda r: r[0], reverse=True):
+        if new_gaps is None:
+            first = gaps[a] if a < len(gaps) else " "
+            new_gaps = [first] + [" "] * (len(new_words) - 1)
+        words[a:b], gaps[a:b] = new_words, new_gaps
+    return fix_articles(words), gaps

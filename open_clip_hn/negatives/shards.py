@@ -1,0 +1,154 @@
+"""Where captions and precomputed negatives live on disk: webdataset shards and caption files.
+
+One home for the formats: the `<key>.neg.json` member (name, writer, reader), webdataset's
+key/extension split, reading the captions of shards, caption files and OpenCLIP CSVs, and the one
+vocabulary builder that both the trainer (`--hn-vocabulary train-data`) and the CLI
+(`negatives vocabulary`) use. Plain Python, no torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tarfile
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..files import expand_shards
+from .lexicon import VocabularyError, words_of
+
+NEGATIVES_EXTENSION = "neg.json"  # member `<key>.neg.json`: a JSON list of {"text", "type"}
+
+
+def split_key(name: str) -> tuple[str, str]:
+    """webdataset's sample key and extension: 'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg')."""
+    directory, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), extension
+
+
+def negatives_member(key: str, negatives: list, template: tarfile.TarInfo
+                     ) -> tuple[tarfile.TarInfo, bytes]:
+    """The `<key>.neg.json` member holding a sample's negatives (mtime taken from `template`)."""
+    data = json.dumps(negatives, ensure_ascii=False).encode("utf-8")
+    info = tarfile.TarInfo(f"{key}.{NEGATIVES_EXTENSION}")
+    info.size, info.mtime, info.mode = len(data), template.mtime, 0o644
+    return info, data
+
+
+def read_negatives(raw: bytes) -> list:
+    """A `neg.json` payload; ValueError (JSON or UTF-8) when it is not one."""
+    return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+
+
+def shard_has_negatives(shard_path: str, max_members: int = 64) -> bool:
+    """True if the first samples of a local tar shard carry `neg.json` members."""
+    with tarfile.open(shard_path) as tar:
+        for i, member in enumerate(tar):
+            if split_key(member.name)[1] == NEGATIVES_EXTENSION:
+                return True
+            if i >= max_members:
+                break
+    return False
+
+
+def shard_captions(path: str, caption_key: str) -> Iterator[str]:
+    """The captions (members with extension `caption_key`) of one webdataset shard."""
+    try:
+        with tarfile.open(path, "r:*") as reader:
+            for member in reader:
+                if member.isfile() and split_key(member.name)[1] == caption_key:
+                    yield reader.extractfile(member).read().decode("utf-8", errors="replace")
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise VocabularyError(f"shard {path} cannot be read ({err}); expected a webdataset tar") from err
+
+
+class MalformedLine(ValueError):
+    def __init__(self, line: int, reason: str):
+        super().__init__(f"line {line}: {reason}")
+        self.line = line
+
+
+def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
+    """Captions of a txt/csv/tsv/jsonl file in order; malformed lines come as MalformedLine.
+
+    A .csv whose header holds a tab is read as tab-separated: OpenCLIP's own CSVs are (its
+    --csv-separator default), whatever their extension."""
+    suffix = Path(path).suffix.lower()
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        if suffix in (".csv", ".tsv"):
+            tabs = suffix == ".tsv" or "\t" in handle.readline()
+            handle.seek(0)
+            reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
+            if reader.fieldnames is None or caption_key not in reader.fieldnames:
+                raise SystemExit(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
+                                 "pass --caption-key NAME")
+            for row in reader:
+                value = row.get(caption_key)
+                yield value if isinstance(value, str) else MalformedLine(reader.line_num, "missing caption field")
+        elif suffix == ".jsonl":
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    yield MalformedLine(number, "empty line")
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield MalformedLine(number, f"invalid JSON ({err.msg})")
+                    continue
+                if not isinstance(record, dict) or caption_key not in record:
+                    yield MalformedLine(number, f"no key {caption_key!r}; pass --caption-key KEY")
+                    continue
+                yield record[caption_key]
+        else:
+            for line in handle:
+                yield line.rstrip("\r\n")
+
+
+def csv_captions(path: str, separator: str, caption_key: str) -> list[str]:
+    """The captions of an OpenCLIP CSV (`--csv-separator`, `--csv-caption-key`).
+
+    Empty or non-text cells are skipped and counted in a warning naming the file; a missing
+    column is a VocabularyError naming the file, its columns and the flags to set."""
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        reader = csv.DictReader(handle, delimiter=separator)
+        if reader.fieldnames is None or caption_key not in reader.fieldnames:
+            raise VocabularyError(f"{path} has no column {caption_key!r} (columns: "
+                                  f"{reader.fieldnames or []}); set --csv-caption-key and "
+                                  "--csv-separator")
+        captions, empty = [], 0
+        for row in reader:
+            value = row.get(caption_key)
+            if isinstance(value, str) and value.strip():
+                captions.append(value)
+            else:
+                empty += 1
+    if empty:
+        logging.warning("%s: %d row(s) with an empty %r cell skipped", path, empty, caption_key)
+    return captions
+
+
+def train_data_captions(train_data: str, *, is_csv: bool, csv_separator: str = "\t",
+                        csv_caption_key: str = "title", shard_caption_key: str = "txt"
+                        ) -> Iterable[str]:
+    """The captions of OpenCLIP's `--train-data`: a CSV's caption column or local shards' members."""
+    if is_csv:
+        return csv_captions(train_data, csv_separator, csv_caption_key)
+    shards = expand_shards(train_data)
+    remote = [s for s in shards if not os.path.isfile(s)]
+    if remote:
+        raise VocabularyError(f"reads local shards, and {remote[0]} is not a local file")
+    return (c for shard in shards for c in shard_captions(shard, shard_caption_key))
+
+
+def word_counts(captions: Iterable[str]) -> tuple[Counter[str], int]:
+    """(how often each word occurs, how many captions) — the one vocabulary builder."""
+    counts: Counter[str] = Counter()
+    total = 0
+    for caption in captions:
+        counts.update(words_of(caption))
+        total += 1
+    return counts, total

@@ -1,0 +1,190 @@
+"""One training run of the plugin: what OpenCLIP's seams share, in one explicit object.
+
+`hooks.py` (the adapter) builds a `HardNegativeRun` from the flags and calls it at OpenCLIP's seams,
+in the order OpenCLIP's `main` reaches them:
+
+    configure (flags -> HNConfig)            HardNegativeRun(config)
+    create_model_and_transforms              run.model_created(model, preprocess_val)
+    pt_load of --resume                      run.checkpoint_loaded(path, checkpoint)
+    get_data                                 run.train_tokenizer(...), run.data_ready(...)
+    create_loss                              run.create_loss(...)   (restores the resumed state)
+    after each train_one_epoch               run.epoch_end(...)     (state beside the checkpoint)
+
+Nothing here imports `open_clip_train`: what the run needs from OpenCLIP's arguments is passed in,
+so the same object serves the monkeypatched route and the upstream plugin hook points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from . import state as hn_state
+from .config import TRAIN_DATA_VOCABULARY, HNConfig
+from .packing import PackedNegativeTokenizer, attach_model_hooks
+
+
+@dataclass(frozen=True)
+class TrainCaptions:
+    """Where OpenCLIP's `--train-data` captions are, for `--hn-vocabulary train-data`."""
+
+    train_data: str
+    is_csv: bool
+    synthetic: bool = False
+    csv_separator: str = "\t"
+    csv_caption_key: str = "title"
+
+
+def checkpointed_epoch(completed_epoch: int, epochs: int, save_frequency: int,
+                       save_most_recent: bool) -> bool:
+    """Whether OpenCLIP's `main` writes a checkpoint after `completed_epoch` (its own rules:
+    `epoch_N.pt` at the last epoch and every `--save-frequency`, `epoch_latest.pt` always with
+    `--save-most-recent`)."""
+    return (completed_epoch == epochs or save_most_recent
+            or (save_frequency > 0 and completed_epoch % save_frequency == 0))
+
+
+class HardNegativeRun:
+    """The plugin's part of one training run: config, loss and the state to save and resume."""
+
+    def __init__(self, config: HNConfig):
+        self.config = config
+        self.loss = None
+        self.preprocess_val: Any = None
+        self.eval_tokenizer: Any = None
+        self.start_step = 0
+        self.total_steps: int | None = None
+        self.pending_state: dict[str, Any] | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+    # ------------------------------------------------------------------ model
+
+    def model_created(self, model: torch.nn.Module, preprocess_val) -> None:
+        """Attach the packing hooks (negatives and mirrored pairs ride in one forward)."""
+        self.preprocess_val = preprocess_val
+        if self.config.packs_texts:
+            attach_model_hooks(model, self.config.packed_negatives, bool(self.config.mirror))
+
+    # ------------------------------------------------------------------ data
+
+    def vocabulary(self, captions: TrainCaptions | None) -> frozenset[str] | None:
+        """--hn-vocabulary's words: a file's, or with `train-data` those of the training captions."""
+        from .negatives.lexicon import VocabularyError, read_vocabulary
+        from .negatives.shards import train_data_captions, word_counts
+
+        vocabulary = self.config.vocabulary
+        if vocabulary != TRAIN_DATA_VOCABULARY:
+            return None if vocabulary is None else read_vocabulary(vocabulary)
+        fix = ("write the word list once with `python -m open_clip_hn.negatives vocabulary` and "
+               "pass its path to --hn-vocabulary")
+        if captions is None or captions.synthetic:
+            raise VocabularyError(f"--hn-vocabulary train-data: synthetic data has no captions; {fix}")
+        try:
+            counts, _ = word_counts(train_data_captions(
+                captions.train_data, is_csv=captions.is_csv, csv_separator=captions.csv_separator,
+                csv_caption_key=captions.csv_caption_key))
+        except VocabularyError as err:
+            raise VocabularyError(f"--hn-vocabulary train-data: {err}; {fix}") from None
+        if not counts:
+            raise VocabularyError(f"--hn-vocabulary train-data: no words in the captions of "
+                                  f"{captions.train_data} (webdataset captions are read from the "
+                                  ".txt members); pass a word list instead")
+        logging.info("Negatives stay inside the %d words of the --train-data captions", len(counts))
+        return frozenset(counts)
+
+    def train_tokenizer(self, tokenizer: Callable, captions: TrainCaptions | None
+                        ) -> PackedNegativeTokenizer:
+        """The train split's tokenizer: each caption with its K typed negatives in one row."""
+        config, generator = self.config, None
+        if config.negatives == "online" and config.uses_text_negatives:
+            from .negatives import NegativeGenerator
+
+            generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
+                                          vocabulary=self.vocabulary(captions))
+        return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
+                                       config.mirror)
+
+    def data_ready(self, tokenizer: Callable, epoch: int, steps_per_epoch: int | None,
+                   epochs: int) -> None:
+        """OpenCLIP built its data for `epoch`: the step clock of the curriculum follows it."""
+        self.eval_tokenizer = tokenizer
+        if steps_per_epoch is not None:
+            self.start_step = epoch * steps_per_epoch
+            self.total_steps = steps_per_epoch * epochs
+
+    # ------------------------------------------------------------------ loss and state
+
+    def create_loss(self, *, rank: int, world_size: int, local_loss: bool, gather_with_grad: bool,
+                    accum_freq: int):
+        """The hard-negative objective, continuing the resumed state if there is one."""
+        from .objective import HardNegativeLoss
+
+        loss = HardNegativeLoss(self.config, rank=rank, world_size=world_size, local_loss=local_loss,
+                                gather_with_grad=gather_with_grad, accum_freq=accum_freq,
+                                start_step=self.start_step, total_steps=self.total_steps)
+        if self.pending_state is not None:
+            saved = self.pending_state["loss"]
+            loss.load_state_dict(saved)
+            if saved["step"] != self.start_step:
+                logging.warning("Hard-negative state was saved at step %s; OpenCLIP resumes at step "
+                                "%s (batch size, world size or samples changed): the curriculum "
+                                "follows OpenCLIP's step", saved["step"], self.start_step)
+            logging.info("=> restored hard-negative state (epoch %s, step %s)",
+                         self.pending_state["epoch"], self.start_step)
+        self.loss = loss
+        return loss
+
+    def state(self) -> dict[str, Any]:
+        assert self.loss is not None, "the loss is created before the first epoch ends"
+        return {"config": dataclasses.asdict(self.config), "loss": self.loss.state_dict()}
+
+    def checkpoint_loaded(self, path: str, checkpoint) -> None:
+        """On a resume from `path`, pick up the plugin state of the checkpoint's epoch."""
+        if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
+            return
+        found = hn_state.find_state(path, checkpoint["epoch"])
+        if found is None:
+            logging.warning("No hard-negative state for epoch %s beside %s: bank, thresholds and "
+                            "curriculum start fresh", checkpoint["epoch"], path)
+            return
+        state_file, saved = found
+        self._warn_config_changes(saved.get("config", {}))
+        self.pending_state = saved
+        logging.info("=> found hard-negative state %s", state_file)
+
+    def _warn_config_changes(self, saved: dict[str, Any]) -> None:
+        current = dataclasses.asdict(self.config)
+        for name, value in current.items():
+            if name in saved and name != "given" and saved[name] != value:
+                logging.warning("Resuming with --hn-%s changed: %r -> %r", name.replace("_", "-"),
+                                saved[name], value)
+
+    def save_state(self, checkpoint_dir: str, completed_epoch: int, checkpointed: bool) -> None:
+        """The plugin state of every epoch OpenCLIP checkpoints (rank 0; all ranks agree)."""
+        if checkpointed:
+            path = hn_state.save_state(checkpoint_dir, completed_epoch, self.state())
+            logging.info("Saved hard-negative state to %s", path)
+        hn_state.prune_states(checkpoint_dir, completed_epoch)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluation_due(self, completed_epoch: int) -> bool:
+        return bool(self.config.eval_compositional) and completed_epoch % self.config.eval_every == 0
+
+    def evaluate(self, model: torch.nn.Module, *, device, batch_size: int, autocast,
+                 input_dtype) -> dict[str, float]:
+        """--hn-eval-compositional's per-type accuracies for the model being trained."""
+        from .eval import evaluate_compositional
+
+        unwrapped = model.module if hasattr(model, "module") else model
+        return evaluate_compositional(unwrapped, self.preprocess_val, self.eval_tokenizer,
+                                      self.config.eval_compositional, device=device,
+                                      batch_size=batch_size, autocast=autocast,
+                                      input_dtype=input_dtype)

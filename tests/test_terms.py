@@ -1,0 +1,92 @@
+"""The loss-term registry: flags, validation, the objective's loop and README derive from it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import REPO, unit
+from open_clip_hn import losses as L
+from open_clip_hn import terms
+from open_clip_hn.config import HNConfig, add_hn_arguments
+from open_clip_hn.curriculum import negative_keep_mask
+from open_clip_hn.objective import HardNegativeLoss
+from open_clip_hn.packing import PackedOutputs
+
+SCALE = torch.tensor(10.0)
+
+
+def parser():
+    import argparse
+
+    return add_hn_arguments(argparse.ArgumentParser(add_help=False))
+
+
+def test_flags_and_config_fields_come_from_the_registry():
+    fields = {f.name for f in dataclasses.fields(HNConfig)}
+    options = {o for a in parser()._actions for o in a.option_strings}
+    for term in terms.TERMS.values():
+        if term.weight:
+            assert term.weight_field in fields, f"HNConfig lacks {term.weight_field}"
+            assert f"--hn-{term.name}-weight" in options
+        else:
+            assert f"--hn-{term.name}-weight" not in options
+    selectable = terms.selectable_terms()
+    assert "mirror" not in selectable and {"itc", "choice", "mined"} <= set(selectable)
+    assert parser().parse_args(["--hn-loss", ",".join(selectable)]).hn_loss == selectable
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--hn-loss", "mirror"])
+
+
+def test_needs_are_checked_from_the_registry():
+    with pytest.raises(ValueError, match=r"--hn-loss choice,rank needs text hard negatives; add --hn-negatives"):
+        HNConfig(loss=("itc", "rank", "choice")).validate()
+    with pytest.raises(ValueError, match="--hn-loss mined needs a memory bank; set --hn-memory-bank-size"):
+        HNConfig(loss=("mined",)).validate()
+    HNConfig(negatives="online", loss=("rank",)).validate()
+
+
+def test_active_terms_follow_choice_replacement_and_automatic_needs():
+    names = lambda config: [t.name for t in terms.active_terms(config)]  # noqa: E731
+    assert names(HNConfig(loss=("itc", "importance"))) == ["importance"]  # importance replaces itc
+    assert names(HNConfig(loss=("choice", "itc"), negatives="online")) == ["itc", "choice"]
+    assert names(HNConfig(loss=("itc",), mirror=("horizontal",))) == ["itc", "mirror"]
+    assert names(HNConfig(loss=("itc",), mirror=("horizontal",), mirror_weight=0.0)) == ["itc"]
+
+
+def test_readme_term_table_is_the_registry():
+    assert terms.markdown_table() in (REPO / "README.md").read_text()
+
+
+def test_a_new_term_is_one_decorated_function():
+    """Register a term, and the objective computes it with its curriculum scaling: no other edit."""
+    @terms.register_term("toy", summary="distance of each caption to its negatives",
+                         source="test", needs=("text_negatives",), curriculum=True)
+    def toy(b, ctx):
+        return L.intra_loss(b.image, b.text, b.negatives, b.anchor_used, ctx.logit_scale)
+
+    try:
+        k, batch, dim = 2, 4, 8
+        image, text = unit(batch, dim, seed=1), unit(batch, 1 + k, dim, seed=2).flatten(0, 1)
+        mask = torch.ones(batch, k, dtype=torch.bool)
+        config = HNConfig(negatives="online", num_negatives=k, loss=("itc", "toy"),
+                          curriculum="linear", curriculum_start=0.5, curriculum_end=0.5)
+        assert parser().parse_args(["--hn-loss", "itc,toy"]).hn_loss == ("itc", "toy")
+        out = HardNegativeLoss(config)(image, text, SCALE, PackedOutputs(mask), output_dict=True)
+        positives, negatives = L.split_text_features(text, batch)
+        used = mask & negative_keep_mask((batch, k), 0.5, seed=0, step=0, device=mask.device)
+        expected = 0.5 * L.intra_loss(image, positives, negatives, used, SCALE)
+        torch.testing.assert_close(out["toy_loss"], expected)
+        with pytest.raises(ValueError, match="toy needs text hard negatives"):
+            HNConfig(loss=("toy",)).validate()
+    finally:
+        del terms.TERMS["toy"]
+
+
+def test_register_refuses_unknown_needs_and_duplicates():
+    with pytest.raises(ValueError, match="unknown needs"):
+        terms.register_term("bad", summary="", source="", needs=("gpu",))
+    with pytest.raises(ValueError, match="registered twice"):
+        terms.register_term("itc", summary="", source="")
