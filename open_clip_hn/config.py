@@ -90,6 +90,8 @@ class HNConfig:
     image_neighbors_per_sample: int = 1
     eval_compositional: str | None = None
     eval_every: int = 1
+    # checkpoints inside an epoch (preemption.py)
+    save_every_steps: int = 0
     # bookkeeping filled by the hooks, not by flags
     given: tuple[str, ...] = field(default=(), compare=False)
 
@@ -245,6 +247,14 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-eval-compositional", dest="hn_eval_compositional", default=None, metavar="DIR",
         help="Compositional test sets (SugarCrepe layout) evaluated during training; per-type "
              "accuracy is logged like OpenCLIP's metrics.")
+    add("--hn-save-every-steps", dest="hn_save_every_steps", type=non_negative_int, default=0,
+        metavar="N", help="Also save a checkpoint every N optimizer steps inside an epoch "
+                          "(epoch_E_step_S.pt, OpenCLIP's format plus the position in the epoch "
+                          "and the plugin's state; the previous one is removed), so a kill loses "
+                          "at most N steps; --resume latest continues at that step. With any "
+                          "--hn-* flag a checkpoint is also saved when SIGUSR2 or SIGTERM arrives "
+                          "(preemption, time limit). Usable without hard negatives. Default: 0 "
+                          "(only at the signal).")
     add("--hn-eval-every", dest="hn_eval_every", type=int, default=1, metavar="EPOCHS",
         help="Run --hn-eval-compositional every N epochs. Default: 1.")
     return parser

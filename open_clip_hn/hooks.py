@@ -2,7 +2,7 @@
 
 `Plugin` is the plugin object. On an OpenCLIP with plugin hook points (patches/) it is registered
 under the `open_clip_train.plugins` entry-point group and enabled by `--plugins open_clip_hn`; on
-a stock OpenCLIP, `install()` replaces six names in `open_clip_train.main` with thin wrappers that
+a stock OpenCLIP, `install()` replaces names in `open_clip_train.main` with thin wrappers that
 call the originals and the same `Plugin` methods, so both routes train alike:
 
     parse_args                   OpenCLIP's parser + the --hn-* flags -> Plugin.configure
@@ -10,7 +10,11 @@ call the originals and the same `Plugin` methods, so both routes train alike:
     pt_load (--resume)           -> Plugin.checkpoint_loaded
     get_data                     -> Plugin.get_data (wraps OpenCLIP's)
     create_loss                  -> Plugin.create_loss (wraps OpenCLIP's)
-    train_one_epoch              -> OpenCLIP's epoch, then Plugin.epoch_end
+    train_one_epoch              -> Plugin.train_one_epoch (wraps OpenCLIP's), Plugin.epoch_end
+    get_latest_checkpoint        newest readable checkpoint, step checkpoints included
+    torch (main's name for it)   the same module, with `save` atomic (temp file + rename)
+
+The last two are what the patch changes in OpenCLIP itself.
 
 The plugin's part of the run lives in one `run.HardNegativeRun`, built by `configure` and held by
 the plugin object; with no `--hn-*` flag there is none, and every hook hands straight through.
@@ -39,6 +43,8 @@ from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_
 from .eval import log_metrics
 from .negatives.shards import shard_has_negatives
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
+from .preemption import (POSITION_KEY, STATE_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
+                         latest_checkpoint, prune_step_checkpoints, save_checkpoint, shifted_scheduler)
 from .recipes import expand_recipe, recipe_path
 from .run import HardNegativeRun, TrainCaptions, checkpointed_epoch
 
@@ -274,6 +280,76 @@ def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get)
     return data
 
 
+# ---------------------------------------------------------------------------- step checkpoints
+
+
+def _openclip_checkpoint(model, optimizer, scaler, epoch: int, args: argparse.Namespace) -> dict:
+    """The dict OpenCLIP's `main` saves (its keys, its model: not the compiled wrapper)."""
+    original = getattr(model, "_orig_mod", model)
+    checkpoint = {"epoch": epoch, "name": args.name, "state_dict": original.state_dict(),
+                  "optimizer": optimizer.state_dict()}
+    if scaler is not None:
+        checkpoint["scaler"] = scaler.state_dict()
+    return checkpoint
+
+
+def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimizer, scaler,
+                          scheduler, dist_model, args, tb_writer, train_one_epoch) -> None:
+    """OpenCLIP's epoch over a `SteppedLoader`: step checkpoints, the signal, a resumed step."""
+    run.install_stop_handlers()
+    info = data["train"]
+    loader = info.dataloader
+    steps_per_epoch = loader.num_batches // args.accum_freq
+    position = run.position_for_epoch(epoch)
+
+    def build(at: EpochPosition) -> dict:
+        checkpoint = _openclip_checkpoint(model, optimizer, scaler, at.epoch, args)
+        checkpoint[POSITION_KEY] = at.to_dict()
+        if run.loss is not None:
+            checkpoint[STATE_KEY] = {"epoch": at.epoch, "step": at.step, **run.state()}
+        return checkpoint
+
+    checkpointer = StepCheckpointer(
+        args.checkpoint_path, run.config.save_every_steps, run.stop, build=build,
+        steps_per_epoch=steps_per_epoch,
+        samples_per_step=args.batch_size * args.accum_freq * args.world_size,
+        world_size=args.world_size, device=args.device, is_master=is_master(args) and args.save_logs,
+        latest_name=oc_main.LATEST_CHECKPOINT_NAME if args.save_most_recent else None)
+    if is_master(args) and args.save_logs and epoch > 0 and not args.save_most_recent and \
+            os.path.exists(os.path.join(args.checkpoint_path, f"epoch_{epoch}.pt")):
+        prune_step_checkpoints(args.checkpoint_path, before_epoch=epoch)
+    info.dataloader = SteppedLoader(loader, args.accum_freq, checkpointer.for_epoch(epoch), position,
+                                    skip_by_drawing=not args.dataset_resampled)
+    try:
+        train_one_epoch(model, data, loss, epoch, optimizer, scaler,
+                        shifted_scheduler(scheduler, position.step if position else 0), dist_model,
+                        args, tb_writer=tb_writer)
+    finally:
+        info.dataloader = loader
+
+
+class _AtomicSaveTorch:
+    """`torch` as `open_clip_train.main` sees it, with `save` writing through a temp file: a kill
+    during OpenCLIP's own epoch checkpoint leaves the previous file, never a truncated one."""
+
+    def __getattr__(self, name: str):
+        return getattr(torch, name)
+
+    @staticmethod
+    def save(obj, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and not args and not kwargs:
+            return save_checkpoint(os.fspath(f), obj)
+        return torch.save(obj, f, *args, **kwargs)
+
+
+def get_latest_checkpoint(path: str, remote: bool):
+    """OpenCLIP's `--resume latest` pick, skipping unreadable files (interrupted writes) and
+    knowing step checkpoints (epoch_E_step_S.pt sorts inside epoch E)."""
+    if remote:
+        return _ORIGINALS["get_latest_checkpoint"](path, remote)
+    return latest_checkpoint(path)
+
+
 # ---------------------------------------------------------------------------- the plugin
 
 
@@ -318,6 +394,15 @@ class Plugin:
         return self.run.create_loss(rank=args.rank, world_size=args.world_size,
                                     local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
                                     accum_freq=args.accum_freq)
+
+    def train_one_epoch(self, model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                        tb_writer=None, *, train_one_epoch):
+        """OpenCLIP's epoch; with the plugin on, over a loader that saves between steps."""
+        if self.run is None:
+            return train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model,
+                                   args, tb_writer=tb_writer)
+        return _train_epoch_in_steps(self.run, model, data, loss, epoch, optimizer, scaler, scheduler,
+                                     dist_model, args, tb_writer, train_one_epoch)
 
     def epoch_end(self, model, data, loss, epoch, optimizer, args, tb_writer=None) -> None:
         """After epoch `epoch` (0-based), before OpenCLIP's checkpoint: plugin state, eval."""
@@ -371,8 +456,8 @@ def create_loss(args):
 
 def train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
                     tb_writer=None):
-    _ORIGINALS["train_one_epoch"](model, data, loss, epoch, optimizer, scaler, scheduler,
-                                  dist_model, args, tb_writer=tb_writer)
+    _PLUGIN.train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                            tb_writer, train_one_epoch=_ORIGINALS["train_one_epoch"])
     _PLUGIN.epoch_end(model, data, loss, epoch, optimizer, args, tb_writer)
 
 
@@ -383,6 +468,8 @@ _WRAPPERS = {
     "create_loss": create_loss,
     "train_one_epoch": train_one_epoch,
     "pt_load": pt_load,
+    "get_latest_checkpoint": get_latest_checkpoint,
+    "torch": _AtomicSaveTorch(),
 }
 
 

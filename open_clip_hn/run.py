@@ -26,6 +26,7 @@ import torch
 from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig
 from .packing import PackedNegativeTokenizer, attach_model_hooks
+from .preemption import STATE_KEY, EpochPosition, StopRequest
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,9 @@ class HardNegativeRun:
         self.start_step = 0
         self.total_steps: int | None = None
         self.pending_state: dict[str, Any] | None = None
+        self.resume_position: EpochPosition | None = None  # a step checkpoint was resumed
+        self.stop = StopRequest()
+        self._stop_installed = False
 
     @property
     def enabled(self) -> bool:
@@ -118,6 +122,29 @@ class HardNegativeRun:
         if steps_per_epoch is not None:
             self.start_step = epoch * steps_per_epoch
             self.total_steps = steps_per_epoch * epochs
+            position = self.resume_position
+            if position is not None and position.epoch == epoch:
+                if position.steps_per_epoch != steps_per_epoch:
+                    raise ValueError(
+                        f"the step checkpoint was saved with {position.steps_per_epoch} steps per "
+                        f"epoch, this run has {steps_per_epoch} (batch size, --accum-freq, world "
+                        "size or --train-num-samples changed); keep them, or resume from an epoch "
+                        "checkpoint with --resume PATH/epoch_N.pt")
+                self.start_step += position.step
+
+    def position_for_epoch(self, epoch: int) -> EpochPosition | None:
+        """The resumed step position if `epoch` is the one it was saved in (used once)."""
+        position = self.resume_position
+        if position is None or position.epoch != epoch:
+            return None
+        self.resume_position = None
+        return position
+
+    def install_stop_handlers(self) -> None:
+        """From the first epoch on, SIGUSR2/SIGTERM wait for the step in flight (preemption.py)."""
+        if not self._stop_installed:
+            self.stop.install()
+            self._stop_installed = True
 
     # ------------------------------------------------------------------ loss and state
 
@@ -146,8 +173,18 @@ class HardNegativeRun:
         return {"config": dataclasses.asdict(self.config), "loss": self.loss.state_dict()}
 
     def checkpoint_loaded(self, path: str, checkpoint) -> None:
-        """On a resume from `path`, pick up the plugin state of the checkpoint's epoch."""
+        """On a resume from `path`, pick up the plugin state: inside a step checkpoint, else
+        beside the checkpoint of its epoch."""
         if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
+            return
+        position = EpochPosition.from_checkpoint(checkpoint, path)
+        if position is not None:
+            self.resume_position = position
+            if checkpoint.get(STATE_KEY) is not None:
+                self._warn_config_changes(checkpoint[STATE_KEY].get("config", {}))
+                self.pending_state = checkpoint[STATE_KEY]
+            logging.info("=> %s is a step checkpoint: epoch %d continues at step %d", path,
+                         position.epoch, position.step)
             return
         found = hn_state.find_state(path, checkpoint["epoch"])
         if found is None:

@@ -1,0 +1,308 @@
+"""Checkpoints inside an epoch: every N optimizer steps and at the preemption signal; resume at the step.
+
+OpenCLIP saves at epoch ends only, and its checkpoint holds no position inside an epoch, so a
+preempted job trains the whole epoch again. Here the train loader is wrapped (`SteppedLoader`):
+between two optimizer steps — after OpenCLIP's `optimizer.step()` and logit-scale clamp, before
+the next batch — it saves a checkpoint every `--hn-save-every-steps` steps, and when SIGUSR2
+(SLURM's `--signal`, `scancel --signal=USR2`) or SIGTERM arrived during the step in flight. Every
+rank finishes that step; one all-reduce makes the ranks agree; rank 0 writes the checkpoint
+atomically; then the process stops the way the signal would have stopped it (submitit's handler
+requeues the job).
+
+A step checkpoint is OpenCLIP's checkpoint (plain OpenCLIP loads its weights and resumes from it)
+with two more keys: `hn_position` (epoch, steps done, samples seen, the RNG states that fix the
+epoch's sample order and the next step's randomness) and `hn_state` (the plugin's state). Named
+`epoch_E_step_S.pt`, it sorts between `epoch_E.pt` and `epoch_{E+1}.pt` in OpenCLIP's natural order,
+so `--resume latest` picks the newest checkpoint, step or epoch. On resume the loader skips the
+batches already trained (resampled webdataset: it just draws the remaining ones), the LR schedule
+and the plugin's step clock continue at the step, and the rest of the run is unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+import random
+import re
+import signal
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from .files import atomic_open
+
+POSITION_KEY = "hn_position"
+STATE_KEY = "hn_state"
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+_STEP_NAME = re.compile(r"epoch_(\d+)_step_(\d+)\.pt")
+
+
+# ---------------------------------------------------------------------------- position
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a training step may draw from (torch CPU and CUDA, numpy, random)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),  # plain types only: OpenCLIP loads weights_only
+             "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+             "random": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["random"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass(frozen=True)
+class EpochPosition:
+    """Where inside an epoch a step checkpoint was taken."""
+
+    epoch: int             # 0-based epoch in progress (= epochs completed)
+    step: int              # optimizer steps done in this epoch
+    steps_per_epoch: int
+    samples_seen: int      # over the whole run, all ranks
+    rng_epoch_start: dict  # RNG when the epoch's loader iterator was created (its sample order)
+    rng_now: dict          # RNG right after the step (the next batch's randomness)
+
+    @property
+    def global_step(self) -> int:
+        return self.epoch * self.steps_per_epoch + self.step
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: dict, path: str) -> "EpochPosition | None":
+        saved = checkpoint.get(POSITION_KEY)
+        if saved is None:
+            return None
+        try:
+            return cls(**saved)
+        except TypeError as err:
+            raise ValueError(f"{path}: its {POSITION_KEY} entry is not this version's ({err}); "
+                             "resume from an epoch checkpoint (--resume PATH/epoch_N.pt)") from None
+
+
+def step_checkpoint_name(epoch: int, step: int) -> str:
+    return f"epoch_{epoch}_step_{step}.pt"
+
+
+def progress_of(path: str) -> tuple[int, int] | None:
+    """(epochs done, steps into the next) from a checkpoint's file name; None for other names."""
+    name = os.path.basename(path)
+    step = _STEP_NAME.fullmatch(name)
+    if step:
+        return int(step.group(1)), int(step.group(2))
+    epoch = re.fullmatch(r"epoch_(\d+)\.pt", name)
+    return (int(epoch.group(1)), 0) if epoch else None
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """torch.save through a temp file and a rename: a kill leaves the old file or the new one."""
+    with atomic_open(path, "wb") as handle:
+        torch.save(checkpoint, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def readable_checkpoint(path: str) -> bool:
+    """A cheap completeness check: the zip directory at the end of a torch file is readable
+    (memory-mapped, so tensors are not read)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception:  # torch raises RuntimeError, EOFError, pickle and zip errors alike
+        return False
+    return isinstance(checkpoint, dict) and "state_dict" in checkpoint
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The newest readable `epoch_N.pt` or `epoch_N_step_S.pt` under `folder` (OpenCLIP's natural
+    order; step checkpoints sort inside their epoch). Unreadable newer ones are skipped loudly."""
+    candidates = [p for p in glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)
+                  if progress_of(p) is not None]
+    for path in sorted(candidates, key=progress_of, reverse=True):
+        if readable_checkpoint(path):
+            return path
+        logging.warning("Skipping unreadable checkpoint %s (an interrupted write?); resuming from "
+                        "the one before it", path)
+    return None
+
+
+def prune_step_checkpoints(folder: str, keep: str | None = None, before_epoch: int | None = None) -> None:
+    """Remove step checkpoints other than `keep` (or, with `before_epoch`, those of earlier
+    epochs only). Called once the newer checkpoint is safely on disk."""
+    for path in glob.glob(os.path.join(folder, "epoch_*_step_*.pt")):
+        progress = progress_of(path)
+        if progress is None or (keep is not None and os.path.abspath(path) == os.path.abspath(keep)):
+            continue
+        if before_epoch is None or progress[0] < before_epoch:
+            os.remove(path)
+
+
+# ---------------------------------------------------------------------------- the signal
+
+
+class StopRequest:
+    """Records SIGUSR2/SIGTERM instead of dying at once, so the step in flight can finish and be
+    saved; `stop()` then ends the process as the signal would have (calling the handler that was
+    there before, e.g. submitit's requeue)."""
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
+        self.signals = signals
+        self.received: signal.Signals | None = None
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for signum in self.signals:
+            self.previous[signum] = signal.signal(signum, self._record)
+        # loader workers fork with these handlers; only the training process may stop the run
+        os.register_at_fork(after_in_child=self._ignore_in_child)
+
+    def _ignore_in_child(self) -> None:
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_IGN)
+
+    def _record(self, signum: int, frame) -> None:
+        if self.received is None:
+            logging.warning("Received %s: finishing the current step, then saving a checkpoint",
+                            signal.Signals(signum).name)
+        self.received = signal.Signals(signum)
+
+    def stop(self, signum: signal.Signals | None = None) -> None:
+        """End the process as `signum` would have, now that its work is saved."""
+        signum = signum or self.received or signal.SIGTERM
+        previous = self.previous.get(signum, signal.SIG_DFL)
+        for restored, handler in self.previous.items():
+            signal.signal(restored, handler)
+        if callable(previous):
+            previous(signum, None)  # e.g. submitit: requeue (rank 0) and exit
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        raise SystemExit(128 + signum)  # if the default action was to ignore it
+
+
+def agree(signum: int, device, world_size: int) -> int:
+    """The stop signal any rank received (0: none), the same on every rank: one all-reduce
+    (none for one process), so no rank saves or stops after a different step."""
+    if world_size == 1:
+        return signum
+    value = torch.tensor([signum], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return int(value.item())
+
+
+# ---------------------------------------------------------------------------- the loader
+
+
+class SteppedLoader:
+    """OpenCLIP's train loader with a callback between optimizer steps and a resume position.
+
+    `between_steps(step)` runs before the batches of step `step` (0-based, inside the epoch) are
+    fetched, i.e. after step `step - 1` finished, including before the first step. With `resume`,
+    the first `resume.step` steps' batches are skipped (or, with `skip_by_drawing=False` for
+    resampled data, simply not drawn), the epoch's sample order and the RNG are put back as they
+    were, and the loop continues at that step.
+    """
+
+    def __init__(self, loader, accum_freq: int, between_steps: Callable[[int, dict], None],
+                 resume: EpochPosition | None = None, skip_by_drawing: bool = True):
+        self.loader = loader
+        self.accum_freq = accum_freq
+        self.between_steps = between_steps
+        self.resume = resume
+        self.skip_by_drawing = skip_by_drawing
+        self.num_batches = loader.num_batches
+        self.num_samples = loader.num_samples
+        self.rng_epoch_start: dict | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator:
+        resume, first = self.resume, 0
+        if resume is not None:
+            set_rng_state(resume.rng_epoch_start)
+        self.rng_epoch_start = rng_state()
+        batches = iter(self.loader)
+        if resume is not None:
+            first = resume.step * self.accum_freq
+            if self.skip_by_drawing:
+                for _ in range(first):
+                    next(batches)
+            set_rng_state(resume.rng_now)
+            logging.info("Resuming inside epoch %d at step %d of %d (%d batches %s)", resume.epoch,
+                         resume.step, resume.steps_per_epoch, first,
+                         "skipped" if self.skip_by_drawing else "not drawn: resampled data")
+        index = first
+        for batch in batches:
+            if index >= self.num_batches:
+                break  # resampled data: the epoch's remaining batches are done
+            if index % self.accum_freq == 0 and (index > first or resume is None):
+                self.between_steps(index // self.accum_freq, self.rng_epoch_start)
+            yield batch
+            index += 1
+
+
+def shifted_scheduler(scheduler: Callable[[int], Any] | None, steps: int) -> Callable[[int], Any] | None:
+    """OpenCLIP's `scheduler(step)` for a loop that restarts counting `steps` steps into the epoch."""
+    if scheduler is None or steps == 0:
+        return scheduler
+    return lambda step: scheduler(step + steps)
+
+
+class StepCheckpointer:
+    """What happens between two optimizer steps: a periodic save, or the save at a stop signal.
+
+    `build(position)` returns the checkpoint dict to write (OpenCLIP's keys, from the adapter);
+    only `is_master` writes; all ranks then meet at a barrier, so none stops before the file is
+    complete.
+    """
+
+    def __init__(self, folder: str, every: int, stop: StopRequest, *, build: Callable[[EpochPosition], dict],
+                 steps_per_epoch: int, samples_per_step: int, world_size: int, device,
+                 is_master: bool, latest_name: str | None = None):
+        self.folder, self.every, self.stop = folder, every, stop
+        self.build = build
+        self.steps_per_epoch, self.samples_per_step = steps_per_epoch, samples_per_step
+        self.world_size, self.device, self.is_master = world_size, device, is_master
+        self.latest_name = latest_name  # --save-most-recent: step checkpoints go there too
+
+    def for_epoch(self, epoch: int) -> Callable[[int, dict], None]:
+        def between_steps(step: int, rng_epoch_start: dict) -> None:
+            global_step = epoch * self.steps_per_epoch + step
+            stopping = agree(int(self.stop.received or 0), self.device, self.world_size)
+            periodic = self.every > 0 and step > 0 and global_step % self.every == 0
+            if stopping or periodic:
+                self.save(EpochPosition(epoch, step, self.steps_per_epoch,
+                                        global_step * self.samples_per_step, rng_epoch_start,
+                                        rng_state()))
+            if stopping:
+                self.stop.stop(signal.Signals(stopping))
+
+        return between_steps
+
+    def save(self, position: EpochPosition) -> None:
+        if self.is_master:
+            name = self.latest_name or step_checkpoint_name(position.epoch, position.step)
+            path = os.path.join(self.folder, name)
+            save_checkpoint(path, self.build(position))
+            if self.latest_name is None:
+                prune_step_checkpoints(self.folder, keep=path)
+            logging.info("Saved step checkpoint %s (epoch %d, step %d of %d)", path, position.epoch,
+                         position.step, position.steps_per_epoch)
+        if self.world_size > 1:
+            torch.distributed.barrier()

@@ -1,0 +1,172 @@
+"""Checkpoints inside an epoch: at the signal and every N steps; a resumed run equals an
+uninterrupted one (CSV data is deterministic, so weights are compared exactly)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, free_port, run_module, train_argv
+from open_clip_hn.preemption import (EpochPosition, SteppedLoader, latest_checkpoint, progress_of,
+                                     rng_state, save_checkpoint, step_checkpoint_name)
+
+HN = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc,choice"]
+
+
+def checkpoint(logs: Path, name: str, file: str) -> dict:
+    return torch.load(logs / name / "checkpoints" / file, map_location="cpu", weights_only=False)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_steps(logs: Path, name: str) -> int:
+    """Optimizer steps logged over all starts of a run (OpenCLIP logs every step here)."""
+    return sum(1 for line in (logs / name / "out.log").read_text().splitlines()
+               if "Train Epoch" in line)
+
+
+def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and log.read_text().count("Train Epoch") >= steps:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read()[-4000:])
+        time.sleep(0.05)
+    raise AssertionError(f"no {steps} steps logged in {log}")
+
+
+# ---------------------------------------------------------------------------- units
+
+
+def test_step_checkpoints_sort_inside_their_epoch(tmp_path):
+    names = ["epoch_1.pt", step_checkpoint_name(1, 7), step_checkpoint_name(1, 12), "epoch_2.pt",
+             step_checkpoint_name(0, 3)]
+    assert sorted(names, key=progress_of) == ["epoch_0_step_3.pt", "epoch_1.pt", "epoch_1_step_7.pt",
+                                              "epoch_1_step_12.pt", "epoch_2.pt"]
+    for name in names:
+        save_checkpoint(str(tmp_path / name), {"epoch": 0, "state_dict": {}})
+    (tmp_path / "epoch_2.pt").write_bytes((tmp_path / "epoch_2.pt").read_bytes()[:50])  # killed mid-write
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "epoch_1_step_12.pt")
+
+
+class _Loader(list):
+    num_batches = 6
+    num_samples = 12
+
+
+def test_stepped_loader_calls_between_steps_and_resumes():
+    calls = []
+    loader = SteppedLoader(_Loader(range(6)), 2, lambda step, rng: calls.append(step))
+    assert list(loader) == [0, 1, 2, 3, 4, 5] and calls == [0, 1, 2]
+    position = EpochPosition(0, 2, 3, 8, rng_state(), rng_state())
+    calls.clear()
+    resumed = SteppedLoader(_Loader(range(6)), 2, lambda step, rng: calls.append(step), position)
+    assert list(resumed) == [4, 5] and calls == []  # skipped what step 0-1 consumed
+    drawn = SteppedLoader(_Loader(range(100, 110)), 2, lambda step, rng: None, position,
+                          skip_by_drawing=False)
+    assert list(drawn) == [100, 101]  # resampled: the epoch's remaining 2 batches, newly drawn
+
+
+# ---------------------------------------------------------------------------- whole runs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--accum-freq", "2"]], ids=["plain", "accum2"])
+def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, extra):
+    """SIGTERM in the middle of an epoch: the step in flight finishes, a step checkpoint is saved
+    (and loads in plain OpenCLIP), and `--resume latest` ends with the uninterrupted run's weights."""
+    batch = 4 if extra else 8
+    whole = train_argv(scene_csv, str(tmp_path), "whole", *HN, *extra, epochs=2, batch_size=batch)
+    run_module("open_clip_hn.train", whole)
+
+    cut = train_argv(scene_csv, str(tmp_path), "cut", *HN, *extra, epochs=2, batch_size=batch)
+    proc = start(cut)
+    wait_for_steps(tmp_path / "cut" / "out.log", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == -signal.SIGTERM, output[-3000:]  # stopped as the signal would
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))
+    assert len(saved) == 1, saved
+    position = checkpoint(tmp_path, "cut", saved[0])["hn_position"]
+    assert 0 < position["step"] + 4 * position["epoch"]  # inside the run, not at its start
+    stopped_at = train_steps(tmp_path, "cut")
+    assert position["epoch"] * 4 + position["step"] == stopped_at  # no step in flight lost
+
+    import open_clip
+
+    open_clip.add_model_config(str(REPO / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json"))
+    open_clip.create_model_and_transforms(
+        "hn-tiny-vit", pretrained=str(tmp_path / "cut" / "checkpoints" / saved[0]))
+
+    run_module("open_clip_hn.train", [*cut, "--resume", "latest"])
+    assert "is a step checkpoint" in (tmp_path / "cut" / "out.log").read_text()
+    assert train_steps(tmp_path, "cut") == train_steps(tmp_path, "whole") == 8
+    a = checkpoint(tmp_path, "whole", "epoch_2.pt")
+    b = checkpoint(tmp_path, "cut", "epoch_2.pt")
+    assert same_weights(a["state_dict"], b["state_dict"])
+    hn_a = torch.load(tmp_path / "whole" / "checkpoints" / "epoch_2.pt.hn", weights_only=False)
+    hn_b = torch.load(tmp_path / "cut" / "checkpoints" / "epoch_2.pt.hn", weights_only=False)
+    assert hn_a["loss"]["step"] == hn_b["loss"]["step"] == 8
+    assert not list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))  # pruned
+
+
+@pytest.mark.slow
+def test_kill_9_loses_at_most_n_steps(tmp_path, scene_csv):
+    """No signal handler runs for SIGKILL: the periodic step checkpoint is what is left; the
+    resumed run repeats at most N steps and still equals the uninterrupted run."""
+    n = 3
+    whole = train_argv(scene_csv, str(tmp_path), "whole", "--hn-save-every-steps", str(n), epochs=2)
+    run_module("open_clip_hn.train", whole)
+    cut = train_argv(scene_csv, str(tmp_path), "cut", "--hn-save-every-steps", str(n), epochs=2)
+    proc = start(cut)
+    wait_for_steps(tmp_path / "cut" / "out.log", 6, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    killed_after = train_steps(tmp_path, "cut")
+    latest = latest_checkpoint(str(tmp_path / "cut" / "checkpoints"))
+    epoch, step = progress_of(latest)
+    assert killed_after - (epoch * 4 + step) <= n
+    run_module("open_clip_hn.train", [*cut, "--resume", "latest"])
+    assert same_weights(checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
+                        checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
+
+
+@pytest.mark.slow
+def test_two_ranks_agree_on_the_step_and_resume_exactly(tmp_path, scene_csv):
+    """2 gloo processes; the signal reaches rank 1 only: one all-reduce makes both stop after
+    the same step, rank 0 saves, and the resumed pair ends with the uninterrupted pair's weights."""
+    def ranks(name: str, *extra: str) -> list[subprocess.Popen]:
+        argv = train_argv(scene_csv, str(tmp_path), name, *HN, "--dist-backend", "gloo", *extra,
+                          epochs=2, batch_size=4)
+        base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
+                "OMP_NUM_THREADS": "1"}
+        return [start(argv, {**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+
+    for proc in ranks("whole"):
+        assert proc.wait(timeout=300) == 0
+    procs = ranks("cut")
+    wait_for_steps(tmp_path / "cut" / "out.log", 2, procs[0])
+    procs[1].send_signal(signal.SIGUSR2)
+    codes = [p.wait(timeout=240) for p in procs]
+    assert codes == [-signal.SIGUSR2, -signal.SIGUSR2], [p.stdout.read()[-2000:] for p in procs]
+    assert len(list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))) == 1
+    for proc in ranks("cut", "--resume", "latest"):
+        assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
+    assert same_weights(checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
+                        checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
