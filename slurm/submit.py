@@ -7,9 +7,10 @@
 Every task sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK from SLURM (through submitit's
 `JobEnvironment`) so OpenCLIP's `init_distributed_device` works unchanged. The job is a submitit
 checkpointable: on SIGUSR2 (SLURM sends it `--signal-delay` seconds before the time limit, and
-`scancel --signal=USR2` sends it on preemption) rank 0 requeues it, and the new start runs with
-`--resume latest`, so OpenCLIP's checkpoint and the plugin's `epoch_N.pt.hn` state continue the
-run. Logs, submitit's files and checkpoints live in one job folder.
+`scancel --signal=USR2` sends it on preemption) every task finishes its optimizer step, rank 0
+saves a step checkpoint (open_clip_hn/preemption.py) and requeues the job, and the new start runs
+with `--resume latest`, continuing at that step with the plugin's state. Logs, submitit's files
+and checkpoints live in one job folder.
 """
 
 from __future__ import annotations

@@ -353,10 +353,12 @@ def test_preemption_and_time_limit_requeue_and_resume_with_plugin_state(jobs):
     wait_finished(env, job_id, job_dir)
 
     text = log.read_text()
-    resumed_from = [int(e) for e in re.findall(r"=> resuming checkpoint '.*epoch_\d+\.pt' "
-                                               r"\(epoch (\d+)\)", text)]
-    assert resumed_from[0] >= first and resumed_from[1] > resumed
-    assert text.count("=> found hard-negative state") == len(resumed_from)
+    # each signal saved a step checkpoint (the step in flight finished) and the job resumed there
+    resumed_from = re.findall(r"=> resuming checkpoint '.*/(epoch_\d+_step_\d+\.pt)' \(epoch (\d+)\)",
+                              text)
+    assert len(resumed_from) == 2, text[-3000:]
+    assert int(resumed_from[0][1]) >= first and int(resumed_from[1][1]) >= resumed
+    assert text.count("is a step checkpoint") == 2 and text.count("Resuming inside epoch") == 2
     submitit_log = (job_dir / f"{job_id}_0_log.err").read_text()
     assert submitit_log.count("Calling checkpoint method") >= 2  # rank 0 handled both signals
     assert optimizer_steps(checkpoints / f"epoch_{epochs}.pt") == epochs * samples // (BATCH * WORLD)
