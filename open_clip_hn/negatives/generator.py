@@ -10,12 +10,14 @@ CRC of the seed and the caption, never from Python's salted hash().
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import zlib
 from typing import Callable
 
 from .lexicon import Resources, load_resources, regular_plural, restrict_to_vocabulary, words_of
+from .plausibility import PlausibilityModel, resolve as resolve_plausibility, select as plausible_order
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
@@ -496,6 +498,10 @@ GENERATORS: dict[str, Callable[[Resources, Parse, random.Random], list[Edit]]] =
     "shuffle_order": shuffle_order,
 }
 assert tuple(GENERATORS) == NEGATIVE_TYPES
+# types whose candidates depend on random choices: drawn PLAUSIBILITY_DRAWS times with a filter
+RANDOM_CHOICE_TYPES = frozenset(("replace_object", "replace_attribute", "replace_relation", "replace_count",
+                                 "add_attribute", "add_object"))
+PLAUSIBILITY_DRAWS = 3
 
 
 class NegativeGenerator:
@@ -507,7 +513,8 @@ class NegativeGenerator:
 
     def __init__(self, types: tuple[str, ...] | str | None = NEGATIVE_TYPES, seed: int = 0,
                  lm_path: str | None = None, tagger: str = "auto",
-                 vocabulary: frozenset[str] | None = None):
+                 vocabulary: frozenset[str] | None = None,
+                 plausibility: "str | PlausibilityModel | None" = None):
         self.types = parse_types(types) if isinstance(types, str) or types is None else parse_types(",".join(types))
         if tagger not in ("auto", "nltk", "lexicon"):
             raise ValueError(f"tagger must be auto, nltk or lexicon, got {tagger!r}")
@@ -520,9 +527,14 @@ class NegativeGenerator:
         # set, and comparing large sets per caption would cost milliseconds
         self._vocabulary_key = None if vocabulary is None else hashlib.sha1(
             "\n".join(sorted(self.vocabulary)).encode()).hexdigest()
+        # None: no filter; else candidates are kept only when they read about as plausibly as
+        # their positive (a caption file or saved model path is resolved, cached, here)
+        self.plausibility = resolve_plausibility(plausibility) if isinstance(plausibility, (str, os.PathLike)) \
+            else plausibility
 
     def __repr__(self) -> str:
         words = "" if self.vocabulary is None else f", vocabulary={len(self.vocabulary)} words"
+        words += "" if self.plausibility is None else f", plausibility={self.plausibility!r}"
         return f"NegativeGenerator(types={self.types}, seed={self.seed}, lm_path={self.lm_path!r}{words})"
 
     def _resources(self) -> Resources:
@@ -560,7 +572,20 @@ class NegativeGenerator:
         edits = GENERATORS[name](res, parse, rng)
         if self.lm_path and name in ("replace_object", "replace_attribute"):
             edits = self._lm().edits(res, parse, name, rng) + edits
+        if self.plausibility is not None:
+            edits = self._plausible(res, parse, name, rng, edits)
         return edits
+
+    def _plausible(self, res: Resources, parse: Parse, name: str, rng: random.Random,
+                   edits: list[Edit]) -> list[Edit]:
+        """More draws, then only the candidates the plausibility model scores close to their
+        positive, in balanced order (a caption may keep none of a type: a masked slot)."""
+        for _ in range(PLAUSIBILITY_DRAWS - 1 if name in RANDOM_CHOICE_TYPES else 0):
+            edits = edits + GENERATORS[name](res, parse, rng)
+        texts = [parse.render(words, gaps) for words, gaps in edits]
+        order = plausible_order(self.plausibility, parse.render(parse.words, parse.gaps), texts,
+                                name.startswith("add_"), rng.random())
+        return [edits[i] for i in order]
 
     def candidates(self, caption: object, k: int = 1_000_000) -> dict[str, list[str]]:
         """Every type's valid candidate texts for `caption` (used by `show`), best first."""
