@@ -246,14 +246,14 @@ def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
     return out
 
 
-def replace_object(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
-    """One object becomes a co-hyponym (dog -> cat), never a synonym, hypernym or hyponym."""
+def replace_object(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
+    """One object becomes a co-hyponym (dog -> cat), never a synonym, hypernym or hyponym.
+    `wide`: every co-hyponym, not one drawn from the closest six (for a plausibility filter)."""
     out = []
     present = {np.lemma for np in p.nps}
     for np in p.nps:
         options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
-        if options:
-            choice = rng.choice(options[:6])
+        for choice in (options if wide else [rng.choice(options[:6])] if options else []):
             word = _match_case(p.words[np.head], _noun_form(res, choice, np.plural))
             out.append(_splice(p, [(np.head, np.head + 1, [word], None)]))
     rng.shuffle(out)
@@ -363,11 +363,11 @@ def _attributive(res: Resources, p: Parse, i: int, np_ends: set[int]) -> bool:
         i > 0 and words[i - 1] in _CLOTHED and res.attr_category[words[i]] == "color")
 
 
-def replace_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+def replace_attribute(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
     """One attribute changes within its category (red -> blue), opposites first (big -> small);
     other adjectives become a WordNet antonym (direct, else of the head they are similar to),
     comparatives stay comparatives (older -> younger), and a subject's posture or expression
-    changes within its group (a man standing -> a man sitting)."""
+    changes within its group (a man standing -> a man sitting). `wide`: every option."""
     out = []
     present = {w.lower() for w in p.words}
     in_phrase = {i for np in p.nps for i in np.attrs}
@@ -377,16 +377,16 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit
             options = _state_participle(res, p, i)[:4]
         else:
             options = _replacements(res, p.words[i].lower(), present)
-        if options:
-            out.append(_splice(p, [(i, i + 1, [_match_case(p.words[i], rng.choice(options[:8]))], None)]))
+        for choice in (options if wide else [rng.choice(options[:8])] if options else []):
+            out.append(_splice(p, [(i, i + 1, [_match_case(p.words[i], choice)], None)]))
     rng.shuffle(out)
     return out
 
 
-def replace_relation(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+def replace_relation(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
     """A spatial relation becomes an opposite or contrasting one (left of -> right of, on -> next
     to) or an action verb another of its group (sitting -> standing). Two choices per relation:
-    every relation's first choice comes before any second one."""
+    every relation's first choice comes before any second one. `wide`: every choice."""
     first, second = [], []
     for i, word in enumerate(p.words):
         lower = word.lower()
@@ -396,11 +396,12 @@ def replace_relation(res: Resources, p: Parse, rng: random.Random) -> list[Edit]
             base, form = res.verb_forms[lower]
             if form not in ("ing", "s") or not res.verb_candidates.get(base):
                 continue
-            forms = [res.verb_table[v][form] for v in res.verb_candidates[base][:4]]
+            forms = [res.verb_table[v][form] for v in res.verb_candidates[base][:None if wide else 4]]
         else:
             continue
-        for tier, choice in zip((first, second), rng.sample(forms, min(2, len(forms)))):
-            tier.append(_splice(p, [(i, i + 1, [_match_case(word, choice)], None)]))
+        chosen = forms if wide else rng.sample(forms, min(2, len(forms)))
+        for n, choice in enumerate(chosen):
+            (first if n == 0 else second).append(_splice(p, [(i, i + 1, [_match_case(word, choice)], None)]))
     rng.shuffle(first)
     rng.shuffle(second)
     return first + second
@@ -498,9 +499,10 @@ GENERATORS: dict[str, Callable[[Resources, Parse, random.Random], list[Edit]]] =
     "shuffle_order": shuffle_order,
 }
 assert tuple(GENERATORS) == NEGATIVE_TYPES
-# types whose candidates depend on random choices: drawn PLAUSIBILITY_DRAWS times with a filter
-RANDOM_CHOICE_TYPES = frozenset(("replace_object", "replace_attribute", "replace_relation", "replace_count",
-                                 "add_attribute", "add_object"))
+# with a plausibility filter, these types offer every option (`wide`), and these are drawn
+# PLAUSIBILITY_DRAWS times: the filter then has more plausible candidates to keep
+WIDE_TYPES = frozenset(("replace_object", "replace_attribute", "replace_relation"))
+REDRAWN_TYPES = frozenset(("replace_count", "add_attribute", "add_object"))
 PLAUSIBILITY_DRAWS = 3
 
 
@@ -569,7 +571,10 @@ class NegativeGenerator:
         return parse_caption(text, _resources(), _tagger(self.tagger))
 
     def _edits(self, res: Resources, parse: Parse, name: str, rng: random.Random) -> list[Edit]:
-        edits = GENERATORS[name](res, parse, rng)
+        if self.plausibility is not None and name in WIDE_TYPES:
+            edits = GENERATORS[name](res, parse, rng, wide=True)
+        else:
+            edits = GENERATORS[name](res, parse, rng)
         if self.lm_path and name in ("replace_object", "replace_attribute"):
             edits = self._lm().edits(res, parse, name, rng) + edits
         if self.plausibility is not None:
@@ -578,13 +583,13 @@ class NegativeGenerator:
 
     def _plausible(self, res: Resources, parse: Parse, name: str, rng: random.Random,
                    edits: list[Edit]) -> list[Edit]:
-        """More draws, then only the candidates the plausibility model scores close to their
+        """More draws (some types), then only the candidates the plausibility model scores close to their
         positive, in balanced order (a caption may keep none of a type: a masked slot)."""
-        for _ in range(PLAUSIBILITY_DRAWS - 1 if name in RANDOM_CHOICE_TYPES else 0):
+        for _ in range(PLAUSIBILITY_DRAWS - 1 if name in REDRAWN_TYPES else 0):
             edits = edits + GENERATORS[name](res, parse, rng)
         texts = [parse.render(words, gaps) for words, gaps in edits]
         order = plausible_order(self.plausibility, parse.render(parse.words, parse.gaps), texts,
-                                name.startswith("add_"), rng.random())
+                                name.startswith("add_"))
         return [edits[i] for i in order]
 
     def candidates(self, caption: object, k: int = 1_000_000) -> dict[str, list[str]]:

@@ -352,25 +352,25 @@ def resolve(path: str | os.PathLike, caption_key: str = "caption",
     return model
 
 
-MARGIN = 2.0  # nats: how much less plausible than its positive a kept negative may read
-MARGIN_PER_TOKEN = 0.25  # the same for added words, on per-token mean log-probabilities
+MARGIN = 10.0  # nats: how much less plausible than its positive a kept negative may read
+MARGIN_PER_TOKEN = 1.0  # the same for added words, on per-token mean log-probabilities
 
 
-def balanced_order(differences: list[float], coin: float, margin: float) -> list[int]:
-    """Indices of the candidates to keep, best first: those scored at most `margin` below their
-    positive; one side of the positive first (above when `coin` < 0.5, else below), nearest first.
+def plausible_order(differences: list[float], margin: float) -> list[int]:
+    """Indices of the candidates to keep, most plausible first: those scored at most `margin`
+    below their positive (negatives scored above it are kept too).
 
-    Alternating the side per caption keeps a blind reader near chance over a batch instead of
-    always favouring the positive (or, with only 'above' kept, always the negative)."""
-    above_first = coin < 0.5
+    Most plausible first rather than nearest to the positive: the candidate pool leans
+    implausible and the filter's model and an independent blind reader disagree pair by pair, so a
+    candidate next to the positive under the filter still reads below it for the reader (measured
+    on SugarCrepe's captions: 0.64-0.77 blind accuracy, against 0.45-0.60 most plausible first)."""
     kept = [i for i, d in enumerate(differences) if d >= -margin]
-    return sorted(kept, key=lambda i: ((differences[i] >= 0) != above_first, abs(differences[i]), i))
+    return sorted(kept, key=lambda i: (-differences[i], i))
 
 
-def select(model: PlausibilityModel, positive: str, candidates: list[str], added_words: bool,
-           coin: float) -> list[int]:
-    """`balanced_order` of the candidates of one positive under `model` (per-token scores for
+def select(model: PlausibilityModel, positive: str, candidates: list[str], added_words: bool) -> list[int]:
+    """`plausible_order` of the candidates of one positive under `model` (per-token scores for
     types that add words, whose length alone would make them less probable)."""
     prepared = model.prepare(positive)
     diffs = [model.difference(prepared, c, normalise=added_words) for c in candidates]
-    return balanced_order(diffs, coin, MARGIN_PER_TOKEN if added_words else MARGIN)
+    return plausible_order(diffs, MARGIN_PER_TOKEN if added_words else MARGIN)
