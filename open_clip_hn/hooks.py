@@ -146,6 +146,10 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError(f"--hn-vocabulary {config.vocabulary}: file not found; pass a word list "
                          f"(`python -m open_clip_hn.negatives vocabulary` writes one) or "
                          f"{TRAIN_DATA_VOCABULARY}")
+    if config.plausibility not in (None, TRAIN_DATA_VOCABULARY) and not os.path.isfile(config.plausibility):
+        raise ValueError(f"--hn-plausibility {config.plausibility}: file not found; pass a caption file, "
+                         f"a model (`python -m open_clip_hn.negatives plausibility` writes one) or "
+                         f"{TRAIN_DATA_VOCABULARY}")
 
 
 def _print_config_if_asked(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -317,9 +321,33 @@ def _check_precomputed_shards(args: argparse.Namespace) -> None:
             "and train on DIR, or use --hn-negatives online")
 
 
+def _train_captions(args: argparse.Namespace, flag: str, fix: str):
+    """The --train-data captions (local shards' .txt members or the CSV column), for `flag` train-data."""
+    from .negatives.cli import shard_captions
+    from .negatives.lexicon import VocabularyError
+
+    data = args.train_data or ""
+    if args.dataset_type == "synthetic":
+        raise VocabularyError(f"{flag} train-data: synthetic data has no captions; {fix}")
+    if oc_data.get_dataset_fn(data, args.dataset_type) is oc_data.get_csv_dataset:
+        import pandas
+
+        table = pandas.read_csv(data, sep=args.csv_separator)
+        if args.csv_caption_key not in table.columns:
+            raise VocabularyError(f"{flag} train-data: {data} has no column "
+                                  f"{args.csv_caption_key!r} (columns: {list(table.columns)}); "
+                                  "set --csv-caption-key and --csv-separator")
+        return table[args.csv_caption_key].astype(str)
+    shards = oc_data.expand_urls(data)[0]
+    remote = [s for s in shards if not os.path.isfile(s)]
+    if remote:
+        raise VocabularyError(f"{flag} train-data reads local shards, and {remote[0]} "
+                              f"is not a local file; {fix}")
+    return (c for shard in shards for c in shard_captions(shard, "txt"))
+
+
 def _vocabulary(config: HNConfig, args: argparse.Namespace) -> frozenset[str] | None:
     """--hn-vocabulary's words: a file's, or with `train-data` those of the training captions."""
-    from .negatives.cli import shard_captions
     from .negatives.lexicon import VocabularyError, read_vocabulary, words_of
 
     if config.vocabulary != TRAIN_DATA_VOCABULARY:
@@ -327,24 +355,7 @@ def _vocabulary(config: HNConfig, args: argparse.Namespace) -> frozenset[str] | 
     data = args.train_data or ""
     fix = ("write the word list once with `python -m open_clip_hn.negatives vocabulary` and pass "
            "its path to --hn-vocabulary")
-    if args.dataset_type == "synthetic":
-        raise VocabularyError(f"--hn-vocabulary train-data: synthetic data has no captions; {fix}")
-    if oc_data.get_dataset_fn(data, args.dataset_type) is oc_data.get_csv_dataset:
-        import pandas
-
-        table = pandas.read_csv(data, sep=args.csv_separator)
-        if args.csv_caption_key not in table.columns:
-            raise VocabularyError(f"--hn-vocabulary train-data: {data} has no column "
-                                  f"{args.csv_caption_key!r} (columns: {list(table.columns)}); "
-                                  "set --csv-caption-key and --csv-separator")
-        captions = table[args.csv_caption_key].astype(str)
-    else:
-        shards = oc_data.expand_urls(data)[0]
-        remote = [s for s in shards if not os.path.isfile(s)]
-        if remote:
-            raise VocabularyError(f"--hn-vocabulary train-data reads local shards, and {remote[0]} "
-                                  f"is not a local file; {fix}")
-        captions = (c for shard in shards for c in shard_captions(shard, "txt"))
+    captions = _train_captions(args, "--hn-vocabulary", fix)
     words = frozenset(w for caption in captions for w in words_of(caption))
     if not words:
         raise VocabularyError(f"--hn-vocabulary train-data: no words in the captions of {data} "
@@ -354,13 +365,28 @@ def _vocabulary(config: HNConfig, args: argparse.Namespace) -> frozenset[str] | 
     return words
 
 
+def _plausibility(config: HNConfig, args: argparse.Namespace):
+    """--hn-plausibility's model: a caption file's or saved model's, or the --train-data captions'
+    (built once, cached on disk; loader workers load the cached file)."""
+    from .negatives.plausibility import from_captions, resolve
+
+    if config.plausibility != TRAIN_DATA_VOCABULARY:
+        return None if config.plausibility is None else resolve(config.plausibility)
+    fix = ("build the model once with `python -m open_clip_hn.negatives plausibility` and pass its "
+           "path to --hn-plausibility")
+    model = from_captions(list(_train_captions(args, "--hn-plausibility", fix)), source=args.train_data)
+    logging.info("Negatives are kept only where they read about as plausibly as their caption: %r", model)
+    return model
+
+
 def _train_tokenizer(config: HNConfig, tokenizer, args: argparse.Namespace):
     generator = None
     if config.negatives == "online" and config.uses_text_negatives:
         from .negatives import NegativeGenerator
 
         generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
-                                      vocabulary=_vocabulary(config, args))
+                                      vocabulary=_vocabulary(config, args),
+                                      plausibility=_plausibility(config, args))
     return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
                                    config.mirror)
 

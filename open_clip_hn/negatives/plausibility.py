@@ -328,6 +328,22 @@ def model_cache_dir(directory: str | os.PathLike | None = None) -> Path:
     return folder
 
 
+def from_captions(captions: list[str], source: str = "captions",
+                  cache: str | os.PathLike | None = None) -> PlausibilityModel:
+    """The model of `captions`, from the cache when one was built from the same caption words
+    (else fitted and saved there), so loader workers load a file instead of refitting."""
+    target = model_cache_dir(cache) / f"kn{ORDER}-{captions_identity(captions)[:24]}.npz"
+    if target.exists():
+        try:
+            return load_model(target)
+        except PlausibilityError:
+            pass  # an old or damaged cache entry: rebuilt below
+    model = fit(captions, source=source)
+    model.save(target)
+    _LOADED[os.path.abspath(target)] = model
+    return model
+
+
 def resolve(path: str | os.PathLike, caption_key: str = "caption",
             cache: str | os.PathLike | None = None) -> PlausibilityModel:
     """A saved model at `path`, or the (cached) model of the caption file at `path`."""
