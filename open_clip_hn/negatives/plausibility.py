@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import zipfile
 import zlib
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -286,7 +287,7 @@ def _read(path: str | os.PathLike) -> PlausibilityModel:
             halves = tuple(_Half.from_arrays(data, f"h{h}_") for h in (0, 1))
     except PlausibilityError:
         raise
-    except (OSError, ValueError, KeyError, zlib.error) as err:
+    except (OSError, ValueError, KeyError, zlib.error, zipfile.BadZipFile) as err:
         raise PlausibilityError(f"plausibility model {path} cannot be read ({err}); {fix}") from err
     if len(halves[0].p1) != len(vocabulary) or vocabulary[:3] != ["<unk>", "<s>", "</s>"]:
         raise PlausibilityError(f"plausibility model {path} is inconsistent (vocabulary vs tables); {fix}")
