@@ -342,3 +342,16 @@ def test_plausibility_and_audit_modules_import_no_torch(tmp_path, captions):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_artefacts_the_audit_found_are_fixed():
+    """All-caps captions get all-caps negatives (inserted and re-inflected words too), and a
+    coordinated subject keeps its plural verb when one conjunct changes number."""
+    generator = NegativeGenerator()
+    shouted = generator.candidates("A DOG SITTING ON A RED COUCH NEXT TO TWO CATS")
+    assert {"add_object", "add_attribute", "swap_attributes"} <= set(shouted)
+    assert all(text == text.upper() for texts in shouted.values() for text in texts)
+    found = generator.candidates("A zebra and two elephants are on a grassy field.")
+    assert "Two elephants and a zebra are on a grassy field." in found["swap_objects"]
+    assert "Two zebras and an elephant are on a grassy field." in found["swap_attributes"]
+    assert generator.candidates("Two dogs are sleeping on a bed.")["swap_objects"] == ["A bed is sleeping on two dogs."]

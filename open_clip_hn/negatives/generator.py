@@ -104,8 +104,8 @@ def _splice(p: Parse, replacements: list[tuple[int, int, list[str], list[str] | 
 def _agree_verb(res: Resources, p: Parse, np: NounPhrase, plural: bool) -> list:
     """Replacement for the verb right after a subject noun phrase whose number changes."""
     i = np.end
-    if i >= len(p.words):
-        return []
+    if i >= len(p.words) or (np.start > 0 and p.words[np.start - 1].lower() == "and"):
+        return []  # "a zebra and two elephants are": a coordinated subject stays plural
     lower = p.words[i].lower()
     if lower in _BE_NUMBER and (lower in _SINGULAR_VERBS) == plural:
         return [(i, i + 1, [_match_case(p.words[i], _BE_NUMBER[lower])], [p.gaps[i]])]
@@ -621,7 +621,9 @@ class NegativeGenerator:
             return
         res = self._resources()
         rng = random.Random(zlib.crc32(f"{self.seed}\0{k}\0{caption}".encode("utf-8", "replace")))
-        seen = {normalise(parse.render(parse.words, parse.gaps))}
+        positive = parse.render(parse.words, parse.gaps)
+        seen = {normalise(positive)}
+        shouting = positive.isupper()  # "A DOG ON A COUCH": inserted and re-inflected words too
         own_words = set(next(iter(seen)).split())
         order = list(self.types)
         rng.shuffle(order)
@@ -638,6 +640,7 @@ class NegativeGenerator:
                     words, gaps = pending[cursor[name]]
                     cursor[name] += 1
                     text = parse.render(words, gaps)
+                    text = text.upper() if shouting else text
                     key = normalise(text)
                     if key in seen or not self._in_vocabulary(key, own_words):
                         continue
