@@ -26,6 +26,8 @@ _AN_EXCEPTIONS = ("uni", "use", "usu", "uti", "eu", "one", "once", "ur", "uk")
 _AN_SILENT_H = ("hour", "honest", "honor", "heir")
 _BE_NUMBER = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has"}
 _SINGULAR_VERBS = ("is", "was", "has")
+WIDE_OPTIONS = 6  # options per replaced word offered to a plausibility filter (see `wide`)
+WIDE_VERBS = 16  # ... per replaced verb (the filter keeps fewer verbs than nouns or attributes)
 
 _PROCESS: dict = {}  # per-process lazily loaded resources, taggers and LMs (never pickled)
 
@@ -248,12 +250,12 @@ def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
 
 def replace_object(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
     """One object becomes a co-hyponym (dog -> cat), never a synonym, hypernym or hyponym.
-    `wide`: every co-hyponym, not one drawn from the closest six (for a plausibility filter)."""
+    `wide`: the closest WIDE_OPTIONS co-hyponyms, not one drawn from six (for a plausibility filter)."""
     out = []
     present = {np.lemma for np in p.nps}
     for np in p.nps:
         options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
-        for choice in (options if wide else [rng.choice(options[:6])] if options else []):
+        for choice in (options[:WIDE_OPTIONS] if wide else [rng.choice(options[:6])] if options else []):
             word = _match_case(p.words[np.head], _noun_form(res, choice, np.plural))
             out.append(_splice(p, [(np.head, np.head + 1, [word], None)]))
     rng.shuffle(out)
@@ -367,7 +369,7 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random, wide: bool =
     """One attribute changes within its category (red -> blue), opposites first (big -> small);
     other adjectives become a WordNet antonym (direct, else of the head they are similar to),
     comparatives stay comparatives (older -> younger), and a subject's posture or expression
-    changes within its group (a man standing -> a man sitting). `wide`: every option."""
+    changes within its group (a man standing -> a man sitting). `wide`: WIDE_OPTIONS options."""
     out = []
     present = {w.lower() for w in p.words}
     in_phrase = {i for np in p.nps for i in np.attrs}
@@ -377,7 +379,7 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random, wide: bool =
             options = _state_participle(res, p, i)[:4]
         else:
             options = _replacements(res, p.words[i].lower(), present)
-        for choice in (options if wide else [rng.choice(options[:8])] if options else []):
+        for choice in (options[:WIDE_OPTIONS] if wide else [rng.choice(options[:8])] if options else []):
             out.append(_splice(p, [(i, i + 1, [_match_case(p.words[i], choice)], None)]))
     rng.shuffle(out)
     return out
@@ -386,7 +388,8 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random, wide: bool =
 def replace_relation(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
     """A spatial relation becomes an opposite or contrasting one (left of -> right of, on -> next
     to) or an action verb another of its group (sitting -> standing). Two choices per relation:
-    every relation's first choice comes before any second one. `wide`: every choice."""
+    every relation's first choice comes before any second one. `wide`: every relation choice and
+    the WIDE_VERBS first verbs of the group."""
     first, second = [], []
     for i, word in enumerate(p.words):
         lower = word.lower()
@@ -396,7 +399,7 @@ def replace_relation(res: Resources, p: Parse, rng: random.Random, wide: bool = 
             base, form = res.verb_forms[lower]
             if form not in ("ing", "s") or not res.verb_candidates.get(base):
                 continue
-            forms = [res.verb_table[v][form] for v in res.verb_candidates[base][:None if wide else 4]]
+            forms = [res.verb_table[v][form] for v in res.verb_candidates[base][:WIDE_VERBS if wide else 4]]
         else:
             continue
         chosen = forms if wide else rng.sample(forms, min(2, len(forms)))
@@ -503,7 +506,7 @@ assert tuple(GENERATORS) == NEGATIVE_TYPES
 # PLAUSIBILITY_DRAWS times: the filter then has more plausible candidates to keep
 WIDE_TYPES = frozenset(("replace_object", "replace_attribute", "replace_relation"))
 REDRAWN_TYPES = frozenset(("replace_count", "add_attribute", "add_object"))
-PLAUSIBILITY_DRAWS = 3
+PLAUSIBILITY_DRAWS = 2
 
 
 class NegativeGenerator:

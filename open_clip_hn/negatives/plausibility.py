@@ -148,6 +148,7 @@ class PlausibilityModel:
         self.halves = halves
         self.meta = meta
         self.path = path
+        self._last: tuple = (None, None)  # (positive, prepare(positive)) of the latest call
 
     @property
     def identity(self) -> str:
@@ -169,25 +170,49 @@ class PlausibilityModel:
         ids = self.ids
         return [BOS, BOS, *(ids.get(w, UNK) for w in words), EOS], 1 - fold_of(words, self.meta["salt"])
 
-    def _sum(self, half: _Half, ids: list[int], start: int, stop: int) -> float:
-        return sum(half.log_prob(ids[i - 2], ids[i - 1], ids[i]) for i in range(max(start, 2), stop))
+    @staticmethod
+    def _scores(half: _Half, ids: list[int], start: int, stop: int) -> float:
+        """Sum of log P(ids[i] | ids[i-2], ids[i-1]) for i in [start, stop) (inlined: the hot loop)."""
+        p3, g3, p2, g2, p1 = half.p3, half.g3, half.p2, half.g2, half.p1
+        total = 0.0
+        for i in range(max(start, 2), stop):
+            u, v, w = ids[i - 2], ids[i - 1], ids[i]
+            uv = (u << _BITS) | v
+            seen = p3.get((uv << _BITS) | w)
+            if seen is None:
+                lower = p2.get((v << _BITS) | w)
+                if lower is None:
+                    lower = g2.get(v, 0.0) + p1[w]
+                seen = g3.get(uv, 0.0) + lower
+            total += seen
+        return total
 
     def log_prob(self, text: str, half: int | None = None) -> float:
         """log P(caption) under the half it is not in (or under `half`)."""
         ids, other = self.encode(text)
-        return self._sum(self.halves[other if half is None else half], ids, 2, len(ids))
+        return self._scores(self.halves[other if half is None else half], ids, 2, len(ids))
+
+    def prepare(self, positive: str) -> tuple[list[int], int, list[float]]:
+        """The positive's ids, half and running log-probabilities, for `difference` against many
+        negatives (only the trigrams an edit touches are then scored)."""
+        if self._last[0] == positive:  # the generator asks once per type of the same caption
+            return self._last[1]
+        ids, half = self.encode(positive)
+        table = self.halves[half]
+        running = [0.0, 0.0]
+        for i in range(2, len(ids)):
+            running.append(running[-1] + self._scores(table, ids, i, i + 1))
+        self._last = (positive, (ids, half, running))
+        return ids, half, running
 
     def difference(self, positive: str | tuple, negative: str, normalise: bool = False) -> float:
         """log P(negative) - log P(positive), both under the half the positive is not in;
         < 0: a blind reader prefers the positive. Only the trigrams an edit touches are scored.
         `normalise`: per-token mean log-probabilities instead (length-fair for added words).
         `positive` may be `prepare(positive)` when one positive is compared with many negatives."""
-        pos, half = self.encode(positive) if isinstance(positive, str) else positive
-        neg = [BOS, BOS, *(self.ids.get(w, UNK) for w in tokens(negative)), EOS]
-        table = self.halves[half]
-        if normalise:
-            return (self._sum(table, neg, 2, len(neg)) / (len(neg) - 2)
-                    - self._sum(table, pos, 2, len(pos)) / (len(pos) - 2))
+        pos, half, running = self.prepare(positive) if isinstance(positive, str) else positive
+        ids = self.ids
+        neg = [BOS, BOS, *[ids.get(w, UNK) for w in tokens(negative)], EOS]
         shortest = min(len(pos), len(neg))
         a = 0
         while a < shortest and pos[a] == neg[a]:
@@ -197,12 +222,13 @@ class PlausibilityModel:
         b = 0
         while b < shortest - a and pos[-1 - b] == neg[-1 - b]:
             b += 1
-        return (self._sum(table, neg, a, min(len(neg) - b + ORDER - 1, len(neg)))
-                - self._sum(table, pos, a, min(len(pos) - b + ORDER - 1, len(pos))))
-
-    def prepare(self, positive: str) -> tuple[list[int], int]:
-        """The positive's ids and half, to pass to `difference` for many negatives."""
-        return self.encode(positive)
+        stop_pos = min(len(pos) - b + ORDER - 1, len(pos))
+        a = max(a, 2)
+        diff = (self._scores(self.halves[half], neg, a, min(len(neg) - b + ORDER - 1, len(neg)))
+                - (running[stop_pos - 1] - running[a - 1]))
+        if not normalise:
+            return diff
+        return (running[-1] + diff) / (len(neg) - 2) - running[-1] / (len(pos) - 2)
 
     def prefers_positive(self, positive: str, negative: str) -> bool:
         """Whether a blind reader (this model) scores the positive above the negative."""
