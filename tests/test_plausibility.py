@@ -355,3 +355,25 @@ def test_artefacts_the_audit_found_are_fixed():
     assert "Two elephants and a zebra are on a grassy field." in found["swap_objects"]
     assert "Two zebras and an elephant are on a grassy field." in found["swap_attributes"]
     assert generator.candidates("Two dogs are sleeping on a bed.")["swap_objects"] == ["A bed is sleeping on two dogs."]
+
+
+def test_trainer_reads_the_train_data_captions(tmp_path):
+    """--hn-plausibility train-data: the model of the --train-data captions (a CSV here), cached;
+    too few captions are refused with the number needed."""
+    import argparse
+
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.hooks import _plausibility
+
+    captions = scene_captions(250, seed=5)
+    csv = tmp_path / "train.csv"
+    csv.write_text("filepath\ttitle\n" + "".join(f"img{i}.png\t{c}\n" for i, c in enumerate(captions)))
+    args = argparse.Namespace(train_data=str(csv), dataset_type="auto", csv_separator="\t", csv_caption_key="title")
+    config = HNConfig(negatives="online", plausibility="train-data")
+    model = _plausibility(config, args)
+    assert model.meta["captions"] == 250 and model.identity == P.captions_identity(captions)
+    assert model.path is not None and P.load_model(model.path).identity == model.identity  # workers load it
+    assert _plausibility(HNConfig(negatives="online"), args) is None
+    csv.write_text("filepath\ttitle\n" + "".join(f"img{i}.png\t{c}\n" for i, c in enumerate(captions[:20])))
+    with pytest.raises(P.PlausibilityError, match=f"20 usable captions; .*at least {P.MIN_CAPTIONS}"):
+        _plausibility(config, args)

@@ -3,8 +3,9 @@
 Each type edits a parsed caption (see parse.py) and keeps English agreement (a/an, singular or
 plural nouns, verb number). Replacement words come from tables precomputed from WordNet
 (lexicon.py), which already exclude synonyms, hypernyms and hyponyms of the replaced word.
-Negatives are a pure function of (caption, seed, types, k): the random generator is seeded from a
-CRC of the seed and the caption, never from Python's salted hash().
+Negatives are a pure function of (caption, seed, types, k) and, with a plausibility filter, of the
+filter model's contents: the random generator is seeded from a CRC of the seed and the caption,
+never from Python's salted hash().
 """
 
 from __future__ import annotations
