@@ -591,9 +591,9 @@ class NegativeGenerator:
         positive, in balanced order (a caption may keep none of a type: a masked slot)."""
         for _ in range(PLAUSIBILITY_DRAWS - 1 if name in REDRAWN_TYPES else 0):
             edits = edits + GENERATORS[name](res, parse, rng)
-        texts = [parse.render(words, gaps) for words, gaps in edits]
-        order = plausible_order(self.plausibility, parse.render(parse.words, parse.gaps), texts,
-                                name.startswith("add_"))
+        # scored on the words alone: the gaps between them hold no word characters
+        texts = [" ".join(words) for words, _ in edits]
+        order = plausible_order(self.plausibility, " ".join(parse.words), texts, name.startswith("add_"))
         return [edits[i] for i in order]
 
     def candidates(self, caption: object, k: int = 1_000_000) -> dict[str, list[str]]:
