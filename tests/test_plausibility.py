@@ -377,3 +377,28 @@ def test_trainer_reads_the_train_data_captions(tmp_path):
     csv.write_text("filepath\ttitle\n" + "".join(f"img{i}.png\t{c}\n" for i, c in enumerate(captions[:20])))
     with pytest.raises(P.PlausibilityError, match=f"20 usable captions; .*at least {P.MIN_CAPTIONS}"):
         _plausibility(config, args)
+
+
+def test_model_from_shards_drives_precompute(tmp_path):
+    """`plausibility --shards` builds the model from webdataset captions; `precompute
+    --plausibility` writes the filtered negatives (the same as the library's)."""
+    import io
+    import tarfile
+
+    captions = scene_captions(240, seed=7)
+    shard = tmp_path / "in-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for i, caption in enumerate(captions):
+            data = caption.encode()
+            info = tarfile.TarInfo(f"{i:05d}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    saved = tmp_path / "m.npz"
+    assert main(["plausibility", "--shards", str(shard), "--output", str(saved)]) == 0
+    assert P._read(saved).meta["captions"] == len(captions)
+    out = tmp_path / "out"
+    assert main(["precompute", "--shards", str(shard), "--output-dir", str(out), "--plausibility", str(saved)]) == 0
+    with tarfile.open(out / shard.name) as tar:
+        written = {m.name: json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".neg.json")}
+    generator = NegativeGenerator(plausibility=str(saved))
+    assert [written[f"{i:05d}.neg.json"] for i in range(20)] == [generator.generate(c, 4) for c in captions[:20]]
