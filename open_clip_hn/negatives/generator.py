@@ -592,8 +592,8 @@ class NegativeGenerator:
         for _ in range(PLAUSIBILITY_DRAWS - 1 if name in REDRAWN_TYPES else 0):
             edits = edits + GENERATORS[name](res, parse, rng)
         # scored on the words alone: the gaps between them hold no word characters
-        texts = [" ".join(words) for words, _ in edits]
-        order = plausible_order(self.plausibility, " ".join(parse.words), texts, name.startswith("add_"))
+        order = plausible_order(self.plausibility, " ".join(parse.words), [words for words, _ in edits],
+                                name.startswith("add_"))
         return [edits[i] for i in order]
 
     def candidates(self, caption: object, k: int = 1_000_000) -> dict[str, list[str]]:

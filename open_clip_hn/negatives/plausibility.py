@@ -149,6 +149,7 @@ class PlausibilityModel:
         self.meta = meta
         self.path = path
         self._last: tuple = (None, None)  # (positive, prepare(positive)) of the latest call
+        self._unit_ids: dict[str, tuple[int, ...]] = {}
 
     @property
     def identity(self) -> str:
@@ -205,14 +206,31 @@ class PlausibilityModel:
         self._last = (positive, (ids, half, running))
         return ids, half, running
 
-    def difference(self, positive: str | tuple, negative: str, normalise: bool = False) -> float:
+    def unit_ids(self, units: list[str]) -> list[int]:
+        """Padded ids of a caption given as units (words or multi-word units, as the generator's
+        edits hold them): the ids of their joined text, each unit tokenised once per process."""
+        cache = self._unit_ids
+        if len(cache) > 200_000:  # distinct units of a long run; the cache only saves time
+            cache.clear()
+        out = [BOS, BOS]
+        for unit in units:
+            found = cache.get(unit)
+            if found is None:
+                found = cache[unit] = tuple(self.ids.get(w, UNK) for w in tokens(unit))
+            out.extend(found)
+        out.append(EOS)
+        return out
+
+    def difference(self, positive: str | tuple, negative: str | list[str], normalise: bool = False) -> float:
         """log P(negative) - log P(positive), both under the half the positive is not in;
         < 0: a blind reader prefers the positive. Only the trigrams an edit touches are scored.
         `normalise`: per-token mean log-probabilities instead (length-fair for added words).
-        `positive` may be `prepare(positive)` when one positive is compared with many negatives."""
+        `positive` may be `prepare(positive)` when one positive is compared with many negatives;
+        `negative` may be its list of units (see `unit_ids`)."""
         pos, half, running = self.prepare(positive) if isinstance(positive, str) else positive
         ids = self.ids
-        neg = [BOS, BOS, *[ids.get(w, UNK) for w in tokens(negative)], EOS]
+        neg = [BOS, BOS, *[ids.get(w, UNK) for w in tokens(negative)], EOS] if isinstance(negative, str) \
+            else self.unit_ids(negative)
         shortest = min(len(pos), len(neg))
         a = 0
         while a < shortest and pos[a] == neg[a]:
@@ -411,7 +429,8 @@ def plausible_order(differences: list[float], margin: float) -> list[int]:
     return sorted(kept, key=lambda i: (-differences[i], i))
 
 
-def select(model: PlausibilityModel, positive: str, candidates: list[str], added_words: bool) -> list[int]:
+def select(model: PlausibilityModel, positive: str, candidates: list[str] | list[list[str]],
+           added_words: bool) -> list[int]:
     """`plausible_order` of the candidates of one positive under `model` (per-token scores for
     types that add words, whose length alone would make them less probable)."""
     prepared = model.prepare(positive)
