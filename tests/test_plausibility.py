@@ -93,6 +93,8 @@ def test_difference_scores_only_the_edit_yet_equals_the_full_difference():
                      "a dog on the grass table", "zebra dog on the grass", positive):
         full = model.log_prob(negative, half) - model.log_prob(positive, half)
         assert model.difference(positive, negative) == pytest.approx(full, abs=1e-9)
+        units = negative.replace("red grass", "red-grass").split()  # the generator's units
+        assert model.difference(model.prepare(positive), units) == pytest.approx(full, abs=1e-9)
     assert model.prefers_positive(positive, "a zebra on the grass")
     # a caption is scored by the half it is not in
     assert model.encode(positive)[1] == 1 - P.fold_of(P.tokens(positive))
