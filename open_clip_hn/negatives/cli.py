@@ -42,15 +42,20 @@ def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> N
                              "captions themselves). Default: any lexicon word.")
     parser.add_argument("--plausibility", default=None, metavar="PATH",
                         help="Keep only negatives that read about as plausibly as their positive under "
-                             "a trigram model of these captions (a txt/csv/tsv/jsonl caption file, "
-                             "cached on first use, or a model saved by the `plausibility` command). "
-                             "Default: no filter.")
+                             "a trigram model of these captions (a txt/csv/tsv/jsonl caption file, read "
+                             "with `generate`'s --caption-key, else its 'caption' column; cached on first "
+                             "use) or a model saved by the `plausibility` command. Default: no filter.")
 
 
 def _generator(args: argparse.Namespace) -> NegativeGenerator:
     vocabulary = None if args.vocabulary is None else read_vocabulary(args.vocabulary)
+    plausibility = args.plausibility
+    if plausibility is not None and args.command == "generate":  # a csv/tsv/jsonl: --caption-key's column
+        from .plausibility import resolve
+
+        plausibility = resolve(plausibility, args.caption_key)
     return NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
-                             plausibility=args.plausibility)
+                             plausibility=plausibility)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -356,7 +356,9 @@ def read_caption_file(path: str, caption_key: str = "caption") -> list[str]:
     try:
         return [c for c in read_captions(path, caption_key) if isinstance(c, str)]
     except SystemExit as err:  # read_captions names a missing column this way
-        raise PlausibilityError(str(err)) from None
+        raise PlausibilityError(f"{err} (or save a model once with `python -m open_clip_hn.negatives "
+                                f"plausibility --input {path} --caption-key NAME --output MODEL.npz` and "
+                                "pass MODEL.npz)") from None
 
 
 def model_cache_dir(directory: str | os.PathLike | None = None) -> Path:
