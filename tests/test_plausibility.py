@@ -15,7 +15,7 @@ import pytest
 
 from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.negatives import plausibility as P
-from open_clip_hn.negatives.audit import Scorers, detector_accuracy, generated_pairs, run_audit
+from open_clip_hn.negatives.audit import Scorers, detector_accuracy, generated_pairs
 from open_clip_hn.negatives.cli import main
 
 # scenes whose words go together (as in real captions): replacing one object by a co-hyponym
@@ -319,6 +319,12 @@ def test_audit_of_a_caption_file_and_its_errors(tmp_path, captions):
     report = json.loads(report_path.read_text())["report"]
     assert report["ours"]["add_object"]["normalised"] is True
     assert report["ours, plausibility"]["replace_object"]["blind_kn3"] < report["ours"]["replace_object"]["blind_kn3"]
+    reference = tmp_path / "reference.txt"  # other captions for the readers; shared ones are dropped
+    reference.write_text("\n".join(scene_captions(400, seed=9)) + "\n")
+    with_reference = tmp_path / "r.json"
+    assert main(["audit", str(source), "--types", "replace_object", "--reference", str(reference),
+                 "--output", str(with_reference)]) == 0
+    assert json.loads(with_reference.read_text())["reference"] == str(reference)
     bad = tmp_path / "swap_things.json"
     bad.write_text("{}")
     assert main(["audit", str(bad)]) == 2

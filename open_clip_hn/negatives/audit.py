@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import Counter
 from pathlib import Path
 
-from .plausibility import PlausibilityError, fit, fold_of, tokens
+from .plausibility import fit, fold_of, tokens
 
 AUDIT_SALT = "audit-fold"
 # SugarCrepe's file stems -> our types (older copies name objects "ent")
@@ -234,10 +233,5 @@ def examples_text(report: dict, per_type: int) -> str:
     return "\n".join(lines)
 
 
-def ensure_output_dir(path: str | None) -> None:
-    if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-        raise AuditError(f"--output {path}: folder {os.path.dirname(os.path.abspath(path))} does not exist")
-
-
-__all__ = ["AuditError", "PlausibilityError", "Scorers", "read_sugarcrepe", "generated_pairs", "run_audit",
+__all__ = ["AuditError", "Scorers", "read_sugarcrepe", "generated_pairs", "run_audit",
            "format_table", "examples_text", "detector_accuracy"]

@@ -25,7 +25,7 @@ import math
 import os
 import zipfile
 import zlib
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
