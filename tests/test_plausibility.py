@@ -320,7 +320,7 @@ def test_audit_of_a_caption_file_and_its_errors(tmp_path, captions):
     assert report["ours"]["add_object"]["normalised"] is True
     assert report["ours, plausibility"]["replace_object"]["blind_kn3"] < report["ours"]["replace_object"]["blind_kn3"]
     reference = tmp_path / "reference.txt"  # other captions for the readers; shared ones are dropped
-    reference.write_text("\n".join(scene_captions(400, seed=9)) + "\n")
+    reference.write_text("\n".join(c + " today" for c in scene_captions(400, seed=9)) + "\n")
     with_reference = tmp_path / "r.json"
     assert main(["audit", str(source), "--types", "replace_object", "--reference", str(reference),
                  "--output", str(with_reference)]) == 0
