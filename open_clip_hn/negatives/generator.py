@@ -18,8 +18,8 @@ import zlib
 from typing import Callable
 
 from .lexicon import Resources, load_resources, regular_plural, restrict_to_vocabulary, words_of
-from .plausibility import PlausibilityModel, resolve as resolve_plausibility, select as plausible_order
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
+from .plausibility import PlausibilityModel, resolve as resolve_plausibility, select as plausible_order
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 Edit = tuple[list[str], list[str]]  # (words, gaps) of a candidate negative
@@ -503,8 +503,8 @@ GENERATORS: dict[str, Callable[[Resources, Parse, random.Random], list[Edit]]] =
     "shuffle_order": shuffle_order,
 }
 assert tuple(GENERATORS) == NEGATIVE_TYPES
-# with a plausibility filter, these types offer every option (`wide`), and these are drawn
-# PLAUSIBILITY_DRAWS times: the filter then has more plausible candidates to keep
+# with a plausibility filter, these types offer several options per replaced word (`wide`), and
+# these are drawn PLAUSIBILITY_DRAWS times: the filter then has more plausible candidates to keep
 WIDE_TYPES = frozenset(("replace_object", "replace_attribute", "replace_relation"))
 REDRAWN_TYPES = frozenset(("replace_count", "add_attribute", "add_object"))
 PLAUSIBILITY_DRAWS = 2
@@ -587,8 +587,9 @@ class NegativeGenerator:
 
     def _plausible(self, res: Resources, parse: Parse, name: str, rng: random.Random,
                    edits: list[Edit]) -> list[Edit]:
-        """More draws (some types), then only the candidates the plausibility model scores close to their
-        positive, in balanced order (a caption may keep none of a type: a masked slot)."""
+        """More draws (some types), then only the candidates the plausibility model scores within its
+        margin of their positive, most plausible first (a caption may keep none of a type: a masked
+        slot)."""
         for _ in range(PLAUSIBILITY_DRAWS - 1 if name in REDRAWN_TYPES else 0):
             edits = edits + GENERATORS[name](res, parse, rng)
         # scored on the words alone: the gaps between them hold no word characters
