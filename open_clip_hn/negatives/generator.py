@@ -592,6 +592,10 @@ class NegativeGenerator:
         slot)."""
         for _ in range(PLAUSIBILITY_DRAWS - 1 if name in REDRAWN_TYPES else 0):
             edits = edits + GENERATORS[name](res, parse, rng)
+        unique: dict[tuple, Edit] = {}
+        for words, gaps in edits:  # a redraw repeats candidates: score each once, keep the first
+            unique.setdefault(tuple(words), (words, gaps))
+        edits = list(unique.values())
         # scored on the words alone: the gaps between them hold no word characters
         order = plausible_order(self.plausibility, " ".join(parse.words), [words for words, _ in edits],
                                 name.startswith("add_"))
