@@ -11,7 +11,9 @@ negatives asked for; the table gives coverage (share of captions with >= 1 negat
 spaces) and negatives equal to their positive (must be 0). Exact match is a floor for replace_*
 and add_* (many replacements are valid; SugarCrepe picked one) but meaningful for swaps.
 Then the positives go through `python -m open_clip_hn.negatives generate` (all types, K=4) pinned
-to one core; throughput is reported with and without process start-up.
+to one core; throughput is reported with and without process start-up. `--plausibility audited`
+runs the generator with the plausibility filter (coverage with it on); blind accuracy is
+`python -m open_clip_hn.negatives audit DIR --generate --plausibility audited`.
 """
 
 from __future__ import annotations
@@ -52,11 +54,12 @@ def load_pairs(data: Path, stems: tuple[str, ...]) -> tuple[str, list[tuple[str,
                      "SugarCrepe's data/ folder (github.com/RAIVNLab/sugar-crepe) there")
 
 
-def evaluate(pairs: list[tuple[str, str]], type_name: str, k: int, seed: int) -> dict[str, float]:
+def evaluate(pairs: list[tuple[str, str]], type_name: str, k: int, seed: int, plausibility=None
+             ) -> dict[str, float]:
     from open_clip_hn.negatives import NegativeGenerator
     from open_clip_hn.negatives.generator import normalise
 
-    generator = NegativeGenerator(types=type_name, seed=seed)
+    generator = NegativeGenerator(types=type_name, seed=seed, plausibility=plausibility)
     covered = matched = equal = 0
     for caption, human in pairs:
         texts = [n["text"] for n in generator.generate(caption, k)]
@@ -94,18 +97,30 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=0, help="Captions per file (0: all). Default: 0.")
     parser.add_argument("--no-throughput", action="store_true", help="Skip the `generate` timing.")
+    parser.add_argument("--plausibility", default=None, metavar="{audited,PATH}",
+                        help="Run with the plausibility filter: 'audited' (a model of the seven files' "
+                             "captions, cross-fitted so no caption is judged by a model that saw it), a "
+                             "caption file or a saved model. Default: no filter.")
     args = parser.parse_args()
 
     data = Path(args.data)
-    rows, positives = [], {}
+    loaded, positives = [], {}
     for stems, type_name in FILES:
         name, pairs = load_pairs(data, stems)
         if args.limit:
             pairs = pairs[: args.limit]
         positives.update(dict.fromkeys(c for c, _ in pairs))
-        rows.append((name, type_name, evaluate(pairs, type_name, args.k, args.seed)))
+        loaded.append((name, type_name, pairs))
+    model = args.plausibility
+    if model == "audited":
+        from open_clip_hn.negatives.plausibility import fit
 
-    print(f"SugarCrepe, one type at a time, K={args.k}, seed={args.seed}")
+        model = fit(list(positives), source="SugarCrepe captions")
+    rows = [(name, type_name, evaluate(pairs, type_name, args.k, args.seed, model))
+            for name, type_name, pairs in loaded]
+
+    print(f"SugarCrepe, one type at a time, K={args.k}, seed={args.seed}, plausibility filter: "
+          f"{args.plausibility or 'off'}")
     print(f"{'file':<18} {'our type':<18} {'captions':>8} {'coverage':>9} {'exact match':>12} {'= positive':>11}")
     for name, type_name, r in rows:
         print(f"{name:<18} {type_name:<18} {r['captions']:>8} {r['coverage']:>9.1%} {r['exact_match']:>12.1%} "

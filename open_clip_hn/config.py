@@ -63,6 +63,7 @@ class HNConfig:
     seed: int = 0
     lm: str | None = None
     vocabulary: str | None = None  # word file or 'train-data': the words negatives may bring in
+    plausibility: str | None = None  # caption file, saved model or 'train-data': the plausibility filter's model
     # objectives
     # `<term>_weight` for each term registered with a weight (terms.py; a test checks the pairing)
     choice_weight: float = 1.0
@@ -152,6 +153,11 @@ class HNConfig:
                 f"--hn-vocabulary applies to --hn-negatives online (this run: {self.negatives}); "
                 "for precomputed negatives pass --vocabulary to `python -m open_clip_hn.negatives "
                 "precompute` (and --hn-vocabulary none to drop a recipe's vocabulary)")
+        if self.plausibility is not None and self.negatives != "online":
+            raise ValueError(
+                f"--hn-plausibility applies to --hn-negatives online (this run: {self.negatives}); "
+                "for precomputed negatives pass --plausibility to `python -m open_clip_hn.negatives "
+                "precompute`")
         if self.image_neighbors_per_sample < 1:
             raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
 
@@ -195,6 +201,15 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "open_clip_hn.negatives vocabulary`). Replacements stay inside the data's own words, "
              "so the text tower cannot reject a negative for a word it never saw. 'none' (the "
              "default): any lexicon word.")
+    add("--hn-plausibility", dest="hn_plausibility", type=_vocabulary, default=None,
+        metavar="{train-data,PATH,none}",
+        help="Keep only online negatives that read about as plausibly as their caption under a "
+             "Kneser-Ney trigram model of captions, so the text tower cannot reject a negative "
+             "without the image: 'train-data' (the --train-data captions, read at start; local "
+             "shards or CSV), a caption file (txt/csv/tsv/jsonl) or a model saved by `python -m "
+             "open_clip_hn.negatives plausibility`; built once and cached. A caption with no "
+             "plausible negative of a type gets none of it (masked slot). 'none' (the default): "
+             "no filter.")
     for term in TERMS.values():
         if term.weight:
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,

@@ -127,6 +127,10 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError(f"--hn-vocabulary {config.vocabulary}: file not found; pass a word list "
                          f"(`python -m open_clip_hn.negatives vocabulary` writes one) or "
                          f"{TRAIN_DATA_VOCABULARY}")
+    if config.plausibility not in (None, TRAIN_DATA_VOCABULARY) and not os.path.isfile(config.plausibility):
+        raise ValueError(f"--hn-plausibility {config.plausibility}: file not found; pass a caption file, "
+                         f"a model (`python -m open_clip_hn.negatives plausibility` writes one) or "
+                         f"{TRAIN_DATA_VOCABULARY}")
 
 
 def _print_config_if_asked(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -237,8 +241,8 @@ def _train_captions(args: argparse.Namespace) -> TrainCaptions:
 
 def train_tokenizer(run: HardNegativeRun, tokenizer, args: argparse.Namespace) -> PackedNegativeTokenizer:
     """The run's packing tokenizer for OpenCLIP's train split (`--train-data` read only when
-    `--hn-vocabulary train-data` needs its captions)."""
-    needs_captions = run.config.vocabulary == TRAIN_DATA_VOCABULARY
+    `--hn-vocabulary` or `--hn-plausibility train-data` needs its captions)."""
+    needs_captions = TRAIN_DATA_VOCABULARY in (run.config.vocabulary, run.config.plausibility)
     return run.train_tokenizer(tokenizer, _train_captions(args) if needs_captions else None)
 
 

@@ -78,30 +78,54 @@ class HardNegativeRun:
 
     # ------------------------------------------------------------------ data
 
+    @staticmethod
+    def _captions(captions: TrainCaptions | None, flag: str, fix: str) -> list[str]:
+        """The --train-data captions for `flag train-data`; errors name the flag and the fix."""
+        from .negatives.lexicon import VocabularyError
+        from .negatives.shards import train_data_captions
+
+        if captions is None or captions.synthetic:
+            raise VocabularyError(f"{flag} train-data: synthetic data has no captions; {fix}")
+        try:
+            return list(train_data_captions(captions.train_data, is_csv=captions.is_csv,
+                                            csv_separator=captions.csv_separator,
+                                            csv_caption_key=captions.csv_caption_key))
+        except VocabularyError as err:
+            raise VocabularyError(f"{flag} train-data: {err}; {fix}") from None
+
     def vocabulary(self, captions: TrainCaptions | None) -> frozenset[str] | None:
         """--hn-vocabulary's words: a file's, or with `train-data` those of the training captions."""
         from .negatives.lexicon import VocabularyError, read_vocabulary
-        from .negatives.shards import train_data_captions, word_counts
+        from .negatives.shards import word_counts
 
         vocabulary = self.config.vocabulary
         if vocabulary != TRAIN_DATA_VOCABULARY:
             return None if vocabulary is None else read_vocabulary(vocabulary)
         fix = ("write the word list once with `python -m open_clip_hn.negatives vocabulary` and "
                "pass its path to --hn-vocabulary")
-        if captions is None or captions.synthetic:
-            raise VocabularyError(f"--hn-vocabulary train-data: synthetic data has no captions; {fix}")
-        try:
-            counts, _ = word_counts(train_data_captions(
-                captions.train_data, is_csv=captions.is_csv, csv_separator=captions.csv_separator,
-                csv_caption_key=captions.csv_caption_key))
-        except VocabularyError as err:
-            raise VocabularyError(f"--hn-vocabulary train-data: {err}; {fix}") from None
+        counts, _ = word_counts(self._captions(captions, "--hn-vocabulary", fix))
         if not counts:
             raise VocabularyError(f"--hn-vocabulary train-data: no words in the captions of "
                                   f"{captions.train_data} (webdataset captions are read from the "
                                   ".txt members); pass a word list instead")
         logging.info("Negatives stay inside the %d words of the --train-data captions", len(counts))
         return frozenset(counts)
+
+    def plausibility(self, captions: TrainCaptions | None):
+        """--hn-plausibility's model: a caption file's or saved model's, or the --train-data
+        captions' (built once, cached on disk; loader workers load the cached file)."""
+        from .negatives.plausibility import from_captions, resolve
+
+        source = self.config.plausibility
+        if source != TRAIN_DATA_VOCABULARY:
+            return None if source is None else resolve(source)
+        fix = ("build the model once with `python -m open_clip_hn.negatives plausibility` and pass "
+               "its path to --hn-plausibility")
+        model = from_captions(self._captions(captions, "--hn-plausibility", fix),
+                              source=captions.train_data)
+        logging.info("Negatives are kept only where they read about as plausibly as their caption: "
+                     "%r", model)
+        return model
 
     def train_tokenizer(self, tokenizer: Callable, captions: TrainCaptions | None
                         ) -> PackedNegativeTokenizer:
@@ -111,7 +135,8 @@ class HardNegativeRun:
             from .negatives import NegativeGenerator
 
             generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
-                                          vocabulary=self.vocabulary(captions))
+                                          vocabulary=self.vocabulary(captions),
+                                          plausibility=self.plausibility(captions))
         return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
                                        config.mirror)
 

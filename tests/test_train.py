@@ -63,6 +63,8 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-vocabulary", "words.txt"], "--hn-vocabulary applies to --hn-negatives online"),
     (["--hn-negatives", "online", "--hn-vocabulary", "/nonexistent/words.txt"],
      "--hn-vocabulary /nonexistent/words.txt: file not found"),
+    (["--hn-negatives", "online", "--hn-plausibility", "/nonexistent/captions.txt"],
+     "--hn-plausibility /nonexistent/captions.txt: file not found"),
     (["--model-config", "/nonexistent/cfg.json"], "--model-config /nonexistent/cfg.json: file not found"),
 ])
 def test_bad_flags_fail_naming_the_input(argv, message, capsys):

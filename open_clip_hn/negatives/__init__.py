@@ -3,7 +3,7 @@
     from open_clip_hn.negatives import NegativeGenerator
     NegativeGenerator(seed=0).generate("a red cube to the left of a small blue sphere", k=4)
 
-Command line: `python -m open_clip_hn.negatives {show,generate,precompute,setup-nltk} --help`.
+Command line: `python -m open_clip_hn.negatives {show,generate,precompute,vocabulary,plausibility,audit,setup-nltk} --help`.
 """
 
 from .generator import NegativeGenerator, normalise

@@ -1,4 +1,4 @@
-"""`python -m open_clip_hn.negatives`: show, generate, precompute, vocabulary, setup-nltk.
+"""`python -m open_clip_hn.negatives`: show, generate, precompute, vocabulary, plausibility, audit, setup-nltk.
 
 `generate` turns a caption file into JSON lines; `precompute` rewrites webdataset shards with a
 `<key>.neg.json` member per sample (for `--hn-negatives precomputed`), one shard at a time, each
@@ -40,11 +40,22 @@ def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> N
     parser.add_argument("--vocabulary", default=None, metavar="PATH",
                         help="Text file of the words negatives may bring in (a word list, or the "
                              "captions themselves). Default: any lexicon word.")
+    parser.add_argument("--plausibility", default=None, metavar="PATH",
+                        help="Keep only negatives that read about as plausibly as their positive under "
+                             "a trigram model of these captions (a txt/csv/tsv/jsonl caption file, read "
+                             "with `generate`'s --caption-key, else its 'caption' column; cached on first "
+                             "use) or a model saved by the `plausibility` command. Default: no filter.")
 
 
 def _generator(args: argparse.Namespace) -> NegativeGenerator:
     vocabulary = None if args.vocabulary is None else read_vocabulary(args.vocabulary)
-    return NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary)
+    plausibility = args.plausibility
+    if plausibility is not None and args.command == "generate":  # a csv/tsv/jsonl: --caption-key's column
+        from .plausibility import resolve
+
+        plausibility = resolve(plausibility, args.caption_key)
+    return NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
+                             plausibility=plausibility)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--min-count", type=int, default=1, metavar="N",
                      help="Keep words seen at least N times (drops typos). Default: 1.")
     voc.add_argument("--output", required=True, help="Word list (one per line), written atomically.")
+
+    from .audit_cli import add_parsers
+
+    add_parsers(sub, _add_generator_flags)
 
     setup = sub.add_parser("setup-nltk", help="Install WordNet for NLTK offline from Debian's wordnet packages.")
     setup.add_argument("--target", default=None,
@@ -298,11 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "setup-nltk":
         return run_setup(args)
+    from .audit import AuditError
+    from .audit_cli import run_audit_command, run_plausibility_command
     from .nltk_data import WordNetMissingError
+    from .plausibility import PlausibilityError
 
     try:
         return {"show": run_show, "generate": run_generate, "precompute": run_precompute,
-                "vocabulary": run_vocabulary}[args.command](args)
-    except (WordNetMissingError, VocabularyError) as err:
+                "vocabulary": run_vocabulary, "audit": run_audit_command,
+                "plausibility": run_plausibility_command}[args.command](args)
+    except (WordNetMissingError, VocabularyError, PlausibilityError, AuditError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

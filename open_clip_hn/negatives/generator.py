@@ -3,13 +3,15 @@
 Each type edits a parsed caption (see parse.py) and keeps English agreement (a/an, singular or
 plural nouns, verb number). Replacement words come from tables precomputed from WordNet
 (lexicon.py), which already exclude synonyms, hypernyms and hyponyms of the replaced word.
-Negatives are a pure function of (caption, seed, types, k): the random generator is seeded from a
-CRC of the seed and the caption, never from Python's salted hash().
+Negatives are a pure function of (caption, seed, types, k) and, with a plausibility filter, of the
+filter model's contents: the random generator is seeded from a CRC of the seed and the caption,
+never from Python's salted hash().
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import zlib
@@ -18,10 +20,13 @@ from typing import Callable
 from .edits import Edit, match_case, noun_form, splice
 from .lexicon import Resources, load_resources, restrict_to_vocabulary, words_of
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
+from .plausibility import PlausibilityModel, resolve as resolve_plausibility, select as plausible_order
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 _BE_NUMBER = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has"}
 _SINGULAR_VERBS = ("is", "was", "has")
+WIDE_OPTIONS = 6  # options per replaced word offered to a plausibility filter (see `wide`)
+WIDE_VERBS = 16  # ... per replaced verb (the filter keeps fewer verbs than nouns or attributes)
 
 _PROCESS: dict = {}  # per-process lazily loaded resources, taggers and LMs (never pickled)
 
@@ -49,8 +54,8 @@ def _tagger(kind: str):
 def _agree_verb(res: Resources, p: Parse, np: NounPhrase, plural: bool) -> list:
     """Replacement for the verb right after a subject noun phrase whose number changes."""
     i = np.end
-    if i >= len(p.words):
-        return []
+    if i >= len(p.words) or (np.start > 0 and p.words[np.start - 1].lower() == "and"):
+        return []  # "a zebra and two elephants are": a coordinated subject stays plural
     lower = p.words[i].lower()
     if lower in _BE_NUMBER and (lower in _SINGULAR_VERBS) == plural:
         return [(i, i + 1, [match_case(p.words[i], _BE_NUMBER[lower])], [p.gaps[i]])]
@@ -191,14 +196,14 @@ def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
     return out
 
 
-def replace_object(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
-    """One object becomes a co-hyponym (dog -> cat), never a synonym, hypernym or hyponym."""
+def replace_object(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
+    """One object becomes a co-hyponym (dog -> cat), never a synonym, hypernym or hyponym.
+    `wide`: the closest WIDE_OPTIONS co-hyponyms, not one drawn from six (for a plausibility filter)."""
     out = []
     present = {np.lemma for np in p.nps}
     for np in p.nps:
         options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
-        if options:
-            choice = rng.choice(options[:6])
+        for choice in (options[:WIDE_OPTIONS] if wide else [rng.choice(options[:6])] if options else []):
             word = match_case(p.words[np.head], noun_form(res, choice, np.plural))
             out.append(splice(p, [(np.head, np.head + 1, [word], None)]))
     rng.shuffle(out)
@@ -308,11 +313,11 @@ def _attributive(res: Resources, p: Parse, i: int, np_ends: set[int]) -> bool:
         i > 0 and words[i - 1] in _CLOTHED and res.attr_category[words[i]] == "color")
 
 
-def replace_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+def replace_attribute(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
     """One attribute changes within its category (red -> blue), opposites first (big -> small);
     other adjectives become a WordNet antonym (direct, else of the head they are similar to),
     comparatives stay comparatives (older -> younger), and a subject's posture or expression
-    changes within its group (a man standing -> a man sitting)."""
+    changes within its group (a man standing -> a man sitting). `wide`: WIDE_OPTIONS options."""
     out = []
     present = {w.lower() for w in p.words}
     in_phrase = {i for np in p.nps for i in np.attrs}
@@ -322,16 +327,17 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit
             options = _state_participle(res, p, i)[:4]
         else:
             options = _replacements(res, p.words[i].lower(), present)
-        if options:
-            out.append(splice(p, [(i, i + 1, [match_case(p.words[i], rng.choice(options[:8]))], None)]))
+        for choice in (options[:WIDE_OPTIONS] if wide else [rng.choice(options[:8])] if options else []):
+            out.append(splice(p, [(i, i + 1, [match_case(p.words[i], choice)], None)]))
     rng.shuffle(out)
     return out
 
 
-def replace_relation(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
+def replace_relation(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
     """A spatial relation becomes an opposite or contrasting one (left of -> right of, on -> next
     to) or an action verb another of its group (sitting -> standing). Two choices per relation:
-    every relation's first choice comes before any second one."""
+    every relation's first choice comes before any second one. `wide`: every relation choice and
+    the WIDE_VERBS first verbs of the group."""
     first, second = [], []
     for i, word in enumerate(p.words):
         lower = word.lower()
@@ -341,11 +347,12 @@ def replace_relation(res: Resources, p: Parse, rng: random.Random) -> list[Edit]
             base, form = res.verb_forms[lower]
             if form not in ("ing", "s") or not res.verb_candidates.get(base):
                 continue
-            forms = [res.verb_table[v][form] for v in res.verb_candidates[base][:4]]
+            forms = [res.verb_table[v][form] for v in res.verb_candidates[base][:WIDE_VERBS if wide else 4]]
         else:
             continue
-        for tier, choice in zip((first, second), rng.sample(forms, min(2, len(forms)))):
-            tier.append(splice(p, [(i, i + 1, [match_case(word, choice)], None)]))
+        chosen = forms if wide else rng.sample(forms, min(2, len(forms)))
+        for n, choice in enumerate(chosen):
+            (first if n == 0 else second).append(splice(p, [(i, i + 1, [match_case(word, choice)], None)]))
     rng.shuffle(first)
     rng.shuffle(second)
     return first + second
@@ -443,6 +450,11 @@ GENERATORS: dict[str, Callable[[Resources, Parse, random.Random], list[Edit]]] =
     "shuffle_order": shuffle_order,
 }
 assert tuple(GENERATORS) == NEGATIVE_TYPES
+# with a plausibility filter, these types offer several options per replaced word (`wide`), and
+# these are drawn PLAUSIBILITY_DRAWS times: the filter then has more plausible candidates to keep
+WIDE_TYPES = frozenset(("replace_object", "replace_attribute", "replace_relation"))
+REDRAWN_TYPES = frozenset(("replace_count", "add_attribute", "add_object"))
+PLAUSIBILITY_DRAWS = 2
 
 
 class NegativeGenerator:
@@ -454,7 +466,8 @@ class NegativeGenerator:
 
     def __init__(self, types: tuple[str, ...] | str | None = NEGATIVE_TYPES, seed: int = 0,
                  lm_path: str | None = None, tagger: str = "auto",
-                 vocabulary: frozenset[str] | None = None):
+                 vocabulary: frozenset[str] | None = None,
+                 plausibility: "str | PlausibilityModel | None" = None):
         self.types = parse_types(types) if isinstance(types, str) or types is None else parse_types(",".join(types))
         if tagger not in ("auto", "nltk", "lexicon"):
             raise ValueError(f"tagger must be auto, nltk or lexicon, got {tagger!r}")
@@ -467,9 +480,14 @@ class NegativeGenerator:
         # set, and comparing large sets per caption would cost milliseconds
         self._vocabulary_key = None if vocabulary is None else hashlib.sha1(
             "\n".join(sorted(self.vocabulary)).encode()).hexdigest()
+        # None: no filter; else candidates are kept only when they read about as plausibly as
+        # their positive (a caption file or saved model path is resolved, cached, here)
+        self.plausibility = resolve_plausibility(plausibility) if isinstance(plausibility, (str, os.PathLike)) \
+            else plausibility
 
     def __repr__(self) -> str:
         words = "" if self.vocabulary is None else f", vocabulary={len(self.vocabulary)} words"
+        words += "" if self.plausibility is None else f", plausibility={self.plausibility!r}"
         return f"NegativeGenerator(types={self.types}, seed={self.seed}, lm_path={self.lm_path!r}{words})"
 
     def _resources(self) -> Resources:
@@ -504,10 +522,31 @@ class NegativeGenerator:
         return parse_caption(text, _resources(), _tagger(self.tagger))
 
     def _edits(self, res: Resources, parse: Parse, name: str, rng: random.Random) -> list[Edit]:
-        edits = GENERATORS[name](res, parse, rng)
+        if self.plausibility is not None and name in WIDE_TYPES:
+            edits = GENERATORS[name](res, parse, rng, wide=True)
+        else:
+            edits = GENERATORS[name](res, parse, rng)
         if self.lm_path and name in ("replace_object", "replace_attribute"):
             edits = self._lm().edits(res, parse, name, rng) + edits
+        if self.plausibility is not None:
+            edits = self._plausible(res, parse, name, rng, edits)
         return edits
+
+    def _plausible(self, res: Resources, parse: Parse, name: str, rng: random.Random,
+                   edits: list[Edit]) -> list[Edit]:
+        """More draws (some types), then only the candidates the plausibility model scores within its
+        margin of their positive, most plausible first (a caption may keep none of a type: a masked
+        slot)."""
+        for _ in range(PLAUSIBILITY_DRAWS - 1 if name in REDRAWN_TYPES else 0):
+            edits = edits + GENERATORS[name](res, parse, rng)
+        unique: dict[tuple, Edit] = {}
+        for words, gaps in edits:  # a redraw repeats candidates: score each once, keep the first
+            unique.setdefault(tuple(words), (words, gaps))
+        edits = list(unique.values())
+        # scored on the words alone: the gaps between them hold no word characters
+        order = plausible_order(self.plausibility, " ".join(parse.words), [words for words, _ in edits],
+                                name.startswith("add_"))
+        return [edits[i] for i in order]
 
     def candidates(self, caption: object, k: int = 1_000_000) -> dict[str, list[str]]:
         """Every type's valid candidate texts for `caption` (used by `show`), best first."""
@@ -538,7 +577,9 @@ class NegativeGenerator:
             return
         res = self._resources()
         rng = random.Random(zlib.crc32(f"{self.seed}\0{k}\0{caption}".encode("utf-8", "replace")))
-        seen = {normalise(parse.render(parse.words, parse.gaps))}
+        positive = parse.render(parse.words, parse.gaps)
+        seen = {normalise(positive)}
+        shouting = positive.isupper()  # "A DOG ON A COUCH": inserted and re-inflected words too
         own_words = set(next(iter(seen)).split())
         order = list(self.types)
         rng.shuffle(order)
@@ -555,6 +596,7 @@ class NegativeGenerator:
                     words, gaps = pending[cursor[name]]
                     cursor[name] += 1
                     text = parse.render(words, gaps)
+                    text = text.upper() if shouting else text
                     key = normalise(text)
                     if key in seen or not self._in_vocabulary(key, own_words):
                         continue
