@@ -39,6 +39,7 @@ import torch
 from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 
+from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
 from .negatives.shards import shard_has_negatives
@@ -313,17 +314,22 @@ def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimi
             checkpoint[STATE_KEY] = {"epoch": at.epoch, "step": at.step, **run.state()}
         return checkpoint
 
+    def epoch_started(at_epoch: int, rng_states: list) -> None:
+        if is_master(args) and args.save_logs and at_epoch > 0:
+            hn_state.add_epoch_start_rng(args.checkpoint_path, at_epoch, rng_states)
+
     checkpointer = StepCheckpointer(
         args.checkpoint_path, run.config.save_every_steps, run.stop, build=build,
         steps_per_epoch=steps_per_epoch,
         samples_per_step=args.batch_size * args.accum_freq * args.world_size,
         world_size=args.world_size, device=args.device, is_master=is_master(args) and args.save_logs,
-        latest_name=oc_main.LATEST_CHECKPOINT_NAME if args.save_most_recent else None)
+        latest_name=oc_main.LATEST_CHECKPOINT_NAME if args.save_most_recent else None,
+        on_epoch_start=epoch_started)
     if is_master(args) and args.save_logs and epoch > 0 and not args.save_most_recent and \
             os.path.exists(os.path.join(args.checkpoint_path, f"epoch_{epoch}.pt")):
         prune_step_checkpoints(args.checkpoint_path, before_epoch=epoch)
     info.dataloader = SteppedLoader(loader, args.accum_freq, checkpointer.for_epoch(epoch), position,
-                                    skip_by_drawing=not args.dataset_resampled)
+                                    skip_by_drawing=not args.dataset_resampled, rank=args.rank)
     try:
         train_one_epoch(model, data, loss, epoch, optimizer, scaler,
                         shifted_scheduler(scheduler, position.step if position else 0), dist_model,

@@ -78,7 +78,8 @@ class HardNegativeLoss(torch.nn.Module):
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             losses = self._losses(image_features.float(), text_features.float(), logit_scale.float(),
                                   packed.neg_mask, packed.neg_types,
-                                  None if logit_bias is None else logit_bias.float(), mirrors)
+                                  None if logit_bias is None else logit_bias.float(), mirrors,
+                                  packed.neg_blind)
         if output_dict:
             return losses
         return sum(v for v in losses.values() if isinstance(v, torch.Tensor))
@@ -104,20 +105,23 @@ class HardNegativeLoss(torch.nn.Module):
         return mask.to(image.device, torch.bool), types.to(image.device, torch.long)
 
     def _gather(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
-                share: float, step: int, mirrors: MirrorPairs | None = None) -> TermBatch:
+                share: float, step: int, mirrors: MirrorPairs | None = None,
+                blind: torch.Tensor | None = None) -> TermBatch:
         batch, dim = image.shape
         positives, negatives = L.split_text_features(text, batch)
         k = negatives.shape[1]
+        blind = torch.full_like(types, -1) if blind is None else blind.to(types.device, torch.long)
         if self.world_size == 1:
             all_image, all_text, all_negatives, all_mask, all_types = image, positives, negatives, mask, types
+            all_blind = blind
         else:
             grouped = torch.cat([image.unsqueeze(1), text.view(batch, 1 + k, dim)], dim=1)
             gathered = gather_rows(grouped, rank=self.rank, world_size=self.world_size,
                                    with_grad=self.gather_with_grad, keep_local_grad=not self.local_loss)
             all_image, all_text, all_negatives = gathered[:, 0], gathered[:, 1], gathered[:, 2:]
-            meta = gather_rows(torch.stack([mask.long(), types], dim=1), rank=self.rank,
+            meta = gather_rows(torch.stack([mask.long(), types, blind], dim=1), rank=self.rank,
                                world_size=self.world_size)
-            all_mask, all_types = meta[:, 0].bool(), meta[:, 1]
+            all_mask, all_types, all_blind = meta[:, 0].bool(), meta[:, 1], meta[:, 2]
         used = all_mask & negative_keep_mask(tuple(all_mask.shape), share, seed=self.config.seed,
                                              step=step, device=all_mask.device)
         local = self.local_loss and self.world_size > 1
@@ -136,7 +140,7 @@ class HardNegativeLoss(torch.nn.Module):
             gathered_mirrors = gather_mirrors(mirrors, keep, rank=self.rank, world_size=self.world_size,
                                               local=local, with_grad=self.gather_with_grad)
         return TermBatch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels,
-                         mirrors=gathered_mirrors)
+                         mirrors=gathered_mirrors, all_blind=all_blind)
 
     def _mine(self, b: TermBatch, share: float) -> MinedNegatives:
         anchors, dim, k = b.image.shape[0], b.image.shape[1], self.config.mined_k
@@ -152,12 +156,12 @@ class HardNegativeLoss(torch.nn.Module):
 
     def _losses(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                 mask: torch.Tensor | None, types: torch.Tensor | None,
-                logit_bias: torch.Tensor | None, mirrors: MirrorPairs | None = None
-                ) -> dict[str, torch.Tensor | LoggedValue]:
+                logit_bias: torch.Tensor | None, mirrors: MirrorPairs | None = None,
+                blind: torch.Tensor | None = None) -> dict[str, torch.Tensor | LoggedValue]:
         mask, types = self._metadata(image, text, mask, types)
         step = self.step
         share = self.curriculum(step)
-        b = self._gather(image, text, mask, types, share, step, mirrors)
+        b = self._gather(image, text, mask, types, share, step, mirrors, blind)
         if self.bank is not None:
             self.bank.to(image.device)
         ctx = TermContext(self.config, logit_scale, logit_bias, share, self.thresholds,
@@ -177,6 +181,10 @@ class HardNegativeLoss(torch.nn.Module):
         if b.all_mask.shape[1]:
             stats["hn_negatives"] = LoggedValue(b.used.sum(dim=1).float().mean())
             stats["hn_masked"] = LoggedValue(1 - b.all_mask.float().mean())
+            if self.config.plausibility is not None:  # the text-only shortcut's share of negatives
+                known = b.all_mask & (b.all_blind >= 0)
+                rejected = known & (b.all_blind == 1)
+                stats["hn_blind"] = LoggedValue(rejected.sum() / known.sum().clamp(min=1))
 
         if torch.is_grad_enabled():
             if self.grad_calls % self.accum_freq == self.accum_freq - 1:

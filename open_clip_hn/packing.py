@@ -17,10 +17,12 @@ The metadata travels as tensors, so OpenCLIP's `--accum-freq` path concatenates 
 batch like the features it belongs to, and it stays glued to its sample through workers and ranks.
 
 Row layout per sample, K negatives, context length L, M = META_COLUMNS:
-    (1 + K [+ 1]) blocks of [L token ids | SENTINEL, valid, type_id]
+    (1 + K [+ 1]) blocks of [L token ids | SENTINEL, valid, type_id, blind]
 blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking),
 and with `--hn-mirror` one more block: the caption of the mirrored image (`mirror.py`), whose
-type_id is the mirror axis.
+type_id is the mirror axis. `blind` is 1 where the plausibility model (`--hn-plausibility`) scores
+the negative below its caption, i.e. a text-only reader would reject it (0: it would not, -1:
+no model), so the objective can log that share (`Hn_blind`).
 
 Precomputed negatives (`neg.json` members, see `negatives/shards.py`) reach the tokenizer through
 the only field OpenCLIP's pipeline carries to it, the caption string: `samples_with_precomputed_
@@ -42,7 +44,7 @@ from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 if TYPE_CHECKING:
     from .negatives import NegativeGenerator
 
-META_COLUMNS = 3
+META_COLUMNS = 4
 SENTINEL = -0x48_4E_48_4E  # never a token id: marks a packed row
 PRECOMPUTED_PREFIX = "\x00open_clip_hn\x00"  # marks a caption that carries its precomputed negatives
 
@@ -52,6 +54,7 @@ class UnpackedTexts:
     tokens: torch.Tensor  # [B * (1 + K), L], per-sample interleaved
     neg_mask: torch.Tensor  # [B, K] bool
     neg_types: torch.Tensor  # [B, K] long, -1 where masked
+    neg_blind: torch.Tensor  # [B, K] long: 1 a text-only reader rejects it, 0 not, -1 unknown
     mirror_tokens: torch.Tensor | None = None  # [B, L] caption of each mirrored image
     mirror_axis: torch.Tensor | None = None  # [B] long: 0 horizontal, 1 vertical, -1 no mirror
 
@@ -131,6 +134,12 @@ class PackedNegativeTokenizer:
         meta[1:1 + len(negatives), 1] = 1
         meta[1:1 + len(negatives), 2] = torch.tensor([TYPE_TO_ID[n["type"]] for n in negatives],
                                                      dtype=tokens.dtype)
+        meta[:, 3] = -1
+        blind_reader = getattr(self.generator, "plausibility", None) if precomputed is None else None
+        if blind_reader is not None and negatives:
+            meta[1:1 + len(negatives), 3] = torch.tensor(
+                [int(blind_reader.prefers_positive(caption, n["text"])) for n in negatives],
+                dtype=tokens.dtype)
         if mirrored:
             meta[-1, 1], meta[-1, 2] = 1, AXIS_TO_ID[mirrored[1]]
         return torch.cat([tokens, meta], dim=1).reshape(1, -1)
@@ -157,12 +166,14 @@ def unpack_texts(texts: torch.Tensor, num_negatives: int, mirror: bool = False
     meta = rows[:, -META_COLUMNS:].reshape(batch, blocks, META_COLUMNS)
     tokens = rows[:, :-META_COLUMNS].reshape(batch, blocks, -1)
     if not mirror:
-        return UnpackedTexts(tokens.flatten(0, 1), meta[:, 1:, 1] == 1, meta[:, 1:, 2].long())
+        return UnpackedTexts(tokens.flatten(0, 1), meta[:, 1:, 1] == 1, meta[:, 1:, 2].long(),
+                             meta[:, 1:, 3].long())
     has_mirror = meta[:, -1, 1] == 1
     return UnpackedTexts(
         tokens=tokens[:, :-1].flatten(0, 1),
         neg_mask=meta[:, 1:-1, 1] == 1,
         neg_types=meta[:, 1:-1, 2].long(),
+        neg_blind=meta[:, 1:-1, 3].long(),
         mirror_tokens=tokens[:, -1],
         mirror_axis=torch.where(has_mirror, meta[:, -1, 2].long(), -1),
     )
@@ -200,15 +211,18 @@ class PackedOutputs:
     neg_mask: torch.Tensor | None = None   # [B, K] bool: valid negative slots
     neg_types: torch.Tensor | None = None  # [B, K] long: type id, -1 where masked
     mirrors: MirrorPairs | None = None     # the mirrored pairs' features (--hn-mirror)
+    neg_blind: torch.Tensor | None = None  # [B, K] long: 1 text-only reader rejects it, 0 not, -1 unknown
 
-    _KEYS: ClassVar[dict[str, str]] = {"neg_mask": "hn_neg_mask", "neg_types": "hn_neg_types"}
+    _KEYS: ClassVar[dict[str, str]] = {"neg_mask": "hn_neg_mask", "neg_types": "hn_neg_types",
+                                       "neg_blind": "hn_neg_blind"}
     _MIRROR_KEYS: ClassVar[dict[str, str]] = {"image": "hn_mirror_image_features",
                                               "text": "hn_mirror_text_features",
                                               "mask": "hn_mirror_mask"}
 
     @property
     def empty(self) -> bool:
-        return self.neg_mask is None and self.neg_types is None and self.mirrors is None
+        return (self.neg_mask is None and self.neg_types is None and self.mirrors is None
+                and self.neg_blind is None)
 
     def write(self, output: dict) -> dict:
         """Put the values into a model output dict (in place; returned for chaining)."""
@@ -284,7 +298,8 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
                     0, rows, features[size:])
             mirrors = MirrorPairs(mirrored["image_features"], mirrored["text_features"],
                                   (meta.mirror_axis >= 0).to(device))
-        return PackedOutputs(meta.neg_mask.to(device), meta.neg_types.to(device), mirrors).write(output)
+        return PackedOutputs(meta.neg_mask.to(device), meta.neg_types.to(device), mirrors,
+                             meta.neg_blind.to(device)).write(output)
 
     model.register_forward_pre_hook(unpack, with_kwargs=True)
     model.register_forward_hook(add_outputs, with_kwargs=True)

@@ -55,6 +55,15 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def gather_states(state: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
+    """Every rank's `state`, in rank order (each rank draws its own random numbers)."""
+    if world_size == 1:
+        return [state]
+    states: list = [None] * world_size
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
@@ -68,12 +77,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class EpochPosition:
     """Where inside an epoch a step checkpoint was taken."""
 
-    epoch: int             # 0-based epoch in progress (= epochs completed)
-    step: int              # optimizer steps done in this epoch
-    steps_per_epoch: int
-    samples_seen: int      # over the whole run, all ranks
-    rng_epoch_start: dict  # RNG when the epoch's loader iterator was created (its sample order)
-    rng_now: dict          # RNG right after the step (the next batch's randomness)
+    epoch: int                   # 0-based epoch in progress (= epochs completed)
+    step: int                    # optimizer steps done in this epoch
+    steps_per_epoch: int         # 0 where unknown (an epoch checkpoint's position)
+    samples_seen: int            # over the whole run, all ranks
+    rng_epoch_start: list[dict]  # per rank: RNG when the epoch's loader iterator was created
+    rng_now: list[dict] | None   # per rank: RNG right after the step (None at an epoch start)
 
     @property
     def global_step(self) -> int:
@@ -211,48 +220,55 @@ def agree(signum: int, device, world_size: int) -> int:
 class SteppedLoader:
     """OpenCLIP's train loader with a callback between optimizer steps and a resume position.
 
-    `between_steps(step)` runs before the batches of step `step` (0-based, inside the epoch) are
-    fetched, i.e. after step `step - 1` finished, including before the first step. With `resume`,
-    the first `resume.step` steps' batches are skipped (or, with `skip_by_drawing=False` for
-    resampled data, simply not drawn), the epoch's sample order and the RNG are put back as they
-    were, and the loop continues at that step.
+    `between_steps(step, rng_epoch_start)` runs before the batches of step `step` (0-based,
+    inside the epoch) are fetched, i.e. after step `step - 1` finished, including before the
+    first step. With `resume`, the RNG that fixed the epoch's sample order is put back before the
+    iterator is made, the first `resume.step` steps' batches are skipped (or, with
+    `skip_by_drawing=False` for resampled data, simply not drawn), the RNG of the next step is
+    put back, and the loop continues at that step.
     """
 
     def __init__(self, loader, accum_freq: int, between_steps: Callable[[int, dict], None],
-                 resume: EpochPosition | None = None, skip_by_drawing: bool = True):
+                 resume: EpochPosition | None = None, skip_by_drawing: bool = True, rank: int = 0):
         self.loader = loader
         self.accum_freq = accum_freq
         self.between_steps = between_steps
         self.resume = resume
         self.skip_by_drawing = skip_by_drawing
+        self.rank = rank
         self.num_batches = loader.num_batches
         self.num_samples = loader.num_samples
-        self.rng_epoch_start: dict | None = None
 
     def __len__(self) -> int:
         return len(self.loader)
 
+    def _own(self, states: list[dict]) -> dict:
+        if len(states) <= self.rank:
+            raise ValueError(f"the checkpoint holds RNG states of {len(states)} rank(s), this is "
+                             f"rank {self.rank}: resume with the world size it was saved with")
+        return states[self.rank]
+
     def __iter__(self) -> Iterator:
         resume, first = self.resume, 0
         if resume is not None:
-            set_rng_state(resume.rng_epoch_start)
-        self.rng_epoch_start = rng_state()
+            set_rng_state(self._own(resume.rng_epoch_start))
+        rng_epoch_start = rng_state()
         batches = iter(self.loader)
         if resume is not None:
             first = resume.step * self.accum_freq
             if self.skip_by_drawing:
                 for _ in range(first):
                     next(batches)
-            set_rng_state(resume.rng_now)
-            logging.info("Resuming inside epoch %d at step %d of %d (%d batches %s)", resume.epoch,
-                         resume.step, resume.steps_per_epoch, first,
-                         "skipped" if self.skip_by_drawing else "not drawn: resampled data")
+            if resume.rng_now is not None:
+                set_rng_state(self._own(resume.rng_now))
+            logging.info("Resuming epoch %d at step %d (%d batches %s)", resume.epoch, resume.step,
+                         first, "skipped" if self.skip_by_drawing else "not drawn: resampled data")
         index = first
         for batch in batches:
             if index >= self.num_batches:
                 break  # resampled data: the epoch's remaining batches are done
             if index % self.accum_freq == 0 and (index > first or resume is None):
-                self.between_steps(index // self.accum_freq, self.rng_epoch_start)
+                self.between_steps(index // self.accum_freq, rng_epoch_start)
             yield batch
             index += 1
 
@@ -274,22 +290,27 @@ class StepCheckpointer:
 
     def __init__(self, folder: str, every: int, stop: StopRequest, *, build: Callable[[EpochPosition], dict],
                  steps_per_epoch: int, samples_per_step: int, world_size: int, device,
-                 is_master: bool, latest_name: str | None = None):
+                 is_master: bool, latest_name: str | None = None,
+                 on_epoch_start: Callable[[int, list[dict]], None] | None = None):
         self.folder, self.every, self.stop = folder, every, stop
         self.build = build
         self.steps_per_epoch, self.samples_per_step = steps_per_epoch, samples_per_step
         self.world_size, self.device, self.is_master = world_size, device, is_master
         self.latest_name = latest_name  # --save-most-recent: step checkpoints go there too
+        self.on_epoch_start = on_epoch_start  # every rank's RNG that fixes this epoch's order
 
     def for_epoch(self, epoch: int) -> Callable[[int, dict], None]:
         def between_steps(step: int, rng_epoch_start: dict) -> None:
             global_step = epoch * self.steps_per_epoch + step
             stopping = agree(int(self.stop.received or 0), self.device, self.world_size)
             periodic = self.every > 0 and step > 0 and global_step % self.every == 0
+            if step == 0 and self.on_epoch_start is not None:
+                self.on_epoch_start(epoch, gather_states(rng_epoch_start, self.world_size))
             if stopping or periodic:
+                rng_starts = gather_states(rng_epoch_start, self.world_size)
                 self.save(EpochPosition(epoch, step, self.steps_per_epoch,
-                                        global_step * self.samples_per_step, rng_epoch_start,
-                                        rng_state()))
+                                        global_step * self.samples_per_step, rng_starts,
+                                        gather_states(rng_state(), self.world_size)))
             if stopping:
                 self.stop.stop(signal.Signals(stopping))
 

@@ -148,7 +148,7 @@ class HardNegativeRun:
             self.start_step = epoch * steps_per_epoch
             self.total_steps = steps_per_epoch * epochs
             position = self.resume_position
-            if position is not None and position.epoch == epoch:
+            if position is not None and position.epoch == epoch and position.step > 0:
                 if position.steps_per_epoch != steps_per_epoch:
                     raise ValueError(
                         f"the step checkpoint was saved with {position.steps_per_epoch} steps per "
@@ -219,6 +219,9 @@ class HardNegativeRun:
         state_file, saved = found
         self._warn_config_changes(saved.get("config", {}))
         self.pending_state = saved
+        if saved.get("rng_epoch_start") is not None:  # the next epoch replays as it would have
+            self.resume_position = EpochPosition(checkpoint["epoch"], 0, 0, 0,
+                                                 saved["rng_epoch_start"], None)
         logging.info("=> found hard-negative state %s", state_file)
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:

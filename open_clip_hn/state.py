@@ -36,6 +36,20 @@ def save_state(checkpoint_dir: str, epoch: int, state: dict[str, Any]) -> str:
     return path
 
 
+def add_epoch_start_rng(checkpoint_dir: str, epoch: int, rng_states: list) -> str | None:
+    """Record in `epoch_N.pt.hn` the RNG states (per rank) that fixed epoch N's sample order,
+    taken when its loader started; a resume from `epoch_N.pt` then replays the epoch exactly.
+    None when there is no such state file (the epoch was not checkpointed)."""
+    path = state_path(checkpoint_dir, epoch)
+    if not os.path.exists(path):
+        return None
+    state = _read(path)
+    state["rng_epoch_start"] = rng_states
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
+    return path
+
+
 def _read(path: str) -> dict[str, Any]:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("version") != STATE_VERSION:

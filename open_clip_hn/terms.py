@@ -93,6 +93,7 @@ class TermBatch:
     anchor_types: torch.Tensor   # [A, K]
     labels: torch.Tensor         # [A] global row of each anchor's pair
     mirrors: "MirrorBatch | None" = None  # --hn-mirror's pairs, gathered
+    all_blind: torch.Tensor | None = None  # [N, K] 1 where a text-only reader rejects the negative
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,7 @@ def test_stepped_loader_calls_between_steps_and_resumes():
     calls = []
     loader = SteppedLoader(_Loader(range(6)), 2, lambda step, rng: calls.append(step))
     assert list(loader) == [0, 1, 2, 3, 4, 5] and calls == [0, 1, 2]
-    position = EpochPosition(0, 2, 3, 8, rng_state(), rng_state())
+    position = EpochPosition(0, 2, 3, 8, [rng_state()], [rng_state()])
     calls.clear()
     resumed = SteppedLoader(_Loader(range(6)), 2, lambda step, rng: calls.append(step), position)
     assert list(resumed) == [4, 5] and calls == []  # skipped what step 0-1 consumed
