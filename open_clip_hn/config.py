@@ -14,6 +14,7 @@ from typing import Callable
 
 from .mirror import parse_axes
 from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
+from .recipes import ListRecipesAction
 
 NEGATIVE_SOURCES = ("none", "online", "precomputed")
 LOSS_TERMS = ("itc", "choice", "intra", "rank", "importance", "mined")
@@ -206,9 +207,13 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--model-config", dest="model_config", default=None, metavar="PATH.json",
         help="Register an OpenCLIP model config file (open_clip.add_model_config) so that "
              "--model FILE_STEM can use a custom or tiny architecture.")
-    add("--hn-config", dest="hn_config_file", default=None, metavar="PATH.yaml",
-        help="Recipe file whose keys are flag names (e.g. configs/recommended.yaml); flags on "
-             "the command line override it.")
+    add("--hn-config", dest="hn_config_file", default=None, metavar="NAME|PATH.yaml",
+        help="Recipe: a shipped name (negclip, ce-clip, diht, cm-hnco, concept-permutation, "
+             "recommended; see --hn-list-configs) or a YAML file whose keys are flag names; "
+             "flags on the command line override it.")
+    add("--hn-list-configs", action=ListRecipesAction,
+        help="Print the shipped recipes (names for --hn-config) with the first line of each "
+             "header, and exit.")
     add("--hn-print-config", dest="hn_print_config", action="store_true", default=False,
         help="Print the resolved configuration (recipe + overrides) and exit.")
     add("--hn-negatives", dest="hn_negatives", choices=NEGATIVE_SOURCES, default="none",

@@ -27,12 +27,13 @@ from typing import Sequence
 from . import eval as hn_eval
 from . import scenes
 from .files import atomic_write_json, expand_shards
+from .recipes import resolve_recipe
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The demo's tiny CLIP has a ModifiedResNet image tower: the tiny ViT of the tests
 # (hn-tiny-vit.json) does not tell 6-pixel shapes apart within the demo's budget (README)
 MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-rn.json")
-RECOMMENDED = os.path.join(os.path.dirname(PACKAGE_DIR), "configs", "recommended.yaml")
+RECOMMENDED = "recommended"  # a shipped recipe name (open_clip_hn.recipes), found from a wheel too
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,8 @@ def run_stamp(argv: list[str]) -> dict:
     config, a re-trained checkpoint or re-rendered data under the same path is another run)."""
     contents, start, shards = {}, None, []
     for flag, value in zip(argv, argv[1:]):
+        if flag == "--hn-config":
+            value = resolve_recipe(value)  # a shipped recipe's name stamps the file it names
         if flag in ("--hn-config", "--model-config") and os.path.isfile(value):
             with open(value, encoding="utf-8") as handle:
                 contents[value] = handle.read()
@@ -222,14 +225,16 @@ def main(argv: list[str] | None = None) -> dict:
     add("--model-config", default=MODEL_CONFIG, metavar="PATH.json",
         help="OpenCLIP model config of the tiny CLIP (its file name is the model name). "
              "Default: the package's hn-tiny-rn.json; hn-tiny-vit.json is the tests' tiny ViT.")
-    add("--hn-config", default=RECOMMENDED, metavar="PATH.yaml",
-        help="Recipe of the hard-negative run. Default: configs/recommended.yaml.")
+    add("--hn-config", default=RECOMMENDED, metavar="NAME|PATH.yaml",
+        help="Recipe of the hard-negative run: a shipped name (--hn-list-configs of "
+             "open_clip_hn.train) or a YAML file. Default: recommended.")
     add("--hn-args", default="", metavar="'--hn-... ...'",
         help="Extra flags for the hard-negative run (override the recipe).")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.hn_config):
-        parser.error(f"--hn-config {args.hn_config} does not exist; pass the path of a recipe "
-                     f"such as configs/recommended.yaml from the open_clip_hn repository")
+    try:
+        args.hn_config = resolve_recipe(args.hn_config)
+    except FileNotFoundError as err:
+        parser.error(f"--hn-config: {err}")
     if not os.path.isfile(args.model_config):
         parser.error(f"--model-config {args.model_config} does not exist; pass an OpenCLIP model "
                      f"config JSON such as {MODEL_CONFIG}")
