@@ -33,6 +33,7 @@ import torch
 from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 
+from . import provenance
 from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .mirror import flip_images
@@ -470,7 +471,10 @@ def plugin_state() -> dict[str, Any]:
 def save_plugin_state(args: argparse.Namespace, completed_epoch: int) -> None:
     """Save the plugin state of every epoch OpenCLIP checkpoints (rank 0; all ranks agree)."""
     if checkpoints_of_epoch(args, completed_epoch):
-        path = hn_state.save_state(args.checkpoint_path, completed_epoch, plugin_state())
+        trained_as = provenance.record_for_args(args)  # --model etc., checked by eval (provenance.py)
+        path = hn_state.save_state(args.checkpoint_path, completed_epoch,
+                                   {**plugin_state(), "trained_as": trained_as})
+        provenance.write_sidecars(checkpoints_of_epoch(args, completed_epoch), trained_as)
         logging.info("Saved hard-negative state to %s", path)
     hn_state.prune_states(args.checkpoint_path, completed_epoch)
 
