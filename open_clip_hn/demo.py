@@ -36,6 +36,32 @@ MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-rn.json")
 RECOMMENDED = "recommended"  # a shipped recipe name (open_clip_hn.recipes), found from a wheel too
 
 
+# Seconds per unit of work on the 2-core CPU machine (fp32), as (idle, shared): the stage timings in
+# README (one stage at a time, nothing else running; 7 min in all) and issue 20's run from a clean
+# clone on the shared machine (10 min 52 s). Units: scenes rendered, scene-epochs trained, test items.
+STAGE_SECONDS = {
+    "rendering": (17 / 20000, 23 / 20000),
+    "pretraining": (42 / 20000, 53 / 20000),
+    "vanilla": (116 / 60000, 190 / 60000),
+    "hard negatives": (220 / 60000, 330 / 60000),
+    "evaluation": (25 / 1000, 56 / 1000),
+}
+
+
+def expected_seconds(samples: int, test_items: int, pretrain_epochs: int,
+                     epochs: int) -> tuple[float, float]:
+    """(low, high) wall seconds of a run from scratch on 2 CPU cores, from the stage sizes."""
+    units = {"rendering": samples, "pretraining": samples * pretrain_epochs,
+             "vanilla": samples * epochs, "hard negatives": samples * epochs,
+             "evaluation": test_items}
+    return (sum(STAGE_SECONDS[k][0] * n for k, n in units.items()),
+            sum(STAGE_SECONDS[k][1] * n for k, n in units.items()))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
 @dataclass(frozen=True)
 class DemoData:
     train: str  # --train-data value
@@ -238,6 +264,10 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isfile(args.model_config):
         parser.error(f"--model-config {args.model_config} does not exist; pass an OpenCLIP model "
                      f"config JSON such as {MODEL_CONFIG}")
+    low, high = expected_seconds(args.samples, args.test_items, args.pretrain_epochs, args.epochs)
+    print(f"[demo] expected time from scratch: about {_duration(low)} to {_duration(high)} on 2 CPU "
+          f"cores{' (a GPU is faster)' if args.device == 'cuda' else ''}; stages already done in "
+          f"{args.output_dir} are reused")
     start = time.time()
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "runs")
