@@ -47,7 +47,7 @@ for kind, folder in kinds.items():
 if missing:
     sys.exit("missing from the built package: " + ", ".join(missing))
 print(f"  {len(source)} files in both, including " + ", ".join(
-    f"{sum(f.startswith(d) for f in source)} {k}" for k, d in kinds.items()))
+    f"{sum(f.startswith(d) and not f.endswith('.py') for f in source)} {k}" for k, d in kinds.items()))
 EOF
 
 step "installing the wheel into a fresh virtualenv"
