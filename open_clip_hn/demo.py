@@ -36,26 +36,35 @@ MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-rn.json")
 RECOMMENDED = "recommended"  # a shipped recipe name (open_clip_hn.recipes), found from a wheel too
 
 
-# Seconds per unit of work on the 2-core CPU machine (fp32), as (idle, shared): the stage timings in
-# README (one stage at a time, nothing else running; 7 min in all) and issue 20's run from a clean
-# clone on the shared machine (10 min 52 s). Units: scenes rendered, scene-epochs trained, test items.
+# Wall seconds of each stage at the defaults on the 2-core CPU machine (fp32), as (idle, shared):
+# README's stage timings (one stage at a time, nothing else running; 7 min in all) and issue 20's
+# run from a clean clone on the shared machine (10 min 52 s), with the units of work they did
+# (scenes rendered, scene-epochs trained, test items scored). A stage that starts a process
+# (loading torch, OpenCLIP, the model) costs STARTUP_SECONDS whatever its size (toy runs: ~2 min).
 STAGE_SECONDS = {
-    "rendering": (17 / 20000, 23 / 20000),
-    "pretraining": (42 / 20000, 53 / 20000),
-    "vanilla": (116 / 60000, 190 / 60000),
-    "hard negatives": (220 / 60000, 330 / 60000),
-    "evaluation": (25 / 1000, 56 / 1000),
+    "rendering": (20000, (17.0, 23.0)),
+    "pretraining": (20000, (42.0, 53.0)),
+    "vanilla": (60000, (116.0, 190.0)),
+    "hard negatives": (60000, (220.0, 330.0)),
+    "evaluation": (1000, (25.0, 56.0)),
 }
+STARTUP_SECONDS = (8.0, 25.0)
 
 
 def expected_seconds(samples: int, test_items: int, pretrain_epochs: int,
                      epochs: int) -> tuple[float, float]:
-    """(low, high) wall seconds of a run from scratch on 2 CPU cores, from the stage sizes."""
+    """(low, high) wall seconds of a run from scratch on 2 CPU cores, scaled from the stage sizes."""
     units = {"rendering": samples, "pretraining": samples * pretrain_epochs,
              "vanilla": samples * epochs, "hard negatives": samples * epochs,
              "evaluation": test_items}
-    return (sum(STAGE_SECONDS[k][0] * n for k, n in units.items()),
-            sum(STAGE_SECONDS[k][1] * n for k, n in units.items()))
+    bounds = []
+    for side in (0, 1):
+        total = 0.0
+        for stage, (default_units, measured) in STAGE_SECONDS.items():
+            fixed = 0.0 if stage == "rendering" else STARTUP_SECONDS[side]
+            total += fixed + (measured[side] - fixed) * units[stage] / default_units
+        bounds.append(total)
+    return bounds[0], bounds[1]
 
 
 def _duration(seconds: float) -> str:
