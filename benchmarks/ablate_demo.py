@@ -4,7 +4,7 @@ Every row continues the same vanilla-pretrained tiny CLIP (the demo's: 1 epoch o
 batch 128, lr 2e-3, `demo.MODEL_CONFIG` or `--model-config`) with the same samples, seed, batch size (64) and
 learning rate (1e-3) as the vanilla row, then is scored on the demo's sets (val compositions) and
 on the unseen sets (test compositions). Prints one table per benchmark with differences to the
-vanilla row. The rows take one part of `configs/recommended.yaml` away or change one setting.
+vanilla row. The rows take one part of the shipped `recommended` recipe away or change one setting.
 `--from-scratch` trains vanilla, the recommended recipe and its no-warmup variant from random
 weights instead (the no-collapse check; README reports it at the default 3 epochs of 10k scenes
 and with `--epochs 9`).
@@ -26,7 +26,7 @@ import time
 from open_clip_hn import demo
 from open_clip_hn.files import atomic_write_json
 
-RECOMMENDED = ["--hn-config", demo.RECOMMENDED]
+RECOMMENDED = ["--hn-config", demo.RECOMMENDED]  # by name: found from an installed wheel too
 NO_TEXT_NEGATIVES = ["--hn-negatives", "none", "--hn-vocabulary", "none", "--hn-loss", "itc"]
 NO_MIRRORS = ["--hn-mirror", "none"]
 # name -> flags; rows without --hn-* flags are plain OpenCLIP

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .argtypes import argparse_type, non_negative_float, non_negative_int, unit_float
 from .mirror import parse_axes
 from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
+from .recipes import ListRecipesAction
 from .terms import TERMS, loss_help, missing_needs, selectable_terms
 
 NEGATIVE_SOURCES = ("none", "online", "precomputed")
@@ -172,9 +173,13 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--model-config", dest="model_config", default=None, metavar="PATH.json",
         help="Register an OpenCLIP model config file (open_clip.add_model_config) so that "
              "--model FILE_STEM can use a custom or tiny architecture.")
-    add("--hn-config", dest="hn_config_file", default=None, metavar="PATH.yaml",
-        help="Recipe file whose keys are flag names (e.g. configs/recommended.yaml); flags on "
-             "the command line override it.")
+    add("--hn-config", dest="hn_config_file", default=None, metavar="NAME|PATH.yaml",
+        help="Recipe: a shipped name (negclip, ce-clip, diht, cm-hnco, concept-permutation, "
+             "recommended; see --hn-list-configs) or a YAML file whose keys are flag names; "
+             "flags on the command line override it.")
+    add("--hn-list-configs", action=ListRecipesAction,
+        help="Print the shipped recipes (names for --hn-config) with the first line of each "
+             "header, and exit.")
     add("--hn-print-config", dest="hn_print_config", action="store_true", default=False,
         help="Print the resolved configuration (recipe + overrides) and exit.")
     add("--hn-negatives", dest="hn_negatives", choices=NEGATIVE_SOURCES, default="none",

@@ -27,12 +27,48 @@ from typing import Sequence
 from . import eval as hn_eval
 from . import scenes
 from .files import atomic_write_json, expand_shards
+from .recipes import resolve_recipe
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The demo's tiny CLIP has a ModifiedResNet image tower: the tiny ViT of the tests
 # (hn-tiny-vit.json) does not tell 6-pixel shapes apart within the demo's budget (README)
 MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-rn.json")
-RECOMMENDED = os.path.join(os.path.dirname(PACKAGE_DIR), "configs", "recommended.yaml")
+RECOMMENDED = "recommended"  # a shipped recipe name (open_clip_hn.recipes), found from a wheel too
+
+
+# Wall seconds of each stage at the defaults on the 2-core CPU machine (fp32), as (idle, shared):
+# README's stage timings (one stage at a time, nothing else running; 7 min in all) and issue 20's
+# run from a clean clone on the shared machine (10 min 52 s), with the units of work they did
+# (scenes rendered, scene-epochs trained, test items scored). A stage that starts a process
+# (loading torch, OpenCLIP, the model) costs STARTUP_SECONDS whatever its size (toy runs: ~2 min).
+STAGE_SECONDS = {
+    "rendering": (20000, (17.0, 23.0)),
+    "pretraining": (20000, (42.0, 53.0)),
+    "vanilla": (60000, (116.0, 190.0)),
+    "hard negatives": (60000, (220.0, 330.0)),
+    "evaluation": (1000, (25.0, 56.0)),
+}
+STARTUP_SECONDS = (8.0, 25.0)
+
+
+def expected_seconds(samples: int, test_items: int, pretrain_epochs: int,
+                     epochs: int) -> tuple[float, float]:
+    """(low, high) wall seconds of a run from scratch on 2 CPU cores, scaled from the stage sizes."""
+    units = {"rendering": samples, "pretraining": samples * pretrain_epochs,
+             "vanilla": samples * epochs, "hard negatives": samples * epochs,
+             "evaluation": test_items}
+    bounds = []
+    for side in (0, 1):
+        total = 0.0
+        for stage, (default_units, measured) in STAGE_SECONDS.items():
+            fixed = 0.0 if stage == "rendering" else STARTUP_SECONDS[side]
+            total += fixed + (measured[side] - fixed) * units[stage] / default_units
+        bounds.append(total)
+    return bounds[0], bounds[1]
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 @dataclass(frozen=True)
@@ -104,6 +140,8 @@ def run_stamp(argv: list[str]) -> dict:
     config, a re-trained checkpoint or re-rendered data under the same path is another run)."""
     contents, start, shards = {}, None, []
     for flag, value in zip(argv, argv[1:]):
+        if flag == "--hn-config":
+            value = resolve_recipe(value)  # a shipped recipe's name stamps the file it names
         if flag in ("--hn-config", "--model-config") and os.path.isfile(value):
             with open(value, encoding="utf-8") as handle:
                 contents[value] = handle.read()
@@ -222,17 +260,23 @@ def main(argv: list[str] | None = None) -> dict:
     add("--model-config", default=MODEL_CONFIG, metavar="PATH.json",
         help="OpenCLIP model config of the tiny CLIP (its file name is the model name). "
              "Default: the package's hn-tiny-rn.json; hn-tiny-vit.json is the tests' tiny ViT.")
-    add("--hn-config", default=RECOMMENDED, metavar="PATH.yaml",
-        help="Recipe of the hard-negative run. Default: configs/recommended.yaml.")
+    add("--hn-config", default=RECOMMENDED, metavar="NAME|PATH.yaml",
+        help="Recipe of the hard-negative run: a shipped name (--hn-list-configs of "
+             "open_clip_hn.train) or a YAML file. Default: recommended.")
     add("--hn-args", default="", metavar="'--hn-... ...'",
         help="Extra flags for the hard-negative run (override the recipe).")
     args = parser.parse_args(argv)
-    if not os.path.isfile(args.hn_config):
-        parser.error(f"--hn-config {args.hn_config} does not exist; pass the path of a recipe "
-                     f"such as configs/recommended.yaml from the open_clip_hn repository")
+    try:
+        args.hn_config = resolve_recipe(args.hn_config)
+    except FileNotFoundError as err:
+        parser.error(f"--hn-config: {err}")
     if not os.path.isfile(args.model_config):
         parser.error(f"--model-config {args.model_config} does not exist; pass an OpenCLIP model "
                      f"config JSON such as {MODEL_CONFIG}")
+    low, high = expected_seconds(args.samples, args.test_items, args.pretrain_epochs, args.epochs)
+    print(f"[demo] expected time from scratch: about {_duration(low)} to {_duration(high)} on 2 CPU "
+          f"cores{' (a GPU is faster)' if args.device == 'cuda' else ''}; stages already done in "
+          f"{args.output_dir} are reused")
     start = time.time()
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "runs")

@@ -9,6 +9,9 @@ Set layouts read from one folder (each file is one set, named by its stem):
   image pairs  `{name}.jsonl`, one {"image_0", "image_1", "caption_0", "caption_1"} per line
                (Winoground; InpaintCOCO converts to it): text, image and group scores.
 Retrieval reads a folder of `{key}.{png,jpg,jpeg,webp}` + `{key}.txt` pairs: R@1/R@5 both ways.
+Results print as a table (or in SugarCrepe's grouping, formats.py) and save as one JSON document
+or as CLIP_benchmark's per-set files. A checkpoint trained with the plugin carries a record of
+its --model (provenance.py); a different --model is refused before anything is loaded.
 
 The scoring functions are pure (features in, numbers out); loading and encoding sit around them.
 """
@@ -27,6 +30,8 @@ import torch
 from PIL import Image
 
 from .files import atomic_open, atomic_write_json
+from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, format_sugarcrepe_table
+from .provenance import model_mismatch, read_sidecar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 SUGARCREPE_KEYS = ("filename", "caption", "negative_caption")
@@ -381,6 +386,26 @@ def load_model(name: str, pretrained: str | None, device: torch.device | str = "
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
+def trained_as_problems(models: Sequence[str], checkpoints: Sequence[str],
+                        model_configs: Sequence[str] = ()) -> list[str]:
+    """Checkpoints whose record (provenance.py) names another model than the --model given.
+
+    Runs before any model is built or set is read, so a wrong --model stops in a second.
+    """
+    import open_clip
+
+    for config in model_configs:
+        if os.path.isfile(config):
+            open_clip.add_model_config(config)
+    problems = []
+    for model, checkpoint in zip(models, checkpoints):
+        record = read_sidecar(checkpoint) if os.path.isfile(checkpoint) else None
+        problem = record and model_mismatch(record, model, open_clip.get_model_config(model))
+        if problem:
+            problems.append(f"checkpoint {checkpoint}: {problem}")
+    return problems
+
+
 # ----------------------------------------------------------------------------- reporting
 
 def metric_rows(runs: Sequence[dict[str, dict[str, float]]]) -> list[tuple[str, str]]:
@@ -477,7 +502,20 @@ def main(argv: list[str] | None = None) -> dict:
                              "DIR/images) and *.jsonl (Winoground-style image pairs).")
     parser.add_argument("--retrieval", default=None, metavar="DIR",
                         help="Folder of KEY.png + KEY.txt pairs for R@1/R@5 both ways.")
-    parser.add_argument("--output", default=None, metavar="results.json", help="JSON output.")
+    parser.add_argument("--output", default=None, metavar="results.json|DIR",
+                        help="JSON output: a file with --format json, a folder with --format "
+                             "clip_benchmark.")
+    parser.add_argument("--format", default="json", choices=("json", "clip_benchmark"),
+                        help="json: one document with every run and the differences (--output "
+                             "FILE); clip_benchmark: one CLIP_benchmark-compatible JSON per "
+                             "checkpoint and set, in the folder --output DIR. Default: json.")
+    parser.add_argument("--table", default="sets", choices=("sets", "sugarcrepe"),
+                        help="sets: one row per set and metric with differences to the first "
+                             "run; sugarcrepe: SugarCrepe's Replace/Swap/Add splits beside "
+                             "vl_compo's published ViT-B/32 baselines. Default: sets.")
+    parser.add_argument("--allow-model-mismatch", action="store_true",
+                        help="Evaluate even when a checkpoint's record (CHECKPOINT.json, written "
+                             "by runs with --hn-* flags) names another --model; warn instead.")
     parser.add_argument("--plot", default=None, metavar="results.png", help="Bar plot output.")
     parser.add_argument("--batch-size", type=int, default=256, help="Default: 256.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
@@ -491,8 +529,19 @@ def main(argv: list[str] | None = None) -> dict:
     labels = args.labels or [os.path.basename(p) for p in args.pretrained]
     if len(set(labels)) < len(labels):
         labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+    if args.format == "clip_benchmark" and not args.output:
+        parser.error("--format clip_benchmark writes one file per checkpoint and set: give the "
+                     "folder as --output DIR")
+    for problem in trained_as_problems(models, args.pretrained, args.model_config):
+        if not args.allow_model_mismatch:
+            parser.error(f"{problem}; pass the --model it was trained as (or "
+                         "--allow-model-mismatch to evaluate anyway)")
+        logging.warning("eval: %s (evaluating anyway: --allow-model-mismatch)", problem)
 
     choice_sets, pair_sets = discover_sets(args.compositional)
+    if args.table == "sugarcrepe" and not any(s.name in SUGARCREPE_SPLITS for s in choice_sets):
+        parser.error(f"--table sugarcrepe: {args.compositional} has no SugarCrepe split; it needs "
+                     f"sets named after SugarCrepe's files ({', '.join(SUGARCREPE_SPLITS)}.json)")
     retrieval = load_retrieval_set(args.retrieval) if args.retrieval else None
     runs = []
     for name, pretrained in zip(models, args.pretrained):
@@ -500,10 +549,20 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"evaluating {name} @ {pretrained} on {args.device}")
         runs.append(evaluate_sets(model, preprocess, tokenizer, choice_sets, pair_sets, retrieval,
                                   args.device, args.batch_size, show_progress=True))
-    print(format_table(labels, runs))
+    if args.table == "sugarcrepe":
+        print(format_sugarcrepe_table(labels, runs))
+    else:
+        print(format_table(labels, runs))
     document = report(labels, runs, [{"model": m, "pretrained": p}
                                      for m, p in zip(models, args.pretrained)])
-    if args.output:
+    if args.output and args.format == "clip_benchmark":
+        retrieval_name = os.path.basename(os.path.normpath(args.retrieval or "retrieval"))
+        for name, pretrained, label, results in zip(models, args.pretrained, labels, runs):
+            for file_name, record in clip_benchmark_records(name, pretrained, label, results,
+                                                            retrieval_name):
+                atomic_write_json(os.path.join(args.output, file_name), record)
+        print(f"wrote CLIP_benchmark JSON files to {args.output}")
+    elif args.output:
         atomic_write_json(args.output, document, indent=2)
         print(f"wrote {args.output}")
     if args.plot:

@@ -39,6 +39,7 @@ import torch
 from open_clip_train.distributed import is_master
 from open_clip_train.precision import get_autocast
 
+from . import provenance
 from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
@@ -47,7 +48,7 @@ from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, STATE_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
                          latest_checkpoint, prune_step_checkpoints, save_checkpoint, shifted_scheduler)
 from .recipes import expand_recipe, recipe_path
-from .run import HardNegativeRun, TrainCaptions, checkpointed_epoch
+from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
 
 PLUGIN_NAME = "open_clip_hn"
 
@@ -311,7 +312,8 @@ def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimi
         checkpoint = _openclip_checkpoint(model, optimizer, scaler, at.epoch, args)
         checkpoint[POSITION_KEY] = at.to_dict()
         if run.loss is not None:
-            checkpoint[STATE_KEY] = {"epoch": at.epoch, "step": at.step, **run.state()}
+            checkpoint[STATE_KEY] = {"epoch": at.epoch, "step": at.step, **run.state(),
+                                     "trained_as": provenance.record_for_args(args)}
         return checkpoint
 
     def epoch_started(at_epoch: int, rng_states: list) -> None:
@@ -421,8 +423,9 @@ class Plugin:
             return
         completed = epoch + 1
         if args.save_logs:
-            run.save_state(args.checkpoint_path, completed, checkpointed_epoch(
-                completed, args.epochs, args.save_frequency, args.save_most_recent))
+            run.save_state(args.checkpoint_path, completed, epoch_checkpoints(
+                completed, args.epochs, args.save_frequency, args.save_most_recent,
+                oc_main.LATEST_CHECKPOINT_NAME), provenance.record_for_args(args))
         if run.evaluation_due(completed) and is_master(args):
             device_type = torch.device(args.device).type
             metrics = run.evaluate(model, device=args.device, batch_size=args.batch_size,

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib.resources
 import os
+import pathlib
 from typing import Any
 
 import yaml
 
 RECIPE_FLAG = "--hn-config"
 # Flags that steer recipe handling itself; a recipe may not set them (no nesting, no exit).
-_META_FLAGS = ("--hn-config", "--hn-print-config", "--help")
+_META_FLAGS = ("--hn-config", "--hn-print-config", "--hn-list-configs", "--help")
 
 
 def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -78,11 +80,89 @@ def _tokens(path: str, option: str, action: argparse.Action, value: Any) -> list
     return [f"{option}={_check_scalar(path, option, action, value)}"]
 
 
+RECIPE_SUFFIX = ".yaml"
+# A source checkout run without installing (PYTHONPATH=checkout) has no `open_clip_hn.configs`
+# package; its recipes are the same files, in the checkout's `configs/`.
+_CHECKOUT_RECIPES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def _recipe_files() -> dict[str, str]:
+    """Shipped recipe name -> file: the package `open_clip_hn.configs` (pyproject maps it to the
+    repository's `configs/`, so a wheel and an editable install read the same files), else the
+    source checkout's `configs/`."""
+    try:
+        folder = importlib.resources.files("open_clip_hn.configs")
+    except ModuleNotFoundError:
+        folder = pathlib.Path(_CHECKOUT_RECIPES)
+    if not folder.is_dir():
+        return {}
+    return {entry.name[: -len(RECIPE_SUFFIX)]: os.fspath(entry) for entry in folder.iterdir()
+            if entry.name.endswith(RECIPE_SUFFIX)}
+
+
+def recipe_names() -> list[str]:
+    """Names `--hn-config NAME` accepts: the shipped recipe files without `.yaml`, sorted."""
+    return sorted(_recipe_files())
+
+
+def resolve_recipe(name_or_path: str) -> str:
+    """The file for `--hn-config VALUE`: an existing file as given, else a shipped recipe name.
+
+    A path wins over a name, so a local `negclip.yaml` edited by the user is read as given;
+    an unknown value fails with the shipped names listed.
+    """
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    shipped = _recipe_files()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    names = ", ".join(sorted(shipped)) or "(none installed)"
+    if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(RECIPE_SUFFIX):
+        raise FileNotFoundError(f"recipe file {name_or_path} does not exist; give an existing YAML "
+                                f"recipe or a shipped recipe name: {names}")
+    raise FileNotFoundError(f"unknown recipe name {name_or_path!r}; shipped recipes: {names} "
+                            "(or give the path of a YAML recipe)")
+
+
+def recipe_summary(path: str) -> str:
+    """The first line of the recipe's header comment (what `--hn-list-configs` shows)."""
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("#"):
+                text = line.lstrip("#").strip()
+                if text:
+                    return text
+            elif line.strip():
+                break
+    return "(no header comment)"
+
+
+def format_recipe_list() -> str:
+    """One line per shipped recipe: its name and the first line of its header."""
+    shipped = _recipe_files()
+    if not shipped:
+        return "no shipped recipes found (is open_clip_hn installed with its package data?)"
+    width = max(map(len, shipped))
+    folder = os.path.dirname(next(iter(shipped.values())))
+    lines = [f"{name.ljust(width)}  {recipe_summary(shipped[name])}" for name in sorted(shipped)]
+    return "\n".join([f"recipes in {folder} (use --hn-config NAME, or a path to your own):", *lines])
+
+
+class ListRecipesAction(argparse.Action):
+    """`--hn-list-configs`: print the shipped recipes and exit, like argparse's --version."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS,
+                 default: Any = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(format_recipe_list())
+        parser.exit()
+
+
 def load_recipe(path: str) -> dict[str, Any]:
-    """Read a recipe file into a mapping; an empty file is an empty recipe."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"recipe {path} does not exist (give --hn-config PATH.yaml, e.g. "
-                                "configs/recommended.yaml)")
+    """Read a recipe file (or shipped recipe name) into a mapping; an empty file is empty."""
+    path = resolve_recipe(path)
     with open(path, encoding="utf-8") as handle:
         try:
             data = yaml.safe_load(handle)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from . import provenance
 from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig
 from .packing import PackedNegativeTokenizer, attach_model_hooks
@@ -40,13 +42,17 @@ class TrainCaptions:
     csv_caption_key: str = "title"
 
 
-def checkpointed_epoch(completed_epoch: int, epochs: int, save_frequency: int,
-                       save_most_recent: bool) -> bool:
-    """Whether OpenCLIP's `main` writes a checkpoint after `completed_epoch` (its own rules:
-    `epoch_N.pt` at the last epoch and every `--save-frequency`, `epoch_latest.pt` always with
+def epoch_checkpoints(completed_epoch: int, epochs: int, save_frequency: int,
+                      save_most_recent: bool, latest_name: str) -> list[str]:
+    """The file names OpenCLIP's `main` writes after `completed_epoch` (its own rules:
+    `epoch_N.pt` at the last epoch and every `--save-frequency`, the latest name always with
     `--save-most-recent`)."""
-    return (completed_epoch == epochs or save_most_recent
-            or (save_frequency > 0 and completed_epoch % save_frequency == 0))
+    names = []
+    if completed_epoch == epochs or (save_frequency > 0 and completed_epoch % save_frequency == 0):
+        names.append(f"epoch_{completed_epoch}.pt")
+    if save_most_recent:
+        names.append(latest_name)
+    return names
 
 
 class HardNegativeRun:
@@ -231,10 +237,15 @@ class HardNegativeRun:
                 logging.warning("Resuming with --hn-%s changed: %r -> %r", name.replace("_", "-"),
                                 saved[name], value)
 
-    def save_state(self, checkpoint_dir: str, completed_epoch: int, checkpointed: bool) -> None:
-        """The plugin state of every epoch OpenCLIP checkpoints (rank 0; all ranks agree)."""
-        if checkpointed:
-            path = hn_state.save_state(checkpoint_dir, completed_epoch, self.state())
+    def save_state(self, checkpoint_dir: str, completed_epoch: int, checkpoints: list[str],
+                   trained_as: dict[str, Any]) -> None:
+        """The plugin state of every epoch OpenCLIP checkpoints (rank 0; all ranks agree), and
+        beside each checkpoint the model it was trained as (provenance.py)."""
+        if checkpoints:
+            path = hn_state.save_state(checkpoint_dir, completed_epoch,
+                                       {**self.state(), "trained_as": trained_as})
+            provenance.write_sidecars([os.path.join(checkpoint_dir, c) for c in checkpoints],
+                                      trained_as)
             logging.info("Saved hard-negative state to %s", path)
         hn_state.prune_states(checkpoint_dir, completed_epoch)
 

@@ -22,6 +22,16 @@ def test_summary_targets():
     assert out["i2t_R@1_change"] == pytest.approx(-0.01)
 
 
+def test_expected_time_follows_the_stage_sizes():
+    low, high = demo.expected_seconds(20000, 1000, 1, 3)  # the defaults: measured 7 and 10.9 min
+    assert (round(low), round(high)) == (420, 652)
+    half_low, half_high = demo.expected_seconds(10000, 500, 1, 3)
+    assert low / 2 < half_low < low and high / 2 < half_high < high  # start-up does not halve
+    assert demo.expected_seconds(20000, 1000, 1, 6)[0] > low + 300  # 3 more epochs of both runs
+    toy_low, toy_high = demo.expected_seconds(64, 4, 1, 1)
+    assert 4 * demo.STARTUP_SECONDS[0] <= toy_low and toy_high < 4 * demo.STARTUP_SECONDS[1] + 10
+
+
 def test_logged_average_reads_the_last_epoch_line(tmp_path):
     log = tmp_path / "hn.log"
     log.write_text("x | INFO | Train Epoch: 0 [1/2] Hn_curriculum: 0.0000 (0.0000) Hn_negatives: "

@@ -91,7 +91,7 @@ def test_no_hn_flag_run_equals_openclip(tmp_path, scene_csv):
     assert logged_losses(tmp_path, "vanilla") == logged_losses(tmp_path, "plugin")
     a, b = checkpoint(tmp_path, "vanilla")["state_dict"], checkpoint(tmp_path, "plugin")["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not (tmp_path / "plugin" / "checkpoints" / "epoch_1.pt.hn").exists()
+    assert sorted(os.listdir(tmp_path / "plugin" / "checkpoints")) == ["epoch_1.pt"]  # no .hn, no .json
 
 
 PLAIN_OPENCLIP_SCORE = """
@@ -124,6 +124,14 @@ def test_online_negatives_epoch_loads_in_plain_openclip(tmp_path, scene_shards):
     proc = run_module("open_clip_hn.train", argv)
     ckpt_dir = tmp_path / "hn" / "checkpoints"
     assert (ckpt_dir / "epoch_1.pt").exists() and (ckpt_dir / "epoch_1.pt.hn").exists()
+    import open_clip
+
+    from open_clip_hn.provenance import config_digest
+    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
+    trained_as = json.loads((ckpt_dir / "epoch_1.pt.json").read_text())  # the model record
+    assert trained_as["model"] == TINY_MODEL and trained_as["model_config_sha256"] == \
+        config_digest(open_clip.get_model_config(TINY_MODEL))
+    assert torch.load(ckpt_dir / "epoch_1.pt.hn", weights_only=False)["trained_as"] == trained_as
     log = (tmp_path / "hn" / "out.log").read_text()
     assert "Contrastive_loss" in log and "Hn_" in log  # HN statistics on OpenCLIP's console line
     tags = tensorboard_tags(tmp_path / "hn")
