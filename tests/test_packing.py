@@ -149,3 +149,36 @@ def test_online_generator_gets_the_vocabulary(tokenizer, tmp_path, scene_shards)
         packer(str(tmp_path / "nowhere.txt"))
     with pytest.raises(VocabularyError, match="not a local file.*negatives vocabulary"):
         packer("train-data", "pipe:curl -s https://host/shard-{0..1}.tar")
+
+
+class _BlindReader:
+    """Stands in for the plausibility model: rejects negatives that mention 'right'."""
+
+    def prefers_positive(self, positive: str, negative: str) -> bool:
+        return "right" in negative
+
+
+def test_blind_share_rides_with_the_negatives_and_is_logged(tokenizer):
+    """With a plausibility model, each negative carries whether a text-only reader rejects it;
+    the objective logs that share of the valid negatives as hn_blind."""
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.objective import HardNegativeLoss
+    from open_clip_hn.packing import PackedOutputs
+
+    generator = FixedGenerator({CAPTION: NEGATIVES})
+    generator.plausibility = _BlindReader()
+    rows = PackedNegativeTokenizer(tokenizer, 3, generator)([CAPTION, "nothing to change"])
+    unpacked = unpack_texts(rows, 3)
+    assert unpacked.neg_blind.tolist() == [[0, 1, -1], [-1, -1, -1]]  # -1: masked slot
+    plain = unpack_texts(PackedNegativeTokenizer(tokenizer, 3, FixedGenerator({CAPTION: NEGATIVES}))(
+        [CAPTION]), 3)
+    assert plain.neg_blind.tolist() == [[-1, -1, -1]]  # no model, nothing known
+
+    image = torch.nn.functional.normalize(torch.randn(2, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(8, 8), dim=-1)
+    packed = PackedOutputs(unpacked.neg_mask, unpacked.neg_types, neg_blind=unpacked.neg_blind)
+    config = HNConfig(negatives="online", num_negatives=3, plausibility="captions.txt")
+    out = HardNegativeLoss(config)(image, text, torch.tensor(10.0), packed, output_dict=True)
+    assert out["hn_blind"].item() == 0.5
+    assert "hn_blind" not in HardNegativeLoss(HNConfig(negatives="online", num_negatives=3))(
+        image, text, torch.tensor(10.0), packed, output_dict=True)

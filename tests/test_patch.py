@@ -75,8 +75,8 @@ def logged_losses(logs: Path, name: str) -> list[str]:
     return [line.split("Contrastive_loss:")[1].split()[0] for line in lines if "Train Epoch" in line]
 
 
-def final_weights(logs: Path, name: str) -> dict[str, torch.Tensor]:
-    return torch.load(logs / name / "checkpoints" / "epoch_1.pt", weights_only=False)["state_dict"]
+def final_weights(logs: Path, name: str, epoch: int = 1) -> dict[str, torch.Tensor]:
+    return torch.load(logs / name / "checkpoints" / f"epoch_{epoch}.pt", weights_only=False)["state_dict"]
 
 
 def assert_same_run(logs: Path, first: str, second: str) -> None:
@@ -167,3 +167,28 @@ def test_a_misspelled_hook_is_an_error(patched_site):
     assert proc.returncode != 0
     assert "plugin 'typo': method 'epoch_ends' is not a hook" in proc.stderr
     assert "did you mean 'epoch_end'?" in proc.stderr and "_helper" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_patched_route_saves_and_resumes_inside_an_epoch(patched_site, scene_csv, tmp_path):
+    """The patch's train_one_epoch hook carries the step checkpoints: SIGTERM mid-epoch on the
+    patched trainer, resume there, and the weights equal an uninterrupted monkeypatched run's."""
+    import signal
+
+    from test_preemption import start, wait_for_steps
+
+    argv = lambda name: train_argv(scene_csv, str(tmp_path), name, *HN_ONLINE, epochs=2)  # noqa: E731
+    run(argv("whole"), module="open_clip_hn.train")
+    env = {k: v for k, v in os.environ.items() if k != "OPEN_CLIP_TRAIN_PLUGINS"}
+    env["PYTHONPATH"] = str(patched_site)
+    cut = [*argv("cut"), "--plugins", "open_clip_hn"]
+    proc = subprocess.Popen([sys.executable, "-m", "open_clip_train.main", *cut], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_steps(tmp_path / "cut" / "out.log", 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=240) == -signal.SIGTERM
+    assert list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))
+    run([*cut, "--resume", "latest"], site=patched_site, module="open_clip_train.main")
+    assert "is a step checkpoint" in (tmp_path / "cut" / "out.log").read_text()
+    a, b = final_weights(tmp_path, "whole", 2), final_weights(tmp_path, "cut", 2)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
