@@ -261,23 +261,14 @@ def checkpoints(checkpoint_dir: Path) -> list[Path]:
 def set_aside_broken_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """Rename unreadable checkpoints that `--resume latest` would pick, so it picks the one before.
 
-    A node that dies while OpenCLIP writes `epoch_N.pt` (in place) leaves a truncated file that
-    would otherwise be the newest checkpoint and fail every later start. Only the pick is read
-    (memory-mapped, so the tensors are not loaded).
+    A node that dies while a checkpoint is written leaves a truncated file that would otherwise
+    be the newest checkpoint and fail every later start. One implementation with the training
+    route's `--resume latest`: `open_clip_hn.state`.
     """
-    import torch
-    from open_clip_train.main import get_latest_checkpoint
+    sys.path.insert(0, str(REPO))
+    from open_clip_hn.state import set_aside_broken_checkpoints as set_aside
 
-    moved = []
-    while (latest := get_latest_checkpoint(str(checkpoint_dir), remote=False)) is not None:
-        try:
-            torch.load(latest, map_location="cpu", mmap=True, weights_only=True)
-            break
-        except Exception:  # any failure to read it back: truncated zip, missing records
-            target = latest + ".broken"
-            os.replace(latest, target)
-            moved.append(Path(target))
-    return moved
+    return set_aside(checkpoint_dir)
 
 
 @contextlib.contextmanager
