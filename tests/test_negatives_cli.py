@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -91,7 +92,8 @@ def test_precompute_adds_neg_json_and_resumes_after_kill(tmp_path):
     assert out.returncode == 0, out.stderr
     assert f"{len(finished)} already done" in out.stderr
     assert sorted(os.listdir(killed)) == sorted(os.listdir(clean))
-    for name in os.listdir(clean):
+    assert sorted(os.listdir(killed / ".precompute")) == sorted(os.listdir(clean / ".precompute"))
+    for name in (p.name for p in clean.glob("*.tar")):
         assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
 
     generator = NegativeGenerator(seed=0)
@@ -113,6 +115,12 @@ def test_precompute_skips_a_corrupt_member_with_a_warning(tmp_path):
     data[512 * 12: 512 * 12 + 64] = b"\xff" * 64  # smash a header in the middle
     shard.write_bytes(bytes(data))
     out = run_cli("precompute", "--shards", str(shard), "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 1
+    assert f"error: input shard {shard} is damaged" in out.stderr and "corrupt bytes" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "out" / "in-000000.tar").exists()
+    out = run_cli("precompute", "--shards", str(shard), "--output-dir", str(tmp_path / "out"),
+                  "--allow-damaged")
     assert out.returncode == 0, out.stderr
     assert "warning:" in out.stderr and "corrupt" in out.stderr
     with tarfile.open(tmp_path / "out" / "in-000000.tar") as tar:
@@ -173,3 +181,127 @@ def test_missing_shards_are_named_by_precompute_and_vocabulary(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
     assert main(["vocabulary", "--shards", spec, "--output", str(tmp_path / "w.txt")]) == 2
     assert "2 shard(s) not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- precompute manifest
+
+
+def _neg_counts(path) -> tuple[int, int]:
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    return sum(n.endswith(".txt") for n in names), sum(n.endswith(".neg.json") for n in names)
+
+
+def test_truncated_shard_is_reported_with_counts_and_never_counted_done(tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=2, per_shard=40)
+    good, short = source / "in-000000.tar", source / "in-000001.tar"
+    for cut in (512 * 4 * 10, 512 * 4 * 10 + 520):  # a sample is 4 blocks: at a boundary, in data
+        _write_shards(source, count=2, per_shard=40)
+        short.write_bytes(short.read_bytes()[:cut])
+        out = tmp_path / f"out{cut}"
+        spec = str(source / "in-{000000..000001}.tar")
+        assert main(["precompute", "--shards", spec, "--output-dir", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: input shard {short} is damaged: 10 samples readable" in err, err
+        assert "1 shards written, 0 already done (skipped), 1 damaged" in err
+        assert "--allow-damaged" in err
+        assert sorted(p.name for p in out.glob("*.tar")) == ["in-000000.tar"]
+        written = (out / "in-000000.tar").stat().st_mtime_ns
+        # a rerun neither skips the damaged shard nor redoes the good one
+        assert main(["precompute", "--shards", spec, "--output-dir", str(out)]) == 1
+        assert "0 shards written, 1 already done (skipped), 1 damaged" in capsys.readouterr().err
+        assert (out / "in-000000.tar").stat().st_mtime_ns == written
+        assert main(["precompute", "--shards", spec, "--output-dir", str(out), "--allow-damaged"]) == 0
+        assert "kept the 10 readable samples" in capsys.readouterr().err
+        assert _neg_counts(out / "in-000001.tar") == (10, 10)
+    # the same-size output of an earlier version (no manifest) is made again, not trusted
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "in-000000.tar").write_bytes(b"not a finished shard")
+    assert main(["precompute", "--shards", str(good), "--output-dir", str(legacy)]) == 0
+    assert _neg_counts(legacy / "in-000000.tar") == (40, 40)
+
+
+def test_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=1, per_shard=10)
+    spec, out = str(source / "in-000000.tar"), str(tmp_path / "out")
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
+    before = (tmp_path / "out" / "in-000000.tar").read_bytes()
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "3", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --output-dir {out} holds negatives made with other settings" in err
+    assert "--num 3 (folder: 2)" in err and "--seed 1 (folder: 0)" in err
+    assert "another --output-dir" in err
+    assert (tmp_path / "out" / "in-000000.tar").read_bytes() == before
+    words = tmp_path / "words.txt"
+    words.write_text("dog\ncat\n")
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2",
+                 "--vocabulary", str(words)]) == 2
+    assert "--vocabulary sha256" in capsys.readouterr().err
+    # a changed input shard (same name) is made again
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
+    assert "0 shards written, 1 already done" in capsys.readouterr().err
+    _write_shards(source, count=1, per_shard=12)
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
+    assert "1 shards written, 0 already done" in capsys.readouterr().err
+    assert _neg_counts(tmp_path / "out" / "in-000000.tar") == (12, 12)
+
+
+def test_output_dir_holding_the_inputs_is_refused(tmp_path, capsys):
+    _write_shards(tmp_path, count=1, per_shard=5)
+    before = (tmp_path / "in-000000.tar").read_bytes()
+    assert main(["precompute", "--shards", str(tmp_path / "in-000000.tar"),
+                 "--output-dir", str(tmp_path)]) == 2
+    assert "holds the input shards" in capsys.readouterr().err
+    assert (tmp_path / "in-000000.tar").read_bytes() == before
+
+
+def test_two_concurrent_jobs_on_one_folder_keep_each_others_work(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=4, per_shard=300)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".tmp-{socket.gethostname().replace('-', '_')}-999999-xyzin-000000.tar"
+    stale.write_bytes(b"partial")  # the temp of a killed run on this host (no pid 999999)
+    jobs = [subprocess.Popen([sys.executable, "-m", "open_clip_hn.negatives", "precompute",
+                              "--shards", str(source / f"in-{{{a}..{b}}}.tar"),
+                              "--output-dir", str(out)], stderr=subprocess.PIPE, text=True)
+            for a, b in (("000000", "000001"), ("000002", "000003"))]
+    errors = [job.communicate(timeout=600)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], errors
+    assert sorted(p.name for p in out.glob("in-*.tar")) == [f"in-{i:06d}.tar" for i in range(4)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    for i in range(4):
+        assert _neg_counts(out / f"in-{i:06d}.tar") == (300, 300)
+    from open_clip_hn.negatives.manifest import check_precomputed_shards
+
+    check_precomputed_shards([str(out / f"in-{i:06d}.tar") for i in range(4)])
+
+
+def test_check_precomputed_shards_finds_a_raw_later_shard(tmp_path):
+    import pytest
+
+    from open_clip_hn.negatives.manifest import ManifestError, check_precomputed_shards
+
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=3, per_shard=10)
+    out = tmp_path / "out"
+    assert main(["precompute", "--shards", str(source / "in-{000000..000001}.tar"),
+                 "--output-dir", str(out)]) == 0
+    shards = [str(out / "in-000000.tar"), str(out / "in-000001.tar")]
+    check_precomputed_shards(shards)
+    os.replace(source / "in-000002.tar", out / "in-000002.tar")  # a raw shard among them
+    with pytest.raises(ManifestError, match=r"shard .*in-000002.tar has no neg.json member for 10 "
+                                            r"of its 10 samples.*negatives precompute"):
+        check_precomputed_shards([*shards, str(out / "in-000002.tar")])
+    _write_shards(source, count=1, per_shard=3)
+    os.replace(source / "in-000000.tar", out / "in-000001.tar")  # swapped after precompute
+    with pytest.raises(ManifestError, match="in-000001.tar is .* bytes, but precompute wrote"):
+        check_precomputed_shards(shards)
+    check_precomputed_shards([str(tmp_path / "remote-{0..1}.tar")])  # not local: not checked here

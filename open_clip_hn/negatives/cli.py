@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import argparse_type
-from ..files import TMP_PREFIX, atomic_open, expand_shards
+from ..files import atomic_open, content_identity, expand_shards, remove_stale_temps
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary, words_of
+from .manifest import ManifestError, claim_output_dir, generator_settings, record_shard, shard_done
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--output-dir", required=True, help="Folder for the output shards (same names).")
     pre.add_argument("--caption-key", default="txt", help="Member extension holding the caption. Default: txt.")
     pre.add_argument("--workers", type=int, default=1, help="Shards processed in parallel. Default: 1.")
+    pre.add_argument("--allow-damaged", action="store_true",
+                     help="Keep the readable samples of a truncated or corrupt input shard (counted "
+                          "in a warning and the manifest) instead of failing on it.")
     _add_generator_flags(pre, 4)
 
     voc = sub.add_parser("vocabulary", help="Words of the training captions -> a --hn-vocabulary file.")
@@ -197,61 +201,87 @@ def _neg_member(key: str, negatives: list, template: tarfile.TarInfo) -> tuple[t
     return info, data
 
 
-def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator, k: int,
-                     caption_key: str) -> tuple[str, int, int]:
-    """Write `output_dir/<name>` with a neg.json per sample; skip when it already exists.
+class DamagedShard(Exception):
+    """An input shard that cannot be read whole: the message says where and how much was read."""
 
-    Returns (status, samples, masked). Corrupt members are skipped with a warning, like
-    webdataset's warn_and_continue; a truncated archive keeps the samples read so far.
+
+def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator, k: int,
+                     caption_key: str, allow_damaged: bool = False) -> tuple[str, int, int, str]:
+    """Write `output_dir/<name>` with a neg.json per sample, unless the manifest says it is done.
+
+    Returns (status, samples, masked, detail), status one of written, skipped, damaged. A
+    truncated or corrupt input is not written (status damaged, detail saying where and how
+    much was read) unless `allow_damaged`: then the readable samples are kept, like
+    webdataset's warn_and_continue, and the manifest records the damage.
     """
     destination = os.path.join(output_dir, os.path.basename(source))
-    if os.path.exists(destination):
-        return "skipped", 0, 0
+    identity = content_identity(source)
+    if shard_done(output_dir, source, identity):
+        return "skipped", 0, 0, ""
     generator.load()
     samples = masked = 0
-    # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
-    with atomic_open(destination, "wb") as handle, \
-            tarfile.open(source, "r:*", ignore_zeros=True) as reader, \
-            tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
-        key, caption, last, expected_offset = None, None, None, 0
+    size = identity["size"]
+    damage: list[str] = []
+    try:
+        # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
+        with atomic_open(destination, "wb") as handle, \
+                tarfile.open(source, "r:*", ignore_zeros=True) as reader, \
+                tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
+            key, caption, last, expected_offset = None, None, None, 0
 
-        def flush() -> None:
-            nonlocal samples, masked
-            if key is None:
-                return
-            negatives = generator.generate(caption, k) if caption is not None else []
-            samples += 1
-            masked += not negatives
-            info, data = _neg_member(key, negatives, last)
-            writer.addfile(info, io.BytesIO(data))
+            def flush() -> None:
+                nonlocal samples, masked
+                if key is None:
+                    return
+                negatives = generator.generate(caption, k) if caption is not None else []
+                samples += 1
+                masked += not negatives
+                info, data = _neg_member(key, negatives, last)
+                writer.addfile(info, io.BytesIO(data))
 
-        try:
-            for member in reader:
-                if member.offset > expected_offset:
-                    print(f"warning: {source}: corrupt tar data at byte {expected_offset} skipped "
-                          f"(resuming at {member.name})", file=sys.stderr)
-                expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if not member.isfile():
-                    continue
-                member_key, extension = _split_key(member.name)
-                if extension == "neg.json":
-                    continue  # a rerun on precomputed shards replaces old negatives
-                payload = reader.extractfile(member).read()
-                if member_key != key:
-                    flush()
-                    key, caption = member_key, None
-                last = member
-                if extension == caption_key:
-                    try:
-                        caption = payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        print(f"warning: {source}: {member.name} is not UTF-8; sample masked", file=sys.stderr)
-                writer.addfile(member, io.BytesIO(payload))
-        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-            print(f"warning: {source}: unreadable tar data after {samples} samples ({err}); "
-                  "rest of the shard skipped", file=sys.stderr)
-        flush()
-    return "written", samples, masked
+            try:
+                for member in reader:
+                    if member.offset > expected_offset:
+                        damage.append(f"{member.offset - expected_offset} corrupt bytes at byte "
+                                      f"{expected_offset} skipped (resumed at {member.name})")
+                    expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    if not member.isfile():
+                        continue
+                    member_key, extension = _split_key(member.name)
+                    if extension == "neg.json":
+                        continue  # a rerun on precomputed shards replaces old negatives
+                    payload = reader.extractfile(member).read()
+                    if len(payload) != member.size:
+                        raise tarfile.ReadError(f"{member.name} cut short")
+                    if member_key != key:
+                        flush()
+                        key, caption = member_key, None
+                    last = member
+                    if extension == caption_key:
+                        try:
+                            caption = payload.decode("utf-8")
+                        except UnicodeDecodeError:
+                            print(f"warning: {source}: {member.name} is not UTF-8; sample masked",
+                                  file=sys.stderr)
+                    writer.addfile(member, io.BytesIO(payload))
+                if size - expected_offset < 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks
+                    damage.append(f"the file ends at byte {size} without tar's end-of-archive "
+                                  "marker (truncated)")
+            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                damage.append(f"unreadable tar data after byte {min(expected_offset, size)} of {size} "
+                              f"({err}); "
+                              "rest of the shard skipped")
+            flush()
+            if damage and not allow_damaged:
+                raise DamagedShard()
+    except DamagedShard:
+        return "damaged", samples, masked, f"{samples} samples readable; " + "; ".join(damage)
+    detail = "; ".join(damage)
+    if damage:
+        print(f"warning: {source}: damaged, kept the {samples} readable samples (--allow-damaged): "
+              f"{detail}", file=sys.stderr)
+    record_shard(output_dir, source, identity, samples, masked, detail or None)
+    return "written", samples, masked, detail
 
 
 def _existing_shards(spec: str) -> list[str] | None:
@@ -268,25 +298,44 @@ def run_precompute(args: argparse.Namespace) -> int:
     shards = _existing_shards(args.shards)
     if shards is None:
         return 2
+    inside = [s for s in shards if os.path.samefile(os.path.dirname(os.path.abspath(s)),
+                                                    args.output_dir)] \
+        if os.path.isdir(args.output_dir) else []
+    if inside:
+        print(f"error: --output-dir {args.output_dir} holds the input shards (e.g. {inside[0]}); "
+              "the output would overwrite them: pass another --output-dir", file=sys.stderr)
+        return 2
     os.makedirs(args.output_dir, exist_ok=True)
-    for stale in Path(args.output_dir).glob(TMP_PREFIX + "*"):
-        stale.unlink()  # temp files of a killed run
+    claim_output_dir(args.output_dir, generator_settings(
+        args.num, args.types, args.seed, args.vocabulary, args.lm, args.caption_key))
+    remove_stale_temps(args.output_dir)  # of killed runs; a live job's temps stay
     generator = _generator(args)
     work = partial(precompute_shard, output_dir=args.output_dir, generator=generator, k=args.num,
-                   caption_key=args.caption_key)
-    totals = {"written": 0, "skipped": 0}
-    samples = masked = 0
+                   caption_key=args.caption_key, allow_damaged=args.allow_damaged)
     if args.workers > 1:
         with Pool(args.workers) as pool:
             results = list(_progress(pool.imap(work, shards), total=len(shards), unit="shard"))
     else:
         results = [work(s) for s in _progress(shards, unit="shard")]
-    for status, count, empty in results:
-        totals[status] += 1
-        samples += count
-        masked += empty
-    print(f"{totals['written']} shards written, {totals['skipped']} already done (skipped); "
-          f"{samples} samples, {masked} without negatives -> {args.output_dir}", file=sys.stderr)
+    totals = Counter(status for status, *_ in results)
+    samples = sum(count for status, count, *_ in results if status == "written")
+    masked = sum(empty for status, _, empty, _ in results if status == "written")
+    print(f"{totals['written']} shards written, {totals['skipped']} already done (skipped), "
+          f"{totals['damaged']} damaged (not written); {samples} samples, {masked} without "
+          f"negatives -> {args.output_dir}", file=sys.stderr)
+    damaged = [(shard, detail) for shard, (status, *_, detail) in zip(shards, results)
+               if status == "damaged"]
+    for shard, detail in damaged:
+        print(f"error: input shard {shard} is damaged: {detail}", file=sys.stderr)
+    if damaged:
+        print(f"error: {len(damaged)} of {len(shards)} input shard(s) damaged and not written; "
+              "re-create or re-download them and rerun (finished shards are kept), or pass "
+              "--allow-damaged to keep only their readable samples", file=sys.stderr)
+        return 1
+    if totals["written"] and not samples:
+        print(f"error: no samples in {totals['written']} shard(s) of {args.shards}; are they "
+              "webdataset tars?", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -374,6 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"show": run_show, "generate": run_generate, "precompute": run_precompute,
                 "vocabulary": run_vocabulary}[args.command](args)
-    except (WordNetMissingError, VocabularyError) as err:
+    except (WordNetMissingError, VocabularyError, ManifestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
