@@ -305,3 +305,25 @@ def test_check_precomputed_shards_finds_a_raw_later_shard(tmp_path):
     with pytest.raises(ManifestError, match="in-000001.tar is .* bytes, but precompute wrote"):
         check_precomputed_shards(shards)
     check_precomputed_shards([str(tmp_path / "remote-{0..1}.tar")])  # not local: not checked here
+
+
+def test_csv_captions_skip_empty_cells_and_name_a_missing_column(tmp_path, caplog, scene_csv):
+    import pytest
+
+    from open_clip_hn.negatives.captions import csv_captions
+    from open_clip_hn.negatives.lexicon import VocabularyError
+
+    table = tmp_path / "train.csv"
+    table.write_text("filepath\ttitle\na.png\tA red cube\nb.png\t\nc.png\tNA\nd.png\t  \ne.png\t7\n")
+    with caplog.at_level("WARNING"):
+        assert csv_captions(str(table), "\t", "title") == ["A red cube", "7"]
+    assert f"{table}: skipped 3 of 5 row(s) with an empty caption in column 'title' (first: data row 2)" \
+        in caplog.text
+    assert len(csv_captions(scene_csv, "\t", "title")) == 32
+    with pytest.raises(VocabularyError, match=r"has no column 'caption' \(columns, split at '\\t': "
+                                              r"\['filepath', 'title'\]\); set --csv-caption-key"):
+        csv_captions(str(table), "\t", "caption")
+    with pytest.raises(VocabularyError, match=r"no column 'title'.*'filepath\\ttitle'.*--csv-separator"):
+        csv_captions(str(table), ",", "title")
+    with pytest.raises(VocabularyError, match="not found"):
+        csv_captions(str(tmp_path / "none.csv"), "\t", "title")
