@@ -82,11 +82,11 @@ def test_precompute_adds_neg_json_and_resumes_after_kill(tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-m", "open_clip_hn.negatives", "precompute", "--shards", pattern,
                              "--output-dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None and not list(killed.glob("in-*.tar")):
-        time.sleep(0.02)
+    while proc.poll() is None and not list(killed.glob(".precompute/in-*.tar.json")):
+        time.sleep(0.02)  # a shard is done once its manifest entry is written
     proc.kill()
     proc.wait()
-    finished = sorted(p.name for p in killed.glob("in-*.tar"))
+    finished = sorted(p.name for p in killed.glob(".precompute/in-*.tar.json"))
     assert 1 <= len(finished) < 6, "the run should be killed midway"
     out = run_cli("precompute", "--shards", pattern, "--output-dir", str(killed), "--workers", "2")
     assert out.returncode == 0, out.stderr
@@ -327,3 +327,39 @@ def test_csv_captions_skip_empty_cells_and_name_a_missing_column(tmp_path, caplo
         csv_captions(str(table), ",", "title")
     with pytest.raises(VocabularyError, match="not found"):
         csv_captions(str(tmp_path / "none.csv"), "\t", "title")
+
+
+def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog on a couch\n")
+    table = tmp_path / "captions.csv"
+    table.write_text("id,title\n1,a cat\n")
+    cases = [
+        (["generate", "--input", str(tmp_path / "none.txt"), "--output", str(tmp_path / "o.jsonl")],
+         f"error: caption file {tmp_path / 'none.txt'} not found"),
+        (["generate", "--input", str(captions), "--output", str(captions)],
+         f"error: --output {captions} is the --input file"),
+        (["generate", "--input", str(table), "--output", str(tmp_path / "o.jsonl")],
+         f"error: {table}: no column 'caption' (columns: ['id', 'title']); pass --caption-key"),
+        (["generate", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl")],
+         f"error: caption file {tmp_path} not found"),
+        (["generate", "--input", str(captions), "--output", str(tmp_path / "o.jsonl"), "--num", "-1"],
+         "argument --num/-k: must be at least 1, got -1"),
+        (["precompute", "--shards", "x.tar", "--output-dir", str(tmp_path), "--workers", "0"],
+         "argument --workers: must be at least 1, got 0"),
+        (["vocabulary", "--input", str(captions), "--output", str(tmp_path / "w.txt"),
+          "--min-count", "0"], "argument --min-count: must be at least 1, got 0"),
+        (["vocabulary", "--input", str(captions), "--output", str(captions)],
+         f"error: --output {captions} is an input"),
+    ]
+    for argv, message in cases:
+        out = run_cli(*argv)
+        assert out.returncode == 2, (argv, out.stderr)
+        assert message in out.stderr, (argv, out.stderr)
+        assert "Traceback" not in out.stderr, argv
+    assert captions.read_text() == "a dog on a couch\n"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("{broken\n")
+    out = run_cli("generate", "--input", str(empty), "--output", str(tmp_path / "o.jsonl"))
+    assert out.returncode == 2 and "no caption to process (1 malformed line(s))" in out.stderr
+    assert not (tmp_path / "o.jsonl").exists()

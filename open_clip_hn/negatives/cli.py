@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import argparse_type
+from ..cliargs import int_at_least, overwritten_input
 from ..files import atomic_open, content_identity, expand_shards, remove_stale_temps
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary, words_of
@@ -30,7 +31,7 @@ from .taxonomy import NEGATIVE_TYPES, parse_types
 
 
 def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> None:
-    parser.add_argument("--num", "-k", type=int, default=num_default, metavar="K",
+    parser.add_argument("--num", "-k", type=int_at_least(1), default=num_default, metavar="K",
                         help=f"Negatives per caption. Default: {num_default}.")
     parser.add_argument("--types", type=argparse_type(parse_types), default=NEGATIVE_TYPES, metavar="A,B",
                         help=f"Comma list of types (default: all): {', '.join(NEGATIVE_TYPES)}.")
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--caption-key", default="caption",
                      help="Column (csv/tsv) or key (jsonl) holding the caption. Default: caption.")
     gen.add_argument("--output", required=True, help="Output .jsonl, written atomically.")
-    gen.add_argument("--workers", type=int, default=1, help="Worker processes. Default: 1.")
+    gen.add_argument("--workers", type=int_at_least(1), default=1, help="Worker processes. Default: 1.")
     gen.add_argument("--strict", action="store_true", help="Fail on the first malformed input line.")
     _add_generator_flags(gen, 4)
 
@@ -71,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--shards", required=True, help="Input shards, brace pattern: 'in-{000000..000009}.tar'.")
     pre.add_argument("--output-dir", required=True, help="Folder for the output shards (same names).")
     pre.add_argument("--caption-key", default="txt", help="Member extension holding the caption. Default: txt.")
-    pre.add_argument("--workers", type=int, default=1, help="Shards processed in parallel. Default: 1.")
+    pre.add_argument("--workers", type=int_at_least(1), default=1,
+                     help="Shards processed in parallel. Default: 1.")
     pre.add_argument("--allow-damaged", action="store_true",
                      help="Keep the readable samples of a truncated or corrupt input shard (counted "
                           "in a warning and the manifest) instead of failing on it.")
@@ -84,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--caption-key", default=None,
                      help="Member extension (shards; default: txt) or column/key (file; default: "
                           "caption) holding the caption.")
-    voc.add_argument("--min-count", type=int, default=1, metavar="N",
+    voc.add_argument("--min-count", type=int_at_least(1), default=1, metavar="N",
                      help="Keep words seen at least N times (drops typos). Default: 1.")
     voc.add_argument("--output", required=True, help="Word list (one per line), written atomically.")
 
@@ -98,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- reading caption files ---------------------------------------------------------------------
+
+class InputError(ValueError):
+    """A caption file or flag the command cannot use: printed as `error: ...`, exit 2."""
+
 
 class MalformedLine(ValueError):
     def __init__(self, line: int, reason: str):
@@ -117,7 +123,7 @@ def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
             handle.seek(0)
             reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
             if reader.fieldnames is None or caption_key not in reader.fieldnames:
-                raise SystemExit(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
+                raise InputError(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
                                  "pass --caption-key NAME")
             for row in reader:
                 value = row.get(caption_key)
@@ -152,6 +158,10 @@ def _progress(iterable, **kwargs):
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.input):
+        raise InputError(f"caption file {args.input} not found (--input)")
+    if overwritten_input([args.output], [args.input]):
+        raise InputError(f"--output {args.output} is the --input file; write elsewhere")
     generator = _generator(args)
     captions, malformed = [], 0
     for item in read_captions(args.input, args.caption_key):
@@ -163,6 +173,9 @@ def run_generate(args: argparse.Namespace) -> int:
             malformed += 1
             continue
         captions.append(item)
+    if not captions:
+        raise InputError(f"{args.input}: no caption to process ({malformed} malformed line(s)); "
+                         "check the file and --caption-key")
     work = partial(_generate_one, generator, args.num)
     with atomic_open(args.output, "w", encoding="utf-8") as handle:
         if args.workers > 1:
@@ -351,8 +364,10 @@ def shard_captions(path: str, caption_key: str) -> Iterator[str]:
 
 
 def run_vocabulary(args: argparse.Namespace) -> int:
-    if args.min_count < 1:
-        print(f"error: --min-count must be >= 1, got {args.min_count}", file=sys.stderr)
+    clash = overwritten_input([args.output], [args.input] if args.input else
+                              expand_shards(args.shards))
+    if clash:
+        print(f"error: --output {clash} is an input; write the word list elsewhere", file=sys.stderr)
         return 2
     if args.shards:
         shards = _existing_shards(args.shards)
@@ -423,6 +438,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"show": run_show, "generate": run_generate, "precompute": run_precompute,
                 "vocabulary": run_vocabulary}[args.command](args)
-    except (WordNetMissingError, VocabularyError, ManifestError) as err:
+    except (WordNetMissingError, VocabularyError, ManifestError, InputError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
