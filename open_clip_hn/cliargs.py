@@ -17,9 +17,9 @@ def int_at_least(least: int) -> Callable[[str], int]:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
         if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {least}"

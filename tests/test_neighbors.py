@@ -119,8 +119,8 @@ def test_index_of_the_old_format_is_refused_with_the_fix(index_dir, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--k", "0"], "argument --k: must be at least 1, got 0"),
-    (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+    (["--k", "0"], "argument --k: must be >= 1, got 0"),
+    (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
     (["--model", "no-such-model"], "error: --model 'no-such-model' is not an OpenCLIP model"),
     (["--shards", "/nonexistent/x-{0..1}.tar"], "error: --shards '/nonexistent/x-{0..1}.tar': 2 of 2"),
 ])
