@@ -108,19 +108,28 @@ def read_state(path: str) -> dict[str, Any]:
     return state
 
 
+def state_files_beside(checkpoint_path: str, epoch: int) -> list[str]:
+    """The existing state files a resume from this checkpoint would look at (not read).
+
+    Non-empty means the run had the plugin on: resuming it as plain OpenCLIP would silently
+    drop the bank, thresholds and curriculum, which the caller should refuse unless asked.
+    """
+    path = os.path.abspath(checkpoint_path)
+    candidates = dict.fromkeys((path + STATE_SUFFIX, state_path(os.path.dirname(path), epoch)))
+    return [p for p in candidates if os.path.exists(p)]
+
+
 def find_state(checkpoint_path: str, epoch: int) -> tuple[str, dict[str, Any]] | None:
     """The plugin state saved after `epoch` (the checkpoint's own epoch), or None.
 
     Looked for beside the checkpoint under its own name first (`X.pt.hn`, for checkpoints that
     were copied with their state), then as `epoch_N.pt.hn` in its folder. A file whose epoch
-    differs from the checkpoint's is never used.
+    differs from the checkpoint's is never used; a damaged one raises `StateError`.
     """
-    folder = os.path.dirname(os.path.abspath(checkpoint_path))
-    for path in (checkpoint_path + STATE_SUFFIX, state_path(folder, epoch)):
-        if os.path.exists(path):
-            state = read_state(path)
-            if state.get("epoch") == epoch:
-                return path, state
+    for path in state_files_beside(checkpoint_path, epoch):
+        state = read_state(path)
+        if state.get("epoch") == epoch:
+            return path, state
     return None
 
 

@@ -363,3 +363,14 @@ def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path):
     out = run_cli("generate", "--input", str(empty), "--output", str(tmp_path / "o.jsonl"))
     assert out.returncode == 2 and "no caption to process (1 malformed line(s))" in out.stderr
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_bad_generator_flag_does_not_claim_the_output_folder(tmp_path, capsys):
+    _write_shards(tmp_path, count=1, per_shard=3)
+    shard, out = str(tmp_path / "in-000000.tar"), str(tmp_path / "out")
+    assert main(["precompute", "--shards", shard, "--output-dir", out, "--lm", str(tmp_path / "nolm")]) == 2
+    assert "--lm" in capsys.readouterr().err and not os.path.exists(out)
+    assert main(["precompute", "--shards", shard, "--output-dir", out,
+                 "--vocabulary", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err and not os.path.exists(out)
+    assert main(["precompute", "--shards", shard, "--output-dir", out]) == 0

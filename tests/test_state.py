@@ -138,3 +138,14 @@ def test_atomic_torch_save_keeps_the_old_file_when_the_write_fails(tmp_path):
         atomic_torch_save({"epoch": 2, "x": Unpicklable()}, path)
     assert torch.load(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["epoch_1.pt"]
+
+
+def test_state_files_beside_a_checkpoint_are_listed_without_reading_them(tmp_path):
+    from open_clip_hn.state import state_files_beside
+
+    checkpoint = touch_checkpoint(tmp_path, "epoch_2.pt", 2)
+    assert state_files_beside(checkpoint, 2) == []
+    (tmp_path / "epoch_2.pt.hn").write_bytes(b"damaged")  # listed, not loaded
+    assert state_files_beside(checkpoint, 2) == [str(tmp_path / "epoch_2.pt.hn")]
+    latest = touch_checkpoint(tmp_path, "epoch_latest.pt", 2)
+    assert state_files_beside(latest, 2) == [str(tmp_path / "epoch_2.pt.hn")]

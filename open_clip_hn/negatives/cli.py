@@ -318,11 +318,13 @@ def run_precompute(args: argparse.Namespace) -> int:
         print(f"error: --output-dir {args.output_dir} holds the input shards (e.g. {inside[0]}); "
               "the output would overwrite them: pass another --output-dir", file=sys.stderr)
         return 2
+    generator = _generator(args)  # a bad --vocabulary fails here, before the folder is claimed
+    if args.lm and not os.path.exists(args.lm):
+        raise InputError(f"--lm {args.lm} not found; pass a local masked LM folder")
     os.makedirs(args.output_dir, exist_ok=True)
     claim_output_dir(args.output_dir, generator_settings(
         args.num, args.types, args.seed, args.vocabulary, args.lm, args.caption_key))
     remove_stale_temps(args.output_dir)  # of killed runs; a live job's temps stay
-    generator = _generator(args)
     work = partial(precompute_shard, output_dir=args.output_dir, generator=generator, k=args.num,
                    caption_key=args.caption_key, allow_damaged=args.allow_damaged)
     if args.workers > 1:
