@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import re
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from .files import atomic_open
 STATE_SUFFIX = ".hn"
 STATE_VERSION = 1
 BROKEN_SUFFIX = ".broken"
+EMBEDDED_STATE_KEY = "hn_state"  # a checkpoint that carries the plugin state inside (step checkpoints)
 _FIX = ("delete it (the run then resumes without the plugin state: bank, thresholds and "
         "curriculum start over), or resume from the previous checkpoint (--resume "
         "PATH/epoch_<N-1>.pt)")
@@ -163,27 +165,31 @@ def checkpoints_newest_first(checkpoint_dir: str | os.PathLike) -> list[str]:
     return [str(folder / name) for name in reversed(names)]
 
 
-def read_checkpoint_epoch(path: str) -> int:
-    """The epoch stored in an OpenCLIP checkpoint, reading it back fully enough to trust it.
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """An OpenCLIP checkpoint read back fully enough to trust it; ValueError names the file.
 
-    Memory-mapped and weights-only: tensors are not loaded, but a truncated zip (a kill during
-    the write) or missing records fail here. Raises ValueError naming the file.
+    Memory-mapped, so tensors are not read, but a truncated zip (a kill during the write) or
+    missing records fail here. Weights-only where the file allows; a checkpoint of this run
+    that holds more than tensors and containers (e.g. RNG states) is loaded fully.
     """
     try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as err:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError:  # the weights-only refusal of a non-tensor object
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # truncated zip, missing records, garbage: all mean unreadable
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
                          f"{str(err)[:200]})") from None
-    epoch = checkpoint.get("epoch") if isinstance(checkpoint, dict) else None
-    if not isinstance(epoch, int):
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("epoch"), int):
         raise ValueError(f"checkpoint {path} has no 'epoch': not an OpenCLIP training checkpoint")
-    return epoch
+    return checkpoint
 
 
 def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
                            ) -> tuple[str, str | None] | None:
     """The newest checkpoint that loads, with its plugin state when `with_state`: what
-    `--resume latest` should resume from. None when no checkpoint is usable.
+    `--resume latest` should resume from. None when no checkpoint is usable. The state path is
+    the checkpoint's own when the state is embedded (`EMBEDDED_STATE_KEY`).
 
     A newer checkpoint that cannot be read, or (with the plugin on) whose `.hn` state is
     missing, damaged or non-finite, is skipped with a warning naming it and why; the previous
@@ -191,9 +197,15 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
     """
     for path in checkpoints_newest_first(checkpoint_dir):
         try:
-            epoch = read_checkpoint_epoch(path)
+            checkpoint = read_checkpoint(path)
+            epoch = checkpoint["epoch"]
             if not with_state:
                 return path, None
+            if EMBEDDED_STATE_KEY in checkpoint:  # the state travels inside the checkpoint
+                bad = non_finite(checkpoint[EMBEDDED_STATE_KEY], EMBEDDED_STATE_KEY)
+                if bad:
+                    raise StateError(f"its plugin state holds non-finite values in {bad}")
+                return path, path
             found = find_state(path, epoch)
             if found is None:
                 raise ValueError(f"no plugin state for its epoch {epoch} "
@@ -215,7 +227,7 @@ def set_aside_broken_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path
     moved = []
     for path in checkpoints_newest_first(checkpoint_dir):
         try:
-            read_checkpoint_epoch(path)
+            read_checkpoint(path)
             break
         except ValueError as err:
             target = path + BROKEN_SUFFIX

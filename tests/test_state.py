@@ -149,3 +149,22 @@ def test_state_files_beside_a_checkpoint_are_listed_without_reading_them(tmp_pat
     assert state_files_beside(checkpoint, 2) == [str(tmp_path / "epoch_2.pt.hn")]
     latest = touch_checkpoint(tmp_path, "epoch_latest.pt", 2)
     assert state_files_beside(latest, 2) == [str(tmp_path / "epoch_2.pt.hn")]
+
+
+def test_step_checkpoints_with_embedded_state_sort_inside_their_epoch(tmp_path, caplog):
+    import numpy as np
+
+    from open_clip_hn.state import EMBEDDED_STATE_KEY, latest_good_checkpoint
+
+    folder = str(tmp_path)
+    torch.save({"epoch": 1, "state_dict": {}}, tmp_path / "epoch_1.pt")
+    save_state(folder, 1, {"loss": {"step": 1}})
+    step = tmp_path / "epoch_1_step_30.pt"  # mid-epoch: state and RNG (numpy) inside
+    torch.save({"epoch": 1, "state_dict": {}, "rng": np.random.get_state(),
+                EMBEDDED_STATE_KEY: {"loss": {"bank": torch.zeros(2)}}}, step)
+    assert latest_good_checkpoint(folder, with_state=True) == (str(step), str(step))
+    torch.save({"epoch": 1, "state_dict": {},
+                EMBEDDED_STATE_KEY: {"loss": {"bank": torch.tensor([float("nan")])}}}, step)
+    with caplog.at_level("WARNING"):
+        assert latest_good_checkpoint(folder, with_state=True)[0] == str(tmp_path / "epoch_1.pt")
+    assert "hn_state.loss.bank" in caplog.text
