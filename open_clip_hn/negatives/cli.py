@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import sys
@@ -23,10 +22,10 @@ from typing import Iterator
 
 from ..config import argparse_type
 from ..cliargs import int_at_least, overwritten_input
-from ..files import atomic_open, content_identity, expand_shards, remove_stale_temps
+from ..files import atomic_open, expand_shards
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary, words_of
-from .manifest import ManifestError, claim_output_dir, generator_settings, record_shard, shard_done
+from .manifest import ManifestError
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 
@@ -214,89 +213,6 @@ def _neg_member(key: str, negatives: list, template: tarfile.TarInfo) -> tuple[t
     return info, data
 
 
-class DamagedShard(Exception):
-    """An input shard that cannot be read whole: the message says where and how much was read."""
-
-
-def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator, k: int,
-                     caption_key: str, allow_damaged: bool = False) -> tuple[str, int, int, str]:
-    """Write `output_dir/<name>` with a neg.json per sample, unless the manifest says it is done.
-
-    Returns (status, samples, masked, detail), status one of written, skipped, damaged. A
-    truncated or corrupt input is not written (status damaged, detail saying where and how
-    much was read) unless `allow_damaged`: then the readable samples are kept, like
-    webdataset's warn_and_continue, and the manifest records the damage.
-    """
-    destination = os.path.join(output_dir, os.path.basename(source))
-    identity = content_identity(source)
-    if shard_done(output_dir, source, identity):
-        return "skipped", 0, 0, ""
-    generator.load()
-    samples = masked = 0
-    size = identity["size"]
-    damage: list[str] = []
-    try:
-        # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
-        with atomic_open(destination, "wb") as handle, \
-                tarfile.open(source, "r:*", ignore_zeros=True) as reader, \
-                tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
-            key, caption, last, expected_offset = None, None, None, 0
-
-            def flush() -> None:
-                nonlocal samples, masked
-                if key is None:
-                    return
-                negatives = generator.generate(caption, k) if caption is not None else []
-                samples += 1
-                masked += not negatives
-                info, data = _neg_member(key, negatives, last)
-                writer.addfile(info, io.BytesIO(data))
-
-            try:
-                for member in reader:
-                    if member.offset > expected_offset:
-                        damage.append(f"{member.offset - expected_offset} corrupt bytes at byte "
-                                      f"{expected_offset} skipped (resumed at {member.name})")
-                    expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                    if not member.isfile():
-                        continue
-                    member_key, extension = _split_key(member.name)
-                    if extension == "neg.json":
-                        continue  # a rerun on precomputed shards replaces old negatives
-                    payload = reader.extractfile(member).read()
-                    if len(payload) != member.size:
-                        raise tarfile.ReadError(f"{member.name} cut short")
-                    if member_key != key:
-                        flush()
-                        key, caption = member_key, None
-                    last = member
-                    if extension == caption_key:
-                        try:
-                            caption = payload.decode("utf-8")
-                        except UnicodeDecodeError:
-                            print(f"warning: {source}: {member.name} is not UTF-8; sample masked",
-                                  file=sys.stderr)
-                    writer.addfile(member, io.BytesIO(payload))
-                if size - expected_offset < 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks
-                    damage.append(f"the file ends at byte {size} without tar's end-of-archive "
-                                  "marker (truncated)")
-            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-                damage.append(f"unreadable tar data after byte {min(expected_offset, size)} of {size} "
-                              f"({err}); "
-                              "rest of the shard skipped")
-            flush()
-            if damage and not allow_damaged:
-                raise DamagedShard()
-    except DamagedShard:
-        return "damaged", samples, masked, f"{samples} samples readable; " + "; ".join(damage)
-    detail = "; ".join(damage)
-    if damage:
-        print(f"warning: {source}: damaged, kept the {samples} readable samples (--allow-damaged): "
-              f"{detail}", file=sys.stderr)
-    record_shard(output_dir, source, identity, samples, masked, detail or None)
-    return "written", samples, masked, detail
-
-
 def _existing_shards(spec: str) -> list[str] | None:
     """The shards of `--shards`; None, after naming a missing one, when any is not there."""
     shards = expand_shards(spec)
@@ -308,50 +224,15 @@ def _existing_shards(spec: str) -> list[str] | None:
 
 
 def run_precompute(args: argparse.Namespace) -> int:
+    from .precompute import precompute
+
     shards = _existing_shards(args.shards)
     if shards is None:
         return 2
-    inside = [s for s in shards if os.path.samefile(os.path.dirname(os.path.abspath(s)),
-                                                    args.output_dir)] \
-        if os.path.isdir(args.output_dir) else []
-    if inside:
-        print(f"error: --output-dir {args.output_dir} holds the input shards (e.g. {inside[0]}); "
-              "the output would overwrite them: pass another --output-dir", file=sys.stderr)
-        return 2
     generator = _generator(args)  # a bad --vocabulary fails here, before the folder is claimed
-    if args.lm and not os.path.exists(args.lm):
-        raise InputError(f"--lm {args.lm} not found; pass a local masked LM folder")
-    os.makedirs(args.output_dir, exist_ok=True)
-    claim_output_dir(args.output_dir, generator_settings(
-        args.num, args.types, args.seed, args.vocabulary, args.lm, args.caption_key))
-    remove_stale_temps(args.output_dir)  # of killed runs; a live job's temps stay
-    work = partial(precompute_shard, output_dir=args.output_dir, generator=generator, k=args.num,
-                   caption_key=args.caption_key, allow_damaged=args.allow_damaged)
-    if args.workers > 1:
-        with Pool(args.workers) as pool:
-            results = list(_progress(pool.imap(work, shards), total=len(shards), unit="shard"))
-    else:
-        results = [work(s) for s in _progress(shards, unit="shard")]
-    totals = Counter(status for status, *_ in results)
-    samples = sum(count for status, count, *_ in results if status == "written")
-    masked = sum(empty for status, _, empty, _ in results if status == "written")
-    print(f"{totals['written']} shards written, {totals['skipped']} already done (skipped), "
-          f"{totals['damaged']} damaged (not written); {samples} samples, {masked} without "
-          f"negatives -> {args.output_dir}", file=sys.stderr)
-    damaged = [(shard, detail) for shard, (status, *_, detail) in zip(shards, results)
-               if status == "damaged"]
-    for shard, detail in damaged:
-        print(f"error: input shard {shard} is damaged: {detail}", file=sys.stderr)
-    if damaged:
-        print(f"error: {len(damaged)} of {len(shards)} input shard(s) damaged and not written; "
-              "re-create or re-download them and rerun (finished shards are kept), or pass "
-              "--allow-damaged to keep only their readable samples", file=sys.stderr)
-        return 1
-    if totals["written"] and not samples:
-        print(f"error: no samples in {totals['written']} shard(s) of {args.shards}; are they "
-              "webdataset tars?", file=sys.stderr)
-        return 1
-    return 0
+    return precompute(shards, args.output_dir, generator, args.num, args.caption_key,
+                      workers=args.workers, allow_damaged=args.allow_damaged,
+                      vocabulary=args.vocabulary, lm=args.lm)
 
 
 def shard_captions(path: str, caption_key: str) -> Iterator[str]:

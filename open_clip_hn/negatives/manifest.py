@@ -24,7 +24,7 @@ import tarfile
 from typing import Any, Iterator
 
 from .. import __version__
-from ..files import atomic_write_json, content_identity
+from ..files import atomic_write_json
 
 MANIFEST_DIR = ".precompute"
 SETTINGS = "settings.json"
