@@ -10,6 +10,10 @@ import os
 from typing import Callable, Iterable
 
 
+class InputError(ValueError):
+    """An input file or flag a command cannot use: the CLIs print it as `error: ...`, exit 2."""
+
+
 def int_at_least(least: int) -> Callable[[str], int]:
     """An argparse `type` for integers >= `least`: `--num -1` is refused by argparse itself,
     with the flag named, before any work."""

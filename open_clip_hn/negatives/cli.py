@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..config import argparse_type
-from ..cliargs import int_at_least, overwritten_input
+from ..cliargs import InputError, int_at_least, overwritten_input
 from ..files import atomic_open, expand_shards
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary, words_of
@@ -99,10 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---- reading caption files ---------------------------------------------------------------------
-
-class InputError(ValueError):
-    """A caption file or flag the command cannot use: printed as `error: ...`, exit 2."""
-
 
 class MalformedLine(ValueError):
     def __init__(self, line: int, reason: str):

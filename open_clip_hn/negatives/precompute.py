@@ -16,6 +16,7 @@ from collections import Counter
 from functools import partial
 from multiprocessing import Pool
 
+from ..cliargs import InputError
 from ..files import atomic_open, content_identity, remove_stale_temps
 from .cli import _neg_member, _split_key
 from .generator import NegativeGenerator
@@ -113,7 +114,7 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
     Returns the exit status: 0, 1 when an input shard is damaged (reported with counts) or no
     sample was found, 2 when the output folder cannot be used (named, with the fix).
     """
-    from .cli import InputError, _progress
+    from .cli import _progress
 
     inside = [s for s in shards if os.path.samefile(os.path.dirname(os.path.abspath(s)),
                                                     output_dir)] \
