@@ -189,16 +189,17 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
                            ) -> tuple[str, str | None] | None:
     """The newest checkpoint that loads, with its plugin state when `with_state`: what
     `--resume latest` should resume from. None when no checkpoint is usable. The state path is
-    the checkpoint's own when the state is embedded (`EMBEDDED_STATE_KEY`).
+    the checkpoint's own when the state is embedded (`EMBEDDED_STATE_KEY`), and None when the
+    checkpoint has no state at all (e.g. saved by plain OpenCLIP; the caller decides, as for
+    `--resume PATH`).
 
-    A newer checkpoint that cannot be read, or (with the plugin on) whose `.hn` state is
-    missing, damaged or non-finite, is skipped with a warning naming it and why; the previous
-    good pair is used instead, so a kill during a save costs at most that epoch.
+    A newer checkpoint that cannot be read, or (with the plugin on) whose state is damaged,
+    foreign or non-finite, is skipped with a warning naming it and why; the previous good pair
+    is used instead, so a kill during a save costs at most that epoch.
     """
     for path in checkpoints_newest_first(checkpoint_dir):
         try:
             checkpoint = read_checkpoint(path)
-            epoch = checkpoint["epoch"]
             if not with_state:
                 return path, None
             if EMBEDDED_STATE_KEY in checkpoint:  # the state travels inside the checkpoint
@@ -206,11 +207,8 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
                 if bad:
                     raise StateError(f"its plugin state holds non-finite values in {bad}")
                 return path, path
-            found = find_state(path, epoch)
-            if found is None:
-                raise ValueError(f"no plugin state for its epoch {epoch} "
-                                 f"({state_path(os.path.dirname(path), epoch)})")
-            return path, found[0]
+            found = find_state(path, checkpoint["epoch"])
+            return path, None if found is None else found[0]
         except ValueError as err:
             logging.warning("--resume latest: skipping %s: %s; falling back to the previous "
                             "checkpoint", path, err)

@@ -105,8 +105,9 @@ def test_latest_good_pair_skips_a_truncated_checkpoint_and_a_bad_state(tmp_path,
     assert f"skipping {tmp_path / 'epoch_3.pt'}" in caplog.text and "non-finite" in caplog.text
     # without the plugin the state does not matter; the missing state of epoch 2 does with it
     assert latest_good_checkpoint(folder, with_state=False) == (str(tmp_path / "epoch_3.pt"), None)
+    # a checkpoint without any state (plain OpenCLIP's) is not skipped: the caller decides
     os.remove(state_path(folder, 2))
-    assert latest_good_checkpoint(folder, with_state=True)[0] == str(tmp_path / "epoch_1.pt")
+    assert latest_good_checkpoint(folder, with_state=True) == (str(tmp_path / "epoch_2.pt"), None)
 
 
 def test_set_aside_moves_only_unreadable_newest_checkpoints(tmp_path):
