@@ -374,3 +374,26 @@ def test_a_bad_generator_flag_does_not_claim_the_output_folder(tmp_path, capsys)
                  "--vocabulary", str(tmp_path / "none.txt")]) == 2
     assert "none.txt" in capsys.readouterr().err and not os.path.exists(out)
     assert main(["precompute", "--shards", shard, "--output-dir", out]) == 0
+
+
+def test_garbage_empty_and_gzipped_shards(tmp_path, capsys):
+    import gzip
+
+    _write_shards(tmp_path, count=1, per_shard=6)
+    gz = tmp_path / "in-000001.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "in-000000.tar").read_bytes()))
+    (tmp_path / "garbage.tar").write_bytes(bytes(range(256)) * 20)
+    (tmp_path / "empty.tar").write_bytes(b"")
+    out = str(tmp_path / "out")
+    assert main(["precompute", "--shards", str(gz), "--output-dir", out]) == 0
+    assert _neg_counts(tmp_path / "out" / "in-000001.tar.gz") == (6, 6)
+    capsys.readouterr()
+    for name, message in (("garbage.tar", "5120 bytes after the last readable member (byte 0)"),
+                          ("empty.tar", "0 samples readable; not a tar archive")):
+        assert main(["precompute", "--shards", str(tmp_path / name), "--output-dir", out]) == 1
+        err = capsys.readouterr().err
+        assert f"error: input shard {tmp_path / name} is damaged" in err and message in err, err
+        assert not (tmp_path / "out" / name).exists()
+    gz.write_bytes(gz.read_bytes()[:-40])  # a cut gzip stream fails in the decompressor
+    assert main(["precompute", "--shards", str(gz), "--output-dir", str(tmp_path / "out2")]) == 1
+    assert "is damaged" in capsys.readouterr().err

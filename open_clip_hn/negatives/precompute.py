@@ -40,14 +40,17 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
     identity = content_identity(source)
     if shard_done(output_dir, source, identity):
         return "skipped", 0, 0, ""
+    try:
+        # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
+        reader = tarfile.open(source, "r:*", ignore_zeros=True)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        return "damaged", 0, 0, f"0 samples readable; not a tar archive ({err})"
     generator.load()
     samples = masked = 0
     size = identity["size"]
     damage: list[str] = []
     try:
-        # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
-        with atomic_open(destination, "wb") as handle, \
-                tarfile.open(source, "r:*", ignore_zeros=True) as reader, \
+        with reader, atomic_open(destination, "wb") as handle, \
                 tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
             key, caption, last, expected_offset = None, None, None, 0
 
@@ -86,9 +89,8 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
                             print(f"warning: {source}: {member.name} is not UTF-8; sample masked",
                                   file=sys.stderr)
                     writer.addfile(member, io.BytesIO(payload))
-                if size - expected_offset < 2 * tarfile.BLOCKSIZE:  # no end-of-archive blocks
-                    damage.append(f"the file ends at byte {size} without tar's end-of-archive "
-                                  "marker (truncated)")
+                if not _compressed(source):  # offsets are the file's own: check its end
+                    damage += _trailing_damage(source, expected_offset, size)
             except (tarfile.TarError, EOFError, OSError, ValueError) as err:
                 damage.append(f"unreadable tar data after byte {min(expected_offset, size)} of {size} "
                               f"({err}); "
@@ -104,6 +106,30 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
               f"{detail}", file=sys.stderr)
     record_shard(output_dir, source, identity, samples, masked, detail or None)
     return "written", samples, masked, detail
+
+
+def _compressed(path: str) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+
+
+def _trailing_damage(path: str, end: int, size: int) -> list[str]:
+    """What is wrong after the last member (byte `end`) of an uncompressed tar, if anything.
+
+    A whole tar ends in at least two zero blocks; a file cut at a member boundary lacks them
+    (a valid-looking but short archive), and bytes that are not zeros are data tarfile skipped
+    because no header could be read in them (garbage, or damaged members at the end).
+    """
+    if size - end < 2 * tarfile.BLOCKSIZE:
+        return [f"the file ends at byte {size} without tar's end-of-archive marker (truncated)"]
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        while block := handle.read(1 << 20):
+            if block.strip(b"\0"):
+                return [f"{size - end} bytes after the last readable member (byte {end}) are "
+                        "not tar's end-of-archive zeros (corrupt or not a tar)"]
+    return []
 
 
 def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator, k: int,
