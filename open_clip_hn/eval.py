@@ -422,6 +422,12 @@ def evaluate_compositional(model: torch.nn.Module, preprocess: Callable, tokeniz
 
 # ----------------------------------------------------------------------------- models
 
+def _unloadable(path: str, err: BaseException) -> ValueError:
+    return ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
+                      f"{str(err)[:300]}); is it complete (not cut by an interrupted write) and "
+                      "an OpenCLIP checkpoint?")
+
+
 def load_model(name: str, pretrained: str | None, device: torch.device | str = "cpu",
                model_configs: Sequence[str] = ()):
     """(model, preprocess, tokenizer) for an OpenCLIP model name and checkpoint or pretrained tag.
@@ -435,6 +441,9 @@ def load_model(name: str, pretrained: str | None, device: torch.device | str = "
         if not os.path.isfile(config):
             raise FileNotFoundError(f"--model-config {config} does not exist")
         open_clip.add_model_config(config)
+    if name not in open_clip.list_models():
+        raise ValueError(f"--model {name!r} is not an OpenCLIP model (see open_clip.list_models(); "
+                         "pass --model-config for a custom one)")
     looks_like_path = os.path.sep in (pretrained or "") or (pretrained or "").endswith(
         (".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_path and not os.path.isfile(pretrained):
@@ -446,7 +455,13 @@ def load_model(name: str, pretrained: str | None, device: torch.device | str = "
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
             raise ValueError(f"checkpoint {pretrained} does not fit model {name!r} (another "
                              f"architecture?); pass the --model it was trained with.\n{err}") from None
-        raise
+        if not looks_like_path:
+            raise
+        raise _unloadable(pretrained, err) from None
+    except Exception as err:  # a truncated or foreign file fails anywhere inside torch.load
+        if not looks_like_path:
+            raise
+        raise _unloadable(pretrained, err) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(name)
 

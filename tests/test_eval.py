@@ -175,6 +175,11 @@ def test_checkpoint_of_another_architecture(tmp_path, checkpoint):
         hn_eval.load_model("hn-other-vit", checkpoint, model_configs=[str(config)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         hn_eval.load_model("hn-tiny-vit", str(tmp_path / "missing.pt"), model_configs=[CONFIG])
+    data = open(checkpoint, "rb").read()
+    for name, content in (("cut.pt", data[: len(data) // 2]), ("garbage.pt", b"hello" * 100)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"checkpoint {tmp_path / name} cannot be loaded"):
+            hn_eval.load_model("hn-tiny-vit", str(tmp_path / name), model_configs=[CONFIG])
 
 
 def test_in_loop_evaluation_of_a_pure_bf16_model(tmp_path):
@@ -283,5 +288,9 @@ def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path, sets, checkpo
     assert clobber.returncode == 2 and f"output {checkpoint} is one of the inputs" in clobber.stderr
     assert cli("--pretrained", checkpoint, "--compositional", str(sets),
                "--batch-size", "0").returncode == 2
+    unknown = subprocess.run([sys.executable, "-m", "open_clip_hn.eval", "--model", "no-such-model",
+                              "--pretrained", checkpoint, "--compositional", str(sets)],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 2 and "error: --model 'no-such-model' is not an OpenCLIP model" in unknown.stderr
     absent = cli("--pretrained", str(tmp_path / "none.pt"), "--compositional", str(sets))
     assert absent.returncode == 2 and "checkpoint" in absent.stderr and "Traceback" not in absent.stderr
