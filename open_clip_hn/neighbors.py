@@ -219,18 +219,13 @@ def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
 
 
 def _load_model(model_name: str, pretrained: str | None, model_config: str | None, device: str):
-    import open_clip
+    """The image encoder and its preprocessing; bad names and unloadable checkpoints are
+    ValueErrors naming them (the evaluation's loader)."""
+    from .eval import load_model
 
-    if model_config:
-        if not os.path.isfile(model_config):
-            raise ValueError(f"--model-config {model_config} not found")
-        open_clip.add_model_config(model_config)
-    if model_name not in open_clip.list_models():
-        raise ValueError(f"--model {model_name!r} is not an OpenCLIP model (see "
-                         "open_clip.list_models(); pass --model-config for a custom one)")
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device)
-    return model.eval(), preprocess
+    model, preprocess, _ = load_model(model_name, pretrained, device,
+                                      [model_config] if model_config else [])
+    return model, preprocess
 
 
 def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, preprocess,

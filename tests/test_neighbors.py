@@ -123,6 +123,7 @@ def test_index_of_the_old_format_is_refused_with_the_fix(index_dir, tmp_path):
     (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
     (["--model", "no-such-model"], "error: --model 'no-such-model' is not an OpenCLIP model"),
     (["--shards", "/nonexistent/x-{0..1}.tar"], "error: --shards '/nonexistent/x-{0..1}.tar': 2 of 2"),
+    (["--pretrained", "/nonexistent/epoch_1.pt"], "error: checkpoint /nonexistent/epoch_1.pt does not exist"),
 ])
 def test_cli_user_errors_exit_non_zero_without_traceback(shards, tmp_path, argv, message):
     import subprocess
