@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from .cliargs import int_at_least
+from .eval import IMAGE_ERRORS, load_model
 from .files import atomic_write_bytes, atomic_write_json, content_identity, expand_shards
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
@@ -177,7 +178,9 @@ def _rerank(x: np.ndarray, queries: np.ndarray, candidates: np.ndarray) -> tuple
 
 
 class _ShardImages(torch.utils.data.IterableDataset):
-    """Iterable dataset: each worker decodes whole shards and yields (shard, images, last)."""
+    """Iterable dataset: each worker decodes whole shards and yields (shard, images, last);
+    an image that cannot be decoded yields (shard, message, True) instead, so the main process
+    raises one clean error naming the shard and sample (not a worker's traceback)."""
 
     def __init__(self, paths: list[str], catalogs: list[list], preprocess: Callable, batch_size: int):
         self.paths, self.catalogs = paths, catalogs
@@ -196,10 +199,16 @@ class _ShardImages(torch.utils.data.IterableDataset):
             with open(self.paths[shard], "rb") as handle:
                 for start in range(0, len(samples), self.batch_size):
                     images = []
-                    for _, members in samples[start:start + self.batch_size]:
+                    for key, members in samples[start:start + self.batch_size]:
                         offset, size = members[next(e for e in IMAGE_EXTS if e in members)]
                         handle.seek(offset)
-                        image = Image.open(io.BytesIO(handle.read(size))).convert("RGB")
+                        try:
+                            image = Image.open(io.BytesIO(handle.read(size))).convert("RGB")
+                        except IMAGE_ERRORS as err:
+                            yield shard, (f"shard {self.paths[shard]}: the image of sample {key} "
+                                          f"cannot be decoded ({err}); fix or drop the sample "
+                                          "(its shard is damaged)"), True
+                            return
                         images.append(self.preprocess(image))
                     yield shard, torch.stack(images), start + self.batch_size >= len(samples)
 
@@ -221,8 +230,6 @@ def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
 def _load_model(model_name: str, pretrained: str | None, model_config: str | None, device: str):
     """The image encoder and its preprocessing; bad names and unloadable checkpoints are
     ValueErrors naming them (the evaluation's loader)."""
-    from .eval import load_model
-
     model, preprocess, _ = load_model(model_name, pretrained, device,
                                       [model_config] if model_config else [])
     return model, preprocess
@@ -244,6 +251,8 @@ def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, p
         torch.autocast("cpu", enabled=False)
     with tqdm(total=total, desc="embedding images", unit="img") as bar, torch.inference_mode(), autocast:
         for local, images, last in loader:
+            if isinstance(images, str):
+                raise ValueError(images)
             if len(images):
                 features = model.encode_image(images.to(device), normalize=True).float().cpu().numpy()
                 parts.setdefault(local, []).append(features)

@@ -270,3 +270,18 @@ def test_write_given_stores_chosen_neighbours_that_the_stage_serves(shards, tmp_
     assert NeighborIndex(out, shards).k == 1
     with pytest.raises(ValueError, match="was built from"):
         write_given(shards_spec(shards), out, same_size, "another description")
+
+
+def test_an_undecodable_image_is_named_with_its_shard_and_sample(shards, tmp_path):
+    from open_clip_hn.neighbors import scan_shard
+
+    broken = tmp_path / "shard-00000.tar"
+    data = bytearray(Path(shards[0]).read_bytes())
+    key, members = scan_shard(shards[0])[3]
+    offset, size = members["png"]
+    data[offset:offset + size] = b"\0" * size  # the PNG's bytes gone, the tar intact
+    broken.write_bytes(bytes(data))
+    for workers in (0, 1):
+        with pytest.raises(ValueError, match=f"shard {broken}: the image of sample {key} cannot be decoded"):
+            build(str(broken), "hn-tiny-vit", str(tmp_path / f"index{workers}"), model_config=TINY_CONFIG,
+                  k=2, batch_size=64, workers=workers)
