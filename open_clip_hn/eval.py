@@ -381,7 +381,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
     for name, metrics in results.items():
         if metrics["skipped"]:
             bad = unreadable.get(name, {})
-            detail = (f", {len(bad)} of them unreadable (e.g. {next(iter(bad.values()))})"
+            detail = (f"; {len(bad)} unreadable image(s), e.g. {next(iter(bad.values()))}"
                       if bad else "")
             logging.warning(f"eval: {name}: skipped {metrics['skipped']} item(s) with a missing "
                             f"or unreadable image{detail}; scored {metrics['n']}")

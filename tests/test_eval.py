@@ -261,7 +261,8 @@ def test_corrupt_image_is_skipped_and_counted_like_a_missing_one(tmp_path, sets,
         results = hn_eval.evaluate_sets(model, preprocess, tokenizer, choice, pairs, batch_size=16)
     assert results["swap_objects"]["skipped"] == 2 and results["swap_objects"]["n"] == 58
     assert results["relation_pairs"]["skipped"] == 1 and results["relation_pairs"]["n"] == 29
-    assert f"1 of them unreadable (e.g. {corrupt})" in caplog.text
+    assert f"skipped 2 item(s) with a missing or unreadable image; 1 unreadable image(s), e.g. {corrupt}" \
+        in caplog.text
     # the scores are those of the readable items alone
     kept = [i for i in range(len(choice[0].items)) if choice[0].items[i][0] != str(corrupt)]
     alone = hn_eval.ChoiceSet("swap_objects", "", [choice[0].items[i] for i in kept])
