@@ -1,4 +1,6 @@
-"""argparse `type=` converters shared by the trainer's flags and the offline CLIs.
+"""What the trainer's flags and the offline CLIs share: argparse `type=` converters (numbers
+checked by argparse itself, so `--num -1` is refused naming the flag, before any work), the
+error a CLI prints as `error: ...`, and the guard that an output never overwrites an input.
 
 Plain Python (no torch), so `python -m open_clip_hn.negatives` stays light.
 """
@@ -7,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable, TypeVar
+import os
+from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 
@@ -23,21 +26,22 @@ def argparse_type(parse: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
-def non_negative_int(value: str) -> int:
+def _int_at_least(value: str, least: int) -> int:
     try:
         number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {number}")
+    if number < least:
+        raise argparse.ArgumentTypeError(f"must be >= {least}, got {number}")
     return number
+
+
+def non_negative_int(value: str) -> int:
+    return _int_at_least(value, 0)
 
 
 def positive_int(value: str) -> int:
-    number = non_negative_int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {number}")
-    return number
+    return _int_at_least(value, 1)
 
 
 def non_negative_float(value: str) -> float:
@@ -50,8 +54,32 @@ def non_negative_float(value: str) -> float:
     return number
 
 
+def cosine(value: str) -> float:
+    """A cosine-similarity threshold: a finite number in [-1, 1]."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not -1 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"a cosine similarity is in [-1, 1], got {value}")
+    return number
+
+
 def unit_float(value: str) -> float:
     number = non_negative_float(value)
     if number > 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return number
+
+
+class InputError(ValueError):
+    """An input file or flag a command cannot use: the CLIs print it as `error: ...`, exit 2."""
+
+
+def overwritten_input(outputs: Iterable[str | None], inputs: Iterable[str]) -> str | None:
+    """The first output path that names an existing input file (same file, any spelling)."""
+    existing = [i for i in inputs if os.path.exists(i)]
+    for output in outputs:
+        if output and os.path.exists(output) and any(os.path.samefile(output, i) for i in existing):
+            return output
+    return None

@@ -10,7 +10,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from .argtypes import argparse_type, non_negative_float, non_negative_int, unit_float
+from .argtypes import argparse_type, cosine, non_negative_float, non_negative_int, unit_float
 from .mirror import parse_axes
 from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
 from .recipes import ListRecipesAction
@@ -92,8 +92,9 @@ class HNConfig:
     image_neighbors_per_sample: int = 1
     eval_compositional: str | None = None
     eval_every: int = 1
-    # checkpoints inside an epoch (preemption.py)
+    # checkpoints inside an epoch (preemption.py), resuming
     save_every_steps: int = 0
+    drop_state: bool = False
     # bookkeeping filled by the hooks, not by flags
     given: tuple[str, ...] = field(default=(), compare=False)
 
@@ -235,7 +236,7 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Store the memory bank in fp16 (half the memory).")
     add("--hn-mined-k", dest="hn_mined_k", type=non_negative_int, default=16,
         help="Mined negatives per anchor and direction. Default: 16.")
-    add("--hn-false-negative-threshold", dest="hn_false_negative_threshold", type=float,
+    add("--hn-false-negative-threshold", dest="hn_false_negative_threshold", type=cosine,
         default=0.9, help="Bank entries whose image or text cosine similarity to the anchor's "
                           "pair exceeds this are treated as false negatives and dropped. Default: 0.9.")
     add("--hn-miner-backend", dest="hn_miner_backend", choices=MINER_BACKENDS, default="torch",
@@ -275,6 +276,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                           "--hn-* flag a checkpoint is also saved when SIGUSR2 or SIGTERM arrives "
                           "(preemption, time limit). Usable without hard negatives. Default: 0 "
                           "(only at the signal).")
+    add("--hn-drop-state", dest="hn_drop_state", action="store_true", default=False,
+        help="On --resume, ignore the checkpoint's plugin state (memory bank, rank thresholds, "
+             "curriculum position) and start it fresh; without this flag a resume with no "
+             "--hn-* flag from a checkpoint that has plugin state is refused.")
     add("--hn-eval-every", dest="hn_eval_every", type=int, default=1, metavar="EPOCHS",
         help="Run --hn-eval-compositional every N epochs. Default: 1.")
     return parser

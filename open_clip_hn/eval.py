@@ -23,17 +23,21 @@ import contextlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Sequence
 
 import torch
 from PIL import Image
 
+from .argtypes import overwritten_input, positive_int
 from .files import atomic_open, atomic_write_json
 from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, format_sugarcrepe_table
 from .provenance import model_mismatch, read_sidecar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+# what PIL raises for a file that is not a readable image (truncated, wrong format, bomb)
+IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 SUGARCREPE_KEYS = ("filename", "caption", "negative_caption")
 ARO_KEYS = ("image_path", "true_caption", "false_caption")
 PAIR_KEYS = ("image_0", "image_1", "caption_0", "caption_1")
@@ -120,9 +124,9 @@ def load_choice_set(path: str) -> ChoiceSet:
     """Read one SugarCrepe- or ARO-layout JSON; missing images are skipped and counted."""
     root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise _layout_error(path, f"not valid JSON ({err})") from None
     if isinstance(data, dict):
         records, keys = list(data.values()), SUGARCREPE_KEYS
@@ -132,17 +136,25 @@ def load_choice_set(path: str) -> ChoiceSet:
         raise _layout_error(path, f"top level is a {type(data).__name__}")
     if not records:
         raise ValueError(f"{path}: the set is empty; it needs at least one item")
+    labels = [f"item {k!r}" for k in data] if isinstance(data, dict) else \
+        [f"item {i} (0-based)" for i in range(len(records))]
     result = ChoiceSet(name, path, [])
-    for position, record in enumerate(records):
+    for label, record in zip(labels, records):
         if not isinstance(record, dict) or any(k not in record for k in keys):
-            raise _layout_error(path, f"item {position} lacks one of {', '.join(keys)}")
+            raise _layout_error(path, f"{label} lacks one of {', '.join(keys)}")
+        wrong = [k for k in keys if not isinstance(record[k], str)]
+        if wrong:
+            raise _layout_error(path, f"{label}: {wrong[0]} is {record[wrong[0]]!r}, not a string")
         image = _find_image(root, record[keys[0]])
         if image is None:
             result.skipped += 1
             continue
         box = None
         if all(k in record for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")):
-            x, y, w, h = (float(record[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+            try:
+                x, y, w, h = (float(record[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
+            except (TypeError, ValueError):
+                raise _layout_error(path, f"{label}: bbox_x/y/w/h must be numbers") from None
             box = (x, y, x + w, y + h)
         result.items.append((image, box, [record[keys[1]], record[keys[2]]]))
     if not result.items:
@@ -155,18 +167,19 @@ def load_pair_set(path: str) -> PairSet:
     """Read a Winoground-style JSONL of image pairs; pairs with a missing image are skipped."""
     root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
     result = PairSet(name, path, [])
-    with open(path) as f:
-        lines = [line for line in f if line.strip()]
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
     if not lines:
         raise ValueError(f"{path}: the set is empty; it needs at least one line")
-    for number, line in enumerate(lines, 1):
+    for number, line in lines:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             record = None
-        if not isinstance(record, dict) or any(k not in record for k in PAIR_KEYS):
-            raise ValueError(f"{path}:{number}: expected one JSON object per line with keys "
-                             f"{', '.join(PAIR_KEYS)} (Winoground layout)")
+        if not isinstance(record, dict) or any(not isinstance(record.get(k), str) for k in PAIR_KEYS):
+            raise ValueError(f"{path}:{number}: expected one JSON object per line with string "
+                             f"values for {', '.join(PAIR_KEYS)} (Winoground layout); got "
+                             f"{line.strip()[:120]}")
         images = [_find_image(root, record[k]) or _find_image(root, record[k] + ".png")
                   for k in ("image_0", "image_1")]
         if None in images:
@@ -207,6 +220,49 @@ def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
     return choice, pairs
 
 
+def check_compositional_sets(root: str) -> dict[str, dict[str, int]]:
+    """Validate an evaluation folder fully, before any training: `--hn-eval-compositional`.
+
+    Reads every set the in-loop evaluation reads (layouts: a malformed file or record raises
+    ValueError naming the file and the item) and decodes every image once. Returns
+    {set: {"items": usable, "missing": ..., "unreadable": ...}}; missing or unreadable images
+    are skipped by the evaluation, so they are logged here as one counted warning per set, and
+    a set left with no usable item raises (its scores would be meaningless).
+    """
+    choice_sets, pair_sets = discover_sets(root)
+    retrieval_dir = os.path.join(root, "retrieval")
+    retrieval = load_retrieval_set(retrieval_dir) if os.path.isdir(retrieval_dir) else None
+    readable: dict[str, bool] = {}
+
+    def ok(path: str) -> bool:
+        if path not in readable:
+            try:
+                with Image.open(path) as image:
+                    image.load()
+                readable[path] = True
+            except IMAGE_ERRORS:
+                readable[path] = False
+        return readable[path]
+
+    groups = [(s.name, s.path, [[p] for p, _, _ in s.items], s.skipped) for s in choice_sets]
+    groups += [(s.name, s.path, [[i0, i1] for i0, i1, *_ in s.items], s.skipped) for s in pair_sets]
+    if retrieval:
+        groups.append(("retrieval", retrieval.path, [[p] for p, _ in retrieval.items], 0))
+    summary = {}
+    for name, path, items, missing in groups:
+        bad = [item for item in items if not all(ok(p) for p in item)]
+        summary[name] = {"items": len(items) - len(bad), "missing": missing, "unreadable": len(bad)}
+        if bad and len(bad) == len(items):
+            raise ValueError(f"{path}: none of its {len(items)} images can be decoded (e.g. "
+                             f"{bad[0][0]}); fix or replace the images")
+        if missing or bad:
+            first = next(p for p in bad[0] if not ok(p)) if bad else None
+            logging.warning(f"eval set {path}: {missing} item(s) with a missing image"
+                            + (f", {len(bad)} with an unreadable one (e.g. {first})" if bad else "")
+                            + f" will be skipped; {len(items) - len(bad)} usable")
+    return summary
+
+
 # ----------------------------------------------------------------------------- encoding
 
 def _load_image(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image:
@@ -231,18 +287,31 @@ def _encode_batches(count: int, batch_size: int, make_batch: Callable[[int, int]
     return torch.cat(out)
 
 
+def _image_or_blank(entry: tuple, index: int, unreadable: dict[int, str] | None) -> Image.Image:
+    """The image of (path, box); a file PIL cannot read becomes a blank image and is recorded in
+    `unreadable` (index -> path), so the caller drops its item like one with a missing image."""
+    if unreadable is None:
+        return _load_image(*entry)
+    try:
+        return _load_image(*entry)
+    except IMAGE_ERRORS:
+        unreadable[index] = entry[0]
+        return Image.new("RGB", (32, 32))
+
+
 def encode_images(model: torch.nn.Module, preprocess: Callable, images: Sequence[tuple],
                   device: torch.device | str, batch_size: int, autocast: Callable[[], ContextManager],
-                  progress: Callable | None = None, input_dtype: torch.dtype | None = None
-                  ) -> torch.Tensor:
+                  progress: Callable | None = None, input_dtype: torch.dtype | None = None,
+                  unreadable: dict[int, str] | None = None) -> torch.Tensor:
     """L2-normalised image features [N, D] (fp32) of (path, box) entries, in batches.
 
     `input_dtype` casts the images like OpenCLIP's own evaluation (`get_input_dtype`), which
-    models trained with pure_bf16 / fp16 precision need.
+    models trained with pure_bf16 / fp16 precision need. With `unreadable` (a dict), a
+    corrupt image does not raise: its index and path are added and its row is meaningless.
     """
     def make_batch(start: int, stop: int) -> torch.Tensor:
-        return torch.stack([preprocess(_load_image(*entry))
-                            for entry in images[start:stop]]).to(device, input_dtype)
+        return torch.stack([preprocess(_image_or_blank(images[i], i, unreadable))
+                            for i in range(start, stop)]).to(device, input_dtype)
 
     return _encode_batches(len(images), batch_size, make_batch, model.encode_image, autocast,
                            progress)
@@ -265,7 +334,8 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
                   batch_size: int = 256, autocast: Callable[[], ContextManager] | None = None,
                   show_progress: bool = False, input_dtype: torch.dtype | None = None
                   ) -> dict[str, dict[str, float]]:
-    """{set name: {metric: value, "n": items, "skipped": missing images}} for loaded sets."""
+    """{set name: {metric: value, "n": items scored, "skipped": items with a missing or
+    unreadable image}} for loaded sets. A corrupt image is skipped and counted, never raised."""
     from tqdm import tqdm
 
     autocast = autocast or contextlib.nullcontext
@@ -278,38 +348,55 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
     bar = tqdm(total=total, desc="eval", unit="enc", disable=not show_progress)
     encode = dict(device=device, batch_size=batch_size, autocast=autocast, progress=bar.update)
     results: dict[str, dict[str, float]] = {}
+    unreadable: dict[str, dict[int, str]] = {}
     try:
         for s in choice_sets:
+            bad = unreadable.setdefault(s.name, {})
             images = encode_images(model, preprocess, [(p, b) for p, b, _ in s.items],
-                                   input_dtype=input_dtype, **encode)
+                                   input_dtype=input_dtype, unreadable=bad, **encode)
             options = len(s.items[0][2])
             texts = encode_texts(model, tokenizer, [c for *_, caps in s.items for c in caps],
                                  **encode).view(len(s.items), options, -1)
-            accuracy = choice_correct(images, texts).float().mean().item()
-            results[s.name] = {"acc": accuracy, "n": len(s.items), "skipped": s.skipped}
+            keep = _kept(len(s.items), bad, per_item=1)
+            accuracy = choice_correct(images[keep], texts[keep]).float().mean().item()
+            results[s.name] = {"acc": accuracy, "n": len(keep), "skipped": s.skipped + len(bad)}
         for s in pair_sets:
+            bad = unreadable.setdefault(s.name, {})
             images = encode_images(model, preprocess,
                                    [(p, None) for i0, i1, *_ in s.items for p in (i0, i1)],
-                                   input_dtype=input_dtype,
+                                   input_dtype=input_dtype, unreadable=bad,
                                    **encode).view(len(s.items), 2, -1)
             texts = encode_texts(model, tokenizer, [c for *_, c0, c1 in s.items for c in (c0, c1)],
                                  **encode).view(len(s.items), 2, -1)
-            scores = torch.einsum("nid,njd->nij", texts, images)
-            results[s.name] = {**pair_scores(scores), "n": len(s.items), "skipped": s.skipped}
+            keep = _kept(len(s.items), bad, per_item=2)
+            scores = torch.einsum("nid,njd->nij", texts[keep], images[keep])
+            results[s.name] = {**pair_scores(scores), "n": len(keep),
+                               "skipped": s.skipped + len(s.items) - len(keep)}
         if retrieval:
+            bad = unreadable.setdefault("retrieval", {})
             images = encode_images(model, preprocess, [(p, None) for p, _ in retrieval.items],
-                                   input_dtype=input_dtype, **encode)
+                                   input_dtype=input_dtype, unreadable=bad, **encode)
             texts = encode_texts(model, tokenizer, [c for _, c in retrieval.items], **encode)
-            results["retrieval"] = {**retrieval_recall(images, texts), "n": len(retrieval.items),
-                                    "skipped": 0}
+            keep = _kept(len(retrieval.items), bad, per_item=1)
+            results["retrieval"] = {**retrieval_recall(images[keep], texts[keep]), "n": len(keep),
+                                    "skipped": len(bad)}
     finally:
         bar.close()
         model.train(was_training)
     for name, metrics in results.items():
         if metrics["skipped"]:
+            bad = unreadable.get(name, {})
+            detail = (f"; {len(bad)} unreadable image(s), e.g. {next(iter(bad.values()))}"
+                      if bad else "")
             logging.warning(f"eval: {name}: skipped {metrics['skipped']} item(s) with a missing "
-                            f"image; scored {metrics['n']}")
+                            f"or unreadable image{detail}; scored {metrics['n']}")
     return results
+
+
+def _kept(count: int, unreadable: dict[int, str], per_item: int) -> list[int]:
+    """Items (of `count`, each with `per_item` images in order) whose images all loaded."""
+    dropped = {index // per_item for index in unreadable}
+    return [i for i in range(count) if i not in dropped]
 
 
 def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -357,6 +444,12 @@ def log_metrics(metrics: dict[str, float], epoch: int, *, results_dir: str | Non
         wandb.log({f"val/{name}": value for name, value in metrics.items()} | {"epoch": epoch})
 
 
+def _unloadable(path: str, err: BaseException) -> ValueError:
+    return ValueError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: "
+                      f"{str(err)[:300]}); is it complete (not cut by an interrupted write) and "
+                      "an OpenCLIP checkpoint?")
+
+
 def load_model(name: str, pretrained: str | None, device: torch.device | str = "cpu",
                model_configs: Sequence[str] = ()):
     """(model, preprocess, tokenizer) for an OpenCLIP model name and checkpoint or pretrained tag.
@@ -370,6 +463,9 @@ def load_model(name: str, pretrained: str | None, device: torch.device | str = "
         if not os.path.isfile(config):
             raise FileNotFoundError(f"--model-config {config} does not exist")
         open_clip.add_model_config(config)
+    if name not in open_clip.list_models():
+        raise ValueError(f"--model {name!r} is not an OpenCLIP model (see open_clip.list_models(); "
+                         "pass --model-config for a custom one)")
     looks_like_path = os.path.sep in (pretrained or "") or (pretrained or "").endswith(
         (".pt", ".pth", ".bin", ".safetensors"))
     if looks_like_path and not os.path.isfile(pretrained):
@@ -381,7 +477,13 @@ def load_model(name: str, pretrained: str | None, device: torch.device | str = "
         if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
             raise ValueError(f"checkpoint {pretrained} does not fit model {name!r} (another "
                              f"architecture?); pass the --model it was trained with.\n{err}") from None
-        raise
+        if not looks_like_path:
+            raise
+        raise _unloadable(pretrained, err) from None
+    except Exception as err:  # a truncated or foreign file fails anywhere inside torch.load
+        if not looks_like_path:
+            raise
+        raise _unloadable(pretrained, err) from None
     model.eval()
     return model, preprocess, open_clip.get_tokenizer(name)
 
@@ -517,10 +619,18 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Evaluate even when a checkpoint's record (CHECKPOINT.json, written "
                              "by runs with --hn-* flags) names another --model; warn instead.")
     parser.add_argument("--plot", default=None, metavar="results.png", help="Bar plot output.")
-    parser.add_argument("--batch-size", type=int, default=256, help="Default: 256.")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="Default: 256.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="Default: cuda when available, else cpu.")
     args = parser.parse_args(argv)
+    try:
+        return _run(parser, args)
+    except (ValueError, OSError) as err:  # bad sets, checkpoints or paths: named in the message
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     if len(args.model) not in (1, len(args.pretrained)):
         parser.error(f"give one --model or one per --pretrained ({len(args.pretrained)})")
     if args.labels and len(args.labels) != len(args.pretrained):
@@ -538,6 +648,15 @@ def main(argv: list[str] | None = None) -> dict:
                          "--allow-model-mismatch to evaluate anyway)")
         logging.warning("eval: %s (evaluating anyway: --allow-model-mismatch)", problem)
 
+    if args.output and args.output == args.plot:
+        parser.error(f"--output and --plot name the same file {args.output}")
+    inputs = [*args.pretrained, *args.model_config]
+    for folder in (args.compositional, args.retrieval):
+        if folder and os.path.isdir(folder):
+            inputs += [os.path.join(folder, n) for n in os.listdir(folder)]
+    clash = overwritten_input([args.output, args.plot], inputs)
+    if clash:
+        parser.error(f"output {clash} is one of the inputs; write the results elsewhere")
     choice_sets, pair_sets = discover_sets(args.compositional)
     if args.table == "sugarcrepe" and not any(s.name in SUGARCREPE_SPLITS for s in choice_sets):
         parser.error(f"--table sugarcrepe: {args.compositional} has no SugarCrepe split; it needs "

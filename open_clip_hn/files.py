@@ -6,30 +6,102 @@ Plain Python (no torch), so the negatives CLI and loader workers can use it too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from typing import IO, Iterator
 
-TMP_PREFIX = ".tmp-"  # temp files beside their destination; a resumed writer may remove stale ones
+TMP_PREFIX = ".tmp-"  # temp files beside their destination: .tmp-<host>-<pid>-<random><name>
+_TMP_OWNER = re.compile(re.escape(TMP_PREFIX) + r"(?P<host>[^/]*?)-(?P<pid>\d+)-")
+IDENTITY_SPAN = 1 << 16  # bytes hashed at each end of a file by `content_identity`
+
+
+def _temp_prefix() -> str:
+    """Names the writing process, so a cleanup can tell a killed writer's temp from a live one's."""
+    return f"{TMP_PREFIX}{socket.gethostname().replace('-', '_')}-{os.getpid()}-"
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None
                 ) -> Iterator[IO]:
-    """Open a temp file beside `path`; on success it replaces `path`, on error it is removed."""
+    """Open a temp file beside `path`; on success it is synced to disk and replaces `path`, on
+    error it is removed. A kill at any moment leaves the old file (or none), never a part."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=TMP_PREFIX, suffix=os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_temp_prefix(), suffix=os.path.basename(path))
     try:
         with os.fdopen(fd, mode, encoding=encoding) as handle:
             yield handle
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename must not land before the data
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared
         os.replace(tmp, path)
+        _fsync_folder(folder)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in `folder` durable (a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network file systems refuse fsync on folders; the rename still happened
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+    """Remove the temp files in `folder` left by killed writers on this host; return their names.
+
+    Temps of live processes (another job writing into the same folder) and of other hosts
+    (whose processes cannot be checked from here) are kept.
+    """
+    removed = []
+    host = socket.gethostname().replace("-", "_")
+    for name in os.listdir(folder):
+        owner = _TMP_OWNER.match(name)
+        if owner is None or owner["host"] != host or _alive(int(owner["pid"])):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def content_identity(path: str | os.PathLike) -> dict[str, object]:
+    """What a data file is, cheaply: its size and a SHA-256 of its first and last 64 KiB.
+
+    Unlike (name, size, mtime) it survives copies and catches a regenerated or re-encoded
+    file of the same size; reading only the ends keeps it fast on multi-GB shards.
+    """
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as handle:
+        digest.update(handle.read(IDENTITY_SPAN))
+        if size > IDENTITY_SPAN:
+            handle.seek(max(IDENTITY_SPAN, size - IDENTITY_SPAN))
+            digest.update(handle.read())
+    return {"size": size, "sha256_ends": digest.hexdigest()}
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

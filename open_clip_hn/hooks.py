@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import json
 import logging
 import os
@@ -43,10 +44,9 @@ from . import provenance
 from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
-from .negatives.shards import shard_has_negatives
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, STATE_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
-                         latest_checkpoint, prune_step_checkpoints, save_checkpoint, shifted_scheduler)
+                         prune_step_checkpoints, shifted_scheduler)
 from .recipes import expand_recipe, recipe_path
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
 
@@ -125,6 +125,12 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError("--horovod: use torch.distributed (the default) with hard negatives")
     if "coca" in args.model.lower():
         raise ValueError(f"--model {args.model}: CoCa's captioning loss is not supported with --hn-*")
+    if config.eval_compositional and not os.path.isdir(config.eval_compositional):
+        raise ValueError(f"--hn-eval-compositional {config.eval_compositional}: no such folder; pass "
+                         "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
+    if config.image_neighbors and not os.path.isdir(config.image_neighbors):
+        raise ValueError(f"--hn-image-neighbors {config.image_neighbors}: no such folder; build it "
+                         "with `python -m open_clip_hn.neighbors build`")
     if config.vocabulary not in (None, TRAIN_DATA_VOCABULARY) and not os.path.isfile(config.vocabulary):
         raise ValueError(f"--hn-vocabulary {config.vocabulary}: file not found; pass a word list "
                          f"(`python -m open_clip_hn.negatives vocabulary` writes one) or "
@@ -224,13 +230,12 @@ def _check_precomputed_shards(args: argparse.Namespace) -> None:
     if not (args.dataset_type == "webdataset" or data.endswith(".tar") or "::" in data):
         raise ValueError(f"--hn-negatives precomputed needs webdataset shards, got --train-data "
                          f"{data!r} (--dataset-type {args.dataset_type})")
-    shards, _ = oc_data.expand_urls(data)
-    first = shards[0]
-    if os.path.isfile(first) and not shard_has_negatives(first):
-        raise ValueError(
-            f"--hn-negatives precomputed: shard {first} has no neg.json members; write them with "
-            f"`python -m open_clip_hn.negatives precompute --shards '{data}' --output-dir DIR` "
-            "and train on DIR, or use --hn-negatives online")
+    from .negatives.manifest import check_precomputed_shards
+
+    try:
+        check_precomputed_shards(oc_data.expand_urls(data)[0])  # every local shard, not the first
+    except ValueError as err:
+        raise ValueError(f"--hn-negatives precomputed: {err}") from None
 
 
 def _train_captions(args: argparse.Namespace) -> TrainCaptions:
@@ -248,12 +253,20 @@ def train_tokenizer(run: HardNegativeRun, tokenizer, args: argparse.Namespace) -
     return run.train_tokenizer(tokenizer, _train_captions(args) if needs_captions else None)
 
 
+def _fold_precomputed_after(stage, handler, samples):
+    """`stage`, then the precomputed-negatives fold for the samples it brought in (a no-op for
+    samples already folded: their neg.json member is gone)."""
+    return samples_with_precomputed_negatives(stage(samples), handler)
+
+
 def _add_image_neighbors(loader, config: HNConfig, args: argparse.Namespace) -> None:
     """Make each train batch hold samples together with their image neighbours (NegCLIP)."""
     from .neighbors import insert_before_decode, neighbor_stage
 
     stage = neighbor_stage(config.image_neighbors, config.image_neighbors_per_sample,
                            args.batch_size, shards=oc_data.expand_urls(args.train_data)[0])
+    if config.negatives == "precomputed":  # neighbours are read past the stage that folds neg.json
+        stage = functools.partial(_fold_precomputed_after, stage, oc_data.log_and_continue)
     insert_before_decode(loader, stage)
     logging.info("Hard image negatives: each sample is followed by %d of its neighbours from %s",
                  config.image_neighbors_per_sample, config.image_neighbors)
@@ -262,6 +275,8 @@ def _add_image_neighbors(loader, config: HNConfig, args: argparse.Namespace) -> 
 def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get):
     """OpenCLIP's `get_data`, with the train split tokenized together with its hard negatives."""
     config = run.config
+    if config.eval_compositional and is_master(args):
+        run.check_evaluation_sets()  # every set and image read once, before the first step
     if not config.packs_texts:
         data = get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     else:
@@ -347,19 +362,35 @@ class _AtomicSaveTorch:
     def __getattr__(self, name: str):
         return getattr(torch, name)
 
-    @staticmethod
-    def save(obj, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and not args and not kwargs:
-            return save_checkpoint(os.fspath(f), obj)
-        return torch.save(obj, f, *args, **kwargs)
+    save = staticmethod(hn_state.atomic_torch_save)
 
 
 def get_latest_checkpoint(path: str, remote: bool):
-    """OpenCLIP's `--resume latest` pick, skipping unreadable files (interrupted writes) and
-    knowing step checkpoints (epoch_E_step_S.pt sorts inside epoch E)."""
+    """OpenCLIP's `--resume latest` pick, skipping unreadable files (interrupted writes) and,
+    with the plugin on, checkpoints whose plugin state is damaged; step checkpoints
+    (epoch_E_step_S.pt) sort inside epoch E."""
     if remote:
         return _ORIGINALS["get_latest_checkpoint"](path, remote)
-    return latest_checkpoint(path)
+    found = hn_state.latest_good_checkpoint(path, with_state=_PLUGIN.run is not None)
+    return None if found is None else found[0]
+
+
+def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint) -> None:
+    """A resume: the run picks up its state; without `--hn-*` flags a checkpoint that has plugin
+    state is refused (continuing it as plain OpenCLIP would drop bank, thresholds and curriculum
+    without a word)."""
+    if run is not None:
+        run.checkpoint_loaded(path, checkpoint)
+        return
+    if isinstance(checkpoint, dict) and "epoch" in checkpoint:
+        states = hn_state.state_files_beside(path, checkpoint["epoch"])
+        if STATE_KEY in checkpoint:
+            states.insert(0, path)
+        if states:
+            raise hn_state.StateError(
+                f"--resume {path}: this checkpoint was trained with open_clip_hn (plugin state in "
+                f"{states[0]}), but no --hn-* flag is given; pass the run's --hn-* flags (or its "
+                "--hn-config), or --hn-drop-state to continue without the plugin state")
 
 
 # ---------------------------------------------------------------------------- the plugin
@@ -392,8 +423,7 @@ class Plugin:
             self.run.model_created(model, preprocess_val)
 
     def checkpoint_loaded(self, path: str, checkpoint, args) -> None:
-        if self.run is not None:
-            self.run.checkpoint_loaded(path, checkpoint)
+        _checkpoint_loaded(self.run, path, checkpoint)
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None, *, get_data):
         if self.run is None:
@@ -422,17 +452,24 @@ class Plugin:
         if run is None:
             return
         completed = epoch + 1
+        run.epoch_trained(completed)
         if args.save_logs:
             run.save_state(args.checkpoint_path, completed, epoch_checkpoints(
                 completed, args.epochs, args.save_frequency, args.save_most_recent,
                 oc_main.LATEST_CHECKPOINT_NAME), provenance.record_for_args(args))
         if run.evaluation_due(completed) and is_master(args):
             device_type = torch.device(args.device).type
-            metrics = run.evaluate(model, device=args.device, batch_size=args.batch_size,
-                                   autocast=get_autocast(args.precision, device_type=device_type),
-                                   input_dtype=open_clip.get_input_dtype(args.precision))
-            log_metrics(metrics, completed, results_dir=args.checkpoint_path if args.save_logs else None,
-                        tb_writer=tb_writer, use_wandb=bool(args.wandb))
+            try:
+                metrics = run.evaluate(model, device=args.device, batch_size=args.batch_size,
+                                       autocast=get_autocast(args.precision, device_type=device_type),
+                                       input_dtype=open_clip.get_input_dtype(args.precision))
+            except Exception:  # never lose the epoch: OpenCLIP's checkpoint comes after this hook
+                logging.exception("--hn-eval-compositional failed after epoch %d; training goes on "
+                                  "and the epoch's checkpoint is written", completed)
+            else:
+                log_metrics(metrics, completed,
+                            results_dir=args.checkpoint_path if args.save_logs else None,
+                            tb_writer=tb_writer, use_wandb=bool(args.wandb))
 
 
 _PLUGIN = Plugin()  # the plugin object of the monkeypatched route (install() below)
@@ -454,8 +491,7 @@ def create_model_and_transforms(*args, **kwargs):
 
 def pt_load(file_path, map_location=None):
     checkpoint = _ORIGINALS["pt_load"](file_path, map_location=map_location)
-    if _PLUGIN.run is not None:
-        _PLUGIN.run.checkpoint_loaded(file_path, checkpoint)
+    _checkpoint_loaded(_PLUGIN.run, file_path, checkpoint)
     return checkpoint
 
 

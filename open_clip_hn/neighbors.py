@@ -13,12 +13,14 @@ look-alike images while the order of the groups stays webdataset's shuffle.
 Output directory:
   build.json                 model the embeddings come from (a resumed build must match it), or
                              for `write_given` the description of the given neighbours
-  catalog/<shard>.json       per shard: size, sample keys, member offsets (written per shard)
+  catalog/<shard>.json       per shard: identity (size and a digest of its ends: content, not
+                             name), sample keys, member offsets (written per shard)
   embeddings/<shard>.npy     per shard: L2-normalised image embeddings, float16 (`build` only)
   neighbors.npy, similarities.npy   [N, k] global sample ids (-1 = none, at the end of a row) and
                              cosine similarities (`write_given`: 1 for a neighbour, 0 for none)
-  index.json                 manifest: shards (name, size, count) in id order, k, index type;
-                             written last, so its presence means the index is complete
+  index.json                 manifest: shards (name, identity, count) in id order, k, index
+                             type; written last, so its presence means the index is complete.
+                             Training refuses shards whose content differs from the identity.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .files import atomic_write_bytes, atomic_write_json, expand_shards
+from .argtypes import non_negative_int, positive_int
+from .eval import IMAGE_ERRORS, load_model
+from .files import atomic_write_bytes, atomic_write_json, content_identity, expand_shards
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
 MANIFEST = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards identified by content (files.content_identity), not by size
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key.ext split
 
 
@@ -80,11 +84,16 @@ def scan_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     """Samples of one tar in stream order: (key, {ext: (byte offset, size)}) for those that
     have a caption and an image, the ones OpenCLIP's pipeline keeps."""
     samples: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            match = _MEMBER.match(member.name) if member.isfile() else None
-            if match:
-                samples.setdefault(match.group(1), {})[match.group(2)] = (member.offset_data, member.size)
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                match = _MEMBER.match(member.name) if member.isfile() else None
+                if match:
+                    samples.setdefault(match.group(1), {})[match.group(2)] = (member.offset_data,
+                                                                             member.size)
+    except (tarfile.TarError, EOFError) as err:
+        raise ValueError(f"shard {path} cannot be read as an uncompressed tar ({err}); is it "
+                         "damaged, or not a webdataset shard?") from None
     return [(key, members) for key, members in samples.items()
             if "txt" in members and any(ext in members for ext in IMAGE_EXTS)]
 
@@ -169,7 +178,9 @@ def _rerank(x: np.ndarray, queries: np.ndarray, candidates: np.ndarray) -> tuple
 
 
 class _ShardImages(torch.utils.data.IterableDataset):
-    """Iterable dataset: each worker decodes whole shards and yields (shard, images, last)."""
+    """Iterable dataset: each worker decodes whole shards and yields (shard, images, last);
+    an image that cannot be decoded yields (shard, message, True) instead, so the main process
+    raises one clean error naming the shard and sample (not a worker's traceback)."""
 
     def __init__(self, paths: list[str], catalogs: list[list], preprocess: Callable, batch_size: int):
         self.paths, self.catalogs = paths, catalogs
@@ -188,10 +199,16 @@ class _ShardImages(torch.utils.data.IterableDataset):
             with open(self.paths[shard], "rb") as handle:
                 for start in range(0, len(samples), self.batch_size):
                     images = []
-                    for _, members in samples[start:start + self.batch_size]:
+                    for key, members in samples[start:start + self.batch_size]:
                         offset, size = members[next(e for e in IMAGE_EXTS if e in members)]
                         handle.seek(offset)
-                        image = Image.open(io.BytesIO(handle.read(size))).convert("RGB")
+                        try:
+                            image = Image.open(io.BytesIO(handle.read(size))).convert("RGB")
+                        except IMAGE_ERRORS as err:
+                            yield shard, (f"shard {self.paths[shard]}: the image of sample {key} "
+                                          f"cannot be decoded ({err}); fix or drop the sample "
+                                          "(its shard is damaged)"), True
+                            return
                         images.append(self.preprocess(image))
                     yield shard, torch.stack(images), start + self.batch_size >= len(samples)
 
@@ -211,13 +228,11 @@ def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
 
 
 def _load_model(model_name: str, pretrained: str | None, model_config: str | None, device: str):
-    import open_clip
-
-    if model_config:
-        open_clip.add_model_config(model_config)
-    model, _, preprocess = open_clip.create_model_and_transforms(
-        model_name, pretrained=pretrained, device=device)
-    return model.eval(), preprocess
+    """The image encoder and its preprocessing; bad names and unloadable checkpoints are
+    ValueErrors naming them (the evaluation's loader)."""
+    model, preprocess, _ = load_model(model_name, pretrained, device,
+                                      [model_config] if model_config else [])
+    return model, preprocess
 
 
 def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, preprocess,
@@ -236,6 +251,8 @@ def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, p
         torch.autocast("cpu", enabled=False)
     with tqdm(total=total, desc="embedding images", unit="img") as bar, torch.inference_mode(), autocast:
         for local, images, last in loader:
+            if isinstance(images, str):
+                raise ValueError(images)
             if len(images):
                 features = model.encode_image(images.to(device), normalize=True).float().cpu().numpy()
                 parts.setdefault(local, []).append(features)
@@ -250,18 +267,19 @@ def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, p
 
 def _catalog_shards(paths: list[str], output: str) -> list[list[tuple[str, dict]]]:
     """Each shard's (key, members) in stream order, cached in `output/catalog` per shard; a shard
-    whose size changed is scanned again and its stale embeddings are dropped."""
+    whose content changed (its identity differs) is scanned again and its stale embeddings are
+    dropped."""
     from tqdm import tqdm
 
     os.makedirs(os.path.join(output, "catalog"), exist_ok=True)
     catalogs = []
     for path in tqdm(paths, desc="scanning shards", unit="shard"):
-        name, size = os.path.basename(path), os.path.getsize(path)
+        name, identity = os.path.basename(path), content_identity(path)
         catalog_path = os.path.join(output, "catalog", name + ".json")
         stored = _read_json(catalog_path) if os.path.exists(catalog_path) else None
-        if stored is None or stored["size"] != size:
+        if stored is None or stored.get("identity") != identity:
             samples = scan_shard(path)
-            stored = {"name": name, "size": size, "keys": [key for key, _ in samples],
+            stored = {"name": name, "identity": identity, "keys": [key for key, _ in samples],
                       "members": [members for _, members in samples]}
             embedding = os.path.join(output, "embeddings", name + ".npy")
             if os.path.exists(embedding):
@@ -274,6 +292,8 @@ def _catalog_shards(paths: list[str], output: str) -> list[list[tuple[str, dict]
 def _start(shards: str, output: str, identity: dict[str, Any]) -> tuple[list[str], list[list]]:
     """Expand the shards, check the output's identity, catalogue the shards."""
     paths = local_shards(shards)
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise ValueError(f"--output {output} is a file, not an index folder; pass a new folder")
     os.makedirs(output, exist_ok=True)
     _check_build_identity(output, identity)
     return paths, _catalog_shards(paths, output)
@@ -294,7 +314,8 @@ def _write_index(output: str, paths: list[str], catalogs: list[list], ids: np.nd
         "version": FORMAT_VERSION, "k": int(ids.shape[1]), "index": description,
         "num_samples": int(len(ids)), **identity,
         "shards": [{"name": os.path.basename(p), "path": os.path.abspath(p),
-                    "size": os.path.getsize(p), "num_samples": len(c)} for p, c in zip(paths, catalogs)],
+                    "identity": content_identity(p), "num_samples": len(c)}
+                   for p, c in zip(paths, catalogs)],
     }
     manifest_path = os.path.join(output, MANIFEST)
     atomic_write_json(manifest_path, manifest)
@@ -309,10 +330,13 @@ def build(shards: str, model_name: str, output: str, pretrained: str | None = No
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     identity = {"model": model_name, "pretrained": pretrained,
                 "model_config": os.path.basename(model_config) if model_config else None}
-    os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
     paths, catalogs = _start(shards, output, identity)
+    os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
     _mark_unfinished(output)
     model, preprocess = _load_model(model_name, pretrained, model_config, device)
+    if not any(catalogs):
+        raise ValueError(f"--shards {shards}: none of the {len(paths)} shard(s) holds a sample "
+                         f"with an image ({'/'.join(IMAGE_EXTS)}) and a .txt caption")
     _embed_pending(paths, catalogs, output, model, preprocess, device, batch_size, workers)
 
     embeddings = np.concatenate([
@@ -381,7 +405,7 @@ class _Shard:
 class NeighborIndex:
     """A built index: maps (shard, key) to a global id, gives neighbours, fetches samples."""
 
-    def __init__(self, index_dir: str, shards: list[str] | None = None):
+    def __init__(self, index_dir: str, shards: list[str] | None = None, check: bool = True):
         manifest_path = os.path.join(index_dir, MANIFEST)
         if not os.path.exists(manifest_path):
             raise ValueError(f"--hn-image-neighbors {index_dir}: no {MANIFEST} (the build did not "
@@ -389,12 +413,18 @@ class NeighborIndex:
                              f"{index_dir}` again, it resumes (or `neighbors.write_given` for an "
                              "index of given neighbours)")
         manifest = _read_json(manifest_path)
+        if manifest.get("version") != FORMAT_VERSION:
+            raise ValueError(f"--hn-image-neighbors {index_dir}: index format "
+                             f"{manifest.get('version')} identifies shards by name and size only "
+                             f"(this version needs {FORMAT_VERSION}: by content); rebuild it with "
+                             f"`python -m open_clip_hn.neighbors build ... --output {index_dir}`")
         self.index_dir = index_dir
         self.k = manifest["k"]
         built = {s["name"]: s for s in manifest["shards"]}
         paths = {s["name"]: s["path"] for s in manifest["shards"]}
         if shards is not None:
-            _check_same_shards(index_dir, built, shards)
+            if check:
+                _check_same_shards(index_dir, built, shards)
             paths.update({os.path.basename(p): p for p in shards})
         self._shards: list[_Shard] = []
         first = 0
@@ -434,12 +464,14 @@ class NeighborIndex:
 
 
 def _check_same_shards(index_dir: str, built: dict[str, dict], shards: list[str]) -> None:
-    """Refuse an index built for other shards: names must match, and sizes for local files."""
+    """Refuse an index built for other shards: names must match, and for local files the
+    content (size and digest of the ends), so a regenerated shard of the same name and size
+    cannot pair samples with another image's neighbours."""
     names = {os.path.basename(p): p for p in shards}
     missing = sorted(set(names) - set(built))
     extra = sorted(set(built) - set(names))
     changed = sorted(n for n, p in names.items()
-                     if n in built and os.path.isfile(p) and os.path.getsize(p) != built[n]["size"])
+                     if n in built and os.path.isfile(p) and content_identity(p) != built[n]["identity"])
     if missing or extra or changed:
         detail = "; ".join(part for part in (
             f"not in the index: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "",
@@ -475,8 +507,8 @@ class NeighborStage:
 
     @property
     def index(self) -> NeighborIndex:
-        if self._index is None:
-            self._index = NeighborIndex(self.index_dir, self.shards)
+        if self._index is None:  # in a loader worker: the main process checked the shards
+            self._index = NeighborIndex(self.index_dir, self.shards, check=False)
         return self._index
 
     def __call__(self, samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -545,14 +577,16 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--pretrained", default=None,
                    help="Pretrained tag or checkpoint path (e.g. openai, or logs/run/checkpoints/epoch_5.pt).")
     b.add_argument("--output", required=True, help="Index directory (resumes when it exists).")
-    b.add_argument("--k", type=int, default=8, help="Neighbours kept per image. Default: 8.")
-    b.add_argument("--batch-size", type=int, default=256, help="Images per forward. Default: 256.")
-    b.add_argument("--workers", type=int, default=4, help="Image decoding processes. Default: 4.")
+    b.add_argument("--k", type=positive_int, default=8, help="Neighbours kept per image. Default: 8.")
+    b.add_argument("--batch-size", type=positive_int, default=256,
+                   help="Images per forward. Default: 256.")
+    b.add_argument("--workers", type=non_negative_int, default=4,
+                   help="Image decoding processes. Default: 4.")
     b.add_argument("--device", default=None, help="Torch device. Default: cuda when available, else cpu.")
-    b.add_argument("--exact-max", type=int, default=1_000_000,
+    b.add_argument("--exact-max", type=positive_int, default=1_000_000,
                    help="Largest N searched exactly (IndexFlatIP); IVF-PQ beyond. Default: 1000000.")
-    b.add_argument("--nlist", type=int, default=None, help="IVF lists. Default: ~4*sqrt(N), a power of 2.")
-    b.add_argument("--nprobe", type=int, default=32, help="IVF lists visited per query. Default: 32.")
+    b.add_argument("--nlist", type=positive_int, default=None, help="IVF lists. Default: ~4*sqrt(N), a power of 2.")
+    b.add_argument("--nprobe", type=positive_int, default=32, help="IVF lists visited per query. Default: 32.")
     return parser
 
 
@@ -563,7 +597,7 @@ def main(argv: list[str] | None = None) -> None:
                          model_config=args.model_config, k=args.k, batch_size=args.batch_size,
                          workers=args.workers, device=args.device, exact_max=args.exact_max,
                          nlist=args.nlist, nprobe=args.nprobe)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # bad shards, output or model: named in the message
         sys.exit(f"error: {err}")
     print(f"wrote {manifest}")
 

@@ -49,6 +49,7 @@ class HardNegativeLoss(torch.nn.Module):
         self.total_steps = total_steps
         self.start_step = start_step
         self.grad_calls = 0
+        self.negative_counts = torch.zeros(2, dtype=torch.long)  # [slots, valid] since last taken
         fixed = config.fixed_rank_threshold
         self.thresholds = RankThresholds("fixed" if fixed is not None else config.rank_threshold, fixed)
         self.bank = MemoryBank(config.memory_bank_size, config.memory_bank_fp16) \
@@ -192,9 +193,18 @@ class HardNegativeLoss(torch.nn.Module):
             self.grad_calls += 1
         return {**losses, **stats}
 
+    def take_negative_counts(self) -> tuple[int, int]:
+        """(negative slots, valid negatives) seen by optimizer steps since the last call."""
+        slots, valid = (int(v) for v in self.negative_counts.tolist())
+        self.negative_counts.zero_()
+        return slots, valid
+
     @torch.no_grad()
     def _end_of_step(self, b: TermBatch) -> None:
         """Once per optimizer step (last micro-batch call): fold the global batch into the state."""
+        self.negative_counts = self.negative_counts.to(b.all_mask.device)  # no host sync per step
+        self.negative_counts[0] += b.all_mask.numel()
+        self.negative_counts[1] += b.all_mask.sum()
         if any(t.name == "rank" for t in self.terms) and b.all_mask.shape[1]:
             self.thresholds.update(L.rank_gaps(b.all_image, b.all_text, b.all_negatives), b.all_types, b.all_mask)
         if self.bank is not None:

@@ -32,6 +32,7 @@ negatives` folds them into it and `PackedNegativeTokenizer` unfolds them, both i
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Iterable, Iterator, Mapping
 
@@ -179,14 +180,28 @@ def unpack_texts(texts: torch.Tensor, num_negatives: int, mirror: bool = False
     )
 
 
+def _folded(text: Any) -> bool:
+    prefix = PRECOMPUTED_PREFIX.encode("utf-8") if isinstance(text, bytes) else PRECOMPUTED_PREFIX
+    return isinstance(text, (bytes, str)) and text.startswith(prefix)
+
+
 def samples_with_precomputed_negatives(samples: Iterable[dict], handler: Callable) -> Iterator[dict]:
     """Webdataset stage: fold each sample's `neg.json` into its caption (see module docstring).
 
-    A sample without a readable neg.json keeps its caption and gets all slots masked; the
-    failure is reported through webdataset's handler like any other corrupt member.
+    A sample without a readable neg.json keeps its caption and gets all slots masked, never
+    silently: an unreadable one goes through webdataset's handler like any corrupt member, and
+    missing ones are counted in a warning (at the 1st, 2nd, 4th, ... and every 10,000th) naming the shard.
+    Samples folded already (by an earlier instance of this stage) pass through unchanged.
     """
+    missing = 0
     for sample in samples:
         raw, text = sample.pop(NEGATIVES_EXTENSION, None), sample.get("txt")
+        if raw is None and text is not None and not _folded(text):
+            missing += 1
+            if missing & (missing - 1) == 0 or missing % 10_000 == 0:
+                logging.warning("--hn-negatives precomputed: %d sample(s) without a neg.json member "
+                                "so far (latest: %s in %s) train with masked slots; precompute "
+                                "those shards", missing, sample.get("__key__"), sample.get("__url__"))
         if raw is not None and text is not None:
             try:
                 caption = text.decode("utf-8") if isinstance(text, bytes) else str(text)

@@ -13,7 +13,7 @@ A step checkpoint is OpenCLIP's checkpoint (plain OpenCLIP loads its weights and
 with two more keys: `hn_position` (epoch, steps done, samples seen, the RNG states that fix the
 epoch's sample order and the next step's randomness) and `hn_state` (the plugin's state). Named
 `epoch_E_step_S.pt`, it sorts between `epoch_E.pt` and `epoch_{E+1}.pt` in OpenCLIP's natural order,
-so `--resume latest` picks the newest checkpoint, step or epoch. On resume the loader skips the
+so `--resume latest` (`state.latest_good_checkpoint`) picks the newest checkpoint, step or epoch. On resume the loader skips the
 batches already trained (resampled webdataset: it just draws the remaining ones), the LR schedule
 and the plugin's step clock continue at the step, and the rest of the run is unchanged.
 """
@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .files import atomic_open
+from .state import atomic_torch_save
 
 POSITION_KEY = "hn_position"
 STATE_KEY = "hn_state"
@@ -118,37 +118,6 @@ def progress_of(path: str) -> tuple[int, int] | None:
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """torch.save through a temp file and a rename: a kill leaves the old file or the new one."""
-    with atomic_open(path, "wb") as handle:
-        torch.save(checkpoint, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def readable_checkpoint(path: str) -> bool:
-    """A cheap completeness check: the zip directory at the end of a torch file is readable
-    (memory-mapped, so tensors are not read)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
-    except Exception:  # torch raises RuntimeError, EOFError, pickle and zip errors alike
-        return False
-    return isinstance(checkpoint, dict) and "state_dict" in checkpoint
-
-
-def latest_checkpoint(folder: str) -> str | None:
-    """The newest readable `epoch_N.pt` or `epoch_N_step_S.pt` under `folder` (OpenCLIP's natural
-    order; step checkpoints sort inside their epoch). Unreadable newer ones are skipped loudly."""
-    candidates = [p for p in glob.glob(os.path.join(folder, "**", "*.pt"), recursive=True)
-                  if progress_of(p) is not None]
-    for path in sorted(candidates, key=progress_of, reverse=True):
-        if readable_checkpoint(path):
-            return path
-        logging.warning("Skipping unreadable checkpoint %s (an interrupted write?); resuming from "
-                        "the one before it", path)
-    return None
 
 
 def prune_step_checkpoints(folder: str, keep: str | None = None, before_epoch: int | None = None) -> None:
@@ -320,7 +289,7 @@ class StepCheckpointer:
         if self.is_master:
             name = self.latest_name or step_checkpoint_name(position.epoch, position.step)
             path = os.path.join(self.folder, name)
-            save_checkpoint(path, self.build(position))
+            atomic_torch_save(self.build(position), path)
             if self.latest_name is None:
                 prune_step_checkpoints(self.folder, keep=path)
             logging.info("Saved step checkpoint %s (epoch %d, step %d of %d)", path, position.epoch,

@@ -153,6 +153,7 @@ class HardNegativeRun:
         if steps_per_epoch is not None:
             self.start_step = epoch * steps_per_epoch
             self.total_steps = steps_per_epoch * epochs
+            self._warn_if_no_hard_negative_step()
             position = self.resume_position
             if position is not None and position.epoch == epoch and position.step > 0:
                 if position.steps_per_epoch != steps_per_epoch:
@@ -162,6 +163,47 @@ class HardNegativeRun:
                         "size or --train-num-samples changed); keep them, or resume from an epoch "
                         "checkpoint with --resume PATH/epoch_N.pt")
                 self.start_step += position.step
+
+    def _warn_if_no_hard_negative_step(self) -> None:
+        from .curriculum import curriculum_value
+
+        c = self.config
+        if not (c.uses_text_negatives or c.mirror or c.memory_bank_size) or not self.total_steps:
+            return
+        last = self.total_steps - 1
+        share = curriculum_value(last, kind=c.curriculum, warmup=c.curriculum_warmup,
+                                 start=c.curriculum_start, end=c.curriculum_end,
+                                 total_steps=self.total_steps)
+        if c.curriculum_warmup >= self.total_steps or (share == 0 and c.curriculum_start == 0):
+            logging.warning("The curriculum leaves no step with hard negatives: --hn-curriculum-"
+                            "warmup %d of %d steps, start %g, end %g; lower the warmup or raise "
+                            "the share", c.curriculum_warmup, self.total_steps, c.curriculum_start,
+                            c.curriculum_end)
+
+    def check_evaluation_sets(self) -> None:
+        """Read every --hn-eval-compositional set and image once, before the first step, so a
+        broken set fails now and not after an epoch of training."""
+        from .eval import check_compositional_sets
+
+        try:
+            counts = check_compositional_sets(self.config.eval_compositional)
+        except ValueError as err:
+            raise ValueError(f"--hn-eval-compositional {self.config.eval_compositional}: {err}") from None
+        logging.info("--hn-eval-compositional: %d set(s) checked (%s)", len(counts),
+                     ", ".join(f"{name}: {c['items']} items" for name, c in counts.items()))
+
+    def epoch_trained(self, epoch: int) -> None:
+        """Warn loudly when an epoch's negatives were all masked slots (nothing generated)."""
+        loss = self.loss
+        if loss is None or not self.config.uses_text_negatives:
+            return
+        slots, valid = loss.take_negative_counts()
+        if slots and not valid:
+            logging.warning("Every hard-negative slot of epoch %d was masked: no caption yielded a "
+                            "negative of --hn-types %s (precomputed shards without neg.json, a "
+                            "vocabulary or plausibility filter that rejects everything, or captions "
+                            "the generator cannot parse); the run is training without them",
+                            epoch, ",".join(self.config.types))
 
     def position_for_epoch(self, epoch: int) -> EpochPosition | None:
         """The resumed step position if `epoch` is the one it was saved in (used once)."""
@@ -205,8 +247,12 @@ class HardNegativeRun:
 
     def checkpoint_loaded(self, path: str, checkpoint) -> None:
         """On a resume from `path`, pick up the plugin state: inside a step checkpoint, else
-        beside the checkpoint of its epoch."""
+        beside the checkpoint of its epoch (`StateError` names a damaged one)."""
         if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
+            return
+        if self.config.drop_state:
+            logging.warning("--hn-drop-state: resuming %s without its plugin state (bank, "
+                            "thresholds and curriculum position start fresh)", path)
             return
         position = EpochPosition.from_checkpoint(checkpoint, path)
         if position is not None:

@@ -3,12 +3,20 @@
 `epoch_N.pt` stays exactly OpenCLIP's format; the plugin's own state (memory bank, rank
 thresholds, curriculum step) goes to `epoch_N.pt.hn`. The suffix is not `.pt` on purpose:
 OpenCLIP's `--resume latest` picks the newest `*.pt` file, which must stay a model checkpoint.
+
+Every file here is written atomically (`atomic_torch_save`) and checked when read: a damaged,
+foreign or non-finite state is refused (`StateError`), and `latest_good_checkpoint` walks back
+from the newest checkpoint to the newest pair that loads.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import pickle
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +25,28 @@ from .files import atomic_open
 
 STATE_SUFFIX = ".hn"
 STATE_VERSION = 1
+BROKEN_SUFFIX = ".broken"
+EMBEDDED_STATE_KEY = "hn_state"  # a checkpoint that carries the plugin state inside (step checkpoints)
+_FIX = ("delete it (the run then resumes without the plugin state: bank, thresholds and "
+        "curriculum start over), or resume from the previous checkpoint (--resume "
+        "PATH/epoch_<N-1>.pt)")
+
+
+class StateError(ValueError):
+    """A plugin state file that cannot be used: the message names the file and what to do."""
+
+
+def atomic_torch_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+    """`torch.save` that never leaves a partial file under the final name (temp, fsync, rename).
+
+    Same signature as `torch.save`, so it can stand in for it where OpenCLIP writes
+    `epoch_N.pt`; a file-like `f` is written directly (there is no name to rename to).
+    """
+    if not isinstance(f, (str, os.PathLike)):
+        torch.save(obj, f, *args, **kwargs)
+        return
+    with atomic_open(f, "wb") as handle:
+        torch.save(obj, handle, *args, **kwargs)
 
 
 def state_path(checkpoint_dir: str, epoch: int) -> str:
@@ -31,8 +61,7 @@ def state_path(checkpoint_dir: str, epoch: int) -> str:
 def save_state(checkpoint_dir: str, epoch: int, state: dict[str, Any]) -> str:
     """Write the plugin state after `epoch` atomically (temp file + rename)."""
     path = state_path(checkpoint_dir, epoch)
-    with atomic_open(path, "wb") as f:
-        torch.save({"version": STATE_VERSION, "epoch": epoch, **state}, f)
+    atomic_torch_save({"version": STATE_VERSION, "epoch": epoch, **state}, path)
     return path
 
 
@@ -43,19 +72,67 @@ def add_epoch_start_rng(checkpoint_dir: str, epoch: int, rng_states: list) -> st
     path = state_path(checkpoint_dir, epoch)
     if not os.path.exists(path):
         return None
-    state = _read(path)
+    state = read_state(path)
     state["rng_epoch_start"] = rng_states
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
     return path
 
 
-def _read(path: str) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("version") != STATE_VERSION:
-        raise ValueError(f"{path}: plugin state version {state.get('version')!r} is not "
-                         f"{STATE_VERSION}; it was written by another open_clip_hn version")
+def non_finite(value: Any, where: str = "") -> str | None:
+    """Where the first NaN/inf of a nested state (dicts, lists, tensors, floats) is, or None."""
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            bad = ~torch.isfinite(value)
+            if bad.any():
+                return f"{where or 'value'} ({int(bad.sum())} of {value.numel()} values)"
+        return None
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{where or 'value'} (= {value})"
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = non_finite(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def read_state(path: str) -> dict[str, Any]:
+    """Load and validate a `.hn` file; `StateError` names the file, the problem and the fix."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, garbage, unpickling errors: all mean damaged
+        raise StateError(f"plugin state {path} cannot be read ({type(err).__name__}: "
+                         f"{str(err)[:200]}); it is damaged (e.g. cut short by a kill or a "
+                         f"full disk): {_FIX}") from None
+    if not isinstance(state, dict) or "version" not in state or "epoch" not in state:
+        raise StateError(f"{path} is not an open_clip_hn plugin state (a {type(state).__name__} "
+                         f"without version/epoch); move it away: {_FIX}")
+    if state["version"] != STATE_VERSION:
+        raise StateError(f"{path}: plugin state version {state['version']!r} is not "
+                         f"{STATE_VERSION}; it was written by another open_clip_hn version: "
+                         f"{_FIX}, or use that version")
+    bad = non_finite(state)
+    if bad:
+        raise StateError(f"plugin state {path} holds non-finite values in {bad}: the run "
+                         f"diverged before it was saved; {_FIX}")
     return state
+
+
+def state_files_beside(checkpoint_path: str, epoch: int) -> list[str]:
+    """The existing state files a resume from this checkpoint would look at (not read).
+
+    Non-empty means the run had the plugin on: resuming it as plain OpenCLIP would silently
+    drop the bank, thresholds and curriculum, which the caller should refuse unless asked.
+    """
+    path = os.path.abspath(checkpoint_path)
+    candidates = dict.fromkeys((path + STATE_SUFFIX, state_path(os.path.dirname(path), epoch)))
+    return [p for p in candidates if os.path.exists(p)]
 
 
 def find_state(checkpoint_path: str, epoch: int) -> tuple[str, dict[str, Any]] | None:
@@ -63,14 +140,12 @@ def find_state(checkpoint_path: str, epoch: int) -> tuple[str, dict[str, Any]] |
 
     Looked for beside the checkpoint under its own name first (`X.pt.hn`, for checkpoints that
     were copied with their state), then as `epoch_N.pt.hn` in its folder. A file whose epoch
-    differs from the checkpoint's is never used.
+    differs from the checkpoint's is never used; a damaged one raises `StateError`.
     """
-    folder = os.path.dirname(os.path.abspath(checkpoint_path))
-    for path in (checkpoint_path + STATE_SUFFIX, state_path(folder, epoch)):
-        if os.path.exists(path):
-            state = _read(path)
-            if state.get("epoch") == epoch:
-                return path, state
+    for path in state_files_beside(checkpoint_path, epoch):
+        state = read_state(path)
+        if state.get("epoch") == epoch:
+            return path, state
     return None
 
 
@@ -85,3 +160,90 @@ def prune_states(checkpoint_dir: str, epoch: int) -> None:
         if match and int(match.group(1)) < epoch - 1 and \
                 not os.path.exists(os.path.join(checkpoint_dir, name[: -len(STATE_SUFFIX)])):
             os.remove(os.path.join(checkpoint_dir, name))
+
+
+# ---------------------------------------------------------------------------- picking a checkpoint
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def checkpoints_newest_first(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """`*.pt` files in the order OpenCLIP's `--resume latest` prefers them, newest first
+    (natural sort, so `epoch_latest.pt` and then `epoch_10.pt` come before `epoch_9.pt`)."""
+    folder = Path(checkpoint_dir)
+    if not folder.is_dir():
+        return []
+    names = sorted((p.name for p in folder.glob("*.pt") if p.is_file()), key=_natural_key)
+    return [str(folder / name) for name in reversed(names)]
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """An OpenCLIP checkpoint read back fully enough to trust it; ValueError names the file.
+
+    Memory-mapped, so tensors are not read, but a truncated zip (a kill during the write) or
+    missing records fail here. Weights-only where the file allows; a checkpoint of this run
+    that holds more than tensors and containers (e.g. RNG states) is loaded fully.
+    """
+    try:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except pickle.UnpicklingError:  # the weights-only refusal of a non-tensor object
+            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:  # truncated zip, missing records, garbage: all mean unreadable
+        raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
+                         f"{str(err)[:200]})") from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("epoch"), int):
+        raise ValueError(f"checkpoint {path} has no 'epoch': not an OpenCLIP training checkpoint")
+    return checkpoint
+
+
+def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
+                           ) -> tuple[str, str | None] | None:
+    """The newest checkpoint that loads, with its plugin state when `with_state`: what
+    `--resume latest` should resume from. None when no checkpoint is usable. The state path is
+    the checkpoint's own when the state is embedded (`EMBEDDED_STATE_KEY`), and None when the
+    checkpoint has no state at all (e.g. saved by plain OpenCLIP; the caller decides, as for
+    `--resume PATH`).
+
+    A newer checkpoint that cannot be read, or (with the plugin on) whose state is damaged,
+    foreign or non-finite, is skipped with a warning naming it and why; the previous good pair
+    is used instead, so a kill during a save costs at most that epoch.
+    """
+    for path in checkpoints_newest_first(checkpoint_dir):
+        try:
+            checkpoint = read_checkpoint(path)
+            if not with_state:
+                return path, None
+            if EMBEDDED_STATE_KEY in checkpoint:  # the state travels inside the checkpoint
+                bad = non_finite(checkpoint[EMBEDDED_STATE_KEY], EMBEDDED_STATE_KEY)
+                if bad:
+                    raise StateError(f"its plugin state holds non-finite values in {bad}")
+                return path, path
+            found = find_state(path, checkpoint["epoch"])
+            return path, None if found is None else found[0]
+        except ValueError as err:
+            logging.warning("--resume latest: skipping %s: %s; falling back to the previous "
+                            "checkpoint", path, err)
+    return None
+
+
+def set_aside_broken_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
+    """Rename unreadable checkpoints that `--resume latest` would pick (to `*.pt.broken`), so
+    OpenCLIP's own pick becomes the newest readable one; returns the moved files.
+
+    For launchers that cannot change the resume path (a requeued SLURM job restarts with
+    `--resume latest`); the files are kept, only renamed, so nothing is deleted.
+    """
+    moved = []
+    for path in checkpoints_newest_first(checkpoint_dir):
+        try:
+            read_checkpoint(path)
+            break
+        except ValueError as err:
+            target = path + BROKEN_SUFFIX
+            os.replace(path, target)
+            logging.warning("set aside an unreadable checkpoint: %s -> %s", err, target)
+            moved.append(Path(target))
+    return moved

@@ -10,10 +10,17 @@ import sys
 
 
 def main(argv: list[str] | None = None):
-    """Install the hooks and run `open_clip_train.main.main(argv)` (returns what it returns)."""
+    """Install the hooks and run `open_clip_train.main.main(argv)` (returns what it returns).
+    A plugin state that cannot be used (`StateError`: damaged, foreign, non-finite, or a resume
+    without the flags it needs) ends the run as `error: ...` with exit status 2."""
     from .hooks import run_openclip_main
+    from .state import StateError
 
-    return run_openclip_main(sys.argv[1:] if argv is None else list(argv))
+    try:
+        return run_openclip_main(sys.argv[1:] if argv is None else list(argv))
+    except StateError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def cli() -> None:

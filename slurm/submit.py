@@ -28,7 +28,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT_NAME = "train"
@@ -225,7 +225,8 @@ def partitions() -> tuple[list[str], str | None]:
     return [name.rstrip("*") for name in names], default
 
 
-def check_partition(partition: str | None) -> None:
+def check_partition(partition: str | None) -> str:
+    """The partition the job will go to (given or the cluster's default), checked to exist."""
     if shutil.which("sbatch") is None:
         raise SubmitError("no sbatch on this machine: run on a SLURM login node, or pass --local")
     names, default = partitions()
@@ -234,6 +235,123 @@ def check_partition(partition: str | None) -> None:
                           f"(one of {', '.join(names) or 'none found'})")
     if partition is not None and partition not in names:
         raise SubmitError(f"--partition {partition}: no such partition (have: {', '.join(names)})")
+    return partition or default
+
+
+class NodeShape(NamedTuple):
+    """`count` nodes of a partition with these resources (one line of `sinfo -o '%D %c %m %G'`)."""
+
+    count: int
+    cpus: int
+    memory_mb: int
+    gpus: int
+
+
+SINFO_FORMAT = "%D %c %m %G"
+
+
+def _leading_int(text: str) -> int:
+    """sinfo's numbers, which may carry a '+' ('32+': nodes of the group have at least 32)."""
+    match = re.match(r"\d+", text)
+    if not match:
+        raise ValueError(f"not a number: {text!r}")
+    return int(match.group())
+
+
+def gres_gpus(gres: str) -> int:
+    """GPUs per node in a GRES string: 'gpu:8', 'gpu:a100:4(S:0-1),mps:100', '(null)' -> 0."""
+    total = 0
+    for item in re.split(r",(?![^(]*\))", gres):
+        fields = re.sub(r"\(.*?\)", "", item).split(":")
+        if fields[0] == "gpu" and len(fields) > 1 and fields[-1].isdigit():
+            total += int(fields[-1])
+    return total
+
+
+def parse_sinfo_nodes(text: str) -> list[NodeShape]:
+    """The node groups of `sinfo -h -p PART -o '%D %c %m %G'` output."""
+    shapes = []
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 3:
+            raise ValueError(f"unexpected sinfo line {line!r}")
+        shapes.append(NodeShape(_leading_int(fields[0]), _leading_int(fields[1]),
+                                _leading_int(fields[2]),
+                                gres_gpus(fields[3]) if len(fields) > 3 else 0))
+    return shapes
+
+
+def parse_mem_mb(text: str) -> int:
+    """A SLURM --mem value in megabytes: '400G', '8000' (MB), '512M', '1T', '2048K'."""
+    match = re.fullmatch(r"(\d+)([KMGT]?)B?", text.strip().upper())
+    if not match:
+        raise SubmitError(f"--mem {text!r}: not a SLURM memory size; use e.g. 400G or 8000M")
+    scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 ** 2}[match.group(2)]
+    return int(int(match.group(1)) * scale)
+
+
+def unsatisfiable(nodes: list[NodeShape], partition: str, num_nodes: int, tasks_per_node: int,
+                  cpus_per_task: int, gpus_per_node: int, mem_mb: int | None) -> str | None:
+    """Why `partition` (its node groups) can never run the request, or None if it can.
+
+    SLURM accepts such a job and leaves it pending forever (reason: Resources or
+    PartitionConfig); saying so before submission names the limit instead.
+    """
+    cpus = tasks_per_node * cpus_per_task
+    fits = [n for n in nodes if n.cpus >= cpus and n.gpus >= gpus_per_node
+            and (mem_mb is None or n.memory_mb >= mem_mb)]
+    if sum(n.count for n in fits) >= num_nodes:
+        return None
+    if not nodes:
+        return f"partition {partition} has no nodes"
+    most_cpus = max(n.cpus for n in nodes)
+    if cpus > most_cpus:
+        return (f"--cpus-per-task {cpus_per_task} x {tasks_per_node} task(s) per node needs "
+                f"{cpus} CPUs per node, but the nodes of partition {partition} have at most "
+                f"{most_cpus}; pass --cpus-per-task {max(1, most_cpus // tasks_per_node)} (or "
+                "fewer --tasks-per-node)")
+    most_gpus = max(n.gpus for n in nodes)
+    if gpus_per_node > most_gpus:
+        return (f"--gpus-per-node {gpus_per_node}, but the nodes of partition {partition} have "
+                f"at most {most_gpus} GPU(s); pass --gpus-per-node {most_gpus} or another "
+                "--partition")
+    most_mem = max(n.memory_mb for n in nodes)
+    if mem_mb is not None and mem_mb > most_mem:
+        return (f"--mem {mem_mb}M, but the nodes of partition {partition} have at most "
+                f"{most_mem}M; pass a smaller --mem")
+    return (f"--nodes {num_nodes}, but partition {partition} has only "
+            f"{sum(n.count for n in fits)} node(s) with {cpus} CPUs, {gpus_per_node} GPU(s)"
+            f"{f' and {mem_mb}M' if mem_mb is not None else ''} each; pass fewer --nodes")
+
+
+def partition_nodes(partition: str) -> list[NodeShape] | None:
+    """The node groups of `partition` from sinfo; None (after a warning) when it cannot be read."""
+    if shutil.which("sinfo") is None:
+        print("submit.py: warning: no sinfo on this machine; the job's size is not checked "
+              "against the partition", file=sys.stderr)
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", SINFO_FORMAT],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        return parse_sinfo_nodes(out)
+    except (OSError, subprocess.SubprocessError, ValueError) as err:
+        print(f"submit.py: warning: sinfo could not describe partition {partition} ({err}); "
+              "the job's size is not checked against it", file=sys.stderr)
+        return None
+
+
+def check_resources(args: argparse.Namespace, partition: str, tasks_per_node: int) -> None:
+    """Refuse a request no node group of `partition` can ever satisfy (see `unsatisfiable`)."""
+    mem_mb = parse_mem_mb(args.mem) if args.mem else None
+    nodes = partition_nodes(partition)
+    if nodes is None:
+        return
+    problem = unsatisfiable(nodes, partition, args.nodes, tasks_per_node, args.cpus_per_task,
+                            args.gpus_per_node, mem_mb)
+    if problem:
+        raise SubmitError(f"{problem}; nothing was submitted")
 
 
 # ---------------------------------------------------------------------------- the job
@@ -262,23 +380,14 @@ def checkpoints(checkpoint_dir: Path) -> list[Path]:
 def set_aside_broken_checkpoints(checkpoint_dir: Path) -> list[Path]:
     """Rename unreadable checkpoints that `--resume latest` would pick, so it picks the one before.
 
-    A node that dies while OpenCLIP writes `epoch_N.pt` (in place) leaves a truncated file that
-    would otherwise be the newest checkpoint and fail every later start. Only the pick is read
-    (memory-mapped, so the tensors are not loaded).
+    A node that dies while a checkpoint is written leaves a truncated file that would otherwise
+    be the newest checkpoint and fail every later start. One implementation with the training
+    route's `--resume latest`: `open_clip_hn.state`.
     """
-    import torch
-    from open_clip_train.main import get_latest_checkpoint
+    sys.path.insert(0, str(REPO))
+    from open_clip_hn.state import set_aside_broken_checkpoints as set_aside
 
-    moved = []
-    while (latest := get_latest_checkpoint(str(checkpoint_dir), remote=False)) is not None:
-        try:
-            torch.load(latest, map_location="cpu", mmap=True, weights_only=True)
-            break
-        except Exception:  # any failure to read it back: truncated zip, missing records
-            target = latest + ".broken"
-            os.replace(latest, target)
-            moved.append(Path(target))
-    return moved
+    return set_aside(checkpoint_dir)
 
 
 @contextlib.contextmanager
@@ -419,19 +528,21 @@ def main(argv: list[str] | None = None) -> int:
                               "after '--'")
         check_counts(args)
         parse_time(args.time)
+        if args.mem:
+            parse_mem_mb(args.mem)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         job_dir = Path(args.job_dir or Path("slurm_jobs") / f"{args.job_name}_{stamp}").absolute()
         check_job_dir(job_dir)
         train_argv = experiment_argv(train_argv, job_dir)
         check_train_flags(train_argv)
         check_experiment(train_argv)
+        tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
         if not args.local:
-            check_partition(args.partition)
+            check_resources(args, check_partition(args.partition), tasks_per_node)
     except SubmitError as err:
         print(f"submit.py: error: {err}", file=sys.stderr)
         return 2
 
-    tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
     executor = make_executor(args, job_dir, tasks_per_node)
     job = executor.submit(TrainJob(train_argv, args.dist_timeout))
     where = "locally" if args.local else f"on {args.nodes} node(s)"

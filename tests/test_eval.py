@@ -175,6 +175,11 @@ def test_checkpoint_of_another_architecture(tmp_path, checkpoint):
         hn_eval.load_model("hn-other-vit", checkpoint, model_configs=[str(config)])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         hn_eval.load_model("hn-tiny-vit", str(tmp_path / "missing.pt"), model_configs=[CONFIG])
+    data = open(checkpoint, "rb").read()
+    for name, content in (("cut.pt", data[: len(data) // 2]), ("garbage.pt", b"hello" * 100)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"checkpoint {tmp_path / name} cannot be loaded"):
+            hn_eval.load_model("hn-tiny-vit", str(tmp_path / name), model_configs=[CONFIG])
 
 
 def test_in_loop_evaluation_of_a_pure_bf16_model(tmp_path):
@@ -192,3 +197,101 @@ def test_in_loop_evaluation_of_a_pure_bf16_model(tmp_path):
                                      str(tmp_path),
                                      input_dtype=open_clip.get_input_dtype("pure_bf16"))
     assert 0 <= metrics["compositional/replace_relation/acc"] <= 1
+
+
+# ---------------------------------------------------------------------------- validation before training
+
+
+def _copy_set(sets, tmp_path, name="swap_objects"):
+    shutil.copytree(sets / "images", tmp_path / "images")
+    data = json.loads((sets / f"{name}.json").read_text())
+    (tmp_path / f"{name}.json").write_text(json.dumps(data))
+    return data
+
+
+def test_check_compositional_sets_counts_missing_and_corrupt_images(tmp_path, sets, caplog):
+    summary = hn_eval.check_compositional_sets(str(sets))
+    assert summary["swap_objects"] == {"items": 60, "missing": 0, "unreadable": 0}
+    assert summary["relation_pairs"]["items"] == 30 and summary["retrieval"]["items"] == 40
+    data = _copy_set(sets, tmp_path)
+    os.remove(tmp_path / "images" / data["3"]["filename"])
+    corrupt = tmp_path / "images" / data["5"]["filename"]
+    corrupt.write_bytes(corrupt.read_bytes()[:60])  # a truncated PNG
+    with caplog.at_level("WARNING"):
+        summary = hn_eval.check_compositional_sets(str(tmp_path))
+    assert summary == {"swap_objects": {"items": 58, "missing": 1, "unreadable": 1}}
+    assert f"1 with an unreadable one (e.g. {corrupt})" in caplog.text
+    for item in data.values():
+        (tmp_path / "images" / item["filename"]).write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="none of its 60 images can be decoded"):
+        hn_eval.check_compositional_sets(str(tmp_path))
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"filename": "a.png", "caption": None, "negative_caption": "b"},
+     "item 'seven': caption is None, not a string"),
+    ({"filename": "a.png", "caption": "a"}, "item 'seven' lacks one of filename, caption"),
+])
+def test_malformed_record_is_named_before_training(tmp_path, sets, record, message):
+    data = _copy_set(sets, tmp_path)
+    data["seven"] = record
+    (tmp_path / "swap_objects.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=message) as err:
+        hn_eval.check_compositional_sets(str(tmp_path))
+    assert str(tmp_path / "swap_objects.json") in str(err.value)
+    with pytest.raises(FileNotFoundError, match=f"compositional folder {tmp_path}/absent does not exist"):
+        hn_eval.check_compositional_sets(str(tmp_path / "absent"))
+
+
+def test_corrupt_image_is_skipped_and_counted_like_a_missing_one(tmp_path, sets, checkpoint, caplog):
+    data = _copy_set(sets, tmp_path)
+    shutil.copyfile(sets / "relation_pairs.jsonl", tmp_path / "relation_pairs.jsonl")
+    os.remove(tmp_path / "images" / data["3"]["filename"])
+    corrupt = tmp_path / "images" / data["5"]["filename"]
+    corrupt.write_bytes(b"\x89PNG garbage")
+    pair = json.loads((sets / "relation_pairs.jsonl").read_text().splitlines()[0])
+    pair_image = tmp_path / "images" / pair["image_1"]
+    if not pair_image.exists():
+        pair_image = tmp_path / "images" / (pair["image_1"] + ".png")
+    pair_image.write_bytes(b"")
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint,
+                                                      model_configs=[CONFIG])
+    choice, pairs = hn_eval.discover_sets(str(tmp_path))
+    with caplog.at_level("WARNING"):
+        results = hn_eval.evaluate_sets(model, preprocess, tokenizer, choice, pairs, batch_size=16)
+    assert results["swap_objects"]["skipped"] == 2 and results["swap_objects"]["n"] == 58
+    assert results["relation_pairs"]["skipped"] == 1 and results["relation_pairs"]["n"] == 29
+    assert f"skipped 2 item(s) with a missing or unreadable image; 1 unreadable image(s), e.g. {corrupt}" \
+        in caplog.text
+    # the scores are those of the readable items alone
+    kept = [i for i in range(len(choice[0].items)) if choice[0].items[i][0] != str(corrupt)]
+    alone = hn_eval.ChoiceSet("swap_objects", "", [choice[0].items[i] for i in kept])
+    assert hn_eval.evaluate_sets(model, preprocess, tokenizer, [alone])["swap_objects"]["acc"] == \
+        results["swap_objects"]["acc"]
+
+
+def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path, sets, checkpoint):
+    import subprocess
+    import sys
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-m", "open_clip_hn.eval", "--model", "hn-tiny-vit",
+                               "--model-config", CONFIG, *argv], capture_output=True, text=True)
+
+    missing = cli("--pretrained", checkpoint, "--compositional", str(tmp_path / "absent"))
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert f"error: compositional folder {tmp_path}/absent does not exist" in missing.stderr
+    (tmp_path / "bad.json").write_text('{"0": {"filename": 3, "caption": "a", "negative_caption": "b"}}')
+    bad = cli("--pretrained", checkpoint, "--compositional", str(tmp_path))
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "bad.json: item '0': filename is 3, not a string" in bad.stderr
+    clobber = cli("--pretrained", checkpoint, "--compositional", str(sets), "--output", checkpoint)
+    assert clobber.returncode == 2 and f"output {checkpoint} is one of the inputs" in clobber.stderr
+    assert cli("--pretrained", checkpoint, "--compositional", str(sets),
+               "--batch-size", "0").returncode == 2
+    unknown = subprocess.run([sys.executable, "-m", "open_clip_hn.eval", "--model", "no-such-model",
+                              "--pretrained", checkpoint, "--compositional", str(sets)],
+                             capture_output=True, text=True)
+    assert unknown.returncode == 2 and "error: --model 'no-such-model' is not an OpenCLIP model" in unknown.stderr
+    absent = cli("--pretrained", str(tmp_path / "none.pt"), "--compositional", str(sets))
+    assert absent.returncode == 2 and "checkpoint" in absent.stderr and "Traceback" not in absent.stderr

@@ -51,3 +51,34 @@ def test_neighbour_shards_must_exist_and_be_unique(tmp_path):
     (tmp_path / "other" / "x-0.tar").write_bytes(b"")
     with pytest.raises(ValueError, match="unique"):
         local_shards(f"{tmp_path}/x-0.tar::{tmp_path}/other/x-0.tar")
+
+
+def test_stale_temps_of_dead_writers_go_and_live_ones_stay(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    host = socket.gethostname().replace("-", "_")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()  # exited: its pid is free
+    names = {f"{files.TMP_PREFIX}{host}-{dead}-abcshard.tar": False,  # a killed writer here
+             f"{files.TMP_PREFIX}{host}-{os.getpid()}-defshard.tar": True,  # this live process
+             f"{files.TMP_PREFIX}otherhost-{dead}-ghishard.tar": True,  # cannot be checked here
+             "shard.tar": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert files.remove_stale_temps(tmp_path) == [f"{files.TMP_PREFIX}{host}-{dead}-abcshard.tar"]
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
+
+
+def test_content_identity_sees_content_not_names(tmp_path):
+    a, b = tmp_path / "a.tar", tmp_path / "b.tar"
+    data = bytes(range(256)) * 1024  # 256 KiB: head and tail spans do not overlap
+    a.write_bytes(data)
+    b.write_bytes(data)
+    assert files.content_identity(a) == files.content_identity(b)
+    changed = bytearray(data)
+    changed[-10] ^= 1
+    b.write_bytes(bytes(changed))
+    assert files.content_identity(a) != files.content_identity(b)
+    assert files.content_identity(a)["size"] == len(data)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -81,17 +82,18 @@ def test_precompute_adds_neg_json_and_resumes_after_kill(tmp_path):
 
     proc = subprocess.Popen([sys.executable, "-m", "open_clip_hn.negatives", "precompute", "--shards", pattern,
                              "--output-dir", str(killed)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while proc.poll() is None and not list(killed.glob("in-*.tar")):
-        time.sleep(0.02)
+    while proc.poll() is None and not list(killed.glob(".precompute/in-*.tar.json")):
+        time.sleep(0.02)  # a shard is done once its manifest entry is written
     proc.kill()
     proc.wait()
-    finished = sorted(p.name for p in killed.glob("in-*.tar"))
+    finished = sorted(p.name for p in killed.glob(".precompute/in-*.tar.json"))
     assert 1 <= len(finished) < 6, "the run should be killed midway"
     out = run_cli("precompute", "--shards", pattern, "--output-dir", str(killed), "--workers", "2")
     assert out.returncode == 0, out.stderr
     assert f"{len(finished)} already done" in out.stderr
     assert sorted(os.listdir(killed)) == sorted(os.listdir(clean))
-    for name in os.listdir(clean):
+    assert sorted(os.listdir(killed / ".precompute")) == sorted(os.listdir(clean / ".precompute"))
+    for name in (p.name for p in clean.glob("*.tar")):
         assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
 
     generator = NegativeGenerator(seed=0)
@@ -113,6 +115,12 @@ def test_precompute_skips_a_corrupt_member_with_a_warning(tmp_path):
     data[512 * 12: 512 * 12 + 64] = b"\xff" * 64  # smash a header in the middle
     shard.write_bytes(bytes(data))
     out = run_cli("precompute", "--shards", str(shard), "--output-dir", str(tmp_path / "out"))
+    assert out.returncode == 1
+    assert f"error: input shard {shard} is damaged" in out.stderr and "corrupt bytes" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "out" / "in-000000.tar").exists()
+    out = run_cli("precompute", "--shards", str(shard), "--output-dir", str(tmp_path / "out"),
+                  "--allow-damaged")
     assert out.returncode == 0, out.stderr
     assert "warning:" in out.stderr and "corrupt" in out.stderr
     with tarfile.open(tmp_path / "out" / "in-000000.tar") as tar:
@@ -173,3 +181,219 @@ def test_missing_shards_are_named_by_precompute_and_vocabulary(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
     assert main(["vocabulary", "--shards", spec, "--output", str(tmp_path / "w.txt")]) == 2
     assert "2 shard(s) not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- precompute manifest
+
+
+def _neg_counts(path) -> tuple[int, int]:
+    with tarfile.open(path) as tar:
+        names = tar.getnames()
+    return sum(n.endswith(".txt") for n in names), sum(n.endswith(".neg.json") for n in names)
+
+
+def test_truncated_shard_is_reported_with_counts_and_never_counted_done(tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=2, per_shard=40)
+    good, short = source / "in-000000.tar", source / "in-000001.tar"
+    for cut in (512 * 4 * 10, 512 * 4 * 10 + 520):  # a sample is 4 blocks: at a boundary, in data
+        _write_shards(source, count=2, per_shard=40)
+        short.write_bytes(short.read_bytes()[:cut])
+        out = tmp_path / f"out{cut}"
+        spec = str(source / "in-{000000..000001}.tar")
+        assert main(["precompute", "--shards", spec, "--output-dir", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"error: input shard {short} is damaged: 10 samples readable" in err, err
+        assert "1 shards written, 0 already done (skipped), 1 damaged" in err
+        assert "--allow-damaged" in err
+        assert sorted(p.name for p in out.glob("*.tar")) == ["in-000000.tar"]
+        written = (out / "in-000000.tar").stat().st_mtime_ns
+        # a rerun neither skips the damaged shard nor redoes the good one
+        assert main(["precompute", "--shards", spec, "--output-dir", str(out)]) == 1
+        assert "0 shards written, 1 already done (skipped), 1 damaged" in capsys.readouterr().err
+        assert (out / "in-000000.tar").stat().st_mtime_ns == written
+        assert main(["precompute", "--shards", spec, "--output-dir", str(out), "--allow-damaged"]) == 0
+        assert "kept the 10 readable samples" in capsys.readouterr().err
+        assert _neg_counts(out / "in-000001.tar") == (10, 10)
+    # the same-size output of an earlier version (no manifest) is made again, not trusted
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "in-000000.tar").write_bytes(b"not a finished shard")
+    assert main(["precompute", "--shards", str(good), "--output-dir", str(legacy)]) == 0
+    assert _neg_counts(legacy / "in-000000.tar") == (40, 40)
+
+
+def test_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=1, per_shard=10)
+    spec, out = str(source / "in-000000.tar"), str(tmp_path / "out")
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
+    before = (tmp_path / "out" / "in-000000.tar").read_bytes()
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "3", "--seed", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --output-dir {out} holds negatives made with other settings" in err
+    assert "--num 3 (folder: 2)" in err and "--seed 1 (folder: 0)" in err
+    assert "another --output-dir" in err
+    assert (tmp_path / "out" / "in-000000.tar").read_bytes() == before
+    words = tmp_path / "words.txt"
+    words.write_text("dog\ncat\n")
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2",
+                 "--vocabulary", str(words)]) == 2
+    assert "--vocabulary sha256" in capsys.readouterr().err
+    # a changed input shard (same name) is made again
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
+    assert "0 shards written, 1 already done" in capsys.readouterr().err
+    _write_shards(source, count=1, per_shard=12)
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
+    assert "1 shards written, 0 already done" in capsys.readouterr().err
+    assert _neg_counts(tmp_path / "out" / "in-000000.tar") == (12, 12)
+
+
+def test_output_dir_holding_the_inputs_is_refused(tmp_path, capsys):
+    _write_shards(tmp_path, count=1, per_shard=5)
+    before = (tmp_path / "in-000000.tar").read_bytes()
+    assert main(["precompute", "--shards", str(tmp_path / "in-000000.tar"),
+                 "--output-dir", str(tmp_path)]) == 2
+    assert "holds the input shards" in capsys.readouterr().err
+    assert (tmp_path / "in-000000.tar").read_bytes() == before
+
+
+def test_two_concurrent_jobs_on_one_folder_keep_each_others_work(tmp_path):
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=4, per_shard=300)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".tmp-{socket.gethostname().replace('-', '_')}-999999-xyzin-000000.tar"
+    stale.write_bytes(b"partial")  # the temp of a killed run on this host (no pid 999999)
+    jobs = [subprocess.Popen([sys.executable, "-m", "open_clip_hn.negatives", "precompute",
+                              "--shards", str(source / f"in-{{{a}..{b}}}.tar"),
+                              "--output-dir", str(out)], stderr=subprocess.PIPE, text=True)
+            for a, b in (("000000", "000001"), ("000002", "000003"))]
+    errors = [job.communicate(timeout=600)[1] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], errors
+    assert sorted(p.name for p in out.glob("in-*.tar")) == [f"in-{i:06d}.tar" for i in range(4)]
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    for i in range(4):
+        assert _neg_counts(out / f"in-{i:06d}.tar") == (300, 300)
+    from open_clip_hn.negatives.manifest import check_precomputed_shards
+
+    check_precomputed_shards([str(out / f"in-{i:06d}.tar") for i in range(4)])
+
+
+def test_check_precomputed_shards_finds_a_raw_later_shard(tmp_path):
+    import pytest
+
+    from open_clip_hn.negatives.manifest import ManifestError, check_precomputed_shards
+
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=3, per_shard=10)
+    out = tmp_path / "out"
+    assert main(["precompute", "--shards", str(source / "in-{000000..000001}.tar"),
+                 "--output-dir", str(out)]) == 0
+    shards = [str(out / "in-000000.tar"), str(out / "in-000001.tar")]
+    check_precomputed_shards(shards)
+    os.replace(source / "in-000002.tar", out / "in-000002.tar")  # a raw shard among them
+    with pytest.raises(ManifestError, match=r"shard .*in-000002.tar has no neg.json member for 10 "
+                                            r"of its 10 samples.*negatives precompute"):
+        check_precomputed_shards([*shards, str(out / "in-000002.tar")])
+    _write_shards(source, count=1, per_shard=3)
+    os.replace(source / "in-000000.tar", out / "in-000001.tar")  # swapped after precompute
+    with pytest.raises(ManifestError, match="in-000001.tar is .* bytes, but precompute wrote"):
+        check_precomputed_shards(shards)
+    check_precomputed_shards([str(tmp_path / "remote-{0..1}.tar")])  # not local: not checked here
+
+
+def test_csv_captions_skip_empty_cells_and_name_a_missing_column(tmp_path, caplog, scene_csv):
+    import pytest
+
+    from open_clip_hn.negatives.shards import csv_captions
+    from open_clip_hn.negatives.lexicon import VocabularyError
+
+    table = tmp_path / "train.csv"
+    table.write_text("filepath\ttitle\na.png\tA red cube\nb.png\t\nc.png\tNA\nd.png\t  \ne.png\t7\n")
+    with caplog.at_level("WARNING"):
+        assert csv_captions(str(table), "\t", "title") == ["A red cube", "7"]
+    assert f"{table}: skipped 3 of 5 row(s) with an empty caption in column 'title' (first: data row 2)" \
+        in caplog.text
+    assert len(csv_captions(scene_csv, "\t", "title")) == 32
+    with pytest.raises(VocabularyError, match=r"has no column 'caption' \(columns, split at '\\t': "
+                                              r"\['filepath', 'title'\]\); set --csv-caption-key"):
+        csv_captions(str(table), "\t", "caption")
+    with pytest.raises(VocabularyError, match=r"no column 'title'.*'filepath\\ttitle'.*--csv-separator"):
+        csv_captions(str(table), ",", "title")
+    with pytest.raises(VocabularyError, match="not found"):
+        csv_captions(str(tmp_path / "none.csv"), "\t", "title")
+
+
+def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog on a couch\n")
+    table = tmp_path / "captions.csv"
+    table.write_text("id,title\n1,a cat\n")
+    cases = [
+        (["generate", "--input", str(tmp_path / "none.txt"), "--output", str(tmp_path / "o.jsonl")],
+         f"error: caption file {tmp_path / 'none.txt'} not found"),
+        (["generate", "--input", str(captions), "--output", str(captions)],
+         f"error: --output {captions} is the --input file"),
+        (["generate", "--input", str(table), "--output", str(tmp_path / "o.jsonl")],
+         f"error: {table}: no column 'caption' (columns: ['id', 'title']); pass --caption-key"),
+        (["generate", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl")],
+         f"error: caption file {tmp_path} not found"),
+        (["generate", "--input", str(captions), "--output", str(tmp_path / "o.jsonl"), "--num", "-1"],
+         "argument --num/-k: must be >= 1, got -1"),
+        (["precompute", "--shards", "x.tar", "--output-dir", str(tmp_path), "--workers", "0"],
+         "argument --workers: must be >= 1, got 0"),
+        (["vocabulary", "--input", str(captions), "--output", str(tmp_path / "w.txt"),
+          "--min-count", "0"], "argument --min-count: must be >= 1, got 0"),
+        (["vocabulary", "--input", str(captions), "--output", str(captions)],
+         f"error: --output {captions} is an input"),
+    ]
+    for argv, message in cases:
+        out = run_cli(*argv)
+        assert out.returncode == 2, (argv, out.stderr)
+        assert message in out.stderr, (argv, out.stderr)
+        assert "Traceback" not in out.stderr, argv
+    assert captions.read_text() == "a dog on a couch\n"
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("{broken\n")
+    out = run_cli("generate", "--input", str(empty), "--output", str(tmp_path / "o.jsonl"))
+    assert out.returncode == 2 and "no caption to process (1 malformed line(s))" in out.stderr
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_a_bad_generator_flag_does_not_claim_the_output_folder(tmp_path, capsys):
+    _write_shards(tmp_path, count=1, per_shard=3)
+    shard, out = str(tmp_path / "in-000000.tar"), str(tmp_path / "out")
+    assert main(["precompute", "--shards", shard, "--output-dir", out, "--lm", str(tmp_path / "nolm")]) == 2
+    assert "--lm" in capsys.readouterr().err and not os.path.exists(out)
+    assert main(["precompute", "--shards", shard, "--output-dir", out,
+                 "--vocabulary", str(tmp_path / "none.txt")]) == 2
+    assert "none.txt" in capsys.readouterr().err and not os.path.exists(out)
+    assert main(["precompute", "--shards", shard, "--output-dir", out]) == 0
+
+
+def test_garbage_empty_and_gzipped_shards(tmp_path, capsys):
+    import gzip
+
+    _write_shards(tmp_path, count=1, per_shard=6)
+    gz = tmp_path / "in-000001.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "in-000000.tar").read_bytes()))
+    (tmp_path / "garbage.tar").write_bytes(bytes(range(256)) * 20)
+    (tmp_path / "empty.tar").write_bytes(b"")
+    out = str(tmp_path / "out")
+    assert main(["precompute", "--shards", str(gz), "--output-dir", out]) == 0
+    assert _neg_counts(tmp_path / "out" / "in-000001.tar.gz") == (6, 6)
+    capsys.readouterr()
+    for name, message in (("garbage.tar", "5120 bytes after the last readable member (byte 0)"),
+                          ("empty.tar", "0 samples readable; not a tar archive")):
+        assert main(["precompute", "--shards", str(tmp_path / name), "--output-dir", out]) == 1
+        err = capsys.readouterr().err
+        assert f"error: input shard {tmp_path / name} is damaged" in err and message in err, err
+        assert not (tmp_path / "out" / name).exists()
+    gz.write_bytes(gz.read_bytes()[:-40])  # a cut gzip stream fails in the decompressor
+    assert main(["precompute", "--shards", str(gz), "--output-dir", str(tmp_path / "out2")]) == 1
+    assert "is damaged" in capsys.readouterr().err

@@ -96,10 +96,57 @@ def test_resume_with_another_model_is_refused(index_dir, shards):
 def test_index_built_for_other_shards_is_refused(index_dir, shards, tmp_path):
     with pytest.raises(ValueError, match="built for other shards .*in the index but not in --train-data"):
         neighbor_stage(index_dir, 1, 16, shards=shards[:-1])
-    other = write_scene_shards(str(tmp_path), NUM_SAMPLES, PER_SHARD, seed=4)  # same names, new data
-    Path(other[0]).write_bytes(Path(other[0]).read_bytes() + b"\0" * 512)
+    other = [str(tmp_path / os.path.basename(p)) for p in shards]  # same names and sizes ...
+    for source, copy in zip(shards, other):
+        Path(copy).write_bytes(Path(source).read_bytes())
+    neighbor_stage(index_dir, 1, 16, shards=other)  # a copy is the same content: accepted
+    data = bytearray(Path(other[0]).read_bytes())
+    data[1024 + 100] ^= 0xFF  # ... one byte of the first image differs
+    Path(other[0]).write_bytes(bytes(data))
     with pytest.raises(ValueError, match="changed since the build: shard-00000.tar"):
         neighbor_stage(index_dir, 1, 16, shards=other)
+
+
+def test_index_of_the_old_format_is_refused_with_the_fix(index_dir, tmp_path):
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(index_dir, old)
+    manifest = json.loads((old / "index.json").read_text())
+    (old / "index.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(ValueError, match="index format 1 identifies shards by name and size.*rebuild"):
+        NeighborIndex(str(old))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--k", "0"], "argument --k: must be >= 1, got 0"),
+    (["--workers", "-1"], "argument --workers: must be >= 0, got -1"),
+    (["--model", "no-such-model"], "error: --model 'no-such-model' is not an OpenCLIP model"),
+    (["--shards", "/nonexistent/x-{0..1}.tar"], "error: --shards '/nonexistent/x-{0..1}.tar': 2 of 2"),
+    (["--pretrained", "/nonexistent/epoch_1.pt"], "error: checkpoint /nonexistent/epoch_1.pt does not exist"),
+])
+def test_cli_user_errors_exit_non_zero_without_traceback(shards, tmp_path, argv, message):
+    import subprocess
+    import sys
+
+    base = {"--shards": shards_spec(shards), "--model": "hn-tiny-vit", "--model-config": TINY_CONFIG,
+            "--output": str(tmp_path / "index"), "--workers": "0"}
+    base.update(dict(zip(argv[::2], argv[1::2])))
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.neighbors", "build",
+                           *[x for kv in base.items() for x in kv]], capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert message in proc.stderr
+
+
+def test_unreadable_shard_and_output_file_are_named(tmp_path):
+    from open_clip_hn.neighbors import scan_shard
+
+    bad = tmp_path / "bad.tar"
+    bad.write_bytes(b"\x1f\x8b not an uncompressed tar" * 40)
+    with pytest.raises(ValueError, match=f"shard {bad} cannot be read"):
+        scan_shard(str(bad))
+    with pytest.raises(ValueError, match="is a file, not an index folder"):
+        build(str(bad), "hn-tiny-vit", str(bad), model_config=TINY_CONFIG)
 
 
 def test_stage_rejects_groups_larger_than_a_batch(index_dir):
@@ -223,3 +270,18 @@ def test_write_given_stores_chosen_neighbours_that_the_stage_serves(shards, tmp_
     assert NeighborIndex(out, shards).k == 1
     with pytest.raises(ValueError, match="was built from"):
         write_given(shards_spec(shards), out, same_size, "another description")
+
+
+def test_an_undecodable_image_is_named_with_its_shard_and_sample(shards, tmp_path):
+    from open_clip_hn.neighbors import scan_shard
+
+    broken = tmp_path / "shard-00000.tar"
+    data = bytearray(Path(shards[0]).read_bytes())
+    key, members = scan_shard(shards[0])[3]
+    offset, size = members["png"]
+    data[offset:offset + size] = b"\0" * size  # the PNG's bytes gone, the tar intact
+    broken.write_bytes(bytes(data))
+    for workers in (0, 1):
+        with pytest.raises(ValueError, match=f"shard {broken}: the image of sample {key} cannot be decoded"):
+            build(str(broken), "hn-tiny-vit", str(tmp_path / f"index{workers}"), model_config=TINY_CONFIG,
+                  k=2, batch_size=64, workers=workers)

@@ -14,8 +14,13 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, run_module, train_argv
-from open_clip_hn.preemption import (EpochPosition, SteppedLoader, latest_checkpoint, progress_of,
-                                     rng_state, save_checkpoint, step_checkpoint_name)
+from open_clip_hn.preemption import EpochPosition, SteppedLoader, progress_of, rng_state, step_checkpoint_name
+from open_clip_hn.state import atomic_torch_save, latest_good_checkpoint
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    found = latest_good_checkpoint(folder, with_state=False)
+    return None if found is None else found[0]
 
 HN = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc,choice"]
 
@@ -60,7 +65,7 @@ def test_step_checkpoints_sort_inside_their_epoch(tmp_path):
     assert sorted(names, key=progress_of) == ["epoch_0_step_3.pt", "epoch_1.pt", "epoch_1_step_7.pt",
                                               "epoch_1_step_12.pt", "epoch_2.pt"]
     for name in names:
-        save_checkpoint(str(tmp_path / name), {"epoch": 0, "state_dict": {}})
+        atomic_torch_save({"epoch": 0, "state_dict": {}}, str(tmp_path / name))
     (tmp_path / "epoch_2.pt").write_bytes((tmp_path / "epoch_2.pt").read_bytes()[:50])  # killed mid-write
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "epoch_1_step_12.pt")
 

@@ -134,6 +134,65 @@ def test_a_cluster_without_default_partition_needs_one(monkeypatch):
     submit.check_partition("gpu")
 
 
+SINFO = """2 1 8000 (null)
+1 64+ 512000 gpu:a100:8(S:0-1),mps:400
+3 32 256000 gpu:4
+"""
+
+
+def test_sinfo_node_groups_are_parsed():
+    assert submit.parse_sinfo_nodes(SINFO) == [
+        submit.NodeShape(2, 1, 8000, 0), submit.NodeShape(1, 64, 512000, 8),
+        submit.NodeShape(3, 32, 256000, 4)]
+    assert submit.gres_gpus("gpu:2,gpu:tesla:1") == 3 and submit.gres_gpus("(null)") == 0
+    assert [submit.parse_mem_mb(m) for m in ("8000", "400G", "512M", "1T", "2048K")] == [
+        8000, 409600, 512, 1048576, 2]
+    with pytest.raises(submit.SubmitError, match="--mem 'lots'"):
+        submit.parse_mem_mb("lots")
+
+
+@pytest.mark.parametrize("request_, message", [
+    ((1, 1, 1, 0, None), None),
+    ((1, 8, 8, 8, 400_000), None),  # the one big node
+    ((5, 4, 8, 4, None), "--nodes 5, but partition p has only 4 node(s) with 32 CPUs, 4 GPU(s) each; pass fewer --nodes"),
+    ((1, 1, 10, 0, None), None),  # 10 CPUs fit the GPU nodes
+    ((1, 8, 10, 8, None), "needs 80 CPUs per node, but the nodes of partition p have at most 64; "
+                          "pass --cpus-per-task 8"),
+    ((1, 16, 1, 16, None), "--gpus-per-node 16, but the nodes of partition p have at most 8 GPU(s)"),
+    ((1, 1, 1, 0, 600_000), "--mem 600000M, but the nodes of partition p have at most 512000M"),
+])
+def test_requests_the_partition_cannot_satisfy_name_the_limit(request_, message):
+    nodes, tasks, cpus, gpus, mem = request_
+    problem = submit.unsatisfiable(submit.parse_sinfo_nodes(SINFO), "p", nodes, tasks, cpus, gpus, mem)
+    assert problem is None if message is None else message in problem
+
+
+def test_default_cpus_never_fitting_a_one_cpu_partition_is_refused(monkeypatch, tmp_path, capsys):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    (fake / "sinfo").write_text("#!/bin/sh\n"
+                                "case \"$*\" in *%P*) echo 'tiny*' ;; *) echo '2 1 8000 (null)' ;; esac\n")
+    for tool in ("sbatch", "sinfo"):
+        (fake / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setattr(submit, "check_train_flags", lambda argv: None)
+    code = submit.main(["--gpus-per-node", "0", "--job-dir", str(tmp_path / "job"), "--",
+                        "--epochs", "1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert ("--cpus-per-task 10 x 1 task(s) per node needs 10 CPUs per node, but the nodes of "
+            "partition tiny have at most 1; pass --cpus-per-task 1") in err
+    assert "nothing was submitted" in err
+    # no sinfo: not checked, with a warning
+    monkeypatch.setattr(submit.shutil, "which", lambda name: None if name == "sinfo" else name)
+    monkeypatch.setattr(submit, "partitions", lambda: (["tiny"], "tiny"))
+    monkeypatch.setattr(submit, "make_executor", lambda *a: (_ for _ in ()).throw(RuntimeError("submit")))
+    with pytest.raises(RuntimeError, match="submit"):
+        submit.main(["--gpus-per-node", "0", "--job-dir", str(tmp_path / "job2"), "--", "--epochs", "1"])
+    assert "no sinfo on this machine; the job's size is not checked" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------- the command line
 
 

@@ -43,3 +43,129 @@ def test_prune_keeps_previous_epoch_and_states_with_checkpoints(tmp_path):
     prune_states(str(tmp_path), 5)
     assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".hn")) == [
         "epoch_2.pt.hn", "epoch_4.pt.hn", "epoch_5.pt.hn"]
+
+
+# ---------------------------------------------------------------------------- validation on load
+
+
+def test_damaged_foreign_and_non_finite_states_are_refused_naming_the_file(tmp_path):
+    import pytest
+
+    from open_clip_hn.state import StateError, read_state
+
+    path = save_state(str(tmp_path), 1, {"loss": {"bank": torch.randn(4, 3), "step": 4}})
+    assert read_state(path)["loss"]["step"] == 4
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])  # killed mid-write (an older, non-atomic writer)
+    with pytest.raises(StateError, match=f"plugin state {path} cannot be read.*delete it"):
+        read_state(path)
+    torch.save({"state_dict": {}}, path)  # a model checkpoint renamed to .hn
+    with pytest.raises(StateError, match="not an open_clip_hn plugin state"):
+        read_state(path)
+    torch.save({"version": 99, "epoch": 1}, path)
+    with pytest.raises(StateError, match="version 99 is not 1"):
+        read_state(path)
+    bank = torch.randn(4, 3)
+    bank[2, 1] = float("nan")
+    save_state(str(tmp_path), 1, {"loss": {"bank": bank, "thresholds": [0.1, float("inf")]}})
+    with pytest.raises(StateError, match=r"non-finite values in loss\.bank \(1 of 12 values\)"):
+        read_state(path)
+    save_state(str(tmp_path), 1, {"loss": {"thresholds": [0.1, float("inf")]}})
+    with pytest.raises(StateError, match=r"loss\.thresholds\.1 \(= inf\)"):
+        find_state(str(tmp_path / "epoch_1.pt"), 1)
+    assert isinstance(StateError("x"), ValueError)
+
+
+# ---------------------------------------------------------------------------- --resume latest
+
+
+def _truncate(path) -> None:
+    data = open(path, "rb").read()
+    with open(path, "wb") as handle:
+        handle.write(data[: len(data) // 2])
+
+
+def test_latest_good_pair_skips_a_truncated_checkpoint_and_a_bad_state(tmp_path, caplog):
+    from open_clip_hn.state import latest_good_checkpoint
+
+    folder = str(tmp_path)
+    assert latest_good_checkpoint(folder, with_state=True) is None
+    for epoch in (1, 2, 3, 10):
+        torch.save({"epoch": epoch, "state_dict": {"w": torch.ones(4096)}}, tmp_path / f"epoch_{epoch}.pt")
+        save_state(folder, epoch, {"loss": {"step": epoch}})
+    assert latest_good_checkpoint(folder, with_state=True) == (
+        str(tmp_path / "epoch_10.pt"), state_path(folder, 10))  # natural order: 10 after 3
+    _truncate(tmp_path / "epoch_10.pt")  # killed while OpenCLIP wrote it in place
+    save_state(folder, 3, {"loss": {"bank": torch.tensor([float("nan")])}})
+    with caplog.at_level("WARNING"):
+        assert latest_good_checkpoint(folder, with_state=True) == (
+            str(tmp_path / "epoch_2.pt"), state_path(folder, 2))
+    assert f"skipping {tmp_path / 'epoch_10.pt'}: checkpoint" in caplog.text
+    assert f"skipping {tmp_path / 'epoch_3.pt'}" in caplog.text and "non-finite" in caplog.text
+    # without the plugin the state does not matter; the missing state of epoch 2 does with it
+    assert latest_good_checkpoint(folder, with_state=False) == (str(tmp_path / "epoch_3.pt"), None)
+    # a checkpoint without any state (plain OpenCLIP's) is not skipped: the caller decides
+    os.remove(state_path(folder, 2))
+    assert latest_good_checkpoint(folder, with_state=True) == (str(tmp_path / "epoch_2.pt"), None)
+
+
+def test_set_aside_moves_only_unreadable_newest_checkpoints(tmp_path):
+    from open_clip_hn.state import set_aside_broken_checkpoints
+
+    torch.save({"epoch": 1, "state_dict": {}}, tmp_path / "epoch_1.pt")
+    torch.save({"epoch": 2, "state_dict": {"w": torch.ones(4096)}}, tmp_path / "epoch_2.pt")
+    torch.save({"epoch": 2, "state_dict": {"w": torch.ones(4096)}}, tmp_path / "epoch_latest.pt")
+    _truncate(tmp_path / "epoch_2.pt")
+    _truncate(tmp_path / "epoch_latest.pt")
+    assert set_aside_broken_checkpoints(tmp_path) == [tmp_path / "epoch_latest.pt.broken",
+                                                      tmp_path / "epoch_2.pt.broken"]
+    assert sorted(os.listdir(tmp_path)) == ["epoch_1.pt", "epoch_2.pt.broken", "epoch_latest.pt.broken"]
+
+
+def test_atomic_torch_save_keeps_the_old_file_when_the_write_fails(tmp_path):
+    import pytest
+
+    from open_clip_hn.state import atomic_torch_save
+
+    path = tmp_path / "epoch_1.pt"
+    atomic_torch_save({"epoch": 1}, str(path))
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("killed mid-save")
+
+    with pytest.raises(RuntimeError, match="killed mid-save"):
+        atomic_torch_save({"epoch": 2, "x": Unpicklable()}, path)
+    assert torch.load(path)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["epoch_1.pt"]
+
+
+def test_state_files_beside_a_checkpoint_are_listed_without_reading_them(tmp_path):
+    from open_clip_hn.state import state_files_beside
+
+    checkpoint = touch_checkpoint(tmp_path, "epoch_2.pt", 2)
+    assert state_files_beside(checkpoint, 2) == []
+    (tmp_path / "epoch_2.pt.hn").write_bytes(b"damaged")  # listed, not loaded
+    assert state_files_beside(checkpoint, 2) == [str(tmp_path / "epoch_2.pt.hn")]
+    latest = touch_checkpoint(tmp_path, "epoch_latest.pt", 2)
+    assert state_files_beside(latest, 2) == [str(tmp_path / "epoch_2.pt.hn")]
+
+
+def test_step_checkpoints_with_embedded_state_sort_inside_their_epoch(tmp_path, caplog):
+    import numpy as np
+
+    from open_clip_hn.state import EMBEDDED_STATE_KEY, latest_good_checkpoint
+
+    folder = str(tmp_path)
+    torch.save({"epoch": 1, "state_dict": {}}, tmp_path / "epoch_1.pt")
+    save_state(folder, 1, {"loss": {"step": 1}})
+    step = tmp_path / "epoch_1_step_30.pt"  # mid-epoch: state and RNG (numpy) inside
+    torch.save({"epoch": 1, "state_dict": {}, "rng": np.random.get_state(),
+                EMBEDDED_STATE_KEY: {"loss": {"bank": torch.zeros(2)}}}, step)
+    assert latest_good_checkpoint(folder, with_state=True) == (str(step), str(step))
+    torch.save({"epoch": 1, "state_dict": {},
+                EMBEDDED_STATE_KEY: {"loss": {"bank": torch.tensor([float("nan")])}}}, step)
+    with caplog.at_level("WARNING"):
+        assert latest_good_checkpoint(folder, with_state=True)[0] == str(tmp_path / "epoch_1.pt")
+    assert "hn_state.loss.bank" in caplog.text

@@ -10,26 +10,24 @@ written to a temp file and renamed, so a killed run resumes by skipping finished
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import sys
-import tarfile
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
-from ..argtypes import argparse_type
-from ..files import TMP_PREFIX, atomic_open, expand_shards
+from ..argtypes import InputError, argparse_type, overwritten_input, positive_int
+from ..files import atomic_open, expand_shards
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
-from .shards import (NEGATIVES_EXTENSION, MalformedLine, negatives_member, read_captions,
-                     shard_captions, split_key, word_counts)
+from .manifest import ManifestError
+from .shards import MalformedLine, read_captions, shard_captions, word_counts
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 
 def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> None:
-    parser.add_argument("--num", "-k", type=int, default=num_default, metavar="K",
+    parser.add_argument("--num", "-k", type=positive_int, default=num_default, metavar="K",
                         help=f"Negatives per caption. Default: {num_default}.")
     parser.add_argument("--types", type=argparse_type(parse_types), default=NEGATIVE_TYPES, metavar="A,B",
                         help=f"Comma list of types (default: all): {', '.join(NEGATIVE_TYPES)}.")
@@ -73,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--caption-key", default="caption",
                      help="Column (csv/tsv) or key (jsonl) holding the caption. Default: caption.")
     gen.add_argument("--output", required=True, help="Output .jsonl, written atomically.")
-    gen.add_argument("--workers", type=int, default=1, help="Worker processes. Default: 1.")
+    gen.add_argument("--workers", type=positive_int, default=1, help="Worker processes. Default: 1.")
     gen.add_argument("--strict", action="store_true", help="Fail on the first malformed input line.")
     _add_generator_flags(gen, 4)
 
@@ -81,7 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--shards", required=True, help="Input shards, brace pattern: 'in-{000000..000009}.tar'.")
     pre.add_argument("--output-dir", required=True, help="Folder for the output shards (same names).")
     pre.add_argument("--caption-key", default="txt", help="Member extension holding the caption. Default: txt.")
-    pre.add_argument("--workers", type=int, default=1, help="Shards processed in parallel. Default: 1.")
+    pre.add_argument("--workers", type=positive_int, default=1,
+                     help="Shards processed in parallel. Default: 1.")
+    pre.add_argument("--allow-damaged", action="store_true",
+                     help="Keep the readable samples of a truncated or corrupt input shard (counted "
+                          "in a warning and the manifest) instead of failing on it.")
     _add_generator_flags(pre, 4)
 
     voc = sub.add_parser("vocabulary", help="Words of the training captions -> a --hn-vocabulary file.")
@@ -91,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     voc.add_argument("--caption-key", default=None,
                      help="Member extension (shards; default: txt) or column/key (file; default: "
                           "caption) holding the caption.")
-    voc.add_argument("--min-count", type=int, default=1, metavar="N",
+    voc.add_argument("--min-count", type=positive_int, default=1, metavar="N",
                      help="Keep words seen at least N times (drops typos). Default: 1.")
     voc.add_argument("--output", required=True, help="Word list (one per line), written atomically.")
 
@@ -121,6 +123,10 @@ def _progress(iterable, **kwargs):
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    if not os.path.isfile(args.input):
+        raise InputError(f"caption file {args.input} not found (--input)")
+    if overwritten_input([args.output], [args.input]):
+        raise InputError(f"--output {args.output} is the --input file; write elsewhere")
     generator = _generator(args)
     captions, malformed = [], 0
     for item in read_captions(args.input, args.caption_key):
@@ -132,6 +138,9 @@ def run_generate(args: argparse.Namespace) -> int:
             malformed += 1
             continue
         captions.append(item)
+    if not captions:
+        raise InputError(f"{args.input}: no caption to process ({malformed} malformed line(s)); "
+                         "check the file and --caption-key")
     work = partial(_generate_one, generator, args.num)
     with atomic_open(args.output, "w", encoding="utf-8") as handle:
         if args.workers > 1:
@@ -156,63 +165,6 @@ def _write_results(handle, captions: list, results) -> int:
 
 # ---- webdataset shards ---------------------------------------------------------------------------
 
-def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator, k: int,
-                     caption_key: str) -> tuple[str, int, int]:
-    """Write `output_dir/<name>` with a neg.json per sample; skip when it already exists.
-
-    Returns (status, samples, masked). Corrupt members are skipped with a warning, like
-    webdataset's warn_and_continue; a truncated archive keeps the samples read so far.
-    """
-    destination = os.path.join(output_dir, os.path.basename(source))
-    if os.path.exists(destination):
-        return "skipped", 0, 0
-    generator.load()
-    samples = masked = 0
-    # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
-    with atomic_open(destination, "wb") as handle, \
-            tarfile.open(source, "r:*", ignore_zeros=True) as reader, \
-            tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
-        key, caption, last, expected_offset = None, None, None, 0
-
-        def flush() -> None:
-            nonlocal samples, masked
-            if key is None:
-                return
-            negatives = generator.generate(caption, k) if caption is not None else []
-            samples += 1
-            masked += not negatives
-            info, data = negatives_member(key, negatives, last)
-            writer.addfile(info, io.BytesIO(data))
-
-        try:
-            for member in reader:
-                if member.offset > expected_offset:
-                    print(f"warning: {source}: corrupt tar data at byte {expected_offset} skipped "
-                          f"(resuming at {member.name})", file=sys.stderr)
-                expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-                if not member.isfile():
-                    continue
-                member_key, extension = split_key(member.name)
-                if extension == NEGATIVES_EXTENSION:
-                    continue  # a rerun on precomputed shards replaces old negatives
-                payload = reader.extractfile(member).read()
-                if member_key != key:
-                    flush()
-                    key, caption = member_key, None
-                last = member
-                if extension == caption_key:
-                    try:
-                        caption = payload.decode("utf-8")
-                    except UnicodeDecodeError:
-                        print(f"warning: {source}: {member.name} is not UTF-8; sample masked", file=sys.stderr)
-                writer.addfile(member, io.BytesIO(payload))
-        except (tarfile.TarError, EOFError, OSError, ValueError) as err:
-            print(f"warning: {source}: unreadable tar data after {samples} samples ({err}); "
-                  "rest of the shard skipped", file=sys.stderr)
-        flush()
-    return "written", samples, masked
-
-
 def _existing_shards(spec: str) -> list[str] | None:
     """The shards of `--shards`; None, after naming a missing one, when any is not there."""
     shards = expand_shards(spec)
@@ -224,34 +176,22 @@ def _existing_shards(spec: str) -> list[str] | None:
 
 
 def run_precompute(args: argparse.Namespace) -> int:
+    from .precompute import precompute
+
     shards = _existing_shards(args.shards)
     if shards is None:
         return 2
-    os.makedirs(args.output_dir, exist_ok=True)
-    for stale in Path(args.output_dir).glob(TMP_PREFIX + "*"):
-        stale.unlink()  # temp files of a killed run
-    generator = _generator(args)
-    work = partial(precompute_shard, output_dir=args.output_dir, generator=generator, k=args.num,
-                   caption_key=args.caption_key)
-    totals = {"written": 0, "skipped": 0}
-    samples = masked = 0
-    if args.workers > 1:
-        with Pool(args.workers) as pool:
-            results = list(_progress(pool.imap(work, shards), total=len(shards), unit="shard"))
-    else:
-        results = [work(s) for s in _progress(shards, unit="shard")]
-    for status, count, empty in results:
-        totals[status] += 1
-        samples += count
-        masked += empty
-    print(f"{totals['written']} shards written, {totals['skipped']} already done (skipped); "
-          f"{samples} samples, {masked} without negatives -> {args.output_dir}", file=sys.stderr)
-    return 0
+    generator = _generator(args)  # a bad --vocabulary fails here, before the folder is claimed
+    return precompute(shards, args.output_dir, generator, args.num, args.caption_key,
+                      workers=args.workers, allow_damaged=args.allow_damaged,
+                      vocabulary=args.vocabulary, lm=args.lm)
 
 
 def run_vocabulary(args: argparse.Namespace) -> int:
-    if args.min_count < 1:
-        print(f"error: --min-count must be >= 1, got {args.min_count}", file=sys.stderr)
+    clash = overwritten_input([args.output], [args.input] if args.input else
+                              expand_shards(args.shards))
+    if clash:
+        print(f"error: --output {clash} is an input; write the word list elsewhere", file=sys.stderr)
         return 2
     if args.shards:
         shards = _existing_shards(args.shards)
@@ -322,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"show": run_show, "generate": run_generate, "precompute": run_precompute,
                 "vocabulary": run_vocabulary, "audit": run_audit_command,
                 "plausibility": run_plausibility_command}[args.command](args)
-    except (WordNetMissingError, VocabularyError, PlausibilityError, AuditError) as err:
+    except (WordNetMissingError, VocabularyError, PlausibilityError, AuditError, ManifestError,
+            InputError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -346,6 +346,7 @@ def is_saved_model(path: str | os.PathLike) -> bool:
 
 def read_caption_file(path: str, caption_key: str = "caption") -> list[str]:
     """The captions of a txt/csv/tsv/jsonl file (the formats `negatives generate` reads)."""
+    from ..argtypes import InputError
     from .shards import read_captions
 
     suffix = Path(path).suffix.lower()
@@ -355,7 +356,7 @@ def read_caption_file(path: str, caption_key: str = "caption") -> list[str]:
                                 "`python -m open_clip_hn.negatives plausibility`")
     try:
         return [c for c in read_captions(path, caption_key) if isinstance(c, str)]
-    except SystemExit as err:  # read_captions names a missing column this way
+    except InputError as err:  # read_captions names a missing column this way
         raise PlausibilityError(f"{err} (or save a model once with `python -m open_clip_hn.negatives "
                                 f"plausibility --input {path} --caption-key NAME --output MODEL.npz` and "
                                 "pass MODEL.npz)") from None

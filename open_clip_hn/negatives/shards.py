@@ -17,6 +17,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..argtypes import InputError
 from ..files import expand_shards
 from .lexicon import VocabularyError, words_of
 
@@ -84,7 +85,7 @@ def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
             handle.seek(0)
             reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
             if reader.fieldnames is None or caption_key not in reader.fieldnames:
-                raise SystemExit(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
+                raise InputError(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
                                  "pass --caption-key NAME")
             for row in reader:
                 value = row.get(caption_key)
@@ -109,25 +110,38 @@ def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
 
 
 def csv_captions(path: str, separator: str, caption_key: str) -> list[str]:
-    """The captions of an OpenCLIP CSV (`--csv-separator`, `--csv-caption-key`).
+    """The captions of column `caption_key` of the CSV at `path`, in row order.
 
-    Empty or non-text cells are skipped and counted in a warning naming the file; a missing
-    column is a VocabularyError naming the file, its columns and the flags to set."""
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        reader = csv.DictReader(handle, delimiter=separator)
-        if reader.fieldnames is None or caption_key not in reader.fieldnames:
-            raise VocabularyError(f"{path} has no column {caption_key!r} (columns: "
-                                  f"{reader.fieldnames or []}); set --csv-caption-key and "
-                                  "--csv-separator")
-        captions, empty = [], 0
-        for row in reader:
-            value = row.get(caption_key)
-            if isinstance(value, str) and value.strip():
-                captions.append(value)
-            else:
-                empty += 1
-    if empty:
-        logging.warning("%s: %d row(s) with an empty %r cell skipped", path, empty, caption_key)
+    Empty or NaN cells (pandas reads '', 'NA', 'null', ... as NaN) and blank captions are
+    skipped, with one warning naming the file, the count and the first row. Raises
+    VocabularyError naming the file and the fix when it cannot be read or lacks the column.
+    """
+    import pandas
+
+    if not os.path.isfile(path):
+        raise VocabularyError(f"caption file {path} not found (--train-data)")
+    try:
+        table = pandas.read_csv(path, sep=separator)
+    except (pandas.errors.ParserError, pandas.errors.EmptyDataError, UnicodeDecodeError,
+            ValueError) as err:
+        raise VocabularyError(f"{path} cannot be read as a CSV with separator {separator!r} "
+                              f"({err}); check --csv-separator") from None
+    if caption_key not in table.columns:
+        raise VocabularyError(f"{path} has no column {caption_key!r} (columns, split at "
+                              f"{separator!r}: {list(table.columns)}); set --csv-caption-key "
+                              "and --csv-separator")
+    captions, skipped = [], []
+    for row, value in enumerate(table[caption_key].tolist()):
+        text = "" if pandas.isna(value) else str(value)
+        if text.strip():
+            captions.append(text)
+        else:
+            skipped.append(row)
+    if skipped:
+        # row numbers as in the file: 1-based, after the header line
+        logging.warning("%s: skipped %d of %d row(s) with an empty caption in column %r "
+                        "(first: data row %d); OpenCLIP trains on them as the text 'nan'",
+                        path, len(skipped), len(table), caption_key, skipped[0] + 1)
     return captions
 
 

@@ -1,0 +1,171 @@
+"""What a `precompute` output folder holds: generator settings, and per shard its input and counts.
+
+Layout inside `--output-dir`:
+  .precompute/settings.json       the generator settings every shard of the folder was made with
+                                  (num, types, seed, vocabulary digest, lm, caption key, version)
+  .precompute/<shard>.json        one entry per finished shard: the input's identity (size and a
+                                  digest of its ends), samples, masked, skipped (damaged) data and
+                                  the output's size; written after the shard, so its presence
+                                  (matching input and output) is what "done" means
+
+One entry file per shard means concurrent jobs writing disjoint shards never touch the same
+file; only the settings are read-checked-written, under an `fcntl.flock`. Plain Python (no
+torch), like the rest of `negatives/`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tarfile
+from typing import Any, Iterator
+
+from .. import __version__
+from ..files import atomic_write_json
+from .shards import NEGATIVES_EXTENSION, split_key
+
+MANIFEST_DIR = ".precompute"
+SETTINGS = "settings.json"
+FORMAT_VERSION = 1
+_FLAGS = {"num": "--num", "types": "--types", "seed": "--seed", "vocabulary": "--vocabulary",
+          "lm": "--lm", "caption_key": "--caption-key", "version": "open_clip_hn version",
+          "format": "manifest format"}
+
+
+class ManifestError(ValueError):
+    """An output folder or precomputed shard that does not match what was asked."""
+
+
+def _digest_file(path: str) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def generator_settings(num: int, types: tuple[str, ...], seed: int, vocabulary: str | None,
+                       lm: str | None, caption_key: str) -> dict[str, Any]:
+    """Everything the output of `precompute` is a function of (besides the input shards).
+
+    The vocabulary enters by content (its file may be rewritten under the same name); the LM
+    by path, as a local model folder has no cheap content digest.
+    """
+    return {"format": FORMAT_VERSION, "version": __version__, "num": num, "types": list(types),
+            "seed": seed, "vocabulary": None if vocabulary is None else _digest_file(vocabulary),
+            "lm": None if lm is None else os.path.abspath(lm), "caption_key": caption_key}
+
+
+def _entry_path(output_dir: str, name: str) -> str:
+    return os.path.join(output_dir, MANIFEST_DIR, name + ".json")
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None  # absent or unreadable: treated as "not done", the shard is made again
+
+
+@contextlib.contextmanager
+def _locked(output_dir: str) -> Iterator[None]:
+    folder = os.path.join(output_dir, MANIFEST_DIR)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def claim_output_dir(output_dir: str, settings: dict[str, Any]) -> None:
+    """Record `settings` as the folder's, or refuse when it was made with others.
+
+    A folder mixing two configurations would train on both without a trace; checked and
+    written under a lock, so two jobs starting together agree on one.
+    """
+    with _locked(output_dir):
+        path = os.path.join(output_dir, MANIFEST_DIR, SETTINGS)
+        stored = _read_json(path)
+        if stored is None:
+            atomic_write_json(path, settings, indent=1)
+            return
+    differing = [f"{_FLAGS.get(k, k)} {_show(settings.get(k))} (folder: {_show(stored.get(k))})"
+                 for k in sorted(set(settings) | set(stored)) if settings.get(k) != stored.get(k)]
+    if differing:
+        raise ManifestError(
+            f"--output-dir {output_dir} holds negatives made with other settings: "
+            f"{'; '.join(differing)}. Pass another --output-dir for these settings, or rerun "
+            f"with the folder's settings to finish it")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    if isinstance(value, str) and len(value) == 64:
+        return f"sha256 {value[:12]}…"
+    return str(value)
+
+
+def shard_done(output_dir: str, source: str, identity: dict[str, Any]) -> bool:
+    """Whether `output_dir` holds a finished output of `source` as it is now (same identity)."""
+    name = os.path.basename(source)
+    entry = _read_json(_entry_path(output_dir, name))
+    output = os.path.join(output_dir, name)
+    return (isinstance(entry, dict) and entry.get("input") == identity
+            and os.path.isfile(output) and os.path.getsize(output) == entry.get("output_size"))
+
+
+def record_shard(output_dir: str, source: str, identity: dict[str, Any], samples: int,
+                 masked: int, damaged: str | None) -> None:
+    """Mark the shard finished (after its output was renamed into place)."""
+    name = os.path.basename(source)
+    atomic_write_json(_entry_path(output_dir, name), {
+        "input": identity, "input_path": os.path.abspath(source), "samples": samples,
+        "masked": masked, "damaged": damaged,
+        "output_size": os.path.getsize(os.path.join(output_dir, name))}, indent=1)
+
+
+def _keys_without_negatives(path: str) -> tuple[int, int]:
+    """(samples, samples without a neg.json member) of one shard, from its tar headers."""
+    keys: dict[str, bool] = {}
+    try:
+        with tarfile.open(path, "r:*") as reader:
+            for member in reader:
+                if member.isfile():
+                    key, extension = split_key(member.name)
+                    keys[key] = keys.get(key, False) or extension == NEGATIVES_EXTENSION
+    except (tarfile.TarError, EOFError, OSError) as err:
+        raise ManifestError(f"--hn-negatives precomputed: shard {path} cannot be read ({err}); "
+                            "it is damaged: precompute it again") from None
+    return len(keys), sum(not has for has in keys.values())
+
+
+def check_precomputed_shards(shards: list[str]) -> None:
+    """Refuse training on precomputed shards unless EVERY local shard is complete.
+
+    A shard with a manifest entry must still have the size it was written with; a shard
+    without one (made by another tool or an older version) must have a neg.json member for
+    every sample. Remote shards (URLs, pipes) cannot be checked here and are skipped: the
+    loader's own check covers them while streaming.
+    """
+    fix = ("write them with `python -m open_clip_hn.negatives precompute --shards '<raw "
+           "shards>' --output-dir DIR` and train on DIR, or use --hn-negatives online")
+    for shard in shards:
+        if not os.path.isfile(shard):
+            continue
+        folder, name = os.path.split(os.path.abspath(shard))
+        entry = _read_json(_entry_path(folder, name))
+        if isinstance(entry, dict) and entry.get("output_size") == os.path.getsize(shard):
+            continue
+        if isinstance(entry, dict):
+            raise ManifestError(f"--hn-negatives precomputed: shard {shard} is "
+                                f"{os.path.getsize(shard)} bytes, but precompute wrote "
+                                f"{entry.get('output_size')}: it changed since; {fix}")
+        samples, missing = _keys_without_negatives(shard)
+        if missing:
+            raise ManifestError(f"--hn-negatives precomputed: shard {shard} has no neg.json "
+                                f"member for {missing} of its {samples} samples (a raw shard?); "
+                                f"{fix}")

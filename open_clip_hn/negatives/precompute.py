@@ -1,0 +1,184 @@
+"""`negatives precompute`: shards rewritten with a `<key>.neg.json` per sample, recorded in a manifest.
+
+Each shard is written to a temp file and renamed, then recorded in `manifest.py`'s per-shard
+entry, so a killed run resumes by skipping the shards whose entry matches their input. A
+truncated or corrupt input shard is reported with counts and not written (unless
+`allow_damaged`), and the command exits non-zero. Plain Python (no torch).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tarfile
+from collections import Counter
+from functools import partial
+from multiprocessing import Pool
+
+from ..argtypes import InputError
+from ..files import atomic_open, content_identity, remove_stale_temps
+from .generator import NegativeGenerator
+from .manifest import claim_output_dir, generator_settings, record_shard, shard_done
+from .shards import NEGATIVES_EXTENSION, negatives_member, split_key
+
+
+class DamagedShard(Exception):
+    """An input shard that cannot be read whole: the message says where and how much was read."""
+
+
+def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator, k: int,
+                     caption_key: str, allow_damaged: bool = False) -> tuple[str, int, int, str]:
+    """Write `output_dir/<name>` with a neg.json per sample, unless the manifest says it is done.
+
+    Returns (status, samples, masked, detail), status one of written, skipped, damaged. A
+    truncated or corrupt input is not written (status damaged, detail saying where and how
+    much was read) unless `allow_damaged`: then the readable samples are kept, like
+    webdataset's warn_and_continue, and the manifest records the damage.
+    """
+    destination = os.path.join(output_dir, os.path.basename(source))
+    identity = content_identity(source)
+    if shard_done(output_dir, source, identity):
+        return "skipped", 0, 0, ""
+    try:
+        # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
+        reader = tarfile.open(source, "r:*", ignore_zeros=True)
+    except (tarfile.TarError, EOFError, OSError) as err:
+        return "damaged", 0, 0, f"0 samples readable; not a tar archive ({err})"
+    generator.load()
+    samples = masked = 0
+    size = identity["size"]
+    damage: list[str] = []
+    try:
+        with reader, atomic_open(destination, "wb") as handle, \
+                tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
+            key, caption, last, expected_offset = None, None, None, 0
+
+            def flush() -> None:
+                nonlocal samples, masked
+                if key is None:
+                    return
+                negatives = generator.generate(caption, k) if caption is not None else []
+                samples += 1
+                masked += not negatives
+                info, data = negatives_member(key, negatives, last)
+                writer.addfile(info, io.BytesIO(data))
+
+            try:
+                for member in reader:
+                    if member.offset > expected_offset:
+                        damage.append(f"{member.offset - expected_offset} corrupt bytes at byte "
+                                      f"{expected_offset} skipped (resumed at {member.name})")
+                    expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    if not member.isfile():
+                        continue
+                    member_key, extension = split_key(member.name)
+                    if extension == NEGATIVES_EXTENSION:
+                        continue  # a rerun on precomputed shards replaces old negatives
+                    payload = reader.extractfile(member).read()
+                    if len(payload) != member.size:
+                        raise tarfile.ReadError(f"{member.name} cut short")
+                    if member_key != key:
+                        flush()
+                        key, caption = member_key, None
+                    last = member
+                    if extension == caption_key:
+                        try:
+                            caption = payload.decode("utf-8")
+                        except UnicodeDecodeError:
+                            print(f"warning: {source}: {member.name} is not UTF-8; sample masked",
+                                  file=sys.stderr)
+                    writer.addfile(member, io.BytesIO(payload))
+                if not _compressed(source):  # offsets are the file's own: check its end
+                    damage += _trailing_damage(source, expected_offset, size)
+            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                damage.append(f"unreadable tar data after byte {min(expected_offset, size)} of {size} "
+                              f"({err}); "
+                              "rest of the shard skipped")
+            flush()
+            if damage and not allow_damaged:
+                raise DamagedShard()
+    except DamagedShard:
+        return "damaged", samples, masked, f"{samples} samples readable; " + "; ".join(damage)
+    detail = "; ".join(damage)
+    if damage:
+        print(f"warning: {source}: damaged, kept the {samples} readable samples (--allow-damaged): "
+              f"{detail}", file=sys.stderr)
+    record_shard(output_dir, source, identity, samples, masked, detail or None)
+    return "written", samples, masked, detail
+
+
+def _compressed(path: str) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+
+
+def _trailing_damage(path: str, end: int, size: int) -> list[str]:
+    """What is wrong after the last member (byte `end`) of an uncompressed tar, if anything.
+
+    A whole tar ends in at least two zero blocks; a file cut at a member boundary lacks them
+    (a valid-looking but short archive), and bytes that are not zeros are data tarfile skipped
+    because no header could be read in them (garbage, or damaged members at the end).
+    """
+    if size - end < 2 * tarfile.BLOCKSIZE:
+        return [f"the file ends at byte {size} without tar's end-of-archive marker (truncated)"]
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        while block := handle.read(1 << 20):
+            if block.strip(b"\0"):
+                return [f"{size - end} bytes after the last readable member (byte {end}) are "
+                        "not tar's end-of-archive zeros (corrupt or not a tar)"]
+    return []
+
+
+def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator, k: int,
+               caption_key: str, workers: int = 1, allow_damaged: bool = False,
+               vocabulary: str | None = None, lm: str | None = None) -> int:
+    """`negatives precompute`: every shard into `output_dir`, recorded in its manifest.
+
+    Returns the exit status: 0, 1 when an input shard is damaged (reported with counts) or no
+    sample was found, 2 when the output folder cannot be used (named, with the fix).
+    """
+    from .cli import _progress
+
+    inside = [s for s in shards if os.path.samefile(os.path.dirname(os.path.abspath(s)),
+                                                    output_dir)] \
+        if os.path.isdir(output_dir) else []
+    if inside:
+        print(f"error: --output-dir {output_dir} holds the input shards (e.g. {inside[0]}); "
+              "the output would overwrite them: pass another --output-dir", file=sys.stderr)
+        return 2
+    if lm and not os.path.exists(lm):
+        raise InputError(f"--lm {lm} not found; pass a local masked LM folder")
+    os.makedirs(output_dir, exist_ok=True)
+    claim_output_dir(output_dir, generator_settings(
+        k, generator.types, generator.seed, vocabulary, lm, caption_key))
+    remove_stale_temps(output_dir)  # of killed runs; a live job's temps stay
+    work = partial(precompute_shard, output_dir=output_dir, generator=generator, k=k,
+                   caption_key=caption_key, allow_damaged=allow_damaged)
+    if workers > 1:
+        with Pool(workers) as pool:
+            results = list(_progress(pool.imap(work, shards), total=len(shards), unit="shard"))
+    else:
+        results = [work(s) for s in _progress(shards, unit="shard")]
+    totals = Counter(status for status, *_ in results)
+    samples = sum(count for status, count, *_ in results if status == "written")
+    masked = sum(empty for status, _, empty, _ in results if status == "written")
+    print(f"{totals['written']} shards written, {totals['skipped']} already done (skipped), "
+          f"{totals['damaged']} damaged (not written); {samples} samples, {masked} without "
+          f"negatives -> {output_dir}", file=sys.stderr)
+    damaged = [(shard, detail) for shard, (status, *_, detail) in zip(shards, results)
+               if status == "damaged"]
+    for shard, detail in damaged:
+        print(f"error: input shard {shard} is damaged: {detail}", file=sys.stderr)
+    if damaged:
+        print(f"error: {len(damaged)} of {len(shards)} input shard(s) damaged and not written; "
+              "re-create or re-download them and rerun (finished shards are kept), or pass "
+              "--allow-damaged to keep only their readable samples", file=sys.stderr)
+        return 1
+    if totals["written"] and not samples:
+        print(f"error: no samples in {totals['written']} shard(s) (e.g. {shards[0]}); are they "
+              "webdataset tars?", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,113 @@
+"""Faults end in a clear error before work, a counted warning, or correct training: never silent,
+never a lost epoch (issue 18, the adapter's side)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, run_module, train_argv
+from open_clip_hn.negatives.cli import main as negatives_main
+from open_clip_hn.neighbors import build
+
+HN = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc"]
+
+pytestmark = pytest.mark.slow
+
+
+def train(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+
+
+def logged(log_text: str, name: str) -> list[float]:
+    return [float(v) for v in re.findall(rf"{name}: ([-0-9.]+)", log_text)]
+
+
+@pytest.fixture(scope="module")
+def two_epochs(scene_csv, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("faults")
+    run_module("open_clip_hn.train", train_argv(scene_csv, str(logs), "run", *HN, epochs=2))
+    return logs
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous_pair(two_epochs, scene_csv, tmp_path):
+    """A kill while epoch_2.pt was written: --resume latest warns and resumes from epoch 1."""
+    import shutil
+
+    shutil.copytree(two_epochs / "run", tmp_path / "run")
+    newest = tmp_path / "run" / "checkpoints" / "epoch_2.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    run_module("open_clip_hn.train", train_argv(scene_csv, str(tmp_path), "run", *HN,
+                                                "--resume", "latest", epochs=3))
+    log = (tmp_path / "run" / "out.log").read_text()
+    assert f"skipping {newest}" in log
+    assert re.search(r"=> resuming checkpoint '.*epoch_1\.pt' \(epoch 1\)", log)
+    assert (tmp_path / "run" / "checkpoints" / "epoch_3.pt").exists()
+
+
+def test_damaged_state_and_a_resume_without_flags_are_refused(two_epochs, scene_csv, tmp_path):
+    import shutil
+
+    shutil.copytree(two_epochs / "run", tmp_path / "run")
+    checkpoint = tmp_path / "run" / "checkpoints" / "epoch_2.pt"
+    state_file = tmp_path / "run" / "checkpoints" / "epoch_2.pt.hn"
+
+    plain = train(train_argv(scene_csv, str(tmp_path), "plain", "--resume", str(checkpoint), epochs=3))
+    assert plain.returncode == 2, plain.stderr[-2000:]
+    assert f"plugin state in {state_file}" in plain.stderr and "--hn-drop-state" in plain.stderr
+
+    state = torch.load(state_file, weights_only=False)
+    state["loss"]["thresholds"] = {k: (v * float("nan") if isinstance(v, torch.Tensor) and
+                                       v.is_floating_point() else v)
+                                   for k, v in state["loss"]["thresholds"].items()}
+    torch.save(state, state_file)
+    nan = train(train_argv(scene_csv, str(tmp_path), "nan", *HN, "--resume", str(checkpoint),
+                           epochs=3))
+    assert nan.returncode == 2 and f"error: plugin state {state_file}" in nan.stderr, nan.stderr[-2000:]
+    assert "non-finite" in nan.stderr
+    assert not (tmp_path / "nan" / "checkpoints" / "epoch_3.pt").exists()
+
+    dropped = train(train_argv(scene_csv, str(tmp_path), "dropped", "--hn-drop-state", "--resume",
+                               str(checkpoint), epochs=3))
+    assert dropped.returncode == 0, dropped.stderr[-3000:]
+    assert "--hn-drop-state: resuming" in (tmp_path / "dropped" / "out.log").read_text()
+
+
+def test_a_broken_evaluation_set_fails_before_the_first_step(scene_csv, tmp_path):
+    missing = train(train_argv(scene_csv, str(tmp_path), "missing", *HN,
+                               "--hn-eval-compositional", str(tmp_path / "nowhere")))
+    assert missing.returncode == 2 and "--hn-eval-compositional" in missing.stderr
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    (sets / "swap_att.json").write_text('{"0": {"filename": "a.png"}}')  # no captions
+    broken = train(train_argv(scene_csv, str(tmp_path), "broken", *HN,
+                              "--hn-eval-compositional", str(sets)))
+    assert broken.returncode != 0
+    assert "swap_att.json" in broken.stderr + broken.stdout
+    assert "Train Epoch" not in (tmp_path / "broken" / "out.log").read_text()
+
+
+def test_precomputed_negatives_reach_the_image_neighbours_too(scene_shards, tiny_model_config, tmp_path):
+    """Neighbour samples are read past the stage that folds neg.json: they get their negatives
+    as well (half of every batch had none)."""
+    out = tmp_path / "pre"
+    assert negatives_main(["precompute", "--shards", scene_shards, "--output-dir", str(out),
+                           "--num", "2", "--types", "replace_relation,swap_attributes"]) == 0
+    shards = "::".join(str(out / path.rsplit("/", 1)[1]) for path in scene_shards.split("::"))
+    index = str(tmp_path / "index")
+    build(shards, "hn-tiny-vit", index, model_config=tiny_model_config, k=4)
+    argv = train_argv(shards, str(tmp_path), "nb", "--hn-negatives", "precomputed",
+                      "--hn-num-negatives", "2", "--hn-loss", "itc", "--hn-image-neighbors", index,
+                      "--hn-types", "replace_relation,swap_attributes", num_samples=64)
+    run_module("open_clip_hn.train", argv)
+    log = (tmp_path / "nb" / "out.log").read_text()
+    assert "Hard image negatives: each sample is followed by" in log
+    masked = logged(log, "Hn_masked")
+    # a few captions have fewer than 2 negatives of these types; a neighbour without its negatives
+    # would mask half of every batch (0.5 at every step before the fix)
+    assert masked and max(masked) <= 0.125 and sum(masked) / len(masked) < 0.1, masked
