@@ -232,10 +232,7 @@ def _check_precomputed_shards(args: argparse.Namespace) -> None:
                          f"{data!r} (--dataset-type {args.dataset_type})")
     from .negatives.manifest import check_precomputed_shards
 
-    try:
-        check_precomputed_shards(oc_data.expand_urls(data)[0])  # every local shard, not the first
-    except ValueError as err:
-        raise ValueError(f"--hn-negatives precomputed: {err}") from None
+    check_precomputed_shards(oc_data.expand_urls(data)[0])  # every local shard, not the first
 
 
 def _train_captions(args: argparse.Namespace) -> TrainCaptions:

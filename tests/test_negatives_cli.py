@@ -297,7 +297,7 @@ def test_check_precomputed_shards_finds_a_raw_later_shard(tmp_path):
     shards = [str(out / "in-000000.tar"), str(out / "in-000001.tar")]
     check_precomputed_shards(shards)
     os.replace(source / "in-000002.tar", out / "in-000002.tar")  # a raw shard among them
-    with pytest.raises(ManifestError, match=r"shard .*in-000002.tar has no neg.json member for 10 "
+    with pytest.raises(ManifestError, match=r"shard .*in-000002.tar has no neg.json members for 10 "
                                             r"of its 10 samples.*negatives precompute"):
         check_precomputed_shards([*shards, str(out / "in-000002.tar")])
     _write_shards(source, count=1, per_shard=3)

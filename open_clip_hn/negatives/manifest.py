@@ -167,5 +167,5 @@ def check_precomputed_shards(shards: list[str]) -> None:
         samples, missing = _keys_without_negatives(shard)
         if missing:
             raise ManifestError(f"--hn-negatives precomputed: shard {shard} has no neg.json "
-                                f"member for {missing} of its {samples} samples (a raw shard?); "
+                                f"members for {missing} of its {samples} samples (a raw shard?); "
                                 f"{fix}")
