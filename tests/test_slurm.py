@@ -417,7 +417,7 @@ def test_preemption_and_time_limit_requeue_and_resume_with_plugin_state(jobs):
                               text)
     assert len(resumed_from) == 2, text[-3000:]
     assert int(resumed_from[0][1]) >= first and int(resumed_from[1][1]) >= resumed
-    assert text.count("is a step checkpoint") == 2 and text.count("Resuming inside epoch") == 2
+    assert text.count("is a step checkpoint") == 2 and text.count("Resuming epoch") == 2
     submitit_log = (job_dir / f"{job_id}_0_log.err").read_text()
     assert submitit_log.count("Calling checkpoint method") >= 2  # rank 0 handled both signals
     assert optimizer_steps(checkpoints / f"epoch_{epochs}.pt") == epochs * samples // (BATCH * WORLD)
