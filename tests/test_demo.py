@@ -104,6 +104,7 @@ def test_the_model_config_names_the_model(tmp_path):
     assert demo.train_argv(data, str(tmp_path), "run", 1, 8, 1e-3, "cpu", 0, 0, 1)[1] == "hn-tiny-rn"
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_tiny(tmp_path, capsys):
     document = demo.main(["--output-dir", str(tmp_path), "--samples", "128", "--test-items", "8",
                           "--pretrain-epochs", "1", "--epochs", "1", "--batch-size", "32",

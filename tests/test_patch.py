@@ -122,6 +122,7 @@ def test_install_prefers_the_official_hooks(patched_site):
     assert proc.stdout.split() == ["other,open_clip_hn"]
 
 
+@pytest.mark.slow
 def test_patched_route_trains_like_the_monkeypatch_route(patched_site, scene_csv, tmp_path):
     run(train_argv(scene_csv, str(tmp_path), "patched", "--plugins", "open_clip_hn", *HN_ONLINE),
         site=patched_site, module="open_clip_train.main")
@@ -138,6 +139,7 @@ def test_patched_route_trains_like_the_monkeypatch_route(patched_site, scene_csv
     assert (tmp_path / "patched" / "checkpoints" / "epoch_2.pt.hn").is_file()
 
 
+@pytest.mark.slow
 def test_patched_trainer_without_plugins_is_openclip(patched_site, scene_csv, tmp_path):
     run(train_argv(scene_csv, str(tmp_path), "patched"), site=patched_site)
     run(train_argv(scene_csv, str(tmp_path), "vanilla"))

@@ -20,6 +20,7 @@ def neighbor_index(scene_shards, tiny_model_config, tmp_path_factory) -> str:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_one_step(recipe: Path, scene_shards, neighbor_index, tmp_path):
     extra = ["--hn-config", str(recipe)]

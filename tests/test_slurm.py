@@ -376,6 +376,7 @@ def newest_checkpoint(checkpoints: Path) -> int:
     return max(epochs, default=0)
 
 
+@pytest.mark.slow
 def test_preemption_and_time_limit_requeue_and_resume_with_plugin_state(jobs):
     """SIGUSR2 from a real time limit and then as a preemption (scancel), each mid-run.
 
@@ -423,6 +424,7 @@ def test_preemption_and_time_limit_requeue_and_resume_with_plugin_state(jobs):
     assert optimizer_steps(checkpoints / f"epoch_{epochs}.pt") == epochs * samples // (BATCH * WORLD)
 
 
+@pytest.mark.slow
 def test_two_node_run_trains_on_both_ranks_and_loads_in_open_clip(jobs):
     import open_clip
 
@@ -444,6 +446,7 @@ def test_two_node_run_trains_on_both_ranks_and_loads_in_open_clip(jobs):
     assert torch.equal(model.state_dict()["logit_scale"], saved["module.logit_scale"])
 
 
+@pytest.mark.slow
 def test_sbatch_template_runs_the_same_job(jobs):
     env = jobs["env"]
     job_id, job_dir, epochs, samples = jobs["sbatch"]

@@ -84,6 +84,7 @@ def test_parser_holds_every_openclip_flag():
     assert len(openclip_flags) > 80 and openclip_flags <= ours
 
 
+@pytest.mark.slow
 def test_no_hn_flag_run_equals_openclip(tmp_path, scene_csv):
     """Same seed, same data, no --hn-* flag: identical losses and identical weights."""
     run_vanilla(train_argv(scene_csv, str(tmp_path), "vanilla"))
@@ -118,6 +119,7 @@ def tensorboard_tags(run_dir: Path) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_online_negatives_epoch_loads_in_plain_openclip(tmp_path, scene_shards):
     argv = train_argv(scene_shards, str(tmp_path), "hn", *HN_ONLINE)
     argv[argv.index("--report-to") + 1] = "tensorboard"
@@ -150,6 +152,7 @@ def assert_plain_openclip_scores(checkpoint_path: Path) -> None:
     assert abs(sum(probs[0]) - 1) < 1e-5
 
 
+@pytest.mark.slow
 def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
     """Issue 5's run: itc,intra,rank,importance + bank + linear curriculum with warmup."""
     argv = train_argv(scene_shards, str(tmp_path), "all", "--hn-negatives", "online",
@@ -169,6 +172,7 @@ def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
 MIRROR = ["--hn-mirror", "horizontal,vertical", "--hn-mirror-weight", "2", "--hn-loss", "itc,choice"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], MIRROR], ids=["negatives", "negatives+mirror"])
 def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
     """--accum-freq 2 with batch 4 takes the same steps as batch 8: the metadata (and the
@@ -190,6 +194,7 @@ def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
         assert_plain_openclip_scores(tmp_path / "accum" / "checkpoints" / "epoch_1.pt")
 
 
+@pytest.mark.slow
 def test_resume_latest_restores_plugin_state(tmp_path, scene_shards):
     first = train_argv(scene_shards, str(tmp_path), "run", *HN_ONLINE, "--hn-memory-bank-size",
                        "16", "--hn-loss", "itc,mined", epochs=1)
@@ -217,6 +222,7 @@ def test_precomputed_without_negatives_is_refused(tmp_path, scene_shards):
     assert "open_clip_hn.negatives precompute" in proc.stderr + proc.stdout
 
 
+@pytest.mark.slow
 def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
     """2 gloo CPU processes (the env torchrun sets): both ranks train, one checkpoint + state;
     each rank reads the same vocabulary from the training captions."""
@@ -241,6 +247,7 @@ INSTALL_ROUTE = ("import sys, open_clip_hn; open_clip_hn.install(); "
                  "import open_clip_train.main as m; m.main(sys.argv[1:])")
 
 
+@pytest.mark.slow
 def test_install_route_and_in_loop_evaluation(tmp_path, scene_shards):
     """`open_clip_hn.install()` then OpenCLIP's own `main`; compositional accuracy is logged."""
     from open_clip_hn.scenes import write_compositional_sets
