@@ -147,22 +147,31 @@ def main() -> None:
              "shorter than the demo's, where 117 steps would be most of the run. Default: the "
              "recipe's own warmup.")
     add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
-    add("--only-table", action="store_true", help="Print the table of the finished runs and exit.")
+    add("--scores-file", default="scores.json",
+        help="Where this process records its scores in the output folder (a second process on "
+             "the same folder, running other variants in parallel, names another file). "
+             "Default: scores.json.")
+    add("--only-table", action="store_true",
+        help="Print the table of the finished runs (every scores*.json of the folder) and exit.")
     args = parser.parse_args()
     settings = [tuple(s.split("/")) for s in args.settings.split(";") if s]
     bad = [s for s in settings if len(s) != 2 or s[0] not in WORLDS or s[1] not in TOWERS]
     variants = [v for v in args.variants.split(";") if v]
     unknown = [v for v in variants if v not in VARIANTS]
-    if bad or unknown or "vanilla" not in variants:
+    if bad or unknown:
         parser.error(f"--settings: use WORLD/TOWER with WORLD in {WORLDS} and TOWER in {TOWERS} "
-                     f"(got {bad}); --variants: known {list(VARIANTS)} including vanilla "
-                     f"(unknown: {unknown})")
+                     f"(got {bad}); --variants: known {list(VARIANTS)} (unknown: {unknown})")
 
     out = os.path.abspath(args.output_dir)
-    scores_path = os.path.join(out, "scores.json")
+    scores_path = os.path.join(out, args.scores_file)
     scores: dict = json.load(open(scores_path)) if os.path.isfile(scores_path) else {}
     if args.only_table:
-        print(format_tables({k: {v: s["metrics"] for v, s in runs.items()} for k, runs in scores.items()}))
+        merged: dict[str, dict[str, dict[str, float]]] = {}
+        for name in sorted(os.listdir(out)):
+            if name.startswith("scores") and name.endswith(".json"):
+                for setting, runs in json.load(open(os.path.join(out, name))).items():
+                    merged.setdefault(setting, {}).update({v: r["metrics"] for v, r in runs.items()})
+        print(format_tables(merged))
         return
     for world, tower in settings:
         setting = f"{world}/{tower}"
