@@ -15,6 +15,10 @@ world2's captions run to 24 tokens) and a 4-layer ViT with 8-pixel patches at 64
     nice -n 15 python benchmarks/recipe_worlds.py --output-dir recipe-worlds --samples 5000
     python benchmarks/recipe_worlds.py --output-dir recipe-worlds --only-table
 
+Several of these in parallel on a few CPU cores (one `--settings` each, separate output folders):
+set OMP_NUM_THREADS=1, or torch's intra-op threads of the runs spin against each other (4 runs on
+2 cores went from ~0.5 s to ~15-45 s per step).
+
 Runs and scores are cached in the output folder (each run under its command line, recipe and
 model-config contents, starting checkpoint and shards), so an interrupted run continues and
 `--only-table` prints what is finished.
