@@ -47,7 +47,11 @@ VARIANTS: dict[str, list[str]] = {
     "vanilla": [],
     "recommended.yaml": ["--hn-config", RECOMMENDED],
     "recommended + distill ema": ["--hn-config", RECOMMENDED, "--hn-distill", "ema"],
+    "recommended + distill ema 0.99": ["--hn-config", RECOMMENDED, "--hn-distill", "ema",
+                                       "--hn-distill-ema-decay", "0.99"],
     "recommended + distill frozen": ["--hn-config", RECOMMENDED, "--hn-distill", "frozen"],
+    "recommended + soft": ["--hn-config", RECOMMENDED, "--hn-label-smoothing", "0.1",
+                           "--hn-focal-gamma", "1"],
     "recommended + distill ema + soft": ["--hn-config", RECOMMENDED, "--hn-distill", "ema",
                                          "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
 }
