@@ -7,7 +7,6 @@ import math
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import TINY_MODEL, TINY_MODEL_CONFIG, unit
 from open_clip_hn import losses as L
