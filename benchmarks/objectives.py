@@ -2,8 +2,8 @@
 
 The reference ("vanilla, same texts") runs the same model on the same batch and encodes the same
 B*(1+K) texts, then applies OpenCLIP's `ClipLoss` to the positives only; so the ratio isolates the
-HN machinery (gathering, masks, curriculum, extra logits, bank, mining) from the K extra text
-forwards. A plain vanilla step (B texts) is printed too. Steps of all variants are interleaved
+HN machinery (gathering, masks, curriculum, extra logits, bank, mining, the distillation
+teacher's no-grad forward and EMA update) from the K extra text forwards. A plain vanilla step (B texts) is printed too. Steps of all variants are interleaved
 round by round so drift hits them alike; the table reports medians.
 
     python benchmarks/objectives.py                       # hn-tiny-vit, ~1-2 minutes on 2 CPU cores
@@ -25,6 +25,7 @@ from open_clip.loss import ClipLoss
 from open_clip_hn.config import HNConfig
 from open_clip_hn.objective import HardNegativeLoss
 from open_clip_hn.packing import PackedOutputs
+from open_clip_hn.teacher import Teacher
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "open_clip_hn", "model_configs", "hn-tiny-vit.json")
 OBJECTIVES = {
@@ -35,6 +36,8 @@ OBJECTIVES = {
     "importance": dict(loss=("importance",)),
     "mined": dict(loss=("itc", "mined")),
     "all": dict(loss=("itc", "choice", "intra", "rank", "importance", "mined")),
+    # the step includes the EMA teacher's forward (B images, B captions) and its update
+    "distill (ema)": dict(loss=("itc", "choice"), distill="ema"),
 }
 
 
@@ -76,6 +79,8 @@ def print_loss_only(args, variants, model, images, texts, mask, types, reference
         out = model(images, texts)
     b, k = args.batch_size, args.num_negatives
     image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    fixed_teacher = dict(teacher_image=image.flip(0), teacher_text=text[::1 + k].flip(0),
+                         teacher_logit_scale=scale.detach().reshape(1).expand(b))
     timings = {}
     for name, (loss_fn, _, hn) in variants.items():
         if name == "vanilla (B texts)":
@@ -86,7 +91,8 @@ def print_loss_only(args, variants, model, images, texts, mask, types, reference
             synchronize(device)
             start = time.perf_counter()
             if hn:
-                losses = loss_fn(i, t, scale, PackedOutputs(mask, types), output_dict=True)
+                distill = fixed_teacher if loss_fn.config.distill != "none" else {}
+                losses = loss_fn(i, t, scale, PackedOutputs(mask, types, **distill), output_dict=True)
             else:
                 losses = loss_fn(i, t.view(b, 1 + k, -1)[:, 0], scale, output_dict=True)
             sum(losses.values()).backward()
@@ -120,8 +126,14 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         out = model(images, texts_in)
         if hn:
+            distill = {}
+            if loss_fn.config.distill != "none":  # what teacher.attach_teacher's hook adds
+                teacher_image, teacher_text, teacher_scale = teachers[loss_fn.config.distill].features(
+                    images, texts_in[::1 + k])
+                distill = dict(teacher_image=teacher_image, teacher_text=teacher_text,
+                               teacher_logit_scale=teacher_scale.reshape(1).expand(b))
             losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                             PackedOutputs(mask, types), output_dict=True)
+                             PackedOutputs(mask, types, **distill), output_dict=True)
         else:
             text_features = out["text_features"].view(b, -1, out["text_features"].shape[-1])[:, 0]
             losses = loss_fn(out["image_features"], text_features, out["logit_scale"], output_dict=True)
@@ -130,13 +142,15 @@ def main() -> None:
         synchronize(device)
         return time.perf_counter() - start
 
+    teachers = {"ema": Teacher(model, "ema")}
     clip = ClipLoss()
     variants = {"vanilla (B texts)": (clip, texts[::1 + k], False),
                 "vanilla (same texts)": (clip, texts, False)}
     for name, extra in OBJECTIVES.items():
         config = HNConfig(negatives="online", num_negatives=k, memory_bank_size=args.bank_size,
                           mined_k=args.mined_k, curriculum="const", **extra)
-        hn_loss = HardNegativeLoss(config, total_steps=10_000)
+        on_step_end = teachers[config.distill].update if config.distill != "none" else None
+        hn_loss = HardNegativeLoss(config, total_steps=10_000, on_step_end=on_step_end)
         variants[name] = (hn_loss, texts, True)
 
     times = {name: [] for name in variants}

@@ -4,7 +4,7 @@ SLURM sends `--signal=USR2@delay` `delay` seconds before the time limit (submit.
 120 s; SLURM's own KillWait after SIGTERM: 30 s); the step in flight plus this save must fit.
 Builds an OpenCLIP model with random weights and AdamW state after one step, then times what a
 step checkpoint costs: OpenCLIP's checkpoint dict (state_dict + optimizer) plus the position and
-RNG states, written through a temp file with fsync (`preemption.save_checkpoint`), against a plain
+RNG states, written through a temp file with fsync (`state.atomic_torch_save`), against a plain
 `torch.save` of the same dict (what OpenCLIP's epoch save does), in the same run.
 
     python benchmarks/step_save.py --model ViT-B-32 --repeats 3 --dir /tmp
@@ -21,7 +21,8 @@ import time
 import open_clip
 import torch
 
-from open_clip_hn.preemption import EpochPosition, rng_state, save_checkpoint
+from open_clip_hn.preemption import EpochPosition, rng_state
+from open_clip_hn.state import atomic_torch_save
 
 
 def checkpoint_of(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -59,7 +60,7 @@ def main() -> None:
         path = os.path.join(folder, "epoch_0_step_100.pt")
         plain = timed(lambda: torch.save(checkpoint_of(model, optimizer), path), args.repeats)
         size = os.path.getsize(path)
-        step = timed(lambda: save_checkpoint(path, checkpoint_of(model, optimizer)), args.repeats)
+        step = timed(lambda: atomic_torch_save(checkpoint_of(model, optimizer), path), args.repeats)
 
     print(f"{args.model}: {params / 1e6:.1f}M parameters, checkpoint {size / 2**20:.0f} MiB "
           f"(weights + AdamW state), {os.cpu_count()} CPUs")

@@ -20,6 +20,7 @@ NEGATIVE_SOURCES = ("none", "online", "precomputed")
 CURRICULA = ("const", "linear", "cosine", "step")
 MINER_BACKENDS = ("torch", "faiss")
 RANK_THRESHOLD_MODES = ("adaptive-mean", "adaptive-max")
+DISTILL_TEACHERS = ("none", "frozen", "ema")
 TRAIN_DATA_VOCABULARY = "train-data"  # --hn-vocabulary: the words of the training captions
 NO_VOCABULARY = "none"  # --hn-vocabulary: any lexicon word (overrides a recipe's vocabulary)
 
@@ -81,6 +82,12 @@ class HNConfig:
     # mirrored image pairs (image-side negatives for spatial relations)
     mirror: tuple[str, ...] = ()
     mirror_weight: float = 1.0
+    # capability-preserving distillation and softer hard-negative terms (issue 21)
+    distill: str = "none"
+    distill_weight: float = 1.0
+    distill_ema_decay: float = 0.999
+    label_smoothing: float = 0.0
+    focal_gamma: float = 0.0
     # curriculum
     curriculum: str = "const"
     curriculum_warmup: int = 0
@@ -162,6 +169,11 @@ class HNConfig:
                 "precompute`")
         if self.image_neighbors_per_sample < 1:
             raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
+        if not 0 <= self.distill_ema_decay < 1:
+            raise ValueError(f"--hn-distill-ema-decay must be in [0, 1), got {self.distill_ema_decay} "
+                             "(1 would never move the teacher: use --hn-distill frozen)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--hn-label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -250,6 +262,24 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "joins the itc batch and the mirror term; it is the image-side hard negative that "
              "makes the image encoder read the layout. Vertical flips suit rendered scenes, "
              "rarely photos. 'none' (the default): off.")
+    add("--hn-distill", dest="hn_distill", choices=DISTILL_TEACHERS, default="none",
+        help="Distil toward the model being continued, so retrieval is kept while the hard "
+             "negatives teach composition: the student's image<->text similarity distribution over "
+             "the ordinary batch matches a teacher's (KL; term 'distill', --hn-distill-weight). "
+             "'frozen': the weights the run started from; 'ema': an exponential moving average of "
+             "the student (DeGLA). The teacher is saved with the plugin state. Default: none.")
+    add("--hn-distill-ema-decay", dest="hn_distill_ema_decay", type=unit_float, default=0.999,
+        help="EMA decay of --hn-distill ema's teacher per optimizer step, in [0, 1). "
+             "Default: 0.999.")
+    add("--hn-label-smoothing", dest="hn_label_smoothing", type=unit_float, default=0.0,
+        metavar="EPS",
+        help="Label smoothing on the softmaxes that hold text negatives (itc's image->text side, "
+             "choice): EPS of the target spread over the row's valid columns (FSC-CLIP). "
+             "Default: 0 (off).")
+    add("--hn-focal-gamma", dest="hn_focal_gamma", type=non_negative_float, default=0.0,
+        metavar="GAMMA",
+        help="Focal weighting (1 - p_target)^GAMMA on the same softmaxes (FSC-CLIP): rows the "
+             "model already gets right weigh less. Default: 0 (off).")
     add("--hn-curriculum", dest="hn_curriculum", choices=CURRICULA, default="const",
         help="Schedule of the hard-negative share and of the intra/rank/mined/mirror weights over "
              "training. Default: const.")

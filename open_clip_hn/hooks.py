@@ -120,7 +120,9 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError("--siglip: the hard-negative objectives are softmax (InfoNCE) losses; "
                          "drop --siglip or the --hn-* flags")
     if args.distill_model:
-        raise ValueError("--distill-model: distillation is not combined with hard negatives")
+        raise ValueError("--distill-model: OpenCLIP's distillation from another model is not "
+                         "combined with hard negatives; --hn-distill distils from the model being "
+                         "continued")
     if args.horovod:
         raise ValueError("--horovod: use torch.distributed (the default) with hard negatives")
     if "coca" in args.model.lower():

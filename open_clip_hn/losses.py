@@ -183,3 +183,62 @@ def mined_loss(image_anchor: torch.Tensor, text_anchor: torch.Tensor, all_image:
 
     return (direction(image_anchor, all_text, mined_text, mined_text_mask)
             + direction(text_anchor, all_image, mined_image, mined_image_mask)) / 2
+
+
+def similarity_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(teacher) || softmax(student)); the teacher is a constant."""
+    teacher = F.log_softmax(teacher_logits.detach(), dim=1)
+    return (teacher.exp() * (teacher - F.log_softmax(student_logits, dim=1))).sum(dim=1).mean()
+
+
+def distill_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor,
+                 all_text: torch.Tensor, teacher_image: torch.Tensor, teacher_text: torch.Tensor,
+                 teacher_all_image: torch.Tensor, teacher_all_text: torch.Tensor,
+                 logit_scale: torch.Tensor, teacher_logit_scale: torch.Tensor) -> torch.Tensor:
+    """Similarity distillation over the ordinary batch (positives only): each anchor image's
+    softmax over the N captions, and each anchor caption's over the N images, matches the
+    teacher's (KL, both directions averaged). Each model's logits use its own logit scale, as
+    OpenCLIP's `DistillClipLoss` does; the teacher's side carries no gradient."""
+    student_i2t = logit_scale * image @ all_text.T
+    student_t2i = logit_scale * text @ all_image.T
+    teacher_i2t = teacher_logit_scale * teacher_image @ teacher_all_text.T
+    teacher_t2i = teacher_logit_scale * teacher_text @ teacher_all_image.T
+    return (similarity_kl(student_i2t, teacher_i2t) + similarity_kl(student_t2i, teacher_t2i)) / 2
+
+
+def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0,
+                       focal_gamma: float = 0.0) -> torch.Tensor:
+    """Per-row cross-entropy with label smoothing and focal weighting (FSC-CLIP's softer hard
+    negatives), over the finite (valid) logits of each row only:
+        loss = (1 - p_y)^gamma * [-(1 - eps) log p_y - eps / M * sum_{valid j} log p_j]
+    with M the row's valid columns (the target itself included). eps = gamma = 0 is plain CE.
+    Masked (-inf) columns get neither target mass nor gradient."""
+    log_p = F.log_softmax(logits, dim=1)
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    log_p_target = log_p[rows, labels]
+    loss = -log_p_target
+    if smoothing > 0:
+        valid = torch.isfinite(logits)
+        uniform = -torch.where(valid, log_p, torch.zeros_like(log_p)).sum(dim=1) / valid.sum(dim=1)
+        loss = (1 - smoothing) * loss + smoothing * uniform
+    if focal_gamma > 0:
+        # clamped away from 0: (1 - p)^gamma has an infinite slope at p = 1 for gamma < 1
+        loss = (1 - log_p_target.exp()).clamp(min=1e-6) ** focal_gamma * loss
+    return loss
+
+
+def softened_itc_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor,
+                      labels: torch.Tensor, smoothing: float, focal_gamma: float) -> torch.Tensor:
+    """`itc_loss` whose image->text side (the one holding the text negatives) is
+    `soft_cross_entropy`; text->image stays plain CE."""
+    return (soft_cross_entropy(logits_per_image, labels, smoothing, focal_gamma).mean()
+            + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def softened_choice_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
+                         negative_mask: torch.Tensor, logit_scale: torch.Tensor, smoothing: float,
+                         focal_gamma: float) -> torch.Tensor:
+    """`choice_loss` with `soft_cross_entropy` (a sample without valid negatives still gives 0)."""
+    logits = _own_choice_logits(image, text, negatives, negative_mask, logit_scale)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    return soft_cross_entropy(logits, labels, smoothing, focal_gamma).mean()

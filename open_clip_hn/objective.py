@@ -9,6 +9,8 @@ Its `state_dict()` holds everything a resumed run needs to continue where it sto
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from . import losses as L
@@ -19,7 +21,8 @@ from .memory_bank import MemoryBank
 from .miner import mine
 from .mirror import MirrorPairs, gather_mirrors
 from .packing import PackedOutputs
-from .terms import LoggedValue, MinedNegatives, TermBatch, TermContext, active_terms, weight_of
+from .terms import (LoggedValue, MinedNegatives, TeacherFeatures, TermBatch, TermContext, active_terms,
+                    weight_of)
 
 
 class HardNegativeLoss(torch.nn.Module):
@@ -32,7 +35,9 @@ class HardNegativeLoss(torch.nn.Module):
 
     def __init__(self, config: HNConfig, *, rank: int = 0, world_size: int = 1, local_loss: bool = False,
                  gather_with_grad: bool = False, accum_freq: int = 1, start_step: int = 0,
-                 total_steps: int | None = None):
+                 total_steps: int | None = None, on_step_end: Callable[[], None] | None = None):
+        """`on_step_end` runs once per optimizer step, after the objective's own update (the
+        run's EMA teacher, `teacher.py`)."""
         super().__init__()
         if config.importance_tau_plus >= 1:
             raise ValueError("--hn-importance-tau-plus must be < 1 (it is the share of false "
@@ -50,6 +55,7 @@ class HardNegativeLoss(torch.nn.Module):
         self.start_step = start_step
         self.grad_calls = 0
         self.negative_counts = torch.zeros(2, dtype=torch.long)  # [slots, valid] since last taken
+        self.on_step_end = on_step_end
         fixed = config.fixed_rank_threshold
         self.thresholds = RankThresholds("fixed" if fixed is not None else config.rank_threshold, fixed)
         self.bank = MemoryBank(config.memory_bank_size, config.memory_bank_fp16) \
@@ -75,12 +81,16 @@ class HardNegativeLoss(torch.nn.Module):
             raise ValueError("hard-negative outputs given twice: as `packed` and as model output keys")
         packed = from_outputs if packed is None else packed
         mirrors = None if packed.mirrors is None else packed.mirrors.float()
+        teacher = None
+        if packed.teacher_image is not None:
+            teacher = (packed.teacher_image.float(), packed.teacher_text.float(),
+                       packed.teacher_logit_scale.float()[0])
         # the terms run in fp32 even under bf16/fp16 autocast: -inf masks and logsumexp need the range
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             losses = self._losses(image_features.float(), text_features.float(), logit_scale.float(),
                                   packed.neg_mask, packed.neg_types,
                                   None if logit_bias is None else logit_bias.float(), mirrors,
-                                  packed.neg_blind)
+                                  packed.neg_blind, teacher)
         if output_dict:
             return losses
         return sum(v for v in losses.values() if isinstance(v, torch.Tensor))
@@ -107,22 +117,32 @@ class HardNegativeLoss(torch.nn.Module):
 
     def _gather(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, types: torch.Tensor,
                 share: float, step: int, mirrors: MirrorPairs | None = None,
-                blind: torch.Tensor | None = None) -> TermBatch:
+                blind: torch.Tensor | None = None,
+                teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> TermBatch:
         batch, dim = image.shape
         positives, negatives = L.split_text_features(text, batch)
         k = negatives.shape[1]
-        blind = torch.full_like(types, -1) if blind is None else blind.to(types.device, torch.long)
+        if blind is not None:
+            blind = blind.to(types.device, torch.long)
+        teacher_all = None if teacher is None else teacher[:2]
         if self.world_size == 1:
             all_image, all_text, all_negatives, all_mask, all_types = image, positives, negatives, mask, types
             all_blind = blind
         else:
-            grouped = torch.cat([image.unsqueeze(1), text.view(batch, 1 + k, dim)], dim=1)
+            parts = [image.unsqueeze(1), text.view(batch, 1 + k, dim)]
+            if teacher is not None:  # the teacher's rows ride in the same gather (constants)
+                parts += [teacher[0].unsqueeze(1), teacher[1].unsqueeze(1)]
+            grouped = torch.cat(parts, dim=1)
             gathered = gather_rows(grouped, rank=self.rank, world_size=self.world_size,
                                    with_grad=self.gather_with_grad, keep_local_grad=not self.local_loss)
-            all_image, all_text, all_negatives = gathered[:, 0], gathered[:, 1], gathered[:, 2:]
-            meta = gather_rows(torch.stack([mask.long(), types, blind], dim=1), rank=self.rank,
+            all_image, all_text, all_negatives = gathered[:, 0], gathered[:, 1], gathered[:, 2:2 + k]
+            if teacher is not None:
+                teacher_all = (gathered[:, 2 + k].detach(), gathered[:, 3 + k].detach())
+            columns = [mask.long(), types] + ([] if blind is None else [blind])
+            meta = gather_rows(torch.stack(columns, dim=1), rank=self.rank,
                                world_size=self.world_size)
-            all_mask, all_types, all_blind = meta[:, 0].bool(), meta[:, 1], meta[:, 2]
+            all_mask, all_types = meta[:, 0].bool(), meta[:, 1]
+            all_blind = None if blind is None else meta[:, 2]
         used = all_mask & negative_keep_mask(tuple(all_mask.shape), share, seed=self.config.seed,
                                              step=step, device=all_mask.device)
         local = self.local_loss and self.world_size > 1
@@ -140,8 +160,13 @@ class HardNegativeLoss(torch.nn.Module):
                                       step=step, device=all_mask.device)[:, 0]
             gathered_mirrors = gather_mirrors(mirrors, keep, rank=self.rank, world_size=self.world_size,
                                               local=local, with_grad=self.gather_with_grad)
+        gathered_teacher = None
+        if teacher_all is not None:
+            rows = slice(self.rank * batch, (self.rank + 1) * batch) if local else slice(None)
+            gathered_teacher = TeacherFeatures(teacher_all[0], teacher_all[1], teacher_all[0][rows],
+                                               teacher_all[1][rows], teacher[2])
         return TermBatch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels,
-                         mirrors=gathered_mirrors, all_blind=all_blind)
+                         mirrors=gathered_mirrors, all_blind=all_blind, teacher=gathered_teacher)
 
     def _mine(self, b: TermBatch, share: float) -> MinedNegatives:
         anchors, dim, k = b.image.shape[0], b.image.shape[1], self.config.mined_k
@@ -158,11 +183,18 @@ class HardNegativeLoss(torch.nn.Module):
     def _losses(self, image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                 mask: torch.Tensor | None, types: torch.Tensor | None,
                 logit_bias: torch.Tensor | None, mirrors: MirrorPairs | None = None,
-                blind: torch.Tensor | None = None) -> dict[str, torch.Tensor | LoggedValue]:
+                blind: torch.Tensor | None = None,
+                teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> dict[str, torch.Tensor | LoggedValue]:
         mask, types = self._metadata(image, text, mask, types)
+        if teacher is None and any("teacher" in t.needs for t in self.terms):
+            raise ValueError("--hn-distill: the model output has no teacher features; attach the "
+                             "teacher with HardNegativeRun.model_created (teacher.attach_teacher) "
+                             "or pass PackedOutputs(teacher_image=..., teacher_text=..., "
+                             "teacher_logit_scale=...)")
         step = self.step
         share = self.curriculum(step)
-        b = self._gather(image, text, mask, types, share, step, mirrors, blind)
+        b = self._gather(image, text, mask, types, share, step, mirrors, blind, teacher)
         if self.bank is not None:
             self.bank.to(image.device)
         ctx = TermContext(self.config, logit_scale, logit_bias, share, self.thresholds,
@@ -182,7 +214,7 @@ class HardNegativeLoss(torch.nn.Module):
         if b.all_mask.shape[1]:
             stats["hn_negatives"] = LoggedValue(b.used.sum(dim=1).float().mean())
             stats["hn_masked"] = LoggedValue(1 - b.all_mask.float().mean())
-            if self.config.plausibility is not None:  # the text-only shortcut's share of negatives
+            if b.all_blind is not None and self.config.plausibility is not None:  # the shortcut's share
                 known = b.all_mask & (b.all_blind >= 0)
                 rejected = known & (b.all_blind == 1)
                 stats["hn_blind"] = LoggedValue(rejected.sum() / known.sum().clamp(min=1))
@@ -209,6 +241,8 @@ class HardNegativeLoss(torch.nn.Module):
             self.thresholds.update(L.rank_gaps(b.all_image, b.all_text, b.all_negatives), b.all_types, b.all_mask)
         if self.bank is not None:
             self.bank.push(b.all_image, b.all_text)
+        if self.on_step_end is not None:
+            self.on_step_end()
 
     # ------------------------------------------------------------------ state
 

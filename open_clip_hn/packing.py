@@ -227,17 +227,23 @@ class PackedOutputs:
     neg_types: torch.Tensor | None = None  # [B, K] long: type id, -1 where masked
     mirrors: MirrorPairs | None = None     # the mirrored pairs' features (--hn-mirror)
     neg_blind: torch.Tensor | None = None  # [B, K] long: 1 text-only reader rejects it, 0 not, -1 unknown
+    teacher_image: torch.Tensor | None = None  # [B, D] --hn-distill's teacher, this batch's images
+    teacher_text: torch.Tensor | None = None   # [B, D] ... and positive captions
+    teacher_logit_scale: torch.Tensor | None = None  # [B]: the teacher's scale, once per sample
+    # (a 0-d value would not survive --accum-freq's torch.cat)
 
     _KEYS: ClassVar[dict[str, str]] = {"neg_mask": "hn_neg_mask", "neg_types": "hn_neg_types",
-                                       "neg_blind": "hn_neg_blind"}
+                                       "neg_blind": "hn_neg_blind",
+                                       "teacher_image": "hn_teacher_image_features",
+                                       "teacher_text": "hn_teacher_text_features",
+                                       "teacher_logit_scale": "hn_teacher_logit_scale"}
     _MIRROR_KEYS: ClassVar[dict[str, str]] = {"image": "hn_mirror_image_features",
                                               "text": "hn_mirror_text_features",
                                               "mask": "hn_mirror_mask"}
 
     @property
     def empty(self) -> bool:
-        return (self.neg_mask is None and self.neg_types is None and self.mirrors is None
-                and self.neg_blind is None)
+        return all(getattr(self, field) is None for field in self._KEYS) and self.mirrors is None
 
     def write(self, output: dict) -> dict:
         """Put the values into a model output dict (in place; returned for chaining)."""

@@ -69,6 +69,8 @@ class HardNegativeRun:
         self.resume_position: EpochPosition | None = None  # a step checkpoint was resumed
         self.stop = StopRequest()
         self._stop_installed = False
+        self.teacher = None  # --hn-distill's Teacher (teacher.py)
+        self.resumed = False
 
     @property
     def enabled(self) -> bool:
@@ -79,8 +81,16 @@ class HardNegativeRun:
     def model_created(self, model: torch.nn.Module, preprocess_val) -> None:
         """Attach the packing hooks (negatives and mirrored pairs ride in one forward)."""
         self.preprocess_val = preprocess_val
+        if self.config.distill != "none":  # copied before any hook is attached
+            from .teacher import Teacher
+
+            self.teacher = Teacher(model, self.config.distill, self.config.distill_ema_decay)
         if self.config.packs_texts:
             attach_model_hooks(model, self.config.packed_negatives, bool(self.config.mirror))
+        if self.teacher is not None:
+            from .teacher import attach_teacher
+
+            attach_teacher(model, self.teacher, self.config.packed_negatives, bool(self.config.mirror))
 
     # ------------------------------------------------------------------ data
 
@@ -228,7 +238,10 @@ class HardNegativeRun:
 
         loss = HardNegativeLoss(self.config, rank=rank, world_size=world_size, local_loss=local_loss,
                                 gather_with_grad=gather_with_grad, accum_freq=accum_freq,
-                                start_step=self.start_step, total_steps=self.total_steps)
+                                start_step=self.start_step, total_steps=self.total_steps,
+                                on_step_end=None if self.teacher is None else self.teacher.update)
+        if self.teacher is not None:
+            self._restore_teacher()
         if self.pending_state is not None:
             saved = self.pending_state["loss"]
             loss.load_state_dict(saved)
@@ -241,13 +254,27 @@ class HardNegativeRun:
         self.loss = loss
         return loss
 
+    def _restore_teacher(self) -> None:
+        """A resumed run continues the saved teacher; without one, the resumed weights are it."""
+        saved = None if self.pending_state is None else self.pending_state.get("teacher")
+        if saved is not None:
+            self.teacher.load_state_dict(saved)
+        elif self.resumed:
+            logging.warning("--hn-distill %s: no saved teacher for this checkpoint; the teacher "
+                            "starts from the resumed weights", self.config.distill)
+            self.teacher.reset_from_student()
+
     def state(self) -> dict[str, Any]:
         assert self.loss is not None, "the loss is created before the first epoch ends"
-        return {"config": dataclasses.asdict(self.config), "loss": self.loss.state_dict()}
+        state = {"config": dataclasses.asdict(self.config), "loss": self.loss.state_dict()}
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        return state
 
     def checkpoint_loaded(self, path: str, checkpoint) -> None:
         """On a resume from `path`, pick up the plugin state: inside a step checkpoint, else
         beside the checkpoint of its epoch (`StateError` names a damaged one)."""
+        self.resumed = True
         if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
             return
         if self.config.drop_state:

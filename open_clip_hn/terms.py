@@ -73,7 +73,19 @@ NEEDS = {
     "bank": Need("a memory bank", "set --hn-memory-bank-size N > 0",
                  lambda c: c.memory_bank_size > 0),
     "mirrors": Need("mirrored pairs", "set --hn-mirror AXES", lambda c: bool(c.mirror)),
+    "teacher": Need("a teacher model", "set --hn-distill frozen or ema", lambda c: c.distill != "none"),
 }
+
+
+@dataclass(frozen=True)
+class TeacherFeatures:
+    """The teacher's features of the ordinary batch (--hn-distill), gathered like the student's."""
+
+    all_image: torch.Tensor  # [N, D]
+    all_text: torch.Tensor   # [N, D] positive captions only
+    image: torch.Tensor      # [A, D] the anchors' rows
+    text: torch.Tensor       # [A, D]
+    logit_scale: torch.Tensor
 
 
 @dataclass
@@ -94,6 +106,7 @@ class TermBatch:
     labels: torch.Tensor         # [A] global row of each anchor's pair
     mirrors: "MirrorBatch | None" = None  # --hn-mirror's pairs, gathered
     all_blind: torch.Tensor | None = None  # [N, K] 1 where a text-only reader rejects the negative
+    teacher: TeacherFeatures | None = None  # --hn-distill's teacher features, gathered
 
 
 @dataclass(frozen=True)
@@ -238,6 +251,9 @@ def _itc_logits(b: TermBatch, ctx: TermContext):
                        "every rank, text→image over positives")
 def itc(b: TermBatch, ctx: TermContext) -> torch.Tensor:
     per_image, per_text, labels, share = _itc_logits(b, ctx)
+    c = ctx.config
+    if c.label_smoothing or c.focal_gamma:
+        return L.softened_itc_loss(per_image, per_text, labels, c.label_smoothing, c.focal_gamma) * share
     return L.itc_loss(per_image, per_text, labels) * share
 
 
@@ -245,6 +261,10 @@ def itc(b: TermBatch, ctx: TermContext) -> torch.Tensor:
                summary="per image, a softmax over its own caption and that caption's valid "
                        "negatives")
 def choice(b: TermBatch, ctx: TermContext) -> torch.Tensor:
+    c = ctx.config
+    if c.label_smoothing or c.focal_gamma:
+        return L.softened_choice_loss(b.image, b.text, b.negatives, b.anchor_used, ctx.logit_scale,
+                                      c.label_smoothing, c.focal_gamma)
     return L.choice_loss(b.image, b.text, b.negatives, b.anchor_used, ctx.logit_scale)
 
 
@@ -300,6 +320,20 @@ def mined(b: TermBatch, ctx: TermContext) -> TermResult:
 def mirror(b: TermBatch, ctx: TermContext) -> torch.Tensor:
     m = b.mirrors
     return L.mirror_loss(b.image, b.text, m.image, m.text, m.used, ctx.logit_scale)
+
+
+@register_term("distill", weight=True, needs=("teacher",), selectable=False,
+               source="DeGLA (EMA self-distillation), CLIP-KD", doc_name="`distill` (`--hn-distill`)",
+               weight_help="KL from the teacher's image<->text similarity distribution over the "
+                           "ordinary batch to the student's; 0 turns the term off",
+               summary="the student's image→text and text→image softmax over the ordinary batch "
+                       "(positives only, each model's own logit scale) matches a frozen or EMA "
+                       "teacher's (KL, both directions): keeps retrieval while the other terms "
+                       "teach composition")
+def distill(b: TermBatch, ctx: TermContext) -> torch.Tensor:
+    t = b.teacher
+    return L.distill_loss(b.image, b.text, b.all_image, b.all_text, t.image, t.text, t.all_image,
+                          t.all_text, ctx.logit_scale, t.logit_scale)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ CONFIGS = {
     "itc+choice+intra+rank+mined": dict(loss=("itc", "choice", "intra", "rank", "mined")),
     "importance+mined": dict(loss=("importance", "mined"), importance_tau_plus=0.1),
     "itc+choice+mirror": dict(loss=("itc", "choice"), mirror=("horizontal",), mirror_weight=2.0),
+    "itc+choice+distill": dict(loss=("itc", "choice"), distill="ema", distill_weight=2.0),
 }
 MODES = [(False, True), (True, True), (False, False)]  # (local_loss, gather_with_grad)
 
@@ -42,7 +43,9 @@ def global_batch(step: int):
     mirror_image = F.normalize(torch.randn(N, D, generator=g), dim=-1)
     mirror_text = F.normalize(torch.randn(N, D, generator=g), dim=-1)
     mirror_mask = torch.rand(N, generator=g) > 0.4
-    return image, text, mask, types, (mirror_image, mirror_text, mirror_mask)
+    teacher = (F.normalize(torch.randn(N, D, generator=g), dim=-1),
+               F.normalize(torch.randn(N, D, generator=g), dim=-1))
+    return image, text, mask, types, (mirror_image, mirror_text, mirror_mask), teacher
 
 
 def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_grad: bool):
@@ -51,13 +54,18 @@ def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_gra
     b = N // world_size
     records = []
     for step in range(STEPS):
-        image, text, mask, types, mirrors = global_batch(step)
+        image, text, mask, types, mirrors, teacher = global_batch(step)
         rows = slice(rank * b, (rank + 1) * b)
         image = image[rows].clone().requires_grad_()
         text = text[rank * b * (1 + K):(rank + 1) * b * (1 + K)].clone().requires_grad_()
         mirror_image, mirror_text = (m[rows].clone().requires_grad_() for m in mirrors[:2])
         pairs = MirrorPairs(mirror_image, mirror_text, mirrors[2][rows]) if loss.config.mirror else None
-        out = loss(image, text, SCALE, PackedOutputs(mask[rows], types[rows], pairs), output_dict=True)
+        distill = {}
+        if loss.config.distill != "none":  # the teacher's features of this rank's rows
+            distill = dict(teacher_image=teacher[0][rows], teacher_text=teacher[1][rows],
+                           teacher_logit_scale=torch.full((b,), 4.0))
+        out = loss(image, text, SCALE, PackedOutputs(mask[rows], types[rows], pairs, **distill),
+                   output_dict=True)
         sum(out.values()).backward()
         records.append({"values": {k: v.item() for k, v in out.items()},
                         "image_grad": image.grad, "text_grad": text.grad,

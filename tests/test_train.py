@@ -172,8 +172,12 @@ def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
 MIRROR = ["--hn-mirror", "horizontal,vertical", "--hn-mirror-weight", "2", "--hn-loss", "itc,choice"]
 
 
+DISTILL = ["--hn-distill", "ema", "--hn-distill-ema-decay", "0.5", "--hn-loss", "itc,choice"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], MIRROR], ids=["negatives", "negatives+mirror"])
+@pytest.mark.parametrize("extra", [[], MIRROR, DISTILL],
+                         ids=["negatives", "negatives+mirror", "negatives+distill"])
 def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
     """--accum-freq 2 with batch 4 takes the same steps as batch 8: the metadata (and the
     mirrored pairs) stay aligned."""
@@ -185,7 +189,15 @@ def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
     a, b = checkpoint(tmp_path, "big")["state_dict"], checkpoint(tmp_path, "accum")["state_dict"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
     assert worst < 1e-4, worst
-    if extra:
+    if extra == DISTILL:  # the EMA teacher moved once per optimizer step in both runs
+        log = (tmp_path / "accum" / "out.log").read_text()
+        assert "Distill_loss" in log
+        teachers = [torch.load(tmp_path / name / "checkpoints" / "epoch_1.pt.hn",
+                               weights_only=False)["teacher"] for name in ("big", "accum")]
+        assert teachers[0]["updates"] == teachers[1]["updates"] == 32 // 8
+        for key, value in teachers[0]["weights"].items():
+            torch.testing.assert_close(value, teachers[1]["weights"][key], rtol=1e-4, atol=1e-4)
+    if extra == MIRROR:
         log = (tmp_path / "accum" / "out.log").read_text()
         mirrored = [float(l.split("Hn_mirrored:")[1].split()[0]) for l in log.splitlines()
                     if "Train Epoch" in l]

@@ -1,0 +1,226 @@
+"""Does a recipe hold outside the demo? Issue 21's protocol on {demo world, world2} x {ResNet, ViT}.
+
+In each of the four settings: pretrain a tiny CLIP for 1 epoch with vanilla OpenCLIP, then
+continue it for `--epochs` epochs once with vanilla OpenCLIP and once per recipe variant, with the
+same data, seed, batch size, learning rate and steps; score every run on the setting's held-out
+compositional sets and retrieval set, and print the 2x2 table of each variant against vanilla:
+relations (replace_relation), swap-attribute and swap-object error ratios, replace-object and
+image->text R@1, plus whether issue 21's targets are met.
+
+Settings: the demo's world (`scenes.py`, 32 px) and `world2.py` (64 px); the demo's ResNet tower
+(`hn-tiny-rn.json`; in world2 its copy with a 32-token context, `hn-tiny-rn-c32.json`, since
+world2's captions run to 24 tokens) and a 4-layer ViT with 8-pixel patches at 64 pixels
+(`hn-vit4-64.json`).
+
+    nice -n 15 python benchmarks/recipe_worlds.py --output-dir recipe-worlds --samples 5000
+    python benchmarks/recipe_worlds.py --output-dir recipe-worlds --only-table
+
+Several of these in parallel on a few CPU cores (one `--settings` each, separate output folders):
+set OMP_NUM_THREADS=1, or torch's intra-op threads of the runs spin against each other (4 runs on
+2 cores went from ~0.5 s to ~15-45 s per step).
+
+Runs and scores are cached in the output folder (each run under its command line, recipe and
+model-config contents, starting checkpoint and shards), so an interrupted run continues and
+`--only-table` prints what is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from open_clip_hn import demo, world2
+from open_clip_hn.files import atomic_write_json
+from open_clip_hn.scenes import shards_spec
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "open_clip_hn", "model_configs")
+RECOMMENDED = os.path.join(REPO, "configs", "recommended.yaml")
+WORLDS = ("demo", "world2")
+TOWERS = ("resnet", "vit")
+MODEL_CONFIGS = {("demo", "resnet"): "hn-tiny-rn.json", ("world2", "resnet"): "hn-tiny-rn-c32.json",
+                 ("demo", "vit"): "hn-vit4-64.json", ("world2", "vit"): "hn-vit4-64.json"}
+# variant name -> extra flags of the continued run (vanilla: none, plain OpenCLIP)
+VARIANTS: dict[str, list[str]] = {
+    "vanilla": [],
+    "recommended.yaml": ["--hn-config", RECOMMENDED],
+    "recommended + distill ema": ["--hn-config", RECOMMENDED, "--hn-distill", "ema"],
+    "recommended + distill ema 0.99": ["--hn-config", RECOMMENDED, "--hn-distill", "ema",
+                                       "--hn-distill-ema-decay", "0.99"],
+    "recommended + distill frozen": ["--hn-config", RECOMMENDED, "--hn-distill", "frozen"],
+    "recommended + soft": ["--hn-config", RECOMMENDED, "--hn-label-smoothing", "0.1",
+                           "--hn-focal-gamma", "1"],
+    "recommended + distill ema + soft": ["--hn-config", RECOMMENDED, "--hn-distill", "ema",
+                                         "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
+}
+DEFAULT_VARIANTS = "vanilla;recommended.yaml;recommended + distill ema"
+
+
+def prepare_world2(root: str, samples: int, test_items: int, seed: int = 0,
+                   samples_per_shard: int = 2500) -> demo.DemoData:
+    """world2's shards and test sets, rendered once per settings (like `demo.prepare_data`)."""
+    stamp_path = os.path.join(root, "stamp.json")
+    stamp = {"samples": samples, "test_items": test_items, "seed": seed,
+             "samples_per_shard": samples_per_shard, "world_version": world2.WORLD_VERSION}
+    names = [f"shard-{i:05d}.tar" for i in range(-(-samples // samples_per_shard))]
+    test = os.path.join(root, "test")
+    data = demo.DemoData(shards_spec([os.path.join(root, "train", n) for n in names]), test, test)
+    if os.path.isfile(stamp_path) and json.load(open(stamp_path)) == stamp:
+        return data
+    print(f"[world2] rendering {samples} training scenes and {test_items} items per test set ...")
+    world2.write_shards(os.path.join(root, "train"), samples, samples_per_shard, seed)
+    world2.write_test_sets(test, test_items, seed + 1, num_retrieval=min(test_items, 300))
+    atomic_write_json(stamp_path, stamp, indent=2)
+    return data
+
+
+def metrics(result: dict) -> dict[str, float]:
+    return {"relations": result["replace_relation"]["acc"],
+            "swap_attributes": result["swap_attributes"]["acc"],
+            "swap_objects": result["swap_objects"]["acc"],
+            "replace_object": result["replace_object"]["acc"],
+            "i2t_R@1": result["retrieval"]["image_to_text_R@1"]}
+
+
+def against_vanilla(run: dict[str, float], vanilla: dict[str, float]) -> dict[str, float | bool]:
+    """Issue 21's comparison: relation gain, swap error ratios, replace-object and R@1 changes."""
+    def ratio(kind: str) -> float:
+        error_v = 1 - vanilla[kind]
+        return (1 - run[kind]) / error_v if error_v > 0 else (0.0 if run[kind] == 1 else float("inf"))
+
+    out = {"relations_gain": run["relations"] - vanilla["relations"],
+           "swap_attributes_error_x": ratio("swap_attributes"),
+           "swap_objects_error_x": ratio("swap_objects"),
+           "replace_object_change": run["replace_object"] - vanilla["replace_object"],
+           "i2t_R@1_change": run["i2t_R@1"] - vanilla["i2t_R@1"]}
+    relations_ok = (out["relations_gain"] >= 0.05 or
+                    (vanilla["relations"] > 0.92 and run["relations"] >= 0.97))
+    out["targets_met"] = bool(relations_ok and out["swap_attributes_error_x"] <= 0.7
+                              and out["swap_objects_error_x"] <= 0.7 and out["i2t_R@1_change"] >= -0.02)
+    return out
+
+
+def format_tables(scores: dict[str, dict[str, dict[str, float]]]) -> str:
+    """One block per variant: a row per setting, each metric with its change against vanilla."""
+    lines = []
+    variants = sorted({v for setting in scores.values() for v in setting if v != "vanilla"},
+                      key=list(VARIANTS).index)
+    for variant in variants:
+        lines += [f"\n== {variant} vs vanilla ==",
+                  "| setting | relations | swap-att error | swap-obj error | replace-object | "
+                  "image→text R@1 | targets |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for setting, runs in scores.items():
+            if variant not in runs or "vanilla" not in runs:
+                continue
+            v, r = runs["vanilla"], runs[variant]
+            c = against_vanilla(r, v)
+            lines.append(
+                f"| {setting} | {r['relations']:.3f} ({100 * c['relations_gain']:+.1f}) "
+                f"| {1 - r['swap_attributes']:.3f} (×{c['swap_attributes_error_x']:.2f}) "
+                f"| {1 - r['swap_objects']:.3f} (×{c['swap_objects_error_x']:.2f}) "
+                f"| {r['replace_object']:.3f} ({100 * c['replace_object_change']:+.1f}) "
+                f"| {r['i2t_R@1']:.3f} ({100 * c['i2t_R@1_change']:+.1f}) "
+                f"| {'met' if c['targets_met'] else 'missed'} |")
+    lines += ["\n== vanilla ==", "| setting | relations | swap-att | swap-obj | replace-object | "
+              "image→text R@1 |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for setting, runs in scores.items():
+        if "vanilla" in runs:
+            v = runs["vanilla"]
+            lines.append(f"| {setting} | {v['relations']:.3f} | {v['swap_attributes']:.3f} | "
+                         f"{v['swap_objects']:.3f} | {v['replace_object']:.3f} | {v['i2t_R@1']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--output-dir", default="recipe-worlds", help="Data, runs and scores. Default: recipe-worlds.")
+    add("--samples", type=int, default=40000, help="Training scenes per world (issue 21: 40000).")
+    add("--test-items", type=int, default=1000, help="Items per compositional set. Default: 1000.")
+    add("--epochs", type=int, default=3, help="Epochs of each continued run. Default: 3.")
+    add("--batch-size", type=int, default=256, help="Continued runs' batch size (issue 21: 256).")
+    add("--lr", type=float, default=5e-4, help="Continued runs' learning rate (issue 21: 5e-4).")
+    add("--pretrain-batch-size", type=int, default=128, help="Default: 128 (the demo's).")
+    add("--pretrain-lr", type=float, default=2e-3, help="Default: 2e-3 (the demo's).")
+    add("--settings", default="demo/resnet;world2/vit;world2/resnet;demo/vit",
+        help="Semicolon list of WORLD/TOWER settings, run in this order. Default: all four.")
+    add("--variants", default=DEFAULT_VARIANTS,
+        help=f"Semicolon list of variants; known: {'; '.join(VARIANTS)}. Default: {DEFAULT_VARIANTS}.")
+    add("--recipe-warmup-share", type=float, default=None, metavar="SHARE",
+        help="Scale the recipes' --hn-curriculum-warmup to this share of the continued run's "
+             "steps (recommended.yaml's 117 steps are 0.125 of the demo's 937); for runs much "
+             "shorter than the demo's, where 117 steps would be most of the run. Default: the "
+             "recipe's own warmup.")
+    add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
+    add("--scores-file", default="scores.json",
+        help="Where this process records its scores in the output folder (a second process on "
+             "the same folder, running other variants in parallel, names another file). "
+             "Default: scores.json.")
+    add("--only-table", action="store_true",
+        help="Print the table of the finished runs (every scores*.json of the folder) and exit.")
+    args = parser.parse_args()
+    settings = [tuple(s.split("/")) for s in args.settings.split(";") if s]
+    bad = [s for s in settings if len(s) != 2 or s[0] not in WORLDS or s[1] not in TOWERS]
+    variants = [v for v in args.variants.split(";") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if bad or unknown:
+        parser.error(f"--settings: use WORLD/TOWER with WORLD in {WORLDS} and TOWER in {TOWERS} "
+                     f"(got {bad}); --variants: known {list(VARIANTS)} (unknown: {unknown})")
+
+    out = os.path.abspath(args.output_dir)
+    scores_path = os.path.join(out, args.scores_file)
+    scores: dict = json.load(open(scores_path)) if os.path.isfile(scores_path) else {}
+    if args.only_table:
+        merged: dict[str, dict[str, dict[str, float]]] = {}
+        for name in sorted(os.listdir(out)):
+            if name.startswith("scores") and name.endswith(".json"):
+                for setting, runs in json.load(open(os.path.join(out, name))).items():
+                    merged.setdefault(setting, {}).update({v: r["metrics"] for v, r in runs.items()})
+        print(format_tables(merged))
+        return
+    for world, tower in settings:
+        setting = f"{world}/{tower}"
+        if world == "demo":
+            data = demo.prepare_data(os.path.join(out, "data-demo"), args.samples, args.test_items)
+        else:
+            data = prepare_world2(os.path.join(out, "data-world2"), args.samples, args.test_items)
+        model_config = os.path.join(CONFIGS, MODEL_CONFIGS[(world, tower)])
+        logs = os.path.join(out, "runs", f"{world}-{tower}")
+        common = dict(data=data, logs=logs, device=args.device, workers=1, seed=0,
+                      model_config=model_config)
+        pretrained = demo.run_training(
+            demo.train_argv(name="pretrain", epochs=1, lr=args.pretrain_lr,
+                            batch_size=args.pretrain_batch_size,
+                            warmup=min(100, args.samples // args.pretrain_batch_size), **common),
+            logs, "pretrain", 1, quiet=True)
+        steps_per_epoch = max(1, args.samples // args.batch_size)
+        for variant in variants:
+            slug = "".join(c if c.isalnum() else "-" for c in variant)
+            extra = list(VARIANTS[variant])
+            if extra and args.recipe_warmup_share is not None:
+                warmup = round(args.recipe_warmup_share * steps_per_epoch * args.epochs)
+                extra += ["--hn-curriculum-warmup", str(warmup)]
+            argv = demo.train_argv(name=slug, epochs=args.epochs, lr=args.lr,
+                                   batch_size=args.batch_size, warmup=max(1, steps_per_epoch // 10),
+                                   pretrained=pretrained, extra=extra, **common)
+            stamp = demo.run_stamp(argv)
+            if scores.get(setting, {}).get(variant, {}).get("stamp") == stamp:
+                continue
+            start = time.time()
+            checkpoint = demo.run_training(argv, logs, slug, args.epochs, quiet=True)
+            result = demo.evaluate_checkpoints({variant: checkpoint}, {"test": data.test}, args.device,
+                                               model_config=model_config)[variant]["test"]
+            scores.setdefault(setting, {})[variant] = {
+                "metrics": metrics(result), "stamp": stamp, "seconds": time.time() - start,
+                "settings": {k: getattr(args, k) for k in ("samples", "test_items", "epochs",
+                                                           "batch_size", "lr", "recipe_warmup_share")}}
+            atomic_write_json(scores_path, scores, indent=2)
+            print(f"[{setting}] {variant}: {metrics(result)}", flush=True)
+    print(format_tables({k: {v: s["metrics"] for v, s in runs.items()} for k, runs in scores.items()}))
+
+
+if __name__ == "__main__":
+    main()
