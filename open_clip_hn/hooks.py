@@ -374,6 +374,21 @@ def get_latest_checkpoint(path: str, remote: bool):
     return None if found is None else found[0]
 
 
+def _check_bank_memory(config: HNConfig, args: argparse.Namespace) -> None:
+    """The memory bank against the free memory of the device it will live on (before training)."""
+    from .memory_bank import check_bank_fits
+
+    dim = (open_clip.get_model_config(args.model) or {}).get("embed_dim")
+    if config.memory_bank_size <= 0 or dim is None:
+        return
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        available = torch.cuda.mem_get_info(device)[0]
+    else:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    check_bank_fits(config.memory_bank_size, dim, config.memory_bank_fp16, available, str(device))
+
+
 def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint) -> None:
     """A resume: the run picks up its state; without `--hn-*` flags a checkpoint that has plugin
     state is refused (continuing it as plain OpenCLIP would drop bank, thresholds and curriculum
@@ -432,6 +447,7 @@ class Plugin:
     def create_loss(self, args, *, create_loss):
         if self.run is None:
             return create_loss(args)
+        _check_bank_memory(self.run.config, args)
         return self.run.create_loss(rank=args.rank, world_size=args.world_size,
                                     local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
                                     accum_freq=args.accum_freq)

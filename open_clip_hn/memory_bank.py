@@ -12,6 +12,23 @@ import torch
 import torch.nn.functional as F
 
 
+def bank_bytes(size: int, dim: int, fp16: bool) -> int:
+    """Bytes of a bank of `size` [image | text] pairs of width `dim`."""
+    return size * 2 * dim * (2 if fp16 else 4)
+
+
+def check_bank_fits(size: int, dim: int, fp16: bool, available: int, where: str) -> None:
+    """Refuse, before training, a bank that would take more than half of the memory `available`
+    on its device (`where`): it would fail or swap at the first push, hours into a job."""
+    need = bank_bytes(size, dim, fp16)
+    if need > available // 2:
+        raise ValueError(
+            f"--hn-memory-bank-size {size}: the bank of {size} pairs x 2 x {dim} "
+            f"{'fp16' if fp16 else 'fp32'} values needs {need / 2**30:.1f} GiB, more than half "
+            f"of the {available / 2**30:.1f} GiB free on {where}; use a smaller size"
+            f"{'' if fp16 else ' or --hn-memory-bank-fp16 (half the memory)'}")
+
+
 class MemoryBank:
     """Ring buffer of the last `size` pairs; storage is allocated on the first push (its width
     and device follow the features), in fp16 when `fp16` is set."""

@@ -104,3 +104,16 @@ def test_empty_bank_mines_nothing():
     found = mine(unit(3, D, seed=9), unit(3, D, seed=10), MemoryBank(4).entries(), k=2,
                  false_negative_threshold=0.9)
     assert found.text_index.shape == (3, 2) and not found.text_valid.any() and not found.image_valid.any()
+
+
+def test_a_bank_larger_than_the_device_memory_is_refused_before_training():
+    from open_clip_hn.memory_bank import bank_bytes, check_bank_fits
+
+    assert bank_bytes(65536, 512, fp16=False) == 65536 * 2 * 512 * 4
+    check_bank_fits(65536, 512, False, available=2**30, where="cpu")  # 256 MiB of 1 GiB: fine
+    with pytest.raises(ValueError, match=r"--hn-memory-bank-size 1000000: .*1\.0 GiB free on cuda:0; "
+                                         r"use a smaller size or --hn-memory-bank-fp16"):
+        check_bank_fits(1_000_000, 512, False, available=2**30, where="cuda:0")
+    with pytest.raises(ValueError) as fp16:
+        check_bank_fits(1_000_000, 512, True, available=2**30, where="cpu")
+    assert "--hn-memory-bank-fp16" not in str(fp16.value)
