@@ -177,7 +177,7 @@ def test_patched_route_saves_and_resumes_inside_an_epoch(patched_site, scene_csv
     patched trainer, resume there, and the weights equal an uninterrupted monkeypatched run's."""
     import signal
 
-    from test_preemption import start, wait_for_steps
+    from test_preemption import wait_for_steps
 
     argv = lambda name: train_argv(scene_csv, str(tmp_path), name, *HN_ONLINE, epochs=2)  # noqa: E731
     run(argv("whole"), module="open_clip_hn.train")
