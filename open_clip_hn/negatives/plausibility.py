@@ -27,7 +27,7 @@ import zipfile
 import zlib
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -376,20 +376,25 @@ def model_cache_dir(directory: str | os.PathLike | None = None) -> Path:
     return folder
 
 
-def from_captions(captions: list[str], source: str = "captions",
-                  cache: str | os.PathLike | None = None) -> PlausibilityModel:
-    """The model of `captions`, from the cache when one was built from the same caption words
-    (else fitted and saved there), so loader workers load a file instead of refitting."""
-    target = model_cache_dir(cache) / f"kn{ORDER}-{captions_identity(captions)[:24]}.npz"
+def _cached(target: Path, build: Callable[[], PlausibilityModel]) -> PlausibilityModel:
+    """The model cached at `target`, else `build()` saved there, so loader workers load a file
+    instead of refitting."""
     if target.exists():
         try:
             return load_model(target)
         except PlausibilityError:
             pass  # an old or damaged cache entry: rebuilt below
-    model = fit(captions, source=source)
+    model = build()
     model.save(target)
     _LOADED[os.path.abspath(target)] = model
     return model
+
+
+def from_captions(captions: list[str], source: str = "captions",
+                  cache: str | os.PathLike | None = None) -> PlausibilityModel:
+    """The model of `captions`, cached under a digest of the caption words."""
+    target = model_cache_dir(cache) / f"kn{ORDER}-{captions_identity(captions)[:24]}.npz"
+    return _cached(target, lambda: fit(captions, source=source))
 
 
 def resolve(path: str | os.PathLike, caption_key: str = "caption",
@@ -405,15 +410,7 @@ def resolve(path: str | os.PathLike, caption_key: str = "caption",
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     target = model_cache_dir(cache) / f"kn{ORDER}-{digest.hexdigest()[:24]}.npz"
-    if target.exists():
-        try:
-            return load_model(target)
-        except PlausibilityError:
-            pass  # an old or damaged cache entry: rebuilt below
-    model = fit(read_caption_file(str(path), caption_key), source=str(path))
-    model.save(target)
-    _LOADED[os.path.abspath(target)] = model
-    return model
+    return _cached(target, lambda: fit(read_caption_file(str(path), caption_key), source=str(path)))
 
 
 MARGIN = 10.0  # nats: how much less plausible than its positive a kept negative may read
