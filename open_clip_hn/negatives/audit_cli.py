@@ -10,20 +10,17 @@ from typing import Callable
 
 from ..files import atomic_write_json
 from .audit import AuditError, Scorers, examples_text, format_table, generated_pairs, read_sugarcrepe, run_audit
-from .plausibility import PlausibilityError, fit, read_caption_file, resolve
+from .plausibility import fit, read_caption_file, resolve
 
 AUDITED = "audited"  # --plausibility value of `audit`: a model of the audited captions
 
 
 def add_parsers(sub, add_generator_flags: Callable[[argparse.ArgumentParser, int], None]) -> None:
     """Add the `plausibility` and `audit` subcommands."""
+    from .cli import add_caption_source
+
     build = sub.add_parser("plausibility", help="Caption file or shards -> a saved plausibility model (.npz).")
-    source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="Caption file: captions.txt (one per line), .csv, .tsv or .jsonl.")
-    source.add_argument("--shards", help="Webdataset shards, brace pattern: 'in-{000000..000009}.tar'.")
-    build.add_argument("--caption-key", default=None,
-                       help="Column/key (file; default: caption) or member extension (shards; default: "
-                            "txt) holding the caption.")
+    add_caption_source(build)
     build.add_argument("--output", required=True, help="Model file (.npz), written atomically; pass it to "
                                                        "--plausibility / --hn-plausibility.")
 
@@ -47,22 +44,12 @@ def add_parsers(sub, add_generator_flags: Callable[[argparse.ArgumentParser, int
 
 
 def run_plausibility_command(args: argparse.Namespace) -> int:
-    if args.shards:
-        from .cli import _existing_shards
-        from .shards import shard_captions
+    from .cli import source_captions
 
-        shards = _existing_shards(args.shards)
-        if shards is None:
-            return 2
-        key = args.caption_key or "txt"
-        captions = [c for shard in shards for c in shard_captions(shard, key)]
-        source = args.shards
-    else:
-        if not os.path.isfile(args.input):
-            raise PlausibilityError(f"caption file {args.input} not found")
-        captions = read_caption_file(args.input, args.caption_key or "caption")
-        source = args.input
-    model = fit(captions, source=source)
+    captions = source_captions(args, read_caption_file)
+    if captions is None:
+        return 2
+    model = fit(list(captions), source=args.shards or args.input)
     model.save(args.output)
     print(f"{model} -> {args.output}", file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ import sys
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
+from typing import Callable, Iterable
 
 from ..argtypes import InputError, argparse_type, overwritten_input, positive_int
 from ..files import atomic_open, expand_shards
@@ -87,12 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generator_flags(pre, 4)
 
     voc = sub.add_parser("vocabulary", help="Words of the training captions -> a --hn-vocabulary file.")
-    source = voc.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", help="Webdataset shards, brace pattern: 'in-{000000..000009}.tar'.")
-    source.add_argument("--input", help="Caption file: captions.txt (one per line), .csv, .tsv or .jsonl.")
-    voc.add_argument("--caption-key", default=None,
-                     help="Member extension (shards; default: txt) or column/key (file; default: "
-                          "caption) holding the caption.")
+    add_caption_source(voc)
     voc.add_argument("--min-count", type=positive_int, default=1, metavar="N",
                      help="Keep words seen at least N times (drops typos). Default: 1.")
     voc.add_argument("--output", required=True, help="Word list (one per line), written atomically.")
@@ -165,6 +161,32 @@ def _write_results(handle, captions: list, results) -> int:
 
 # ---- webdataset shards ---------------------------------------------------------------------------
 
+def add_caption_source(parser: argparse.ArgumentParser) -> None:
+    """Where a command reads training captions: --shards or --input, and --caption-key."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", help="Webdataset shards, brace pattern: 'in-{000000..000009}.tar'.")
+    source.add_argument("--input", help="Caption file: captions.txt (one per line), .csv, .tsv or .jsonl.")
+    parser.add_argument("--caption-key", default=None,
+                        help="Member extension (shards; default: txt) or column/key (file; default: "
+                             "caption) holding the caption.")
+
+
+def source_captions(args: argparse.Namespace, read_file: Callable[[str, str], Iterable[str]]
+                    ) -> Iterable[str] | None:
+    """The captions `add_caption_source`'s flags name (a file read with `read_file(path, key)`);
+    None after naming a missing shard or file."""
+    if args.shards:
+        shards = _existing_shards(args.shards)
+        if shards is None:
+            return None
+        key = args.caption_key or "txt"
+        return (c for shard in _progress(shards, unit="shard") for c in shard_captions(shard, key))
+    if not os.path.isfile(args.input):
+        print(f"error: caption file {args.input} not found", file=sys.stderr)
+        return None
+    return read_file(args.input, args.caption_key or "caption")
+
+
 def _existing_shards(spec: str) -> list[str] | None:
     """The shards of `--shards`; None, after naming a missing one, when any is not there."""
     shards = expand_shards(spec)
@@ -193,18 +215,10 @@ def run_vocabulary(args: argparse.Namespace) -> int:
     if clash:
         print(f"error: --output {clash} is an input; write the word list elsewhere", file=sys.stderr)
         return 2
-    if args.shards:
-        shards = _existing_shards(args.shards)
-        if shards is None:
-            return 2
-        key = args.caption_key or "txt"
-        captions = (c for shard in _progress(shards, unit="shard") for c in shard_captions(shard, key))
-    else:
-        if not os.path.isfile(args.input):
-            print(f"error: caption file {args.input} not found", file=sys.stderr)
-            return 2
-        captions = (c for c in read_captions(args.input, args.caption_key or "caption")
-                    if isinstance(c, str))
+    captions = source_captions(args, lambda path, key: (c for c in read_captions(path, key)
+                                                       if isinstance(c, str)))
+    if captions is None:
+        return 2
     counts, total = word_counts(captions)
     words = sorted(w for w, n in counts.items() if n >= args.min_count)
     if not words:
