@@ -45,7 +45,7 @@ from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
-from .preemption import (POSITION_KEY, STATE_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
+from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
                          prune_step_checkpoints, shifted_scheduler)
 from .recipes import expand_recipe, recipe_path
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
@@ -326,7 +326,7 @@ def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimi
         checkpoint = _openclip_checkpoint(model, optimizer, scaler, at.epoch, args)
         checkpoint[POSITION_KEY] = at.to_dict()
         if run.loss is not None:
-            checkpoint[STATE_KEY] = {"epoch": at.epoch, "step": at.step, **run.state(),
+            checkpoint[hn_state.EMBEDDED_STATE_KEY] = {"epoch": at.epoch, "step": at.step, **run.state(),
                                      "trained_as": provenance.record_for_args(args)}
         return checkpoint
 
@@ -398,7 +398,7 @@ def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint) -> No
         return
     if isinstance(checkpoint, dict) and "epoch" in checkpoint:
         states = hn_state.state_files_beside(path, checkpoint["epoch"])
-        if STATE_KEY in checkpoint:
+        if hn_state.EMBEDDED_STATE_KEY in checkpoint:
             states.insert(0, path)
         if states:
             raise hn_state.StateError(

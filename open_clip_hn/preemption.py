@@ -36,7 +36,6 @@ import torch
 from .state import atomic_torch_save
 
 POSITION_KEY = "hn_position"
-STATE_KEY = "hn_state"
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 _STEP_NAME = re.compile(r"epoch_(\d+)_step_(\d+)\.pt")
 

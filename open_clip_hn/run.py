@@ -28,7 +28,7 @@ from . import provenance
 from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig
 from .packing import PackedNegativeTokenizer, attach_model_hooks
-from .preemption import STATE_KEY, EpochPosition, StopRequest
+from .preemption import EpochPosition, StopRequest
 
 
 @dataclass(frozen=True)
@@ -284,9 +284,9 @@ class HardNegativeRun:
         position = EpochPosition.from_checkpoint(checkpoint, path)
         if position is not None:
             self.resume_position = position
-            if checkpoint.get(STATE_KEY) is not None:
-                self._warn_config_changes(checkpoint[STATE_KEY].get("config", {}))
-                self.pending_state = checkpoint[STATE_KEY]
+            if checkpoint.get(hn_state.EMBEDDED_STATE_KEY) is not None:
+                self._warn_config_changes(checkpoint[hn_state.EMBEDDED_STATE_KEY].get("config", {}))
+                self.pending_state = checkpoint[hn_state.EMBEDDED_STATE_KEY]
             logging.info("=> %s is a step checkpoint: epoch %d continues at step %d", path,
                          position.epoch, position.step)
             return
