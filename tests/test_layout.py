@@ -53,3 +53,6 @@ def test_no_import_circle_inside_negatives():
     """generator.py and lm.py share the edit kit in edits.py instead of importing each other."""
     assert "from .generator" not in (PACKAGE / "negatives" / "lm.py").read_text()
     assert "from .edits import" in (PACKAGE / "negatives" / "generator.py").read_text()
+    # the commands share cli_common.py; only the entry point imports the CLI module
+    importers = {p.name for p in (PACKAGE / "negatives").glob("*.py") if "from .cli import" in p.read_text()}
+    assert importers == {"__main__.py"}

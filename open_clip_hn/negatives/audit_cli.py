@@ -10,6 +10,7 @@ from typing import Callable
 
 from ..files import atomic_write_json
 from .audit import AuditError, Scorers, examples_text, format_table, generated_pairs, read_sugarcrepe, run_audit
+from .cli_common import add_caption_source, source_captions
 from .plausibility import fit, read_caption_file, resolve
 
 AUDITED = "audited"  # --plausibility value of `audit`: a model of the audited captions
@@ -17,8 +18,6 @@ AUDITED = "audited"  # --plausibility value of `audit`: a model of the audited c
 
 def add_parsers(sub, add_generator_flags: Callable[[argparse.ArgumentParser, int], None]) -> None:
     """Add the `plausibility` and `audit` subcommands."""
-    from .cli import add_caption_source
-
     build = sub.add_parser("plausibility", help="Caption file or shards -> a saved plausibility model (.npz).")
     add_caption_source(build)
     build.add_argument("--output", required=True, help="Model file (.npz), written atomically; pass it to "
@@ -44,8 +43,6 @@ def add_parsers(sub, add_generator_flags: Callable[[argparse.ArgumentParser, int
 
 
 def run_plausibility_command(args: argparse.Namespace) -> int:
-    from .cli import source_captions
-
     captions = source_captions(args, read_caption_file)
     if captions is None:
         return 2

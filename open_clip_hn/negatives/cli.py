@@ -16,14 +16,14 @@ import sys
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Callable, Iterable
 
 from ..argtypes import InputError, argparse_type, overwritten_input, positive_int
 from ..files import atomic_open, expand_shards
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
 from .manifest import ManifestError
-from .shards import MalformedLine, read_captions, shard_captions, word_counts
+from .cli_common import add_caption_source, existing_shards, progress, source_captions
+from .shards import MalformedLine, read_captions, word_counts
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 
@@ -112,12 +112,6 @@ def _generate_one(generator: NegativeGenerator, k: int, caption: object) -> list
     return generator.generate(caption, k)
 
 
-def _progress(iterable, **kwargs):
-    from tqdm import tqdm
-
-    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
-
-
 def run_generate(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.input):
         raise InputError(f"caption file {args.input} not found (--input)")
@@ -153,7 +147,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _write_results(handle, captions: list, results) -> int:
     masked = 0
-    for caption, negatives in zip(captions, _progress(results, total=len(captions), unit="cap")):
+    for caption, negatives in zip(captions, progress(results, total=len(captions), unit="cap")):
         masked += not negatives
         handle.write(json.dumps({"caption": caption, "negatives": negatives}, ensure_ascii=False) + "\n")
     return masked
@@ -161,46 +155,10 @@ def _write_results(handle, captions: list, results) -> int:
 
 # ---- webdataset shards ---------------------------------------------------------------------------
 
-def add_caption_source(parser: argparse.ArgumentParser) -> None:
-    """Where a command reads training captions: --shards or --input, and --caption-key."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--shards", help="Webdataset shards, brace pattern: 'in-{000000..000009}.tar'.")
-    source.add_argument("--input", help="Caption file: captions.txt (one per line), .csv, .tsv or .jsonl.")
-    parser.add_argument("--caption-key", default=None,
-                        help="Member extension (shards; default: txt) or column/key (file; default: "
-                             "caption) holding the caption.")
-
-
-def source_captions(args: argparse.Namespace, read_file: Callable[[str, str], Iterable[str]]
-                    ) -> Iterable[str] | None:
-    """The captions `add_caption_source`'s flags name (a file read with `read_file(path, key)`);
-    None after naming a missing shard or file."""
-    if args.shards:
-        shards = _existing_shards(args.shards)
-        if shards is None:
-            return None
-        key = args.caption_key or "txt"
-        return (c for shard in _progress(shards, unit="shard") for c in shard_captions(shard, key))
-    if not os.path.isfile(args.input):
-        print(f"error: caption file {args.input} not found", file=sys.stderr)
-        return None
-    return read_file(args.input, args.caption_key or "caption")
-
-
-def _existing_shards(spec: str) -> list[str] | None:
-    """The shards of `--shards`; None, after naming a missing one, when any is not there."""
-    shards = expand_shards(spec)
-    missing = [s for s in shards if not os.path.exists(s)]
-    if missing:
-        print(f"error: {len(missing)} shard(s) not found, e.g. {missing[0]}", file=sys.stderr)
-        return None
-    return shards
-
-
 def run_precompute(args: argparse.Namespace) -> int:
     from .precompute import precompute
 
-    shards = _existing_shards(args.shards)
+    shards = existing_shards(args.shards)
     if shards is None:
         return 2
     generator = _generator(args)  # a bad --vocabulary fails here, before the folder is claimed

@@ -18,6 +18,7 @@ from multiprocessing import Pool
 
 from ..argtypes import InputError
 from ..files import atomic_open, content_identity, remove_stale_temps
+from .cli_common import progress
 from .generator import NegativeGenerator
 from .manifest import claim_output_dir, generator_settings, record_shard, shard_done
 from .shards import NEGATIVES_EXTENSION, negatives_member, split_key
@@ -140,8 +141,6 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
     Returns the exit status: 0, 1 when an input shard is damaged (reported with counts) or no
     sample was found, 2 when the output folder cannot be used (named, with the fix).
     """
-    from .cli import _progress
-
     inside = [s for s in shards if os.path.samefile(os.path.dirname(os.path.abspath(s)),
                                                     output_dir)] \
         if os.path.isdir(output_dir) else []
@@ -159,9 +158,9 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
                    caption_key=caption_key, allow_damaged=allow_damaged)
     if workers > 1:
         with Pool(workers) as pool:
-            results = list(_progress(pool.imap(work, shards), total=len(shards), unit="shard"))
+            results = list(progress(pool.imap(work, shards), total=len(shards), unit="shard"))
     else:
-        results = [work(s) for s in _progress(shards, unit="shard")]
+        results = [work(s) for s in progress(shards, unit="shard")]
     totals = Counter(status for status, *_ in results)
     samples = sum(count for status, count, *_ in results if status == "written")
     masked = sum(empty for status, _, empty, _ in results if status == "written")

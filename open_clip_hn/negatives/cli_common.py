@@ -1,0 +1,55 @@
+"""Plumbing the negatives commands share (`cli.py`, `audit_cli.py`, `precompute.py`): progress
+bars, the shard check and where a command reads training captions. Kept apart so that none of
+them imports another's module (no import circle)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable, Iterable
+
+from ..files import expand_shards
+from .shards import shard_captions
+
+
+def progress(iterable, **kwargs):
+    from tqdm import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
+
+
+def add_caption_source(parser: argparse.ArgumentParser) -> None:
+    """Where a command reads training captions: --shards or --input, and --caption-key."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--shards", help="Webdataset shards, brace pattern: 'in-{000000..000009}.tar'.")
+    source.add_argument("--input", help="Caption file: captions.txt (one per line), .csv, .tsv or .jsonl.")
+    parser.add_argument("--caption-key", default=None,
+                        help="Member extension (shards; default: txt) or column/key (file; default: "
+                             "caption) holding the caption.")
+
+
+def source_captions(args: argparse.Namespace, read_file: Callable[[str, str], Iterable[str]]
+                    ) -> Iterable[str] | None:
+    """The captions `add_caption_source`'s flags name (a file read with `read_file(path, key)`);
+    None after naming a missing shard or file."""
+    if args.shards:
+        shards = existing_shards(args.shards)
+        if shards is None:
+            return None
+        key = args.caption_key or "txt"
+        return (c for shard in progress(shards, unit="shard") for c in shard_captions(shard, key))
+    if not os.path.isfile(args.input):
+        print(f"error: caption file {args.input} not found", file=sys.stderr)
+        return None
+    return read_file(args.input, args.caption_key or "caption")
+
+
+def existing_shards(spec: str) -> list[str] | None:
+    """The shards of `--shards`; None, after naming a missing one, when any is not there."""
+    shards = expand_shards(spec)
+    missing = [s for s in shards if not os.path.exists(s)]
+    if missing:
+        print(f"error: {len(missing)} shard(s) not found, e.g. {missing[0]}", file=sys.stderr)
+        return None
+    return shards
