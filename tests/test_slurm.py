@@ -360,10 +360,10 @@ def jobs(cluster, shards, tmp_path_factory):
     env = cluster
     interrupted = root / "interrupted"
     plain_flags = train_flags(shards, 2, 128)
-    long_flags = train_flags(shards, 24, 128, "--delete-previous-checkpoint")
+    long_flags = train_flags(shards, 48, 128, "--delete-previous-checkpoint")
     return {
         "env": env,
-        "interrupted": (submit_job(env, interrupted, long_flags), interrupted, 24, 128),
+        "interrupted": (submit_job(env, interrupted, long_flags), interrupted, 48, 128),
         "plain": (submit_job(env, root / "plain", plain_flags), root / "plain", 2, 128),
         "sbatch": (sbatch_job(env, root / "sbatch", plain_flags), root / "sbatch", 2, 128),
     }
