@@ -13,6 +13,7 @@ call the originals and the same `Plugin` methods, so both routes train alike:
     train_one_epoch              -> Plugin.train_one_epoch (wraps OpenCLIP's), Plugin.epoch_end
     get_latest_checkpoint        newest readable checkpoint, step checkpoints included
     torch (main's name for it)   the same module, with `save` atomic (temp file + rename)
+                                 -> Plugin.checkpoint_saved after epoch_N.pt
 
 The last two are what the patch changes in OpenCLIP itself.
 
@@ -46,7 +47,7 @@ from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_
 from .eval import log_metrics
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
-                         prune_step_checkpoints, shifted_scheduler)
+                         epoch_of_checkpoint_name, prune_step_checkpoints, shifted_scheduler)
 from .recipes import expand_recipe, recipe_path
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
 
@@ -341,9 +342,6 @@ def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimi
         world_size=args.world_size, device=args.device, is_master=is_master(args) and args.save_logs,
         latest_name=oc_main.LATEST_CHECKPOINT_NAME if args.save_most_recent else None,
         on_epoch_start=epoch_started)
-    if is_master(args) and args.save_logs and epoch > 0 and not args.save_most_recent and \
-            os.path.exists(os.path.join(args.checkpoint_path, f"epoch_{epoch}.pt")):
-        prune_step_checkpoints(args.checkpoint_path, before_epoch=epoch)
     info.dataloader = SteppedLoader(loader, args.accum_freq, checkpointer.for_epoch(epoch), position,
                                     skip_by_drawing=not args.dataset_resampled, rank=args.rank)
     try:
@@ -361,7 +359,11 @@ class _AtomicSaveTorch:
     def __getattr__(self, name: str):
         return getattr(torch, name)
 
-    save = staticmethod(hn_state.atomic_torch_save)
+    @staticmethod
+    def save(obj, f, *args, **kwargs) -> None:
+        hn_state.atomic_torch_save(obj, f, *args, **kwargs)
+        if isinstance(f, (str, os.PathLike)):
+            _PLUGIN.checkpoint_saved(os.fspath(f), None)
 
 
 def get_latest_checkpoint(path: str, remote: bool):
@@ -460,6 +462,12 @@ class Plugin:
                                    args, tb_writer=tb_writer)
         return _train_epoch_in_steps(self.run, model, data, loss, epoch, optimizer, scaler, scheduler,
                                      dist_model, args, tb_writer, train_one_epoch)
+
+    def checkpoint_saved(self, path: str, args) -> None:
+        """`epoch_N.pt` is on disk: the step checkpoints of epochs before N are superseded."""
+        completed = epoch_of_checkpoint_name(path)
+        if self.run is not None and completed is not None:
+            prune_step_checkpoints(os.path.dirname(path), before_epoch=completed)
 
     def epoch_end(self, model, data, loss, epoch, optimizer, args, tb_writer=None) -> None:
         """After epoch `epoch` (0-based), before OpenCLIP's checkpoint: plugin state, eval."""

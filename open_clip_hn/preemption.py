@@ -38,6 +38,7 @@ from .state import atomic_torch_save
 POSITION_KEY = "hn_position"
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 _STEP_NAME = re.compile(r"epoch_(\d+)_step_(\d+)\.pt")
+_EPOCH_NAME = re.compile(r"epoch_(\d+)\.pt")
 
 
 # ---------------------------------------------------------------------------- position
@@ -106,14 +107,19 @@ def step_checkpoint_name(epoch: int, step: int) -> str:
     return f"epoch_{epoch}_step_{step}.pt"
 
 
+def epoch_of_checkpoint_name(path: str) -> int | None:
+    """N for OpenCLIP's epoch-end `epoch_N.pt`; None for any other name."""
+    epoch = _EPOCH_NAME.fullmatch(os.path.basename(path))
+    return int(epoch.group(1)) if epoch else None
+
+
 def progress_of(path: str) -> tuple[int, int] | None:
     """(epochs done, steps into the next) from a checkpoint's file name; None for other names."""
-    name = os.path.basename(path)
-    step = _STEP_NAME.fullmatch(name)
+    step = _STEP_NAME.fullmatch(os.path.basename(path))
     if step:
         return int(step.group(1)), int(step.group(2))
-    epoch = re.fullmatch(r"epoch_(\d+)\.pt", name)
-    return (int(epoch.group(1)), 0) if epoch else None
+    epoch = epoch_of_checkpoint_name(path)
+    return None if epoch is None else (epoch, 0)
 
 
 # ---------------------------------------------------------------------------- files

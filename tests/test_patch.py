@@ -192,5 +192,7 @@ def test_patched_route_saves_and_resumes_inside_an_epoch(patched_site, scene_csv
     assert list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))
     run([*cut, "--resume", "latest"], site=patched_site, module="open_clip_train.main")
     assert "is a step checkpoint" in (tmp_path / "cut" / "out.log").read_text()
+    # the patch's checkpoint_saved hook: epoch_2.pt supersedes the step checkpoint
+    assert not list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))
     a, b = final_weights(tmp_path, "whole", 2), final_weights(tmp_path, "cut", 2)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

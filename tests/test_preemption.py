@@ -138,6 +138,8 @@ def test_kill_9_loses_at_most_n_steps(tmp_path, scene_csv):
     n = 3
     whole = train_argv(scene_csv, str(tmp_path), "whole", "--hn-save-every-steps", str(n), epochs=2)
     run_module("open_clip_hn.train", whole)
+    # it saved at steps 3 and 6 (inside the last epoch): epoch_2.pt supersedes both
+    assert not list((tmp_path / "whole" / "checkpoints").glob("epoch_*_step_*.pt"))
     cut = train_argv(scene_csv, str(tmp_path), "cut", "--hn-save-every-steps", str(n), epochs=2)
     proc = start(cut)
     wait_for_steps(tmp_path / "cut" / "out.log", 6, proc)
