@@ -54,6 +54,16 @@ VARIANTS: dict[str, list[str]] = {
                            "--hn-focal-gamma", "1"],
     "recommended + distill ema + soft": ["--hn-config", RECOMMENDED, "--hn-distill", "ema",
                                          "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
+    # which part of the recipe costs retrieval
+    "recommended - mirrors": ["--hn-config", RECOMMENDED, "--hn-mirror", "none"],
+    "recommended - text negatives": ["--hn-config", RECOMMENDED, "--hn-negatives", "none",
+                                     "--hn-vocabulary", "none", "--hn-loss", "itc"],
+    "recommended, negatives out of itc": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice"],
+    "recommended, negatives out of itc, weights 1": ["--hn-config", RECOMMENDED, "--hn-loss",
+                                                     "clip,choice", "--hn-mirror-weight", "1",
+                                                     "--hn-choice-weight", "1"],
+    "recommended, weights 1": ["--hn-config", RECOMMENDED, "--hn-mirror-weight", "1",
+                               "--hn-choice-weight", "1"],
 }
 DEFAULT_VARIANTS = "vanilla;recommended.yaml;recommended + distill ema"
 

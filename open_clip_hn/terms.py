@@ -229,18 +229,21 @@ def markdown_table() -> str:
 # ---------------------------------------------------------------------------- the terms
 
 
-def _itc_logits(b: TermBatch, ctx: TermContext):
-    """itc's logits, with the mirrored pairs as extra pairs; and the row share that makes the
-    ranks' means average to the global loss."""
+def _itc_logits(b: TermBatch, ctx: TermContext, with_negatives: bool = True):
+    """itc's logits (with the text negatives as extra image->text columns, or without), with the
+    mirrored pairs as extra pairs; and the row share that makes the ranks' means average to the
+    global loss."""
     image, text, image_columns, text_columns, labels = b.image, b.text, b.all_image, b.all_text, b.labels
     if b.mirrors is not None:
         image, text, image_columns, text_columns, labels = b.mirrors.itc_rows(
             image, text, image_columns, text_columns, labels)
+    negatives, used = (b.all_negatives, b.used) if with_negatives else (b.all_negatives[:, :0],
+                                                                         b.used[:, :0])
     per_image, per_text = L.contrastive_logits(image, text, image_columns, text_columns,
-                                               b.all_negatives, b.used, ctx.logit_scale, ctx.logit_bias)
+                                               negatives, used, ctx.logit_scale, ctx.logit_bias)
     share = 1.0
     if b.mirrors is not None:
-        per_image = b.mirrors.hide_own_negatives(per_image, b.labels, b.all_negatives.shape[1],
+        per_image = b.mirrors.hide_own_negatives(per_image, b.labels, negatives.shape[1],
                                                  text_columns.shape[0])
         share = b.mirrors.row_share(b.image.shape[0], labels.shape[0])
     return per_image, per_text, labels, share
@@ -254,6 +257,16 @@ def itc(b: TermBatch, ctx: TermContext) -> torch.Tensor:
     c = ctx.config
     if c.label_smoothing or c.focal_gamma:
         return L.softened_itc_loss(per_image, per_text, labels, c.label_smoothing, c.focal_gamma) * share
+    return L.itc_loss(per_image, per_text, labels) * share
+
+
+@register_term("clip", output="contrastive_loss", replaces="itc",
+               source="OpenCLIP's ClipLoss (FSC-CLIP keeps its hard negatives out of it)",
+               summary="InfoNCE over the positives only (and the mirrored pairs): the text "
+                       "negatives train only through the other terms, so the retrieval objective "
+                       "is OpenCLIP's own (replaces itc)")
+def clip(b: TermBatch, ctx: TermContext) -> torch.Tensor:
+    per_image, per_text, labels, share = _itc_logits(b, ctx, with_negatives=False)
     return L.itc_loss(per_image, per_text, labels) * share
 
 
