@@ -58,10 +58,11 @@ VARIANTS: dict[str, list[str]] = {
     "recommended - mirrors": ["--hn-config", RECOMMENDED, "--hn-mirror", "none"],
     "recommended - text negatives": ["--hn-config", RECOMMENDED, "--hn-negatives", "none",
                                      "--hn-vocabulary", "none", "--hn-loss", "itc"],
-    "recommended, negatives out of itc": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice"],
-    "recommended, negatives out of itc, weights 1": ["--hn-config", RECOMMENDED, "--hn-loss",
-                                                     "clip,choice", "--hn-mirror-weight", "1",
-                                                     "--hn-choice-weight", "1"],
+    "recommended, hard negatives out of the contrastive loss": [
+        "--hn-config", RECOMMENDED, "--hn-loss", "clip,choice"],
+    "recommended, hard negatives out of the contrastive loss, + swap_attributes": [
+        "--hn-config", RECOMMENDED, "--hn-loss", "clip,choice",
+        "--hn-types", "replace_object,swap_objects,swap_attributes"],
     "recommended, weights 1": ["--hn-config", RECOMMENDED, "--hn-mirror-weight", "1",
                                "--hn-choice-weight", "1"],
 }

@@ -229,21 +229,18 @@ def markdown_table() -> str:
 # ---------------------------------------------------------------------------- the terms
 
 
-def _itc_logits(b: TermBatch, ctx: TermContext, with_negatives: bool = True):
-    """itc's logits (with the text negatives as extra image->text columns, or without), with the
-    mirrored pairs as extra pairs; and the row share that makes the ranks' means average to the
-    global loss."""
+def _itc_logits(b: TermBatch, ctx: TermContext):
+    """itc's logits, with the mirrored pairs as extra pairs; and the row share that makes the
+    ranks' means average to the global loss."""
     image, text, image_columns, text_columns, labels = b.image, b.text, b.all_image, b.all_text, b.labels
     if b.mirrors is not None:
         image, text, image_columns, text_columns, labels = b.mirrors.itc_rows(
             image, text, image_columns, text_columns, labels)
-    negatives, used = (b.all_negatives, b.used) if with_negatives else (b.all_negatives[:, :0],
-                                                                         b.used[:, :0])
     per_image, per_text = L.contrastive_logits(image, text, image_columns, text_columns,
-                                               negatives, used, ctx.logit_scale, ctx.logit_bias)
+                                               b.all_negatives, b.used, ctx.logit_scale, ctx.logit_bias)
     share = 1.0
     if b.mirrors is not None:
-        per_image = b.mirrors.hide_own_negatives(per_image, b.labels, negatives.shape[1],
+        per_image = b.mirrors.hide_own_negatives(per_image, b.labels, b.all_negatives.shape[1],
                                                  text_columns.shape[0])
         share = b.mirrors.row_share(b.image.shape[0], labels.shape[0])
     return per_image, per_text, labels, share
@@ -262,12 +259,14 @@ def itc(b: TermBatch, ctx: TermContext) -> torch.Tensor:
 
 @register_term("clip", output="contrastive_loss", replaces="itc",
                source="OpenCLIP's ClipLoss (FSC-CLIP keeps its hard negatives out of it)",
-               summary="InfoNCE over the positives only (and the mirrored pairs): the text "
-                       "negatives train only through the other terms, so the retrieval objective "
-                       "is OpenCLIP's own (replaces itc)")
+               summary="OpenCLIP's InfoNCE over the ordinary batch only: text negatives and "
+                       "mirrored pairs train through their own terms, never the retrieval "
+                       "objective (replaces itc)")
 def clip(b: TermBatch, ctx: TermContext) -> torch.Tensor:
-    per_image, per_text, labels, share = _itc_logits(b, ctx, with_negatives=False)
-    return L.itc_loss(per_image, per_text, labels) * share
+    no_negatives = b.all_negatives[:, :0]
+    per_image, per_text = L.contrastive_logits(b.image, b.text, b.all_image, b.all_text, no_negatives,
+                                               b.used[:, :0], ctx.logit_scale, ctx.logit_bias)
+    return L.itc_loss(per_image, per_text, b.labels)
 
 
 @register_term("choice", weight=True, needs=("text_negatives",), source="this plugin",

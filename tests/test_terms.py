@@ -92,9 +92,9 @@ def test_register_refuses_unknown_needs_and_duplicates():
         terms.register_term("itc", summary="", source="")
 
 
-def test_clip_keeps_the_negatives_out_of_the_retrieval_loss():
-    """`--hn-loss clip,choice`: the contrastive loss is OpenCLIP's ClipLoss on the positives and
-    the mirrored pairs whatever the negatives are, while `choice` still sees them."""
+def test_clip_keeps_hard_negatives_out_of_the_retrieval_loss():
+    """`--hn-loss clip,choice`: the contrastive loss is OpenCLIP's ClipLoss on the ordinary batch
+    whatever the text negatives and mirrored pairs are, while `choice` and `mirror` see them."""
     from open_clip.loss import ClipLoss
 
     from open_clip_hn.mirror import MirrorPairs
@@ -102,19 +102,16 @@ def test_clip_keeps_the_negatives_out_of_the_retrieval_loss():
     k, batch, dim = 2, 4, 8
     image, text = unit(batch, dim, seed=1), unit(batch, 1 + k, dim, seed=2).flatten(0, 1)
     m_image, m_text = unit(batch, dim, seed=3), unit(batch, dim, seed=4)
-    has_mirror = torch.tensor([True, False, True, False])
-    mask = torch.ones(batch, k, dtype=torch.bool)
-    config = HNConfig(negatives="online", num_negatives=k, loss=("clip", "choice"),
-                      mirror=("horizontal",), mirror_weight=0.0)
-    assert [t.name for t in terms.active_terms(config)] == ["clip", "choice"]
-    packed = PackedOutputs(mask, mirrors=MirrorPairs(m_image, m_text, has_mirror))
+    packed = PackedOutputs(torch.ones(batch, k, dtype=torch.bool),
+                           mirrors=MirrorPairs(m_image, m_text, torch.tensor([True, False, True, False])))
+    config = HNConfig(negatives="online", num_negatives=k, loss=("clip", "choice"), mirror=("horizontal",))
+    assert [t.name for t in terms.active_terms(config)] == ["clip", "choice", "mirror"]
     out = HardNegativeLoss(config)(image, text, SCALE, packed, output_dict=True)
     positives, negatives = L.split_text_features(text, batch)
-    expected = ClipLoss()(torch.cat([image, m_image[has_mirror]]),
-                          torch.cat([positives, m_text[has_mirror]]), SCALE)
-    torch.testing.assert_close(out["contrastive_loss"], expected)
+    torch.testing.assert_close(out["contrastive_loss"], ClipLoss()(image, positives, SCALE))
     torch.testing.assert_close(out["choice_loss"] / config.choice_weight,
-                               L.choice_loss(image, positives, negatives, mask, SCALE))
+                               L.choice_loss(image, positives, negatives, packed.neg_mask, SCALE))
+    assert out["mirror_loss"] > 0
     with_itc = HardNegativeLoss(dataclasses.replace(config, loss=("itc", "choice")))(
         image, text, SCALE, packed, output_dict=True)
-    assert not torch.allclose(with_itc["contrastive_loss"], expected)  # itc does see them
+    assert not torch.allclose(with_itc["contrastive_loss"], out["contrastive_loss"])  # itc sees them
