@@ -116,8 +116,9 @@ def against_vanilla(run: dict[str, float], vanilla: dict[str, float]) -> dict[st
 def format_tables(scores: dict[str, dict[str, dict[str, float]]]) -> str:
     """One block per variant: a row per setting, each metric with its change against vanilla."""
     lines = []
+    known = list(VARIANTS)  # then variants recorded under names no longer defined, by name
     variants = sorted({v for setting in scores.values() for v in setting if v != "vanilla"},
-                      key=list(VARIANTS).index)
+                      key=lambda v: (known.index(v), "") if v in known else (len(known), v))
     for variant in variants:
         lines += [f"\n== {variant} vs vanilla ==",
                   "| setting | relations | swap-att error | swap-obj error | replace-object | "
