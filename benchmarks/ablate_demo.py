@@ -27,7 +27,8 @@ from open_clip_hn import demo
 from open_clip_hn.files import atomic_write_json
 
 RECOMMENDED = ["--hn-config", demo.RECOMMENDED]  # by name: found from an installed wheel too
-NO_TEXT_NEGATIVES = ["--hn-negatives", "none", "--hn-vocabulary", "none", "--hn-loss", "itc"]
+NO_TEXT_NEGATIVES = ["--hn-negatives", "none", "--hn-vocabulary", "none", "--hn-plausibility", "none",
+                     "--hn-loss", "clip"]
 NO_MIRRORS = ["--hn-mirror", "none"]
 # name -> flags; rows without --hn-* flags are plain OpenCLIP
 ABLATIONS: dict[str, list[str]] = {
@@ -36,8 +37,9 @@ ABLATIONS: dict[str, list[str]] = {
     "without text negatives (mirrors only)": RECOMMENDED + NO_TEXT_NEGATIVES,
     "without mirrors (text negatives only)": RECOMMENDED + NO_MIRRORS,
     "text negatives from the full lexicons (no vocabulary)": RECOMMENDED + ["--hn-vocabulary", "none"],
-    "swap-attribute negatives too": RECOMMENDED + [
-        "--hn-types", "replace_object,swap_objects,swap_attributes"],
+    "without the plausibility filter": RECOMMENDED + ["--hn-plausibility", "none"],
+    "without swap-attribute negatives": RECOMMENDED + ["--hn-types", "replace_object,swap_objects"],
+    "text negatives inside the contrastive loss (itc)": RECOMMENDED + ["--hn-loss", "itc,choice"],
     "choice weight 5 instead of 2": RECOMMENDED + ["--hn-choice-weight", "5"],
     "no warmup (hard negatives from step 0)": RECOMMENDED + ["--hn-curriculum-warmup", "0"],
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 from conftest import REPO, run_module, train_argv
 
 from open_clip_hn.neighbors import build
+from open_clip_hn.scenes import sample_scene
 
 RECIPES = sorted((REPO / "configs").glob("*.yaml"))
 
@@ -24,8 +26,13 @@ def neighbor_index(scene_shards, tiny_model_config, tmp_path_factory) -> str:
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_one_step(recipe: Path, scene_shards, neighbor_index, tmp_path):
     extra = ["--hn-config", str(recipe)]
-    if "hn-image-neighbors-per-sample" in yaml.safe_load(recipe.read_text()):
+    settings = yaml.safe_load(recipe.read_text())
+    if "hn-image-neighbors-per-sample" in settings:
         extra += ["--hn-image-neighbors", neighbor_index]
+    if settings.get("hn-plausibility") == "train-data":  # the 64 test shards hold too few captions
+        captions = tmp_path / "captions.txt"
+        captions.write_text("\n".join(sample_scene(random.Random(i)).caption for i in range(400)))
+        extra += ["--hn-plausibility", str(captions)]
     argv = train_argv(scene_shards, str(tmp_path), recipe.stem, *extra, batch_size=8, num_samples=8)
     run_module("open_clip_hn.train", argv)
     log = (tmp_path / recipe.stem / "out.log").read_text()

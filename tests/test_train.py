@@ -234,6 +234,19 @@ def test_precomputed_without_negatives_is_refused(tmp_path, scene_shards):
     assert "open_clip_hn.negatives precompute" in proc.stderr + proc.stdout
 
 
+def test_too_few_captions_for_the_plausibility_filter_is_an_error_naming_the_fix(tmp_path, scene_shards):
+    """`--hn-plausibility train-data` on 64 captions: `error: ...`, exit 2, no traceback, no step."""
+    argv = train_argv(scene_shards, str(tmp_path), "few", "--hn-negatives", "online",
+                      "--hn-plausibility", "train-data")
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --hn-plausibility train-data: " in proc.stderr
+    assert "holds 64 usable captions; a plausibility model needs at least 200" in proc.stderr
+    assert "--hn-plausibility none" in proc.stderr
+    assert "Traceback" not in proc.stderr and "Train Epoch" not in proc.stderr + proc.stdout
+
+
 @pytest.mark.slow
 def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
     """2 gloo CPU processes (the env torchrun sets): both ranks train, one checkpoint + state;
