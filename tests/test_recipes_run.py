@@ -29,7 +29,7 @@ def test_recipe_trains_one_step(recipe: Path, scene_shards, neighbor_index, tmp_
     settings = yaml.safe_load(recipe.read_text())
     if "hn-image-neighbors-per-sample" in settings:
         extra += ["--hn-image-neighbors", neighbor_index]
-    if settings.get("hn-plausibility") == "train-data":  # the 64 test shards hold too few captions
+    if settings.get("hn-plausibility") == "train-data":  # 64 captions in the test shards: too few
         captions = tmp_path / "captions.txt"
         captions.write_text("\n".join(sample_scene(random.Random(i)).caption for i in range(400)))
         extra += ["--hn-plausibility", str(captions)]
