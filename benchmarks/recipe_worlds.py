@@ -54,6 +54,7 @@ VARIANTS: dict[str, list[str]] = {
     "recommended - plausibility filter": ["--hn-config", RECOMMENDED, "--hn-plausibility", "none"],
     "recommended, mirror 10 from step 0": ["--hn-config", RECOMMENDED, "--hn-mirror-weight", "10",
                                            "--hn-curriculum-warmup", "0"],
+    "recommended, no warmup": ["--hn-config", RECOMMENDED, "--hn-curriculum-warmup", "0"],
     "recommended + distill ema": ["--hn-config", RECOMMENDED, "--hn-distill", "ema"],
     "recommended + soft": ["--hn-config", RECOMMENDED, "--hn-label-smoothing", "0.1",
                            "--hn-focal-gamma", "1"],
