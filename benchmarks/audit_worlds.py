@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=20000,
                         help="Other captions the filter and the readers learn from. Default: 20000.")
     parser.add_argument("--types", default="replace_object,swap_objects,swap_attributes",
-                        help="Audited types. Default: recommended.yaml's plus swap_attributes.")
+                        help="Audited types. Default: recommended.yaml's.")
     parser.add_argument("--num", type=int, default=4, help="Negatives per caption. Default: 4.")
     args = parser.parse_args()
     os.makedirs(args.output_dir, exist_ok=True)

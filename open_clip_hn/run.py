@@ -130,23 +130,21 @@ class HardNegativeRun:
     def plausibility(self, captions: TrainCaptions | None):
         """--hn-plausibility's model: a caption file's or saved model's, or the --train-data
         captions' (built once, cached on disk; loader workers load the cached file)."""
-        from .negatives.plausibility import MIN_CAPTIONS, PlausibilityError, from_captions, resolve, tokens
+        from .negatives.plausibility import PlausibilityError, from_captions, resolve
 
         source = self.config.plausibility
         if source != TRAIN_DATA_VOCABULARY:
             return None if source is None else resolve(source)
         fix = ("build the model once with `python -m open_clip_hn.negatives plausibility` and pass "
                "its path to --hn-plausibility")
-        texts = self._captions(captions, "--hn-plausibility", fix)
         try:
-            model = from_captions(texts, source=captions.train_data)
-        except PlausibilityError:
-            usable = sum(1 for text in texts if isinstance(text, str) and tokens(text))
+            model = from_captions(self._captions(captions, "--hn-plausibility", fix),
+                                  source=captions.train_data)
+        except PlausibilityError as err:
             raise PlausibilityError(
-                f"--hn-plausibility train-data: {captions.train_data} holds {usable} usable captions; "
-                f"a plausibility model needs at least {MIN_CAPTIONS}: pass a larger caption file or "
-                "a saved model to --hn-plausibility, or --hn-plausibility none to train without "
-                "the filter (a recipe's setting included)") from None
+                f"--hn-plausibility train-data: {err}; pass a larger caption file or a saved model "
+                "to --hn-plausibility, or --hn-plausibility none to train without the filter (a "
+                "recipe's setting included)") from None
         logging.info("Negatives are kept only where they read about as plausibly as their caption: "
                      "%r", model)
         return model

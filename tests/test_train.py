@@ -242,7 +242,7 @@ def test_too_few_captions_for_the_plausibility_filter_is_an_error_naming_the_fix
                           text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: --hn-plausibility train-data: " in proc.stderr
-    assert "holds 64 usable captions; a plausibility model needs at least 200" in proc.stderr
+    assert f"{scene_shards}: 64 usable captions; a plausibility model needs at least 200" in proc.stderr
     assert "--hn-plausibility none" in proc.stderr
     assert "Traceback" not in proc.stderr and "Train Epoch" not in proc.stderr + proc.stdout
 

@@ -281,7 +281,7 @@ def fit(captions: Iterable[str], source: str = "captions", salt: str = _FOLD_SAL
     if len(texts) < MIN_CAPTIONS:
         raise PlausibilityError(
             f"{source}: {len(texts)} usable captions; a plausibility model needs at least {MIN_CAPTIONS} "
-            "(more is better: the training captions themselves, e.g. --hn-plausibility train-data)")
+            "(more is better: ideally the training captions themselves)")
     counts: Counter = Counter(w for c in texts for w in tokens(c))
     vocabulary = ["<unk>", "<s>", "</s>", *sorted(counts)]
     ids = {w: i for i, w in enumerate(vocabulary)}
