@@ -55,6 +55,10 @@ VARIANTS: dict[str, list[str]] = {
     "recommended, mirror 10 from step 0": ["--hn-config", RECOMMENDED, "--hn-mirror-weight", "10",
                                            "--hn-curriculum-warmup", "0"],
     "recommended, no warmup": ["--hn-config", RECOMMENDED, "--hn-curriculum-warmup", "0"],
+    # the hard terms from step 0 (to break the mirror symmetry early), fading to none by the end
+    "recommended, from step 0 fading": ["--hn-config", RECOMMENDED, "--hn-curriculum-warmup", "0",
+                                        "--hn-curriculum", "linear", "--hn-curriculum-start", "1",
+                                        "--hn-curriculum-end", "0"],
     "recommended + distill ema": ["--hn-config", RECOMMENDED, "--hn-distill", "ema"],
     "recommended + soft": ["--hn-config", RECOMMENDED, "--hn-label-smoothing", "0.1",
                            "--hn-focal-gamma", "1"],

@@ -329,9 +329,15 @@ def mined(b: TermBatch, ctx: TermContext) -> TermResult:
                        "mirrored pair (flipped image, caption with left↔right or above↔below "
                        "exchanged), in both directions; the mirrored pair also joins itc as one "
                        "more pair")
-def mirror(b: TermBatch, ctx: TermContext) -> torch.Tensor:
+def mirror(b: TermBatch, ctx: TermContext) -> TermResult:
     m = b.mirrors
-    return L.mirror_loss(b.image, b.text, m.image, m.text, m.used, ctx.logit_scale)
+    loss = L.mirror_loss(b.image, b.text, m.image, m.text, m.used, ctx.logit_scale)
+    if ctx.share == 0:
+        return loss  # no pair is used (curriculum warmup): nothing to score
+    # the loss is diluted by the unused rows, the weight and the curriculum; this is not. Over the
+    # gathered batch, so every rank logs the global value
+    return loss, {"hn_mirror_acc": LoggedValue(
+        L.mirror_choice_accuracy(b.all_image, b.all_text, m.all_image, m.all_text, m.all_used))}
 
 
 @register_term("distill", weight=True, needs=("teacher",), selectable=False,

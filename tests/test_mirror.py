@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from conftest import TINY_MODEL, unit
+from conftest import REPO, TINY_MODEL, unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.curriculum import negative_keep_mask
@@ -122,6 +122,43 @@ def test_mirror_loss_matches_the_written_out_choices():
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def _choices_won(image, text, m_image, m_text, rows) -> float:
+    """The mirror term's four two-way choices won over `rows`, written out."""
+    return sum(float(image[i] @ text[i] > image[i] @ m_text[i])
+               + float(m_image[i] @ m_text[i] > m_image[i] @ text[i])
+               + float(text[i] @ image[i] > text[i] @ m_image[i])
+               + float(m_text[i] @ m_image[i] > m_text[i] @ image[i]) for i in rows)
+
+
+def test_mirror_choice_accuracy_counts_the_four_choices_won():
+    image, text, m_image, m_text = (unit(B, D, seed=s) for s in range(4))
+    mask = torch.tensor([True, False, True, True, False])
+    rows = [i for i in range(B) if mask[i]]
+    got = L.mirror_choice_accuracy(image, text, m_image, m_text, mask)
+    assert got.item() == pytest.approx(_choices_won(image, text, m_image, m_text, rows) / (4 * len(rows)))
+    # identical features (a pair the model cannot tell from its mirror): every choice a tie, none won
+    assert L.mirror_choice_accuracy(image, text, image, text, mask).item() == 0.0
+    # a model that reads the layout: each mirrored feature is its own, far from the original
+    assert L.mirror_choice_accuracy(image, image, -image, -image, mask).item() == 1.0
+
+
+def test_the_mirror_term_logs_its_accuracy_once_pairs_are_used():
+    image, text, m_image, m_text = (unit(B, D, seed=s + 20) for s in range(4))
+    config = HNConfig(loss=("itc",), mirror=BOTH, mirror_weight=2.0, curriculum_warmup=1)
+    mirrors = dict(hn_mirror_image_features=m_image, hn_mirror_text_features=m_text, output_dict=True)
+    loss = HardNegativeLoss(config)
+    mask = torch.tensor([True, True, False, True, False])
+    warm = loss(image, text, SCALE, hn_mirror_mask=mask, **mirrors)  # step 0: curriculum warmup
+    assert "hn_mirror_acc" not in warm
+    out = loss(image, text, SCALE, hn_mirror_mask=mask, **mirrors)
+    rows = [i for i in range(B) if mask[i]]
+    expected = _choices_won(image, text, m_image, m_text, rows) / (4 * len(rows))
+    assert out["hn_mirror_acc"].item() == pytest.approx(expected)
+    assert out["hn_mirror_acc"] + out["mirror_loss"] is out["mirror_loss"]  # not summed into the loss
+    none = loss(image, text, SCALE, hn_mirror_mask=torch.zeros(B, dtype=torch.bool), **mirrors)
+    assert none["hn_mirror_acc"].item() == 0.0
+
+
 def test_mirror_loss_without_mirrors_is_zero_with_finite_gradients():
     image = unit(B, D, seed=0).requires_grad_()
     loss = L.mirror_loss(image, unit(B, D, seed=1), torch.zeros(B, D), torch.zeros(B, D),
@@ -199,3 +236,55 @@ def test_curriculum_share_decides_which_mirrored_pairs_are_used():
     for _ in range(20):
         shares.append(loss(image, text, SCALE, **mirrors)["hn_mirrored"].item())
     assert 0.2 < sum(shares) / len(shares) < 0.8 and len(set(shares)) > 1
+
+
+def _load_benchmark(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _PoolingTowers(torch.nn.Module):
+    """Image: mean colour of the whole image (flip-blind) or of its left half (flip-aware); text:
+    sum of its tokens' embeddings (tells 'left' from 'right')."""
+
+    def __init__(self, left_half: bool):
+        super().__init__()
+        self.left_half = left_half
+        self.words = torch.nn.Embedding(49408, 3)
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.left_half:
+            pixels = pixels[..., : pixels.shape[-1] // 2]
+        return pixels.mean(dim=(2, 3))
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return (self.words(tokens) * (tokens != 0).unsqueeze(-1)).sum(dim=1)  # padding left out
+
+
+def test_mirror_probe_tells_which_tower_is_flip_blind(tmp_path, tokenizer):
+    from PIL import Image
+    from torchvision.transforms import ToTensor
+
+    probe = _load_benchmark("mirror_probe")
+    items = []
+    for i, (left, right) in enumerate([((255, 0, 0), (0, 0, 255)), ((0, 255, 0), (255, 255, 0))]):
+        image = Image.new("RGB", (8, 8), right)
+        image.paste(left, (0, 0, 4, 8))
+        image.save(tmp_path / f"{i}.png")
+        items.append((str(tmp_path / f"{i}.png"), None, "a red cube to the left of a blue sphere"))
+    items.append((str(tmp_path / "0.png"), None, "a red cube and a blue sphere"))  # no relation: skipped
+    blind = probe.flip_sensitivity(_PoolingTowers(left_half=False), ToTensor(), tokenizer, items)
+    assert blind["pairs"] == 2
+    assert blind["image_flip_cos"] == pytest.approx(1.0)  # the whole-image mean ignores the flip
+    assert blind["caption_mirror_cos"] < 0.999  # 'left' and 'right' embed differently
+    # same features for image and flip: of the two image-side choices exactly one is won (the
+    # captions differ), the two caption-side choices are ties, and ties are lost
+    assert blind["mirror_acc"] == 0.25
+    aware = probe.flip_sensitivity(_PoolingTowers(left_half=True), ToTensor(), tokenizer, items)
+    assert aware["image_flip_cos"] < 0.9
+    with pytest.raises(ValueError, match="names a left/right or above/below relation"):
+        probe.flip_sensitivity(_PoolingTowers(False), ToTensor(), tokenizer, items[2:])
