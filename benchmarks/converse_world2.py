@@ -23,7 +23,6 @@ import glob
 import io
 import os
 import re
-import tarfile
 import time
 from typing import Iterator
 
@@ -36,6 +35,7 @@ from open_clip_hn import demo
 from open_clip_hn import eval as hn_eval
 from open_clip_hn.losses import mirror_choice_accuracy, mirror_loss
 from open_clip_hn.mirror import AXIS_TO_ID, MIRROR_AXES, flip_images, mirror_caption
+from open_clip_hn.neighbors import IMAGE_EXTS, read_member, scan_shard
 from open_clip_hn.world2 import OPPOSITE, RELATIONS
 
 _CAPTION = re.compile(r"^(there is )?(a \w+ \w+ \w+)( is)? (" + "|".join(RELATIONS) + r") (a \w+ \w+ \w+)(,.*)?$")
@@ -51,13 +51,12 @@ def converse(caption: str) -> str:
 
 
 def shard_samples(train: str, preprocess) -> Iterator[tuple[torch.Tensor, str]]:
+    """(preprocessed image, caption) of world2's training shards, in stream order."""
     for shard in sorted(glob.glob(os.path.join(train, "*.tar"))):
-        with tarfile.open(shard) as tar:
-            members = {m.name: m for m in tar.getmembers()}
-            for name in sorted(members):
-                if name.endswith(".png"):
-                    image = Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB")
-                    yield preprocess(image), tar.extractfile(members[name[:-4] + ".txt"]).read().decode()
+        for _, members in scan_shard(shard):
+            image_ext = next(ext for ext in IMAGE_EXTS if ext in members)
+            image = Image.open(io.BytesIO(read_member(shard, *members[image_ext]))).convert("RGB")
+            yield preprocess(image), read_member(shard, *members["txt"]).decode()
 
 
 def converse_loss(text: torch.Tensor, text_converse: torch.Tensor, mirror_text: torch.Tensor,

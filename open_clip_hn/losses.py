@@ -132,23 +132,27 @@ def intra_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
     return _first_is_target(_own_choice_logits(text, image, negatives, negative_mask, logit_scale)).mean()
 
 
-def mirror_loss(image: torch.Tensor, text: torch.Tensor, mirror_image: torch.Tensor,
-                mirror_text: torch.Tensor, mirror_mask: torch.Tensor,
-                logit_scale: torch.Tensor) -> torch.Tensor:
-    """Two-way choices inside each (pair, mirrored pair), both directions, both pairs:
+def mirror_gaps(image: torch.Tensor, text: torch.Tensor, mirror_image: torch.Tensor,
+                mirror_text: torch.Tensor) -> torch.Tensor:
+    """[A, 4] cosine <a,n> - <a,p> of the four two-way choices inside each (pair, mirrored pair):
     image: caption over mirrored caption; mirrored image: the reverse; caption: image over
-    mirrored image; mirrored caption: the reverse. Each is -log e^{s<a,p>} / (e^{s<a,p>} +
-    e^{s<a,n>}) = softplus(s(<a,n> - <a,p>)); mean of the four over the A rows, where a row
-    without a mirror contributes exactly 0 (as `choice_loss` treats a caption without negatives).
-    The caption-side choices are what no text negative gives: the image must encode the layout."""
+    mirrored image; mirrored caption: the reverse. Below 0 where the choice is won."""
     own = (image * text).sum(dim=-1)
     mirror_own = (mirror_image * mirror_text).sum(dim=-1)
     image_mirror_text = (image * mirror_text).sum(dim=-1)
     mirror_image_text = (mirror_image * text).sum(dim=-1)
-    per_row = (F.softplus(logit_scale * (image_mirror_text - own))
-               + F.softplus(logit_scale * (mirror_image_text - mirror_own))
-               + F.softplus(logit_scale * (mirror_image_text - own))
-               + F.softplus(logit_scale * (image_mirror_text - mirror_own))) / 4
+    return torch.stack([image_mirror_text - own, mirror_image_text - mirror_own,
+                        mirror_image_text - own, image_mirror_text - mirror_own], dim=1)
+
+
+def mirror_loss(image: torch.Tensor, text: torch.Tensor, mirror_image: torch.Tensor,
+                mirror_text: torch.Tensor, mirror_mask: torch.Tensor,
+                logit_scale: torch.Tensor) -> torch.Tensor:
+    """The four choices of `mirror_gaps`, each -log e^{s<a,p>} / (e^{s<a,p>} + e^{s<a,n>}) =
+    softplus(s(<a,n> - <a,p>)); mean of the four over the A rows, where a row without a mirror
+    contributes exactly 0 (as `choice_loss` treats a caption without negatives). The
+    caption-side choices are what no text negative gives: the image must encode the layout."""
+    per_row = F.softplus(logit_scale * mirror_gaps(image, text, mirror_image, mirror_text)).mean(dim=1)
     return (per_row * mirror_mask.to(per_row.dtype)).sum() / max(per_row.shape[0], 1)
 
 
@@ -158,14 +162,9 @@ def mirror_choice_accuracy(image: torch.Tensor, text: torch.Tensor, mirror_image
     the rows with a mirror: about 0.5 while the towers cannot tell a pair from its mirror (the
     loss sits at ln 2 per choice; exact ties count as wrong), 1.0 once they read the layout; 0
     when no row has a mirror. Masked arithmetic, no boolean indexing: no host sync on a GPU."""
-    own = (image * text).sum(dim=-1)
-    mirror_own = (mirror_image * mirror_text).sum(dim=-1)
-    image_mirror_text = (image * mirror_text).sum(dim=-1)
-    mirror_image_text = (mirror_image * text).sum(dim=-1)
-    right = torch.stack([own > image_mirror_text, mirror_own > mirror_image_text,
-                         own > mirror_image_text, mirror_own > image_mirror_text], dim=1)
-    rows = mirror_mask.to(own.dtype)
-    return (right.to(own.dtype).sum(dim=1) * rows).sum() / (4 * rows.sum()).clamp(min=1)
+    gaps = mirror_gaps(image, text, mirror_image, mirror_text)
+    rows = mirror_mask.to(gaps.dtype)
+    return ((gaps < 0).to(gaps.dtype).sum(dim=1) * rows).sum() / (4 * rows.sum()).clamp(min=1)
 
 
 def rank_gaps(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
