@@ -6,9 +6,11 @@ proportional to that difference, vanishes, and more mirror weight does not help.
 of "A on the left of B" is "B on the right of A": the same scene. A term that makes each caption
 pick its converse over its mirrored caption (and over the mirrored caption's converse) can only
 be met by a text tower that binds the relation to its two objects, which is what the mirror term
-needs. Not a plugin term (yet): this is its own loop, OpenCLIP's ClipLoss + the plugin's
-`mirror_loss` (+ the converse choice), continuing a pretrained world2 checkpoint on world2's
-shards, then scored on world2's test sets (captions of world2's grammar only).
+needs. The plugin's `converse` term (`--hn-converse-weight`) is this choice; this loop is the
+quick way to try it and what keeps retrieval beside it (`--distill-weight`, `--converse-steps`):
+OpenCLIP's ClipLoss + the plugin's `mirror_loss` and `converse_loss` (+ `distill_loss`), continuing
+a pretrained world2 checkpoint on world2's shards, then scored on world2's test sets. The converse
+captions come from the plugin's parser (`NegativeGenerator.exchange_related_objects`).
 
     python benchmarks/converse_world2.py --data recipe-worlds/data-world2 \\
         --model-config open_clip_hn/model_configs/hn-vit4-64.json \\
@@ -22,7 +24,6 @@ import argparse
 import glob
 import io
 import os
-import re
 import time
 from typing import Iterator
 
@@ -33,21 +34,11 @@ from PIL import Image
 
 from open_clip_hn import demo
 from open_clip_hn import eval as hn_eval
-from open_clip_hn.losses import mirror_choice_accuracy, mirror_loss
-from open_clip_hn.mirror import AXIS_TO_ID, MIRROR_AXES, flip_images, mirror_caption
+from open_clip_hn.losses import (converse_accuracy, converse_loss, distill_loss, mirror_choice_accuracy,
+                                 mirror_loss)
+from open_clip_hn.mirror import AXIS_TO_ID, MIRROR_AXES, axis_words, flip_images, mirror_caption
+from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.neighbors import IMAGE_EXTS, read_member, scan_shard
-from open_clip_hn.world2 import OPPOSITE, RELATIONS
-
-_CAPTION = re.compile(r"^(there is )?(a \w+ \w+ \w+)( is)? (" + "|".join(RELATIONS) + r") (a \w+ \w+ \w+)(,.*)?$")
-
-
-def converse(caption: str) -> str:
-    """world2's caption with its two related objects exchanged and the relation reversed."""
-    found = _CAPTION.match(caption)
-    if not found:
-        raise ValueError(f"not a world2 caption: {caption!r}")
-    there, a, is_, relation, b, tail = found.groups()
-    return f"{there or ''}{b}{is_ or ''} {OPPOSITE[relation]} {a}{tail or ''}"
 
 
 def shard_samples(train: str, preprocess) -> Iterator[tuple[torch.Tensor, str]]:
@@ -59,17 +50,6 @@ def shard_samples(train: str, preprocess) -> Iterator[tuple[torch.Tensor, str]]:
             yield preprocess(image), read_member(shard, *members["txt"]).decode()
 
 
-def converse_loss(text: torch.Tensor, text_converse: torch.Tensor, mirror_text: torch.Tensor,
-                  mirror_converse: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Each caption (and each mirrored caption) picks its converse over the other scene's two."""
-    def pick(anchor, positive, *negatives):
-        logits = scale * torch.stack([(anchor * c).sum(-1) for c in (positive, *negatives)], dim=1)
-        return F.cross_entropy(logits, torch.zeros(len(anchor), dtype=torch.long))
-
-    return (pick(text, text_converse, mirror_text, mirror_converse)
-            + pick(mirror_text, mirror_converse, text, text_converse)) / 2
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -79,6 +59,15 @@ def main() -> None:
     add("--output", required=True, help="Where the continued checkpoint is written.")
     add("--converse-weight", type=float, default=1.0, help="0 runs the control. Default: 1.")
     add("--mirror-weight", type=float, default=5.0, help="Default: 5 (the recipe's).")
+    add("--converse-steps", type=int, default=None,
+        help="Apply the converse term for the first N steps only (then ClipLoss + mirror keep "
+             "what it broke). Default: every step.")
+    add("--distill-weight", type=float, default=0.0,
+        help="Weight of the plugin's distill term toward the frozen pretrained model (the "
+             "ordinary batch's similarity distributions). Default: 0 (off).")
+    add("--converse-margin", type=float, default=0.0,
+        help="As --hn-converse-margin: a hinge with this cosine margin instead of the "
+             "cross-entropy. Default: 0 (cross-entropy).")
     add("--steps", type=int, default=250, help="Default: 250.")
     add("--batch-size", type=int, default=128, help="Default: 128.")
     add("--lr", type=float, default=5e-4, help="AdamW, 15 warmup steps, then constant. Default: 5e-4.")
@@ -86,9 +75,13 @@ def main() -> None:
     torch.manual_seed(0)
     model, preprocess, tokenizer = hn_eval.load_model(demo.model_name(args.model_config), args.pretrained,
                                                       "cpu", [args.model_config])
+    teacher = None
+    if args.distill_weight:
+        teacher = hn_eval.load_model(demo.model_name(args.model_config), args.pretrained, "cpu",
+                                     [args.model_config])[0].eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     clip, samples, n = ClipLoss(), shard_samples(os.path.join(args.data, "train"), preprocess), args.batch_size
-    every = torch.ones(n, dtype=torch.bool)
+    every, parser = torch.ones(n, dtype=torch.bool), NegativeGenerator()
     model.train()
     for step in range(args.steps):
         for group in optimizer.param_groups:
@@ -99,15 +92,28 @@ def main() -> None:
         pixels = torch.stack([pixels for pixels, _ in batch])
         axes = torch.tensor([AXIS_TO_ID[axis] for _, axis in mirrored])
         mirror_captions = [caption for caption, _ in mirrored]
-        texts = captions + mirror_captions + [converse(c) for c in captions + mirror_captions]
+        converses = [(parser.exchange_related_objects(m, axis_words(axis)),
+                      parser.exchange_related_objects(c, axis_words(axis)))
+                     for c, (m, axis) in zip(captions, mirrored)]
+        has_converse = torch.tensor([None not in pair for pair in converses])
+        texts = captions + mirror_captions + [pair[0] or "" for pair in converses] \
+            + [pair[1] or "" for pair in converses]
         image = F.normalize(model.encode_image(torch.cat([pixels, flip_images(pixels, axes)])), dim=-1)
         text = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
         scale = model.logit_scale.exp()
         i0, i1 = image[:n], image[n:]
         t0, t1, c0, c1 = text.split(n)
         losses = {"clip": clip(i0, t0, scale), "mirror": mirror_loss(i0, t0, i1, t1, every, scale),
-                  "converse": converse_loss(t0, c0, t1, c1, scale)}
-        total = losses["clip"] + args.mirror_weight * losses["mirror"] + args.converse_weight * losses["converse"]
+                  "converse": converse_loss(t0, t1, torch.stack([c0, c1], dim=1), has_converse, scale,
+                                            args.converse_margin)}
+        converse_weight = args.converse_weight if step < (args.converse_steps or args.steps) else 0.0
+        total = losses["clip"] + args.mirror_weight * losses["mirror"] + converse_weight * losses["converse"]
+        if teacher is not None:
+            with torch.no_grad():
+                ti = F.normalize(teacher.encode_image(pixels), dim=-1)
+                tt = F.normalize(teacher.encode_text(tokenizer(captions)), dim=-1)
+            losses["distill"] = distill_loss(i0, t0, i0, t0, ti, tt, ti, tt, scale, teacher.logit_scale.exp())
+            total = total + args.distill_weight * losses["distill"]
         optimizer.zero_grad()
         total.backward()
         optimizer.step()
@@ -115,9 +121,12 @@ def main() -> None:
             model.logit_scale.clamp_(0, 4.6052)
         if step % 10 == 0 or step == args.steps - 1:
             accuracy = mirror_choice_accuracy(i0.detach(), t0.detach(), i1.detach(), t1.detach(), every)
+            converse_acc = converse_accuracy(t0.detach(), t1.detach(),
+                                             torch.stack([c0, c1], dim=1).detach(), has_converse)
             print(f"{time.strftime('%H:%M:%S')} step {step} "
                   + " ".join(f"{k} {v.item():.3f}" for k, v in losses.items())
-                  + f" mirror_acc {accuracy.item():.3f}", flush=True)
+                  + f" mirror_acc {accuracy.item():.3f} converse_acc {converse_acc.item():.3f}"
+                  + f" converse_rows {int(has_converse.sum())}/{n}", flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "epoch": 1}, args.output)
     result = demo.evaluate_checkpoints({"run": args.output}, {"test": os.path.join(args.data, "test")},

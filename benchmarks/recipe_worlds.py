@@ -60,6 +60,14 @@ VARIANTS: dict[str, list[str]] = {
                                         "--hn-curriculum", "linear", "--hn-curriculum-start", "1",
                                         "--hn-curriculum-end", "0"],
     "recommended + distill ema": ["--hn-config", RECOMMENDED, "--hn-distill", "ema"],
+    # the text-only converse term, to break the mirror plateau of world2 (README, Converse captions)
+    "recommended + converse 2": ["--hn-config", RECOMMENDED, "--hn-converse-weight", "2"],
+    "recommended + converse 2, mirror 1": ["--hn-config", RECOMMENDED, "--hn-converse-weight", "2",
+                                           "--hn-mirror-weight", "1"],
+    # the converse choices as a hinge with a small cosine margin (moves the text tower less)
+    "recommended + converse hinge 0.02 (weight 10), mirror 1": [
+        "--hn-config", RECOMMENDED, "--hn-converse-weight", "10", "--hn-converse-margin", "0.02",
+        "--hn-mirror-weight", "1"],
     "recommended + soft": ["--hn-config", RECOMMENDED, "--hn-label-smoothing", "0.1",
                            "--hn-focal-gamma", "1"],
     # the previous recipe and the variants measured on it (README "Keeping retrieval")

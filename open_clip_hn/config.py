@@ -82,6 +82,8 @@ class HNConfig:
     # mirrored image pairs (image-side negatives for spatial relations)
     mirror: tuple[str, ...] = ()
     mirror_weight: float = 1.0
+    converse_weight: float = 0.0
+    converse_margin: float = 0.0
     # capability-preserving distillation and softer hard-negative terms (issue 21)
     distill: str = "none"
     distill_weight: float = 1.0
@@ -123,6 +125,11 @@ class HNConfig:
     def packs_texts(self) -> bool:
         """Train captions travel packed (with negatives and/or the mirrored caption)."""
         return self.uses_text_negatives or bool(self.mirror)
+
+    @property
+    def packs_converse(self) -> bool:
+        """Packed rows also carry the converse captions (the converse term is on)."""
+        return bool(self.mirror) and self.converse_weight > 0
 
     @property
     def fixed_rank_threshold(self) -> float | None:
@@ -172,6 +179,9 @@ class HNConfig:
         if not 0 <= self.distill_ema_decay < 1:
             raise ValueError(f"--hn-distill-ema-decay must be in [0, 1), got {self.distill_ema_decay} "
                              "(1 would never move the teacher: use --hn-distill frozen)")
+        if self.converse_margin > 0 and self.converse_weight == 0:
+            raise ValueError("--hn-converse-margin shapes the converse term, which is off: give "
+                             "--hn-converse-weight W > 0 (with --hn-mirror) or drop the margin")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--hn-label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -231,8 +241,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     for term in TERMS.values():
         if term.weight:
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,
-                default=1.0, help=f"Weight of the '{term.name}' term"
-                                  f"{': ' + term.weight_help if term.weight_help else ''}. Default: 1.0.")
+                default=term.weight_default,
+                help=f"Weight of the '{term.name}' term"
+                     f"{': ' + term.weight_help if term.weight_help else ''}"
+                     f"{'' if 'Default:' in term.weight_help else f'. Default: {term.weight_default}'}.")
     add("--hn-rank-threshold", dest="hn_rank_threshold", type=_rank_threshold,
         default="adaptive-mean", metavar="{adaptive-mean,adaptive-max,MARGIN}",
         help="Per-type rank margin: adapted from the observed positive-negative similarity gaps "
@@ -262,6 +274,12 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "joins the itc batch and the mirror term; it is the image-side hard negative that "
              "makes the image encoder read the layout. Vertical flips suit rendered scenes, "
              "rarely photos. 'none' (the default): off.")
+    add("--hn-converse-margin", dest="hn_converse_margin", type=unit_float, default=0.0,
+        metavar="MARGIN",
+        help="With --hn-converse-weight: a hinge instead of the cross-entropy, each converse "
+             "choice only needs to be won by this cosine margin, so the text tower moves only as "
+             "far as the mirror term needs (on world2 the cross-entropy cost retrieval). "
+             "Default: 0 (cross-entropy).")
     add("--hn-distill", dest="hn_distill", choices=DISTILL_TEACHERS, default="none",
         help="Distil toward the model being continued, so retrieval is kept while the hard "
              "negatives teach composition: the student's image<->text similarity distribution over "

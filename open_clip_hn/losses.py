@@ -167,6 +167,45 @@ def mirror_choice_accuracy(image: torch.Tensor, text: torch.Tensor, mirror_image
     return ((gaps < 0).to(gaps.dtype).sum(dim=1) * rows).sum() / (4 * rows.sum()).clamp(min=1)
 
 
+def converse_choices(text: torch.Tensor, mirror_text: torch.Tensor, converse: torch.Tensor
+                     ) -> torch.Tensor:
+    """[A, 2, 3] cosines of the two text-only choices per row, the right answer first: the
+    caption against its converse, the mirrored caption, the mirrored caption's converse; the
+    mirrored caption against its converse, the caption, the caption's converse. `converse`
+    [A, 2, D] holds the caption's converse (the same scene in other words) and the mirrored
+    caption's converse."""
+    own, mirror_own = converse[:, 0], converse[:, 1]
+    caption = torch.stack([(text * c).sum(-1) for c in (own, mirror_text, mirror_own)], dim=1)
+    mirrored = torch.stack([(mirror_text * c).sum(-1) for c in (mirror_own, text, own)], dim=1)
+    return torch.stack([caption, mirrored], dim=1)
+
+
+def converse_loss(text: torch.Tensor, mirror_text: torch.Tensor, converse: torch.Tensor,
+                  used: torch.Tensor, logit_scale: torch.Tensor, margin: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of both `converse_choices` (averaged); with `margin` > 0 instead a hinge
+    mean(relu(margin - (cos_right - cos_wrong))) over both choices' two wrong answers, which stops
+    pushing once each is won by the margin. Mean over the A rows, where a row without converse
+    captions contributes exactly 0 (as `mirror_loss`). The four captions share one bag of words,
+    so only a text tower that binds the relation to its two objects can win: what the mirror
+    term's image side needs to leave ln 2."""
+    choices = converse_choices(text, mirror_text, converse)
+    if margin > 0:
+        per_row = F.relu(margin - (choices[..., :1] - choices[..., 1:])).mean(dim=(1, 2))
+    else:
+        per_row = -F.log_softmax(logit_scale * choices, dim=-1)[..., 0].mean(dim=1)
+    return (per_row * used.to(per_row.dtype)).sum() / max(per_row.shape[0], 1)
+
+
+def converse_accuracy(text: torch.Tensor, mirror_text: torch.Tensor, converse: torch.Tensor,
+                      used: torch.Tensor) -> torch.Tensor:
+    """Share of `converse_choices` won (the converse strictly closest) over the used rows; 0 when
+    none is used. Masked arithmetic: no host sync."""
+    choices = converse_choices(text, mirror_text, converse)
+    won = (choices[..., :1] > choices[..., 1:]).all(dim=-1).to(choices.dtype).sum(dim=1)
+    rows = used.to(choices.dtype)
+    return (won * rows).sum() / (2 * rows.sum()).clamp(min=1)
+
+
 def rank_gaps(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
     """Cosine gap s(I,T) - s(I,T_k) per hard negative: [A, K]."""
     pos = (image * text).sum(dim=-1, keepdim=True)

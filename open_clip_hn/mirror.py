@@ -53,6 +53,11 @@ def parse_axes(value: str) -> tuple[str, ...]:
     return axes
 
 
+def axis_words(axis: str) -> frozenset[str]:
+    """The words a flip along `axis` exchanges (the relation words of that axis)."""
+    return frozenset(_AXIS_WORDS[axis])
+
+
 def _swap_word(match: re.Match, words: dict[str, str]) -> str:
     word = match.group(0)
     swapped = words[word.lower()]
@@ -93,9 +98,14 @@ class MirrorPairs:
     image: torch.Tensor  # [B, D] features of the flipped images
     text: torch.Tensor   # [B, D] features of the mirrored captions
     mask: torch.Tensor   # [B] bool: the sample has a mirrored pair
+    converse: torch.Tensor | None = None       # [B, 2, D] converse of the caption, of the mirrored one
+    converse_mask: torch.Tensor | None = None  # [B] bool: the sample has both (--hn-converse-weight)
 
     def float(self) -> "MirrorPairs":
-        return MirrorPairs(self.image.float(), self.text.float(), self.mask.to(torch.bool))
+        if self.converse is None:
+            return MirrorPairs(self.image.float(), self.text.float(), self.mask.to(torch.bool))
+        return MirrorPairs(self.image.float(), self.text.float(), self.mask.to(torch.bool),
+                           self.converse.float(), self.converse_mask.to(torch.bool))
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,12 @@ class MirrorBatch:
     text: torch.Tensor       # [A, D]
     used: torch.Tensor       # [A] bool
     labels: torch.Tensor     # [A] itc row of each anchor's mirrored pair
+    # --hn-converse-weight: each pair's two converse captions, valid ones all used (the
+    # curriculum does not thin them)
+    all_converse: torch.Tensor | None = None       # [N, 2, D]
+    all_converse_used: torch.Tensor | None = None  # [N] bool
+    converse: torch.Tensor | None = None           # [A, 2, D] the anchors'
+    converse_used: torch.Tensor | None = None      # [A] bool
 
     def itc_rows(self, image: torch.Tensor, text: torch.Tensor, all_image: torch.Tensor,
                  all_text: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -149,15 +165,24 @@ def gather_mirrors(pairs: MirrorPairs, keep: torch.Tensor, *, rank: int, world_s
                    local: bool, with_grad: bool) -> MirrorBatch:
     """Gather every rank's mirrored pairs; `keep` [N] is the curriculum's choice of pairs (none
     during its warmup). With `local`, this rank's anchors are its own samples."""
-    stacked = gather_rows(torch.stack([pairs.image, pairs.text], dim=1), rank=rank,
-                          world_size=world_size, with_grad=with_grad, keep_local_grad=not local)
+    parts = [pairs.image, pairs.text]
+    if pairs.converse is not None:
+        parts += [pairs.converse[:, 0], pairs.converse[:, 1]]
+    stacked = gather_rows(torch.stack(parts, dim=1), rank=rank, world_size=world_size,
+                          with_grad=with_grad, keep_local_grad=not local)
     valid = gather_rows(pairs.mask, rank=rank, world_size=world_size)
     all_used = valid & keep
     n = all_used.shape[0]
     all_labels = n + torch.cumsum(all_used.long(), dim=0) - 1
+    all_converse = all_converse_used = None
+    if pairs.converse is not None:
+        all_converse = stacked[:, 2:]
+        all_converse_used = gather_rows(pairs.converse_mask, rank=rank, world_size=world_size)
     if local:
         rows = slice(rank * pairs.mask.shape[0], (rank + 1) * pairs.mask.shape[0])
         return MirrorBatch(stacked[:, 0], stacked[:, 1], all_used, pairs.image, pairs.text,
-                           all_used[rows], all_labels[rows])
+                           all_used[rows], all_labels[rows], all_converse, all_converse_used,
+                           pairs.converse, None if pairs.converse is None else all_converse_used[rows])
     return MirrorBatch(stacked[:, 0], stacked[:, 1], all_used, stacked[:, 0], stacked[:, 1],
-                       all_used, all_labels)
+                       all_used, all_labels, all_converse, all_converse_used, all_converse,
+                       all_converse_used)

@@ -5,7 +5,8 @@ passes the stacked tensor straight to `model(images, texts)`, and only the model
 reaches the loss. So the plugin rides on those three:
 
 * worker half: `PackedNegativeTokenizer` turns one caption into one flat row holding the caption,
-  its K negatives and their mask/type metadata (and, with `--hn-mirror`, the mirrored caption);
+  its K negatives and their mask/type metadata (and, with `--hn-mirror`, the mirrored caption, and
+  with `--hn-converse-weight`, the converse captions);
 * model half: `attach_model_hooks` puts a forward pre-hook on the model that splits the rows again
   (`unpack_texts`) and flips the mirrored images, so OpenCLIP's unmodified train step encodes
   positives, negatives and mirrored pairs in one forward per tower; a forward hook adds the
@@ -17,12 +18,15 @@ The metadata travels as tensors, so OpenCLIP's `--accum-freq` path concatenates 
 batch like the features it belongs to, and it stays glued to its sample through workers and ranks.
 
 Row layout per sample, K negatives, context length L, M = META_COLUMNS:
-    (1 + K [+ 1]) blocks of [L token ids | SENTINEL, valid, type_id, blind]
+    (1 + K [+ 1 [+ 2]]) blocks of [L token ids | SENTINEL, valid, type_id, blind]
 blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking),
 and with `--hn-mirror` one more block: the caption of the mirrored image (`mirror.py`), whose
-type_id is the mirror axis. `blind` is 1 where the plausibility model (`--hn-plausibility`) scores
-the negative below its caption, i.e. a text-only reader would reject it (0: it would not, -1:
-no model), so the objective can log that share (`Hn_blind`).
+type_id is the mirror axis; with the converse term two more: the converse of the caption (the
+mirrored caption with the relation's two objects exchanged: the same scene) and the converse of
+the mirrored caption (the caption with them exchanged), both valid or both masked. `blind` is 1
+where the plausibility model (`--hn-plausibility`) scores the negative below its caption, i.e. a
+text-only reader would reject it (0: it would not, -1: no model), so the objective can log that
+share (`Hn_blind`).
 
 Precomputed negatives (`neg.json` members, see `negatives/shards.py`) reach the tokenizer through
 the only field OpenCLIP's pipeline carries to it, the caption string: `samples_with_precomputed_
@@ -38,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Iterable,
 
 import torch
 
-from .mirror import AXIS_TO_ID, MirrorPairs, flip_images, mirror_caption
+from .mirror import AXIS_TO_ID, MirrorPairs, axis_words, flip_images, mirror_caption
 from .negatives.shards import NEGATIVES_EXTENSION, read_negatives
 from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 
@@ -58,6 +62,8 @@ class UnpackedTexts:
     neg_blind: torch.Tensor  # [B, K] long: 1 a text-only reader rejects it, 0 not, -1 unknown
     mirror_tokens: torch.Tensor | None = None  # [B, L] caption of each mirrored image
     mirror_axis: torch.Tensor | None = None  # [B] long: 0 horizontal, 1 vertical, -1 no mirror
+    converse_tokens: torch.Tensor | None = None  # [B, 2, L] converse of the caption, of the mirrored one
+    converse_mask: torch.Tensor | None = None  # [B] bool: the sample has both
 
 
 def encode_precomputed_caption(caption: str, negatives: list[dict[str, str]]) -> str:
@@ -98,17 +104,31 @@ class PackedNegativeTokenizer:
 
     Runs inside loader workers. Negatives come from the caption itself (online, a pure function of
     caption and seed) or from the precomputed payload; missing ones become masked slots. With
-    `mirror_axes` the row ends with the mirrored image's caption (masked when there is none).
+    `mirror_axes` the row ends with the mirrored image's caption (masked when there is none), and
+    with a `converse` parser (which needs mirror axes) with the two converse captions.
     """
 
     def __init__(self, tokenizer: Callable, num_negatives: int,
                  generator: "NegativeGenerator | None", types: Collection[str] = NEGATIVE_TYPES,
-                 mirror_axes: Collection[str] = ()):
+                 mirror_axes: Collection[str] = (), converse: "NegativeGenerator | None" = None):
+        if converse is not None and not mirror_axes:
+            raise ValueError("converse captions are made from mirrored captions: give mirror_axes")
         self.tokenizer = tokenizer
         self.num_negatives = num_negatives
         self.generator = generator
         self.types = frozenset(types)
         self.mirror_axes = tuple(mirror_axes)
+        self.converse = converse
+
+    def converse_pair(self, caption: str, mirrored: tuple[str, str] | None) -> tuple[str, str] | None:
+        """(converse of the caption, converse of the mirrored caption), or None where either
+        cannot be made unambiguously."""
+        if mirrored is None or self.converse is None:
+            return None
+        words = axis_words(mirrored[1])
+        converse = self.converse.exchange_related_objects(mirrored[0], words)
+        mirror_converse = self.converse.exchange_related_objects(caption, words)
+        return None if converse is None or mirror_converse is None else (converse, mirror_converse)
 
     def negatives_for(self, caption: str, precomputed: list | None) -> list[dict[str, str]]:
         if precomputed is not None:
@@ -128,6 +148,9 @@ class PackedNegativeTokenizer:
         mirrored = mirror_caption(caption, self.mirror_axes)
         if self.mirror_axes:
             texts.append(mirrored[0] if mirrored else "")
+        converse = self.converse_pair(caption, mirrored)
+        if self.converse is not None:
+            texts.extend(converse or ("", ""))
         tokens = self.tokenizer(texts)
         meta = torch.full((len(texts), META_COLUMNS), SENTINEL, dtype=tokens.dtype)
         meta[:, 1] = 0
@@ -141,8 +164,11 @@ class PackedNegativeTokenizer:
             meta[1:1 + len(negatives), 3] = torch.tensor(
                 [int(blind_reader.prefers_positive(caption, n["text"])) for n in negatives],
                 dtype=tokens.dtype)
+        mirror_block = 1 + k
         if mirrored:
-            meta[-1, 1], meta[-1, 2] = 1, AXIS_TO_ID[mirrored[1]]
+            meta[mirror_block, 1], meta[mirror_block, 2] = 1, AXIS_TO_ID[mirrored[1]]
+        if converse:
+            meta[mirror_block + 1:, 1] = 1
         return torch.cat([tokens, meta], dim=1).reshape(1, -1)
 
     def __call__(self, texts: Any) -> torch.Tensor:
@@ -151,12 +177,12 @@ class PackedNegativeTokenizer:
         return torch.cat([self.pack(t) for t in items], dim=0)
 
 
-def unpack_texts(texts: torch.Tensor, num_negatives: int, mirror: bool = False
-                 ) -> UnpackedTexts | None:
+def unpack_texts(texts: torch.Tensor, num_negatives: int, mirror: bool = False,
+                 converse: bool = False) -> UnpackedTexts | None:
     """Split packed rows back into token rows and metadata; None for ordinary token tensors."""
     if texts.dim() != 2 or texts.dtype not in (torch.int64, torch.int32):
         return None
-    blocks = 1 + num_negatives + int(mirror)
+    blocks = 1 + num_negatives + int(mirror) + 2 * int(converse)
     width = texts.shape[1]
     if width % blocks or width // blocks <= META_COLUMNS:
         return None
@@ -169,14 +195,17 @@ def unpack_texts(texts: torch.Tensor, num_negatives: int, mirror: bool = False
     if not mirror:
         return UnpackedTexts(tokens.flatten(0, 1), meta[:, 1:, 1] == 1, meta[:, 1:, 2].long(),
                              meta[:, 1:, 3].long())
-    has_mirror = meta[:, -1, 1] == 1
+    m = 1 + num_negatives  # the mirrored caption's block
+    has_mirror = meta[:, m, 1] == 1
     return UnpackedTexts(
-        tokens=tokens[:, :-1].flatten(0, 1),
-        neg_mask=meta[:, 1:-1, 1] == 1,
-        neg_types=meta[:, 1:-1, 2].long(),
-        neg_blind=meta[:, 1:-1, 3].long(),
-        mirror_tokens=tokens[:, -1],
-        mirror_axis=torch.where(has_mirror, meta[:, -1, 2].long(), -1),
+        tokens=tokens[:, :m].flatten(0, 1),
+        neg_mask=meta[:, 1:m, 1] == 1,
+        neg_types=meta[:, 1:m, 2].long(),
+        neg_blind=meta[:, 1:m, 3].long(),
+        mirror_tokens=tokens[:, m],
+        mirror_axis=torch.where(has_mirror, meta[:, m, 2].long(), -1),
+        converse_tokens=tokens[:, m + 1:] if converse else None,
+        converse_mask=(has_mirror & (meta[:, m + 1, 1] == 1)) if converse else None,
     )
 
 
@@ -239,7 +268,9 @@ class PackedOutputs:
                                        "teacher_logit_scale": "hn_teacher_logit_scale"}
     _MIRROR_KEYS: ClassVar[dict[str, str]] = {"image": "hn_mirror_image_features",
                                               "text": "hn_mirror_text_features",
-                                              "mask": "hn_mirror_mask"}
+                                              "mask": "hn_mirror_mask",
+                                              "converse": "hn_mirror_converse_features",
+                                              "converse_mask": "hn_mirror_converse_mask"}
 
     @property
     def empty(self) -> bool:
@@ -252,7 +283,8 @@ class PackedOutputs:
                 output[key] = getattr(self, field)
         if self.mirrors is not None:
             for field, key in self._MIRROR_KEYS.items():
-                output[key] = getattr(self.mirrors, field)
+                if getattr(self.mirrors, field) is not None:
+                    output[key] = getattr(self.mirrors, field)
         return output
 
     @classmethod
@@ -261,16 +293,18 @@ class PackedOutputs:
         values = {field: outputs.get(key) for field, key in cls._KEYS.items()}
         mirrors = None
         if outputs.get(cls._MIRROR_KEYS["mask"]) is not None:
-            mirrors = MirrorPairs(**{field: outputs[key] for field, key in cls._MIRROR_KEYS.items()})
+            mirrors = MirrorPairs(**{field: outputs.get(key) for field, key in cls._MIRROR_KEYS.items()})
         return cls(**values, mirrors=mirrors)
 
 
-def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False) -> None:
+def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False,
+                       converse: bool = False) -> None:
     """Unpack packed text rows before the model's forward; add `PackedOutputs` to its output.
 
     With `mirror`, the flipped images and their captions ride in the same forward (one encoder
     call per tower) and come out as [B, D] features beside a [B] mask, zero rows where a sample
-    has no mirror.
+    has no mirror; with `converse` (rows packed with the converse captions) so do those, as
+    [B, 2, D] features beside their own mask.
     """
     pending: dict[str, Any] = {}
 
@@ -280,7 +314,7 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
         text = args[1] if positional else kwargs.get("text")
         if not isinstance(text, torch.Tensor):
             return None
-        unpacked = unpack_texts(text, num_negatives, mirror)
+        unpacked = unpack_texts(text, num_negatives, mirror, converse)
         if unpacked is None:
             return None
         pending["meta"] = unpacked
@@ -292,6 +326,10 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
             flipped = flip_images(image[rows.to(image.device)], unpacked.mirror_axis[rows])
             image = torch.cat([image, flipped])
             tokens = torch.cat([tokens, unpacked.mirror_tokens[rows]])
+            if unpacked.converse_mask is not None:
+                converse_rows = unpacked.converse_mask.nonzero().flatten()
+                pending["converse_rows"] = converse_rows
+                tokens = torch.cat([tokens, unpacked.converse_tokens[converse_rows].flatten(0, 1)])
         if positional:
             args = (image, tokens, *args[2:])
         else:
@@ -303,6 +341,7 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
     def add_outputs(module, args, kwargs, output):
         meta = pending.pop("meta", None)
         rows = pending.pop("mirror_rows", None)
+        converse_rows = pending.pop("converse_rows", None)
         if meta is None or not isinstance(output, dict):
             return output
         device = output["text_features"].device
@@ -311,14 +350,21 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
             batch = meta.neg_mask.shape[0]
             rows = rows.to(device)
             split = {"image_features": batch, "text_features": batch * (1 + num_negatives)}
-            mirrored = {}
+            mirrored, extra = {}, None
             for key, size in split.items():
                 features = output[key]
                 output[key] = features[:size]
-                mirrored[key] = features.new_zeros(batch, features.shape[1]).index_copy(
-                    0, rows, features[size:])
+                added = features[size:size + rows.shape[0]]
+                if key == "text_features" and converse_rows is not None:
+                    extra = features[size + rows.shape[0]:].view(-1, 2, features.shape[1])
+                mirrored[key] = features.new_zeros(batch, features.shape[1]).index_copy(0, rows, added)
+            converse_features = converse_mask = None
+            if extra is not None:
+                converse_mask = meta.converse_mask.to(device)
+                converse_features = extra.new_zeros(batch, 2, extra.shape[2]).index_copy(
+                    0, converse_rows.to(device), extra)
             mirrors = MirrorPairs(mirrored["image_features"], mirrored["text_features"],
-                                  (meta.mirror_axis >= 0).to(device))
+                                  (meta.mirror_axis >= 0).to(device), converse_features, converse_mask)
         return PackedOutputs(meta.neg_mask.to(device), meta.neg_types.to(device), mirrors,
                              meta.neg_blind.to(device)).write(output)
 

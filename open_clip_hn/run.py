@@ -86,11 +86,13 @@ class HardNegativeRun:
 
             self.teacher = Teacher(model, self.config.distill, self.config.distill_ema_decay)
         if self.config.packs_texts:
-            attach_model_hooks(model, self.config.packed_negatives, bool(self.config.mirror))
+            attach_model_hooks(model, self.config.packed_negatives, bool(self.config.mirror),
+                               self.config.packs_converse)
         if self.teacher is not None:
             from .teacher import attach_teacher
 
-            attach_teacher(model, self.teacher, self.config.packed_negatives, bool(self.config.mirror))
+            attach_teacher(model, self.teacher, self.config.packed_negatives, bool(self.config.mirror),
+                           self.config.packs_converse)
 
     # ------------------------------------------------------------------ data
 
@@ -159,8 +161,13 @@ class HardNegativeRun:
             generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
                                           vocabulary=self.vocabulary(captions),
                                           plausibility=self.plausibility(captions))
+        converse = None
+        if config.packs_converse:  # its parser (the negatives' one when there is one)
+            from .negatives import NegativeGenerator
+
+            converse = generator or NegativeGenerator(seed=config.seed)
         return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
-                                       config.mirror)
+                                       config.mirror, converse)
 
     def data_ready(self, tokenizer: Callable, epoch: int, steps_per_epoch: int | None,
                    epochs: int) -> None:

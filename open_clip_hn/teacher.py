@@ -102,7 +102,7 @@ def _hookless_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def attach_teacher(model: torch.nn.Module, teacher: Teacher, num_negatives: int,
-                   mirror: bool = False) -> None:
+                   mirror: bool = False, converse: bool = False) -> None:
     """Add the teacher's features of each training forward to the model's output dict.
 
     A pre-hook placed before the packing hooks keeps the forward's own images and text rows; a
@@ -123,7 +123,7 @@ def attach_teacher(model: torch.nn.Module, teacher: Teacher, num_negatives: int,
         if not isinstance(output, dict) or not isinstance(image, torch.Tensor) \
                 or not isinstance(text, torch.Tensor):
             return output
-        unpacked = unpack_texts(text, num_negatives, mirror)
+        unpacked = unpack_texts(text, num_negatives, mirror, converse)
         if unpacked is not None:
             text = unpacked.tokens.view(image.shape[0], 1 + num_negatives, -1)[:, 0]
         features, captions, scale = teacher.features(image, text.to(image.device))

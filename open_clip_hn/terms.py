@@ -144,6 +144,7 @@ class Term:
     needs: tuple[str, ...] = ()
     weight: bool = False           # has --hn-<name>-weight (HNConfig.<name>_weight)
     weight_help: str = ""
+    weight_default: float = 1.0    # 0: an automatic term that is off unless its weight is given
     curriculum: bool = False       # scaled by the curriculum's value
     selectable: bool = True        # chosen with --hn-loss; else on whenever its needs are met
     replaces: str | None = None    # a term this one takes the place of when both are chosen
@@ -159,8 +160,8 @@ TERMS: dict[str, Term] = {}
 
 def register_term(name: str, *, summary: str, source: str, output: str | None = None,
                   needs: tuple[str, ...] = (), weight: bool = False, weight_help: str = "",
-                  curriculum: bool = False, selectable: bool = True, replaces: str | None = None,
-                  doc_name: str = ""):
+                  weight_default: float = 1.0, curriculum: bool = False, selectable: bool = True,
+                  replaces: str | None = None, doc_name: str = ""):
     """Decorator: register `fn(batch, ctx)` as the loss term `name` (see the module docstring)."""
     unknown = [n for n in needs if n not in NEEDS]
     if unknown or name in TERMS:
@@ -169,7 +170,8 @@ def register_term(name: str, *, summary: str, source: str, output: str | None = 
 
     def decorate(fn: Callable[[TermBatch, TermContext], TermResult]):
         TERMS[name] = Term(name, fn, summary, source, output or f"{name}_loss", needs, weight,
-                           weight_help, curriculum, selectable, replaces, doc_name or f"`{name}`")
+                           weight_help, weight_default, curriculum, selectable, replaces,
+                           doc_name or f"`{name}`")
         return fn
 
     return decorate
@@ -200,12 +202,17 @@ def weight_of(term: Term, config: "HNConfig") -> float:
 
 
 def missing_needs(config: "HNConfig") -> list[str]:
-    """One message per need that the chosen terms have and the flags do not provide."""
+    """One message per need that the chosen terms (and the automatic terms given a weight above
+    0 that is off by default) have and the flags do not provide."""
     messages = []
     for need_name, need in NEEDS.items():
         lacking = sorted(n for n in config.loss if need_name in TERMS[n].needs)
         if lacking and not need.provided(config):
             messages.append(f"--hn-loss {','.join(lacking)} needs {need.what}; {need.fix}")
+        for term in TERMS.values():
+            if not term.selectable and term.weight_default == 0 and need_name in term.needs \
+                    and weight_of(term, config) > 0 and not need.provided(config):
+                messages.append(f"--hn-{term.name}-weight needs {need.what}; {need.fix}")
     return messages
 
 
@@ -338,6 +345,28 @@ def mirror(b: TermBatch, ctx: TermContext) -> TermResult:
     # gathered batch, so every rank logs the global value
     return loss, {"hn_mirror_acc": LoggedValue(
         L.mirror_choice_accuracy(b.all_image, b.all_text, m.all_image, m.all_text, m.all_used))}
+
+
+@register_term("converse", weight=True, weight_default=0.0, needs=("mirrors",), selectable=False,
+               source="this plugin", doc_name="`converse` (`--hn-converse-weight`)",
+               weight_help="text only: each caption picks its converse over the mirrored caption "
+                           "and that caption's converse. Breaks the plateau where the text tower "
+                           "cannot tell a caption from its mirrored caption, so the mirror term's "
+                           "choices stay at ln 2 (README, 'Converse captions'). Not scaled by the "
+                           "curriculum. Default: 0 (off); needs --hn-mirror",
+               summary="per caption with a mirrored pair, a 3-way choice in text space: its converse "
+                       "(the relation's two objects exchanged in the mirrored caption, the same "
+                       "scene) over the mirrored caption and the mirrored caption's converse; and "
+                       "the same for the mirrored caption")
+def converse(b: TermBatch, ctx: TermContext) -> TermResult:
+    m = b.mirrors
+    if m.converse is None:
+        return b.text.new_zeros(())  # a caller's own loop without converse captions
+    loss = L.converse_loss(b.text, m.text, m.converse, m.converse_used, ctx.logit_scale,
+                           ctx.config.converse_margin)
+    # over the gathered batch, so every rank logs the global value
+    return loss, {"hn_converse_acc": LoggedValue(
+        L.converse_accuracy(b.all_text, m.all_text, m.all_converse, m.all_converse_used))}
 
 
 @register_term("distill", weight=True, needs=("teacher",), selectable=False,

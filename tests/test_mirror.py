@@ -288,3 +288,160 @@ def test_mirror_probe_tells_which_tower_is_flip_blind(tmp_path, tokenizer):
     assert aware["image_flip_cos"] < 0.9
     with pytest.raises(ValueError, match="names a left/right or above/below relation"):
         probe.flip_sensitivity(_PoolingTowers(False), ToTensor(), tokenizer, items[2:])
+
+
+# ---------------------------------------------------------------------------- converse captions
+
+
+@pytest.fixture(scope="module")
+def parser():
+    from open_clip_hn.negatives import NegativeGenerator
+
+    return NegativeGenerator()
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("a red cube to the left of a blue cone", "a blue cone to the left of a red cube"),
+    ("there is a tiny black ring under a big orange cross, beside two pink hexagons",
+     "there is a big orange cross under a tiny black ring, beside two pink hexagons"),
+    ("Two dogs are to the left of a red car.", "A red car is to the left of two dogs."),  # agreement
+    ("a cube is on the right of a sphere", "a sphere is on the right of a cube"),
+    # ambiguous: the relation's subject is not the caption's first object
+    ("a man sitting on a bench to the right of a tree", None),
+    ("a cube to the left of a cone and to the right of a ball", None),  # two relations on the axis
+    ("a cube to the left of a cube", None),  # nothing to exchange
+    ("a cube and a cone", None),
+])
+def test_exchange_related_objects(parser, caption, expected):
+    from open_clip_hn.mirror import axis_words
+
+    assert parser.exchange_related_objects(caption, axis_words("horizontal") | axis_words("vertical")) == expected
+
+
+def test_converse_of_the_mirrored_caption_describes_the_same_scene(parser, tokenizer):
+    """The caption's converse is the mirrored caption with the objects exchanged (same scene, other
+    words); the mirrored caption's converse is the caption with them exchanged."""
+    packer = PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=BOTH, converse=parser)
+    assert packer.converse_pair("a lamp above a bed", mirror_caption("a lamp above a bed", BOTH)) == (
+        "a bed below a lamp", "a bed above a lamp")
+    assert packer.converse_pair("a cat", None) is None
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_converse_captions_are_packed_after_the_mirrored_caption(parser, tokenizer, k):
+    negatives = {c: [{"text": f"{c} or not {i}", "type": "replace_object"} for i in range(k)] for c in CAPTIONS}
+
+    class Fixed:
+        def generate(self, caption, n):
+            return negatives.get(caption, [])[:n]
+
+    captions = CAPTIONS + ["a man sitting on a bench to the right of a tree"]  # mirrored, no converse
+    packer = PackedNegativeTokenizer(tokenizer, k, Fixed(), mirror_axes=BOTH, converse=parser)
+    unpacked = unpack_texts(packer(captions), k, mirror=True, converse=True)
+    assert torch.equal(unpacked.tokens[::1 + k], tokenizer(captions))
+    assert unpacked.neg_mask[:3].all() if k else unpacked.neg_mask.shape == (4, 0)
+    assert unpacked.mirror_axis.tolist() == [0, -1, 1, 0]
+    assert unpacked.converse_mask.tolist() == [True, False, True, False]
+    assert torch.equal(unpacked.converse_tokens[0], tokenizer(
+        ["a blue cone to the right of a red cube", "a blue cone to the left of a red cube"]))
+    assert torch.equal(unpacked.converse_tokens[2], tokenizer(["a bed below a lamp", "a bed above a lamp"]))
+    with pytest.raises(ValueError, match="give mirror_axes"):
+        PackedNegativeTokenizer(tokenizer, k, None, converse=parser)
+
+
+def test_model_hook_encodes_the_converse_captions(parser, tokenizer):
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_MODEL, output_dict=True).eval()
+    packer = PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=BOTH, converse=parser)
+    images = torch.randn(3, 3, 32, 32)
+    plain = model(images, tokenizer(CAPTIONS))
+    attach_model_hooks(model, 0, mirror=True, converse=True)
+    hooked = model(images, packer(CAPTIONS))
+    torch.testing.assert_close(hooked["text_features"], plain["text_features"])
+    expected_mirror = model.encode_text(tokenizer(["a red cube to the right of a blue cone",
+                                                   "a lamp below a bed"]), normalize=True)
+    torch.testing.assert_close(hooked["hn_mirror_text_features"][[0, 2]], expected_mirror)
+    expected = model.encode_text(tokenizer(["a blue cone to the right of a red cube",
+                                            "a blue cone to the left of a red cube",
+                                            "a bed below a lamp", "a bed above a lamp"]), normalize=True)
+    torch.testing.assert_close(hooked["hn_mirror_converse_features"][[0, 2]], expected.view(2, 2, -1))
+    assert hooked["hn_mirror_converse_mask"].tolist() == [True, False, True]
+    assert not hooked["hn_mirror_converse_features"][1].any()
+    read = PackedOutputs.read(hooked)
+    assert read.mirrors.converse.shape == (3, 2, expected.shape[1])
+
+
+def test_converse_loss_and_accuracy_match_the_written_out_choices():
+    text, m_text = unit(B, D, seed=50), unit(B, D, seed=51)
+    converse = unit(B, 2, D, seed=52)
+    used = torch.tensor([True, True, False, True, False])
+
+    def pick(anchor, positive, *others) -> tuple[float, bool]:
+        logits = [float(SCALE * anchor @ c) for c in (positive, *others)]
+        won = all(float(anchor @ positive) > float(anchor @ o) for o in others)
+        return -logits[0] + math.log(sum(math.exp(v) for v in logits)), won
+
+    rows = [i for i in range(B) if used[i]]
+    picks = [p for i in rows for p in (pick(text[i], converse[i, 0], m_text[i], converse[i, 1]),
+                                       pick(m_text[i], converse[i, 1], text[i], converse[i, 0]))]
+    got = L.converse_loss(text, m_text, converse, used, SCALE)
+    assert got.item() == pytest.approx(sum(p for p, _ in picks) / (2 * B), rel=1e-5)  # unused rows: 0
+    assert L.converse_accuracy(text, m_text, converse, used).item() == pytest.approx(
+        sum(w for _, w in picks) / len(picks))
+    # a bag-of-words text tower: all four captions embed alike, every choice a tie, none won
+    same = text[:, None].expand(B, 2, D)
+    assert L.converse_accuracy(text, text, same, used).item() == 0.0
+    assert L.converse_loss(text, text, same, used, SCALE).item() == pytest.approx(
+        math.log(3) * len(rows) / B, rel=1e-5)
+
+
+def test_converse_hinge_stops_pushing_once_each_choice_is_won_by_the_margin():
+    text, m_text = unit(B, D, seed=53), unit(B, D, seed=54)
+    converse = unit(B, 2, D, seed=55)
+    used = torch.tensor([True, False, True, True, True])
+    margin = 0.3
+
+    def hinge(anchor, right, *wrong) -> float:
+        return sum(max(0.0, margin - float(anchor @ right - anchor @ w)) for w in wrong) / len(wrong)
+
+    rows = [i for i in range(B) if used[i]]
+    expected = sum(hinge(text[i], converse[i, 0], m_text[i], converse[i, 1])
+                   + hinge(m_text[i], converse[i, 1], text[i], converse[i, 0]) for i in rows) / (2 * B)
+    got = L.converse_loss(text, m_text, converse, used, SCALE, margin=margin)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # a tower that already separates the four by more than the margin gets no gradient
+    own = unit(B, D, seed=56)
+    separated = torch.stack([own, -own], dim=1).requires_grad_()
+    loss = L.converse_loss(own, -own, separated, used, SCALE, margin=margin)
+    loss.backward()
+    assert loss.item() == 0 and not separated.grad.any()
+
+
+def test_converse_term_is_off_by_default_weighted_and_not_scaled_by_the_curriculum():
+    from open_clip_hn.terms import active_terms
+
+    assert "converse" not in [t.name for t in active_terms(HNConfig(loss=("itc",), mirror=BOTH))]
+    text, m_image, m_text, image = (unit(B, D, seed=s + 60) for s in range(4))
+    converse = unit(B, 2, D, seed=64)
+    mask = torch.ones(B, dtype=torch.bool)
+    used = torch.tensor([True, False, True, True, True])
+    config = HNConfig(loss=("itc",), mirror=BOTH, converse_weight=3.0, curriculum="const",
+                      curriculum_start=0.5, curriculum_end=0.5)
+    pairs = MirrorPairs(m_image, m_text, mask, converse, used)
+    out = HardNegativeLoss(config)(image, text, SCALE, PackedOutputs(mirrors=pairs), output_dict=True)
+    torch.testing.assert_close(out["converse_loss"], 3.0 * L.converse_loss(text, m_text, converse, used, SCALE))
+    assert out["hn_converse_acc"].item() == pytest.approx(
+        L.converse_accuracy(text, m_text, converse, used).item())
+    hinge = HNConfig(loss=("itc",), mirror=BOTH, converse_weight=3.0, converse_margin=0.1)
+    out = HardNegativeLoss(hinge)(image, text, SCALE, PackedOutputs(mirrors=pairs), output_dict=True)
+    torch.testing.assert_close(out["converse_loss"],
+                               3.0 * L.converse_loss(text, m_text, converse, used, SCALE, margin=0.1))
+
+
+def test_converse_weight_needs_mirrors(capsys):
+    with pytest.raises(ValueError, match="--hn-converse-weight needs mirrored pairs; set --hn-mirror"):
+        HNConfig(loss=("itc",), converse_weight=1.0).validate()
+    with pytest.raises(ValueError, match="--hn-converse-margin .* give --hn-converse-weight"):
+        HNConfig(loss=("itc",), mirror=BOTH, converse_margin=0.05).validate()
+    args = build_parser().parse_args(["--hn-mirror", "horizontal", "--hn-converse-weight", "2"])
+    assert args.hn_converse_weight == 2.0 and build_parser().parse_args([]).hn_converse_weight == 0.0

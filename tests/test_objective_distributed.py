@@ -24,6 +24,7 @@ CONFIGS = {
     "importance+mined": dict(loss=("importance", "mined"), importance_tau_plus=0.1),
     "itc+choice+mirror": dict(loss=("itc", "choice"), mirror=("horizontal",), mirror_weight=2.0),
     "itc+choice+distill": dict(loss=("itc", "choice"), distill="ema", distill_weight=2.0),
+    "itc+mirror+converse": dict(loss=("itc",), mirror=("horizontal",), converse_weight=2.0),
 }
 MODES = [(False, True), (True, True), (False, False)]  # (local_loss, gather_with_grad)
 
@@ -45,7 +46,9 @@ def global_batch(step: int):
     mirror_mask = torch.rand(N, generator=g) > 0.4
     teacher = (F.normalize(torch.randn(N, D, generator=g), dim=-1),
                F.normalize(torch.randn(N, D, generator=g), dim=-1))
-    return image, text, mask, types, (mirror_image, mirror_text, mirror_mask), teacher
+    converse = F.normalize(torch.randn(N, 2, D, generator=g), dim=-1)
+    converse_mask = mirror_mask & (torch.rand(N, generator=g) > 0.3)
+    return image, text, mask, types, (mirror_image, mirror_text, mirror_mask, converse, converse_mask), teacher
 
 
 def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_grad: bool):
@@ -58,8 +61,13 @@ def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_gra
         rows = slice(rank * b, (rank + 1) * b)
         image = image[rows].clone().requires_grad_()
         text = text[rank * b * (1 + K):(rank + 1) * b * (1 + K)].clone().requires_grad_()
-        mirror_image, mirror_text = (m[rows].clone().requires_grad_() for m in mirrors[:2])
-        pairs = MirrorPairs(mirror_image, mirror_text, mirrors[2][rows]) if loss.config.mirror else None
+        mirror_image, mirror_text, converse = (m[rows].clone().requires_grad_()
+                                               for m in (*mirrors[:2], mirrors[3]))
+        pairs = None
+        if loss.config.mirror:
+            pairs = MirrorPairs(mirror_image, mirror_text, mirrors[2][rows])
+            if loss.config.converse_weight:
+                pairs = MirrorPairs(mirror_image, mirror_text, mirrors[2][rows], converse, mirrors[4][rows])
         distill = {}
         if loss.config.distill != "none":  # the teacher's features of this rank's rows
             distill = dict(teacher_image=teacher[0][rows], teacher_text=teacher[1][rows],
@@ -69,7 +77,10 @@ def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_gra
         sum(out.values()).backward()
         records.append({"values": {k: v.item() for k, v in out.items()},
                         "image_grad": image.grad, "text_grad": text.grad,
-                        "mirror_grad": mirror_image.grad if pairs is not None else None})
+                        "mirror_grad": mirror_image.grad if pairs is not None else None,
+                        "mirror_text_grad": mirror_text.grad if pairs is not None else None,
+                        "converse_grad": converse.grad if pairs is not None and pairs.converse is not None
+                        else None})
     return records, loss.state_dict()
 
 
@@ -110,10 +121,11 @@ def test_processes_agree_with_one_process(world_size, tmp_path):
                     rows = slice(r * b * (1 + K), (r + 1) * b * (1 + K))
                     torch.testing.assert_close(got["text_grad"], grad_factor * want["text_grad"][rows],
                                                rtol=1e-4, atol=1e-6, msg=where)
-                    if want["mirror_grad"] is not None:
-                        torch.testing.assert_close(
-                            got["mirror_grad"], grad_factor * want["mirror_grad"][r * b:(r + 1) * b],
-                            rtol=1e-4, atol=1e-6, msg=where)
+                    for key in ("mirror_grad", "mirror_text_grad", "converse_grad"):
+                        if want[key] is not None:
+                            torch.testing.assert_close(
+                                got[key], grad_factor * want[key][r * b:(r + 1) * b],
+                                rtol=1e-4, atol=1e-6, msg=f"{where} {key}")
                 torch.testing.assert_close(state["bank"]["storage"], single_state["bank"]["storage"])
                 torch.testing.assert_close(state["thresholds"]["average"], single_state["thresholds"]["average"])
             if local_loss:  # each rank averages its own anchors: the mean over ranks is the global loss

@@ -31,6 +31,9 @@ def test_flags_and_config_fields_come_from_the_registry():
         if term.weight:
             assert term.weight_field in fields, f"HNConfig lacks {term.weight_field}"
             assert f"--hn-{term.name}-weight" in options
+            # the flag's default (argparse) and the dataclass's (a recipe, HNConfig()) agree
+            default = getattr(parser().parse_args([]), f"hn_{term.weight_field}")
+            assert default == getattr(HNConfig(), term.weight_field) == term.weight_default, term.name
         else:
             assert f"--hn-{term.name}-weight" not in options
     selectable = terms.selectable_terms()

@@ -170,14 +170,15 @@ def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
 
 
 MIRROR = ["--hn-mirror", "horizontal,vertical", "--hn-mirror-weight", "2", "--hn-loss", "itc,choice"]
+CONVERSE = [*MIRROR, "--hn-converse-weight", "1"]
 
 
 DISTILL = ["--hn-distill", "ema", "--hn-distill-ema-decay", "0.5", "--hn-loss", "itc,choice"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], MIRROR, DISTILL],
-                         ids=["negatives", "negatives+mirror", "negatives+distill"])
+@pytest.mark.parametrize("extra", [[], MIRROR, DISTILL, CONVERSE],
+                         ids=["negatives", "negatives+mirror", "negatives+distill", "negatives+mirror+converse"])
 def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
     """--accum-freq 2 with batch 4 takes the same steps as batch 8: the metadata (and the
     mirrored pairs) stay aligned."""
@@ -197,6 +198,9 @@ def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
         assert teachers[0]["updates"] == teachers[1]["updates"] == 32 // 8
         for key, value in teachers[0]["weights"].items():
             torch.testing.assert_close(value, teachers[1]["weights"][key], rtol=1e-4, atol=1e-4)
+    if extra == CONVERSE:  # the converse term ran in both runs (the equality above covers its rows)
+        log = (tmp_path / "accum" / "out.log").read_text()
+        assert "Converse_loss" in log and "Hn_converse_acc" in log
     if extra == MIRROR:
         log = (tmp_path / "accum" / "out.log").read_text()
         mirrored = [float(l.split("Hn_mirrored:")[1].split()[0]) for l in log.splitlines()

@@ -15,7 +15,7 @@ import os
 import random
 import re
 import zlib
-from typing import Callable
+from typing import Callable, Collection
 
 from .edits import Edit, match_case, noun_form, splice
 from .lexicon import Resources, load_resources, restrict_to_vocabulary, words_of
@@ -194,6 +194,32 @@ def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
                 out.append(_trade_phrases(res, p, a, b))
     rng.shuffle(out)
     return out
+
+
+_COPULAS = frozenset(("is", "are"))
+
+
+def exchange_related_objects(res: Resources, p: Parse, relation_words: Collection[str]) -> Edit | None:
+    """The subject and the object of the caption's one spatial relation that holds a word of
+    `relation_words` trade places ("a cube to the left of a cone" -> "a cone to the left of a
+    cube"). Applied to a mirrored caption this gives the converse of the original ("a cone to the
+    right of a cube": the same scene in other words). None unless the parse is unambiguous: one
+    such relation, the caption's first noun phrase right before it (a copula between is fine), a
+    noun phrase right after it, and the two differ."""
+    words = {w.lower() for w in relation_words}
+    relations = [i for i, kind in enumerate(p.kinds)
+                 if kind == "rel" and words & set(p.words[i].lower().split())]
+    if len(relations) != 1 or not p.nps:
+        return None
+    at, subject = relations[0], p.nps[0]
+    after = [np for np in p.nps if np.start == at + 1]
+    between = [w.lower() for w in p.words[subject.end:at]]
+    if not after or subject.end > at or any(w not in _COPULAS for w in between):
+        return None
+    if [w.lower() for w in p.words[subject.start:subject.end]] == \
+            [w.lower() for w in p.words[after[0].start:after[0].end]]:
+        return None
+    return _trade_phrases(res, p, subject, after[0])
 
 
 def replace_object(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
@@ -547,6 +573,15 @@ class NegativeGenerator:
         order = plausible_order(self.plausibility, " ".join(parse.words), [words for words, _ in edits],
                                 name.startswith("add_"))
         return [edits[i] for i in order]
+
+    def exchange_related_objects(self, caption: object, relation_words: Collection[str]) -> str | None:
+        """`caption` with the two objects of its spatial relation exchanged (see the function of
+        that name); None where that is ambiguous or the caption unusable."""
+        parse = self.parse(caption)
+        if parse is None:
+            return None
+        edit = exchange_related_objects(_resources(), parse, relation_words)
+        return None if edit is None else parse.render(*edit)
 
     def candidates(self, caption: object, k: int = 1_000_000) -> dict[str, list[str]]:
         """Every type's valid candidate texts for `caption` (used by `show`), best first."""
