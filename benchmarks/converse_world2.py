@@ -36,7 +36,7 @@ from open_clip_hn import demo
 from open_clip_hn import eval as hn_eval
 from open_clip_hn.losses import (converse_accuracy, converse_loss, distill_loss, mirror_choice_accuracy,
                                  mirror_loss)
-from open_clip_hn.mirror import AXIS_TO_ID, MIRROR_AXES, axis_words, flip_images, mirror_caption
+from open_clip_hn.mirror import AXIS_TO_ID, MIRROR_AXES, converse_captions, flip_images, mirror_caption
 from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.neighbors import IMAGE_EXTS, read_member, scan_shard
 
@@ -92,12 +92,9 @@ def main() -> None:
         pixels = torch.stack([pixels for pixels, _ in batch])
         axes = torch.tensor([AXIS_TO_ID[axis] for _, axis in mirrored])
         mirror_captions = [caption for caption, _ in mirrored]
-        converses = [(parser.exchange_related_objects(m, axis_words(axis)),
-                      parser.exchange_related_objects(c, axis_words(axis)))
-                     for c, (m, axis) in zip(captions, mirrored)]
-        has_converse = torch.tensor([None not in pair for pair in converses])
-        texts = captions + mirror_captions + [pair[0] or "" for pair in converses] \
-            + [pair[1] or "" for pair in converses]
+        converses = [converse_captions(c, m, parser) or ("", "") for c, m in zip(captions, mirrored)]
+        has_converse = torch.tensor([pair != ("", "") for pair in converses])
+        texts = captions + mirror_captions + [pair[0] for pair in converses] + [pair[1] for pair in converses]
         image = F.normalize(model.encode_image(torch.cat([pixels, flip_images(pixels, axes)])), dim=-1)
         text = F.normalize(model.encode_text(tokenizer(texts)), dim=-1)
         scale = model.logit_scale.exp()

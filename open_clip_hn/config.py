@@ -243,8 +243,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,
                 default=term.weight_default,
                 help=f"Weight of the '{term.name}' term"
-                     f"{': ' + term.weight_help if term.weight_help else ''}"
-                     f"{'' if 'Default:' in term.weight_help else f'. Default: {term.weight_default}'}.")
+                     f"{': ' + term.weight_help if term.weight_help else ''}. "
+                     f"Default: {term.weight_default}.")
     add("--hn-rank-threshold", dest="hn_rank_threshold", type=_rank_threshold,
         default="adaptive-mean", metavar="{adaptive-mean,adaptive-max,MARGIN}",
         help="Per-type rank margin: adapted from the observed positive-negative similarity gaps "

@@ -18,11 +18,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Collection
+from typing import TYPE_CHECKING, Collection
 
 import torch
 
 from .distributed import gather_rows
+
+if TYPE_CHECKING:
+    from .negatives import NegativeGenerator
 
 MIRROR_AXES = ("horizontal", "vertical")
 AXIS_TO_ID = {axis: index for index, axis in enumerate(MIRROR_AXES)}
@@ -56,6 +59,20 @@ def parse_axes(value: str) -> tuple[str, ...]:
 def axis_words(axis: str) -> frozenset[str]:
     """The words a flip along `axis` exchanges (the relation words of that axis)."""
     return frozenset(_AXIS_WORDS[axis])
+
+
+def converse_captions(caption: str, mirrored: tuple[str, str] | None,
+                      parser: "NegativeGenerator") -> tuple[str, str] | None:
+    """(converse of the caption, converse of the mirrored caption) for the converse term: the
+    mirrored caption, and the caption, with the two objects of the relation on the mirror's axis
+    exchanged (`parser.exchange_related_objects`). None without a mirrored caption or where
+    either exchange is ambiguous."""
+    if mirrored is None:
+        return None
+    mirror_text, axis = mirrored
+    converse = parser.exchange_related_objects(mirror_text, axis_words(axis))
+    mirror_converse = parser.exchange_related_objects(caption, axis_words(axis))
+    return None if converse is None or mirror_converse is None else (converse, mirror_converse)
 
 
 def _swap_word(match: re.Match, words: dict[str, str]) -> str:
@@ -102,10 +119,10 @@ class MirrorPairs:
     converse_mask: torch.Tensor | None = None  # [B] bool: the sample has both (--hn-converse-weight)
 
     def float(self) -> "MirrorPairs":
-        if self.converse is None:
-            return MirrorPairs(self.image.float(), self.text.float(), self.mask.to(torch.bool))
+        converse = None if self.converse is None else self.converse.float()
+        converse_mask = None if self.converse_mask is None else self.converse_mask.to(torch.bool)
         return MirrorPairs(self.image.float(), self.text.float(), self.mask.to(torch.bool),
-                           self.converse.float(), self.converse_mask.to(torch.bool))
+                           converse, converse_mask)
 
 
 @dataclass(frozen=True)

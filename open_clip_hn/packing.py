@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Iterable,
 
 import torch
 
-from .mirror import AXIS_TO_ID, MirrorPairs, axis_words, flip_images, mirror_caption
+from .mirror import AXIS_TO_ID, MirrorPairs, converse_captions, flip_images, mirror_caption
 from .negatives.shards import NEGATIVES_EXTENSION, read_negatives
 from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 
@@ -120,16 +120,6 @@ class PackedNegativeTokenizer:
         self.mirror_axes = tuple(mirror_axes)
         self.converse = converse
 
-    def converse_pair(self, caption: str, mirrored: tuple[str, str] | None) -> tuple[str, str] | None:
-        """(converse of the caption, converse of the mirrored caption), or None where either
-        cannot be made unambiguously."""
-        if mirrored is None or self.converse is None:
-            return None
-        words = axis_words(mirrored[1])
-        converse = self.converse.exchange_related_objects(mirrored[0], words)
-        mirror_converse = self.converse.exchange_related_objects(caption, words)
-        return None if converse is None or mirror_converse is None else (converse, mirror_converse)
-
     def negatives_for(self, caption: str, precomputed: list | None) -> list[dict[str, str]]:
         if precomputed is not None:
             return valid_negatives(precomputed, caption, self.num_negatives, self.types)
@@ -148,8 +138,9 @@ class PackedNegativeTokenizer:
         mirrored = mirror_caption(caption, self.mirror_axes)
         if self.mirror_axes:
             texts.append(mirrored[0] if mirrored else "")
-        converse = self.converse_pair(caption, mirrored)
+        converse = None
         if self.converse is not None:
+            converse = converse_captions(caption, mirrored, self.converse)
             texts.extend(converse or ("", ""))
         tokens = self.tokenizer(texts)
         meta = torch.full((len(texts), META_COLUMNS), SENTINEL, dtype=tokens.dtype)
@@ -350,16 +341,16 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
             batch = meta.neg_mask.shape[0]
             rows = rows.to(device)
             split = {"image_features": batch, "text_features": batch * (1 + num_negatives)}
-            mirrored, extra = {}, None
+            all_text = output["text_features"]
+            mirrored = {}
             for key, size in split.items():
                 features = output[key]
                 output[key] = features[:size]
-                added = features[size:size + rows.shape[0]]
-                if key == "text_features" and converse_rows is not None:
-                    extra = features[size + rows.shape[0]:].view(-1, 2, features.shape[1])
-                mirrored[key] = features.new_zeros(batch, features.shape[1]).index_copy(0, rows, added)
+                mirrored[key] = features.new_zeros(batch, features.shape[1]).index_copy(
+                    0, rows, features[size:size + rows.shape[0]])
             converse_features = converse_mask = None
-            if extra is not None:
+            if converse_rows is not None:  # after the positives, negatives and mirrored captions
+                extra = all_text[split["text_features"] + rows.shape[0]:].view(-1, 2, all_text.shape[1])
                 converse_mask = meta.converse_mask.to(device)
                 converse_features = extra.new_zeros(batch, 2, extra.shape[2]).index_copy(
                     0, converse_rows.to(device), extra)

@@ -353,7 +353,7 @@ def mirror(b: TermBatch, ctx: TermContext) -> TermResult:
                            "and that caption's converse. Breaks the plateau where the text tower "
                            "cannot tell a caption from its mirrored caption, so the mirror term's "
                            "choices stay at ln 2 (README, 'Converse captions'). Not scaled by the "
-                           "curriculum. Default: 0 (off); needs --hn-mirror",
+                           "curriculum; needs --hn-mirror; 0 turns it off",
                summary="per caption with a mirrored pair, a 3-way choice in text space: its converse "
                        "(the relation's two objects exchanged in the mirrored caption, the same "
                        "scene) over the mirrored caption and the mirrored caption's converse; and "

@@ -318,13 +318,16 @@ def test_exchange_related_objects(parser, caption, expected):
     assert parser.exchange_related_objects(caption, axis_words("horizontal") | axis_words("vertical")) == expected
 
 
-def test_converse_of_the_mirrored_caption_describes_the_same_scene(parser, tokenizer):
+def test_converse_of_the_mirrored_caption_describes_the_same_scene(parser):
     """The caption's converse is the mirrored caption with the objects exchanged (same scene, other
     words); the mirrored caption's converse is the caption with them exchanged."""
-    packer = PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=BOTH, converse=parser)
-    assert packer.converse_pair("a lamp above a bed", mirror_caption("a lamp above a bed", BOTH)) == (
+    from open_clip_hn.mirror import converse_captions
+
+    assert converse_captions("a lamp above a bed", mirror_caption("a lamp above a bed", BOTH), parser) == (
         "a bed below a lamp", "a bed above a lamp")
-    assert packer.converse_pair("a cat", None) is None
+    assert converse_captions("a cat", None, parser) is None
+    ambiguous = "a man sitting on a bench to the right of a tree"
+    assert converse_captions(ambiguous, mirror_caption(ambiguous, BOTH), parser) is None
 
 
 @pytest.mark.parametrize("k", [0, 2])
