@@ -29,13 +29,17 @@ from open_clip_hn.files import atomic_write_json
 RECOMMENDED = ["--hn-config", demo.RECOMMENDED]  # by name: found from an installed wheel too
 NO_TEXT_NEGATIVES = ["--hn-negatives", "none", "--hn-vocabulary", "none", "--hn-plausibility", "none",
                      "--hn-loss", "clip"]
-NO_MIRRORS = ["--hn-mirror", "none"]
+NO_CONVERSE = ["--hn-converse-weight", "0", "--hn-converse-margin", "0"]
+NO_MIRRORS = ["--hn-mirror", "none", *NO_CONVERSE]  # the converse term needs the mirrored pairs
 # name -> flags; rows without --hn-* flags are plain OpenCLIP
 ABLATIONS: dict[str, list[str]] = {
     "vanilla": [],
     "recommended.yaml": RECOMMENDED,
     "without text negatives (mirrors only)": RECOMMENDED + NO_TEXT_NEGATIVES,
     "without mirrors (text negatives only)": RECOMMENDED + NO_MIRRORS,
+    "without the converse term (mirror weight 1)": RECOMMENDED + NO_CONVERSE,
+    "without the converse term, mirror weight 5 (sessions 10-12's recipe)": RECOMMENDED + NO_CONVERSE + [
+        "--hn-mirror-weight", "5"],
     "text negatives from the full lexicons (no vocabulary)": RECOMMENDED + ["--hn-vocabulary", "none"],
     "without the plausibility filter": RECOMMENDED + ["--hn-plausibility", "none"],
     "without swap-attribute negatives": RECOMMENDED + ["--hn-types", "replace_object,swap_objects"],

@@ -63,11 +63,9 @@ def main() -> None:
                         help="The checkpoints' model config. Default: the demo's.")
     parser.add_argument("--items", type=int, default=1000, help="At most this many items. Default: 1000.")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("checkpoints", nargs="+", metavar="LABEL=CHECKPOINT")
+    hn_eval.add_labelled_checkpoints(parser)
     args = parser.parse_args()
-    runs = dict(c.split("=", 1) for c in args.checkpoints if "=" in c)
-    if len(runs) != len(args.checkpoints):
-        parser.error("give checkpoints as LABEL=PATH, each with its own label")
+    runs = hn_eval.labelled_checkpoints(parser, args.checkpoints)
     choice_set = hn_eval.load_choice_set(args.set)
     items = [(path, box, options[0]) for path, box, options in choice_set.items[:args.items]]
     print(f"{'checkpoint':24s} {'pairs':>6s} {'cos(image, flip)':>17s} {'cos(caption, mirror)':>21s} "

@@ -59,11 +59,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-config", default=demo.MODEL_CONFIG,
                         help="The checkpoints' model config. Default: the demo's.")
-    parser.add_argument("checkpoints", nargs="+", metavar="LABEL=CHECKPOINT")
+    hn_eval.add_labelled_checkpoints(parser)
     args = parser.parse_args()
-    runs = dict(c.split("=", 1) for c in args.checkpoints if "=" in c)
-    if len(runs) != len(args.checkpoints):
-        parser.error("give checkpoints as LABEL=PATH, each with its own label")
+    runs = hn_eval.labelled_checkpoints(parser, args.checkpoints)
     choice_sets = {kind: hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json"))
                    for kind in KINDS}
     correct = {label: correct_per_item(path, choice_sets, args.device, args.model_config)

@@ -181,7 +181,8 @@ class HNConfig:
                              "(1 would never move the teacher: use --hn-distill frozen)")
         if self.converse_margin > 0 and self.converse_weight == 0:
             raise ValueError("--hn-converse-margin shapes the converse term, which is off: give "
-                             "--hn-converse-weight W > 0 (with --hn-mirror) or drop the margin")
+                             "--hn-converse-weight W > 0 (with --hn-mirror) or drop the margin "
+                             "(--hn-converse-margin 0; a recipe such as recommended sets both)")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"--hn-label-smoothing must be in [0, 1), got {self.label_smoothing}")
 

@@ -37,16 +37,19 @@ RECOMMENDED = "recommended"  # a shipped recipe name (open_clip_hn.recipes), fou
 
 
 # Wall seconds of each stage at the defaults on the 2-core CPU machine (fp32), as (idle, shared):
-# README's stage timings (one stage at a time, nothing else running; 7 min in all) and issue 20's
-# run from a clean clone on the shared machine (10 min 52 s), with the units of work they did
-# (scenes rendered, scene-epochs trained, test items scored). A stage that starts a process
-# (loading torch, OpenCLIP, the model) costs STARTUP_SECONDS whatever its size (toy runs: ~2 min).
+# README's stage timings (one stage at a time, nothing else running) and session 13's run on the
+# shared machine (one thread, beside another training: 13 min 22 s), with the units of work they
+# did (scenes rendered, scene-epochs trained, test items scored). The idle hard-negative stage is
+# the idle vanilla stage times the shared runs' ratio (418 s / 194 s: the recipe's converse
+# captions, two more text blocks per mirrored sample, made it heavier than the 220 s measured
+# before them). A stage that starts a process (loading torch, OpenCLIP, the model) costs
+# STARTUP_SECONDS whatever its size (toy runs: ~2 min).
 STAGE_SECONDS = {
-    "rendering": (20000, (17.0, 23.0)),
-    "pretraining": (20000, (42.0, 53.0)),
-    "vanilla": (60000, (116.0, 190.0)),
-    "hard negatives": (60000, (220.0, 330.0)),
-    "evaluation": (1000, (25.0, 56.0)),
+    "rendering": (20000, (17.0, 41.0)),
+    "pretraining": (20000, (42.0, 70.0)),
+    "vanilla": (60000, (116.0, 194.0)),
+    "hard negatives": (60000, (250.0, 418.0)),
+    "evaluation": (1000, (25.0, 79.0)),
 }
 STARTUP_SECONDS = (8.0, 25.0)
 

@@ -488,6 +488,21 @@ def load_model(name: str, pretrained: str | None, device: torch.device | str = "
     return model, preprocess, open_clip.get_tokenizer(name)
 
 
+def add_labelled_checkpoints(parser: argparse.ArgumentParser) -> None:
+    """The LABEL=CHECKPOINT positionals of the diagnostic scripts in benchmarks/."""
+    parser.add_argument("checkpoints", nargs="+", metavar="LABEL=CHECKPOINT",
+                        help="Checkpoints to compare, each with the label its column gets.")
+
+
+def labelled_checkpoints(parser: argparse.ArgumentParser, values: Sequence[str]) -> dict[str, str]:
+    """{label: path} of LABEL=CHECKPOINT values; a value without a label, or a repeated label,
+    stops with the usage."""
+    runs = dict(v.split("=", 1) for v in values if "=" in v)
+    if len(runs) != len(values):
+        parser.error("give checkpoints as LABEL=PATH, each with its own label")
+    return runs
+
+
 def trained_as_problems(models: Sequence[str], checkpoints: Sequence[str],
                         model_configs: Sequence[str] = ()) -> list[str]:
     """Checkpoints whose record (provenance.py) names another model than the --model given.

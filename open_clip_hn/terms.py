@@ -212,7 +212,8 @@ def missing_needs(config: "HNConfig") -> list[str]:
         for term in TERMS.values():
             if not term.selectable and term.weight_default == 0 and need_name in term.needs \
                     and weight_of(term, config) > 0 and not need.provided(config):
-                messages.append(f"--hn-{term.name}-weight needs {need.what}; {need.fix}")
+                messages.append(f"--hn-{term.name}-weight needs {need.what}; {need.fix}, or turn "
+                                f"the term off with --hn-{term.name}-weight 0")
     return messages
 
 

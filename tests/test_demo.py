@@ -24,8 +24,8 @@ def test_summary_targets():
 
 
 def test_expected_time_follows_the_stage_sizes():
-    low, high = demo.expected_seconds(20000, 1000, 1, 3)  # the defaults: measured 7 and 10.9 min
-    assert (round(low), round(high)) == (420, 652)
+    low, high = demo.expected_seconds(20000, 1000, 1, 3)  # the defaults: 7.5 min idle, 13.4 shared
+    assert (round(low), round(high)) == (450, 802)
     half_low, half_high = demo.expected_seconds(10000, 500, 1, 3)
     assert low / 2 < half_low < low and high / 2 < half_high < high  # start-up does not halve
     assert demo.expected_seconds(20000, 1000, 1, 6)[0] > low + 300  # 3 more epochs of both runs

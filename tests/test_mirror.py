@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from conftest import REPO, TINY_MODEL, unit
+from conftest import TINY_MODEL, load_benchmark, unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.curriculum import negative_keep_mask
 from open_clip_hn.hooks import build_parser
 from open_clip_hn.mirror import MirrorPairs, flip_images, mirror_caption, parse_axes
 from open_clip_hn.objective import HardNegativeLoss
+from open_clip_hn.recipes import expand_recipe
 from open_clip_hn.packing import PackedNegativeTokenizer, PackedOutputs, attach_model_hooks, unpack_texts
 
 BOTH = ("horizontal", "vertical")
@@ -238,15 +239,6 @@ def test_curriculum_share_decides_which_mirrored_pairs_are_used():
     assert 0.2 < sum(shares) / len(shares) < 0.8 and len(set(shares)) > 1
 
 
-def _load_benchmark(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 class _PoolingTowers(torch.nn.Module):
     """Image: mean colour of the whole image (flip-blind) or of its left half (flip-aware); text:
     sum of its tokens' embeddings (tells 'left' from 'right')."""
@@ -269,7 +261,7 @@ def test_mirror_probe_tells_which_tower_is_flip_blind(tmp_path, tokenizer):
     from PIL import Image
     from torchvision.transforms import ToTensor
 
-    probe = _load_benchmark("mirror_probe")
+    probe = load_benchmark("mirror_probe")
     items = []
     for i, (left, right) in enumerate([((255, 0, 0), (0, 0, 255)), ((0, 255, 0), (255, 255, 0))]):
         image = Image.new("RGB", (8, 8), right)
@@ -448,3 +440,20 @@ def test_converse_weight_needs_mirrors(capsys):
         HNConfig(loss=("itc",), mirror=BOTH, converse_margin=0.05).validate()
     args = build_parser().parse_args(["--hn-mirror", "horizontal", "--hn-converse-weight", "2"])
     assert args.hn_converse_weight == 2.0 and build_parser().parse_args([]).hn_converse_weight == 0.0
+
+
+def test_recommended_without_mirrors_names_each_step_off():
+    """recommended sets the converse weight and margin: --hn-mirror none alone fails naming the
+    weight, then the margin, and with both off the recipe runs without mirrors."""
+    parser = build_parser()
+
+    def config(*extra):
+        return HNConfig.from_args(parser.parse_args(expand_recipe(["--hn-config", "recommended",
+                                                                   *extra], parser)))
+    assert config().converse_weight > 0 and config().converse_margin > 0
+    with pytest.raises(ValueError, match="or turn the term off with --hn-converse-weight 0"):
+        config("--hn-mirror", "none")
+    with pytest.raises(ValueError, match=r"drop the margin \(--hn-converse-margin 0"):
+        config("--hn-mirror", "none", "--hn-converse-weight", "0")
+    off = config("--hn-mirror", "none", "--hn-converse-weight", "0", "--hn-converse-margin", "0")
+    assert off.mirror == () and not off.packs_converse

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import load_benchmark
 from open_clip_hn.config import HNConfig
 from open_clip_hn.hooks import build_parser
 from open_clip_hn.recipes import expand_recipe, format_resolved_config, recipe_argv
@@ -124,3 +125,30 @@ def test_unknown_key_lists_the_valid_keys(tmp_path, parser):
 def test_missing_recipe_file(tmp_path, parser):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         expand_recipe(["--hn-config", str(tmp_path / "nope.yaml")], parser)
+
+
+def test_recipe_worlds_variants_resolve_and_the_hinge_variant_is_the_shipped_recipe(parser):
+    """benchmarks/recipe_worlds.py names the runs behind README's tables: each must still build a
+    valid configuration after the recipe file changes, and the variant the recipe was chosen from
+    must be the recipe as shipped (so its measurements are the shipped recipe's)."""
+    module = load_benchmark("recipe_worlds")
+
+    def config(flags):
+        return HNConfig.from_args(parser.parse_args(expand_recipe(list(flags), parser)))
+    configs = {name: config(flags) for name, flags in module.VARIANTS.items() if flags}
+    shipped = configs["recommended.yaml"]
+    assert configs["recommended + converse hinge 0.02 (weight 10), mirror 1"] == shipped
+    assert configs["recommended + distill ema"].mirror_weight == 5 and \
+        configs["recommended + distill ema"].converse_weight == 0  # sessions 10-12's recipe
+    assert configs["previous recommended - mirrors"].mirror == ()
+
+
+
+def test_ablate_demo_rows_resolve(parser):
+    """Every row of benchmarks/ablate_demo.py builds a valid configuration from the shipped recipe
+    (taking the mirrors away must take the converse term, which needs them, too)."""
+    module = load_benchmark("ablate_demo")
+    for name, flags in module.ABLATIONS.items():
+        if flags:
+            config = HNConfig.from_args(parser.parse_args(expand_recipe(list(flags), parser)))
+            assert ("mirror" in name and "without mirrors" in name) == (config.mirror == ()), name

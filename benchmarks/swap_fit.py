@@ -1,0 +1,157 @@
+"""Does a model fit its own training swaps? Image- and text-side scores of the recipe's negatives.
+
+A swap error that does not fall can mean the negatives teach the wrong thing, or that the model
+cannot learn what they teach. This scores checkpoints on training captions with the negatives
+the recipe makes for them (types, K, seed, and the training captions' vocabulary and
+plausibility filter, as `--hn-vocabulary train-data --hn-plausibility train-data` do), split by
+what a swap does: `rebind` (the objects keep their places, attributes or nouns move between
+them: what the swap test sets ask) or `reorder` (whole noun phrases trade places: a relation
+negative in effect). Per checkpoint it prints the share of negatives the image rejects
+(cos(image, caption) > cos(image, negative)) and the text tower's mean cos(caption, negative).
+With --test-sets it also splits the swap test sets' errors by item kind (size words exchanged or
+other attributes; with or without a bystander).
+
+    python benchmarks/swap_fit.py --train-data 'recipe-worlds/data-world2/train/shard-{00000..00015}.tar' \\
+        --model-config open_clip_hn/model_configs/hn-vit4-64.json \\
+        --test-sets recipe-worlds/data-world2/test \\
+        vanilla=recipe-worlds/runs/world2-vit/vanilla/checkpoints/epoch_3.pt \\
+        recommended=recipe-worlds/runs/world2-vit/recommended.yaml/checkpoints/epoch_3.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import tarfile
+from collections import defaultdict
+from contextlib import nullcontext
+
+import torch
+from PIL import Image
+
+from open_clip_hn import demo
+from open_clip_hn import eval as hn_eval
+from open_clip_hn.files import expand_shards
+from open_clip_hn.negatives import NegativeGenerator
+from open_clip_hn.negatives.lexicon import load_resources
+from open_clip_hn.negatives.plausibility import from_captions
+from open_clip_hn.negatives.shards import shard_captions, word_counts
+
+SWAP_SETS = ("swap_attributes", "swap_objects")
+
+
+def first_samples(shard: str, count: int) -> list[tuple[str, bytes]]:
+    """(caption, image bytes) of the first `count` samples of a webdataset shard."""
+    members: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            if member.isfile():
+                key, ext = member.name.rsplit(".", 1)
+                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    samples = []
+    for parts in members.values():
+        image = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
+        if "txt" in parts and image is not None:
+            samples.append((parts["txt"].decode("utf-8").strip(), image))
+    return samples[:count]
+
+
+def phrases(generator: NegativeGenerator, caption: str) -> list[str]:
+    parse = generator.parse(caption)
+    return sorted(" ".join(parse.words[n.start:n.end]).lower() for n in parse.nps) if parse else []
+
+
+def swap_kind(generator: NegativeGenerator, caption: str, negative: str) -> str:
+    """`reorder` when the negative holds the same noun phrases in another order, else `rebind`."""
+    return "reorder" if phrases(generator, negative) == phrases(generator, caption) else "rebind"
+
+
+def test_item_kind(name: str, caption: str, negative: str, categories: dict[str, str]) -> str:
+    """swap_attributes: `size` when only size words differ, else `other attributes`;
+    swap_objects: `with bystander` when the caption names more than the related pair."""
+    if name == "swap_objects":
+        return "with bystander" if "beside" in caption.split() else "pair only"
+    changed = {w for a, b in zip(caption.split(), negative.split()) if a != b for w in (a, b)}
+    return "size" if changed and all(categories.get(w.strip(",")) == "size" for w in changed) \
+        else "other attributes"
+
+
+def score_training_negatives(model, preprocess, tokenizer, rows, device: str):
+    """{(type, kind): (image rejects negative [n], cos(caption, negative) [n])}."""
+    out: dict[tuple[str, str], list[tuple[bool, float]]] = defaultdict(list)
+    with torch.no_grad():
+        for caption, image, negatives in rows:
+            pixels = preprocess(Image.open(io.BytesIO(image)).convert("RGB"))[None].to(device)
+            image_features = torch.nn.functional.normalize(model.encode_image(pixels), dim=-1)[0]
+            texts = tokenizer([caption] + [n["text"] for n in negatives]).to(device)
+            text_features = torch.nn.functional.normalize(model.encode_text(texts), dim=-1)
+            to_image, to_caption = text_features @ image_features, text_features[1:] @ text_features[0]
+            for i, negative in enumerate(negatives):
+                out[(negative["type"], negative["kind"])].append(
+                    (bool(to_image[0] > to_image[i + 1]), float(to_caption[i])))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-data", required=True, help="The training shards (brace or :: list).")
+    parser.add_argument("--captions", type=int, default=300, help="Training samples scored (from the "
+                        "first shard). Default: 300.")
+    parser.add_argument("--types", default="replace_object,swap_objects,swap_attributes",
+                        help="Negative types (recommended.yaml's by default).")
+    parser.add_argument("--num-negatives", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--test-sets", default=None, help="A folder with swap_attributes.json and "
+                        "swap_objects.json (SugarCrepe layout) to split by item kind.")
+    parser.add_argument("--model-config", default=demo.MODEL_CONFIG)
+    parser.add_argument("--device", default="cpu")
+    hn_eval.add_labelled_checkpoints(parser)
+    args = parser.parse_args()
+    runs = hn_eval.labelled_checkpoints(parser, args.checkpoints)
+    shards = expand_shards(args.train_data)
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        parser.error(f"--train-data: {missing[0]} is not a local file")
+
+    captions = [c for shard in shards for c in shard_captions(shard, "txt")]
+    generator = NegativeGenerator(types=args.types, seed=args.seed,
+                                  vocabulary=frozenset(word_counts(captions)[0]),
+                                  plausibility=from_captions(captions, source=args.train_data))
+    rows = []
+    for caption, image in first_samples(shards[0], args.captions):
+        negatives = generator.generate(caption, args.num_negatives)
+        for negative in negatives:
+            negative["kind"] = swap_kind(generator, caption, negative["text"]) \
+                if negative["type"].startswith("swap_") else "-"
+        rows.append((caption, image, negatives))
+
+    categories = load_resources().attr_category
+    test_sets = {name: hn_eval.load_choice_set(os.path.join(args.test_sets, f"{name}.json"))
+                 for name in SWAP_SETS} if args.test_sets else {}
+    for label, path in runs.items():
+        model, preprocess, tokenizer = hn_eval.load_model(demo.model_name(args.model_config), path,
+                                                          args.device, [args.model_config])
+        scores = score_training_negatives(model, preprocess, tokenizer, rows, args.device)
+        print(f"\n== {label}: {len(rows)} training captions, the recipe's negatives ==")
+        print(f"{'type':18s} {'kind':8s} {'count':>5s} {'image rejects':>14s} {'cos(caption, neg)':>18s}")
+        for (kind_type, kind), values in sorted(scores.items()):
+            rejects = sum(v[0] for v in values) / len(values)
+            cosine = sum(v[1] for v in values) / len(values)
+            print(f"{kind_type:18s} {kind:8s} {len(values):5d} {rejects:14.3f} {cosine:18.3f}")
+        for name, choice_set in test_sets.items():
+            items = choice_set.items
+            images = hn_eval.encode_images(model, preprocess, [(p, box) for p, box, _ in items],
+                                           args.device, 256, nullcontext)
+            texts = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
+                                         args.device, 256, nullcontext)
+            correct = hn_eval.choice_correct(images, texts.view(len(items), 2, -1))
+            errors: dict[str, list[bool]] = defaultdict(list)
+            for (_, _, pair), right in zip(items, correct.tolist()):
+                errors[test_item_kind(name, *pair, categories)].append(not right)
+            print(f"  test {name}: " + ", ".join(
+                f"{kind} error {sum(v) / len(v):.3f} ({len(v)})" for kind, v in sorted(errors.items())))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""benchmarks/swap_fit.py's split of swap negatives and swap test items (README "Keeping retrieval"),
+and the LABEL=CHECKPOINT arguments of the diagnostic scripts."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from conftest import load_benchmark
+from open_clip_hn import eval as hn_eval
+from open_clip_hn.negatives import NegativeGenerator
+from open_clip_hn.negatives.lexicon import load_resources
+
+
+def test_swaps_split_into_rebind_and_reorder():
+    swap_fit = load_benchmark("swap_fit")
+    generator = NegativeGenerator(seed=0)
+    caption = "there is a huge cyan star under a huge pink hexagon"
+    assert swap_fit.swap_kind(generator, caption, "there is a huge pink hexagon under a huge cyan star") \
+        == "reorder"
+    assert swap_fit.swap_kind(generator, caption, "there is a huge pink star under a huge cyan hexagon") \
+        == "rebind"
+    assert swap_fit.swap_kind(generator, caption, "there is a huge cyan hexagon under a huge pink star") \
+        == "rebind"
+
+
+def test_test_items_split_by_what_they_exchange():
+    swap_fit = load_benchmark("swap_fit")
+    categories = load_resources().attr_category
+    assert swap_fit.test_item_kind("swap_attributes", "a huge black star over a big orange ring",
+                                   "a big black star over a huge orange ring", categories) == "size"
+    assert swap_fit.test_item_kind("swap_attributes", "a huge black star over a huge red ring",
+                                   "a huge red star over a huge black ring", categories) == "other attributes"
+    assert swap_fit.test_item_kind("swap_objects", "a red star over a blue ring, beside a cross",
+                                   "a red ring over a blue star, beside a cross", categories) == "with bystander"
+    assert swap_fit.test_item_kind("swap_objects", "a red star over a blue ring",
+                                   "a red ring over a blue star", categories) == "pair only"
+
+
+def test_labelled_checkpoints_need_one_label_each():
+    parser = argparse.ArgumentParser()
+    hn_eval.add_labelled_checkpoints(parser)
+    args = parser.parse_args(["vanilla=a/epoch_3.pt", "recipe=b/epoch_3.pt"])
+    assert hn_eval.labelled_checkpoints(parser, args.checkpoints) == {"vanilla": "a/epoch_3.pt",
+                                                                      "recipe": "b/epoch_3.pt"}
+    for values in (["a/epoch_3.pt"], ["x=a.pt", "x=b.pt"]):
+        with pytest.raises(SystemExit):
+            hn_eval.labelled_checkpoints(parser, values)
