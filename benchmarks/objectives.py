@@ -3,8 +3,11 @@
 The reference ("vanilla, same texts") runs the same model on the same batch and encodes the same
 B*(1+K) texts, then applies OpenCLIP's `ClipLoss` to the positives only; so the ratio isolates the
 HN machinery (gathering, masks, curriculum, extra logits, bank, mining, the distillation
-teacher's no-grad forward and EMA update) from the K extra text forwards. A plain vanilla step (B texts) is printed too. Steps of all variants are interleaved
-round by round so drift hits them alike; the table reports medians.
+teacher's no-grad forward and EMA update) from the K extra text forwards. The mirror rows
+(recommended.yaml's `mirror` and `converse` terms) also encode B flipped images and one or three
+more captions per sample; their reference is a vanilla step encoding those same inputs. A plain
+vanilla step (B texts) is printed too. Steps of all variants are interleaved round by round so
+drift hits them alike; the table reports medians.
 
     python benchmarks/objectives.py                       # hn-tiny-vit, ~1-2 minutes on 2 CPU cores
     python benchmarks/objectives.py --model ViT-B-32 --batch-size 32 --rounds 5
@@ -23,6 +26,7 @@ import torch
 from open_clip.loss import ClipLoss
 
 from open_clip_hn.config import HNConfig
+from open_clip_hn.mirror import MirrorPairs
 from open_clip_hn.objective import HardNegativeLoss
 from open_clip_hn.packing import PackedOutputs
 from open_clip_hn.teacher import Teacher
@@ -38,6 +42,11 @@ OBJECTIVES = {
     "all": dict(loss=("itc", "choice", "intra", "rank", "importance", "mined")),
     # the step includes the EMA teacher's forward (B images, B captions) and its update
     "distill (ema)": dict(loss=("itc", "choice"), distill="ema"),
+    # recommended.yaml's terms: the step also encodes B flipped images and B mirrored captions
+    # (+ 2B converse captions), so these rows are timed against a vanilla step on the same inputs
+    "mirror": dict(loss=("clip", "choice"), mirror=("horizontal",), mirror_weight=1.0),
+    "mirror + converse": dict(loss=("clip", "choice"), mirror=("horizontal",), mirror_weight=1.0,
+                              converse_weight=10.0, converse_margin=0.02),
 }
 
 
@@ -61,40 +70,71 @@ def synchronize(device: torch.device) -> None:
 
 
 def make_batch(model, batch: int, k: int, device: torch.device):
+    """Images, B*(1+K) packed texts, 3B more texts (a mirrored and two converse captions per
+    sample), the negatives' mask and types."""
     size = model.visual.image_size
     size = size if isinstance(size, tuple) else (size, size)
     context = model.context_length if hasattr(model, "context_length") else 77
     images = torch.randn(batch, 3, *size, device=device)
     texts = torch.randint(1, 1000, (batch * (1 + k), context), device=device)
+    mirror_texts = torch.randint(1, 1000, (batch * 3, context), device=device)
     mask = torch.rand(batch, k, device=device) > 0.2
     types = torch.randint(0, 9, (batch, k), device=device).masked_fill(~mask, -1)
-    return images, texts, mask, types
+    return images, texts, mirror_texts, mask, types
 
 
-def print_loss_only(args, variants, model, images, texts, mask, types, reference: float,
-                    device: torch.device) -> None:
+def extra_text_rows(config: HNConfig) -> int:
+    """Texts per sample the mirror hooks add: the mirrored caption, and with the converse term
+    its two converse captions."""
+    return 0 if not config.mirror else (3 if config.converse_weight > 0 else 1)
+
+
+def model_inputs(images, texts, mirror_texts, rows: int):
+    """What the model encodes in one forward: with mirrors, the flipped images and `rows` extra
+    captions per sample after the originals (as the plugin's hook does)."""
+    if not rows:
+        return images, texts
+    return torch.cat([images, images.flip(-1)]), torch.cat([texts, mirror_texts[:len(images) * rows]])
+
+
+def split_features(image_all, text_all, batch: int, texts: int, rows: int):
+    """(image [B, D], text [texts, D], MirrorPairs or None) of one forward's features."""
+    image, text = image_all[:batch], text_all[:texts]
+    if not rows:
+        return image, text, None
+    extra = text_all[texts:texts + batch * rows]
+    every = torch.ones(batch, dtype=torch.bool, device=image_all.device)
+    converse = extra[batch:].view(batch, 2, -1) if rows == 3 else None
+    return image, text, MirrorPairs(image_all[batch:], extra[:batch], every, converse,
+                                    every if converse is not None else None)
+
+
+def print_loss_only(args, variants, model, images, texts, mirror_texts, mask, types,
+                    references: dict[str, float], device: torch.device) -> None:
     """Loss forward+backward on fixed features: the machinery cost without the model's noise,
-    as a share of the vanilla (same texts) step."""
+    as a share of the vanilla step on the same inputs."""
     with torch.no_grad():
-        out = model(images, texts)
+        out = model(*model_inputs(images, texts, mirror_texts, 3))
     b, k = args.batch_size, args.num_negatives
-    image, text, scale = out["image_features"], out["text_features"], out["logit_scale"]
-    fixed_teacher = dict(teacher_image=image.flip(0), teacher_text=text[::1 + k].flip(0),
+    image_all, text_all, scale = out["image_features"], out["text_features"], out["logit_scale"]
+    fixed_teacher = dict(teacher_image=image_all[:b].flip(0), teacher_text=text_all[:len(texts):1 + k].flip(0),
                          teacher_logit_scale=scale.detach().reshape(1).expand(b))
     timings = {}
-    for name, (loss_fn, _, hn) in variants.items():
-        if name == "vanilla (B texts)":
+    for name, (loss_fn, _, hn, rows, _) in variants.items():
+        if name.startswith("vanilla") and name != "vanilla (same texts)":
             continue
         samples = []
         for rep in range(args.loss_reps + 3):
-            i, t = image.clone().requires_grad_(), text.clone().requires_grad_()
+            i, t = image_all.clone().requires_grad_(), text_all.clone().requires_grad_()
+            image, text, mirrors = split_features(i, t, b, len(texts), rows)
             synchronize(device)
             start = time.perf_counter()
             if hn:
                 distill = fixed_teacher if loss_fn.config.distill != "none" else {}
-                losses = loss_fn(i, t, scale, PackedOutputs(mask, types, **distill), output_dict=True)
+                losses = loss_fn(image, text, scale, PackedOutputs(mask, types, mirrors=mirrors, **distill),
+                                 output_dict=True)
             else:
-                losses = loss_fn(i, t.view(b, 1 + k, -1)[:, 0], scale, output_dict=True)
+                losses = loss_fn(image, text.view(b, 1 + k, -1)[:, 0], scale, output_dict=True)
             sum(losses.values()).backward()
             synchronize(device)
             if rep >= 3:
@@ -104,8 +144,13 @@ def print_loss_only(args, variants, model, images, texts, mask, types, reference
     print(f"\nloss only (forward+backward on fixed features), ClipLoss {1000 * base:.2f} ms")
     print(f"{'objective':<22}{'ms':>10}{'extra ms':>10}{'% of step':>11}")
     for name, value in timings.items():
+        reference = references[variants[name][4]]
         print(f"{name:<22}{1000 * value:>10.2f}{1000 * (value - base):>10.2f}"
               f"{100 * (value - base) / reference:>10.1f}%")
+
+
+VANILLA_OF_ROWS = {0: "vanilla (same texts)", 1: "vanilla (mirror inputs)",
+                   3: "vanilla (mirror + converse inputs)"}
 
 
 def main() -> None:
@@ -118,13 +163,15 @@ def main() -> None:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     b, k = args.batch_size, args.num_negatives
-    images, texts, mask, types = make_batch(model, b, k, device)
+    images, texts, mirror_texts, mask, types = make_batch(model, b, k, device)
 
-    def step(loss_fn, texts_in, hn: bool) -> float:
+    def step(loss_fn, texts_in, hn: bool, rows: int) -> float:
         synchronize(device)
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        out = model(images, texts_in)
+        out = model(*model_inputs(images, texts_in, mirror_texts, rows))
+        image, text, mirrors = split_features(out["image_features"], out["text_features"], b,
+                                              len(texts_in), rows)
         if hn:
             distill = {}
             if loss_fn.config.distill != "none":  # what teacher.attach_teacher's hook adds
@@ -132,11 +179,11 @@ def main() -> None:
                     images, texts_in[::1 + k])
                 distill = dict(teacher_image=teacher_image, teacher_text=teacher_text,
                                teacher_logit_scale=teacher_scale.reshape(1).expand(b))
-            losses = loss_fn(out["image_features"], out["text_features"], out["logit_scale"],
-                             PackedOutputs(mask, types, **distill), output_dict=True)
+            losses = loss_fn(image, text, out["logit_scale"],
+                             PackedOutputs(mask, types, mirrors=mirrors, **distill), output_dict=True)
         else:
-            text_features = out["text_features"].view(b, -1, out["text_features"].shape[-1])[:, 0]
-            losses = loss_fn(out["image_features"], text_features, out["logit_scale"], output_dict=True)
+            losses = loss_fn(image, text.view(b, -1, text.shape[-1])[:, 0], out["logit_scale"],
+                             output_dict=True)
         sum(losses.values()).backward()
         optimizer.step()
         synchronize(device)
@@ -144,35 +191,39 @@ def main() -> None:
 
     teachers = {"ema": Teacher(model, "ema")}
     clip = ClipLoss()
-    variants = {"vanilla (B texts)": (clip, texts[::1 + k], False),
-                "vanilla (same texts)": (clip, texts, False)}
+    # name -> (loss, texts, hard-negative loss?, extra text rows per sample, reference row)
+    variants = {"vanilla (B texts)": (clip, texts[::1 + k], False, 0, "vanilla (same texts)")}
+    for rows, name in VANILLA_OF_ROWS.items():
+        variants[name] = (clip, texts, False, rows, name)
     for name, extra in OBJECTIVES.items():
         config = HNConfig(negatives="online", num_negatives=k, memory_bank_size=args.bank_size,
                           mined_k=args.mined_k, curriculum="const", **extra)
         on_step_end = teachers[config.distill].update if config.distill != "none" else None
         hn_loss = HardNegativeLoss(config, total_steps=10_000, on_step_end=on_step_end)
-        variants[name] = (hn_loss, texts, True)
+        rows = extra_text_rows(config)
+        variants[name] = (hn_loss, texts, True, rows, VANILLA_OF_ROWS[rows])
 
     times = {name: [] for name in variants}
     for round_index in range(args.rounds + 2):
-        for name, (loss_fn, texts_in, hn) in variants.items():
-            elapsed = step(loss_fn, texts_in, hn)
+        for name, (loss_fn, texts_in, hn, rows, _) in variants.items():
+            elapsed = step(loss_fn, texts_in, hn, rows)
             if round_index >= 2:
                 times[name].append(elapsed)
 
     medians = {name: statistics.median(values) for name, values in times.items()}
-    reference = medians["vanilla (same texts)"]
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(f"\nmodel {args.model} ({params:.1f}M params), batch {b}, K {k}, bank {args.bank_size}, "
           f"mined-k {args.mined_k}, device {device}, {args.rounds} timed rounds (median)")
-    print(f"{'variant':<22}{'ms/step':>10}{'ratio':>9}{'overhead':>10}")
+    print(f"{'variant':<36}{'ms/step':>10}{'ratio':>9}{'overhead':>10}  against")
     for name, median in medians.items():
-        ratio = median / reference
-        print(f"{name:<22}{1000 * median:>10.2f}{ratio:>9.3f}{100 * (ratio - 1):>9.1f}%")
-    print_loss_only(args, variants, model, images, texts, mask, types, reference, device)
+        reference = variants[name][4]
+        ratio = median / medians[reference]
+        print(f"{name:<36}{1000 * median:>10.2f}{ratio:>9.3f}{100 * (ratio - 1):>9.1f}%  {reference}")
+    print_loss_only(args, variants, model, images, texts, mirror_texts, mask, types, medians, device)
     bank = variants["all"][0].bank
     print(f"memory bank: {len(bank)} of {bank.size} rows, {bank.nbytes() / 2**20:.2f} MiB")
-    print("ratio/overhead are against 'vanilla (same texts)': the K extra text forwards are excluded.")
+    print("ratio/overhead are against the vanilla step on the same inputs: the K extra text forwards "
+          "(and, for the mirror rows, the flipped images and extra captions) are excluded.")
 
 
 if __name__ == "__main__":
