@@ -15,7 +15,7 @@ other attributes; with or without a bystander).
         --model-config open_clip_hn/model_configs/hn-vit4-64.json \\
         --test-sets recipe-worlds/data-world2/test \\
         vanilla=recipe-worlds/runs/world2-vit/vanilla/checkpoints/epoch_3.pt \\
-        recommended=recipe-worlds/runs/world2-vit/recommended.yaml/checkpoints/epoch_3.pt
+        recommended=recipe-worlds/runs/world2-vit/recommended-yaml/checkpoints/epoch_3.pt
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import tarfile
 from collections import defaultdict
 from contextlib import nullcontext
 
@@ -37,24 +36,20 @@ from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.negatives.lexicon import load_resources
 from open_clip_hn.negatives.plausibility import from_captions
 from open_clip_hn.negatives.shards import shard_captions, word_counts
+from open_clip_hn.neighbors import IMAGE_EXTS, read_member, scan_shard
 
 SWAP_SETS = ("swap_attributes", "swap_objects")
 
 
 def first_samples(shard: str, count: int) -> list[tuple[str, bytes]]:
-    """(caption, image bytes) of the first `count` samples of a webdataset shard."""
-    members: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(shard) as tar:
-        for member in tar:
-            if member.isfile():
-                key, ext = member.name.rsplit(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    """(caption, image bytes) of the first `count` samples of a webdataset shard (read by offset:
+    the rest of the shard is not loaded)."""
     samples = []
-    for parts in members.values():
-        image = next((parts[e] for e in ("png", "jpg", "jpeg", "webp") if e in parts), None)
-        if "txt" in parts and image is not None:
-            samples.append((parts["txt"].decode("utf-8").strip(), image))
-    return samples[:count]
+    for _, members in scan_shard(shard)[:count]:
+        image_ext = next(ext for ext in IMAGE_EXTS if ext in members)
+        samples.append((read_member(shard, *members["txt"]).decode("utf-8").strip(),
+                        read_member(shard, *members[image_ext])))
+    return samples
 
 
 def phrases(generator: NegativeGenerator, caption: str) -> list[str]:
@@ -62,9 +57,10 @@ def phrases(generator: NegativeGenerator, caption: str) -> list[str]:
     return sorted(" ".join(parse.words[n.start:n.end]).lower() for n in parse.nps) if parse else []
 
 
-def swap_kind(generator: NegativeGenerator, caption: str, negative: str) -> str:
-    """`reorder` when the negative holds the same noun phrases in another order, else `rebind`."""
-    return "reorder" if phrases(generator, negative) == phrases(generator, caption) else "rebind"
+def swap_kind(generator: NegativeGenerator, caption_phrases: list[str], negative: str) -> str:
+    """`reorder` when the negative holds the caption's noun phrases (`phrases`) in another order,
+    else `rebind`."""
+    return "reorder" if phrases(generator, negative) == caption_phrases else "rebind"
 
 
 def test_item_kind(name: str, caption: str, negative: str, categories: dict[str, str]) -> str:
@@ -120,9 +116,9 @@ def main() -> None:
                                   plausibility=from_captions(captions, source=args.train_data))
     rows = []
     for caption, image in first_samples(shards[0], args.captions):
-        negatives = generator.generate(caption, args.num_negatives)
+        negatives, caption_phrases = generator.generate(caption, args.num_negatives), phrases(generator, caption)
         for negative in negatives:
-            negative["kind"] = swap_kind(generator, caption, negative["text"]) \
+            negative["kind"] = swap_kind(generator, caption_phrases, negative["text"]) \
                 if negative["type"].startswith("swap_") else "-"
         rows.append((caption, image, negatives))
 

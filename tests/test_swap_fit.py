@@ -16,12 +16,12 @@ from open_clip_hn.negatives.lexicon import load_resources
 def test_swaps_split_into_rebind_and_reorder():
     swap_fit = load_benchmark("swap_fit")
     generator = NegativeGenerator(seed=0)
-    caption = "there is a huge cyan star under a huge pink hexagon"
-    assert swap_fit.swap_kind(generator, caption, "there is a huge pink hexagon under a huge cyan star") \
+    phrases = swap_fit.phrases(generator, "there is a huge cyan star under a huge pink hexagon")
+    assert swap_fit.swap_kind(generator, phrases, "there is a huge pink hexagon under a huge cyan star") \
         == "reorder"
-    assert swap_fit.swap_kind(generator, caption, "there is a huge pink star under a huge cyan hexagon") \
+    assert swap_fit.swap_kind(generator, phrases, "there is a huge pink star under a huge cyan hexagon") \
         == "rebind"
-    assert swap_fit.swap_kind(generator, caption, "there is a huge cyan hexagon under a huge pink star") \
+    assert swap_fit.swap_kind(generator, phrases, "there is a huge cyan hexagon under a huge pink star") \
         == "rebind"
 
 
