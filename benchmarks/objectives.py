@@ -29,6 +29,7 @@ from open_clip_hn.config import HNConfig
 from open_clip_hn.mirror import MirrorPairs
 from open_clip_hn.objective import HardNegativeLoss
 from open_clip_hn.packing import PackedOutputs
+from open_clip_hn.recolour import COLOUR_TO_ID, PAIR_BASE, exchange_colours
 from open_clip_hn.teacher import Teacher
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "open_clip_hn", "model_configs", "hn-tiny-vit.json")
@@ -153,6 +154,22 @@ VANILLA_OF_ROWS = {0: "vanilla (same texts)", 1: "vanilla (mirror inputs)",
                    3: "vanilla (mirror + converse inputs)"}
 
 
+def time_colour_exchange(images: torch.Tensor, rounds: int, device: torch.device) -> float:
+    """Median seconds of the model hook's colour exchange (`--hn-mirror colour`) on every image
+    of the batch (the most a step does; a caption mix gives each axis a share)."""
+    pairs = torch.full((len(images),), COLOUR_TO_ID["red"] * PAIR_BASE + COLOUR_TO_ID["blue"],
+                       device=device)
+    elapsed = []
+    for round_index in range(rounds + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        exchange_colours(images, pairs, (0.48, 0.46, 0.41), (0.27, 0.26, 0.28))
+        synchronize(device)
+        if round_index >= 2:
+            elapsed.append(time.perf_counter() - start)
+    return statistics.median(elapsed)
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
@@ -220,6 +237,10 @@ def main() -> None:
         ratio = median / medians[reference]
         print(f"{name:<36}{1000 * median:>10.2f}{ratio:>9.3f}{100 * (ratio - 1):>9.1f}%  {reference}")
     print_loss_only(args, variants, model, images, texts, mirror_texts, mask, types, medians, device)
+    colour = time_colour_exchange(images, args.rounds, device)
+    print(f"colour exchange of all {b} images (--hn-mirror colour, in the model hook): "
+          f"{1000 * colour:.2f} ms, {100 * colour / medians['mirror + converse']:.1f}% of the "
+          f"mirror + converse step")
     bank = variants["all"][0].bank
     print(f"memory bank: {len(bank)} of {bank.size} rows, {bank.nbytes() / 2**20:.2f} MiB")
     print("ratio/overhead are against the vanilla step on the same inputs: the K extra text forwards "

@@ -83,6 +83,9 @@ VARIANTS: dict[str, list[str]] = {
     # the shipped recipe with only the swap types (about two swaps of each per caption, not 1.3)
     "recommended.yaml, swaps only": ["--hn-config", RECOMMENDED, "--hn-types",
                                      "swap_objects,swap_attributes"],
+    # colour-exchanged image pairs (recolour.py) beside the flips: image-side swap negatives
+    "recommended.yaml + colour pairs": ["--hn-config", RECOMMENDED, "--hn-mirror",
+                                        "horizontal,vertical,colour"],
     "recommended + soft": [*SESSION10, "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
     # the previous recipe and the variants measured on it (README "Keeping retrieval")
     "previous recommended": PREVIOUS,

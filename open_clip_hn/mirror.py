@@ -1,4 +1,5 @@
-"""Mirrored image pairs: the image-side hard negative that teaches spatial relations.
+"""Mirrored image pairs: the image-side hard negatives that teach spatial relations (flips) and
+attribute binding (colour exchange).
 
 Text negatives alone leave "left of" vs "right of" at chance: the image never has to encode the
 layout, because no batch holds two images that differ only in it. Mirroring an image whose caption
@@ -12,22 +13,30 @@ the negatives by `packing.py`), the image flip (done on the preprocessed image t
 model's forward pre-hook: a flip commutes with OpenCLIP's resize, centre crop and per-channel
 normalisation), `MirrorPairs` (what the model returns) and `MirrorBatch` (the pairs gathered
 across ranks, as the objective's terms use them). The mirror term itself is `losses.mirror_loss`.
+
+The axis `colour` is the same pair for attribute binding: the caption's two colours exchanged in
+caption and image (`recolour.py`). A caption that allows a flip and a colour exchange gets one of
+them, chosen by a hash of the caption (stable across epochs, workers and ranks), so both kinds of
+pair are trained where the axes list both.
 """
 
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Collection
 
 import torch
 
 from .distributed import gather_rows
+from .recolour import PAIR_BASE, exchange_colour_words
 
 if TYPE_CHECKING:
     from .negatives import NegativeGenerator
 
-MIRROR_AXES = ("horizontal", "vertical")
+MIRROR_AXES = ("horizontal", "vertical", "colour")
+SPATIAL_AXES = ("horizontal", "vertical")
 AXIS_TO_ID = {axis: index for index, axis in enumerate(MIRROR_AXES)}
 
 # words that a flip along the axis turns into each other (both directions are listed)
@@ -56,6 +65,21 @@ def parse_axes(value: str) -> tuple[str, ...]:
     return axes
 
 
+def mirror_pair(caption: str, axes: Collection[str]) -> tuple[str, str, int] | None:
+    """(caption of the image's mirrored pair, its axis, colour pair code or -1), or None.
+
+    The flip along the first spatial axis the caption speaks of, or the exchange of its first two
+    colours (code: first * PAIR_BASE + second colour id); where both apply, a hash of the caption
+    picks one.
+    """
+    flipped = mirror_caption(caption, axes)
+    exchanged = exchange_colour_words(caption) if "colour" in axes else None
+    if exchanged is not None and (flipped is None or zlib.crc32(caption.encode("utf-8")) % 2):
+        text, first, second = exchanged
+        return text, "colour", first * PAIR_BASE + second
+    return None if flipped is None else (*flipped, -1)
+
+
 def axis_words(axis: str) -> frozenset[str]:
     """The words a flip along `axis` exchanges (the relation words of that axis)."""
     return frozenset(_AXIS_WORDS[axis])
@@ -63,15 +87,26 @@ def axis_words(axis: str) -> frozenset[str]:
 
 def converse_captions(caption: str, mirrored: tuple[str, str] | None,
                       parser: "NegativeGenerator") -> tuple[str, str] | None:
-    """(converse of the caption, converse of the mirrored caption) for the converse term: the
-    mirrored caption, and the caption, with the two objects of the relation on the mirror's axis
-    exchanged (`parser.exchange_related_objects`). None without a mirrored caption or where
-    either exchange is ambiguous."""
+    """(converse of the caption, converse of the mirrored caption) for the converse term: each
+    said in other words, its relation reversed and the relation's two objects exchanged
+    (`parser.exchange_related_objects`): "a cube to the left of a cone" -> "a cone to the right
+    of a cube". For a flip the mirrored caption already has the relation reversed; for a colour
+    exchange both captions are first reversed along the first spatial axis they speak of, so the
+    term also asks the text tower to bind each colour to its object. None without a mirrored
+    caption, without a spatial relation, or where either exchange is ambiguous."""
     if mirrored is None:
         return None
     mirror_text, axis = mirrored
-    converse = parser.exchange_related_objects(mirror_text, axis_words(axis))
-    mirror_converse = parser.exchange_related_objects(caption, axis_words(axis))
+    if axis in SPATIAL_AXES:
+        reversed_caption, reversed_mirror = mirror_text, caption
+    else:
+        flipped, flipped_mirror = (mirror_caption(caption, SPATIAL_AXES),
+                                   mirror_caption(mirror_text, SPATIAL_AXES))
+        if flipped is None or flipped_mirror is None:
+            return None
+        (reversed_caption, axis), (reversed_mirror, _) = flipped, flipped_mirror
+    converse = parser.exchange_related_objects(reversed_caption, axis_words(axis))
+    mirror_converse = parser.exchange_related_objects(reversed_mirror, axis_words(axis))
     return None if converse is None or mirror_converse is None else (converse, mirror_converse)
 
 
@@ -84,12 +119,12 @@ def _swap_word(match: re.Match, words: dict[str, str]) -> str:
 
 
 def mirror_caption(caption: str, axes: Collection[str]) -> tuple[str, str] | None:
-    """(caption of the image flipped along the first axis the caption speaks of, that axis).
+    """(caption of the image flipped along the first spatial axis the caption speaks of, that axis).
 
     None when the caption names no relation along any of `axes`: its flipped image would still
     match it, so it is no negative.
     """
-    for axis in MIRROR_AXES:
+    for axis in SPATIAL_AXES:
         if axis not in axes:
             continue
         words = _AXIS_WORDS[axis]

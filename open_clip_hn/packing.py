@@ -21,7 +21,8 @@ Row layout per sample, K negatives, context length L, M = META_COLUMNS:
     (1 + K [+ 1 [+ 2]]) blocks of [L token ids | SENTINEL, valid, type_id, blind]
 blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking),
 and with `--hn-mirror` one more block: the caption of the mirrored image (`mirror.py`), whose
-type_id is the mirror axis; with the converse term two more: the converse of the caption (the
+type_id is the mirror axis and whose `blind` column holds the colour pair of a colour exchange
+(`recolour.PAIR_BASE` * first + second colour id; -1 for a flip); with the converse term two more: the converse of the caption (the
 mirrored caption with the relation's two objects exchanged: the same scene) and the converse of
 the mirrored caption (the caption with them exchanged), both valid or both masked. `blind` is 1
 where the plausibility model (`--hn-plausibility`) scores the negative below its caption, i.e. a
@@ -37,14 +38,15 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Iterable, Iterator, Mapping
 
 import torch
 
-from .mirror import AXIS_TO_ID, MirrorPairs, converse_captions, flip_images, mirror_caption
+from .mirror import AXIS_TO_ID, MirrorPairs, converse_captions, flip_images, mirror_pair
 from .negatives.shards import NEGATIVES_EXTENSION, read_negatives
 from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
+from .recolour import exchange_colours
 
 if TYPE_CHECKING:
     from .negatives import NegativeGenerator
@@ -61,7 +63,8 @@ class UnpackedTexts:
     neg_types: torch.Tensor  # [B, K] long, -1 where masked
     neg_blind: torch.Tensor  # [B, K] long: 1 a text-only reader rejects it, 0 not, -1 unknown
     mirror_tokens: torch.Tensor | None = None  # [B, L] caption of each mirrored image
-    mirror_axis: torch.Tensor | None = None  # [B] long: 0 horizontal, 1 vertical, -1 no mirror
+    mirror_axis: torch.Tensor | None = None  # [B] long: 0 horizontal, 1 vertical, 2 colour, -1 none
+    mirror_colours: torch.Tensor | None = None  # [B] long: colour pair code of axis 2, else -1
     converse_tokens: torch.Tensor | None = None  # [B, 2, L] converse of the caption, of the mirrored one
     converse_mask: torch.Tensor | None = None  # [B] bool: the sample has both
 
@@ -135,12 +138,12 @@ class PackedNegativeTokenizer:
         negatives = self.negatives_for(caption, precomputed) if self.num_negatives else []
         k = self.num_negatives
         texts = [caption] + [n["text"] for n in negatives] + [""] * (k - len(negatives))
-        mirrored = mirror_caption(caption, self.mirror_axes)
+        mirrored = mirror_pair(caption, self.mirror_axes) if self.mirror_axes else None
         if self.mirror_axes:
             texts.append(mirrored[0] if mirrored else "")
         converse = None
         if self.converse is not None:
-            converse = converse_captions(caption, mirrored, self.converse)
+            converse = converse_captions(caption, mirrored[:2] if mirrored else None, self.converse)
             texts.extend(converse or ("", ""))
         tokens = self.tokenizer(texts)
         meta = torch.full((len(texts), META_COLUMNS), SENTINEL, dtype=tokens.dtype)
@@ -158,6 +161,7 @@ class PackedNegativeTokenizer:
         mirror_block = 1 + k
         if mirrored:
             meta[mirror_block, 1], meta[mirror_block, 2] = 1, AXIS_TO_ID[mirrored[1]]
+            meta[mirror_block, 3] = mirrored[2]
         if converse:
             meta[mirror_block + 1:, 1] = 1
         return torch.cat([tokens, meta], dim=1).reshape(1, -1)
@@ -195,6 +199,7 @@ def unpack_texts(texts: torch.Tensor, num_negatives: int, mirror: bool = False,
         neg_blind=meta[:, 1:m, 3].long(),
         mirror_tokens=tokens[:, m],
         mirror_axis=torch.where(has_mirror, meta[:, m, 2].long(), -1),
+        mirror_colours=torch.where(has_mirror, meta[:, m, 3].long(), -1),
         converse_tokens=tokens[:, m + 1:] if converse else None,
         converse_mask=(has_mirror & (meta[:, m + 1, 1] == 1)) if converse else None,
     )
@@ -288,6 +293,40 @@ class PackedOutputs:
         return cls(**values, mirrors=mirrors)
 
 
+def _normalisation(model: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) the model's images were normalised with: OpenCLIP's `create_model` stores
+    them on the visual tower; OpenCLIP's defaults otherwise."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    config = getattr(getattr(model, "visual", None), "preprocess_cfg", None) or {}
+    return tuple(config.get("mean", OPENAI_DATASET_MEAN)), tuple(config.get("std", OPENAI_DATASET_STD))
+
+
+def mirror_images(images: torch.Tensor, axis: torch.Tensor, colours: torch.Tensor,
+                  mean: Collection[float], std: Collection[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the mirrored images of the rows with a pair, in row order; each row's axis afterwards).
+
+    Rows of a spatial axis are flipped; rows of the colour axis get their colours exchanged
+    (`recolour.exchange_colours`), and where the image does not show both colours the row's axis
+    becomes -1: the pair is dropped, not trained with an image that still matches its caption.
+    """
+    axis = axis.to(images.device).clone()
+    colour_rows = (axis == AXIS_TO_ID["colour"]).nonzero().flatten()
+    recoloured = None
+    if colour_rows.numel():
+        recoloured, ok = exchange_colours(images[colour_rows], colours.to(images.device)[colour_rows],
+                                          tuple(mean), tuple(std))
+        axis[colour_rows[~ok]] = -1
+        recoloured, colour_rows = recoloured[ok], colour_rows[ok]
+    rows = (axis >= 0).nonzero().flatten()
+    spatial = axis[rows] != AXIS_TO_ID["colour"]
+    mirrored = images[rows]
+    mirrored[spatial] = flip_images(mirrored[spatial], axis[rows][spatial])
+    if recoloured is not None:
+        mirrored[torch.searchsorted(rows, colour_rows)] = recoloured
+    return mirrored, axis
+
+
 def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False,
                        converse: bool = False) -> None:
     """Unpack packed text rows before the model's forward; add `PackedOutputs` to its output.
@@ -312,10 +351,13 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
         tokens = unpacked.tokens
         image = args[0] if args else kwargs.get("image")
         if unpacked.mirror_axis is not None and isinstance(image, torch.Tensor):
+            mirrored, axis = mirror_images(image, unpacked.mirror_axis, unpacked.mirror_colours,
+                                           *_normalisation(module))
+            unpacked = replace(unpacked, mirror_axis=axis.to(unpacked.mirror_axis.device))
+            pending["meta"] = unpacked
             rows = (unpacked.mirror_axis >= 0).nonzero().flatten()
             pending["mirror_rows"] = rows
-            flipped = flip_images(image[rows.to(image.device)], unpacked.mirror_axis[rows])
-            image = torch.cat([image, flipped])
+            image = torch.cat([image, mirrored])
             tokens = torch.cat([tokens, unpacked.mirror_tokens[rows]])
             if unpacked.converse_mask is not None:
                 converse_rows = unpacked.converse_mask.nonzero().flatten()

@@ -171,14 +171,16 @@ def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
 
 MIRROR = ["--hn-mirror", "horizontal,vertical", "--hn-mirror-weight", "2", "--hn-loss", "itc,choice"]
 CONVERSE = [*MIRROR, "--hn-converse-weight", "1"]
+COLOUR = ["--hn-mirror", "colour", "--hn-mirror-weight", "2", "--hn-loss", "itc,choice"]
 
 
 DISTILL = ["--hn-distill", "ema", "--hn-distill-ema-decay", "0.5", "--hn-loss", "itc,choice"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], MIRROR, DISTILL, CONVERSE],
-                         ids=["negatives", "negatives+mirror", "negatives+distill", "negatives+mirror+converse"])
+@pytest.mark.parametrize("extra", [[], MIRROR, DISTILL, CONVERSE, COLOUR],
+                         ids=["negatives", "negatives+mirror", "negatives+distill",
+                              "negatives+mirror+converse", "negatives+colour"])
 def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
     """--accum-freq 2 with batch 4 takes the same steps as batch 8: the metadata (and the
     mirrored pairs) stay aligned."""
@@ -208,6 +210,13 @@ def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
         assert mirrored and min(mirrored) == 1.0  # every scene caption names a relation
         assert "Mirror_loss" in log
         assert_plain_openclip_scores(tmp_path / "accum" / "checkpoints" / "epoch_1.pt")
+    if extra == COLOUR:  # colour-exchanged pairs rode in the micro-batches
+        log = (tmp_path / "accum" / "out.log").read_text()
+        mirrored = [float(l.split("Hn_mirrored:")[1].split()[0]) for l in log.splitlines()
+                    if "Train Epoch" in l]
+        # the scenes whose two objects differ in colour (most; "a red cube above a red cone" has none)
+        assert mirrored and 0.4 < sum(mirrored) / len(mirrored) < 1.0
+        assert "Mirror_loss" in log
 
 
 @pytest.mark.slow

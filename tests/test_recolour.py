@@ -1,0 +1,248 @@
+"""Colour-exchanged pairs (--hn-mirror colour): caption rewrite, image exchange, packing, hook."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from open_clip_hn import scenes, world2
+from open_clip_hn.hooks import build_parser
+from open_clip_hn.mirror import mirror_pair
+from open_clip_hn.packing import PackedNegativeTokenizer, attach_model_hooks, mirror_images, unpack_texts
+from open_clip_hn.recolour import COLOUR_NAMES, COLOUR_TO_ID, PAIR_BASE, exchange_colour_words, exchange_colours
+
+MEAN, STD = (0.48, 0.46, 0.41), (0.27, 0.26, 0.28)
+
+
+def code(first: str, second: str) -> int:
+    return COLOUR_TO_ID[first] * PAIR_BASE + COLOUR_TO_ID[second]
+
+
+@pytest.mark.parametrize("caption, expected", [
+    ("a red cube to the left of a blue cone", "a blue cube to the left of a red cone"),
+    ("Red cube, blue cone, red ball", "Blue cube, red cone, blue ball"),
+    ("a pink ring beside two olive stars and a black cross", "an olive ring beside two pink stars and a black cross"),
+    ("An orange cat and a red dog", "A red cat and an orange dog"),
+    ("a RED car and a green bus", "a GREEN car and a red bus"),
+    ("a red cube and a red cone, beside a blue star", "a blue cube and a blue cone, beside a red star"),
+])
+def test_the_first_two_colours_trade_places_everywhere(caption, expected):
+    text, first, second = exchange_colour_words(caption)
+    assert text == expected
+    assert exchange_colour_words(text)[0] == caption  # exchanging again gives the caption back
+    assert first != second
+
+
+@pytest.mark.parametrize("caption", ["a red cube above a red cone", "a gray cat on a grey mat",
+                                     "two dogs on a sofa", "a bright reddish cube"])
+def test_captions_without_two_colours_have_no_exchange(caption):
+    assert exchange_colour_words(caption) is None
+
+
+def normalised(rgb: torch.Tensor) -> torch.Tensor:
+    return (rgb - torch.tensor(MEAN).view(3, 1, 1)) / torch.tensor(STD).view(3, 1, 1)
+
+
+def rgb_of(image: torch.Tensor) -> torch.Tensor:
+    return image * torch.tensor(STD).view(3, 1, 1) + torch.tensor(MEAN).view(3, 1, 1)
+
+
+def three_squares() -> torch.Tensor:
+    """Grey background, a red, a blue and a green square (the green one is a bystander)."""
+    rgb = torch.full((3, 24, 24), 0.3)
+    for (y, x), colour in zip([(2, 2), (2, 14), (14, 8)], [(0.86, 0.12, 0.12), (0.12, 0.27, 0.9),
+                                                            (0.12, 0.63, 0.2)]):
+        rgb[:, y:y + 8, x:x + 8] = torch.tensor(colour).view(3, 1, 1)
+    return rgb
+
+
+def test_the_two_named_colours_trade_their_pixels_and_nothing_else_changes():
+    rgb = three_squares()
+    out, ok = exchange_colours(normalised(rgb)[None], torch.tensor([code("red", "blue")]), MEAN, STD)
+    got = rgb_of(out[0])
+    assert ok.tolist() == [True]
+    torch.testing.assert_close(got[:, 2:10, 2:10], rgb[:, 2:10, 14:22], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[:, 2:10, 14:22], rgb[:, 2:10, 2:10], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[:, 14:22, 8:16], rgb[:, 14:22, 8:16], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[:, 12, :], rgb[:, 12, :], atol=1e-5, rtol=0)  # background
+
+
+def test_an_image_without_one_of_the_colours_is_refused_and_left_as_it_was():
+    image = normalised(three_squares())[None]
+    out, ok = exchange_colours(image, torch.tensor([code("red", "yellow")]), MEAN, STD)
+    assert ok.tolist() == [False]
+    torch.testing.assert_close(out, image)
+
+
+def test_chunks_of_a_batch_give_the_same_exchange(monkeypatch):
+    from open_clip_hn import recolour
+
+    torch.manual_seed(0)
+    images = torch.cat([normalised(three_squares())[None], torch.randn(4, 3, 24, 24)])
+    pairs = torch.tensor([code("red", "blue")] * 5)
+    whole = exchange_colours(images, pairs, MEAN, STD)
+    monkeypatch.setattr(recolour, "CHUNK_PIXELS", 2 * 24 * 24)  # two images per chunk
+    chunked = exchange_colours(images, pairs, MEAN, STD)
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
+    empty = exchange_colours(images[:0], pairs[:0], MEAN, STD)
+    assert empty[0].shape == (0, 3, 24, 24) and empty[1].shape == (0,)
+
+
+def test_bad_pair_codes_are_refused_naming_them():
+    image = normalised(three_squares())[None]
+    with pytest.raises(ValueError, match="two different colour ids.*got \\[0\\]"):
+        exchange_colours(image, torch.tensor([0]), MEAN, STD)  # red with red
+    with pytest.raises(ValueError, match="RGB image batches"):
+        exchange_colours(image[:, :1], torch.tensor([code("red", "blue")]), MEAN, STD)
+
+
+def swapped_scene(scene, first: str, second: str):
+    def swap(thing):
+        other = {first: second, second: first}.get(thing.colour)
+        return thing if other is None else replace(thing, colour=other)
+    fields = {"subject": swap(scene.subject), "reference": swap(scene.reference)}
+    if hasattr(scene, "bystanders"):
+        fields["bystanders"] = tuple(swap(b) for b in scene.bystanders)
+    return replace(scene, **fields)
+
+
+def as_tensor(image) -> torch.Tensor:
+    return torch.tensor(np.asarray(image), dtype=torch.float32).permute(2, 0, 1) / 255
+
+
+@pytest.mark.parametrize("world", ["demo", "world2"])
+def test_the_exchanged_image_is_the_scene_rendered_with_exchanged_colours(world):
+    """On both procedural worlds, recolouring a rendered scene gives (up to its anti-aliased
+    edges, most of the remaining error on thin rings and tiny stars) the scene rendered with the
+    caption's two colours exchanged, bystanders untouched."""
+    rng = random.Random(0)
+    done = 0
+    while done < 12:
+        scene = (scenes.sample_scene(rng) if world == "demo" else world2.sample_scene(rng))
+        exchanged = exchange_colour_words(scene.caption)
+        if exchanged is None:
+            continue
+        text, first, second = exchanged
+        render = ((lambda s: scenes.render(s, 64, background=70)) if world == "demo"
+                  else (lambda s: world2.render(s, 64, (200, 210, 190))))
+        names = COLOUR_NAMES[first], COLOUR_NAMES[second]
+        original, target = as_tensor(render(scene)), as_tensor(render(swapped_scene(scene, *names)))
+        out, ok = exchange_colours(normalised(original)[None], torch.tensor([first * PAIR_BASE + second]),
+                                   MEAN, STD)
+        if not ok.item():  # a tiny object under the pixel threshold: the pair is dropped
+            continue
+        assert swapped_scene(scene, *names).caption == text
+        got = rgb_of(out[0])
+        error = (got - target).abs().mean()
+        assert error < 0.35 * (original - target).abs().mean(), (scene.caption, float(error))
+        done += 1
+
+
+def test_mirror_pair_chooses_a_flip_or_an_exchange_per_caption():
+    both = ("horizontal", "vertical", "colour")
+    captions = [f"a red cube to the left of a blue cone {i}" for i in range(40)]
+    kinds = [mirror_pair(c, both)[1] for c in captions]
+    assert {"horizontal", "colour"} == set(kinds)  # both kinds are trained
+    assert kinds == [mirror_pair(c, both)[1] for c in captions]  # stable per caption
+    assert mirror_pair("a red cube and a blue cone", both) == (
+        "a blue cube and a red cone", "colour", code("red", "blue"))
+    assert mirror_pair("a red cube left of a blue cone", ("horizontal",)) == (
+        "a red cube right of a blue cone", "horizontal", -1)
+    assert mirror_pair("a cube left of a cone", ("colour",)) is None
+
+
+def test_colour_is_an_axis_of_the_mirror_flag():
+    assert build_parser().parse_args(["--hn-mirror", "horizontal,colour"]).hn_mirror == (
+        "horizontal", "colour")
+
+
+CAPTIONS = ["a red cube and a blue cone", "a red cube to the left of a cat",
+            "a red cube and a yellow cone", "a cat"]
+
+
+def test_packed_rows_carry_the_colour_pair(tokenizer):
+    packer = PackedNegativeTokenizer(tokenizer, 1, None, mirror_axes=("horizontal", "colour"))
+    unpacked = unpack_texts(packer(CAPTIONS), 1, mirror=True)
+    assert unpacked.mirror_axis.tolist() == [2, 0, 2, -1]
+    assert unpacked.mirror_colours.tolist() == [code("red", "blue"), -1, code("red", "yellow"), -1]
+    assert torch.equal(unpacked.mirror_tokens[[0, 2]], tokenizer(["a blue cube and a red cone",
+                                                                  "a yellow cube and a red cone"]))
+
+
+def test_mirror_images_flips_recolours_and_drops_in_row_order():
+    image = normalised(three_squares())
+    images = torch.stack([image, image, image, image])
+    axis = torch.tensor([2, 0, 2, -1])
+    colours = torch.tensor([code("red", "blue"), -1, code("red", "yellow"), -1])
+    mirrored, kept = mirror_images(images, axis, colours, MEAN, STD)
+    assert kept.tolist() == [2, 0, -1, -1]  # no yellow in the image: that pair is dropped
+    expected, _ = exchange_colours(image[None], torch.tensor([code("red", "blue")]), MEAN, STD)
+    torch.testing.assert_close(mirrored, torch.stack([expected[0], image.flip(-1)]))
+
+
+def tiny_model_and_squares(count: int) -> tuple[torch.nn.Module, torch.Tensor, tuple, tuple]:
+    """The tests' tiny model and `count` copies of `three_squares` preprocessed as it expects."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(TINY_MODEL, output_dict=True).eval()
+    mean, std = model.visual.preprocess_cfg["mean"], model.visual.preprocess_cfg["std"]
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    rgb = torch.nn.functional.interpolate(three_squares()[None], size=size)[0]
+    image = (rgb - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    return model, image[None].repeat(count, 1, 1, 1), mean, std
+
+
+def test_model_hook_encodes_recoloured_images_with_their_captions(tokenizer):
+    model, images, mean, std = tiny_model_and_squares(4)
+    packer = PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=("horizontal", "colour"))
+    attach_model_hooks(model, 0, mirror=True)
+    hooked = model(images, packer(CAPTIONS))
+    assert hooked["hn_mirror_mask"].tolist() == [True, True, False, False]
+    recoloured, _ = exchange_colours(images[:1], torch.tensor([code("red", "blue")]), mean, std)
+    expected_images = model.encode_image(torch.cat([recoloured, images[1:2].flip(-1)]), normalize=True)
+    expected_texts = model.encode_text(tokenizer(["a blue cube and a red cone",
+                                                  "a red cube to the right of a cat"]), normalize=True)
+    torch.testing.assert_close(hooked["hn_mirror_image_features"][:2], expected_images)
+    torch.testing.assert_close(hooked["hn_mirror_text_features"][:2], expected_texts)
+    assert not hooked["hn_mirror_image_features"][2:].any()
+
+
+def test_converse_captions_stay_with_the_flipped_pairs_beside_colour_pairs(tokenizer):
+    """Flips and colour exchanges in one batch with the converse term: each row's converse
+    features are its own converse captions (for a colour pair, those of the caption and of the
+    colour-exchanged caption); a row without a spatial relation has none (masked)."""
+    from open_clip_hn.negatives import NegativeGenerator
+
+    axes = ("horizontal", "vertical", "colour")
+    candidates = [f"a red cube to the left of a blue {shape}" for shape in
+                  ("cone", "ball", "box", "cup", "ring", "star", "disk", "vase", "bowl", "lamp")]
+    kinds = {c: mirror_pair(c, axes)[1] for c in candidates}
+    flip = [c for c in candidates if kinds[c] == "horizontal"][:2]
+    colour = [c for c in candidates if kinds[c] == "colour"][:2]
+    assert len(flip) == 2 and len(colour) == 2
+    captions = [colour[0], flip[0], colour[1], flip[1], "a red cube and a blue cone"]
+    model, images, mean, std = tiny_model_and_squares(5)
+    packer = PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=axes, converse=NegativeGenerator())
+    attach_model_hooks(model, 0, mirror=True, converse=True)
+    hooked = model(images, packer(captions))
+    assert hooked["hn_mirror_mask"].tolist() == [True] * 5
+    assert hooked["hn_mirror_converse_mask"].tolist() == [True, True, True, True, False]
+    for row in range(4):
+        noun = captions[row].split()[-1]
+        same_scene = f"a blue {noun} to the right of a red cube"
+        other = (f"a blue {noun} to the left of a red cube" if row in (1, 3)  # the flipped scene
+                 else f"a red {noun} to the right of a blue cube")  # the colour-exchanged scene
+        expected = model.encode_text(tokenizer([same_scene, other]), normalize=True)
+        torch.testing.assert_close(hooked["hn_mirror_converse_features"][row], expected)
+    assert not hooked["hn_mirror_converse_features"][4].any()
+    recoloured, _ = exchange_colours(images[:1], torch.tensor([code("red", "blue")]), mean, std)
+    torch.testing.assert_close(hooked["hn_mirror_image_features"][[0, 2, 4]],
+                               model.encode_image(recoloured, normalize=True).expand(3, -1))
+    torch.testing.assert_close(hooked["hn_mirror_image_features"][[1, 3]],
+                               model.encode_image(images[:1].flip(-1), normalize=True).expand(2, -1))
