@@ -22,9 +22,10 @@ Row layout per sample, K negatives, context length L, M = META_COLUMNS:
 blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking),
 and with `--hn-mirror` one more block: the caption of the mirrored image (`mirror.py`), whose
 type_id is the mirror axis and whose `blind` column holds the colour pair of a colour exchange
-(`recolour.PAIR_BASE` * first + second colour id; -1 for a flip); with the converse term two more: the converse of the caption (the
-mirrored caption with the relation's two objects exchanged: the same scene) and the converse of
-the mirrored caption (the caption with them exchanged), both valid or both masked. `blind` is 1
+(`recolour.PAIR_BASE` * first + second colour id; -1 for a flip); with the converse term two
+more: the converse of the caption (the same scene said the other way round: relation reversed,
+its two objects exchanged) and the converse of the mirrored caption (`mirror.converse_captions`),
+both valid or both masked. `blind` is 1
 where the plausibility model (`--hn-plausibility`) scores the negative below its caption, i.e. a
 text-only reader would reject it (0: it would not, -1: no model), so the objective can log that
 share (`Hn_blind`).
@@ -353,7 +354,10 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
         if unpacked.mirror_axis is not None and isinstance(image, torch.Tensor):
             mirrored, axis = mirror_images(image, unpacked.mirror_axis, unpacked.mirror_colours,
                                            *_normalisation(module))
-            unpacked = replace(unpacked, mirror_axis=axis.to(unpacked.mirror_axis.device))
+            axis = axis.to(unpacked.mirror_axis.device)
+            converse_mask = (None if unpacked.converse_mask is None  # a dropped pair has none
+                             else unpacked.converse_mask & (axis >= 0))
+            unpacked = replace(unpacked, mirror_axis=axis, converse_mask=converse_mask)
             pending["meta"] = unpacked
             rows = (unpacked.mirror_axis >= 0).nonzero().flatten()
             pending["mirror_rows"] = rows

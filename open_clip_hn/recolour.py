@@ -47,6 +47,8 @@ MAX_DISTANCE = 60.0  # a pixel farther than this (delta E) from its nearest cand
 CHUNK_PIXELS = 1 << 21  # pixels classified at once (bounds the distance tensor to ~250 MB)
 _PATTERN = re.compile(r"\b(" + "|".join(sorted(COLOUR_NAMES, key=len, reverse=True)) + r")\b",
                       re.IGNORECASE)
+# what may stand between two colour words that name one colouring together
+_JOINED = re.compile(r"\s*(?:-|/|&|,|\band\b|\bor\b)?\s*", re.IGNORECASE)
 # a colour word with the indefinite article right before it, which follows the new word's sound
 _WITH_ARTICLE = re.compile(r"(?:\b(an?)(\s+))?" + _PATTERN.pattern, re.IGNORECASE)
 
@@ -65,10 +67,15 @@ def exchange_colour_words(caption: str) -> tuple[str, int, int] | None:
     """(caption with its first two different colours exchanged, their colour ids).
 
     None when the caption names fewer than two different colours (synonyms such as gray/grey are
-    one colour): its recoloured image would be no negative.
+    one colour): its recoloured image would be no negative; and None when two colour words stand
+    together ("black and white", "navy blue", "olive-green"): they name one colouring, and
+    exchanging them would describe the same picture.
     """
+    matches = list(_PATTERN.finditer(caption))
+    if any(_JOINED.fullmatch(caption[a.end():b.start()]) for a, b in zip(matches, matches[1:])):
+        return None
     words: list[str] = []
-    for match in _PATTERN.finditer(caption):
+    for match in matches:
         word = match.group(0).lower()
         if all(_prototype(word) != _prototype(w) for w in words):
             words.append(word)
