@@ -31,7 +31,7 @@ import json
 import os
 import time
 
-from open_clip_hn import demo, world2
+from open_clip_hn import demo, neighbors, world2
 from open_clip_hn.files import atomic_write_json
 from open_clip_hn.scenes import shards_spec
 
@@ -54,6 +54,8 @@ PREVIOUS = [*SESSION10, "--hn-loss", "itc,choice", "--hn-types", "replace_object
 # the same configuration as recommended.yaml since session 13
 HINGE = [*SESSION10, "--hn-converse-weight", "10", "--hn-converse-margin", "0.02",
          "--hn-mirror-weight", "1"]
+# stands for the setting's rebinding-neighbour index (built once per world in the output folder)
+REBINDING_INDEX = "{rebinding neighbours}"
 # variant name -> extra flags of the continued run (vanilla: none, plain OpenCLIP)
 VARIANTS: dict[str, list[str]] = {
     "vanilla": [],
@@ -86,6 +88,8 @@ VARIANTS: dict[str, list[str]] = {
     # colour-exchanged image pairs (recolour.py) beside the flips: image-side swap negatives
     "recommended.yaml + colour pairs": ["--hn-config", RECOMMENDED, "--hn-mirror",
                                         "horizontal,vertical,colour"],
+    "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",
+                                                REBINDING_INDEX, "--hn-image-neighbors-per-sample", "1"],
     "recommended + soft": [*SESSION10, "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
     # the previous recipe and the variants measured on it (README "Keeping retrieval")
     "previous recommended": PREVIOUS,
@@ -121,6 +125,14 @@ def prepare_world2(root: str, samples: int, test_items: int, seed: int = 0,
     world2.write_test_sets(test, test_items, seed + 1, num_retrieval=min(test_items, 300))
     atomic_write_json(stamp_path, stamp, indent=2)
     return data
+
+
+def rebinding_index(root: str, train: str) -> str:
+    """The world's rebinding-neighbour index (`python -m open_clip_hn.neighbors rebinding`), once."""
+    if not os.path.isfile(os.path.join(root, neighbors.MANIFEST)):
+        print(f"writing rebinding neighbours to {root} ...", flush=True)
+        neighbors.write_rebinding(train, root, k=4)
+    return root
 
 
 def metrics(result: dict) -> dict[str, float]:
@@ -248,6 +260,9 @@ def main() -> None:
         for variant in variants:
             slug = "".join(c if c.isalnum() else "-" for c in variant)
             extra = list(VARIANTS[variant])
+            if REBINDING_INDEX in extra:
+                index = rebinding_index(os.path.join(out, f"rebinding-{world}"), data.train)
+                extra = [index if flag == REBINDING_INDEX else flag for flag in extra]
             if extra and args.recipe_warmup_share is not None:
                 warmup = round(args.recipe_warmup_share * steps_per_epoch * args.epochs)
                 extra += ["--hn-curriculum-warmup", str(warmup)]

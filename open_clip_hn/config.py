@@ -312,8 +312,9 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-curriculum-end", dest="hn_curriculum_end", type=unit_float, default=1.0,
         help="Curriculum value at the end of training. Default: 1.0.")
     add("--hn-image-neighbors", dest="hn_image_neighbors", default=None, metavar="DIR",
-        help="Neighbour index from `python -m open_clip_hn.neighbors build`: batches then hold "
-             "samples together with visually similar ones (hard image negatives).")
+        help="Neighbour index from `python -m open_clip_hn.neighbors build` (image kNN) or `... "
+             "rebinding` (captions with the same words bound differently): batches then hold "
+             "samples together with their neighbours (hard image negatives).")
     add("--hn-image-neighbors-per-sample", dest="hn_image_neighbors_per_sample",
         type=non_negative_int, default=1,
         help="Neighbours placed next to each anchor sample. Default: 1.")

@@ -133,7 +133,8 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
                          "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
     if config.image_neighbors and not os.path.isdir(config.image_neighbors):
         raise ValueError(f"--hn-image-neighbors {config.image_neighbors}: no such folder; build it "
-                         "with `python -m open_clip_hn.neighbors build`")
+                         "with `python -m open_clip_hn.neighbors build` (image kNN) or `... rebinding` "
+                         "(captions with the same words bound differently)")
     if config.vocabulary not in (None, TRAIN_DATA_VOCABULARY) and not os.path.isfile(config.vocabulary):
         raise ValueError(f"--hn-vocabulary {config.vocabulary}: file not found; pass a word list "
                          f"(`python -m open_clip_hn.negatives vocabulary` writes one) or "

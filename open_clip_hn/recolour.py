@@ -20,6 +20,7 @@ rendered scenes; the exchange suits flat-coloured objects best.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Sequence
 
@@ -100,13 +101,24 @@ def exchange_colour_words(caption: str) -> tuple[str, int, int] | None:
     return _WITH_ARTICLE.sub(exchange, caption), COLOUR_TO_ID[first], COLOUR_TO_ID[second]
 
 
-def _prototypes(device: torch.device) -> torch.Tensor:
-    return torch.tensor([COLOUR_PROTOTYPES[n] for n in COLOUR_NAMES], dtype=torch.float32,
-                        device=device) / 255.0
+@functools.lru_cache(maxsize=32)
+def _constant(values: tuple, device: torch.device) -> torch.Tensor:
+    """A small constant float tensor, made once per device (on a GPU each new one is a host-to-
+    device copy in every training step). Shared: callers must not modify it; made outside
+    inference mode, so one first made during evaluation still serves training."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 _RGB_TO_XYZ = ((0.4124, 0.3576, 0.1805), (0.2126, 0.7152, 0.0722), (0.0193, 0.1192, 0.9505))
 _WHITE = (0.9505, 1.0, 1.089)
+
+
+@functools.lru_cache(maxsize=8)
+def _prototype_lab(device: torch.device) -> torch.Tensor:
+    """[C, 3] CIELAB of the lexicon's colour prototypes, once per device."""
+    with torch.inference_mode(False):
+        return lab(_constant(tuple(COLOUR_PROTOTYPES[n] for n in COLOUR_NAMES), device) / 255.0)
 
 
 def lab(rgb: torch.Tensor) -> torch.Tensor:
@@ -114,7 +126,7 @@ def lab(rgb: torch.Tensor) -> torch.Tensor:
     perceived colour difference, so a dark grey edge pixel is nearer black than brown."""
     rgb = rgb.clamp(0, 1)
     linear = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = linear @ torch.tensor(_RGB_TO_XYZ, device=rgb.device).T / torch.tensor(_WHITE, device=rgb.device)
+    xyz = linear @ _constant(_RGB_TO_XYZ, rgb.device).T / _constant(_WHITE, rgb.device)
     f = torch.where(xyz > (6 / 29) ** 3, xyz.clamp(min=1e-12) ** (1 / 3), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
     return torch.stack([116 * f[..., 1] - 16, 500 * (f[..., 0] - f[..., 1]),
                         200 * (f[..., 1] - f[..., 2])], dim=-1)
@@ -132,7 +144,7 @@ def colour_masks(rgb: torch.Tensor, first: torch.Tensor, second: torch.Tensor
     [N, 3, H, W] (values in [0, 1]): nearest in CIELAB among the named colours, the background
     and the prototypes clearly apart from both named colours, and within `MAX_DISTANCE` of it."""
     n = rgb.shape[0]
-    prototypes = lab(_prototypes(rgb.device))                     # [C, 3]
+    prototypes = _prototype_lab(rgb.device)                       # [C, 3]
     named = torch.stack([prototypes[first], prototypes[second]], 1)  # [N, 2, 3]
     apart = torch.cdist(prototypes[None].expand(n, -1, -1), named).min(dim=-1).values
     candidates = torch.cat([prototypes[None].expand(n, -1, -1), lab(_border_median(rgb))[:, None]], 1)
@@ -173,8 +185,8 @@ def exchange_colours(images: torch.Tensor, pairs: torch.Tensor, mean: Sequence[f
                                    & (second < len(COLOUR_NAMES)) & (first != second)).all()):
         raise ValueError(f"colour pair codes must hold two different colour ids below "
                          f"{len(COLOUR_NAMES)}, got {sorted(set(pairs.tolist()))}")
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(1, 3, 1, 1)
+    mean_t = _constant(tuple(map(float, mean)), images.device).view(1, 3, 1, 1)
+    std_t = _constant(tuple(map(float, std)), images.device).view(1, 3, 1, 1)
     rgb = images.float() * std_t + mean_t
     # in chunks of about CHUNK_PIXELS pixels: the [pixels, candidates] distances of a whole
     # batch of 224-pixel images would take the better part of a gigabyte

@@ -6,6 +6,7 @@ import argparse
 import itertools
 import json
 import os
+import random
 import tarfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from open_clip_hn.neighbors import (NeighborIndex, build, insert_before_decode, knn_search, main,
-                                    neighbor_stage, write_given)
+                                    neighbor_stage, rebinding_neighbors, write_given)
 from open_clip_hn.scenes import shards_spec, write_scene_shards
 
 TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json")
@@ -270,6 +271,73 @@ def test_write_given_stores_chosen_neighbours_that_the_stage_serves(shards, tmp_
     assert NeighborIndex(out, shards).k == 1
     with pytest.raises(ValueError, match="was built from"):
         write_given(shards_spec(shards), out, same_size, "another description")
+
+
+def _rebinding_world(seed: int) -> tuple[list[str], list[int]]:
+    """Captions "a C1 S1 REL a C2 S2", each with its rebinding partner (colours or shapes
+    exchanged) somewhere in the list, among captions sharing fewer words."""
+    rng = random.Random(seed)
+    colours, shapes = ["red", "blue", "green", "pink", "gray"], ["cube", "ball", "cone", "ring", "star"]
+    relations = ["left of", "right of", "above", "below"]
+    seen, captions, partner = set(), [], []
+    while len(captions) < 400:
+        c1, c2 = rng.sample(colours, 2)
+        s1, s2 = rng.sample(shapes, 2)
+        relation = rng.choice(relations)
+        first = f"a {c1} {s1} {relation} a {c2} {s2}"
+        second = (f"a {c2} {s1} {relation} a {c1} {s2}" if rng.random() < 0.5
+                  else f"a {c1} {s2} {relation} a {c2} {s1}")
+        if first in seen or second in seen:
+            continue
+        seen.update((first, second))
+        captions += [first, second]
+        partner += [len(captions) - 1, len(captions) - 2]
+    order = rng.sample(range(len(captions)), len(captions))
+    where = {old: new for new, old in enumerate(order)}
+    return [captions[i] for i in order], [where[partner[i]] for i in order]
+
+
+def test_rebinding_neighbours_are_the_same_words_bound_differently():
+    captions, partner = _rebinding_world(0)
+    ids = rebinding_neighbors(captions, k=3)
+    assert ids.shape == (len(captions), 3)
+    bag = [sorted(caption.split()) for caption in captions]
+    # first comes a caption of the same words (the partner, or another rebinding of them) ...
+    assert np.mean([bag[ids[i, 0]] == bag[i] for i in range(len(captions))]) > 0.95
+    # ... and the partner is among the first three
+    assert np.mean([partner[i] in ids[i] for i in range(len(captions))]) > 0.95
+    assert (ids[:, 0] >= 0).all() and not (ids == np.arange(len(captions))[:, None]).any()
+    # chunking does not change the answer
+    assert np.array_equal(rebinding_neighbors(captions, k=3, chunk_cells=len(captions) * 7), ids)
+
+
+def test_rebinding_neighbours_skip_duplicates_and_unrelated_captions():
+    captions = ["a red cube left of a blue ball", "A red cube, left of a blue ball.",
+                "a blue cube left of a red ball", "the sky at night", "a red cube left of a blue ball"]
+    ids = rebinding_neighbors(captions, k=3)
+    # duplicates (same words in the same order, case and punctuation aside) are never neighbours
+    for i in (0, 1, 4):
+        assert ids[i].tolist() == [2, -1, -1]
+    assert ids[2].tolist()[0] in (0, 1, 4) and ids[3].tolist() == [-1, -1, -1]
+    assert sorted(ids[2].tolist()) == [0, 1, 4]
+    assert (rebinding_neighbors(captions, k=3, min_word_overlap=0.999)[:, 0] >= 0).tolist() == \
+        [True, True, True, False, True]  # the same words, all of them
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        rebinding_neighbors(captions, k=0)
+
+
+def test_rebinding_cli_writes_an_index_the_stage_serves(shards, tmp_path):
+    out = str(tmp_path / "rebinding")
+    main(["rebinding", "--shards", shards_spec(shards), "--output", out, "--k", "2"])
+    manifest = json.loads(Path(out, "index.json").read_text())
+    assert manifest["k"] == 2 and manifest["index"].startswith("rebinding neighbours")
+    index, chosen = NeighborIndex(out, shards), np.load(Path(out, "neighbors.npy"))
+    assert (chosen[:, 0] >= 0).mean() > 0.99
+    for sample_id in (0, 777, NUM_SAMPLES - 10):
+        anchor, partner = index.fetch(sample_id)["txt"].split(), index.fetch(int(chosen[sample_id, 0]))["txt"].split()
+        assert anchor != partner and len(set(anchor) & set(partner)) >= len(set(anchor)) // 2
+    with pytest.raises(SystemExit):
+        main(["rebinding", "--shards", shards_spec(shards), "--output", out, "--min-word-overlap", "2"])
 
 
 def test_an_undecodable_image_is_named_with_its_shard_and_sample(shards, tmp_path):

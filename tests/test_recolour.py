@@ -257,3 +257,26 @@ def test_converse_captions_stay_with_the_flipped_pairs_beside_colour_pairs(token
                                model.encode_image(recoloured, normalize=True).expand(3, -1))
     torch.testing.assert_close(hooked["hn_mirror_image_features"][[1, 3]],
                                model.encode_image(images[:1].flip(-1), normalize=True).expand(2, -1))
+
+
+def test_constant_tensors_are_made_once_per_device_and_serve_training_after_inference():
+    """The exchange's constants (prototypes, colour-space matrix, normalisation) are cached per
+    device (no host-to-device copies every step); one first made under inference mode must still
+    work where autograd records."""
+    from open_clip_hn import recolour
+
+    recolour._constant.cache_clear()
+    recolour._prototype_lab.cache_clear()
+    images = torch.rand(2, 3, 8, 8)
+    pairs = torch.tensor([0 * recolour.PAIR_BASE + 1, 2 * recolour.PAIR_BASE + 3])
+    mean, std = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
+    with torch.inference_mode():
+        first = recolour.exchange_colours(images, pairs, mean, std)
+    made = recolour._constant.cache_info().currsize
+    assert made >= 4 and recolour._prototype_lab.cache_info().currsize == 1
+    leaf = images.clone().requires_grad_()
+    second = recolour.exchange_colours(leaf, pairs, mean, std)
+    assert recolour._constant.cache_info().currsize == made  # nothing new for the same device
+    assert torch.equal(first[0], second[0].detach()) and torch.equal(first[1], second[1])
+    (recolour.lab(leaf.permute(0, 2, 3, 1)).sum()).backward()  # cached constants in a graph
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
