@@ -169,7 +169,7 @@ def knn_search(embeddings: np.ndarray, k: int, exact_max: int = 1_000_000, nlist
 
 
 _WORD = re.compile(r"[a-z0-9]+")
-PAIR_WEIGHT = 0.25  # shared word pairs weigh a quarter of shared words: the same words come first
+PAIR_WEIGHT = 0.25  # shared word pairs weigh a quarter of shared words, so shared words lead
 
 
 def _tfidf_rows(rows: list[list[Any]]) -> tuple[torch.Tensor, list[dict[int, float]], torch.Tensor]:
@@ -207,9 +207,9 @@ def _dense_rows(rows: list[dict[int, float]], width: int) -> torch.Tensor:
 
 def rebinding_neighbors(captions: list[str], k: int = 4, min_word_overlap: float = 0.5,
                         chunk_cells: int = 1 << 25) -> np.ndarray:
-    """For each caption, the k others with the most words in common and, among those, the fewest
-    adjacent word pairs in common: "a red cube left of a blue ball" finds "a blue cube left of a
-    red ball".
+    """For each caption, the k others with many words in common and few adjacent word pairs in
+    common (the words weigh four times the pairs): "a red cube left of a blue ball" finds "a blue
+    cube left of a red ball".
     Their images hold the same things bound differently, the image-side counterpart of a swap
     negative, which an image tower cannot tell apart by its bag of features.
 
@@ -225,9 +225,9 @@ def rebinding_neighbors(captions: list[str], k: int = 4, min_word_overlap: float
     n = len(tokens)
     words = _tfidf_rows(tokens)
     pairs = _tfidf_rows([list(zip(t, t[1:])) for t in tokens])
-    duplicates: dict[str, list[int]] = {}
-    for i, t in enumerate(tokens):
-        duplicates.setdefault(" ".join(t), []).append(i)
+    # one id per distinct word sequence: duplicates share it and are masked in one comparison
+    groups: dict[str, int] = {}
+    group = torch.tensor([groups.setdefault(" ".join(t), len(groups)) for t in tokens], dtype=torch.int64)
     ids = np.full((n, k), -1, dtype=np.int64)
     step = max(1, chunk_cells // max(1, n, words[0].shape[1], pairs[0].shape[1]))
     for start in range(0, n, step):
@@ -237,8 +237,7 @@ def rebinding_neighbors(captions: list[str], k: int = 4, min_word_overlap: float
             for matrix, rows, norms in (words, pairs))
         score = word_cos - PAIR_WEIGHT * pair_cos
         score[word_cos < min_word_overlap] = -math.inf
-        for i in range(start, stop):
-            score[i - start, duplicates[" ".join(tokens[i])]] = -math.inf
+        score[group[start:stop, None] == group[None]] = -math.inf
         top = torch.topk(score, min(k, n), dim=1)
         found = torch.where(torch.isfinite(top.values), top.indices, -1).numpy()
         ids[start:stop, :found.shape[1]] = found  # -inf sorts last, so -1 only ends a row
