@@ -32,7 +32,7 @@ import os
 import time
 
 from open_clip_hn import demo, neighbors, world2
-from open_clip_hn.files import atomic_write_json
+from open_clip_hn.files import atomic_write_json, content_identity
 from open_clip_hn.scenes import shards_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,8 +128,12 @@ def prepare_world2(root: str, samples: int, test_items: int, seed: int = 0,
 
 
 def rebinding_index(root: str, train: str) -> str:
-    """The world's rebinding-neighbour index (`python -m open_clip_hn.neighbors rebinding`), once."""
-    if not os.path.isfile(os.path.join(root, neighbors.MANIFEST)):
+    """The world's rebinding-neighbour index (`python -m open_clip_hn.neighbors rebinding`), built
+    once and again only when the training shards were rendered anew."""
+    manifest = os.path.join(root, neighbors.MANIFEST)
+    current = [content_identity(path) for path in neighbors.local_shards(train)]
+    if not (os.path.isfile(manifest) and
+            [shard["identity"] for shard in json.load(open(manifest))["shards"]] == current):
         print(f"writing rebinding neighbours to {root} ...", flush=True)
         neighbors.write_rebinding(train, root, k=4)
     return root

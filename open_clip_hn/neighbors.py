@@ -214,7 +214,8 @@ def rebinding_neighbors(captions: list[str], k: int = 4, min_word_overlap: float
     negative, which an image tower cannot tell apart by its bag of features.
 
     Score = cos(tf-idf words) - PAIR_WEIGHT * cos(tf-idf word pairs) among captions whose word
-    cosine is at least `min_word_overlap`; captions with the same words in the same order (duplicates) never count.
+    cosine is at least `min_word_overlap` (and above 0: one word in common at least); captions
+    with the same words in the same order (duplicates) never count.
     Exact all-pairs, O(N^2) time in chunks of `chunk_cells` scores: minutes at 10^5 captions; for
     millions, choose neighbours with a kNN over text embeddings instead. Returns [N, k] ids, -1
     at the end of a row that has fewer.
@@ -236,7 +237,9 @@ def rebinding_neighbors(captions: list[str], k: int = 4, min_word_overlap: float
             (matrix @ _dense_rows(rows[start:stop], matrix.shape[1]).T).T / norms[None] / norms[start:stop, None]
             for matrix, rows, norms in (words, pairs))
         score = word_cos - PAIR_WEIGHT * pair_cos
-        score[word_cos < min_word_overlap] = -math.inf
+        # a hair below the threshold (float32 puts equal bags at 0.9999999, not 1) but never
+        # captions without a word in common
+        score[(word_cos < min_word_overlap - 1e-6) | (word_cos <= 0)] = -math.inf
         score[group[start:stop, None] == group[None]] = -math.inf
         top = torch.topk(score, min(k, n), dim=1)
         found = torch.where(torch.isfinite(top.values), top.indices, -1).numpy()
@@ -439,6 +442,9 @@ def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarr
                 offset, size = members["txt"]
                 handle.seek(offset)
                 captions.append(handle.read(size).decode("utf-8", "replace"))
+    if not captions:
+        raise ValueError(f"{shards}: no captioned samples (no .txt members) to choose neighbours "
+                         "for; pass the training shards, whose samples carry their caption as .txt")
     ids = np.asarray(choose(captions))
     problem = _given_problem(ids, len(captions))
     if problem:

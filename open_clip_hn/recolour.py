@@ -116,8 +116,9 @@ _WHITE = (0.9505, 1.0, 1.089)
 
 @functools.lru_cache(maxsize=8)
 def _prototype_lab(device: torch.device) -> torch.Tensor:
-    """[C, 3] CIELAB of the lexicon's colour prototypes, once per device."""
-    with torch.inference_mode(False):
+    """[C, 3] CIELAB of the lexicon's colour prototypes, once per device (in fp32 even when
+    first asked for under autocast: the cached values serve every later call)."""
+    with torch.inference_mode(False), torch.autocast(device.type, enabled=False):
         return lab(_constant(tuple(COLOUR_PROTOTYPES[n] for n in COLOUR_NAMES), device) / 255.0)
 
 

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_benchmark
 from open_clip_hn.neighbors import (NeighborIndex, build, insert_before_decode, knn_search, main,
-                                    neighbor_stage, rebinding_neighbors, write_given)
+                                    neighbor_stage, rebinding_neighbors, write_given,
+                                    write_rebinding)
 from open_clip_hn.scenes import shards_spec, write_scene_shards
 
 TINY_CONFIG = str(Path(__file__).resolve().parents[1] / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json")
@@ -322,11 +324,15 @@ def test_rebinding_neighbours_skip_duplicates_and_unrelated_captions():
     assert sorted(ids[2].tolist()) == [0, 1, 4]
     assert (rebinding_neighbors(captions, k=3, min_word_overlap=0.999)[:, 0] >= 0).tolist() == \
         [True, True, True, False, True]  # the same words, all of them
+    # 1.0 still finds them (float32 puts an equal bag a hair below 1); 0 never pairs captions
+    # without a word in common
+    assert np.array_equal(rebinding_neighbors(captions, k=3, min_word_overlap=1.0), ids)
+    assert rebinding_neighbors(captions, k=3, min_word_overlap=0.0)[3].tolist() == [-1, -1, -1]
     with pytest.raises(ValueError, match="k must be >= 1"):
         rebinding_neighbors(captions, k=0)
 
 
-def test_rebinding_cli_writes_an_index_the_stage_serves(shards, tmp_path):
+def test_rebinding_cli_writes_an_index_the_stage_serves(shards, tmp_path, capsys):
     out = str(tmp_path / "rebinding")
     main(["rebinding", "--shards", shards_spec(shards), "--output", out, "--k", "2"])
     manifest = json.loads(Path(out, "index.json").read_text())
@@ -338,6 +344,20 @@ def test_rebinding_cli_writes_an_index_the_stage_serves(shards, tmp_path):
         assert anchor != partner and len(set(anchor) & set(partner)) >= len(set(anchor)) // 2
     with pytest.raises(SystemExit):
         main(["rebinding", "--shards", shards_spec(shards), "--output", out, "--min-word-overlap", "2"])
+    assert "--min-word-overlap" in capsys.readouterr().err
+
+
+def test_rebinding_names_shards_without_captions(tmp_path):
+    """Neighbours are chosen by caption: shards without any fail naming the shards."""
+    shard = tmp_path / "images-only.tar"
+    with tarfile.open(shard, "w") as tar:
+        for key in ("000", "001"):
+            payload = (tmp_path / f"{key}.png")
+            payload.write_bytes(b"not read")
+            tar.add(payload, arcname=f"{key}.png")
+    with pytest.raises(ValueError, match=r"images-only.tar: no captioned samples \(no .txt members\)"):
+        write_rebinding(str(shard), str(tmp_path / "index"))
+    assert not (tmp_path / "index" / "index.json").exists()
 
 
 def test_an_undecodable_image_is_named_with_its_shard_and_sample(shards, tmp_path):
@@ -353,3 +373,21 @@ def test_an_undecodable_image_is_named_with_its_shard_and_sample(shards, tmp_pat
         with pytest.raises(ValueError, match=f"shard {broken}: the image of sample {key} cannot be decoded"):
             build(str(broken), "hn-tiny-vit", str(tmp_path / f"index{workers}"), model_config=TINY_CONFIG,
                   k=2, batch_size=64, workers=workers)
+
+
+def test_recipe_worlds_builds_the_rebinding_index_again_for_new_data(tmp_path):
+    """benchmarks/recipe_worlds.py keeps one rebinding index per world; data rendered anew under
+    the same paths must not train against the old data's neighbours."""
+    module = load_benchmark("recipe_worlds")
+    data, index = str(tmp_path / "data"), str(tmp_path / "rebinding")
+    spec = shards_spec(write_scene_shards(data, 60, 30, seed=1))
+    module.rebinding_index(index, spec)
+    first = json.loads(Path(index, "index.json").read_text())
+    assert module.rebinding_index(index, spec) == index  # unchanged data: kept as it is
+    assert json.loads(Path(index, "index.json").read_text()) == first
+    write_scene_shards(data, 60, 30, seed=2)
+    module.rebinding_index(index, spec)
+    again = json.loads(Path(index, "index.json").read_text())
+    assert [s["identity"] for s in again["shards"]] != [s["identity"] for s in first["shards"]]
+    NeighborIndex(index, sorted(str(p) for p in Path(data).glob("*.tar")))  # and it serves them
+

@@ -280,3 +280,19 @@ def test_constant_tensors_are_made_once_per_device_and_serve_training_after_infe
     assert torch.equal(first[0], second[0].detach()) and torch.equal(first[1], second[1])
     (recolour.lab(leaf.permute(0, 2, 3, 1)).sum()).backward()  # cached constants in a graph
     assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
+def test_cached_prototypes_are_fp32_when_first_made_under_autocast():
+    """The Lab prototypes are cached at their first call: made inside a bf16 autocast region they
+    would serve every later fp32 call with rounded values."""
+    from open_clip_hn import recolour
+
+    recolour._constant.cache_clear()
+    recolour._prototype_lab.cache_clear()
+    reference = recolour._prototype_lab(torch.device("cpu")).clone()
+    recolour._prototype_lab.cache_clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = recolour._prototype_lab(torch.device("cpu"))
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, reference, rtol=0, atol=0)
+
