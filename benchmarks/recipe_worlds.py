@@ -198,10 +198,10 @@ def format_tables(scores: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
+    """Issue 21's protocol as flags (data, pretraining and continued runs), shared with the
+    benchmarks that run it on their own variants (oracle_world2.py)."""
     add = parser.add_argument
-    add("--output-dir", default="recipe-worlds", help="Data, runs and scores. Default: recipe-worlds.")
     add("--samples", type=int, default=40000, help="Training scenes per world (issue 21: 40000).")
     add("--test-items", type=int, default=1000, help="Items per compositional set. Default: 1000.")
     add("--epochs", type=int, default=3, help="Epochs of each continued run. Default: 3.")
@@ -209,6 +209,14 @@ def main() -> None:
     add("--lr", type=float, default=5e-4, help="Continued runs' learning rate (issue 21: 5e-4).")
     add("--pretrain-batch-size", type=int, default=128, help="Default: 128 (the demo's).")
     add("--pretrain-lr", type=float, default=2e-3, help="Default: 2e-3 (the demo's).")
+    add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add = parser.add_argument
+    add("--output-dir", default="recipe-worlds", help="Data, runs and scores. Default: recipe-worlds.")
+    add_protocol_arguments(parser)
     add("--settings", default="demo/resnet;world2/vit;world2/resnet;demo/vit",
         help="Semicolon list of WORLD/TOWER settings, run in this order. Default: all four.")
     add("--variants", default=DEFAULT_VARIANTS,
@@ -218,7 +226,6 @@ def main() -> None:
              "steps (recommended.yaml's 117 steps are 0.125 of the demo's 937); for runs much "
              "shorter than the demo's, where 117 steps would be most of the run. Default: the "
              "recipe's own warmup.")
-    add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
     add("--scores-file", default="scores.json",
         help="Where this process records its scores in the output folder (a second process on "
              "the same folder, running other variants in parallel, names another file). "
