@@ -8,6 +8,10 @@ This script writes the world2 training shards of `recipe_worlds.py` again with t
 where the scene allows it) and continues the same pretrained checkpoint with `recommended.yaml`
 reading them (`--hn-negatives precomputed`), under issue 21's protocol.
 
+Pass the same protocol flags (`--samples`, `--test-items`, `--epochs`, ...) as the
+`recipe_worlds.py` run whose folder this uses: with others, world2 is rendered again and the
+pretrained and vanilla runs are trained again.
+
 If the recipe with these negatives still leaves a setting's swap errors above 0.7x vanilla's,
 better text negatives cannot meet issue 21's swap targets there: the limit is on the image side.
 
@@ -22,22 +26,26 @@ import argparse
 import io
 import json
 import os
+import importlib.util
 import random
-import sys
 import tarfile
 import time
 from dataclasses import replace
 
 from open_clip_train.data import expand_urls
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # recipe_worlds, when imported
-from recipe_worlds import (CONFIGS, MODEL_CONFIGS, RECOMMENDED, add_protocol_arguments,
-                           against_vanilla, metrics, prepare_world2)
-
 from open_clip_hn import demo, world2
-from open_clip_hn.files import atomic_open, atomic_write_json
+from open_clip_hn.files import atomic_open, atomic_write_json, content_identity
 from open_clip_hn.negatives.shards import negatives_member, split_key
 from open_clip_hn.scenes import shards_spec
+
+# recipe_worlds.py by its path: benchmarks/ is not a package, and putting it on sys.path would
+# let its scripts (neighbors.py, negatives.py, ...) hide modules of those names
+_SPEC = importlib.util.spec_from_file_location(
+    "recipe_worlds", os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipe_worlds.py"))
+recipe_worlds = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(recipe_worlds)
+SOURCES = "sources.json"  # each written shard's source identity and seed (stale shards are redone)
 
 ORACLE_KINDS = (("swap_attributes", "colour"), ("swap_attributes", "size"), ("swap_objects", None),
                 ("replace_object", None))
@@ -65,12 +73,20 @@ def write_oracle_shards(train_spec: str, output_dir: str, seed: int = 0) -> str:
     """Copy world2's training shards with oracle `neg.json` members; returns the --train-data."""
     shards = expand_urls(train_spec)[0]
     os.makedirs(output_dir, exist_ok=True)
+    sources_path = os.path.join(output_dir, SOURCES)
+    try:
+        with open(sources_path, encoding="utf-8") as handle:
+            sources = json.load(handle)
+    except (OSError, ValueError):
+        sources = {}
     written = []
     for source in shards:
-        destination = os.path.join(output_dir, os.path.basename(source))
+        name = os.path.basename(source)
+        destination = os.path.join(output_dir, name)
         written.append(destination)
-        if os.path.isfile(destination):
-            continue
+        identity = {"source": content_identity(source), "seed": seed}
+        if os.path.isfile(destination) and sources.get(name) == identity:
+            continue  # written from these very shards: data rendered anew is written again
         with tarfile.open(source) as reader, atomic_open(destination, "wb") as handle, \
                 tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
             for member in reader:
@@ -87,6 +103,8 @@ def write_oracle_shards(train_spec: str, output_dir: str, seed: int = 0) -> str:
                 negatives = oracle_negatives(scene, random.Random(f"oracle/{index}"))
                 info, data = negatives_member(key, negatives, member)
                 writer.addfile(info, io.BytesIO(data))
+        sources[name] = identity
+        atomic_write_json(sources_path, sources, indent=1)
         print(f"wrote {destination}", flush=True)
     with open(os.path.join(os.path.dirname(shards[0]), "sizes.json")) as handle:
         atomic_write_json(os.path.join(output_dir, "sizes.json"), json.load(handle), indent=1)
@@ -98,7 +116,7 @@ def main() -> None:
     add = parser.add_argument
     add("--output-dir", default="recipe-worlds", help="recipe_worlds.py's output folder.")
     add("--tower", default="vit", choices=("vit", "resnet"), help="Image tower. Default: vit.")
-    add_protocol_arguments(parser)
+    recipe_worlds.add_protocol_arguments(parser)
     add("--recipe-flags", default="", metavar="FLAGS",
         help="Plugin flags added after recommended.yaml in the oracle run (space-separated, e.g. "
              "'--hn-choice-weight 6'); the run's name carries them. Default: none.")
@@ -108,10 +126,11 @@ def main() -> None:
         c if c.isalnum() else "-" for c in "".join(f" {f}" for f in flags))
 
     out = os.path.abspath(args.output_dir)
-    data = prepare_world2(os.path.join(out, "data-world2"), args.samples, args.test_items)
+    data = recipe_worlds.prepare_world2(os.path.join(out, "data-world2"), args.samples, args.test_items)
     oracle = demo.DemoData(write_oracle_shards(data.train, os.path.join(out, "oracle-world2")),
                            data.val, data.test)
-    model_config = os.path.join(CONFIGS, MODEL_CONFIGS[("world2", args.tower)])
+    model_config = os.path.join(recipe_worlds.CONFIGS,
+                                recipe_worlds.MODEL_CONFIGS[("world2", args.tower)])
     logs = os.path.join(out, "runs", f"world2-{args.tower}")
     common = dict(logs=logs, device=args.device, workers=1, seed=0, model_config=model_config)
     pretrained = demo.run_training(
@@ -124,7 +143,7 @@ def main() -> None:
     for name, run_data, extra in (
             ("vanilla", data, []),
             (oracle_name, oracle,
-             ["--hn-config", RECOMMENDED, "--hn-negatives", "precomputed",
+             ["--hn-config", recipe_worlds.RECOMMENDED, "--hn-negatives", "precomputed",
               "--hn-vocabulary", "none", "--hn-plausibility", "none", *flags])):
         argv = demo.train_argv(data=run_data, name=name, epochs=args.epochs, lr=args.lr,
                                batch_size=args.batch_size, warmup=max(1, steps_per_epoch // 10),
@@ -133,10 +152,10 @@ def main() -> None:
         checkpoint = demo.run_training(argv, logs, name, args.epochs, quiet=True)
         result = demo.evaluate_checkpoints({name: checkpoint}, {"test": data.test}, args.device,
                                            model_config=model_config)[name]["test"]
-        results[name] = metrics(result)
+        results[name] = recipe_worlds.metrics(result)
         print(f"[world2/{args.tower}] {name} ({time.time() - start:.0f} s): {results[name]}",
               flush=True)
-    comparison = against_vanilla(results[oracle_name], results["vanilla"])
+    comparison = recipe_worlds.against_vanilla(results[oracle_name], results["vanilla"])
     print(json.dumps({"metrics": results, "against_vanilla": comparison}, indent=2))
 
 

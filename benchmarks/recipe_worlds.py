@@ -130,10 +130,15 @@ def prepare_world2(root: str, samples: int, test_items: int, seed: int = 0,
 def rebinding_index(root: str, train: str) -> str:
     """The world's rebinding-neighbour index (`python -m open_clip_hn.neighbors rebinding`), built
     once and again only when the training shards were rendered anew."""
-    manifest = os.path.join(root, neighbors.MANIFEST)
     current = [content_identity(path) for path in neighbors.local_shards(train)]
-    if not (os.path.isfile(manifest) and
-            [shard["identity"] for shard in json.load(open(manifest))["shards"]] == current):
+    try:
+        with open(os.path.join(root, neighbors.MANIFEST), encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        built = [shard["identity"] for shard in manifest["shards"]]
+        fresh = manifest.get("version") == neighbors.FORMAT_VERSION and built == current
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, unreadable or another format
+        fresh = False
+    if not fresh:
         print(f"writing rebinding neighbours to {root} ...", flush=True)
         neighbors.write_rebinding(train, root, k=4)
     return root

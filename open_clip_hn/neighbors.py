@@ -443,8 +443,8 @@ def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarr
                 handle.seek(offset)
                 captions.append(handle.read(size).decode("utf-8", "replace"))
     if not captions:
-        raise ValueError(f"{shards}: no captioned samples (no .txt members) to choose neighbours "
-                         "for; pass the training shards, whose samples carry their caption as .txt")
+        raise ValueError(f"{shards}: no sample with both a caption (.txt) and an image to choose "
+                         "neighbours for; pass the training shards, whose samples carry both")
     ids = np.asarray(choose(captions))
     problem = _given_problem(ids, len(captions))
     if problem:

@@ -355,7 +355,7 @@ def test_rebinding_names_shards_without_captions(tmp_path):
             payload = (tmp_path / f"{key}.png")
             payload.write_bytes(b"not read")
             tar.add(payload, arcname=f"{key}.png")
-    with pytest.raises(ValueError, match=r"images-only.tar: no captioned samples \(no .txt members\)"):
+    with pytest.raises(ValueError, match=r"images-only.tar: no sample with both a caption \(.txt\) and an image"):
         write_rebinding(str(shard), str(tmp_path / "index"))
     assert not (tmp_path / "index" / "index.json").exists()
 
@@ -389,5 +389,8 @@ def test_recipe_worlds_builds_the_rebinding_index_again_for_new_data(tmp_path):
     module.rebinding_index(index, spec)
     again = json.loads(Path(index, "index.json").read_text())
     assert [s["identity"] for s in again["shards"]] != [s["identity"] for s in first["shards"]]
+    Path(index, "index.json").write_text("{")  # an unreadable manifest is built again, not a crash
+    module.rebinding_index(index, spec)
+    assert json.loads(Path(index, "index.json").read_text())["shards"] == again["shards"]
     NeighborIndex(index, sorted(str(p) for p in Path(data).glob("*.tar")))  # and it serves them
 

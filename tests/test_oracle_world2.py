@@ -43,6 +43,11 @@ def test_oracle_shards_carry_the_worlds_own_negatives(tmp_path):
             swap = world2.negative_caption(scene, "swap_objects", random.Random(0))
             assert (swap in [n["text"] for n in negatives]) == (scene.subject.shape != scene.reference.shape)
     assert kinds == {"swap_attributes", "swap_objects", "replace_object"}
+    # world2 rendered anew under the same paths: the oracle shards are written again
+    before = (tmp_path / "oracle" / "shard-00000.tar").read_bytes()
+    world2.write_shards(str(tmp_path / "raw"), 40, 20, seed=0, image_size=32)
+    oracle.write_oracle_shards(shards_spec(raw), str(tmp_path / "oracle"))
+    assert (tmp_path / "oracle" / "shard-00000.tar").read_bytes() != before
     # shards of another seed are not the scenes the oracle regenerates: refused, not mislabelled
     other = world2.write_shards(str(tmp_path / "other"), 5, 5, seed=1)
     with pytest.raises(RuntimeError, match="is not world2 sample 0 of seed 0"):
