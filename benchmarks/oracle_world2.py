@@ -25,17 +25,15 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import importlib.util
+import os
 import random
 import tarfile
 import time
-from dataclasses import replace
-
-from open_clip_train.data import expand_urls
 
 from open_clip_hn import demo, world2
-from open_clip_hn.files import atomic_open, atomic_write_json, content_identity
+from open_clip_hn.files import atomic_open, atomic_write_json, content_identity, expand_shards
+from open_clip_hn.negatives.manifest import record_shard, shard_done
 from open_clip_hn.negatives.shards import negatives_member, split_key
 from open_clip_hn.scenes import shards_spec
 
@@ -45,48 +43,33 @@ _SPEC = importlib.util.spec_from_file_location(
     "recipe_worlds", os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipe_worlds.py"))
 recipe_worlds = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(recipe_worlds)
-SOURCES = "sources.json"  # each written shard's source identity and seed (stale shards are redone)
 
-ORACLE_KINDS = (("swap_attributes", "colour"), ("swap_attributes", "size"), ("swap_objects", None),
-                ("replace_object", None))
+# (type, attribute the pair trades) for the swaps; a replacement comes from world2's own sets' code
+ORACLE_SWAPS = (("swap_attributes", "colour"), ("swap_attributes", "size"), ("swap_objects", "shape"))
 
 
 def oracle_negatives(scene: world2.World2Scene, rng: random.Random) -> list[dict[str, str]]:
-    """The scene's test-style negatives, one per kind the scene allows (`ORACLE_KINDS`)."""
-    out = []
+    """The scene's test-style negatives: each swap the scene allows (both attributes, where
+    `negative_caption` picks one at random) and one replaced shape."""
     s, r = scene.subject, scene.reference
-    for kind, attribute in ORACLE_KINDS:
-        if attribute is not None:  # one attribute's swap (negative_caption picks at random)
-            if getattr(s, attribute) == getattr(r, attribute):
-                continue
-            swapped = replace(scene, subject=replace(s, **{attribute: getattr(r, attribute)}),
-                                     reference=replace(r, **{attribute: getattr(s, attribute)}))
-            text = swapped.caption
-        else:
-            text = world2.negative_caption(scene, kind, rng)
-        if text is not None and text != scene.caption:
-            out.append({"text": text, "type": kind})
+    out = [{"text": world2.exchange(scene, attribute).caption, "type": kind}
+           for kind, attribute in ORACLE_SWAPS if getattr(s, attribute) != getattr(r, attribute)]
+    out.append({"text": world2.negative_caption(scene, "replace_object", rng), "type": "replace_object"})
     return out
 
 
 def write_oracle_shards(train_spec: str, output_dir: str, seed: int = 0) -> str:
     """Copy world2's training shards with oracle `neg.json` members; returns the --train-data."""
-    shards = expand_urls(train_spec)[0]
+    shards = expand_shards(train_spec)
     os.makedirs(output_dir, exist_ok=True)
-    sources_path = os.path.join(output_dir, SOURCES)
-    try:
-        with open(sources_path, encoding="utf-8") as handle:
-            sources = json.load(handle)
-    except (OSError, ValueError):
-        sources = {}
     written = []
     for source in shards:
-        name = os.path.basename(source)
-        destination = os.path.join(output_dir, name)
+        destination = os.path.join(output_dir, os.path.basename(source))
         written.append(destination)
-        identity = {"source": content_identity(source), "seed": seed}
-        if os.path.isfile(destination) and sources.get(name) == identity:
-            continue  # written from these very shards: data rendered anew is written again
+        identity = content_identity(source)
+        if shard_done(output_dir, source, identity):
+            continue  # written from this very shard (precompute's manifest): new data is redone
+        samples = 0
         with tarfile.open(source) as reader, atomic_open(destination, "wb") as handle, \
                 tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
             for member in reader:
@@ -103,8 +86,9 @@ def write_oracle_shards(train_spec: str, output_dir: str, seed: int = 0) -> str:
                 negatives = oracle_negatives(scene, random.Random(f"oracle/{index}"))
                 info, data = negatives_member(key, negatives, member)
                 writer.addfile(info, io.BytesIO(data))
-        sources[name] = identity
-        atomic_write_json(sources_path, sources, indent=1)
+                samples += 1
+        # none masked: every scene has a shape left to replace one of its pair with
+        record_shard(output_dir, source, identity, samples, 0, None)
         print(f"wrote {destination}", flush=True)
     with open(os.path.join(os.path.dirname(shards[0]), "sizes.json")) as handle:
         atomic_write_json(os.path.join(output_dir, "sizes.json"), json.load(handle), indent=1)

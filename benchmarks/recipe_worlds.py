@@ -32,7 +32,7 @@ import os
 import time
 
 from open_clip_hn import demo, neighbors, world2
-from open_clip_hn.files import atomic_write_json, content_identity
+from open_clip_hn.files import atomic_write_json
 from open_clip_hn.scenes import shards_spec
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,15 +130,9 @@ def prepare_world2(root: str, samples: int, test_items: int, seed: int = 0,
 def rebinding_index(root: str, train: str) -> str:
     """The world's rebinding-neighbour index (`python -m open_clip_hn.neighbors rebinding`), built
     once and again only when the training shards were rendered anew."""
-    current = [content_identity(path) for path in neighbors.local_shards(train)]
-    try:
-        with open(os.path.join(root, neighbors.MANIFEST), encoding="utf-8") as handle:
-            manifest = json.load(handle)
-        built = [shard["identity"] for shard in manifest["shards"]]
-        fresh = manifest.get("version") == neighbors.FORMAT_VERSION and built == current
-    except (OSError, ValueError, KeyError, TypeError):  # none yet, unreadable or another format
-        fresh = False
-    if not fresh:
+    try:  # the checks training makes: finished, this format, built from these very shards
+        neighbors.NeighborIndex(root, neighbors.local_shards(train))
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, unreadable, stale or another format
         print(f"writing rebinding neighbours to {root} ...", flush=True)
         neighbors.write_rebinding(train, root, k=4)
     return root

@@ -254,6 +254,14 @@ def write_shards(out_dir: str, num_samples: int, samples_per_shard: int = 1000, 
     return paths
 
 
+def exchange(scene: World2Scene, attribute: str) -> World2Scene:
+    """The scene with the related pair's `attribute` (shape, colour or size) traded between them:
+    a swap negative's scene."""
+    s, r = scene.subject, scene.reference
+    return replace(scene, subject=replace(s, **{attribute: getattr(r, attribute)}),
+                   reference=replace(r, **{attribute: getattr(s, attribute)}))
+
+
 def negative_caption(scene: World2Scene, kind: str, rng: random.Random) -> str | None:
     """The caption made false in the way `kind` names (on the related pair), or None."""
     s, r = scene.subject, scene.reference
@@ -263,13 +271,11 @@ def negative_caption(scene: World2Scene, kind: str, rng: random.Random) -> str |
         options = [a for a in ("colour", "size") if getattr(s, a) != getattr(r, a)]
         if not options:
             return None
-        attr = rng.choice(options)
-        new = replace(scene, subject=replace(s, **{attr: getattr(r, attr)}),
-                      reference=replace(r, **{attr: getattr(s, attr)}))
+        new = exchange(scene, rng.choice(options))
     elif kind == "swap_objects":
         if s.shape == r.shape:
             return None
-        new = replace(scene, subject=replace(s, shape=r.shape), reference=replace(r, shape=s.shape))
+        new = exchange(scene, "shape")
     elif kind == "replace_relation":
         new = replace(scene, relation=OPPOSITE[scene.relation])
     elif kind == "replace_attribute":
