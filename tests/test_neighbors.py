@@ -393,4 +393,3 @@ def test_recipe_worlds_builds_the_rebinding_index_again_for_new_data(tmp_path):
     module.rebinding_index(index, spec)
     assert json.loads(Path(index, "index.json").read_text())["shards"] == again["shards"]
     NeighborIndex(index, sorted(str(p) for p in Path(data).glob("*.tar")))  # and it serves them
-
