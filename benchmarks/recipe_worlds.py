@@ -10,7 +10,8 @@ image->text R@1, plus whether issue 21's targets are met.
 Settings: the demo's world (`scenes.py`, 32 px) and `world2.py` (64 px); the demo's ResNet tower
 (`hn-tiny-rn.json`; in world2 its copy with a 32-token context, `hn-tiny-rn-c32.json`, since
 world2's captions run to 24 tokens) and a 4-layer ViT with 8-pixel patches at 64 pixels
-(`hn-vit4-64.json`).
+(`hn-vit4-64.json`). The tower `vit-w128` (`hn-vit4-64-w128.json`, the same ViT at twice the width)
+is not one of issue 21's: it tests whether the ViT's swap errors are limited by its capacity.
 
     nice -n 15 python benchmarks/recipe_worlds.py --output-dir recipe-worlds --samples 5000
     python benchmarks/recipe_worlds.py --output-dir recipe-worlds --only-table
@@ -39,9 +40,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "open_clip_hn", "model_configs")
 RECOMMENDED = os.path.join(REPO, "configs", "recommended.yaml")
 WORLDS = ("demo", "world2")
-TOWERS = ("resnet", "vit")
+# vit-w128: the ViT at twice the width (128, 4 heads), not one of issue 21's towers: the test of
+# whether the ViT's swap errors are limited by what the tower can represent
+TOWERS = ("resnet", "vit", "vit-w128")
 MODEL_CONFIGS = {("demo", "resnet"): "hn-tiny-rn.json", ("world2", "resnet"): "hn-tiny-rn-c32.json",
-                 ("demo", "vit"): "hn-vit4-64.json", ("world2", "vit"): "hn-vit4-64.json"}
+                 ("demo", "vit"): "hn-vit4-64.json", ("world2", "vit"): "hn-vit4-64.json",
+                 ("demo", "vit-w128"): "hn-vit4-64-w128.json",
+                 ("world2", "vit-w128"): "hn-vit4-64-w128.json"}
 # recommended.yaml of sessions 10-12 (mirror weight 5, no converse term): the base of the variants
 # measured then, whose names say "recommended"
 SESSION10 = ["--hn-config", RECOMMENDED, "--hn-mirror-weight", "5", "--hn-converse-weight", "0",
