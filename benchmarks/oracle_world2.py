@@ -116,22 +116,14 @@ def main() -> None:
     model_config = os.path.join(recipe_worlds.CONFIGS,
                                 recipe_worlds.MODEL_CONFIGS[("world2", args.tower)])
     logs = os.path.join(out, "runs", f"world2-{args.tower}")
-    common = dict(logs=logs, device=args.device, workers=1, seed=0, model_config=model_config)
-    pretrained = demo.run_training(
-        demo.train_argv(data=data, name="pretrain", epochs=1, lr=args.pretrain_lr,
-                        batch_size=args.pretrain_batch_size,
-                        warmup=min(100, args.samples // args.pretrain_batch_size), **common),
-        logs, "pretrain", 1, quiet=True)
-    steps_per_epoch = max(1, args.samples // args.batch_size)
+    pretrained = recipe_worlds.pretrain(args, data, logs, model_config)
     results = {}
     for name, run_data, extra in (
             ("vanilla", data, []),
             (oracle_name, oracle,
              ["--hn-config", recipe_worlds.RECOMMENDED, "--hn-negatives", "precomputed",
               "--hn-vocabulary", "none", "--hn-plausibility", "none", *flags])):
-        argv = demo.train_argv(data=run_data, name=name, epochs=args.epochs, lr=args.lr,
-                               batch_size=args.batch_size, warmup=max(1, steps_per_epoch // 10),
-                               pretrained=pretrained, extra=extra, **common)
+        argv = recipe_worlds.continued_argv(args, run_data, logs, model_config, name, pretrained, extra)
         start = time.time()
         checkpoint = demo.run_training(argv, logs, name, args.epochs, quiet=True)
         result = demo.evaluate_checkpoints({name: checkpoint}, {"test": data.test}, args.device,

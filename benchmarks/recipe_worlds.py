@@ -216,6 +216,30 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
 
 
+def _run_options(args: argparse.Namespace, logs: str, model_config: str) -> dict:
+    return dict(logs=logs, device=args.device, workers=1, seed=0, model_config=model_config)
+
+
+def pretrain(args: argparse.Namespace, data: demo.DemoData, logs: str, model_config: str) -> str:
+    """The setting's pretrained checkpoint (1 vanilla epoch), trained once and reused by every
+    script that runs the protocol with the same flags (`demo.run_training` caches by command)."""
+    argv = demo.train_argv(data=data, name="pretrain", epochs=1, lr=args.pretrain_lr,
+                           batch_size=args.pretrain_batch_size,
+                           warmup=min(100, args.samples // args.pretrain_batch_size),
+                           **_run_options(args, logs, model_config))
+    return demo.run_training(argv, logs, "pretrain", 1, quiet=True)
+
+
+def continued_argv(args: argparse.Namespace, data: demo.DemoData, logs: str, model_config: str,
+                   name: str, pretrained: str, extra: list[str]) -> list[str]:
+    """A continued run of the protocol from `pretrained`: vanilla with no `extra`, else a variant."""
+    steps_per_epoch = max(1, args.samples // args.batch_size)
+    return demo.train_argv(data=data, name=name, epochs=args.epochs, lr=args.lr,
+                           batch_size=args.batch_size, warmup=max(1, steps_per_epoch // 10),
+                           pretrained=pretrained, extra=extra,
+                           **_run_options(args, logs, model_config))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -264,13 +288,7 @@ def main() -> None:
             data = prepare_world2(os.path.join(out, "data-world2"), args.samples, args.test_items)
         model_config = os.path.join(CONFIGS, MODEL_CONFIGS[(world, tower)])
         logs = os.path.join(out, "runs", f"{world}-{tower}")
-        common = dict(data=data, logs=logs, device=args.device, workers=1, seed=0,
-                      model_config=model_config)
-        pretrained = demo.run_training(
-            demo.train_argv(name="pretrain", epochs=1, lr=args.pretrain_lr,
-                            batch_size=args.pretrain_batch_size,
-                            warmup=min(100, args.samples // args.pretrain_batch_size), **common),
-            logs, "pretrain", 1, quiet=True)
+        pretrained = pretrain(args, data, logs, model_config)
         steps_per_epoch = max(1, args.samples // args.batch_size)
         for variant in variants:
             slug = "".join(c if c.isalnum() else "-" for c in variant)
@@ -281,9 +299,7 @@ def main() -> None:
             if extra and args.recipe_warmup_share is not None:
                 warmup = round(args.recipe_warmup_share * steps_per_epoch * args.epochs)
                 extra += ["--hn-curriculum-warmup", str(warmup)]
-            argv = demo.train_argv(name=slug, epochs=args.epochs, lr=args.lr,
-                                   batch_size=args.batch_size, warmup=max(1, steps_per_epoch // 10),
-                                   pretrained=pretrained, extra=extra, **common)
+            argv = continued_argv(args, data, logs, model_config, slug, pretrained, extra)
             stamp = demo.run_stamp(argv)
             if scores.get(setting, {}).get(variant, {}).get("stamp") == stamp:
                 continue
