@@ -29,7 +29,6 @@ import importlib.util
 import os
 import random
 import tarfile
-import time
 
 from open_clip_hn import demo, world2
 from open_clip_hn.files import atomic_open, atomic_write_json, content_identity, expand_shards
@@ -99,13 +98,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--output-dir", default="recipe-worlds", help="recipe_worlds.py's output folder.")
-    add("--tower", default="vit", choices=("vit", "resnet"), help="Image tower. Default: vit.")
+    add("--tower", default="vit", choices=recipe_worlds.TOWERS, help="Image tower. Default: vit.")
+    add("--scores-file", default="scores-oracle.json",
+        help="Where the runs' scores are recorded in the output folder (recipe_worlds.py "
+             "--only-table merges every scores*.json there): a run recorded under the same command "
+             "line, recipe, checkpoint and data is not evaluated again. Default: scores-oracle.json.")
     recipe_worlds.add_protocol_arguments(parser)
     add("--recipe-flags", default="", metavar="FLAGS",
         help="Plugin flags added after recommended.yaml in the oracle run (space-separated, e.g. "
              "'--hn-choice-weight 6'); the run's name carries them. Default: none.")
     args = parser.parse_args()
     flags = args.recipe_flags.split()
+    oracle_variant = "recommended.yaml, oracle negatives" + "".join(f" {f}" for f in flags)
     oracle_name = "recommended-yaml-oracle-negatives" + "".join(
         c if c.isalnum() else "-" for c in "".join(f" {f}" for f in flags))
 
@@ -118,20 +122,16 @@ def main() -> None:
     logs = os.path.join(out, "runs", f"world2-{args.tower}")
     pretrained = recipe_worlds.pretrain(args, data, logs, model_config)
     results = {}
-    for name, run_data, extra in (
-            ("vanilla", data, []),
-            (oracle_name, oracle,
+    for variant, name, run_data, extra in (
+            ("vanilla", "vanilla", data, []),
+            (oracle_variant, oracle_name, oracle,
              ["--hn-config", recipe_worlds.RECOMMENDED, "--hn-negatives", "precomputed",
               "--hn-vocabulary", "none", "--hn-plausibility", "none", *flags])):
         argv = recipe_worlds.continued_argv(args, run_data, logs, model_config, name, pretrained, extra)
-        start = time.time()
-        checkpoint = demo.run_training(argv, logs, name, args.epochs, quiet=True)
-        result = demo.evaluate_checkpoints({name: checkpoint}, {"test": data.test}, args.device,
-                                           model_config=model_config)[name]["test"]
-        results[name] = recipe_worlds.metrics(result)
-        print(f"[world2/{args.tower}] {name} ({time.time() - start:.0f} s): {results[name]}",
-              flush=True)
-    comparison = recipe_worlds.against_vanilla(results[oracle_name], results["vanilla"])
+        results[variant] = recipe_worlds.scored_run(args, os.path.join(out, args.scores_file),
+                                                    f"world2/{args.tower}", variant, argv, logs,
+                                                    data.test, model_config)
+    comparison = recipe_worlds.against_vanilla(results[oracle_variant], results["vanilla"])
     print(json.dumps({"metrics": results, "against_vanilla": comparison}, indent=2))
 
 

@@ -93,6 +93,11 @@ VARIANTS: dict[str, list[str]] = {
     # colour-exchanged image pairs (recolour.py) beside the flips: image-side swap negatives
     "recommended.yaml + colour pairs": ["--hn-config", RECOMMENDED, "--hn-mirror",
                                         "horizontal,vertical,colour"],
+    # the shipped recipe without its image-side pairs: what the text negatives alone do on a tower
+    "recommended.yaml - mirrors": ["--hn-config", RECOMMENDED, "--hn-mirror", "none",
+                                   "--hn-converse-weight", "0", "--hn-converse-margin", "0"],
+    # swap negatives that rebind only: no phrase reorders, which the ViT cannot tell apart
+    "recommended.yaml, swap reorders dropped": ["--hn-config", RECOMMENDED, "--hn-swap-reorders", "drop"],
     "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",
                                                 REBINDING_INDEX, "--hn-image-neighbors-per-sample", "1"],
     "recommended + soft": [*SESSION10, "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
@@ -240,6 +245,29 @@ def continued_argv(args: argparse.Namespace, data: demo.DemoData, logs: str, mod
                            **_run_options(args, logs, model_config))
 
 
+def scored_run(args: argparse.Namespace, scores_path: str, setting: str, variant: str,
+               argv: list[str], logs: str, test: str, model_config: str) -> dict[str, float]:
+    """The test metrics of one continued run, trained and evaluated once: a run recorded in
+    `scores_path` under the same `demo.run_stamp` is read back, not trained or evaluated again;
+    a new result is recorded there (atomically) and printed."""
+    scores: dict = json.load(open(scores_path)) if os.path.isfile(scores_path) else {}
+    recorded = scores.get(setting, {}).get(variant, {})
+    stamp = demo.run_stamp(argv)
+    if recorded.get("stamp") == stamp:
+        return recorded["metrics"]
+    start = time.time()
+    checkpoint = demo.run_training(argv, logs, argv[argv.index("--name") + 1], args.epochs, quiet=True)
+    result = metrics(demo.evaluate_checkpoints({variant: checkpoint}, {"test": test}, args.device,
+                                               model_config=model_config)[variant]["test"])
+    scores.setdefault(setting, {})[variant] = {
+        "metrics": result, "stamp": stamp, "seconds": time.time() - start,
+        "settings": {k: getattr(args, k, None) for k in ("samples", "test_items", "epochs",
+                                                         "batch_size", "lr", "recipe_warmup_share")}}
+    atomic_write_json(scores_path, scores, indent=2)
+    print(f"[{setting}] {variant}: {result}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -271,7 +299,6 @@ def main() -> None:
 
     out = os.path.abspath(args.output_dir)
     scores_path = os.path.join(out, args.scores_file)
-    scores: dict = json.load(open(scores_path)) if os.path.isfile(scores_path) else {}
     if args.only_table:
         merged: dict[str, dict[str, dict[str, float]]] = {}
         for name in sorted(os.listdir(out)):
@@ -300,19 +327,8 @@ def main() -> None:
                 warmup = round(args.recipe_warmup_share * steps_per_epoch * args.epochs)
                 extra += ["--hn-curriculum-warmup", str(warmup)]
             argv = continued_argv(args, data, logs, model_config, slug, pretrained, extra)
-            stamp = demo.run_stamp(argv)
-            if scores.get(setting, {}).get(variant, {}).get("stamp") == stamp:
-                continue
-            start = time.time()
-            checkpoint = demo.run_training(argv, logs, slug, args.epochs, quiet=True)
-            result = demo.evaluate_checkpoints({variant: checkpoint}, {"test": data.test}, args.device,
-                                               model_config=model_config)[variant]["test"]
-            scores.setdefault(setting, {})[variant] = {
-                "metrics": metrics(result), "stamp": stamp, "seconds": time.time() - start,
-                "settings": {k: getattr(args, k) for k in ("samples", "test_items", "epochs",
-                                                           "batch_size", "lr", "recipe_warmup_share")}}
-            atomic_write_json(scores_path, scores, indent=2)
-            print(f"[{setting}] {variant}: {metrics(result)}", flush=True)
+            scored_run(args, scores_path, setting, variant, argv, logs, data.test, model_config)
+    scores = json.load(open(scores_path)) if os.path.isfile(scores_path) else {}
     print(format_tables({k: {v: s["metrics"] for v, s in runs.items()} for k, runs in scores.items()}))
 
 

@@ -9,7 +9,8 @@ them: what the swap test sets ask) or `reorder` (whole noun phrases trade places
 negative in effect). Per checkpoint it prints the share of negatives the image rejects
 (cos(image, caption) > cos(image, negative)) and the text tower's mean cos(caption, negative).
 With --test-sets it also splits the swap test sets' errors by item kind (size words exchanged or
-other attributes; with or without a bystander).
+other attributes; with or without a bystander) and by whether the negative's composition was
+seen in training (`negative_split`).
 
     python benchmarks/swap_fit.py --train-data 'recipe-worlds/data-world2/train/shard-{00000..00015}.tar' \\
         --model-config open_clip_hn/model_configs/hn-vit4-64.json \\
@@ -29,7 +30,7 @@ from contextlib import nullcontext
 import torch
 from PIL import Image
 
-from open_clip_hn import demo
+from open_clip_hn import demo, scenes, world2
 from open_clip_hn import eval as hn_eval
 from open_clip_hn.files import expand_shards
 from open_clip_hn.negatives import NegativeGenerator
@@ -39,6 +40,7 @@ from open_clip_hn.negatives.shards import shard_captions, word_counts
 from open_clip_hn.neighbors import IMAGE_EXTS, read_member, scan_shard
 
 SWAP_SETS = ("swap_attributes", "swap_objects")
+NEGATIVE_SPLITS = {"train": "seen in training", "val": "held out (val)", "test": "held out (test)"}
 
 
 def first_samples(shard: str, count: int) -> list[tuple[str, bytes]]:
@@ -71,6 +73,20 @@ def test_item_kind(name: str, caption: str, negative: str, categories: dict[str,
     changed = {w for a, b in zip(caption.split(), negative.split()) if a != b for w in (a, b)}
     return "size" if changed and all(categories.get(w.strip(",")) == "size" for w in changed) \
         else "other attributes"
+
+
+def negative_split(negative: str) -> str:
+    """The split (train/val/test) whose compositions hold the negative's scene, for a caption of
+    the demo's world or world2; `-` for other captions. Every test item's positive is a held-out
+    (test) composition, but its negative is a training composition in about 70-80% of the items:
+    those a model can reject from what it saw that composition look like, while an item whose
+    negative is held out too asks for binding on two unseen compositions."""
+    for world in (scenes, world2):
+        try:
+            return world.split_of(world.parse_caption(negative).composition())
+        except ValueError:
+            continue
+    return "-"
 
 
 def score_training_negatives(model, preprocess, tokenizer, rows, device: str):
@@ -143,10 +159,15 @@ def main() -> None:
                                          args.device, 256, nullcontext)
             correct = hn_eval.choice_correct(images, texts.view(len(items), 2, -1))
             errors: dict[str, list[bool]] = defaultdict(list)
+            by_split: dict[str, list[bool]] = defaultdict(list)
             for (_, _, pair), right in zip(items, correct.tolist()):
                 errors[test_item_kind(name, *pair, categories)].append(not right)
+                by_split[negative_split(pair[1])].append(not right)
             print(f"  test {name}: " + ", ".join(
                 f"{kind} error {sum(v) / len(v):.3f} ({len(v)})" for kind, v in sorted(errors.items())))
+            print(f"  test {name}, by the negative's composition: " + ", ".join(
+                f"{NEGATIVE_SPLITS.get(kind, kind)} error {sum(v) / len(v):.3f} ({len(v)})"
+                for kind, v in sorted(by_split.items())))
 
 
 if __name__ == "__main__":

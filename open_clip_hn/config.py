@@ -66,6 +66,7 @@ class HNConfig:
     lm: str | None = None
     vocabulary: str | None = None  # word file or 'train-data': the words negatives may bring in
     plausibility: str | None = None  # caption file, saved model or 'train-data': the plausibility filter's model
+    swap_reorders: str = "keep"  # keep | drop: swap negatives that only reorder the noun phrases
     # objectives
     # `<term>_weight` for each term registered with a weight (terms.py; a test checks the pairing)
     choice_weight: float = 1.0
@@ -174,6 +175,11 @@ class HNConfig:
                 f"--hn-plausibility applies to --hn-negatives online (this run: {self.negatives}); "
                 "for precomputed negatives pass --plausibility to `python -m open_clip_hn.negatives "
                 "precompute`")
+        if self.swap_reorders == "drop" and self.negatives != "online":
+            raise ValueError(
+                f"--hn-swap-reorders drop applies to --hn-negatives online (this run: "
+                f"{self.negatives}); for precomputed negatives pass --swap-reorders drop to "
+                "`python -m open_clip_hn.negatives precompute`")
         if self.image_neighbors_per_sample < 1:
             raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
         if not 0 <= self.distill_ema_decay < 1:
@@ -239,6 +245,13 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "open_clip_hn.negatives plausibility`; built once and cached. A caption with no "
              "plausible negative of a type gets none of it (masked slot). 'none' (the default): "
              "no filter.")
+    add("--hn-swap-reorders", dest="hn_swap_reorders", choices=("keep", "drop"), default="keep",
+        help="Swap negatives (swap_objects, swap_attributes) that only put the caption's noun "
+             "phrases in another order ('a dog chasing a cat' -> 'a cat chasing a dog'): 'keep' "
+             "(the default; SugarCrepe's swap-object items are of this kind) or 'drop', so the "
+             "swaps only rebind (attributes or nouns move between objects that keep their "
+             "places). A reordered caption is a relation negative in effect: an image tower that "
+             "does not read positions yet cannot tell it apart. Online negatives only.")
     for term in TERMS.values():
         if term.weight:
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,

@@ -160,7 +160,8 @@ class HardNegativeRun:
 
             generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
                                           vocabulary=self.vocabulary(captions),
-                                          plausibility=self.plausibility(captions))
+                                          plausibility=self.plausibility(captions),
+                                          swap_reorders=config.swap_reorders == "keep")
         converse = None
         if config.packs_converse:  # its parser (the negatives' one when there is one)
             from .negatives import NegativeGenerator

@@ -26,6 +26,7 @@ import hashlib
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
@@ -106,6 +107,19 @@ class World2Scene:
         if relation in ("on the right of", "under"):
             a, relation, b = b, OPPOSITE[relation], a
         return f"{' '.join(a)}|{relation}|{' '.join(b)}"
+
+
+def parse_caption(caption: str) -> World2Scene:
+    """The related pair (no positions, bystanders or sentence form) of a caption of this module;
+    ValueError if it is not one."""
+    sizes, colours, shapes = ("|".join(words) for words in (SIZES, COLOURS, SHAPES))
+    thing = rf"an? ({sizes}) ({colours}) ({shapes})"
+    match = re.search(rf"\b{thing} (?:is )?({'|'.join(RELATIONS)}) {thing}\b", caption)
+    if match is None:
+        raise ValueError(f"not a world2 caption: {caption!r} (expected 'a SIZE COLOUR SHAPE "
+                         f"RELATION a SIZE COLOUR SHAPE', optionally after 'there is')")
+    s_size, s_colour, s_shape, relation, r_size, r_colour, r_shape = match.groups()
+    return World2Scene(Thing(s_shape, s_colour, s_size), relation, Thing(r_shape, r_colour, r_size))
 
 
 def split_of(composition: str) -> str:

@@ -221,6 +221,32 @@ def test_swaps_move_whole_groups_counts_and_phrases():
         "Brown and black dog sitting on the brown couch.", "swap_attributes")
 
 
+def test_swap_reorders_can_be_dropped_so_swaps_only_rebind():
+    """--hn-swap-reorders drop: a swap that only puts the noun phrases in another order is a
+    relation negative in effect and is dropped; swaps that move nouns or attributes between
+    objects that keep their places stay, and other types are untouched."""
+    rebinding = NegativeGenerator(types="swap_objects,swap_attributes,replace_object", seed=0,
+                                  swap_reorders=False)
+    caption = "a large purple cube above a large green sphere"
+    kept = by_type(caption, "swap_objects,swap_attributes")
+    dropped = [n["text"] for n in rebinding.generate(caption, 20)]
+    assert "a large green sphere above a large purple cube" in kept
+    assert "a large green sphere above a large purple cube" not in dropped
+    assert {"a large purple sphere above a large green cube", "a large green cube above a large purple sphere"} \
+        <= set(dropped)
+    # a swap of two colours between objects of one shape and size reorders the phrases too
+    assert by_type("a large yellow cylinder to the left of a large blue cylinder", "swap_attributes") == [
+        "a large blue cylinder to the left of a large yellow cylinder"]
+    assert [n for n in rebinding.generate("a large yellow cylinder to the left of a large blue cylinder", 20)
+            if n["type"].startswith("swap")] == []
+    assert [n["text"] for n in rebinding.generate("A bunch of sheep are standing behind a fence.", 20)
+            if n["type"] == "swap_objects"] == []
+    assert [n for n in rebinding.generate(caption, 20) if n["type"] == "replace_object"] == \
+        [n for n in NegativeGenerator(types="swap_objects,swap_attributes,replace_object", seed=0).generate(
+            caption, 20) if n["type"] == "replace_object"]
+    assert "swap_reorders=False" in repr(rebinding) and pickle.loads(pickle.dumps(rebinding)).swap_reorders is False
+
+
 def test_multiword_relation_with_extra_spaces():
     """Real captions have double spaces inside units ("in front  of"); this used to raise."""
     out = by_type("a dog in front  of a car", "replace_relation")

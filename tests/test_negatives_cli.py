@@ -242,6 +242,9 @@ def test_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2",
                  "--vocabulary", str(words)]) == 2
     assert "--vocabulary sha256" in capsys.readouterr().err
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2",
+                 "--swap-reorders", "drop"]) == 2
+    assert "--swap-reorders drop (folder: None)" in capsys.readouterr().err
     # a changed input shard (same name) is made again
     assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
     assert "0 shards written, 1 already done" in capsys.readouterr().err

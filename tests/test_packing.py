@@ -151,6 +151,24 @@ def test_online_generator_gets_the_vocabulary(tokenizer, tmp_path, scene_shards)
         packer("train-data", "pipe:curl -s https://host/shard-{0..1}.tar")
 
 
+
+def test_online_generator_drops_swap_reorders_when_asked(tokenizer):
+    """--hn-swap-reorders reaches the loader's generator."""
+    import argparse
+
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.hooks import train_tokenizer
+    from open_clip_hn.run import HardNegativeRun
+
+    args = argparse.Namespace(train_data=None, dataset_type="webdataset")
+    for flag, keeps in (("keep", True), ("drop", False)):
+        config = HNConfig(negatives="online", types=("swap_objects",), swap_reorders=flag)
+        packer = train_tokenizer(HardNegativeRun(config), tokenizer, args)
+        assert packer.generator.swap_reorders is keeps
+        texts = [n["text"] for n in packer.negatives_for("a red cube to the left of a blue ball", None)]
+        assert ("a blue ball to the left of a red cube" in texts) is keeps
+
+
 class _BlindReader:
     """Stands in for the plausibility model: rejects negatives that mention 'right'."""
 

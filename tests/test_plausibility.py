@@ -235,6 +235,9 @@ def test_config_flag_applies_to_online_negatives_only():
                               ).plausibility is None
     with pytest.raises(ValueError, match="--hn-plausibility applies to --hn-negatives online"):
         HNConfig.from_args(parser.parse_args(["--hn-negatives", "precomputed", "--hn-plausibility", "x.txt"]))
+    assert HNConfig.from_args(parser.parse_args(["--hn-negatives", "online"])).swap_reorders == "keep"
+    with pytest.raises(ValueError, match="--swap-reorders drop to `python -m open_clip_hn.negatives precompute`"):
+        HNConfig.from_args(parser.parse_args(["--hn-negatives", "precomputed", "--hn-swap-reorders", "drop"]))
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -408,3 +411,5 @@ def test_model_from_shards_drives_precompute(tmp_path):
         written = {m.name: json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".neg.json")}
     generator = NegativeGenerator(plausibility=str(saved))
     assert [written[f"{i:05d}.neg.json"] for i in range(20)] == [generator.generate(c, 4) for c in captions[:20]]
+    # the folder records the filter: finishing it without the filter (or with another) is refused
+    assert main(["precompute", "--shards", str(shard), "--output-dir", str(out)]) == 2

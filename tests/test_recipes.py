@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,34 @@ def test_recipe_worlds_variants_resolve_and_the_hinge_variant_is_the_shipped_rec
     assert configs["recommended + distill ema"].mirror_weight == 5 and \
         configs["recommended + distill ema"].converse_weight == 0  # sessions 10-12's recipe
     assert configs["previous recommended - mirrors"].mirror == ()
+    assert configs["recommended.yaml - mirrors"].mirror == () and \
+        configs["recommended.yaml - mirrors"].converse_weight == 0
+
+
+def test_recipe_worlds_scores_each_run_once(tmp_path, monkeypatch):
+    """recipe_worlds.scored_run (also oracle_world2.py's) trains and evaluates a run once: the
+    same command line is read back from the scores file, another one is trained again."""
+    module = load_benchmark("recipe_worlds")
+    calls = []
+    acc = {"acc": 0.5}
+    monkeypatch.setattr(module.demo, "run_training", lambda argv, logs, name, epochs, quiet:
+                        calls.append(name) or f"{logs}/{name}/epoch_{epochs}.pt")
+    monkeypatch.setattr(module.demo, "evaluate_checkpoints", lambda checkpoints, sets, device, model_config: {
+        v: {"test": {**{k: acc for k in ("replace_relation", "swap_attributes", "swap_objects",
+                                           "replace_object")}, "retrieval": {"image_to_text_R@1": 0.25}}}
+        for v in checkpoints})
+    args = argparse.Namespace(epochs=3, device="cpu", samples=10, lr=1e-3)
+    scores = str(tmp_path / "scores.json")
+
+    def run(argv):
+        return module.scored_run(args, scores, "world2/vit", "v", argv, str(tmp_path), "test", "m.json")
+    first = run(["--name", "a", "--seed", "0"])
+    assert first["i2t_R@1"] == 0.25 and calls == ["a"]
+    assert run(["--name", "a", "--seed", "0"]) == first and calls == ["a"]  # recorded: not run again
+    run(["--name", "a", "--seed", "1"])
+    assert calls == ["a", "a"]
+    recorded = json.load(open(scores))["world2/vit"]["v"]
+    assert recorded["stamp"]["argv"] == ["--name", "a", "--seed", "1"] and recorded["settings"]["samples"] == 10
 
 
 

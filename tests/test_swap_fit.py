@@ -4,11 +4,13 @@ and the LABEL=CHECKPOINT arguments of the diagnostic scripts."""
 from __future__ import annotations
 
 import argparse
+import random
 
 import pytest
 
 from conftest import load_benchmark
 from open_clip_hn import eval as hn_eval
+from open_clip_hn import scenes, world2
 from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.negatives.lexicon import load_resources
 
@@ -36,6 +38,20 @@ def test_test_items_split_by_what_they_exchange():
                                    "a red ring over a blue star, beside a cross", categories) == "with bystander"
     assert swap_fit.test_item_kind("swap_objects", "a red star over a blue ring",
                                    "a red ring over a blue star", categories) == "pair only"
+
+
+def test_negatives_split_by_whether_their_composition_was_trained_on():
+    """Both worlds' captions parse back to the scene whose composition names the split."""
+    swap_fit = load_benchmark("swap_fit")
+    demo_scene = scenes.sample_scene(random.Random(3), "train")
+    assert swap_fit.negative_split(demo_scene.caption) == "train"
+    for split in ("train", "test"):
+        scene = world2.sample_scene(world2._rng(0, split, "sample", 5), split)
+        assert world2.parse_caption(scene.caption).composition() == scene.composition()
+        assert swap_fit.negative_split(scene.caption) == split
+    assert swap_fit.negative_split("a dog on a couch") == "-"
+    with pytest.raises(ValueError, match="not a world2 caption"):
+        world2.parse_caption("a small red cube above a large blue sphere")
 
 
 def test_labelled_checkpoints_need_one_label_each():

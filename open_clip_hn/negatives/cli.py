@@ -44,6 +44,10 @@ def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> N
                              "a trigram model of these captions (a txt/csv/tsv/jsonl caption file, read "
                              "with `generate`'s --caption-key, else its 'caption' column; cached on first "
                              "use) or a model saved by the `plausibility` command. Default: no filter.")
+    parser.add_argument("--swap-reorders", choices=("keep", "drop"), default="keep",
+                        help="Swap negatives that only put the caption's noun phrases in another "
+                             "order ('a dog chasing a cat' -> 'a cat chasing a dog'): keep (the "
+                             "default) or drop, so swaps only rebind (as --hn-swap-reorders).")
 
 
 def _generator(args: argparse.Namespace) -> NegativeGenerator:
@@ -54,7 +58,7 @@ def _generator(args: argparse.Namespace) -> NegativeGenerator:
 
         plausibility = resolve(plausibility, args.caption_key)
     return NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
-                             plausibility=plausibility)
+                             plausibility=plausibility, swap_reorders=args.swap_reorders == "keep")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -483,6 +483,15 @@ REDRAWN_TYPES = frozenset(("replace_count", "add_attribute", "add_object"))
 PLAUSIBILITY_DRAWS = 2
 
 
+SWAP_TYPES = ("swap_objects", "swap_attributes")
+
+
+def noun_phrases(parse: Parse) -> list[str]:
+    """The caption's noun phrases as lower-case text, sorted: equal for captions that differ only
+    in the order of their phrases."""
+    return sorted(" ".join(parse.words[n.start:n.end]).lower() for n in parse.nps)
+
+
 class NegativeGenerator:
     """Turns a caption into up to k typed hard negatives `{"text", "type"}`.
 
@@ -493,7 +502,7 @@ class NegativeGenerator:
     def __init__(self, types: tuple[str, ...] | str | None = NEGATIVE_TYPES, seed: int = 0,
                  lm_path: str | None = None, tagger: str = "auto",
                  vocabulary: frozenset[str] | None = None,
-                 plausibility: "str | PlausibilityModel | None" = None):
+                 plausibility: "str | PlausibilityModel | None" = None, swap_reorders: bool = True):
         self.types = parse_types(types) if isinstance(types, str) or types is None else parse_types(",".join(types))
         if tagger not in ("auto", "nltk", "lexicon"):
             raise ValueError(f"tagger must be auto, nltk or lexicon, got {tagger!r}")
@@ -510,10 +519,14 @@ class NegativeGenerator:
         # their positive (a caption file or saved model path is resolved, cached, here)
         self.plausibility = resolve_plausibility(plausibility) if isinstance(plausibility, (str, os.PathLike)) \
             else plausibility
+        # False: swap negatives that only put the caption's noun phrases in another order are
+        # dropped (see `_reorders`)
+        self.swap_reorders = bool(swap_reorders)
 
     def __repr__(self) -> str:
         words = "" if self.vocabulary is None else f", vocabulary={len(self.vocabulary)} words"
         words += "" if self.plausibility is None else f", plausibility={self.plausibility!r}"
+        words += "" if self.swap_reorders else ", swap_reorders=False"
         return f"NegativeGenerator(types={self.types}, seed={self.seed}, lm_path={self.lm_path!r}{words})"
 
     def _resources(self) -> Resources:
@@ -601,6 +614,14 @@ class NegativeGenerator:
         return self.vocabulary is None or all(
             w in self.vocabulary or w in own_words for w in text.split())
 
+    def _reorders(self, res: Resources, caption_phrases: list[str], text: str) -> bool:
+        """The negative holds the caption's noun phrases, only in another order ("a dog chasing a
+        cat" -> "a cat chasing a dog"): a relation negative in effect, which only an image tower
+        that reads positions can tell apart; every other swap rebinds (attributes or nouns move
+        between objects that keep their places)."""
+        parse = parse_caption(text, res, _tagger(self.tagger))
+        return parse is not None and noun_phrases(parse) == caption_phrases
+
     def _iterate(self, caption: object, k: int, round_robin: bool):
         """Yield valid negatives type by type (round robin: one per type per round).
 
@@ -616,6 +637,7 @@ class NegativeGenerator:
         seen = {normalise(positive)}
         shouting = positive.isupper()  # "A DOG ON A COUCH": inserted and re-inflected words too
         own_words = set(next(iter(seen)).split())
+        caption_phrases = None if self.swap_reorders else noun_phrases(parse)
         order = list(self.types)
         rng.shuffle(order)
         edits: dict[str, list[Edit]] = {}
@@ -634,6 +656,9 @@ class NegativeGenerator:
                     text = text.upper() if shouting else text
                     key = normalise(text)
                     if key in seen or not self._in_vocabulary(key, own_words):
+                        continue
+                    if caption_phrases is not None and name in SWAP_TYPES and \
+                            self._reorders(res, caption_phrases, text):
                         continue
                     seen.add(key)
                     emitted += 1

@@ -32,7 +32,8 @@ SETTINGS = "settings.json"
 FORMAT_VERSION = 1
 _FLAGS = {"num": "--num", "types": "--types", "seed": "--seed", "vocabulary": "--vocabulary",
           "lm": "--lm", "caption_key": "--caption-key", "version": "open_clip_hn version",
-          "format": "manifest format"}
+          "format": "manifest format", "plausibility": "--plausibility (model identity)",
+          "swap_reorders": "--swap-reorders"}
 
 
 class ManifestError(ValueError):
@@ -45,15 +46,19 @@ def _digest_file(path: str) -> str:
 
 
 def generator_settings(num: int, types: tuple[str, ...], seed: int, vocabulary: str | None,
-                       lm: str | None, caption_key: str) -> dict[str, Any]:
+                       lm: str | None, caption_key: str, plausibility: str | None = None,
+                       swap_reorders: bool = True) -> dict[str, Any]:
     """Everything the output of `precompute` is a function of (besides the input shards).
 
-    The vocabulary enters by content (its file may be rewritten under the same name); the LM
-    by path, as a local model folder has no cheap content digest.
+    The vocabulary enters by content (its file may be rewritten under the same name), the
+    plausibility filter by its model's identity (a digest of its captions); the LM by path, as a
+    local model folder has no cheap content digest. Reorders dropped are recorded only then, so
+    folders written before that option keep matching.
     """
     return {"format": FORMAT_VERSION, "version": __version__, "num": num, "types": list(types),
             "seed": seed, "vocabulary": None if vocabulary is None else _digest_file(vocabulary),
-            "lm": None if lm is None else os.path.abspath(lm), "caption_key": caption_key}
+            "lm": None if lm is None else os.path.abspath(lm), "caption_key": caption_key,
+            "plausibility": plausibility, **({} if swap_reorders else {"swap_reorders": "drop"})}
 
 
 def _entry_path(output_dir: str, name: str) -> str:

@@ -152,7 +152,9 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
         raise InputError(f"--lm {lm} not found; pass a local masked LM folder")
     os.makedirs(output_dir, exist_ok=True)
     claim_output_dir(output_dir, generator_settings(
-        k, generator.types, generator.seed, vocabulary, lm, caption_key))
+        k, generator.types, generator.seed, vocabulary, lm, caption_key,
+        None if generator.plausibility is None else generator.plausibility.identity,
+        generator.swap_reorders))
     remove_stale_temps(output_dir)  # of killed runs; a live job's temps stay
     work = partial(precompute_shard, output_dir=output_dir, generator=generator, k=k,
                    caption_key=caption_key, allow_damaged=allow_damaged)
