@@ -245,12 +245,25 @@ def continued_argv(args: argparse.Namespace, data: demo.DemoData, logs: str, mod
                            **_run_options(args, logs, model_config))
 
 
+def read_scores(path: str) -> dict:
+    """A scores file of this script ({} when absent); a damaged one is named, not trusted."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as handle:
+            scores = json.load(handle)
+    except ValueError as err:
+        raise SystemExit(f"error: scores file {path} is not readable JSON ({err}); delete it to "
+                         "evaluate its runs again (finished trainings are reused)") from err
+    return scores
+
+
 def scored_run(args: argparse.Namespace, scores_path: str, setting: str, variant: str,
                argv: list[str], logs: str, test: str, model_config: str) -> dict[str, float]:
     """The test metrics of one continued run, trained and evaluated once: a run recorded in
     `scores_path` under the same `demo.run_stamp` is read back, not trained or evaluated again;
     a new result is recorded there (atomically) and printed."""
-    scores: dict = json.load(open(scores_path)) if os.path.isfile(scores_path) else {}
+    scores = read_scores(scores_path)
     recorded = scores.get(setting, {}).get(variant, {})
     stamp = demo.run_stamp(argv)
     if recorded.get("stamp") == stamp:
@@ -303,7 +316,7 @@ def main() -> None:
         merged: dict[str, dict[str, dict[str, float]]] = {}
         for name in sorted(os.listdir(out)):
             if name.startswith("scores") and name.endswith(".json"):
-                for setting, runs in json.load(open(os.path.join(out, name))).items():
+                for setting, runs in read_scores(os.path.join(out, name)).items():
                     merged.setdefault(setting, {}).update({v: r["metrics"] for v, r in runs.items()})
         print(format_tables(merged))
         return
@@ -328,7 +341,7 @@ def main() -> None:
                 extra += ["--hn-curriculum-warmup", str(warmup)]
             argv = continued_argv(args, data, logs, model_config, slug, pretrained, extra)
             scored_run(args, scores_path, setting, variant, argv, logs, data.test, model_config)
-    scores = json.load(open(scores_path)) if os.path.isfile(scores_path) else {}
+    scores = read_scores(scores_path)
     print(format_tables({k: {v: s["metrics"] for v, s in runs.items()} for k, runs in scores.items()}))
 
 

@@ -175,6 +175,8 @@ class HNConfig:
                 f"--hn-plausibility applies to --hn-negatives online (this run: {self.negatives}); "
                 "for precomputed negatives pass --plausibility to `python -m open_clip_hn.negatives "
                 "precompute`")
+        if self.swap_reorders not in ("keep", "drop"):
+            raise ValueError(f"--hn-swap-reorders must be keep or drop, got {self.swap_reorders!r}")
         if self.swap_reorders == "drop" and self.negatives != "online":
             raise ValueError(
                 f"--hn-swap-reorders drop applies to --hn-negatives online (this run: "

@@ -244,7 +244,15 @@ def test_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     assert "--vocabulary sha256" in capsys.readouterr().err
     assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2",
                  "--swap-reorders", "drop"]) == 2
-    assert "--swap-reorders drop (folder: None)" in capsys.readouterr().err
+    assert "--swap-reorders drop (folder: keep)" in capsys.readouterr().err
+    # a folder of an older version recorded no plausibility filter: unknown, so never finished
+    settings = tmp_path / "out" / ".precompute" / "settings.json"
+    stored = json.loads(settings.read_text())
+    settings.write_text(json.dumps({k: v for k, v in stored.items() if k != "plausibility"}))
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 2
+    assert "--plausibility (model identity) none (folder: not recorded (an older version's folder))" \
+        in capsys.readouterr().err
+    settings.write_text(json.dumps(stored))
     # a changed input shard (same name) is made again
     assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
     assert "0 shards written, 1 already done" in capsys.readouterr().err

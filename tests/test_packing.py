@@ -151,7 +151,6 @@ def test_online_generator_gets_the_vocabulary(tokenizer, tmp_path, scene_shards)
         packer("train-data", "pipe:curl -s https://host/shard-{0..1}.tar")
 
 
-
 def test_online_generator_drops_swap_reorders_when_asked(tokenizer):
     """--hn-swap-reorders reaches the loader's generator."""
     import argparse

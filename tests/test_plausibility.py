@@ -238,6 +238,8 @@ def test_config_flag_applies_to_online_negatives_only():
     assert HNConfig.from_args(parser.parse_args(["--hn-negatives", "online"])).swap_reorders == "keep"
     with pytest.raises(ValueError, match="--swap-reorders drop to `python -m open_clip_hn.negatives precompute`"):
         HNConfig.from_args(parser.parse_args(["--hn-negatives", "precomputed", "--hn-swap-reorders", "drop"]))
+    with pytest.raises(ValueError, match="--hn-swap-reorders must be keep or drop, got 'Drop'"):
+        HNConfig(negatives="online", swap_reorders="Drop").validate()
 
 
 # ---- command line -------------------------------------------------------------------------------

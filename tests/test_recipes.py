@@ -170,6 +170,9 @@ def test_recipe_worlds_scores_each_run_once(tmp_path, monkeypatch):
     assert calls == ["a", "a"]
     recorded = json.load(open(scores))["world2/vit"]["v"]
     assert recorded["stamp"]["argv"] == ["--name", "a", "--seed", "1"] and recorded["settings"]["samples"] == 10
+    (tmp_path / "scores.json").write_text("{broken")
+    with pytest.raises(SystemExit, match="scores file .*scores.json is not readable JSON"):
+        run(["--name", "a", "--seed", "1"])
 
 
 

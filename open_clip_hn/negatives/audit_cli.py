@@ -62,7 +62,7 @@ def _generator(args: argparse.Namespace, types, plausibility):
 
     vocabulary = None if args.vocabulary is None else read_vocabulary(args.vocabulary)
     return NegativeGenerator(types=types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
-                             plausibility=plausibility)
+                             plausibility=plausibility, swap_reorders=args.swap_reorders == "keep")
 
 
 def run_audit_command(args: argparse.Namespace) -> int:

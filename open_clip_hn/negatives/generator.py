@@ -614,12 +614,12 @@ class NegativeGenerator:
         return self.vocabulary is None or all(
             w in self.vocabulary or w in own_words for w in text.split())
 
-    def _reorders(self, res: Resources, caption_phrases: list[str], text: str) -> bool:
+    def _reorders(self, caption_phrases: list[str], text: str) -> bool:
         """The negative holds the caption's noun phrases, only in another order ("a dog chasing a
         cat" -> "a cat chasing a dog"): a relation negative in effect, which only an image tower
         that reads positions can tell apart; every other swap rebinds (attributes or nouns move
         between objects that keep their places)."""
-        parse = parse_caption(text, res, _tagger(self.tagger))
+        parse = self.parse(text)  # the caption's own parser (full lexicons), not `res`
         return parse is not None and noun_phrases(parse) == caption_phrases
 
     def _iterate(self, caption: object, k: int, round_robin: bool):
@@ -658,7 +658,7 @@ class NegativeGenerator:
                     if key in seen or not self._in_vocabulary(key, own_words):
                         continue
                     if caption_phrases is not None and name in SWAP_TYPES and \
-                            self._reorders(res, caption_phrases, text):
+                            self._reorders(caption_phrases, text):
                         continue
                     seen.add(key)
                     emitted += 1

@@ -2,7 +2,8 @@
 
 Layout inside `--output-dir`:
   .precompute/settings.json       the generator settings every shard of the folder was made with
-                                  (num, types, seed, vocabulary digest, lm, caption key, version)
+                                  (num, types, seed, vocabulary digest, lm, caption key,
+                                  plausibility model identity, swap reorders dropped, version)
   .precompute/<shard>.json        one entry per finished shard: the input's identity (size and a
                                   digest of its ends), samples, masked, skipped (damaged) data and
                                   the output's size; written after the shard, so its presence
@@ -34,6 +35,12 @@ _FLAGS = {"num": "--num", "types": "--types", "seed": "--seed", "vocabulary": "-
           "lm": "--lm", "caption_key": "--caption-key", "version": "open_clip_hn version",
           "format": "manifest format", "plausibility": "--plausibility (model identity)",
           "swap_reorders": "--swap-reorders"}
+
+
+# what a setting absent from a folder's settings.json means: reorders kept (recorded only when
+# dropped); a plausibility filter not recorded by an older version, so unknown and never equal
+_UNRECORDED: dict[str, Any] = {"swap_reorders": "keep",
+                               "plausibility": "not recorded (an older version's folder)"}
 
 
 class ManifestError(ValueError):
@@ -97,8 +104,10 @@ def claim_output_dir(output_dir: str, settings: dict[str, Any]) -> None:
         if stored is None:
             atomic_write_json(path, settings, indent=1)
             return
-    differing = [f"{_FLAGS.get(k, k)} {_show(settings.get(k))} (folder: {_show(stored.get(k))})"
-                 for k in sorted(set(settings) | set(stored)) if settings.get(k) != stored.get(k)]
+    def value(recorded: dict[str, Any], key: str) -> Any:
+        return recorded.get(key, _UNRECORDED.get(key))
+    differing = [f"{_FLAGS.get(k, k)} {_show(value(settings, k))} (folder: {_show(value(stored, k))})"
+                 for k in sorted(set(settings) | set(stored)) if value(settings, k) != value(stored, k)]
     if differing:
         raise ManifestError(
             f"--output-dir {output_dir} holds negatives made with other settings: "
@@ -111,7 +120,7 @@ def _show(value: Any) -> str:
         return ",".join(map(str, value))
     if isinstance(value, str) and len(value) == 64:
         return f"sha256 {value[:12]}…"
-    return str(value)
+    return "none" if value is None else str(value)
 
 
 def shard_done(output_dir: str, source: str, identity: dict[str, Any]) -> bool:
