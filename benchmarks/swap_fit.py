@@ -34,6 +34,7 @@ from open_clip_hn import demo, scenes, world2
 from open_clip_hn import eval as hn_eval
 from open_clip_hn.files import expand_shards
 from open_clip_hn.negatives import NegativeGenerator
+from open_clip_hn.negatives.generator import noun_phrases
 from open_clip_hn.negatives.lexicon import load_resources
 from open_clip_hn.negatives.plausibility import from_captions
 from open_clip_hn.negatives.shards import shard_captions, word_counts
@@ -54,15 +55,10 @@ def first_samples(shard: str, count: int) -> list[tuple[str, bytes]]:
     return samples
 
 
-def phrases(generator: NegativeGenerator, caption: str) -> list[str]:
-    parse = generator.parse(caption)
-    return sorted(" ".join(parse.words[n.start:n.end]).lower() for n in parse.nps) if parse else []
-
-
 def swap_kind(generator: NegativeGenerator, caption_phrases: list[str], negative: str) -> str:
-    """`reorder` when the negative holds the caption's noun phrases (`phrases`) in another order,
-    else `rebind`."""
-    return "reorder" if phrases(generator, negative) == caption_phrases else "rebind"
+    """`reorder` when the negative holds the caption's noun phrases in another order (the
+    generator's own test, as `--hn-swap-reorders drop` applies it), else `rebind`."""
+    return "reorder" if generator.reorders(caption_phrases, negative) else "rebind"
 
 
 def test_item_kind(name: str, caption: str, negative: str, categories: dict[str, str]) -> str:
@@ -132,7 +128,8 @@ def main() -> None:
                                   plausibility=from_captions(captions, source=args.train_data))
     rows = []
     for caption, image in first_samples(shards[0], args.captions):
-        negatives, caption_phrases = generator.generate(caption, args.num_negatives), phrases(generator, caption)
+        negatives, parse = generator.generate(caption, args.num_negatives), generator.parse(caption)
+        caption_phrases = noun_phrases(parse) if parse else []
         for negative in negatives:
             negative["kind"] = swap_kind(generator, caption_phrases, negative["text"]) \
                 if negative["type"].startswith("swap_") else "-"

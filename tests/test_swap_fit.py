@@ -12,13 +12,14 @@ from conftest import load_benchmark
 from open_clip_hn import eval as hn_eval
 from open_clip_hn import scenes, world2
 from open_clip_hn.negatives import NegativeGenerator
+from open_clip_hn.negatives.generator import noun_phrases
 from open_clip_hn.negatives.lexicon import load_resources
 
 
 def test_swaps_split_into_rebind_and_reorder():
     swap_fit = load_benchmark("swap_fit")
     generator = NegativeGenerator(seed=0)
-    phrases = swap_fit.phrases(generator, "there is a huge cyan star under a huge pink hexagon")
+    phrases = noun_phrases(generator.parse("there is a huge cyan star under a huge pink hexagon"))
     assert swap_fit.swap_kind(generator, phrases, "there is a huge pink hexagon under a huge cyan star") \
         == "reorder"
     assert swap_fit.swap_kind(generator, phrases, "there is a huge pink star under a huge cyan hexagon") \

@@ -520,7 +520,7 @@ class NegativeGenerator:
         self.plausibility = resolve_plausibility(plausibility) if isinstance(plausibility, (str, os.PathLike)) \
             else plausibility
         # False: swap negatives that only put the caption's noun phrases in another order are
-        # dropped (see `_reorders`)
+        # dropped (see `reorders`)
         self.swap_reorders = bool(swap_reorders)
 
     def __repr__(self) -> str:
@@ -614,11 +614,11 @@ class NegativeGenerator:
         return self.vocabulary is None or all(
             w in self.vocabulary or w in own_words for w in text.split())
 
-    def _reorders(self, caption_phrases: list[str], text: str) -> bool:
-        """The negative holds the caption's noun phrases, only in another order ("a dog chasing a
-        cat" -> "a cat chasing a dog"): a relation negative in effect, which only an image tower
-        that reads positions can tell apart; every other swap rebinds (attributes or nouns move
-        between objects that keep their places)."""
+    def reorders(self, caption_phrases: list[str], text: str) -> bool:
+        """`text` holds the caption's noun phrases (`noun_phrases` of its parse), only in another
+        order ("a dog chasing a cat" -> "a cat chasing a dog"): a relation negative in effect,
+        which only an image tower that reads positions can tell apart; every other swap rebinds
+        (attributes or nouns move between objects that keep their places)."""
         parse = self.parse(text)  # the caption's own parser (full lexicons), not `res`
         return parse is not None and noun_phrases(parse) == caption_phrases
 
@@ -658,7 +658,7 @@ class NegativeGenerator:
                     if key in seen or not self._in_vocabulary(key, own_words):
                         continue
                     if caption_phrases is not None and name in SWAP_TYPES and \
-                            self._reorders(caption_phrases, text):
+                            self.reorders(caption_phrases, text):
                         continue
                     seen.add(key)
                     emitted += 1
