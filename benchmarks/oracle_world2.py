@@ -119,7 +119,7 @@ def main() -> None:
                            data.val, data.test)
     model_config = os.path.join(recipe_worlds.CONFIGS,
                                 recipe_worlds.MODEL_CONFIGS[("world2", args.tower)])
-    logs = os.path.join(out, "runs", f"world2-{args.tower}")
+    setting, logs = recipe_worlds.setting_folder(out, "world2", args.tower, args.seed)
     pretrained = recipe_worlds.pretrain(args, data, logs, model_config)
     results = {}
     for variant, name, run_data, extra in (
@@ -129,7 +129,7 @@ def main() -> None:
               "--hn-vocabulary", "none", "--hn-plausibility", "none", *flags])):
         argv = recipe_worlds.continued_argv(args, run_data, logs, model_config, name, pretrained, extra)
         results[variant] = recipe_worlds.scored_run(args, os.path.join(out, args.scores_file),
-                                                    f"world2/{args.tower}", variant, argv, logs,
+                                                    setting, variant, name, argv, logs,
                                                     data.test, model_config)
     comparison = recipe_worlds.against_vanilla(results[oracle_variant], results["vanilla"])
     print(json.dumps({"metrics": results, "against_vanilla": comparison}, indent=2))

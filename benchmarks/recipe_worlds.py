@@ -61,6 +61,8 @@ HINGE = [*SESSION10, "--hn-converse-weight", "10", "--hn-converse-margin", "0.02
          "--hn-mirror-weight", "1"]
 # stands for the setting's rebinding-neighbour index (built once per world in the output folder)
 REBINDING_INDEX = "{rebinding neighbours}"
+# stands for the setting's held-out test sets (the folder every run is scored on)
+TEST_SETS = "{test sets}"
 # variant name -> extra flags of the continued run (vanilla: none, plain OpenCLIP)
 VARIANTS: dict[str, list[str]] = {
     "vanilla": [],
@@ -98,6 +100,10 @@ VARIANTS: dict[str, list[str]] = {
                                    "--hn-converse-weight", "0", "--hn-converse-margin", "0"],
     # swap negatives that rebind only: no phrase reorders, which the ViT cannot tell apart
     "recommended.yaml, swap reorders dropped": ["--hn-config", RECOMMENDED, "--hn-swap-reorders", "drop"],
+    # a diagnostic, not a recipe: in these small worlds most swap test captions are among the
+    # recipe's own training negatives; never generating them tells what that costs the test
+    "recommended.yaml, test captions never negatives": ["--hn-config", RECOMMENDED,
+                                                        "--hn-exclude-negatives", TEST_SETS],
     "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",
                                                 REBINDING_INDEX, "--hn-image-neighbors-per-sample", "1"],
     "recommended + soft": [*SESSION10, "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
@@ -219,10 +225,28 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pretrain-batch-size", type=int, default=128, help="Default: 128 (the demo's).")
     add("--pretrain-lr", type=float, default=2e-3, help="Default: 2e-3 (the demo's).")
     add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
+    add("--seed", type=int, default=0,
+        help="Seed of the pretraining and the continued runs; the data stay the same. Seed 0 "
+             "trains in runs/WORLD-TOWER and records its scores under the setting WORLD/TOWER; "
+             "another seed N in runs/WORLD-TOWER-seedN, under 'WORLD/TOWER seed N', so that "
+             "seeds never reuse or overwrite each other's runs. Default: 0.")
+
+
+def setting_folder(out: str, world: str, tower: str, seed: int) -> tuple[str, str]:
+    """The setting's name in the scores files and its runs' folder, per seed (seed 0 keeps the
+    names the runs had before seeds were a flag, so that their finished runs are reused)."""
+    if seed == 0:
+        return f"{world}/{tower}", os.path.join(out, "runs", f"{world}-{tower}")
+    return f"{world}/{tower} seed {seed}", os.path.join(out, "runs", f"{world}-{tower}-seed{seed}")
+
+
+def steps_per_epoch(args: argparse.Namespace) -> int:
+    """Optimizer steps in one continued epoch."""
+    return max(1, args.samples // args.batch_size)
 
 
 def _run_options(args: argparse.Namespace, logs: str, model_config: str) -> dict:
-    return dict(logs=logs, device=args.device, workers=1, seed=0, model_config=model_config)
+    return dict(logs=logs, device=args.device, workers=1, seed=args.seed, model_config=model_config)
 
 
 def pretrain(args: argparse.Namespace, data: demo.DemoData, logs: str, model_config: str) -> str:
@@ -238,9 +262,8 @@ def pretrain(args: argparse.Namespace, data: demo.DemoData, logs: str, model_con
 def continued_argv(args: argparse.Namespace, data: demo.DemoData, logs: str, model_config: str,
                    name: str, pretrained: str, extra: list[str]) -> list[str]:
     """A continued run of the protocol from `pretrained`: vanilla with no `extra`, else a variant."""
-    steps_per_epoch = max(1, args.samples // args.batch_size)
     return demo.train_argv(data=data, name=name, epochs=args.epochs, lr=args.lr,
-                           batch_size=args.batch_size, warmup=max(1, steps_per_epoch // 10),
+                           batch_size=args.batch_size, warmup=max(1, steps_per_epoch(args) // 10),
                            pretrained=pretrained, extra=extra,
                            **_run_options(args, logs, model_config))
 
@@ -258,7 +281,7 @@ def read_scores(path: str) -> dict:
     return scores
 
 
-def scored_run(args: argparse.Namespace, scores_path: str, setting: str, variant: str,
+def scored_run(args: argparse.Namespace, scores_path: str, setting: str, variant: str, name: str,
                argv: list[str], logs: str, test: str, model_config: str) -> dict[str, float]:
     """The test metrics of one continued run, trained and evaluated once: a run recorded in
     `scores_path` under the same `demo.run_stamp` is read back, not trained or evaluated again;
@@ -269,13 +292,14 @@ def scored_run(args: argparse.Namespace, scores_path: str, setting: str, variant
     if recorded.get("stamp") == stamp:
         return recorded["metrics"]
     start = time.time()
-    checkpoint = demo.run_training(argv, logs, argv[argv.index("--name") + 1], args.epochs, quiet=True)
+    checkpoint = demo.run_training(argv, logs, name, args.epochs, quiet=True)
     result = metrics(demo.evaluate_checkpoints({variant: checkpoint}, {"test": test}, args.device,
                                                model_config=model_config)[variant]["test"])
     scores.setdefault(setting, {})[variant] = {
         "metrics": result, "stamp": stamp, "seconds": time.time() - start,
         "settings": {k: getattr(args, k, None) for k in ("samples", "test_items", "epochs",
-                                                         "batch_size", "lr", "recipe_warmup_share")}}
+                                                         "batch_size", "lr", "recipe_warmup_share",
+                                                         "seed")}}
     atomic_write_json(scores_path, scores, indent=2)
     print(f"[{setting}] {variant}: {result}", flush=True)
     return result
@@ -321,26 +345,25 @@ def main() -> None:
         print(format_tables(merged))
         return
     for world, tower in settings:
-        setting = f"{world}/{tower}"
+        setting, logs = setting_folder(out, world, tower, args.seed)
         if world == "demo":
             data = demo.prepare_data(os.path.join(out, "data-demo"), args.samples, args.test_items)
         else:
             data = prepare_world2(os.path.join(out, "data-world2"), args.samples, args.test_items)
         model_config = os.path.join(CONFIGS, MODEL_CONFIGS[(world, tower)])
-        logs = os.path.join(out, "runs", f"{world}-{tower}")
         pretrained = pretrain(args, data, logs, model_config)
-        steps_per_epoch = max(1, args.samples // args.batch_size)
         for variant in variants:
             slug = "".join(c if c.isalnum() else "-" for c in variant)
             extra = list(VARIANTS[variant])
             if REBINDING_INDEX in extra:
                 index = rebinding_index(os.path.join(out, f"rebinding-{world}"), data.train)
                 extra = [index if flag == REBINDING_INDEX else flag for flag in extra]
+            extra = [data.test if flag == TEST_SETS else flag for flag in extra]
             if extra and args.recipe_warmup_share is not None:
-                warmup = round(args.recipe_warmup_share * steps_per_epoch * args.epochs)
+                warmup = round(args.recipe_warmup_share * steps_per_epoch(args) * args.epochs)
                 extra += ["--hn-curriculum-warmup", str(warmup)]
             argv = continued_argv(args, data, logs, model_config, slug, pretrained, extra)
-            scored_run(args, scores_path, setting, variant, argv, logs, data.test, model_config)
+            scored_run(args, scores_path, setting, variant, slug, argv, logs, data.test, model_config)
     scores = read_scores(scores_path)
     print(format_tables({k: {v: s["metrics"] for v, s in runs.items()} for k, runs in scores.items()}))
 

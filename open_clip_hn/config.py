@@ -67,6 +67,7 @@ class HNConfig:
     vocabulary: str | None = None  # word file or 'train-data': the words negatives may bring in
     plausibility: str | None = None  # caption file, saved model or 'train-data': the plausibility filter's model
     swap_reorders: str = "keep"  # keep | drop: swap negatives that only reorder the noun phrases
+    exclude_negatives: str | None = None  # evaluation folder or caption file: never a negative
     # objectives
     # `<term>_weight` for each term registered with a weight (terms.py; a test checks the pairing)
     choice_weight: float = 1.0
@@ -182,6 +183,11 @@ class HNConfig:
                 f"--hn-swap-reorders drop applies to --hn-negatives online (this run: "
                 f"{self.negatives}); for precomputed negatives pass --swap-reorders drop to "
                 "`python -m open_clip_hn.negatives precompute`")
+        if self.exclude_negatives is not None and self.negatives != "online":
+            raise ValueError(
+                f"--hn-exclude-negatives applies to --hn-negatives online (this run: "
+                f"{self.negatives}); precomputed negatives are written before training: generate "
+                "them again from captions without those negatives")
         if self.image_neighbors_per_sample < 1:
             raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
         if not 0 <= self.distill_ema_decay < 1:
@@ -254,6 +260,15 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "swaps only rebind (attributes or nouns move between objects that keep their "
              "places). A reordered caption is a relation negative in effect: an image tower that "
              "does not read positions yet cannot tell it apart. Online negatives only.")
+    add("--hn-exclude-negatives", dest="hn_exclude_negatives", type=_vocabulary, default=None,
+        metavar="PATH",
+        help="Never use these captions as online text negatives (compared word for word, ignoring "
+             "case and punctuation): a folder of SugarCrepe/ARO-layout evaluation sets (the "
+             "positives of its choice sets, the captions of its image-pair sets and of retrieval/; "
+             "the layout --hn-eval-compositional reads) or a .txt file, one caption per line. Where the "
+             "caption space is small or templated, generated negatives can be word for word the "
+             "positives of your evaluation, which training then teaches as wrong. 'none' (the "
+             "default): no exclusion.")
     for term in TERMS.values():
         if term.weight:
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,

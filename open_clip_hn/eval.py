@@ -220,6 +220,18 @@ def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
     return choice, pairs
 
 
+def evaluation_captions(root: str) -> list[str]:
+    """The captions an evaluation folder holds true of some image: its choice sets' positives, its
+    image-pair sets' captions and its retrieval captions (not the choice sets' negatives)."""
+    choice_sets, pair_sets = discover_sets(root)
+    captions = [texts[0] for s in choice_sets for _, _, texts in s.items]
+    captions += [c for s in pair_sets for _, _, *pair in s.items for c in pair]
+    retrieval_dir = os.path.join(root, "retrieval")
+    if os.path.isdir(retrieval_dir):
+        captions += [caption for _, caption in load_retrieval_set(retrieval_dir).items]
+    return captions
+
+
 def check_compositional_sets(root: str) -> dict[str, dict[str, int]]:
     """Validate an evaluation folder fully, before any training: `--hn-eval-compositional`.
 

@@ -131,6 +131,9 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     if config.eval_compositional and not os.path.isdir(config.eval_compositional):
         raise ValueError(f"--hn-eval-compositional {config.eval_compositional}: no such folder; pass "
                          "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
+    if config.exclude_negatives and not os.path.exists(config.exclude_negatives):
+        raise ValueError(f"--hn-exclude-negatives {config.exclude_negatives}: no such file or folder; "
+                         "pass an evaluation folder (SugarCrepe/ARO layout) or a caption file")
     if config.image_neighbors and not os.path.isdir(config.image_neighbors):
         raise ValueError(f"--hn-image-neighbors {config.image_neighbors}: no such folder; build it "
                          "with `python -m open_clip_hn.neighbors build` (image kNN) or `... rebinding` "

@@ -151,6 +151,28 @@ class HardNegativeRun:
                      "%r", model)
         return model
 
+    def excluded_negatives(self) -> list[str]:
+        """--hn-exclude-negatives' captions: an evaluation folder's true captions or a text file's lines."""
+        from .eval import evaluation_captions
+
+        path = self.config.exclude_negatives
+        if path is None:
+            return []
+        if os.path.isdir(path):
+            captions = evaluation_captions(path)
+        elif os.path.splitext(path)[1].lower() not in ("", ".txt"):
+            raise ValueError(f"--hn-exclude-negatives {path}: expected a folder of evaluation sets or "
+                             "a .txt file with one caption per line (a set's .json goes in as its folder)")
+        else:
+            with open(path, encoding="utf-8", errors="replace") as handle:
+                captions = [line.strip() for line in handle if line.strip()]
+        if not captions:
+            raise ValueError(f"--hn-exclude-negatives {path}: no captions in it; pass an evaluation "
+                             "folder or a caption file, or leave the flag out")
+        logging.info("Online negatives never equal one of the %d distinct captions of %s",
+                     len(set(captions)), path)
+        return captions
+
     def train_tokenizer(self, tokenizer: Callable, captions: TrainCaptions | None
                         ) -> PackedNegativeTokenizer:
         """The train split's tokenizer: each caption with its K typed negatives in one row."""
@@ -161,7 +183,8 @@ class HardNegativeRun:
             generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
                                           vocabulary=self.vocabulary(captions),
                                           plausibility=self.plausibility(captions),
-                                          swap_reorders=config.swap_reorders == "keep")
+                                          swap_reorders=config.swap_reorders == "keep",
+                                          exclude=self.excluded_negatives())
         converse = None
         if config.packs_converse:  # its parser (the negatives' one when there is one)
             from .negatives import NegativeGenerator

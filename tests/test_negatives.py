@@ -247,6 +247,21 @@ def test_swap_reorders_can_be_dropped_so_swaps_only_rebind():
     assert "swap_reorders=False" in repr(rebinding) and pickle.loads(pickle.dumps(rebinding)).swap_reorders is False
 
 
+def test_excluded_texts_are_never_negatives():
+    """--hn-exclude-negatives: a text equal to an excluded one (ignoring case and punctuation) is
+    skipped and the next candidate takes its place; nothing else changes."""
+    caption = "a large red sphere above a small green cone"
+    plain = NegativeGenerator(types="swap_objects,swap_attributes", seed=0)
+    first = [n["text"] for n in plain.generate(caption, 4)]
+    excluded = NegativeGenerator(types="swap_objects,swap_attributes", seed=0,
+                                 exclude=[first[0].upper() + ".", "an unrelated caption"])
+    texts = [n["text"] for n in excluded.generate(caption, 4)]
+    assert first[0] not in texts and len(texts) == 4 and set(first[1:]) <= set(texts)
+    everything = [t for ts in plain.candidates(caption).values() for t in ts]
+    assert NegativeGenerator(types="swap_objects,swap_attributes", exclude=everything).generate(caption, 4) == []
+    assert "exclude=2 texts" in repr(excluded) and pickle.loads(pickle.dumps(excluded)).exclude == excluded.exclude
+
+
 def test_multiword_relation_with_extra_spaces():
     """Real captions have double spaces inside units ("in front  of"); this used to raise."""
     out = by_type("a dog in front  of a car", "replace_relation")

@@ -162,7 +162,8 @@ def test_recipe_worlds_scores_each_run_once(tmp_path, monkeypatch):
     scores = str(tmp_path / "scores.json")
 
     def run(argv):
-        return module.scored_run(args, scores, "world2/vit", "v", argv, str(tmp_path), "test", "m.json")
+        return module.scored_run(args, scores, "world2/vit", "v", "a", argv, str(tmp_path), "test",
+                                 "m.json")
     first = run(["--name", "a", "--seed", "0"])
     assert first["i2t_R@1"] == 0.25 and calls == ["a"]
     assert run(["--name", "a", "--seed", "0"]) == first and calls == ["a"]  # recorded: not run again
@@ -174,6 +175,23 @@ def test_recipe_worlds_scores_each_run_once(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="scores file .*scores.json is not readable JSON"):
         run(["--name", "a", "--seed", "1"])
 
+
+def test_recipe_worlds_seeds_train_in_their_own_folders(tmp_path):
+    """A second seed of recipe_worlds.py must neither reuse nor overwrite seed 0's runs: its own
+    runs folder, its own setting name in the scores files, and the seed in its training command;
+    seed 0 keeps the names its finished runs were recorded under."""
+    module = load_benchmark("recipe_worlds")
+    assert module.setting_folder("/o", "world2", "resnet", 0) == ("world2/resnet",
+                                                                  "/o/runs/world2-resnet")
+    setting, logs = module.setting_folder("/o", "world2", "resnet", 2)
+    assert setting == "world2/resnet seed 2" and logs == "/o/runs/world2-resnet-seed2"
+    parser = argparse.ArgumentParser()
+    module.add_protocol_arguments(parser)
+    args = parser.parse_args(["--seed", "2", "--samples", "512"])
+    data = module.demo.DemoData(str(tmp_path / "train"), str(tmp_path / "val"), str(tmp_path / "test"))
+    argv = module.continued_argv(args, data, logs, "m.json", "vanilla", "p.pt", [])
+    assert argv[argv.index("--seed") + 1] == "2" and argv[argv.index("--logs") + 1] == logs
+    assert module.steps_per_epoch(args) == 2 and argv[argv.index("--warmup") + 1] == "1"
 
 
 def test_ablate_demo_rows_resolve(parser):

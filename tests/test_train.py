@@ -66,6 +66,10 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "online", "--hn-plausibility", "/nonexistent/captions.txt"],
      "--hn-plausibility /nonexistent/captions.txt: file not found"),
     (["--model-config", "/nonexistent/cfg.json"], "--model-config /nonexistent/cfg.json: file not found"),
+    (["--hn-negatives", "online", "--hn-exclude-negatives", "/nonexistent/sets"],
+     "--hn-exclude-negatives /nonexistent/sets: no such file or folder"),
+    (["--hn-negatives", "precomputed", "--hn-exclude-negatives", "sets"],
+     "--hn-exclude-negatives applies to --hn-negatives online"),
 ])
 def test_bad_flags_fail_naming_the_input(argv, message, capsys):
     from open_clip_hn import hooks

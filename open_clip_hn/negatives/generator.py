@@ -502,7 +502,8 @@ class NegativeGenerator:
     def __init__(self, types: tuple[str, ...] | str | None = NEGATIVE_TYPES, seed: int = 0,
                  lm_path: str | None = None, tagger: str = "auto",
                  vocabulary: frozenset[str] | None = None,
-                 plausibility: "str | PlausibilityModel | None" = None, swap_reorders: bool = True):
+                 plausibility: "str | PlausibilityModel | None" = None, swap_reorders: bool = True,
+                 exclude: Collection[str] = ()):
         self.types = parse_types(types) if isinstance(types, str) or types is None else parse_types(",".join(types))
         if tagger not in ("auto", "nltk", "lexicon"):
             raise ValueError(f"tagger must be auto, nltk or lexicon, got {tagger!r}")
@@ -522,11 +523,14 @@ class NegativeGenerator:
         # False: swap negatives that only put the caption's noun phrases in another order are
         # dropped (see `reorders`)
         self.swap_reorders = bool(swap_reorders)
+        # texts never yielded (normalised): e.g. an evaluation's positive captions
+        self.exclude = frozenset(normalise(text) for text in exclude)
 
     def __repr__(self) -> str:
         words = "" if self.vocabulary is None else f", vocabulary={len(self.vocabulary)} words"
         words += "" if self.plausibility is None else f", plausibility={self.plausibility!r}"
         words += "" if self.swap_reorders else ", swap_reorders=False"
+        words += f", exclude={len(self.exclude)} texts" if self.exclude else ""
         return f"NegativeGenerator(types={self.types}, seed={self.seed}, lm_path={self.lm_path!r}{words})"
 
     def _resources(self) -> Resources:
@@ -626,7 +630,8 @@ class NegativeGenerator:
         """Yield valid negatives type by type (round robin: one per type per round).
 
         Types are only expanded when reached, so K=4 of nine types does about half the work.
-        Nothing equal to the positive (after normalisation) or to an earlier negative is yielded.
+        Nothing equal to the positive (after normalisation), to an earlier negative or to an
+        excluded text is yielded.
         """
         parse = self.parse(caption)
         if parse is None:
@@ -655,7 +660,7 @@ class NegativeGenerator:
                     text = parse.render(words, gaps)
                     text = text.upper() if shouting else text
                     key = normalise(text)
-                    if key in seen or not self._in_vocabulary(key, own_words):
+                    if key in seen or key in self.exclude or not self._in_vocabulary(key, own_words):
                         continue
                     if caption_phrases is not None and name in SWAP_TYPES and \
                             self.reorders(caption_phrases, text):
