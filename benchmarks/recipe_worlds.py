@@ -226,7 +226,8 @@ def add_protocol_arguments(parser: argparse.ArgumentParser) -> None:
     add("--pretrain-lr", type=float, default=2e-3, help="Default: 2e-3 (the demo's).")
     add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
     add("--seed", type=int, default=0,
-        help="Seed of the pretraining and the continued runs; the data stay the same. Seed 0 "
+        help="Seed of the pretraining and the continued runs (OpenCLIP --seed); the data and "
+             "each caption's negatives (--hn-seed) stay the same. Seed 0 "
              "trains in runs/WORLD-TOWER and records its scores under the setting WORLD/TOWER; "
              "another seed N in runs/WORLD-TOWER-seedN, under 'WORLD/TOWER seed N', so that "
              "seeds never reuse or overwrite each other's runs. Default: 0.")

@@ -186,8 +186,8 @@ class HNConfig:
         if self.exclude_negatives is not None and self.negatives != "online":
             raise ValueError(
                 f"--hn-exclude-negatives applies to --hn-negatives online (this run: "
-                f"{self.negatives}); precomputed negatives are written before training: generate "
-                "them again from captions without those negatives")
+                f"{self.negatives}); use --hn-negatives online, or --hn-exclude-negatives none "
+                "to drop a recipe's setting (`negatives precompute` has no such option)")
         if self.image_neighbors_per_sample < 1:
             raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
         if not 0 <= self.distill_ema_decay < 1:
@@ -265,7 +265,9 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Never use these captions as online text negatives (compared word for word, ignoring "
              "case and punctuation): a folder of SugarCrepe/ARO-layout evaluation sets (the "
              "positives of its choice sets, the captions of its image-pair sets and of retrieval/; "
-             "the layout --hn-eval-compositional reads) or a .txt file, one caption per line. Where the "
+             "the layout --hn-eval-compositional reads; images need not be there) or a .txt file, "
+             "one caption per line, read before training. Mirrored and converse captions are not "
+             "filtered. Where the "
              "caption space is small or templated, generated negatives can be word for word the "
              "positives of your evaluation, which training then teaches as wrong. 'none' (the "
              "default): no exclusion.")

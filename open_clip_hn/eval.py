@@ -120,9 +120,9 @@ def _layout_error(path: str, detail: str) -> ValueError:
         f"\"false_caption\", ...}}]")
 
 
-def load_choice_set(path: str) -> ChoiceSet:
-    """Read one SugarCrepe- or ARO-layout JSON; missing images are skipped and counted."""
-    root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+def read_choice_records(path: str) -> tuple[list[tuple[str, dict]], tuple[str, str, str]]:
+    """A SugarCrepe- or ARO-layout JSON's (label, record) pairs, validated, and its layout's keys
+    (image, true caption, false caption); images are not looked up."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -138,13 +138,21 @@ def load_choice_set(path: str) -> ChoiceSet:
         raise ValueError(f"{path}: the set is empty; it needs at least one item")
     labels = [f"item {k!r}" for k in data] if isinstance(data, dict) else \
         [f"item {i} (0-based)" for i in range(len(records))]
-    result = ChoiceSet(name, path, [])
     for label, record in zip(labels, records):
         if not isinstance(record, dict) or any(k not in record for k in keys):
             raise _layout_error(path, f"{label} lacks one of {', '.join(keys)}")
         wrong = [k for k in keys if not isinstance(record[k], str)]
         if wrong:
             raise _layout_error(path, f"{label}: {wrong[0]} is {record[wrong[0]]!r}, not a string")
+    return list(zip(labels, records)), keys
+
+
+def load_choice_set(path: str) -> ChoiceSet:
+    """Read one SugarCrepe- or ARO-layout JSON; missing images are skipped and counted."""
+    root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    records, keys = read_choice_records(path)
+    result = ChoiceSet(name, path, [])
+    for label, record in records:
         image = _find_image(root, record[keys[0]])
         if image is None:
             result.skipped += 1
@@ -163,14 +171,13 @@ def load_choice_set(path: str) -> ChoiceSet:
     return result
 
 
-def load_pair_set(path: str) -> PairSet:
-    """Read a Winoground-style JSONL of image pairs; pairs with a missing image are skipped."""
-    root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
-    result = PairSet(name, path, [])
+def read_pair_records(path: str) -> list[dict]:
+    """A Winoground-style JSONL's records, validated; images are not looked up."""
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
     if not lines:
         raise ValueError(f"{path}: the set is empty; it needs at least one line")
+    records = []
     for number, line in lines:
         try:
             record = json.loads(line)
@@ -180,6 +187,15 @@ def load_pair_set(path: str) -> PairSet:
             raise ValueError(f"{path}:{number}: expected one JSON object per line with string "
                              f"values for {', '.join(PAIR_KEYS)} (Winoground layout); got "
                              f"{line.strip()[:120]}")
+        records.append(record)
+    return records
+
+
+def load_pair_set(path: str) -> PairSet:
+    """Read a Winoground-style JSONL of image pairs; pairs with a missing image are skipped."""
+    root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
+    result = PairSet(name, path, [])
+    for record in read_pair_records(path):
         images = [_find_image(root, record[k]) or _find_image(root, record[k] + ".png")
                   for k in ("image_0", "image_1")]
         if None in images:
@@ -220,15 +236,33 @@ def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
     return choice, pairs
 
 
-def evaluation_captions(root: str) -> list[str]:
-    """The captions an evaluation folder holds true of some image: its choice sets' positives, its
-    image-pair sets' captions and its retrieval captions (not the choice sets' negatives)."""
-    choice_sets, pair_sets = discover_sets(root)
-    captions = [texts[0] for s in choice_sets for _, _, texts in s.items]
-    captions += [c for s in pair_sets for _, _, *pair in s.items for c in pair]
-    retrieval_dir = os.path.join(root, "retrieval")
-    if os.path.isdir(retrieval_dir):
-        captions += [caption for _, caption in load_retrieval_set(retrieval_dir).items]
+def evaluation_captions(path: str) -> list[str]:
+    """The captions true of some image in an evaluation folder (its choice sets' positives, its
+    image-pair sets' captions, `retrieval/*.txt`; not the choice negatives, and with or without
+    the images), or a .txt file's lines. ValueError names what is wrong."""
+    if os.path.isfile(path):
+        if os.path.splitext(path)[1].lower() not in ("", ".txt"):
+            raise ValueError("expected a folder of evaluation sets or a .txt file with one caption "
+                             "per line (a set's .json goes in as its folder)")
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            captions = [line.strip() for line in handle if line.strip()]
+    else:
+        names = sorted(os.listdir(path))
+        captions = [record[keys[1]] for n in names if n.endswith(".json")
+                    for records, keys in [read_choice_records(os.path.join(path, n))]
+                    for _, record in records]
+        captions += [record[k] for n in names if n.endswith(".jsonl")
+                     for record in read_pair_records(os.path.join(path, n))
+                     for k in ("caption_0", "caption_1")]
+        retrieval = os.path.join(path, "retrieval")
+        for name in sorted(os.listdir(retrieval)) if os.path.isdir(retrieval) else []:
+            if name.endswith(".txt"):
+                with open(os.path.join(retrieval, name), encoding="utf-8", errors="replace") as f:
+                    captions.append(f.read().strip())
+    captions = [c for c in captions if c.strip()]
+    if not captions:
+        raise ValueError("no captions in it: expected SugarCrepe/ARO-layout *.json, Winoground-"
+                         "layout *.jsonl or retrieval/*.txt in a folder, or a .txt of captions")
     return captions
 
 

@@ -115,6 +115,19 @@ def _register_model_config(path: str, model: str, parser: argparse.ArgumentParse
         logging.warning("--model-config registered model '%s' but --model is '%s'", name, model)
 
 
+def _check_excluded_negatives(path: str) -> None:
+    """Read --hn-exclude-negatives once before any work, so a bad one stops the run by name."""
+    from .eval import evaluation_captions
+
+    if not os.path.exists(path):
+        raise ValueError(f"--hn-exclude-negatives {path}: no such file or folder; pass an "
+                         "evaluation folder (SugarCrepe/ARO layout) or a .txt of captions")
+    try:
+        evaluation_captions(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"--hn-exclude-negatives {path}: {err}") from None
+
+
 def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     """Refuse OpenCLIP modes the hard-negative objective does not implement (never fall back)."""
     if args.siglip:
@@ -131,9 +144,8 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     if config.eval_compositional and not os.path.isdir(config.eval_compositional):
         raise ValueError(f"--hn-eval-compositional {config.eval_compositional}: no such folder; pass "
                          "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
-    if config.exclude_negatives and not os.path.exists(config.exclude_negatives):
-        raise ValueError(f"--hn-exclude-negatives {config.exclude_negatives}: no such file or folder; "
-                         "pass an evaluation folder (SugarCrepe/ARO layout) or a caption file")
+    if config.exclude_negatives:
+        _check_excluded_negatives(config.exclude_negatives)
     if config.image_neighbors and not os.path.isdir(config.image_neighbors):
         raise ValueError(f"--hn-image-neighbors {config.image_neighbors}: no such folder; build it "
                          "with `python -m open_clip_hn.neighbors build` (image kNN) or `... rebinding` "

@@ -152,23 +152,13 @@ class HardNegativeRun:
         return model
 
     def excluded_negatives(self) -> list[str]:
-        """--hn-exclude-negatives' captions: an evaluation folder's true captions or a text file's lines."""
+        """--hn-exclude-negatives' captions (read and checked before training by `configure`)."""
         from .eval import evaluation_captions
 
         path = self.config.exclude_negatives
         if path is None:
             return []
-        if os.path.isdir(path):
-            captions = evaluation_captions(path)
-        elif os.path.splitext(path)[1].lower() not in ("", ".txt"):
-            raise ValueError(f"--hn-exclude-negatives {path}: expected a folder of evaluation sets or "
-                             "a .txt file with one caption per line (a set's .json goes in as its folder)")
-        else:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                captions = [line.strip() for line in handle if line.strip()]
-        if not captions:
-            raise ValueError(f"--hn-exclude-negatives {path}: no captions in it; pass an evaluation "
-                             "folder or a caption file, or leave the flag out")
+        captions = evaluation_captions(path)
         logging.info("Online negatives never equal one of the %d distinct captions of %s",
                      len(set(captions)), path)
         return captions

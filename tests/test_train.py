@@ -80,6 +80,27 @@ def test_bad_flags_fail_naming_the_input(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bad_exclude_negatives_stop_the_run_by_name_before_any_work(tmp_path, capsys):
+    """--hn-exclude-negatives is read when the flags are parsed: a set file instead of its
+    folder, a folder without sets or retrieval captions, or a damaged set stops the run with
+    the flag and the path in the message (before OpenCLIP makes its logs folder)."""
+    from open_clip_hn import hooks
+
+    (tmp_path / "sets").mkdir()
+    (tmp_path / "sets" / "swap_objects.json").write_text('{"0": {"filename": "a.png"}}')
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("nothing")
+    hooks.install()
+    for path, message in ((tmp_path / "sets" / "swap_objects.json", "expected a folder of evaluation sets"),
+                          (tmp_path / "empty", "no captions in it"),
+                          (tmp_path / "sets", "item '0' lacks one of filename, caption, negative_caption")):
+        with pytest.raises(SystemExit):
+            hooks.parse_args(["--model", TINY_MODEL, "--hn-negatives", "online",
+                              "--hn-exclude-negatives", str(path)])
+        err = capsys.readouterr().err
+        assert f"--hn-exclude-negatives {path}: " in err and message in err, err
+
+
 def test_parser_holds_every_openclip_flag():
     import open_clip_train.params as params
 
