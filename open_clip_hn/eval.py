@@ -247,13 +247,14 @@ def evaluation_captions(path: str) -> list[str]:
         with open(path, encoding="utf-8", errors="replace") as handle:
             captions = [line.strip() for line in handle if line.strip()]
     else:
-        names = sorted(os.listdir(path))
-        captions = [record[keys[1]] for n in names if n.endswith(".json")
-                    for records, keys in [read_choice_records(os.path.join(path, n))]
-                    for _, record in records]
-        captions += [record[k] for n in names if n.endswith(".jsonl")
-                     for record in read_pair_records(os.path.join(path, n))
-                     for k in ("caption_0", "caption_1")]
+        captions = []
+        for name in sorted(os.listdir(path)):
+            if name.endswith(".json"):
+                records, keys = read_choice_records(os.path.join(path, name))
+                captions += [record[keys[1]] for _, record in records]
+            elif name.endswith(".jsonl"):
+                captions += [record[k] for record in read_pair_records(os.path.join(path, name))
+                             for k in ("caption_0", "caption_1")]
         retrieval = os.path.join(path, "retrieval")
         for name in sorted(os.listdir(retrieval)) if os.path.isdir(retrieval) else []:
             if name.endswith(".txt"):
