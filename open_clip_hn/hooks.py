@@ -115,19 +115,6 @@ def _register_model_config(path: str, model: str, parser: argparse.ArgumentParse
         logging.warning("--model-config registered model '%s' but --model is '%s'", name, model)
 
 
-def _check_excluded_negatives(path: str) -> None:
-    """Read --hn-exclude-negatives once before any work, so a bad one stops the run by name."""
-    from .eval import evaluation_captions
-
-    if not os.path.exists(path):
-        raise ValueError(f"--hn-exclude-negatives {path}: no such file or folder; pass an "
-                         "evaluation folder (SugarCrepe/ARO layout) or a .txt of captions")
-    try:
-        evaluation_captions(path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"--hn-exclude-negatives {path}: {err}") from None
-
-
 def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     """Refuse OpenCLIP modes the hard-negative objective does not implement (never fall back)."""
     if args.siglip:
@@ -144,8 +131,6 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     if config.eval_compositional and not os.path.isdir(config.eval_compositional):
         raise ValueError(f"--hn-eval-compositional {config.eval_compositional}: no such folder; pass "
                          "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
-    if config.exclude_negatives:
-        _check_excluded_negatives(config.exclude_negatives)
     if config.image_neighbors and not os.path.isdir(config.image_neighbors):
         raise ValueError(f"--hn-image-neighbors {config.image_neighbors}: no such folder; build it "
                          "with `python -m open_clip_hn.neighbors build` (image kNN) or `... rebinding` "
@@ -173,15 +158,18 @@ def configure(args: argparse.Namespace, argv: list[str],
     """The run's plugin part from the parsed flags (None without `--hn-*` flags); bad
     combinations end in `parser.error`."""
     args.hn_given = given_hn_flags(argv)
+    run = None
     try:
         config = HNConfig.from_args(args)
         if config.enabled:
             _check_compatible(config, args)
+            run = HardNegativeRun(config)
+            run.excluded_negatives  # read now: a bad one stops the run before any work
     except ValueError as err:
         parser.error(str(err))
     if args.model_config:
         _register_model_config(args.model_config, args.model, parser)
-    return HardNegativeRun(config) if config.enabled else None
+    return run
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

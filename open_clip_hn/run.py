@@ -17,6 +17,7 @@ so the same object serves the monkeypatched route and the upstream plugin hook p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -151,17 +152,22 @@ class HardNegativeRun:
                      "%r", model)
         return model
 
-    def excluded_negatives(self) -> list[str]:
-        """--hn-exclude-negatives' captions (read and checked before training by `configure`)."""
+    @functools.cached_property
+    def excluded_negatives(self) -> tuple[str, ...]:
+        """--hn-exclude-negatives' captions, read once: `configure` reads them while the flags are
+        parsed, so a bad input stops the run by name before any work."""
         from .eval import evaluation_captions
 
         path = self.config.exclude_negatives
         if path is None:
-            return []
-        captions = evaluation_captions(path)
-        logging.info("Online negatives never equal one of the %d distinct captions of %s",
-                     len(set(captions)), path)
-        return captions
+            return ()
+        if not os.path.exists(path):
+            raise ValueError(f"--hn-exclude-negatives {path}: no such file or folder; pass an "
+                             "evaluation folder (SugarCrepe/ARO layout) or a .txt of captions")
+        try:
+            return tuple(evaluation_captions(path))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--hn-exclude-negatives {path}: {err}") from None
 
     def train_tokenizer(self, tokenizer: Callable, captions: TrainCaptions | None
                         ) -> PackedNegativeTokenizer:
@@ -174,7 +180,10 @@ class HardNegativeRun:
                                           vocabulary=self.vocabulary(captions),
                                           plausibility=self.plausibility(captions),
                                           swap_reorders=config.swap_reorders == "keep",
-                                          exclude=self.excluded_negatives())
+                                          exclude=self.excluded_negatives)
+            if self.excluded_negatives:
+                logging.info("Online negatives never equal one of the %d distinct captions of %s",
+                             len(set(self.excluded_negatives)), config.exclude_negatives)
         converse = None
         if config.packs_converse:  # its parser (the negatives' one when there is one)
             from .negatives import NegativeGenerator
