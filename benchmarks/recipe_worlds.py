@@ -102,6 +102,7 @@ VARIANTS: dict[str, list[str]] = {
     "recommended.yaml, swap reorders dropped": ["--hn-config", RECOMMENDED, "--hn-swap-reorders", "drop"],
     # a diagnostic, not a recipe: in these small worlds most swap test captions are among the
     # recipe's own training negatives; never generating them tells what that costs the test
+    "recommended.yaml, negatives without gradient": ["--hn-config", RECOMMENDED, "--hn-negative-grad", "none"],
     "recommended.yaml, test captions never negatives": ["--hn-config", RECOMMENDED,
                                                         "--hn-exclude-negatives", TEST_SETS],
     "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",

@@ -68,6 +68,7 @@ class HNConfig:
     plausibility: str | None = None  # caption file, saved model or 'train-data': the plausibility filter's model
     swap_reorders: str = "keep"  # keep | drop: swap negatives that only reorder the noun phrases
     exclude_negatives: str | None = None  # evaluation folder or caption file: never a negative
+    negative_grad: str = "full"  # full | none: whether the text negatives' features carry gradient
     # objectives
     # `<term>_weight` for each term registered with a weight (terms.py; a test checks the pairing)
     choice_weight: float = 1.0
@@ -176,6 +177,11 @@ class HNConfig:
                 f"--hn-plausibility applies to --hn-negatives online (this run: {self.negatives}); "
                 "for precomputed negatives pass --plausibility to `python -m open_clip_hn.negatives "
                 "precompute`")
+        if self.negative_grad not in ("full", "none"):
+            raise ValueError(f"--hn-negative-grad must be full or none, got {self.negative_grad!r}")
+        if self.negative_grad == "none" and not self.uses_text_negatives:
+            raise ValueError("--hn-negative-grad none needs text negatives to act on: add --hn-negatives "
+                             "online (or precomputed) and --hn-num-negatives K >= 1, or drop the flag")
         if self.swap_reorders not in ("keep", "drop"):
             raise ValueError(f"--hn-swap-reorders must be keep or drop, got {self.swap_reorders!r}")
         if self.swap_reorders == "drop" and self.negatives != "online":
@@ -186,8 +192,9 @@ class HNConfig:
         if self.exclude_negatives is not None and self.negatives != "online":
             raise ValueError(
                 f"--hn-exclude-negatives applies to --hn-negatives online (this run: "
-                f"{self.negatives}); use --hn-negatives online, or --hn-exclude-negatives none "
-                "to drop a recipe's setting (`negatives precompute` has no such option)")
+                f"{self.negatives}); for precomputed negatives pass --exclude to `python -m "
+                "open_clip_hn.negatives precompute` (and --hn-exclude-negatives none to drop a "
+                "recipe's setting)")
         if self.image_neighbors_per_sample < 1:
             raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
         if not 0 <= self.distill_ema_decay < 1:
@@ -271,6 +278,14 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "caption space is small or templated, generated negatives can be word for word the "
              "positives of your evaluation, which training then teaches as wrong. 'none' (the "
              "default): no exclusion.")
+    add("--hn-negative-grad", dest="hn_negative_grad", choices=("full", "none"), default="full",
+        help="Whether the loss terms train the text tower through the text negatives' features: "
+             "'full' (the default, as NegCLIP and CE-CLIP) or 'none', where each negative caption's "
+             "features are constants, so a term can only move the image and the positive "
+             "caption. With 'none' the text tower cannot learn to push a caption away because it "
+             "was seen as a negative (in a small or templated caption space a caption is often "
+             "another image's negative); to win a choice the image must be read. Any --hn-loss "
+             "term that uses text negatives.")
     for term in TERMS.values():
         if term.weight:
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,

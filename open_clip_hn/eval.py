@@ -236,6 +236,20 @@ def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
     return choice, pairs
 
 
+def excluded_captions(path: str | None, flag: str) -> tuple[str, ...]:
+    """The captions a generator must never return as negatives (--hn-exclude-negatives, the
+    negatives CLI's --exclude); ValueError names `flag`, the path and the fix."""
+    if path is None:
+        return ()
+    if not os.path.exists(path):
+        raise ValueError(f"{flag} {path}: no such file or folder; pass an evaluation folder "
+                         "(SugarCrepe/ARO layout) or a .txt of captions")
+    try:
+        return tuple(evaluation_captions(path))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{flag} {path}: {err}") from None
+
+
 def evaluation_captions(path: str) -> list[str]:
     """The captions true of some image in an evaluation folder (its choice sets' positives, its
     image-pair sets' captions, `retrieval/*.txt`; not the choice negatives, and with or without

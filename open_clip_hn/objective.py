@@ -120,6 +120,8 @@ class HardNegativeLoss(torch.nn.Module):
                 blind: torch.Tensor | None = None,
                 teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> TermBatch:
         batch, dim = image.shape
+        if self.config.negative_grad == "none":
+            text = L.fix_negatives(text, batch)
         positives, negatives = L.split_text_features(text, batch)
         k = negatives.shape[1]
         if blind is not None:

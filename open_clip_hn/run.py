@@ -156,18 +156,9 @@ class HardNegativeRun:
     def excluded_negatives(self) -> tuple[str, ...]:
         """--hn-exclude-negatives' captions, read once: `configure` reads them while the flags are
         parsed, so a bad input stops the run by name before any work."""
-        from .eval import evaluation_captions
+        from .eval import excluded_captions
 
-        path = self.config.exclude_negatives
-        if path is None:
-            return ()
-        if not os.path.exists(path):
-            raise ValueError(f"--hn-exclude-negatives {path}: no such file or folder; pass an "
-                             "evaluation folder (SugarCrepe/ARO layout) or a .txt of captions")
-        try:
-            return tuple(evaluation_captions(path))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"--hn-exclude-negatives {path}: {err}") from None
+        return excluded_captions(self.config.exclude_negatives, "--hn-exclude-negatives")
 
     def train_tokenizer(self, tokenizer: Callable, captions: TrainCaptions | None
                         ) -> PackedNegativeTokenizer:

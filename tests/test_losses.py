@@ -247,3 +247,39 @@ def test_bad_shapes_are_named():
         HardNegativeLoss(config())(image, text[:-1], SCALE, PackedOutputs(mask, types))
     with pytest.raises(ValueError, match="tau-plus"):
         HardNegativeLoss(config(importance_tau_plus=1.0))
+
+
+def test_negative_grad_none_keeps_every_value_and_stops_only_the_negatives_gradient():
+    """--hn-negative-grad none: the forward is unchanged, the images' and the positive captions'
+    gradients are unchanged, and no gradient reaches a negative caption's features."""
+    image, text, mask, types = batch(seed=5)
+    grads, values = {}, {}
+    for flag in ("full", "none"):
+        image_in, text_in = image.clone().requires_grad_(), text.clone().requires_grad_()
+        loss_fn = HardNegativeLoss(HNConfig(negatives="online", num_negatives=K, negative_grad=flag,
+                                            loss=("itc", "choice", "intra", "rank")))
+        out = loss_fn(image_in, text_in, SCALE, PackedOutputs(mask, types), output_dict=True)
+        sum(v for v in out.values() if isinstance(v, torch.Tensor) and v.requires_grad).backward()
+        values[flag] = {k: float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+                        for k, v in out.items()}
+        grads[flag] = image_in.grad, text_in.grad.view(B, 1 + K, D)
+    assert values["none"] == values["full"]
+    torch.testing.assert_close(grads["none"][0], grads["full"][0])
+    torch.testing.assert_close(grads["none"][1][:, 0], grads["full"][1][:, 0])
+    assert grads["full"][1][:, 1:][mask].abs().sum() > 0
+    assert torch.equal(grads["none"][1][:, 1:], torch.zeros(B, K, D))
+
+
+def test_negative_grad_flag_reaches_the_config():
+    import argparse
+
+    from open_clip_hn.config import add_hn_arguments
+    parser = argparse.ArgumentParser()
+    add_hn_arguments(parser)
+    assert HNConfig.from_args(parser.parse_args([])).negative_grad == "full"
+    assert HNConfig.from_args(parser.parse_args(["--hn-negatives", "online", "--hn-negative-grad",
+                                                 "none"])).negative_grad == "none"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--hn-negative-grad", "off"])
+    with pytest.raises(ValueError, match="--hn-negative-grad none needs text negatives"):
+        HNConfig(negative_grad="none").validate()

@@ -408,3 +408,34 @@ def test_garbage_empty_and_gzipped_shards(tmp_path, capsys):
     gz.write_bytes(gz.read_bytes()[:-40])  # a cut gzip stream fails in the decompressor
     assert main(["precompute", "--shards", str(gz), "--output-dir", str(tmp_path / "out2")]) == 1
     assert "is damaged" in capsys.readouterr().err
+
+
+def test_precompute_exclude_keeps_the_captions_out_and_is_recorded(tmp_path, capsys):
+    """--exclude (as --hn-exclude-negatives): no precomputed negative equals an excluded caption,
+    the folder records the exclusion, and a bad path stops before the folder is claimed."""
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=1, per_shard=30)
+    spec, plain, out = str(source / "in-000000.tar"), str(tmp_path / "plain"), str(tmp_path / "out")
+    assert main(["precompute", "--shards", spec, "--output-dir", plain]) == 0
+    with tarfile.open(Path(plain) / "in-000000.tar") as tar:
+        before = [n["text"] for name in tar.getnames() if name.endswith(".neg.json")
+                  for n in json.loads(tar.extractfile(name).read())]
+    banned = sorted(set(before))[:3]
+    excluded = tmp_path / "test-captions.txt"
+    excluded.write_text("\n".join(b.upper() + "." for b in banned) + "\n")  # case and punctuation ignored
+
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--exclude", str(tmp_path / "nope")]) == 2
+    assert "--exclude " in capsys.readouterr().err and not os.path.exists(out)
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--exclude", str(excluded)]) == 0
+    with tarfile.open(Path(out) / "in-000000.tar") as tar:
+        after = [n["text"] for name in tar.getnames() if name.endswith(".neg.json")
+                 for n in json.loads(tar.extractfile(name).read())]
+    assert after and not set(banned) & set(after)
+    assert len(after) >= len(before) - 3  # the next candidates take the excluded ones' places
+    capsys.readouterr()
+    assert main(["precompute", "--shards", spec, "--output-dir", out]) == 2
+    assert "--exclude (captions' digest) none (folder: sha256" in capsys.readouterr().err
+    assert main(["precompute", "--shards", spec, "--output-dir", plain, "--exclude", str(excluded)]) == 2
+    assert "--exclude (captions' digest) sha256" in capsys.readouterr().err
+    assert main(["show", banned[0], "--exclude", str(excluded)]) == 0

@@ -25,6 +25,7 @@ CONFIGS = {
     "itc+choice+mirror": dict(loss=("itc", "choice"), mirror=("horizontal",), mirror_weight=2.0),
     "itc+choice+distill": dict(loss=("itc", "choice"), distill="ema", distill_weight=2.0),
     "itc+mirror+converse": dict(loss=("itc",), mirror=("horizontal",), converse_weight=2.0),
+    "itc+choice+rank, negatives fixed": dict(loss=("itc", "choice", "rank"), negative_grad="none"),
 }
 MODES = [(False, True), (True, True), (False, False)]  # (local_loss, gather_with_grad)
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..files import atomic_write_json
 from .audit import AuditError, Scorers, examples_text, format_table, generated_pairs, read_sugarcrepe, run_audit
-from .cli_common import add_caption_source, source_captions
+from .cli_common import add_caption_source, excluded, source_captions
 from .plausibility import fit, read_caption_file, resolve
 
 AUDITED = "audited"  # --plausibility value of `audit`: a model of the audited captions
@@ -62,7 +62,8 @@ def _generator(args: argparse.Namespace, types, plausibility):
 
     vocabulary = None if args.vocabulary is None else read_vocabulary(args.vocabulary)
     return NegativeGenerator(types=types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
-                             plausibility=plausibility, swap_reorders=args.swap_reorders == "keep")
+                             plausibility=plausibility, swap_reorders=args.swap_reorders == "keep",
+                             exclude=excluded(args))
 
 
 def run_audit_command(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from ..files import atomic_open, expand_shards
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
 from .manifest import ManifestError
-from .cli_common import add_caption_source, existing_shards, progress, source_captions
+from .cli_common import add_caption_source, excluded, existing_shards, progress, source_captions
 from .shards import MalformedLine, read_captions, word_counts
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
@@ -48,6 +48,11 @@ def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> N
                         help="Swap negatives that only put the caption's noun phrases in another "
                              "order ('a dog chasing a cat' -> 'a cat chasing a dog'): keep (the "
                              "default) or drop, so swaps only rebind (as --hn-swap-reorders).")
+    parser.add_argument("--exclude", default=None, metavar="PATH",
+                        help="Never return these captions as negatives (as --hn-exclude-negatives; "
+                             "compared ignoring case and punctuation): a folder of SugarCrepe/ARO-"
+                             "layout evaluation sets (its choice positives, image-pair and "
+                             "retrieval captions) or a .txt, one caption per line. Default: none.")
 
 
 def _generator(args: argparse.Namespace) -> NegativeGenerator:
@@ -58,7 +63,8 @@ def _generator(args: argparse.Namespace) -> NegativeGenerator:
 
         plausibility = resolve(plausibility, args.caption_key)
     return NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
-                             plausibility=plausibility, swap_reorders=args.swap_reorders == "keep")
+                             plausibility=plausibility, swap_reorders=args.swap_reorders == "keep",
+                             exclude=excluded(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Callable, Iterable
 
+from ..argtypes import InputError
 from ..files import expand_shards
 from .shards import shard_captions
 
@@ -53,3 +54,16 @@ def existing_shards(spec: str) -> list[str] | None:
         print(f"error: {len(missing)} shard(s) not found, e.g. {missing[0]}", file=sys.stderr)
         return None
     return shards
+
+
+def excluded(args: argparse.Namespace) -> tuple[str, ...]:
+    """--exclude's captions (an evaluation folder or a .txt), read before any work; InputError
+    names the flag and the fix. The reader lives in eval.py (torch), imported only when asked."""
+    if args.exclude is None:
+        return ()
+    from ..eval import excluded_captions
+
+    try:
+        return excluded_captions(args.exclude, "--exclude")
+    except ValueError as err:
+        raise InputError(str(err)) from None

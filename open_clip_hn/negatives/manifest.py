@@ -3,7 +3,8 @@
 Layout inside `--output-dir`:
   .precompute/settings.json       the generator settings every shard of the folder was made with
                                   (num, types, seed, vocabulary digest, lm, caption key,
-                                  plausibility model identity, swap reorders dropped, version)
+                                  plausibility model identity, swap reorders dropped, excluded
+                                  captions' digest, version)
   .precompute/<shard>.json        one entry per finished shard: the input's identity (size and a
                                   digest of its ends), samples, masked, skipped (damaged) data and
                                   the output's size; written after the shard, so its presence
@@ -34,7 +35,7 @@ FORMAT_VERSION = 1
 _FLAGS = {"num": "--num", "types": "--types", "seed": "--seed", "vocabulary": "--vocabulary",
           "lm": "--lm", "caption_key": "--caption-key", "version": "open_clip_hn version",
           "format": "manifest format", "plausibility": "--plausibility (model identity)",
-          "swap_reorders": "--swap-reorders"}
+          "swap_reorders": "--swap-reorders", "exclude": "--exclude (captions' digest)"}
 
 
 # what a setting absent from a folder's settings.json means: reorders kept (recorded only when
@@ -54,18 +55,23 @@ def _digest_file(path: str) -> str:
 
 def generator_settings(num: int, types: tuple[str, ...], seed: int, vocabulary: str | None,
                        lm: str | None, caption_key: str, plausibility: str | None = None,
-                       swap_reorders: bool = True) -> dict[str, Any]:
+                       swap_reorders: bool = True, exclude: frozenset[str] = frozenset()
+                       ) -> dict[str, Any]:
     """Everything the output of `precompute` is a function of (besides the input shards).
 
     The vocabulary enters by content (its file may be rewritten under the same name), the
     plausibility filter by its model's identity (a digest of its captions); the LM by path, as a
-    local model folder has no cheap content digest. Reorders dropped are recorded only then, so
-    folders written before that option keep matching.
+    local model folder has no cheap content digest, the excluded captions by a digest of their
+    normalised set. Reorders dropped and exclusions are recorded only when asked, so folders
+    written before those options keep matching.
     """
+    excluded = {} if not exclude else {
+        "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode("utf-8")).hexdigest()}
     return {"format": FORMAT_VERSION, "version": __version__, "num": num, "types": list(types),
             "seed": seed, "vocabulary": None if vocabulary is None else _digest_file(vocabulary),
             "lm": None if lm is None else os.path.abspath(lm), "caption_key": caption_key,
-            "plausibility": plausibility, **({} if swap_reorders else {"swap_reorders": "drop"})}
+            "plausibility": plausibility, **({} if swap_reorders else {"swap_reorders": "drop"}),
+            **excluded}
 
 
 def _entry_path(output_dir: str, name: str) -> str:
