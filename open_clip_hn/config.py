@@ -279,13 +279,13 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "positives of your evaluation, which training then teaches as wrong. 'none' (the "
              "default): no exclusion.")
     add("--hn-negative-grad", dest="hn_negative_grad", choices=("full", "none"), default="full",
-        help="Whether the loss terms train the text tower through the text negatives' features: "
-             "'full' (the default, as NegCLIP and CE-CLIP) or 'none', where each negative caption's "
-             "features are constants, so a term can only move the image and the positive "
-             "caption. With 'none' the text tower cannot learn to push a caption away because it "
-             "was seen as a negative (in a small or templated caption space a caption is often "
-             "another image's negative); to win a choice the image must be read. Any --hn-loss "
-             "term that uses text negatives.")
+        help="Whether the loss terms train the text tower through the generated text negatives' "
+             "features (the K per caption): 'full' (the default, as NegCLIP and CE-CLIP) or "
+             "'none', where those features are constants, so a term can only move the image and "
+             "the positive caption against them. With 'none' the text tower cannot learn to push "
+             "a caption away because it was seen as a negative (in a small or templated caption "
+             "space a caption is often another image's negative); to win a choice the image must "
+             "be read. Mirrored and converse captions (--hn-mirror) keep their gradient.")
     for term in TERMS.values():
         if term.weight:
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,

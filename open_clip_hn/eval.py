@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from .argtypes import overwritten_input, positive_int
+from .eval_sets import layout_error, read_choice_records, read_pair_records
 from .files import atomic_open, atomic_write_json
 from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, format_sugarcrepe_table
 from .provenance import model_mismatch, read_sidecar
@@ -38,9 +39,6 @@ from .provenance import model_mismatch, read_sidecar
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 # what PIL raises for a file that is not a readable image (truncated, wrong format, bomb)
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-SUGARCREPE_KEYS = ("filename", "caption", "negative_caption")
-ARO_KEYS = ("image_path", "true_caption", "false_caption")
-PAIR_KEYS = ("image_0", "image_1", "caption_0", "caption_1")
 
 
 # ----------------------------------------------------------------------------- pure scoring
@@ -113,39 +111,6 @@ def _find_image(root: str, name: str) -> str | None:
     return None
 
 
-def _layout_error(path: str, detail: str) -> ValueError:
-    return ValueError(
-        f"{path}: {detail}. Expected SugarCrepe layout {{id: {{\"filename\", \"caption\", "
-        f"\"negative_caption\"}}}} or ARO layout [{{\"image_path\", \"true_caption\", "
-        f"\"false_caption\", ...}}]")
-
-
-def read_choice_records(path: str) -> tuple[list[tuple[str, dict]], tuple[str, str, str]]:
-    """A SugarCrepe- or ARO-layout JSON's (label, record) pairs, validated, and its layout's keys
-    (image, true caption, false caption); images are not looked up."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise _layout_error(path, f"not valid JSON ({err})") from None
-    if isinstance(data, dict):
-        records, keys = list(data.values()), SUGARCREPE_KEYS
-    elif isinstance(data, list):
-        records, keys = data, ARO_KEYS
-    else:
-        raise _layout_error(path, f"top level is a {type(data).__name__}")
-    if not records:
-        raise ValueError(f"{path}: the set is empty; it needs at least one item")
-    labels = [f"item {k!r}" for k in data] if isinstance(data, dict) else \
-        [f"item {i} (0-based)" for i in range(len(records))]
-    for label, record in zip(labels, records):
-        if not isinstance(record, dict) or any(k not in record for k in keys):
-            raise _layout_error(path, f"{label} lacks one of {', '.join(keys)}")
-        wrong = [k for k in keys if not isinstance(record[k], str)]
-        if wrong:
-            raise _layout_error(path, f"{label}: {wrong[0]} is {record[wrong[0]]!r}, not a string")
-    return list(zip(labels, records)), keys
-
 
 def load_choice_set(path: str) -> ChoiceSet:
     """Read one SugarCrepe- or ARO-layout JSON; missing images are skipped and counted."""
@@ -162,7 +127,7 @@ def load_choice_set(path: str) -> ChoiceSet:
             try:
                 x, y, w, h = (float(record[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
             except (TypeError, ValueError):
-                raise _layout_error(path, f"{label}: bbox_x/y/w/h must be numbers") from None
+                raise layout_error(path, f"{label}: bbox_x/y/w/h must be numbers") from None
             box = (x, y, x + w, y + h)
         result.items.append((image, box, [record[keys[1]], record[keys[2]]]))
     if not result.items:
@@ -170,25 +135,6 @@ def load_choice_set(path: str) -> ChoiceSet:
                                 f"{os.path.join(root, 'images')} or {root}")
     return result
 
-
-def read_pair_records(path: str) -> list[dict]:
-    """A Winoground-style JSONL's records, validated; images are not looked up."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
-    if not lines:
-        raise ValueError(f"{path}: the set is empty; it needs at least one line")
-    records = []
-    for number, line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            record = None
-        if not isinstance(record, dict) or any(not isinstance(record.get(k), str) for k in PAIR_KEYS):
-            raise ValueError(f"{path}:{number}: expected one JSON object per line with string "
-                             f"values for {', '.join(PAIR_KEYS)} (Winoground layout); got "
-                             f"{line.strip()[:120]}")
-        records.append(record)
-    return records
 
 
 def load_pair_set(path: str) -> PairSet:
@@ -236,49 +182,6 @@ def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
     return choice, pairs
 
 
-def excluded_captions(path: str | None, flag: str) -> tuple[str, ...]:
-    """The captions a generator must never return as negatives (--hn-exclude-negatives, the
-    negatives CLI's --exclude); ValueError names `flag`, the path and the fix."""
-    if path is None:
-        return ()
-    if not os.path.exists(path):
-        raise ValueError(f"{flag} {path}: no such file or folder; pass an evaluation folder "
-                         "(SugarCrepe/ARO layout) or a .txt of captions")
-    try:
-        return tuple(evaluation_captions(path))
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{flag} {path}: {err}") from None
-
-
-def evaluation_captions(path: str) -> list[str]:
-    """The captions true of some image in an evaluation folder (its choice sets' positives, its
-    image-pair sets' captions, `retrieval/*.txt`; not the choice negatives, and with or without
-    the images), or a .txt file's lines. ValueError names what is wrong."""
-    if os.path.isfile(path):
-        if os.path.splitext(path)[1].lower() not in ("", ".txt"):
-            raise ValueError("expected a folder of evaluation sets or a .txt file with one caption "
-                             "per line (a set's .json goes in as its folder)")
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            captions = [line.strip() for line in handle if line.strip()]
-    else:
-        captions = []
-        for name in sorted(os.listdir(path)):
-            if name.endswith(".json"):
-                records, keys = read_choice_records(os.path.join(path, name))
-                captions += [record[keys[1]] for _, record in records]
-            elif name.endswith(".jsonl"):
-                captions += [record[k] for record in read_pair_records(os.path.join(path, name))
-                             for k in ("caption_0", "caption_1")]
-        retrieval = os.path.join(path, "retrieval")
-        for name in sorted(os.listdir(retrieval)) if os.path.isdir(retrieval) else []:
-            if name.endswith(".txt"):
-                with open(os.path.join(retrieval, name), encoding="utf-8", errors="replace") as f:
-                    captions.append(f.read().strip())
-    captions = [c for c in captions if c.strip()]
-    if not captions:
-        raise ValueError("no captions in it: expected SugarCrepe/ARO-layout *.json, Winoground-"
-                         "layout *.jsonl or retrieval/*.txt in a folder, or a .txt of captions")
-    return captions
 
 
 def check_compositional_sets(root: str) -> dict[str, dict[str, int]]:

@@ -30,8 +30,8 @@ def split_text_features(text_features: torch.Tensor, batch_size: int) -> tuple[t
 
 
 def fix_negatives(text_features: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """The same interleaved rows with the negatives' rows detached (--hn-negative-grad none): the
-    terms can then move the images and the positive captions, never a negative caption."""
+    """The same interleaved rows with the K negatives' rows detached (--hn-negative-grad none):
+    the terms can then move the images and the positive captions, never a generated negative."""
     positives, negatives = split_text_features(text_features, batch_size)
     return torch.cat([positives.unsqueeze(1), negatives.detach()], dim=1).reshape(text_features.shape)
 

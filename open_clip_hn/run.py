@@ -156,7 +156,7 @@ class HardNegativeRun:
     def excluded_negatives(self) -> tuple[str, ...]:
         """--hn-exclude-negatives' captions, read once: `configure` reads them while the flags are
         parsed, so a bad input stops the run by name before any work."""
-        from .eval import excluded_captions
+        from .eval_sets import excluded_captions
 
         return excluded_captions(self.config.exclude_negatives, "--hn-exclude-negatives")
 
@@ -331,11 +331,17 @@ class HardNegativeRun:
         logging.info("=> found hard-negative state %s", state_file)
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:
-        current = dataclasses.asdict(self.config)
-        for name, value in current.items():
-            if name in saved and name != "given" and saved[name] != value:
+        """Name each flag that differs from the saved run's; a field an older version did not
+        save had its default then (flags are only ever added with the old behaviour as default)."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self.config)
+                    if f.default is not dataclasses.MISSING}
+        for name, value in dataclasses.asdict(self.config).items():
+            if name == "given" or (name not in saved and name not in defaults):
+                continue
+            before = saved.get(name, defaults.get(name))
+            if before != value:
                 logging.warning("Resuming with --hn-%s changed: %r -> %r", name.replace("_", "-"),
-                                saved[name], value)
+                                before, value)
 
     def save_state(self, checkpoint_dir: str, completed_epoch: int, checkpoints: list[str],
                    trained_as: dict[str, Any]) -> None:

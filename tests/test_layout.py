@@ -37,10 +37,12 @@ def test_negatives_never_import_torch():
         assert not top & {"torch", "open_clip", "open_clip_train"}, path
 
 
-def test_negatives_cli_runs_without_loading_torch():
+def test_negatives_cli_runs_without_loading_torch(tmp_path):
+    excluded = tmp_path / "captions.txt"  # --exclude reads captions without torch too
+    excluded.write_text("a blue car next to a red house\n")
     script = ("import sys\n"
               "from open_clip_hn.negatives.cli import main\n"
-              "assert main(['show', 'a red car next to a blue house']) == 0\n"
+              f"assert main(['show', 'a red car next to a blue house', '--exclude', {str(excluded)!r}]) == 0\n"
               "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip'))\n"
               "assert not loaded, loaded\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,

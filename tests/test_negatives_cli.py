@@ -438,4 +438,27 @@ def test_precompute_exclude_keeps_the_captions_out_and_is_recorded(tmp_path, cap
     assert "--exclude (captions' digest) none (folder: sha256" in capsys.readouterr().err
     assert main(["precompute", "--shards", spec, "--output-dir", plain, "--exclude", str(excluded)]) == 2
     assert "--exclude (captions' digest) sha256" in capsys.readouterr().err
-    assert main(["show", banned[0], "--exclude", str(excluded)]) == 0
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--exclude", "none"]) == 2
+    assert "--exclude (captions' digest) none (folder: sha256" in capsys.readouterr().err  # none: no exclusion
+
+
+def test_show_generate_and_audit_honour_exclude(tmp_path, capsys):
+    caption = "a red car next to a blue house"
+    shown = NegativeGenerator(seed=0).candidates(caption)
+    banned = [texts[0] for texts in shown.values()]
+    excluded = tmp_path / "excluded.txt"
+    excluded.write_text("\n".join(banned) + "\n")
+    assert main(["show", caption]) == 0
+    plain = capsys.readouterr().out
+    assert main(["show", caption, "--exclude", str(excluded)]) == 0
+    filtered = capsys.readouterr().out
+    assert all(f"  {b}\n" in plain for b in banned) and not any(f"  {b}\n" in filtered for b in banned)
+    captions = tmp_path / "captions.txt"
+    captions.write_text(caption + "\n")
+    for flags, want in (([], True), (["--exclude", str(excluded)], False)):
+        out = tmp_path / "negatives.jsonl"
+        assert main(["generate", "--input", str(captions), "--output", str(out), *flags]) == 0
+        texts = {n["text"] for n in json.loads(out.read_text().splitlines()[0])["negatives"]}
+        assert bool(texts & set(banned)) is want
+    assert main(["audit", str(captions), "--exclude", str(tmp_path / "missing")]) == 2  # checked up front
+    assert "--exclude " in capsys.readouterr().err

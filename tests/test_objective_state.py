@@ -131,3 +131,25 @@ def test_resume_refuses_a_different_bank_size():
     other["bank"] = {"size": 99, "pointer": 0, "count": 0, "storage": None}
     with pytest.raises(ValueError, match="--hn-memory-bank-size"):
         HardNegativeLoss(full_config()).load_state_dict(other)
+
+
+def test_resume_names_a_flag_changed_since_the_saved_run_even_one_it_did_not_save(caplog):
+    """A flag added after the checkpoint's version had its default then: a resume that sets it
+    differently is named like any other change."""
+    import dataclasses
+    import logging
+
+    from open_clip_hn.run import HardNegativeRun
+
+    run = HardNegativeRun(HNConfig(negatives="online", negative_grad="none", num_negatives=2))
+    saved = dataclasses.asdict(run.config)
+    with caplog.at_level(logging.WARNING):
+        run._warn_config_changes(saved)
+    assert not caplog.records
+    older = {k: v for k, v in saved.items() if k != "negative_grad"}
+    older["num_negatives"] = 4
+    with caplog.at_level(logging.WARNING):
+        run._warn_config_changes(older)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "Resuming with --hn-negative-grad changed: 'full' -> 'none'" in messages
+    assert "Resuming with --hn-num-negatives changed: 4 -> 2" in messages and len(messages) == 2

@@ -1,5 +1,5 @@
 """benchmarks/oracle_world2.py: world2's training shards with the world's own test-style negatives
-(README "Keeping retrieval", the upper bound for text negatives on the ViT)."""
+(benchmarks/RESULTS.md, session 16: the upper bound for text negatives on the ViT)."""
 
 from __future__ import annotations
 

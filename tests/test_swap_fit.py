@@ -1,4 +1,4 @@
-"""benchmarks/swap_fit.py's split of swap negatives and swap test items (README "Keeping retrieval"),
+"""benchmarks/swap_fit.py's split of swap negatives and swap test items (benchmarks/RESULTS.md),
 and the LABEL=CHECKPOINT arguments of the diagnostic scripts."""
 
 from __future__ import annotations

@@ -56,14 +56,14 @@ def _is_sugarcrepe(inputs: list[str]) -> bool:
     return all(Path(p).is_dir() or Path(p).suffix.lower() == ".json" for p in inputs)
 
 
-def _generator(args: argparse.Namespace, types, plausibility):
+def _generator(args: argparse.Namespace, types, plausibility, exclude: tuple[str, ...]):
     from .generator import NegativeGenerator
     from .lexicon import read_vocabulary
 
     vocabulary = None if args.vocabulary is None else read_vocabulary(args.vocabulary)
     return NegativeGenerator(types=types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
                              plausibility=plausibility, swap_reorders=args.swap_reorders == "keep",
-                             exclude=excluded(args))
+                             exclude=exclude)
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
@@ -73,6 +73,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         raise AuditError(f"--output {args.output}: folder {os.path.dirname(os.path.abspath(args.output))} "
                          "does not exist")
+    exclude = excluded(args)  # read once, and checked even where nothing is generated
     sugarcrepe = _is_sugarcrepe(args.inputs)
     if not sugarcrepe and len(args.inputs) != 1:
         raise AuditError("audit takes one caption file, or SugarCrepe-layout JSON files/folders")
@@ -96,12 +97,13 @@ def run_audit_command(args: argparse.Namespace) -> int:
         filters = {}
     for label, model in filters.items():
         if by_type is None:
-            pairs, covered = generated_pairs(_generator(args, args.types, model), positives, args.num)
+            pairs, covered = generated_pairs(_generator(args, args.types, model, exclude), positives,
+                                             args.num)
             sources[label] = (pairs, {n: covered.get(n, 0) / len(positives) for n in pairs})
         else:
             pairs, coverage = {}, {}
             for name, captions in by_type.items():
-                found, covered = generated_pairs(_generator(args, name, model), captions, args.num)
+                found, covered = generated_pairs(_generator(args, name, model, exclude), captions, args.num)
                 pairs[name] = found.get(name, [])
                 coverage[name] = covered.get(name, 0) / len(captions)
             sources[label] = (pairs, coverage)

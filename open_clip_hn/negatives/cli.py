@@ -52,7 +52,8 @@ def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> N
                         help="Never return these captions as negatives (as --hn-exclude-negatives; "
                              "compared ignoring case and punctuation): a folder of SugarCrepe/ARO-"
                              "layout evaluation sets (its choice positives, image-pair and "
-                             "retrieval captions) or a .txt, one caption per line. Default: none.")
+                             "retrieval captions) or a .txt, one caption per line; 'none' (the default): "
+                             "no exclusion.")
 
 
 def _generator(args: argparse.Namespace) -> NegativeGenerator:

@@ -10,6 +10,7 @@ import sys
 from typing import Callable, Iterable
 
 from ..argtypes import InputError
+from ..eval_sets import excluded_captions
 from ..files import expand_shards
 from .shards import shard_captions
 
@@ -58,11 +59,9 @@ def existing_shards(spec: str) -> list[str] | None:
 
 def excluded(args: argparse.Namespace) -> tuple[str, ...]:
     """--exclude's captions (an evaluation folder or a .txt), read before any work; InputError
-    names the flag and the fix. The reader lives in eval.py (torch), imported only when asked."""
-    if args.exclude is None:
+    names the flag and the fix; 'none' (or no flag) excludes nothing."""
+    if args.exclude is None or args.exclude.lower() == "none":
         return ()
-    from ..eval import excluded_captions
-
     try:
         return excluded_captions(args.exclude, "--exclude")
     except ValueError as err:
