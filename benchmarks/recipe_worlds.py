@@ -100,6 +100,9 @@ VARIANTS: dict[str, list[str]] = {
                                    "--hn-converse-weight", "0", "--hn-converse-margin", "0"],
     # swap negatives that rebind only: no phrase reorders, which the ViT cannot tell apart
     "recommended.yaml, swap reorders dropped": ["--hn-config", RECOMMENDED, "--hn-swap-reorders", "drop"],
+    # only negatives that move shapes (session 20's reading: the ViT binds colours, not shapes)
+    "recommended.yaml, shape negatives only": ["--hn-config", RECOMMENDED, "--hn-types",
+                                               "swap_objects,replace_object"],
     # the text tower never trained through the generated negatives (session 18's hypothesis: it
     # learns to reject a caption for having been another image's negative)
     "recommended.yaml, negatives without gradient": ["--hn-config", RECOMMENDED, "--hn-negative-grad", "none"],
