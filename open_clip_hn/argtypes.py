@@ -26,6 +26,12 @@ def argparse_type(parse: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
+def optional_path(value: str) -> str | None:
+    """A path flag whose 'none' means no file: off by default, and 'none' turns a recipe's
+    setting off (--hn-vocabulary, --hn-plausibility, --hn-exclude-negatives, --exclude)."""
+    return None if value == "none" else value
+
+
 def _int_at_least(value: str, least: int) -> int:
     try:
         number = int(value)

@@ -10,7 +10,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass, field
 
-from .argtypes import argparse_type, cosine, non_negative_float, non_negative_int, unit_float
+from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_int, optional_path,
+                       unit_float)
 from .mirror import parse_axes
 from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
 from .recipes import ListRecipesAction
@@ -22,14 +23,6 @@ MINER_BACKENDS = ("torch", "faiss")
 RANK_THRESHOLD_MODES = ("adaptive-mean", "adaptive-max")
 DISTILL_TEACHERS = ("none", "frozen", "ema")
 TRAIN_DATA_VOCABULARY = "train-data"  # --hn-vocabulary: the words of the training captions
-NO_VOCABULARY = "none"  # --hn-vocabulary: any lexicon word (overrides a recipe's vocabulary)
-
-
-def _vocabulary(value: str) -> str | None:
-    """--hn-vocabulary's value; 'none' lifts the restriction (e.g. a recipe's train-data)."""
-    return None if value == NO_VOCABULARY else value
-
-
 def _loss_terms(value: str) -> tuple[str, ...]:
     terms = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
     known = selectable_terms()
@@ -244,14 +237,14 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-lm", dest="hn_lm", default=None, metavar="PATH",
         help="Local masked language model (transformers) that proposes replacement words; "
              "proposals pass the same WordNet validity filter.")
-    add("--hn-vocabulary", dest="hn_vocabulary", type=_vocabulary, default=None, metavar="PATH",
+    add("--hn-vocabulary", dest="hn_vocabulary", type=optional_path, default=None, metavar="PATH",
         help="Text file of the words online negatives may bring in (a word list, or the training "
              "captions themselves), or 'train-data': the words of the --train-data captions, read "
              "at start (local shards or CSV; for large data write the file once with `python -m "
              "open_clip_hn.negatives vocabulary`). Replacements stay inside the data's own words, "
              "so the text tower cannot reject a negative for a word it never saw. 'none' (the "
              "default): any lexicon word.")
-    add("--hn-plausibility", dest="hn_plausibility", type=_vocabulary, default=None,
+    add("--hn-plausibility", dest="hn_plausibility", type=optional_path, default=None,
         metavar="{train-data,PATH,none}",
         help="Keep only online negatives that read about as plausibly as their caption under a "
              "Kneser-Ney trigram model of captions, so the text tower cannot reject a negative "
@@ -267,7 +260,7 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "swaps only rebind (attributes or nouns move between objects that keep their "
              "places). A reordered caption is a relation negative in effect: an image tower that "
              "does not read positions yet cannot tell it apart. Online negatives only.")
-    add("--hn-exclude-negatives", dest="hn_exclude_negatives", type=_vocabulary, default=None,
+    add("--hn-exclude-negatives", dest="hn_exclude_negatives", type=optional_path, default=None,
         metavar="PATH",
         help="Never use these captions as online text negatives (compared word for word, ignoring "
              "case and punctuation): a folder of SugarCrepe/ARO-layout evaluation sets (the "

@@ -111,7 +111,6 @@ def _find_image(root: str, name: str) -> str | None:
     return None
 
 
-
 def load_choice_set(path: str) -> ChoiceSet:
     """Read one SugarCrepe- or ARO-layout JSON; missing images are skipped and counted."""
     root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
@@ -134,7 +133,6 @@ def load_choice_set(path: str) -> ChoiceSet:
         raise FileNotFoundError(f"{path}: none of its {len(records)} images were found under "
                                 f"{os.path.join(root, 'images')} or {root}")
     return result
-
 
 
 def load_pair_set(path: str) -> PairSet:
@@ -180,8 +178,6 @@ def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
     if not choice and not pairs:
         raise ValueError(f"compositional folder {root} holds no *.json or *.jsonl sets")
     return choice, pairs
-
-
 
 
 def check_compositional_sets(root: str) -> dict[str, dict[str, int]]:

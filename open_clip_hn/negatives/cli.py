@@ -17,7 +17,7 @@ from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
-from ..argtypes import InputError, argparse_type, overwritten_input, positive_int
+from ..argtypes import InputError, argparse_type, optional_path, overwritten_input, positive_int
 from ..files import atomic_open, expand_shards
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
@@ -48,7 +48,7 @@ def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> N
                         help="Swap negatives that only put the caption's noun phrases in another "
                              "order ('a dog chasing a cat' -> 'a cat chasing a dog'): keep (the "
                              "default) or drop, so swaps only rebind (as --hn-swap-reorders).")
-    parser.add_argument("--exclude", default=None, metavar="PATH",
+    parser.add_argument("--exclude", type=optional_path, default=None, metavar="PATH",
                         help="Never return these captions as negatives (as --hn-exclude-negatives; "
                              "compared ignoring case and punctuation): a folder of SugarCrepe/ARO-"
                              "layout evaluation sets (its choice positives, image-pair and "

@@ -59,9 +59,7 @@ def existing_shards(spec: str) -> list[str] | None:
 
 def excluded(args: argparse.Namespace) -> tuple[str, ...]:
     """--exclude's captions (an evaluation folder or a .txt), read before any work; InputError
-    names the flag and the fix; 'none' (or no flag) excludes nothing."""
-    if args.exclude is None or args.exclude.lower() == "none":
-        return ()
+    names the flag and the fix; no flag (or 'none') excludes nothing."""
     try:
         return excluded_captions(args.exclude, "--exclude")
     except ValueError as err:
