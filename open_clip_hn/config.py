@@ -309,15 +309,18 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "is present). Default: torch.")
     add("--hn-mirror", dest="hn_mirror", type=argparse_type(parse_axes), default=(),
         metavar="AXES",
-        help="Comma list of mirror axes (horizontal, vertical, colour): each image whose caption "
-             "names a relation along an axis (left/right; above/below, top/bottom, over/under) gets "
-             "a flipped copy paired with the caption whose relation words are exchanged; with "
-             "'colour', each image whose caption names two colours gets a copy with those colours "
-             "exchanged, paired with the caption whose colour words are exchanged (a caption that "
-             "allows both gets one, by a hash of the caption). The pair joins the itc batch and the "
-             "mirror term; it is the image-side hard negative that makes the image encoder read "
-             "the layout, or bind colours to objects. Vertical flips and colour exchanges suit "
-             "rendered scenes with flat colours more than photos. 'none' (the default): off.")
+        help="Comma list of mirror axes (horizontal, vertical, colour, horizontal+colour, "
+             "vertical+colour): each image whose caption names a relation along an axis "
+             "(left/right; above/below, top/bottom, over/under) gets a flipped copy paired with the "
+             "caption whose relation words are exchanged; with 'colour', each image whose caption "
+             "names two colours gets a copy with those colours exchanged, paired with the caption "
+             "whose colour words are exchanged; 'horizontal+colour' and 'vertical+colour' do both "
+             "(each colour stays in place and the objects' shapes trade places). A caption that "
+             "allows several gets one, by a hash of the caption. The pair joins the itc batch and "
+             "the mirror term; it is the image-side hard negative that makes the image encoder read "
+             "the layout, bind colours to objects, or tell which shape is where. Vertical flips "
+             "and colour exchanges suit rendered scenes with flat colours more than photos. "
+             "'none' (the default): off.")
     add("--hn-converse-margin", dest="hn_converse_margin", type=unit_float, default=0.0,
         metavar="MARGIN",
         help="With --hn-converse-weight: a hinge instead of the cross-entropy, each converse "

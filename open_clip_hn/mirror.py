@@ -18,6 +18,15 @@ The axis `colour` is the same pair for attribute binding: the caption's two colo
 caption and image (`recolour.py`). A caption that allows a flip and a colour exchange gets one of
 them, chosen by a hash of the caption (stable across epochs, workers and ranks), so both kinds of
 pair are trained where the axes list both.
+
+The axes `horizontal+colour` and `vertical+colour` compose the two: the image flipped along the
+caption's relation axis and then its two colours exchanged. Each colour stays where it was and the
+objects trade places, so the pair differs only in which shape is where: the image-side pair for
+object binding, which neither a flip (positions) nor an exchange (colours) asks the image tower to
+read. Its caption is said as a swap-objects negative reads ("a red cube left of a blue cone" ->
+"a red cone left of a blue cube"), so that negative now has the picture it describes. Where
+the two objects read alike apart from their colours ("a pink cross over a brown cross") the
+composed pair would be the scene itself, so such captions get no composed pair.
 """
 
 from __future__ import annotations
@@ -30,13 +39,17 @@ from typing import TYPE_CHECKING, Collection
 import torch
 
 from .distributed import gather_rows
-from .recolour import PAIR_BASE, exchange_colour_words
+from .recolour import PAIR_BASE, colours_name_alike_objects, exchange_colour_words
 
 if TYPE_CHECKING:
     from .negatives import NegativeGenerator
 
-MIRROR_AXES = ("horizontal", "vertical", "colour")
+MIRROR_AXES = ("horizontal", "vertical", "colour", "horizontal+colour", "vertical+colour")
 SPATIAL_AXES = ("horizontal", "vertical")
+# axes whose image is a flip followed by a colour exchange, by their flip's axis
+FLIP_COLOUR_AXES = {"horizontal+colour": "horizontal", "vertical+colour": "vertical"}
+# axes whose image needs a colour exchange (a colour pair code travels with them)
+COLOUR_AXES = ("colour", *FLIP_COLOUR_AXES)
 AXIS_TO_ID = {axis: index for index, axis in enumerate(MIRROR_AXES)}
 
 # words that a flip along the axis turns into each other (both directions are listed)
@@ -65,19 +78,38 @@ def parse_axes(value: str) -> tuple[str, ...]:
     return axes
 
 
-def mirror_pair(caption: str, axes: Collection[str]) -> tuple[str, str, int] | None:
+def mirror_pair(caption: str, axes: Collection[str],
+                parser: "NegativeGenerator | None" = None) -> tuple[str, str, int] | None:
     """(caption of the image's mirrored pair, its axis, colour pair code or -1), or None.
 
-    The flip along the first spatial axis the caption speaks of, or the exchange of its first two
-    colours (code: first * PAIR_BASE + second colour id); where both apply, a hash of the caption
-    picks one.
+    The options are the flip along the first spatial axis the caption speaks of, the exchange of
+    its first two colours (code: first * PAIR_BASE + second colour id) and their composition
+    (that flip, then that exchange); where several apply, a hash of the caption picks one. The
+    composed image is described the way a swap-objects negative reads: the caption with its two
+    related objects traded and each colour kept in place (`parser`, needed for composed axes,
+    does the trade; where its parse is ambiguous there is no composed option).
     """
+    options: list[tuple[str, str, int]] = []
     flipped = mirror_caption(caption, axes)
-    exchanged = exchange_colour_words(caption) if "colour" in axes else None
-    if exchanged is not None and (flipped is None or zlib.crc32(caption.encode("utf-8")) % 2):
+    if flipped is not None:
+        options.append((*flipped, -1))
+    exchanged = exchange_colour_words(caption)
+    if "colour" in axes and exchanged is not None:
         text, first, second = exchanged
-        return text, "colour", first * PAIR_BASE + second
-    return None if flipped is None else (*flipped, -1)
+        options.append((text, "colour", first * PAIR_BASE + second))
+    composed = [flip for axis, flip in FLIP_COLOUR_AXES.items() if axis in axes]
+    if composed and parser is None:
+        raise ValueError("the composed mirror axes (horizontal+colour, vertical+colour) need a "
+                         "caption parser to trade the related objects")
+    relation = mirror_caption(caption, composed) if composed else None
+    if relation is not None and exchanged is not None and not colours_name_alike_objects(caption):
+        text, first, second = exchanged
+        traded = parser.exchange_related_objects(text, axis_words(relation[1]))
+        if traded is not None:
+            options.append((traded, f"{relation[1]}+colour", first * PAIR_BASE + second))
+    if not options:
+        return None
+    return options[zlib.crc32(caption.encode("utf-8")) % len(options)]
 
 
 def axis_words(axis: str) -> frozenset[str]:
@@ -135,11 +167,17 @@ def mirror_caption(caption: str, axes: Collection[str]) -> tuple[str, str] | Non
 
 
 def flip_images(images: torch.Tensor, axis_ids: torch.Tensor) -> torch.Tensor:
-    """Flip each [C, H, W] image of `images` [N, C, H, W] along its axis (0 horizontal, 1 vertical)."""
-    if axis_ids.numel() and not bool(((axis_ids == 0) | (axis_ids == 1)).all()):
-        raise ValueError(f"mirror axis ids must be 0 (horizontal) or 1 (vertical), got "
+    """Flip each [C, H, W] image of `images` [N, C, H, W] along its axis (0 horizontal, 1 vertical;
+    the composed axes flip along their flip's axis)."""
+    flips = {AXIS_TO_ID[axis]: AXIS_TO_ID[axis] for axis in SPATIAL_AXES}
+    flips.update({AXIS_TO_ID[axis]: AXIS_TO_ID[flip] for axis, flip in FLIP_COLOUR_AXES.items()})
+    if axis_ids.numel() and not set(axis_ids.tolist()) <= set(flips):
+        raise ValueError(f"mirror axis ids must be those of a flip ({sorted(flips)}), got "
                          f"{sorted(set(axis_ids.tolist()))}")
-    horizontal = (axis_ids == AXIS_TO_ID["horizontal"]).view(-1, *([1] * (images.dim() - 1)))
+    horizontal = torch.zeros_like(axis_ids, dtype=torch.bool)
+    for axis_id, flip in flips.items():
+        horizontal |= (axis_ids == axis_id) & (flip == AXIS_TO_ID["horizontal"])
+    horizontal = horizontal.view(-1, *([1] * (images.dim() - 1)))
     return torch.where(horizontal.to(images.device), images.flip(-1), images.flip(-2))
 
 

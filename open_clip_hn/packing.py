@@ -44,7 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Iterable,
 
 import torch
 
-from .mirror import AXIS_TO_ID, MirrorPairs, converse_captions, flip_images, mirror_pair
+from .mirror import (AXIS_TO_ID, COLOUR_AXES, FLIP_COLOUR_AXES, MirrorPairs, converse_captions,
+                     flip_images, mirror_pair)
 from .negatives.shards import NEGATIVES_EXTENSION, read_negatives
 from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 from .recolour import exchange_colours
@@ -64,8 +65,8 @@ class UnpackedTexts:
     neg_types: torch.Tensor  # [B, K] long, -1 where masked
     neg_blind: torch.Tensor  # [B, K] long: 1 a text-only reader rejects it, 0 not, -1 unknown
     mirror_tokens: torch.Tensor | None = None  # [B, L] caption of each mirrored image
-    mirror_axis: torch.Tensor | None = None  # [B] long: 0 horizontal, 1 vertical, 2 colour, -1 none
-    mirror_colours: torch.Tensor | None = None  # [B] long: colour pair code of axis 2, else -1
+    mirror_axis: torch.Tensor | None = None  # [B] long: mirror.AXIS_TO_ID, -1 none
+    mirror_colours: torch.Tensor | None = None  # [B] long: colour pair code of a colour axis, else -1
     converse_tokens: torch.Tensor | None = None  # [B, 2, L] converse of the caption, of the mirrored one
     converse_mask: torch.Tensor | None = None  # [B] bool: the sample has both
 
@@ -114,9 +115,16 @@ class PackedNegativeTokenizer:
 
     def __init__(self, tokenizer: Callable, num_negatives: int,
                  generator: "NegativeGenerator | None", types: Collection[str] = NEGATIVE_TYPES,
-                 mirror_axes: Collection[str] = (), converse: "NegativeGenerator | None" = None):
+                 mirror_axes: Collection[str] = (), converse: "NegativeGenerator | None" = None,
+                 parser: "NegativeGenerator | None" = None):
+        """`converse`: the parser that makes converse captions (None: none are packed);
+        `parser`: the one that phrases the composed mirror axes' captions (default: `converse`)."""
         if converse is not None and not mirror_axes:
             raise ValueError("converse captions are made from mirrored captions: give mirror_axes")
+        self.parser = parser or converse
+        if set(mirror_axes) & set(FLIP_COLOUR_AXES) and self.parser is None:
+            raise ValueError("the composed mirror axes (horizontal+colour, vertical+colour) need a "
+                             "caption parser: give parser")
         self.tokenizer = tokenizer
         self.num_negatives = num_negatives
         self.generator = generator
@@ -139,7 +147,7 @@ class PackedNegativeTokenizer:
         negatives = self.negatives_for(caption, precomputed) if self.num_negatives else []
         k = self.num_negatives
         texts = [caption] + [n["text"] for n in negatives] + [""] * (k - len(negatives))
-        mirrored = mirror_pair(caption, self.mirror_axes) if self.mirror_axes else None
+        mirrored = mirror_pair(caption, self.mirror_axes, self.parser) if self.mirror_axes else None
         if self.mirror_axes:
             texts.append(mirrored[0] if mirrored else "")
         converse = None
@@ -308,24 +316,28 @@ def mirror_images(images: torch.Tensor, axis: torch.Tensor, colours: torch.Tenso
     """(the mirrored images of the rows with a pair, in row order; each row's axis afterwards).
 
     Rows of a spatial axis are flipped; rows of the colour axis get their colours exchanged
-    (`recolour.exchange_colours`), and where the image does not show both colours the row's axis
-    becomes -1: the pair is dropped, not trained with an image that still matches its caption.
+    (`recolour.exchange_colours`); rows of a composed axis are flipped, then exchanged. Where the
+    image does not show both colours the row's axis becomes -1: the pair is dropped, not trained
+    with an image that still matches its caption.
     """
     axis = axis.to(images.device).clone()
-    colour_rows = (axis == AXIS_TO_ID["colour"]).nonzero().flatten()
-    recoloured = None
-    if colour_rows.numel():
-        recoloured, ok = exchange_colours(images[colour_rows], colours.to(images.device)[colour_rows],
-                                          tuple(mean), tuple(std))
-        axis[colour_rows[~ok]] = -1
-        recoloured, colour_rows = recoloured[ok], colour_rows[ok]
     rows = (axis >= 0).nonzero().flatten()
-    spatial = axis[rows] != AXIS_TO_ID["colour"]
-    mirrored = images[rows]
-    mirrored[spatial] = flip_images(mirrored[spatial], axis[rows][spatial])
-    if recoloured is not None:
-        mirrored[torch.searchsorted(rows, colour_rows)] = recoloured
+    mirrored, row_axis = images[rows], axis[rows]
+    flip = ~_is_axis(row_axis, ("colour",))
+    mirrored[flip] = flip_images(mirrored[flip], row_axis[flip])
+    exchange = _is_axis(row_axis, COLOUR_AXES)
+    if exchange.any():
+        recoloured, ok = exchange_colours(mirrored[exchange], colours.to(images.device)[rows][exchange],
+                                          tuple(mean), tuple(std))
+        mirrored[exchange] = recoloured
+        axis[rows[exchange][~ok]] = -1
+        mirrored = mirrored[axis[rows] >= 0]
     return mirrored, axis
+
+
+def _is_axis(axis_ids: torch.Tensor, axes: Collection[str]) -> torch.Tensor:
+    """[N] bool: the row's mirror axis is one of `axes`."""
+    return torch.isin(axis_ids, torch.tensor([AXIS_TO_ID[a] for a in axes], device=axis_ids.device))
 
 
 def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False,

@@ -28,6 +28,7 @@ import torch
 from . import provenance
 from . import state as hn_state
 from .config import TRAIN_DATA_VOCABULARY, HNConfig
+from .mirror import FLIP_COLOUR_AXES
 from .packing import PackedNegativeTokenizer, attach_model_hooks
 from .preemption import EpochPosition, StopRequest
 
@@ -175,13 +176,14 @@ class HardNegativeRun:
             if self.excluded_negatives:
                 logging.info("Online negatives never equal one of the %d distinct captions of %s",
                              len(set(self.excluded_negatives)), config.exclude_negatives)
-        converse = None
-        if config.packs_converse:  # its parser (the negatives' one when there is one)
+        parser = None
+        if config.packs_converse or set(config.mirror) & set(FLIP_COLOUR_AXES):
             from .negatives import NegativeGenerator
 
-            converse = generator or NegativeGenerator(seed=config.seed)
+            parser = generator or NegativeGenerator(seed=config.seed)  # the negatives' one if any
         return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
-                                       config.mirror, converse)
+                                       config.mirror, parser if config.packs_converse else None,
+                                       parser=parser)
 
     def data_ready(self, tokenizer: Callable, epoch: int, steps_per_epoch: int | None,
                    epochs: int) -> None:

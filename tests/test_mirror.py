@@ -64,7 +64,11 @@ def test_flip_images_per_row_axis():
     flipped = flip_images(images, torch.tensor([0, 1]))
     assert torch.equal(flipped[0], images[0].flip(-1))
     assert torch.equal(flipped[1], images[1].flip(-2))
-    with pytest.raises(ValueError, match="0 \\(horizontal\\) or 1 \\(vertical\\)"):
+    # the composed axes (horizontal+colour 3, vertical+colour 4) flip along their flip's axis
+    composed = flip_images(images, torch.tensor([4, 3]))
+    assert torch.equal(composed[0], images[0].flip(-2))
+    assert torch.equal(composed[1], images[1].flip(-1))
+    with pytest.raises(ValueError, match=r"those of a flip \(\[0, 1, 3, 4\]\), got \[0, 2\]"):
         flip_images(images, torch.tensor([0, 2]))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -296,3 +297,131 @@ def test_cached_prototypes_are_fp32_when_first_made_under_autocast():
     assert under_autocast.dtype == torch.float32
     torch.testing.assert_close(under_autocast, reference, rtol=0, atol=0)
 
+
+
+# composed axes (horizontal+colour, vertical+colour): a flip, then the colour exchange
+
+COMPOSED = ("horizontal+colour", "vertical+colour")
+
+
+@pytest.fixture(scope="module")
+def parser():
+    from open_clip_hn.negatives import NegativeGenerator
+
+    return NegativeGenerator()
+
+
+@pytest.mark.parametrize("caption, expected, composed_form", [
+    ("a red cube to the left of a blue cone",
+     ("a red cone to the left of a blue cube", "horizontal+colour", code("red", "blue")),
+     "a blue cube to the right of a red cone"),
+    ("a small purple cylinder below a large blue cone",
+     ("a large purple cone below a small blue cylinder", "vertical+colour", code("purple", "blue")),
+     "a small blue cylinder above a large purple cone"),
+])
+def test_a_composed_pair_keeps_each_colour_in_place_and_trades_the_objects(caption, expected,
+                                                                           composed_form, parser):
+    """The composed image (flipped, then its two colours exchanged) is described as a
+    swap-objects negative reads: the objects (shape and size) traded, each colour in place. Said
+    the other way round that is the flipped caption with its colours exchanged, which the
+    converse term also packs."""
+    from open_clip_hn.mirror import converse_captions
+
+    assert mirror_pair(caption, COMPOSED, parser) == expected
+    assert converse_captions(caption, expected[:2], parser)[1] == composed_form
+
+
+@pytest.mark.parametrize("caption", [
+    "a red cube and a blue cone",                      # no relation to flip along
+    "a cube to the left of a cone",                    # no colours to exchange
+    "a tiny pink cross over a tiny brown cross",       # alike but for colour: the scene itself
+    "a red car to the left of a blue car, beside two green cars",
+    "a red cube to the left of a blue cone and a green ball to the left of a cup",  # ambiguous
+])
+def test_captions_without_a_composed_pair(caption, parser):
+    assert mirror_pair(caption, COMPOSED, parser) is None
+
+
+def test_composed_axes_need_a_parser(tokenizer):
+    with pytest.raises(ValueError, match="need a caption parser"):
+        mirror_pair("a red cube to the left of a blue cone", ("horizontal", "vertical+colour"))
+    with pytest.raises(ValueError, match="need a caption parser: give parser"):
+        PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=COMPOSED)
+
+
+def test_objects_that_read_alike_but_for_colour_are_told_by_their_neighbour_words():
+    from open_clip_hn.recolour import colours_name_alike_objects
+
+    assert colours_name_alike_objects("a tiny pink cross over a tiny brown cross, beside two orange rings")
+    assert colours_name_alike_objects("A Red car left of a blue car and a red bus")  # first ones
+    assert not colours_name_alike_objects("a red car left of a blue bus")
+    assert not colours_name_alike_objects("a tiny pink cross over a huge brown cross")
+    assert not colours_name_alike_objects("a red cube")
+
+
+def test_composed_axes_share_captions_with_flips_by_the_caption_hash(parser):
+    axes = ("horizontal", "vertical", *COMPOSED)
+    captions = [f"a red cube to the left of a blue cone {i}" for i in range(40)]
+    kinds = [mirror_pair(c, axes, parser)[1] for c in captions]
+    assert {"horizontal", "horizontal+colour"} == set(kinds)
+    assert kinds == [mirror_pair(c, axes, parser)[1] for c in captions]
+    # without a composed axis listed, the choice between a flip and an exchange is as before
+    old = ("horizontal", "colour")
+    assert [mirror_pair(c, old)[1] for c in captions] == [
+        "colour" if zlib.crc32(c.encode()) % 2 else "horizontal" for c in captions]
+    assert build_parser().parse_args(["--hn-mirror", "vertical,horizontal+colour"]).hn_mirror == (
+        "vertical", "horizontal+colour")
+
+
+def test_mirror_images_flips_then_exchanges_on_composed_rows():
+    """Composed rows are the colour exchange of the flipped image: on the squares, red and blue
+    stay where they were while the green bystander is flipped; a row whose image lacks a colour
+    is dropped, in row order with the others."""
+    image = normalised(three_squares())
+    images = torch.stack([image] * 5)
+    axis = torch.tensor([3, 0, 4, 3, -1])  # horizontal+colour, flip, vertical+colour, dropped
+    colours = torch.tensor([code("red", "blue"), -1, code("red", "blue"), code("red", "yellow"), -1])
+    mirrored, kept = mirror_images(images, axis, colours, MEAN, STD)
+    assert kept.tolist() == [3, 0, 4, -1, -1]
+    exchanged, _ = exchange_colours(torch.stack([image.flip(-1), image.flip(-2)]),
+                                    torch.tensor([code("red", "blue")] * 2), MEAN, STD)
+    torch.testing.assert_close(mirrored, torch.stack([exchanged[0], image.flip(-1), exchanged[1]]))
+    got, rgb = rgb_of(mirrored[0]), three_squares()
+    torch.testing.assert_close(got[:, 2:10, 2:10], rgb[:, 2:10, 2:10], atol=1e-5, rtol=0)  # red stays
+    torch.testing.assert_close(got[:, 2:10, 14:22], rgb[:, 2:10, 14:22], atol=1e-5, rtol=0)  # blue
+    torch.testing.assert_close(got[:, 14:22, 8:16], rgb.flip(-1)[:, 14:22, 8:16], atol=1e-5, rtol=0)
+
+
+def test_model_hook_encodes_composed_pairs_with_their_captions_and_converse(tokenizer, parser):
+    model, images, mean, std = tiny_model_and_squares(2)
+    captions = ["a red cube to the left of a blue cone", "a cube to the left of a cone"]
+    packer = PackedNegativeTokenizer(tokenizer, 0, None, mirror_axes=COMPOSED, converse=parser)
+    attach_model_hooks(model, 0, mirror=True, converse=True)
+    hooked = model(images, packer(captions))
+    assert hooked["hn_mirror_mask"].tolist() == [True, False]
+    assert hooked["hn_mirror_converse_mask"].tolist() == [True, False]
+    composed, _ = exchange_colours(images[:1].flip(-1), torch.tensor([code("red", "blue")]), mean, std)
+    torch.testing.assert_close(hooked["hn_mirror_image_features"][0],
+                               model.encode_image(composed, normalize=True)[0])
+    texts = model.encode_text(tokenizer(["a red cone to the left of a blue cube",
+                                         "a blue cone to the right of a red cube",
+                                         "a blue cube to the right of a red cone"]), normalize=True)
+    torch.testing.assert_close(hooked["hn_mirror_text_features"][0], texts[0])
+    torch.testing.assert_close(hooked["hn_mirror_converse_features"][0], texts[1:])
+
+
+def test_the_run_gives_composed_axes_a_parser_without_negatives_or_converse(tokenizer):
+    """--hn-mirror vertical+colour alone: the loader's packer gets a parser of its own (no text
+    negatives, no converse term), and packs no converse captions."""
+    import argparse
+
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.hooks import train_tokenizer
+    from open_clip_hn.run import HardNegativeRun
+
+    args = argparse.Namespace(train_data=None, dataset_type="webdataset")
+    packer = train_tokenizer(HardNegativeRun(HNConfig(mirror=("vertical+colour",))), tokenizer, args)
+    assert packer.parser is not None and packer.converse is None and packer.generator is None
+    unpacked = unpack_texts(packer(["a small purple cylinder below a large blue cone"]), 0, mirror=True)
+    assert unpacked.mirror_axis.tolist() == [4] and unpacked.converse_tokens is None
+    assert torch.equal(unpacked.mirror_tokens, tokenizer(["a large purple cone below a small blue cylinder"]))
