@@ -24,9 +24,10 @@ caption's relation axis and then its two colours exchanged. Each colour stays wh
 objects trade places, so the pair differs only in which shape is where: the image-side pair for
 object binding, which neither a flip (positions) nor an exchange (colours) asks the image tower to
 read. Its caption is said as a swap-objects negative reads ("a red cube left of a blue cone" ->
-"a red cone left of a blue cube"), so that negative now has the picture it describes. Where
-the two objects read alike apart from their colours ("a pink cross over a brown cross") the
-composed pair would be the scene itself, so such captions get no composed pair.
+"a red cone left of a blue cube"; the objects trade their sizes too, where they differ). A caption
+gets a composed pair only where that holds: exactly one relation word of a flip, each of the
+relation's two objects coloured with one of the two exchanged colours, and the two objects
+differing in more than colour ("a pink cross over a brown cross" would give the scene itself).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Collection
 import torch
 
 from .distributed import gather_rows
-from .recolour import PAIR_BASE, colours_name_alike_objects, exchange_colour_words
+from .recolour import COLOUR_TO_ID, PAIR_BASE, colour_prototype, exchange_colour_words, phrase_colour
 
 if TYPE_CHECKING:
     from .negatives import NegativeGenerator
@@ -87,29 +88,54 @@ def mirror_pair(caption: str, axes: Collection[str],
     (that flip, then that exchange); where several apply, a hash of the caption picks one. The
     composed image is described the way a swap-objects negative reads: the caption with its two
     related objects traded and each colour kept in place (`parser`, needed for composed axes,
-    does the trade; where its parse is ambiguous there is no composed option).
+    finds and trades them; see `_objects_trade_places` for when there is no composed option).
     """
     options: list[tuple[str, str, int]] = []
     flipped = mirror_caption(caption, axes)
     if flipped is not None:
         options.append((*flipped, -1))
-    exchanged = exchange_colour_words(caption)
+    composed = [flip for axis, flip in FLIP_COLOUR_AXES.items() if axis in axes]
+    exchanged = exchange_colour_words(caption) if "colour" in axes or composed else None
     if "colour" in axes and exchanged is not None:
         text, first, second = exchanged
         options.append((text, "colour", first * PAIR_BASE + second))
-    composed = [flip for axis, flip in FLIP_COLOUR_AXES.items() if axis in axes]
     if composed and parser is None:
         raise ValueError("the composed mirror axes (horizontal+colour, vertical+colour) need a "
                          "caption parser to trade the related objects")
     relation = mirror_caption(caption, composed) if composed else None
-    if relation is not None and exchanged is not None and not colours_name_alike_objects(caption):
+    if relation is not None and exchanged is not None and _axis_word_count(caption) == 1:
         text, first, second = exchanged
-        traded = parser.exchange_related_objects(text, axis_words(relation[1]))
+        words = axis_words(relation[1])
+        phrases = parser.related_objects(caption, words)
+        traded = (parser.exchange_related_objects(text, words)
+                  if phrases is not None and _objects_trade_places(phrases, first, second) else None)
         if traded is not None:
             options.append((traded, f"{relation[1]}+colour", first * PAIR_BASE + second))
     if not options:
         return None
     return options[zlib.crc32(caption.encode("utf-8")) % len(options)]
+
+
+_ARTICLES = frozenset(("a", "an", "the", "another"))
+
+
+def _axis_word_count(caption: str) -> int:
+    """How many relation words of any spatial axis the caption holds: a flip reverses them all,
+    while a trade of the related objects keeps every other one's meaning, so a composed pair
+    needs exactly one."""
+    return sum(len(pattern.findall(caption)) for pattern in _AXIS_PATTERNS.values())
+
+
+def _objects_trade_places(phrases: tuple[list[str], list[str]], first: int, second: int) -> bool:
+    """A flip and the exchange of colours `first` and `second` trade the relation's two objects
+    while each colour stays in place: each phrase names one of the two colours, and the phrases
+    differ in more than colour and article (else the composed image is the scene itself)."""
+    colours = [phrase_colour(words) for words in phrases]
+    if None in colours or set(colours) != {colour_prototype(first), colour_prototype(second)}:
+        return False
+    bare = [[w.lower() for w in words if w.lower() not in COLOUR_TO_ID and w.lower() not in _ARTICLES]
+            for words in phrases]
+    return bare[0] != bare[1]
 
 
 def axis_words(axis: str) -> frozenset[str]:

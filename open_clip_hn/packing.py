@@ -336,8 +336,12 @@ def mirror_images(images: torch.Tensor, axis: torch.Tensor, colours: torch.Tenso
 
 
 def _is_axis(axis_ids: torch.Tensor, axes: Collection[str]) -> torch.Tensor:
-    """[N] bool: the row's mirror axis is one of `axes`."""
-    return torch.isin(axis_ids, torch.tensor([AXIS_TO_ID[a] for a in axes], device=axis_ids.device))
+    """[N] bool: the row's mirror axis is one of `axes` (comparisons: no id tensor to copy to
+    the device every step)."""
+    found = torch.zeros_like(axis_ids, dtype=torch.bool)
+    for axis in axes:
+        found |= axis_ids == AXIS_TO_ID[axis]
+    return found
 
 
 def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False,

@@ -101,19 +101,16 @@ def exchange_colour_words(caption: str) -> tuple[str, int, int] | None:
     return _WITH_ARTICLE.sub(exchange, caption), COLOUR_TO_ID[first], COLOUR_TO_ID[second]
 
 
-def colours_name_alike_objects(caption: str) -> bool:
-    """True when the caption's first two different colours stand between the same words ("a
-    tiny pink cross over a tiny brown cross"): the two objects read alike apart from their
-    colours, so exchanging the colours of the flipped image gives back the scene itself
-    (`mirror.py`'s composed axes drop such pairs; a false negative, not a hard one)."""
-    words = re.findall(r"[\w'-]+", caption.lower())
-    seen: dict[tuple[int, int, int], tuple[str, str]] = {}
-    for index, word in enumerate(words):
-        if word in COLOUR_TO_ID and _prototype(word) not in seen:
-            seen[_prototype(word)] = (words[index - 1] if index else "",
-                                      words[index + 1] if index + 1 < len(words) else "")
-    neighbours = list(seen.values())[:2]
-    return len(neighbours) == 2 and neighbours[0] == neighbours[1]
+def phrase_colour(words: Sequence[str]) -> tuple[int, int, int] | None:
+    """The prototype of the one colour a phrase names (synonyms are one colour); None where it
+    names none or several."""
+    found = {_prototype(word) for word in (w.lower() for w in words) if word in COLOUR_TO_ID}
+    return found.pop() if len(found) == 1 else None
+
+
+def colour_prototype(colour_id: int) -> tuple[int, int, int]:
+    """The prototype of a colour id (`exchange_colour_words`' ids)."""
+    return _prototype(COLOUR_NAMES[colour_id])
 
 
 @functools.lru_cache(maxsize=32)

@@ -199,13 +199,10 @@ def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
 _COPULAS = frozenset(("is", "are"))
 
 
-def exchange_related_objects(res: Resources, p: Parse, relation_words: Collection[str]) -> Edit | None:
-    """The subject and the object of the caption's one spatial relation that holds a word of
-    `relation_words` trade places ("a cube to the left of a cone" -> "a cone to the left of a
-    cube"). Applied to a mirrored caption this gives the converse of the original ("a cone to the
-    right of a cube": the same scene in other words). None unless the parse is unambiguous: one
-    such relation, the caption's first noun phrase right before it (a copula between is fine), a
-    noun phrase right after it, and the two differ."""
+def related_phrases(p: Parse, relation_words: Collection[str]) -> tuple[NounPhrase, NounPhrase] | None:
+    """(subject, object) noun phrases of the caption's one spatial relation that holds a word of
+    `relation_words`. None unless the parse is unambiguous: one such relation, the caption's first
+    noun phrase right before it (a copula between is fine) and a noun phrase right after it."""
     words = {w.lower() for w in relation_words}
     relations = [i for i, kind in enumerate(p.kinds)
                  if kind == "rel" and words & set(p.words[i].lower().split())]
@@ -216,10 +213,23 @@ def exchange_related_objects(res: Resources, p: Parse, relation_words: Collectio
     between = [w.lower() for w in p.words[subject.end:at]]
     if not after or subject.end > at or any(w not in _COPULAS for w in between):
         return None
-    if [w.lower() for w in p.words[subject.start:subject.end]] == \
-            [w.lower() for w in p.words[after[0].start:after[0].end]]:
+    return subject, after[0]
+
+
+def exchange_related_objects(res: Resources, p: Parse, relation_words: Collection[str]) -> Edit | None:
+    """The subject and the object of the caption's one spatial relation that holds a word of
+    `relation_words` trade places ("a cube to the left of a cone" -> "a cone to the left of a
+    cube"). Applied to a mirrored caption this gives the converse of the original ("a cone to the
+    right of a cube": the same scene in other words). None unless `related_phrases` finds the two
+    and they differ."""
+    phrases = related_phrases(p, relation_words)
+    if phrases is None:
         return None
-    return _trade_phrases(res, p, subject, after[0])
+    subject, reference = phrases
+    if [w.lower() for w in p.words[subject.start:subject.end]] == \
+            [w.lower() for w in p.words[reference.start:reference.end]]:
+        return None
+    return _trade_phrases(res, p, subject, reference)
 
 
 def replace_object(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
@@ -599,6 +609,14 @@ class NegativeGenerator:
             return None
         edit = exchange_related_objects(_resources(), parse, relation_words)
         return None if edit is None else parse.render(*edit)
+
+    def related_objects(self, caption: object, relation_words: Collection[str]
+                        ) -> tuple[list[str], list[str]] | None:
+        """The words of the subject and object phrases of `caption`'s one relation along
+        `relation_words` (see `related_phrases`); None where that is ambiguous."""
+        parse = self.parse(caption)
+        phrases = None if parse is None else related_phrases(parse, relation_words)
+        return None if phrases is None else tuple(parse.words[np.start:np.end] for np in phrases)
 
     def candidates(self, caption: object, k: int = 1_000_000) -> dict[str, list[str]]:
         """Every type's valid candidate texts for `caption` (used by `show`), best first."""
