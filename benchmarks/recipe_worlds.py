@@ -103,8 +103,9 @@ VARIANTS: dict[str, list[str]] = {
     # only negatives that move shapes (session 20's reading: the ViT binds colours, not shapes)
     "recommended.yaml, shape negatives only": ["--hn-config", RECOMMENDED, "--hn-types",
                                                "swap_objects,replace_object"],
-    # half the mirrored pairs flip and exchange the two colours: each colour stays in place and
-    # the shapes trade places, the image-side pair for object binding (session 20's reading)
+    # where a caption allows it, a hash picks a flip or a flip with the two colours exchanged (about
+    # 40% of the pairs): each colour stays in place and the objects trade places, the image-side
+    # pair for object binding (session 20's reading)
     "recommended.yaml, shape-exchanged pairs": ["--hn-config", RECOMMENDED, "--hn-mirror",
                                                 "horizontal,vertical,horizontal+colour,vertical+colour"],
     # the text tower never trained through the generated negatives (session 18's hypothesis: it

@@ -1,5 +1,5 @@
-"""Mirrored image pairs: the image-side hard negatives that teach spatial relations (flips) and
-attribute binding (colour exchange).
+"""Mirrored image pairs: the image-side hard negatives that teach spatial relations (flips),
+attribute binding (colour exchange) and object binding (both composed).
 
 Text negatives alone leave "left of" vs "right of" at chance: the image never has to encode the
 layout, because no batch holds two images that differ only in it. Mirroring an image whose caption
@@ -52,6 +52,8 @@ FLIP_COLOUR_AXES = {"horizontal+colour": "horizontal", "vertical+colour": "verti
 # axes whose image needs a colour exchange (a colour pair code travels with them)
 COLOUR_AXES = ("colour", *FLIP_COLOUR_AXES)
 AXIS_TO_ID = {axis: index for index, axis in enumerate(MIRROR_AXES)}
+# words a composed pair's two objects may differ in and still be the same object
+_ARTICLES = frozenset(("a", "an", "the", "another"))
 
 # words that a flip along the axis turns into each other (both directions are listed)
 _AXIS_WORDS: dict[str, dict[str, str]] = {
@@ -116,9 +118,6 @@ def mirror_pair(caption: str, axes: Collection[str],
     return options[zlib.crc32(caption.encode("utf-8")) % len(options)]
 
 
-_ARTICLES = frozenset(("a", "an", "the", "another"))
-
-
 def _axis_word_count(caption: str) -> int:
     """How many relation words of any spatial axis the caption holds: a flip reverses them all,
     while a trade of the related objects keeps every other one's meaning, so a composed pair
@@ -149,8 +148,8 @@ def converse_captions(caption: str, mirrored: tuple[str, str] | None,
     said in other words, its relation reversed and the relation's two objects exchanged
     (`parser.exchange_related_objects`): "a cube to the left of a cone" -> "a cone to the right
     of a cube". For a flip the mirrored caption already has the relation reversed; for a colour
-    exchange both captions are first reversed along the first spatial axis they speak of, so the
-    term also asks the text tower to bind each colour to its object. None without a mirrored
+    exchange or a composed pair both captions are first reversed along the first spatial axis they
+    speak of, so the term also asks the text tower to bind each colour to its object. None without a mirrored
     caption, without a spatial relation, or where either exchange is ambiguous."""
     if mirrored is None:
         return None

@@ -21,8 +21,8 @@ Row layout per sample, K negatives, context length L, M = META_COLUMNS:
     (1 + K [+ 1 [+ 2]]) blocks of [L token ids | SENTINEL, valid, type_id, blind]
 blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking),
 and with `--hn-mirror` one more block: the caption of the mirrored image (`mirror.py`), whose
-type_id is the mirror axis and whose `blind` column holds the colour pair of a colour exchange
-(`recolour.PAIR_BASE` * first + second colour id; -1 for a flip); with the converse term two
+type_id is the mirror axis and whose `blind` column holds the colour pair of a colour exchange or
+a composed axis (`recolour.PAIR_BASE` * first + second colour id; -1 for a flip); with the converse term two
 more: the converse of the caption (the same scene said the other way round: relation reversed,
 its two objects exchanged) and the converse of the mirrored caption (`mirror.converse_captions`),
 both valid or both masked. `blind` is 1

@@ -298,7 +298,6 @@ def test_cached_prototypes_are_fp32_when_first_made_under_autocast():
     torch.testing.assert_close(under_autocast, reference, rtol=0, atol=0)
 
 
-
 # composed axes (horizontal+colour, vertical+colour): a flip, then the colour exchange
 
 COMPOSED = ("horizontal+colour", "vertical+colour")
