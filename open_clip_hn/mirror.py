@@ -149,8 +149,8 @@ def converse_captions(caption: str, mirrored: tuple[str, str] | None,
     (`parser.exchange_related_objects`): "a cube to the left of a cone" -> "a cone to the right
     of a cube". For a flip the mirrored caption already has the relation reversed; for a colour
     exchange or a composed pair both captions are first reversed along the first spatial axis they
-    speak of, so the term also asks the text tower to bind each colour to its object. None without a mirrored
-    caption, without a spatial relation, or where either exchange is ambiguous."""
+    speak of, so the term also asks the text tower to bind each colour to its object. None without
+    a mirrored caption, without a spatial relation, or where either exchange is ambiguous."""
     if mirrored is None:
         return None
     mirror_text, axis = mirrored
@@ -191,18 +191,24 @@ def mirror_caption(caption: str, axes: Collection[str]) -> tuple[str, str] | Non
     return None
 
 
+def axis_in(axis_ids: torch.Tensor, axes: Collection[str]) -> torch.Tensor:
+    """[N] bool: the row's mirror axis id is one of `axes` (comparisons: no id tensor to copy to
+    the device every step)."""
+    found = torch.zeros_like(axis_ids, dtype=torch.bool)
+    for axis in axes:
+        found |= axis_ids == AXIS_TO_ID[axis]
+    return found
+
+
 def flip_images(images: torch.Tensor, axis_ids: torch.Tensor) -> torch.Tensor:
     """Flip each [C, H, W] image of `images` [N, C, H, W] along its axis (0 horizontal, 1 vertical;
     the composed axes flip along their flip's axis)."""
-    flips = {AXIS_TO_ID[axis]: AXIS_TO_ID[axis] for axis in SPATIAL_AXES}
-    flips.update({AXIS_TO_ID[axis]: AXIS_TO_ID[flip] for axis, flip in FLIP_COLOUR_AXES.items()})
-    if axis_ids.numel() and not set(axis_ids.tolist()) <= set(flips):
-        raise ValueError(f"mirror axis ids must be those of a flip ({sorted(flips)}), got "
-                         f"{sorted(set(axis_ids.tolist()))}")
-    horizontal = torch.zeros_like(axis_ids, dtype=torch.bool)
-    for axis_id, flip in flips.items():
-        horizontal |= (axis_ids == axis_id) & (flip == AXIS_TO_ID["horizontal"])
-    horizontal = horizontal.view(-1, *([1] * (images.dim() - 1)))
+    flipping = (*SPATIAL_AXES, *FLIP_COLOUR_AXES)
+    if axis_ids.numel() and not bool(axis_in(axis_ids, flipping).all()):
+        raise ValueError(f"mirror axis ids must be those of a flip "
+                         f"({sorted(map(AXIS_TO_ID.get, flipping))}), got {sorted(set(axis_ids.tolist()))}")
+    horizontal_axes = [axis for axis in flipping if FLIP_COLOUR_AXES.get(axis, axis) == "horizontal"]
+    horizontal = axis_in(axis_ids, horizontal_axes).view(-1, *([1] * (images.dim() - 1)))
     return torch.where(horizontal.to(images.device), images.flip(-1), images.flip(-2))
 
 

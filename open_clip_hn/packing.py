@@ -22,13 +22,12 @@ Row layout per sample, K negatives, context length L, M = META_COLUMNS:
 blocks in order caption, negative_1, ..., negative_K (interleaved per sample after unpacking),
 and with `--hn-mirror` one more block: the caption of the mirrored image (`mirror.py`), whose
 type_id is the mirror axis and whose `blind` column holds the colour pair of a colour exchange or
-a composed axis (`recolour.PAIR_BASE` * first + second colour id; -1 for a flip); with the converse term two
-more: the converse of the caption (the same scene said the other way round: relation reversed,
-its two objects exchanged) and the converse of the mirrored caption (`mirror.converse_captions`),
-both valid or both masked. `blind` is 1
-where the plausibility model (`--hn-plausibility`) scores the negative below its caption, i.e. a
-text-only reader would reject it (0: it would not, -1: no model), so the objective can log that
-share (`Hn_blind`).
+a composed axis (`recolour.PAIR_BASE` * first + second colour id; -1 for a flip); with the
+converse term two more: the converse of the caption (the same scene said the other way round:
+relation reversed, its two objects exchanged) and the converse of the mirrored caption
+(`mirror.converse_captions`), both valid or both masked. `blind` is 1 where the plausibility
+model (`--hn-plausibility`) scores the negative below its caption, i.e. a text-only reader would
+reject it (0: it would not, -1: no model), so the objective can log that share (`Hn_blind`).
 
 Precomputed negatives (`neg.json` members, see `negatives/shards.py`) reach the tokenizer through
 the only field OpenCLIP's pipeline carries to it, the caption string: `samples_with_precomputed_
@@ -44,8 +43,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Collection, Iterable,
 
 import torch
 
-from .mirror import (AXIS_TO_ID, COLOUR_AXES, FLIP_COLOUR_AXES, MirrorPairs, converse_captions,
-                     flip_images, mirror_pair)
+from .mirror import (AXIS_TO_ID, COLOUR_AXES, FLIP_COLOUR_AXES, MirrorPairs, axis_in,
+                     converse_captions, flip_images, mirror_pair)
 from .negatives.shards import NEGATIVES_EXTENSION, read_negatives
 from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 from .recolour import exchange_colours
@@ -323,9 +322,9 @@ def mirror_images(images: torch.Tensor, axis: torch.Tensor, colours: torch.Tenso
     axis = axis.to(images.device).clone()
     rows = (axis >= 0).nonzero().flatten()
     mirrored, row_axis = images[rows], axis[rows]
-    flip = ~_is_axis(row_axis, ("colour",))
+    flip = ~axis_in(row_axis, ("colour",))
     mirrored[flip] = flip_images(mirrored[flip], row_axis[flip])
-    exchange = _is_axis(row_axis, COLOUR_AXES)
+    exchange = axis_in(row_axis, COLOUR_AXES)
     if exchange.any():
         recoloured, ok = exchange_colours(mirrored[exchange], colours.to(images.device)[rows][exchange],
                                           tuple(mean), tuple(std))
@@ -333,15 +332,6 @@ def mirror_images(images: torch.Tensor, axis: torch.Tensor, colours: torch.Tenso
         axis[rows[exchange][~ok]] = -1
         mirrored = mirrored[axis[rows] >= 0]
     return mirrored, axis
-
-
-def _is_axis(axis_ids: torch.Tensor, axes: Collection[str]) -> torch.Tensor:
-    """[N] bool: the row's mirror axis is one of `axes` (comparisons: no id tensor to copy to
-    the device every step)."""
-    found = torch.zeros_like(axis_ids, dtype=torch.bool)
-    for axis in axes:
-        found |= axis_ids == AXIS_TO_ID[axis]
-    return found
 
 
 def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool = False,
