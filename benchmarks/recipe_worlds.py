@@ -63,6 +63,8 @@ HINGE = [*SESSION10, "--hn-converse-weight", "10", "--hn-converse-margin", "0.02
 REBINDING_INDEX = "{rebinding neighbours}"
 # stands for the setting's held-out test sets (the folder every run is scored on)
 TEST_SETS = "{test sets}"
+# the recipe's online text negatives off, with the flags that only apply to them
+WITHOUT_TEXT_NEGATIVES = ["--hn-negatives", "none", "--hn-vocabulary", "none", "--hn-plausibility", "none"]
 # variant name -> extra flags of the continued run (vanilla: none, plain OpenCLIP)
 VARIANTS: dict[str, list[str]] = {
     "vanilla": [],
@@ -111,6 +113,17 @@ VARIANTS: dict[str, list[str]] = {
     # the text tower never trained through the generated negatives (session 18's hypothesis: it
     # learns to reject a caption for having been another image's negative)
     "recommended.yaml, negatives without gradient": ["--hn-config", RECOMMENDED, "--hn-negative-grad", "none"],
+    "recommended.yaml, choice without image gradient": ["--hn-config", RECOMMENDED, "--hn-choice-grad", "text"],
+    "recommended.yaml, choice without text gradient": ["--hn-config", RECOMMENDED, "--hn-choice-grad", "image"],
+    # diagnostics, not recipes: the recipe's terms apart, without generated text negatives
+    "recommended.yaml, mined negatives in place of generated": [
+        "--hn-config", RECOMMENDED, *WITHOUT_TEXT_NEGATIVES, "--hn-loss", "clip,mined",
+        "--hn-memory-bank-size", "4096", "--hn-false-negative-threshold", "0.95"],
+    "recommended.yaml, mirrors only (no converse, no text negatives)": [
+        "--hn-config", RECOMMENDED, *WITHOUT_TEXT_NEGATIVES, "--hn-loss", "clip",
+        "--hn-converse-weight", "0", "--hn-converse-margin", "0"],
+    "recommended.yaml, converse only (mirror weight 0, no text negatives)": [
+        "--hn-config", RECOMMENDED, *WITHOUT_TEXT_NEGATIVES, "--hn-loss", "clip", "--hn-mirror-weight", "0"],
     # a diagnostic, not a recipe: in these small worlds most swap test captions are among the
     # recipe's own training negatives; never generating them tells what that costs the test
     "recommended.yaml, test captions never negatives": ["--hn-config", RECOMMENDED,

@@ -10,7 +10,10 @@ negative in effect). Per checkpoint it prints the share of negatives the image r
 (cos(image, caption) > cos(image, negative)) and the text tower's mean cos(caption, negative).
 With --test-sets it also splits the swap test sets' errors by item kind (size words exchanged or
 other attributes; with or without a bystander) and by whether the negative's composition was
-seen in training (`negative_split`).
+seen in training (`negative_split`), and scores them once more with each image embedding
+centred on the set's mean image: a caption-only prior (a negative pushed away from every image,
+as a caption seen only as a negative could be) lies along that mean and drops out there, so a
+centred error well below the plain one would point to such a prior.
 
     python benchmarks/swap_fit.py --train-data 'recipe-worlds/data-world2/train/shard-{00000..00015}.tar' \\
         --model-config open_clip_hn/model_configs/hn-vit4-64.json \\
@@ -85,6 +88,14 @@ def negative_split(negative: str) -> str:
     return "-"
 
 
+def centred_choice(images: torch.Tensor, options: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`choice_correct` with each image [N, D] centred on the images' mean, and each item's
+    caption prior <mean image, caption - negative> [N] (options [N, 2, D]). A score shared by
+    every image (a caption-only prior) lies along the mean and cancels in the centred choice."""
+    mean = images.mean(dim=0)
+    return hn_eval.choice_correct(images - mean, options), (options[:, 0] - options[:, 1]) @ mean
+
+
 def score_training_negatives(model, preprocess, tokenizer, rows, device: str):
     """{(type, kind): (image rejects negative [n], cos(caption, negative) [n])}."""
     out: dict[tuple[str, str], list[tuple[bool, float]]] = defaultdict(list)
@@ -154,7 +165,9 @@ def main() -> None:
                                            args.device, 256, nullcontext)
             texts = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
                                          args.device, 256, nullcontext)
-            correct = hn_eval.choice_correct(images, texts.view(len(items), 2, -1))
+            options = texts.view(len(items), 2, -1)
+            correct = hn_eval.choice_correct(images, options)
+            centred, prior_gap = centred_choice(images, options)
             errors: dict[str, list[bool]] = defaultdict(list)
             by_split: dict[str, list[bool]] = defaultdict(list)
             for (_, _, pair), right in zip(items, correct.tolist()):
@@ -165,6 +178,9 @@ def main() -> None:
             print(f"  test {name}, by the negative's composition: " + ", ".join(
                 f"{NEGATIVE_SPLITS.get(kind, kind)} error {sum(v) / len(v):.3f} ({len(v)})"
                 for kind, v in sorted(by_split.items())))
+            print(f"  test {name}, images centred: error {1 - centred.float().mean():.3f} (plain "
+                  f"{1 - correct.float().mean():.3f}); mean image norm {images.mean(dim=0).norm():.3f}, "
+                  f"caption prior <mean image, caption - negative> {prior_gap.mean():+.4f}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ CURRICULA = ("const", "linear", "cosine", "step")
 MINER_BACKENDS = ("torch", "faiss")
 RANK_THRESHOLD_MODES = ("adaptive-mean", "adaptive-max")
 DISTILL_TEACHERS = ("none", "frozen", "ema")
+CHOICE_GRAD_MODES = ("both", "image", "text")
 TRAIN_DATA_VOCABULARY = "train-data"  # --hn-vocabulary: the words of the training captions
 def _loss_terms(value: str) -> tuple[str, ...]:
     terms = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
@@ -62,6 +63,7 @@ class HNConfig:
     swap_reorders: str = "keep"  # keep | drop: swap negatives that only reorder the noun phrases
     exclude_negatives: str | None = None  # evaluation folder or caption file: never a negative
     negative_grad: str = "full"  # full | none: whether the text negatives' features carry gradient
+    choice_grad: str = "both"  # both | image | text: the tower(s) the choice term trains
     # objectives
     # `<term>_weight` for each term registered with a weight (terms.py; a test checks the pairing)
     choice_weight: float = 1.0
@@ -175,6 +177,12 @@ class HNConfig:
         if self.negative_grad == "none" and not self.uses_text_negatives:
             raise ValueError("--hn-negative-grad none needs text negatives to act on: add --hn-negatives "
                              "online (or precomputed) and --hn-num-negatives K >= 1, or drop the flag")
+        if self.choice_grad not in CHOICE_GRAD_MODES:
+            raise ValueError(f"--hn-choice-grad must be one of {', '.join(CHOICE_GRAD_MODES)}, "
+                             f"got {self.choice_grad!r}")
+        if self.choice_grad != "both" and "choice" not in self.loss:
+            raise ValueError(f"--hn-choice-grad {self.choice_grad} acts on the choice term: add choice "
+                             "to --hn-loss, or drop the flag")
         if self.swap_reorders not in ("keep", "drop"):
             raise ValueError(f"--hn-swap-reorders must be keep or drop, got {self.swap_reorders!r}")
         if self.swap_reorders == "drop" and self.negatives != "online":
@@ -279,6 +287,13 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "a caption away because it was seen as a negative (in a small or templated caption "
              "space a caption is often another image's negative); to win a choice the image must "
              "be read. Mirrored and converse captions (--hn-mirror) keep their gradient.")
+    add("--hn-choice-grad", dest="hn_choice_grad", choices=CHOICE_GRAD_MODES, default="both",
+        help="Which tower the choice term trains: 'both' (the default); 'image', where the caption "
+             "and its negatives are constants in the term, so only the image tower (and the logit "
+             "scale) learns to pick the caption; 'text', where the image is a constant, so only the "
+             "text tower learns to tell the caption from its negatives. Other terms are unchanged. "
+             "Measured on the two ViT settings of issue 21: neither brings the swap errors nearer "
+             "the targets than the recipe does (benchmarks/RESULTS.md, session 22).")
     for term in TERMS.values():
         if term.weight:
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,

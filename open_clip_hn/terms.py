@@ -282,10 +282,15 @@ def clip(b: TermBatch, ctx: TermContext) -> torch.Tensor:
                        "negatives")
 def choice(b: TermBatch, ctx: TermContext) -> torch.Tensor:
     c = ctx.config
+    image, text, negatives = b.image, b.text, b.negatives
+    if c.choice_grad == "image":  # --hn-choice-grad: the captions are constants here
+        text, negatives = text.detach(), negatives.detach()
+    elif c.choice_grad == "text":
+        image = image.detach()
     if c.label_smoothing or c.focal_gamma:
-        return L.softened_choice_loss(b.image, b.text, b.negatives, b.anchor_used, ctx.logit_scale,
+        return L.softened_choice_loss(image, text, negatives, b.anchor_used, ctx.logit_scale,
                                       c.label_smoothing, c.focal_gamma)
-    return L.choice_loss(b.image, b.text, b.negatives, b.anchor_used, ctx.logit_scale)
+    return L.choice_loss(image, text, negatives, b.anchor_used, ctx.logit_scale)
 
 
 @register_term("intra", weight=True, curriculum=True, needs=("text_negatives",),

@@ -283,3 +283,39 @@ def test_negative_grad_flag_reaches_the_config():
         parser.parse_args(["--hn-negative-grad", "off"])
     with pytest.raises(ValueError, match="--hn-negative-grad none needs text negatives"):
         HNConfig(negative_grad="none").validate()
+
+
+def test_choice_grad_keeps_the_loss_and_trains_only_the_named_tower():
+    """--hn-choice-grad image|text: the choice term's value is unchanged, and its gradient reaches
+    only the image features ('image') or only the caption and negative features ('text')."""
+    image, text, mask, types = batch(seed=6)
+    grads, values = {}, {}
+    for mode in ("both", "image", "text"):
+        image_in, text_in = image.clone().requires_grad_(), text.clone().requires_grad_()
+        loss_fn = HardNegativeLoss(HNConfig(negatives="online", num_negatives=K, loss=("choice",),
+                                            choice_grad=mode))
+        out = loss_fn(image_in, text_in, SCALE, PackedOutputs(mask, types), output_dict=True)
+        out["choice_loss"].backward()
+        values[mode] = float(out["choice_loss"].detach())
+        grads[mode] = image_in.grad, text_in.grad
+    assert values["image"] == values["both"] == values["text"]
+    assert grads["both"][0].abs().sum() > 0 and grads["both"][1].abs().sum() > 0
+    torch.testing.assert_close(grads["image"][0], grads["both"][0])
+    assert grads["image"][1] is None or not grads["image"][1].any()
+    torch.testing.assert_close(grads["text"][1], grads["both"][1])
+    assert grads["text"][0] is None or not grads["text"][0].any()
+
+
+def test_choice_grad_flag_reaches_the_config_and_needs_the_choice_term():
+    import argparse
+
+    from open_clip_hn.config import add_hn_arguments
+    parser = argparse.ArgumentParser()
+    add_hn_arguments(parser)
+    assert HNConfig.from_args(parser.parse_args([])).choice_grad == "both"
+    args = parser.parse_args(["--hn-negatives", "online", "--hn-loss", "itc,choice", "--hn-choice-grad", "text"])
+    assert HNConfig.from_args(args).choice_grad == "text"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--hn-choice-grad", "none"])
+    with pytest.raises(ValueError, match="--hn-choice-grad image acts on the choice term"):
+        HNConfig(negatives="online", loss=("itc",), choice_grad="image").validate()

@@ -7,6 +7,7 @@ import argparse
 import random
 
 import pytest
+import torch
 
 from conftest import load_benchmark
 from open_clip_hn import eval as hn_eval
@@ -53,6 +54,20 @@ def test_negatives_split_by_whether_their_composition_was_trained_on():
     assert swap_fit.negative_split("a dog on a couch") == "-"
     with pytest.raises(ValueError, match="not a world2 caption"):
         world2.parse_caption("a small red cube above a large blue sphere")
+
+
+def test_centred_choice_cancels_a_caption_only_prior():
+    """Images share a mean direction; each negative lies along it, so every image prefers it
+    (a caption-only prior), while off the mean each image is closer to its own caption."""
+    swap_fit = load_benchmark("swap_fit")
+    mean, own = torch.eye(4)[0], torch.eye(4)[1:3]
+    images = torch.stack([mean + own[0], mean - own[0], mean + own[1], mean - own[1]])
+    captions = torch.stack([own[0], -own[0], own[1], -own[1]]) * 0.5
+    options = torch.stack([captions, mean.expand(4, 4)], dim=1)
+    assert not hn_eval.choice_correct(images, options).any()
+    centred, prior_gap = swap_fit.centred_choice(images, options)
+    assert centred.all()
+    assert torch.allclose(prior_gap, torch.full((4,), -1.0))
 
 
 def test_labelled_checkpoints_need_one_label_each():
