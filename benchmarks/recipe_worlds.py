@@ -113,8 +113,11 @@ VARIANTS: dict[str, list[str]] = {
     # the text tower never trained through the generated negatives (session 18's hypothesis: it
     # learns to reject a caption for having been another image's negative)
     "recommended.yaml, negatives without gradient": ["--hn-config", RECOMMENDED, "--hn-negative-grad", "none"],
-    "recommended.yaml, choice without image gradient": ["--hn-config", RECOMMENDED, "--hn-choice-grad", "text"],
-    "recommended.yaml, choice without text gradient": ["--hn-config", RECOMMENDED, "--hn-choice-grad", "image"],
+    # which tower the choice term trains (session 22): the text tower only, the image tower only
+    "recommended.yaml, choice without image gradient": ["--hn-config", RECOMMENDED,
+                                                        "--hn-choice-grad", "text"],
+    "recommended.yaml, choice without text gradient": ["--hn-config", RECOMMENDED,
+                                                       "--hn-choice-grad", "image"],
     # diagnostics, not recipes: the recipe's terms apart, without generated text negatives
     "recommended.yaml, mined negatives in place of generated": [
         "--hn-config", RECOMMENDED, *WITHOUT_TEXT_NEGATIVES, "--hn-loss", "clip,mined",

@@ -180,9 +180,15 @@ class HNConfig:
         if self.choice_grad not in CHOICE_GRAD_MODES:
             raise ValueError(f"--hn-choice-grad must be one of {', '.join(CHOICE_GRAD_MODES)}, "
                              f"got {self.choice_grad!r}")
-        if self.choice_grad != "both" and "choice" not in self.loss:
-            raise ValueError(f"--hn-choice-grad {self.choice_grad} acts on the choice term: add choice "
-                             "to --hn-loss, or drop the flag")
+        if self.choice_grad != "both":
+            if "choice" not in self.loss or self.choice_weight == 0:
+                raise ValueError(f"--hn-choice-grad {self.choice_grad} acts on the choice term: add "
+                                 "choice to --hn-loss with --hn-choice-weight > 0, or drop the flag")
+            if not any(TERMS[name].output == "contrastive_loss" for name in self.loss):
+                frozen = "text" if self.choice_grad == "image" else "image"
+                raise ValueError(f"--hn-choice-grad {self.choice_grad} needs a contrastive term to train "
+                                 f"the {frozen} tower, which the choice term then does not: add itc or "
+                                 "clip to --hn-loss")
         if self.swap_reorders not in ("keep", "drop"):
             raise ValueError(f"--hn-swap-reorders must be keep or drop, got {self.swap_reorders!r}")
         if self.swap_reorders == "drop" and self.negatives != "online":
@@ -291,9 +297,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Which tower the choice term trains: 'both' (the default); 'image', where the caption "
              "and its negatives are constants in the term, so only the image tower (and the logit "
              "scale) learns to pick the caption; 'text', where the image is a constant, so only the "
-             "text tower learns to tell the caption from its negatives. Other terms are unchanged. "
+             "text tower learns to tell the caption from its negatives. Other terms are unchanged; "
+             "needs choice at a weight above 0 and a contrastive term (itc or clip). "
              "Measured on the two ViT settings of issue 21: neither brings the swap errors nearer "
-             "the targets than the recipe does (benchmarks/RESULTS.md, session 22).")
+             "the targets beyond one seed's spread (benchmarks/RESULTS.md, session 22).")
     for term in TERMS.values():
         if term.weight:
             add(f"--hn-{term.name}-weight", dest=f"hn_{term.weight_field}", type=non_negative_float,

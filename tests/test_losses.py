@@ -285,15 +285,17 @@ def test_negative_grad_flag_reaches_the_config():
         HNConfig(negative_grad="none").validate()
 
 
-def test_choice_grad_keeps_the_loss_and_trains_only_the_named_tower():
+@pytest.mark.parametrize("softened", [{}, {"label_smoothing": 0.1, "focal_gamma": 2.0}])
+def test_choice_grad_keeps_the_loss_and_trains_only_the_named_tower(softened):
     """--hn-choice-grad image|text: the choice term's value is unchanged, and its gradient reaches
-    only the image features ('image') or only the caption and negative features ('text')."""
+    only the image features ('image') or only the caption and negative features ('text'), with
+    plain and with softened (label smoothing, focal) choices."""
     image, text, mask, types = batch(seed=6)
     grads, values = {}, {}
     for mode in ("both", "image", "text"):
         image_in, text_in = image.clone().requires_grad_(), text.clone().requires_grad_()
-        loss_fn = HardNegativeLoss(HNConfig(negatives="online", num_negatives=K, loss=("choice",),
-                                            choice_grad=mode))
+        loss_fn = HardNegativeLoss(HNConfig(negatives="online", num_negatives=K, loss=("itc", "choice"),
+                                            choice_grad=mode, **softened))
         out = loss_fn(image_in, text_in, SCALE, PackedOutputs(mask, types), output_dict=True)
         out["choice_loss"].backward()
         values[mode] = float(out["choice_loss"].detach())
@@ -313,9 +315,16 @@ def test_choice_grad_flag_reaches_the_config_and_needs_the_choice_term():
     parser = argparse.ArgumentParser()
     add_hn_arguments(parser)
     assert HNConfig.from_args(parser.parse_args([])).choice_grad == "both"
-    args = parser.parse_args(["--hn-negatives", "online", "--hn-loss", "itc,choice", "--hn-choice-grad", "text"])
+    args = parser.parse_args(["--hn-negatives", "online", "--hn-loss", "itc,choice",
+                              "--hn-choice-grad", "text"])
     assert HNConfig.from_args(args).choice_grad == "text"
     with pytest.raises(SystemExit):
         parser.parse_args(["--hn-choice-grad", "none"])
     with pytest.raises(ValueError, match="--hn-choice-grad image acts on the choice term"):
         HNConfig(negatives="online", loss=("itc",), choice_grad="image").validate()
+    with pytest.raises(ValueError, match="--hn-choice-grad text acts on the choice term"):
+        HNConfig(negatives="online", loss=("itc", "choice"), choice_weight=0.0,
+                 choice_grad="text").validate()
+    with pytest.raises(ValueError, match="needs a contrastive term to train the text tower"):
+        HNConfig(negatives="online", loss=("choice",), choice_grad="image").validate()
+    HNConfig(negatives="online", loss=("clip", "choice"), choice_grad="image").validate()
