@@ -11,7 +11,9 @@ Settings: the demo's world (`scenes.py`, 32 px) and `world2.py` (64 px); the dem
 (`hn-tiny-rn.json`; in world2 its copy with a 32-token context, `hn-tiny-rn-c32.json`, since
 world2's captions run to 24 tokens) and a 4-layer ViT with 8-pixel patches at 64 pixels
 (`hn-vit4-64.json`). The tower `vit-w128` (`hn-vit4-64-w128.json`, the same ViT at twice the width)
-is not one of issue 21's: it tests whether the ViT's swap errors are limited by its capacity.
+is not one of issue 21's: it tests whether the ViT's swap errors are limited by its capacity. Nor
+is the world `demo64` (setting `demo64/vit`: the demo's world drawn at 64 pixels): it tests whether
+demo/ViT's swap-object errors come from shapes drawn at 32 pixels and upsampled.
 
     nice -n 15 python benchmarks/recipe_worlds.py --output-dir recipe-worlds --samples 5000
     python benchmarks/recipe_worlds.py --output-dir recipe-worlds --only-table
@@ -39,13 +41,14 @@ from open_clip_hn.scenes import shards_spec
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "open_clip_hn", "model_configs")
 RECOMMENDED = os.path.join(REPO, "configs", "recommended.yaml")
-WORLDS = ("demo", "world2")
-# vit-w128: the ViT at twice the width (128, 4 heads), not one of issue 21's towers: the test of
-# whether the ViT's swap errors are limited by what the tower can represent
-TOWERS = ("resnet", "vit", "vit-w128")
+# (world, tower) -> model config. vit-w128 (the ViT at twice the width, 4 heads) is not one of
+# issue 21's towers: the test of whether the ViT's swap errors are limited by what the tower can
+# represent. demo64 (the demo's world rendered at 64 pixels, for the ViT only) is not one of issue
+# 21's worlds: the test of whether demo/ViT's swap-object errors come from reading 32-pixel scenes
+# upsampled to 64 (7-pixel shapes) rather than shapes drawn at the ViT's resolution
 MODEL_CONFIGS = {("demo", "resnet"): "hn-tiny-rn.json", ("world2", "resnet"): "hn-tiny-rn-c32.json",
                  ("demo", "vit"): "hn-vit4-64.json", ("world2", "vit"): "hn-vit4-64.json",
-                 ("demo", "vit-w128"): "hn-vit4-64-w128.json",
+                 ("demo64", "vit"): "hn-vit4-64.json", ("demo", "vit-w128"): "hn-vit4-64-w128.json",
                  ("world2", "vit-w128"): "hn-vit4-64-w128.json"}
 # recommended.yaml of sessions 10-12 (mirror weight 5, no converse term): the base of the variants
 # measured then, whose names say "recommended"
@@ -68,6 +71,9 @@ WITHOUT_TEXT_NEGATIVES = ["--hn-negatives", "none", "--hn-vocabulary", "none", "
 # variant name -> extra flags of the continued run (vanilla: none, plain OpenCLIP)
 VARIANTS: dict[str, list[str]] = {
     "vanilla": [],
+    # vanilla again under another name: two vanilla runs differ by the unseeded sample shuffle
+    # alone, which is the run-to-run spread every ratio against vanilla carries
+    "vanilla again": [],
     "recommended.yaml": ["--hn-config", RECOMMENDED],
     # what each change of issue 21 adds, from the recipe of sessions 10-12
     "recommended - plausibility filter": [*SESSION10, "--hn-plausibility", "none"],
@@ -129,6 +135,14 @@ VARIANTS: dict[str, list[str]] = {
         "--hn-config", RECOMMENDED, *WITHOUT_TEXT_NEGATIVES, "--hn-loss", "clip", "--hn-mirror-weight", "0"],
     # a diagnostic, not a recipe: in these small worlds most swap test captions are among the
     # recipe's own training negatives; never generating them tells what that costs the test
+    # three times the recipe's 4 text negatives per caption: each caption's look-alike shape or
+    # size (the pairs the ViT confuses) is then among its negatives far more often
+    "recommended.yaml, 12 negatives": ["--hn-config", RECOMMENDED, "--hn-num-negatives", "12"],
+    # CE-CLIP's intra-modal term added: each caption against its own text negatives in text
+    # space. On the ViT the text tower embeds look-alike shapes' words nearly alike (cube/sphere,
+    # cone/cylinder, diamond/hexagon: a third of other pairs' text gap), and the swap errors sit
+    # on those pairs; the term opens that gap whether or not the image can yet tell them apart
+    "recommended.yaml + intra": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice,intra"],
     "recommended.yaml, test captions never negatives": ["--hn-config", RECOMMENDED,
                                                         "--hn-exclude-negatives", TEST_SETS],
     "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",
@@ -168,6 +182,14 @@ def prepare_world2(root: str, samples: int, test_items: int, seed: int = 0,
     world2.write_test_sets(test, test_items, seed + 1, num_retrieval=min(test_items, 300))
     atomic_write_json(stamp_path, stamp, indent=2)
     return data
+
+
+def prepare_world(out: str, world: str, samples: int, test_items: int) -> demo.DemoData:
+    """The world's shards and test sets in `out`/data-WORLD, rendered once per sizes."""
+    root = os.path.join(out, f"data-{world}")
+    if world == "world2":
+        return prepare_world2(root, samples, test_items)
+    return demo.prepare_data(root, samples, test_items, image_size=64 if world == "demo64" else 32)
 
 
 def rebinding_index(root: str, train: str) -> str:
@@ -355,11 +377,12 @@ def main() -> None:
         help="Print the table of the finished runs (every scores*.json of the folder) and exit.")
     args = parser.parse_args()
     settings = [tuple(s.split("/")) for s in args.settings.split(";") if s]
-    bad = [s for s in settings if len(s) != 2 or s[0] not in WORLDS or s[1] not in TOWERS]
+    bad = [s for s in settings if s not in MODEL_CONFIGS]
     variants = [v for v in args.variants.split(";") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     if bad or unknown:
-        parser.error(f"--settings: use WORLD/TOWER with WORLD in {WORLDS} and TOWER in {TOWERS} "
+        parser.error(f"--settings: use WORLD/TOWER, one of "
+                     f"{', '.join('/'.join(s) for s in MODEL_CONFIGS)} "
                      f"(got {bad}); --variants: known {list(VARIANTS)} (unknown: {unknown})")
 
     out = os.path.abspath(args.output_dir)
@@ -374,10 +397,7 @@ def main() -> None:
         return
     for world, tower in settings:
         setting, logs = setting_folder(out, world, tower, args.seed)
-        if world == "demo":
-            data = demo.prepare_data(os.path.join(out, "data-demo"), args.samples, args.test_items)
-        else:
-            data = prepare_world2(os.path.join(out, "data-world2"), args.samples, args.test_items)
+        data = prepare_world(out, world, args.samples, args.test_items)
         model_config = os.path.join(CONFIGS, MODEL_CONFIGS[(world, tower)])
         pretrained = pretrain(args, data, logs, model_config)
         for variant in variants:

@@ -1,13 +1,21 @@
-"""Where the demo's shape errors lie: swap-object and replace-object accuracy per shape pair.
+"""Where a model's shape errors lie: choice-set errors and text gaps per pair of words changed.
 
-The compositional sets score a whole type at once; this splits the two shape types by which
-shapes are involved, for each checkpoint side by side, to tell a shape the tiny model cannot see
-from a binding it does not learn.
+The compositional sets score a whole type at once; this splits each by the words its negative
+changes ("cube+sphere" for a swap between those shapes, "cube -> sphere" for a replacement,
+"big+huge" for a size swap) and prints, per checkpoint side by side, the error and the text gap:
+the mean distance |t(caption) - t(negative)| between the two unit text embeddings. An image
+that cannot see a difference shows as a high error; a text tower that embeds the two words
+nearly alike, so that no image can choose, as a small gap. Captions of the demo's world, world2
+or any set whose negatives change one word or exchange two.
 
     python benchmarks/shape_errors.py --sets demo/data/test \\
         pretrain=demo/runs/pretrain/checkpoints/epoch_1.pt \\
         vanilla=demo/runs/vanilla/checkpoints/epoch_3.pt \\
         hard-negatives=demo/runs/hard-negatives/checkpoints/epoch_3.pt
+    python benchmarks/shape_errors.py --sets recipe-worlds/data-world2/test \\
+        --kinds swap_objects,swap_attributes,replace_object \\
+        --model-config open_clip_hn/model_configs/hn-vit4-64.json \\
+        vanilla=recipe-worlds/runs/world2-vit/vanilla/checkpoints/epoch_3.pt
 """
 
 from __future__ import annotations
@@ -21,62 +29,85 @@ import torch
 
 from open_clip_hn import demo
 from open_clip_hn import eval as hn_eval
-from open_clip_hn import scenes
-
-
-def shape_group(kind: str, caption: str, negative: str) -> str:
-    """swap_objects: the two shapes ("cube+sphere"); replace_object: shown -> named shape."""
-    shown, named = scenes.parse_caption(caption), scenes.parse_caption(negative)
-    if kind == "swap_objects":
-        return "+".join(sorted((shown.subject.shape, shown.reference.shape)))
-    changed = [(a.shape, b.shape) for a, b in ((shown.subject, named.subject),
-                                               (shown.reference, named.reference)) if a.shape != b.shape]
-    return " -> ".join(changed[0])
-
 
 KINDS = ("swap_objects", "replace_object")
+OTHER = "(other)"
 
 
-def correct_per_item(checkpoint: str, choice_sets: dict[str, hn_eval.ChoiceSet], device: str,
-                     model_config: str) -> dict[str, torch.Tensor]:
-    """{kind: bool [items]}: which items the checkpoint gets right (the model is loaded once)."""
+def word_group(caption: str, negative: str) -> str:
+    """The words the negative changes: 'a+b' where it exchanges two words, 'a -> b' where it
+    replaces one, `OTHER` where the texts differ in length or in more words."""
+    words, other = caption.replace(",", " ").split(), negative.replace(",", " ").split()
+    changes = [(a, b) for a, b in zip(words, other) if a != b]
+    if len(words) != len(other) or not changes or len({w for c in changes for w in c}) != 2:
+        return OTHER
+    if len(changes) == 1:
+        return " -> ".join(changes[0])
+    return "+".join(sorted(changes[0]))
+
+
+def group_rows(groups: list[str], wrong: torch.Tensor, gaps: torch.Tensor, min_items: int
+               ) -> dict[str, tuple[int, float, float]]:
+    """{group: (items, error, mean text gap)} for groups of at least `min_items` items, in name
+    order, then 'all'."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for i, group in enumerate(groups):
+        members[group].append(i)
+    rows = {group: members[group] for group in sorted(members) if len(members[group]) >= min_items}
+    rows["all"] = list(range(len(groups)))
+    return {group: (len(index), wrong[index].float().mean().item(), gaps[index].mean().item())
+            for group, index in rows.items()}
+
+
+def score_items(checkpoint: str, choice_sets: dict[str, hn_eval.ChoiceSet], device: str,
+                model_config: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{kind: (wrong [items], text gap [items])} for one checkpoint (the model is loaded once)."""
     model, preprocess, tokenizer = hn_eval.load_model(demo.model_name(model_config), checkpoint,
                                                       device, [model_config])
-    correct = {}
+    scored = {}
     for kind, choice_set in choice_sets.items():
         items = choice_set.items
         images = hn_eval.encode_images(model, preprocess, [(path, box) for path, box, _ in items],
                                        device, 500, nullcontext)
-        texts = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
-                                     device, 500, nullcontext)
-        correct[kind] = hn_eval.choice_correct(images, texts.view(len(items), 2, -1))
-    return correct
+        options = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
+                                       device, 500, nullcontext).view(len(items), 2, -1)
+        scored[kind] = (~hn_eval.choice_correct(images, options),
+                        (options[:, 0] - options[:, 1]).norm(dim=-1))
+    return scored
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", required=True, help="A folder of the demo's compositional sets.")
+    parser.add_argument("--sets", required=True,
+                        help="A folder of compositional sets (SugarCrepe layout: swap_objects.json, ...).")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"Comma list of the sets to split. Default: {','.join(KINDS)}.")
+    parser.add_argument("--min-items", type=int, default=15,
+                        help="Leave out word groups with fewer items (they still count in 'all'). "
+                             "Default: 15.")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model-config", default=demo.MODEL_CONFIG,
                         help="The checkpoints' model config. Default: the demo's.")
     hn_eval.add_labelled_checkpoints(parser)
     args = parser.parse_args()
     runs = hn_eval.labelled_checkpoints(parser, args.checkpoints)
-    choice_sets = {kind: hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json"))
-                   for kind in KINDS}
-    correct = {label: correct_per_item(path, choice_sets, args.device, args.model_config)
-               for label, path in runs.items()}
+    kinds = [kind for kind in args.kinds.split(",") if kind]
+    missing = [k for k in kinds if not os.path.isfile(os.path.join(args.sets, f"{k}.json"))]
+    if missing:
+        parser.error(f"--sets {args.sets}: no {missing[0]}.json there (--kinds names the sets to read)")
+    choice_sets = {kind: hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json")) for kind in kinds}
+    scored = {label: score_items(path, choice_sets, args.device, args.model_config)
+              for label, path in runs.items()}
     for kind, choice_set in choice_sets.items():
-        groups = [shape_group(kind, *pair) for _, _, pair in choice_set.items]
-        rows: dict[str, list[int]] = defaultdict(list)
-        for i, group in enumerate(groups):
-            rows[group].append(i)
-        print(f"\n== {kind} ({len(groups)} items): accuracy per shape group ==")
-        print(f"{'shapes':22s} {'items':>5s} " + " ".join(f"{label[:14]:>14s}" for label in runs))
-        for group in sorted(rows) + ["all"]:
-            index = torch.tensor(rows[group] if group != "all" else range(len(groups)))
-            print(f"{group:22s} {len(index):5d} " + " ".join(
-                f"{correct[label][kind][index].float().mean().item():14.3f}" for label in runs))
+        groups = [word_group(*pair) for _, _, pair in choice_set.items]
+        tables = {label: group_rows(groups, *scored[label][kind], args.min_items) for label in runs}
+        print(f"\n== {kind} ({len(groups)} items): error and text gap |t(caption) - t(negative)| "
+              "per words changed ==")
+        print("| words | items | " + " | ".join(f"{label} error | {label} gap" for label in runs) + " |")
+        print("| --- | ---: | " + " | ".join("---: | ---:" for _ in runs) + " |")
+        for group, (count, _, _) in tables[next(iter(runs))].items():
+            print(f"| {group} | {count} | " + " | ".join(
+                f"{tables[label][group][1]:.3f} | {tables[label][group][2]:.3f}" for label in runs) + " |")
 
 
 if __name__ == "__main__":

@@ -315,6 +315,23 @@ def test_audit_on_sugarcrepe_layout(tmp_path, captions, capsys):
     assert set(report) == {"given", "ours", "ours, plausibility"}
 
 
+def test_audit_reads_the_vocabulary_once_for_every_generator(tmp_path, captions, monkeypatch):
+    """Each type and filter gets its own generator; the word list is read once and given to all."""
+    from open_clip_hn.negatives import lexicon
+
+    data = _sugarcrepe_dir(tmp_path, captions)
+    words = tmp_path / "words.txt"
+    words.write_text("\n".join(captions) + "\n")
+    reads, read = [], lexicon.read_vocabulary
+    monkeypatch.setattr(lexicon, "read_vocabulary", lambda path: reads.append(path) or read(path))
+    report_path = tmp_path / "audit.json"
+    assert main(["audit", data, "--generate", "--plausibility", "audited", "--vocabulary", str(words),
+                 "--output", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())["report"]
+    assert set(report["ours"]) == set(report["ours, plausibility"]) == {"replace_relation", "swap_objects"}
+    assert reads == [str(words)]
+
+
 def test_audit_of_a_caption_file_and_its_errors(tmp_path, captions):
     source = tmp_path / "captions.txt"
     source.write_text("\n".join(captions) + "\n")

@@ -202,3 +202,26 @@ def test_ablate_demo_rows_resolve(parser):
         if flags:
             config = HNConfig.from_args(parser.parse_args(expand_recipe(list(flags), parser)))
             assert ("mirror" in name and "without mirrors" in name) == (config.mirror == ()), name
+
+
+def test_recipe_worlds_demo64_renders_the_demo_world_at_the_vits_resolution(tmp_path, monkeypatch,
+                                                                            capsys):
+    """demo64 is the demo's world drawn at 64 pixels (not 32-pixel scenes the ViT upsamples): its
+    shards and test images are 64 pixels, the demo's stay 32, each in its own data folder; it
+    exists for the ViT only, and a setting without a model config is refused by name."""
+    from PIL import Image
+
+    module = load_benchmark("recipe_worlds")
+    sizes = {}
+    for world in ("demo", "demo64"):
+        data = module.prepare_world(str(tmp_path), world, 8, 4)
+        assert data.test.startswith(str(tmp_path / f"data-{world}"))
+        picture = sorted((tmp_path / f"data-{world}" / "test" / "images").glob("*.png"))[0]
+        sizes[world] = Image.open(picture).size
+    assert sizes == {"demo": (32, 32), "demo64": (64, 64)}
+    assert ("demo64", "vit") in module.MODEL_CONFIGS and ("demo64", "resnet") not in module.MODEL_CONFIGS
+    monkeypatch.setattr("sys.argv", ["recipe_worlds.py", "--output-dir", str(tmp_path),
+                                     "--settings", "demo64/resnet", "--variants", "vanilla"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 2 and "demo64/vit" in capsys.readouterr().err

@@ -56,14 +56,19 @@ def _is_sugarcrepe(inputs: list[str]) -> bool:
     return all(Path(p).is_dir() or Path(p).suffix.lower() == ".json" for p in inputs)
 
 
-def _generator(args: argparse.Namespace, types, plausibility, exclude: tuple[str, ...]):
+def _generator(args: argparse.Namespace, types, plausibility, exclude: tuple[str, ...],
+               vocabulary: frozenset[str] | None):
     from .generator import NegativeGenerator
-    from .lexicon import read_vocabulary
 
-    vocabulary = None if args.vocabulary is None else read_vocabulary(args.vocabulary)
     return NegativeGenerator(types=types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
                              plausibility=plausibility, swap_reorders=args.swap_reorders == "keep",
                              exclude=exclude)
+
+
+def _vocabulary(args: argparse.Namespace) -> frozenset[str] | None:
+    from .lexicon import read_vocabulary
+
+    return None if args.vocabulary is None else read_vocabulary(args.vocabulary)
 
 
 def run_audit_command(args: argparse.Namespace) -> int:
@@ -95,15 +100,17 @@ def run_audit_command(args: argparse.Namespace) -> int:
         filters["ours, plausibility"] = resolve(args.plausibility, args.caption_key)
     if sugarcrepe and not args.generate:
         filters = {}
+    vocabulary = _vocabulary(args) if filters else None  # read once for every generator below
     for label, model in filters.items():
         if by_type is None:
-            pairs, covered = generated_pairs(_generator(args, args.types, model, exclude), positives,
-                                             args.num)
+            generator = _generator(args, args.types, model, exclude, vocabulary)
+            pairs, covered = generated_pairs(generator, positives, args.num)
             sources[label] = (pairs, {n: covered.get(n, 0) / len(positives) for n in pairs})
         else:
             pairs, coverage = {}, {}
             for name, captions in by_type.items():
-                found, covered = generated_pairs(_generator(args, name, model, exclude), captions, args.num)
+                generator = _generator(args, name, model, exclude, vocabulary)
+                found, covered = generated_pairs(generator, captions, args.num)
                 pairs[name] = found.get(name, [])
                 coverage[name] = covered.get(name, 0) / len(captions)
             sources[label] = (pairs, coverage)
