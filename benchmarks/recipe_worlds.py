@@ -135,9 +135,6 @@ VARIANTS: dict[str, list[str]] = {
         "--hn-config", RECOMMENDED, *WITHOUT_TEXT_NEGATIVES, "--hn-loss", "clip", "--hn-mirror-weight", "0"],
     # a diagnostic, not a recipe: in these small worlds most swap test captions are among the
     # recipe's own training negatives; never generating them tells what that costs the test
-    # three times the recipe's 4 text negatives per caption: each caption's look-alike shape or
-    # size (the pairs the ViT confuses) is then among its negatives far more often
-    "recommended.yaml, 12 negatives": ["--hn-config", RECOMMENDED, "--hn-num-negatives", "12"],
     # CE-CLIP's intra-modal term added: each caption against its own text negatives in text
     # space. On the ViT the text tower embeds look-alike shapes' words nearly alike (cube/sphere,
     # cone/cylinder, diamond/hexagon: a third of other pairs' text gap), and the swap errors sit
