@@ -98,8 +98,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
     add("--output-dir", default="recipe-worlds", help="recipe_worlds.py's output folder.")
-    add("--tower", default="vit", choices=[t for w, t in recipe_worlds.MODEL_CONFIGS if w == "world2"],
-        help="Image tower. Default: vit.")
+    towers = [tower for world, tower in recipe_worlds.MODEL_CONFIGS if world == "world2"]
+    add("--tower", default="vit", choices=towers, help="Image tower. Default: vit.")
     add("--scores-file", default="scores-oracle.json",
         help="Where the runs' scores are recorded in the output folder (recipe_worlds.py "
              "--only-table merges every scores*.json there): a run recorded under the same command "

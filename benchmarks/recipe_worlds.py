@@ -45,7 +45,7 @@ RECOMMENDED = os.path.join(REPO, "configs", "recommended.yaml")
 # issue 21's towers: the test of whether the ViT's swap errors are limited by what the tower can
 # represent. demo64 (the demo's world rendered at 64 pixels, for the ViT only) is not one of issue
 # 21's worlds: the test of whether demo/ViT's swap-object errors come from reading 32-pixel scenes
-# upsampled to 64 (7-pixel shapes) rather than shapes drawn at the ViT's resolution
+# upsampled to 64 (objects 6-12 pixels across) rather than shapes drawn at the ViT's resolution
 MODEL_CONFIGS = {("demo", "resnet"): "hn-tiny-rn.json", ("world2", "resnet"): "hn-tiny-rn-c32.json",
                  ("demo", "vit"): "hn-vit4-64.json", ("world2", "vit"): "hn-vit4-64.json",
                  ("demo64", "vit"): "hn-vit4-64.json", ("demo", "vit-w128"): "hn-vit4-64-w128.json",
@@ -133,13 +133,13 @@ VARIANTS: dict[str, list[str]] = {
         "--hn-converse-weight", "0", "--hn-converse-margin", "0"],
     "recommended.yaml, converse only (mirror weight 0, no text negatives)": [
         "--hn-config", RECOMMENDED, *WITHOUT_TEXT_NEGATIVES, "--hn-loss", "clip", "--hn-mirror-weight", "0"],
-    # a diagnostic, not a recipe: in these small worlds most swap test captions are among the
-    # recipe's own training negatives; never generating them tells what that costs the test
     # CE-CLIP's intra-modal term added: each caption against its own text negatives in text
     # space. On the ViT the text tower embeds look-alike shapes' words nearly alike (cube/sphere,
-    # cone/cylinder, diamond/hexagon: a third of other pairs' text gap), and the swap errors sit
-    # on those pairs; the term opens that gap whether or not the image can yet tell them apart
+    # cone/cylinder, diamond/hexagon: well under half the other pairs' text gap), and the swap
+    # errors sit on those pairs; the term opens that gap whether or not the image tells them apart
     "recommended.yaml + intra": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice,intra"],
+    # a diagnostic, not a recipe: in these small worlds most swap test captions are among the
+    # recipe's own training negatives; never generating them tells what that costs the test
     "recommended.yaml, test captions never negatives": ["--hn-config", RECOMMENDED,
                                                         "--hn-exclude-negatives", TEST_SETS],
     "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",
@@ -182,10 +182,14 @@ def prepare_world2(root: str, samples: int, test_items: int, seed: int = 0,
 
 
 def prepare_world(out: str, world: str, samples: int, test_items: int) -> demo.DemoData:
-    """The world's shards and test sets in `out`/data-WORLD, rendered once per sizes."""
+    """The world's shards and test sets in `out`/data-WORLD, rendered again only when the
+    sample or item counts change."""
     root = os.path.join(out, f"data-{world}")
     if world == "world2":
         return prepare_world2(root, samples, test_items)
+    if world not in ("demo", "demo64"):
+        known = sorted({w for w, _ in MODEL_CONFIGS})
+        raise ValueError(f"unknown world {world!r}; expected one of {', '.join(known)}")
     return demo.prepare_data(root, samples, test_items, image_size=64 if world == "demo64" else 32)
 
 

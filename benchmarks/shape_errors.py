@@ -32,18 +32,26 @@ from open_clip_hn import eval as hn_eval
 
 KINDS = ("swap_objects", "replace_object")
 OTHER = "(other)"
+PUNCTUATION = ".;:!?\"'"
 
 
-def word_group(caption: str, negative: str) -> str:
-    """The words the negative changes: 'a+b' where it exchanges two words, 'a -> b' where it
-    replaces one, `OTHER` where the texts differ in length or in more words."""
-    words, other = caption.replace(",", " ").split(), negative.replace(",", " ").split()
+def _words(text: str) -> list[str]:
+    return [w.strip(PUNCTUATION) for w in text.lower().replace(",", " ").split()]
+
+
+def word_group(caption: str, negative: str, directed: bool = True) -> str:
+    """The words the negative changes: 'a+b' where it exchanges two words (a for b in one place,
+    b for a in another), 'a -> b' where it replaces one ('a/b' without `directed`), `OTHER` for
+    any other change. Case and punctuation are ignored."""
+    words, other = _words(caption), _words(negative)
     changes = [(a, b) for a, b in zip(words, other) if a != b]
-    if len(words) != len(other) or not changes or len({w for c in changes for w in c}) != 2:
+    if len(words) != len(other) or not changes:
         return OTHER
     if len(changes) == 1:
-        return " -> ".join(changes[0])
-    return "+".join(sorted(changes[0]))
+        return " -> ".join(changes[0]) if directed else "/".join(sorted(changes[0]))
+    if len(changes) == 2 and changes[0] == changes[1][::-1]:
+        return "+".join(sorted(changes[0]))
+    return OTHER
 
 
 def group_rows(groups: list[str], wrong: torch.Tensor, gaps: torch.Tensor, min_items: int
@@ -69,8 +77,9 @@ def score_items(checkpoint: str, choice_sets: dict[str, hn_eval.ChoiceSet], devi
         items = choice_set.items
         images = hn_eval.encode_images(model, preprocess, [(path, box) for path, box, _ in items],
                                        device, 500, nullcontext)
-        options = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
-                                       device, 500, nullcontext).view(len(items), 2, -1)
+        texts = [t for _, _, pair in items for t in pair]
+        options = hn_eval.encode_texts(model, tokenizer, texts, device, 500,
+                                       nullcontext).view(len(items), 2, -1)
         scored[kind] = (~hn_eval.choice_correct(images, options),
                         (options[:, 0] - options[:, 1]).norm(dim=-1))
     return scored
@@ -78,10 +87,12 @@ def score_items(checkpoint: str, choice_sets: dict[str, hn_eval.ChoiceSet], devi
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sets", required=True,
-                        help="A folder of compositional sets (SugarCrepe layout: swap_objects.json, ...).")
+    parser.add_argument("--sets", required=True, help="A folder of compositional sets (SugarCrepe "
+                        "layout: swap_objects.json, ...).")
     parser.add_argument("--kinds", default=",".join(KINDS),
                         help=f"Comma list of the sets to split. Default: {','.join(KINDS)}.")
+    parser.add_argument("--undirected", action="store_true",
+                        help="Count a replacement a -> b with b -> a (one row 'a/b' per pair).")
     parser.add_argument("--min-items", type=int, default=15,
                         help="Leave out word groups with fewer items (they still count in 'all'). "
                              "Default: 15.")
@@ -92,22 +103,28 @@ def main() -> None:
     args = parser.parse_args()
     runs = hn_eval.labelled_checkpoints(parser, args.checkpoints)
     kinds = [kind for kind in args.kinds.split(",") if kind]
+    if not kinds:
+        parser.error(f"--kinds {args.kinds!r}: name at least one set, e.g. {','.join(KINDS)}")
     missing = [k for k in kinds if not os.path.isfile(os.path.join(args.sets, f"{k}.json"))]
     if missing:
-        parser.error(f"--sets {args.sets}: no {missing[0]}.json there (--kinds names the sets to read)")
-    choice_sets = {kind: hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json")) for kind in kinds}
+        parser.error(f"--sets {args.sets}: no {missing[0]}.json there (--kinds names the sets "
+                     "to read)")
+    choice_sets = {kind: hn_eval.load_choice_set(os.path.join(args.sets, f"{kind}.json"))
+                   for kind in kinds}
     scored = {label: score_items(path, choice_sets, args.device, args.model_config)
               for label, path in runs.items()}
     for kind, choice_set in choice_sets.items():
-        groups = [word_group(*pair) for _, _, pair in choice_set.items]
+        groups = [word_group(caption, negative, directed=not args.undirected)
+                  for _, _, (caption, negative) in choice_set.items]
         tables = {label: group_rows(groups, *scored[label][kind], args.min_items) for label in runs}
         print(f"\n== {kind} ({len(groups)} items): error and text gap |t(caption) - t(negative)| "
               "per words changed ==")
-        print("| words | items | " + " | ".join(f"{label} error | {label} gap" for label in runs) + " |")
+        print("| words | items | " + " | ".join(f"{label} error | {label} gap" for label in runs)
+              + " |")
         print("| --- | ---: | " + " | ".join("---: | ---:" for _ in runs) + " |")
         for group, (count, _, _) in tables[next(iter(runs))].items():
-            print(f"| {group} | {count} | " + " | ".join(
-                f"{tables[label][group][1]:.3f} | {tables[label][group][2]:.3f}" for label in runs) + " |")
+            cells = [f"{tables[label][group][1]:.3f} | {tables[label][group][2]:.3f}" for label in runs]
+            print(f"| {group} | {count} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

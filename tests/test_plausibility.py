@@ -315,21 +315,32 @@ def test_audit_on_sugarcrepe_layout(tmp_path, captions, capsys):
     assert set(report) == {"given", "ours", "ours, plausibility"}
 
 
-def test_audit_reads_the_vocabulary_once_for_every_generator(tmp_path, captions, monkeypatch):
-    """Each type and filter gets its own generator; the word list is read once and given to all."""
-    from open_clip_hn.negatives import lexicon
+def test_audit_reads_the_vocabulary_once_for_every_generator(tmp_path, captions, monkeypatch, capsys):
+    """Each type and filter gets its own generator; the word list is read once, up front (a bad
+    path fails before any work), and every generator gets it."""
+    from open_clip_hn.negatives import generator, lexicon
 
     data = _sugarcrepe_dir(tmp_path, captions)
     words = tmp_path / "words.txt"
     words.write_text("\n".join(captions) + "\n")
     reads, read = [], lexicon.read_vocabulary
     monkeypatch.setattr(lexicon, "read_vocabulary", lambda path: reads.append(path) or read(path))
+    given, real = [], generator.NegativeGenerator
+
+    class Spy(real):
+        def __init__(self, *args, **kwargs):
+            given.append(kwargs.get("vocabulary"))
+            super().__init__(*args, **kwargs)
+    monkeypatch.setattr(generator, "NegativeGenerator", Spy)
     report_path = tmp_path / "audit.json"
     assert main(["audit", data, "--generate", "--plausibility", "audited", "--vocabulary", str(words),
                  "--output", str(report_path)]) == 0
     report = json.loads(report_path.read_text())["report"]
     assert set(report["ours"]) == set(report["ours, plausibility"]) == {"replace_relation", "swap_objects"}
     assert reads == [str(words)]
+    assert len(given) == 4 and all(v == read(words) and v for v in given)  # 2 types x 2 filters
+    assert main(["audit", data, "--vocabulary", str(tmp_path / "missing.txt")]) == 2  # nothing generated
+    assert "missing.txt" in capsys.readouterr().err
 
 
 def test_audit_of_a_caption_file_and_its_errors(tmp_path, captions):

@@ -207,18 +207,30 @@ def test_ablate_demo_rows_resolve(parser):
 def test_recipe_worlds_demo64_renders_the_demo_world_at_the_vits_resolution(tmp_path, monkeypatch,
                                                                             capsys):
     """demo64 is the demo's world drawn at 64 pixels (not 32-pixel scenes the ViT upsamples): its
-    shards and test images are 64 pixels, the demo's stay 32, each in its own data folder; it
-    exists for the ViT only, and a setting without a model config is refused by name."""
+    shards and test images are 64 pixels, the demo's stay 32, each world in its own data folder;
+    it exists for the ViT only, and an unknown world or a setting without a model config is
+    refused by name."""
     from PIL import Image
+
+    import io
+    import tarfile
+
+    from open_clip_hn.files import expand_shards
 
     module = load_benchmark("recipe_worlds")
     sizes = {}
-    for world in ("demo", "demo64"):
+    for world in ("demo", "demo64", "world2"):
         data = module.prepare_world(str(tmp_path), world, 8, 4)
         assert data.test.startswith(str(tmp_path / f"data-{world}"))
         picture = sorted((tmp_path / f"data-{world}" / "test" / "images").glob("*.png"))[0]
-        sizes[world] = Image.open(picture).size
-    assert sizes == {"demo": (32, 32), "demo64": (64, 64)}
+        with tarfile.open(expand_shards(data.train)[0]) as shard:
+            member = next(m for m in shard.getmembers() if m.name.endswith(".png"))
+            trained = Image.open(io.BytesIO(shard.extractfile(member).read())).size
+        sizes[world] = (Image.open(picture).size, trained)
+    assert sizes == {"demo": ((32, 32), (32, 32)), "demo64": ((64, 64), (64, 64)),
+                     "world2": ((64, 64), (64, 64))}
+    with pytest.raises(ValueError, match="unknown world 'demo128'.*demo64"):
+        module.prepare_world(str(tmp_path), "demo128", 8, 4)
     assert ("demo64", "vit") in module.MODEL_CONFIGS and ("demo64", "resnet") not in module.MODEL_CONFIGS
     monkeypatch.setattr("sys.argv", ["recipe_worlds.py", "--output-dir", str(tmp_path),
                                      "--settings", "demo64/resnet", "--variants", "vanilla"])

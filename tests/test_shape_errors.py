@@ -23,6 +23,11 @@ def test_word_group_names_the_words_a_negative_changes():
                  "there is a tiny black star over a tiny orange ring, beside a cyan hexagon") == "ring+star"
     assert group("a huge orange ring on the left of a tiny cyan hexagon",
                  "a huge cyan ring on the left of a tiny orange hexagon") == "cyan+orange"
+    assert group("A small purple cylinder.", "a small purple cone") == "cylinder -> cone"  # case, stop
+    assert group("a small purple cylinder", "a small purple cone", directed=False) == "cone/cylinder"
+    assert group("a cube beside a cube", "a sphere beside a sphere") == shape_errors.OTHER  # not a swap
+    assert group("a red cube left of a blue sphere",
+                 "a red sphere left of a green cube") == shape_errors.OTHER  # a swap and a replacement
     assert group("a red cube", "a red cube on a table") == shape_errors.OTHER  # not one change
     assert group("a small red cube", "a large blue cube") == shape_errors.OTHER  # four words
 
@@ -62,7 +67,17 @@ def test_shape_errors_prints_a_row_per_group_for_each_checkpoint(tmp_path, tiny_
     shapes = [cells[0].replace(" -> ", "+").strip().split("+") for cells in rows]
     assert shapes and all(len(s) == 2 and set(s) <= set(scenes.SHAPES) for s in shapes)
     assert any(cells[3] != cells[5] for cells in rows)  # each checkpoint's own text gaps
+    assert "| all | 60 |" in out
+    monkeypatch.setattr("sys.argv", [*argv[:5], "--min-items", "1000", "--undirected", *argv[7:]])
+    shape_errors.main()
+    out = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")
+            and not line.startswith(("| words", "| ---"))] == ["all", "all"]  # only 'all' is left
     monkeypatch.setattr("sys.argv", argv[:5] + ["--kinds", "swap_attributes", f"a={checkpoints[0]}"])
     with pytest.raises(SystemExit):
         shape_errors.main()
     assert "no swap_attributes.json" in capsys.readouterr().err
+    monkeypatch.setattr("sys.argv", argv[:5] + ["--kinds", ",", f"a={checkpoints[0]}"])
+    with pytest.raises(SystemExit):
+        shape_errors.main()
+    assert "--kinds ','" in capsys.readouterr().err

@@ -79,6 +79,7 @@ def run_audit_command(args: argparse.Namespace) -> int:
         raise AuditError(f"--output {args.output}: folder {os.path.dirname(os.path.abspath(args.output))} "
                          "does not exist")
     exclude = excluded(args)  # read once, and checked even where nothing is generated
+    vocabulary = _vocabulary(args)  # likewise, and given to every generator below
     sugarcrepe = _is_sugarcrepe(args.inputs)
     if not sugarcrepe and len(args.inputs) != 1:
         raise AuditError("audit takes one caption file, or SugarCrepe-layout JSON files/folders")
@@ -100,7 +101,6 @@ def run_audit_command(args: argparse.Namespace) -> int:
         filters["ours, plausibility"] = resolve(args.plausibility, args.caption_key)
     if sugarcrepe and not args.generate:
         filters = {}
-    vocabulary = _vocabulary(args) if filters else None  # read once for every generator below
     for label, model in filters.items():
         if by_type is None:
             generator = _generator(args, args.types, model, exclude, vocabulary)
