@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 from collections import defaultdict
-from contextlib import nullcontext
 
 import torch
 
@@ -74,12 +73,8 @@ def score_items(checkpoint: str, choice_sets: dict[str, hn_eval.ChoiceSet], devi
                                                       device, [model_config])
     scored = {}
     for kind, choice_set in choice_sets.items():
-        items = choice_set.items
-        images = hn_eval.encode_images(model, preprocess, [(path, box) for path, box, _ in items],
-                                       device, 500, nullcontext)
-        texts = [t for _, _, pair in items for t in pair]
-        options = hn_eval.encode_texts(model, tokenizer, texts, device, 500,
-                                       nullcontext).view(len(items), 2, -1)
+        images, options = hn_eval.encode_choice_set(model, preprocess, tokenizer, choice_set, device,
+                                                    500)
         scored[kind] = (~hn_eval.choice_correct(images, options),
                         (options[:, 0] - options[:, 1]).norm(dim=-1))
     return scored

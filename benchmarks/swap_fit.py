@@ -28,7 +28,6 @@ import argparse
 import io
 import os
 from collections import defaultdict
-from contextlib import nullcontext
 
 import torch
 from PIL import Image
@@ -161,11 +160,8 @@ def main() -> None:
             print(f"{kind_type:18s} {kind:8s} {len(values):5d} {rejects:14.3f} {cosine:18.3f}")
         for name, choice_set in test_sets.items():
             items = choice_set.items
-            images = hn_eval.encode_images(model, preprocess, [(p, box) for p, box, _ in items],
-                                           args.device, 256, nullcontext)
-            texts = hn_eval.encode_texts(model, tokenizer, [t for _, _, pair in items for t in pair],
-                                         args.device, 256, nullcontext)
-            options = texts.view(len(items), 2, -1)
+            images, options = hn_eval.encode_choice_set(model, preprocess, tokenizer, choice_set,
+                                                        args.device, 256)
             correct = hn_eval.choice_correct(images, options)
             centred, prior_gap = centred_choice(images, options)
             errors: dict[str, list[bool]] = defaultdict(list)

@@ -288,6 +288,19 @@ def encode_texts(model: torch.nn.Module, tokenizer: Callable, texts: Sequence[st
                            progress)
 
 
+def encode_choice_set(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
+                      choice_set: ChoiceSet, device: torch.device | str, batch_size: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image features [N, D], option features [N, C, D]: each item's caption, then its negatives)
+    of a loaded choice set, for diagnostics that look at items one by one (fp32, no autocast)."""
+    items = choice_set.items
+    images = encode_images(model, preprocess, [(path, box) for path, box, _ in items], device,
+                           batch_size, contextlib.nullcontext)
+    options = encode_texts(model, tokenizer, [text for *_, texts in items for text in texts], device,
+                           batch_size, contextlib.nullcontext)
+    return images, options.view(len(items), len(items[0][2]), -1)
+
+
 def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
                   choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = (),
                   retrieval: RetrievalSet | None = None, device: torch.device | str = "cpu",

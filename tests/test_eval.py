@@ -1,5 +1,6 @@
 """Compositional evaluation: pure scorers, agreement with an independent scorer, bad input."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -92,6 +93,22 @@ def test_agrees_with_independent_scorer(sets, checkpoint):
         assert abs(flat[f"compositional/{kind}/acc"] - reference) <= 0.005, kind
     assert {"compositional/relation_pairs/group", "retrieval/image_to_text_R@1"} <= set(flat)
     assert not model.training
+
+
+def test_encode_choice_set_scores_like_the_evaluation(sets, checkpoint):
+    """The diagnostics' per-item features: the same accuracy as `evaluate_sets`, with each row's
+    options being its caption and then its negative."""
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint,
+                                                      model_configs=[CONFIG])
+    choice_set = hn_eval.load_choice_set(str(sets / "swap_objects.json"))
+    images, options = hn_eval.encode_choice_set(model, preprocess, tokenizer, choice_set, "cpu", 17)
+    assert images.shape[0] == options.shape[0] == len(choice_set.items) and options.shape[1] == 2
+    caption, negative = choice_set.items[3][2]
+    alone = hn_eval.encode_texts(model, tokenizer, [caption, negative], "cpu", 2, contextlib.nullcontext)
+    assert torch.allclose(options[3], alone, atol=1e-5)
+    accuracy = hn_eval.choice_correct(images, options).float().mean().item()
+    assert accuracy == pytest.approx(hn_eval.evaluate_sets(model, preprocess, tokenizer, [choice_set],
+                                                           batch_size=17)["swap_objects"]["acc"])
 
 
 def test_cli_side_by_side_writes_json_and_plot(sets, checkpoint, tmp_path, capsys):
