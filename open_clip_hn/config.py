@@ -15,6 +15,7 @@ from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_i
 from .mirror import parse_axes
 from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
 from .recipes import ListRecipesAction
+from .sample_order import SAMPLE_SHUFFLE_MODES
 from .terms import TERMS, loss_help, missing_needs, selectable_terms
 
 NEGATIVE_SOURCES = ("none", "online", "precomputed")
@@ -102,6 +103,7 @@ class HNConfig:
     # checkpoints inside an epoch (preemption.py), resuming
     save_every_steps: int = 0
     drop_state: bool = False
+    sample_shuffle: str = "seeded"
     # bookkeeping filled by the hooks, not by flags
     given: tuple[str, ...] = field(default=(), compare=False)
 
@@ -394,6 +396,15 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                           "--hn-* flag a checkpoint is also saved when SIGUSR2 or SIGTERM arrives "
                           "(preemption, time limit). Usable without hard negatives. Default: 0 "
                           "(only at the signal).")
+    add("--hn-sample-shuffle", dest="hn_sample_shuffle", choices=SAMPLE_SHUFFLE_MODES,
+        default="seeded",
+        help="Generator of OpenCLIP's webdataset sample shuffle buffer. seeded: from --seed, the "
+             "epoch, the rank and the loader worker, so every read of an epoch gives the same "
+             "samples in the same order: a run stopped inside an epoch resumes (--resume latest) "
+             "with exactly the samples it would have trained on, and one command trains on one "
+             "order. process: OpenCLIP's own (webdataset seeds it from the process id and the "
+             "clock). CSV data already follows --seed. Default: seeded (with any --hn-* flag; "
+             "without one the run is OpenCLIP's).")
     add("--hn-drop-state", dest="hn_drop_state", action="store_true", default=False,
         help="On --resume, ignore the checkpoint's plugin state (memory bank, rank thresholds, "
              "curriculum position) and start it fresh; without this flag a resume with no "

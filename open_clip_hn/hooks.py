@@ -50,6 +50,7 @@ from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpo
                          epoch_of_checkpoint_name, prune_step_checkpoints, shifted_scheduler)
 from .recipes import expand_recipe, recipe_path
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
+from .sample_order import seed_sample_shuffle
 
 PLUGIN_NAME = "open_clip_hn"
 
@@ -298,6 +299,8 @@ def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get)
             eval_args.train_data = None
             evaluation = get(eval_args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
             data.update({k: v for k, v in evaluation.items() if k != "train"})
+    if config.sample_shuffle == "seeded" and "train" in data:
+        seed_sample_shuffle(data["train"], args.seed, args.rank)
     if config.image_neighbors and "train" in data:
         _add_image_neighbors(data["train"].dataloader, config, args)
     steps = data["train"].dataloader.num_batches // args.accum_freq if "train" in data else None

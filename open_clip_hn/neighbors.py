@@ -45,6 +45,7 @@ import torch
 from .argtypes import non_negative_int, positive_int, unit_float
 from .eval import IMAGE_ERRORS, load_model
 from .files import atomic_write_bytes, atomic_write_json, content_identity, expand_shards
+from .sample_order import find_stages, is_filter
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
 MANIFEST = "index.json"
@@ -640,18 +641,12 @@ def insert_before_decode(pipeline, stage: Callable) -> None:
     `pipeline` may be the DataPipeline or the WebLoader that OpenCLIP's `get_wds_dataset`
     returns (`data["train"].dataloader`); call it before the loader is first iterated.
     """
-    todo = [pipeline]
-    while todo:
-        current = todo.pop()
-        for position, step in enumerate(getattr(current, "pipeline", [])):
-            if getattr(getattr(step, "f", None), "__name__", "") == "_decode":
-                current.pipeline.insert(position, stage)
-                return
-            if hasattr(step, "dataset"):  # a DataLoader inside a WebLoader
-                todo.append(step.dataset)
-    raise ValueError("no decode stage found in the webdataset pipeline; --hn-image-neighbors "
-                     "needs OpenCLIP's webdataset train pipeline (--dataset-type webdataset)")
-
+    stages = find_stages(pipeline, lambda step: is_filter(step, "_decode"))
+    if not stages:
+        raise ValueError("no decode stage found in the webdataset pipeline; --hn-image-neighbors "
+                         "needs OpenCLIP's webdataset train pipeline (--dataset-type webdataset)")
+    decode_pipeline, position = stages[0]
+    decode_pipeline.insert(position, stage)
 
 # ---------------------------------------------------------------------------- CLI
 

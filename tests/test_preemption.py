@@ -155,11 +155,15 @@ def test_kill_9_loses_at_most_n_steps(tmp_path, scene_csv):
 
 
 @pytest.mark.slow
-def test_two_ranks_agree_on_the_step_and_resume_exactly(tmp_path, scene_csv):
+@pytest.mark.parametrize("data", ["scene_csv", "scene_shards"])
+def test_two_ranks_agree_on_the_step_and_resume_exactly(tmp_path, data, request):
     """2 gloo processes; the signal reaches rank 1 only: one all-reduce makes both stop after
-    the same step, rank 0 saves, and the resumed pair ends with the uninterrupted pair's weights."""
+    the same step, rank 0 saves, and the resumed pair ends with the uninterrupted pair's weights.
+    On webdataset shards (one per rank) that holds through the seeded sample shuffle."""
+    train_data = request.getfixturevalue(data)
+
     def ranks(name: str, *extra: str) -> list[subprocess.Popen]:
-        argv = train_argv(scene_csv, str(tmp_path), name, *HN, "--dist-backend", "gloo", *extra,
+        argv = train_argv(train_data, str(tmp_path), name, *HN, "--dist-backend", "gloo", *extra,
                           epochs=2, batch_size=4)
         base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
                 "OMP_NUM_THREADS": "1"}
