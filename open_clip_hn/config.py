@@ -400,7 +400,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         default="seeded",
         help="Generator of OpenCLIP's webdataset sample shuffle buffer. seeded: from --seed, the "
              "epoch, the rank and the loader worker, so every read of an epoch gives the same "
-             "samples in the same order: a run stopped inside an epoch resumes (--resume latest) "
+             "samples in the same order (and the workers' random crops, seeded the same way at "
+             "each epoch's start): a run stopped inside an epoch resumes (--resume latest) "
              "with exactly the samples it would have trained on, and one command trains on one "
              "order. process: OpenCLIP's own (webdataset seeds it from the process id and the "
              "clock). CSV data already follows --seed. Default: seeded (with any --hn-* flag; "

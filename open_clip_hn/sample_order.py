@@ -7,14 +7,18 @@ inside an epoch and resumed (`preemption.py`) skips as many batches as it had tr
 the same samples (some are trained twice in that epoch, others not at all), and two runs of one
 command train on different orders. `--hn-sample-shuffle seeded`, the plugin's default, gives the
 buffer a generator seeded from (`--seed`, epoch, rank, loader worker): every read of an epoch
-yields the same samples in the same order, while epochs, ranks and workers still differ.
+yields the same samples in the same order, while epochs, ranks and workers still differ. The
+loader workers' own generators (random crops) are seeded the same way at each epoch's start,
+since OpenCLIP keeps its webdataset workers across epochs and a resumed run starts fresh ones.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 import webdataset as wds
 
@@ -43,22 +47,36 @@ def is_filter(step: Any, name: str) -> bool:
     return getattr(getattr(step, "f", None), "__name__", "") == name
 
 
+def seed_worker(key: str) -> None:
+    """Seed a loader worker's torch, random and numpy generators from `key`.
+
+    OpenCLIP's webdataset loader keeps its workers across epochs, so their generators (the image
+    augmentation's random crops) carry on from every earlier epoch, which a resumed run, with
+    fresh workers, cannot reproduce. Seeded at each epoch's start, they depend on the epoch only.
+    """
+    digest = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little")
+    torch.manual_seed(digest)
+    random.seed(digest)
+    np.random.seed(digest % 2**32)
+
+
 class SeededSampleShuffle:
     """webdataset's sample shuffle (same buffer and start) with a generator seeded from
-    (seed, epoch, rank, loader worker, stage) each time the pipeline is read."""
+    (seed, epoch, rank, loader worker, stage) each time the pipeline is read; in a loader worker
+    the worker's own generators are seeded from the same key (`seed_worker`)."""
 
     def __init__(self, bufsize: int, initial: int, seed: int, epoch, rank: int, stage: int = 0):
         self.bufsize, self.initial = bufsize, initial
         self.seed, self.epoch, self.rank, self.stage = seed, epoch, rank, stage
 
-    def generator(self) -> random.Random:
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
         key = (f"open_clip_hn sample shuffle seed={self.seed} epoch={self.epoch.get_value()} "
                f"rank={self.rank} worker={0 if worker is None else worker.id} stage={self.stage}")
-        return random.Random(key)  # a str seed is hashed with SHA-512: stable across processes
-
-    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
-        return wds.shuffle(bufsize=self.bufsize, initial=self.initial, rng=self.generator())(samples)
+        if worker is not None:  # without workers the loader runs in the trainer, whose RNG
+            seed_worker(key)    # the step checkpoints already save and restore
+        generator = random.Random(key)  # a str seed is hashed with SHA-512: stable across processes
+        return wds.shuffle(bufsize=self.bufsize, initial=self.initial, rng=generator)(samples)
 
 
 def seed_sample_shuffle(train, seed: int, rank: int) -> int:

@@ -22,7 +22,15 @@ def _name_samples(samples):
         yield sample
 
 
-def _train_data(shards: str, workers: int = 0, num_samples: int = 64):
+def _name_samples_and_draws(samples):
+    """Names as `_name_samples`, each with a draw of the loader's torch generator (as the
+    image augmentation's random crop would make)."""
+    for sample in _name_samples(samples):
+        sample["txt"] += f" draw={torch.randint(10**9, (1,)).item()}".encode()
+        yield sample
+
+
+def _train_data(shards: str, workers: int = 0, num_samples: int = 64, draws: bool = False):
     """OpenCLIP's own webdataset train data (DataInfo), captions replaced by sample names."""
     from open_clip_train.data import get_wds_dataset
 
@@ -31,7 +39,7 @@ def _train_data(shards: str, workers: int = 0, num_samples: int = 64):
                               workers=workers, world_size=1)
     train = get_wds_dataset(args, lambda image: torch.zeros(1), is_train=True,
                             tokenizer=lambda text: [text])
-    insert_before_decode(train.dataloader, _name_samples)
+    insert_before_decode(train.dataloader, _name_samples_and_draws if draws else _name_samples)
     return train
 
 
@@ -40,8 +48,9 @@ def _epoch(train, epoch: int = 0) -> list[str]:
     return [name for _, names in train.dataloader for name in names]
 
 
-def _read(shards: str, shuffle: str, epoch: int = 0, rank: int = 0, workers: int = 0) -> list[str]:
-    train = _train_data(shards, workers)
+def _read(shards: str, shuffle: str, epoch: int = 0, rank: int = 0, workers: int = 0,
+          draws: bool = False) -> list[str]:
+    train = _train_data(shards, workers, draws=draws)
     if shuffle == "seeded":
         assert seed_sample_shuffle(train, seed=0, rank=rank) == 1
     return _epoch(train, epoch)
@@ -59,10 +68,17 @@ def test_seeded_epoch_repeats_and_differs_across_epochs_and_ranks(scene_shards):
 
 
 def test_seeded_epoch_repeats_with_loader_workers(scene_shards):
-    """Two worker processes (one shard each): each worker's generator is its own, and fixed."""
+    """Two worker processes (one shard each): each worker's shuffle is its own, and fixed; so are
+    the workers' own generators at the epoch's start (OpenCLIP keeps webdataset workers across
+    epochs, so otherwise they would depend on every earlier epoch)."""
     first = _read(scene_shards, "seeded", workers=2)
     assert sorted(first) == sorted(_read(scene_shards, "process", workers=2))
     assert _read(scene_shards, "seeded", workers=2) == first
+    drawn = _read(scene_shards, "seeded", workers=2, draws=True)
+    assert _read(scene_shards, "seeded", workers=2, draws=True) == drawn
+    assert _read(scene_shards, "seeded", epoch=1, workers=2, draws=True) != drawn
+    process = [_read(scene_shards, "process", workers=2, draws=True) for _ in range(2)]
+    assert process[0] != process[1]
 
 
 def test_the_replaced_stage_keeps_the_buffer_of_openclip(scene_shards):
@@ -91,17 +107,20 @@ def test_csv_data_is_left_alone_and_a_pipeline_without_a_shuffle_is_refused(scen
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shuffle", ["seeded", "process"])
-def test_webdataset_run_stopped_mid_epoch_resumes_exactly_only_when_seeded(tmp_path, scene_shards, shuffle):
-    """SIGTERM inside the first epoch of webdataset data, then --resume latest: with the seeded
-    shuffle the resumed run ends with the uninterrupted run's weights; with OpenCLIP's own
-    (`process`) it trains on other samples, so the weights differ. Two ranks: test_preemption."""
+@pytest.mark.parametrize("shuffle, stop_after", [("seeded", 2), ("seeded", 6), ("process", 2)])
+def test_webdataset_run_stopped_mid_epoch_resumes_exactly_only_when_seeded(tmp_path, scene_shards,
+                                                                           shuffle, stop_after):
+    """SIGTERM inside an epoch of webdataset data (after step 2: the first of two epochs of 4
+    steps; after step 6: the second, whose workers the stopped run had kept from the first),
+    then --resume latest: with the seeded shuffle the resumed run ends with the uninterrupted
+    run's weights; with OpenCLIP's own (`process`) it trains on other samples, so the weights
+    differ. Two ranks: test_preemption."""
     extra = [*HN, "--hn-sample-shuffle", shuffle]
     whole = train_argv(scene_shards, str(tmp_path), "whole", *extra, epochs=2)
     run_module("open_clip_hn.train", whole)
     cut = train_argv(scene_shards, str(tmp_path), "cut", *extra, epochs=2)
     proc = start(cut)
-    wait_for_steps(tmp_path / "cut" / "out.log", 2, proc)
+    wait_for_steps(tmp_path / "cut" / "out.log", stop_after, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=240)[0]
     assert proc.returncode == -signal.SIGTERM, output[-3000:]
