@@ -404,8 +404,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "each epoch's start): a run stopped inside an epoch resumes (--resume latest) "
              "with exactly the samples it would have trained on, and one command trains on one "
              "order. process: OpenCLIP's own (webdataset seeds it from the process id and the "
-             "clock). CSV data already follows --seed. Default: seeded (with any --hn-* flag; "
-             "without one the run is OpenCLIP's).")
+             "clock). The order of CSV data is already reproducible. Default: seeded (with any "
+             "--hn-* flag; without one the run is OpenCLIP's).")
     add("--hn-drop-state", dest="hn_drop_state", action="store_true", default=False,
         help="On --resume, ignore the checkpoint's plugin state (memory bank, rank thresholds, "
              "curriculum position) and start it fresh; without this flag a resume with no "

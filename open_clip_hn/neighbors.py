@@ -648,6 +648,7 @@ def insert_before_decode(pipeline, stage: Callable) -> None:
     decode_pipeline, position = stages[0]
     decode_pipeline.insert(position, stage)
 
+
 # ---------------------------------------------------------------------------- CLI
 
 

@@ -47,7 +47,7 @@ def is_filter(step: Any, name: str) -> bool:
     return getattr(getattr(step, "f", None), "__name__", "") == name
 
 
-def seed_worker(key: str) -> None:
+def _seed_worker(key: str) -> None:
     """Seed a loader worker's torch, random and numpy generators from `key`.
 
     OpenCLIP's webdataset loader keeps its workers across epochs, so their generators (the image
@@ -62,19 +62,33 @@ def seed_worker(key: str) -> None:
 
 class SeededSampleShuffle:
     """webdataset's sample shuffle (same buffer and start) with a generator seeded from
-    (seed, epoch, rank, loader worker, stage) each time the pipeline is read; in a loader worker
-    the worker's own generators are seeded from the same key (`seed_worker`)."""
+    (seed, epoch, rank, loader worker, stage, pass) each time the pipeline is read.
+
+    A worker whose shards run out before its share of the epoch reads its pipeline again
+    (OpenCLIP's `with_epoch`); the pass number gives that read another order, where one key would
+    repeat the first batches sample for sample. At the epoch's first pass a loader worker's own
+    generators are seeded from the same key (`_seed_worker`).
+    """
 
     def __init__(self, bufsize: int, initial: int, seed: int, epoch, rank: int, stage: int = 0):
         self.bufsize, self.initial = bufsize, initial
         self.seed, self.epoch, self.rank, self.stage = seed, epoch, rank, stage
+        self._passes: tuple[int | None, int] = (None, 0)  # (epoch, passes begun in it) here
+
+    def _next_pass(self, epoch: int) -> int:
+        last_epoch, begun = self._passes
+        index = begun if epoch == last_epoch else 0
+        self._passes = (epoch, index + 1)
+        return index
 
     def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
         worker = torch.utils.data.get_worker_info()
-        key = (f"open_clip_hn sample shuffle seed={self.seed} epoch={self.epoch.get_value()} "
-               f"rank={self.rank} worker={0 if worker is None else worker.id} stage={self.stage}")
-        if worker is not None:  # without workers the loader runs in the trainer, whose RNG
-            seed_worker(key)    # the step checkpoints already save and restore
+        epoch = self.epoch.get_value()
+        index = self._next_pass(epoch)
+        key = (f"open_clip_hn sample shuffle seed={self.seed} epoch={epoch} rank={self.rank} "
+               f"worker={0 if worker is None else worker.id} stage={self.stage} pass={index}")
+        if worker is not None and index == 0:  # without workers the loader runs in the trainer,
+            _seed_worker(key)                  # whose RNG the step checkpoints save and restore
         generator = random.Random(key)  # a str seed is hashed with SHA-512: stable across processes
         return wds.shuffle(bufsize=self.bufsize, initial=self.initial, rng=generator)(samples)
 

@@ -1,5 +1,6 @@
 """Checkpoints inside an epoch: at the signal and every N steps; a resumed run equals an
-uninterrupted one (CSV data is deterministic, so weights are compared exactly)."""
+uninterrupted one (CSV data is deterministic, and webdataset data with the seeded sample shuffle,
+so weights are compared exactly)."""
 
 from __future__ import annotations
 

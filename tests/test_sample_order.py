@@ -49,8 +49,8 @@ def _epoch(train, epoch: int = 0) -> list[str]:
 
 
 def _read(shards: str, shuffle: str, epoch: int = 0, rank: int = 0, workers: int = 0,
-          draws: bool = False) -> list[str]:
-    train = _train_data(shards, workers, draws=draws)
+          draws: bool = False, num_samples: int = 64) -> list[str]:
+    train = _train_data(shards, workers, num_samples, draws=draws)
     if shuffle == "seeded":
         assert seed_sample_shuffle(train, seed=0, rank=rank) == 1
     return _epoch(train, epoch)
@@ -81,6 +81,31 @@ def test_seeded_epoch_repeats_with_loader_workers(scene_shards):
     assert process[0] != process[1]
 
 
+def test_a_kept_worker_reads_a_later_epoch_as_a_fresh_one(scene_shards):
+    """OpenCLIP keeps webdataset workers from epoch to epoch; a resumed run starts fresh ones.
+    Epoch 1 read by workers that read epoch 0 equals epoch 1 read first, crops' draws included."""
+    kept = _train_data(scene_shards, workers=2, draws=True)
+    seed_sample_shuffle(kept, seed=0, rank=0)
+    first = _epoch(kept, 0)
+    assert _epoch(kept, 1) == _read(scene_shards, "seeded", epoch=1, workers=2, draws=True) != first
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_worker_that_runs_out_reads_its_shards_again_in_another_order(scene_shards, workers):
+    """96 samples asked of 64: each reader passes over its shards again (OpenCLIP's `with_epoch`).
+    That pass has its own order and draws, not a copy of the first batches, and repeats too."""
+    names = _read(scene_shards, "seeded", workers=workers, draws=True, num_samples=96)
+    assert len(names) == 96
+    keys = [name.split(" draw=")[0] for name in names]
+    assert len(set(keys)) == 64  # every sample at least once
+    batches = [tuple(keys[i:i + 8]) for i in range(0, 96, 8)]
+    assert len(set(batches)) == len(batches)  # no batch of the same samples twice
+    again = _read(scene_shards, "seeded", workers=workers, draws=True, num_samples=96)
+    assert [name.split(" draw=")[0] for name in again] == keys  # the same order again
+    if workers:  # without workers the draws are the trainer's, which the test does not seed
+        assert again == names
+
+
 def test_the_replaced_stage_keeps_the_buffer_of_openclip(scene_shards):
     train = _train_data(scene_shards)
     [(pipeline, position)] = find_stages(train.dataloader, lambda step: is_filter(step, "_shuffle"))
@@ -107,25 +132,25 @@ def test_csv_data_is_left_alone_and_a_pipeline_without_a_shuffle_is_refused(scen
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shuffle, stop_after", [("seeded", 2), ("seeded", 6), ("process", 2)])
+@pytest.mark.parametrize("shuffle, stop_after", [("seeded", 2), ("seeded", 10), ("process", 2)])
 def test_webdataset_run_stopped_mid_epoch_resumes_exactly_only_when_seeded(tmp_path, scene_shards,
                                                                            shuffle, stop_after):
-    """SIGTERM inside an epoch of webdataset data (after step 2: the first of two epochs of 4
-    steps; after step 6: the second, whose workers the stopped run had kept from the first),
+    """SIGTERM inside an epoch of webdataset data (after step 2: the first of two epochs of 8
+    steps; after step 10: the second, whose workers the stopped run had kept from the first),
     then --resume latest: with the seeded shuffle the resumed run ends with the uninterrupted
     run's weights; with OpenCLIP's own (`process`) it trains on other samples, so the weights
     differ. Two ranks: test_preemption."""
     extra = [*HN, "--hn-sample-shuffle", shuffle]
-    whole = train_argv(scene_shards, str(tmp_path), "whole", *extra, epochs=2)
+    whole = train_argv(scene_shards, str(tmp_path), "whole", *extra, epochs=2, num_samples=64)
     run_module("open_clip_hn.train", whole)
-    cut = train_argv(scene_shards, str(tmp_path), "cut", *extra, epochs=2)
+    cut = train_argv(scene_shards, str(tmp_path), "cut", *extra, epochs=2, num_samples=64)
     proc = start(cut)
     wait_for_steps(tmp_path / "cut" / "out.log", stop_after, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=240)[0]
     assert proc.returncode == -signal.SIGTERM, output[-3000:]
     run_module("open_clip_hn.train", [*cut, "--resume", "latest"])
-    assert train_steps(tmp_path, "cut") == train_steps(tmp_path, "whole") == 8
+    assert train_steps(tmp_path, "cut") == train_steps(tmp_path, "whole") == 16
     same = same_weights(checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
                         checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
     assert same == (shuffle == "seeded")
