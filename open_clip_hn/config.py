@@ -24,6 +24,9 @@ MINER_BACKENDS = ("torch", "faiss")
 RANK_THRESHOLD_MODES = ("adaptive-mean", "adaptive-max")
 DISTILL_TEACHERS = ("none", "frozen", "ema")
 CHOICE_GRAD_MODES = ("both", "image", "text")
+# Flags whose default is not the behaviour before they existed: a saved run older than the flag
+# ran with this value (named when a resume changes it; run.HardNegativeRun._warn_config_changes).
+BEHAVIOUR_BEFORE_FLAG = {"sample_shuffle": "process"}
 TRAIN_DATA_VOCABULARY = "train-data"  # --hn-vocabulary: the words of the training captions
 def _loss_terms(value: str) -> tuple[str, ...]:
     terms = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))

@@ -27,7 +27,7 @@ import torch
 
 from . import provenance
 from . import state as hn_state
-from .config import TRAIN_DATA_VOCABULARY, HNConfig
+from .config import BEHAVIOUR_BEFORE_FLAG, TRAIN_DATA_VOCABULARY, HNConfig
 from .mirror import FLIP_COLOUR_AXES
 from .packing import PackedNegativeTokenizer, attach_model_hooks
 from .preemption import EpochPosition, StopRequest
@@ -334,13 +334,14 @@ class HardNegativeRun:
 
     def _warn_config_changes(self, saved: dict[str, Any]) -> None:
         """Name each flag that differs from the saved run's; a field an older version did not
-        save had its default then (flags are only ever added with the old behaviour as default)."""
+        save had its default then, or for a flag whose default is new behaviour, the old one
+        (`config.BEHAVIOUR_BEFORE_FLAG`)."""
         defaults = {f.name: f.default for f in dataclasses.fields(self.config)
                     if f.default is not dataclasses.MISSING}
         for name, value in dataclasses.asdict(self.config).items():
             if name == "given" or (name not in saved and name not in defaults):
                 continue
-            before = saved.get(name, defaults.get(name))
+            before = saved.get(name, BEHAVIOUR_BEFORE_FLAG.get(name, defaults.get(name)))
             if before != value:
                 logging.warning("Resuming with --hn-%s changed: %r -> %r", name.replace("_", "-"),
                                 before, value)

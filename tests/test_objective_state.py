@@ -134,8 +134,8 @@ def test_resume_refuses_a_different_bank_size():
 
 
 def test_resume_names_a_flag_changed_since_the_saved_run_even_one_it_did_not_save(caplog):
-    """A flag added after the checkpoint's version had its default then: a resume that sets it
-    differently is named like any other change."""
+    """A flag added after the checkpoint's version had its default then (or, where the default
+    is new behaviour, the old one): a resume that sets it differently is named like any other."""
     import dataclasses
     import logging
 
@@ -146,10 +146,13 @@ def test_resume_names_a_flag_changed_since_the_saved_run_even_one_it_did_not_sav
     with caplog.at_level(logging.WARNING):
         run._warn_config_changes(saved)
     assert not caplog.records
-    older = {k: v for k, v in saved.items() if k != "negative_grad"}
+    older = {k: v for k, v in saved.items() if k not in ("negative_grad", "sample_shuffle")}
     older["num_negatives"] = 4
     with caplog.at_level(logging.WARNING):
         run._warn_config_changes(older)
     messages = [r.getMessage() for r in caplog.records]
     assert "Resuming with --hn-negative-grad changed: 'full' -> 'none'" in messages
-    assert "Resuming with --hn-num-negatives changed: 4 -> 2" in messages and len(messages) == 2
+    assert "Resuming with --hn-num-negatives changed: 4 -> 2" in messages
+    # added with a new behaviour as default: the saved run had the old one
+    assert "Resuming with --hn-sample-shuffle changed: 'process' -> 'seeded'" in messages
+    assert len(messages) == 3
