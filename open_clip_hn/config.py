@@ -28,6 +28,8 @@ CHOICE_GRAD_MODES = ("both", "image", "text")
 # ran with this value (named when a resume changes it; run.HardNegativeRun._warn_config_changes).
 BEHAVIOUR_BEFORE_FLAG = {"sample_shuffle": "process"}
 TRAIN_DATA_VOCABULARY = "train-data"  # --hn-vocabulary: the words of the training captions
+
+
 def _loss_terms(value: str) -> tuple[str, ...]:
     terms = tuple(dict.fromkeys(t.strip() for t in value.split(",") if t.strip()))
     known = selectable_terms()

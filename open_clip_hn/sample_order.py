@@ -97,7 +97,7 @@ def seed_sample_shuffle(train, seed: int, rank: int) -> int:
     """Replace, in place, the sample shuffle of OpenCLIP's webdataset train data (`train` is
     `data["train"]`, a DataInfo) with `SeededSampleShuffle`; returns how many were replaced.
 
-    CSV data (no shared epoch) is left alone: its order already follows `--seed`. A webdataset
+    CSV data (no shared epoch) is left alone: its order is already reproducible. A webdataset
     pipeline without webdataset's sample shuffle is refused, naming the flag that keeps it as is.
     """
     if getattr(train, "shared_epoch", None) is None:
