@@ -87,12 +87,14 @@ def negative_split(negative: str) -> str:
     return "-"
 
 
-def centred_choice(images: torch.Tensor, options: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`choice_correct` with each image [N, D] centred on the images' mean, and each item's
-    caption prior <mean image, caption - negative> [N] (options [N, 2, D]). A score shared by
-    every image (a caption-only prior) lies along the mean and cancels in the centred choice."""
+def centred_choice(images: torch.Tensor, options: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`choice_correct` with each image [N, D] centred on the images' mean, each item's caption
+    prior <mean image, caption - negative> [N] (options [N, 2, D]), and that mean [D]. A score
+    shared by every image (a caption-only prior) lies along the mean and cancels in the centred
+    choice."""
     mean = images.mean(dim=0)
-    return hn_eval.choice_correct(images - mean, options), (options[:, 0] - options[:, 1]) @ mean
+    return hn_eval.choice_correct(images - mean, options), (options[:, 0] - options[:, 1]) @ mean, mean
 
 
 def score_training_negatives(model, preprocess, tokenizer, rows, device: str):
@@ -163,7 +165,7 @@ def main() -> None:
             images, options = hn_eval.encode_choice_set(model, preprocess, tokenizer, choice_set,
                                                         args.device, 256)
             correct = hn_eval.choice_correct(images, options)
-            centred, prior_gap = centred_choice(images, options)
+            centred, prior_gap, mean_image = centred_choice(images, options)
             errors: dict[str, list[bool]] = defaultdict(list)
             by_split: dict[str, list[bool]] = defaultdict(list)
             for (_, _, pair), right in zip(items, correct.tolist()):
@@ -175,7 +177,7 @@ def main() -> None:
                 f"{NEGATIVE_SPLITS.get(kind, kind)} error {sum(v) / len(v):.3f} ({len(v)})"
                 for kind, v in sorted(by_split.items())))
             print(f"  test {name}, images centred: error {1 - centred.float().mean():.3f} (plain "
-                  f"{1 - correct.float().mean():.3f}); mean image norm {images.mean(dim=0).norm():.3f}, "
+                  f"{1 - correct.float().mean():.3f}); mean image norm {mean_image.norm():.3f}, "
                   f"caption prior <mean image, caption - negative> {prior_gap.mean():+.4f}")
 
 

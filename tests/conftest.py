@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,42 @@ def run_module(module: str, argv: list[str], timeout: int = 300, env: dict | Non
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+# a small online hard-negative configuration for whole-run tests (choice term and negatives in itc)
+HN_ONLINE_CHOICE = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc,choice"]
+
+
+def load_checkpoint(logs: Path, name: str, file: str) -> dict:
+    """A run's checkpoint file (`logs/name/checkpoints/file`) as saved, on CPU."""
+    return torch.load(logs / name / "checkpoints" / file, map_location="cpu", weights_only=False)
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    """Two state dicts with the same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_steps(logs: Path, name: str) -> int:
+    """Optimizer steps logged over all starts of a run (OpenCLIP logs every step here)."""
+    return sum(1 for line in (logs / name / "out.log").read_text().splitlines()
+               if "Train Epoch" in line)
+
+
+def start_training(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    """`python -m open_clip_hn.train argv` in the background, to be signalled mid-run."""
+    return subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Wait until `log` records `steps` training steps; fail with the run's output if it ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and log.read_text().count("Train Epoch") >= steps:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read()[-4000:])
+        time.sleep(0.05)
+    raise AssertionError(f"no {steps} steps logged in {log}")

@@ -17,7 +17,7 @@ import open_clip_train
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_CONFIG, train_argv
+from conftest import REPO, TINY_MODEL_CONFIG, same_weights, train_argv, wait_for_steps
 
 PATCH = REPO / "patches" / "open_clip_train-plugins.patch"
 INSTALLED = Path(open_clip_train.__file__).parent
@@ -83,7 +83,7 @@ def assert_same_run(logs: Path, first: str, second: str) -> None:
     losses = logged_losses(logs, first)
     assert len(losses) == 4 and losses == logged_losses(logs, second)
     a, b = final_weights(logs, first), final_weights(logs, second)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(a, b)
 
 
 def test_patch_fits_the_installed_openclip(patched_site):
@@ -177,8 +177,6 @@ def test_patched_route_saves_and_resumes_inside_an_epoch(patched_site, scene_csv
     patched trainer, resume there, and the weights equal an uninterrupted monkeypatched run's."""
     import signal
 
-    from test_preemption import wait_for_steps
-
     argv = lambda name: train_argv(scene_csv, str(tmp_path), name, *HN_ONLINE, epochs=2)  # noqa: E731
     run(argv("whole"), module="open_clip_hn.train")
     env = {k: v for k, v in os.environ.items() if k != "OPEN_CLIP_TRAIN_PLUGINS"}
@@ -195,4 +193,4 @@ def test_patched_route_saves_and_resumes_inside_an_epoch(patched_site, scene_csv
     # the patch's checkpoint_saved hook: epoch_2.pt supersedes the step checkpoint
     assert not list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))
     a, b = final_weights(tmp_path, "whole", 2), final_weights(tmp_path, "cut", 2)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(a, b)

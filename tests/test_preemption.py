@@ -4,17 +4,14 @@ so weights are compared exactly)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, run_module, train_argv
+from conftest import (HN_ONLINE_CHOICE, REPO, free_port, load_checkpoint, run_module, same_weights,
+                      start_training, train_argv, train_steps, wait_for_steps)
 from open_clip_hn.preemption import EpochPosition, SteppedLoader, progress_of, rng_state, step_checkpoint_name
 from open_clip_hn.state import atomic_torch_save, latest_good_checkpoint
 
@@ -22,39 +19,6 @@ from open_clip_hn.state import atomic_torch_save, latest_good_checkpoint
 def latest_checkpoint(folder: str) -> str | None:
     found = latest_good_checkpoint(folder, with_state=False)
     return None if found is None else found[0]
-
-HN = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc,choice"]
-
-
-def checkpoint(logs: Path, name: str, file: str) -> dict:
-    return torch.load(logs / name / "checkpoints" / file, map_location="cpu", weights_only=False)
-
-
-def same_weights(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def train_steps(logs: Path, name: str) -> int:
-    """Optimizer steps logged over all starts of a run (OpenCLIP logs every step here)."""
-    return sum(1 for line in (logs / name / "out.log").read_text().splitlines()
-               if "Train Epoch" in line)
-
-
-def start(argv: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if log.exists() and log.read_text().count("Train Epoch") >= steps:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read()[-4000:])
-        time.sleep(0.05)
-    raise AssertionError(f"no {steps} steps logged in {log}")
 
 
 # ---------------------------------------------------------------------------- units
@@ -98,18 +62,18 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, 
     """SIGTERM in the middle of an epoch: the step in flight finishes, a step checkpoint is saved
     (and loads in plain OpenCLIP), and `--resume latest` ends with the uninterrupted run's weights."""
     batch = 4 if extra else 8
-    whole = train_argv(scene_csv, str(tmp_path), "whole", *HN, *extra, epochs=2, batch_size=batch)
+    whole = train_argv(scene_csv, str(tmp_path), "whole", *HN_ONLINE_CHOICE, *extra, epochs=2, batch_size=batch)
     run_module("open_clip_hn.train", whole)
 
-    cut = train_argv(scene_csv, str(tmp_path), "cut", *HN, *extra, epochs=2, batch_size=batch)
-    proc = start(cut)
+    cut = train_argv(scene_csv, str(tmp_path), "cut", *HN_ONLINE_CHOICE, *extra, epochs=2, batch_size=batch)
+    proc = start_training(cut)
     wait_for_steps(tmp_path / "cut" / "out.log", 2, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=240)[0]
     assert proc.returncode == -signal.SIGTERM, output[-3000:]  # stopped as the signal would
     saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))
     assert len(saved) == 1, saved
-    position = checkpoint(tmp_path, "cut", saved[0])["hn_position"]
+    position = load_checkpoint(tmp_path, "cut", saved[0])["hn_position"]
     assert 0 < position["step"] + 4 * position["epoch"]  # inside the run, not at its start
     stopped_at = train_steps(tmp_path, "cut")
     assert position["epoch"] * 4 + position["step"] == stopped_at  # no step in flight lost
@@ -123,8 +87,8 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, 
     run_module("open_clip_hn.train", [*cut, "--resume", "latest"])
     assert "is a step checkpoint" in (tmp_path / "cut" / "out.log").read_text()
     assert train_steps(tmp_path, "cut") == train_steps(tmp_path, "whole") == 8
-    a = checkpoint(tmp_path, "whole", "epoch_2.pt")
-    b = checkpoint(tmp_path, "cut", "epoch_2.pt")
+    a = load_checkpoint(tmp_path, "whole", "epoch_2.pt")
+    b = load_checkpoint(tmp_path, "cut", "epoch_2.pt")
     assert same_weights(a["state_dict"], b["state_dict"])
     hn_a = torch.load(tmp_path / "whole" / "checkpoints" / "epoch_2.pt.hn", weights_only=False)
     hn_b = torch.load(tmp_path / "cut" / "checkpoints" / "epoch_2.pt.hn", weights_only=False)
@@ -142,7 +106,7 @@ def test_kill_9_loses_at_most_n_steps(tmp_path, scene_csv):
     # it saved at steps 3 and 6 (inside the last epoch): epoch_2.pt supersedes both
     assert not list((tmp_path / "whole" / "checkpoints").glob("epoch_*_step_*.pt"))
     cut = train_argv(scene_csv, str(tmp_path), "cut", "--hn-save-every-steps", str(n), epochs=2)
-    proc = start(cut)
+    proc = start_training(cut)
     wait_for_steps(tmp_path / "cut" / "out.log", 6, proc)
     proc.kill()
     proc.communicate(timeout=60)
@@ -151,8 +115,8 @@ def test_kill_9_loses_at_most_n_steps(tmp_path, scene_csv):
     epoch, step = progress_of(latest)
     assert killed_after - (epoch * 4 + step) <= n
     run_module("open_clip_hn.train", [*cut, "--resume", "latest"])
-    assert same_weights(checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
-                        checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
+    assert same_weights(load_checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
+                        load_checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
 
 
 @pytest.mark.slow
@@ -164,11 +128,11 @@ def test_two_ranks_agree_on_the_step_and_resume_exactly(tmp_path, data, request)
     train_data = request.getfixturevalue(data)
 
     def ranks(name: str, *extra: str) -> list[subprocess.Popen]:
-        argv = train_argv(train_data, str(tmp_path), name, *HN, "--dist-backend", "gloo", *extra,
+        argv = train_argv(train_data, str(tmp_path), name, *HN_ONLINE_CHOICE, "--dist-backend", "gloo", *extra,
                           epochs=2, batch_size=4)
         base = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2",
                 "OMP_NUM_THREADS": "1"}
-        return [start(argv, {**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+        return [start_training(argv, {**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
 
     for proc in ranks("whole"):
         assert proc.wait(timeout=300) == 0
@@ -180,5 +144,5 @@ def test_two_ranks_agree_on_the_step_and_resume_exactly(tmp_path, data, request)
     assert len(list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))) == 1
     for proc in ranks("cut", "--resume", "latest"):
         assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
-    assert same_weights(checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
-                        checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
+    assert same_weights(load_checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
+                        load_checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])

@@ -9,10 +9,10 @@ import signal
 import pytest
 import torch
 
-from conftest import run_module, train_argv
+from conftest import (HN_ONLINE_CHOICE, load_checkpoint, run_module, same_weights, start_training,
+                      train_argv, train_steps, wait_for_steps)
 from open_clip_hn.neighbors import insert_before_decode
 from open_clip_hn.sample_order import SeededSampleShuffle, find_stages, is_filter, seed_sample_shuffle
-from test_preemption import HN, checkpoint, same_weights, start, train_steps, wait_for_steps
 
 
 def _name_samples(samples):
@@ -140,17 +140,17 @@ def test_webdataset_run_stopped_mid_epoch_resumes_exactly_only_when_seeded(tmp_p
     then --resume latest: with the seeded shuffle the resumed run ends with the uninterrupted
     run's weights; with OpenCLIP's own (`process`) it trains on other samples, so the weights
     differ. Two ranks: test_preemption."""
-    extra = [*HN, "--hn-sample-shuffle", shuffle]
+    extra = [*HN_ONLINE_CHOICE, "--hn-sample-shuffle", shuffle]
     whole = train_argv(scene_shards, str(tmp_path), "whole", *extra, epochs=2, num_samples=64)
     run_module("open_clip_hn.train", whole)
     cut = train_argv(scene_shards, str(tmp_path), "cut", *extra, epochs=2, num_samples=64)
-    proc = start(cut)
+    proc = start_training(cut)
     wait_for_steps(tmp_path / "cut" / "out.log", stop_after, proc)
     proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=240)[0]
     assert proc.returncode == -signal.SIGTERM, output[-3000:]
     run_module("open_clip_hn.train", [*cut, "--resume", "latest"])
     assert train_steps(tmp_path, "cut") == train_steps(tmp_path, "whole") == 16
-    same = same_weights(checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
-                        checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
+    same = same_weights(load_checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
+                        load_checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
     assert same == (shuffle == "seeded")

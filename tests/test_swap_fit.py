@@ -65,9 +65,10 @@ def test_centred_choice_cancels_a_caption_only_prior():
     captions = torch.stack([own[0], -own[0], own[1], -own[1]]) * 0.5
     options = torch.stack([captions, mean.expand(4, 4)], dim=1)
     assert not hn_eval.choice_correct(images, options).any()
-    centred, prior_gap = swap_fit.centred_choice(images, options)
+    centred, prior_gap, mean_image = swap_fit.centred_choice(images, options)
     assert centred.all()
     assert torch.allclose(prior_gap, torch.full((4,), -1.0))
+    assert torch.allclose(mean_image, mean)
 
 
 def test_labelled_checkpoints_need_one_label_each():
