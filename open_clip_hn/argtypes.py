@@ -26,10 +26,18 @@ def argparse_type(parse: Callable[[str], T]) -> Callable[[str], T]:
     return convert
 
 
+def path_value(value: str) -> str:
+    """A path flag's value; an empty one (an unset shell variable) would silently turn its
+    feature off, so it is refused."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("empty path (an unset shell variable?); give a file or folder")
+    return value
+
+
 def optional_path(value: str) -> str | None:
     """A path flag whose 'none' means no file: off by default, and 'none' turns a recipe's
     setting off (--hn-vocabulary, --hn-plausibility, --hn-exclude-negatives, --exclude)."""
-    return None if value == "none" else value
+    return None if value == "none" else path_value(value)
 
 
 def _int_at_least(value: str, least: int) -> int:

@@ -11,12 +11,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_int, optional_path,
-                       unit_float)
+                       path_value, unit_float)
 from .mirror import parse_axes
-from .negatives.taxonomy import NEGATIVE_TYPES, parse_types
+from .negatives.taxonomy import LM_TYPES, NEGATIVE_TYPES, parse_types
 from .recipes import ListRecipesAction
 from .sample_order import SAMPLE_SHUFFLE_MODES
-from .terms import TERMS, loss_help, missing_needs, selectable_terms
+from .terms import TERMS, active_terms, loss_help, missing_needs, selectable_terms
 
 NEGATIVE_SOURCES = ("none", "online", "precomputed")
 CURRICULA = ("const", "linear", "cosine", "step")
@@ -52,6 +52,20 @@ def _rank_threshold(value: str) -> str:
             f"expected {' or '.join(RANK_THRESHOLD_MODES)} or a fixed margin >= 0, got {value!r}"
         ) from None
     return value
+
+
+def _check_lm(c: "HNConfig") -> None:
+    """--hn-lm only where it acts (the hooks then load it once, before training)."""
+    if c.lm is None:
+        return
+    if c.negatives != "online":
+        raise ValueError(
+            f"--hn-lm applies to --hn-negatives online (this run: {c.negatives}); for precomputed "
+            "negatives pass --lm to `python -m open_clip_hn.negatives precompute`")
+    if not set(LM_TYPES) & set(c.types):
+        raise ValueError(
+            f"--hn-lm proposes the new word of {' and '.join(LM_TYPES)}, and --hn-types has neither "
+            f"(this run: {','.join(c.types)}); add one, or drop --hn-lm")
 
 
 @dataclass(frozen=True)
@@ -109,8 +123,10 @@ class HNConfig:
     save_every_steps: int = 0
     drop_state: bool = False
     sample_shuffle: str = "seeded"
-    # bookkeeping filled by the hooks, not by flags
+    # bookkeeping filled by the hooks, not by flags: the --hn-* flags of the run (recipe and
+    # command line), and those typed on the command line itself
     given: tuple[str, ...] = field(default=(), compare=False)
+    typed: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -144,9 +160,9 @@ class HNConfig:
     def from_args(cls, args: argparse.Namespace) -> "HNConfig":
         """Build the config from a namespace produced by a parser with `add_hn_arguments`."""
         values = {f.name: getattr(args, f"hn_{f.name}") for f in dataclasses.fields(cls)
-                  if f.name != "given" and hasattr(args, f"hn_{f.name}")}
+                  if f.name not in ("given", "typed") and hasattr(args, f"hn_{f.name}")}
         given = tuple(getattr(args, "hn_given", ()))
-        config = cls(**values, given=given)
+        config = cls(**values, given=given, typed=tuple(getattr(args, "hn_typed", ())))
         config.validate()
         return config
 
@@ -157,7 +173,7 @@ class HNConfig:
                 f"--hn-negatives {self.negatives} with --hn-num-negatives 0 generates nothing; "
                 "give K >= 1 or use --hn-negatives none"
             )
-        missing = missing_needs(self)
+        missing = missing_needs(self) + ignored_flags(self)
         if missing:
             raise ValueError(missing[0])
         if self.mined_k <= 0 and "mined" in self.loss:
@@ -179,6 +195,7 @@ class HNConfig:
                 f"--hn-plausibility applies to --hn-negatives online (this run: {self.negatives}); "
                 "for precomputed negatives pass --plausibility to `python -m open_clip_hn.negatives "
                 "precompute`")
+        _check_lm(self)
         if self.negative_grad not in ("full", "none"):
             raise ValueError(f"--hn-negative-grad must be full or none, got {self.negative_grad!r}")
         if self.negative_grad == "none" and not self.uses_text_negatives:
@@ -222,6 +239,48 @@ class HNConfig:
             raise ValueError(f"--hn-label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
+# the flag that switches each need of an automatic term on (terms.NEEDS)
+NEEDS_FLAGS = {"mirrors": "--hn-mirror AXES", "teacher": "--hn-distill frozen or ema",
+               "text_negatives": "--hn-negatives online", "bank": "--hn-memory-bank-size N"}
+
+
+def _settings_and_targets(c: HNConfig) -> dict[str, tuple[str, bool]]:
+    """Flag -> (what it acts on, whether that is on in this run), for the flags that only tune a
+    part of the run that another flag switches on."""
+    mined, importance = "mined" in c.loss, "importance" in c.loss
+    targets = {
+        "--hn-types": ("text negatives (--hn-negatives online or precomputed)", c.negatives != "none"),
+        "--hn-distill-ema-decay": ("an EMA teacher (--hn-distill ema)", c.distill == "ema"),
+        "--hn-image-neighbors-per-sample": ("image neighbours (--hn-image-neighbors DIR)",
+                                            c.image_neighbors is not None),
+        "--hn-eval-every": ("the in-training evaluation (--hn-eval-compositional DIR)",
+                            c.eval_compositional is not None),
+        "--hn-importance-tau-plus": ("the importance term (--hn-loss ...,importance)", importance),
+        "--hn-importance-beta": ("the importance term (--hn-loss ...,importance)", importance),
+        "--hn-rank-threshold": ("the rank term (--hn-loss ...,rank)", "rank" in c.loss),
+        "--hn-memory-bank-size": ("the mined term (--hn-loss ...,mined)", mined),
+        "--hn-memory-bank-fp16": ("the mined term (--hn-loss ...,mined)", mined),
+        "--hn-mined-k": ("the mined term (--hn-loss ...,mined)", mined),
+        "--hn-false-negative-threshold": ("the mined term (--hn-loss ...,mined)", mined),
+        "--hn-miner-backend": ("the mined term (--hn-loss ...,mined)", mined),
+    }
+    active = {term.name for term in active_terms(c)}
+    for term in TERMS.values():  # a weight above 0 for a term that is off
+        if term.weight and getattr(c, term.weight_field) > 0:
+            how = (f"--hn-loss ...,{term.name}" if term.selectable
+                   else " and ".join(NEEDS_FLAGS.get(n, n) for n in term.needs))
+            targets[f"--hn-{term.name}-weight"] = (f"the {term.name} term ({how})", term.name in active)
+    return targets
+
+
+def ignored_flags(c: HNConfig) -> list[str]:
+    """One message per flag typed on the command line that would change nothing, because what
+    it acts on is off: the user meant something the run would silently not do. A recipe's own
+    settings are not refused (a recipe is a bundle whose parts the command line may switch off)."""
+    return [f"{flag} acts on {what}, which this run does not have: add it, or drop {flag}"
+            for flag, (what, on) in _settings_and_targets(c).items() if flag in c.typed and not on]
+
+
 def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every `--hn-*` flag (and `--model-config`) to `parser`, in one argument group."""
     group = parser.add_argument_group(
@@ -229,10 +288,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         "Plugin flags. With none of them the run is exactly open_clip_train.main's run.",
     )
     add = group.add_argument
-    add("--model-config", dest="model_config", default=None, metavar="PATH.json",
+    add("--model-config", dest="model_config", type=path_value, default=None, metavar="PATH.json",
         help="Register an OpenCLIP model config file (open_clip.add_model_config) so that "
              "--model FILE_STEM can use a custom or tiny architecture.")
-    add("--hn-config", dest="hn_config_file", default=None, metavar="NAME|PATH.yaml",
+    add("--hn-config", dest="hn_config_file", type=path_value, default=None, metavar="NAME|PATH.yaml",
         help="Recipe: a shipped name (negclip, ce-clip, diht, cm-hnco, concept-permutation, "
              "recommended; see --hn-list-configs) or a YAML file whose keys are flag names; "
              "flags on the command line override it.")
@@ -255,7 +314,7 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help=loss_help())
     add("--hn-seed", dest="hn_seed", type=int, default=0,
         help="Seed of the negative generator; negatives are a pure function of (caption, seed).")
-    add("--hn-lm", dest="hn_lm", default=None, metavar="PATH",
+    add("--hn-lm", dest="hn_lm", type=path_value, default=None, metavar="PATH",
         help="Local masked language model (transformers) that proposes replacement words; "
              "proposals pass the same WordNet validity filter.")
     add("--hn-vocabulary", dest="hn_vocabulary", type=optional_path, default=None, metavar="PATH",
@@ -270,7 +329,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Keep only online negatives that read about as plausibly as their caption under a "
              "Kneser-Ney trigram model of captions, so the text tower cannot reject a negative "
              "without the image: 'train-data' (the --train-data captions, read at start; local "
-             "shards or CSV), a caption file (txt/csv/tsv/jsonl) or a model saved by `python -m "
+             "shards or CSV), a caption file (txt/csv/tsv/jsonl; a table's --csv-caption-key column) "
+             "or a model saved by `python -m "
              "open_clip_hn.negatives plausibility`; built once and cached. A caption with no "
              "plausible negative of a type gets none of it (masked slot). 'none' (the default): "
              "no filter.")
@@ -383,14 +443,16 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Curriculum value right after warmup (share in [0, 1]). Default: 1.0.")
     add("--hn-curriculum-end", dest="hn_curriculum_end", type=unit_float, default=1.0,
         help="Curriculum value at the end of training. Default: 1.0.")
-    add("--hn-image-neighbors", dest="hn_image_neighbors", default=None, metavar="DIR",
+    add("--hn-image-neighbors", dest="hn_image_neighbors", type=path_value, default=None,
+        metavar="DIR",
         help="Neighbour index from `python -m open_clip_hn.neighbors build` (image kNN) or `... "
              "rebinding` (captions with the same words bound differently): batches then hold "
              "samples together with their neighbours (hard image negatives).")
     add("--hn-image-neighbors-per-sample", dest="hn_image_neighbors_per_sample",
         type=non_negative_int, default=1,
         help="Neighbours placed next to each anchor sample. Default: 1.")
-    add("--hn-eval-compositional", dest="hn_eval_compositional", default=None, metavar="DIR",
+    add("--hn-eval-compositional", dest="hn_eval_compositional", type=path_value, default=None,
+        metavar="DIR",
         help="Compositional test sets (SugarCrepe layout) evaluated during training; per-type "
              "accuracy is logged like OpenCLIP's metrics.")
     add("--hn-save-every-steps", dest="hn_save_every_steps", type=non_negative_int, default=0,

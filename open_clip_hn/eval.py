@@ -192,6 +192,13 @@ def check_compositional_sets(root: str) -> dict[str, dict[str, int]]:
     choice_sets, pair_sets = discover_sets(root)
     retrieval_dir = os.path.join(root, "retrieval")
     retrieval = load_retrieval_set(retrieval_dir) if os.path.isdir(retrieval_dir) else None
+    return check_sets(choice_sets, pair_sets, retrieval)
+
+
+def check_sets(choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = (),
+               retrieval: RetrievalSet | None = None) -> dict[str, dict[str, int]]:
+    """Decode every image of loaded sets once, so a set without one readable item fails before
+    any model is loaded (see `check_compositional_sets`, which reads the sets from a folder)."""
     readable: dict[str, bool] = {}
 
     def ok(path: str) -> bool:
@@ -212,11 +219,10 @@ def check_compositional_sets(root: str) -> dict[str, dict[str, int]]:
     for name, path, items, missing in groups:
         bad = [item for item in items if not all(ok(p) for p in item)]
         summary[name] = {"items": len(items) - len(bad), "missing": missing, "unreadable": len(bad)}
+        first = next(p for p in bad[0] if not ok(p)) if bad else None
         if bad and len(bad) == len(items):
-            raise ValueError(f"{path}: none of its {len(items)} images can be decoded (e.g. "
-                             f"{bad[0][0]}); fix or replace the images")
+            raise _undecodable(path, len(items), first)
         if missing or bad:
-            first = next(p for p in bad[0] if not ok(p)) if bad else None
             logging.warning(f"eval set {path}: {missing} item(s) with a missing image"
                             + (f", {len(bad)} with an unreadable one (e.g. {first})" if bad else "")
                             + f" will be skipped; {len(items) - len(bad)} usable")
@@ -308,7 +314,8 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
                   show_progress: bool = False, input_dtype: torch.dtype | None = None
                   ) -> dict[str, dict[str, float]]:
     """{set name: {metric: value, "n": items scored, "skipped": items with a missing or
-    unreadable image}} for loaded sets. A corrupt image is skipped and counted, never raised."""
+    unreadable image}} for loaded sets. A corrupt image is skipped and counted, never raised;
+    a set with no item left raises a ValueError naming it."""
     from tqdm import tqdm
 
     autocast = autocast or contextlib.nullcontext
@@ -330,7 +337,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
             options = len(s.items[0][2])
             texts = encode_texts(model, tokenizer, [c for *_, caps in s.items for c in caps],
                                  **encode).view(len(s.items), options, -1)
-            keep = _kept(len(s.items), bad, per_item=1)
+            keep = _kept(s.path or s.name, len(s.items), bad, per_item=1)
             accuracy = choice_correct(images[keep], texts[keep]).float().mean().item()
             results[s.name] = {"acc": accuracy, "n": len(keep), "skipped": s.skipped + len(bad)}
         for s in pair_sets:
@@ -341,7 +348,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
                                    **encode).view(len(s.items), 2, -1)
             texts = encode_texts(model, tokenizer, [c for *_, c0, c1 in s.items for c in (c0, c1)],
                                  **encode).view(len(s.items), 2, -1)
-            keep = _kept(len(s.items), bad, per_item=2)
+            keep = _kept(s.path or s.name, len(s.items), bad, per_item=2)
             scores = torch.einsum("nid,njd->nij", texts[keep], images[keep])
             results[s.name] = {**pair_scores(scores), "n": len(keep),
                                "skipped": s.skipped + len(s.items) - len(keep)}
@@ -350,7 +357,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
             images = encode_images(model, preprocess, [(p, None) for p, _ in retrieval.items],
                                    input_dtype=input_dtype, unreadable=bad, **encode)
             texts = encode_texts(model, tokenizer, [c for _, c in retrieval.items], **encode)
-            keep = _kept(len(retrieval.items), bad, per_item=1)
+            keep = _kept(retrieval.path, len(retrieval.items), bad, per_item=1)
             results["retrieval"] = {**retrieval_recall(images[keep], texts[keep]), "n": len(keep),
                                     "skipped": len(bad)}
     finally:
@@ -366,10 +373,19 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
     return results
 
 
-def _kept(count: int, unreadable: dict[int, str], per_item: int) -> list[int]:
-    """Items (of `count`, each with `per_item` images in order) whose images all loaded."""
+def _kept(path: str, count: int, unreadable: dict[int, str], per_item: int) -> list[int]:
+    """Items (of `count`, each with `per_item` images in order) whose images all loaded; none
+    raises, naming the set at `path`: the mean of no scores is NaN, not an accuracy."""
     dropped = {index // per_item for index in unreadable}
-    return [i for i in range(count) if i not in dropped]
+    kept = [i for i in range(count) if i not in dropped]
+    if not kept:
+        raise _undecodable(path, count, next(iter(unreadable.values())))
+    return kept
+
+
+def _undecodable(path: str, count: int, example: str) -> ValueError:
+    return ValueError(f"{path}: none of its {count} items has images that can be decoded (e.g. "
+                      f"{example}); fix or replace the images")
 
 
 def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -650,6 +666,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         parser.error(f"--table sugarcrepe: {args.compositional} has no SugarCrepe split; it needs "
                      f"sets named after SugarCrepe's files ({', '.join(SUGARCREPE_SPLITS)}.json)")
     retrieval = load_retrieval_set(args.retrieval) if args.retrieval else None
+    check_sets(choice_sets, pair_sets, retrieval)  # unreadable sets fail before any model loads
     runs = []
     for name, pretrained in zip(models, args.pretrained):
         model, preprocess, tokenizer = load_model(name, pretrained, args.device, args.model_config)

@@ -110,8 +110,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = None) -> None:
-    """JSON of `obj` at `path`, written through a temp file (see `atomic_open`)."""
-    atomic_write_bytes(path, json.dumps(obj, indent=indent).encode())
+    """JSON of `obj` at `path`, written through a temp file (see `atomic_open`). NaN and
+    infinity raise a ValueError before anything is written: JSON has no such numbers, so
+    strict readers (jq, JSON.parse) would refuse the file."""
+    atomic_write_bytes(path, json.dumps(obj, indent=indent, allow_nan=False).encode())
 
 
 def expand_shards(spec: str) -> list[str]:

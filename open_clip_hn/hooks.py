@@ -48,7 +48,7 @@ from .eval import log_metrics
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
                          epoch_of_checkpoint_name, prune_step_checkpoints, shifted_scheduler)
-from .recipes import expand_recipe, recipe_path
+from .recipes import command_line_part, expand_recipe, recipe_path
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
 from .sample_order import seed_sample_shuffle
 
@@ -132,10 +132,15 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     if config.eval_compositional and not os.path.isdir(config.eval_compositional):
         raise ValueError(f"--hn-eval-compositional {config.eval_compositional}: no such folder; pass "
                          "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
-    if config.image_neighbors and not os.path.isdir(config.image_neighbors):
-        raise ValueError(f"--hn-image-neighbors {config.image_neighbors}: no such folder; build it "
-                         "with `python -m open_clip_hn.neighbors build` (image kNN) or `... rebinding` "
-                         "(captions with the same words bound differently)")
+    if config.image_neighbors:
+        from .neighbors import check_index
+
+        shards = oc_data.expand_urls(args.train_data)[0] if args.train_data else None
+        check_index(config.image_neighbors, shards)
+    if config.lm:
+        from .negatives.lm import check_masked_lm
+
+        check_masked_lm(config.lm, "--hn-lm")
     if config.vocabulary not in (None, TRAIN_DATA_VOCABULARY) and not os.path.isfile(config.vocabulary):
         raise ValueError(f"--hn-vocabulary {config.vocabulary}: file not found; pass a word list "
                          f"(`python -m open_clip_hn.negatives vocabulary` writes one) or "
@@ -146,22 +151,35 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
                          f"{TRAIN_DATA_VOCABULARY}")
 
 
-def _print_config_if_asked(namespace: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+def _print_config_if_asked(namespace: argparse.Namespace, argv: list[str],
+                           parser: argparse.ArgumentParser) -> None:
+    """`--hn-print-config`: print the resolved recipe and exit, once it passes the checks a run
+    makes (a printed configuration that training refuses would be a broken recipe)."""
     if namespace.hn_print_config:
         from .recipes import format_resolved_config
 
+        _hn_config(namespace, argv, parser)
         print(format_resolved_config(namespace, parser))
         sys.exit(0)
+
+
+def _hn_config(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> HNConfig:
+    """The checked configuration of the `--hn-*` flags of `argv` (recipe already expanded)."""
+    args.hn_given = given_hn_flags(argv)
+    args.hn_typed = given_hn_flags(command_line_part(argv, parser))
+    try:
+        return HNConfig.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def configure(args: argparse.Namespace, argv: list[str],
               parser: argparse.ArgumentParser) -> HardNegativeRun | None:
     """The run's plugin part from the parsed flags (None without `--hn-*` flags); bad
     combinations end in `parser.error`."""
-    args.hn_given = given_hn_flags(argv)
+    config = _hn_config(args, argv, parser)
     run = None
     try:
-        config = HNConfig.from_args(args)
         if config.enabled:
             _check_compatible(config, args)
             run = HardNegativeRun(config)
@@ -180,14 +198,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     argv = _with_recipe(argv, parser)
     namespace = parser.parse_args(argv)  # --help, unknown flags and bad values end here
-    _print_config_if_asked(namespace, parser)
+    _print_config_if_asked(namespace, argv, parser)
     hn_namespace, openclip_argv = _hn_parser().parse_known_args(argv)
     args = _ORIGINALS.get("parse_args", oc_params.parse_args)(openclip_argv)
     for name, value in vars(hn_namespace).items():
         setattr(args, name, value)
     _PLUGIN.run = configure(args, argv, parser)
     if _PLUGIN.run is None:  # a run without --hn-* keeps exactly OpenCLIP's args
-        for name in (*vars(hn_namespace), "hn_given"):
+        for name in (*vars(hn_namespace), "hn_given", "hn_typed"):
             delattr(args, name)
     return args
 
@@ -437,7 +455,7 @@ class Plugin:
 
     def configure(self, args: argparse.Namespace, argv: list[str],
                   parser: argparse.ArgumentParser) -> None:
-        _print_config_if_asked(args, parser)
+        _print_config_if_asked(args, argv, parser)
         self.run = configure(args, argv, parser)
 
     def model_created(self, model, preprocess_train, preprocess_val, args) -> None:

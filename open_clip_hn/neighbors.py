@@ -21,8 +21,9 @@ Output directory:
   neighbors.npy, similarities.npy   [N, k] global sample ids (-1 = none, at the end of a row) and
                              cosine similarities (`write_given`: 1 for a neighbour, 0 for none)
   index.json                 manifest: shards (name, identity, count) in id order, k, index
-                             type; written last, so its presence means the index is complete.
-                             Training refuses shards whose content differs from the identity.
+                             type, samples with a neighbour; written last, so its presence means
+                             the index is complete. Training refuses shards whose content differs
+                             from the identity, and an index in which no sample has a neighbour.
 """
 
 from __future__ import annotations
@@ -305,8 +306,12 @@ def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
             raise ValueError(f"--output {output} was built from {previous}, not {identity}; "
                              "use a fresh --output, or the same --model/--pretrained/--model-config "
                              "(build) or description (write_given)")
-    else:
-        atomic_write_json(path, identity)
+
+
+def _record_build_identity(output: str, identity: dict[str, Any]) -> None:
+    """Record what the index is built from; only once its content will follow, so a refused
+    choice leaves the folder free for another try with other settings."""
+    atomic_write_json(os.path.join(output, "build.json"), identity)
 
 
 def _load_model(model_name: str, pretrained: str | None, model_config: str | None, device: str):
@@ -394,7 +399,7 @@ def _write_index(output: str, paths: list[str], catalogs: list[list], ids: np.nd
     _atomic_save_npy(os.path.join(output, "similarities.npy"), sims.astype(np.float16))
     manifest = {
         "version": FORMAT_VERSION, "k": int(ids.shape[1]), "index": description,
-        "num_samples": int(len(ids)), **identity,
+        "num_samples": int(len(ids)), "with_neighbors": int((ids[:, 0] >= 0).sum()), **identity,
         "shards": [{"name": os.path.basename(p), "path": os.path.abspath(p),
                     "identity": content_identity(p), "num_samples": len(c)}
                    for p, c in zip(paths, catalogs)],
@@ -413,6 +418,7 @@ def build(shards: str, model_name: str, output: str, pretrained: str | None = No
     identity = {"model": model_name, "pretrained": pretrained,
                 "model_config": os.path.basename(model_config) if model_config else None}
     paths, catalogs = _start(shards, output, identity)
+    _record_build_identity(output, identity)
     os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
     _mark_unfinished(output)
     model, preprocess = _load_model(model_name, pretrained, model_config, device)
@@ -452,7 +458,12 @@ def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarr
         raise ValueError(f"the neighbours chosen for {output} must be an [N={len(captions)}, k>=1] "
                          f"integer array of other samples' ids, -1 (none) only at the end of a "
                          f"row: {problem}")
+    if not (ids[:, 0] >= 0).any():  # the stage would add nothing: training would be plain shuffle
+        raise ValueError(f"no sample of the {len(captions)} got a neighbour ({description}), so "
+                         f"{output} was not written; choose looser (`rebinding`: lower "
+                         "--min-word-overlap) or pass more shards, so captions can pair up")
     _mark_unfinished(output)  # only now: a failed choice leaves a finished index as it was
+    _record_build_identity(output, identity)
     sims = np.where(ids >= 0, 1.0, 0.0)
     return _write_index(output, paths, catalogs, ids, sims, description, identity)
 
@@ -526,6 +537,10 @@ class NeighborIndex:
         self._by_name = {s.name: s for s in self._shards}
         self._starts = np.array([s.first_id for s in self._shards])
         self.neighbors = np.load(os.path.join(index_dir, "neighbors.npy"), mmap_mode="r")
+        if check and not _has_neighbor(self.neighbors):
+            raise ValueError(f"--hn-image-neighbors {index_dir}: no sample of the {len(self)} has a "
+                             "neighbour, so batches would not change; write it again with looser "
+                             "settings (`rebinding`: lower --min-word-overlap; `build`: more images)")
 
     def __len__(self) -> int:
         return len(self.neighbors)
@@ -553,6 +568,23 @@ class NeighborIndex:
                 handle.seek(offset)
                 sample[ext] = handle.read(size)
         return sample
+
+
+def _has_neighbor(neighbors: np.ndarray, rows: int = 1 << 16) -> bool:
+    """Whether any row has a neighbour (-1 only ends a row, so column 0 tells); read in
+    chunks that stop at the first hit, since the array is memory-mapped and may be large."""
+    return any((neighbors[start:start + rows, 0] >= 0).any() for start in range(0, len(neighbors), rows))
+
+
+def check_index(index_dir: str, shards: list[str] | None = None) -> None:
+    """Refuse an `--hn-image-neighbors` folder that training cannot use (absent, unfinished,
+    of an old format, without neighbours, or built for other `shards`), as a ValueError naming
+    it and the fix: call it where the flags are read, before the model is built."""
+    if not os.path.isdir(index_dir):
+        raise ValueError(f"--hn-image-neighbors {index_dir}: no such folder; build it with "
+                         "`python -m open_clip_hn.neighbors build` (image kNN) or `... rebinding` "
+                         "(captions with the same words bound differently)")
+    NeighborIndex(index_dir, shards)
 
 
 def _check_same_shards(index_dir: str, built: dict[str, dict], shards: list[str]) -> None:
@@ -592,7 +624,7 @@ class NeighborStage:
         self.shards = shards
         self._index: NeighborIndex | None = None
         if shards is not None:
-            NeighborIndex(index_dir, shards)  # fail in the main process, before workers start
+            check_index(index_dir, shards)  # fail in the main process, before workers start
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_index": None}
@@ -698,7 +730,9 @@ def main(argv: list[str] | None = None) -> None:
                              nlist=args.nlist, nprobe=args.nprobe)
     except (ValueError, OSError) as err:  # bad shards, output or model: named in the message
         sys.exit(f"error: {err}")
-    print(f"wrote {manifest}")
+    written = _read_json(manifest)
+    print(f"wrote {manifest}: {written['with_neighbors']} of {written['num_samples']} samples "
+          f"({written['with_neighbors'] / written['num_samples']:.1%}) have a neighbour")
 
 
 if __name__ == "__main__":

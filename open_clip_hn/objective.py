@@ -270,4 +270,4 @@ class HardNegativeLoss(torch.nn.Module):
             self.bank.load_state_dict(state["bank"])
         elif self.bank is None and state.get("bank") is not None and strict:
             raise ValueError("the saved state has a memory bank but --hn-memory-bank-size is 0; "
-                             "resume with the saved size or drop the state file")
+                             "resume with the saved size")

@@ -61,8 +61,9 @@ def _check_scalar(path: str, option: str, action: argparse.Action, value: Any) -
 
 def _tokens(path: str, option: str, action: argparse.Action, value: Any) -> list[str]:
     """The argv tokens that set `option` to `value`, validated; [] leaves the default."""
-    if value is None:
-        return []
+    if value is None or value == []:  # a value left out: the default would pass unnoticed
+        raise _error(path, f"key {option[2:]!r} has no value; give one, or remove the key for "
+                           "the default")
     if action.nargs == 0:  # store_true / store_false / store_const
         if not isinstance(value, bool):
             raise _error(path, f"key {option[2:]!r} is a switch: use true or false, got {value!r}")
@@ -160,12 +161,27 @@ class ListRecipesAction(argparse.Action):
         parser.exit()
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (where PyYAML keeps the
+    last silently, so one of the two settings would be lost without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_recipe(path: str) -> dict[str, Any]:
     """Read a recipe file (or shipped recipe name) into a mapping; an empty file is empty."""
     path = resolve_recipe(path)
     with open(path, encoding="utf-8") as handle:
         try:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise _error(path, f"is not valid YAML: {err}") from None
     if data is None:
@@ -179,8 +195,12 @@ def recipe_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     """Validated argv tokens for the recipe at `path`, to be placed before the command line."""
     actions = _flag_actions(parser)
     argv: list[str] = []
+    keys: dict[str, str] = {}
     for key, value in load_recipe(path).items():
         option = _normalize_key(key)
+        if option in keys:
+            raise _error(path, f"keys {keys[option]!r} and {key!r} both set {option}; keep one")
+        keys[option] = key
         if option in _META_FLAGS:
             raise _error(path, f"key {key!r} cannot be set inside a recipe; give it on the command line")
         if option not in actions:
@@ -205,6 +225,13 @@ def expand_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]
     return list(argv) if path is None else recipe_argv(path, parser) + list(argv)
 
 
+def command_line_part(expanded: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """The tokens of an `expand_recipe`d argv that the command line gave (those after the
+    recipe's own)."""
+    path = recipe_path(expanded)
+    return list(expanded)[len(recipe_argv(path, parser)):] if path is not None else list(expanded)
+
+
 def _yaml_value(action: argparse.Action, value: Any) -> Any:
     """The recipe form of a parsed value, so that the printed config is itself a recipe."""
     if isinstance(value, tuple) and action.nargs not in ("*", "+") and not isinstance(action.nargs, int):
@@ -225,7 +252,9 @@ def format_resolved_config(args: argparse.Namespace, parser: argparse.ArgumentPa
         if option in _META_FLAGS or id(action) in seen or not hasattr(args, action.dest):
             continue  # one entry per action (its first long name); recipe flags themselves skipped
         seen.add(id(action))
-        resolved[option[2:]] = _yaml_value(action, getattr(args, action.dest))
+        value = _yaml_value(action, getattr(args, action.dest))
+        if value is not None and value != []:  # unset (the default): a recipe leaves such keys out
+            resolved[option[2:]] = value
     recipe = getattr(args, "hn_config_file", None)
     header = f"# resolved configuration{f' (recipe {recipe} + command line)' if recipe else ''}\n"
     return header + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)

@@ -27,6 +27,7 @@ import torch
 
 from . import provenance
 from . import state as hn_state
+from .argtypes import InputError
 from .config import BEHAVIOUR_BEFORE_FLAG, TRAIN_DATA_VOCABULARY, HNConfig
 from .mirror import FLIP_COLOUR_AXES
 from .packing import PackedNegativeTokenizer, attach_model_hooks
@@ -137,8 +138,11 @@ class HardNegativeRun:
         from .negatives.plausibility import PlausibilityError, from_captions, resolve
 
         source = self.config.plausibility
-        if source != TRAIN_DATA_VOCABULARY:
-            return None if source is None else resolve(source)
+        if source is None:
+            return None
+        if source != TRAIN_DATA_VOCABULARY:  # a CSV's caption column is OpenCLIP's, as for training
+            key = "title" if captions is None else captions.csv_caption_key
+            return resolve(source, caption_key=key, key_flag="--csv-caption-key")
         fix = ("build the model once with `python -m open_clip_hn.negatives plausibility` and pass "
                "its path to --hn-plausibility")
         try:
@@ -227,7 +231,7 @@ class HardNegativeRun:
         try:
             counts = check_compositional_sets(self.config.eval_compositional)
         except ValueError as err:
-            raise ValueError(f"--hn-eval-compositional {self.config.eval_compositional}: {err}") from None
+            raise InputError(f"--hn-eval-compositional {self.config.eval_compositional}: {err}") from None
         logging.info("--hn-eval-compositional: %d set(s) checked (%s)", len(counts),
                      ", ".join(f"{name}: {c['items']} items" for name, c in counts.items()))
 
@@ -269,11 +273,17 @@ class HardNegativeRun:
                                 gather_with_grad=gather_with_grad, accum_freq=accum_freq,
                                 start_step=self.start_step, total_steps=self.total_steps,
                                 on_step_end=None if self.teacher is None else self.teacher.update)
-        if self.teacher is not None:
-            self._restore_teacher()
+        try:
+            if self.teacher is not None:
+                self._restore_teacher()
+            if self.pending_state is not None:
+                saved = self.pending_state["loss"]
+                loss.load_state_dict(saved)
+        except ValueError as err:
+            raise hn_state.StateError(
+                f"the resumed plugin state does not fit this run: {err} (--hn-drop-state starts "
+                "bank, thresholds, curriculum and teacher fresh instead)") from None
         if self.pending_state is not None:
-            saved = self.pending_state["loss"]
-            loss.load_state_dict(saved)
             if saved["step"] != self.start_step:
                 logging.warning("Hard-negative state was saved at step %s; OpenCLIP resumes at step "
                                 "%s (batch size, world size or samples changed): the curriculum "

@@ -209,8 +209,11 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
 
     A newer checkpoint that cannot be read, or (with the plugin on) whose state is damaged,
     foreign or non-finite, is skipped with a warning naming it and why; the previous good pair
-    is used instead, so a kill during a save costs at most that epoch.
+    is used instead, so a kill during a save costs at most that epoch. Where checkpoints exist
+    and none is usable, `StateError`: OpenCLIP would otherwise start the run over and write its
+    new epochs over them.
     """
+    skipped: list[str] = []
     for path in checkpoints_newest_first(checkpoint_dir):
         try:
             checkpoint = read_checkpoint(path)
@@ -226,6 +229,13 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
         except ValueError as err:
             logging.warning("--resume latest: skipping %s: %s; falling back to the previous "
                             "checkpoint", path, err)
+            skipped.append(f"{os.path.basename(path)}: {err}")
+    if skipped:
+        raise StateError(
+            f"--resume latest: no checkpoint in {checkpoint_dir} can be resumed, so nothing was "
+            f"trained ({'; '.join(skipped)}). To continue from one whose weights load, pass "
+            f"--resume PATH --hn-drop-state (its plugin state starts fresh); to start the run "
+            f"over, move them out of {checkpoint_dir}")
     return None
 
 

@@ -74,17 +74,17 @@ class Teacher:
         """Resume the saved teacher; refuses another mode, other shapes or non-finite weights."""
         if state.get("mode") != self.mode:
             raise ValueError(f"the saved teacher is --hn-distill {state.get('mode')!r} but this run "
-                             f"uses {self.mode!r}; resume with the saved mode or drop the state file")
+                             f"uses {self.mode!r}; resume with the saved mode")
         weights = state["weights"]
         bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            raise ValueError(f"the saved teacher has non-finite weights ({', '.join(bad[:3])}); "
-                             "drop the state file to restart the teacher")
+            raise ValueError(f"the saved teacher has non-finite weights ({', '.join(bad[:3])}), so it "
+                             "cannot be resumed")
         try:
             self.module.load_state_dict(weights)
         except RuntimeError as err:
             raise ValueError(f"the saved teacher does not fit this model ({err}); resume with the "
-                             "model it was saved with or drop the state file") from None
+                             "model it was saved with") from None
         self.updates = int(state.get("updates", 0))
 
 

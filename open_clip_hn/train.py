@@ -12,8 +12,11 @@ import sys
 def main(argv: list[str] | None = None):
     """Install the hooks and run `open_clip_train.main.main(argv)` (returns what it returns).
     A plugin state that cannot be used (`StateError`: damaged, foreign, non-finite, or a resume
-    without the flags it needs), and a word list or plausibility model that cannot be built from
-    the given captions, end the run as `error: ...` with exit status 2, before the first step."""
+    without the flags it needs), a word list or plausibility model that cannot be built from
+    the given captions, and an input found unusable once OpenCLIP has set up the run
+    (`InputError`: precomputed shards, evaluation sets) end the run as `error: ...` with exit
+    status 2, before the first step."""
+    from .argtypes import InputError
     from .hooks import run_openclip_main
     from .negatives.lexicon import VocabularyError
     from .negatives.plausibility import PlausibilityError
@@ -21,7 +24,7 @@ def main(argv: list[str] | None = None):
 
     try:
         return run_openclip_main(sys.argv[1:] if argv is None else list(argv))
-    except (StateError, VocabularyError, PlausibilityError) as err:
+    except (StateError, VocabularyError, PlausibilityError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 

@@ -240,7 +240,7 @@ def test_check_compositional_sets_counts_missing_and_corrupt_images(tmp_path, se
     assert f"1 with an unreadable one (e.g. {corrupt})" in caplog.text
     for item in data.values():
         (tmp_path / "images" / item["filename"]).write_bytes(b"not an image")
-    with pytest.raises(ValueError, match="none of its 60 images can be decoded"):
+    with pytest.raises(ValueError, match="none of its 60 items has images that can be decoded"):
         hn_eval.check_compositional_sets(str(tmp_path))
 
 
@@ -312,3 +312,30 @@ def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path, sets, checkpo
     assert unknown.returncode == 2 and "error: --model 'no-such-model' is not an OpenCLIP model" in unknown.stderr
     absent = cli("--pretrained", str(tmp_path / "none.pt"), "--compositional", str(sets))
     assert absent.returncode == 2 and "checkpoint" in absent.stderr and "Traceback" not in absent.stderr
+
+
+def test_a_set_without_a_readable_image_is_refused_not_scored_nan(tmp_path, sets, checkpoint, capsys):
+    """Every image corrupt: the CLI stops before loading a model, naming the set and an image,
+    and writes no results; `evaluate_sets` (in the loop, the demo) raises instead of NaN."""
+    data = _copy_set(sets, tmp_path)
+    shutil.copyfile(sets / "relation_pairs.jsonl", tmp_path / "relation_pairs.jsonl")
+    for item in data.values():
+        (tmp_path / "images" / item["filename"]).write_bytes(b"\x89PNG garbage")
+    output = tmp_path / "results.json"
+    with pytest.raises(SystemExit) as exit_:
+        hn_eval.main(["--model", "hn-tiny-vit", "--model-config", CONFIG, "--pretrained", checkpoint,
+                      "--compositional", str(tmp_path), "--output", str(output)])
+    assert exit_.value.code == 2 and not output.exists()
+    printed = capsys.readouterr()
+    assert f"error: {tmp_path / 'swap_objects.json'}: none of its 60 items has images that can be " \
+           f"decoded (e.g. {tmp_path / 'images'}/" in printed.err
+    assert "evaluating" not in printed.out  # refused before any model was loaded
+
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, model_configs=[CONFIG])
+    choice, pairs = hn_eval.discover_sets(str(tmp_path))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'swap_objects.json'}: none of its 60 items"):
+        hn_eval.evaluate_sets(model, preprocess, tokenizer, choice, batch_size=64)
+    for image in (tmp_path / "images").iterdir():  # pairs: one unreadable image spoils an item
+        image.write_bytes(b"")
+    with pytest.raises(ValueError, match=f"{tmp_path / 'relation_pairs.jsonl'}: none of its 30 items"):
+        hn_eval.evaluate_sets(model, preprocess, tokenizer, [], pairs, batch_size=64)

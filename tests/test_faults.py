@@ -50,6 +50,23 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_pair(two_epochs,
     assert (tmp_path / "run" / "checkpoints" / "epoch_3.pt").exists()
 
 
+def test_resume_latest_with_no_usable_checkpoint_stops_instead_of_starting_over(two_epochs, scene_csv,
+                                                                                 tmp_path):
+    """Every plugin state damaged: OpenCLIP, told there is no checkpoint, would train from scratch
+    and write its epoch 1 over the run's; the run stops with exit 2 and the files stay as they were."""
+    import shutil
+
+    shutil.copytree(two_epochs / "run", tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    for state_file in checkpoints.glob("*.pt.hn"):
+        state_file.write_bytes(state_file.read_bytes()[:500])
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+    resumed = train(train_argv(scene_csv, str(tmp_path), "run", *HN, "--resume", "latest", epochs=3))
+    assert resumed.returncode == 2, resumed.stderr[-3000:]
+    assert "no checkpoint in" in resumed.stderr and "--hn-drop-state" in resumed.stderr
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+
+
 def test_damaged_state_and_a_resume_without_flags_are_refused(two_epochs, scene_csv, tmp_path):
     import shutil
 

@@ -33,6 +33,17 @@ def test_a_failed_write_keeps_the_old_file(tmp_path):
     assert not _temps(tmp_path)
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), -float("inf")])
+def test_json_without_a_number_is_refused_and_the_old_file_kept(tmp_path, number):
+    """NaN and infinity are not JSON: writing them fails, so no reader gets an invalid file."""
+    path = tmp_path / "out.json"
+    files.atomic_write_json(path, {"acc": 0.5})
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        files.atomic_write_json(path, {"acc": number})
+    assert json.loads(path.read_text()) == {"acc": 0.5}
+    assert not _temps(tmp_path)
+
+
 def test_shard_specs_expand_like_train_data():
     spec = "a/shard-{000..002}.tar::b/extra.tar"
     assert files.expand_shards(spec) == ["a/shard-000.tar", "a/shard-001.tar", "a/shard-002.tar",

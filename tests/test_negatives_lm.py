@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.negatives.generator import _resources
 
@@ -41,3 +43,48 @@ def test_lm_proposals_pass_the_validity_tables(tmp_path):
     proposer = generator._lm()
     assert proposer.propose(["a", "red", "cube"], 2)  # the model really proposes words
     assert out == NegativeGenerator(types="replace_object,replace_attribute", seed=0, lm_path=path).generate(caption, 6)
+
+
+def test_a_path_that_is_not_a_masked_lm_is_named_with_the_reason(tmp_path):
+    import shutil
+
+    import pytest
+
+    from open_clip_hn.negatives.lm import check_masked_lm
+
+    good = tmp_path / "good"
+    good.mkdir()
+    check_masked_lm(_tiny_lm(good), "--hn-lm")
+    no_weights = shutil.copytree(good, tmp_path / "no_weights")
+    (no_weights / "model.safetensors").unlink()
+    no_tokenizer = shutil.copytree(good, tmp_path / "no_tokenizer")
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
+        (no_tokenizer / name).unlink()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    for path, reason in ((tmp_path / "none", "no such folder"), (tmp_path / "file", "not a folder"),
+                         (tmp_path / "empty", "no config.json"),
+                         (no_weights, r"not a loadable masked LM \(OSError: .*model.safetensors"),
+                         (no_tokenizer, "its tokenizer has no mask token or no words")):
+        with pytest.raises(ValueError, match=rf"^--hn-lm {re.escape(str(path))}: {reason}.*save_pretrained$"):
+            check_masked_lm(str(path), "--hn-lm")
+
+
+def test_hn_lm_is_refused_where_it_does_nothing(tmp_path):
+    """(A folder that does not load is refused by the hooks before training: test_negatives_input.)"""
+    import pytest
+
+    from open_clip_hn.config import HNConfig
+
+    (tmp_path / "lm").mkdir()
+    path = _tiny_lm(tmp_path / "lm")
+    HNConfig(negatives="online", types=("replace_object",), lm=path).validate()
+    cases = [(dict(negatives="precomputed"), r"--hn-lm applies to --hn-negatives online \(this run: "
+                                             r"precomputed\); .* pass --lm to `python -m"),
+             (dict(negatives="none"), r"--hn-lm applies to --hn-negatives online \(this run: none\)"),
+             (dict(negatives="online", types=("swap_objects", "replace_relation")),
+              r"--hn-lm proposes the new word of replace_object and replace_attribute, and "
+              r"--hn-types has neither \(this run: swap_objects,replace_relation\); add one, or drop")]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=message):
+            HNConfig(**{"lm": path, **flags}).validate()

@@ -393,3 +393,54 @@ def test_recipe_worlds_builds_the_rebinding_index_again_for_new_data(tmp_path):
     module.rebinding_index(index, spec)
     assert json.loads(Path(index, "index.json").read_text())["shards"] == again["shards"]
     NeighborIndex(index, sorted(str(p) for p in Path(data).glob("*.tar")))  # and it serves them
+
+
+def test_an_index_without_neighbours_is_not_written_or_trained_on(tmp_path, capsys):
+    """Captions too unlike for --min-word-overlap leave every row empty: the CLI refuses to write
+    such an index (keeping a finished one), reports the share with a neighbour when it writes,
+    and training refuses an empty index written by an older version."""
+    spec = shards_spec(write_scene_shards(str(tmp_path / "data"), 16, 8, seed=0))
+    out = str(tmp_path / "rebinding")
+    with pytest.raises(SystemExit) as exit_:
+        main(["rebinding", "--shards", spec, "--output", out, "--min-word-overlap", "1.0"])
+    assert "no sample of the 16 got a neighbour" in str(exit_.value.code)
+    assert "lower --min-word-overlap" in str(exit_.value.code)
+    assert not Path(out, "index.json").exists()
+
+    main(["rebinding", "--shards", spec, "--output", out, "--k", "2"])  # a retry in the same folder
+    manifest = json.loads(Path(out, "index.json").read_text())
+    with_neighbors = int((np.load(Path(out, "neighbors.npy"))[:, 0] >= 0).sum())
+    assert manifest["with_neighbors"] == with_neighbors > 0
+    assert (f"of 16 samples ({with_neighbors / 16:.1%}) have a neighbour"
+            in capsys.readouterr().out)
+    with pytest.raises(ValueError, match="no sample of the 16 got a neighbour"):
+        write_given(spec, out, lambda captions: np.full((len(captions), 2), -1), manifest["index"])
+    assert json.loads(Path(out, "index.json").read_text()) == manifest
+
+    # an older version wrote empty indexes: the reader refuses them, naming the flag and folder
+    np.save(Path(out, "neighbors.npy"), np.full((16, 2), -1, dtype=np.int32))
+    shards = sorted(str(p) for p in Path(tmp_path, "data").glob("*.tar"))
+    for read in (lambda: NeighborIndex(out), lambda: neighbor_stage(out, 1, 8, shards)):
+        with pytest.raises(ValueError, match=f"--hn-image-neighbors {out}: no sample of the 16 "
+                                             "has a neighbour.*lower --min-word-overlap"):
+            read()
+    NeighborIndex(out, check=False)  # loader workers: the main process checked
+
+
+def test_check_index_names_absent_and_unfinished_folders(tmp_path):
+    """What `--hn-image-neighbors` is checked with before training: a missing folder and one
+    without a manifest (an unfinished build) each name the folder and the command to run."""
+    from open_clip_hn.neighbors import check_index
+
+    shards = write_scene_shards(str(tmp_path / "data"), 16, 8, seed=0)
+    with pytest.raises(ValueError, match=f"--hn-image-neighbors {tmp_path}/absent: no such folder"):
+        check_index(str(tmp_path / "absent"), shards)
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(ValueError, match=f"--hn-image-neighbors {tmp_path}/unfinished: no index.json "
+                                         r"\(the build did not finish\)"):
+        check_index(str(tmp_path / "unfinished"), shards)
+    out = str(tmp_path / "index")
+    write_rebinding(shards_spec(shards), out, k=2)
+    with pytest.raises(ValueError, match="was built for other shards"):
+        check_index(out, shards[1:])
+    check_index(out, shards)

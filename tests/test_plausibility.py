@@ -418,6 +418,23 @@ def test_trainer_reads_the_train_data_captions(tmp_path):
         run.plausibility(source)
 
 
+def test_trainer_reads_a_caption_table_by_openclips_caption_column(tmp_path):
+    """--hn-plausibility FILE.csv: the trainer reads the column OpenCLIP's --csv-caption-key names
+    (an OpenCLIP training CSV's own 'title', by default), and a missing one is named by that flag."""
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.run import HardNegativeRun, TrainCaptions
+
+    captions = scene_captions(220, seed=9)
+    table = tmp_path / "captions.csv"
+    table.write_text("filepath\ttitle\n" + "".join(f"img{i}.png\t{c}\n" for i, c in enumerate(captions)))
+    run = HardNegativeRun(HNConfig(negatives="online", plausibility=str(table)))
+    shards = TrainCaptions("shards/{0..9}.tar", is_csv=False)  # its csv_caption_key: OpenCLIP's 'title'
+    assert run.plausibility(shards).meta["captions"] == 220
+    renamed = TrainCaptions("shards/{0..9}.tar", is_csv=False, csv_caption_key="caption")
+    with pytest.raises(P.PlausibilityError, match=r"no column 'caption' .*pass --csv-caption-key NAME"):
+        run.plausibility(renamed)
+
+
 def test_model_from_shards_drives_precompute(tmp_path):
     """`plausibility --shards` builds the model from webdataset captions; `precompute
     --plausibility` writes the filtered negatives (the same as the library's)."""

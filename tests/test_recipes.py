@@ -108,6 +108,12 @@ def test_print_config_is_the_file_plus_overrides(tmp_path, parser):
     ("batch-size: true\n", "key 'batch-size' expects a single value"),
     ("hn-config: other.yaml\n", "cannot be set inside a recipe"),
     ("- batch-size\n", "must be a mapping of flag names to values"),
+    # one of two settings, or a value left out, would be lost without a word
+    ("hn-loss: itc\nhn-loss: itc,choice\n", "key 'hn-loss' is given twice"),
+    ("hn_num_negatives: 2\nhn-num-negatives: 6\n",
+     "keys 'hn_num_negatives' and 'hn-num-negatives' both set --hn-num-negatives; keep one"),
+    ("hn-loss:\n", "key 'hn-loss' has no value; give one, or remove the key"),
+    ("hn-types: []\n", "key 'hn-types' has no value"),
 ])
 def test_bad_recipes_name_the_key_the_file_and_the_fix(tmp_path, parser, text, message):
     path = write(tmp_path, text)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 
 from open_clip_hn.state import find_state, prune_states, save_state, state_path
@@ -110,6 +111,26 @@ def test_latest_good_pair_skips_a_truncated_checkpoint_and_a_bad_state(tmp_path,
     assert latest_good_checkpoint(folder, with_state=True) == (str(tmp_path / "epoch_2.pt"), None)
 
 
+def test_latest_refuses_when_checkpoints_exist_and_none_is_usable(tmp_path):
+    """Checkpoints that all fail must stop the run: OpenCLIP, told there is none, would train
+    from scratch and write its epochs over them."""
+    from open_clip_hn.state import StateError, latest_good_checkpoint
+
+    folder = str(tmp_path)
+    for epoch in (1, 2):
+        torch.save({"epoch": epoch, "state_dict": {"w": torch.ones(4096)}}, tmp_path / f"epoch_{epoch}.pt")
+        save_state(folder, epoch, {"loss": {"bank": torch.tensor([float("nan")])}})
+    _truncate(tmp_path / "epoch_2.pt")
+    with pytest.raises(StateError, match="no checkpoint in .* can be resumed") as err:
+        latest_good_checkpoint(folder, with_state=True)
+    assert "epoch_2.pt: checkpoint" in str(err.value) and "epoch_1.pt" in str(err.value)
+    assert "--hn-drop-state" in str(err.value)
+    assert latest_good_checkpoint(folder, with_state=False) == (str(tmp_path / "epoch_1.pt"), None)
+    _truncate(tmp_path / "epoch_1.pt")
+    with pytest.raises(StateError):
+        latest_good_checkpoint(folder, with_state=False)
+
+
 def test_set_aside_moves_only_unreadable_newest_checkpoints(tmp_path):
     from open_clip_hn.state import set_aside_broken_checkpoints
 
@@ -124,8 +145,6 @@ def test_set_aside_moves_only_unreadable_newest_checkpoints(tmp_path):
 
 
 def test_atomic_torch_save_keeps_the_old_file_when_the_write_fails(tmp_path):
-    import pytest
-
     from open_clip_hn.state import atomic_torch_save
 
     path = tmp_path / "epoch_1.pt"

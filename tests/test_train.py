@@ -70,6 +70,29 @@ def test_help_lists_openclip_and_hn_flags():
      "--hn-exclude-negatives /nonexistent/sets: no such file or folder"),
     (["--hn-negatives", "precomputed", "--hn-exclude-negatives", "sets"],
      "--hn-exclude-negatives applies to --hn-negatives online"),
+    # a setting typed for a part of the run that is off would be silently ignored
+    (["--hn-negatives", "none", "--hn-types", "swap_objects", "--hn-mirror", "horizontal"],
+     "--hn-types acts on text negatives"),
+    (["--hn-negatives", "online", "--hn-mirror-weight", "2"],
+     "--hn-mirror-weight acts on the mirror term (--hn-mirror AXES), which this run does not have"),
+    (["--hn-negatives", "online", "--hn-loss", "itc", "--hn-choice-weight", "2"],
+     "--hn-choice-weight acts on the choice term (--hn-loss ...,choice)"),
+    (["--hn-negatives", "online", "--hn-memory-bank-size", "64"], "--hn-memory-bank-size acts on the mined term"),
+    (["--hn-negatives", "online", "--hn-distill-weight", "2"], "--hn-distill-weight acts on the distill term"),
+    (["--hn-negatives", "online", "--hn-distill", "frozen", "--hn-distill-ema-decay", "0.9"],
+     "--hn-distill-ema-decay acts on an EMA teacher"),
+    (["--hn-negatives", "online", "--hn-eval-every", "2"], "--hn-eval-every acts on the in-training evaluation"),
+    (["--hn-negatives", "online", "--hn-image-neighbors-per-sample", "2"],
+     "--hn-image-neighbors-per-sample acts on image neighbours"),
+    (["--hn-negatives", "online", "--hn-rank-threshold", "0.1"], "--hn-rank-threshold acts on the rank term"),
+    (["--hn-negatives", "online", "--hn-importance-beta", "1"], "--hn-importance-beta acts on the importance"),
+    # an empty path (an unset shell variable) would silently turn its feature off
+    (["--hn-negatives", "online", "--hn-eval-compositional="], "--hn-eval-compositional: empty path"),
+    (["--hn-negatives", "online", "--hn-image-neighbors="], "--hn-image-neighbors: empty path"),
+    (["--hn-negatives", "online", "--hn-lm="], "--hn-lm: empty path"),
+    (["--model-config="], "--model-config: empty path"),
+    # --hn-print-config prints only what a run would accept
+    (["--hn-loss", "choice", "--hn-print-config"], "--hn-loss choice needs text hard negatives"),
 ])
 def test_bad_flags_fail_naming_the_input(argv, message, capsys):
     from open_clip_hn import hooks
@@ -78,6 +101,22 @@ def test_bad_flags_fail_naming_the_input(argv, message, capsys):
     with pytest.raises(SystemExit):
         hooks.parse_args(["--model", TINY_MODEL] + argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_recipe_setting_for_a_part_switched_off_is_not_refused(tmp_path, capsys):
+    """Only flags typed on the command line are refused for a part that is off: a recipe is a
+    bundle, and turning one of its parts off must not make the user undo each of its settings."""
+    from open_clip_hn import hooks
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("hn-negatives: online\nhn-loss: itc,choice\nhn-choice-weight: 2\n")
+    hooks.install()
+    args = hooks.parse_args(["--model", TINY_MODEL, "--hn-config", str(recipe), "--hn-loss", "itc"])
+    assert args.hn_choice_weight == 2 and args.hn_loss == ("itc",)
+    with pytest.raises(SystemExit):
+        hooks.parse_args(["--model", TINY_MODEL, "--hn-config", str(recipe), "--hn-loss", "itc",
+                          "--hn-choice-weight", "3"])
+    assert "--hn-choice-weight acts on the choice term" in capsys.readouterr().err
 
 
 def test_bad_exclude_negatives_stop_the_run_by_name_before_any_work(tmp_path, capsys):
@@ -116,7 +155,7 @@ def test_no_hn_flag_run_equals_openclip(tmp_path, scene_csv):
     run_module("open_clip_hn.train", train_argv(scene_csv, str(tmp_path), "plugin"))
     assert logged_losses(tmp_path, "vanilla") == logged_losses(tmp_path, "plugin")
     a, b = checkpoint(tmp_path, "vanilla")["state_dict"], checkpoint(tmp_path, "plugin")["state_dict"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(a, b)
     assert sorted(os.listdir(tmp_path / "plugin" / "checkpoints")) == ["epoch_1.pt"]  # no .hn, no .json
 
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 from ..files import atomic_write_json
 from .audit import AuditError, Scorers, examples_text, format_table, generated_pairs, read_sugarcrepe, run_audit
-from .cli_common import add_caption_source, excluded, source_captions
+from .cli_common import add_caption_source, excluded, loaded, source_captions
 from .plausibility import fit, read_caption_file, resolve
 
 AUDITED = "audited"  # --plausibility value of `audit`: a model of the audited captions
@@ -60,9 +60,9 @@ def _generator(args: argparse.Namespace, types, plausibility, exclude: tuple[str
                vocabulary: frozenset[str] | None):
     from .generator import NegativeGenerator
 
-    return NegativeGenerator(types=types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
-                             plausibility=plausibility, swap_reorders=args.swap_reorders == "keep",
-                             exclude=exclude)
+    return loaded(NegativeGenerator(types=types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
+                                    plausibility=plausibility, swap_reorders=args.swap_reorders == "keep",
+                                    exclude=exclude))
 
 
 def _vocabulary(args: argparse.Namespace) -> frozenset[str] | None:

@@ -21,8 +21,7 @@ from ..argtypes import InputError, argparse_type, optional_path, overwritten_inp
 from ..files import atomic_open, expand_shards
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
-from .manifest import ManifestError
-from .cli_common import add_caption_source, excluded, existing_shards, progress, source_captions
+from .cli_common import add_caption_source, excluded, existing_shards, loaded, progress, source_captions
 from .shards import MalformedLine, read_captions, word_counts
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
@@ -57,15 +56,16 @@ def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> N
 
 
 def _generator(args: argparse.Namespace) -> NegativeGenerator:
+    """The flags' generator, loaded: a bad --lm or --vocabulary fails here, before any output."""
     vocabulary = None if args.vocabulary is None else read_vocabulary(args.vocabulary)
     plausibility = args.plausibility
     if plausibility is not None and args.command == "generate":  # a csv/tsv/jsonl: --caption-key's column
         from .plausibility import resolve
 
         plausibility = resolve(plausibility, args.caption_key)
-    return NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm, vocabulary=vocabulary,
-                             plausibility=plausibility, swap_reorders=args.swap_reorders == "keep",
-                             exclude=excluded(args))
+    return loaded(NegativeGenerator(types=args.types, seed=args.seed, lm_path=args.lm,
+                                    vocabulary=vocabulary, plausibility=plausibility,
+                                    swap_reorders=args.swap_reorders == "keep", exclude=excluded(args)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,12 +144,11 @@ def run_generate(args: argparse.Namespace) -> int:
                          "check the file and --caption-key")
     work = partial(_generate_one, generator, args.num)
     with atomic_open(args.output, "w", encoding="utf-8") as handle:
-        if args.workers > 1:
+        if args.workers > 1:  # forked workers inherit what the parent loaded; spawned ones load it
             with Pool(args.workers, initializer=generator.load) as pool:
                 results = pool.imap(work, captions, chunksize=256)
                 masked = _write_results(handle, captions, results)
         else:
-            generator.load()
             masked = _write_results(handle, captions, map(work, captions))
     print(f"{len(captions)} captions, {masked} without negatives (masked), {malformed} malformed lines "
           f"skipped -> {args.output}", file=sys.stderr)
@@ -172,7 +171,7 @@ def run_precompute(args: argparse.Namespace) -> int:
     shards = existing_shards(args.shards)
     if shards is None:
         return 2
-    generator = _generator(args)  # a bad --vocabulary fails here, before the folder is claimed
+    generator = _generator(args)  # a bad --vocabulary or --lm fails here, before the folder is claimed
     return precompute(shards, args.output_dir, generator, args.num, args.caption_key,
                       workers=args.workers, allow_damaged=args.allow_damaged,
                       vocabulary=args.vocabulary, lm=args.lm)
@@ -245,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"show": run_show, "generate": run_generate, "precompute": run_precompute,
                 "vocabulary": run_vocabulary, "audit": run_audit_command,
                 "plausibility": run_plausibility_command}[args.command](args)
-    except (WordNetMissingError, VocabularyError, PlausibilityError, AuditError, ManifestError,
-            InputError, OSError) as err:
+    except (WordNetMissingError, VocabularyError, PlausibilityError, AuditError, InputError,
+            OSError) as err:  # InputError covers ManifestError and LMError
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -7,12 +7,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..argtypes import InputError
 from ..eval_sets import excluded_captions
 from ..files import expand_shards
+from .lm import LMError
 from .shards import shard_captions
+
+if TYPE_CHECKING:
+    from .generator import NegativeGenerator
 
 
 def progress(iterable, **kwargs):
@@ -64,3 +68,13 @@ def excluded(args: argparse.Namespace) -> tuple[str, ...]:
         return excluded_captions(args.exclude, "--exclude")
     except ValueError as err:
         raise InputError(str(err)) from None
+
+
+def loaded(generator: "NegativeGenerator") -> "NegativeGenerator":
+    """`generator` with its WordNet tables, tagger and --lm loaded in this process, before any
+    output is touched: a worker that fails to load (a Pool initializer is restarted forever)
+    or a lazy load mid-run would name no flag."""
+    try:
+        return generator.load()
+    except LMError as err:
+        raise InputError(f"--lm {err}") from None

@@ -21,7 +21,7 @@ from .edits import Edit, match_case, noun_form, splice
 from .lexicon import Resources, load_resources, restrict_to_vocabulary, words_of
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
 from .plausibility import PlausibilityModel, resolve as resolve_plausibility, select as plausible_order
-from .taxonomy import NEGATIVE_TYPES, parse_types
+from .taxonomy import LM_TYPES, NEGATIVE_TYPES, parse_types
 
 _BE_NUMBER = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has"}
 _SINGULAR_VERBS = ("is", "was", "has")
@@ -579,7 +579,7 @@ class NegativeGenerator:
             edits = GENERATORS[name](res, parse, rng, wide=True)
         else:
             edits = GENERATORS[name](res, parse, rng)
-        if self.lm_path and name in ("replace_object", "replace_attribute"):
+        if self.lm_path and name in LM_TYPES:
             edits = self._lm().edits(res, parse, name, rng) + edits
         if self.plausibility is not None:
             edits = self._plausible(res, parse, name, rng, edits)

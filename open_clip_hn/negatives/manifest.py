@@ -26,6 +26,7 @@ import tarfile
 from typing import Any, Iterator
 
 from .. import __version__
+from ..argtypes import InputError
 from ..files import atomic_write_json
 from .shards import NEGATIVES_EXTENSION, split_key
 
@@ -44,7 +45,7 @@ _UNRECORDED: dict[str, Any] = {"swap_reorders": "keep",
                                "plausibility": "not recorded (an older version's folder)"}
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """An output folder or precomputed shard that does not match what was asked."""
 
 
@@ -169,16 +170,22 @@ def check_precomputed_shards(shards: list[str]) -> None:
     A shard with a manifest entry must still have the size it was written with; a shard
     without one (made by another tool or an older version) must have a neg.json member for
     every sample. Remote shards (URLs, pipes) cannot be checked here and are skipped: the
-    loader's own check covers them while streaming.
+    loader's own check covers them while streaming. Shards whose manifest entries all record
+    every sample masked are refused too: the run would train with no negative at all.
     """
     fix = ("write them with `python -m open_clip_hn.negatives precompute --shards '<raw "
            "shards>' --output-dir DIR` and train on DIR, or use --hn-negatives online")
+    recorded = masked = 0  # samples, and those without a negative, by the manifest entries
+    entries = 0
     for shard in shards:
         if not os.path.isfile(shard):
             continue
         folder, name = os.path.split(os.path.abspath(shard))
         entry = _read_json(_entry_path(folder, name))
         if isinstance(entry, dict) and entry.get("output_size") == os.path.getsize(shard):
+            entries += 1
+            recorded += entry.get("samples") or 0
+            masked += entry.get("masked") or 0
             continue
         if isinstance(entry, dict):
             raise ManifestError(f"--hn-negatives precomputed: shard {shard} is "
@@ -189,3 +196,10 @@ def check_precomputed_shards(shards: list[str]) -> None:
             raise ManifestError(f"--hn-negatives precomputed: shard {shard} has no neg.json "
                                 f"members for {missing} of its {samples} samples (a raw shard?); "
                                 f"{fix}")
+    if entries == len(shards) and recorded and masked == recorded:
+        raise ManifestError(f"--hn-negatives precomputed: precompute's manifest records no negative "
+                            f"for any of the {recorded} samples of the {len(shards)} shard(s) (e.g. "
+                            f"{shards[0]}), so every negative slot would be masked: their captions "
+                            "were not under precompute's --caption-key, or no type could change them. "
+                            "Precompute them again into a new --output-dir with the captions' "
+                            "--caption-key, or use --hn-negatives online")

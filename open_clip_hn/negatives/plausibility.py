@@ -344,8 +344,9 @@ def is_saved_model(path: str | os.PathLike) -> bool:
         return handle.read(4) == b"PK\x03\x04"
 
 
-def read_caption_file(path: str, caption_key: str = "caption") -> list[str]:
-    """The captions of a txt/csv/tsv/jsonl file (the formats `negatives generate` reads)."""
+def read_caption_file(path: str, caption_key: str = "caption", key_flag: str = "--caption-key") -> list[str]:
+    """The captions of a txt/csv/tsv/jsonl file (the formats `negatives generate` reads);
+    `key_flag` names the flag that sets `caption_key` in errors."""
     from ..argtypes import InputError
     from .shards import read_captions
 
@@ -355,7 +356,7 @@ def read_caption_file(path: str, caption_key: str = "caption") -> list[str]:
                                 "per line), .csv, .tsv or .jsonl file, or a model saved by "
                                 "`python -m open_clip_hn.negatives plausibility`")
     try:
-        return [c for c in read_captions(path, caption_key) if isinstance(c, str)]
+        return [c for c in read_captions(path, caption_key, key_flag) if isinstance(c, str)]
     except InputError as err:  # read_captions names a missing column this way
         raise PlausibilityError(f"{err} (or save a model once with `python -m open_clip_hn.negatives "
                                 f"plausibility --input {path} --caption-key NAME --output MODEL.npz` and "
@@ -398,8 +399,9 @@ def from_captions(captions: list[str], source: str = "captions",
 
 
 def resolve(path: str | os.PathLike, caption_key: str = "caption",
-            cache: str | os.PathLike | None = None) -> PlausibilityModel:
-    """A saved model at `path`, or the (cached) model of the caption file at `path`."""
+            cache: str | os.PathLike | None = None, key_flag: str = "--caption-key") -> PlausibilityModel:
+    """A saved model at `path`, or the (cached) model of the caption file at `path` (its
+    `caption_key` column or key, set by `key_flag`)."""
     if not os.path.isfile(path):
         raise PlausibilityError(f"plausibility source {path} not found; pass a caption file (txt/csv/tsv/"
                                 "jsonl) or a model saved by `python -m open_clip_hn.negatives plausibility`")
@@ -410,7 +412,7 @@ def resolve(path: str | os.PathLike, caption_key: str = "caption",
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     target = model_cache_dir(cache) / f"kn{ORDER}-{digest.hexdigest()[:24]}.npz"
-    return _cached(target, lambda: fit(read_caption_file(str(path), caption_key), source=str(path)))
+    return _cached(target, lambda: fit(read_caption_file(str(path), caption_key, key_flag), source=str(path)))
 
 
 MARGIN = 10.0  # nats: how much less plausible than its positive a kept negative may read

@@ -133,6 +133,29 @@ def _trailing_damage(path: str, end: int, size: int) -> list[str]:
     return []
 
 
+def _check_caption_key(shard: str, caption_key: str) -> None:
+    """Refuse a --caption-key that no sample of the first shard has, before the folder is claimed
+    with it: every sample would be written without negatives, and a rerun with the right key
+    refused by the folder's settings."""
+    seen: set[str] = set()
+    try:
+        with tarfile.open(shard, "r:*", ignore_zeros=True) as reader:
+            for member in reader:
+                if not member.isfile():
+                    continue
+                extension = split_key(member.name)[1]
+                if extension == caption_key:
+                    return
+                seen.add(extension)
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        return  # damaged: precompute_shard reports it, with counts
+    seen.discard(NEGATIVES_EXTENSION)
+    if seen:
+        raise InputError(f"--caption-key {caption_key}: no sample of {shard} has a '.{caption_key}' "
+                         f"member (its members: {', '.join('.' + e for e in sorted(seen))}); pass "
+                         "--caption-key with the extension holding the captions (e.g. txt)")
+
+
 def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator, k: int,
                caption_key: str, workers: int = 1, allow_damaged: bool = False,
                vocabulary: str | None = None, lm: str | None = None) -> int:
@@ -148,8 +171,7 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
         print(f"error: --output-dir {output_dir} holds the input shards (e.g. {inside[0]}); "
               "the output would overwrite them: pass another --output-dir", file=sys.stderr)
         return 2
-    if lm and not os.path.exists(lm):
-        raise InputError(f"--lm {lm} not found; pass a local masked LM folder")
+    _check_caption_key(shards[0], caption_key)
     os.makedirs(output_dir, exist_ok=True)
     claim_output_dir(output_dir, generator_settings(
         k, generator.types, generator.seed, vocabulary, lm, caption_key,

@@ -73,8 +73,10 @@ class MalformedLine(ValueError):
         self.line = line
 
 
-def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
+def read_captions(path: str, caption_key: str, key_flag: str = "--caption-key"
+                  ) -> Iterator[str | MalformedLine]:
     """Captions of a txt/csv/tsv/jsonl file in order; malformed lines come as MalformedLine.
+    `key_flag` is the flag that sets `caption_key`, named where the column or key is missing.
 
     A .csv whose header holds a tab is read as tab-separated: OpenCLIP's own CSVs are (its
     --csv-separator default), whatever their extension."""
@@ -86,7 +88,7 @@ def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
             reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
             if reader.fieldnames is None or caption_key not in reader.fieldnames:
                 raise InputError(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
-                                 "pass --caption-key NAME")
+                                 f"pass {key_flag} NAME")
             for row in reader:
                 value = row.get(caption_key)
                 yield value if isinstance(value, str) else MalformedLine(reader.line_num, "missing caption field")
@@ -101,7 +103,7 @@ def read_captions(path: str, caption_key: str) -> Iterator[str | MalformedLine]:
                     yield MalformedLine(number, f"invalid JSON ({err.msg})")
                     continue
                 if not isinstance(record, dict) or caption_key not in record:
-                    yield MalformedLine(number, f"no key {caption_key!r}; pass --caption-key KEY")
+                    yield MalformedLine(number, f"no key {caption_key!r}; pass {key_flag} KEY")
                     continue
                 yield record[caption_key]
         else:

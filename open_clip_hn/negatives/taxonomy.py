@@ -13,6 +13,8 @@ NEGATIVE_TYPES: tuple[str, ...] = (
 )
 
 TYPE_TO_ID: dict[str, int] = {name: i for i, name in enumerate(NEGATIVE_TYPES)}
+# the types whose new word a masked LM (--hn-lm, --lm) proposes
+LM_TYPES: tuple[str, ...] = ("replace_object", "replace_attribute")
 
 
 def parse_types(spec: str | None) -> tuple[str, ...]:

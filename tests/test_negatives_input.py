@@ -1,0 +1,99 @@
+"""Bad input to the negatives commands and to precomputed training is refused before any work,
+naming the flag: a bad --lm, a --caption-key no sample has, shards with no negative at all."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, train_argv
+from open_clip_hn.negatives.cli import main
+from open_clip_hn.negatives.manifest import ManifestError, check_precomputed_shards
+
+
+def _write_shard(path: Path, captions: list[str], caption_ext: str = "txt") -> None:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for i, caption in enumerate(captions):
+            for ext, data in (("jpg", bytes([i]) * 16), (caption_ext, caption.encode())):
+                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def _negatives_cli(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "open_clip_hn.negatives", *argv], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+
+
+def test_generate_with_workers_and_a_bad_lm_fails_at_once_leaving_nothing(tmp_path):
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red dog on a green couch\na cat under a table\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "empty").mkdir()
+    for lm, reason in ((tmp_path / "none", "no such folder"), (tmp_path / "empty", "no config.json")):
+        proc = _negatives_cli("generate", "--input", str(captions), "--output", str(out / "n.jsonl"),
+                              "--workers", "2", "--lm", str(lm))  # hung, its workers restarted forever
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"error: --lm {lm}: {reason}"), proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert os.listdir(out) == []  # no temp file left
+
+
+def test_precompute_refuses_a_bad_lm_before_claiming_the_folder(tmp_path, capsys):
+    _write_shard(tmp_path / "in.tar", ["a red dog on a green couch"])
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    argv = ["precompute", "--shards", str(tmp_path / "in.tar"), "--output-dir", str(out)]
+    assert main([*argv, "--lm", str(tmp_path / "empty")]) == 2  # was a transformers traceback
+    assert f"error: --lm {tmp_path / 'empty'}: no config.json" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(argv) == 0  # the rerun without --lm is not refused as "other settings"
+
+
+def test_precompute_refuses_a_caption_key_no_sample_has(tmp_path, capsys):
+    _write_shard(tmp_path / "in.tar", ["a red dog on a green couch", "a cat under a table"])
+    out = tmp_path / "out"
+    argv = ["precompute", "--shards", str(tmp_path / "in.tar"), "--output-dir", str(out)]
+    assert main([*argv, "--caption-key", "caption"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --caption-key caption: no sample of {tmp_path / 'in.tar'} has a '.caption' member " \
+           "(its members: .jpg, .txt); pass --caption-key" in err, err
+    assert not out.exists()
+    assert main(argv) == 0
+    assert "2 samples, 0 without negatives" in capsys.readouterr().err
+    _write_shard(tmp_path / "json.tar", ["a red dog on a green couch"], caption_ext="json")
+    assert main(["precompute", "--shards", str(tmp_path / "json.tar"), "--output-dir",
+                 str(tmp_path / "out2"), "--caption-key", "json"]) == 0
+
+
+def test_training_refuses_precomputed_shards_that_hold_no_negative(tmp_path, capsys):
+    _write_shard(tmp_path / "a.tar", ["🐶🐶", "🐱"])  # nothing a type can change: all masked
+    _write_shard(tmp_path / "b.tar", ["🐶", "..."])
+    _write_shard(tmp_path / "c.tar", ["a red dog on a green couch"])
+    out = tmp_path / "out"
+    assert main(["precompute", "--shards", str(tmp_path / "{a,b,c}.tar"), "--output-dir", str(out)]) == 0
+    assert "5 samples, 4 without negatives" in capsys.readouterr().err
+    with pytest.raises(ManifestError, match=r"--hn-negatives precomputed: precompute's manifest records "
+                                            r"no negative for any of the 4 samples of the 2 shard\(s\) "
+                                            r".*--caption-key, or use --hn-negatives online"):
+        check_precomputed_shards([str(out / "a.tar"), str(out / "b.tar")])
+    check_precomputed_shards([str(out / name) for name in ("a.tar", "b.tar", "c.tar")])
+
+
+@pytest.mark.slow
+def test_training_names_a_bad_hn_lm_before_any_work(tmp_path, scene_shards):
+    argv = train_argv(scene_shards, str(tmp_path / "logs"), "bad-lm", "--hn-negatives", "online",
+                      "--hn-types", "replace_object", "--hn-lm", str(tmp_path / "none"))
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"--hn-lm {tmp_path / 'none'}: no such folder" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "logs").exists()
