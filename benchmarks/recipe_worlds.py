@@ -142,6 +142,11 @@ VARIANTS: dict[str, list[str]] = {
     # recipe's own training negatives; never generating them tells what that costs the test
     "recommended.yaml, test captions never negatives": ["--hn-config", RECOMMENDED,
                                                         "--hn-exclude-negatives", TEST_SETS],
+    # the hard terms only in the second half of the run (session 25): vanilla's own continuation
+    # gains the ViT's swaps and retrieval, so let it take them first (the converse term, which is
+    # text-only, still runs from step 0)
+    "recommended.yaml, hard terms from mid-run": ["--hn-config", RECOMMENDED,
+                                                  "--hn-curriculum-warmup", "234"],
     "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",
                                                 REBINDING_INDEX, "--hn-image-neighbors-per-sample", "1"],
     "recommended + soft": [*SESSION10, "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
