@@ -58,6 +58,22 @@ SESSION10 = ["--hn-config", RECOMMENDED, "--hn-mirror-weight", "5", "--hn-conver
 # swap_attributes negatives, no plausibility filter
 PREVIOUS = [*SESSION10, "--hn-loss", "itc,choice", "--hn-types", "replace_object,swap_objects",
             "--hn-plausibility", "none"]
+
+
+def without_flags(flags: list[str], *names: str) -> list[str]:
+    """`flags` less each flag of `names` and its value: a variant that turns a part off must not
+    type that part's settings (the trainer refuses a setting typed for a part that is off)."""
+    kept, skip = [], False
+    for token in flags:
+        if skip:
+            skip = False
+        elif token in names:
+            skip = True
+        else:
+            kept.append(token)
+    return kept
+
+
 # session 12's converse choices as a hinge with a small cosine margin (moves the text tower less):
 # the same configuration as recommended.yaml since session 13
 HINGE = [*SESSION10, "--hn-converse-weight", "10", "--hn-converse-margin", "0.02",
@@ -158,8 +174,8 @@ VARIANTS: dict[str, list[str]] = {
                                                 "--hn-distill-ema-decay", "0.99"],
     "previous recommended + distill frozen": [*PREVIOUS, "--hn-distill", "frozen"],
     "previous recommended + soft": [*PREVIOUS, "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],
-    "previous recommended - mirrors": [*PREVIOUS, "--hn-mirror", "none"],
-    "previous recommended - text negatives": [*PREVIOUS, "--hn-negatives", "none",
+    "previous recommended - mirrors": [*without_flags(PREVIOUS, "--hn-mirror-weight"), "--hn-mirror", "none"],
+    "previous recommended - text negatives": [*without_flags(PREVIOUS, "--hn-types"), "--hn-negatives", "none",
                                               "--hn-vocabulary", "none", "--hn-loss", "itc"],
     "previous recommended, hard negatives out of the contrastive loss": [*PREVIOUS, "--hn-loss",
                                                                          "clip,choice"],

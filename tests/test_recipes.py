@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 from conftest import load_benchmark
-from open_clip_hn.config import HNConfig
+from open_clip_hn.config import HNConfig, given_hn_flags
 from open_clip_hn.hooks import build_parser
-from open_clip_hn.recipes import expand_recipe, format_resolved_config, recipe_argv
+from open_clip_hn.recipes import command_line_part, expand_recipe, format_resolved_config, recipe_argv
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 EXPECTED_RECIPES = {"negclip", "ce-clip", "diht", "cm-hnco", "concept-permutation", "recommended"}
@@ -134,15 +134,23 @@ def test_missing_recipe_file(tmp_path, parser):
         expand_recipe(["--hn-config", str(tmp_path / "nope.yaml")], parser)
 
 
+def run_config(flags: list[str], parser: argparse.ArgumentParser) -> HNConfig:
+    """The configuration a run with `flags` gets, checked as the trainer checks it (a setting
+    typed for a part that is off included)."""
+    argv = expand_recipe(list(flags), parser)
+    args = parser.parse_args(argv)
+    args.hn_given = given_hn_flags(argv)
+    args.hn_typed = given_hn_flags(command_line_part(argv, parser))
+    return HNConfig.from_args(args)
+
+
 def test_recipe_worlds_variants_resolve_and_the_hinge_variant_is_the_shipped_recipe(parser):
     """benchmarks/recipe_worlds.py names the runs behind README's tables: each must still build a
     valid configuration after the recipe file changes, and the variant the recipe was chosen from
     must be the recipe as shipped (so its measurements are the shipped recipe's)."""
     module = load_benchmark("recipe_worlds")
 
-    def config(flags):
-        return HNConfig.from_args(parser.parse_args(expand_recipe(list(flags), parser)))
-    configs = {name: config(flags) for name, flags in module.VARIANTS.items() if flags}
+    configs = {name: run_config(flags, parser) for name, flags in module.VARIANTS.items() if flags}
     shipped = configs["recommended.yaml"]
     assert configs["recommended + converse hinge 0.02 (weight 10), mirror 1"] == shipped
     assert configs["recommended + distill ema"].mirror_weight == 5 and \
@@ -206,7 +214,7 @@ def test_ablate_demo_rows_resolve(parser):
     module = load_benchmark("ablate_demo")
     for name, flags in module.ABLATIONS.items():
         if flags:
-            config = HNConfig.from_args(parser.parse_args(expand_recipe(list(flags), parser)))
+            config = run_config(flags, parser)
             assert ("mirror" in name and "without mirrors" in name) == (config.mirror == ()), name
 
 
