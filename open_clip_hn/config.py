@@ -68,6 +68,10 @@ def _check_lm(c: "HNConfig") -> None:
             f"(this run: {','.join(c.types)}); add one, or drop --hn-lm")
 
 
+# HNConfig fields that record how the flags were given, not a setting (not compared on resume)
+BOOKKEEPING_FIELDS = ("given", "typed")
+
+
 @dataclass(frozen=True)
 class HNConfig:
     """Every plugin setting, validated. Built once from the flags; read-only afterwards."""
@@ -160,7 +164,7 @@ class HNConfig:
     def from_args(cls, args: argparse.Namespace) -> "HNConfig":
         """Build the config from a namespace produced by a parser with `add_hn_arguments`."""
         values = {f.name: getattr(args, f"hn_{f.name}") for f in dataclasses.fields(cls)
-                  if f.name not in ("given", "typed") and hasattr(args, f"hn_{f.name}")}
+                  if f.name not in BOOKKEEPING_FIELDS and hasattr(args, f"hn_{f.name}")}
         given = tuple(getattr(args, "hn_given", ()))
         config = cls(**values, given=given, typed=tuple(getattr(args, "hn_typed", ())))
         config.validate()
@@ -274,11 +278,16 @@ def _settings_and_targets(c: HNConfig) -> dict[str, tuple[str, bool]]:
 
 
 def ignored_flags(c: HNConfig) -> list[str]:
-    """One message per flag typed on the command line that would change nothing, because what
-    it acts on is off: the user meant something the run would silently not do. A recipe's own
-    settings are not refused (a recipe is a bundle whose parts the command line may switch off)."""
-    return [f"{flag} acts on {what}, which this run does not have: add it, or drop {flag}"
-            for flag, (what, on) in _settings_and_targets(c).items() if flag in c.typed and not on]
+    """One message per flag typed on the command line with a value other than its default that
+    would change nothing, because what it acts on is off: the user meant something the run would
+    silently not do. A recipe's own settings are not refused (a recipe is a bundle whose parts
+    the command line may switch off), nor a typed default (`--hn-memory-bank-size 0` switches a
+    recipe's bank off)."""
+    defaults = {f"--hn-{f.name.replace('_', '-')}": f.default for f in dataclasses.fields(c)}
+    return [f"{flag} acts on {what}, which is off in this run: turn it on, or drop {flag}"
+            for flag, (what, on) in _settings_and_targets(c).items()
+            if flag in c.typed and not on
+            and getattr(c, flag[5:].replace("-", "_")) != defaults.get(flag)]
 
 
 def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -43,12 +43,12 @@ from open_clip_train.precision import get_autocast
 
 from . import provenance
 from . import state as hn_state
-from .config import TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
+from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
                          epoch_of_checkpoint_name, prune_step_checkpoints, shifted_scheduler)
-from .recipes import command_line_part, expand_recipe, recipe_path
+from .recipes import expand_recipe, recipe_path
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
 from .sample_order import seed_sample_shuffle
 
@@ -153,8 +153,9 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
 
 def _print_config_if_asked(namespace: argparse.Namespace, argv: list[str],
                            parser: argparse.ArgumentParser) -> None:
-    """`--hn-print-config`: print the resolved recipe and exit, once it passes the checks a run
-    makes (a printed configuration that training refuses would be a broken recipe)."""
+    """`--hn-print-config`: print the resolved recipe and exit, once its flags pass a run's
+    checks of them (`HNConfig.validate`): a printed configuration that training refuses would be
+    a broken recipe."""
     if namespace.hn_print_config:
         from .recipes import format_resolved_config
 
@@ -164,9 +165,9 @@ def _print_config_if_asked(namespace: argparse.Namespace, argv: list[str],
 
 
 def _hn_config(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> HNConfig:
-    """The checked configuration of the `--hn-*` flags of `argv` (recipe already expanded)."""
+    """The checked configuration of the `--hn-*` flags of `argv` (recipe already expanded; the
+    caller put the flags typed on the command line in `args.hn_typed`)."""
     args.hn_given = given_hn_flags(argv)
-    args.hn_typed = given_hn_flags(command_line_part(argv, parser))
     try:
         return HNConfig.from_args(args)
     except ValueError as err:
@@ -194,18 +195,20 @@ def configure(args: argparse.Namespace, argv: list[str],
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file); configures
     the installed plugin's run."""
-    argv = list(argv)
+    typed = given_hn_flags(argv)  # before the recipe's flags join them
     parser = build_parser()
-    argv = _with_recipe(argv, parser)
+    argv = _with_recipe(list(argv), parser)
     namespace = parser.parse_args(argv)  # --help, unknown flags and bad values end here
+    namespace.hn_typed = typed
     _print_config_if_asked(namespace, argv, parser)
     hn_namespace, openclip_argv = _hn_parser().parse_known_args(argv)
     args = _ORIGINALS.get("parse_args", oc_params.parse_args)(openclip_argv)
     for name, value in vars(hn_namespace).items():
         setattr(args, name, value)
+    args.hn_typed = typed
     _PLUGIN.run = configure(args, argv, parser)
     if _PLUGIN.run is None:  # a run without --hn-* keeps exactly OpenCLIP's args
-        for name in (*vars(hn_namespace), "hn_given", "hn_typed"):
+        for name in (*vars(hn_namespace), *(f"hn_{name}" for name in BOOKKEEPING_FIELDS)):
             delattr(args, name)
     return args
 
@@ -446,15 +449,18 @@ class Plugin:
 
     def __init__(self):
         self.run: HardNegativeRun | None = None
+        self.typed: tuple[str, ...] = ()  # the --hn-* flags of the command line, before the recipe's
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_hn_arguments(parser)
 
     def expand_argv(self, argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+        self.typed = given_hn_flags(argv)
         return _with_recipe(list(argv), parser)
 
     def configure(self, args: argparse.Namespace, argv: list[str],
                   parser: argparse.ArgumentParser) -> None:
+        args.hn_typed = self.typed
         _print_config_if_asked(args, argv, parser)
         self.run = configure(args, argv, parser)
 

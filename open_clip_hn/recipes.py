@@ -225,13 +225,6 @@ def expand_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]
     return list(argv) if path is None else recipe_argv(path, parser) + list(argv)
 
 
-def command_line_part(expanded: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """The tokens of an `expand_recipe`d argv that the command line gave (those after the
-    recipe's own)."""
-    path = recipe_path(expanded)
-    return list(expanded)[len(recipe_argv(path, parser)):] if path is not None else list(expanded)
-
-
 def _yaml_value(action: argparse.Action, value: Any) -> Any:
     """The recipe form of a parsed value, so that the printed config is itself a recipe."""
     if isinstance(value, tuple) and action.nargs not in ("*", "+") and not isinstance(action.nargs, int):

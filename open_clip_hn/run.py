@@ -28,7 +28,7 @@ import torch
 from . import provenance
 from . import state as hn_state
 from .argtypes import InputError
-from .config import BEHAVIOUR_BEFORE_FLAG, TRAIN_DATA_VOCABULARY, HNConfig
+from .config import BEHAVIOUR_BEFORE_FLAG, BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig
 from .mirror import FLIP_COLOUR_AXES
 from .packing import PackedNegativeTokenizer, attach_model_hooks
 from .preemption import EpochPosition, StopRequest
@@ -141,7 +141,7 @@ class HardNegativeRun:
         if source is None:
             return None
         if source != TRAIN_DATA_VOCABULARY:  # a CSV's caption column is OpenCLIP's, as for training
-            key = "title" if captions is None else captions.csv_caption_key
+            key = (captions or TrainCaptions).csv_caption_key
             return resolve(source, caption_key=key, key_flag="--csv-caption-key")
         fix = ("build the model once with `python -m open_clip_hn.negatives plausibility` and pass "
                "its path to --hn-plausibility")
@@ -349,7 +349,7 @@ class HardNegativeRun:
         defaults = {f.name: f.default for f in dataclasses.fields(self.config)
                     if f.default is not dataclasses.MISSING}
         for name, value in dataclasses.asdict(self.config).items():
-            if name == "given" or (name not in saved and name not in defaults):
+            if name in BOOKKEEPING_FIELDS or (name not in saved and name not in defaults):
                 continue
             before = saved.get(name, BEHAVIOUR_BEFORE_FLAG.get(name, defaults.get(name)))
             if before != value:

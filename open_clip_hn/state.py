@@ -175,7 +175,8 @@ def checkpoints_newest_first(checkpoint_dir: str | os.PathLike) -> list[str]:
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return []
-    names = sorted((p.name for p in folder.glob("*.pt") if p.is_file()), key=_natural_key)
+    names = sorted((p.name for p in folder.glob("*.pt") if p.is_file() and not p.name.startswith(".")),
+                   key=_natural_key)  # as OpenCLIP's glob: no dot files (a write's temp file is one)
     return [str(folder / name) for name in reversed(names)]
 
 
@@ -214,9 +215,11 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
     new epochs over them.
     """
     skipped: list[str] = []
+    weights_load = False  # some skipped checkpoint reads back, only its plugin state does not
     for path in checkpoints_newest_first(checkpoint_dir):
         try:
             checkpoint = read_checkpoint(path)
+            weights_load = True
             if not with_state:
                 return path, None
             if EMBEDDED_STATE_KEY in checkpoint:  # the state travels inside the checkpoint
@@ -231,11 +234,12 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
                             "checkpoint", path, err)
             skipped.append(f"{os.path.basename(path)}: {err}")
     if skipped:
+        drop = (" To continue from one whose weights load, pass --resume PATH --hn-drop-state (its "
+                "plugin state starts fresh).") if weights_load else ""
         raise StateError(
             f"--resume latest: no checkpoint in {checkpoint_dir} can be resumed, so nothing was "
-            f"trained ({'; '.join(skipped)}). To continue from one whose weights load, pass "
-            f"--resume PATH --hn-drop-state (its plugin state starts fresh); to start the run "
-            f"over, move them out of {checkpoint_dir}")
+            f"trained ({'; '.join(skipped)}).{drop} To start the run over, move them out of "
+            f"{checkpoint_dir}")
     return None
 
 

@@ -12,7 +12,7 @@ import yaml
 from conftest import load_benchmark
 from open_clip_hn.config import HNConfig, given_hn_flags
 from open_clip_hn.hooks import build_parser
-from open_clip_hn.recipes import command_line_part, expand_recipe, format_resolved_config, recipe_argv
+from open_clip_hn.recipes import expand_recipe, format_resolved_config, recipe_argv
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 EXPECTED_RECIPES = {"negclip", "ce-clip", "diht", "cm-hnco", "concept-permutation", "recommended"}
@@ -139,8 +139,7 @@ def run_config(flags: list[str], parser: argparse.ArgumentParser) -> HNConfig:
     typed for a part that is off included)."""
     argv = expand_recipe(list(flags), parser)
     args = parser.parse_args(argv)
-    args.hn_given = given_hn_flags(argv)
-    args.hn_typed = given_hn_flags(command_line_part(argv, parser))
+    args.hn_given, args.hn_typed = given_hn_flags(argv), given_hn_flags(flags)
     return HNConfig.from_args(args)
 
 

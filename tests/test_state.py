@@ -127,8 +127,21 @@ def test_latest_refuses_when_checkpoints_exist_and_none_is_usable(tmp_path):
     assert "--hn-drop-state" in str(err.value)
     assert latest_good_checkpoint(folder, with_state=False) == (str(tmp_path / "epoch_1.pt"), None)
     _truncate(tmp_path / "epoch_1.pt")
-    with pytest.raises(StateError):
+    with pytest.raises(StateError) as err:  # nothing reads back: no --resume PATH to offer
         latest_good_checkpoint(folder, with_state=False)
+    assert "--hn-drop-state" not in str(err.value) and "move them out of" in str(err.value)
+
+
+def test_a_kill_during_the_first_save_leaves_nothing_to_resume_not_an_error(tmp_path):
+    """The temp file of a write cut short is not a checkpoint (OpenCLIP's own glob skips dot
+    files): the run starts, as nothing was trained yet."""
+    from open_clip_hn.files import TMP_PREFIX
+    from open_clip_hn.state import checkpoints_newest_first, latest_good_checkpoint
+
+    torch.save({"epoch": 1, "state_dict": {"w": torch.ones(4096)}}, tmp_path / f"{TMP_PREFIX}n1-42-abcepoch_1.pt")
+    _truncate(tmp_path / f"{TMP_PREFIX}n1-42-abcepoch_1.pt")
+    assert checkpoints_newest_first(tmp_path) == []
+    assert latest_good_checkpoint(str(tmp_path), with_state=True) is None
 
 
 def test_set_aside_moves_only_unreadable_newest_checkpoints(tmp_path):

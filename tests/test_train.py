@@ -74,7 +74,7 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "none", "--hn-types", "swap_objects", "--hn-mirror", "horizontal"],
      "--hn-types acts on text negatives"),
     (["--hn-negatives", "online", "--hn-mirror-weight", "2"],
-     "--hn-mirror-weight acts on the mirror term (--hn-mirror AXES), which this run does not have"),
+     "--hn-mirror-weight acts on the mirror term (--hn-mirror AXES), which is off in this run: turn it on"),
     (["--hn-negatives", "online", "--hn-loss", "itc", "--hn-choice-weight", "2"],
      "--hn-choice-weight acts on the choice term (--hn-loss ...,choice)"),
     (["--hn-negatives", "online", "--hn-memory-bank-size", "64"], "--hn-memory-bank-size acts on the mined term"),
@@ -117,6 +117,32 @@ def test_a_recipe_setting_for_a_part_switched_off_is_not_refused(tmp_path, capsy
         hooks.parse_args(["--model", TINY_MODEL, "--hn-config", str(recipe), "--hn-loss", "itc",
                           "--hn-choice-weight", "3"])
     assert "--hn-choice-weight acts on the choice term" in capsys.readouterr().err
+    # a typed default is how the command line switches a recipe's part off
+    args = hooks.parse_args(["--model", TINY_MODEL, "--hn-config", "cm-hnco", "--hn-loss", "itc",
+                             "--hn-memory-bank-size", "0"])
+    assert args.hn_memory_bank_size == 0
+
+
+def test_the_patched_route_tells_typed_flags_from_the_recipes(tmp_path, capsys):
+    """On patched OpenCLIP the plugin sees the argv through `expand_argv` and then `configure`:
+    the flags typed before the recipe was expanded are the ones checked."""
+    from open_clip_hn.hooks import Plugin
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("hn-negatives: online\nhn-loss: itc,choice\nhn-choice-weight: 2\n")
+    parser = build_parser()
+    for extra, refused in (([], False), (["--hn-choice-weight", "3"], True)):
+        plugin = Plugin()
+        argv = plugin.expand_argv(["--model", TINY_MODEL, "--hn-config", str(recipe), "--hn-loss", "itc",
+                                   *extra], parser)
+        args = parser.parse_args(argv)
+        if refused:
+            with pytest.raises(SystemExit):
+                plugin.configure(args, argv, parser)
+            assert "--hn-choice-weight acts on the choice term" in capsys.readouterr().err
+        else:
+            plugin.configure(args, argv, parser)
+            assert plugin.run.config.choice_weight == 2 and plugin.run.config.loss == ("itc",)
 
 
 def test_bad_exclude_negatives_stop_the_run_by_name_before_any_work(tmp_path, capsys):
