@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, TINY_MODEL, TINY_MODEL_CONFIG, free_port, run_module, scene_words,
-                      train_argv)
+from conftest import (REPO, TINY_MODEL, TINY_MODEL_CONFIG, free_port, run_module, same_weights,
+                      scene_words, train_argv)
 from open_clip_hn.hooks import build_parser
 
 HN_ONLINE = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc",
@@ -244,14 +244,15 @@ def assert_plain_openclip_scores(checkpoint_path: Path) -> None:
 
 @pytest.mark.slow
 def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
-    """Issue 5's run: itc,intra,rank,importance + bank + linear curriculum with warmup."""
+    """Issue 5's run: itc,intra,rank,importance + the bank's mined term + linear curriculum with
+    warmup."""
     argv = train_argv(scene_shards, str(tmp_path), "all", "--hn-negatives", "online",
-                      "--hn-num-negatives", "2", "--hn-loss", "itc,intra,rank,importance,choice",
+                      "--hn-num-negatives", "2", "--hn-loss", "itc,intra,rank,importance,choice,mined",
                       "--hn-memory-bank-size", "256", "--hn-curriculum", "linear",
                       "--hn-curriculum-warmup", "2")
     run_module("open_clip_hn.train", argv)
     lines = [l for l in (tmp_path / "all" / "out.log").read_text().splitlines() if "Train Epoch" in l]
-    for term in ("Contrastive_loss", "Intra_loss", "Rank_loss", "Choice_loss", "Hn_curriculum"):
+    for term in ("Contrastive_loss", "Intra_loss", "Rank_loss", "Choice_loss", "Mined_loss", "Hn_curriculum"):
         assert term in lines[-1], term
     curriculum = [float(l.split("Hn_curriculum:")[1].split()[0]) for l in lines]
     assert curriculum[0] == 0.0 and curriculum[-1] > 0  # no hard negatives during warmup
