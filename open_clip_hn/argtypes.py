@@ -58,6 +58,46 @@ def positive_int(value: str) -> int:
     return _int_at_least(value, 1)
 
 
+def positive_float(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return number
+
+
+def torch_device(value: str) -> str:
+    """A `--device` value torch accepts and this machine has (else model loading fails later,
+    with a message that blames the checkpoint)."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a torch device: {value!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: no CUDA device on this machine; pass cpu")
+    return value
+
+
+def writable_output(path: str | None) -> str | None:
+    """Why an output file cannot be written at `path` (its folder is a file, or cannot be made
+    or written), or None: checked before the work whose result it is to hold."""
+    if path is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def non_negative_float(value: str) -> float:
     try:
         number = float(value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from typing import Sequence
 
 from . import eval as hn_eval
 from . import scenes
+from .argtypes import non_negative_int, positive_float, positive_int
 from .files import atomic_write_json, expand_shards
 from .recipes import resolve_recipe
 
@@ -239,6 +241,22 @@ def summary(vanilla: dict[str, dict], hn: dict[str, dict]) -> dict[str, float]:
     return out
 
 
+def check_run_flags(args: argparse.Namespace) -> str | None:
+    """What the trainer says of the hard-negative run's flags (the model config, the recipe and
+    --hn-args), or None when it accepts them: asked of the trainer itself (`--hn-print-config`
+    checks and exits), before any scene is rendered or run trained."""
+    probe = DemoData("train-shards-checked-later", "", "")
+    argv = train_argv(probe, "logs", "check", 1, 2, 1e-3, args.device, 0, args.seed, 0,
+                      extra=["--hn-config", args.hn_config, *shlex.split(args.hn_args), "--hn-print-config"],
+                      model_config=os.path.abspath(args.model_config))
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    return (errors[-1].split("error: ", 1)[1] if errors else proc.stderr.strip()[-1000:]) + \
+        " (in the hard-negative run's flags: --model-config, --hn-config, --hn-args)"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         prog="python -m open_clip_hn.demo",
@@ -246,19 +264,19 @@ def main(argv: list[str] | None = None) -> dict:
                     "scenes, continuing the same pretrained tiny CLIP.")
     add = parser.add_argument
     add("--output-dir", default="demo", help="Where data, runs and results go. Default: demo.")
-    add("--samples", type=int, default=20000, help="Training scenes. Default: 20000.")
-    add("--test-items", type=int, default=1000, help="Items per test set. Default: 1000.")
-    add("--pretrain-epochs", type=int, default=1, help="Vanilla pretraining epochs. Default: 1.")
-    add("--pretrain-batch-size", type=int, default=128, help="Default: 128.")
-    add("--lr", type=float, default=2e-3, help="Pretraining learning rate. Default: 2e-3.")
-    add("--epochs", type=int, default=3,
+    add("--samples", type=positive_int, default=20000, help="Training scenes. Default: 20000.")
+    add("--test-items", type=positive_int, default=1000, help="Items per test set. Default: 1000.")
+    add("--pretrain-epochs", type=positive_int, default=1, help="Vanilla pretraining epochs. Default: 1.")
+    add("--pretrain-batch-size", type=positive_int, default=128, help="Default: 128.")
+    add("--lr", type=positive_float, default=2e-3, help="Pretraining learning rate. Default: 2e-3.")
+    add("--epochs", type=positive_int, default=3,
         help="Epochs of each continued run (vanilla and hard negatives). Default: 3.")
-    add("--batch-size", type=int, default=64,
+    add("--batch-size", type=positive_int, default=64,
         help="Batch size of both continued runs. Default: 64.")
-    add("--continue-lr", type=float, default=1e-3,
+    add("--continue-lr", type=positive_float, default=1e-3,
         help="Learning rate of both continued runs. Default: 1e-3.")
     add("--device", default="cpu", choices=("cpu", "cuda"), help="Default: cpu (fp32).")
-    add("--workers", type=int, default=1, help="Loader workers per run. Default: 1.")
+    add("--workers", type=non_negative_int, default=1, help="Loader workers per run. Default: 1.")
     add("--seed", type=int, default=0, help="Default: 0.")
     add("--model-config", default=MODEL_CONFIG, metavar="PATH.json",
         help="OpenCLIP model config of the tiny CLIP (its file name is the model name). "
@@ -276,6 +294,21 @@ def main(argv: list[str] | None = None) -> dict:
     if not os.path.isfile(args.model_config):
         parser.error(f"--model-config {args.model_config} does not exist; pass an OpenCLIP model "
                      f"config JSON such as {MODEL_CONFIG}")
+    try:
+        with open(args.model_config, encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        parser.error(f"--model-config {args.model_config}: not readable JSON ({err}); pass an "
+                     f"OpenCLIP model config JSON such as {MODEL_CONFIG}")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output-dir {args.output_dir} is a file; pass a folder (made when missing)")
+    try:
+        args.hn_args = " ".join(shlex.quote(token) for token in shlex.split(args.hn_args))
+    except ValueError as err:
+        parser.error(f"--hn-args {args.hn_args!r}: {err}")
+    problem = check_run_flags(args)
+    if problem:
+        parser.error(problem)
     low, high = expected_seconds(args.samples, args.test_items, args.pretrain_epochs, args.epochs)
     print(f"[demo] expected time from scratch: about {_duration(low)} to {_duration(high)} on 2 CPU "
           f"cores{' (a GPU is faster)' if args.device == 'cuda' else ''}; stages already done in "
@@ -295,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict:
     cont = dict(epochs=args.epochs, lr=args.continue_lr, warmup=steps_per_epoch // 10,
                 batch_size=args.batch_size, pretrained=pretrained, **common)
     vanilla = run_training(train_argv(name="vanilla", **cont), logs, "vanilla", args.epochs)
-    hn_extra = ["--hn-config", args.hn_config, *args.hn_args.split()]
+    hn_extra = ["--hn-config", args.hn_config, *shlex.split(args.hn_args)]
     hn = run_training(train_argv(name="hard-negatives", extra=hn_extra, **cont), logs,
                       "hard-negatives", args.epochs)
     used = logged_average(os.path.join(logs, "hard-negatives.log"))

@@ -30,7 +30,7 @@ from typing import Callable, ContextManager, Sequence
 import torch
 from PIL import Image
 
-from .argtypes import overwritten_input, positive_int
+from .argtypes import overwritten_input, positive_int, torch_device, writable_output
 from .eval_sets import layout_error, read_choice_records, read_pair_records
 from .files import atomic_open, atomic_write_json
 from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, format_sugarcrepe_table
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
                              "by runs with --hn-* flags) names another --model; warn instead.")
     parser.add_argument("--plot", default=None, metavar="results.png", help="Bar plot output.")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="Default: 256.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="Default: cuda when available, else cpu.")
     args = parser.parse_args(argv)
     try:
@@ -661,6 +661,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     clash = overwritten_input([args.output, args.plot], inputs)
     if clash:
         parser.error(f"output {clash} is one of the inputs; write the results elsewhere")
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        problem = writable_output(path)  # before any model is loaded and scored
+        if problem:
+            parser.error(f"{flag} {path}: cannot be written ({problem}); pass a path in a folder you can write")
     choice_sets, pair_sets = discover_sets(args.compositional)
     if args.table == "sugarcrepe" and not any(s.name in SUGARCREPE_SPLITS for s in choice_sets):
         parser.error(f"--table sugarcrepe: {args.compositional} has no SugarCrepe split; it needs "

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .argtypes import non_negative_int, positive_int, unit_float
+from .argtypes import non_negative_int, positive_int, torch_device, unit_float
 from .eval import IMAGE_ERRORS, load_model
 from .files import atomic_write_bytes, atomic_write_json, content_identity, expand_shards
 from .sample_order import find_stages, is_filter
@@ -701,7 +701,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="Images per forward. Default: 256.")
     b.add_argument("--workers", type=non_negative_int, default=4,
                    help="Image decoding processes. Default: 4.")
-    b.add_argument("--device", default=None, help="Torch device. Default: cuda when available, else cpu.")
+    b.add_argument("--device", type=torch_device, default=None,
+                   help="Torch device. Default: cuda when available, else cpu.")
     b.add_argument("--exact-max", type=positive_int, default=1_000_000,
                    help="Largest N searched exactly (IndexFlatIP); IVF-PQ beyond. Default: 1000000.")
     b.add_argument("--nlist", type=positive_int, default=None, help="IVF lists. Default: ~4*sqrt(N), a power of 2.")

@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import datetime
 import functools
+import math
 import os
 import re
 import shutil
@@ -203,8 +204,8 @@ def check_counts(args: argparse.Namespace) -> None:
                                ("--max-timeouts", args.max_timeouts, 0)):
         if value is not None and value < least:
             raise SubmitError(f"{flag} {value}: must be at least {least}")
-    if args.dist_timeout <= 0:
-        raise SubmitError(f"--dist-timeout {args.dist_timeout}: must be a positive number of minutes")
+    if not math.isfinite(args.dist_timeout) or args.dist_timeout <= 0:
+        raise SubmitError(f"--dist-timeout {args.dist_timeout}: must be a positive, finite number of minutes")
     if args.local and args.nodes != 1:
         raise SubmitError(f"--local runs on this machine only: use --nodes 1 (got {args.nodes})")
 

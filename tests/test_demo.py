@@ -97,6 +97,39 @@ def test_missing_model_config_is_named(tmp_path, capsys):
     assert "--model-config" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--samples", "0"], "argument --samples: must be >= 1"),
+    (["--test-items", "0"], "argument --test-items: must be >= 1"),
+    (["--pretrain-epochs", "0"], "argument --pretrain-epochs: must be >= 1"),
+    (["--epochs", "0"], "argument --epochs: must be >= 1"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1"),
+    (["--lr", "-1"], "argument --lr: must be a finite number > 0"),
+    (["--continue-lr", "nan"], "argument --continue-lr: must be a finite number > 0"),
+    (["--workers", "-1"], "argument --workers: must be >= 0"),
+    (["--hn-args", '"unclosed'], "--hn-args '\"unclosed': No closing quotation"),
+    (["--hn-args", "--hn-bogus 3"], "unrecognized arguments: --hn-bogus 3 (in the hard-negative run's flags"),
+    (["--hn-args", "--hn-mirror-weight 2 --hn-mirror none --hn-converse-weight 0 --hn-converse-margin 0"],
+     "--hn-mirror-weight acts on the mirror term"),
+])
+def test_bad_flags_stop_the_demo_before_any_work(tmp_path, capsys, flags, message):
+    """Every value is checked before a scene is rendered or a run trained (a bad one used to
+    end in a traceback after minutes of work, or after pretraining for --hn-args)."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--output-dir", str(out), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_an_unreadable_model_config_or_a_file_as_output_folder_is_named(tmp_path, capsys):
+    (tmp_path / "text.pt").write_text("hi")
+    for flags, message in ((["--model-config", str(tmp_path / "text.pt")], "not readable JSON"),
+                           (["--output-dir", str(tmp_path / "text.pt")], "is a file; pass a folder")):
+        with pytest.raises(SystemExit):
+            demo.main(["--output-dir", str(tmp_path / "out"), *flags])
+        assert message in capsys.readouterr().err
+
+
 def test_the_model_config_names_the_model(tmp_path):
     data = demo.DemoData("train.tar", "val", "test")
     argv = demo.train_argv(data, str(tmp_path), "run", 1, 8, 1e-3, "cpu", 0, 0, 1,

@@ -93,3 +93,26 @@ def test_content_identity_sees_content_not_names(tmp_path):
     b.write_bytes(bytes(changed))
     assert files.content_identity(a) != files.content_identity(b)
     assert files.content_identity(a)["size"] == len(data)
+
+
+def test_output_and_device_arguments_are_checked_before_the_work(tmp_path):
+    """`writable_output` finds an output under a file or an unwritable folder; `torch_device`
+    refuses what torch cannot parse and CUDA where there is none (eval and neighbors use both,
+    so a bad one is not reported after scoring, or as a damaged checkpoint)."""
+    import argparse
+
+    import pytest
+    import torch
+
+    from open_clip_hn.argtypes import torch_device, writable_output
+
+    (tmp_path / "file").write_text("x")
+    assert writable_output(None) is None
+    assert writable_output(str(tmp_path / "new" / "deeper" / "r.json")) is None  # made when written
+    assert writable_output(str(tmp_path / "file" / "r.json")) == f"{tmp_path / 'file'} is a file, not a folder"
+    assert torch_device("cpu") == "cpu"
+    with pytest.raises(argparse.ArgumentTypeError, match="not a torch device: 'foo'"):
+        torch_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(argparse.ArgumentTypeError, match="no CUDA device on this machine"):
+            torch_device("cuda")

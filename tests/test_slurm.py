@@ -61,6 +61,18 @@ def test_parse_time_refuses_bad_limits(text):
         submit.parse_time(text)
 
 
+@pytest.mark.parametrize("minutes", ["nan", "inf", "0", "-1"])
+def test_dist_timeout_must_be_a_finite_positive_number(minutes):
+    """Checked at submission: the job itself would only fail once queued (timedelta(nan))."""
+    import argparse
+
+    args = argparse.Namespace(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=1,
+                              signal_delay=None, max_timeouts=None, local=False,
+                              dist_timeout=float(minutes))
+    with pytest.raises(submit.SubmitError, match=f"--dist-timeout {float(minutes)}: must be a positive, finite"):
+        submit.check_counts(args)
+
+
 def test_flags_are_read_and_replaced_in_both_spellings():
     argv = ["--resume", "a.pt", "--epochs", "3", "--resume=b.pt"]
     assert submit.flag_value(argv, "--resume") == "b.pt"
