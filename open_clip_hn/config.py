@@ -251,7 +251,8 @@ NEEDS_FLAGS = {"mirrors": "--hn-mirror AXES", "teacher": "--hn-distill frozen or
 def _settings_and_targets(c: HNConfig) -> dict[str, tuple[str, bool]]:
     """Flag -> (what it acts on, whether that is on in this run), for the flags that only tune a
     part of the run that another flag switches on."""
-    mined, importance = "mined" in c.loss, "importance" in c.loss
+    mined = ("the mined term (--hn-loss ...,mined)", "mined" in c.loss)
+    importance = ("the importance term (--hn-loss ...,importance)", "importance" in c.loss)
     targets = {
         "--hn-types": ("text negatives (--hn-negatives online or precomputed)", c.negatives != "none"),
         "--hn-distill-ema-decay": ("an EMA teacher (--hn-distill ema)", c.distill == "ema"),
@@ -259,14 +260,14 @@ def _settings_and_targets(c: HNConfig) -> dict[str, tuple[str, bool]]:
                                             c.image_neighbors is not None),
         "--hn-eval-every": ("the in-training evaluation (--hn-eval-compositional DIR)",
                             c.eval_compositional is not None),
-        "--hn-importance-tau-plus": ("the importance term (--hn-loss ...,importance)", importance),
-        "--hn-importance-beta": ("the importance term (--hn-loss ...,importance)", importance),
+        "--hn-importance-tau-plus": importance,
+        "--hn-importance-beta": importance,
         "--hn-rank-threshold": ("the rank term (--hn-loss ...,rank)", "rank" in c.loss),
-        "--hn-memory-bank-size": ("the mined term (--hn-loss ...,mined)", mined),
-        "--hn-memory-bank-fp16": ("the mined term (--hn-loss ...,mined)", mined),
-        "--hn-mined-k": ("the mined term (--hn-loss ...,mined)", mined),
-        "--hn-false-negative-threshold": ("the mined term (--hn-loss ...,mined)", mined),
-        "--hn-miner-backend": ("the mined term (--hn-loss ...,mined)", mined),
+        "--hn-memory-bank-size": mined,
+        "--hn-memory-bank-fp16": mined,
+        "--hn-mined-k": mined,
+        "--hn-false-negative-threshold": mined,
+        "--hn-miner-backend": mined,
     }
     active = {term.name for term in active_terms(c)}
     for term in TERMS.values():  # a weight above 0 for a term that is off

@@ -28,7 +28,7 @@ from typing import Sequence
 from . import eval as hn_eval
 from . import scenes
 from .argtypes import non_negative_int, positive_float, positive_int
-from .files import atomic_write_json, expand_shards
+from .files import atomic_write_json, expand_shards, read_model_config
 from .recipes import resolve_recipe
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -291,15 +291,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.hn_config = resolve_recipe(args.hn_config)
     except FileNotFoundError as err:
         parser.error(f"--hn-config: {err}")
-    if not os.path.isfile(args.model_config):
-        parser.error(f"--model-config {args.model_config} does not exist; pass an OpenCLIP model "
-                     f"config JSON such as {MODEL_CONFIG}")
     try:
-        with open(args.model_config, encoding="utf-8") as handle:
-            json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        parser.error(f"--model-config {args.model_config}: not readable JSON ({err}); pass an "
-                     f"OpenCLIP model config JSON such as {MODEL_CONFIG}")
+        read_model_config(args.model_config)
+    except ValueError as err:
+        parser.error(f"{err} (such as {MODEL_CONFIG})")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f"--output-dir {args.output_dir} is a file; pass a folder (made when missing)")
     try:

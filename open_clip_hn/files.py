@@ -109,6 +109,27 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         handle.write(data)
 
 
+MODEL_CONFIG_KEYS = ("embed_dim", "vision_cfg", "text_cfg")
+
+
+def read_model_config(path: str) -> dict:
+    """An OpenCLIP model config JSON (`--model-config`), read and checked for the keys OpenCLIP
+    needs; ValueError names the flag, the file and what is wrong (the trainer and the demo both
+    read it before any work)."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--model-config {path}: file not found; pass an OpenCLIP model config JSON")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--model-config {path}: not readable JSON ({err})") from None
+    missing = [k for k in MODEL_CONFIG_KEYS if not isinstance(config, dict) or k not in config]
+    if missing:
+        raise ValueError(f"--model-config {path}: missing key(s) {', '.join(missing)}; an OpenCLIP "
+                         f"model config has {', '.join(MODEL_CONFIG_KEYS)}")
+    return config
+
+
 def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = None) -> None:
     """JSON of `obj` at `path`, written through a temp file (see `atomic_open`). NaN and
     infinity raise a ValueError before anything is written: JSON has no such numbers, so

@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import json
 import logging
 import os
 import sys
@@ -45,6 +44,7 @@ from . import provenance
 from . import state as hn_state
 from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
+from .files import read_model_config
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
                          epoch_of_checkpoint_name, prune_step_checkpoints, shifted_scheduler)
@@ -99,17 +99,10 @@ def _with_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
 
 
 def _register_model_config(path: str, model: str, parser: argparse.ArgumentParser) -> None:
-    if not os.path.isfile(path):
-        parser.error(f"--model-config {path}: file not found; pass an OpenCLIP model config JSON")
     try:
-        with open(path) as f:
-            cfg = json.load(f)
-    except (OSError, json.JSONDecodeError) as err:
-        parser.error(f"--model-config {path}: not readable JSON ({err})")
-    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if k not in cfg]
-    if missing:
-        parser.error(f"--model-config {path}: missing key(s) {', '.join(missing)}; an OpenCLIP "
-                     "model config has embed_dim, vision_cfg and text_cfg")
+        read_model_config(path)
+    except ValueError as err:
+        parser.error(str(err))
     open_clip.add_model_config(path)
     name = os.path.splitext(os.path.basename(path))[0]
     if model != name:
