@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_int, optional_path,
                        path_value, unit_float)
 from .mirror import parse_axes
 from .negatives.taxonomy import LM_TYPES, NEGATIVE_TYPES, parse_types
-from .recipes import ListRecipesAction
+from .recipes import ListRecipesAction, spell_out_flags
 from .sample_order import SAMPLE_SHUFFLE_MODES
 from .terms import TERMS, active_terms, loss_help, missing_needs, selectable_terms
 
@@ -52,20 +53,6 @@ def _rank_threshold(value: str) -> str:
             f"expected {' or '.join(RANK_THRESHOLD_MODES)} or a fixed margin >= 0, got {value!r}"
         ) from None
     return value
-
-
-def _check_lm(c: "HNConfig") -> None:
-    """--hn-lm only where it acts (the hooks then load it once, before training)."""
-    if c.lm is None:
-        return
-    if c.negatives != "online":
-        raise ValueError(
-            f"--hn-lm applies to --hn-negatives online (this run: {c.negatives}); for precomputed "
-            "negatives pass --lm to `python -m open_clip_hn.negatives precompute`")
-    if not set(LM_TYPES) & set(c.types):
-        raise ValueError(
-            f"--hn-lm proposes the new word of {' and '.join(LM_TYPES)}, and --hn-types has neither "
-            f"(this run: {','.join(c.types)}); add one, or drop --hn-lm")
 
 
 # HNConfig fields that record how the flags were given, not a setting (not compared on resume)
@@ -161,17 +148,63 @@ class HNConfig:
         return None if self.rank_threshold in RANK_THRESHOLD_MODES else float(self.rank_threshold)
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "HNConfig":
-        """Build the config from a namespace produced by a parser with `add_hn_arguments`."""
-        values = {f.name: getattr(args, f"hn_{f.name}") for f in dataclasses.fields(cls)
-                  if f.name not in BOOKKEEPING_FIELDS and hasattr(args, f"hn_{f.name}")}
-        given = tuple(getattr(args, "hn_given", ()))
-        config = cls(**values, given=given, typed=tuple(getattr(args, "hn_typed", ())))
-        config.validate()
+    def from_args(cls, args: argparse.Namespace, recipe: "HNConfig | None" = None) -> "HNConfig":
+        """Build the config from a namespace produced by a parser with `add_hn_arguments`; the
+        settings of `recipe` (the `--hn-config` file's own configuration) for a part of the run
+        that the command line switched off are dropped (`without_recipe_settings_for_parts_off`)."""
+        config = cls.unchecked(args)
+        config.check_values()  # out of range is an error wherever the value came from
+        config = without_recipe_settings_for_parts_off(config, recipe)
+        config.check_combination()
         return config
 
+    @classmethod
+    def unchecked(cls, args: argparse.Namespace) -> "HNConfig":
+        """The config of a namespace as it is (`hn_given`/`hn_typed` say how flags were given)."""
+        values = {f.name: getattr(args, f"hn_{f.name}") for f in dataclasses.fields(cls)
+                  if f.name not in BOOKKEEPING_FIELDS and hasattr(args, f"hn_{f.name}")}
+        return cls(**values, given=tuple(getattr(args, "hn_given", ())),
+                   typed=tuple(getattr(args, "hn_typed", ())))
+
+    def update_args(self, args: argparse.Namespace) -> None:
+        """Put the settings back on the namespace `from_args` read, so that what OpenCLIP records
+        (params.txt) and `--hn-print-config` prints is what the run does: a recipe's settings
+        that `from_args` dropped are at their defaults there too."""
+        for f in dataclasses.fields(self):
+            if f.name not in BOOKKEEPING_FIELDS and hasattr(args, f"hn_{f.name}"):
+                setattr(args, f"hn_{f.name}", getattr(self, f.name))
+
     def validate(self) -> None:
-        """Cross-flag checks that argparse cannot express; raise ValueError naming the flags."""
+        """Every check of the settings, alone and together; raise ValueError naming the flags."""
+        self.check_values()
+        self.check_combination()
+
+    def check_values(self) -> None:
+        """The checks of one setting at a time that argparse's types leave (ranges, choices)."""
+        if self.importance_tau_plus >= 1:
+            raise ValueError("--hn-importance-tau-plus is a class prior in [0, 1): with 1 every "
+                             "negative would be a false negative; use a value below 1")
+        if self.curriculum_start > 1 or self.curriculum_end > 1:
+            raise ValueError("--hn-curriculum-start/--hn-curriculum-end are shares in [0, 1]")
+        if self.eval_every < 1:
+            raise ValueError("--hn-eval-every must be >= 1 (epochs)")
+        if self.negative_grad not in ("full", "none"):
+            raise ValueError(f"--hn-negative-grad must be full or none, got {self.negative_grad!r}")
+        if self.choice_grad not in CHOICE_GRAD_MODES:
+            raise ValueError(f"--hn-choice-grad must be one of {', '.join(CHOICE_GRAD_MODES)}, "
+                             f"got {self.choice_grad!r}")
+        if self.swap_reorders not in ("keep", "drop"):
+            raise ValueError(f"--hn-swap-reorders must be keep or drop, got {self.swap_reorders!r}")
+        if self.image_neighbors_per_sample < 1:
+            raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
+        if not 0 <= self.distill_ema_decay < 1:
+            raise ValueError(f"--hn-distill-ema-decay must be in [0, 1), got {self.distill_ema_decay} "
+                             "(1 would never move the teacher: use --hn-distill frozen)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"--hn-label-smoothing must be in [0, 1), got {self.label_smoothing}")
+
+    def check_combination(self) -> None:
+        """The checks across flags that argparse cannot express."""
         if self.negatives != "none" and self.num_negatives == 0:
             raise ValueError(
                 f"--hn-negatives {self.negatives} with --hn-num-negatives 0 generates nothing; "
@@ -182,65 +215,12 @@ class HNConfig:
             raise ValueError(missing[0])
         if self.mined_k <= 0 and "mined" in self.loss:
             raise ValueError("--hn-mined-k must be >= 1 with --hn-loss mined")
-        if self.importance_tau_plus >= 1:
-            raise ValueError("--hn-importance-tau-plus is a class prior in [0, 1): with 1 every "
-                             "negative would be a false negative; use a value below 1")
-        if self.curriculum_start > 1 or self.curriculum_end > 1:
-            raise ValueError("--hn-curriculum-start/--hn-curriculum-end are shares in [0, 1]")
-        if self.eval_every < 1:
-            raise ValueError("--hn-eval-every must be >= 1 (epochs)")
-        if self.vocabulary is not None and self.negatives != "online":
-            raise ValueError(
-                f"--hn-vocabulary applies to --hn-negatives online (this run: {self.negatives}); "
-                "for precomputed negatives pass --vocabulary to `python -m open_clip_hn.negatives "
-                "precompute` (and --hn-vocabulary none to drop a recipe's vocabulary)")
-        if self.plausibility is not None and self.negatives != "online":
-            raise ValueError(
-                f"--hn-plausibility applies to --hn-negatives online (this run: {self.negatives}); "
-                "for precomputed negatives pass --plausibility to `python -m open_clip_hn.negatives "
-                "precompute`")
-        _check_lm(self)
-        if self.negative_grad not in ("full", "none"):
-            raise ValueError(f"--hn-negative-grad must be full or none, got {self.negative_grad!r}")
-        if self.negative_grad == "none" and not self.uses_text_negatives:
-            raise ValueError("--hn-negative-grad none needs text negatives to act on: add --hn-negatives "
-                             "online (or precomputed) and --hn-num-negatives K >= 1, or drop the flag")
-        if self.choice_grad not in CHOICE_GRAD_MODES:
-            raise ValueError(f"--hn-choice-grad must be one of {', '.join(CHOICE_GRAD_MODES)}, "
-                             f"got {self.choice_grad!r}")
-        if self.choice_grad != "both":
-            if "choice" not in self.loss or self.choice_weight == 0:
-                raise ValueError(f"--hn-choice-grad {self.choice_grad} acts on the choice term: add "
-                                 "choice to --hn-loss with --hn-choice-weight > 0, or drop the flag")
-            if not any(TERMS[name].output == "contrastive_loss" for name in self.loss):
-                frozen = "text" if self.choice_grad == "image" else "image"
-                raise ValueError(f"--hn-choice-grad {self.choice_grad} needs a contrastive term to train "
-                                 f"the {frozen} tower, which the choice term then does not: add itc or "
-                                 "clip to --hn-loss")
-        if self.swap_reorders not in ("keep", "drop"):
-            raise ValueError(f"--hn-swap-reorders must be keep or drop, got {self.swap_reorders!r}")
-        if self.swap_reorders == "drop" and self.negatives != "online":
-            raise ValueError(
-                f"--hn-swap-reorders drop applies to --hn-negatives online (this run: "
-                f"{self.negatives}); for precomputed negatives pass --swap-reorders drop to "
-                "`python -m open_clip_hn.negatives precompute`")
-        if self.exclude_negatives is not None and self.negatives != "online":
-            raise ValueError(
-                f"--hn-exclude-negatives applies to --hn-negatives online (this run: "
-                f"{self.negatives}); for precomputed negatives pass --exclude to `python -m "
-                "open_clip_hn.negatives precompute` (and --hn-exclude-negatives none to drop a "
-                "recipe's setting)")
-        if self.image_neighbors_per_sample < 1:
-            raise ValueError("--hn-image-neighbors-per-sample must be >= 1")
-        if not 0 <= self.distill_ema_decay < 1:
-            raise ValueError(f"--hn-distill-ema-decay must be in [0, 1), got {self.distill_ema_decay} "
-                             "(1 would never move the teacher: use --hn-distill frozen)")
-        if self.converse_margin > 0 and self.converse_weight == 0:
-            raise ValueError("--hn-converse-margin shapes the converse term, which is off: give "
-                             "--hn-converse-weight W > 0 (with --hn-mirror) or drop the margin "
-                             "(--hn-converse-margin 0; a recipe such as recommended sets both)")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"--hn-label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.choice_grad != "both" and not any(TERMS[name].output == "contrastive_loss"
+                                                  for name in self.loss):
+            frozen = "text" if self.choice_grad == "image" else "image"
+            raise ValueError(f"--hn-choice-grad {self.choice_grad} needs a contrastive term to train "
+                             f"the {frozen} tower, which the choice term then does not: add itc or "
+                             "clip to --hn-loss")
 
 
 # the flag that switches each need of an automatic term on (terms.NEEDS)
@@ -248,47 +228,116 @@ NEEDS_FLAGS = {"mirrors": "--hn-mirror AXES", "teacher": "--hn-distill frozen or
                "text_negatives": "--hn-negatives online", "bank": "--hn-memory-bank-size N"}
 
 
-def _settings_and_targets(c: HNConfig) -> dict[str, tuple[str, bool]]:
-    """Flag -> (what it acts on, whether that is on in this run), for the flags that only tune a
-    part of the run that another flag switches on."""
-    mined = ("the mined term (--hn-loss ...,mined)", "mined" in c.loss)
-    importance = ("the importance term (--hn-loss ...,importance)", "importance" in c.loss)
+class Target(NamedTuple):
+    """The part of a run that a setting acts on."""
+
+    what: str  # the part, and the flags that turn it on
+    on: bool  # whether it is on in this run
+    note: str = ""  # where the setting belongs instead, if anywhere
+
+
+def _online_only(c: HNConfig, what: str, on: bool, precompute_flag: str) -> Target:
+    """A setting of the online generator; precomputed negatives take it at precompute time."""
+    note = (f"for precomputed negatives pass {precompute_flag} to `python -m open_clip_hn.negatives "
+            "precompute`" if c.negatives == "precomputed" else "")
+    return Target(what, on, note)
+
+
+def _settings_and_targets(c: HNConfig) -> dict[str, Target]:
+    """Flag -> the part of the run it acts on, for the flags that only tune a part of the run that
+    another flag switches on."""
+    mined = Target("the mined term (--hn-loss ...,mined)", "mined" in c.loss)
+    importance = Target("the importance term (--hn-loss ...,importance)", "importance" in c.loss)
+    generated, online = "online text negatives (--hn-negatives online)", c.negatives == "online"
+    active = {term.name for term in active_terms(c)}
     targets = {
-        "--hn-types": ("text negatives (--hn-negatives online or precomputed)", c.negatives != "none"),
-        "--hn-distill-ema-decay": ("an EMA teacher (--hn-distill ema)", c.distill == "ema"),
-        "--hn-image-neighbors-per-sample": ("image neighbours (--hn-image-neighbors DIR)",
-                                            c.image_neighbors is not None),
-        "--hn-eval-every": ("the in-training evaluation (--hn-eval-compositional DIR)",
-                            c.eval_compositional is not None),
+        "--hn-types": Target("text negatives (--hn-negatives online or precomputed)",
+                             c.negatives != "none"),
+        "--hn-num-negatives": Target("text negatives (--hn-negatives online or precomputed)",
+                                     c.negatives != "none"),
+        "--hn-negative-grad": Target("text negatives (--hn-negatives online or precomputed, "
+                                     "--hn-num-negatives K >= 1)", c.uses_text_negatives),
+        "--hn-vocabulary": _online_only(c, generated, online, "--vocabulary"),
+        "--hn-plausibility": _online_only(c, generated, online, "--plausibility"),
+        "--hn-swap-reorders": _online_only(c, generated, online, "--swap-reorders drop"),
+        "--hn-exclude-negatives": _online_only(c, generated, online, "--exclude"),
+        "--hn-lm": _online_only(c, f"online {' and '.join(LM_TYPES)} negatives (--hn-negatives "
+                                   "online, --hn-types with either)",
+                                online and bool(set(LM_TYPES) & set(c.types)), "--lm"),
+        "--hn-choice-grad": Target("the choice term (--hn-loss ...,choice at --hn-choice-weight > 0)",
+                                   "choice" in active and c.choice_weight > 0),
+        "--hn-converse-margin": Target("the converse term (--hn-converse-weight W > 0 with "
+                                       "--hn-mirror AXES)", "converse" in active),
+        "--hn-distill-ema-decay": Target("an EMA teacher (--hn-distill ema)", c.distill == "ema"),
+        "--hn-image-neighbors-per-sample": Target("image neighbours (--hn-image-neighbors DIR)",
+                                                  c.image_neighbors is not None),
+        "--hn-eval-every": Target("the in-training evaluation (--hn-eval-compositional DIR)",
+                                  c.eval_compositional is not None),
         "--hn-importance-tau-plus": importance,
         "--hn-importance-beta": importance,
-        "--hn-rank-threshold": ("the rank term (--hn-loss ...,rank)", "rank" in c.loss),
+        "--hn-rank-threshold": Target("the rank term (--hn-loss ...,rank)", "rank" in c.loss),
         "--hn-memory-bank-size": mined,
         "--hn-memory-bank-fp16": mined,
         "--hn-mined-k": mined,
         "--hn-false-negative-threshold": mined,
         "--hn-miner-backend": mined,
     }
-    active = {term.name for term in active_terms(c)}
     for term in TERMS.values():  # a weight above 0 for a term that is off
         if term.weight and getattr(c, term.weight_field) > 0:
             how = (f"--hn-loss ...,{term.name}" if term.selectable
                    else " and ".join(NEEDS_FLAGS.get(n, n) for n in term.needs))
-            targets[f"--hn-{term.name}-weight"] = (f"the {term.name} term ({how})", term.name in active)
+            targets[f"--hn-{term.name}-weight"] = Target(f"the {term.name} term ({how})",
+                                                         term.name in active)
     return targets
 
 
+def _field(flag: str) -> str:
+    return flag[len("--hn-"):].replace("-", "_")
+
+
+def _settings_for_parts_off(c: HNConfig) -> dict[str, Target]:
+    """The settings other than their default for a part of the run that is off: they would
+    change nothing. A zero or empty value says "off" itself (`--hn-num-negatives 0`, a weight
+    of 0), so it is never one of them."""
+    defaults = {f.name: f.default for f in dataclasses.fields(c)}
+    return {flag: target for flag, target in _settings_and_targets(c).items()
+            if not target.on and getattr(c, _field(flag))
+            and getattr(c, _field(flag)) != defaults[_field(flag)]}
+
+
+def without_recipe_settings_for_parts_off(c: HNConfig, recipe: HNConfig | None) -> HNConfig:
+    """`c` with the recipe's settings for a part that the command line switched off back at
+    their defaults: a recipe is a bundle whose parts the command line may switch off
+    (`--hn-config recommended --hn-mirror none` drops its converse term's settings too) without
+    undoing each of their settings, and the config then says what the run does. Only parts the
+    recipe itself has on: a recipe's setting for a part it leaves off is its own mistake, refused
+    like a typed one (`ignored_flags`)."""
+    if recipe is None:
+        return c
+    from_recipe = set(c.given) - set(c.typed)
+    on_in_recipe = {flag for flag, target in _settings_and_targets(recipe).items() if target.on}
+    dropped = {_field(flag) for flag in _settings_for_parts_off(c)
+               if flag in from_recipe and flag in on_in_recipe}
+    return dataclasses.replace(c, **{f.name: f.default for f in dataclasses.fields(c)
+                                     if f.name in dropped})
+
+
 def ignored_flags(c: HNConfig) -> list[str]:
-    """One message per flag typed on the command line with a value other than its default that
-    would change nothing, because what it acts on is off: the user meant something the run would
-    silently not do. A recipe's own settings are not refused (a recipe is a bundle whose parts
-    the command line may switch off), nor a typed default (`--hn-memory-bank-size 0` switches a
-    recipe's bank off)."""
-    defaults = {f"--hn-{f.name.replace('_', '-')}": f.default for f in dataclasses.fields(c)}
-    return [f"{flag} acts on {what}, which is off in this run: turn it on, or drop {flag}"
-            for flag, (what, on) in _settings_and_targets(c).items()
-            if flag in c.typed and not on
-            and getattr(c, flag[5:].replace("-", "_")) != defaults.get(flag)]
+    """One message per setting other than its default for a part of the run that is off: it
+    would change nothing, while the user meant something the run would silently not do.
+    `HNConfig.from_args` first drops a recipe's own such settings, so what is refused was typed
+    on the command line (or set where no command line was given). A typed default is not
+    refused (`--hn-memory-bank-size 0` switches a recipe's bank off)."""
+    return [f"{flag}{_origin(c, flag)} acts on {target.what}, which is off in this run: turn it "
+            f"on, or drop {flag}" + (f"; {target.note}" if target.note else "")
+            for flag, target in _settings_for_parts_off(c).items()]
+
+
+def _origin(c: HNConfig, flag: str) -> str:
+    """Where a setting came from, when not the command line: the recipe file's key."""
+    if c.config_file is None or flag in c.typed or flag not in c.given:
+        return ""
+    return f" (key {flag[2:]} of --hn-config {c.config_file})"
 
 
 def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -492,6 +541,11 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def given_hn_flags(argv: list[str]) -> tuple[str, ...]:
-    """The `--hn-*` flags present on a command line (with or without `=value`)."""
-    return tuple(dict.fromkeys(a.split("=", 1)[0] for a in argv if a.startswith("--hn-")))
+def given_hn_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple[str, ...]:
+    """The `--hn-*` flags a command line sets, by their full names as `parser` reads them: an
+    abbreviation (`--hn-mirror-w 2`) or a `--flag=value` names its flag (`spell_out_flags`)."""
+    argv = spell_out_flags(argv, parser)
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    known = parser._option_string_actions  # argparse's own table of flag names
+    return tuple(dict.fromkeys(name for name in (a.split("=", 1)[0] for a in argv)
+                               if name.startswith("--hn-") and name in known))

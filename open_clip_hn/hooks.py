@@ -45,10 +45,11 @@ from . import state as hn_state
 from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
 from .files import read_model_config
+from .negatives.taxonomy import NEGATIVE_TYPES
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
                          epoch_of_checkpoint_name, prune_step_checkpoints, shifted_scheduler)
-from .recipes import expand_recipe, recipe_path
+from .recipes import expand_recipe, recipe_argv, recipe_path, spell_out_flags
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
 from .sample_order import seed_sample_shuffle
 
@@ -95,7 +96,7 @@ def _with_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     try:
         return expand_recipe(argv, parser)
     except (OSError, ValueError) as err:
-        parser.error(f"--hn-config {recipe_path(argv)}: {err}")
+        parser.error(f"--hn-config {recipe_path(spell_out_flags(argv, parser))}: {err}")
 
 
 def _register_model_config(path: str, model: str, parser: argparse.ArgumentParser) -> None:
@@ -159,12 +160,23 @@ def _print_config_if_asked(namespace: argparse.Namespace, argv: list[str],
 
 def _hn_config(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> HNConfig:
     """The checked configuration of the `--hn-*` flags of `argv` (recipe already expanded; the
-    caller put the flags typed on the command line in `args.hn_typed`)."""
-    args.hn_given = given_hn_flags(argv)
+    caller put the flags typed on the command line in `args.hn_typed`), also put back on `args`
+    (a recipe's settings for a part the command line switched off are dropped there too)."""
+    args.hn_given = given_hn_flags(argv, parser)
     try:
-        return HNConfig.from_args(args)
+        config = HNConfig.from_args(args, recipe=recipe_config(args, parser))
     except ValueError as err:
         parser.error(str(err))
+    config.update_args(args)
+    return config
+
+
+def recipe_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> HNConfig | None:
+    """The `--hn-config` file's own configuration (unchecked), to tell the parts it switches on
+    from those the command line switches on or off."""
+    if args.hn_config_file is None:
+        return None
+    return HNConfig.unchecked(_hn_parser().parse_known_args(recipe_argv(args.hn_config_file, parser))[0])
 
 
 def configure(args: argparse.Namespace, argv: list[str],
@@ -182,14 +194,18 @@ def configure(args: argparse.Namespace, argv: list[str],
         parser.error(str(err))
     if args.model_config:
         _register_model_config(args.model_config, args.model, parser)
+    try:
+        check_resume_latest(args, with_state=run is not None)
+    except hn_state.StateError as err:
+        parser.error(str(err))
     return run
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file); configures
     the installed plugin's run."""
-    typed = given_hn_flags(argv)  # before the recipe's flags join them
     parser = build_parser()
+    typed = given_hn_flags(argv, parser)  # before the recipe's flags join them
     argv = _with_recipe(list(argv), parser)
     namespace = parser.parse_args(argv)  # --help, unknown flags and bad values end here
     namespace.hn_typed = typed
@@ -247,14 +263,18 @@ def _precomputed_negatives_source() -> Iterator[None]:
         oc_data.tarfile_to_samples_nothrow = original
 
 
-def _check_precomputed_shards(args: argparse.Namespace) -> None:
+def _check_precomputed_shards(config: HNConfig, args: argparse.Namespace) -> None:
     data = args.train_data or ""
     if not (args.dataset_type == "webdataset" or data.endswith(".tar") or "::" in data):
         raise ValueError(f"--hn-negatives precomputed needs webdataset shards, got --train-data "
                          f"{data!r} (--dataset-type {args.dataset_type})")
-    from .negatives.manifest import check_precomputed_shards
+    from .negatives.manifest import check_precomputed_settings, check_precomputed_shards
 
-    check_precomputed_shards(oc_data.expand_urls(data)[0])  # every local shard, not the first
+    shards = oc_data.expand_urls(data)[0]  # every local shard, not the first
+    check_precomputed_settings(shards, config.num_negatives,
+                               None if set(config.types) == set(NEGATIVE_TYPES) else config.types,
+                               num_is_default="--hn-num-negatives" not in config.given)
+    check_precomputed_shards(shards)
 
 
 def _train_captions(args: argparse.Namespace) -> TrainCaptions:
@@ -300,7 +320,7 @@ def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get)
         data = get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     else:
         if config.negatives == "precomputed":
-            _check_precomputed_shards(args)
+            _check_precomputed_shards(config, args)
         train_args = copy.copy(args)
         train_args.val_data = train_args.imagenet_val = train_args.imagenet_v2 = None
         source = (_precomputed_negatives_source() if config.negatives == "precomputed"
@@ -397,6 +417,25 @@ def get_latest_checkpoint(path: str, remote: bool):
     return None if found is None else found[0]
 
 
+def check_resume_latest(args: argparse.Namespace, with_state: bool) -> None:
+    """`--resume latest`: every rank refuses a folder whose checkpoints none can be resumed.
+
+    OpenCLIP's `main` picks on the master alone and broadcasts the pick: a `StateError` there
+    left the other ranks waiting in the broadcast until the launcher or the distributed timeout
+    ended them, with nothing useful in their logs; and a patched OpenCLIP's own pick skips
+    unreadable files without refusing, so a run whose every checkpoint is damaged started over
+    on top of them. Run at parse time on every rank (before the distributed set-up), so all stop
+    with the same error; the master's pick later warns about what it skips. A remote folder
+    (--remote-sync), --save-most-recent and an unnamed run (a new dated folder) are left to
+    OpenCLIP, as its master leaves them.
+    """
+    if (args.resume != "latest" or args.name is None or args.remote_sync is not None
+            or args.save_most_recent):
+        return
+    hn_state.latest_good_checkpoint(os.path.join(args.logs, args.name, "checkpoints"),
+                                    with_state=with_state, warn=False)
+
+
 def _check_bank_memory(config: HNConfig, args: argparse.Namespace) -> None:
     """The memory bank against the free memory of the device it will live on (before training)."""
     from .memory_bank import check_bank_fits
@@ -448,7 +487,7 @@ class Plugin:
         add_hn_arguments(parser)
 
     def expand_argv(self, argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-        self.typed = given_hn_flags(argv)
+        self.typed = given_hn_flags(argv, parser)
         return _with_recipe(list(argv), parser)
 
     def configure(self, args: argparse.Namespace, argv: list[str],

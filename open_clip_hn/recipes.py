@@ -219,10 +219,35 @@ def recipe_path(argv: list[str]) -> str | None:
     return finder.parse_known_args(argv)[0].hn_config
 
 
+def _full_flag(token: str, actions: dict[str, argparse.Action], allow_abbrev: bool) -> str:
+    """The long flag `token` names, written in full, as argparse resolves it: the token, or its
+    part before `=`, exactly, else (with abbreviations allowed) the one flag it begins."""
+    name, sep, value = token.partition("=")
+    if not token.startswith("--") or name in actions or not allow_abbrev:
+        return token
+    matches = [option for option in actions if option.startswith(name)]
+    return matches[0] + sep + value if len(matches) == 1 else token  # else: argparse refuses it
+
+
+def spell_out_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`argv` with each abbreviated long flag written in full, as `parser` reads it.
+
+    argparse takes a unique prefix of a flag for the flag unless `allow_abbrev` is off (OpenCLIP's
+    parser leaves it on: `--hn-mirror-w 2` sets --hn-mirror-weight), so steps that find flags by
+    name (the recipe, the flags typed on the command line, the plugin's flags among OpenCLIP's)
+    read the spelled-out form. Tokens after `--` are values and stay as they are.
+    """
+    actions = _flag_actions(parser)
+    end = argv.index("--") if "--" in argv else len(argv)
+    return [_full_flag(token, actions, parser.allow_abbrev) for token in argv[:end]] + argv[end:]
+
+
 def expand_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-    """`argv` with the tokens of its `--hn-config` recipe (if any) put in front of it."""
+    """`argv`, spelled out (`spell_out_flags`), with the tokens of its `--hn-config` recipe (if
+    any) put in front of it."""
+    argv = spell_out_flags(list(argv), parser)
     path = recipe_path(argv)
-    return list(argv) if path is None else recipe_argv(path, parser) + list(argv)
+    return argv if path is None else recipe_argv(path, parser) + argv
 
 
 def _yaml_value(action: argparse.Action, value: Any) -> Any:

@@ -200,7 +200,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     return checkpoint
 
 
-def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
+def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool, *, warn: bool = True
                            ) -> tuple[str, str | None] | None:
     """The newest checkpoint that loads, with its plugin state when `with_state`: what
     `--resume latest` should resume from. None when no checkpoint is usable. The state path is
@@ -212,7 +212,8 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
     foreign or non-finite, is skipped with a warning naming it and why; the previous good pair
     is used instead, so a kill during a save costs at most that epoch. Where checkpoints exist
     and none is usable, `StateError`: OpenCLIP would otherwise start the run over and write its
-    new epochs over them.
+    new epochs over them. `warn=False` for a check that needs only the verdict: the `StateError`
+    names every skipped file anyway, and the pick that follows warns once.
     """
     skipped: list[str] = []
     weights_load = False  # some skipped checkpoint reads back, only its plugin state does not
@@ -230,8 +231,9 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool
             found = find_state(path, checkpoint["epoch"])
             return path, None if found is None else found[0]
         except ValueError as err:
-            logging.warning("--resume latest: skipping %s: %s; falling back to the previous "
-                            "checkpoint", path, err)
+            if warn:
+                logging.warning("--resume latest: skipping %s: %s; falling back to the previous "
+                                "checkpoint", path, err)
             skipped.append(f"{os.path.basename(path)}: {err}")
     if skipped:
         drop = (" To continue from one whose weights load, pass --resume PATH --hn-drop-state (its "
@@ -248,16 +250,23 @@ def set_aside_broken_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path
     OpenCLIP's own pick becomes the newest readable one; returns the moved files.
 
     For launchers that cannot change the resume path (a requeued SLURM job restarts with
-    `--resume latest`); the files are kept, only renamed, so nothing is deleted.
+    `--resume latest`); the files are kept, only renamed, so nothing is deleted. Only when a
+    readable checkpoint remains to resume: with none, nothing moves and `--resume latest` refuses
+    the run, naming each file, on every rank (renaming them all would start it over silently).
     """
-    moved = []
+    broken = []
     for path in checkpoints_newest_first(checkpoint_dir):
         try:
             read_checkpoint(path)
             break
         except ValueError as err:
-            target = path + BROKEN_SUFFIX
-            os.replace(path, target)
-            logging.warning("set aside an unreadable checkpoint: %s -> %s", err, target)
-            moved.append(Path(target))
+            broken.append((path, err))
+    else:
+        return []
+    moved = []
+    for path, err in broken:
+        target = path + BROKEN_SUFFIX
+        os.replace(path, target)
+        logging.warning("set aside an unreadable checkpoint: %s -> %s", err, target)
+        moved.append(Path(target))
     return moved

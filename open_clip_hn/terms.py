@@ -202,18 +202,14 @@ def weight_of(term: Term, config: "HNConfig") -> float:
 
 
 def missing_needs(config: "HNConfig") -> list[str]:
-    """One message per need that the chosen terms (and the automatic terms given a weight above
-    0 that is off by default) have and the flags do not provide."""
+    """One message per need that the terms chosen with --hn-loss have and the flags do not
+    provide. (An automatic term's weight above 0 while its needs are off is a setting for a part
+    that is off: `config.ignored_flags` refuses it where typed, and a recipe's is dropped.)"""
     messages = []
     for need_name, need in NEEDS.items():
         lacking = sorted(n for n in config.loss if need_name in TERMS[n].needs)
         if lacking and not need.provided(config):
             messages.append(f"--hn-loss {','.join(lacking)} needs {need.what}; {need.fix}")
-        for term in TERMS.values():
-            if not term.selectable and term.weight_default == 0 and need_name in term.needs \
-                    and weight_of(term, config) > 0 and not need.provided(config):
-                messages.append(f"--hn-{term.name}-weight needs {need.what}; {need.fix}, or turn "
-                                f"the term off with --hn-{term.name}-weight 0")
     return messages
 
 

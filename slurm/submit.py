@@ -26,7 +26,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -49,36 +48,36 @@ def build_parser() -> argparse.ArgumentParser:
                     "requeued and resumed on preemption or time limit. Training flags follow '--'.",
         usage="%(prog)s [options] -- <flags of python -m open_clip_hn.train>",
     )
-    parser.add_argument("--nodes", type=int, default=1, help="Number of nodes.")
+    parser.add_argument("--nodes", type=int, default=1, help="Number of nodes (default: 1).")
     parser.add_argument("--gpus-per-node", type=int, default=8,
                         help="GPUs per node; one task per GPU. 0 for CPU-only runs (then "
-                             "--tasks-per-node tasks, gloo backend).")
+                             "--tasks-per-node tasks, gloo backend). Default: 8.")
     parser.add_argument("--tasks-per-node", type=int, default=None,
                         help="Tasks per node (default: --gpus-per-node, or 1 without GPUs).")
     parser.add_argument("--cpus-per-task", type=int, default=10,
                         help="CPUs per task (data loader workers + main thread); also sets "
-                             "OMP_NUM_THREADS.")
+                             "OMP_NUM_THREADS. Default: 10.")
     parser.add_argument("--mem", default=None,
                         help="Memory per node in SLURM syntax (e.g. 400G); default: the cluster's.")
     parser.add_argument("--partition", default=None,
                         help="SLURM partition (default: the cluster's default partition).")
     parser.add_argument("--time", default="72:00:00",
-                        help="Time limit per start of the job: MM, HH:MM:SS or D-HH:MM:SS.")
+                        help="Time limit per start of the job: MM, HH:MM:SS or D-HH:MM:SS (default: 72:00:00).")
     parser.add_argument("--account", default=None, help="SLURM account to charge.")
     parser.add_argument("--qos", default=None, help="SLURM quality of service.")
     parser.add_argument("--constraint", default=None, help="SLURM node feature constraint.")
-    parser.add_argument("--job-name", default="open_clip_hn", help="SLURM job name.")
+    parser.add_argument("--job-name", default="open_clip_hn", help="SLURM job name (default: open_clip_hn).")
     parser.add_argument("--job-dir", default=None,
                         help="Job folder for submitit's files, logs and (unless --logs/--name are "
                              "given) the experiment; default ./slurm_jobs/<job-name>_<time>.")
     parser.add_argument("--signal-delay", type=int, default=120,
                         help="Seconds before the time limit at which SLURM sends SIGUSR2 so the "
-                             "job requeues itself.")
+                             "job requeues itself (default: 120).")
     parser.add_argument("--max-timeouts", type=int, default=3,
-                        help="How many times a job that reaches its time limit is requeued.")
+                        help="How many times a job that reaches its time limit is requeued (default: 3).")
     parser.add_argument("--dist-timeout", type=float, default=30.0,
                         help="Minutes a collective (NCCL/gloo) may wait before the job fails, "
-                             "e.g. when a node dies.")
+                             "e.g. when a node dies (default: 30).")
     parser.add_argument("--local", action="store_true",
                         help="Run the same job on this machine with submitit's local executor "
                              "(one node, no SLURM), waiting for it: for debugging.")
@@ -178,14 +177,36 @@ def check_train_flags(train_argv: list[str]) -> None:
         raise
 
 
+def spelled_out(train_argv: list[str]) -> list[str]:
+    """The training flags with each abbreviation written out as the trainer reads it (`--nam x`
+    is `--name x`), so that the `--logs`/`--name`/`--resume` read and set here are the trainer's."""
+    sys.path.insert(0, str(REPO))
+    from open_clip_hn import hooks
+    from open_clip_hn.recipes import spell_out_flags
+
+    return spell_out_flags(train_argv, hooks.build_parser())
+
+
+def job_dir_error(job_dir: Path, reason: str) -> SubmitError:
+    return SubmitError(f"--job-dir {job_dir}: not writable ({reason}); pass --job-dir with a "
+                       "folder you can write on a shared file system")
+
+
 def check_job_dir(job_dir: Path) -> None:
+    """Refuse a job folder that cannot be made, without making it: a refused run leaves nothing."""
+    existing = next(path for path in (job_dir, *job_dir.parents) if path.exists())
+    if not existing.is_dir():
+        raise job_dir_error(job_dir, f"{existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise job_dir_error(job_dir, f"no write permission on {existing}")
+
+
+def make_job_dir(job_dir: Path) -> None:
+    """Create the job folder once every check has passed (submitit writes its files there)."""
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=job_dir):
-            pass
     except OSError as err:
-        raise SubmitError(f"--job-dir {job_dir}: not writable ({err.strerror}); pass "
-                          "--job-dir with a folder you can write on a shared file system") from None
+        raise job_dir_error(job_dir, err.strerror) from None
 
 
 def check_experiment(train_argv: list[str]) -> None:
@@ -228,8 +249,10 @@ def partitions() -> tuple[list[str], str | None]:
 
 def check_partition(partition: str | None) -> str:
     """The partition the job will go to (given or the cluster's default), checked to exist."""
-    if shutil.which("sbatch") is None:
-        raise SubmitError("no sbatch on this machine: run on a SLURM login node, or pass --local")
+    for tool in ("sbatch", "srun"):  # submitit's SlurmExecutor needs srun too
+        if shutil.which(tool) is None:
+            raise SubmitError(f"no {tool} on this machine: run on a SLURM login node, or pass "
+                              "--local")
     names, default = partitions()
     if partition is None and default is None:
         raise SubmitError(f"this cluster has no default partition: pass --partition "
@@ -534,12 +557,13 @@ def main(argv: list[str] | None = None) -> int:
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         job_dir = Path(args.job_dir or Path("slurm_jobs") / f"{args.job_name}_{stamp}").absolute()
         check_job_dir(job_dir)
-        train_argv = experiment_argv(train_argv, job_dir)
+        train_argv = experiment_argv(spelled_out(train_argv), job_dir)
         check_train_flags(train_argv)
         check_experiment(train_argv)
         tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
         if not args.local:
             check_resources(args, check_partition(args.partition), tasks_per_node)
+        make_job_dir(job_dir)  # last: every refusal above leaves nothing on disk
     except SubmitError as err:
         print(f"submit.py: error: {err}", file=sys.stderr)
         return 2

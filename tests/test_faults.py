@@ -3,16 +3,19 @@ never a lost epoch (issue 18, the adapter's side)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
-from conftest import REPO, run_module, train_argv
+from conftest import REPO, free_port, run_module, train_argv
 from open_clip_hn.negatives.cli import main as negatives_main
 from open_clip_hn.neighbors import build
+from test_patch import apply_patch, copy_openclip_train
 
 HN = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc"]
 
@@ -65,6 +68,61 @@ def test_resume_latest_with_no_usable_checkpoint_stops_instead_of_starting_over(
     assert resumed.returncode == 2, resumed.stderr[-3000:]
     assert "no checkpoint in" in resumed.stderr and "--hn-drop-state" in resumed.stderr
     assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+
+
+@pytest.fixture(scope="module")
+def patched_site(tmp_path_factory):
+    """A copy of the installed `open_clip_train` with patches/ applied (the patched route)."""
+    site = copy_openclip_train(tmp_path_factory.mktemp("site"))
+    proc = apply_patch(site)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return site
+
+
+PROMPT_S = 120  # well under a distributed timeout (minutes; OpenCLIP leaves torch's default)
+
+
+def wait_promptly(procs: list[subprocess.Popen], deadline: float) -> list[str]:
+    """Each process's output once all have ended; any still running at `deadline` (monotonic
+    clock) is killed and the test fails, showing every output."""
+    try:
+        for proc in procs:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+        raise AssertionError("ranks still running at the deadline:\n" + "\n".join(
+            f"rank {r} ({proc.wait()}): {proc.stdout.read()[-2000:]}" for r, proc in enumerate(procs)))
+    return [proc.stdout.read() for proc in procs]
+
+
+@pytest.mark.parametrize("route", ["monkeypatch", "patch"])
+def test_resume_latest_with_no_usable_checkpoint_stops_every_rank(route, scene_csv, tmp_path, request):
+    """2 gloo ranks: OpenCLIP's master alone picks what --resume latest resumes, and its refusal
+    left rank 1 in the broadcast of the pick: here gloo saw the connection close (exit 1, a gloo
+    error and no word of the cause); across nodes, or with NCCL, it waited for the launcher or the
+    distributed timeout. Every rank checks for itself now: both stop at once, exit 2, with the message."""
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "epoch_1.pt").write_bytes(b"cut short by a kill")
+    argv = train_argv(scene_csv, str(tmp_path), "run", *HN, "--dist-backend", "gloo", "--resume",
+                      "latest", epochs=2, batch_size=4)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env.pop("OPEN_CLIP_TRAIN_PLUGINS", None)
+    if route == "patch":  # open_clip_hn.train finds the hook points and enables itself through them
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(request.getfixturevalue("patched_site")),
+                                                          env.get("PYTHONPATH")]))
+    started = time.monotonic()
+    ranks = [subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = wait_promptly(ranks, started + PROMPT_S)
+    for rank, output in zip(ranks, outputs):
+        assert rank.returncode == 2, output[-3000:]
+        assert f"error: --resume latest: no checkpoint in {checkpoints} can be resumed" in output
+    assert os.listdir(checkpoints) == ["epoch_1.pt"]
 
 
 def test_damaged_state_and_a_resume_without_flags_are_refused(two_epochs, scene_csv, tmp_path):

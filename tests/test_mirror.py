@@ -14,7 +14,7 @@ from conftest import TINY_MODEL, load_benchmark, unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.curriculum import negative_keep_mask
-from open_clip_hn.hooks import build_parser
+from open_clip_hn.hooks import build_parser, recipe_config
 from open_clip_hn.mirror import MirrorPairs, flip_images, mirror_caption, parse_axes
 from open_clip_hn.objective import HardNegativeLoss
 from open_clip_hn.recipes import expand_recipe
@@ -438,26 +438,30 @@ def test_converse_term_is_off_by_default_weighted_and_not_scaled_by_the_curricul
 
 
 def test_converse_weight_needs_mirrors(capsys):
-    with pytest.raises(ValueError, match="--hn-converse-weight needs mirrored pairs; set --hn-mirror"):
+    with pytest.raises(ValueError, match=r"--hn-converse-weight acts on the converse term \(--hn-mirror AXES\)"):
         HNConfig(loss=("itc",), converse_weight=1.0).validate()
-    with pytest.raises(ValueError, match="--hn-converse-margin .* give --hn-converse-weight"):
+    with pytest.raises(ValueError, match="--hn-converse-margin acts on the converse term"):
         HNConfig(loss=("itc",), mirror=BOTH, converse_margin=0.05).validate()
     args = build_parser().parse_args(["--hn-mirror", "horizontal", "--hn-converse-weight", "2"])
     assert args.hn_converse_weight == 2.0 and build_parser().parse_args([]).hn_converse_weight == 0.0
 
 
-def test_recommended_without_mirrors_names_each_step_off():
-    """recommended sets the converse weight and margin: --hn-mirror none alone fails naming the
-    weight, then the margin, and with both off the recipe runs without mirrors."""
+def test_recommended_without_mirrors_drops_its_converse_term():
+    """recommended sets the converse weight and margin: --hn-mirror none switches the converse
+    term off with the mirrors (the recipe's settings for it are dropped, as the trainer does);
+    typing the zeros as well still works."""
+    from open_clip_hn.config import given_hn_flags
+
     parser = build_parser()
 
     def config(*extra):
-        return HNConfig.from_args(parser.parse_args(expand_recipe(["--hn-config", "recommended",
-                                                                   *extra], parser)))
+        typed = ["--hn-config", "recommended", *extra]
+        argv = expand_recipe(typed, parser)
+        args = parser.parse_args(argv)
+        args.hn_given, args.hn_typed = given_hn_flags(argv, parser), given_hn_flags(typed, parser)
+        return HNConfig.from_args(args, recipe=recipe_config(args, parser))
     assert config().converse_weight > 0 and config().converse_margin > 0
-    with pytest.raises(ValueError, match="or turn the term off with --hn-converse-weight 0"):
-        config("--hn-mirror", "none")
-    with pytest.raises(ValueError, match=r"drop the margin \(--hn-converse-margin 0"):
-        config("--hn-mirror", "none", "--hn-converse-weight", "0")
-    off = config("--hn-mirror", "none", "--hn-converse-weight", "0", "--hn-converse-margin", "0")
-    assert off.mirror == () and not off.packs_converse
+    for extra in ([], ["--hn-converse-weight", "0", "--hn-converse-margin", "0"]):
+        off = config("--hn-mirror", "none", *extra)
+        assert off.mirror == () and (off.converse_weight, off.converse_margin) == (0, 0)
+        assert not off.packs_converse

@@ -97,3 +97,38 @@ def test_training_names_a_bad_hn_lm_before_any_work(tmp_path, scene_shards):
     assert f"--hn-lm {tmp_path / 'none'}: no such folder" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_training_refuses_more_negatives_or_other_types_than_precomputed(tmp_path):
+    """K above precompute's --num, or a type it did not make, would train on masked slots only
+    (a user's 93% masked run): refused before the loader, naming the flag and both fixes."""
+    from types import SimpleNamespace
+
+    from open_clip_hn import hooks
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.negatives.manifest import check_precomputed_settings
+
+    _write_shard(tmp_path / "a.tar", ["a red dog on a green couch", "a cat under a table"])
+    out = tmp_path / "out"
+    assert main(["precompute", "--shards", str(tmp_path / "a.tar"), "--output-dir", str(out),
+                 "--num", "2", "--types", "swap_attributes,replace_object"]) == 0
+    shards = [str(out / "a.tar")]
+    check_precomputed_settings(shards, 2, ("replace_object",))
+    check_precomputed_settings(shards, 1, None)
+    with pytest.raises(ManifestError, match=rf"--hn-num-negatives 4: the precomputed shards in {out} "
+                                            r"hold at most 2 negatives per caption \(precompute --num 2\), "
+                                            r"so 2 of every 4 slots would be masked; pass "
+                                            r"--hn-num-negatives 2, or precompute again"):
+        check_precomputed_settings(shards, 4, None)
+    with pytest.raises(ManifestError, match=r"--hn-types replace_object,swap_objects: .* hold no "
+                                            r"swap_objects negatives \(precompute --types "
+                                            r"swap_attributes,replace_object\)"):
+        check_precomputed_settings(shards, 2, ("replace_object", "swap_objects"))
+    # the trainer's check: every type (the default) reads whatever the folder holds; K is checked
+    args = SimpleNamespace(train_data=shards[0], dataset_type="webdataset")
+    hooks._check_precomputed_shards(HNConfig(negatives="precomputed", num_negatives=2), args)
+    with pytest.raises(ManifestError, match="--hn-num-negatives 4"):
+        hooks._check_precomputed_shards(HNConfig(negatives="precomputed", num_negatives=4), args)
+    with pytest.raises(ManifestError, match="hold no swap_objects negatives"):
+        hooks._check_precomputed_shards(HNConfig(negatives="precomputed", num_negatives=2,
+                                                 types=("swap_objects",)), args)

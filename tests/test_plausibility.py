@@ -233,7 +233,7 @@ def test_config_flag_applies_to_online_negatives_only():
     assert config.plausibility == "train-data"
     assert HNConfig.from_args(parser.parse_args(["--hn-negatives", "online", "--hn-plausibility", "none"])
                               ).plausibility is None
-    with pytest.raises(ValueError, match="--hn-plausibility applies to --hn-negatives online"):
+    with pytest.raises(ValueError, match="--hn-plausibility acts on online text negatives"):
         HNConfig.from_args(parser.parse_args(["--hn-negatives", "precomputed", "--hn-plausibility", "x.txt"]))
     assert HNConfig.from_args(parser.parse_args(["--hn-negatives", "online"])).swap_reorders == "keep"
     with pytest.raises(ValueError, match="--swap-reorders drop to `python -m open_clip_hn.negatives precompute`"):

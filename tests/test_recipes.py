@@ -11,7 +11,7 @@ import yaml
 
 from conftest import load_benchmark
 from open_clip_hn.config import HNConfig, given_hn_flags
-from open_clip_hn.hooks import build_parser
+from open_clip_hn.hooks import build_parser, recipe_config
 from open_clip_hn.recipes import expand_recipe, format_resolved_config, recipe_argv
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -139,8 +139,8 @@ def run_config(flags: list[str], parser: argparse.ArgumentParser) -> HNConfig:
     typed for a part that is off included)."""
     argv = expand_recipe(list(flags), parser)
     args = parser.parse_args(argv)
-    args.hn_given, args.hn_typed = given_hn_flags(argv), given_hn_flags(flags)
-    return HNConfig.from_args(args)
+    args.hn_given, args.hn_typed = given_hn_flags(argv, parser), given_hn_flags(flags, parser)
+    return HNConfig.from_args(args, recipe=recipe_config(args, parser))
 
 
 def test_recipe_worlds_variants_resolve_and_the_hinge_variant_is_the_shipped_recipe(parser):

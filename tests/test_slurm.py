@@ -182,10 +182,11 @@ def test_requests_the_partition_cannot_satisfy_name_the_limit(request_, message)
 def test_default_cpus_never_fitting_a_one_cpu_partition_is_refused(monkeypatch, tmp_path, capsys):
     fake = tmp_path / "bin"
     fake.mkdir()
-    (fake / "sbatch").write_text("#!/bin/sh\nexit 1\n")
+    for tool in ("sbatch", "srun"):
+        (fake / tool).write_text("#!/bin/sh\nexit 1\n")
     (fake / "sinfo").write_text("#!/bin/sh\n"
                                 "case \"$*\" in *%P*) echo 'tiny*' ;; *) echo '2 1 8000 (null)' ;; esac\n")
-    for tool in ("sbatch", "sinfo"):
+    for tool in ("sbatch", "srun", "sinfo"):
         (fake / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     monkeypatch.setattr(submit, "check_train_flags", lambda argv: None)
@@ -203,6 +204,57 @@ def test_default_cpus_never_fitting_a_one_cpu_partition_is_refused(monkeypatch, 
     with pytest.raises(RuntimeError, match="submit"):
         submit.main(["--gpus-per-node", "0", "--job-dir", str(tmp_path / "job2"), "--", "--epochs", "1"])
     assert "no sinfo on this machine; the job's size is not checked" in capsys.readouterr().err
+
+
+@pytest.fixture
+def passing_cluster(monkeypatch):
+    """A cluster that accepts a one-node CPU job: each test breaks one thing."""
+    monkeypatch.setattr(submit, "check_train_flags", lambda argv: None)
+    monkeypatch.setattr(submit.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(submit, "partitions", lambda: (["cpu"], "cpu"))
+    monkeypatch.setattr(submit, "partition_nodes", lambda name: [submit.NodeShape(1, 64, 8000, 0)])
+
+
+@pytest.mark.parametrize("refusal, message", [
+    ("experiment", "already exists: pass --resume latest"),
+    ("srun", "no srun on this machine: run on a SLURM login node, or pass --local"),
+    ("partition", "--partition big: no such partition"),
+    ("resources", "needs 100 CPUs per node, but the nodes of partition cpu have at most 64"),
+])
+def test_a_refused_submission_leaves_no_job_folder(passing_cluster, monkeypatch, tmp_path, capsys,
+                                                   refusal, message):
+    """Every check runs before the job folder is made, so a refusal leaves nothing to clean up."""
+    launch, flags = ["--gpus-per-node", "0", "--cpus-per-task", "1"], ["--epochs", "1"]
+    if refusal == "experiment":
+        (tmp_path / "logs" / "x").mkdir(parents=True)
+        (tmp_path / "logs" / "x" / "out.log").write_text("")
+        flags += ["--logs", str(tmp_path / "logs"), "--name", "x", "--resume", "pretrained.pt"]
+    elif refusal == "srun":
+        monkeypatch.setattr(submit.shutil, "which", lambda name: None if name == "srun" else name)
+    elif refusal == "partition":
+        launch += ["--partition", "big"]
+    else:
+        launch += ["--cpus-per-task", "100"]
+    job_dir = tmp_path / "jobs" / "job"
+    assert submit.main([*launch, "--job-dir", str(job_dir), "--", *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_the_job_folder_is_made_after_the_checks_and_before_the_executor(passing_cluster,
+                                                                          monkeypatch, tmp_path):
+    job_dir = tmp_path / "jobs" / "job"
+    submit.check_job_dir(job_dir)
+    assert not (tmp_path / "jobs").exists()  # checked without being made
+
+    def make_executor(args, folder, tasks_per_node):
+        assert folder == job_dir and folder.is_dir()
+        raise RuntimeError("submit")
+
+    monkeypatch.setattr(submit, "make_executor", make_executor)
+    with pytest.raises(RuntimeError, match="submit"):
+        submit.main(["--gpus-per-node", "0", "--cpus-per-task", "1", "--job-dir", str(job_dir),
+                     "--", "--epochs", "1"])
 
 
 # ---------------------------------------------------------------------------- the command line
@@ -240,7 +292,27 @@ def test_unknown_training_flags_are_refused(tmp_path):
     assert proc.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in proc.stderr
     assert "nothing was submitted" in proc.stderr
-    assert not list((tmp_path / "job").glob("*.pkl"))
+    assert not (tmp_path / "job").exists()  # the job folder is made only after every check
+
+
+def test_training_flags_resuming_no_usable_checkpoint_are_refused(tmp_path, capsys):
+    """The trainer checks --resume latest at parse time: resubmitting an experiment none of whose
+    checkpoints can be resumed is the launcher's usage error, before anything is queued."""
+    checkpoints = tmp_path / "logs" / "x" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "epoch_1.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(submit.SubmitError, match="the training flags after '--' were refused"):
+        submit.check_train_flags(["--logs", str(tmp_path / "logs"), "--name", "x",
+                                  "--resume", "latest", "--epochs", "1"])
+    assert "error: --resume latest: no checkpoint in" in capsys.readouterr().err
+
+
+def test_abbreviated_training_flags_are_read_as_the_trainer_reads_them(tmp_path):
+    """`--nam run1` is the trainer's --name: the job must not append a --name of its own (nor a
+    --resume latest over `--res ckpt.pt`)."""
+    argv = submit.experiment_argv(submit.spelled_out(["--nam", "run1", "--res", "c.pt", "--epochs", "1"]),
+                                  tmp_path)
+    assert argv == ["--name", "run1", "--resume", "c.pt", "--epochs", "1", "--logs", str(tmp_path)]
 
 
 def test_missing_training_flags_are_refused(tmp_path):

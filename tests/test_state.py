@@ -132,6 +132,30 @@ def test_latest_refuses_when_checkpoints_exist_and_none_is_usable(tmp_path):
     assert "--hn-drop-state" not in str(err.value) and "move them out of" in str(err.value)
 
 
+def test_every_rank_checks_resume_latest(tmp_path, caplog):
+    """OpenCLIP's master alone picks for --resume latest; the plugin checks on every rank at parse
+    time, so no rank is left waiting for a master that refused (and a patched OpenCLIP's own pick
+    cannot start over on damaged files). Quietly: the master's pick warns."""
+    import argparse
+
+    from open_clip_hn.hooks import check_resume_latest
+    from open_clip_hn.state import StateError
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"epoch": 1, "state_dict": {}}, folder / "epoch_1.pt")
+    save_state(str(folder), 1, {"loss": {"bank": torch.tensor([float("nan")])}})
+    args = argparse.Namespace(resume="latest", logs=str(tmp_path), name="run", remote_sync=None,
+                              save_most_recent=False)
+    check_resume_latest(args, with_state=False)  # the weights load: usable without the plugin
+    with caplog.at_level("WARNING"), pytest.raises(StateError, match="no checkpoint in .* can be resumed"):
+        check_resume_latest(args, with_state=True)
+    assert "skipping" not in caplog.text
+    for openclips in ({"remote_sync": "s3://bucket"}, {"save_most_recent": True}, {"name": None},
+                      {"resume": str(folder / "epoch_1.pt")}):  # no pick of the plugin's to check
+        check_resume_latest(argparse.Namespace(**{**vars(args), **openclips}), with_state=True)
+
+
 def test_a_kill_during_the_first_save_leaves_nothing_to_resume_not_an_error(tmp_path):
     """The temp file of a write cut short is not a checkpoint (OpenCLIP's own glob skips dot
     files): the run starts, as nothing was trained yet."""
@@ -154,6 +178,9 @@ def test_set_aside_moves_only_unreadable_newest_checkpoints(tmp_path):
     _truncate(tmp_path / "epoch_latest.pt")
     assert set_aside_broken_checkpoints(tmp_path) == [tmp_path / "epoch_latest.pt.broken",
                                                       tmp_path / "epoch_2.pt.broken"]
+    assert sorted(os.listdir(tmp_path)) == ["epoch_1.pt", "epoch_2.pt.broken", "epoch_latest.pt.broken"]
+    _truncate(tmp_path / "epoch_1.pt")  # none readable left: nothing moves, resume refuses
+    assert set_aside_broken_checkpoints(tmp_path) == []
     assert sorted(os.listdir(tmp_path)) == ["epoch_1.pt", "epoch_2.pt.broken", "epoch_latest.pt.broken"]
 
 

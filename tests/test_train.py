@@ -60,7 +60,8 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "online", "--hn-num-negatives", "0"], "generates nothing"),
     (["--hn-loss", "importance", "--hn-importance-tau-plus", "1"], "--hn-importance-tau-plus"),
     (["--hn-loss", "mined"], "--hn-memory-bank-size"),
-    (["--hn-vocabulary", "words.txt"], "--hn-vocabulary applies to --hn-negatives online"),
+    (["--hn-vocabulary", "words.txt"],
+     "--hn-vocabulary acts on online text negatives (--hn-negatives online), which is off"),
     (["--hn-negatives", "online", "--hn-vocabulary", "/nonexistent/words.txt"],
      "--hn-vocabulary /nonexistent/words.txt: file not found"),
     (["--hn-negatives", "online", "--hn-plausibility", "/nonexistent/captions.txt"],
@@ -69,7 +70,7 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "online", "--hn-exclude-negatives", "/nonexistent/sets"],
      "--hn-exclude-negatives /nonexistent/sets: no such file or folder"),
     (["--hn-negatives", "precomputed", "--hn-exclude-negatives", "sets"],
-     "--hn-exclude-negatives applies to --hn-negatives online"),
+     "--hn-exclude-negatives acts on online text negatives"),
     # a setting typed for a part of the run that is off would be silently ignored
     (["--hn-negatives", "none", "--hn-types", "swap_objects", "--hn-mirror", "horizontal"],
      "--hn-types acts on text negatives"),
@@ -105,14 +106,15 @@ def test_bad_flags_fail_naming_the_input(argv, message, capsys):
 
 def test_a_recipe_setting_for_a_part_switched_off_is_not_refused(tmp_path, capsys):
     """Only flags typed on the command line are refused for a part that is off: a recipe is a
-    bundle, and turning one of its parts off must not make the user undo each of its settings."""
+    bundle, and turning one of its parts off must not make the user undo each of its settings
+    (they are dropped: the run's configuration has them at their defaults)."""
     from open_clip_hn import hooks
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text("hn-negatives: online\nhn-loss: itc,choice\nhn-choice-weight: 2\n")
     hooks.install()
     args = hooks.parse_args(["--model", TINY_MODEL, "--hn-config", str(recipe), "--hn-loss", "itc"])
-    assert args.hn_choice_weight == 2 and args.hn_loss == ("itc",)
+    assert args.hn_choice_weight == 1.0 and args.hn_loss == ("itc",)
     with pytest.raises(SystemExit):
         hooks.parse_args(["--model", TINY_MODEL, "--hn-config", str(recipe), "--hn-loss", "itc",
                           "--hn-choice-weight", "3"])
@@ -142,7 +144,7 @@ def test_the_patched_route_tells_typed_flags_from_the_recipes(tmp_path, capsys):
             assert "--hn-choice-weight acts on the choice term" in capsys.readouterr().err
         else:
             plugin.configure(args, argv, parser)
-            assert plugin.run.config.choice_weight == 2 and plugin.run.config.loss == ("itc",)
+            assert plugin.run.config.choice_weight == 1.0 and plugin.run.config.loss == ("itc",)
 
 
 def test_bad_exclude_negatives_stop_the_run_by_name_before_any_work(tmp_path, capsys):

@@ -164,6 +164,34 @@ def _keys_without_negatives(path: str) -> tuple[int, int]:
     return len(keys), sum(not has for has in keys.values())
 
 
+def check_precomputed_settings(shards: list[str], num_negatives: int,
+                               types: tuple[str, ...] | None, num_is_default: bool = False) -> None:
+    """Refuse a run that asks the precomputed folders for more than they hold: more negatives
+    per caption than precompute's `--num` (the extra slots would all be masked), or a type it
+    did not generate (`types`: the run's `--hn-types` when not every type; None: any type)."""
+    folders = sorted({os.path.dirname(os.path.abspath(s)) for s in shards if os.path.isfile(s)})
+    for folder in folders:
+        stored = _read_json(os.path.join(folder, MANIFEST_DIR, SETTINGS))
+        if not isinstance(stored, dict):
+            continue  # made by another tool: the per-shard check covers it
+        num = stored.get("num")
+        if isinstance(num, int) and num_negatives > num:
+            raise ManifestError(
+                f"--hn-num-negatives {num_negatives}{' (the default)' if num_is_default else ''}: "
+                f"the precomputed shards in {folder} hold at "
+                f"most {num} negatives per caption (precompute --num {num}), so {num_negatives - num} "
+                f"of every {num_negatives} slots would be masked; pass --hn-num-negatives {num}, or "
+                f"precompute again into a new --output-dir with --num {num_negatives}")
+        made = stored.get("types")
+        missing = [t for t in types or () if isinstance(made, list) and t not in made]
+        if missing:
+            raise ManifestError(
+                f"--hn-types {','.join(types)}: the precomputed shards in {folder} hold no "
+                f"{', '.join(missing)} negatives (precompute --types {','.join(made)}); pass "
+                f"--hn-types among those, or precompute again into a new --output-dir with "
+                f"--types {','.join(types)}")
+
+
 def check_precomputed_shards(shards: list[str]) -> None:
     """Refuse training on precomputed shards unless EVERY local shard is complete.
 
