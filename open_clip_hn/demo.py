@@ -28,7 +28,7 @@ from typing import Sequence
 from . import eval as hn_eval
 from . import scenes
 from .argtypes import non_negative_int, positive_float, positive_int
-from .files import atomic_write_json, expand_shards, read_model_config
+from .files import atomic_write_json, read_model_config, shard_paths
 from .recipes import resolve_recipe
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -142,7 +142,8 @@ def _file_stamp(path: str) -> list[int] | None:
 def run_stamp(argv: list[str]) -> dict:
     """What decides a run: its command line, the contents of the recipe and model config it
     names, the checkpoint it starts from and its training shards (an edited recipe or model
-    config, a re-trained checkpoint or re-rendered data under the same path is another run)."""
+    config, a re-trained checkpoint or re-rendered data under the same path is another run).
+    A --train-data pattern that names no shards is a ValueError naming the flag."""
     contents, start, shards = {}, None, []
     for flag, value in zip(argv, argv[1:]):
         if flag == "--hn-config":
@@ -153,7 +154,7 @@ def run_stamp(argv: list[str]) -> dict:
         if flag == "--pretrained":
             start = _file_stamp(value)
         if flag == "--train-data":
-            shards = [_file_stamp(path) for path in expand_shards(value)]
+            shards = [_file_stamp(path) for path in shard_paths(value, "--train-data")]
     return {"argv": argv, "file_contents": contents, "pretrained_file": start, "train_files": shards}
 
 
@@ -244,17 +245,22 @@ def summary(vanilla: dict[str, dict], hn: dict[str, dict]) -> dict[str, float]:
 def check_run_flags(args: argparse.Namespace) -> str | None:
     """What the trainer says of the hard-negative run's flags (the model config, the recipe and
     --hn-args), or None when it accepts them: asked of the trainer itself (`--hn-print-config`
-    checks and exits), before any scene is rendered or run trained."""
+    checks and exits), before any scene is rendered or run trained. The probe reads no data, so
+    a --train-data pattern in --hn-args is checked here (`run_stamp` reads it)."""
     probe = DemoData("train-shards-checked-later", "", "")
     argv = train_argv(probe, "logs", "check", 1, 2, 1e-3, args.device, 0, args.seed, 0,
                       extra=["--hn-config", args.hn_config, *shlex.split(args.hn_args), "--hn-print-config"],
                       model_config=os.path.abspath(args.model_config))
     proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True, text=True)
-    if proc.returncode == 0:
-        return None
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    return (errors[-1].split("error: ", 1)[1] if errors else proc.stderr.strip()[-1000:]) + \
-        " (in the hard-negative run's flags: --model-config, --hn-config, --hn-args)"
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+        return (errors[-1].split("error: ", 1)[1] if errors else proc.stderr.strip()[-1000:]) + \
+            " (in the hard-negative run's flags: --model-config, --hn-config, --hn-args)"
+    try:
+        run_stamp(argv)
+    except ValueError as err:
+        return f"{err} (in --hn-args)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -439,13 +439,15 @@ def _unloadable(path: str, err: BaseException) -> ValueError:
                       "an OpenCLIP checkpoint?")
 
 
-def load_model(name: str, pretrained: str | None, device: torch.device | str = "cpu",
-               model_configs: Sequence[str] = ()):
-    """(model, preprocess, tokenizer) for an OpenCLIP model name and checkpoint or pretrained tag.
+def _looks_like_path(pretrained: str | None) -> bool:
+    return os.path.sep in (pretrained or "") or (pretrained or "").endswith(
+        (".pt", ".pth", ".bin", ".safetensors"))
 
-    Plugin checkpoints are plain OpenCLIP checkpoints, so both load the same way; a checkpoint
-    of another architecture raises a ValueError naming both.
-    """
+
+def check_model(name: str, pretrained: str | None, model_configs: Sequence[str] = ()) -> None:
+    """What `load_model` checks before loading: the model name, a checkpoint path, a pretrained
+    tag. Cheap, so a command checks every model it will load before it scores anything; a
+    mistyped tag would otherwise be open_clip's bare RuntimeError, raised once loading began."""
     import open_clip
 
     for config in model_configs:
@@ -455,10 +457,28 @@ def load_model(name: str, pretrained: str | None, device: torch.device | str = "
     if name not in open_clip.list_models():
         raise ValueError(f"--model {name!r} is not an OpenCLIP model (see open_clip.list_models(); "
                          "pass --model-config for a custom one)")
-    looks_like_path = os.path.sep in (pretrained or "") or (pretrained or "").endswith(
-        (".pt", ".pth", ".bin", ".safetensors"))
-    if looks_like_path and not os.path.isfile(pretrained):
+    if not pretrained or os.path.isfile(pretrained):
+        return
+    if _looks_like_path(pretrained):
         raise FileNotFoundError(f"checkpoint {pretrained} does not exist")
+    if not open_clip.get_pretrained_cfg(name, pretrained):  # open_clip's test: a tag, else a file
+        tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
+        raise ValueError(f"--pretrained {pretrained!r} is neither a pretrained tag of --model "
+                         f"{name} (its tags: {tags}) nor a checkpoint file; pass one of those")
+
+
+def load_model(name: str, pretrained: str | None, device: torch.device | str = "cpu",
+               model_configs: Sequence[str] = ()):
+    """(model, preprocess, tokenizer) for an OpenCLIP model name and checkpoint or pretrained tag.
+
+    Plugin checkpoints are plain OpenCLIP checkpoints, so both load the same way; a checkpoint
+    of another architecture raises a ValueError naming both, and a bad name, path or tag one
+    naming the flag (`check_model`).
+    """
+    import open_clip
+
+    check_model(name, pretrained, model_configs)
+    looks_like_path = _looks_like_path(pretrained)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device)
@@ -651,6 +671,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
             parser.error(f"{problem}; pass the --model it was trained as (or "
                          "--allow-model-mismatch to evaluate anyway)")
         logging.warning("eval: %s (evaluating anyway: --allow-model-mismatch)", problem)
+    for name, pretrained in zip(models, args.pretrained):  # a typo in the last before scoring the first
+        check_model(name, pretrained, args.model_config)
 
     if args.output and args.output == args.plot:
         parser.error(f"--output and --plot name the same file {args.output}")

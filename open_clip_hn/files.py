@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import tempfile
+from collections import Counter
 from typing import IO, Iterator
 
 TMP_PREFIX = ".tmp-"  # temp files beside their destination: .tmp-<host>-<pid>-<random><name>
@@ -143,3 +144,38 @@ def expand_shards(spec: str) -> list[str]:
     from braceexpand import braceexpand
 
     return [path for part in spec.split("::") for path in braceexpand(part)]
+
+
+SHARDS_FIX = "give local .tar paths, brace patterns and '::' separators, e.g. 'dir/{000..099}.tar'"
+
+
+def shard_paths(spec: str, flag: str = "--shards") -> list[str]:
+    """The paths of a shard spec (`expand_shards`); a pattern that cannot name shards
+    (unbalanced braces, an empty path) is a ValueError naming `flag` and the fix in the
+    plugin's words, not braceexpand's, the same for every command that reads shards."""
+    try:
+        paths = expand_shards(spec)
+    except ValueError:  # braceexpand's UnbalancedBracesError, which names no flag
+        raise ValueError(f"{flag} {spec!r}: unbalanced braces; close every '{{' with a '}}', "
+                         "e.g. 'dir/{000..099}.tar'") from None
+    if any(not p.strip() for p in paths):
+        raise ValueError(f"{flag} {spec!r}: the pattern gives an empty path (an unset shell "
+                         f"variable, or '::' at an end?); {SHARDS_FIX}")
+    return paths
+
+
+def local_shards(spec: str, unique_because: str | None = None) -> list[str]:
+    """The files of a `--shards` spec (`shard_paths`), all present; with `unique_because` (why
+    an output names shards by file name) their names unique too. ValueErrors name the flag and
+    the fix."""
+    paths = shard_paths(spec)
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"--shards {spec!r}: {len(missing)} of {len(paths)} shard file(s) not found "
+                         f"(first: {missing[0]}); {SHARDS_FIX}")
+    name, count = Counter(map(os.path.basename, paths)).most_common(1)[0]
+    if unique_because and count > 1:
+        raise ValueError(f"--shards {spec!r}: shard file names must be unique ({name} "
+                         f"{'twice' if count == 2 else f'{count} times'}; {unique_because}); "
+                         "rename or drop the duplicates")
+    return paths

@@ -13,10 +13,14 @@ neighbours, read straight from their shards by offset, so every batch holds smal
 look-alike images while the order of the groups stays webdataset's shuffle.
 
 Output directory:
-  build.json                 model the embeddings come from (a resumed build must match it), or
-                             for `write_given` the description of the given neighbours
+  build.json                 model the embeddings come from, a checkpoint by path and content (a
+                             resumed build must match it), or for `write_given` the description
+                             of the given neighbours
   catalog/<shard>.json       per shard: identity (size and a digest of its ends: content, not
-                             name), sample keys, member offsets (written per shard)
+                             name), sample keys, member offsets
+  scanned/<shard>.json       the same, written as each shard is scanned (a killed scan resumes
+                             where it stopped); moved into catalog/ once the work starts, so a
+                             refused or failed rerun leaves a finished index's files as they were
   embeddings/<shard>.npy     per shard: L2-normalised image embeddings, float16 (`build` only)
   neighbors.npy, similarities.npy   [N, k] global sample ids (-1 = none, at the end of a row) and
                              cosine similarities (`write_given`: 1 for a neighbour, 0 for none)
@@ -31,9 +35,11 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import sys
 import tarfile
 from collections.abc import Callable, Iterable, Iterator
@@ -45,12 +51,14 @@ import torch
 
 from .argtypes import non_negative_int, positive_int, torch_device, unit_float
 from .eval import IMAGE_ERRORS, load_model
-from .files import atomic_write_bytes, atomic_write_json, content_identity, expand_shards
+from . import files
+from .files import atomic_write_bytes, atomic_write_json, content_identity
 from .sample_order import find_stages, is_filter
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
 MANIFEST = "index.json"
 FORMAT_VERSION = 2  # 2: shards identified by content (files.content_identity), not by size
+CHECKPOINT_CONTENT = "pretrained_identity"  # build.json: a --pretrained file's content_identity
 _MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # webdataset's key.ext split
 
 
@@ -69,19 +77,8 @@ def _read_json(path: str) -> Any:
 
 
 def local_shards(spec: str) -> list[str]:
-    """The shard files of `--shards` (a spec as `expand_shards` reads it), all present
-    and with unique names."""
-    paths = expand_shards(spec)
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if not paths or missing:
-        raise ValueError(f"--shards {spec!r}: {len(missing)} of {len(paths)} shard file(s) not found "
-                         f"(first: {missing[0] if missing else '-'}); give local .tar paths, "
-                         "brace patterns and '::' separators as in --train-data")
-    names = [os.path.basename(p) for p in paths]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--shards {spec!r}: shard file names must be unique (the index names "
-                         "shards by file name)")
-    return paths
+    """The shard files of `--shards`, all present and with unique names (`files.local_shards`)."""
+    return files.local_shards(spec, unique_because="the index names shards by file name")
 
 
 def scan_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
@@ -296,27 +293,54 @@ class _ShardImages(torch.utils.data.IterableDataset):
                     yield shard, torch.stack(images), start + self.batch_size >= len(samples)
 
 
+def _build_identity(model_name: str, pretrained: str | None, model_config: str | None
+                    ) -> dict[str, Any]:
+    """What `build` embeds with: a --pretrained checkpoint file by path and by content
+    (`content_identity`), as one overwritten in place (epoch_latest.pt) holds another model.
+    A tag or no checkpoint records no content, so their build.json of older versions match."""
+    identity = {"model": model_name, "pretrained": pretrained,
+                "model_config": os.path.basename(model_config) if model_config else None}
+    if pretrained and os.path.isfile(pretrained):
+        identity[CHECKPOINT_CONTENT] = content_identity(pretrained)
+    return identity
+
+
 def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
     """A resumed build must embed with the same model, or its rows would not be comparable (and
-    an index of given neighbours is never mixed with one of embeddings)."""
+    an index of given neighbours is never mixed with one of embeddings). An older version's index
+    of a checkpoint file, with no record of its content, is resumed with a warning rather than
+    embedded again: `_claim_output` records the content from then on."""
     path = os.path.join(output, "build.json")
-    if os.path.exists(path):
-        previous = _read_json(path)
-        if previous != identity:
-            raise ValueError(f"--output {output} was built from {previous}, not {identity}; "
-                             "use a fresh --output, or the same --model/--pretrained/--model-config "
-                             "(build) or description (write_given)")
+    previous = _read_json(path) if os.path.exists(path) else identity
+    if previous == identity:
+        return
+    settings = [{k: v for k, v in d.items() if k != CHECKPOINT_CONTENT}
+                for d in (previous, identity) if isinstance(d, dict)]
+    if len(settings) < 2 or settings[0] != settings[1]:
+        raise ValueError(f"--output {output} was built from {previous}, not {identity}; "
+                         "use a fresh --output, or the same --model/--pretrained/--model-config "
+                         "(build) or description (write_given)")
+    built, now = previous.get(CHECKPOINT_CONTENT), identity.get(CHECKPOINT_CONTENT)
+    where = f"--output {output} was built from --pretrained {identity['pretrained']}"
+    if built is None:  # an older version's build.json: it recorded nothing else to compare
+        logging.warning("%s by an older version, which did not record the checkpoint's content: it "
+                        "could not be compared with the one the existing embeddings were made "
+                        "with. Resuming with them; if the file was overwritten since (as "
+                        "epoch_latest.pt is), stop and use a fresh --output", where)
+        return
+    raise ValueError(f"{where} when it held {_content(built)}; it now holds "
+                     f"{_content(now) if now else 'no file'}. Its embeddings would mix two models' "
+                     "(a checkpoint overwritten in place, as epoch_latest.pt is): use a fresh "
+                     "--output, or pass the checkpoint the index was built from")
 
 
-def _record_build_identity(output: str, identity: dict[str, Any]) -> None:
-    """Record what the index is built from; only once its content will follow, so a refused
-    choice leaves the folder free for another try with other settings."""
-    atomic_write_json(os.path.join(output, "build.json"), identity)
+def _content(identity: dict[str, Any]) -> str:
+    return f"{identity['size']} bytes (sha256 of its ends {identity['sha256_ends'][:12]}…)"
 
 
 def _load_model(model_name: str, pretrained: str | None, model_config: str | None, device: str):
-    """The image encoder and its preprocessing; bad names and unloadable checkpoints are
-    ValueErrors naming them (the evaluation's loader)."""
+    """The image encoder and its preprocessing; bad names, unknown tags and unloadable
+    checkpoints are ValueErrors naming them (the evaluation's loader, `eval.check_model`)."""
     model, preprocess, _ = load_model(model_name, pretrained, device,
                                       [model_config] if model_config else [])
     return model, preprocess
@@ -352,44 +376,69 @@ def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, p
                                  embedding.astype(np.float16))
 
 
-def _catalog_shards(paths: list[str], output: str) -> list[list[tuple[str, dict]]]:
-    """Each shard's (key, members) in stream order, cached in `output/catalog` per shard; a shard
-    whose content changed (its identity differs) is scanned again and its stale embeddings are
-    dropped."""
+def _cached_catalog(output: str, folder: str, name: str, identity: dict) -> dict | None:
+    """The catalog of shard `name` in `output/folder`, if one is there for this content."""
+    path = os.path.join(output, folder, name + ".json")
+    stored = _read_json(path) if os.path.exists(path) else None
+    return stored if stored is not None and stored.get("identity") == identity else None
+
+
+def _scan_catalog(output: str, path: str, name: str, identity: dict) -> dict:
+    """Scan a shard and keep its catalog in `output/scanned` at once: a build killed during a
+    long scan loses at most this shard's, while `catalog/` stays as it was."""
+    samples = scan_shard(path)
+    stored = {"name": name, "identity": identity, "keys": [key for key, _ in samples],
+              "members": [members for _, members in samples]}
+    atomic_write_json(os.path.join(output, "scanned", name + ".json"), stored)
+    return stored
+
+
+def _catalog_shards(paths: list[str], output: str) -> tuple[list[list[tuple[str, dict]]], list[str]]:
+    """Each shard's (key, members) in stream order, from `output/catalog` while its identity
+    matches, else from `output/scanned` (scanned by an earlier, stopped run) or scanned now; and
+    the names of the shards not from `catalog/`, for `_claim_output` to move there."""
     from tqdm import tqdm
 
-    os.makedirs(os.path.join(output, "catalog"), exist_ok=True)
-    catalogs = []
+    catalogs, scanned = [], []
     for path in tqdm(paths, desc="scanning shards", unit="shard"):
         name, identity = os.path.basename(path), content_identity(path)
-        catalog_path = os.path.join(output, "catalog", name + ".json")
-        stored = _read_json(catalog_path) if os.path.exists(catalog_path) else None
-        if stored is None or stored.get("identity") != identity:
-            samples = scan_shard(path)
-            stored = {"name": name, "identity": identity, "keys": [key for key, _ in samples],
-                      "members": [members for _, members in samples]}
-            embedding = os.path.join(output, "embeddings", name + ".npy")
-            if os.path.exists(embedding):
-                os.remove(embedding)  # the shard changed: its old embeddings are stale
-            atomic_write_json(catalog_path, stored)
+        stored = _cached_catalog(output, "catalog", name, identity)
+        if stored is None:
+            stored = (_cached_catalog(output, "scanned", name, identity)
+                      or _scan_catalog(output, path, name, identity))
+            scanned.append(name)
         catalogs.append(list(zip(stored["keys"], stored["members"])))
-    return catalogs
+    return catalogs, scanned
 
 
-def _start(shards: str, output: str, identity: dict[str, Any]) -> tuple[list[str], list[list]]:
-    """Expand the shards, check the output's identity, catalogue the shards."""
+def _start(shards: str, output: str, identity: dict[str, Any]) -> tuple[list[str], list[list], list[str]]:
+    """Expand the shards, check the output's identity, catalogue the shards; writes only to
+    `output/scanned`, which a finished index does not read."""
     paths = local_shards(shards)
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"--output {output} is a file, not an index folder; pass a new folder")
-    os.makedirs(output, exist_ok=True)
     _check_build_identity(output, identity)
-    return paths, _catalog_shards(paths, output)
+    return (paths, *_catalog_shards(paths, output))
 
 
-def _mark_unfinished(output: str) -> None:
-    """Remove the manifest: until it is rewritten the index reads as unfinished."""
+def _claim_output(output: str, identity: dict[str, Any], scanned: list[str]) -> None:
+    """The first write outside `scanned/`: mark the index unfinished (no manifest until it is
+    rewritten), record what it is built from, move the shards scanned anew into `catalog/`
+    (dropping a changed shard's stale embeddings first) and drop what is left in `scanned/`
+    (other shards' or content's). Called once the work can start (model loaded, neighbours
+    chosen), so a refused build leaves a finished index finished and a fresh --output free for
+    other settings."""
     if os.path.exists(os.path.join(output, MANIFEST)):
         os.remove(os.path.join(output, MANIFEST))
+    atomic_write_json(os.path.join(output, "build.json"), identity)
+    os.makedirs(os.path.join(output, "catalog"), exist_ok=True)
+    for name in scanned:
+        embedding = os.path.join(output, "embeddings", name + ".npy")
+        if os.path.exists(embedding):
+            os.remove(embedding)
+        os.replace(os.path.join(output, "scanned", name + ".json"),
+                   os.path.join(output, "catalog", name + ".json"))
+    shutil.rmtree(os.path.join(output, "scanned"), ignore_errors=True)
 
 
 def _write_index(output: str, paths: list[str], catalogs: list[list], ids: np.ndarray,
@@ -415,16 +464,14 @@ def build(shards: str, model_name: str, output: str, pretrained: str | None = No
           nprobe: int = 32) -> str:
     """Build (or resume) a neighbour index of `shards` in `output`; return the manifest path."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    identity = {"model": model_name, "pretrained": pretrained,
-                "model_config": os.path.basename(model_config) if model_config else None}
-    paths, catalogs = _start(shards, output, identity)
-    _record_build_identity(output, identity)
-    os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
-    _mark_unfinished(output)
-    model, preprocess = _load_model(model_name, pretrained, model_config, device)
-    if not any(catalogs):
+    identity = _build_identity(model_name, pretrained, model_config)
+    paths, catalogs, scanned = _start(shards, output, identity)
+    if not any(catalogs):  # before the model: the refusal costs no model load
         raise ValueError(f"--shards {shards}: none of the {len(paths)} shard(s) holds a sample "
                          f"with an image ({'/'.join(IMAGE_EXTS)}) and a .txt caption")
+    model, preprocess = _load_model(model_name, pretrained, model_config, device)
+    _claim_output(output, identity, scanned)
+    os.makedirs(os.path.join(output, "embeddings"), exist_ok=True)
     _embed_pending(paths, catalogs, output, model, preprocess, device, batch_size, workers)
 
     embeddings = np.concatenate([
@@ -441,7 +488,7 @@ def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarr
     id order and returns [N, k] global ids (-1 = no neighbour), e.g. samples whose caption is
     another's hard negative, or a kNN computed elsewhere. Same format and checks as `build`."""
     identity = {"model": None, "pretrained": None, "model_config": None, "given": description}
-    paths, catalogs = _start(shards, output, identity)
+    paths, catalogs, scanned = _start(shards, output, identity)
     captions = []
     for path, catalog in zip(paths, catalogs):
         with open(path, "rb") as handle:
@@ -450,8 +497,8 @@ def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarr
                 handle.seek(offset)
                 captions.append(handle.read(size).decode("utf-8", "replace"))
     if not captions:
-        raise ValueError(f"{shards}: no sample with both a caption (.txt) and an image to choose "
-                         "neighbours for; pass the training shards, whose samples carry both")
+        raise ValueError(f"--shards {shards}: no sample with both a caption (.txt) and an image to "
+                         "choose neighbours for; pass the training shards, whose samples carry both")
     ids = np.asarray(choose(captions))
     problem = _given_problem(ids, len(captions))
     if problem:
@@ -462,8 +509,7 @@ def write_given(shards: str, output: str, choose: Callable[[list[str]], np.ndarr
         raise ValueError(f"no sample of the {len(captions)} got a neighbour ({description}), so "
                          f"{output} was not written; choose looser (`rebinding`: lower "
                          "--min-word-overlap) or pass more shards, so captions can pair up")
-    _mark_unfinished(output)  # only now: a failed choice leaves a finished index as it was
-    _record_build_identity(output, identity)
+    _claim_output(output, identity, scanned)  # only now: a failed choice leaves the index as it was
     sims = np.where(ids >= 0, 1.0, 0.0)
     return _write_index(output, paths, catalogs, ids, sims, description, identity)
 
@@ -719,7 +765,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        local_shards(args.shards)  # a usage error (exit 2), before the output or a model is made
+    except ValueError as err:
+        parser.error(str(err))
     try:
         if args.command == "rebinding":
             manifest = write_rebinding(args.shards, args.output, k=args.k,
@@ -730,7 +781,8 @@ def main(argv: list[str] | None = None) -> None:
                              workers=args.workers, device=args.device, exact_max=args.exact_max,
                              nlist=args.nlist, nprobe=args.nprobe)
     except (ValueError, OSError) as err:  # bad shards, output or model: named in the message
-        sys.exit(f"error: {err}")
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     written = _read_json(manifest)
     print(f"wrote {manifest}: {written['with_neighbors']} of {written['num_samples']} samples "
           f"({written['with_neighbors'] / written['num_samples']:.1%}) have a neighbour")

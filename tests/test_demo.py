@@ -110,6 +110,8 @@ def test_missing_model_config_is_named(tmp_path, capsys):
     (["--hn-args", "--hn-bogus 3"], "unrecognized arguments: --hn-bogus 3 (in the hard-negative run's flags"),
     (["--hn-args", "--hn-mirror-weight 2 --hn-mirror none --hn-converse-weight 0 --hn-converse-margin 0"],
      "--hn-mirror-weight acts on the mirror term"),
+    (["--hn-args", "--train-data 'x/{0..1.tar'"], "--train-data 'x/{0..1.tar': unbalanced braces; close "
+                                                  "every '{' with a '}', e.g. 'dir/{000..099}.tar' (in --hn-args)"),
 ])
 def test_bad_flags_stop_the_demo_before_any_work(tmp_path, capsys, flags, message):
     """Every value is checked before a scene is rendered or a run trained (a bad one used to

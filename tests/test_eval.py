@@ -199,6 +199,22 @@ def test_checkpoint_of_another_architecture(tmp_path, checkpoint):
             hn_eval.load_model("hn-tiny-vit", str(tmp_path / name), model_configs=[CONFIG])
 
 
+def test_a_mistyped_pretrained_tag_is_named_before_any_checkpoint_is_scored(sets, checkpoint, capsys):
+    """`--pretrained opneai`: exit 2 naming the flag and the model's tags (open_clip raises a
+    bare RuntimeError once loading began), for every checkpoint before the first is scored; the
+    loader the demo and `neighbors build` use says the same, before downloading anything."""
+    with pytest.raises(SystemExit) as exit_:
+        hn_eval.main(["--model", "hn-tiny-vit", "--model-config", CONFIG, "--pretrained", checkpoint,
+                      "opneai", "--compositional", str(sets)])
+    printed = capsys.readouterr()
+    assert exit_.value.code == 2 and "evaluating" not in printed.out
+    assert "error: --pretrained 'opneai' is neither a pretrained tag of --model hn-tiny-vit (its tags: " \
+           "none) nor a checkpoint file; pass one of those" in printed.err
+    with pytest.raises(ValueError, match=r"--pretrained 'opneai' is neither a pretrained tag of "
+                                         r"--model ViT-B-32 \(its tags: openai, laion400m_e31, "):
+        hn_eval.load_model("ViT-B-32", "opneai")
+
+
 def test_in_loop_evaluation_of_a_pure_bf16_model(tmp_path):
     """Models trained with --precision pure_bf16 take bf16 images, as in OpenCLIP's evaluate."""
     import open_clip

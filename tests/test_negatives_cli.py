@@ -12,6 +12,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import pytest
 from conftest import scene_words
 from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.negatives.cli import main
@@ -174,13 +175,55 @@ def test_vocabulary_from_shards_or_captions_feeds_show(tmp_path, scene_shards):
                  "--output", str(words)]) == 2
 
 
-def test_missing_shards_are_named_by_precompute_and_vocabulary(tmp_path, capsys):
-    spec = str(tmp_path / "none-{0..1}.tar")
+@pytest.mark.parametrize("command", ["precompute", "vocabulary", "plausibility"])
+@pytest.mark.parametrize("pattern, message", [
+    ("{dir}/{{000..003.tar", "unbalanced braces; close every '{' with a '}', e.g. 'dir/{000..099}.tar'"),
+    ("", "the pattern gives an empty path (an unset shell variable, or '::' at an end?)"),
+    ("{dir}/in-000000.tar::", "the pattern gives an empty path"),
+    ("{dir}/none-{{0..1}}.tar", "2 of 2 shard file(s) not found (first: {dir}/none-0.tar); give local "
+                                ".tar paths, brace patterns and '::' separators, e.g. 'dir/{000..099}.tar'"),
+])
+def test_a_bad_shards_pattern_is_named_as_neighbors_names_it(tmp_path, capsys, command, pattern, message):
+    """Every command that reads --shards refuses a pattern that gives no shard files in the same
+    words as `neighbors` (not braceexpand's), exit 2, before any output is made."""
+    _write_shards(tmp_path, count=1, per_shard=3)
+    spec, out = pattern.format(dir=tmp_path), tmp_path / "out"
+    output = ["--output-dir" if command == "precompute" else "--output", str(out)]
+    assert main([command, "--shards", spec, *output]) == 2
+    assert f"error: --shards {spec!r}: {message.replace('{dir}', str(tmp_path))}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("part", ["vocabulary", "plausibility"])
+def test_the_trainer_names_a_bad_train_data_pattern_as_neighbors_names_it(tmp_path, part):
+    """`--hn-vocabulary/--hn-plausibility train-data` read the --train-data captions before
+    OpenCLIP reads the pattern: a bad one is named in the same words, with --train-data (not in
+    braceexpand's), as a VocabularyError, which the trainer ends as `error: ...`, exit 2."""
+    import re
+
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.negatives.lexicon import VocabularyError
+    from open_clip_hn.run import HardNegativeRun, TrainCaptions
+
+    spec = f"{tmp_path}/{{000..003.tar"
+    run = HardNegativeRun(HNConfig(negatives="online", **{part: "train-data"}))
+    with pytest.raises(VocabularyError, match=re.escape(
+            f"--hn-{part} train-data: --train-data {spec!r}: unbalanced braces; close every '{{' with "
+            "a '}', e.g. 'dir/{000..099}.tar'; ")):
+        getattr(run, part)(TrainCaptions(spec, is_csv=False))
+
+
+def test_precompute_refuses_shards_of_the_same_name(tmp_path, capsys):
+    """Output shards keep their input's name, so two inputs of one name would write one output."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        _write_shards(tmp_path / folder, count=1, per_shard=3)
+    spec = f"{tmp_path}/{{a,b}}/in-000000.tar"
     assert main(["precompute", "--shards", spec, "--output-dir", str(tmp_path / "out")]) == 2
-    assert f"2 shard(s) not found, e.g. {tmp_path}/none-0.tar" in capsys.readouterr().err
+    assert (f"error: --shards {spec!r}: shard file names must be unique (in-000000.tar twice; the "
+            "output shards keep their input's name)") in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
-    assert main(["vocabulary", "--shards", spec, "--output", str(tmp_path / "w.txt")]) == 2
-    assert "2 shard(s) not found" in capsys.readouterr().err
+    assert main(["vocabulary", "--shards", spec, "--output", str(tmp_path / "w.txt")]) == 0  # reads only
 
 
 # ---------------------------------------------------------------------------- precompute manifest
@@ -295,8 +338,6 @@ def test_two_concurrent_jobs_on_one_folder_keep_each_others_work(tmp_path):
 
 
 def test_check_precomputed_shards_finds_a_raw_later_shard(tmp_path):
-    import pytest
-
     from open_clip_hn.negatives.manifest import ManifestError, check_precomputed_shards
 
     source = tmp_path / "src"
@@ -319,8 +360,6 @@ def test_check_precomputed_shards_finds_a_raw_later_shard(tmp_path):
 
 
 def test_csv_captions_skip_empty_cells_and_name_a_missing_column(tmp_path, caplog, scene_csv):
-    import pytest
-
     from open_clip_hn.negatives.shards import csv_captions
     from open_clip_hn.negatives.lexicon import VocabularyError
 
@@ -362,6 +401,8 @@ def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path):
           "--min-count", "0"], "argument --min-count: must be >= 1, got 0"),
         (["vocabulary", "--input", str(captions), "--output", str(captions)],
          f"error: --output {captions} is an input"),
+        (["plausibility", "--input", str(tmp_path / "none.txt"), "--output", str(tmp_path / "m.npz")],
+         f"error: --input {tmp_path / 'none.txt'}: caption file not found; pass a .txt"),
     ]
     for argv, message in cases:
         out = run_cli(*argv)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import logging
 import os
 import random
 import tarfile
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from conftest import load_benchmark
+from open_clip_hn.files import content_identity
 from open_clip_hn.neighbors import (NeighborIndex, build, insert_before_decode, knn_search, main,
                                     neighbor_stage, rebinding_neighbors, write_given,
                                     write_rebinding)
@@ -90,6 +92,58 @@ def test_build_resumes_without_reembedding(index_dir, shards):
     assert [p for p in embeddings if after[p] != before[p]] == [embeddings[0]]
 
 
+def _file_bytes(folder: Path) -> dict[Path, bytes]:
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("finished", [False, True], ids=["fresh-output", "finished-index"])
+def test_a_build_stopped_mid_scan_resumes_without_rescanning(tmp_path, monkeypatch, finished):
+    """Scanning a large dataset takes long, so each shard's scan is kept as it ends: a build
+    killed mid-scan (here the third shard's scan fails) scans only the rest when rerun. Over a
+    finished index (its shards rendered anew under the same names) the stopped build leaves
+    every file of the index as it was; the resumed one re-embeds the changed shards."""
+    from open_clip_hn import neighbors
+
+    data, out = str(tmp_path / "data"), tmp_path / "index"
+    spec = shards_spec(write_scene_shards(data, 32, 8, seed=0))
+
+    def run() -> None:
+        build(spec, "hn-tiny-vit", str(out), model_config=TINY_CONFIG, k=2, batch_size=64)
+
+    if finished:
+        run()
+        write_scene_shards(data, 32, 8, seed=1)
+    before, scan, scanned = _file_bytes(out), neighbors.scan_shard, []
+
+    def scan_until_killed(path: str) -> list:
+        if len(scanned) == 2:
+            raise RuntimeError("killed mid-scan")
+        scanned.append(os.path.basename(path))
+        return scan(path)
+
+    monkeypatch.setattr(neighbors, "scan_shard", scan_until_killed)
+    with pytest.raises(RuntimeError, match="killed mid-scan"):
+        run()
+    after = _file_bytes(out)
+    assert {path: after[path] for path in before} == before
+    assert sorted(path.relative_to(out).as_posix() for path in set(after) - set(before)) == \
+        ["scanned/shard-00000.tar.json", "scanned/shard-00001.tar.json"]
+
+    scanned.clear()
+    monkeypatch.setattr(neighbors, "scan_shard",
+                        lambda path: scanned.append(os.path.basename(path)) or scan(path))
+    run()
+    assert scanned == ["shard-00002.tar", "shard-00003.tar"]
+    paths = neighbors.local_shards(spec)
+    for path in paths:
+        stored = json.loads((out / "catalog" / (os.path.basename(path) + ".json")).read_text())
+        assert stored["identity"] == content_identity(path)
+        assert [key for key, _ in scan(path)] == stored["keys"]
+    embedded = _file_bytes(out / "embeddings")
+    assert not any(before.get(path) == content for path, content in embedded.items())  # re-embedded
+    assert len(NeighborIndex(str(out), paths)) == 32 and not (out / "scanned").exists()
+
+
 def test_resume_with_another_model_is_refused(index_dir, shards):
     with pytest.raises(ValueError, match="was built from .*use a fresh --output"):
         build(shards_spec(shards), "hn-tiny-vit", index_dir, model_config=TINY_CONFIG,
@@ -127,18 +181,115 @@ def test_index_of_the_old_format_is_refused_with_the_fix(index_dir, tmp_path):
     (["--model", "no-such-model"], "error: --model 'no-such-model' is not an OpenCLIP model"),
     (["--shards", "/nonexistent/x-{0..1}.tar"], "error: --shards '/nonexistent/x-{0..1}.tar': 2 of 2"),
     (["--pretrained", "/nonexistent/epoch_1.pt"], "error: checkpoint /nonexistent/epoch_1.pt does not exist"),
+    (["--pretrained", "opneai"], "error: --pretrained 'opneai' is neither a pretrained tag of --model "
+                                 "hn-tiny-vit (its tags: none) nor a checkpoint file; pass one of those"),
+    (["--output", "{tmp}/file.txt"], "error: --output {tmp}/file.txt is a file, not an index folder"),
 ])
-def test_cli_user_errors_exit_non_zero_without_traceback(shards, tmp_path, argv, message):
+def test_cli_user_errors_exit_2_without_traceback(shards, tmp_path, argv, message):
+    """Exit 2, as argparse and the project's other CLIs exit on a user error."""
     import subprocess
     import sys
 
+    (tmp_path / "file.txt").write_text("not an index")
     base = {"--shards": shards_spec(shards), "--model": "hn-tiny-vit", "--model-config": TINY_CONFIG,
             "--output": str(tmp_path / "index"), "--workers": "0"}
-    base.update(dict(zip(argv[::2], argv[1::2])))
+    base.update({flag: value.replace("{tmp}", str(tmp_path)) for flag, value in zip(argv[::2], argv[1::2])})
     proc = subprocess.run([sys.executable, "-m", "open_clip_hn.neighbors", "build",
                            *[x for kv in base.items() for x in kv]], capture_output=True, text=True)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert message in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message.replace("{tmp}", str(tmp_path)) in proc.stderr
+
+
+def test_a_checkpoint_changed_since_the_build_is_refused_before_output_changes(shards, tmp_path, capsys,
+                                                                              caplog):
+    """A rerun whose --pretrained file holds other weights now (overwritten in place, as
+    epoch_latest.pt is; here by a model of the same size) would mix two models' embeddings: it
+    is refused before --output changes. An index whose build.json (an older version's) has no
+    record of the checkpoint's content is resumed with a warning, not re-embedded, and the
+    content recorded from now on. A checkpoint that does not load is refused before a fresh
+    --output records what it is built from."""
+    import open_clip
+
+    open_clip.add_model_config(TINY_CONFIG)
+    checkpoint = tmp_path / "epoch_latest.pt"
+    torch.save({"state_dict": open_clip.create_model("hn-tiny-vit").state_dict()}, checkpoint)
+    out, fresh = tmp_path / "index", tmp_path / "fresh"
+    argv = ["build", "--shards", shards[0], "--model", "hn-tiny-vit", "--model-config", TINY_CONFIG,
+            "--pretrained", str(checkpoint), "--workers", "0", "--k", "2", "--output"]
+    main([*argv, str(out)])
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    built = checkpoint.read_bytes()
+    torch.save({"state_dict": open_clip.create_model("hn-tiny-vit").state_dict()}, checkpoint)
+    assert checkpoint.stat().st_size == len(built) and checkpoint.read_bytes() != built
+
+    def refused(argv: list[str]) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        return capsys.readouterr().err
+
+    overwritten = refused([*argv, str(out)])
+    assert f"error: --output {out} was built from --pretrained {checkpoint} when it held " \
+           f"{len(built)} bytes (sha256 of its ends " in overwritten
+    assert f"it now holds {len(built)} bytes" in overwritten
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+    assert len(NeighborIndex(str(out), shards[:1])) == PER_SHARD
+
+    checkpoint.write_bytes(built)
+    older = json.loads((out / "build.json").read_text())
+    del older["pretrained_identity"]  # as versions that recorded the checkpoint by path wrote it
+    (out / "build.json").write_text(json.dumps(older))
+    embedded = {path: path.stat().st_mtime_ns for path in (out / "embeddings").glob("*.npy")}
+    with caplog.at_level(logging.WARNING):
+        main([*argv, str(out)])
+    assert f"--output {out} was built from --pretrained {checkpoint} by an older version, which " \
+           "did not record the checkpoint's content: it could not be compared with the one the " \
+           "existing embeddings were made with" in caplog.text
+    assert {path: path.stat().st_mtime_ns for path in embedded} == embedded  # kept, not re-embedded
+    recorded = json.loads((out / "build.json").read_text())["pretrained_identity"]
+    assert recorded == content_identity(str(checkpoint))
+
+    checkpoint.write_bytes(built[:4096])
+    assert f"error: checkpoint {checkpoint} cannot be loaded" in refused([*argv, str(fresh)])
+    assert not (fresh / "build.json").exists()  # free for other settings (its shard scans kept)
+
+
+@pytest.mark.parametrize("command", ["build", "rebinding"])
+@pytest.mark.parametrize("pattern, message", [
+    ("{dir}/{{000..003.tar", "unbalanced braces; close every '{' with a '}', e.g. 'dir/{000..099}.tar'"),
+    ("", "the pattern gives an empty path (an unset shell variable, or '::' at an end?)"),
+    ("{dir}/x.tar::", "the pattern gives an empty path"),
+    ("{dir}/none-{{0..1}}.tar", "2 of 2 shard file(s) not found"),
+])
+def test_a_bad_shards_pattern_is_a_usage_error_before_any_model(tmp_path, monkeypatch, capsys,
+                                                                command, pattern, message):
+    """A pattern that gives no shard files is argparse's usage error (exit 2) naming --shards in
+    the plugin's words (not braceexpand's), before the output folder or a model is made."""
+    (tmp_path / "x.tar").write_bytes(b"")
+    spec = pattern.format(dir=tmp_path)
+    out = tmp_path / "index"
+    monkeypatch.setattr("open_clip_hn.neighbors._load_model", lambda *a: pytest.fail("model built"))
+    model = ["--model", "hn-tiny-vit"] if command == "build" else []
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--shards", spec, "--output", str(out), *model])
+    assert exit_.value.code == 2
+    assert f"error: --shards {spec!r}: {message}" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_shards_without_samples_are_refused_before_the_model(tmp_path, monkeypatch):
+    """Checked before the model loads and before a finished index in --output is marked
+    unfinished: the refusal costs no model load and leaves the folder as it was."""
+    shard = tmp_path / "captions-only.tar"
+    (tmp_path / "000.txt").write_text("a red cube")
+    with tarfile.open(shard, "w") as tar:
+        tar.add(tmp_path / "000.txt", arcname="000.txt")
+    monkeypatch.setattr("open_clip_hn.neighbors._load_model", lambda *a: pytest.fail("model built"))
+    with pytest.raises(ValueError, match=r"--shards .*captions-only.tar: none of the 1 shard\(s\) "
+                                         "holds a sample with an image"):
+        build(str(shard), "hn-tiny-vit", str(tmp_path / "index"))
+    assert not (tmp_path / "index" / "build.json").exists()
 
 
 def test_unreadable_shard_and_output_file_are_named(tmp_path):
@@ -403,9 +554,10 @@ def test_an_index_without_neighbours_is_not_written_or_trained_on(tmp_path, caps
     out = str(tmp_path / "rebinding")
     with pytest.raises(SystemExit) as exit_:
         main(["rebinding", "--shards", spec, "--output", out, "--min-word-overlap", "1.0"])
-    assert "no sample of the 16 got a neighbour" in str(exit_.value.code)
-    assert "lower --min-word-overlap" in str(exit_.value.code)
-    assert not Path(out, "index.json").exists()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "no sample of the 16 got a neighbour" in err and "lower --min-word-overlap" in err
+    assert not Path(out, "build.json").exists()  # nothing claimed: the folder stays free for a retry
 
     main(["rebinding", "--shards", spec, "--output", out, "--k", "2"])  # a retry in the same folder
     manifest = json.loads(Path(out, "index.json").read_text())

@@ -105,6 +105,7 @@ def test_eval_writes_clip_benchmark_files_and_sugarcrepe_table(sugarcrepe_sets, 
 
 
 def test_bad_format_requests_fail_before_loading(sugarcrepe_sets, tmp_path, capsys):
+    (tmp_path / "never-loaded.pt").write_bytes(b"")  # exists (checked first), never read
     base = ["--model", "hn-tiny-vit", "--pretrained", str(tmp_path / "never-loaded.pt")]
     with pytest.raises(SystemExit):
         hn_eval.main([*base, "--compositional", str(sugarcrepe_sets), "--format", "clip_benchmark"])

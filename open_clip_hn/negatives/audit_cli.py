@@ -44,8 +44,6 @@ def add_parsers(sub, add_generator_flags: Callable[[argparse.ArgumentParser, int
 
 def run_plausibility_command(args: argparse.Namespace) -> int:
     captions = source_captions(args, read_caption_file)
-    if captions is None:
-        return 2
     model = fit(list(captions), source=args.shards or args.input)
     model.save(args.output)
     print(f"{model} -> {args.output}", file=sys.stderr)

@@ -18,10 +18,11 @@ from multiprocessing import Pool
 from pathlib import Path
 
 from ..argtypes import InputError, argparse_type, optional_path, overwritten_input, positive_int
-from ..files import atomic_open, expand_shards
+from ..files import atomic_open
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
-from .cli_common import add_caption_source, excluded, existing_shards, loaded, progress, source_captions
+from .cli_common import (add_caption_source, excluded, existing_shards, loaded, progress, source_captions,
+                         source_files)
 from .shards import MalformedLine, read_captions, word_counts
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
@@ -168,9 +169,7 @@ def _write_results(handle, captions: list, results) -> int:
 def run_precompute(args: argparse.Namespace) -> int:
     from .precompute import precompute
 
-    shards = existing_shards(args.shards)
-    if shards is None:
-        return 2
+    shards = existing_shards(args.shards, unique_because="the output shards keep their input's name")
     generator = _generator(args)  # a bad --vocabulary or --lm fails here, before the folder is claimed
     return precompute(shards, args.output_dir, generator, args.num, args.caption_key,
                       workers=args.workers, allow_damaged=args.allow_damaged,
@@ -178,15 +177,12 @@ def run_precompute(args: argparse.Namespace) -> int:
 
 
 def run_vocabulary(args: argparse.Namespace) -> int:
-    clash = overwritten_input([args.output], [args.input] if args.input else
-                              expand_shards(args.shards))
+    clash = overwritten_input([args.output], source_files(args))
     if clash:
         print(f"error: --output {clash} is an input; write the word list elsewhere", file=sys.stderr)
         return 2
     captions = source_captions(args, lambda path, key: (c for c in read_captions(path, key)
                                                        if isinstance(c, str)))
-    if captions is None:
-        return 2
     counts, total = word_counts(captions)
     words = sorted(w for w, n in counts.items() if n >= args.min_count)
     if not words:

@@ -1,6 +1,6 @@
 """Plumbing the negatives commands share (`cli.py`, `audit_cli.py`, `precompute.py`): progress
-bars, the shard check and where a command reads training captions. Kept apart so that none of
-them imports another's module (no import circle)."""
+bars, the shard check (the one `neighbors` makes) and where a command reads training captions.
+Kept apart so that none of them imports another's module (no import circle)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..argtypes import InputError
 from ..eval_sets import excluded_captions
-from ..files import expand_shards
+from ..files import local_shards
 from .lm import LMError
 from .shards import shard_captions
 
@@ -35,30 +35,35 @@ def add_caption_source(parser: argparse.ArgumentParser) -> None:
                              "caption) holding the caption.")
 
 
-def source_captions(args: argparse.Namespace, read_file: Callable[[str, str], Iterable[str]]
-                    ) -> Iterable[str] | None:
-    """The captions `add_caption_source`'s flags name (a file read with `read_file(path, key)`);
-    None after naming a missing shard or file."""
-    if args.shards:
-        shards = existing_shards(args.shards)
-        if shards is None:
-            return None
-        key = args.caption_key or "txt"
-        return (c for shard in progress(shards, unit="shard") for c in shard_captions(shard, key))
+def source_files(args: argparse.Namespace) -> list[str]:
+    """The files `add_caption_source`'s flags name (the shards, or the caption file), all there;
+    InputError names the flag and the fix."""
+    if args.shards is not None:  # an empty --shards (an unset variable) is named, not skipped
+        return existing_shards(args.shards)
     if not os.path.isfile(args.input):
-        print(f"error: caption file {args.input} not found", file=sys.stderr)
-        return None
-    return read_file(args.input, args.caption_key or "caption")
+        raise InputError(f"--input {args.input}: caption file not found; pass a .txt (one caption "
+                         "per line), .csv, .tsv or .jsonl file")
+    return [args.input]
 
 
-def existing_shards(spec: str) -> list[str] | None:
-    """The shards of `--shards`; None, after naming a missing one, when any is not there."""
-    shards = expand_shards(spec)
-    missing = [s for s in shards if not os.path.exists(s)]
-    if missing:
-        print(f"error: {len(missing)} shard(s) not found, e.g. {missing[0]}", file=sys.stderr)
-        return None
-    return shards
+def source_captions(args: argparse.Namespace, read_file: Callable[[str, str], Iterable[str]]
+                    ) -> Iterable[str]:
+    """The captions `add_caption_source`'s flags name (a file read with `read_file(path, key)`);
+    InputError names a bad pattern or a missing shard or file."""
+    paths = source_files(args)
+    if args.shards is None:
+        return read_file(args.input, args.caption_key or "caption")
+    key = args.caption_key or "txt"
+    return (c for shard in progress(paths, unit="shard") for c in shard_captions(shard, key))
+
+
+def existing_shards(spec: str, unique_because: str | None = None) -> list[str]:
+    """The shards of `--shards`, checked as `neighbors` checks them (`files.local_shards`):
+    InputError names a bad pattern or a missing shard, with the fix."""
+    try:
+        return local_shards(spec, unique_because)
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
 def excluded(args: argparse.Namespace) -> tuple[str, ...]:

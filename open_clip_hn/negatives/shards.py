@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ..argtypes import InputError
-from ..files import expand_shards
+from ..files import shard_paths
 from .lexicon import VocabularyError, words_of
 
 NEGATIVES_EXTENSION = "neg.json"  # member `<key>.neg.json`: a JSON list of {"text", "type"}
@@ -150,10 +150,15 @@ def csv_captions(path: str, separator: str, caption_key: str) -> list[str]:
 def train_data_captions(train_data: str, *, is_csv: bool, csv_separator: str = "\t",
                         csv_caption_key: str = "title", shard_caption_key: str = "txt"
                         ) -> Iterable[str]:
-    """The captions of OpenCLIP's `--train-data`: a CSV's caption column or local shards' members."""
+    """The captions of OpenCLIP's `--train-data`: a CSV's caption column or local shards' members.
+    A shard pattern that names no shards is a VocabularyError naming --train-data (the trainer
+    reads the captions before OpenCLIP reads the pattern)."""
     if is_csv:
         return csv_captions(train_data, csv_separator, csv_caption_key)
-    shards = expand_shards(train_data)
+    try:
+        shards = shard_paths(train_data, "--train-data")
+    except ValueError as err:
+        raise VocabularyError(str(err)) from None
     remote = [s for s in shards if not os.path.isfile(s)]
     if remote:
         raise VocabularyError(f"reads local shards, and {remote[0]} is not a local file")
