@@ -6,7 +6,7 @@ learning rate (1e-3) as the vanilla row, then is scored on the demo's sets (val 
 on the unseen sets (test compositions). Prints one table per benchmark with differences to the
 vanilla row. The rows take one part of the shipped `recommended` recipe away or change one setting.
 `--from-scratch` trains vanilla, the recommended recipe and its no-warmup variant from random
-weights instead (the no-collapse check; README reports it at the default 3 epochs of 10k scenes
+weights instead (the no-collapse check; benchmarks/RESULTS.md reports it at the default 3 epochs of 10k scenes
 and with `--epochs 9`).
 
     python benchmarks/ablate_demo.py --output-dir ablate [--only "vanilla;recommended.yaml"]

@@ -33,13 +33,13 @@ from .recipes import resolve_recipe
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The demo's tiny CLIP has a ModifiedResNet image tower: the tiny ViT of the tests
-# (hn-tiny-vit.json) does not tell 6-pixel shapes apart within the demo's budget (README)
+# (hn-tiny-vit.json) does not tell 6-pixel shapes apart within the demo's budget (benchmarks/RESULTS.md)
 MODEL_CONFIG = os.path.join(PACKAGE_DIR, "model_configs", "hn-tiny-rn.json")
 RECOMMENDED = "recommended"  # a shipped recipe name (open_clip_hn.recipes), found from a wheel too
 
 
 # Wall seconds of each stage at the defaults on the 2-core CPU machine (fp32), as (idle, shared):
-# README's stage timings (one stage at a time, nothing else running) and session 13's run on the
+# benchmarks/RESULTS.md's stage timings (one stage at a time, nothing else running) and session 13's run on the
 # shared machine (one thread, beside another training: 13 min 22 s), with the units of work they
 # did (scenes rendered, scene-epochs trained, test items scored). The idle hard-negative stage is
 # the idle vanilla stage times the shared runs' ratio (418 s / 194 s: the recipe's converse
