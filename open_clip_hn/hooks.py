@@ -126,6 +126,8 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     if config.eval_compositional and not os.path.isdir(config.eval_compositional):
         raise ValueError(f"--hn-eval-compositional {config.eval_compositional}: no such folder; pass "
                          "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
+    if config.negatives == "precomputed" and args.train_data:
+        _check_precomputed_settings(config, args)
     if config.image_neighbors:
         from .neighbors import check_index
 
@@ -148,7 +150,7 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
 def _print_config_if_asked(namespace: argparse.Namespace, argv: list[str],
                            parser: argparse.ArgumentParser) -> None:
     """`--hn-print-config`: print the resolved recipe and exit, once its flags pass a run's
-    checks of them (`HNConfig.validate`): a printed configuration that training refuses would be
+    checks of them (`HNConfig.from_args`): a printed configuration that training refuses would be
     a broken recipe."""
     if namespace.hn_print_config:
         from .recipes import format_resolved_config
@@ -263,18 +265,28 @@ def _precomputed_negatives_source() -> Iterator[None]:
         oc_data.tarfile_to_samples_nothrow = original
 
 
-def _check_precomputed_shards(config: HNConfig, args: argparse.Namespace) -> None:
+def _precomputed_shards(args: argparse.Namespace) -> list[str]:
     data = args.train_data or ""
     if not (args.dataset_type == "webdataset" or data.endswith(".tar") or "::" in data):
         raise ValueError(f"--hn-negatives precomputed needs webdataset shards, got --train-data "
                          f"{data!r} (--dataset-type {args.dataset_type})")
-    from .negatives.manifest import check_precomputed_settings, check_precomputed_shards
+    return oc_data.expand_urls(data)[0]  # every local shard, not the first
 
-    shards = oc_data.expand_urls(data)[0]  # every local shard, not the first
-    check_precomputed_settings(shards, config.num_negatives,
+
+def _check_precomputed_settings(config: HNConfig, args: argparse.Namespace) -> None:
+    """The run's K and types against what precompute made (its settings files only: at parse
+    time, before any set-up, and from submit.py before queueing)."""
+    from .negatives.manifest import check_precomputed_settings
+
+    check_precomputed_settings(_precomputed_shards(args), config.num_negatives,
                                None if set(config.types) == set(NEGATIVE_TYPES) else config.types,
                                num_is_default="--hn-num-negatives" not in config.given)
-    check_precomputed_shards(shards)
+
+
+def _check_precomputed_shards(args: argparse.Namespace) -> None:
+    from .negatives.manifest import check_precomputed_shards
+
+    check_precomputed_shards(_precomputed_shards(args))
 
 
 def _train_captions(args: argparse.Namespace) -> TrainCaptions:
@@ -320,7 +332,7 @@ def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get)
         data = get(args, preprocess_fns, epoch=epoch, tokenizer=tokenizer)
     else:
         if config.negatives == "precomputed":
-            _check_precomputed_shards(config, args)
+            _check_precomputed_shards(args)
         train_args = copy.copy(args)
         train_args.val_data = train_args.imagenet_val = train_args.imagenet_v2 = None
         source = (_precomputed_negatives_source() if config.negatives == "precomputed"

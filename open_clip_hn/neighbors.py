@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .argtypes import non_negative_int, positive_int, torch_device, unit_float
-from .eval import IMAGE_ERRORS, load_model
+from .eval import IMAGE_ERRORS, check_model, load_model
 from . import files
 from .files import atomic_write_bytes, atomic_write_json, content_identity
 from .sample_order import find_stages, is_filter
@@ -377,10 +377,14 @@ def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, p
 
 
 def _cached_catalog(output: str, folder: str, name: str, identity: dict) -> dict | None:
-    """The catalog of shard `name` in `output/folder`, if one is there for this content."""
+    """The catalog of shard `name` in `output/folder`, if one is there for this content; an
+    unreadable one is a cache to rebuild, not an error (the shard is scanned again)."""
     path = os.path.join(output, folder, name + ".json")
-    stored = _read_json(path) if os.path.exists(path) else None
-    return stored if stored is not None and stored.get("identity") == identity else None
+    try:
+        stored = _read_json(path) if os.path.exists(path) else None
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) and stored.get("identity") == identity else None
 
 
 def _scan_catalog(output: str, path: str, name: str, identity: dict) -> dict:
@@ -464,6 +468,7 @@ def build(shards: str, model_name: str, output: str, pretrained: str | None = No
           nprobe: int = 32) -> str:
     """Build (or resume) a neighbour index of `shards` in `output`; return the manifest path."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_model(model_name, pretrained, [model_config] if model_config else [])  # before the scan
     identity = _build_identity(model_name, pretrained, model_config)
     paths, catalogs, scanned = _start(shards, output, identity)
     if not any(catalogs):  # before the model: the refusal costs no model load

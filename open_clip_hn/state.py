@@ -16,6 +16,7 @@ import math
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -183,15 +184,17 @@ def checkpoints_newest_first(checkpoint_dir: str | os.PathLike) -> list[str]:
 def read_checkpoint(path: str) -> dict[str, Any]:
     """An OpenCLIP checkpoint read back fully enough to trust it; ValueError names the file.
 
-    Memory-mapped, so tensors are not read, but a truncated zip (a kill during the write) or
-    missing records fail here. Weights-only where the file allows; a checkpoint of this run
-    that holds more than tensors and containers (e.g. RNG states) is loaded fully.
+    Memory-mapped (a legacy-format file is read whole), so tensors are not read, but a truncated
+    zip (a kill during the write) or missing records fail here. Weights-only where the file
+    allows; a checkpoint of this run that holds more than tensors and containers (e.g. RNG
+    states) is loaded fully.
     """
+    mmap = zipfile.is_zipfile(path)  # torch's legacy format (before 1.6) cannot be mapped
     try:
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
         except pickle.UnpicklingError:  # the weights-only refusal of a non-tensor object
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
     except Exception as err:  # truncated zip, missing records, garbage: all mean unreadable
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
                          f"{str(err)[:200]})") from None

@@ -202,9 +202,14 @@ def check_job_dir(job_dir: Path) -> None:
 
 
 def make_job_dir(job_dir: Path) -> None:
-    """Create the job folder once every check has passed (submitit writes its files there)."""
+    """Create the job folder once every check has passed (submitit writes its files there), and
+    write into it once: permission bits can say writable where writes fail (root-squashed NFS,
+    ACLs), which submitit would otherwise report as a traceback."""
     try:
         job_dir.mkdir(parents=True, exist_ok=True)
+        probe = job_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as err:
         raise job_dir_error(job_dir, err.strerror) from None
 

@@ -126,9 +126,14 @@ def test_training_refuses_more_negatives_or_other_types_than_precomputed(tmp_pat
         check_precomputed_settings(shards, 2, ("replace_object", "swap_objects"))
     # the trainer's check: every type (the default) reads whatever the folder holds; K is checked
     args = SimpleNamespace(train_data=shards[0], dataset_type="webdataset")
-    hooks._check_precomputed_shards(HNConfig(negatives="precomputed", num_negatives=2), args)
-    with pytest.raises(ManifestError, match="--hn-num-negatives 4"):
-        hooks._check_precomputed_shards(HNConfig(negatives="precomputed", num_negatives=4), args)
+    hooks._check_precomputed_settings(HNConfig(negatives="precomputed", num_negatives=2), args)
+    with pytest.raises(ManifestError, match=r"--hn-num-negatives 4 \(the default\)"):
+        hooks._check_precomputed_settings(HNConfig(negatives="precomputed", num_negatives=4), args)
     with pytest.raises(ManifestError, match="hold no swap_objects negatives"):
-        hooks._check_precomputed_shards(HNConfig(negatives="precomputed", num_negatives=2,
-                                                 types=("swap_objects",)), args)
+        hooks._check_precomputed_settings(HNConfig(negatives="precomputed", num_negatives=2,
+                                                   types=("swap_objects",)), args)
+    # at parse time, so the trainer (and submit.py) refuse it before any set-up: exit 2
+    with pytest.raises(SystemExit) as stop:
+        hooks.parse_args(["--train-data", shards[0], "--dataset-type", "webdataset",
+                          "--hn-negatives", "precomputed", "--hn-num-negatives", "3"])
+    assert stop.value.code == 2

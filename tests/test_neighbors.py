@@ -144,10 +144,12 @@ def test_a_build_stopped_mid_scan_resumes_without_rescanning(tmp_path, monkeypat
     assert len(NeighborIndex(str(out), paths)) == 32 and not (out / "scanned").exists()
 
 
-def test_resume_with_another_model_is_refused(index_dir, shards):
+def test_resume_with_another_model_is_refused(index_dir, shards, tmp_path):
+    other = tmp_path / "epoch_1.pt"
+    other.write_bytes(b"another model's weights")  # refused by its record, before it is loaded
     with pytest.raises(ValueError, match="was built from .*use a fresh --output"):
         build(shards_spec(shards), "hn-tiny-vit", index_dir, model_config=TINY_CONFIG,
-              pretrained="/elsewhere/epoch_1.pt", k=K)
+              pretrained=str(other), k=K)
 
 
 def test_index_built_for_other_shards_is_refused(index_dir, shards, tmp_path):
@@ -198,6 +200,8 @@ def test_cli_user_errors_exit_2_without_traceback(shards, tmp_path, argv, messag
                            *[x for kv in base.items() for x in kv]], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert message.replace("{tmp}", str(tmp_path)) in proc.stderr
+    if argv[0] in ("--model", "--pretrained"):  # checked before the shards are scanned
+        assert not (tmp_path / "index").exists()
 
 
 def test_a_checkpoint_changed_since_the_build_is_refused_before_output_changes(shards, tmp_path, capsys,
@@ -596,3 +600,15 @@ def test_check_index_names_absent_and_unfinished_folders(tmp_path):
     with pytest.raises(ValueError, match="was built for other shards"):
         check_index(out, shards[1:])
     check_index(out, shards)
+
+
+def test_an_unreadable_cached_catalog_is_scanned_again(tmp_path):
+    """Catalogs are caches of a shard's scan: a damaged one means "scan again", not a JSON
+    traceback that names no file."""
+    from open_clip_hn.neighbors import _cached_catalog
+
+    (tmp_path / "catalog").mkdir()
+    (tmp_path / "catalog" / "a.tar.json").write_text('{"identity": ')
+    (tmp_path / "catalog" / "b.tar.json").write_text("[1, 2]")
+    assert _cached_catalog(str(tmp_path), "catalog", "a.tar", {"size": 1}) is None
+    assert _cached_catalog(str(tmp_path), "catalog", "b.tar", {"size": 1}) is None

@@ -228,3 +228,14 @@ def test_step_checkpoints_with_embedded_state_sort_inside_their_epoch(tmp_path, 
     with caplog.at_level("WARNING"):
         assert latest_good_checkpoint(folder, with_state=True)[0] == str(tmp_path / "epoch_1.pt")
     assert "hn_state.loss.bank" in caplog.text
+
+
+def test_a_legacy_format_checkpoint_is_readable(tmp_path):
+    """torch's pre-1.6 format cannot be memory-mapped: it is read whole, as OpenCLIP would, not
+    refused as damaged (a plain `--resume latest` over such a folder resumes it)."""
+    from open_clip_hn.state import latest_good_checkpoint, read_checkpoint
+
+    torch.save({"epoch": 1, "state_dict": {"w": torch.ones(3)}}, tmp_path / "epoch_1.pt",
+               _use_new_zipfile_serialization=False)
+    assert read_checkpoint(str(tmp_path / "epoch_1.pt"))["epoch"] == 1
+    assert latest_good_checkpoint(str(tmp_path), with_state=False)[0] == str(tmp_path / "epoch_1.pt")
