@@ -104,9 +104,13 @@ def non_finite(value: Any, where: str = "") -> str | None:
 
 
 def read_state(path: str) -> dict[str, Any]:
-    """Load and validate a `.hn` file; `StateError` names the file, the problem and the fix."""
+    """Load and validate a `.hn` file; `StateError` names the file, the problem and the fix.
+
+    Memory-mapped (copy-on-write): every rank of a node checks the same file at start, and its
+    bank and teacher weights then sit once in the page cache, not once per rank."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False,
+                           mmap=zipfile.is_zipfile(path))
     except Exception as err:  # truncated zip, garbage, unpickling errors: all mean damaged
         raise StateError(f"plugin state {path} cannot be read ({type(err).__name__}: "
                          f"{str(err)[:200]}); it is damaged (e.g. cut short by a kill or a "
