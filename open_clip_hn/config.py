@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_int, optional_path,
                        path_value, unit_float)
+from .curriculum import parse_warmup
 from .mirror import parse_axes
 from .negatives.taxonomy import LM_TYPES, NEGATIVE_TYPES, parse_types
 from .recipes import ListRecipesAction, spell_out_flags
@@ -101,7 +102,7 @@ class HNConfig:
     focal_gamma: float = 0.0
     # curriculum
     curriculum: str = "const"
-    curriculum_warmup: int = 0
+    curriculum_warmup: int | str = 0  # optimizer steps, or a share of them ('12.5%')
     curriculum_start: float = 1.0
     curriculum_end: float = 1.0
     # recipes, image neighbours, evaluation
@@ -496,8 +497,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-curriculum", dest="hn_curriculum", choices=CURRICULA, default="const",
         help="Schedule of the hard-negative share and of the intra/rank/mined/mirror weights over "
              "training. Default: const.")
-    add("--hn-curriculum-warmup", dest="hn_curriculum_warmup", type=non_negative_int, default=0,
-        metavar="STEPS", help="Optimizer steps without hard negatives at the start. Default: 0.")
+    add("--hn-curriculum-warmup", dest="hn_curriculum_warmup", type=argparse_type(parse_warmup),
+        default=0, metavar="STEPS|P%",
+        help="Optimizer steps without hard negatives at the start, or a share of the run's steps "
+             "(12.5%%: the same part of a run of any length). Default: 0.")
     add("--hn-curriculum-start", dest="hn_curriculum_start", type=unit_float, default=1.0,
         help="Curriculum value right after warmup (share in [0, 1]). Default: 1.0.")
     add("--hn-curriculum-end", dest="hn_curriculum_end", type=unit_float, default=1.0,

@@ -20,10 +20,36 @@ from .negatives.taxonomy import NEGATIVE_TYPES
 STEP_STAGES = 4  # the 'step' schedule climbs in this many equal stairs
 
 
-def curriculum_value(step: int, *, kind: str, warmup: int, start: float, end: float,
+def parse_warmup(text: str) -> int | str:
+    """`--hn-curriculum-warmup`: optimizer steps (`117`) or a share of the run's steps (`12.5%`),
+    which keeps a recipe's warmup the same part of a run of any length."""
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            share = math.nan
+        if not 0 <= share < 100:
+            raise ValueError(f"{text!r}: a share is a percentage in [0, 100), e.g. 12.5%")
+        return f"{share:g}%"
+    if not text.isdigit():
+        raise ValueError(f"{text!r}: give optimizer steps (an integer >= 0) or a share such as 12.5%")
+    return int(text)
+
+
+def warmup_steps(warmup: int | str, total_steps: int | None) -> int:
+    """The warmup in optimizer steps: a count as given; a share of `total_steps` (none while the
+    run's length is unknown)."""
+    if isinstance(warmup, int):
+        return warmup
+    return round(float(warmup[:-1]) / 100 * total_steps) if total_steps else 0
+
+
+def curriculum_value(step: int, *, kind: str, warmup: int | str, start: float, end: float,
                      total_steps: int | None) -> float:
-    """c(step): 0 before `warmup`, then const (= start), linear, cosine or stepped start -> end.
-    Without `total_steps` (unknown run length) the schedule stays at `start`."""
+    """c(step): 0 before `warmup` (steps, or a share of `total_steps`: `warmup_steps`), then
+    const (= start), linear, cosine or stepped start -> end. Without `total_steps` (unknown run
+    length) the schedule stays at `start`."""
+    warmup = warmup_steps(warmup, total_steps)
     if step < warmup:
         return 0.0
     if kind == "const":

@@ -208,7 +208,7 @@ class HardNegativeRun:
                 self.start_step += position.step
 
     def _warn_if_no_hard_negative_step(self) -> None:
-        from .curriculum import curriculum_value
+        from .curriculum import curriculum_value, warmup_steps
 
         c = self.config
         if not (c.uses_text_negatives or c.mirror or c.memory_bank_size) or not self.total_steps:
@@ -217,11 +217,12 @@ class HardNegativeRun:
         share = curriculum_value(last, kind=c.curriculum, warmup=c.curriculum_warmup,
                                  start=c.curriculum_start, end=c.curriculum_end,
                                  total_steps=self.total_steps)
-        if c.curriculum_warmup >= self.total_steps or (share == 0 and c.curriculum_start == 0):
+        warmup = warmup_steps(c.curriculum_warmup, self.total_steps)
+        if warmup >= self.total_steps or (share == 0 and c.curriculum_start == 0):
             logging.warning("The curriculum leaves no step with hard negatives: --hn-curriculum-"
-                            "warmup %d of %d steps, start %g, end %g; lower the warmup or raise "
-                            "the share", c.curriculum_warmup, self.total_steps, c.curriculum_start,
-                            c.curriculum_end)
+                            "warmup %s (%d of %d steps), start %g, end %g; lower the warmup or "
+                            "raise the share", c.curriculum_warmup, warmup, self.total_steps,
+                            c.curriculum_start, c.curriculum_end)
 
     def check_evaluation_sets(self) -> None:
         """Read every --hn-eval-compositional set and image once, before the first step, so a

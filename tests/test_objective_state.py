@@ -62,6 +62,36 @@ def test_curriculum_schedules(kind, expected):
         pytest.approx(0.2 if kind == "const" else 1.0)
 
 
+def test_a_warmup_share_is_that_part_of_the_run():
+    """`--hn-curriculum-warmup 12.5%` is 117 of 937 steps and 58 of 468: a recipe's warmup stays
+    the same part of a run of any length; steps are taken as given."""
+    from open_clip_hn.curriculum import parse_warmup, warmup_steps
+
+    assert parse_warmup("117") == 117 and parse_warmup("12.50%") == "12.5%"
+    assert (warmup_steps("12.5%", 937), warmup_steps("12.5%", 468), warmup_steps(117, 468)) == (117, 58, 117)
+    assert warmup_steps("12.5%", None) == 0  # the run's length unknown: no warmup to scale
+    values = [curriculum_value(s, kind="const", warmup="50%", start=1.0, end=1.0, total_steps=6)
+              for s in range(6)]
+    assert values == [0, 0, 0, 1, 1, 1]
+    for bad in ("-1", "1.5", "100%", "x%", "ten"):
+        with pytest.raises(ValueError, match="share|steps"):
+            parse_warmup(bad)
+
+
+def test_a_warmup_share_reaches_the_trainer_and_its_printed_recipe(capsys):
+    from open_clip_hn import hooks
+
+    with pytest.raises(SystemExit) as stop:
+        hooks.parse_args(["--hn-config", "recommended", "--hn-curriculum-warmup", "12.5%",
+                          "--hn-print-config"])
+    assert stop.value.code == 0
+    assert "hn-curriculum-warmup: 12.5%" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        hooks.parse_args(["--hn-config", "recommended", "--hn-curriculum-warmup", "120%"])
+    assert stop.value.code == 2
+    assert "a share is a percentage in [0, 100)" in capsys.readouterr().err
+
+
 def test_keep_mask_is_a_pure_function_of_seed_and_step():
     a = negative_keep_mask((64, 4), 0.5, seed=3, step=7)
     assert torch.equal(a, negative_keep_mask((64, 4), 0.5, seed=3, step=7))
