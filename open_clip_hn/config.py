@@ -16,7 +16,7 @@ from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_i
 from .curriculum import parse_warmup
 from .mirror import parse_axes
 from .negatives.taxonomy import LM_TYPES, NEGATIVE_TYPES, parse_types
-from .recipes import ListRecipesAction, spell_out_flags
+from .recipes import ListRecipesAction, flag_actions, spell_out_flags
 from .sample_order import SAMPLE_SHUFFLE_MODES
 from .terms import TERMS, active_terms, loss_help, missing_needs, selectable_terms
 
@@ -326,9 +326,10 @@ def without_recipe_settings_for_parts_off(c: HNConfig, recipe: HNConfig | None) 
 def ignored_flags(c: HNConfig) -> list[str]:
     """One message per setting other than its default for a part of the run that is off: it
     would change nothing, while the user meant something the run would silently not do.
-    `HNConfig.from_args` first drops a recipe's own such settings, so what is refused was typed
-    on the command line (or set where no command line was given). A typed default is not
-    refused (`--hn-memory-bank-size 0` switches a recipe's bank off)."""
+    `HNConfig.from_args` first drops a recipe's settings for a part the command line switched
+    off, so what is refused was typed, set by a recipe for a part the recipe itself leaves off
+    (named by its key, `_origin`), or set where no command line was given. A typed default or a
+    zero is not refused (`--hn-memory-bank-size 0` switches a recipe's bank off)."""
     return [f"{flag}{_origin(c, flag)} acts on {target.what}, which is off in this run: turn it "
             f"on, or drop {flag}" + (f"; {target.note}" if target.note else "")
             for flag, target in _settings_for_parts_off(c).items()]
@@ -549,6 +550,6 @@ def given_hn_flags(argv: list[str], parser: argparse.ArgumentParser) -> tuple[st
     abbreviation (`--hn-mirror-w 2`) or a `--flag=value` names its flag (`spell_out_flags`)."""
     argv = spell_out_flags(argv, parser)
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    known = parser._option_string_actions  # argparse's own table of flag names
+    known = flag_actions(parser)
     return tuple(dict.fromkeys(name for name in (a.split("=", 1)[0] for a in argv)
                                if name.startswith("--hn-") and name in known))

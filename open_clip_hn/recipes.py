@@ -23,7 +23,7 @@ RECIPE_FLAG = "--hn-config"
 _META_FLAGS = ("--hn-config", "--hn-print-config", "--hn-list-configs", "--help")
 
 
-def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     """Long option string (e.g. '--batch-size') -> its action, for every optional flag."""
     actions = {}
     for action in parser._actions:  # argparse has no public accessor for its actions
@@ -193,7 +193,7 @@ def load_recipe(path: str) -> dict[str, Any]:
 
 def recipe_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
     """Validated argv tokens for the recipe at `path`, to be placed before the command line."""
-    actions = _flag_actions(parser)
+    actions = flag_actions(parser)
     argv: list[str] = []
     keys: dict[str, str] = {}
     for key, value in load_recipe(path).items():
@@ -237,7 +237,7 @@ def spell_out_flags(argv: list[str], parser: argparse.ArgumentParser) -> list[st
     name (the recipe, the flags typed on the command line, the plugin's flags among OpenCLIP's)
     read the spelled-out form. Tokens after `--` are values and stay as they are.
     """
-    actions = _flag_actions(parser)
+    actions = flag_actions(parser)
     end = argv.index("--") if "--" in argv else len(argv)
     return [_full_flag(token, actions, parser.allow_abbrev) for token in argv[:end]] + argv[end:]
 
@@ -266,7 +266,7 @@ def format_resolved_config(args: argparse.Namespace, parser: argparse.ArgumentPa
     """
     resolved: dict[str, Any] = {}
     seen: set[int] = set()
-    for option, action in _flag_actions(parser).items():
+    for option, action in flag_actions(parser).items():
         if option in _META_FLAGS or id(action) in seen or not hasattr(args, action.dest):
             continue  # one entry per action (its first long name); recipe flags themselves skipped
         seen.add(id(action))
