@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_int, optional_path,
                        path_value, unit_float)
@@ -57,7 +57,7 @@ def _rank_threshold(value: str) -> str:
 
 
 # HNConfig fields that record how the flags were given, not a setting (not compared on resume)
-BOOKKEEPING_FIELDS = ("given", "typed")
+BOOKKEEPING_FIELDS = ("given", "typed", "dropped")
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,11 @@ class HNConfig:
     drop_state: bool = False
     sample_shuffle: str = "seeded"
     # bookkeeping filled by the hooks, not by flags: the --hn-* flags of the run (recipe and
-    # command line), and those typed on the command line itself
+    # command line), those typed on the command line itself, and the recipe's settings put back
+    # at their defaults because the command line switched their part off ("--flag value")
     given: tuple[str, ...] = field(default=(), compare=False)
     typed: tuple[str, ...] = field(default=(), compare=False)
+    dropped: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def enabled(self) -> bool:
@@ -317,10 +319,19 @@ def without_recipe_settings_for_parts_off(c: HNConfig, recipe: HNConfig | None) 
         return c
     from_recipe = set(c.given) - set(c.typed)
     on_in_recipe = {flag for flag, target in _settings_and_targets(recipe).items() if target.on}
-    dropped = {_field(flag) for flag in _settings_for_parts_off(c)
-               if flag in from_recipe and flag in on_in_recipe}
-    return dataclasses.replace(c, **{f.name: f.default for f in dataclasses.fields(c)
-                                     if f.name in dropped})
+    dropped = [flag for flag in _settings_for_parts_off(c) if flag in from_recipe and flag in on_in_recipe]
+    return dataclasses.replace(c, **{_field(flag): _default(flag) for flag in dropped},
+                               dropped=tuple(f"{flag} {_value_text(getattr(c, _field(flag)))}"
+                                             for flag in dropped))
+
+
+def _default(flag: str) -> Any:
+    return next(f.default for f in dataclasses.fields(HNConfig) if f.name == _field(flag))
+
+
+def _value_text(value: Any) -> str:
+    """A setting as its flag takes it (`horizontal,vertical` for a list)."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def ignored_flags(c: HNConfig) -> list[str]:
@@ -438,10 +449,13 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                      f"Default: {term.weight_default}.")
     add("--hn-rank-threshold", dest="hn_rank_threshold", type=_rank_threshold,
         default="adaptive-mean", metavar="{adaptive-mean,adaptive-max,MARGIN}",
-        help="Per-type rank margin: adapted from the observed positive-negative similarity gaps "
-             "(mean or max), or a fixed value. Default: adaptive-mean.")
+        help="Per-type rank margin, in logits (logit scale x cosine, CE-CLIP's units): set after "
+             "each step from that step's gaps s*cos(I,T) - s*cos(I,T_neg) of the type, their mean "
+             "or their largest / 5, clamped to [0, 10] (CE-CLIP's rule); or a fixed MARGIN "
+             "(CE-CLIP's fixed default is 2.0). Default: adaptive-mean.")
     add("--hn-importance-beta", dest="hn_importance_beta", type=non_negative_float, default=0.5,
-        help="Concentration beta of importance weights exp(beta*sim) (HCL/DiHT). Default: 0.5.")
+        help="Concentration beta of importance weights exp(beta*s*cos), s the logit scale (HCL's "
+             "beta on sim/t): at s=100, beta 0.5 weighs negatives by exp(50*cos). Default: 0.5.")
     add("--hn-importance-tau-plus", dest="hn_importance_tau_plus", type=unit_float, default=0.0,
         help="Debiasing class prior tau+ in [0, 1) (HCL). Default: 0 (no debiasing).")
     add("--hn-memory-bank-size", dest="hn_memory_bank_size", type=non_negative_int, default=0,
@@ -488,13 +502,15 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "Default: 0.999.")
     add("--hn-label-smoothing", dest="hn_label_smoothing", type=unit_float, default=0.0,
         metavar="EPS",
-        help="Label smoothing on the softmaxes that hold text negatives (itc's image->text side, "
-             "choice): EPS of the target spread over the row's valid columns (FSC-CLIP). "
-             "Default: 0 (off).")
+        help="Label smoothing on the softmaxes that hold text negatives: choice (as FSC-CLIP "
+             "softens its hard-negative loss) and, where it is on, itc's image->text side (this "
+             "plugin's extension; FSC-CLIP's contrastive loss stays plain): EPS of the target "
+             "spread over the row's valid columns. Default: 0 (off).")
     add("--hn-focal-gamma", dest="hn_focal_gamma", type=non_negative_float, default=0.0,
         metavar="GAMMA",
-        help="Focal weighting (1 - p_target)^GAMMA on the same softmaxes (FSC-CLIP): rows the "
-             "model already gets right weigh less. Default: 0 (off).")
+        help="Focal weighting on the same softmaxes, FSC-CLIP's form: each column's term "
+             "-q_j log p_j weighs (1 - p_j)^GAMMA, so what the model already gets right weighs "
+             "less. Default: 0 (off).")
     add("--hn-curriculum", dest="hn_curriculum", choices=CURRICULA, default="const",
         help="Schedule of the hard-negative share and of the intra/rank/mined/mirror weights over "
              "training. Default: const.")
@@ -516,8 +532,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Neighbours placed next to each anchor sample. Default: 1.")
     add("--hn-eval-compositional", dest="hn_eval_compositional", type=path_value, default=None,
         metavar="DIR",
-        help="Compositional test sets (SugarCrepe layout) evaluated during training; per-type "
-             "accuracy is logged like OpenCLIP's metrics.")
+        help="Evaluation sets scored during training, as `python -m open_clip_hn.eval "
+             "--compositional DIR` scores them (SugarCrepe or ARO *.json, Winoground-style "
+             "*.jsonl, and DIR/retrieval/ when present); each set's accuracy is logged like "
+             "OpenCLIP's metrics.")
     add("--hn-save-every-steps", dest="hn_save_every_steps", type=non_negative_int, default=0,
         metavar="N", help="Also save a checkpoint every N optimizer steps inside an epoch "
                           "(epoch_E_step_S.pt, OpenCLIP's format plus the position in the epoch "

@@ -11,6 +11,7 @@ process and N processes keep the same ones and a resumed run continues the same 
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -37,25 +38,30 @@ def parse_warmup(text: str) -> int | str:
 
 
 def warmup_steps(warmup: int | str, total_steps: int | None) -> int:
-    """The warmup in optimizer steps: a count as given; a share of `total_steps` (none while the
-    run's length is unknown)."""
+    """The warmup in optimizer steps: a count as given; a share of `total_steps`, which must then
+    be known (a share of an unknown run would silently be no warmup)."""
     if isinstance(warmup, int):
         return warmup
-    return round(float(warmup[:-1]) / 100 * total_steps) if total_steps else 0
+    if total_steps is None:
+        raise ValueError(f"--hn-curriculum-warmup {warmup} is a share of the run's optimizer steps, "
+                         "but the run's length is unknown: pass total_steps (the trainer does), or "
+                         "give the warmup in steps")
+    return round(float(warmup[:-1]) / 100 * total_steps)
 
 
 def curriculum_value(step: int, *, kind: str, warmup: int | str, start: float, end: float,
                      total_steps: int | None) -> float:
     """c(step): 0 before `warmup` (steps, or a share of `total_steps`: `warmup_steps`), then
-    const (= start), linear, cosine or stepped start -> end. Without `total_steps` (unknown run
-    length) the schedule stays at `start`."""
+    const (= start), linear, cosine or stepped start -> end, reaching `end` at the run's last
+    optimizer step (total_steps - 1). Without `total_steps` (unknown run length) the schedule
+    stays at `start`."""
     warmup = warmup_steps(warmup, total_steps)
     if step < warmup:
         return 0.0
     if kind == "const":
         return start
-    span = (total_steps - warmup) if total_steps is not None else 0
-    progress = min(1.0, (step - warmup) / span) if span > 0 else 0.0
+    span = (total_steps - 1 - warmup) if total_steps is not None else 0
+    progress = min(1.0, (step - warmup) / span) if span > 0 else float(total_steps is not None)
     if kind == "linear":
         return start + (end - start) * progress
     if kind == "cosine":
@@ -80,69 +86,77 @@ def negative_keep_mask(shape: tuple[int, int], share: float, *, seed: int, step:
     return (torch.rand(shape, generator=generator) < share).to(device)
 
 
-class RankThresholds:
-    """Per-negative-type margins of the rank loss, adapted from the observed cosine gaps.
+RANK_MARGIN_MAX = 10.0  # CE-CLIP's upper bound on an adaptive margin (logits)
+MAX_GAP_SHARE = 5.0  # adaptive-max: the margin is the type's largest gap over this (CE-CLIP's /5)
 
-    Each optimizer step, the gaps s(I,T) - s(I,T_k) of the global batch are summarised per type
-    (mean or max, clipped to [0, 1]) and folded into a bias-corrected exponential moving average.
-    Margins start at 0 (only mis-ranked negatives are penalised) and grow as the model separates
-    a type, which makes the rank loss its own curriculum (CE-CLIP). A fixed margin never moves.
+
+class RankThresholds:
+    """Per-negative-type margins of the rank loss (logits), adapted as CE-CLIP adapts them.
+
+    After each optimizer step the margin of every type seen in the global batch becomes that
+    step's summary of its logit gaps s*cos(I,T) - s*cos(I,T_k): their mean (adaptive-mean) or
+    their largest over 5 (adaptive-max), clamped to [0, 10]. Margins start at 0 (only mis-ranked
+    negatives are penalised) and follow how far the model already separates each type, which
+    makes the rank loss its own curriculum. A fixed margin never moves.
     """
 
-    def __init__(self, mode: str, fixed: float | None = None, momentum: float = 0.99,
-                 num_types: int = len(NEGATIVE_TYPES)):
+    def __init__(self, mode: str, fixed: float | None = None, num_types: int = len(NEGATIVE_TYPES)):
         if mode not in ("adaptive-mean", "adaptive-max", "fixed"):
             raise ValueError(f"rank threshold mode {mode!r}: use adaptive-mean, adaptive-max or fixed")
         self.mode = mode
         self.fixed = fixed
-        self.momentum = momentum
-        self.average = torch.zeros(num_types, dtype=torch.float64)
+        self.margins = torch.zeros(num_types, dtype=torch.float64)
         self.updates = torch.zeros(num_types, dtype=torch.long)
 
     def values(self) -> torch.Tensor:
         """Current margin per type, float32 [T] on the device of the last update (0 for unseen types)."""
         if self.mode == "fixed":
-            return torch.full_like(self.average, self.fixed).float()
-        correction = 1 - self.momentum ** self.updates.double()
-        return torch.where(self.updates > 0, self.average / correction.clamp(min=1e-12),
-                           torch.zeros_like(self.average)).float()
+            return torch.full_like(self.margins, self.fixed).float()
+        return self.margins.float()
 
     def seen(self) -> torch.Tensor:
         """Bool [T]: types that have been observed at least once."""
         return self.updates > 0
 
     def update(self, gaps: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> None:
-        """Fold one step's gaps [N, K] of the valid slots into the per-type averages.
+        """Set the margin of each type present in one step's logit gaps [N, K] (valid slots).
 
         Stays on the features' device (no host sync per step)."""
         if self.mode == "fixed":
             return
-        num_types = len(self.average)
-        self.average, self.updates = self.average.to(gaps.device), self.updates.to(gaps.device)
+        num_types = len(self.margins)
+        self.margins, self.updates = self.margins.to(gaps.device), self.updates.to(gaps.device)
         valid = mask & (types >= 0) & (types < num_types)
         index = torch.where(valid, types, torch.zeros_like(types)).flatten()
         weight = valid.flatten().double()
-        clipped = gaps.detach().double().clamp(0.0, 1.0).flatten()
+        flat = gaps.detach().double().flatten()
         count = torch.zeros(num_types, dtype=torch.float64, device=gaps.device).index_add_(0, index, weight)
         present = count > 0
         if self.mode == "adaptive-mean":
-            total = torch.zeros_like(count).index_add_(0, index, clipped * weight)
+            total = torch.zeros_like(count).index_add_(0, index, flat * weight)
             observed = total / count.clamp(min=1)
         else:
-            observed = torch.zeros_like(count).scatter_reduce_(
-                0, index, torch.where(valid.flatten(), clipped, torch.zeros_like(clipped)),
-                reduce="amax", include_self=True)
-        blended = self.momentum * self.average + (1 - self.momentum) * observed
-        self.average = torch.where(present, blended, self.average)
+            observed = torch.full_like(count, -math.inf).scatter_reduce_(
+                0, index, torch.where(valid.flatten(), flat, torch.full_like(flat, -math.inf)),
+                reduce="amax", include_self=True) / MAX_GAP_SHARE
+        observed = observed.clamp(0.0, RANK_MARGIN_MAX)
+        self.margins = torch.where(present, observed, self.margins)
         self.updates = self.updates + present.long()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"average": self.average.detach().cpu().clone(), "updates": self.updates.detach().cpu().clone()}
+        return {"margins": self.margins.detach().cpu().clone(), "updates": self.updates.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state["average"].shape != self.average.shape:
-            raise ValueError(f"rank thresholds for {state['average'].numel()} negative types cannot be "
-                             f"loaded into {self.average.numel()} types; the taxonomy changed")
-        device = self.average.device
-        self.average = state["average"].to(device=device, dtype=torch.float64)
+        """Continue from `state_dict()`. A state saved before the margins were CE-CLIP's (an
+        average of cosine gaps, key "average") restarts them at 0: they are set anew after the
+        first step."""
+        if "margins" not in state:
+            logging.info("rank thresholds saved as cosine averages (an older open_clip_hn): the "
+                         "margins restart at 0 and are set from the first step's gaps")
+            return
+        if state["margins"].shape != self.margins.shape:
+            raise ValueError(f"rank thresholds for {state['margins'].numel()} negative types cannot be "
+                             f"loaded into {self.margins.numel()} types; the taxonomy changed")
+        device = self.margins.device
+        self.margins = state["margins"].to(device=device, dtype=torch.float64)
         self.updates = state["updates"].to(device=device, dtype=torch.long)

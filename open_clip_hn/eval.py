@@ -5,10 +5,14 @@ Set layouts read from one folder (each file is one set, named by its stem):
                `images/` (or beside the JSON). Accuracy: the image scores caption > negative.
   ARO          `{name}.json` = [{"image_path", "true_caption", "false_caption", optional
                "bbox_x", "bbox_y", "bbox_w", "bbox_h"}, ...] (VG-Relation, VG-Attribution); the
-               image is cropped to the box as ARO does. Accuracy as above.
+               image is cropped to the box as ARO does. Accuracy as above; with ARO's
+               "relation_name" or "attributes" fields, `acc` is ARO's macro accuracy (per
+               relation without its symmetric ones, or per attribute pair with 25+ items) and
+               `item_acc` the per-item one.
   image pairs  `{name}.jsonl`, one {"image_0", "image_1", "caption_0", "caption_1"} per line
                (Winoground; InpaintCOCO converts to it): text, image and group scores.
-Retrieval reads a folder of `{key}.{png,jpg,jpeg,webp}` + `{key}.txt` pairs: R@1/R@5 both ways.
+Retrieval reads a folder of `{key}.{png,jpg,jpeg,webp}` + `{key}.txt` pairs (one caption per
+line, several allowed): R@1/R@5 both ways, as CLIP_benchmark defines them.
 Results print as a table (or in SugarCrepe's grouping, formats.py) and save as one JSON document
 or as CLIP_benchmark's per-set files. A checkpoint trained with the plugin carries a record of
 its --model (provenance.py); a different --model is refused before anything is loaded.
@@ -33,10 +37,43 @@ from PIL import Image
 from .argtypes import overwritten_input, positive_int, torch_device, writable_output
 from .eval_sets import layout_error, read_choice_records, read_pair_records
 from .files import atomic_open, atomic_write_json
-from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, format_sugarcrepe_table
+from .formats import SUGARCREPE_SPLITS, file_slug, clip_benchmark_records, format_sugarcrepe_table
 from .provenance import model_mismatch, read_sidecar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+COUNT_KEYS = ("n", "skipped", "groups")  # counts beside the metrics of a set's results
+# ARO's macro accuracies (Yuksekgonul et al., ICLR 2023; the repository's notebook
+# "Replicate ARO! VG-Relation, VG-Attribution"): VG-Relation averages over relations, leaving out
+# those whose two arguments can be exchanged without making the caption false; VG-Attribution
+# averages over attribute pairs with at least 25 items.
+ARO_SYMMETRIC_RELATIONS = frozenset((
+    "adjusting", "attached to", "between", "bigger than", "biting", "boarding", "brushing",
+    "chewing", "cleaning", "climbing", "close to", "coming from", "coming out of", "contain",
+    "crossing", "dragging", "draped over", "drinking", "drinking from", "driving", "driving down",
+    "driving on", "eating from", "eating in", "enclosing", "exiting", "facing", "filled with",
+    "floating in", "floating on", "flying", "flying above", "flying in", "flying over",
+    "flying through", "full of", "going down", "going into", "going through", "grazing in",
+    "growing in", "growing on", "guiding", "hanging from", "hanging in", "hanging off",
+    "hanging over", "higher than", "holding onto", "hugging", "in between", "jumping off",
+    "jumping on", "jumping over", "kept in", "larger than", "leading", "leaning over", "leaving",
+    "licking", "longer than", "looking in", "looking into", "looking out", "looking over",
+    "looking through", "lying next to", "lying on top of", "making", "mixed with", "mounted on",
+    "moving", "on the back of", "on the edge of", "on the front of", "on the other side of",
+    "opening", "painted on", "parked at", "parked beside", "parked by", "parked in",
+    "parked in front of", "parked near", "parked next to", "perched on", "petting", "piled on",
+    "playing", "playing in", "playing on", "playing with", "pouring", "reaching for", "reading",
+    "reflected on", "riding on", "running in", "running on", "running through", "seen through",
+    "sitting behind", "sitting beside", "sitting by", "sitting in front of", "sitting near",
+    "sitting next to", "sitting under", "skiing down", "skiing on", "sleeping in", "sleeping on",
+    "smiling at", "sniffing", "splashing", "sprinkled on", "stacked on", "standing against",
+    "standing around", "standing behind", "standing beside", "standing in front of",
+    "standing near", "standing next to", "staring at", "stuck in", "surrounding", "swimming in",
+    "swinging", "talking to", "topped with", "touching", "traveling down", "traveling on",
+    "tying", "typing on", "underneath", "wading in", "waiting for", "walking across",
+    "walking by", "walking down", "walking next to", "walking through", "working in",
+    "working on", "worn on", "wrapped around", "wrapped in", "by", "of", "near", "next to",
+    "with", "beside", "on the side of", "around"))
+ARO_MIN_ATTRIBUTE_ITEMS = 25
 # what PIL raises for a file that is not a readable image (truncated, wrong format, bomb)
 IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
@@ -53,6 +90,22 @@ def choice_correct(image_features: torch.Tensor, option_features: torch.Tensor) 
     return scores[:, 0] > scores[:, 1:].max(dim=1).values
 
 
+def aro_macro_accuracy(correct: torch.Tensor, groups: Sequence[str], kind: str
+                       ) -> tuple[float, int] | None:
+    """(ARO's macro accuracy, groups averaged) of per-item results `correct` [N] (bool) with
+    each item's relation or attribute pair; None when no group qualifies."""
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    if kind == "relation":
+        kept = [rows for group, rows in members.items() if group not in ARO_SYMMETRIC_RELATIONS]
+    else:
+        kept = [rows for rows in members.values() if len(rows) >= ARO_MIN_ATTRIBUTE_ITEMS]
+    if not kept:
+        return None
+    return sum(correct[rows].float().mean().item() for rows in kept) / len(kept), len(kept)
+
+
 def pair_scores(scores: torch.Tensor) -> dict[str, float]:
     """Winoground's text, image and group scores from scores[n, caption i, image j] ([N, 2, 2]).
 
@@ -65,16 +118,33 @@ def pair_scores(scores: torch.Tensor) -> dict[str, float]:
 
 
 def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor,
-                     ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """R@k of image->text and text->image for N matched pairs (row i of each is a pair)."""
-    similarity = image_features @ text_features.T
-    target = torch.arange(similarity.shape[0], device=similarity.device)
+                     text_image: torch.Tensor | None = None, ks: Sequence[int] = (1, 5)
+                     ) -> dict[str, float]:
+    """R@k of image->text and text->image (CLIP_benchmark's definitions).
+
+    `text_image[t]` is the image of caption t (default: caption i is image i's only one). An
+    image is a hit at k when one of its captions ranks within the top k captions; a caption when
+    its image ranks within the top k images. A tie with a wrong candidate counts against the
+    true one, and a NaN score misses, so a collapsed or diverged model scores at most chance."""
+    if text_image is None:
+        text_image = torch.arange(text_features.shape[0])
+    text_image = text_image.to(image_features.device)
+    similarity = image_features @ text_features.T  # [I, T]
+    own = text_image.unsqueeze(0) == torch.arange(similarity.shape[0], device=similarity.device).unsqueeze(1)
+    # image -> text: its best caption against every caption of another image
+    best = similarity.masked_fill(~own, float("-inf")).max(dim=1).values
+    image_rank = torch.where(own, False, ~(similarity < best.unsqueeze(1))).sum(dim=1)
+    image_hit = torch.isfinite(best)
+    # text -> image: its image against every other image
+    per_text = similarity.T  # [T, I]
+    true = per_text.gather(1, text_image.unsqueeze(1))
+    text_rank = torch.where(own.T, False, ~(per_text < true)).sum(dim=1)
+    text_hit = torch.isfinite(true[:, 0])
     results = {}
-    for direction, sim in (("image_to_text", similarity), ("text_to_image", similarity.T)):
-        # rank of the true partner = candidates not scoring below it (NaN counts against it)
-        rank = (~(sim <= sim[target, target].unsqueeze(1))).sum(dim=1)
+    for direction, rank, finite in (("image_to_text", image_rank, image_hit),
+                                    ("text_to_image", text_rank, text_hit)):
         for k in ks:
-            results[f"{direction}_R@{k}"] = (rank < k).float().mean().item()
+            results[f"{direction}_R@{k}"] = ((rank < k) & finite).float().mean().item()
     return results
 
 
@@ -82,12 +152,15 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor,
 
 @dataclass
 class ChoiceSet:
-    """Items of (image path, crop box or None, [true caption, negatives...])."""
+    """Items of (image path, crop box or None, [true caption, negatives...]); an ARO set also
+    names each item's group (its relation, or its attribute pair) for ARO's macro accuracy."""
 
     name: str
     path: str
     items: list[tuple[str, tuple[float, float, float, float] | None, list[str]]]
     skipped: int = 0
+    groups: list[str] | None = None
+    group_kind: str | None = None  # "relation" (VG-Relation) or "attributes" (VG-Attribution)
 
 
 @dataclass
@@ -101,7 +174,8 @@ class PairSet:
 @dataclass
 class RetrievalSet:
     path: str
-    items: list[tuple[str, str]] = field(default_factory=list)  # image path, caption
+    items: list[tuple[str, list[str]]] = field(default_factory=list)  # image path, its captions
+    skipped: int = 0  # images without a caption file, caption files without an image
 
 
 def _find_image(root: str, name: str) -> str | None:
@@ -112,10 +186,12 @@ def _find_image(root: str, name: str) -> str | None:
 
 
 def load_choice_set(path: str) -> ChoiceSet:
-    """Read one SugarCrepe- or ARO-layout JSON; missing images are skipped and counted."""
+    """Read one SugarCrepe- or ARO-layout JSON; missing images, and ARO boxes less than a pixel
+    wide or high (nothing to crop), are skipped and counted."""
     root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
     records, keys = read_choice_records(path)
     result = ChoiceSet(name, path, [])
+    groups, empty_boxes = [], 0
     for label, record in records:
         image = _find_image(root, record[keys[0]])
         if image is None:
@@ -127,12 +203,34 @@ def load_choice_set(path: str) -> ChoiceSet:
                 x, y, w, h = (float(record[k]) for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h"))
             except (TypeError, ValueError):
                 raise layout_error(path, f"{label}: bbox_x/y/w/h must be numbers") from None
+            if not (w >= 1 and h >= 1):
+                empty_boxes += 1
+                continue
             box = (x, y, x + w, y + h)
         result.items.append((image, box, [record[keys[1]], record[keys[2]]]))
+        groups.append(_aro_group(record))
+    result.skipped += empty_boxes
+    if empty_boxes:
+        logging.warning(f"eval set {path}: {empty_boxes} item(s) whose box is less than a pixel "
+                        "wide or high will be skipped")
     if not result.items:
         raise FileNotFoundError(f"{path}: none of its {len(records)} images were found under "
                                 f"{os.path.join(root, 'images')} or {root}")
+    kinds = {kind for kind, _ in groups}
+    if len(kinds) == 1 and None not in kinds:
+        result.group_kind, result.groups = kinds.pop(), [group for _, group in groups]
     return result
+
+
+def _aro_group(record: dict) -> tuple[str | None, str]:
+    """(kind, group) of an ARO record: its relation (VG-Relation) or its two attributes
+    (VG-Attribution, joined as ARO joins them); (None, "") for other layouts."""
+    if isinstance(record.get("relation_name"), str):
+        return "relation", record["relation_name"]
+    attributes = record.get("attributes")
+    if isinstance(attributes, list) and len(attributes) == 2:
+        return "attributes", f"{attributes[0]}_{attributes[1]}"
+    return None, ""
 
 
 def load_pair_set(path: str) -> PairSet:
@@ -152,19 +250,38 @@ def load_pair_set(path: str) -> PairSet:
 
 
 def load_retrieval_set(folder: str) -> RetrievalSet:
-    """Pair every image in `folder` with the `.txt` of the same stem."""
+    """Pair every image in `folder` with the `.txt` of the same stem, one caption per non-empty
+    line (COCO's five captions of an image on five lines). An image without a caption file, or
+    a caption file without an image, is counted as skipped and named in a warning."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"retrieval folder {folder} does not exist")
-    result = RetrievalSet(folder)
+    images: dict[str, str] = {}
+    captions: set[str] = set()
     for filename in sorted(os.listdir(folder)):
         stem, ext = os.path.splitext(filename)
-        caption_path = os.path.join(folder, stem + ".txt")
-        if ext.lower() in IMAGE_EXTENSIONS and os.path.isfile(caption_path):
-            with open(caption_path) as f:
-                result.items.append((os.path.join(folder, filename), f.read().strip()))
+        if ext.lower() in IMAGE_EXTENSIONS:
+            if stem in images:
+                raise layout_error(folder, f"{images[stem]} and {filename} share the caption file "
+                                           f"{stem}.txt; give each image its own key")
+            images[stem] = filename
+        elif ext == ".txt":
+            captions.add(stem)
+    result = RetrievalSet(folder)
+    kept = set()
+    for stem in sorted(images.keys() & captions):
+        with open(os.path.join(folder, stem + ".txt"), encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip()]
+        if lines:
+            result.items.append((os.path.join(folder, images[stem]), lines))
+            kept.add(stem)
+    unpaired = sorted((images.keys() | captions) - kept)
+    result.skipped = len(unpaired)
     if len(result.items) < 2:
         raise ValueError(f"retrieval folder {folder} holds {len(result.items)} image+caption "
                          f"pairs; expected at least 2 pairs named KEY.png (or .jpg) + KEY.txt")
+    if unpaired:
+        logging.warning(f"retrieval folder {folder}: {len(unpaired)} key(s) without both an image "
+                        f"and a non-empty caption file (e.g. {unpaired[0]}) are skipped")
     return result
 
 
@@ -173,6 +290,11 @@ def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
     if not os.path.isdir(root):
         raise FileNotFoundError(f"compositional folder {root} does not exist")
     names = sorted(os.listdir(root))
+    stems = [os.path.splitext(n)[0] for n in names if n.endswith((".json", ".jsonl"))]
+    twice = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if twice:
+        raise layout_error(root, f"{twice[0]}.json and {twice[0]}.jsonl would share the results' "
+                                 "name; rename one of them")
     choice = [load_choice_set(os.path.join(root, n)) for n in names if n.endswith(".json")]
     pairs = [load_pair_set(os.path.join(root, n)) for n in names if n.endswith(".jsonl")]
     if not choice and not pairs:
@@ -214,7 +336,7 @@ def check_sets(choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = 
     groups = [(s.name, s.path, [[p] for p, _, _ in s.items], s.skipped) for s in choice_sets]
     groups += [(s.name, s.path, [[i0, i1] for i0, i1, *_ in s.items], s.skipped) for s in pair_sets]
     if retrieval:
-        groups.append(("retrieval", retrieval.path, [[p] for p, _ in retrieval.items], 0))
+        groups.append(("retrieval", retrieval.path, [[p] for p, _ in retrieval.items], retrieval.skipped))
     summary = {}
     for name, path, items, missing in groups:
         bad = [item for item in items if not all(ok(p) for p in item)]
@@ -324,7 +446,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
     model.eval()
     total = sum(len(s.items) * (1 + len(s.items[0][2])) for s in choice_sets)
     total += sum(len(s.items) * 4 for s in pair_sets)
-    total += 2 * len(retrieval.items) if retrieval else 0
+    total += sum(1 + len(captions) for _, captions in retrieval.items) if retrieval else 0
     bar = tqdm(total=total, desc="eval", unit="enc", disable=not show_progress)
     encode = dict(device=device, batch_size=batch_size, autocast=autocast, progress=bar.update)
     results: dict[str, dict[str, float]] = {}
@@ -338,8 +460,9 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
             texts = encode_texts(model, tokenizer, [c for *_, caps in s.items for c in caps],
                                  **encode).view(len(s.items), options, -1)
             keep = _kept(s.path or s.name, len(s.items), bad, per_item=1)
-            accuracy = choice_correct(images[keep], texts[keep]).float().mean().item()
-            results[s.name] = {"acc": accuracy, "n": len(keep), "skipped": s.skipped + len(bad)}
+            correct = choice_correct(images[keep], texts[keep])
+            results[s.name] = {**_choice_metrics(s, correct, keep), "n": len(keep),
+                               "skipped": s.skipped + len(bad)}
         for s in pair_sets:
             bad = unreadable.setdefault(s.name, {})
             images = encode_images(model, preprocess,
@@ -356,10 +479,16 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
             bad = unreadable.setdefault("retrieval", {})
             images = encode_images(model, preprocess, [(p, None) for p, _ in retrieval.items],
                                    input_dtype=input_dtype, unreadable=bad, **encode)
-            texts = encode_texts(model, tokenizer, [c for _, c in retrieval.items], **encode)
+            texts = encode_texts(model, tokenizer, [c for _, caps in retrieval.items for c in caps],
+                                 **encode)
             keep = _kept(retrieval.path, len(retrieval.items), bad, per_item=1)
-            results["retrieval"] = {**retrieval_recall(images[keep], texts[keep]), "n": len(keep),
-                                    "skipped": len(bad)}
+            owner = torch.tensor([i for i, (_, caps) in enumerate(retrieval.items) for _ in caps])
+            new_index = torch.full((len(retrieval.items),), -1, dtype=torch.long)
+            new_index[keep] = torch.arange(len(keep))
+            kept_texts = new_index[owner] >= 0
+            results["retrieval"] = {**retrieval_recall(images[keep], texts[kept_texts],
+                                                       new_index[owner][kept_texts]),
+                                    "n": len(keep), "skipped": retrieval.skipped + len(bad)}
     finally:
         bar.close()
         model.train(was_training)
@@ -371,6 +500,21 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
             logging.warning(f"eval: {name}: skipped {metrics['skipped']} item(s) with a missing "
                             f"or unreadable image{detail}; scored {metrics['n']}")
     return results
+
+
+def _choice_metrics(s: ChoiceSet, correct: torch.Tensor, keep: list[int]) -> dict[str, float]:
+    """A choice set's accuracy: per item, or for an ARO set ARO's macro accuracy (`acc`) beside
+    the per-item one (`item_acc`) and the number of groups averaged."""
+    accuracy = correct.float().mean().item()
+    if s.groups is None:
+        return {"acc": accuracy}
+    macro = aro_macro_accuracy(correct, [s.groups[i] for i in keep], s.group_kind)
+    if macro is None:
+        logging.warning(f"eval set {s.path}: no {s.group_kind} group qualifies for ARO's macro "
+                        f"accuracy (relations outside ARO's symmetric list; attribute pairs with "
+                        f"{ARO_MIN_ATTRIBUTE_ITEMS}+ items); its acc is the per-item accuracy")
+        return {"acc": accuracy}
+    return {"acc": macro[0], "item_acc": accuracy, "groups": macro[1]}
 
 
 def _kept(path: str, count: int, unreadable: dict[int, str], per_item: int) -> list[int]:
@@ -389,11 +533,11 @@ def _undecodable(path: str, count: int, example: str) -> ValueError:
 
 
 def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    """{"compositional/{set}/{metric}" or "retrieval/{metric}": value}, without n/skipped."""
+    """{"compositional/{set}/{metric}" or "retrieval/{metric}": value}, without the counts."""
     flat = {}
     for name, metrics in results.items():
         prefix = "retrieval" if name == "retrieval" else f"compositional/{name}"
-        flat.update({f"{prefix}/{k}": v for k, v in metrics.items() if k not in ("n", "skipped")})
+        flat.update({f"{prefix}/{k}": v for k, v in metrics.items() if k not in COUNT_KEYS})
     return flat
 
 
@@ -535,11 +679,11 @@ def trained_as_problems(models: Sequence[str], checkpoints: Sequence[str],
 # ----------------------------------------------------------------------------- reporting
 
 def metric_rows(runs: Sequence[dict[str, dict[str, float]]]) -> list[tuple[str, str]]:
-    """(set, metric) rows in first-seen order across runs, without n/skipped."""
+    """(set, metric) rows in first-seen order across runs, without the counts."""
     rows: dict[tuple[str, str], None] = {}
     for results in runs:
         for name, metrics in results.items():
-            rows.update({(name, k): None for k in metrics if k not in ("n", "skipped")})
+            rows.update({(name, k): None for k in metrics if k not in COUNT_KEYS})
     return list(rows)
 
 
@@ -627,7 +771,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="Folder of sets: *.json (SugarCrepe or ARO layout, images in "
                              "DIR/images) and *.jsonl (Winoground-style image pairs).")
     parser.add_argument("--retrieval", default=None, metavar="DIR",
-                        help="Folder of KEY.png + KEY.txt pairs for R@1/R@5 both ways.")
+                        help="Folder of KEY.png + KEY.txt pairs (one caption per line) for "
+                             "R@1/R@5 both ways. Default: --compositional's retrieval/ subfolder "
+                             "when it has one (as the in-loop evaluation reads it).")
     parser.add_argument("--output", default=None, metavar="results.json|DIR",
                         help="JSON output: a file with --format json, a folder with --format "
                              "clip_benchmark.")
@@ -654,6 +800,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
 
 
+def _inside(path: str, folder: str) -> bool:
+    folder = os.path.realpath(folder)
+    return os.path.commonpath([os.path.realpath(path), folder]) == folder
+
+
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     if len(args.model) not in (1, len(args.pretrained)):
         parser.error(f"give one --model or one per --pretrained ({len(args.pretrained)})")
@@ -661,8 +812,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         parser.error(f"give one --labels entry per --pretrained ({len(args.pretrained)})")
     models = args.model * len(args.pretrained) if len(args.model) == 1 else args.model
     labels = args.labels or [os.path.basename(p) for p in args.pretrained]
-    if len(set(labels)) < len(labels):
+    if len({file_slug(label) for label in labels}) < len(labels):  # also one file name each
         labels = [f"{i}:{label}" for i, label in enumerate(labels)]
+    if args.retrieval is None and os.path.isdir(os.path.join(args.compositional, "retrieval")):
+        args.retrieval = os.path.join(args.compositional, "retrieval")
     if args.format == "clip_benchmark" and not args.output:
         parser.error("--format clip_benchmark writes one file per checkpoint and set: give the "
                      "folder as --output DIR")
@@ -683,6 +836,11 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     clash = overwritten_input([args.output, args.plot], inputs)
     if clash:
         parser.error(f"output {clash} is one of the inputs; write the results elsewhere")
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+        for folder in (args.compositional, args.retrieval):
+            if path and folder and _inside(path, folder):  # read as a set by the next evaluation
+                parser.error(f"{flag} {path} is inside the evaluation folder {folder}; write it "
+                             "elsewhere")
     for flag, path in (("--output", args.output), ("--plot", args.plot)):
         problem = writable_output(path)  # before any model is loaded and scored
         if problem:

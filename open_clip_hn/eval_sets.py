@@ -107,7 +107,7 @@ def evaluation_captions(path: str) -> list[str]:
         for name in sorted(os.listdir(retrieval)) if os.path.isdir(retrieval) else []:
             if name.endswith(".txt"):
                 with open(os.path.join(retrieval, name), encoding="utf-8", errors="replace") as f:
-                    captions.append(f.read().strip())
+                    captions += [line.strip() for line in f]  # one caption per line
     captions = [c for c in captions if c.strip()]
     if not captions:
         raise ValueError("no captions in it: expected SugarCrepe/ARO-layout *.json, Winoground-"

@@ -14,9 +14,12 @@ with theirs. The mapping of our metrics onto theirs:
   difference: we count a tie between the true caption and a negative as wrong, their argmax as
   right (ties need identical scores, which only a collapsed model produces);
 - a Winoground-style pair set is `image_caption_selection` with `text_acc` = our `text`,
-  `image_acc` = our `image`, `acc` = our `group` (the same definitions);
+  `image_acc` = our `image`, `acc` = our `group` (the same definitions, but for ties, which we
+  count as wrong and their argmax counts as right for the first option);
 - retrieval is `zeroshot_retrieval`: `image_retrieval_recall@k` (text -> image) = our
-  `text_to_image_R@k`, `text_retrieval_recall@k` (image -> text) = our `image_to_text_R@k`.
+  `text_to_image_R@k`, `text_retrieval_recall@k` (image -> text) = our `image_to_text_R@k`
+  (several captions per image as theirs: an image is found when one of its captions is; a tie
+  with a wrong candidate counts against the true one, where their top-k breaks it arbitrarily).
 
 SugarCrepe (Hsieh et al., NeurIPS 2023) reports its seven splits grouped as Replace (object,
 attribute, relation), Swap (object, attribute) and Add (object, attribute). The baselines are
@@ -57,7 +60,8 @@ BASELINE_SOURCE = ("baselines: vl_compo (Oh et al., CVPRW 2024, arXiv:2406.09388
                    "individual_results.csv @ 43e2eae")
 
 
-def _slug(text: str) -> str:
+def file_slug(text: str) -> str:
+    """`text` as one file-name part: anything but letters, digits, `.`, `_` and `-` becomes `_`."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
 
 
@@ -94,7 +98,7 @@ def clip_benchmark_records(model: str, pretrained: str, label: str,
             dataset = name
         record = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task,
                   "metrics": their_metrics, "language": LANGUAGE}
-        file_name = "_".join(_slug(part) for part in (dataset.replace("/", "_"), label, model,
+        file_name = "_".join(file_slug(part) for part in (dataset.replace("/", "_"), label, model,
                                                        LANGUAGE, task)) + ".json"
         records.append((file_name, record))
     return records
@@ -128,10 +132,28 @@ def format_sugarcrepe_table(labels: Sequence[str], runs: Sequence[dict[str, dict
         rows.append((group, "avg", [_mean([c[s] for s in splits]) for c in columns]))
     rows.append(("all", "avg", [_mean([c[s] for s in SUGARCREPE_SPLITS]) for c in columns]))
     header = ["group", "split", *names]
-    body = [[group, split, *("-" if v is None else f"{v:.1f}" for v in values)]
+    # a split scored on fewer items than the set holds (missing or unreadable images) is marked
+    partial = {(split, column): r[split]["skipped"] for column, r in enumerate(runs)
+               for split in SUGARCREPE_SPLITS if r.get(split, {}).get("skipped")}
+    body = [[group, split, *("-" if v is None else f"{v:.1f}" + ("*" if any(
+                (s, column) in partial for s in (_splits_of(group, split))) else "")
+                              for column, v in enumerate(values))]
             for group, split, values in rows]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     line = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                  for i, (c, w) in enumerate(zip(row, widths)))
-    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body),
-                      f"(percent; {BASELINE_SOURCE})"])
+    notes = [f"(percent; {BASELINE_SOURCE})"]
+    if partial:
+        notes.append("* scored without some items (missing or unreadable images): " + ", ".join(
+            f"{names[column]} {split} ({skipped} skipped)" for (split, column), skipped in partial.items())
+            + "; not comparable to the baselines, which score every item")
+    return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body), *notes])
+
+
+def _splits_of(group: str, split: str) -> tuple[str, ...]:
+    """The SugarCrepe splits behind one row of its table (a split, or a group's average)."""
+    if group == "all":
+        return SUGARCREPE_SPLITS
+    if split == "avg":
+        return SUGARCREPE_GROUPS[group]
+    return (f"{group.lower()}_{split}",)

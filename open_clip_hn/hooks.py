@@ -170,6 +170,7 @@ def _hn_config(args: argparse.Namespace, argv: list[str], parser: argparse.Argum
     except ValueError as err:
         parser.error(str(err))
     config.update_args(args)
+    args.hn_dropped = config.dropped  # recorded with the run's flags (params.txt)
     return config
 
 

@@ -131,12 +131,16 @@ def choice_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor
     return _first_is_target(_own_choice_logits(image, text, negatives, negative_mask, logit_scale)).mean()
 
 
-def intra_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
-               negative_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """CE-CLIP's intra-modal contrast: the caption T is the anchor, its image the positive and its
-    own hard negatives (text-text similarity) the negatives:
-        -log e^{s<T,I>} / (e^{s<T,I>} + sum_k e^{s<T,T_k>})."""
-    return _first_is_target(_own_choice_logits(text, image, negatives, negative_mask, logit_scale)).mean()
+def intra_loss(image: torch.Tensor, text: torch.Tensor, all_negatives: torch.Tensor,
+               all_negative_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """CE-CLIP's intra-modal contrast (IMC): each caption T is the anchor, its image the positive
+    and every valid hard negative of the (gathered) batch the negatives, by text-text similarity:
+        -log e^{s<T,I>} / (e^{s<T,I>} + sum_{j,k} e^{s<T,T_jk>}).
+    `all_negatives` [N, K, D] with `all_negative_mask` [N, K]; mean CE over the [A] anchors."""
+    pos = logit_scale * (text * image).sum(dim=-1, keepdim=True)
+    neg = logit_scale * text @ all_negatives.flatten(0, 1).T  # [A, N*K]
+    logits = torch.cat([pos, _masked_logits(neg, all_negative_mask.flatten().expand_as(neg))], dim=1)
+    return _first_is_target(logits).mean()
 
 
 def mirror_gaps(image: torch.Tensor, text: torch.Tensor, mirror_image: torch.Tensor,
@@ -213,18 +217,21 @@ def converse_accuracy(text: torch.Tensor, mirror_text: torch.Tensor, converse: t
     return (won * rows).sum() / (2 * rows.sum()).clamp(min=1)
 
 
-def rank_gaps(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
-    """Cosine gap s(I,T) - s(I,T_k) per hard negative: [A, K]."""
+def rank_gaps(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
+              logit_scale: torch.Tensor) -> torch.Tensor:
+    """Logit gap s*cos(I,T) - s*cos(I,T_k) per hard negative: [A, K]."""
     pos = (image * text).sum(dim=-1, keepdim=True)
-    return pos - torch.einsum("ad,akd->ak", image, negatives)
+    return logit_scale * (pos - torch.einsum("ad,akd->ak", image, negatives))
 
 
 def rank_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
-              negative_mask: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
-    """CE-CLIP's cross-modal rank loss: relu(thr + s(I,T_k) - s(I,T)) per valid negative,
-    averaged over each sample's valid negatives, then over samples (no negative -> 0).
-    `thresholds` [A, K] is each slot's per-type margin (cosine units)."""
-    hinge = F.relu(thresholds - rank_gaps(image, text, negatives))
+              negative_mask: torch.Tensor, thresholds: torch.Tensor,
+              logit_scale: torch.Tensor) -> torch.Tensor:
+    """CE-CLIP's cross-modal rank loss (CMR), in logits as CE-CLIP computes it:
+    relu(thr + s*cos(I,T_k) - s*cos(I,T)) per valid negative, averaged over each sample's valid
+    negatives, then over samples (no negative -> 0). `thresholds` [A, K] is each slot's
+    per-type margin (logit units)."""
+    hinge = F.relu(thresholds - rank_gaps(image, text, negatives, logit_scale))
     hinge = torch.where(negative_mask, hinge, torch.zeros_like(hinge))
     count = negative_mask.sum(dim=1).clamp(min=1)
     return (hinge.sum(dim=1) / count).mean()
@@ -269,23 +276,24 @@ def distill_loss(image: torch.Tensor, text: torch.Tensor, all_image: torch.Tenso
 
 def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0,
                        focal_gamma: float = 0.0) -> torch.Tensor:
-    """Per-row cross-entropy with label smoothing and focal weighting (FSC-CLIP's softer hard
-    negatives), over the finite (valid) logits of each row only:
-        loss = (1 - p_y)^gamma * [-(1 - eps) log p_y - eps / M * sum_{valid j} log p_j]
-    with M the row's valid columns (the target itself included). eps = gamma = 0 is plain CE.
-    Masked (-inf) columns get neither target mass nor gradient."""
+    """Per-row focal cross-entropy with label smoothing (FSC-CLIP's softer hard negatives), over
+    the finite (valid) logits of each row only:
+        loss = -sum_{valid j} q_j (1 - p_j)^gamma log p_j,
+        q_y = 1 - eps + eps / M,  q_j = eps / M otherwise,
+    with M the row's valid columns (the target itself included): each column is damped by its
+    own probability, so the smoothing targets keep pulling an over-confident target back.
+    eps = gamma = 0 is plain CE. Masked (-inf) columns get neither target mass nor gradient."""
     log_p = F.log_softmax(logits, dim=1)
-    rows = torch.arange(logits.shape[0], device=logits.device)
-    log_p_target = log_p[rows, labels]
-    loss = -log_p_target
+    valid = torch.isfinite(logits)
+    target = F.one_hot(labels, logits.shape[1]).to(log_p.dtype)
     if smoothing > 0:
-        valid = torch.isfinite(logits)
-        uniform = -torch.where(valid, log_p, torch.zeros_like(log_p)).sum(dim=1) / valid.sum(dim=1)
-        loss = (1 - smoothing) * loss + smoothing * uniform
+        uniform = valid.to(log_p.dtype) / valid.sum(dim=1, keepdim=True)
+        target = (1 - smoothing) * target + smoothing * uniform
+    per_column = -torch.where(valid, log_p, torch.zeros_like(log_p))
     if focal_gamma > 0:
         # clamped away from 0: (1 - p)^gamma has an infinite slope at p = 1 for gamma < 1
-        loss = (1 - log_p_target.exp()).clamp(min=1e-6) ** focal_gamma * loss
-    return loss
+        per_column = (1 - log_p.exp()).clamp(min=1e-6) ** focal_gamma * per_column
+    return (target * per_column).sum(dim=1)
 
 
 def softened_itc_loss(logits_per_image: torch.Tensor, logits_per_text: torch.Tensor,

@@ -15,7 +15,7 @@ import torch
 
 from . import losses as L
 from .config import HNConfig
-from .curriculum import RankThresholds, curriculum_value, negative_keep_mask
+from .curriculum import RankThresholds, curriculum_value, negative_keep_mask, warmup_steps
 from .distributed import gather_rows
 from .memory_bank import MemoryBank
 from .miner import mine
@@ -30,7 +30,9 @@ class HardNegativeLoss(torch.nn.Module):
 
     Distributed semantics are ClipLoss's: without `local_loss` every rank computes the loss of the
     whole global batch; with it, each rank averages over its own anchors against all gathered
-    columns. `gather_with_grad` makes the gather differentiable.
+    columns. `gather_with_grad` makes the gather differentiable; without it, under `local_loss`,
+    this rank's hard negatives keep the gradient from this rank's anchors (ClipLoss keeps no
+    column's, and a negative is never an anchor).
     """
 
     def __init__(self, config: HNConfig, *, rank: int = 0, world_size: int = 1, local_loss: bool = False,
@@ -44,6 +46,7 @@ class HardNegativeLoss(torch.nn.Module):
                              f"negatives among the negatives), got {config.importance_tau_plus}")
         if accum_freq < 1:
             raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
+        warmup_steps(config.curriculum_warmup, total_steps)  # a share needs the run's length
         self.config = config
         self.terms = active_terms(config)
         self.rank = rank
@@ -138,6 +141,12 @@ class HardNegativeLoss(torch.nn.Module):
             gathered = gather_rows(grouped, rank=self.rank, world_size=self.world_size,
                                    with_grad=self.gather_with_grad, keep_local_grad=not self.local_loss)
             all_image, all_text, all_negatives = gathered[:, 0], gathered[:, 1], gathered[:, 2:2 + k]
+            if self.local_loss and not self.gather_with_grad:
+                # OpenCLIP's local loss keeps no column's gradient: a positive still learns as an
+                # anchor, but a hard negative is only ever a column, so this rank's negatives
+                # keep their gradient from this rank's anchors
+                all_negatives = torch.cat([all_negatives[:self.rank * batch], negatives,
+                                           all_negatives[(self.rank + 1) * batch:]])
             if teacher is not None:
                 teacher_all = (gathered[:, 2 + k].detach(), gathered[:, 3 + k].detach())
             columns = [mask.long(), types] + ([] if blind is None else [blind])
@@ -223,7 +232,7 @@ class HardNegativeLoss(torch.nn.Module):
 
         if torch.is_grad_enabled():
             if self.grad_calls % self.accum_freq == self.accum_freq - 1:
-                self._end_of_step(b)
+                self._end_of_step(b, logit_scale)
             self.grad_calls += 1
         return {**losses, **stats}
 
@@ -234,13 +243,14 @@ class HardNegativeLoss(torch.nn.Module):
         return slots, valid
 
     @torch.no_grad()
-    def _end_of_step(self, b: TermBatch) -> None:
+    def _end_of_step(self, b: TermBatch, logit_scale: torch.Tensor) -> None:
         """Once per optimizer step (last micro-batch call): fold the global batch into the state."""
         self.negative_counts = self.negative_counts.to(b.all_mask.device)  # no host sync per step
         self.negative_counts[0] += b.all_mask.numel()
         self.negative_counts[1] += b.all_mask.sum()
         if any(t.name == "rank" for t in self.terms) and b.all_mask.shape[1]:
-            self.thresholds.update(L.rank_gaps(b.all_image, b.all_text, b.all_negatives), b.all_types, b.all_mask)
+            gaps = L.rank_gaps(b.all_image, b.all_text, b.all_negatives, logit_scale)
+            self.thresholds.update(gaps, b.all_types, b.all_mask)
         if self.bank is not None:
             self.bank.push(b.all_image, b.all_text)
         if self.on_step_end is not None:

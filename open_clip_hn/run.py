@@ -83,6 +83,10 @@ class HardNegativeRun:
 
     def model_created(self, model: torch.nn.Module, preprocess_val) -> None:
         """Attach the packing hooks (negatives and mirrored pairs ride in one forward)."""
+        if self.config.dropped:  # the first hook after OpenCLIP sets up logging
+            logging.info("Recipe settings for a part this command line switched off run at their "
+                         "defaults: %s (from --hn-config %s)", ", ".join(self.config.dropped),
+                         self.config.config_file)
         self.preprocess_val = preprocess_val
         if self.config.distill != "none":  # copied before any hook is attached
             from .teacher import Teacher

@@ -291,28 +291,31 @@ def choice(b: TermBatch, ctx: TermContext) -> torch.Tensor:
 
 @register_term("intra", weight=True, curriculum=True, needs=("text_negatives",),
                source="CE-CLIP (IMC)", weight_help="CE-CLIP IMC",
-               summary="each caption against its own hard negatives in text space")
+               summary="each caption against every hard negative of the batch in text space, "
+                       "its image the positive")
 def intra(b: TermBatch, ctx: TermContext) -> torch.Tensor:
-    return L.intra_loss(b.image, b.text, b.negatives, b.anchor_used, ctx.logit_scale)
+    return L.intra_loss(b.image, b.text, b.all_negatives, b.used, ctx.logit_scale)
 
 
 @register_term("rank", weight=True, curriculum=True, needs=("text_negatives",),
                source="CE-CLIP (CMR)", weight_help="CE-CLIP CMR",
-               summary="hinge relu(thr_type + s(I,T_neg) − s(I,T)), per-type thresholds adapted "
-                       "from observed gaps")
+               summary="hinge relu(thr_type + s(I,T_neg) − s(I,T)) in logits, per-type margins set "
+                       "each step from the observed gaps")
 def rank(b: TermBatch, ctx: TermContext) -> TermResult:
     margins = torch.cat([ctx.thresholds.values().to(b.image.device), b.image.new_zeros(1)])
-    loss = L.rank_loss(b.image, b.text, b.negatives, b.anchor_used, margins[b.anchor_types])
+    loss = L.rank_loss(b.image, b.text, b.negatives, b.anchor_used, margins[b.anchor_types],
+                       ctx.logit_scale)
     seen = ctx.thresholds.seen().to(b.image.device).float()
     return loss, {"hn_rank_thr": LoggedValue((margins[:-1] * seen).sum() / seen.sum().clamp(min=1))}
 
 
 @register_term("importance", output="contrastive_loss", replaces="itc", source="HCL / DiHT",
-               summary="negatives reweighted ∝ exp(β·sim) with debiasing τ⁺ (replaces plain itc)")
+               summary="negatives reweighted ∝ exp(β·s·cos), s the logit scale, with debiasing τ⁺ "
+                       "(replaces plain itc)")
 def importance(b: TermBatch, ctx: TermContext) -> torch.Tensor:
     per_image, per_text, labels, share = _itc_logits(b, ctx)
     scale, bias, c = ctx.logit_scale, ctx.logit_bias, ctx.config
-    min_logit = -scale if bias is None else bias - scale
+    min_logit = (-scale if bias is None else bias - scale).detach()  # a constant, as HCL's e^{-1/t}
     return L.importance_loss(per_image, per_text, labels, c.importance_beta, c.importance_tau_plus,
                              min_logit) * share
 

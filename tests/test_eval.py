@@ -56,7 +56,8 @@ def test_retrieval_recall_by_hand():
     result = hn_eval.retrieval_recall(images, texts, ks=(1, 5))
     assert result["image_to_text_R@1"] == pytest.approx(4 / 6)
     assert result["text_to_image_R@1"] == pytest.approx(4 / 6)
-    assert result["image_to_text_R@5"] == 1.0
+    # image 4's caption scores 0 for it, tied with four other captions: a tie counts against it
+    assert result["image_to_text_R@5"] == pytest.approx(4 / 6)
 
 
 def test_diverged_model_scores_zero_not_perfect():
@@ -337,7 +338,7 @@ def test_a_set_without_a_readable_image_is_refused_not_scored_nan(tmp_path, sets
     shutil.copyfile(sets / "relation_pairs.jsonl", tmp_path / "relation_pairs.jsonl")
     for item in data.values():
         (tmp_path / "images" / item["filename"]).write_bytes(b"\x89PNG garbage")
-    output = tmp_path / "results.json"
+    output = tmp_path.parent / f"{tmp_path.name}-results.json"  # outside the evaluation folder
     with pytest.raises(SystemExit) as exit_:
         hn_eval.main(["--model", "hn-tiny-vit", "--model-config", CONFIG, "--pretrained", checkpoint,
                       "--compositional", str(tmp_path), "--output", str(output)])
@@ -355,3 +356,113 @@ def test_a_set_without_a_readable_image_is_refused_not_scored_nan(tmp_path, sets
         image.write_bytes(b"")
     with pytest.raises(ValueError, match=f"{tmp_path / 'relation_pairs.jsonl'}: none of its 30 items"):
         hn_eval.evaluate_sets(model, preprocess, tokenizer, [], pairs, batch_size=64)
+
+
+# ---------------------------------------------------------------------------- protocols
+
+
+def test_retrieval_ties_count_against_the_true_partner():
+    """A collapsed model (every feature equal) finds nothing, in both directions: a tie with a
+    wrong candidate is not a hit (it was R@1 = 1.0 when ties went to the true partner)."""
+    same = torch.ones(10, 4) / 2
+    assert set(hn_eval.retrieval_recall(same, same).values()) == {0.0}
+    images = torch.eye(3)
+    texts = torch.tensor([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1.0]])  # captions 0 and 1 alike
+    result = hn_eval.retrieval_recall(images, texts, ks=(1,))
+    # images 0 and 1 tie on both captions: only pair 2 is found, in either direction
+    assert result == {"image_to_text_R@1": pytest.approx(1 / 3), "text_to_image_R@1": pytest.approx(1 / 3)}
+
+
+def test_retrieval_recall_with_several_captions_per_image():
+    """CLIP_benchmark's definitions: an image hits when any of its captions ranks in the top k;
+    each caption hits when its image does."""
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 0, 0], [0, 0.9, 0.1], [0, 0.2, 0.8], [0.1, 0, 0.9]])
+    owner = torch.tensor([0, 0, 1, 2])  # image 0 has two captions, the second points at image 1
+    result = hn_eval.retrieval_recall(images, texts, owner, ks=(1, 2))
+    assert result["image_to_text_R@1"] == pytest.approx(2 / 3)  # image 1's caption loses to image 0's 2nd
+    assert result["image_to_text_R@2"] == 1.0
+    assert result["text_to_image_R@1"] == pytest.approx(2 / 4)  # captions 1 and 2 find another image first
+    assert result["text_to_image_R@2"] == pytest.approx(3 / 4)  # caption 1's image is third
+
+
+def test_retrieval_folder_reads_caption_lines_and_counts_unpaired_files(tmp_path, sets, caplog):
+    source = sets / "retrieval"
+    keys = sorted(p.stem for p in source.glob("*.txt"))[:4]
+    for key in keys:
+        shutil.copy(source / f"{key}.png", tmp_path / f"{key}.png")
+        shutil.copy(source / f"{key}.txt", tmp_path / f"{key}.txt")
+    (tmp_path / f"{keys[0]}.txt").write_text("first caption\n\n  second caption \n")
+    os.remove(tmp_path / f"{keys[1]}.txt")  # an image without captions
+    (tmp_path / "orphan.txt").write_text("a caption without its image")
+    loaded = hn_eval.load_retrieval_set(str(tmp_path))
+    assert loaded.items[0][1] == ["first caption", "second caption"]
+    assert len(loaded.items) == 3 and loaded.skipped == 2
+    assert "2 key(s) without both an image and a non-empty caption file" in caplog.text
+    shutil.copy(source / f"{keys[2]}.png", tmp_path / f"{keys[2]}.jpg")
+    with pytest.raises(ValueError, match=f"{keys[2]}.jpg and {keys[2]}.png share the caption file|"
+                                         f"{keys[2]}.png and {keys[2]}.jpg share the caption file"):
+        hn_eval.load_retrieval_set(str(tmp_path))
+
+
+def test_two_sets_with_one_stem_are_refused(tmp_path, sets):
+    shutil.copy(sets / "swap_objects.json", tmp_path / "a.json")
+    shutil.copy(sets / "relation_pairs.jsonl", tmp_path / "a.jsonl")
+    with pytest.raises(ValueError, match="a.json and a.jsonl would share the results' name"):
+        hn_eval.discover_sets(str(tmp_path))
+
+
+def test_aro_macro_accuracy_by_relation_and_by_attribute_pair():
+    """ARO's published numbers are macro accuracies: per relation without its symmetric ones
+    (VG-Relation), per attribute pair with 25+ items (VG-Attribution)."""
+    correct = torch.tensor([True] * 90 + [False] * 10 + [True] + [False] * 9 + [False] * 5)
+    groups = ["on"] * 100 + ["wearing"] * 10 + ["next to"] * 5  # "next to" is symmetric
+    assert hn_eval.aro_macro_accuracy(correct, groups, "relation") == (pytest.approx(0.5), 2)
+    pairs = ["red_blue"] * 100 + ["big_small"] * 10 + ["old_new"] * 5  # only one pair has 25+
+    assert hn_eval.aro_macro_accuracy(correct, pairs, "attributes") == (pytest.approx(0.9), 1)
+    assert hn_eval.aro_macro_accuracy(correct[:5], ["next to"] * 5, "relation") is None
+
+
+def test_aro_sets_report_the_macro_accuracy_and_skip_empty_boxes(tmp_path, sets, checkpoint, caplog):
+    shutil.copytree(sets / "images", tmp_path / "images")
+    items = list(json.loads((sets / "replace_relation.json").read_text()).values())
+    aro = [{"image_path": v["filename"], "true_caption": v["caption"],
+            "false_caption": v["negative_caption"], "relation_name": ("on", "under", "near")[i % 3],
+            "bbox_x": 0, "bbox_y": 0, "bbox_w": 0 if i == 0 else 32, "bbox_h": 32}
+           for i, v in enumerate(items)]
+    (tmp_path / "vg_relation.json").write_text(json.dumps(aro))
+    loaded = hn_eval.load_choice_set(str(tmp_path / "vg_relation.json"))
+    assert loaded.skipped == 1 and len(loaded.items) == len(items) - 1  # the empty box, not a crash
+    assert loaded.group_kind == "relation" and loaded.groups[:2] == ["under", "near"]
+    assert "less than a pixel wide or high" in caplog.text
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, model_configs=[CONFIG])
+    result = hn_eval.evaluate_sets(model, preprocess, tokenizer, [loaded])["vg_relation"]
+    assert result["groups"] == 2  # "near" is one of ARO's symmetric relations
+    correct = hn_eval.encode_choice_set(model, preprocess, tokenizer, loaded, "cpu", 64)
+    per_item = hn_eval.choice_correct(*correct)
+    on, under = ([per_item[i].item() for i, g in enumerate(loaded.groups) if g == name]
+                 for name in ("on", "under"))
+    assert result["acc"] == pytest.approx((sum(on) / len(on) + sum(under) / len(under)) / 2)
+    assert result["item_acc"] == pytest.approx(per_item.float().mean().item())
+
+
+def test_sugarcrepe_table_marks_a_split_scored_without_some_items():
+    from open_clip_hn.formats import format_sugarcrepe_table
+
+    table = format_sugarcrepe_table(["mine"], [{"swap_obj": {"acc": 0.7, "n": 9, "skipped": 1},
+                                                "swap_att": {"acc": 0.8, "n": 10, "skipped": 0}}])
+    rows = {tuple(line.split()[:2]): line.split()[2] for line in table.splitlines()[2:13]}
+    assert rows[("Swap", "obj")] == "70.0*" and rows[("Swap", "att")] == "80.0"
+    assert rows[("Swap", "avg")] == "75.0*"
+    assert "mine swap_obj (1 skipped); not comparable to the baselines" in table
+
+
+def test_cli_reads_the_retrieval_subfolder_and_refuses_an_output_inside_the_sets(sets, checkpoint,
+                                                                                 tmp_path, capsys):
+    base = ["--model", "hn-tiny-vit", "--model-config", CONFIG, "--pretrained", checkpoint,
+            "--compositional", str(sets), "--batch-size", "64"]
+    with pytest.raises(SystemExit) as stop:
+        hn_eval.main([*base, "--output", str(sets / "results.json")])
+    assert stop.value.code == 2 and "is inside the evaluation folder" in capsys.readouterr().err
+    document = hn_eval.main(base)
+    assert "image_to_text_R@1" in document["runs"][0]["results"]["retrieval"]

@@ -85,17 +85,20 @@ def ref_choice(image, text, mask, s):
 
 
 def ref_intra(image, text, mask, s):
+    """CE-CLIP's IMC: the caption against its image and every valid negative of the batch."""
     pos, neg = text.view(B, 1 + K, D)[:, 0], text.view(B, 1 + K, D)[:, 1:]
-    return sum(nll(s * dot(pos[i], image[i]), [s * dot(pos[i], neg[i, k]) for k in range(K) if mask[i, k]])
+    every = [(j, k) for j in range(B) for k in range(K) if mask[j, k]]
+    return sum(nll(s * dot(pos[i], image[i]), [s * dot(pos[i], neg[j, k]) for j, k in every])
                for i in range(B)) / B
 
 
-def ref_rank(image, text, mask, types, thresholds):
+def ref_rank(image, text, mask, types, thresholds, s):
+    """CE-CLIP's CMR in logits: relu(thr + s cos(I, T_k) - s cos(I, T))."""
     pos, neg = text.view(B, 1 + K, D)[:, 0], text.view(B, 1 + K, D)[:, 1:]
     total = 0.0
     for i in range(B):
-        hinges = [max(0.0, float(thresholds[types[i, k]]) + dot(image[i], neg[i, k]) - dot(image[i], pos[i]))
-                  for k in range(K) if mask[i, k]]
+        hinges = [max(0.0, float(thresholds[types[i, k]]) + s * dot(image[i], neg[i, k])
+                      - s * dot(image[i], pos[i])) for k in range(K) if mask[i, k]]
         total += sum(hinges) / len(hinges) if hinges else 0.0
     return total / B
 
@@ -129,12 +132,12 @@ def test_importance_without_weighting_is_itc():
 def test_choice_intra_rank_match_references():
     image, text, mask, types = batch(seed=6)
     loss = HardNegativeLoss(config(loss=("choice", "intra", "rank"), choice_weight=0.5, intra_weight=2.0,
-                                   rank_weight=3.0, rank_threshold="0.2"))
+                                   rank_weight=3.0, rank_threshold="2.0"))
     out = loss(image, text, SCALE, PackedOutputs(mask, types), output_dict=True)
     assert out["choice_loss"].item() == pytest.approx(0.5 * ref_choice(image, text, mask, 7.0), rel=1e-5)
     assert out["intra_loss"].item() == pytest.approx(2.0 * ref_intra(image, text, mask, 7.0), rel=1e-5)
     assert out["rank_loss"].item() == pytest.approx(
-        3.0 * ref_rank(image, text, mask, types, [0.2] * 9), rel=1e-5)
+        3.0 * ref_rank(image, text, mask, types, [2.0] * 9, 7.0), rel=1e-5)
 
 
 def test_mined_loss_matches_reference():

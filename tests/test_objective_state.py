@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 
 import pytest
 import torch
@@ -50,12 +49,12 @@ def run(loss: HardNegativeLoss, steps: range) -> list[dict[str, float]]:
 
 @pytest.mark.parametrize("kind,expected", [
     ("const", [0, 0, 0.2, 0.2, 0.2, 0.2]),
-    ("linear", [0, 0, 0.2, 0.4, 0.6, 0.8]),
-    ("cosine", [0, 0, 0.2, 1 - 0.8 * (1 + math.cos(math.pi / 4)) / 2, 0.6,
-                1 - 0.8 * (1 + math.cos(3 * math.pi / 4)) / 2]),
+    ("linear", [0, 0, 0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0]),
+    ("cosine", [0, 0, 0.2, 0.4, 0.8, 1.0]),
     ("step", [0, 0, 0.2, 0.2 + 0.8 / 3, 0.2 + 1.6 / 3, 1.0]),
 ])
 def test_curriculum_schedules(kind, expected):
+    """Six optimizer steps (0-5), warmup 2: `start` at step 2, `end` at the last step, 5."""
     values = [curriculum_value(s, kind=kind, warmup=2, start=0.2, end=1.0, total_steps=6) for s in range(6)]
     assert values == pytest.approx(expected, abs=1e-9)
     assert curriculum_value(6, kind=kind, warmup=2, start=0.2, end=1.0, total_steps=6) == \
@@ -69,7 +68,10 @@ def test_a_warmup_share_is_that_part_of_the_run():
 
     assert parse_warmup("117") == 117 and parse_warmup("12.50%") == "12.5%"
     assert (warmup_steps("12.5%", 937), warmup_steps("12.5%", 468), warmup_steps(117, 468)) == (117, 58, 117)
-    assert warmup_steps("12.5%", None) == 0  # the run's length unknown: no warmup to scale
+    with pytest.raises(ValueError, match="share of the run's optimizer steps, but the run's length is unknown"):
+        warmup_steps("12.5%", None)  # would silently be no warmup
+    with pytest.raises(ValueError, match="pass total_steps"):
+        HardNegativeLoss(HNConfig(curriculum_warmup="12.5%"))
     values = [curriculum_value(s, kind="const", warmup="50%", start=1.0, end=1.0, total_steps=6)
               for s in range(6)]
     assert values == [0, 0, 0, 1, 1, 1]
@@ -108,20 +110,32 @@ def test_warmup_uses_no_hard_negatives():
 
 
 def test_rank_thresholds_follow_the_observed_gaps():
-    gaps = torch.tensor([[0.2, 0.4], [0.6, -0.5]])
-    types = torch.tensor([[0, 0], [1, 1]])
-    mask = torch.tensor([[True, True], [True, False]])
-    mean = RankThresholds("adaptive-mean", momentum=0.5)
+    """CE-CLIP's rule: each step sets a type's margin to its mean logit gap (or largest / 5),
+    clamped to [0, 10]; a mis-ranked negative lowers the mean, never raises it."""
+    gaps = torch.tensor([[2.0, 4.0], [6.0, -5.0], [-1.0, 3.0]])
+    types = torch.tensor([[0, 0], [1, 1], [2, 2]])
+    mask = torch.tensor([[True, True], [True, False], [True, True]])
+    mean = RankThresholds("adaptive-mean")
     mean.update(gaps, types, mask)
-    assert mean.values()[:2].tolist() == pytest.approx([0.3, 0.6])  # bias-corrected: first = observed
-    mean.update(torch.full((2, 2), 0.9), types, mask)
-    assert mean.values()[0].item() == pytest.approx((0.5 * 0.5 * 0.3 + 0.5 * 0.9) / (1 - 0.25))
+    assert mean.values()[:4].tolist() == pytest.approx([3.0, 6.0, 1.0, 0.0])
+    assert mean.seen()[:4].tolist() == [True, True, True, False]
+    mean.update(torch.tensor([[30.0, 20.0], [-2.0, 0.0], [0.0, 0.0]]), types,
+                torch.tensor([[True, True], [True, True], [False, False]]))
+    # replaced (no average), clamped to [0, 10]; a type absent from the step keeps its margin
+    assert mean.values()[:3].tolist() == pytest.approx([10.0, 0.0, 1.0])
     maximum = RankThresholds("adaptive-max")
     maximum.update(gaps, types, mask)
-    assert maximum.values()[:3].tolist() == pytest.approx([0.4, 0.6, 0.0])
-    fixed = RankThresholds("fixed", fixed=0.1)
+    assert maximum.values()[:4].tolist() == pytest.approx([0.8, 1.2, 0.6, 0.0])
+    fixed = RankThresholds("fixed", fixed=2.0)
     fixed.update(gaps, types, mask)
-    assert torch.allclose(fixed.values(), torch.full((9,), 0.1))
+    assert torch.allclose(fixed.values(), torch.full((9,), 2.0))
+    again = RankThresholds("adaptive-mean")
+    again.load_state_dict(mean.state_dict())
+    assert torch.equal(again.values(), mean.values())
+    older = RankThresholds("adaptive-mean")  # a state of the cosine-average margins
+    older.load_state_dict({"average": torch.full((9,), 0.05, dtype=torch.float64),
+                           "updates": torch.ones(9, dtype=torch.long)})
+    assert older.values().eq(0).all()
 
 
 def test_state_updates_once_per_optimizer_step_with_accum_freq():
@@ -151,7 +165,7 @@ def test_resume_continues_bank_thresholds_and_curriculum_exactly():
     assert run(resumed, range(4, 8)) == expected[4:]
     final, again = straight.state_dict(), resumed.state_dict()
     assert torch.equal(final["bank"]["storage"], again["bank"]["storage"])
-    assert torch.equal(final["thresholds"]["average"], again["thresholds"]["average"])
+    assert torch.equal(final["thresholds"]["margins"], again["thresholds"]["margins"])
     assert final["step"] == again["step"] == 8
 
 

@@ -19,13 +19,16 @@ SCALE = torch.tensor(10.0)
 
 
 def reference_row(logits: list[float], target: int, eps: float, gamma: float) -> float:
-    """One row written out: valid columns are the finite ones."""
-    valid = [v for v in logits if v != float("-inf")]
-    z = math.log(sum(math.exp(v) for v in valid))
-    log_p = [v - z for v in valid]
-    target_log_p = logits[target] - z
-    ce = -(1 - eps) * target_log_p - eps / len(valid) * sum(log_p)
-    return (1 - math.exp(target_log_p)) ** gamma * ce
+    """One row written out as FSC-CLIP's focal loss with smoothed targets: valid columns are the
+    finite ones, each damped by its own probability."""
+    valid = [i for i, v in enumerate(logits) if v != float("-inf")]
+    z = math.log(sum(math.exp(logits[i]) for i in valid))
+    total = 0.0
+    for i in valid:
+        p = math.exp(logits[i] - z)
+        q = (1 - eps) * (i == target) + eps / len(valid)
+        total += q * (1 - p) ** gamma * -(logits[i] - z)
+    return total
 
 
 @pytest.mark.parametrize("eps,gamma", [(0.1, 0.0), (0.0, 2.0), (0.2, 1.5)])
@@ -48,6 +51,15 @@ def test_soft_cross_entropy_off_is_plain_cross_entropy_and_gradients_stay_finite
     value = L.soft_cross_entropy(lone, torch.tensor([0]), 0.1, 0.5)
     value.sum().backward()
     assert value.item() == pytest.approx(0.0, abs=1e-6) and torch.isfinite(lone.grad).all()
+
+
+def test_smoothing_under_focal_weighting_pulls_an_over_confident_target_back():
+    """Each column is damped by its own probability (FSC-CLIP), not all by the target's: the
+    smoothing targets of the unlikely columns stay nearly whole, so past the smoothed target a
+    larger target logit costs more (the gradient on it is positive) instead of less."""
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0]], requires_grad=True)
+    L.soft_cross_entropy(logits, torch.tensor([0]), 0.1, 1.0).sum().backward()
+    assert logits.grad[0, 0] > 0 and (logits.grad[0, 1:] < 0).all()
 
 
 def batch(k=3, n=6):

@@ -5,8 +5,10 @@ refused)."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
+import torch
 import yaml
 from conftest import TINY_MODEL
 
@@ -118,13 +120,20 @@ def test_the_patched_route_reads_abbreviations_too(tmp_path, parser, capsys):
 # ---------------------------------------------------------------------------- one policy
 
 
-def test_recommended_without_mirrors_drops_its_converse_settings(capsys):
+def test_recommended_without_mirrors_drops_its_converse_settings(capsys, caplog):
     """A recipe is a bundle whose parts the command line may switch off: `--hn-mirror none`
     switches recommended's converse term off with its mirrors, and the printed configuration
     is the run's (it used to ask for --hn-converse-weight 0 --hn-converse-margin 0 too)."""
     args = parse("--hn-config", "recommended", "--hn-mirror", "none")
     assert args.hn_mirror == () and (args.hn_converse_weight, args.hn_converse_margin) == (0.0, 0.0)
-    assert hooks._PLUGIN.run.config.converse_weight == 0 and not hooks._PLUGIN.run.config.packs_converse
+    run = hooks._PLUGIN.run
+    assert run.config.converse_weight == 0 and not run.config.packs_converse
+    # what was dropped is said once logging is up (OpenCLIP sets it up after the parse)
+    assert run.config.dropped == ("--hn-converse-margin 0.02", "--hn-converse-weight 10.0")
+    with caplog.at_level(logging.INFO):
+        run.model_created(torch.nn.Linear(1, 1), preprocess_val=None)
+    assert ("Recipe settings for a part this command line switched off run at their defaults: "
+            "--hn-converse-margin 0.02, --hn-converse-weight 10.0 (from --hn-config ") in caplog.text
     printed = printed_config(capsys, "--hn-config", "recommended", "--hn-mirror", "none")
     assert (printed["hn-converse-weight"], printed["hn-converse-margin"]) == (0.0, 0.0)
     assert printed["hn-negatives"] == "online" and printed["hn-choice-weight"] == 2.0

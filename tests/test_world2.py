@@ -74,7 +74,7 @@ def test_sets_are_read_by_the_evaluator(tmp_path):
     assert sorted(c.name for c in choice) == sorted(world2.COMPOSITIONAL_TYPES) and not pairs
     assert all(len(c.items) == 5 for c in choice)
     retrieval = hn_eval.load_retrieval_set(written["retrieval"])
-    assert len(retrieval.items) == 8 and len({c for _, c in retrieval.items}) == 8
+    assert len(retrieval.items) == 8 and len({c[0] for _, c in retrieval.items}) == 8
 
 
 def test_bad_sizes_are_refused_before_work(tmp_path):

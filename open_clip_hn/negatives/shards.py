@@ -45,17 +45,6 @@ def read_negatives(raw: bytes) -> list:
     return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
 
 
-def shard_has_negatives(shard_path: str, max_members: int = 64) -> bool:
-    """True if the first samples of a local tar shard carry `neg.json` members."""
-    with tarfile.open(shard_path) as tar:
-        for i, member in enumerate(tar):
-            if split_key(member.name)[1] == NEGATIVES_EXTENSION:
-                return True
-            if i >= max_members:
-                break
-    return False
-
-
 def shard_captions(path: str, caption_key: str) -> Iterator[str]:
     """The captions (members with extension `caption_key`) of one webdataset shard."""
     try:
