@@ -53,15 +53,16 @@ def curriculum_value(step: int, *, kind: str, warmup: int | str, start: float, e
                      total_steps: int | None) -> float:
     """c(step): 0 before `warmup` (steps, or a share of `total_steps`: `warmup_steps`), then
     const (= start), linear, cosine or stepped start -> end, reaching `end` at the run's last
-    optimizer step (total_steps - 1). Without `total_steps` (unknown run length) the schedule
-    stays at `start`."""
+    optimizer step (total_steps - 1; a run whose only step after the warmup is its last stays at
+    `start`). Without `total_steps` (unknown run length) the schedule stays at `start`, and a
+    warmup given as a share raises (`warmup_steps`)."""
     warmup = warmup_steps(warmup, total_steps)
     if step < warmup:
         return 0.0
     if kind == "const":
         return start
     span = (total_steps - 1 - warmup) if total_steps is not None else 0
-    progress = min(1.0, (step - warmup) / span) if span > 0 else float(total_steps is not None)
+    progress = min(1.0, (step - warmup) / span) if span > 0 else 0.0
     if kind == "linear":
         return start + (end - start) * progress
     if kind == "cosine":
@@ -87,7 +88,7 @@ def negative_keep_mask(shape: tuple[int, int], share: float, *, seed: int, step:
 
 
 RANK_MARGIN_MAX = 10.0  # CE-CLIP's upper bound on an adaptive margin (logits)
-MAX_GAP_SHARE = 5.0  # adaptive-max: the margin is the type's largest gap over this (CE-CLIP's /5)
+MAX_GAP_DIVISOR = 5.0  # adaptive-max: the margin is the type's largest gap over this (CE-CLIP's /5)
 
 
 class RankThresholds:
@@ -138,7 +139,7 @@ class RankThresholds:
         else:
             observed = torch.full_like(count, -math.inf).scatter_reduce_(
                 0, index, torch.where(valid.flatten(), flat, torch.full_like(flat, -math.inf)),
-                reduce="amax", include_self=True) / MAX_GAP_SHARE
+                reduce="amax", include_self=True) / MAX_GAP_DIVISOR
         observed = observed.clamp(0.0, RANK_MARGIN_MAX)
         self.margins = torch.where(present, observed, self.margins)
         self.updates = self.updates + present.long()
@@ -150,9 +151,14 @@ class RankThresholds:
         """Continue from `state_dict()`. A state saved before the margins were CE-CLIP's (an
         average of cosine gaps, key "average") restarts them at 0: they are set anew after the
         first step."""
-        if "margins" not in state:
-            logging.info("rank thresholds saved as cosine averages (an older open_clip_hn): the "
-                         "margins restart at 0 and are set from the first step's gaps")
+        if "margins" not in state:  # saved before the margins were in logits
+            if self.mode == "fixed":
+                logging.warning("resuming a state saved when --hn-rank-threshold MARGIN was a "
+                                "cosine: MARGIN %g is now in logits (logit scale x cosine; "
+                                "CE-CLIP's fixed default is 2.0)", self.fixed)
+            elif bool(state["updates"].any()):
+                logging.info("rank thresholds saved as cosine averages by an older open_clip_hn: "
+                             "the margins restart at 0 and are set from the first step's gaps")
             return
         if state["margins"].shape != self.margins.shape:
             raise ValueError(f"rank thresholds for {state['margins'].numel()} negative types cannot be "

@@ -37,11 +37,12 @@ from PIL import Image
 from .argtypes import overwritten_input, positive_int, torch_device, writable_output
 from .eval_sets import layout_error, read_choice_records, read_pair_records
 from .files import atomic_open, atomic_write_json
-from .formats import SUGARCREPE_SPLITS, file_slug, clip_benchmark_records, format_sugarcrepe_table
+from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, file_slug, format_sugarcrepe_table
 from .provenance import model_mismatch, read_sidecar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-COUNT_KEYS = ("n", "skipped", "groups")  # counts beside the metrics of a set's results
+COUNT_KEYS = ("n", "skipped", "groups_averaged")
+RETRIEVAL = "retrieval"  # the retrieval results' name, and the subfolder read with a set folder  # counts beside the metrics of a set's results
 # ARO's macro accuracies (Yuksekgonul et al., ICLR 2023; the repository's notebook
 # "Replicate ARO! VG-Relation, VG-Attribution"): VG-Relation averages over relations, leaving out
 # those whose two arguments can be exchanged without making the caption false; VG-Attribution
@@ -118,7 +119,7 @@ def pair_scores(scores: torch.Tensor) -> dict[str, float]:
 
 
 def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor,
-                     text_image: torch.Tensor | None = None, ks: Sequence[int] = (1, 5)
+                     ks: Sequence[int] = (1, 5), *, text_image: torch.Tensor | None = None
                      ) -> dict[str, float]:
     """R@k of image->text and text->image (CLIP_benchmark's definitions).
 
@@ -214,8 +215,10 @@ def load_choice_set(path: str) -> ChoiceSet:
         logging.warning(f"eval set {path}: {empty_boxes} item(s) whose box is less than a pixel "
                         "wide or high will be skipped")
     if not result.items:
-        raise FileNotFoundError(f"{path}: none of its {len(records)} images were found under "
-                                f"{os.path.join(root, 'images')} or {root}")
+        raise FileNotFoundError(f"{path}: none of its {len(records)} items has a usable image "
+                                f"({result.skipped - empty_boxes} not found under "
+                                f"{os.path.join(root, 'images')} or {root}, {empty_boxes} with a "
+                                "box under a pixel)")
     kinds = {kind for kind, _ in groups}
     if len(kinds) == 1 and None not in kinds:
         result.group_kind, result.groups = kinds.pop(), [group for _, group in groups]
@@ -285,12 +288,21 @@ def load_retrieval_set(folder: str) -> RetrievalSet:
     return result
 
 
+def retrieval_beside(root: str) -> RetrievalSet | None:
+    """The retrieval folder read with a compositional folder's sets: `root/retrieval/`, if any."""
+    folder = os.path.join(root, RETRIEVAL)
+    return load_retrieval_set(folder) if os.path.isdir(folder) else None
+
+
 def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
     """Every `*.json` (choice) and `*.jsonl` (image-pair) set directly inside `root`."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"compositional folder {root} does not exist")
     names = sorted(os.listdir(root))
     stems = [os.path.splitext(n)[0] for n in names if n.endswith((".json", ".jsonl"))]
+    if RETRIEVAL in stems:
+        raise layout_error(root, f"a set named {RETRIEVAL} would share the retrieval results' name; "
+                                 "rename it")
     twice = sorted({stem for stem in stems if stems.count(stem) > 1})
     if twice:
         raise layout_error(root, f"{twice[0]}.json and {twice[0]}.jsonl would share the results' "
@@ -312,8 +324,7 @@ def check_compositional_sets(root: str) -> dict[str, dict[str, int]]:
     a set left with no usable item raises (its scores would be meaningless).
     """
     choice_sets, pair_sets = discover_sets(root)
-    retrieval_dir = os.path.join(root, "retrieval")
-    retrieval = load_retrieval_set(retrieval_dir) if os.path.isdir(retrieval_dir) else None
+    retrieval = retrieval_beside(root)
     return check_sets(choice_sets, pair_sets, retrieval)
 
 
@@ -487,7 +498,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
             new_index[keep] = torch.arange(len(keep))
             kept_texts = new_index[owner] >= 0
             results["retrieval"] = {**retrieval_recall(images[keep], texts[kept_texts],
-                                                       new_index[owner][kept_texts]),
+                                                       text_image=new_index[owner][kept_texts]),
                                     "n": len(keep), "skipped": retrieval.skipped + len(bad)}
     finally:
         bar.close()
@@ -514,7 +525,7 @@ def _choice_metrics(s: ChoiceSet, correct: torch.Tensor, keep: list[int]) -> dic
                         f"accuracy (relations outside ARO's symmetric list; attribute pairs with "
                         f"{ARO_MIN_ATTRIBUTE_ITEMS}+ items); its acc is the per-item accuracy")
         return {"acc": accuracy}
-    return {"acc": macro[0], "item_acc": accuracy, "groups": macro[1]}
+    return {"acc": macro[0], "item_acc": accuracy, "groups_averaged": macro[1]}
 
 
 def _kept(path: str, count: int, unreadable: dict[int, str], per_item: int) -> list[int]:
@@ -552,8 +563,7 @@ def evaluate_compositional(model: torch.nn.Module, preprocess: Callable, tokeniz
     "retrieval/image_to_text_R@1". Restores the model's train/eval mode.
     """
     choice_sets, pair_sets = discover_sets(root)
-    retrieval_dir = os.path.join(root, "retrieval")
-    retrieval = load_retrieval_set(retrieval_dir) if os.path.isdir(retrieval_dir) else None
+    retrieval = retrieval_beside(root)
     return flatten(evaluate_sets(model, preprocess, tokenizer, choice_sets, pair_sets, retrieval,
                                  device, batch_size, autocast, input_dtype=input_dtype))
 
@@ -772,8 +782,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "DIR/images) and *.jsonl (Winoground-style image pairs).")
     parser.add_argument("--retrieval", default=None, metavar="DIR",
                         help="Folder of KEY.png + KEY.txt pairs (one caption per line) for "
-                             "R@1/R@5 both ways. Default: --compositional's retrieval/ subfolder "
-                             "when it has one (as the in-loop evaluation reads it).")
+                             "R@1/R@5 both ways, or none. Default: --compositional's retrieval/ "
+                             "subfolder when it has one (as the in-loop evaluation reads it).")
     parser.add_argument("--output", default=None, metavar="results.json|DIR",
                         help="JSON output: a file with --format json, a folder with --format "
                              "clip_benchmark.")
@@ -814,8 +824,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     labels = args.labels or [os.path.basename(p) for p in args.pretrained]
     if len({file_slug(label) for label in labels}) < len(labels):  # also one file name each
         labels = [f"{i}:{label}" for i, label in enumerate(labels)]
-    if args.retrieval is None and os.path.isdir(os.path.join(args.compositional, "retrieval")):
-        args.retrieval = os.path.join(args.compositional, "retrieval")
+    if args.retrieval is None and os.path.isdir(os.path.join(args.compositional, RETRIEVAL)):
+        args.retrieval = os.path.join(args.compositional, RETRIEVAL)
+    elif args.retrieval == "none":
+        args.retrieval = None
     if args.format == "clip_benchmark" and not args.output:
         parser.error("--format clip_benchmark writes one file per checkpoint and set: give the "
                      "folder as --output DIR")

@@ -76,7 +76,8 @@ def _task_and_metrics(name: str, metrics: dict[str, float]) -> tuple[str, dict[s
     if "group" in metrics:  # Winoground-style pairs
         return CHOICE_TASK, {"image_acc": metrics["image"], "text_acc": metrics["text"],
                              "acc": metrics["group"]}
-    return CHOICE_TASK, {"image_acc": 1.0, "text_acc": metrics["acc"], "acc": metrics["acc"]}
+    accuracy = metrics.get("item_acc", metrics["acc"])  # theirs is per item (ARO's acc is a macro)
+    return CHOICE_TASK, {"image_acc": 1.0, "text_acc": accuracy, "acc": accuracy}
 
 
 def clip_benchmark_records(model: str, pretrained: str, label: str,

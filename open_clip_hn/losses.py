@@ -285,7 +285,7 @@ def soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: fl
     eps = gamma = 0 is plain CE. Masked (-inf) columns get neither target mass nor gradient."""
     log_p = F.log_softmax(logits, dim=1)
     valid = torch.isfinite(logits)
-    target = F.one_hot(labels, logits.shape[1]).to(log_p.dtype)
+    target = torch.zeros_like(log_p).scatter_(1, labels.unsqueeze(1), 1.0)
     if smoothing > 0:
         uniform = valid.to(log_p.dtype) / valid.sum(dim=1, keepdim=True)
         target = (1 - smoothing) * target + smoothing * uniform

@@ -56,7 +56,8 @@ def test_retrieval_recall_by_hand():
     result = hn_eval.retrieval_recall(images, texts, ks=(1, 5))
     assert result["image_to_text_R@1"] == pytest.approx(4 / 6)
     assert result["text_to_image_R@1"] == pytest.approx(4 / 6)
-    # image 4's caption scores 0 for it, tied with four other captions: a tie counts against it
+    # image 4's own caption scores 0 for it: below caption 5 (which holds image 4's vector) and
+    # tied with the other four, each tie counting against it, so it ranks sixth
     assert result["image_to_text_R@5"] == pytest.approx(4 / 6)
 
 
@@ -170,7 +171,7 @@ def test_bad_json_names_file_and_layout(tmp_path, content, message):
 def test_all_images_missing_and_bad_folders(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps(
         {"0": {"filename": "nope.png", "caption": "a", "negative_caption": "b"}}))
-    with pytest.raises(FileNotFoundError, match="s.json: none of its 1 images"):
+    with pytest.raises(FileNotFoundError, match="s.json: none of its 1 items has a usable image \\(1 not found"):
         hn_eval.load_choice_set(str(tmp_path / "s.json"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         hn_eval.discover_sets(str(tmp_path / "absent"))
@@ -379,7 +380,7 @@ def test_retrieval_recall_with_several_captions_per_image():
     images = torch.eye(3)
     texts = torch.tensor([[1.0, 0, 0], [0, 0.9, 0.1], [0, 0.2, 0.8], [0.1, 0, 0.9]])
     owner = torch.tensor([0, 0, 1, 2])  # image 0 has two captions, the second points at image 1
-    result = hn_eval.retrieval_recall(images, texts, owner, ks=(1, 2))
+    result = hn_eval.retrieval_recall(images, texts, ks=(1, 2), text_image=owner)
     assert result["image_to_text_R@1"] == pytest.approx(2 / 3)  # image 1's caption loses to image 0's 2nd
     assert result["image_to_text_R@2"] == 1.0
     assert result["text_to_image_R@1"] == pytest.approx(2 / 4)  # captions 1 and 2 find another image first
@@ -410,6 +411,10 @@ def test_two_sets_with_one_stem_are_refused(tmp_path, sets):
     shutil.copy(sets / "relation_pairs.jsonl", tmp_path / "a.jsonl")
     with pytest.raises(ValueError, match="a.json and a.jsonl would share the results' name"):
         hn_eval.discover_sets(str(tmp_path))
+    os.remove(tmp_path / "a.jsonl")
+    shutil.copy(sets / "swap_objects.json", tmp_path / "retrieval.json")
+    with pytest.raises(ValueError, match="a set named retrieval would share the retrieval results' name"):
+        hn_eval.discover_sets(str(tmp_path))
 
 
 def test_aro_macro_accuracy_by_relation_and_by_attribute_pair():
@@ -437,7 +442,7 @@ def test_aro_sets_report_the_macro_accuracy_and_skip_empty_boxes(tmp_path, sets,
     assert "less than a pixel wide or high" in caplog.text
     model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, model_configs=[CONFIG])
     result = hn_eval.evaluate_sets(model, preprocess, tokenizer, [loaded])["vg_relation"]
-    assert result["groups"] == 2  # "near" is one of ARO's symmetric relations
+    assert result["groups_averaged"] == 2  # "near" is one of ARO's symmetric relations
     correct = hn_eval.encode_choice_set(model, preprocess, tokenizer, loaded, "cpu", 64)
     per_item = hn_eval.choice_correct(*correct)
     on, under = ([per_item[i].item() for i, g in enumerate(loaded.groups) if g == name]
@@ -466,3 +471,4 @@ def test_cli_reads_the_retrieval_subfolder_and_refuses_an_output_inside_the_sets
     assert stop.value.code == 2 and "is inside the evaluation folder" in capsys.readouterr().err
     document = hn_eval.main(base)
     assert "image_to_text_R@1" in document["runs"][0]["results"]["retrieval"]
+    assert "retrieval" not in hn_eval.main([*base, "--retrieval", "none"])["runs"][0]["results"]

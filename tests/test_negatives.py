@@ -362,3 +362,34 @@ def test_vocabulary_file_errors_name_the_file(tmp_path):
     (tmp_path / "empty.txt").write_text(" ,. \n")
     with pytest.raises(VocabularyError, match="empty.txt holds no words"):
         read_vocabulary(tmp_path / "empty.txt")
+
+
+def test_nouns_mean_a_sense_of_their_kind_and_roles_never_replace_people():
+    """objects.txt's sections fix the WordNet class a noun means (a "tiger" was read as a person
+    and became a "burger", itself a "burgher"); a role ("doctor") may be any man or woman, so the
+    two never replace each other; a noun without close co-hyponyms falls back to the most similar
+    nouns of its kind, not the alphabet's first ("sign" -> "airplane")."""
+    res = _resources()
+    assert (res.noun_lexname["tiger"], res.noun_lexname["burger"], res.noun_lexname["banana"]) == (
+        "noun.animal", "noun.food", "noun.food")
+    assert "lion" in res.noun_candidates["tiger"] and "burger" not in res.noun_candidates["tiger"]
+    assert not {"doctor", "nurse", "teacher", "chef", "player"} & set(res.noun_candidates["man"])
+    assert "woman" in res.noun_candidates["man"] and "man" not in res.noun_candidates["doctor"]
+    assert "airplane" not in res.noun_candidates["sign"] and "building" in res.noun_candidates["sign"]
+    assert res.noun_candidates["cube"][:3] == ("pyramid", "cylinder", "ring")  # shapes unchanged
+
+
+def test_the_items_of_a_list_never_merely_trade_places():
+    """"a white toilet and a small sink" and "a small sink and a white toilet" are one scene: a
+    trade of list items is no negative; a trade of their attributes, or of the two sides of a
+    relation, is."""
+    generator = NegativeGenerator(types=("swap_objects", "swap_attributes", "shuffle_order"))
+    assert generator.generate("a large dog and a small dog", 4) == []
+    found = generator.candidates("a bathroom with a white toilet and a small sink")
+    texts = {text for candidates in found.values() for text in candidates}
+    assert "a bathroom with a small sink and a white toilet" not in texts
+    assert "a bathroom with a small toilet and a white sink" in found["swap_attributes"]
+    assert "a bathroom with a white sink and a small toilet" in found["swap_objects"]
+    listed = generator.candidates("a cat, a dog and a bird on a couch")
+    assert not any(text.startswith(("a dog, a cat", "a bird, a dog")) for texts in listed.values() for text in texts)
+    assert "a small dog chasing a large dog" in generator.candidates("a large dog chasing a small dog")["swap_attributes"]

@@ -59,6 +59,8 @@ def test_curriculum_schedules(kind, expected):
     assert values == pytest.approx(expected, abs=1e-9)
     assert curriculum_value(6, kind=kind, warmup=2, start=0.2, end=1.0, total_steps=6) == \
         pytest.approx(0.2 if kind == "const" else 1.0)
+    # the only step after the warmup is the last: `start`, the value right after the warmup
+    assert curriculum_value(5, kind=kind, warmup=5, start=0.2, end=1.0, total_steps=6) == pytest.approx(0.2)
 
 
 def test_a_warmup_share_is_that_part_of_the_run():

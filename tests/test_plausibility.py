@@ -386,14 +386,17 @@ def test_plausibility_and_audit_modules_import_no_torch(tmp_path, captions):
 
 
 def test_artefacts_the_audit_found_are_fixed():
-    """All-caps captions get all-caps negatives (inserted and re-inflected words too), and a
-    coordinated subject keeps its plural verb when one conjunct changes number."""
+    """All-caps captions get all-caps negatives (inserted and re-inflected words too), a
+    coordinated subject keeps its plural verb when one conjunct changes, and the items of a list
+    never merely trade places (the same scene: not a negative)."""
     generator = NegativeGenerator()
     shouted = generator.candidates("A DOG SITTING ON A RED COUCH NEXT TO TWO CATS")
     assert {"add_object", "add_attribute", "swap_attributes"} <= set(shouted)
     assert all(text == text.upper() for texts in shouted.values() for text in texts)
     found = generator.candidates("A zebra and two elephants are on a grassy field.")
-    assert "Two elephants and a zebra are on a grassy field." in found["swap_objects"]
+    assert "A grassy field and two elephants are on a zebra." in found["swap_objects"]
+    assert "Two elephants and a zebra are on a grassy field." not in found["swap_objects"]
+    assert not any(text.startswith("Two elephants and a zebra") for texts in found.values() for text in texts)
     assert "Two zebras and an elephant are on a grassy field." in found["swap_attributes"]
     assert generator.candidates("Two dogs are sleeping on a bed.")["swap_objects"] == ["A bed is sleeping on two dogs."]
 

@@ -74,6 +74,18 @@ def _group(p: Parse, np: NounPhrase) -> tuple[list[str], list[str]]:
     return p.words[np.attr_start:np.nouns_start], p.gaps[np.attr_start:np.nouns_start]
 
 
+_COORDINATORS = frozenset(("and", ",", "&"))
+
+
+def _coordinated(p: Parse, a: NounPhrase, b: NounPhrase) -> bool:
+    """`a` and `b` (a first) are items of one list ("a white toilet and a small sink", "a cat, a
+    dog and a bird"): only "and", commas and other items between them. Their order says nothing,
+    so trading the two phrases keeps the caption true."""
+    inside = {i for np in p.nps for i in range(np.start, np.end)}
+    between = [p.words[i].lower() for i in range(a.end, b.start) if i not in inside]
+    return bool(between) and set(between) <= _COORDINATORS
+
+
 def _trade_groups(p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
     """Whole attribute groups trade places ("a very tall building by lush green grass")."""
     (wa, ga), (wb, gb) = _group(p, a), _group(p, b)
@@ -128,6 +140,8 @@ def swap_attributes(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
     for x in range(len(p.nps)):
         for y in range(x + 1, len(p.nps)):
             a, b = p.nps[x], p.nps[y]
+            if a.lemma == b.lemma and _coordinated(p, a, b):
+                continue  # "a large dog and a small dog" -> "a small dog and a large dog": the same
             counts = _trade_counts(res, p, a, b)
             if counts is not None:
                 groups.append(counts)
@@ -173,7 +187,8 @@ def swap_objects(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
             a, b = p.nps[x], p.nps[y]
             if not _swappable(res, a, b):
                 continue
-            (subject if x == 0 else others).append(_trade_phrases(res, p, a, b))
+            if not _coordinated(p, a, b):  # "a toilet and a sink" -> "a sink and a toilet": the same
+                (subject if x == 0 else others).append(_trade_phrases(res, p, a, b))
             if a.attrs or b.attrs:
                 heads.append(splice(p, [
                     (a.head, a.head + 1, [match_case(p.words[a.head], noun_form(res, b.lemma, a.plural))], None),
@@ -190,7 +205,7 @@ def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
         for y in range(x + 1, len(p.nps)):
             a, b = p.nps[x], p.nps[y]
             wa, wb = [w.lower() for w in p.words[a.start:a.end]], [w.lower() for w in p.words[b.start:b.end]]
-            if wa != wb and a.lemma != b.lemma:
+            if wa != wb and a.lemma != b.lemma and not _coordinated(p, a, b):
                 out.append(_trade_phrases(res, p, a, b))
     rng.shuffle(out)
     return out

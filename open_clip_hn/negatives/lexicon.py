@@ -31,6 +31,23 @@ GENERIC_SYNSETS = frozenset((
     "covering.n.02", "equipment.n.01",
 ))
 MAX_NOUN_CANDIDATES = 12
+# objects.txt's sections ("# people", ...) and the WordNet classes a noun of each may mean, best
+# first: "burger" is food, not a "burgher"; "banana" the fruit before the plant; a "tiger" an animal
+SECTION_LEXNAMES: dict[str, tuple[str, ...]] = {
+    "people": ("noun.person",),
+    "people: roles": ("noun.person",),
+    "animals": ("noun.animal",),
+    "vehicles": ("noun.artifact",),
+    "street": ("noun.artifact", "noun.object", "noun.location", "noun.communication"),
+    "furniture / indoor": ("noun.artifact", "noun.object", "noun.communication"),
+    "sports": ("noun.artifact",),
+    "food": ("noun.food", "noun.plant"),
+    "nature / places": ("noun.object", "noun.location", "noun.plant", "noun.phenomenon",
+                        "noun.substance", "noun.artifact"),
+    "shapes (CLEVR-style scenes)": ("noun.shape", "noun.artifact", "noun.object"),
+}
+# a person named by a role ("doctor", "skier") may be any man, woman or child: never one's negative
+ROLE_SECTION = "people: roles"
 # An indirect antonym ("rainy" is similar to "wet", whose antonym is "dry") is only used when it is a
 # common word: rare ones ("unrhetorical") mostly come from a sense a caption does not mean.
 MIN_INDIRECT_ANTONYM_TAGS = 3
@@ -69,15 +86,18 @@ def _read_json(name: str) -> dict:
         return json.load(handle)
 
 
-def _read_objects() -> list[tuple[str, str, str]]:
-    """(singular, plural, pinned WordNet sense or '') rows of objects.txt."""
-    rows = []
+def _read_objects() -> list[tuple[str, str, str, str]]:
+    """(singular, plural, pinned WordNet sense or '', section) rows of objects.txt; a section is
+    a comment line naming one of `SECTION_LEXNAMES`."""
+    rows, section = [], ""
     for line in (DATA_DIR / "objects.txt").read_text(encoding="utf-8").splitlines():
         line = line.strip()
+        if line.startswith("#") and line[1:].strip() in SECTION_LEXNAMES:
+            section = line[1:].strip()
         if not line or line.startswith("#"):
             continue
         singular, plural, sense = (line.split("|") + ["", ""])[:3]
-        rows.append((singular, plural or regular_plural(singular), sense))
+        rows.append((singular, plural or regular_plural(singular), sense, section))
     return rows
 
 
@@ -195,24 +215,35 @@ def _noun_synsets(wn, noun: str) -> list:
     return wn.synsets(noun.replace(" ", "_"), "n") or wn.synsets(noun.split()[-1], "n")
 
 
-def _visual_sense(synsets: list):
-    """The most frequent sense that names something visible (a 'table' is furniture, not data)."""
+def _visual_sense(synsets: list, lexnames: tuple[str, ...] = ()):
+    """The sense of the first of `lexnames` (the noun's section) that the noun has, the most
+    frequent first; else the most frequent sense that names something visible (a 'table' is
+    furniture, not data)."""
+    for lexname in lexnames:
+        sense = next((s for s in synsets if s.lexname() == lexname), None)
+        if sense is not None:
+            return sense
     return next((s for s in synsets if s.lexname() in VISUAL_LEXNAMES), synsets[0])
 
 
-def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str]):
-    """Lexnames, co-hyponym candidates and related (never-swap, never-replace) pairs."""
+def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str], sections: dict[str, str]):
+    """Lexnames, co-hyponym candidates and related (never-swap, never-replace) pairs. A noun
+    means a sense of its section's classes; a role and a person's kind ("doctor", "man") are
+    never each other's replacement."""
     synsets = {w: _noun_synsets(wn, w) for w in lemmas}
     closure = {w: {a for s in synsets[w] for a in _ancestors(s)} for w in lemmas}
-    sense = {w: wn.synset(pinned[w]) if pinned.get(w) else _visual_sense(synsets[w])
+    sense = {w: wn.synset(pinned[w]) if pinned.get(w) else
+             _visual_sense(synsets[w], SECTION_LEXNAMES.get(sections.get(w, ""), ()))
              for w in lemmas if synsets[w]}
+    role = {w: sections.get(w) == ROLE_SECTION for w in lemmas}
+    person = {w: sections.get(w, "").startswith("people") for w in lemmas}
     first = {w: _ancestors(s) for w, s in sense.items()}
     lexname = {w: s.lexname() for w, s in sense.items()}
     related, candidates = set(), {}
     for a in lemmas:
         scored = []
         for b in lemmas:
-            if a == b:
+            if a == b or (person[a] and person[b] and role[a] != role[b]):
                 continue
             if set(synsets[a]) & set(synsets[b]) or (b in sense and sense[b] in closure[a]) or (
                     a in sense and sense[a] in closure[b]):
@@ -225,10 +256,13 @@ def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str]):
             scored.sort()
             floor = -scored[0][0] - 2
             candidates[a] = tuple(b for d, b in scored[:MAX_NOUN_CANDIDATES] if -d >= floor)
-    for a in first:  # no close co-hyponym: fall back to unrelated nouns of the same lexicographer class
+    for a in first:  # no close co-hyponym: the nearest unrelated nouns of its class, its section's first
         if not candidates.get(a):
-            same = [b for b in first if b != a and lexname[b] == lexname[a] and frozenset((a, b)) not in related]
-            candidates[a] = tuple(sorted(same)[:MAX_NOUN_CANDIDATES])
+            same = [b for b in first if b != a and lexname[b] == lexname[a] and frozenset((a, b)) not in related
+                    and not (person[a] and person[b] and role[a] != role[b])]
+            same.sort(key=lambda b: (sections.get(b) != sections.get(a),
+                                     -(sense[a].path_similarity(sense[b]) or 0.0), b))
+            candidates[a] = tuple(same[:MAX_NOUN_CANDIDATES])
     return lexname, candidates, frozenset(related)
 
 
@@ -317,11 +351,12 @@ def build_resources() -> Resources:
     objects = _read_objects()
 
     nouns, plurals = {}, {}
-    for singular, plural, _ in objects:
+    for singular, plural, *_ in objects:
         plurals[singular] = plural
         nouns.setdefault(singular, (singular, False))
         nouns.setdefault(plural, (singular, True))
-    noun_lexname, noun_candidates, related_nouns = _noun_tables(wn, list(plurals), {s: sense for s, _, sense in objects})
+    noun_lexname, noun_candidates, related_nouns = _noun_tables(
+        wn, list(plurals), {s: sense for s, _, sense, _ in objects}, {s: section for s, *_, section in objects})
 
     categories = {c: tuple(dict.fromkeys(ws)) for c, ws in attributes["categories"].items()}
     attr_category = {w: c for c, ws in categories.items() for w in ws}
@@ -359,7 +394,7 @@ def build_resources() -> Resources:
     verb_candidates = _verb_tables(wn, list(verb_table), verb_groups, verb_synonyms)
     state_groups = [set(verb_groups[name]) for name in attributes.get("state_verb_groups", ())]
     multiword: dict[str, list[tuple[str, ...]]] = {}
-    for phrase in [*relations, *attr_category, *(s for s, _, _ in objects), *(p for _, p, _ in objects)]:
+    for phrase in [*relations, *attr_category, *(s for s, *_ in objects), *(p for _, p, *_ in objects)]:
         words = tuple(phrase.split())
         if len(words) > 1:
             multiword.setdefault(words[0], []).append(words)
