@@ -385,7 +385,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-loss", dest="hn_loss", type=_loss_terms, default=("itc",), metavar="TERMS",
         help=loss_help())
     add("--hn-seed", dest="hn_seed", type=int, default=0,
-        help="Seed of the negative generator; negatives are a pure function of (caption, seed, types, K).")
+        help="Seed of the negative generator; negatives are a pure function of the caption, "
+             "the seed, K and the generator's settings.")
     add("--hn-lm", dest="hn_lm", type=path_value, default=None, metavar="PATH",
         help="Local masked language model (transformers) that proposes replacement words; "
              "proposals pass the same WordNet validity filter.")

@@ -41,8 +41,8 @@ from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, file_slug, forma
 from .provenance import model_mismatch, read_sidecar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-COUNT_KEYS = ("n", "skipped", "groups_averaged")
-RETRIEVAL = "retrieval"  # the retrieval results' name, and the subfolder read with a set folder  # counts beside the metrics of a set's results
+COUNT_KEYS = ("n", "skipped", "groups_averaged")  # counts beside the metrics of a set's results
+RETRIEVAL = "retrieval"  # the retrieval results' name, and the subfolder read with a set folder
 # ARO's macro accuracies (Yuksekgonul et al., ICLR 2023; the repository's notebook
 # "Replicate ARO! VG-Relation, VG-Attribution"): VG-Relation averages over relations, leaving out
 # those whose two arguments can be exchanged without making the caption false; VG-Attribution
@@ -824,10 +824,10 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     labels = args.labels or [os.path.basename(p) for p in args.pretrained]
     if len({file_slug(label) for label in labels}) < len(labels):  # also one file name each
         labels = [f"{i}:{label}" for i, label in enumerate(labels)]
-    if args.retrieval is None and os.path.isdir(os.path.join(args.compositional, RETRIEVAL)):
-        args.retrieval = os.path.join(args.compositional, RETRIEVAL)
-    elif args.retrieval == "none":
+    if args.retrieval == "none":
         args.retrieval = None
+    elif args.retrieval is None and os.path.isdir(os.path.join(args.compositional, RETRIEVAL)):
+        args.retrieval = os.path.join(args.compositional, RETRIEVAL)  # as retrieval_beside reads it
     if args.format == "clip_benchmark" and not args.output:
         parser.error("--format clip_benchmark writes one file per checkpoint and set: give the "
                      "folder as --output DIR")

@@ -328,7 +328,7 @@ def test_all_caps_articles_stay_upper_case():
 
 def test_vocabulary_keeps_new_words_inside_the_data():
     """With a vocabulary, a negative only brings in the data's own words ("cube" -> "cone", never
-    "doughnut"), so the text tower cannot reject it for an unseen word; each type still applies."""
+    "pyramid"), so the text tower cannot reject it for an unseen word; each type still applies."""
     import random
 
     from open_clip_hn import scenes
@@ -376,7 +376,7 @@ def test_nouns_mean_a_sense_of_their_kind_and_roles_never_replace_people():
     assert not {"doctor", "nurse", "teacher", "chef", "player"} & set(res.noun_candidates["man"])
     assert "woman" in res.noun_candidates["man"] and "man" not in res.noun_candidates["doctor"]
     assert "airplane" not in res.noun_candidates["sign"] and "building" in res.noun_candidates["sign"]
-    assert res.noun_candidates["cube"][:3] == ("pyramid", "cylinder", "ring")  # shapes unchanged
+    assert res.noun_candidates["cube"][:3] == ("pyramid", "cylinder", "ring")  # shapes keep their order
 
 
 def test_the_items_of_a_list_never_merely_trade_places():
@@ -393,3 +393,7 @@ def test_the_items_of_a_list_never_merely_trade_places():
     listed = generator.candidates("a cat, a dog and a bird on a couch")
     assert not any(text.startswith(("a dog, a cat", "a bird, a dog")) for texts in listed.values() for text in texts)
     assert "a small dog chasing a large dog" in generator.candidates("a large dog chasing a small dog")["swap_attributes"]
+    # not a list: the same noun with another count, or two clauses joined by "and"
+    assert "a white dog and two black dogs" in generator.candidates("two white dogs and a black dog")["swap_attributes"]
+    clauses = generator.candidates("a cat on a table and a dog under a chair")["swap_objects"]
+    assert "a cat on a dog and a table under a chair" in clauses

@@ -77,13 +77,30 @@ def _group(p: Parse, np: NounPhrase) -> tuple[list[str], list[str]]:
 _COORDINATORS = frozenset(("and", ",", "&"))
 
 
+def _predicate(p: Parse, i: int) -> bool:
+    """Unit `i` relates what comes before it to what follows: a relation, a preposition or a verb
+    other than a copula ("a dog *under* a chair", "a man *holding* a cup")."""
+    return 0 <= i < len(p.words) and (p.kinds[i] == "rel" or p.tags[i] in ("ADP", "VERB")) and (
+        p.words[i].lower() not in _COPULAS)
+
+
 def _coordinated(p: Parse, a: NounPhrase, b: NounPhrase) -> bool:
     """`a` and `b` (a first) are items of one list ("a white toilet and a small sink", "a cat, a
-    dog and a bird"): only "and", commas and other items between them. Their order says nothing,
-    so trading the two phrases keeps the caption true."""
+    dog and a bird"): only "and", commas and other items between them, and not two clauses ("a
+    cat on *a table* and *a dog* under a chair": the object of one predicate, the subject of the
+    next). Their order says nothing, so trading the two phrases keeps the caption true."""
     inside = {i for np in p.nps for i in range(np.start, np.end)}
     between = [p.words[i].lower() for i in range(a.end, b.start) if i not in inside]
-    return bool(between) and set(between) <= _COORDINATORS
+    if not between or not set(between) <= _COORDINATORS:
+        return False
+    return not (_predicate(p, a.start - 1) and _predicate(p, b.end))
+
+
+def _same_item(p: Parse, a: NounPhrase, b: NounPhrase) -> bool:
+    """Two phrases of one noun with the same count ("a large dog and a small dog"): trading their
+    attributes only trades their places."""
+    count = lambda np: ([w.lower() for w in p.words[np.start:np.attr_start]], np.plural)
+    return a.lemma == b.lemma and count(a) == count(b)
 
 
 def _trade_groups(p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
@@ -140,7 +157,7 @@ def swap_attributes(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
     for x in range(len(p.nps)):
         for y in range(x + 1, len(p.nps)):
             a, b = p.nps[x], p.nps[y]
-            if a.lemma == b.lemma and _coordinated(p, a, b):
+            if _same_item(p, a, b) and _coordinated(p, a, b):
                 continue  # "a large dog and a small dog" -> "a small dog and a large dog": the same
             counts = _trade_counts(res, p, a, b)
             if counts is not None:

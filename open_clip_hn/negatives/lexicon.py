@@ -28,7 +28,7 @@ GENERIC_SYNSETS = frozenset((
     "instrumentality.n.03", "attribute.n.02", "location.n.01", "substance.n.01", "unit.n.03",
     "group.n.01", "psychological_feature.n.01", "measure.n.02", "relation.n.01", "part.n.02",
     "thing.n.12", "physical_object.n.01", "structure.n.01", "container.n.01", "device.n.01",
-    "covering.n.02", "equipment.n.01",
+    "covering.n.02", "equipment.n.01", "natural_object.n.01", "social_group.n.01",
 ))
 MAX_NOUN_CANDIDATES = 12
 # objects.txt's sections ("# people", ...) and the WordNet classes a noun of each may mean, best
@@ -42,7 +42,7 @@ SECTION_LEXNAMES: dict[str, tuple[str, ...]] = {
     "furniture / indoor": ("noun.artifact", "noun.object", "noun.communication"),
     "sports": ("noun.artifact",),
     "food": ("noun.food", "noun.plant"),
-    "nature / places": ("noun.object", "noun.location", "noun.plant", "noun.phenomenon",
+    "nature / places": ("noun.object", "noun.plant", "noun.location", "noun.phenomenon",
                         "noun.substance", "noun.artifact"),
     "shapes (CLEVR-style scenes)": ("noun.shape", "noun.artifact", "noun.object"),
 }
@@ -228,8 +228,8 @@ def _visual_sense(synsets: list, lexnames: tuple[str, ...] = ()):
 
 def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str], sections: dict[str, str]):
     """Lexnames, co-hyponym candidates and related (never-swap, never-replace) pairs. A noun
-    means a sense of its section's classes; a role and a person's kind ("doctor", "man") are
-    never each other's replacement."""
+    means a sense of its section's classes; candidates of its own section come first; a role and
+    a person's kind ("doctor", "man") are never each other's replacement."""
     synsets = {w: _noun_synsets(wn, w) for w in lemmas}
     closure = {w: {a for s in synsets[w] for a in _ancestors(s)} for w in lemmas}
     sense = {w: wn.synset(pinned[w]) if pinned.get(w) else
@@ -243,23 +243,27 @@ def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str], sections: dict[s
     for a in lemmas:
         scored = []
         for b in lemmas:
-            if a == b or (person[a] and person[b] and role[a] != role[b]):
+            if a == b:
                 continue
             if set(synsets[a]) & set(synsets[b]) or (b in sense and sense[b] in closure[a]) or (
                     a in sense and sense[a] in closure[b]):
                 related.add(frozenset((a, b)))
-            elif a in first and b in first:
+            elif a in first and b in first and not (person[a] and person[b] and role[a] != role[b]):
                 shared = [s for s in first[a].keys() & first[b].keys() if s.name() not in GENERIC_SYNSETS]
                 if shared:
                     scored.append((-max(first[a][s] for s in shared), b))
         if scored:
             scored.sort()
             floor = -scored[0][0] - 2
-            candidates[a] = tuple(b for d, b in scored[:MAX_NOUN_CANDIDATES] if -d >= floor)
-    for a in first:  # no close co-hyponym: the nearest unrelated nouns of its class, its section's first
-        if not candidates.get(a):
-            same = [b for b in first if b != a and lexname[b] == lexname[a] and frozenset((a, b)) not in related
-                    and not (person[a] and person[b] and role[a] != role[b])]
+            close = [(d, b) for d, b in scored[:MAX_NOUN_CANDIDATES] if -d >= floor]
+            close.sort(key=lambda db: (sections.get(db[1]) != sections.get(a), db))
+            candidates[a] = tuple(b for _, b in close)
+    for a in first:  # no close co-hyponym: the nearest unrelated nouns of its class (else of its
+        if not candidates.get(a):  # section), its section's first
+            unrelated = [b for b in first if b != a and frozenset((a, b)) not in related
+                         and not (person[a] and person[b] and role[a] != role[b])]
+            same = [b for b in unrelated if lexname[b] == lexname[a]] or [
+                b for b in unrelated if sections.get(b) == sections.get(a)]
             same.sort(key=lambda b: (sections.get(b) != sections.get(a),
                                      -(sense[a].path_similarity(sense[b]) or 0.0), b))
             candidates[a] = tuple(same[:MAX_NOUN_CANDIDATES])
