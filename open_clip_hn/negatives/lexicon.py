@@ -48,6 +48,12 @@ SECTION_LEXNAMES: dict[str, tuple[str, ...]] = {
 }
 # a person named by a role ("doctor", "skier") may be any man, woman or child: never one's negative
 ROLE_SECTION = "people: roles"
+# people words that can name the same person as another kind or role: a child is a boy or a girl,
+# a surfer is a rider, anyone a tourist; never replaced by those or replacing them
+COMPATIBLE_PEOPLE = (
+    ({"child", "kid", "baby"}, {"boy", "girl"}),
+    ({"player", "rider", "student", "worker", "tourist"}, None),  # None: every other person
+)
 # An indirect antonym ("rainy" is similar to "wet", whose antonym is "dry") is only used when it is a
 # common word: rare ones ("unrhetorical") mostly come from a sense a caption does not mean.
 MIN_INDIRECT_ANTONYM_TAGS = 3
@@ -228,8 +234,9 @@ def _visual_sense(synsets: list, lexnames: tuple[str, ...] = ()):
 
 def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str], sections: dict[str, str]):
     """Lexnames, co-hyponym candidates and related (never-swap, never-replace) pairs. A noun
-    means a sense of its section's classes; candidates of its own section come first; a role and
-    a person's kind ("doctor", "man") are never each other's replacement."""
+    means a sense of its section's classes; candidates of its own section come first; people
+    words that may name the same person ("doctor" and "man", "child" and "boy") are never each
+    other's replacement."""
     synsets = {w: _noun_synsets(wn, w) for w in lemmas}
     closure = {w: {a for s in synsets[w] for a in _ancestors(s)} for w in lemmas}
     sense = {w: wn.synset(pinned[w]) if pinned.get(w) else
@@ -237,6 +244,19 @@ def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str], sections: dict[s
              for w in lemmas if synsets[w]}
     role = {w: sections.get(w) == ROLE_SECTION for w in lemmas}
     person = {w: sections.get(w, "").startswith("people") for w in lemmas}
+
+    def compatible(a: str, b: str) -> bool:
+        """Two people words that may name the same person (a role and a kind, `COMPATIBLE_PEOPLE`)."""
+        if not (person[a] and person[b]):
+            return False
+        if role[a] != role[b]:
+            return True
+        for one, other in COMPATIBLE_PEOPLE:
+            for x, y in ((a, b), (b, a)):
+                if x in one and (other is None or y in other):
+                    return True
+        return False
+
     first = {w: _ancestors(s) for w, s in sense.items()}
     lexname = {w: s.lexname() for w, s in sense.items()}
     related, candidates = set(), {}
@@ -248,7 +268,7 @@ def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str], sections: dict[s
             if set(synsets[a]) & set(synsets[b]) or (b in sense and sense[b] in closure[a]) or (
                     a in sense and sense[a] in closure[b]):
                 related.add(frozenset((a, b)))
-            elif a in first and b in first and not (person[a] and person[b] and role[a] != role[b]):
+            elif a in first and b in first and not compatible(a, b):
                 shared = [s for s in first[a].keys() & first[b].keys() if s.name() not in GENERIC_SYNSETS]
                 if shared:
                     scored.append((-max(first[a][s] for s in shared), b))
@@ -261,7 +281,7 @@ def _noun_tables(wn, lemmas: list[str], pinned: dict[str, str], sections: dict[s
     for a in first:  # no close co-hyponym: the nearest unrelated nouns of its class (else of its
         if not candidates.get(a):  # section), its section's first
             unrelated = [b for b in first if b != a and frozenset((a, b)) not in related
-                         and not (person[a] and person[b] and role[a] != role[b])]
+                         and not compatible(a, b)]
             same = [b for b in unrelated if lexname[b] == lexname[a]] or [
                 b for b in unrelated if sections.get(b) == sections.get(a)]
             same.sort(key=lambda b: (sections.get(b) != sections.get(a),
