@@ -298,14 +298,16 @@ def _field(flag: str) -> str:
     return flag[len("--hn-"):].replace("-", "_")
 
 
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(HNConfig)}
+
+
 def _settings_for_parts_off(c: HNConfig) -> dict[str, Target]:
     """The settings other than their default for a part of the run that is off: they would
     change nothing. A zero or empty value says "off" itself (`--hn-num-negatives 0`, a weight
     of 0), so it is never one of them."""
-    defaults = {f.name: f.default for f in dataclasses.fields(c)}
     return {flag: target for flag, target in _settings_and_targets(c).items()
             if not target.on and getattr(c, _field(flag))
-            and getattr(c, _field(flag)) != defaults[_field(flag)]}
+            and getattr(c, _field(flag)) != _default(flag)}
 
 
 def without_recipe_settings_for_parts_off(c: HNConfig, recipe: HNConfig | None) -> HNConfig:
@@ -326,7 +328,8 @@ def without_recipe_settings_for_parts_off(c: HNConfig, recipe: HNConfig | None) 
 
 
 def _default(flag: str) -> Any:
-    return next(f.default for f in dataclasses.fields(HNConfig) if f.name == _field(flag))
+    """The setting of `flag` when no flag or recipe gives it (HNConfig's field default)."""
+    return _FIELD_DEFAULTS[_field(flag)]
 
 
 def _value_text(value: Any) -> str:

@@ -288,10 +288,16 @@ def load_retrieval_set(folder: str) -> RetrievalSet:
     return result
 
 
-def retrieval_beside(root: str) -> RetrievalSet | None:
+def retrieval_folder(root: str) -> str | None:
     """The retrieval folder read with a compositional folder's sets: `root/retrieval/`, if any."""
     folder = os.path.join(root, RETRIEVAL)
-    return load_retrieval_set(folder) if os.path.isdir(folder) else None
+    return folder if os.path.isdir(folder) else None
+
+
+def retrieval_beside(root: str) -> RetrievalSet | None:
+    """`retrieval_folder(root)` loaded, if there is one."""
+    folder = retrieval_folder(root)
+    return None if folder is None else load_retrieval_set(folder)
 
 
 def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
@@ -826,8 +832,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         labels = [f"{i}:{label}" for i, label in enumerate(labels)]
     if args.retrieval == "none":
         args.retrieval = None
-    elif args.retrieval is None and os.path.isdir(os.path.join(args.compositional, RETRIEVAL)):
-        args.retrieval = os.path.join(args.compositional, RETRIEVAL)  # as retrieval_beside reads it
+    elif args.retrieval is None:  # as the in-loop evaluation reads the folder
+        args.retrieval = retrieval_folder(args.compositional)
     if args.format == "clip_benchmark" and not args.output:
         parser.error("--format clip_benchmark writes one file per checkpoint and set: give the "
                      "folder as --output DIR")

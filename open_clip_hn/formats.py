@@ -126,20 +126,23 @@ def format_sugarcrepe_table(labels: Sequence[str], runs: Sequence[dict[str, dict
         raise ValueError("--table sugarcrepe: no SugarCrepe split among the sets; it needs sets "
                          f"named after SugarCrepe's files ({', '.join(SUGARCREPE_SPLITS)}.json)")
     names, columns = sugarcrepe_columns(labels, runs)
-    rows: list[tuple[str, str, list[float | None]]] = []
+    rows: list[tuple[str, str, tuple[str, ...]]] = []  # (group, label, the splits it averages)
     for group, splits in SUGARCREPE_GROUPS.items():
-        for split in splits:
-            rows.append((group, split.split("_", 1)[1], [c[split] for c in columns]))
-        rows.append((group, "avg", [_mean([c[s] for s in splits]) for c in columns]))
-    rows.append(("all", "avg", [_mean([c[s] for s in SUGARCREPE_SPLITS]) for c in columns]))
+        rows += [(group, split.split("_", 1)[1], (split,)) for split in splits]
+        rows.append((group, "avg", splits))
+    rows.append(("all", "avg", SUGARCREPE_SPLITS))
     header = ["group", "split", *names]
     # a split scored on fewer items than the set holds (missing or unreadable images) is marked
     partial = {(split, column): r[split]["skipped"] for column, r in enumerate(runs)
                for split in SUGARCREPE_SPLITS if r.get(split, {}).get("skipped")}
-    body = [[group, split, *("-" if v is None else f"{v:.1f}" + ("*" if any(
-                (s, column) in partial for s in (_splits_of(group, split))) else "")
-                              for column, v in enumerate(values))]
-            for group, split, values in rows]
+
+    def cell(splits: tuple[str, ...], column: int, values: dict[str, float | None]) -> str:
+        value = _mean([values[s] for s in splits])
+        mark = "*" if any((s, column) in partial for s in splits) else ""
+        return "-" if value is None else f"{value:.1f}{mark}"
+
+    body = [[group, label, *(cell(splits, column, c) for column, c in enumerate(columns))]
+            for group, label, splits in rows]
     widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
     line = lambda row: "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
                                  for i, (c, w) in enumerate(zip(row, widths)))
@@ -150,11 +153,3 @@ def format_sugarcrepe_table(labels: Sequence[str], runs: Sequence[dict[str, dict
             + "; not comparable to the baselines, which score every item")
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body), *notes])
 
-
-def _splits_of(group: str, split: str) -> tuple[str, ...]:
-    """The SugarCrepe splits behind one row of its table (a split, or a group's average)."""
-    if group == "all":
-        return SUGARCREPE_SPLITS
-    if split == "avg":
-        return SUGARCREPE_GROUPS[group]
-    return (f"{group.lower()}_{split}",)
