@@ -3,7 +3,8 @@
 The reference ("vanilla, same texts") runs the same model on the same batch and encodes the same
 B*(1+K) texts, then applies OpenCLIP's `ClipLoss` to the positives only; so the ratio isolates the
 HN machinery (gathering, masks, curriculum, extra logits, bank, mining, the distillation
-teacher's no-grad forward and EMA update) from the K extra text forwards. The mirror rows
+teacher's no-grad forward and EMA update, the local term's token hooks and token-level scores)
+from the K extra text forwards. The mirror rows
 (recommended.yaml's `mirror` and `converse` terms) also encode B flipped images and one or three
 more captions per sample; their reference is a vanilla step encoding those same inputs. A plain
 vanilla step (B texts) is printed too. Steps of all variants are interleaved round by round so
@@ -17,6 +18,7 @@ drift hits them alike; the table reports medians.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -31,6 +33,7 @@ from open_clip_hn.objective import HardNegativeLoss
 from open_clip_hn.packing import PackedOutputs
 from open_clip_hn.recolour import COLOUR_TO_ID, PAIR_BASE, exchange_colours
 from open_clip_hn.teacher import Teacher
+from open_clip_hn.token_features import attach_token_hooks
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "..", "open_clip_hn", "model_configs", "hn-tiny-vit.json")
 OBJECTIVES = {
@@ -43,6 +46,8 @@ OBJECTIVES = {
     "all": dict(loss=("itc", "choice", "intra", "rank", "importance", "mined")),
     # the step includes the EMA teacher's forward (B images, B captions) and its update
     "distill (ema)": dict(loss=("itc", "choice"), distill="ema"),
+    # FSC-CLIP's local term: the step keeps the towers' token features (a hooked copy of the model)
+    "local": dict(loss=("clip", "choice", "local")),
     # recommended.yaml's terms: the step also encodes B flipped images and B mirrored captions
     # (+ 2B converse captions), so these rows are timed against a vanilla step on the same inputs
     "mirror": dict(loss=("clip", "choice"), mirror=("horizontal",), mirror_weight=1.0),
@@ -110,12 +115,13 @@ def split_features(image_all, text_all, batch: int, texts: int, rows: int):
                                     every if converse is not None else None)
 
 
-def print_loss_only(args, variants, model, images, texts, mirror_texts, mask, types,
+def print_loss_only(args, variants, model, token_model, images, texts, mirror_texts, mask, types,
                     references: dict[str, float], device: torch.device) -> None:
     """Loss forward+backward on fixed features: the machinery cost without the model's noise,
     as a share of the vanilla step on the same inputs."""
     with torch.no_grad():
         out = model(*model_inputs(images, texts, mirror_texts, 3))
+        tokens = PackedOutputs.read(token_model(*model_inputs(images, texts, mirror_texts, 0)))
     b, k = args.batch_size, args.num_negatives
     image_all, text_all, scale = out["image_features"], out["text_features"], out["logit_scale"]
     fixed_teacher = dict(teacher_image=image_all[:b].flip(0), teacher_text=text_all[:len(texts):1 + k].flip(0),
@@ -131,8 +137,12 @@ def print_loss_only(args, variants, model, images, texts, mirror_texts, mask, ty
             synchronize(device)
             start = time.perf_counter()
             if hn:
-                distill = fixed_teacher if loss_fn.config.distill != "none" else {}
-                losses = loss_fn(image, text, scale, PackedOutputs(mask, types, mirrors=mirrors, **distill),
+                extra = dict(fixed_teacher) if loss_fn.config.distill != "none" else {}
+                if loss_fn.config.uses_tokens:
+                    extra.update(image_tokens=tokens.image_tokens.clone().requires_grad_(),
+                                 text_tokens=tokens.text_tokens.clone().requires_grad_(),
+                                 text_token_mask=tokens.text_token_mask)
+                losses = loss_fn(image, text, scale, PackedOutputs(mask, types, mirrors=mirrors, **extra),
                                  output_dict=True)
             else:
                 losses = loss_fn(image, text.view(b, 1 + k, -1)[:, 0], scale, output_dict=True)
@@ -178,15 +188,18 @@ def main() -> None:
     open_clip.add_model_config(TINY_CONFIG)
     model = open_clip.create_model(args.model, device=device, output_dict=True)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     b, k = args.batch_size, args.num_negatives
+    token_model = copy.deepcopy(model)  # the local row's: the other rows' steps keep no tokens
+    attach_token_hooks(token_model, k)
+    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (model, token_model)}
     images, texts, mirror_texts, mask, types = make_batch(model, b, k, device)
 
     def step(loss_fn, texts_in, hn: bool, rows: int) -> float:
+        net = token_model if hn and loss_fn.config.uses_tokens else model
         synchronize(device)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        out = model(*model_inputs(images, texts_in, mirror_texts, rows))
+        optimizers[id(net)].zero_grad(set_to_none=True)
+        out = net(*model_inputs(images, texts_in, mirror_texts, rows))
         image, text, mirrors = split_features(out["image_features"], out["text_features"], b,
                                               len(texts_in), rows)
         if hn:
@@ -196,13 +209,16 @@ def main() -> None:
                     images, texts_in[::1 + k])
                 distill = dict(teacher_image=teacher_image, teacher_text=teacher_text,
                                teacher_logit_scale=teacher_scale.reshape(1).expand(b))
+            tokens = PackedOutputs.read(out)  # what token_features' hooks added, if any
             losses = loss_fn(image, text, out["logit_scale"],
-                             PackedOutputs(mask, types, mirrors=mirrors, **distill), output_dict=True)
+                             PackedOutputs(mask, types, mirrors=mirrors, **distill,
+                                           image_tokens=tokens.image_tokens, text_tokens=tokens.text_tokens,
+                                           text_token_mask=tokens.text_token_mask), output_dict=True)
         else:
             losses = loss_fn(image, text.view(b, -1, text.shape[-1])[:, 0], out["logit_scale"],
                              output_dict=True)
         sum(losses.values()).backward()
-        optimizer.step()
+        optimizers[id(net)].step()
         synchronize(device)
         return time.perf_counter() - start
 
@@ -236,7 +252,7 @@ def main() -> None:
         reference = variants[name][4]
         ratio = median / medians[reference]
         print(f"{name:<36}{1000 * median:>10.2f}{ratio:>9.3f}{100 * (ratio - 1):>9.1f}%  {reference}")
-    print_loss_only(args, variants, model, images, texts, mirror_texts, mask, types, medians, device)
+    print_loss_only(args, variants, model, token_model, images, texts, mirror_texts, mask, types, medians, device)
     colour = time_colour_exchange(images, args.rounds, device)
     print(f"colour exchange of all {b} images (--hn-mirror colour, in the model hook): "
           f"{1000 * colour:.2f} ms, {100 * colour / medians['mirror + converse']:.1f}% of the "

@@ -163,6 +163,10 @@ VARIANTS: dict[str, list[str]] = {
     # text-only, still runs from step 0)
     "recommended.yaml, hard terms from mid-run": ["--hn-config", RECOMMENDED,
                                                   "--hn-curriculum-warmup", "234"],
+    # FSC-CLIP's local hard-negative term (session 28): the choice scored token by token against
+    # the image's patches, so each word must find its own region; the ViT's patch tokens are what
+    # the pooled feature loses when it cannot bind a shape to its colour or place
+    "recommended.yaml + local": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice,local"],
     "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",
                                                 REBINDING_INDEX, "--hn-image-neighbors-per-sample", "1"],
     "recommended + soft": [*SESSION10, "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],

@@ -79,6 +79,7 @@ class HNConfig:
     # objectives
     # `<term>_weight` for each term registered with a weight (terms.py; a test checks the pairing)
     choice_weight: float = 1.0
+    local_weight: float = 1.0
     intra_weight: float = 1.0
     rank_weight: float = 1.0
     rank_threshold: str = "adaptive-mean"
@@ -130,6 +131,11 @@ class HNConfig:
     @property
     def uses_text_negatives(self) -> bool:
         return self.negatives != "none" and self.num_negatives > 0
+
+    @property
+    def uses_tokens(self) -> bool:
+        """True when a chosen term scores captions token by token (`local`, token_features.py)."""
+        return "local" in self.loss
 
     @property
     def packed_negatives(self) -> int:
@@ -367,8 +373,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help="Register an OpenCLIP model config file (open_clip.add_model_config) so that "
              "--model FILE_STEM can use a custom or tiny architecture.")
     add("--hn-config", dest="hn_config_file", type=path_value, default=None, metavar="NAME|PATH.yaml",
-        help="Recipe: a shipped name (negclip, ce-clip, diht, cm-hnco, concept-permutation, "
-             "recommended; see --hn-list-configs) or a YAML file whose keys are flag names; "
+        help="Recipe: a shipped name (negclip, ce-clip, diht, cm-hnco, fsc-clip, "
+             "concept-permutation, recommended; see --hn-list-configs) or a YAML file whose keys are flag names; "
              "flags on the command line override it.")
     add("--hn-list-configs", action=ListRecipesAction,
         help="Print the shipped recipes (names for --hn-config) with the first line of each "
@@ -430,7 +436,7 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "default): no exclusion.")
     add("--hn-negative-grad", dest="hn_negative_grad", choices=("full", "none"), default="full",
         help="Whether the loss terms train the text tower through the generated text negatives' "
-             "features (the K per caption): 'full' (the default, as NegCLIP and CE-CLIP) or "
+             "features (the K per caption, and their token features for local): 'full' (the default, as NegCLIP and CE-CLIP) or "
              "'none', where those features are constants, so a term can only move the image and "
              "the positive caption against them. With 'none' the text tower cannot learn to push "
              "a caption away because it was seen as a negative (in a small or templated caption "
@@ -506,8 +512,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "Default: 0.999.")
     add("--hn-label-smoothing", dest="hn_label_smoothing", type=unit_float, default=0.0,
         metavar="EPS",
-        help="Label smoothing on the softmaxes that hold text negatives: choice (as FSC-CLIP "
-             "softens its hard-negative loss) and, where it is on, itc's image->text side (this "
+        help="Label smoothing on the softmaxes that hold text negatives: choice and local (as "
+             "FSC-CLIP softens its hard-negative losses) and, where it is on, itc's image->text side (this "
              "plugin's extension; FSC-CLIP's contrastive loss stays plain): EPS of the target "
              "spread over the row's valid columns. Default: 0 (off).")
     add("--hn-focal-gamma", dest="hn_focal_gamma", type=non_negative_float, default=0.0,

@@ -311,3 +311,38 @@ def softened_choice_loss(image: torch.Tensor, text: torch.Tensor, negatives: tor
     logits = _own_choice_logits(image, text, negatives, negative_mask, logit_scale)
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     return soft_cross_entropy(logits, labels, smoothing, focal_gamma).mean()
+
+
+def local_alignment_scores(image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                           token_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """FSC-CLIP's token-level score of each caption row against its own image: [A, R].
+
+    image_tokens [A, P, D] (patch tokens, projected), text_tokens [A, R, L, D] (token features,
+    projected; R caption rows per image), token_mask [A, R, L] (the tokens that count). Each
+    caption token groups the patches it matches: weights min-max normalised over the patches,
+    then summed to 1, computed without gradient (they choose, they are not trained); the score is
+    the log-sum-exp over the row's tokens of s·cos(token, its grouped patches). Where the composed
+    caption binds a word to the wrong object, some token finds no patch group that fits it.
+    """
+    present = token_mask.flatten(0, 1).any(dim=0).nonzero()
+    length = int(present.max()) + 1 if present.numel() else 1  # drop trailing padding columns
+    text_tokens, token_mask = text_tokens[:, :, :length], token_mask[:, :, :length]
+    similarity = torch.einsum("arld,apd->arlp", text_tokens, image_tokens).detach()
+    low = similarity.amin(dim=-1, keepdim=True)
+    weights = (similarity - low) / (similarity.amax(dim=-1, keepdim=True) - low).clamp(min=1e-6)
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-6)
+    grouped = F.normalize(torch.einsum("arlp,apd->arld", weights, image_tokens), dim=-1)
+    cosines = (grouped * F.normalize(text_tokens, dim=-1)).sum(dim=-1)
+    # mask after scaling (see _own_choice_logits); a row without tokens scores -inf
+    return torch.logsumexp(_masked_logits(logit_scale * cosines, token_mask), dim=-1)
+
+
+def local_choice_loss(scores: torch.Tensor, negative_mask: torch.Tensor, smoothing: float = 0.0,
+                      focal_gamma: float = 0.0) -> torch.Tensor:
+    """`choice_loss` over token-level scores [A, 1 + K] (caption first): each image picks its
+    caption among that caption's valid negatives. A sample without valid negatives gives 0."""
+    logits = torch.cat([scores[:, :1], _masked_logits(scores[:, 1:], negative_mask)], dim=1)
+    if smoothing or focal_gamma:
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return soft_cross_entropy(logits, labels, smoothing, focal_gamma).mean()
+    return _first_is_target(logits).mean()

@@ -89,11 +89,14 @@ class HardNegativeLoss(torch.nn.Module):
             teacher = (packed.teacher_image.float(), packed.teacher_text.float(),
                        packed.teacher_logit_scale.float()[0])
         # the terms run in fp32 even under bf16/fp16 autocast: -inf masks and logsumexp need the range
+        tokens = None
+        if packed.image_tokens is not None:
+            tokens = (packed.image_tokens.float(), packed.text_tokens.float(), packed.text_token_mask)
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             losses = self._losses(image_features.float(), text_features.float(), logit_scale.float(),
                                   packed.neg_mask, packed.neg_types,
                                   None if logit_bias is None else logit_bias.float(), mirrors,
-                                  packed.neg_blind, teacher)
+                                  packed.neg_blind, teacher, tokens)
         if output_dict:
             return losses
         return sum(v for v in losses.values() if isinstance(v, torch.Tensor))
@@ -179,6 +182,19 @@ class HardNegativeLoss(torch.nn.Module):
         return TermBatch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels,
                          mirrors=gathered_mirrors, all_blind=all_blind, teacher=gathered_teacher)
 
+    def _local_scores(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+                      token_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+        """The anchors' token-level scores [A, 1 + K]: each rank scores its own samples (a
+        caption only meets its own image), then the rows are gathered like the features."""
+        if self.config.negative_grad == "none":  # as for the negatives' pooled features
+            text_tokens = torch.cat([text_tokens[:, :1], text_tokens[:, 1:].detach()], dim=1)
+        scores = L.local_alignment_scores(image_tokens, text_tokens,
+                                          token_mask.to(image_tokens.device, torch.bool), logit_scale)
+        if self.world_size == 1 or self.local_loss:
+            return scores
+        return gather_rows(scores, rank=self.rank, world_size=self.world_size,
+                           with_grad=self.gather_with_grad, keep_local_grad=True)
+
     def _mine(self, b: TermBatch, share: float) -> MinedNegatives:
         anchors, dim, k = b.image.shape[0], b.image.shape[1], self.config.mined_k
         if self.bank is None or len(self.bank) == 0 or share <= 0:
@@ -195,7 +211,8 @@ class HardNegativeLoss(torch.nn.Module):
                 mask: torch.Tensor | None, types: torch.Tensor | None,
                 logit_bias: torch.Tensor | None, mirrors: MirrorPairs | None = None,
                 blind: torch.Tensor | None = None,
-                teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                 ) -> dict[str, torch.Tensor | LoggedValue]:
         mask, types = self._metadata(image, text, mask, types)
         if teacher is None and any("teacher" in t.needs for t in self.terms):
@@ -206,6 +223,8 @@ class HardNegativeLoss(torch.nn.Module):
         step = self.step
         share = self.curriculum(step)
         b = self._gather(image, text, mask, types, share, step, mirrors, blind, teacher)
+        if tokens is not None and self.config.uses_tokens:
+            b.local_scores = self._local_scores(*tokens, logit_scale)
         if self.bank is not None:
             self.bank.to(image.device)
         ctx = TermContext(self.config, logit_scale, logit_bias, share, self.thresholds,

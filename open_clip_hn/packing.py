@@ -264,12 +264,18 @@ class PackedOutputs:
     teacher_text: torch.Tensor | None = None   # [B, D] ... and positive captions
     teacher_logit_scale: torch.Tensor | None = None  # [B]: the teacher's scale, once per sample
     # (a 0-d value would not survive --accum-freq's torch.cat)
+    image_tokens: torch.Tensor | None = None  # [B, P, D] projected patch tokens (`local` term)
+    text_tokens: torch.Tensor | None = None   # [B, 1 + K, L, D] projected caption token features
+    text_token_mask: torch.Tensor | None = None  # [B, 1 + K, L] bool: the tokens that count
 
     _KEYS: ClassVar[dict[str, str]] = {"neg_mask": "hn_neg_mask", "neg_types": "hn_neg_types",
                                        "neg_blind": "hn_neg_blind",
                                        "teacher_image": "hn_teacher_image_features",
                                        "teacher_text": "hn_teacher_text_features",
-                                       "teacher_logit_scale": "hn_teacher_logit_scale"}
+                                       "teacher_logit_scale": "hn_teacher_logit_scale",
+                                       "image_tokens": "hn_image_tokens",
+                                       "text_tokens": "hn_text_tokens",
+                                       "text_token_mask": "hn_text_token_mask"}
     _MIRROR_KEYS: ClassVar[dict[str, str]] = {"image": "hn_mirror_image_features",
                                               "text": "hn_mirror_text_features",
                                               "mask": "hn_mirror_mask",

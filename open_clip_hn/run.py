@@ -96,6 +96,10 @@ class HardNegativeRun:
         if self.config.packs_texts:
             attach_model_hooks(model, self.config.packed_negatives, bool(self.config.mirror),
                                self.config.packs_converse)
+        if self.config.uses_tokens:  # after the packing hooks: it reads the unpacked rows
+            from .token_features import attach_token_hooks
+
+            attach_token_hooks(model, self.config.packed_negatives)
         if self.teacher is not None:
             from .teacher import attach_teacher
 

@@ -107,6 +107,7 @@ class TermBatch:
     mirrors: "MirrorBatch | None" = None  # --hn-mirror's pairs, gathered
     all_blind: torch.Tensor | None = None  # [N, K] 1 where a text-only reader rejects the negative
     teacher: TeacherFeatures | None = None  # --hn-distill's teacher features, gathered
+    local_scores: torch.Tensor | None = None  # [A, 1 + K] the anchors' token-level scores (local)
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,22 @@ def choice(b: TermBatch, ctx: TermContext) -> torch.Tensor:
         return L.softened_choice_loss(image, text, negatives, b.anchor_used, ctx.logit_scale,
                                       c.label_smoothing, c.focal_gamma)
     return L.choice_loss(image, text, negatives, b.anchor_used, ctx.logit_scale)
+
+
+@register_term("local", weight=True, needs=("text_negatives",), source="FSC-CLIP (local HN loss)",
+               weight_help="FSC-CLIP's local hard-negative loss (its recipes: 0.2); needs a ViT "
+                           "image tower",
+               summary="choice scored token by token: each caption token against the image patches "
+                       "it matches most, log-sum-exp over the tokens; per image a softmax over its "
+                       "caption and that caption's valid negatives (ViT towers)")
+def local(b: TermBatch, ctx: TermContext) -> torch.Tensor:
+    if b.local_scores is None:
+        raise ValueError("--hn-loss local: the model output has no token features; attach them "
+                         "with HardNegativeRun.model_created (token_features.attach_token_hooks) "
+                         "or pass PackedOutputs(image_tokens=..., text_tokens=..., "
+                         "text_token_mask=...)")
+    c = ctx.config
+    return L.local_choice_loss(b.local_scores, b.anchor_used, c.label_smoothing, c.focal_gamma)
 
 
 @register_term("intra", weight=True, curriculum=True, needs=("text_negatives",),

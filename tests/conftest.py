@@ -40,6 +40,30 @@ def unit(*shape: int, seed: int = 0) -> torch.Tensor:
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
+def tiny_model():
+    """The tiny ViT, seeded, returning OpenCLIP's output dict."""
+    import open_clip
+
+    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
+    torch.manual_seed(0)
+    model, _, _ = open_clip.create_model_and_transforms(TINY_MODEL, output_dict=True)
+    return model
+
+
+def accum_freq_losses(model, images: torch.Tensor, texts: torch.Tensor, loss) -> tuple[dict, dict]:
+    """`loss` on two half-batch forwards joined as OpenCLIP's --accum-freq path joins them
+    (torch.cat of every output value along the batch), and on one forward of the whole batch."""
+    half = images.shape[0] // 2
+    outs = [model(images[i:i + half], texts[i:i + half]) for i in (0, half)]
+    scale = outs[0].pop("logit_scale")
+    outs[1].pop("logit_scale")
+    joined = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
+    whole = model(images, texts)
+    whole.pop("logit_scale")
+    return (loss(**joined, logit_scale=scale, output_dict=True),
+            loss(**whole, logit_scale=scale, output_dict=True))
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     """The tiny model's OpenCLIP tokenizer."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import math
 
-import open_clip
 import pytest
 import torch
 
-from conftest import TINY_MODEL, TINY_MODEL_CONFIG, unit
+from conftest import accum_freq_losses, tiny_model, unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.objective import HardNegativeLoss
@@ -52,13 +51,6 @@ def test_distill_loss_sends_no_gradient_to_the_teacher():
     L.distill_loss(image, text, image, text, teacher, text, teacher, text, SCALE, SCALE).backward()
     assert image.grad is not None and image.grad.abs().sum() > 0
     assert teacher.grad is None
-
-
-def tiny_model():
-    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
-    torch.manual_seed(0)
-    model, _, _ = open_clip.create_model_and_transforms(TINY_MODEL, output_dict=True)
-    return model
 
 
 def test_ema_teacher_moves_by_the_decay_and_a_frozen_one_stays():
@@ -136,15 +128,7 @@ def test_teacher_features_survive_accum_freq_concatenation(tokenizer):
     attach_teacher(model, teacher, 2)
     model.train()
     images, packed, _ = packed_batch(tokenizer)
-    outs = [model(images[i:i + 2], packed[i:i + 2]) for i in (0, 2)]
-    scale = outs[0].pop("logit_scale")
-    outs[1].pop("logit_scale")
-    joined = {key: torch.cat([o[key] for o in outs]) for key in outs[0]}
-    whole = model(images, packed)
-    whole.pop("logit_scale")
-    loss = HardNegativeLoss(config)
-    got = loss(**joined, logit_scale=scale, output_dict=True)
-    want = loss(**whole, logit_scale=scale, output_dict=True)
+    got, want = accum_freq_losses(model, images, packed, HardNegativeLoss(config))
     assert got["distill_loss"].item() == pytest.approx(want["distill_loss"].item(), rel=1e-5)
     assert got["distill_loss"].item() > 1e-3
 

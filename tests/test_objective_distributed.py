@@ -29,7 +29,9 @@ CONFIGS = {
     "itc+choice+distill": dict(loss=("itc", "choice"), distill="ema", distill_weight=2.0),
     "itc+mirror+converse": dict(loss=("itc",), mirror=("horizontal",), converse_weight=2.0),
     "itc+choice+rank, negatives fixed": dict(loss=("itc", "choice", "rank"), negative_grad="none"),
+    "clip+local": dict(loss=("clip", "local"), local_weight=2.0),
 }
+P, T = 3, 4  # patch tokens per image, token positions per caption (the local term)
 MODES = [(False, True), (True, True), (False, False), (True, False)]  # (local_loss, gather_with_grad)
 # under a local loss without gather-with-grad, each used text negative keeps the gradient of its own
 # rank's anchors, also where it learns only as a column of itc ("importance+mined",
@@ -55,7 +57,11 @@ def global_batch(step: int):
                F.normalize(torch.randn(N, D, generator=g), dim=-1))
     converse = F.normalize(torch.randn(N, 2, D, generator=g), dim=-1)
     converse_mask = mirror_mask & (torch.rand(N, generator=g) > 0.3)
-    return image, text, mask, types, (mirror_image, mirror_text, mirror_mask, converse, converse_mask), teacher
+    token_mask = torch.rand(N, 1 + K, T, generator=g) > 0.3
+    token_mask[:, :, 0] = True  # every caption row has a token (the model's always do: end of text)
+    tokens = (torch.randn(N, P, D, generator=g), torch.randn(N, 1 + K, T, D, generator=g), token_mask)
+    return (image, text, mask, types, (mirror_image, mirror_text, mirror_mask, converse, converse_mask),
+            teacher, tokens)
 
 
 def used_negatives(name: str, step: int) -> torch.Tensor:
@@ -70,7 +76,7 @@ def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_gra
     b = N // world_size
     records = []
     for step in range(STEPS):
-        image, text, mask, types, mirrors, teacher = global_batch(step)
+        image, text, mask, types, mirrors, teacher, tokens = global_batch(step)
         rows = slice(rank * b, (rank + 1) * b)
         image = image[rows].clone().requires_grad_()
         text = text[rank * b * (1 + K):(rank + 1) * b * (1 + K)].clone().requires_grad_()
@@ -85,6 +91,10 @@ def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_gra
         if loss.config.distill != "none":  # the teacher's features of this rank's rows
             distill = dict(teacher_image=teacher[0][rows], teacher_text=teacher[1][rows],
                            teacher_logit_scale=torch.full((b,), 4.0))
+        image_tokens, text_tokens = (t[rows].clone().requires_grad_() for t in tokens[:2])
+        if "local" in loss.config.loss:  # this rank's samples' token features
+            distill.update(image_tokens=image_tokens, text_tokens=text_tokens,
+                           text_token_mask=tokens[2][rows])
         out = loss(image, text, SCALE, PackedOutputs(mask[rows], types[rows], pairs, **distill),
                    output_dict=True)
         sum(out.values()).backward()
@@ -93,7 +103,8 @@ def run(rank: int, world_size: int, name: str, local_loss: bool, gather_with_gra
                         "mirror_grad": mirror_image.grad if pairs is not None else None,
                         "mirror_text_grad": mirror_text.grad if pairs is not None else None,
                         "converse_grad": converse.grad if pairs is not None and pairs.converse is not None
-                        else None})
+                        else None,
+                        "image_tokens_grad": image_tokens.grad, "text_tokens_grad": text_tokens.grad})
     return records, loss.state_dict()
 
 
@@ -131,17 +142,25 @@ def test_processes_agree_with_one_process(world_size, tmp_path):
                         assert got["values"] == pytest.approx(want["values"], rel=1e-5, abs=1e-6), where
                     if local_loss and not gather_with_grad:  # OpenCLIP drops every column's gradient
                         learns = got["text_grad"].view(b, 1 + K, D)[:, 1:].abs().sum(dim=-1) > 0
+                        if "local" in CONFIGS[name]["loss"]:  # clip leaves the pooled negatives out
+                            learns = got["text_tokens_grad"][:, 1:].abs().sum(dim=(-2, -1)) > 0
                         expected = used_negatives(name, step)[r * b:(r + 1) * b]
                         if CONFIGS[name].get("negative_grad") == "none":
                             expected = torch.zeros_like(expected)
                         assert torch.equal(learns, expected), where
+                        if "local" in CONFIGS[name]["loss"]:  # own rows only, each rank's own mean
+                            for key, size in (("image_tokens_grad", b), ("text_tokens_grad", b)):
+                                torch.testing.assert_close(
+                                    got[key], world_size * want[key][r * size:(r + 1) * size],
+                                    rtol=1e-4, atol=1e-6, msg=f"{where} {key}")
                         continue
                     torch.testing.assert_close(got["image_grad"], grad_factor * want["image_grad"][r * b:(r + 1) * b],
                                                rtol=1e-4, atol=1e-6, msg=where)
                     rows = slice(r * b * (1 + K), (r + 1) * b * (1 + K))
                     torch.testing.assert_close(got["text_grad"], grad_factor * want["text_grad"][rows],
                                                rtol=1e-4, atol=1e-6, msg=where)
-                    for key in ("mirror_grad", "mirror_text_grad", "converse_grad"):
+                    for key in ("mirror_grad", "mirror_text_grad", "converse_grad", "image_tokens_grad",
+                                "text_tokens_grad"):
                         if want[key] is not None:
                             torch.testing.assert_close(
                                 got[key], grad_factor * want[key][r * b:(r + 1) * b],

@@ -10,7 +10,7 @@ from open_clip_hn import demo
 from open_clip_hn.hooks import build_parser
 from open_clip_hn.recipes import recipe_argv, recipe_names, resolve_recipe
 
-SHIPPED = ["ce-clip", "cm-hnco", "concept-permutation", "diht", "negclip", "recommended"]
+SHIPPED = ["ce-clip", "cm-hnco", "concept-permutation", "diht", "fsc-clip", "negclip", "recommended"]
 
 
 def test_every_file_in_configs_is_a_shipped_name():
@@ -35,7 +35,7 @@ def test_a_local_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("value, message", [
     ("negclp", "unknown recipe name 'negclp'; shipped recipes: ce-clip, cm-hnco, "
-               "concept-permutation, diht, negclip, recommended"),
+               "concept-permutation, diht, fsc-clip, negclip, recommended"),
     ("my/recipe.yaml", "recipe file my/recipe.yaml does not exist; give an existing YAML recipe "
                        "or a shipped recipe name: ce-clip,"),
 ])

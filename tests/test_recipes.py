@@ -15,7 +15,8 @@ from open_clip_hn.hooks import build_parser, recipe_config
 from open_clip_hn.recipes import expand_recipe, format_resolved_config, recipe_argv
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-EXPECTED_RECIPES = {"negclip", "ce-clip", "diht", "cm-hnco", "concept-permutation", "recommended"}
+EXPECTED_RECIPES = {"negclip", "ce-clip", "diht", "cm-hnco", "fsc-clip", "concept-permutation",
+                    "recommended"}
 
 
 @pytest.fixture(scope="module")

@@ -268,12 +268,13 @@ COLOUR = ["--hn-mirror", "colour", "--hn-mirror-weight", "2", "--hn-loss", "itc,
 
 
 DISTILL = ["--hn-distill", "ema", "--hn-distill-ema-decay", "0.5", "--hn-loss", "itc,choice"]
+LOCAL = ["--hn-mirror", "horizontal", "--hn-loss", "clip,choice,local", "--hn-local-weight", "2"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], MIRROR, DISTILL, CONVERSE, COLOUR],
+@pytest.mark.parametrize("extra", [[], MIRROR, DISTILL, CONVERSE, COLOUR, LOCAL],
                          ids=["negatives", "negatives+mirror", "negatives+distill",
-                              "negatives+mirror+converse", "negatives+colour"])
+                              "negatives+mirror+converse", "negatives+colour", "negatives+mirror+local"])
 def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
     """--accum-freq 2 with batch 4 takes the same steps as batch 8: the metadata (and the
     mirrored pairs) stay aligned."""
@@ -293,6 +294,10 @@ def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
         assert teachers[0]["updates"] == teachers[1]["updates"] == 32 // 8
         for key, value in teachers[0]["weights"].items():
             torch.testing.assert_close(value, teachers[1]["weights"][key], rtol=1e-4, atol=1e-4)
+    if extra == LOCAL:  # the token-level term trained, with a value, in both runs
+        for run in ("big", "accum"):
+            lines = [l for l in (tmp_path / run / "out.log").read_text().splitlines() if "Local_loss" in l]
+            assert lines and float(lines[-1].split("Local_loss:")[1].split()[0]) > 0, run
     if extra == CONVERSE:  # the converse term ran in both runs (the equality above covers its rows)
         log = (tmp_path / "accum" / "out.log").read_text()
         assert "Converse_loss" in log and "Hn_converse_acc" in log
