@@ -186,6 +186,10 @@ class HardNegativeLoss(torch.nn.Module):
                       token_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """The anchors' token-level scores [A, 1 + K]: each rank scores its own samples (a
         caption only meets its own image), then the rows are gathered like the features."""
+        if not bool(token_mask[:, 0].any(dim=-1).all()):
+            raise ValueError("--hn-loss local: a positive caption has no token to score (its row "
+                             "of hn_text_token_mask is all False); every caption needs at least "
+                             "its end-of-text token")
         if self.config.negative_grad == "none":  # as for the negatives' pooled features
             text_tokens = torch.cat([text_tokens[:, :1], text_tokens[:, 1:].detach()], dim=1)
         scores = L.local_alignment_scores(image_tokens, text_tokens,

@@ -291,8 +291,8 @@ def choice(b: TermBatch, ctx: TermContext) -> torch.Tensor:
 
 
 @register_term("local", weight=True, needs=("text_negatives",), source="FSC-CLIP (local HN loss)",
-               weight_help="FSC-CLIP's local hard-negative loss (its recipes: 0.2); needs a ViT "
-                           "image tower",
+               weight_help="FSC-CLIP's local hard-negative loss (its COCO recipe: 0.2); needs a "
+                           "ViT image tower",
                summary="choice scored token by token: each caption token against the image patches "
                        "it matches most, log-sum-exp over the tokens; per image a softmax over its "
                        "caption and that caption's valid negatives (ViT towers)")

@@ -18,7 +18,7 @@ import torch
 
 from .packing import PackedOutputs
 
-PAD_TOKEN = 0  # OpenCLIP's tokenizers pad with 0; position 0 is the start-of-text token
+PAD_TOKEN = 0  # OpenCLIP's SimpleTokenizer pads with 0 and puts start-of-text at position 0
 
 
 def check_token_model(model: torch.nn.Module) -> None:

@@ -176,6 +176,12 @@ def test_objective_weighs_the_term_and_refuses_outputs_without_tokens():
     scores = L.local_alignment_scores(*tokens, SCALE)
     want = 0.2 * L.local_choice_loss(scores, mask, 0.05, 2.0)
     assert out["local_loss"].item() == pytest.approx(want.item(), rel=1e-6)
+    no_tokens = tokens[2].clone()
+    no_tokens[1, 0] = False  # the second image's caption row has nothing to score
+    with pytest.raises(ValueError, match="a positive caption has no token to score"):
+        loss(image, text, SCALE, PackedOutputs(mask, torch.zeros(4, 2, dtype=torch.long),
+                                               image_tokens=tokens[0], text_tokens=tokens[1],
+                                               text_token_mask=no_tokens), output_dict=True)
     with pytest.raises(ValueError, match="no token features"):
         loss(image, text, SCALE, PackedOutputs(mask, torch.zeros(4, 2, dtype=torch.long)), output_dict=True)
 
