@@ -154,6 +154,11 @@ VARIANTS: dict[str, list[str]] = {
     # cone/cylinder, diamond/hexagon: well under half the other pairs' text gap), and the swap
     # errors sit on those pairs; the term opens that gap whether or not the image tells them apart
     "recommended.yaml + intra": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice,intra"],
+    # the same flags, trained again (session 28) under another name, since a run recorded under
+    # the old name would be reused: IMC as the authors' code has it since session 27, each caption
+    # against every hard negative of the batch
+    "recommended.yaml + intra (batch negatives)": ["--hn-config", RECOMMENDED, "--hn-loss",
+                                                   "clip,choice,intra"],
     # a diagnostic, not a recipe: in these small worlds most swap test captions are among the
     # recipe's own training negatives; never generating them tells what that costs the test
     "recommended.yaml, test captions never negatives": ["--hn-config", RECOMMENDED,

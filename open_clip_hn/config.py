@@ -374,8 +374,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "--model FILE_STEM can use a custom or tiny architecture.")
     add("--hn-config", dest="hn_config_file", type=path_value, default=None, metavar="NAME|PATH.yaml",
         help="Recipe: a shipped name (negclip, ce-clip, diht, cm-hnco, fsc-clip, "
-             "concept-permutation, recommended; see --hn-list-configs) or a YAML file whose keys are flag names; "
-             "flags on the command line override it.")
+             "concept-permutation, recommended; see --hn-list-configs) or a YAML file whose keys "
+             "are flag names; flags on the command line override it.")
     add("--hn-list-configs", action=ListRecipesAction,
         help="Print the shipped recipes (names for --hn-config) with the first line of each "
              "header, and exit.")
@@ -436,9 +436,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "default): no exclusion.")
     add("--hn-negative-grad", dest="hn_negative_grad", choices=("full", "none"), default="full",
         help="Whether the loss terms train the text tower through the generated text negatives' "
-             "features (the K per caption, and their token features for local): 'full' (the default, as NegCLIP and CE-CLIP) or "
-             "'none', where those features are constants, so a term can only move the image and "
-             "the positive caption against them. With 'none' the text tower cannot learn to push "
+             "features (the K per caption, and their token features for local): 'full' (the "
+             "default, as NegCLIP and CE-CLIP) or 'none', where those features are constants, "
+             "so a term can only move the image and the positive caption against them. With "
+             "'none' the text tower cannot learn to push "
              "a caption away because it was seen as a negative (in a small or templated caption "
              "space a caption is often another image's negative); to win a choice the image must "
              "be read. Mirrored and converse captions (--hn-mirror) keep their gradient.")
@@ -513,8 +514,8 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     add("--hn-label-smoothing", dest="hn_label_smoothing", type=unit_float, default=0.0,
         metavar="EPS",
         help="Label smoothing on the softmaxes that hold text negatives: choice and local (as "
-             "FSC-CLIP softens its hard-negative losses) and, where it is on, itc's image->text side (this "
-             "plugin's extension; FSC-CLIP's contrastive loss stays plain): EPS of the target "
+             "FSC-CLIP softens its hard-negative losses) and, where it is on, itc's image->text "
+             "side (this plugin's extension; FSC-CLIP's contrastive loss stays plain): EPS of the target "
              "spread over the row's valid columns. Default: 0 (off).")
     add("--hn-focal-gamma", dest="hn_focal_gamma", type=non_negative_float, default=0.0,
         metavar="GAMMA",

@@ -88,10 +88,10 @@ class HardNegativeLoss(torch.nn.Module):
         if packed.teacher_image is not None:
             teacher = (packed.teacher_image.float(), packed.teacher_text.float(),
                        packed.teacher_logit_scale.float()[0])
-        # the terms run in fp32 even under bf16/fp16 autocast: -inf masks and logsumexp need the range
         tokens = None
         if packed.image_tokens is not None:
             tokens = (packed.image_tokens.float(), packed.text_tokens.float(), packed.text_token_mask)
+        # the terms run in fp32 even under bf16/fp16 autocast: -inf masks and logsumexp need the range
         with torch.autocast(device_type=image_features.device.type, enabled=False):
             losses = self._losses(image_features.float(), text_features.float(), logit_scale.float(),
                                   packed.neg_mask, packed.neg_types,
