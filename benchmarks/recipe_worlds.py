@@ -149,8 +149,9 @@ VARIANTS: dict[str, list[str]] = {
         "--hn-converse-weight", "0", "--hn-converse-margin", "0"],
     "recommended.yaml, converse only (mirror weight 0, no text negatives)": [
         "--hn-config", RECOMMENDED, *WITHOUT_TEXT_NEGATIVES, "--hn-loss", "clip", "--hn-mirror-weight", "0"],
-    # CE-CLIP's intra-modal term added (session 23 ran its form of then: each caption against its
-    # own text negatives in text space; it now takes every negative of the batch). On the ViT the text tower embeds look-alike shapes' words nearly alike (cube/sphere,
+    # CE-CLIP's intra-modal term added (session 23's runs, recorded under this name, had its form
+    # of then: each caption against its own text negatives in text space; a fresh run of this
+    # name now trains the current form, every negative of the batch, as the next variant did). On the ViT the text tower embeds look-alike shapes' words nearly alike (cube/sphere,
     # cone/cylinder, diamond/hexagon: well under half the other pairs' text gap), and the swap
     # errors sit on those pairs; the term opens that gap whether or not the image tells them apart
     "recommended.yaml + intra": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice,intra"],

@@ -182,7 +182,7 @@ class HardNegativeLoss(torch.nn.Module):
         return TermBatch(all_image, all_text, all_negatives, all_mask, all_types, used, *anchors, labels,
                          mirrors=gathered_mirrors, all_blind=all_blind, teacher=gathered_teacher)
 
-    def _local_scores(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
+    def _token_scores(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor,
                       token_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
         """The anchors' token-level scores [A, 1 + K]: each rank scores its own samples (a
         caption only meets its own image), then the rows are gathered like the features."""
@@ -227,8 +227,8 @@ class HardNegativeLoss(torch.nn.Module):
         step = self.step
         share = self.curriculum(step)
         b = self._gather(image, text, mask, types, share, step, mirrors, blind, teacher)
-        if tokens is not None and self.config.uses_tokens:
-            b.local_scores = self._local_scores(*tokens, logit_scale)
+        if tokens is not None and self.config.uses_tokens and share > 0:  # nothing used at share 0
+            b.token_scores = self._token_scores(*tokens, logit_scale)
         if self.bank is not None:
             self.bank.to(image.device)
         ctx = TermContext(self.config, logit_scale, logit_bias, share, self.thresholds,

@@ -107,7 +107,7 @@ class TermBatch:
     mirrors: "MirrorBatch | None" = None  # --hn-mirror's pairs, gathered
     all_blind: torch.Tensor | None = None  # [N, K] 1 where a text-only reader rejects the negative
     teacher: TeacherFeatures | None = None  # --hn-distill's teacher features, gathered
-    local_scores: torch.Tensor | None = None  # [A, 1 + K] the anchors' token-level scores (local)
+    token_scores: torch.Tensor | None = None  # [A, 1 + K] the anchors' token-level scores (local)
 
 
 @dataclass(frozen=True)
@@ -291,19 +291,21 @@ def choice(b: TermBatch, ctx: TermContext) -> torch.Tensor:
 
 
 @register_term("local", weight=True, needs=("text_negatives",), source="FSC-CLIP (local HN loss)",
-               weight_help="FSC-CLIP's local hard-negative loss (its COCO recipe: 0.2); needs a "
-                           "ViT image tower",
+               weight_help="FSC-CLIP's local hard-negative loss (its COCO recipe: 0.2); needs "
+                           "OpenCLIP's ViT image tower and built-in text tower",
                summary="choice scored token by token: each caption token against the image patches "
                        "it matches most, log-sum-exp over the tokens; per image a softmax over its "
-                       "caption and that caption's valid negatives (ViT towers)")
+                       "caption and that caption's valid negatives (OpenCLIP's ViT)")
 def local(b: TermBatch, ctx: TermContext) -> torch.Tensor:
-    if b.local_scores is None:
+    if ctx.share == 0:
+        return b.image.new_zeros(())  # the curriculum's warmup: no negative is used
+    if b.token_scores is None:
         raise ValueError("--hn-loss local: the model output has no token features; attach them "
                          "with HardNegativeRun.model_created (token_features.attach_token_hooks) "
                          "or pass PackedOutputs(image_tokens=..., text_tokens=..., "
                          "text_token_mask=...)")
     c = ctx.config
-    return L.local_choice_loss(b.local_scores, b.anchor_used, c.label_smoothing, c.focal_gamma)
+    return L.local_choice_loss(b.token_scores, b.anchor_used, c.label_smoothing, c.focal_gamma)
 
 
 @register_term("intra", weight=True, curriculum=True, needs=("text_negatives",),

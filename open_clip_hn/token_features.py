@@ -4,10 +4,11 @@ OpenCLIP's CLIP returns one pooled feature per image and per caption; the `local
 caption token by token against the image's patches, so it needs what the towers had before
 pooling. Two forward hooks keep them, projected into the shared embedding space the way the
 pooled features are: the ViT's patch tokens after `ln_post` (times `visual.proj`), and every
-text position after `ln_final` (times `text_projection`). A third, on the model, adds them to
-the output dict (`packing.PackedOutputs`) for the first B images and B·(1+K) caption rows, the
-positives and their negatives, so they travel with their samples through `--accum-freq` and to
-the objective like every other per-sample output. Only training forwards keep anything.
+text position after `ln_final` (times `text_projection`). On the model, a pre-hook keeps the
+caption token ids (for the mask) and a forward hook adds the features to the output dict
+(`packing.PackedOutputs`) for the first B images and B·(1+K) caption rows, the positives and
+their negatives, so they travel with their samples through `--accum-freq` and to the objective
+like every other per-sample output. Only training forwards of packed rows keep anything.
 """
 
 from __future__ import annotations
@@ -33,14 +34,23 @@ def check_token_model(model: torch.nn.Module) -> None:
         problems.append("its ViT pools with attention or normalises after pooling")
     if not isinstance(getattr(model, "ln_final", None), torch.nn.LayerNorm):
         problems.append("its text tower is not OpenCLIP's built-in text transformer")
+    elif getattr(model, "text_pool_type", None) != "argmax":
+        # argmax pooling goes with SimpleTokenizer's layout, the one token_mask reads; the
+        # worldwide, mT5, SigLIP and CLIPA text towers use other tokenizers
+        problems.append(f"its text tower pools with {getattr(model, 'text_pool_type', None)!r}, "
+                        "not argmax: its tokenizer is not OpenCLIP's SimpleTokenizer (start token "
+                        "first, padding 0), whose layout the token mask reads")
     if problems:
         raise ValueError("--hn-loss local scores captions token by token against image patches and "
-                         "reads them from OpenCLIP's ViT image tower and built-in text transformer; "
+                         "reads them from OpenCLIP's ViT image tower and built-in text transformer "
+                         "(SimpleTokenizer); "
                          f"this model does not fit: {'; '.join(problems)}. Use a ViT model "
                          "(e.g. ViT-B-32) or leave local out of --hn-loss")
 
 
-def _projected(features: torch.Tensor, projection) -> torch.Tensor:
+def _projected(features: torch.Tensor,
+               projection: torch.Tensor | torch.nn.Linear | None) -> torch.Tensor:
+    """Features in the shared embedding space, as the tower projects its pooled feature."""
     if projection is None:
         return features
     if isinstance(projection, torch.nn.Linear):
@@ -84,6 +94,8 @@ def attach_token_hooks(model: torch.nn.Module, num_negatives: int) -> None:
         if not isinstance(output, dict) or patches is None or text is None or ids is None:
             return output
         batch, rows = output["image_features"].shape[0], 1 + num_negatives
+        if PackedOutputs.read(output).neg_mask is None or ids.shape[0] < batch * rows:
+            return output  # not packed rows (a caller's own forward): the term says what is missing
         text = text[:batch * rows]
         mask = token_mask(ids[:batch * rows]).to(text.device)
         return PackedOutputs(image_tokens=patches[:batch],

@@ -4,12 +4,14 @@ the token hooks against the towers run by hand, --accum-freq, and the refusal of
 
 from __future__ import annotations
 
+import json
+
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import accum_freq_losses, tiny_model, unit
+from conftest import TINY_MODEL_CONFIG, accum_freq_losses, tiny_model, unit
 from open_clip_hn import losses as L
 from open_clip_hn.config import HNConfig
 from open_clip_hn.objective import HardNegativeLoss
@@ -210,6 +212,50 @@ def test_a_tower_without_patch_tokens_is_refused_before_training():
     with pytest.raises(ValueError, match="leave local out of --hn-loss"):
         run.model_created(resnet, None)
     check_token_model(tiny_model())  # the ViT fits
+
+
+def test_a_text_tower_of_another_tokenizer_is_refused(tmp_path):
+    """argmax pooling goes with SimpleTokenizer's layout (start token first, padding 0), which the
+    token mask reads; a tower pooling otherwise (worldwide, mT5, SigLIP) has another tokenizer."""
+    config = json.loads(TINY_MODEL_CONFIG.read_text())
+    config["text_cfg"]["pool_type"] = "last"
+    path = tmp_path / "hn-tiny-vit-last.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(str(path))
+    model = open_clip.create_model("hn-tiny-vit-last", output_dict=True)
+    with pytest.raises(ValueError, match="pools with 'last', not argmax"):
+        check_token_model(model)
+
+
+def test_hooks_leave_a_forward_of_unpacked_captions_alone(tokenizer):
+    model = tiny_model()
+    attach_model_hooks(model, 2)
+    attach_token_hooks(model, 2)
+    model.train()
+    out = model(torch.randn(4, 3, 32, 32), tokenizer(["a cube", "a ball", "a star", "a ring"]))
+    assert PackedOutputs.read(out).image_tokens is None  # no crash; the term says what is missing
+
+
+def test_with_a_teacher_the_tokens_are_the_student_s_and_off_means_no_hooks(tokenizer):
+    run = HardNegativeRun(HNConfig(negatives="online", num_negatives=2, loss=("clip", "local"),
+                                   distill="ema", given=("x",)))
+    model = tiny_model()
+    run.model_created(model, None)
+    with torch.no_grad():
+        run.teacher.module.visual.proj.mul_(-1)  # a teacher whose tokens would differ
+    images, packed = packed_batch(tokenizer)
+    model.train()
+    read = PackedOutputs.read(model(images, packed))
+    assert read.teacher_image is not None
+    with torch.no_grad():
+        patches, text = by_hand(model, images, packed.view(12, -1)[:, :32])
+    torch.testing.assert_close(read.image_tokens.detach(), patches)
+    torch.testing.assert_close(read.text_tokens.detach(), text.view(4, 3, 32, 64))
+    plain = tiny_model()
+    HardNegativeRun(HNConfig(negatives="online", num_negatives=2, loss=("clip", "choice"),
+                             given=("x",))).model_created(plain, None)
+    assert model.visual.ln_post._forward_hooks and model.ln_final._forward_hooks
+    assert not plain.visual.ln_post._forward_hooks and not plain.ln_final._forward_hooks
 
 
 def test_local_needs_text_negatives():
