@@ -124,11 +124,22 @@ def _first_is_target(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=1) - logits[:, 0]
 
 
+def _first_choice_loss(logits: torch.Tensor, smoothing: float = 0.0, focal_gamma: float = 0.0
+                       ) -> torch.Tensor:
+    """Mean over the rows of a choice whose answer is column 0: plain CE, or `soft_cross_entropy`
+    where smoothing or focal weighting is asked for. A row whose other columns are all masked
+    gives exactly 0."""
+    if smoothing or focal_gamma:
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return soft_cross_entropy(logits, labels, smoothing, focal_gamma).mean()
+    return _first_is_target(logits).mean()
+
+
 def choice_loss(image: torch.Tensor, text: torch.Tensor, negatives: torch.Tensor,
                 negative_mask: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Each image picks its caption among that caption's own hard negatives: mean CE over [A].
     A sample without valid negatives contributes exactly 0."""
-    return _first_is_target(_own_choice_logits(image, text, negatives, negative_mask, logit_scale)).mean()
+    return _first_choice_loss(_own_choice_logits(image, text, negatives, negative_mask, logit_scale))
 
 
 def intra_loss(image: torch.Tensor, text: torch.Tensor, all_negatives: torch.Tensor,
@@ -140,7 +151,7 @@ def intra_loss(image: torch.Tensor, text: torch.Tensor, all_negatives: torch.Ten
     pos = logit_scale * (text * image).sum(dim=-1, keepdim=True)
     neg = logit_scale * text @ all_negatives.flatten(0, 1).T  # [A, N*K]
     logits = torch.cat([pos, _masked_logits(neg, all_negative_mask.flatten().expand_as(neg))], dim=1)
-    return _first_is_target(logits).mean()
+    return _first_choice_loss(logits)
 
 
 def mirror_gaps(image: torch.Tensor, text: torch.Tensor, mirror_image: torch.Tensor,
@@ -308,9 +319,8 @@ def softened_choice_loss(image: torch.Tensor, text: torch.Tensor, negatives: tor
                          negative_mask: torch.Tensor, logit_scale: torch.Tensor, smoothing: float,
                          focal_gamma: float) -> torch.Tensor:
     """`choice_loss` with `soft_cross_entropy` (a sample without valid negatives still gives 0)."""
-    logits = _own_choice_logits(image, text, negatives, negative_mask, logit_scale)
-    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return soft_cross_entropy(logits, labels, smoothing, focal_gamma).mean()
+    return _first_choice_loss(_own_choice_logits(image, text, negatives, negative_mask, logit_scale),
+                              smoothing, focal_gamma)
 
 
 def local_alignment_scores(image_tokens: torch.Tensor, text_tokens: torch.Tensor,
@@ -342,7 +352,4 @@ def local_choice_loss(scores: torch.Tensor, negative_mask: torch.Tensor, smoothi
     """`choice_loss` over token-level scores [A, 1 + K] (caption first): each image picks its
     caption among that caption's valid negatives. A sample without valid negatives gives 0."""
     logits = torch.cat([scores[:, :1], _masked_logits(scores[:, 1:], negative_mask)], dim=1)
-    if smoothing or focal_gamma:
-        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-        return soft_cross_entropy(logits, labels, smoothing, focal_gamma).mean()
-    return _first_is_target(logits).mean()
+    return _first_choice_loss(logits, smoothing, focal_gamma)
