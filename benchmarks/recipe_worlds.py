@@ -45,11 +45,14 @@ RECOMMENDED = os.path.join(REPO, "configs", "recommended.yaml")
 # issue 21's towers: the test of whether the ViT's swap errors are limited by what the tower can
 # represent. demo64 (the demo's world rendered at 64 pixels, for the ViT only) is not one of issue
 # 21's worlds: the test of whether demo/ViT's swap-object errors come from reading 32-pixel scenes
-# upsampled to 64 (objects 6-12 pixels across) rather than shapes drawn at the ViT's resolution
+# upsampled to 64 (objects 6-12 pixels across) rather than shapes drawn at the ViT's resolution. vit-t4
+# (the same ViT with a 4-layer text tower, twice the demo's) is not one of issue 21's towers
+# either: the test of whether the 2-layer text tower limits what the swap terms can bind
 MODEL_CONFIGS = {("demo", "resnet"): "hn-tiny-rn.json", ("world2", "resnet"): "hn-tiny-rn-c32.json",
                  ("demo", "vit"): "hn-vit4-64.json", ("world2", "vit"): "hn-vit4-64.json",
                  ("demo64", "vit"): "hn-vit4-64.json", ("demo", "vit-w128"): "hn-vit4-64-w128.json",
-                 ("world2", "vit-w128"): "hn-vit4-64-w128.json"}
+                 ("world2", "vit-w128"): "hn-vit4-64-w128.json",
+                 ("demo", "vit-t4"): "hn-vit4-64-t4.json", ("world2", "vit-t4"): "hn-vit4-64-t4.json"}
 # recommended.yaml of sessions 10-12 (mirror weight 5, no converse term): the base of the variants
 # measured then, whose names say "recommended"
 SESSION10 = ["--hn-config", RECOMMENDED, "--hn-mirror-weight", "5", "--hn-converse-weight", "0",
@@ -173,6 +176,10 @@ VARIANTS: dict[str, list[str]] = {
     # the image's patches, so each word must find its own region; the ViT's patch tokens are what
     # the pooled feature loses when it cannot bind a shape to its colour or place
     "recommended.yaml + local": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice,local"],
+    # CE-CLIP's cross-modal rank term added (session 29): a hinge per negative type whose margin
+    # follows that type's observed gap, so the gradient goes to the swaps the image still gets
+    # wrong rather than to every choice alike
+    "recommended.yaml + rank": ["--hn-config", RECOMMENDED, "--hn-loss", "clip,choice,rank"],
     "recommended.yaml + rebinding neighbours": ["--hn-config", RECOMMENDED, "--hn-image-neighbors",
                                                 REBINDING_INDEX, "--hn-image-neighbors-per-sample", "1"],
     "recommended + soft": [*SESSION10, "--hn-label-smoothing", "0.1", "--hn-focal-gamma", "1"],

@@ -160,6 +160,21 @@ def test_recipe_worlds_variants_resolve_and_the_hinge_variant_is_the_shipped_rec
         configs["recommended.yaml - mirrors"].converse_weight == 0
 
 
+def test_recipe_worlds_towers_are_shipped_configs_that_differ_only_where_named():
+    """Each (world, tower) of recipe_worlds.py names a model config the package ships; the
+    diagnostic towers change only what their name says (vit-w128 the image width, vit-t4 the text
+    depth), so a change of result is theirs and not some other difference."""
+    module = load_benchmark("recipe_worlds")
+    configs = {tower: json.loads((Path(module.CONFIGS) / name).read_text())
+               for (_, tower), name in module.MODEL_CONFIGS.items()}
+    vit = configs["vit"]
+    assert configs["vit-w128"]["text_cfg"] == vit["text_cfg"]
+    assert {k: v for k, v in configs["vit-w128"]["vision_cfg"].items() if k != "width"} == \
+        {k: v for k, v in vit["vision_cfg"].items() if k != "width"}
+    assert configs["vit-t4"]["vision_cfg"] == vit["vision_cfg"]
+    assert configs["vit-t4"]["text_cfg"] == {**vit["text_cfg"], "layers": 2 * vit["text_cfg"]["layers"]}
+
+
 def test_recipe_worlds_scores_each_run_once(tmp_path, monkeypatch):
     """recipe_worlds.scored_run (also oracle_world2.py's) trains and evaluates a run once: the
     same command line is read back from the scores file, another one is trained again."""
