@@ -259,7 +259,24 @@ def _settings_and_targets(c: HNConfig) -> dict[str, Target]:
     importance = Target("the importance term (--hn-loss ...,importance)", "importance" in c.loss)
     generated, online = "online text negatives (--hn-negatives online)", c.negatives == "online"
     active = {term.name for term in active_terms(c)}
+    scheduled = c.packs_texts or any(term.curriculum for term in active_terms(c))
+    schedule = Target("the curriculum, which schedules text negatives, mirrored pairs and the "
+                      "intra/rank/mined/mirror terms (none of them is on)", scheduled)
+    lowest_share = min(c.curriculum_start, 1.0 if c.curriculum == "const" else c.curriculum_end)
+    softened = Target("the softmaxes that hold text negatives (itc, choice or local in --hn-loss)",
+                      bool({"itc", "choice", "local"} & active))
     targets = {
+        "--hn-seed": Target("online text negatives (--hn-negatives online) and the curriculum's "
+                            "draw of which negatives a share below 1 keeps",
+                            (online and c.uses_text_negatives) or (c.packs_texts and lowest_share < 1)),
+        "--hn-label-smoothing": softened,
+        "--hn-focal-gamma": softened,
+        "--hn-curriculum": schedule,
+        "--hn-curriculum-warmup": schedule,
+        "--hn-curriculum-start": schedule,
+        "--hn-curriculum-end": Target("a curriculum that moves (--hn-curriculum linear, cosine or "
+                                      "step; const stays at --hn-curriculum-start)",
+                                      scheduled and c.curriculum != "const"),
         "--hn-types": Target("text negatives (--hn-negatives online or precomputed)",
                              c.negatives != "none"),
         "--hn-num-negatives": Target("text negatives (--hn-negatives online or precomputed)",
@@ -570,7 +587,7 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "curriculum position) and start it fresh; without this flag a resume with no "
              "--hn-* flag from a checkpoint that has plugin state is refused.")
     add("--hn-eval-every", dest="hn_eval_every", type=int, default=1, metavar="EPOCHS",
-        help="Run --hn-eval-compositional every N epochs. Default: 1.")
+        help="Run --hn-eval-compositional every N epochs and after the last one. Default: 1.")
     return parser
 
 

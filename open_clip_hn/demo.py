@@ -291,7 +291,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="Recipe of the hard-negative run: a shipped name (--hn-list-configs of "
              "open_clip_hn.train) or a YAML file. Default: recommended.")
     add("--hn-args", default="", metavar="'--hn-... ...'",
-        help="Extra flags for the hard-negative run (override the recipe).")
+        help="Extra --hn-* flags for the hard-negative run (override the recipe), and "
+             "--train-data for shards with precomputed negatives; OpenCLIP's other flags are "
+             "the demo's own, the same for both runs.")
     args = parser.parse_args(argv)
     try:
         args.hn_config = resolve_recipe(args.hn_config)
@@ -307,6 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
         args.hn_args = " ".join(shlex.quote(token) for token in shlex.split(args.hn_args))
     except ValueError as err:
         parser.error(f"--hn-args {args.hn_args!r}: {err}")
+    foreign = [t for t in shlex.split(args.hn_args) if t.startswith("--") and not
+               t.startswith("--hn-") and t.split("=", 1)[0] != "--train-data"]
+    if foreign:
+        parser.error(f"--hn-args {args.hn_args!r}: {foreign[0]} is not a --hn-* flag; the demo "
+                     "gives both continued runs the same OpenCLIP flags (set them with the demo's "
+                     "own --epochs, --batch-size, --continue-lr, ...), and --hn-args takes --hn-* "
+                     "flags and --train-data (shards with precomputed negatives)")
     problem = check_run_flags(args)
     if problem:
         parser.error(problem)

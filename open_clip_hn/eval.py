@@ -788,8 +788,9 @@ def main(argv: list[str] | None = None) -> dict:
                              "DIR/images) and *.jsonl (Winoground-style image pairs).")
     parser.add_argument("--retrieval", default=None, metavar="DIR",
                         help="Folder of KEY.png + KEY.txt pairs (one caption per line) for "
-                             "R@1/R@5 both ways, or none. Default: --compositional's retrieval/ "
-                             "subfolder when it has one (as the in-loop evaluation reads it).")
+                             "R@1/R@5 both ways, or none (a folder named none: ./none). Default: "
+                             "--compositional's retrieval/ subfolder when it has one (as the "
+                             "in-loop evaluation reads it).")
     parser.add_argument("--output", default=None, metavar="results.json|DIR",
                         help="JSON output: a file with --format json, a folder with --format "
                              "clip_benchmark.")

@@ -131,8 +131,38 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     if config.image_neighbors:
         from .neighbors import check_index
 
+        if _not_webdataset(args):
+            raise ValueError(f"--hn-image-neighbors reads webdataset shards (it finds each sample "
+                             f"by shard and key), got --train-data {args.train_data} "
+                             f"(--dataset-type {args.dataset_type}); write the data as shards, or "
+                             "drop --hn-image-neighbors")
         shards = oc_data.expand_urls(args.train_data)[0] if args.train_data else None
-        check_index(config.image_neighbors, shards)
+        check_index(config.image_neighbors, shards, config.image_neighbors_per_sample)
+    if config.sample_shuffle != "seeded" and _not_webdataset(args):
+        raise ValueError(f"--hn-sample-shuffle {config.sample_shuffle} acts on webdataset's shuffle "
+                         f"buffer, and --train-data {args.train_data} is not webdataset (--dataset-type "
+                         f"{args.dataset_type}: its order is already reproducible); drop the flag")
+    if config.drop_state and args.resume is None:
+        raise ValueError("--hn-drop-state acts on a resume, and this run resumes nothing; pass "
+                         "--resume PATH|latest, or drop --hn-drop-state")
+    if args.resume not in (None, "latest") and "://" not in args.resume:
+        try:
+            hn_state.load_checkpoint_file(args.resume)
+        except ValueError as err:
+            raise ValueError(f"--resume {args.resume}: {err}; pass a checkpoint of the run "
+                             "(epoch_N.pt, or --resume latest)") from None
+    _check_model_fits(config, args)
+
+
+def _check_model_fits(config: HNConfig, args: argparse.Namespace) -> None:
+    """Refuse, from `--model`'s config, a model a chosen term cannot read (`local` reads a
+    ViT's patch tokens), before any work and before `--hn-print-config` prints the recipe."""
+    if config.uses_tokens:
+        from .token_features import check_token_model_config
+
+        model_config = _model_config(args)
+        if model_config is not None:
+            check_token_model_config(model_config)
     if config.lm:
         from .negatives.lm import check_masked_lm
 
@@ -147,6 +177,24 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
                          f"{TRAIN_DATA_VOCABULARY}")
 
 
+def _not_webdataset(args: argparse.Namespace) -> bool:
+    """The train data is CSV or synthetic (as OpenCLIP's `get_data` will read it)."""
+    if args.dataset_type == "synthetic":
+        return True
+    if not args.train_data:
+        return False
+    captions = _train_captions(args)
+    return captions.is_csv or captions.synthetic
+
+
+def _model_config(args: argparse.Namespace) -> dict | None:
+    """`--model`'s OpenCLIP config, from `--model-config` when that file names it, else from
+    OpenCLIP's registry (None for a model it does not know, e.g. a hub model)."""
+    if args.model_config and os.path.splitext(os.path.basename(args.model_config))[0] == args.model:
+        return read_model_config(args.model_config)
+    return open_clip.get_model_config(args.model)
+
+
 def _print_config_if_asked(namespace: argparse.Namespace, argv: list[str],
                            parser: argparse.ArgumentParser) -> None:
     """`--hn-print-config`: print the resolved recipe and exit, once its flags pass a run's
@@ -155,7 +203,11 @@ def _print_config_if_asked(namespace: argparse.Namespace, argv: list[str],
     if namespace.hn_print_config:
         from .recipes import format_resolved_config
 
-        _hn_config(namespace, argv, parser)
+        config = _hn_config(namespace, argv, parser)
+        try:
+            _check_model_fits(config, namespace)
+        except ValueError as err:
+            parser.error(str(err))
         print(format_resolved_config(namespace, parser))
         sys.exit(0)
 
@@ -556,7 +608,7 @@ class Plugin:
             run.save_state(args.checkpoint_path, completed, epoch_checkpoints(
                 completed, args.epochs, args.save_frequency, args.save_most_recent,
                 oc_main.LATEST_CHECKPOINT_NAME), provenance.record_for_args(args))
-        if run.evaluation_due(completed) and is_master(args):
+        if run.evaluation_due(completed, args.epochs) and is_master(args):
             device_type = torch.device(args.device).type
             try:
                 metrics = run.evaluate(model, device=args.device, batch_size=args.batch_size,

@@ -53,6 +53,7 @@ from .argtypes import non_negative_int, positive_int, torch_device, unit_float
 from .eval import IMAGE_ERRORS, check_model, load_model
 from . import files
 from .files import atomic_write_bytes, atomic_write_json, content_identity
+from .negatives.shards import member_end, trailing_damage
 from .sample_order import find_stages, is_filter
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
@@ -87,14 +88,19 @@ def scan_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
     samples: dict[str, dict[str, tuple[int, int]]] = {}
     try:
         with tarfile.open(path, "r:") as tar:
+            end = 0
             for member in tar:
+                end = member_end(member)
                 match = _MEMBER.match(member.name) if member.isfile() else None
                 if match:
                     samples.setdefault(match.group(1), {})[match.group(2)] = (member.offset_data,
                                                                              member.size)
+        damage = trailing_damage(path, end, os.path.getsize(path))
     except (tarfile.TarError, EOFError) as err:
         raise ValueError(f"shard {path} cannot be read as an uncompressed tar ({err}); is it "
                          "damaged, or not a webdataset shard?") from None
+    if damage:
+        raise ValueError(f"shard {path} is damaged: {damage[0]}; re-create or re-download it")
     return [(key, members) for key, members in samples.items()
             if "txt" in members and any(ext in members for ext in IMAGE_EXTS)]
 
@@ -627,15 +633,20 @@ def _has_neighbor(neighbors: np.ndarray, rows: int = 1 << 16) -> bool:
     return any((neighbors[start:start + rows, 0] >= 0).any() for start in range(0, len(neighbors), rows))
 
 
-def check_index(index_dir: str, shards: list[str] | None = None) -> None:
+def check_index(index_dir: str, shards: list[str] | None = None, per_sample: int | None = None) -> None:
     """Refuse an `--hn-image-neighbors` folder that training cannot use (absent, unfinished,
-    of an old format, without neighbours, or built for other `shards`), as a ValueError naming
-    it and the fix: call it where the flags are read, before the model is built."""
+    of an old format, without neighbours, built for other `shards`, or with fewer neighbours per
+    sample than `per_sample` asks for), as a ValueError naming it and the fix: call it where the
+    flags are read, before the model is built."""
     if not os.path.isdir(index_dir):
         raise ValueError(f"--hn-image-neighbors {index_dir}: no such folder; build it with "
                          "`python -m open_clip_hn.neighbors build` (image kNN) or `... rebinding` "
                          "(captions with the same words bound differently)")
-    NeighborIndex(index_dir, shards)
+    index = NeighborIndex(index_dir, shards)
+    if per_sample is not None and per_sample > index.k:
+        raise ValueError(f"--hn-image-neighbors-per-sample {per_sample}: the index {index_dir} "
+                         f"holds {index.k} neighbour(s) per sample; pass at most {index.k}, or "
+                         f"build it again with --k {per_sample}")
 
 
 def _check_same_shards(index_dir: str, built: dict[str, dict], shards: list[str]) -> None:

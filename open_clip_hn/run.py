@@ -209,7 +209,7 @@ class HardNegativeRun:
             position = self.resume_position
             if position is not None and position.epoch == epoch and position.step > 0:
                 if position.steps_per_epoch != steps_per_epoch:
-                    raise ValueError(
+                    raise hn_state.StateError(
                         f"the step checkpoint was saved with {position.steps_per_epoch} steps per "
                         f"epoch, this run has {steps_per_epoch} (batch size, --accum-freq, world "
                         "size or --train-num-samples changed); keep them, or resume from an epoch "
@@ -380,8 +380,11 @@ class HardNegativeRun:
 
     # ------------------------------------------------------------------ evaluation
 
-    def evaluation_due(self, completed_epoch: int) -> bool:
-        return bool(self.config.eval_compositional) and completed_epoch % self.config.eval_every == 0
+    def evaluation_due(self, completed_epoch: int, epochs: int) -> bool:
+        """Every --hn-eval-every epochs and after the last one, as OpenCLIP's --val-frequency (a
+        run shorter than the interval is still evaluated once)."""
+        return bool(self.config.eval_compositional) and (
+            completed_epoch % self.config.eval_every == 0 or completed_epoch == epochs)
 
     def evaluate(self, model: torch.nn.Module, *, device, batch_size: int, autocast,
                  input_dtype) -> dict[str, float]:

@@ -26,7 +26,10 @@ from typing import Iterable
 
 from PIL import Image, ImageDraw
 
+from .argtypes import non_negative_int, positive_int
 from .files import atomic_write_bytes, atomic_write_json
+
+MIN_IMAGE_SIZE = 16  # the smallest canvas the renderers draw every shape and size on
 
 SHAPES: tuple[str, ...] = ("cube", "sphere", "cone", "cylinder")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -391,16 +394,21 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m open_clip_hn.scenes",
         description="Render procedural scenes: training shards and held-apart compositional sets.")
     parser.add_argument("--output-dir", required=True, help="Folder to write into.")
-    parser.add_argument("--train-samples", type=int, default=20000,
+    parser.add_argument("--train-samples", type=non_negative_int, default=20000,
                         help="Training samples (0: no shards). Default: 20000.")
-    parser.add_argument("--samples-per-shard", type=int, default=2500, help="Default: 2500.")
-    parser.add_argument("--test-items", type=int, default=1000,
+    parser.add_argument("--samples-per-shard", type=positive_int, default=2500, help="Default: 2500.")
+    parser.add_argument("--test-items", type=non_negative_int, default=1000,
                         help="Items per compositional type (0: no sets). Default: 1000.")
     parser.add_argument("--test-split", choices=("val", "test"), default="test",
                         help="Composition split of the compositional sets. Default: test.")
-    parser.add_argument("--image-size", type=int, default=32, help="Default: 32.")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="Default: 32 (at least 16).")
     parser.add_argument("--seed", type=int, default=0, help="Default: 0.")
     args = parser.parse_args(argv)
+    if args.image_size < MIN_IMAGE_SIZE:
+        parser.error(f"--image-size {args.image_size}: scenes are drawn at {MIN_IMAGE_SIZE} pixels "
+                     "or more")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output-dir {args.output_dir} is a file; pass a folder (made when missing)")
     if args.train_samples:
         paths = write_scene_shards(os.path.join(args.output_dir, "train"), args.train_samples,
                                    args.samples_per_shard, args.seed, args.image_size)

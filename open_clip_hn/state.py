@@ -185,14 +185,17 @@ def checkpoints_newest_first(checkpoint_dir: str | os.PathLike) -> list[str]:
     return [str(folder / name) for name in reversed(names)]
 
 
-def read_checkpoint(path: str) -> dict[str, Any]:
-    """An OpenCLIP checkpoint read back fully enough to trust it; ValueError names the file.
+def load_checkpoint_file(path: str) -> Any:
+    """A checkpoint file read back fully enough to trust it, whatever it holds; ValueError
+    names the file.
 
     Memory-mapped (a legacy-format file is read whole), so tensors are not read, but a truncated
     zip (a kill during the write) or missing records fail here. Weights-only where the file
     allows; a checkpoint of this run that holds more than tensors and containers (e.g. RNG
     states) is loaded fully.
     """
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path}: file not found")
     mmap = zipfile.is_zipfile(path)  # torch's legacy format (before 1.6) cannot be mapped
     try:
         try:
@@ -202,6 +205,13 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     except Exception as err:  # truncated zip, missing records, garbage: all mean unreadable
         raise ValueError(f"checkpoint {path} cannot be read ({type(err).__name__}: "
                          f"{str(err)[:200]})") from None
+    return checkpoint
+
+
+def read_checkpoint(path: str) -> dict[str, Any]:
+    """An OpenCLIP training checkpoint (`load_checkpoint_file`, with its epoch); ValueError
+    names the file."""
+    checkpoint = load_checkpoint_file(path)
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("epoch"), int):
         raise ValueError(f"checkpoint {path} has no 'epoch': not an OpenCLIP training checkpoint")
     return checkpoint

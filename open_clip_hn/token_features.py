@@ -17,9 +17,41 @@ from typing import Any
 
 import torch
 
+from .argtypes import InputError
 from .packing import PackedOutputs
 
 PAD_TOKEN = 0  # OpenCLIP's SimpleTokenizer pads with 0 and puts start-of-text at position 0
+
+
+_ARGMAX_LAYOUT = ("not argmax: its tokenizer is not OpenCLIP's SimpleTokenizer (start token first, "
+                  "padding 0), whose layout the token mask reads")
+
+
+def _refusal(problems: list[str]) -> InputError:
+    return InputError("--hn-loss local scores captions token by token against image patches and "
+                      "reads them from OpenCLIP's ViT image tower and built-in text transformer "
+                      f"(SimpleTokenizer); this model does not fit: {'; '.join(problems)}. Use a "
+                      "ViT model (e.g. ViT-B-32) or leave local out of --hn-loss")
+
+
+def check_token_model_config(model_config: dict[str, Any]) -> None:
+    """Refuse, from its OpenCLIP config alone, a model whose towers the hooks cannot read: at
+    parse time, before any work (`check_token_model` checks the built model again)."""
+    vision, text = model_config.get("vision_cfg", {}), model_config.get("text_cfg", {})
+    problems = []
+    if vision.get("timm_model_name"):
+        problems.append(f"its image tower is the timm model {vision['timm_model_name']}, not "
+                        "OpenCLIP's VisionTransformer")
+    elif isinstance(vision.get("layers"), (list, tuple)):
+        problems.append("its image tower is a ResNet (ModifiedResNet), not OpenCLIP's VisionTransformer")
+    elif vision.get("attentional_pool") or vision.get("final_ln_after_pool"):
+        problems.append("its ViT pools with attention or normalises after pooling")
+    if model_config.get("custom_text") or text.get("hf_model_name"):
+        problems.append("its text tower is not OpenCLIP's built-in text transformer")
+    elif text.get("pool_type", "argmax") != "argmax":
+        problems.append(f"its text tower pools with {text['pool_type']!r}, {_ARGMAX_LAYOUT}")
+    if problems:
+        raise _refusal(problems)
 
 
 def check_token_model(model: torch.nn.Module) -> None:
@@ -38,14 +70,9 @@ def check_token_model(model: torch.nn.Module) -> None:
         # argmax pooling goes with SimpleTokenizer's layout, the one token_mask reads; the
         # worldwide, mT5, SigLIP and CLIPA text towers use other tokenizers
         problems.append(f"its text tower pools with {getattr(model, 'text_pool_type', None)!r}, "
-                        "not argmax: its tokenizer is not OpenCLIP's SimpleTokenizer (start token "
-                        "first, padding 0), whose layout the token mask reads")
+                        f"{_ARGMAX_LAYOUT}")
     if problems:
-        raise ValueError("--hn-loss local scores captions token by token against image patches and "
-                         "reads them from OpenCLIP's ViT image tower and built-in text transformer "
-                         "(SimpleTokenizer); "
-                         f"this model does not fit: {'; '.join(problems)}. Use a ViT model "
-                         "(e.g. ViT-B-32) or leave local out of --hn-loss")
+        raise _refusal(problems)
 
 
 def _projected(features: torch.Tensor,

@@ -32,7 +32,8 @@ from dataclasses import dataclass, replace
 from PIL import Image, ImageDraw
 
 from .files import atomic_write_bytes, atomic_write_json
-from .scenes import _png, _tar_bytes, shards_spec
+from .argtypes import non_negative_int, positive_int
+from .scenes import MIN_IMAGE_SIZE, _png, _tar_bytes, shards_spec
 
 SHAPES: tuple[str, ...] = ("star", "ring", "cross", "diamond", "hexagon")
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -358,14 +359,19 @@ def main(argv: list[str] | None = None) -> None:
         description="Render the second procedural world: training shards and held-apart sets.")
     add = parser.add_argument
     add("--output-dir", required=True, help="Folder to write into.")
-    add("--train-samples", type=int, default=20000, help="Training samples (0: none). Default: 20000.")
-    add("--samples-per-shard", type=int, default=2500, help="Default: 2500.")
-    add("--test-items", type=int, default=1000, help="Items per compositional type (0: none). "
+    add("--train-samples", type=non_negative_int, default=20000, help="Training samples (0: none). Default: 20000.")
+    add("--samples-per-shard", type=positive_int, default=2500, help="Default: 2500.")
+    add("--test-items", type=non_negative_int, default=1000, help="Items per compositional type (0: none). "
                                                       "Default: 1000.")
     add("--test-split", choices=("val", "test"), default="test", help="Default: test.")
-    add("--image-size", type=int, default=64, help="Default: 64.")
+    add("--image-size", type=positive_int, default=64, help="Default: 64 (at least 16).")
     add("--seed", type=int, default=0, help="Default: 0.")
     args = parser.parse_args(argv)
+    if args.image_size < MIN_IMAGE_SIZE:
+        parser.error(f"--image-size {args.image_size}: scenes are drawn at {MIN_IMAGE_SIZE} pixels "
+                     "or more")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        parser.error(f"--output-dir {args.output_dir} is a file; pass a folder (made when missing)")
     if args.train_samples:
         paths = write_shards(os.path.join(args.output_dir, "train"), args.train_samples,
                              args.samples_per_shard, args.seed, args.image_size)

@@ -110,6 +110,9 @@ def test_missing_model_config_is_named(tmp_path, capsys):
     (["--hn-args", "--hn-bogus 3"], "unrecognized arguments: --hn-bogus 3 (in the hard-negative run's flags"),
     (["--hn-args", "--hn-mirror-weight 2 --hn-mirror none --hn-converse-weight 0 --hn-converse-margin 0"],
      "--hn-mirror-weight acts on the mirror term"),
+    (["--hn-config", "fsc-clip"], "this model does not fit: its image tower is a ResNet"),
+    (["--hn-args", "--epochs 2 --hn-plausibility none"], "--epochs is not a --hn-* flag"),
+    (["--hn-args", "--hn-seed 1 --lr=0.1"], "--lr=0.1 is not a --hn-* flag"),
     (["--hn-args", "--train-data 'x/{0..1.tar'"], "--train-data 'x/{0..1.tar': unbalanced braces; close "
                                                   "every '{' with a '}', e.g. 'dir/{000..099}.tar' (in --hn-args)"),
 ])

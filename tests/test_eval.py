@@ -472,3 +472,19 @@ def test_cli_reads_the_retrieval_subfolder_and_refuses_an_output_inside_the_sets
     document = hn_eval.main(base)
     assert "image_to_text_R@1" in document["runs"][0]["results"]["retrieval"]
     assert "retrieval" not in hn_eval.main([*base, "--retrieval", "none"])["runs"][0]["results"]
+
+
+@pytest.mark.parametrize("every, epochs, due", [
+    (1, 3, [1, 2, 3]),
+    (2, 3, [2, 3]),  # the last epoch too, as OpenCLIP's --val-frequency
+    (2, 1, [1]),  # a run shorter than the interval is still evaluated once
+    (5, 10, [5, 10]),
+])
+def test_in_training_evaluation_runs_every_n_epochs_and_after_the_last(every, epochs, due):
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.run import HardNegativeRun
+
+    run = HardNegativeRun(HNConfig(eval_compositional="sets", eval_every=every))
+    assert [e for e in range(1, epochs + 1) if run.evaluation_due(e, epochs)] == due
+    off = HardNegativeRun(HNConfig(eval_every=every))
+    assert not any(off.evaluation_due(e, epochs) for e in range(1, epochs + 1))

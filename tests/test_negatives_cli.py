@@ -449,6 +449,33 @@ def test_garbage_empty_and_gzipped_shards(tmp_path, capsys):
     gz.write_bytes(gz.read_bytes()[:-40])  # a cut gzip stream fails in the decompressor
     assert main(["precompute", "--shards", str(gz), "--output-dir", str(tmp_path / "out2")]) == 1
     assert "is damaged" in capsys.readouterr().err
+    tarfile.open(tmp_path / "hollow.tar", "w").close()  # a whole tar without members
+    for _ in range(2):  # nothing recorded: a rerun refuses it again rather than skipping it
+        assert main(["precompute", "--shards", str(tmp_path / "hollow.tar"), "--output-dir", out]) == 1
+        err = capsys.readouterr().err
+        assert "0 damaged and 1 empty (not written)" in err and \
+            f"error: 1 input shard(s) hold no samples and were not written (e.g. {tmp_path / 'hollow.tar'})" in err, err
+        assert not (tmp_path / "out" / "hollow.tar").exists()
+
+
+def test_a_cut_shard_is_refused_wherever_its_captions_are_read(tmp_path, capsys):
+    """tarfile reads a shard cut at a member boundary as a shorter valid archive: the word list,
+    the plausibility model and `--hn-vocabulary train-data` would lose its last captions without
+    a word (precompute already refused it)."""
+    from open_clip_hn.negatives.lexicon import VocabularyError
+    from open_clip_hn.negatives.shards import shard_captions, train_data_captions
+
+    _write_shards(tmp_path, count=1, per_shard=400)
+    whole = tmp_path / "in-000000.tar"
+    assert len(list(shard_captions(str(whole), "txt"))) == 400
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(whole.read_bytes()[:300 * 1024 // 512 * 512])
+    with pytest.raises(VocabularyError, match=f"shard {cut} is damaged: .*truncated.*re-create"):
+        list(train_data_captions(str(cut), is_csv=False))
+    for command in ("vocabulary", "plausibility"):
+        assert main([command, "--shards", str(cut), "--output", str(tmp_path / f"{command}.out")]) == 2
+        assert f"shard {cut} is damaged" in capsys.readouterr().err
+        assert not (tmp_path / f"{command}.out").exists()
 
 
 def test_precompute_exclude_keeps_the_captions_out_and_is_recorded(tmp_path, capsys):

@@ -600,6 +600,24 @@ def test_check_index_names_absent_and_unfinished_folders(tmp_path):
     with pytest.raises(ValueError, match="was built for other shards"):
         check_index(out, shards[1:])
     check_index(out, shards)
+    check_index(out, shards, per_sample=2)
+    with pytest.raises(ValueError, match=f"--hn-image-neighbors-per-sample 3: the index {out} holds "
+                                         "2 neighbour\\(s\\) per sample; pass at most 2"):
+        check_index(out, shards, per_sample=3)
+
+
+def test_a_damaged_shard_is_refused_by_the_index_builders(tmp_path):
+    """A shard cut short reads as a shorter valid tar (tarfile stops without a word): the
+    index would silently leave its last samples out."""
+    from open_clip_hn.neighbors import scan_shard
+
+    shard = write_scene_shards(str(tmp_path / "data"), 16, 16, seed=0)[0]
+    assert len(scan_shard(shard)) == 16
+    data = open(shard, "rb").read()
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(data[: len(data) // 2 // 512 * 512])  # at a block boundary
+    with pytest.raises(ValueError, match=f"shard {cut} is damaged: .*truncated"):
+        scan_shard(str(cut))
 
 
 def test_an_unreadable_cached_catalog_is_scanned_again(tmp_path):

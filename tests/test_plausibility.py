@@ -152,6 +152,10 @@ def test_bad_caption_sources_are_refused_with_the_fix(tmp_path):
     odd.write_text("<c>a dog</c>")
     with pytest.raises(P.PlausibilityError, match=r"captions.xml: unknown caption file format '.xml'"):
         P.resolve(odd, cache=tmp_path)
+    not_a_model = tmp_path / "model.npz"
+    not_a_model.write_text("a dog on the grass\n")
+    with pytest.raises(P.PlausibilityError, match=r"model.npz is not a saved plausibility model"):
+        P.resolve(not_a_model, cache=tmp_path)
     with pytest.raises(P.PlausibilityError, match="not found"):
         P.resolve(tmp_path / "missing.txt")
     good = tmp_path / "good.txt"

@@ -53,6 +53,21 @@ def test_stepped_loader_calls_between_steps_and_resumes():
     assert list(drawn) == [100, 101]  # resampled: the epoch's remaining 2 batches, newly drawn
 
 
+def test_a_step_checkpoint_of_another_batch_layout_is_refused_as_state():
+    """Resuming mid-epoch with another steps-per-epoch would skip the wrong samples: a StateError
+    (the trainer prints `error: ...` and exits 2), naming what changed."""
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.run import HardNegativeRun
+    from open_clip_hn.state import StateError
+
+    run = HardNegativeRun(HNConfig(save_every_steps=5))
+    run.resume_position = EpochPosition(0, 16, 50, 800, [rng_state()], [rng_state()])
+    with pytest.raises(StateError, match="saved with 50 steps per epoch, this run has 25"):
+        run.data_ready(lambda texts: texts, 0, 25, 1)
+    run.data_ready(lambda texts: texts, 0, 50, 1)
+    assert run.start_step == 16
+
+
 # ---------------------------------------------------------------------------- whole runs
 
 

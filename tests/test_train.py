@@ -20,6 +20,8 @@ HN_ONLINE = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss",
              "--hn-types", "swap_attributes,swap_objects,replace_attribute,replace_object,"
                            "replace_relation"]
 
+TINY_RN_CONFIG = REPO / "open_clip_hn" / "model_configs" / "hn-tiny-rn.json"
+
 VANILLA = ("import open_clip, sys; open_clip.add_model_config(sys.argv.pop(1)); "
            "import open_clip_train.main as m; m.main(sys.argv[1:])")
 
@@ -94,6 +96,26 @@ def test_help_lists_openclip_and_hn_flags():
     (["--model-config="], "--model-config: empty path"),
     # --hn-print-config prints only what a run would accept
     (["--hn-loss", "choice", "--hn-print-config"], "--hn-loss choice needs text hard negatives"),
+    # settings that would change nothing in this run
+    (["--hn-mirror", "horizontal", "--hn-loss", "clip", "--hn-label-smoothing", "0.1"],
+     "--hn-label-smoothing acts on the softmaxes that hold text negatives"),
+    (["--hn-save-every-steps", "50", "--hn-curriculum", "linear"], "--hn-curriculum acts on the curriculum"),
+    (["--hn-save-every-steps", "50", "--hn-curriculum-warmup", "5"], "--hn-curriculum-warmup acts on the curriculum"),
+    (["--hn-save-every-steps", "50", "--hn-seed", "3"], "--hn-seed acts on online text negatives"),
+    (["--hn-negatives", "precomputed", "--hn-seed", "3"], "--hn-seed acts on online text negatives"),
+    (["--hn-negatives", "online", "--hn-curriculum-end", "0.5"], "--hn-curriculum-end acts on a curriculum that moves"),
+    (["--hn-negatives", "online", "--hn-drop-state"], "--hn-drop-state acts on a resume"),
+    (["--hn-negatives", "online", "--train-data", "train.csv", "--hn-sample-shuffle", "process"],
+     "--hn-sample-shuffle process acts on webdataset's shuffle buffer"),
+    (["--hn-negatives", "online", "--train-data", "train.csv", "--hn-image-neighbors", "/tmp"],
+     "--hn-image-neighbors reads webdataset shards"),
+    (["--hn-negatives", "online", "--resume", "/nonexistent/epoch_9.pt"],
+     "--resume /nonexistent/epoch_9.pt: checkpoint /nonexistent/epoch_9.pt: file not found"),
+    # local reads a ViT's patches: the tiny ResNet is refused before any work, printed or run
+    (["--model", "hn-tiny-rn", "--model-config", str(TINY_RN_CONFIG), "--hn-negatives", "online",
+      "--hn-loss", "clip,choice,local"], "this model does not fit: its image tower is a ResNet"),
+    (["--model", "hn-tiny-rn", "--model-config", str(TINY_RN_CONFIG), "--hn-config", "fsc-clip",
+      "--hn-print-config"], "this model does not fit: its image tower is a ResNet"),
 ])
 def test_bad_flags_fail_naming_the_input(argv, message, capsys):
     from open_clip_hn import hooks
@@ -102,6 +124,26 @@ def test_bad_flags_fail_naming_the_input(argv, message, capsys):
     with pytest.raises(SystemExit):
         hooks.parse_args(["--model", TINY_MODEL] + argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_resume_file_that_cannot_be_read_is_refused_before_any_work(tmp_path, capsys):
+    """`--resume PATH` (with the plugin on): a truncated file ends as a parser error naming it,
+    not a torch traceback after set-up; a bare weights file (no epoch), which OpenCLIP's resume
+    loads as weights only, is accepted."""
+    from open_clip_hn import hooks
+
+    whole = tmp_path / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {"w": torch.zeros(4)}}, whole)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:200])
+    bare = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(4)}, bare)
+    hooks.install()
+    with pytest.raises(SystemExit):
+        hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--resume", str(cut)])
+    assert f"--resume {cut}: checkpoint {cut} cannot be read" in capsys.readouterr().err
+    for path in (whole, bare):
+        assert hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--resume", str(path)]).resume == str(path)
 
 
 def test_a_recipe_setting_for_a_part_switched_off_is_not_refused(tmp_path, capsys):

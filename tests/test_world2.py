@@ -82,3 +82,23 @@ def test_bad_sizes_are_refused_before_work(tmp_path):
         world2.write_shards(str(tmp_path), 0)
     with pytest.raises(ValueError, match="split must be one of"):
         world2.sample_scene(random.Random(0), "dev")
+
+
+@pytest.mark.parametrize("cli", [world2.main, scenes.main], ids=["world2", "scenes"])
+@pytest.mark.parametrize("flags, message", [
+    (["--train-samples", "-5"], "argument --train-samples: must be >= 0"),
+    (["--samples-per-shard", "0"], "argument --samples-per-shard: must be >= 1"),
+    (["--test-items", "-3"], "argument --test-items: must be >= 0"),
+    (["--image-size", "0"], "argument --image-size: must be >= 1"),
+    (["--image-size", "8"], "--image-size 8: scenes are drawn at 16 pixels or more"),
+])
+def test_the_renderers_command_lines_refuse_bad_values_before_work(tmp_path, capsys, cli, flags, message):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        cli(["--output-dir", str(out), *flags])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit):
+        cli(["--output-dir", str(tmp_path / "a-file")])
+    assert "is a file; pass a folder" in capsys.readouterr().err

@@ -351,6 +351,10 @@ def read_caption_file(path: str, caption_key: str = "caption", key_flag: str = "
     from .shards import read_captions
 
     suffix = Path(path).suffix.lower()
+    if suffix == ".npz":  # named as a saved model, but not one (is_saved_model said so)
+        raise PlausibilityError(f"{path} is not a saved plausibility model (not an .npz archive: "
+                                "damaged, or another file under that name); write it again with "
+                                "`python -m open_clip_hn.negatives plausibility`")
     if suffix not in ("", ".txt", ".csv", ".tsv", ".jsonl"):
         raise PlausibilityError(f"{path}: unknown caption file format {suffix!r}; pass a .txt (one caption "
                                 "per line), .csv, .tsv or .jsonl file, or a model saved by "

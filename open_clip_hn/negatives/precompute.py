@@ -21,7 +21,7 @@ from ..files import atomic_open, content_identity, remove_stale_temps
 from .cli_common import progress
 from .generator import NegativeGenerator
 from .manifest import claim_output_dir, generator_settings, record_shard, shard_done
-from .shards import NEGATIVES_EXTENSION, negatives_member, split_key
+from .shards import NEGATIVES_EXTENSION, member_end, negatives_member, split_key, trailing_damage
 
 
 class DamagedShard(Exception):
@@ -32,7 +32,8 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
                      caption_key: str, allow_damaged: bool = False) -> tuple[str, int, int, str]:
     """Write `output_dir/<name>` with a neg.json per sample, unless the manifest says it is done.
 
-    Returns (status, samples, masked, detail), status one of written, skipped, damaged. A
+    Returns (status, samples, masked, detail), status one of written, skipped, damaged, empty
+    (a tar without samples: nothing is written or recorded, so a rerun does not skip it). A
     truncated or corrupt input is not written (status damaged, detail saying where and how
     much was read) unless `allow_damaged`: then the readable samples are kept, like
     webdataset's warn_and_continue, and the manifest records the damage.
@@ -70,7 +71,7 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
                     if member.offset > expected_offset:
                         damage.append(f"{member.offset - expected_offset} corrupt bytes at byte "
                                       f"{expected_offset} skipped (resumed at {member.name})")
-                    expected_offset = member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+                    expected_offset = member_end(member)
                     if not member.isfile():
                         continue
                     member_key, extension = split_key(member.name)
@@ -90,8 +91,7 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
                             print(f"warning: {source}: {member.name} is not UTF-8; sample masked",
                                   file=sys.stderr)
                     writer.addfile(member, io.BytesIO(payload))
-                if not _compressed(source):  # offsets are the file's own: check its end
-                    damage += _trailing_damage(source, expected_offset, size)
+                damage += trailing_damage(source, expected_offset, size)
             except (tarfile.TarError, EOFError, OSError, ValueError) as err:
                 damage.append(f"unreadable tar data after byte {min(expected_offset, size)} of {size} "
                               f"({err}); "
@@ -99,7 +99,11 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
             flush()
             if damage and not allow_damaged:
                 raise DamagedShard()
+            if not samples:
+                raise DamagedShard()  # nothing to write: neither the shard nor its record
     except DamagedShard:
+        if not damage:
+            return "empty", 0, 0, "no samples (an empty tar)"
         return "damaged", samples, masked, f"{samples} samples readable; " + "; ".join(damage)
     detail = "; ".join(damage)
     if damage:
@@ -107,30 +111,6 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
               f"{detail}", file=sys.stderr)
     record_shard(output_dir, source, identity, samples, masked, detail or None)
     return "written", samples, masked, detail
-
-
-def _compressed(path: str) -> bool:
-    with open(path, "rb") as handle:
-        head = handle.read(6)
-    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
-
-
-def _trailing_damage(path: str, end: int, size: int) -> list[str]:
-    """What is wrong after the last member (byte `end`) of an uncompressed tar, if anything.
-
-    A whole tar ends in at least two zero blocks; a file cut at a member boundary lacks them
-    (a valid-looking but short archive), and bytes that are not zeros are data tarfile skipped
-    because no header could be read in them (garbage, or damaged members at the end).
-    """
-    if size - end < 2 * tarfile.BLOCKSIZE:
-        return [f"the file ends at byte {size} without tar's end-of-archive marker (truncated)"]
-    with open(path, "rb") as handle:
-        handle.seek(end)
-        while block := handle.read(1 << 20):
-            if block.strip(b"\0"):
-                return [f"{size - end} bytes after the last readable member (byte {end}) are "
-                        "not tar's end-of-archive zeros (corrupt or not a tar)"]
-    return []
 
 
 def _check_caption_key(shard: str, caption_key: str) -> None:
@@ -189,7 +169,8 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
     samples = sum(count for status, count, *_ in results if status == "written")
     masked = sum(empty for status, _, empty, _ in results if status == "written")
     print(f"{totals['written']} shards written, {totals['skipped']} already done (skipped), "
-          f"{totals['damaged']} damaged (not written); {samples} samples, {masked} without "
+          f"{totals['damaged']} damaged and {totals['empty']} empty (not written); {samples} "
+          f"samples, {masked} without "
           f"negatives -> {output_dir}", file=sys.stderr)
     damaged = [(shard, detail) for shard, (status, *_, detail) in zip(shards, results)
                if status == "damaged"]
@@ -200,8 +181,9 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
               "re-create or re-download them and rerun (finished shards are kept), or pass "
               "--allow-damaged to keep only their readable samples", file=sys.stderr)
         return 1
-    if totals["written"] and not samples:
-        print(f"error: no samples in {totals['written']} shard(s) (e.g. {shards[0]}); are they "
-              "webdataset tars?", file=sys.stderr)
+    empty = [shard for shard, (status, *_) in zip(shards, results) if status == "empty"]
+    if empty:
+        print(f"error: {len(empty)} input shard(s) hold no samples and were not written (e.g. "
+              f"{empty[0]}); are they webdataset tars? Leave them out of --shards", file=sys.stderr)
         return 1
     return 0

@@ -45,15 +45,58 @@ def read_negatives(raw: bytes) -> list:
     return json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
 
 
+def member_end(member: tarfile.TarInfo) -> int:
+    """The byte after `member`'s data, padded to tar's block: where the next header starts."""
+    return member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+
+
+def _compressed(path: str) -> bool:
+    with open(path, "rb") as handle:
+        head = handle.read(6)
+    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+
+
+def trailing_damage(path: str, end: int, size: int) -> list[str]:
+    """What is wrong after the last member (byte `end`) of a tar, if anything (nothing is
+    checked in a compressed one, whose offsets are not the file's).
+
+    tarfile stops without a word at the first header it cannot read, as if the archive ended
+    there. A whole tar ends in at least two zero blocks; a file cut at a member boundary lacks
+    them (a valid-looking but short archive), and bytes that are not zeros are data tarfile
+    skipped because no header could be read in them (garbage, or damaged members at the end).
+    """
+    if _compressed(path):
+        return []
+    if size - end < 2 * tarfile.BLOCKSIZE:
+        return [f"the file ends at byte {size} without tar's end-of-archive marker (truncated)"]
+    with open(path, "rb") as handle:
+        handle.seek(end)
+        while block := handle.read(1 << 20):
+            if block.strip(b"\0"):
+                return [f"{size - end} bytes after the last readable member (byte {end}) are "
+                        "not tar's end-of-archive zeros (corrupt or not a tar)"]
+    return []
+
+
 def shard_captions(path: str, caption_key: str) -> Iterator[str]:
-    """The captions (members with extension `caption_key`) of one webdataset shard."""
+    """The captions (members with extension `caption_key`) of one webdataset shard. A shard that
+    cannot be read whole is a VocabularyError naming it, after its readable captions: a cut or
+    corrupt one would otherwise lose its last captions without a word."""
     try:
         with tarfile.open(path, "r:*") as reader:
+            end = 0
             for member in reader:
+                end = member_end(member)
                 if member.isfile() and split_key(member.name)[1] == caption_key:
-                    yield reader.extractfile(member).read().decode("utf-8", errors="replace")
+                    data = reader.extractfile(member).read()
+                    if len(data) != member.size:
+                        raise tarfile.ReadError(f"{member.name} cut short")
+                    yield data.decode("utf-8", errors="replace")
+        damage = trailing_damage(path, end, os.path.getsize(path))
     except (tarfile.TarError, EOFError, OSError) as err:
         raise VocabularyError(f"shard {path} cannot be read ({err}); expected a webdataset tar") from err
+    if damage:
+        raise VocabularyError(f"shard {path} is damaged: {damage[0]}; re-create or re-download it")
 
 
 class MalformedLine(ValueError):
