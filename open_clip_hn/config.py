@@ -263,12 +263,15 @@ def _settings_and_targets(c: HNConfig) -> dict[str, Target]:
     schedule = Target("the curriculum, which schedules text negatives, mirrored pairs and the "
                       "intra/rank/mined/mirror terms (none of them is on)", scheduled)
     lowest_share = min(c.curriculum_start, 1.0 if c.curriculum == "const" else c.curriculum_end)
-    softened = Target("the softmaxes that hold text negatives (itc, choice or local in --hn-loss)",
+    softened = Target("the softmaxes that hold text negatives (choice or local in --hn-loss, or "
+                      "itc where neither clip nor importance replaces it)",
                       bool({"itc", "choice", "local"} & active))
     targets = {
         "--hn-seed": Target("online text negatives (--hn-negatives online) and the curriculum's "
                             "draw of which negatives a share below 1 keeps",
-                            (online and c.uses_text_negatives) or (c.packs_texts and lowest_share < 1)),
+                            (online and c.uses_text_negatives) or (c.packs_texts and lowest_share < 1),
+                            "for precomputed negatives pass --seed to `python -m "
+                            "open_clip_hn.negatives precompute`" if c.negatives == "precomputed" else ""),
         "--hn-label-smoothing": softened,
         "--hn-focal-gamma": softened,
         "--hn-curriculum": schedule,

@@ -133,36 +133,16 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
 
         if _not_webdataset(args):
             raise ValueError(f"--hn-image-neighbors reads webdataset shards (it finds each sample "
-                             f"by shard and key), got --train-data {args.train_data} "
-                             f"(--dataset-type {args.dataset_type}); write the data as shards, or "
-                             "drop --hn-image-neighbors")
+                             f"by shard and key), got {_train_data_named(args)}; write the data as "
+                             "shards, or drop --hn-image-neighbors")
         shards = oc_data.expand_urls(args.train_data)[0] if args.train_data else None
         check_index(config.image_neighbors, shards, config.image_neighbors_per_sample)
-    if config.sample_shuffle != "seeded" and _not_webdataset(args):
-        raise ValueError(f"--hn-sample-shuffle {config.sample_shuffle} acts on webdataset's shuffle "
-                         f"buffer, and --train-data {args.train_data} is not webdataset (--dataset-type "
-                         f"{args.dataset_type}: its order is already reproducible); drop the flag")
-    if config.drop_state and args.resume is None:
-        raise ValueError("--hn-drop-state acts on a resume, and this run resumes nothing; pass "
-                         "--resume PATH|latest, or drop --hn-drop-state")
     if args.resume not in (None, "latest") and "://" not in args.resume:
         try:
             hn_state.load_checkpoint_file(args.resume)
         except ValueError as err:
             raise ValueError(f"--resume {args.resume}: {err}; pass a checkpoint of the run "
                              "(epoch_N.pt, or --resume latest)") from None
-    _check_model_fits(config, args)
-
-
-def _check_model_fits(config: HNConfig, args: argparse.Namespace) -> None:
-    """Refuse, from `--model`'s config, a model a chosen term cannot read (`local` reads a
-    ViT's patch tokens), before any work and before `--hn-print-config` prints the recipe."""
-    if config.uses_tokens:
-        from .token_features import check_token_model_config
-
-        model_config = _model_config(args)
-        if model_config is not None:
-            check_token_model_config(model_config)
     if config.lm:
         from .negatives.lm import check_masked_lm
 
@@ -175,6 +155,32 @@ def _check_model_fits(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError(f"--hn-plausibility {config.plausibility}: file not found; pass a caption file, "
                          f"a model (`python -m open_clip_hn.negatives plausibility` writes one) or "
                          f"{TRAIN_DATA_VOCABULARY}")
+    _check_run_flags(config, args)
+
+
+def _check_run_flags(config: HNConfig, args: argparse.Namespace) -> None:
+    """The plugin's flags against OpenCLIP's (data, resume, model), reading no file but a model
+    config: also before `--hn-print-config` prints the recipe, so a printed configuration is one
+    a run accepts. `local` reads a ViT's patch tokens, so another model is refused here."""
+    if config.sample_shuffle != "seeded" and _not_webdataset(args):
+        raise ValueError(f"--hn-sample-shuffle {config.sample_shuffle} acts on webdataset's shuffle "
+                         f"buffer, and {_train_data_named(args)} is not webdataset (its order is "
+                         "already reproducible); drop the flag")
+    if config.drop_state and args.resume is None:
+        raise ValueError("--hn-drop-state acts on a resume, and this run resumes nothing; pass "
+                         "--resume PATH|latest, or drop --hn-drop-state")
+    if config.uses_tokens:
+        from .token_features import check_token_model_config
+
+        model_config = _model_config(args)
+        if model_config is not None:
+            check_token_model_config(model_config)
+
+
+def _train_data_named(args: argparse.Namespace) -> str:
+    if args.dataset_type == "synthetic":
+        return "--dataset-type synthetic"
+    return f"--train-data {args.train_data} (--dataset-type {args.dataset_type})"
 
 
 def _not_webdataset(args: argparse.Namespace) -> bool:
@@ -189,9 +195,12 @@ def _not_webdataset(args: argparse.Namespace) -> bool:
 
 def _model_config(args: argparse.Namespace) -> dict | None:
     """`--model`'s OpenCLIP config, from `--model-config` when that file names it, else from
-    OpenCLIP's registry (None for a model it does not know, e.g. a hub model)."""
+    OpenCLIP's registry; None for a hub or local-folder model (`hf-hub:`, `local-dir:`), whose
+    config is read when the model is built (and the built model checked then)."""
     if args.model_config and os.path.splitext(os.path.basename(args.model_config))[0] == args.model:
         return read_model_config(args.model_config)
+    if ":" in args.model:  # get_model_config would download or open files here
+        return None
     return open_clip.get_model_config(args.model)
 
 
@@ -205,7 +214,7 @@ def _print_config_if_asked(namespace: argparse.Namespace, argv: list[str],
 
         config = _hn_config(namespace, argv, parser)
         try:
-            _check_model_fits(config, namespace)
+            _check_run_flags(config, namespace)
         except ValueError as err:
             parser.error(str(err))
         print(format_resolved_config(namespace, parser))

@@ -111,6 +111,7 @@ def test_missing_model_config_is_named(tmp_path, capsys):
     (["--hn-args", "--hn-mirror-weight 2 --hn-mirror none --hn-converse-weight 0 --hn-converse-margin 0"],
      "--hn-mirror-weight acts on the mirror term"),
     (["--hn-config", "fsc-clip"], "this model does not fit: its image tower is a ResNet"),
+    (["--hn-args=--hn-drop-state"], "--hn-drop-state acts on a resume"),
     (["--hn-args", "--epochs 2 --hn-plausibility none"], "--epochs is not a --hn-* flag"),
     (["--hn-args", "--hn-seed 1 --lr=0.1"], "--lr=0.1 is not a --hn-* flag"),
     (["--hn-args", "--train-data 'x/{0..1.tar'"], "--train-data 'x/{0..1.tar': unbalanced braces; close "

@@ -105,6 +105,11 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "precomputed", "--hn-seed", "3"], "--hn-seed acts on online text negatives"),
     (["--hn-negatives", "online", "--hn-curriculum-end", "0.5"], "--hn-curriculum-end acts on a curriculum that moves"),
     (["--hn-negatives", "online", "--hn-drop-state"], "--hn-drop-state acts on a resume"),
+    (["--hn-config", "recommended", "--hn-drop-state", "--hn-print-config"], "--hn-drop-state acts on a resume"),
+    (["--hn-config", "diht", "--hn-label-smoothing", "0.1"], "or itc where neither clip nor importance replaces it"),
+    (["--hn-negatives", "precomputed", "--hn-seed", "3"], "pass --seed to `python -m open_clip_hn.negatives precompute`"),
+    (["--hn-negatives", "online", "--dataset-type", "synthetic", "--hn-sample-shuffle", "process"],
+     "--dataset-type synthetic is not webdataset"),
     (["--hn-negatives", "online", "--train-data", "train.csv", "--hn-sample-shuffle", "process"],
      "--hn-sample-shuffle process acts on webdataset's shuffle buffer"),
     (["--hn-negatives", "online", "--train-data", "train.csv", "--hn-image-neighbors", "/tmp"],
@@ -124,6 +129,18 @@ def test_bad_flags_fail_naming_the_input(argv, message, capsys):
     with pytest.raises(SystemExit):
         hooks.parse_args(["--model", TINY_MODEL] + argv)
     assert message in capsys.readouterr().err
+
+
+def test_a_hub_model_is_checked_when_built_not_fetched_at_parse_time():
+    """`local` checks --model's config at parse time only where it is at hand: a hub or
+    local-folder model would be downloaded or read there (offline: a traceback), so its check
+    waits for the built model (`token_features.check_token_model`)."""
+    from open_clip_hn import hooks
+
+    hooks.install()
+    for model in ("hf-hub:timm/ViT-B-16-SigLIP", "local-dir:/nonexistent"):
+        args = hooks.parse_args(["--model", model, *HN_ONLINE, "--hn-loss", "clip,choice,local"])
+        assert args.hn_loss == ("clip", "choice", "local")
 
 
 def test_a_resume_file_that_cannot_be_read_is_refused_before_any_work(tmp_path, capsys):
