@@ -11,7 +11,9 @@ Settings: the demo's world (`scenes.py`, 32 px) and `world2.py` (64 px); the dem
 (`hn-tiny-rn.json`; in world2 its copy with a 32-token context, `hn-tiny-rn-c32.json`, since
 world2's captions run to 24 tokens) and a 4-layer ViT with 8-pixel patches at 64 pixels
 (`hn-vit4-64.json`). The tower `vit-w128` (`hn-vit4-64-w128.json`, the same ViT at twice the width)
-is not one of issue 21's: it tests whether the ViT's swap errors are limited by its capacity. Nor
+is not one of issue 21's: it tests whether the ViT's swap errors are limited by its capacity; nor
+is `vit-t4` (`hn-vit4-64-t4.json`, the same ViT with a 4-layer text tower), which tests the text
+side. Nor
 is the world `demo64` (setting `demo64/vit`: the demo's world drawn at 64 pixels): it tests whether
 demo/ViT's swap-object errors come from shapes drawn at 32 pixels and upsampled.
 
