@@ -600,8 +600,10 @@ def _unloadable(path: str, err: BaseException) -> ValueError:
 
 
 def _looks_like_path(pretrained: str | None) -> bool:
-    return os.path.sep in (pretrained or "") or (pretrained or "").endswith(
-        (".pt", ".pth", ".bin", ".safetensors"))
+    """A checkpoint file rather than a pretrained tag: an existing file, or a name written as
+    a path or with a checkpoint's ending."""
+    return bool(pretrained) and (os.path.isfile(pretrained) or os.path.sep in pretrained
+                                 or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors")))
 
 
 def check_model(name: str, pretrained: str | None, model_configs: Sequence[str] = ()) -> None:
@@ -864,6 +866,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         problem = writable_output(path)  # before any model is loaded and scored
         if problem:
             parser.error(f"{flag} {path}: cannot be written ({problem}); pass a path in a folder you can write")
+    folder_output = args.format == "clip_benchmark"
+    for flag, path, wants_folder in (("--output", args.output, folder_output), ("--plot", args.plot, False)):
+        if path and wants_folder and os.path.exists(path) and not os.path.isdir(path):
+            parser.error(f"{flag} {path} is a file; --format clip_benchmark writes a folder of files: "
+                         "pass a folder (made when missing)")
+        if path and not wants_folder and os.path.isdir(path):
+            parser.error(f"{flag} {path} is a folder; pass a file name (e.g. {os.path.join(path, 'results.json' if flag == '--output' else 'results.png')})")
     choice_sets, pair_sets = discover_sets(args.compositional)
     if args.table == "sugarcrepe" and not any(s.name in SUGARCREPE_SPLITS for s in choice_sets):
         parser.error(f"--table sugarcrepe: {args.compositional} has no SugarCrepe split; it needs "

@@ -32,6 +32,7 @@ of github.com/ytaek-oh/vl_compo at commit 43e2eae0474c686d99ab463232ec6fa0fb9a88
 from __future__ import annotations
 
 import re
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any, Sequence
 
 LANGUAGE = "en"
@@ -56,6 +57,12 @@ VL_COMPO_BASELINES: dict[str, dict[str, float]] = {
                            "swap_obj": 74.69, "swap_att": 76.58,
                            "add_obj": 92.39, "add_att": 91.91},
 }
+def _one_decimal(value: float) -> str:
+    """`value` to one decimal, halves rounded up as the papers print them (94.25 -> 94.3; the
+    format's round-half-even of the binary value would give 94.2)."""
+    return str(Decimal(repr(value)).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
 BASELINE_SOURCE = ("baselines: vl_compo (Oh et al., CVPRW 2024, arXiv:2406.09388), "
                    "individual_results.csv @ 43e2eae")
 
@@ -139,7 +146,7 @@ def format_sugarcrepe_table(labels: Sequence[str], runs: Sequence[dict[str, dict
     def cell(splits: tuple[str, ...], column: int, values: dict[str, float | None]) -> str:
         value = _mean([values[s] for s in splits])
         mark = "*" if any((s, column) in partial for s in splits) else ""
-        return "-" if value is None else f"{value:.1f}{mark}"
+        return "-" if value is None else f"{_one_decimal(value)}{mark}"
 
     body = [[group, label, *(cell(splits, column, c) for column, c in enumerate(columns))]
             for group, label, splits in rows]

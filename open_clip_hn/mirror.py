@@ -74,6 +74,9 @@ def parse_axes(value: str) -> tuple[str, ...]:
     if value.strip() == "none":
         return ()
     axes = tuple(dict.fromkeys(a.strip() for a in value.split(",") if a.strip()))
+    if not axes:
+        raise ValueError(f"no mirror axis in {value!r} (an unset shell variable?); name axes "
+                         f"({', '.join(MIRROR_AXES)}), or none to switch mirrors off")
     unknown = [a for a in axes if a not in MIRROR_AXES]
     if unknown:
         raise ValueError(f"unknown mirror axis/axes {', '.join(unknown)}; use a comma list of: "

@@ -58,6 +58,8 @@ class HardNegativeLoss(torch.nn.Module):
         self.start_step = start_step
         self.grad_calls = 0
         self.negative_counts = torch.zeros(2, dtype=torch.long)  # [slots, valid] since last taken
+        # [rows, mirrored pairs used, converse pairs used] of steps whose share was above 0
+        self.mirror_counts = torch.zeros(3, dtype=torch.long)
         self.on_step_end = on_step_end
         fixed = config.fixed_rank_threshold
         self.thresholds = RankThresholds("fixed" if fixed is not None else config.rank_threshold, fixed)
@@ -255,7 +257,7 @@ class HardNegativeLoss(torch.nn.Module):
 
         if torch.is_grad_enabled():
             if self.grad_calls % self.accum_freq == self.accum_freq - 1:
-                self._end_of_step(b, logit_scale)
+                self._end_of_step(b, logit_scale, share)
             self.grad_calls += 1
         return {**losses, **stats}
 
@@ -265,12 +267,26 @@ class HardNegativeLoss(torch.nn.Module):
         self.negative_counts.zero_()
         return slots, valid
 
+    def take_mirror_counts(self) -> tuple[int, int, int]:
+        """(rows, mirrored pairs used, converse pairs used) of the optimizer steps since the last
+        call whose curriculum share was above 0 (the warmup uses none by design)."""
+        rows, mirrored, converse = (int(v) for v in self.mirror_counts.tolist())
+        self.mirror_counts.zero_()
+        return rows, mirrored, converse
+
     @torch.no_grad()
-    def _end_of_step(self, b: TermBatch, logit_scale: torch.Tensor) -> None:
+    def _end_of_step(self, b: TermBatch, logit_scale: torch.Tensor, share: float) -> None:
         """Once per optimizer step (last micro-batch call): fold the global batch into the state."""
         self.negative_counts = self.negative_counts.to(b.all_mask.device)  # no host sync per step
         self.negative_counts[0] += b.all_mask.numel()
         self.negative_counts[1] += b.all_mask.sum()
+        if b.mirrors is not None and share > 0:
+            m = b.mirrors
+            self.mirror_counts = self.mirror_counts.to(m.all_used.device)
+            self.mirror_counts[0] += m.all_used.numel()
+            self.mirror_counts[1] += m.all_used.sum()
+            if m.all_converse_used is not None:
+                self.mirror_counts[2] += m.all_converse_used.sum()
         if any(t.name == "rank" for t in self.terms) and b.all_mask.shape[1]:
             gaps = L.rank_gaps(b.all_image, b.all_text, b.all_negatives, logit_scale)
             self.thresholds.update(gaps, b.all_types, b.all_mask)

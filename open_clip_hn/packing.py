@@ -130,6 +130,7 @@ class PackedNegativeTokenizer:
         self.types = frozenset(types)
         self.mirror_axes = tuple(mirror_axes)
         self.converse = converse
+        self._warned_twins = False
 
     def negatives_for(self, caption: str, precomputed: list | None) -> list[dict[str, str]]:
         if precomputed is not None:
@@ -172,7 +173,33 @@ class PackedNegativeTokenizer:
             meta[mirror_block, 3] = mirrored[2]
         if converse:
             meta[mirror_block + 1:, 1] = 1
+        self._mask_twins(tokens, meta, mirror_block, caption)
         return torch.cat([tokens, meta], dim=1).reshape(1, -1)
+
+    def _mask_twins(self, tokens: torch.Tensor, meta: torch.Tensor, mirror_block: int,
+                    caption: str) -> None:
+        """Mask a negative or mirrored caption that tokenizes like the caption itself, and the
+        converse captions where any two of the converse term's four texts (caption, mirrored,
+        their converses) tokenize alike: texts that differ only past the context length (a long
+        caption cut by the tokenizer) would train the image away from its own caption. Warned
+        once per loader worker."""
+        twins = (tokens == tokens[0]).all(dim=1) & (meta[:, 1] == 1)
+        twins[0] = False
+        if self.converse is not None and meta[mirror_block + 1, 1] == 1:
+            four = tokens[[0, mirror_block, mirror_block + 1, mirror_block + 2]]
+            alike = (four[:, None] == four[None]).all(dim=-1)
+            if bool(alike.sum() > 4):  # beyond each text with itself
+                twins[mirror_block + 1:] = True
+        if not twins.any():
+            return
+        meta[twins, 1] = 0
+        if not self._warned_twins:
+            self._warned_twins = True
+            logging.warning("%d hard-negative text(s) of a caption tokenize exactly like the caption "
+                            "(it is cut at the tokenizer's context length, %d tokens: %r); they are "
+                            "masked, not trained as negatives. Captions this long lose their "
+                            "negatives' edits past the cut (this warning is shown once per loader "
+                            "worker)", int(twins.sum()), tokens.shape[1], caption[:120])
 
     def __call__(self, texts: Any) -> torch.Tensor:
         """Like an OpenCLIP tokenizer: a list of captions -> one row each; anything else -> one row."""

@@ -253,7 +253,9 @@ def expand_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]
 def _yaml_value(action: argparse.Action, value: Any) -> Any:
     """The recipe form of a parsed value, so that the printed config is itself a recipe."""
     if isinstance(value, tuple) and action.nargs not in ("*", "+") and not isinstance(action.nargs, int):
-        return ",".join(map(str, value))  # comma-list flags parse to tuples
+        # comma-list flags parse to tuples; an empty one is a part switched off (--hn-mirror
+        # none), since an empty list is refused as what an unset shell variable gives
+        return ",".join(map(str, value)) or "none"
     if isinstance(value, tuple):
         return list(value)
     return value

@@ -246,17 +246,28 @@ class HardNegativeRun:
                      ", ".join(f"{name}: {c['items']} items" for name, c in counts.items()))
 
     def epoch_trained(self, epoch: int) -> None:
-        """Warn loudly when an epoch's negatives were all masked slots (nothing generated)."""
+        """Warn loudly when an epoch's negatives were all masked slots (nothing generated), or
+        its mirror or converse term never had a pair."""
         loss = self.loss
-        if loss is None or not self.config.uses_text_negatives:
+        if loss is None:
             return
         slots, valid = loss.take_negative_counts()
-        if slots and not valid:
+        if self.config.uses_text_negatives and slots and not valid:
             logging.warning("Every hard-negative slot of epoch %d was masked: no caption yielded a "
                             "negative of --hn-types %s (precomputed shards without neg.json, a "
                             "vocabulary or plausibility filter that rejects everything, or captions "
                             "the generator cannot parse); the run is training without them",
                             epoch, ",".join(self.config.types))
+        rows, mirrored, converse = loss.take_mirror_counts()
+        axes = ",".join(self.config.mirror)
+        if rows and not mirrored:
+            logging.warning("No caption of epoch %d had a mirrored pair for --hn-mirror %s (none "
+                            "names a relation along those axes, or two colours for a colour "
+                            "exchange): the mirror term trained nothing", epoch, axes)
+        elif rows and self.config.packs_converse and not converse:
+            logging.warning("No mirrored caption of epoch %d could be phrased as a converse (a "
+                            "relation with one object named on each side): the converse term "
+                            "(--hn-converse-weight) trained nothing", epoch)
 
     def position_for_epoch(self, epoch: int) -> EpochPosition | None:
         """The resumed step position if `epoch` is the one it was saved in (used once)."""

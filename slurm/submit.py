@@ -234,6 +234,14 @@ def check_counts(args: argparse.Namespace) -> None:
         raise SubmitError(f"--dist-timeout {args.dist_timeout}: must be a positive, finite number of minutes")
     if args.local and args.nodes != 1:
         raise SubmitError(f"--local runs on this machine only: use --nodes 1 (got {args.nodes})")
+    if args.local and args.gpus_per_node:
+        import torch
+
+        here = torch.cuda.device_count()
+        if args.gpus_per_node > here:
+            raise SubmitError(f"--local --gpus-per-node {args.gpus_per_node}, but this machine has "
+                              f"{here} GPU(s); pass --gpus-per-node {here}"
+                              + (" (CPU processes: set --tasks-per-node for several)" if not here else ""))
 
 
 def partitions() -> tuple[list[str], str | None]:

@@ -330,6 +330,22 @@ def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path, sets, checkpo
     assert unknown.returncode == 2 and "error: --model 'no-such-model' is not an OpenCLIP model" in unknown.stderr
     absent = cli("--pretrained", str(tmp_path / "none.pt"), "--compositional", str(sets))
     assert absent.returncode == 2 and "checkpoint" in absent.stderr and "Traceback" not in absent.stderr
+    # outputs of the wrong kind are named before any model is scored
+    folder, a_file = tmp_path / "out-folder", tmp_path / "out.json"
+    folder.mkdir()
+    a_file.write_text("{}")
+    for flags, message in ((["--output", str(folder)], f"--output {folder} is a folder; pass a file name"),
+                           (["--plot", str(folder)], f"--plot {folder} is a folder"),
+                           (["--format", "clip_benchmark", "--output", str(a_file)],
+                            f"--output {a_file} is a file; --format clip_benchmark writes a folder")):
+        wrong = cli("--pretrained", checkpoint, "--compositional", str(sets), *flags)
+        assert wrong.returncode == 2 and message in wrong.stderr and "evaluating" not in wrong.stdout
+    # a checkpoint named without a path or a checkpoint's ending is still a file, not a tag
+    (tmp_path / "model.log").write_text("not a checkpoint")
+    odd = subprocess.run([sys.executable, "-m", "open_clip_hn.eval", "--model", "hn-tiny-vit",
+                          "--model-config", CONFIG, "--pretrained", "model.log", "--compositional",
+                          str(sets)], capture_output=True, text=True, cwd=tmp_path)
+    assert odd.returncode == 2 and "Traceback" not in odd.stderr and "model.log" in odd.stderr
 
 
 def test_a_set_without_a_readable_image_is_refused_not_scored_nan(tmp_path, sets, checkpoint, capsys):

@@ -465,3 +465,21 @@ def test_recommended_without_mirrors_drops_its_converse_term():
         off = config("--hn-mirror", "none", *extra)
         assert off.mirror == () and (off.converse_weight, off.converse_margin) == (0, 0)
         assert not off.packs_converse
+
+
+def test_an_epoch_whose_captions_never_mirror_is_warned_about(tmp_path, scene_csv):
+    """Captions without relation words give --hn-mirror nothing to pair: the run used to log
+    Mirror_loss 0 and Hn_mirrored 0 for the whole epoch and exit 0 without a word."""
+    from conftest import run_module, train_argv
+
+    lines = open(scene_csv).read().splitlines()
+    plain = tmp_path / "plain.csv"
+    plain.write_text("\n".join([lines[0]] + [row.split("\t")[0] + "\ta red cube and a blue sphere"
+                                             for row in lines[1:]]) + "\n")
+    run_module("open_clip_hn.train", train_argv(str(plain), str(tmp_path / "logs"), "plain",
+                                                "--hn-mirror", "horizontal"))
+    log = (tmp_path / "logs" / "plain" / "out.log").read_text()
+    assert "No caption of epoch 1 had a mirrored pair for --hn-mirror horizontal" in log
+    run_module("open_clip_hn.train", train_argv(scene_csv, str(tmp_path / "logs"), "scenes",
+                                                "--hn-mirror", "horizontal"))
+    assert "had a mirrored pair" not in (tmp_path / "logs" / "scenes" / "out.log").read_text()

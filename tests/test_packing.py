@@ -65,6 +65,35 @@ def test_invalid_negatives_become_masks_never_duplicates(tokenizer):
     assert unpacked.neg_mask.tolist() == [[True, False, False, False]]
 
 
+def test_texts_that_tokenize_like_their_caption_are_masked(caplog):
+    """A caption cut at the context length hides edits past the cut: a negative, mirrored or
+    converse caption that tokenizes like the caption would train the image away from its own
+    caption, so it is masked (and warned about once), while edits inside the context are kept."""
+    from open_clip_hn.negatives import NegativeGenerator
+
+    short = open_clip.tokenizer.SimpleTokenizer(context_length=8)  # 6 words fit
+    negatives = [{"text": "a red cube to the left of a green ball", "type": "replace_attribute"},
+                 {"text": "a blue cube to the left of a red ball", "type": "swap_attributes"}]
+    packer = PackedNegativeTokenizer(short, 2, FixedGenerator({CAPTION: negatives}),
+                                     mirror_axes=("horizontal",), converse=NegativeGenerator(seed=0))
+    with caplog.at_level("WARNING"):
+        unpacked = unpack_texts(torch.cat([packer(CAPTION), packer(CAPTION)]), 2, mirror=True,
+                                converse=True)
+    assert unpacked.neg_mask.tolist() == [[False, True]] * 2
+    assert unpacked.mirror_axis.tolist() == [0, 0]  # "right" falls inside the 6 words: kept
+    assert unpacked.converse_mask.all()  # its four texts differ inside the 6 words
+    assert sum("tokenize exactly like the caption" in r.message for r in caplog.records) == 1
+    late = "a big red cube and a blue ball with the cube to the left of the ball"
+    unpacked = unpack_texts(packer(late), 2, mirror=True, converse=True)
+    assert unpacked.mirror_axis.tolist() == [-1]  # the flip's edit falls past the cut
+    assert unpacked.converse_mask.tolist() == [False]  # and its converse pair goes with it
+    wide = PackedNegativeTokenizer(open_clip.tokenizer.SimpleTokenizer(context_length=32), 2,
+                                   FixedGenerator({CAPTION: negatives}), mirror_axes=("horizontal",),
+                                   converse=NegativeGenerator(seed=0))
+    unpacked = unpack_texts(wide(CAPTION), 2, mirror=True, converse=True)
+    assert unpacked.neg_mask.tolist() == [[True, True]] and unpacked.converse_mask.tolist() == [True]
+
+
 def test_precomputed_negatives_ride_in_the_caption(tokenizer):
     samples = [{"__key__": "0", "txt": CAPTION.encode(), "neg.json": json.dumps(NEGATIVES).encode()},
                {"__key__": "1", "txt": b"a cat", "neg.json": b"{not json"}]

@@ -272,6 +272,8 @@ def test_help_lists_the_flags():
     (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be at least 0"),
     (["--time", "soon"], "--time 'soon': not a SLURM time"),
     (["--local", "--nodes", "2"], "--local runs on this machine only: use --nodes 1"),
+    # CI and this machine have no GPU: the default 8 would start 8 CPU ranks
+    (["--local"], "--local --gpus-per-node 8, but this machine has 0 GPU(s); pass --gpus-per-node 0"),
 ])
 def test_bad_launcher_flags_are_refused_before_submission(tmp_path, argv, message):
     proc = run_submit(*argv, "--job-dir", str(tmp_path / "job"), "--", "--epochs", "1")

@@ -106,6 +106,10 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "online", "--hn-curriculum-end", "0.5"], "--hn-curriculum-end acts on a curriculum that moves"),
     (["--hn-negatives", "online", "--hn-drop-state"], "--hn-drop-state acts on a resume"),
     (["--hn-config", "recommended", "--hn-drop-state", "--hn-print-config"], "--hn-drop-state acts on a resume"),
+    # an empty list (an unset shell variable) is not read as "none" or "all"
+    (["--hn-negatives", "online", "--hn-mirror", ""], "no mirror axis in ''"),
+    (["--hn-negatives", "online", "--hn-mirror", " , "], "no mirror axis in ' , '"),
+    (["--hn-negatives", "online", "--hn-types", ""], "no negative type in ''"),
     (["--hn-config", "diht", "--hn-label-smoothing", "0.1"], "or itc where neither clip nor importance replaces it"),
     (["--hn-negatives", "precomputed", "--hn-seed", "3"], "pass --seed to `python -m open_clip_hn.negatives precompute`"),
     (["--hn-negatives", "online", "--dataset-type", "synthetic", "--hn-sample-shuffle", "process"],

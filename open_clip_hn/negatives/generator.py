@@ -546,7 +546,7 @@ class NegativeGenerator:
                  vocabulary: frozenset[str] | None = None,
                  plausibility: "str | PlausibilityModel | None" = None, swap_reorders: bool = True,
                  exclude: Collection[str] = ()):
-        self.types = parse_types(types) if isinstance(types, str) or types is None else parse_types(",".join(types))
+        self.types = parse_types(types if isinstance(types, str) or types is None else ",".join(types))
         if tagger not in ("auto", "nltk", "lexicon"):
             raise ValueError(f"tagger must be auto, nltk or lexicon, got {tagger!r}")
         self.seed = int(seed)

@@ -18,10 +18,14 @@ LM_TYPES: tuple[str, ...] = ("replace_object", "replace_attribute")
 
 
 def parse_types(spec: str | None) -> tuple[str, ...]:
-    """Parse a comma list of type names ('all' or empty means every type); unknown names raise."""
-    if spec is None or spec.strip() in ("", "all"):
+    """Parse a comma list of type names ('all', or None, means every type); unknown names raise,
+    and so does an empty list (what an unset shell variable gives: it is not read as "all")."""
+    if spec is None or spec.strip() == "all":
         return NEGATIVE_TYPES
     names = tuple(dict.fromkeys(s.strip() for s in spec.split(",") if s.strip()))
+    if not names:
+        raise ValueError(f"no negative type in {spec!r} (an unset shell variable?); name types, "
+                         f"or all: {', '.join(NEGATIVE_TYPES)}")
     unknown = [n for n in names if n not in TYPE_TO_ID]
     if unknown:
         raise ValueError(
