@@ -258,8 +258,9 @@ def _settings_and_targets(c: HNConfig) -> dict[str, Target]:
     mined = Target("the mined term (--hn-loss ...,mined)", "mined" in c.loss)
     importance = Target("the importance term (--hn-loss ...,importance)", "importance" in c.loss)
     generated, online = "online text negatives (--hn-negatives online)", c.negatives == "online"
-    active = {term.name for term in active_terms(c)}
-    scheduled = c.packs_texts or any(term.curriculum for term in active_terms(c))
+    terms = active_terms(c)
+    active = {term.name for term in terms}
+    scheduled = c.packs_texts or any(term.curriculum for term in terms)
     schedule = Target("the curriculum, which schedules text negatives, mirrored pairs and the "
                       "intra/rank/mined/mirror terms (none of them is on)", scheduled)
     lowest_share = min(c.curriculum_start, 1.0 if c.curriculum == "const" else c.curriculum_end)

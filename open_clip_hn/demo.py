@@ -306,11 +306,12 @@ def main(argv: list[str] | None = None) -> dict:
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f"--output-dir {args.output_dir} is a file; pass a folder (made when missing)")
     try:
-        args.hn_args = " ".join(shlex.quote(token) for token in shlex.split(args.hn_args))
+        hn_tokens = shlex.split(args.hn_args)
     except ValueError as err:
         parser.error(f"--hn-args {args.hn_args!r}: {err}")
-    foreign = [t for t in shlex.split(args.hn_args) if t.startswith("--") and not
-               t.startswith("--hn-") and t.split("=", 1)[0] != "--train-data"]
+    args.hn_args = " ".join(shlex.quote(token) for token in hn_tokens)
+    foreign = [t for t in hn_tokens if t.startswith("--") and not t.startswith("--hn-")
+               and t.split("=", 1)[0] != "--train-data"]
     if foreign:
         parser.error(f"--hn-args {args.hn_args!r}: {foreign[0]} is not a --hn-* flag; the demo "
                      "gives both continued runs the same OpenCLIP flags (set them with the demo's "

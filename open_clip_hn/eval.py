@@ -862,17 +862,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
             if path and folder and _inside(path, folder):  # read as a set by the next evaluation
                 parser.error(f"{flag} {path} is inside the evaluation folder {folder}; write it "
                              "elsewhere")
-    for flag, path in (("--output", args.output), ("--plot", args.plot)):
+    folder_output = args.format == "clip_benchmark"  # --output is then a folder of files
+    outputs = (("--output", args.output, "results.json"), ("--plot", args.plot, "results.png"))
+    for flag, path, example in outputs:
         problem = writable_output(path)  # before any model is loaded and scored
         if problem:
             parser.error(f"{flag} {path}: cannot be written ({problem}); pass a path in a folder you can write")
-    folder_output = args.format == "clip_benchmark"
-    for flag, path, wants_folder in (("--output", args.output, folder_output), ("--plot", args.plot, False)):
-        if path and wants_folder and os.path.exists(path) and not os.path.isdir(path):
-            parser.error(f"{flag} {path} is a file; --format clip_benchmark writes a folder of files: "
-                         "pass a folder (made when missing)")
-        if path and not wants_folder and os.path.isdir(path):
-            parser.error(f"{flag} {path} is a folder; pass a file name (e.g. {os.path.join(path, 'results.json' if flag == '--output' else 'results.png')})")
+        if path and os.path.isdir(path) and not (folder_output and flag == "--output"):
+            parser.error(f"{flag} {path} is a folder; pass a file name (e.g. {os.path.join(path, example)})")
+    if folder_output and os.path.exists(args.output) and not os.path.isdir(args.output):
+        parser.error(f"--output {args.output} is a file; --format clip_benchmark writes a folder of "
+                     "files: pass a folder (made when missing)")
     choice_sets, pair_sets = discover_sets(args.compositional)
     if args.table == "sugarcrepe" and not any(s.name in SUGARCREPE_SPLITS for s in choice_sets):
         parser.error(f"--table sugarcrepe: {args.compositional} has no SugarCrepe split; it needs "

@@ -57,6 +57,8 @@ VL_COMPO_BASELINES: dict[str, dict[str, float]] = {
                            "swap_obj": 74.69, "swap_att": 76.58,
                            "add_obj": 92.39, "add_att": 91.91},
 }
+
+
 def _one_decimal(value: float) -> str:
     """`value` to one decimal, halves rounded up as the papers print them (94.25 -> 94.3; the
     format's round-half-even of the binary value would give 94.2)."""

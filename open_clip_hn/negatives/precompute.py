@@ -28,6 +28,10 @@ class DamagedShard(Exception):
     """An input shard that cannot be read whole: the message says where and how much was read."""
 
 
+class EmptyShard(Exception):
+    """Raised inside the write so that a shard without samples leaves no file and no record."""
+
+
 def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator, k: int,
                      caption_key: str, allow_damaged: bool = False) -> tuple[str, int, int, str]:
     """Write `output_dir/<name>` with a neg.json per sample, unless the manifest says it is done.
@@ -100,10 +104,10 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
             if damage and not allow_damaged:
                 raise DamagedShard()
             if not samples:
-                raise DamagedShard()  # nothing to write: neither the shard nor its record
+                raise EmptyShard()
+    except EmptyShard:
+        return "empty", 0, 0, "no samples (an empty tar)"
     except DamagedShard:
-        if not damage:
-            return "empty", 0, 0, "no samples (an empty tar)"
         return "damaged", samples, masked, f"{samples} samples readable; " + "; ".join(damage)
     detail = "; ".join(damage)
     if damage:
