@@ -38,7 +38,7 @@ from .argtypes import overwritten_input, positive_int, torch_device, writable_ou
 from .eval_sets import layout_error, read_choice_records, read_pair_records
 from .files import atomic_open, atomic_write_json
 from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, file_slug, format_sugarcrepe_table
-from .provenance import model_mismatch, read_sidecar
+from .provenance import model_mismatch, read_record
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 COUNT_KEYS = ("n", "skipped", "groups_averaged")  # counts beside the metrics of a set's results
@@ -159,7 +159,8 @@ class ChoiceSet:
     name: str
     path: str
     items: list[tuple[str, tuple[float, float, float, float] | None, list[str]]]
-    skipped: int = 0
+    skipped: int = 0  # items with a missing image or an empty box
+    empty_boxes: int = 0  # of those, ARO boxes under a pixel wide or high
     groups: list[str] | None = None
     group_kind: str | None = None  # "relation" (VG-Relation) or "attributes" (VG-Attribution)
 
@@ -211,6 +212,7 @@ def load_choice_set(path: str) -> ChoiceSet:
         result.items.append((image, box, [record[keys[1]], record[keys[2]]]))
         groups.append(_aro_group(record))
     result.skipped += empty_boxes
+    result.empty_boxes = empty_boxes
     if empty_boxes:
         logging.warning(f"eval set {path}: {empty_boxes} item(s) whose box is less than a pixel "
                         "wide or high will be skipped")
@@ -338,19 +340,20 @@ def check_sets(choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = 
                retrieval: RetrievalSet | None = None) -> dict[str, dict[str, int]]:
     """Decode every image of loaded sets once, so a set without one readable item fails before
     any model is loaded (see `check_compositional_sets`, which reads the sets from a folder)."""
-    readable: dict[str, bool] = {}
+    sizes: dict[str, tuple[int, int] | None] = {}  # None: unreadable
 
     def ok(path: str) -> bool:
-        if path not in readable:
+        if path not in sizes:
             try:
                 with Image.open(path) as image:
                     image.load()
-                readable[path] = True
+                    sizes[path] = image.size
             except IMAGE_ERRORS:
-                readable[path] = False
-        return readable[path]
+                sizes[path] = None
+        return sizes[path] is not None
 
-    groups = [(s.name, s.path, [[p] for p, _, _ in s.items], s.skipped) for s in choice_sets]
+    groups = [(s.name, s.path, [[p] for p, _, _ in s.items], s.skipped - s.empty_boxes)
+              for s in choice_sets]
     groups += [(s.name, s.path, [[i0, i1] for i0, i1, *_ in s.items], s.skipped) for s in pair_sets]
     if retrieval:
         groups.append(("retrieval", retrieval.path, [[p] for p, _ in retrieval.items], retrieval.skipped))
@@ -365,7 +368,19 @@ def check_sets(choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = 
             logging.warning(f"eval set {path}: {missing} item(s) with a missing image"
                             + (f", {len(bad)} with an unreadable one (e.g. {first})" if bad else "")
                             + f" will be skipped; {len(items) - len(bad)} usable")
+    for s in choice_sets:
+        outside = [p for p, box, _ in s.items if box and ok(p) and not _box_meets(box, sizes[p])]
+        if outside:
+            logging.warning(f"eval set {s.path}: {len(outside)} item(s) whose box lies outside "
+                            f"its image (e.g. {outside[0]}) are scored on an empty crop, as ARO "
+                            "crops them; check the set's bbox_x/y/w/h")
     return summary
+
+
+def _box_meets(box: tuple[float, float, float, float], size: tuple[int, int]) -> bool:
+    """An (x0, y0, x1, y1) box overlaps a (width, height) image by a pixel or more each way."""
+    x0, y0, x1, y1 = box
+    return min(x1, size[0]) - max(x0, 0) >= 1 and min(y1, size[1]) - max(y0, 0) >= 1
 
 
 # ----------------------------------------------------------------------------- encoding
@@ -453,7 +468,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
                   show_progress: bool = False, input_dtype: torch.dtype | None = None
                   ) -> dict[str, dict[str, float]]:
     """{set name: {metric: value, "n": items scored, "skipped": items with a missing or
-    unreadable image}} for loaded sets. A corrupt image is skipped and counted, never raised;
+    unreadable image or an empty box}} for loaded sets. A corrupt image is skipped and counted, never raised;
     a set with no item left raises a ValueError naming it."""
     from tqdm import tqdm
 
@@ -509,13 +524,16 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
     finally:
         bar.close()
         model.train(was_training)
+    empty_boxes = {s.name: s.empty_boxes for s in choice_sets}
     for name, metrics in results.items():
         if metrics["skipped"]:
             bad = unreadable.get(name, {})
             detail = (f"; {len(bad)} unreadable image(s), e.g. {next(iter(bad.values()))}"
                       if bad else "")
+            boxes = empty_boxes.get(name, 0)
+            detail += f"; {boxes} with a box under a pixel" if boxes else ""
             logging.warning(f"eval: {name}: skipped {metrics['skipped']} item(s) with a missing "
-                            f"or unreadable image{detail}; scored {metrics['n']}")
+                            f"or unreadable image or an empty box{detail}; scored {metrics['n']}")
     return results
 
 
@@ -629,6 +647,22 @@ def check_model(name: str, pretrained: str | None, model_configs: Sequence[str] 
                          f"{name} (its tags: {tags}) nor a checkpoint file; pass one of those")
 
 
+def fetch_pretrained(name: str, pretrained: str | None) -> None:
+    """Download (or find in the cache) the weights of a pretrained tag now, before anything is
+    scored: offline, an uncached tag otherwise failed with open_clip's traceback after the
+    checkpoints before it had been evaluated. A checkpoint file or no weights: nothing to do."""
+    from open_clip.pretrained import download_pretrained, get_pretrained_cfg
+
+    if not pretrained or _looks_like_path(pretrained):
+        return
+    try:
+        download_pretrained(get_pretrained_cfg(name, pretrained))
+    except (OSError, RuntimeError) as err:  # no network and no cached copy, or a bad download
+        raise ValueError(f"--pretrained {pretrained!r} of --model {name}: its weights cannot be "
+                         f"fetched ({str(err).splitlines()[0]}); connect to the internet once to "
+                         "cache them, or pass a checkpoint file") from None
+
+
 def load_model(name: str, pretrained: str | None, device: torch.device | str = "cpu",
                model_configs: Sequence[str] = ()):
     """(model, preprocess, tokenizer) for an OpenCLIP model name and checkpoint or pretrained tag.
@@ -687,7 +721,7 @@ def trained_as_problems(models: Sequence[str], checkpoints: Sequence[str],
             open_clip.add_model_config(config)
     problems = []
     for model, checkpoint in zip(models, checkpoints):
-        record = read_sidecar(checkpoint) if os.path.isfile(checkpoint) else None
+        record = read_record(checkpoint) if os.path.isfile(checkpoint) else None
         problem = record and model_mismatch(record, model, open_clip.get_model_config(model))
         if problem:
             problems.append(f"checkpoint {checkpoint}: {problem}")
@@ -847,6 +881,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         logging.warning("eval: %s (evaluating anyway: --allow-model-mismatch)", problem)
     for name, pretrained in zip(models, args.pretrained):  # a typo in the last before scoring the first
         check_model(name, pretrained, args.model_config)
+    for name, pretrained in zip(models, args.pretrained):  # then the downloads, once all are named right
+        fetch_pretrained(name, pretrained)
 
     if args.output and args.output == args.plot:
         parser.error(f"--output and --plot name the same file {args.output}")

@@ -126,6 +126,7 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     if config.eval_compositional and not os.path.isdir(config.eval_compositional):
         raise ValueError(f"--hn-eval-compositional {config.eval_compositional}: no such folder; pass "
                          "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
+    _check_local_shards(args)
     if config.negatives == "precomputed" and args.train_data:
         _check_precomputed_settings(config, args)
     if config.image_neighbors:
@@ -175,6 +176,21 @@ def _check_run_flags(config: HNConfig, args: argparse.Namespace) -> None:
         model_config = _model_config(args)
         if model_config is not None:
             check_token_model_config(model_config)
+
+
+def _check_local_shards(args: argparse.Namespace) -> None:
+    """Every local `--train-data` shard exists: OpenCLIP's webdataset loader logs a missing shard
+    and goes on, so a mistyped range trains on part of the data (or, with none found, waits
+    forever for a sample). Remote (`://`) and `pipe:` sources are read as given."""
+    if not args.train_data or _not_webdataset(args):
+        return
+    urls = oc_data.expand_urls(args.train_data)[0]
+    missing = [url for url in urls if "://" not in url and not url.startswith("pipe:")
+               and not os.path.isfile(url)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"--train-data: {len(missing)} of {len(urls)} shards not found ({shown}); "
+                         "fix the path or the brace range (OpenCLIP's loader would skip them)")
 
 
 def _train_data_named(args: argparse.Namespace) -> str:
@@ -510,6 +526,21 @@ def check_resume_latest(args: argparse.Namespace, with_state: bool) -> None:
                                     with_state=with_state, warn=False)
 
 
+def _set_aside_unresumable(args: argparse.Namespace) -> None:
+    """The patched route: a patched OpenCLIP picks `--resume latest` itself, the newest file
+    that reads, even when its plugin state is damaged (the run then stopped on that state though
+    an older pair was good). The master sets such newer checkpoints aside (`*.pt.broken`, kept)
+    before OpenCLIP's pick, so it resumes the pair the monkeypatch route would."""
+    if (args.resume != "latest" or args.name is None or args.remote_sync is not None
+            or args.save_most_recent):
+        return
+    from open_clip_train.distributed import world_info_from_env
+
+    if world_info_from_env()[1] == 0:
+        hn_state.set_aside_broken_checkpoints(os.path.join(args.logs, args.name, "checkpoints"),
+                                              with_state=True)
+
+
 def _check_bank_memory(config: HNConfig, args: argparse.Namespace) -> None:
     """The memory bank against the free memory of the device it will live on (before training)."""
     from .memory_bank import check_bank_fits
@@ -569,6 +600,8 @@ class Plugin:
         args.hn_typed = self.typed
         _print_config_if_asked(args, argv, parser)
         self.run = configure(args, argv, parser)
+        if self.run is not None:
+            _set_aside_unresumable(args)
 
     def model_created(self, model, preprocess_train, preprocess_val, args) -> None:
         _allow_cpu_ddp(args.device)

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .argtypes import non_negative_int, positive_int, torch_device, unit_float
-from .eval import IMAGE_ERRORS, check_model, load_model
+from .eval import IMAGE_ERRORS, check_model, fetch_pretrained, load_model
 from . import files
 from .files import atomic_write_bytes, atomic_write_json, content_identity
 from .negatives.shards import member_end, trailing_damage
@@ -475,6 +475,7 @@ def build(shards: str, model_name: str, output: str, pretrained: str | None = No
     """Build (or resume) a neighbour index of `shards` in `output`; return the manifest path."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_model(model_name, pretrained, [model_config] if model_config else [])  # before the scan
+    fetch_pretrained(model_name, pretrained)
     identity = _build_identity(model_name, pretrained, model_config)
     paths, catalogs, scanned = _start(shards, output, identity)
     if not any(catalogs):  # before the model: the refusal costs no model load

@@ -7,7 +7,8 @@ only the latter gives its real numbers (SugarCrepe issue #7). Runs with the plug
 write the record twice: into the plugin state (`epoch_N.pt.hn`, state.py) and into a small
 JSON sidecar `<checkpoint>.json` (`epoch_N.pt.json`, `epoch_latest.pt.json`) that plain
 OpenCLIP never reads (`--resume latest` looks at `*.pt` only). `python -m open_clip_hn.eval`
-compares the sidecar with its own `--model` before loading anything.
+compares the record with its own `--model` before loading anything (the sidecar, else the
+plugin state's copy: a step checkpoint's inside it, an epoch checkpoint's `.hn` beside it).
 Runs without `--hn-*` flags write nothing: they stay exactly OpenCLIP's runs.
 """
 
@@ -83,6 +84,35 @@ def read_sidecar(checkpoint: str) -> dict[str, Any] | None:
         raise ValueError(f"{path}: not a model record (no 'model' name); delete it to evaluate "
                          "without the check")
     return record
+
+
+def read_record(checkpoint: str) -> dict[str, Any] | None:
+    """What `checkpoint` was trained as: its sidecar, else the record the plugin state holds (a
+    step checkpoint `epoch_E_step_S.pt` carries it inside; `epoch_N.pt` has `epoch_N.pt.hn`
+    beside it); None for a checkpoint of plain OpenCLIP or a damaged state (nothing to check)."""
+    from .state import EMBEDDED_STATE_KEY, StateError, read_state, state_path
+
+    record = read_sidecar(checkpoint)
+    if record is not None:
+        return record
+    folder, name = os.path.split(checkpoint)
+    state = None
+    if re.fullmatch(r"epoch_\d+_step_\d+\.pt", name):
+        try:
+            import torch
+
+            state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get(
+                EMBEDDED_STATE_KEY)
+        except Exception:  # not ours or damaged: the loader names it when the model is built
+            return None
+    elif re.fullmatch(r"epoch_\d+\.pt", name):
+        path = state_path(folder, int(name[6:-3]))
+        try:
+            state = read_state(path) if os.path.isfile(path) else None
+        except StateError:
+            return None
+    record = state.get("trained_as") if isinstance(state, dict) else None
+    return record if isinstance(record, dict) and isinstance(record.get("model"), str) else None
 
 
 def model_mismatch(record: dict[str, Any], model: str,

@@ -262,28 +262,30 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool, 
     return None
 
 
-def set_aside_broken_checkpoints(checkpoint_dir: str | os.PathLike) -> list[Path]:
-    """Rename unreadable checkpoints that `--resume latest` would pick (to `*.pt.broken`), so
-    OpenCLIP's own pick becomes the newest readable one; returns the moved files.
+def set_aside_broken_checkpoints(checkpoint_dir: str | os.PathLike, with_state: bool = False
+                                 ) -> list[Path]:
+    """Rename the checkpoints newer than the one `--resume latest` should resume (to
+    `*.pt.broken`: unreadable, or with `with_state` a damaged plugin state), so OpenCLIP's own
+    pick, the newest file, becomes that one; returns the moved files.
 
-    For launchers that cannot change the resume path (a requeued SLURM job restarts with
-    `--resume latest`); the files are kept, only renamed, so nothing is deleted. Only when a
-    readable checkpoint remains to resume: with none, nothing moves and `--resume latest` refuses
-    the run, naming each file, on every rank (renaming them all would start it over silently).
+    For launchers and routes that cannot change OpenCLIP's pick (a requeued SLURM job restarts
+    with `--resume latest`; a patched OpenCLIP picks before the plugin sees the file); the files
+    are kept, only renamed, so nothing is deleted. Only when a checkpoint remains to resume: with
+    none, nothing moves and `--resume latest` refuses the run, naming each file, on every rank
+    (renaming them all would start it over silently).
     """
-    broken = []
-    for path in checkpoints_newest_first(checkpoint_dir):
-        try:
-            read_checkpoint(path)
-            break
-        except ValueError as err:
-            broken.append((path, err))
-    else:
+    try:
+        found = latest_good_checkpoint(checkpoint_dir, with_state)  # warns naming each skipped
+    except StateError:
+        return []
+    if found is None:
         return []
     moved = []
-    for path, err in broken:
+    for path in checkpoints_newest_first(checkpoint_dir):
+        if path == found[0]:
+            break
         target = path + BROKEN_SUFFIX
         os.replace(path, target)
-        logging.warning("set aside an unreadable checkpoint: %s -> %s", err, target)
+        logging.warning("set aside a checkpoint --resume latest cannot resume: %s -> %s", path, target)
         moved.append(Path(target))
     return moved

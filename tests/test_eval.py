@@ -217,6 +217,27 @@ def test_a_mistyped_pretrained_tag_is_named_before_any_checkpoint_is_scored(sets
         hn_eval.load_model("ViT-B-32", "opneai")
 
 
+def test_a_pretrained_tag_that_cannot_be_fetched_is_named_before_any_checkpoint_is_scored(
+        sets, checkpoint, capsys, monkeypatch):
+    """A real tag whose weights are neither cached nor downloadable (offline): exit 2 naming the
+    tag and the fix before the first checkpoint is scored (it was open_clip's traceback after the
+    earlier checkpoints' scores)."""
+    import open_clip.pretrained
+
+    def offline(cfg, *args, **kwargs):
+        assert cfg, "fetch_pretrained passes the tag's config"
+        raise FileNotFoundError("Failed to download file (open_clip_pytorch_model.bin)\nmore")
+
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", offline)
+    with pytest.raises(SystemExit) as exit_:
+        hn_eval.main(["--model", "hn-tiny-vit", "ViT-B-32", "--model-config", CONFIG, "--pretrained",
+                      checkpoint, "openai", "--compositional", str(sets)])
+    printed = capsys.readouterr()
+    assert exit_.value.code == 2 and "evaluating" not in printed.out
+    assert ("error: --pretrained 'openai' of --model ViT-B-32: its weights cannot be fetched (Failed "
+            "to download file (open_clip_pytorch_model.bin)); connect to the internet once") in printed.err
+
+
 def test_in_loop_evaluation_of_a_pure_bf16_model(tmp_path):
     """Models trained with --precision pure_bf16 take bf16 images, as in OpenCLIP's evaluate."""
     import open_clip
@@ -296,8 +317,8 @@ def test_corrupt_image_is_skipped_and_counted_like_a_missing_one(tmp_path, sets,
         results = hn_eval.evaluate_sets(model, preprocess, tokenizer, choice, pairs, batch_size=16)
     assert results["swap_objects"]["skipped"] == 2 and results["swap_objects"]["n"] == 58
     assert results["relation_pairs"]["skipped"] == 1 and results["relation_pairs"]["n"] == 29
-    assert f"skipped 2 item(s) with a missing or unreadable image; 1 unreadable image(s), e.g. {corrupt}" \
-        in caplog.text
+    assert (f"skipped 2 item(s) with a missing or unreadable image or an empty box; 1 unreadable "
+            f"image(s), e.g. {corrupt}") in caplog.text
     # the scores are those of the readable items alone
     kept = [i for i in range(len(choice[0].items)) if choice[0].items[i][0] != str(corrupt)]
     alone = hn_eval.ChoiceSet("swap_objects", "", [choice[0].items[i] for i in kept])
@@ -451,11 +472,17 @@ def test_aro_sets_report_the_macro_accuracy_and_skip_empty_boxes(tmp_path, sets,
             "false_caption": v["negative_caption"], "relation_name": ("on", "under", "near")[i % 3],
             "bbox_x": 0, "bbox_y": 0, "bbox_w": 0 if i == 0 else 32, "bbox_h": 32}
            for i, v in enumerate(items)]
+    aro[1]["bbox_x"] = 1000  # a box beside the image: scored on an empty crop, as ARO does, but said
     (tmp_path / "vg_relation.json").write_text(json.dumps(aro))
     loaded = hn_eval.load_choice_set(str(tmp_path / "vg_relation.json"))
     assert loaded.skipped == 1 and len(loaded.items) == len(items) - 1  # the empty box, not a crash
     assert loaded.group_kind == "relation" and loaded.groups[:2] == ["under", "near"]
     assert "less than a pixel wide or high" in caplog.text
+    caplog.clear()
+    summary = hn_eval.check_sets([loaded])["vg_relation"]
+    assert summary["missing"] == 0  # the empty box is not called a missing image
+    assert (f"1 item(s) whose box lies outside its image (e.g. {tmp_path / 'images' / aro[1]['image_path']})"
+            " are scored on an empty crop") in caplog.text
     model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, model_configs=[CONFIG])
     result = hn_eval.evaluate_sets(model, preprocess, tokenizer, [loaded])["vg_relation"]
     assert result["groups_averaged"] == 2  # "near" is one of ARO's symmetric relations

@@ -37,6 +37,19 @@ def test_help_and_show():
     assert missing.returncode == 2 and "/nonexistent/words.txt" in missing.stderr
 
 
+def test_show_says_why_a_caption_gets_no_negatives(capsys):
+    """A caption the generator will not touch is named with its reason, so a user can tell a
+    too-long or non-English caption from one with nothing to change."""
+    from open_clip_hn.negatives.cli import main
+
+    for caption, reason in (("a red cube " * 100, "it is longer than 1000 characters (1100)"),
+                            ("a cat on a mat\u2122", "it holds '\u2122', outside plain English text"),
+                            ("a cat &amp; a dog", "it holds an HTML entity"),
+                            ("hello there", "it has nothing the negative types change")):
+        assert main(["show", caption]) == 0
+        assert f"(no negatives: {reason})" in capsys.readouterr().out
+
+
 def test_generate_formats_order_and_malformed_lines(tmp_path, capsys):
     jsonl = tmp_path / "in.jsonl"
     lines = [json.dumps({"caption": c}) for c in CAPTIONS[:5]]

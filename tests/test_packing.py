@@ -94,6 +94,25 @@ def test_texts_that_tokenize_like_their_caption_are_masked(caplog):
     assert unpacked.neg_mask.tolist() == [[True, True]] and unpacked.converse_mask.tolist() == [True]
 
 
+def test_converse_texts_that_tokenize_alike_mask_only_the_converse_pair():
+    """The converse term's own twins: the caption and its mirror differ inside the context, but
+    the two converse captions are cut before their relation word, so only the converse pair is
+    masked and the mirrored caption still trains."""
+    from open_clip_hn.negatives import NegativeGenerator
+
+    caption = "a cube to the left of a red cube"  # converses: "a red cube to the right/left of a cube"
+    short = open_clip.tokenizer.SimpleTokenizer(context_length=7)  # 5 words: "... to the left|right"
+    packer = PackedNegativeTokenizer(short, 1, FixedGenerator({}), mirror_axes=("horizontal",),
+                                     converse=NegativeGenerator(seed=0))
+    unpacked = unpack_texts(packer(caption), 1, mirror=True, converse=True)
+    assert unpacked.mirror_axis.tolist() == [0] and unpacked.converse_mask.tolist() == [False]
+    wide = PackedNegativeTokenizer(open_clip.tokenizer.SimpleTokenizer(context_length=16), 1,
+                                   FixedGenerator({}), mirror_axes=("horizontal",),
+                                   converse=NegativeGenerator(seed=0))
+    unpacked = unpack_texts(wide(caption), 1, mirror=True, converse=True)
+    assert unpacked.mirror_axis.tolist() == [0] and unpacked.converse_mask.tolist() == [True]
+
+
 def test_precomputed_negatives_ride_in_the_caption(tokenizer):
     samples = [{"__key__": "0", "txt": CAPTION.encode(), "neg.json": json.dumps(NEGATIVES).encode()},
                {"__key__": "1", "txt": b"a cat", "neg.json": b"{not json"}]

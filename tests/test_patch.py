@@ -137,6 +137,14 @@ def test_patched_route_trains_like_the_monkeypatch_route(patched_site, scene_csv
     log = (tmp_path / "patched" / "out.log").read_text()
     assert "=> found hard-negative state" in log and "=> restored hard-negative state" in log
     assert (tmp_path / "patched" / "checkpoints" / "epoch_2.pt.hn").is_file()
+    # the newest checkpoint's plugin state is damaged: the plugin's pick falls back to epoch 1's
+    # pair, as on the monkeypatch route (a patched OpenCLIP's own pick stopped on epoch 2's state)
+    (tmp_path / "patched" / "checkpoints" / "epoch_2.pt.hn").write_bytes(b"cut")
+    run(train_argv(scene_csv, str(tmp_path), "patched", "--plugins", "open_clip_hn", *HN_ONLINE,
+                   "--resume", "latest", epochs=2), site=patched_site, module="open_clip_train.main")
+    checkpoints = tmp_path / "patched" / "checkpoints"
+    assert f"=> resuming checkpoint '{checkpoints / 'epoch_1.pt'}'" in (tmp_path / "patched" / "out.log").read_text()
+    assert (checkpoints / "epoch_2.pt.broken").is_file() and (checkpoints / "epoch_2.pt.hn").is_file()
 
 
 @pytest.mark.slow

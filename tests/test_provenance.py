@@ -52,6 +52,33 @@ def test_eval_refuses_another_model_naming_both(tmp_path, capsys):
            "ViT-B-32" in err and "--allow-model-mismatch" in err
 
 
+def test_without_a_sidecar_the_plugin_state_says_what_a_checkpoint_was_trained_as(tmp_path, capsys):
+    """A step checkpoint (the record inside its plugin state) and an epoch checkpoint whose
+    `.json` was lost (the record in `epoch_N.pt.hn` beside it) are checked like a sidecar's; a
+    plain OpenCLIP checkpoint or a damaged state gives no record (nothing to check)."""
+    import torch
+
+    from open_clip_hn import state
+
+    record = provenance.model_record("ViT-B-32-quickgelu", "openai", None)
+    step = tmp_path / "epoch_1_step_40.pt"
+    torch.save({"epoch": 1, "state_dict": {}, state.EMBEDDED_STATE_KEY: {"trained_as": record}}, step)
+    epoch = tmp_path / "epoch_2.pt"
+    torch.save({"epoch": 2, "state_dict": {}}, epoch)
+    state.save_state(str(tmp_path), 2, {"trained_as": record})
+    plain = tmp_path / "epoch_3.pt"
+    torch.save({"epoch": 3, "state_dict": {}}, plain)
+    (tmp_path / "epoch_3.pt.hn").write_bytes(b"cut")
+    assert provenance.read_record(str(step)) == record
+    assert provenance.read_record(str(epoch)) == record
+    assert provenance.read_record(str(plain)) is None
+    for checkpoint in (step, epoch):
+        with pytest.raises(SystemExit):
+            hn_eval.main(["--model", "ViT-B-32", "--pretrained", str(checkpoint),
+                          "--compositional", str(tmp_path / "not-read")])
+        assert f"checkpoint {checkpoint}: it was trained as --model ViT-B-32-quickgelu" in capsys.readouterr().err
+
+
 def test_allow_model_mismatch_warns_and_evaluates(tmp_path, caplog):
     import open_clip
     import torch

@@ -184,6 +184,20 @@ def test_set_aside_moves_only_unreadable_newest_checkpoints(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["epoch_1.pt", "epoch_2.pt.broken", "epoch_latest.pt.broken"]
 
 
+def test_set_aside_with_state_moves_a_readable_checkpoint_whose_state_is_damaged(tmp_path):
+    """The patched route's pick: epoch 2 reads but its plugin state is cut, so with the plugin on
+    it is set aside and OpenCLIP's newest-file pick becomes epoch 1's good pair."""
+    from open_clip_hn.state import save_state, set_aside_broken_checkpoints
+
+    for epoch in (1, 2):
+        torch.save({"epoch": epoch, "state_dict": {}}, tmp_path / f"epoch_{epoch}.pt")
+        save_state(str(tmp_path), epoch, {"step": epoch})
+    _truncate(tmp_path / "epoch_2.pt.hn")
+    assert set_aside_broken_checkpoints(tmp_path) == []  # the weights read: plain OpenCLIP's pick stands
+    assert set_aside_broken_checkpoints(tmp_path, with_state=True) == [tmp_path / "epoch_2.pt.broken"]
+    assert sorted(os.listdir(tmp_path)) == ["epoch_1.pt", "epoch_1.pt.hn", "epoch_2.pt.broken", "epoch_2.pt.hn"]
+
+
 def test_atomic_torch_save_keeps_the_old_file_when_the_write_fails(tmp_path):
     from open_clip_hn.state import atomic_torch_save
 

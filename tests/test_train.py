@@ -167,6 +167,24 @@ def test_a_resume_file_that_cannot_be_read_is_refused_before_any_work(tmp_path, 
         assert hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--resume", str(path)]).resume == str(path)
 
 
+def test_missing_local_shards_are_refused_before_any_work(tmp_path, capsys):
+    """OpenCLIP's loader logs a missing shard and goes on, so a mistyped brace range trained on
+    part of the data; with the plugin on, the run stops naming the missing shards. Remote URLs
+    are not checked, and without --hn-* flags OpenCLIP's own behaviour is kept."""
+    from open_clip_hn import hooks
+
+    (tmp_path / "shard-0.tar").write_bytes(b"")
+    data = f"{tmp_path}/shard-{{0..2}}.tar"
+    hooks.install()
+    with pytest.raises(SystemExit):
+        hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", data])
+    err = capsys.readouterr().err
+    assert f"--train-data: 2 of 3 shards not found ({tmp_path}/shard-1.tar, {tmp_path}/shard-2.tar)" in err
+    assert hooks.parse_args(["--model", TINY_MODEL, "--train-data", data]).train_data == data
+    remote = "https://example.com/shard-{0..2}.tar"
+    assert hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", remote]).train_data == remote
+
+
 def test_a_recipe_setting_for_a_part_switched_off_is_not_refused(tmp_path, capsys):
     """Only flags typed on the command line are refused for a part that is off: a recipe is a
     bundle, and turning one of its parts off must not make the user undo each of its settings

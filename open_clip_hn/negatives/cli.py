@@ -21,6 +21,7 @@ from ..argtypes import InputError, argparse_type, optional_path, overwritten_inp
 from ..files import atomic_open
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
+from .parse import unusable_reason
 from .cli_common import (add_caption_source, excluded, existing_shards, loaded, progress, source_captions,
                          source_files)
 from .shards import MalformedLine, read_captions, word_counts
@@ -202,7 +203,8 @@ def run_show(args: argparse.Namespace) -> int:
     found = generator.candidates(args.caption)
     print(f"caption: {args.caption}")
     if not found:
-        print("  (no negatives: the caption is empty, not English text, or has nothing to change)")
+        reason = unusable_reason(args.caption) or "it has nothing the negative types change"
+        print(f"  (no negatives: {reason})")
     for name in generator.types:
         texts = found.get(name, [])[: args.num]
         print(f"{name}:" + ("" if texts else " (does not apply)"))

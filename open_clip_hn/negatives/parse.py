@@ -42,12 +42,26 @@ def clean_caption(caption: object) -> str | None:
     captions we cannot read (HTML, emoji, control characters, other scripts, huge blobs) get no
     negatives and the sample is masked instead.
     """
-    if not isinstance(caption, str) or len(caption) > MAX_CHARS:
+    if unusable_reason(caption):
         return None
+    return caption.translate(_UNICODE_PUNCT).strip()
+
+
+def unusable_reason(caption: object) -> str | None:
+    """Why `clean_caption` rejects a caption (for messages), or None when it is usable."""
+    if not isinstance(caption, str):
+        return f"it is a {type(caption).__name__}, not text"
+    if len(caption) > MAX_CHARS:
+        return f"it is longer than {MAX_CHARS} characters ({len(caption)})"
     text = caption.translate(_UNICODE_PUNCT).strip()
-    if not text or _FORBIDDEN.search(text) or _HTML_ENTITY.search(text):
-        return None
-    return text
+    if not text:
+        return "it is empty"
+    forbidden = _FORBIDDEN.search(text)
+    if forbidden:
+        return f"it holds {forbidden.group()!r}, outside plain English text"
+    if _HTML_ENTITY.search(text):
+        return "it holds an HTML entity"
+    return None
 
 
 class LexiconTagger:
