@@ -24,7 +24,7 @@ fi
 WHEEL=$(ls "$WORK"/dist/open_clip_hn-*.whl)
 SDIST=$(ls "$WORK"/dist/open_clip_hn-*.tar.gz)
 
-step "package data: every file of open_clip_hn/ and configs/ is in the wheel and the sdist"
+step "package data: every file of open_clip_hn/, configs/ and slurm/ is in the wheel and the sdist"
 "$PYTHON" - "$REPO" "$WHEEL" "$SDIST" <<'EOF'
 import os, sys, tarfile, zipfile
 repo, wheel, sdist = sys.argv[1:]
@@ -32,15 +32,17 @@ def files(top):
     for root, dirs, names in os.walk(os.path.join(repo, top)):
         dirs[:] = [d for d in dirs if d != "__pycache__"]
         yield from (os.path.relpath(os.path.join(root, n), repo) for n in names if not n.endswith(".pyc"))
-source = sorted([*files("open_clip_hn"), *files("configs")])
+source = sorted([*files("open_clip_hn"), *files("configs"), *files("slurm")])
 in_wheel = set(zipfile.ZipFile(wheel).namelist())
-# configs/ is installed as the package open_clip_hn.configs (pyproject's package-dir mapping)
-missing = [f for f in source if (f"open_clip_hn/{f}" if f.startswith("configs/") else f) not in in_wheel]
+# configs/ and slurm/ are installed as the packages open_clip_hn.configs and open_clip_hn.slurm
+# (pyproject's package-dir mapping)
+mapped = ("configs/", "slurm/")
+missing = [f for f in source if (f"open_clip_hn/{f}" if f.startswith(mapped) else f) not in in_wheel]
 prefix = os.path.basename(sdist)[: -len(".tar.gz")]
 in_sdist = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
 missing += [f"(sdist) {f}" for f in source if f not in in_sdist]
 kinds = {"model configs": "open_clip_hn/model_configs/", "lexicons": "open_clip_hn/negatives/data/",
-         "recipes": "configs/"}
+         "recipes": "configs/", "SLURM launchers": "slurm/"}
 for kind, folder in kinds.items():
     if not any(f.startswith(folder) for f in source):
         sys.exit(f"no {kind} under {folder} in the checkout")
@@ -95,6 +97,17 @@ print(shards_spec(write_scene_shards('shards', num_samples=256, samples_per_shar
 CKPT=logs/recommended/checkpoints/epoch_1.pt
 test -f "$CKPT" && test -f "$CKPT.hn" && grep -q '"model": "hn-tiny-vit"' "$CKPT.json"
 grep -q "Negatives are kept only where they read about as plausibly" train.out  # the recipe's filter
+
+step "the SLURM launcher from the wheel (python -m open_clip_hn.slurm.submit --local)"
+"$PY" -m open_clip_hn.slurm.submit --help | head -1 | grep -q "python -m open_clip_hn.slurm.submit"
+test -f "$("$PY" -c "import open_clip_hn.slurm as s; print(s.__path__[0])")/train.sbatch"
+"$PY" -m open_clip_hn.slurm.submit --local --gpus-per-node 0 --tasks-per-node 1 --cpus-per-task 1 \
+  --time 10 --job-dir "$WORK/empty/job" -- --hn-negatives online --hn-loss clip,choice \
+  --hn-vocabulary none --train-data "$SHARDS" --dataset-type webdataset --train-num-samples 16 \
+  --batch-size 8 --epochs 1 --workers 0 --precision fp32 --model hn-tiny-vit \
+  --model-config "$PKG/model_configs/hn-tiny-vit.json" --report-to none >submit.out 2>&1 \
+  || { tail -40 submit.out; cat job/*_log.err 2>/dev/null | tail -40; exit 1; }
+test -f job/train/checkpoints/epoch_1.pt.hn
 
 step "negatives CLI and eval"
 "$PY" -m open_clip_hn.negatives show "a red cube to the left of a blue ball" >show.out

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Submit `python -m open_clip_hn.train` to SLURM with submitit: N nodes x G GPUs, one task per GPU.
 
-    python slurm/submit.py --nodes 4 --gpus-per-node 8 --partition P --time 72:00:00 \\
+    python -m open_clip_hn.slurm.submit --nodes 4 --gpus-per-node 8 --partition P --time 72:00:00 \\
         -- --train-data ... --model ViT-B-32 --hn-negatives online ...
+
+(`python slurm/submit.py ...` from a checkout: this folder is installed as `open_clip_hn.slurm`.)
 
 Every task sets MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK from SLURM (through submitit's
 `JobEnvironment`) so OpenCLIP's `init_distributed_device` works unchanged. The job is a submitit
@@ -30,7 +32,12 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
-REPO = Path(__file__).resolve().parents[1]
+# From a checkout, `python slurm/submit.py` imports the package beside this folder (and the job
+# does too); installed, this file is `open_clip_hn/slurm/submit.py` and the package is importable.
+CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT = CHECKOUT if (CHECKOUT / "open_clip_hn" / "__init__.py").is_file() else None
+PROG = ("python -m open_clip_hn.slurm.submit" if __spec__ is not None and __spec__.name.startswith("open_clip_hn")
+        else "python slurm/submit.py")
 EXPERIMENT_NAME = "train"
 
 
@@ -43,7 +50,7 @@ class SubmitError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python slurm/submit.py",
+        prog=PROG,
         description="Submit open_clip_hn training to SLURM (submitit): one task per GPU, "
                     "requeued and resumed on preemption or time limit. Training flags follow '--'.",
         usage="%(prog)s [options] -- <flags of python -m open_clip_hn.train>",
@@ -162,9 +169,15 @@ def experiment_dir(train_argv: list[str]) -> Path:
 # ---------------------------------------------------------------------------- checks before submission
 
 
+def use_checkout() -> None:
+    """Import open_clip_hn from the checkout this file is in, when it is in one."""
+    if CHECKOUT is not None and str(CHECKOUT) not in sys.path:
+        sys.path.insert(0, str(CHECKOUT))
+
+
 def check_train_flags(train_argv: list[str]) -> None:
     """Parse the training flags exactly as `python -m open_clip_hn.train` will (exits on error)."""
-    sys.path.insert(0, str(REPO))
+    use_checkout()
     from open_clip_hn import hooks, install
 
     install()
@@ -180,7 +193,7 @@ def check_train_flags(train_argv: list[str]) -> None:
 def spelled_out(train_argv: list[str]) -> list[str]:
     """The training flags with each abbreviation written out as the trainer reads it (`--nam x`
     is `--name x`), so that the `--logs`/`--name`/`--resume` read and set here are the trainer's."""
-    sys.path.insert(0, str(REPO))
+    use_checkout()
     from open_clip_hn import hooks
     from open_clip_hn.recipes import spell_out_flags
 
@@ -421,7 +434,7 @@ def set_aside_broken_checkpoints(checkpoint_dir: Path) -> list[Path]:
     be the newest checkpoint and fail every later start. One implementation with the training
     route's `--resume latest`: `open_clip_hn.state`.
     """
-    sys.path.insert(0, str(REPO))
+    use_checkout()
     from open_clip_hn.state import set_aside_broken_checkpoints as set_aside
 
     return set_aside(checkpoint_dir)
@@ -535,8 +548,9 @@ def make_executor(args: argparse.Namespace, job_dir: Path, tasks_per_node: int) 
     import submitit
 
     setup = [f"export OMP_NUM_THREADS={args.cpus_per_task}",
-             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-             f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}"]
+             "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1"]
+    if CHECKOUT is not None:
+        setup.append(f"export PYTHONPATH={CHECKOUT}${{PYTHONPATH:+:$PYTHONPATH}}")
     timeout_min = parse_time(args.time)
     if args.local:
         executor = submitit.LocalExecutor(folder=str(job_dir))

@@ -47,6 +47,29 @@ def run_submit(*argv: str, env: dict | None = None, timeout: int = 180) -> subpr
 # ---------------------------------------------------------------------------- pure pieces
 
 
+def test_the_launcher_uses_the_checkout_only_from_a_checkout(tmp_path):
+    """From the repository, submit.py (and its job) import the checkout's open_clip_hn; installed
+    as `open_clip_hn.slurm.submit` (no package beside its folder) it adds nothing to the path,
+    so the job imports the installed package."""
+    import argparse
+
+    import open_clip_hn.slurm.submit as installed
+
+    assert submit.CHECKOUT == REPO and submit.PROG == "python slurm/submit.py"
+    assert installed.PROG == "python -m open_clip_hn.slurm.submit"
+    (tmp_path / "slurm").mkdir()
+    shutil.copy(SUBMIT, tmp_path / "slurm" / "submit.py")
+    spec = importlib.util.spec_from_file_location("bare_submit", tmp_path / "slurm" / "submit.py")
+    bare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bare)
+    assert bare.CHECKOUT is None
+    args = argparse.Namespace(cpus_per_task=1, time="10", local=True, gpus_per_node=0, signal_delay=60)
+    setups = [module.make_executor(args, tmp_path / name, 1).parameters["setup"]
+              for module, name in ((submit, "a"), (bare, "b"))]
+    assert f"export PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}}" in setups[0]
+    assert not any("PYTHONPATH" in line for line in setups[1])
+
+
 @pytest.mark.parametrize("text, minutes", [
     ("30", 30), ("90:30", 91), ("72:00:00", 4320), ("1-00", 1440), ("1-02:30", 1590),
     ("2-00:00:01", 2881), ("0:01:00", 1),
