@@ -588,8 +588,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "--hn-* flag; without one the run is OpenCLIP's).")
     add("--hn-drop-state", dest="hn_drop_state", action="store_true", default=False,
         help="On --resume, ignore the checkpoint's plugin state (memory bank, rank thresholds, "
-             "curriculum position) and start it fresh; without this flag a resume with no "
-             "--hn-* flag from a checkpoint that has plugin state is refused.")
+             "distillation teacher) and start it fresh: for a damaged state, with --resume latest "
+             "too (the newest checkpoint whose weights load). A step checkpoint still continues "
+             "at its step, and the curriculum follows the step count. Without this flag a resume "
+             "with no --hn-* flag from a checkpoint that has plugin state is refused.")
     add("--hn-eval-every", dest="hn_eval_every", type=int, default=1, metavar="EPOCHS",
         help="Run --hn-eval-compositional every N epochs and after the last one. Default: 1.")
     return parser

@@ -36,7 +36,7 @@ from PIL import Image
 
 from .argtypes import overwritten_input, positive_int, torch_device, writable_output
 from .eval_sets import layout_error, read_choice_records, read_pair_records
-from .files import atomic_open, atomic_write_json
+from .files import atomic_open, atomic_write_json, unknown_model_hint
 from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, file_slug, format_sugarcrepe_table
 from .provenance import model_mismatch, read_record
 
@@ -635,8 +635,7 @@ def check_model(name: str, pretrained: str | None, model_configs: Sequence[str] 
             raise FileNotFoundError(f"--model-config {config} does not exist")
         open_clip.add_model_config(config)
     if name not in open_clip.list_models():
-        raise ValueError(f"--model {name!r} is not an OpenCLIP model (see open_clip.list_models(); "
-                         "pass --model-config for a custom one)")
+        raise ValueError(f"--model {name!r} is not an OpenCLIP model; {unknown_model_hint(name)}")
     if not pretrained or os.path.isfile(pretrained):
         return
     if _looks_like_path(pretrained):

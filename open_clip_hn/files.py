@@ -131,6 +131,18 @@ def read_model_config(path: str) -> dict:
     return config
 
 
+SHIPPED_MODEL_CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model_configs")
+
+
+def unknown_model_hint(model: str) -> str:
+    """The fix for a `--model` OpenCLIP does not know: the path of the plugin's own config of
+    that name (its tiny models are not registered in OpenCLIP), else `--model-config`."""
+    shipped = os.path.join(SHIPPED_MODEL_CONFIGS, f"{model}.json")
+    if os.path.isfile(shipped):
+        return f"the plugin ships its config: pass --model-config {shipped}"
+    return "pass --model-config FILE for a custom one (see open_clip.list_models())"
+
+
 def atomic_write_json(path: str | os.PathLike, obj: object, indent: int | None = None) -> None:
     """JSON of `obj` at `path`, written through a temp file (see `atomic_open`). NaN and
     infinity raise a ValueError before anything is written: JSON has no such numbers, so

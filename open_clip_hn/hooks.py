@@ -44,11 +44,12 @@ from . import provenance
 from . import state as hn_state
 from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
-from .files import read_model_config
+from .files import read_model_config, unknown_model_hint
 from .negatives.taxonomy import NEGATIVE_TYPES
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
-                         epoch_of_checkpoint_name, prune_step_checkpoints, shifted_scheduler)
+                         epoch_of_checkpoint_name, ignore_stop_signals_in_workers, prune_step_checkpoints,
+                         shifted_scheduler)
 from .recipes import expand_recipe, recipe_argv, recipe_path, spell_out_flags
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
 from .sample_order import seed_sample_shuffle
@@ -167,9 +168,15 @@ def _check_run_flags(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError(f"--hn-sample-shuffle {config.sample_shuffle} acts on webdataset's shuffle "
                          f"buffer, and {_train_data_named(args)} is not webdataset (its order is "
                          "already reproducible); drop the flag")
+    if config.save_every_steps and not (args.logs and args.logs.lower() != "none"):
+        raise ValueError(f"--hn-save-every-steps {config.save_every_steps} writes checkpoints, and "
+                         "--logs none saves none; pass --logs DIR, or drop --hn-save-every-steps")
     if config.drop_state and args.resume is None:
         raise ValueError("--hn-drop-state acts on a resume, and this run resumes nothing; pass "
                          "--resume PATH|latest, or drop --hn-drop-state")
+    if ":" not in args.model and _model_config(args) is None:
+        raise ValueError(f"--model {args.model}: OpenCLIP has no model of that name; "
+                         f"{unknown_model_hint(args.model)}")
     if config.uses_tokens:
         from .token_features import check_token_model_config
 
@@ -275,10 +282,35 @@ def configure(args: argparse.Namespace, argv: list[str],
     if args.model_config:
         _register_model_config(args.model_config, args.model, parser)
     try:
-        check_resume_latest(args, with_state=run is not None)
+        picked = check_resume_latest(args, with_state=_resumes_state(run))
+        if run is not None:
+            _check_resumed_model(args, picked or args.resume)
     except hn_state.StateError as err:
         parser.error(str(err))
     return run
+
+
+def _resumes_state(run: HardNegativeRun | None) -> bool:
+    """A resume of this run needs the checkpoint's plugin state (so `--resume latest` skips a
+    checkpoint whose state is damaged): the plugin is on and --hn-drop-state is not given."""
+    return run is not None and not run.config.drop_state
+
+
+def _check_resumed_model(args: argparse.Namespace, checkpoint: str | None) -> None:
+    """The checkpoint a run resumes was trained as this `--model` (its record, provenance.py):
+    another model of the same weight shapes (GELU vs QuickGELU, an edited config) loads without
+    an error, trains on as the wrong network and records the new model as the checkpoint's."""
+    if not checkpoint or checkpoint == "latest" or "://" in checkpoint or not os.path.isfile(checkpoint):
+        return
+    try:
+        record = provenance.read_record(checkpoint)
+    except ValueError:  # an unreadable sidecar: eval names it; the resume does not depend on it
+        return
+    problem = record and provenance.model_mismatch(record, args.model, _model_config(args))
+    if problem:
+        raise hn_state.StateError(
+            f"--resume {checkpoint}: {problem}; resume with the --model (and --model-config) it "
+            f"was trained with, or start a new run from its weights with --pretrained {checkpoint}")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -427,8 +459,11 @@ def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get)
         seed_sample_shuffle(data["train"], args.seed, args.rank)
     if config.image_neighbors and "train" in data:
         _add_image_neighbors(data["train"].dataloader, config, args)
+    if "train" in data:  # a stop signal to the process group must not end the workers first
+        ignore_stop_signals_in_workers(data["train"].dataloader)
     steps = data["train"].dataloader.num_batches // args.accum_freq if "train" in data else None
-    run.data_ready(tokenizer, epoch, steps, args.epochs)
+    run.data_ready(tokenizer, epoch, steps, args.epochs, world_size=args.world_size,
+                   workers=None if _not_webdataset(args) else args.workers)
     return data
 
 
@@ -472,7 +507,7 @@ def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimi
         samples_per_step=args.batch_size * args.accum_freq * args.world_size,
         world_size=args.world_size, device=args.device, is_master=is_master(args) and args.save_logs,
         latest_name=oc_main.LATEST_CHECKPOINT_NAME if args.save_most_recent else None,
-        on_epoch_start=epoch_started)
+        on_epoch_start=epoch_started, workers=args.workers)
     info.dataloader = SteppedLoader(loader, args.accum_freq, checkpointer.for_epoch(epoch), position,
                                     skip_by_drawing=not args.dataset_resampled, rank=args.rank)
     try:
@@ -503,11 +538,11 @@ def get_latest_checkpoint(path: str, remote: bool):
     (epoch_E_step_S.pt) sort inside epoch E."""
     if remote:
         return _ORIGINALS["get_latest_checkpoint"](path, remote)
-    found = hn_state.latest_good_checkpoint(path, with_state=_PLUGIN.run is not None)
+    found = hn_state.latest_good_checkpoint(path, with_state=_resumes_state(_PLUGIN.run))
     return None if found is None else found[0]
 
 
-def check_resume_latest(args: argparse.Namespace, with_state: bool) -> None:
+def check_resume_latest(args: argparse.Namespace, with_state: bool) -> str | None:
     """`--resume latest`: every rank refuses a folder whose checkpoints none can be resumed.
 
     OpenCLIP's `main` picks on the master alone and broadcasts the pick: a `StateError` there
@@ -517,16 +552,17 @@ def check_resume_latest(args: argparse.Namespace, with_state: bool) -> None:
     on top of them. Run at parse time on every rank (before the distributed set-up), so all stop
     with the same error; the master's pick later warns about what it skips. A remote folder
     (--remote-sync), --save-most-recent and an unnamed run (a new dated folder) are left to
-    OpenCLIP, as its master leaves them.
+    OpenCLIP, as its master leaves them. Returns the checkpoint the pick will resume, or None.
     """
     if (args.resume != "latest" or args.name is None or args.remote_sync is not None
             or args.save_most_recent):
-        return
-    hn_state.latest_good_checkpoint(os.path.join(args.logs, args.name, "checkpoints"),
-                                    with_state=with_state, warn=False)
+        return None
+    found = hn_state.latest_good_checkpoint(os.path.join(args.logs, args.name, "checkpoints"),
+                                            with_state=with_state, warn=False)
+    return None if found is None else found[0]
 
 
-def _set_aside_unresumable(args: argparse.Namespace) -> None:
+def _set_aside_unresumable(args: argparse.Namespace, run: HardNegativeRun) -> None:
     """The patched route: a patched OpenCLIP picks `--resume latest` itself, the newest file
     that reads, even when its plugin state is damaged (the run then stopped on that state though
     an older pair was good). The master sets such newer checkpoints aside (`*.pt.broken`, kept)
@@ -538,7 +574,7 @@ def _set_aside_unresumable(args: argparse.Namespace) -> None:
 
     if world_info_from_env()[1] == 0:
         hn_state.set_aside_broken_checkpoints(os.path.join(args.logs, args.name, "checkpoints"),
-                                              with_state=True)
+                                              with_state=_resumes_state(run))
 
 
 def _check_bank_memory(config: HNConfig, args: argparse.Namespace) -> None:
@@ -571,7 +607,8 @@ def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint) -> No
             raise hn_state.StateError(
                 f"--resume {path}: this checkpoint was trained with open_clip_hn (plugin state in "
                 f"{states[0]}), but no --hn-* flag is given; pass the run's --hn-* flags (or its "
-                "--hn-config), or --hn-drop-state to continue without the plugin state")
+                "--hn-config), or --hn-drop-state alone to continue as contrastive training "
+                "without hard negatives or the plugin state")
 
 
 # ---------------------------------------------------------------------------- the plugin
@@ -601,7 +638,7 @@ class Plugin:
         _print_config_if_asked(args, argv, parser)
         self.run = configure(args, argv, parser)
         if self.run is not None:
-            _set_aside_unresumable(args)
+            _set_aside_unresumable(args, self.run)
 
     def model_created(self, model, preprocess_train, preprocess_val, args) -> None:
         _allow_cpu_ddp(args.device)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .state import atomic_torch_save
+from .state import StateError, atomic_torch_save
 
 POSITION_KEY = "hn_position"
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -83,6 +83,7 @@ class EpochPosition:
     samples_seen: int            # over the whole run, all ranks
     rng_epoch_start: list[dict]  # per rank: RNG when the epoch's loader iterator was created
     rng_now: list[dict] | None   # per rank: RNG right after the step (None at an epoch start)
+    workers: int | None = None   # loader workers per rank (webdataset splits shards by worker)
 
     @property
     def global_step(self) -> int:
@@ -97,9 +98,13 @@ class EpochPosition:
         if saved is None:
             return None
         try:
-            return cls(**saved)
-        except TypeError as err:
-            raise ValueError(f"{path}: its {POSITION_KEY} entry is not this version's ({err}); "
+            position = cls(**saved)
+            if not (position.rng_epoch_start and 0 <= position.step <= position.steps_per_epoch):
+                raise TypeError(f"step {position.step} of {position.steps_per_epoch}, "
+                                f"{len(position.rng_epoch_start)} rank states")
+            return position
+        except TypeError as err:  # missing or unknown fields, or not a mapping
+            raise StateError(f"{path}: its {POSITION_KEY} entry is not this version's ({err}); "
                              "resume from an epoch checkpoint (--resume PATH/epoch_N.pt)") from None
 
 
@@ -176,6 +181,38 @@ class StopRequest:
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
         raise SystemExit(128 + signum)  # if the default action was to ignore it
+
+
+class IgnoreStopSignals:
+    """A loader's `worker_init_fn` that makes the worker ignore the stop signals, then calls the
+    loader's own. torch's worker loop installs its own SIGTERM handler after the fork (over the
+    at-fork `SIG_IGN` of `StopRequest`), which ends the worker on a SIGTERM sent to the whole
+    process group, as `scancel`, a preempting SLURM and torchrun send it; the training process
+    then failed at its next fetch instead of saving the step checkpoint. A class, not a closure:
+    workers started by spawn or forkserver unpickle it."""
+
+    def __init__(self, init_fn: Callable[[int], None] | None, signals=STOP_SIGNALS):
+        self.init_fn = init_fn
+        self.signals = tuple(signals)
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_IGN)
+        if self.init_fn is not None:
+            self.init_fn(worker_id)
+
+
+def ignore_stop_signals_in_workers(loader) -> int:
+    """Give the workers of `loader` (a DataLoader, or webdataset's WebLoader around one: OpenCLIP's
+    two train loaders) `IgnoreStopSignals`, before its first iteration starts them; returns how
+    many loaders with workers were changed."""
+    loaders = [loader, *(step for step in getattr(loader, "pipeline", []) if hasattr(step, "worker_init_fn"))]
+    changed = 0
+    for inner in loaders:
+        if getattr(inner, "num_workers", 0) and not isinstance(inner.worker_init_fn, IgnoreStopSignals):
+            inner.worker_init_fn = IgnoreStopSignals(inner.worker_init_fn)
+            changed += 1
+    return changed
 
 
 def agree(signum: int, device, world_size: int) -> int:
@@ -265,13 +302,14 @@ class StepCheckpointer:
     def __init__(self, folder: str, every: int, stop: StopRequest, *, build: Callable[[EpochPosition], dict],
                  steps_per_epoch: int, samples_per_step: int, world_size: int, device,
                  is_master: bool, latest_name: str | None = None,
-                 on_epoch_start: Callable[[int, list[dict]], None] | None = None):
+                 on_epoch_start: Callable[[int, list[dict]], None] | None = None, workers: int | None = None):
         self.folder, self.every, self.stop = folder, every, stop
         self.build = build
         self.steps_per_epoch, self.samples_per_step = steps_per_epoch, samples_per_step
         self.world_size, self.device, self.is_master = world_size, device, is_master
         self.latest_name = latest_name  # --save-most-recent: step checkpoints go there too
         self.on_epoch_start = on_epoch_start  # every rank's RNG that fixes this epoch's order
+        self.workers = workers
 
     def for_epoch(self, epoch: int) -> Callable[[int, dict], None]:
         def between_steps(step: int, rng_epoch_start: dict) -> None:
@@ -284,7 +322,7 @@ class StepCheckpointer:
                 rng_starts = gather_states(rng_epoch_start, self.world_size)
                 self.save(EpochPosition(epoch, step, self.steps_per_epoch,
                                         global_step * self.samples_per_step, rng_starts,
-                                        gather_states(rng_state(), self.world_size)))
+                                        gather_states(rng_state(), self.world_size), self.workers))
             if stopping:
                 self.stop.stop(signal.Signals(stopping))
 

@@ -199,8 +199,11 @@ class HardNegativeRun:
                                        parser=parser)
 
     def data_ready(self, tokenizer: Callable, epoch: int, steps_per_epoch: int | None,
-                   epochs: int) -> None:
-        """OpenCLIP built its data for `epoch`: the step clock of the curriculum follows it."""
+                   epochs: int, world_size: int = 1, workers: int | None = None) -> None:
+        """OpenCLIP built its data for `epoch`: the step clock of the curriculum follows it. A
+        step checkpoint continues only where the batches it skips are the ones it trained: the
+        same steps per epoch, ranks and (`workers`, where the order depends on them: webdataset
+        splits shards by loader worker; None for CSV) loader workers."""
         self.eval_tokenizer = tokenizer
         if steps_per_epoch is not None:
             self.start_step = epoch * steps_per_epoch
@@ -214,6 +217,20 @@ class HardNegativeRun:
                         f"epoch, this run has {steps_per_epoch} (batch size, --accum-freq, world "
                         "size or --train-num-samples changed); keep them, or resume from an epoch "
                         "checkpoint with --resume PATH/epoch_N.pt")
+                ranks = len(position.rng_epoch_start)
+                if ranks != world_size:
+                    raise hn_state.StateError(
+                        f"the step checkpoint was saved by {ranks} rank(s), this run has "
+                        f"{world_size}: each rank's shards and sample order depend on the world "
+                        "size, so the batches skipped would not be the ones trained; resume with "
+                        f"{ranks} rank(s), or from an epoch checkpoint with --resume PATH/epoch_N.pt")
+                if workers is not None and position.workers is not None and position.workers != workers:
+                    raise hn_state.StateError(
+                        f"the step checkpoint was saved with --workers {position.workers}, this run "
+                        f"has --workers {workers}: webdataset splits the shards among the loader "
+                        "workers, so the batches skipped would not be the ones trained; resume with "
+                        f"--workers {position.workers}, or from an epoch checkpoint with --resume "
+                        "PATH/epoch_N.pt")
                 self.start_step += position.step
 
     def _warn_if_no_hard_negative_step(self) -> None:
@@ -333,22 +350,26 @@ class HardNegativeRun:
 
     def checkpoint_loaded(self, path: str, checkpoint) -> None:
         """On a resume from `path`, pick up the plugin state: inside a step checkpoint, else
-        beside the checkpoint of its epoch (`StateError` names a damaged one)."""
+        beside the checkpoint of its epoch (`StateError` names a damaged one). A step
+        checkpoint's place in its epoch is kept under --hn-drop-state too: it is OpenCLIP's
+        part of the resume (the epoch's first steps would otherwise be trained twice)."""
         self.resumed = True
         if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
-            return
-        if self.config.drop_state:
-            logging.warning("--hn-drop-state: resuming %s without its plugin state (bank, "
-                            "thresholds and curriculum position start fresh)", path)
             return
         position = EpochPosition.from_checkpoint(checkpoint, path)
         if position is not None:
             self.resume_position = position
+            logging.info("=> %s is a step checkpoint: epoch %d continues at step %d", path,
+                         position.epoch, position.step)
+        if self.config.drop_state:
+            logging.warning("--hn-drop-state: resuming %s without its plugin state (memory bank, "
+                            "rank thresholds and distillation teacher start fresh; the curriculum "
+                            "follows the step count as before)", path)
+            return
+        if position is not None:
             if checkpoint.get(hn_state.EMBEDDED_STATE_KEY) is not None:
                 self._warn_config_changes(checkpoint[hn_state.EMBEDDED_STATE_KEY].get("config", {}))
                 self.pending_state = checkpoint[hn_state.EMBEDDED_STATE_KEY]
-            logging.info("=> %s is a step checkpoint: epoch %d continues at step %d", path,
-                         position.epoch, position.step)
             return
         found = hn_state.find_state(path, checkpoint["epoch"])
         if found is None:

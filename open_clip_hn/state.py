@@ -73,7 +73,11 @@ def add_epoch_start_rng(checkpoint_dir: str, epoch: int, rng_states: list) -> st
     path = state_path(checkpoint_dir, epoch)
     if not os.path.exists(path):
         return None
-    state = read_state(path)
+    try:
+        state = read_state(path)
+    except StateError as err:  # resumed with --hn-drop-state past it: nothing to add to
+        logging.warning("Not recording epoch %d's sample order: %s", epoch, err)
+        return None
     state["rng_epoch_start"] = rng_states
     with atomic_open(path, "wb") as f:
         torch.save(state, f)
@@ -253,7 +257,7 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool, 
                                 "checkpoint", path, err)
             skipped.append(f"{os.path.basename(path)}: {err}")
     if skipped:
-        drop = (" To continue from one whose weights load, pass --resume PATH --hn-drop-state (its "
+        drop = (" To continue from the newest whose weights load, add --hn-drop-state (its "
                 "plugin state starts fresh).") if weights_load else ""
         raise StateError(
             f"--resume latest: no checkpoint in {checkpoint_dir} can be resumed, so nothing was "

@@ -19,6 +19,16 @@ TINY_MODEL_CONFIG = REPO / "open_clip_hn" / "model_configs" / "hn-tiny-vit.json"
 TINY_MODEL = "hn-tiny-vit"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def tiny_model_registered():
+    """The tiny model in OpenCLIP's registry, as `--model-config` registers it in a run: the
+    in-process tests parse `--model hn-tiny-vit` flags without building it (an unknown
+    `--model` is refused at parse time)."""
+    import open_clip
+
+    open_clip.add_model_config(str(TINY_MODEL_CONFIG))
+
+
 def scene_words() -> frozenset[str]:
     """Every word the rendered scenes' captions can use (shapes, colours, sizes, relations, "a")."""
     from open_clip_hn import scenes
@@ -161,10 +171,12 @@ def train_steps(logs: Path, name: str) -> int:
 
 
 def start_training(argv: list[str], env: dict | None = None) -> subprocess.Popen:
-    """`python -m open_clip_hn.train argv` in the background, to be signalled mid-run."""
+    """`python -m open_clip_hn.train argv` in the background, to be signalled mid-run (in its
+    own process group, which `os.killpg` signals with its loader workers, as `scancel` does)."""
     return subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
 
 
 def wait_for_steps(log: Path, steps: int, proc: subprocess.Popen, timeout: float = 240) -> None:

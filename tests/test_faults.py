@@ -66,8 +66,16 @@ def test_resume_latest_with_no_usable_checkpoint_stops_instead_of_starting_over(
     before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
     resumed = train(train_argv(scene_csv, str(tmp_path), "run", *HN, "--resume", "latest", epochs=3))
     assert resumed.returncode == 2, resumed.stderr[-3000:]
-    assert "no checkpoint in" in resumed.stderr and "--hn-drop-state" in resumed.stderr
+    assert "no checkpoint in" in resumed.stderr and "add --hn-drop-state" in resumed.stderr
     assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before
+    # the way on it names: the same command with --hn-drop-state continues from the newest
+    # checkpoint (its weights load; its state is what is dropped), in the same experiment
+    dropped = train(train_argv(scene_csv, str(tmp_path), "run", *HN, "--resume", "latest",
+                               "--hn-drop-state", epochs=3))
+    assert dropped.returncode == 0, dropped.stderr[-3000:]
+    log = (tmp_path / "run" / "out.log").read_text()
+    assert re.search(r"=> resuming checkpoint '.*epoch_2\.pt' \(epoch 2\)", log)
+    assert (checkpoints / "epoch_3.pt").exists() and (checkpoints / "epoch_3.pt.hn").exists()
 
 
 @pytest.fixture(scope="module")

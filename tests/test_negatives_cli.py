@@ -109,6 +109,12 @@ def test_precompute_adds_neg_json_and_resumes_after_kill(tmp_path):
     assert sorted(os.listdir(killed / ".precompute")) == sorted(os.listdir(clean / ".precompute"))
     for name in (p.name for p in clean.glob("*.tar")):
         assert (clean / name).read_bytes() == (killed / name).read_bytes(), name
+    # OpenCLIP's sample count of the folder, so training needs no --train-num-samples
+    from open_clip_train.data import get_dataset_size
+
+    sizes = json.loads((killed / "sizes.json").read_text())
+    assert sizes == {f"in-{i:06d}.tar": 400 for i in range(6)}
+    assert get_dataset_size(str(killed / "in-{000000..000005}.tar")) == (2400, 6)
 
     generator = NegativeGenerator(seed=0)
     with tarfile.open(clean / "in-000001.tar") as tar:
@@ -118,6 +124,28 @@ def test_precompute_adds_neg_json_and_resumes_after_kill(tmp_path):
         caption = tar.extractfile("00100001.txt").read().decode()
         assert negs == generator.generate(caption, 4) and negs
         assert json.loads(tar.extractfile("00100000.neg.json").read()) == []  # emoji caption: masked
+
+
+def test_precompute_fails_when_no_caption_got_a_negative(tmp_path, capsys):
+    """Captions under a member that is not plain text (`--caption-key json`: a JSON document)
+    get no negative at all: exit 1 naming --caption-key, not a quiet "N without negatives"."""
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=1, per_shard=20)
+    shard = next(source.glob("*.tar"))
+    relabelled = tmp_path / "json.tar"
+    with tarfile.open(shard) as reader, tarfile.open(relabelled, "w") as writer:
+        for member in reader:
+            data = reader.extractfile(member).read()
+            if member.name.endswith(".txt"):
+                member.name = member.name[:-4] + ".json"
+                data = json.dumps({"caption": data.decode()}).encode()
+                member.size = len(data)
+            writer.addfile(member, io.BytesIO(data))
+    code = main(["precompute", "--shards", str(relabelled), "--output-dir", str(tmp_path / "out"),
+                 "--caption-key", "json"])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: none of the 20 samples got a negative: are their '.json' members" in err
 
 
 def test_precompute_skips_a_corrupt_member_with_a_warning(tmp_path):

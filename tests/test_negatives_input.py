@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -137,3 +138,28 @@ def test_training_refuses_more_negatives_or_other_types_than_precomputed(tmp_pat
         hooks.parse_args(["--train-data", shards[0], "--dataset-type", "webdataset",
                           "--hn-negatives", "precomputed", "--hn-num-negatives", "3"])
     assert stop.value.code == 2
+    # shards copied without .precompute/ (cp dir/*.tar, a sync tool) are judged by their negatives
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(out / "a.tar", copy / "a.tar")
+    check_precomputed_settings([str(copy / "a.tar")], 2, ("replace_object",))
+    with pytest.raises(ManifestError, match=rf"hold at most 2 negatives per caption \(the most among "
+                                            rf"the first 2 samples of {copy / 'a.tar'}; its .precompute/"):
+        check_precomputed_settings([str(copy / "a.tar")], 4, None)
+    with pytest.raises(ManifestError, match=r"hold no swap_objects negatives \(types among the first 2 "
+                                            r"samples of .*: replace_object, swap_attributes\)"):
+        check_precomputed_settings([str(copy / "a.tar")], 2, ("swap_objects",))
+
+
+def test_training_refuses_negatives_of_another_caption_member_than_txt(tmp_path):
+    """OpenCLIP trains on `.txt`: negatives precomputed from `.cap` captions would be trained
+    against another caption (a user's "a photo" against rewrites of the real caption)."""
+    _write_shard(tmp_path / "a.tar", ["a red dog on a green couch", "a cat under a table"], caption_ext="cap")
+    out = tmp_path / "out"
+    assert main(["precompute", "--shards", str(tmp_path / "a.tar"), "--output-dir", str(out),
+                 "--num", "2", "--caption-key", "cap"]) == 0
+    from open_clip_hn.negatives.manifest import check_precomputed_settings
+
+    with pytest.raises(ManifestError, match=rf"the shards in {out} hold negatives of their '.cap' captions "
+                                            r"\(precompute --caption-key cap\), but OpenCLIP trains on the '.txt'"):
+        check_precomputed_settings([str(out / "a.tar")], 2, None)

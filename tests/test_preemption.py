@@ -4,6 +4,7 @@ so weights are compared exactly)."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 
@@ -61,11 +62,69 @@ def test_a_step_checkpoint_of_another_batch_layout_is_refused_as_state():
     from open_clip_hn.state import StateError
 
     run = HardNegativeRun(HNConfig(save_every_steps=5))
-    run.resume_position = EpochPosition(0, 16, 50, 800, [rng_state()], [rng_state()])
+    run.resume_position = EpochPosition(0, 16, 50, 800, [rng_state()] * 2, [rng_state()] * 2, workers=2)
     with pytest.raises(StateError, match="saved with 50 steps per epoch, this run has 25"):
-        run.data_ready(lambda texts: texts, 0, 25, 1)
-    run.data_ready(lambda texts: texts, 0, 50, 1)
+        run.data_ready(lambda texts: texts, 0, 25, 1, world_size=2)
+    # the same global batch on another number of ranks, or other loader workers (webdataset)
+    with pytest.raises(StateError, match=r"saved by 2 rank\(s\), this run has 1"):
+        run.data_ready(lambda texts: texts, 0, 50, 1, world_size=1, workers=2)
+    with pytest.raises(StateError, match="saved with --workers 2, this run has --workers 4"):
+        run.data_ready(lambda texts: texts, 0, 50, 1, world_size=2, workers=4)
+    run.data_ready(lambda texts: texts, 0, 50, 1, world_size=2, workers=None)  # CSV: any workers
     assert run.start_step == 16
+    run.data_ready(lambda texts: texts, 0, 50, 1, world_size=2, workers=2)
+    assert run.start_step == 16
+
+
+def test_drop_state_keeps_a_step_checkpoints_place_and_a_foreign_position_is_state_error():
+    """--hn-drop-state drops the plugin's state, not OpenCLIP's place in the epoch: the epoch
+    still continues at the saved step (its first steps were trained twice). A position of
+    another format ends as a StateError (exit 2), not a traceback."""
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.preemption import POSITION_KEY
+    from open_clip_hn.run import HardNegativeRun
+    from open_clip_hn.state import EMBEDDED_STATE_KEY, StateError
+
+    position = EpochPosition(1, 9, 16, 400, [rng_state()], [rng_state()], workers=1)
+    checkpoint = {"epoch": 1, POSITION_KEY: position.to_dict(), EMBEDDED_STATE_KEY: {"config": {}}}
+    for drop in (False, True):
+        run = HardNegativeRun(HNConfig(save_every_steps=5, drop_state=drop))
+        run.checkpoint_loaded("epoch_1_step_9.pt", checkpoint)
+        assert (run.resume_position.epoch, run.resume_position.step, run.resume_position.workers) == (1, 9, 1)
+        assert (run.pending_state is None) == drop
+    for bad in ({**position.to_dict(), "rng_now": None, "extra": 1}, {"epoch": 1},
+                {**position.to_dict(), "step": 17}, "not a dict"):
+        with pytest.raises(StateError, match="its hn_position entry is not this version's"):
+            HardNegativeRun(HNConfig(save_every_steps=5)).checkpoint_loaded(
+                "epoch_1_step_9.pt", {"epoch": 1, POSITION_KEY: bad})
+
+
+def test_loader_workers_of_both_openclip_loaders_ignore_the_stop_signals():
+    """The train loader's workers (a DataLoader, or the one inside webdataset's WebLoader) get
+    `IgnoreStopSignals` ahead of their own init function; it pickles (spawned workers) and, run,
+    leaves SIGTERM and SIGUSR2 ignored. A loader without workers is left alone."""
+    import pickle
+
+    import webdataset as wds
+
+    from open_clip_hn.preemption import IgnoreStopSignals, ignore_stop_signals_in_workers
+
+    seen = []
+    plain = torch.utils.data.DataLoader(list(range(4)), num_workers=1, worker_init_fn=seen.append)
+    web = wds.WebLoader(list(range(4)), num_workers=2)
+    inline = torch.utils.data.DataLoader(list(range(4)), num_workers=0)
+    assert [ignore_stop_signals_in_workers(x) for x in (plain, web, inline, plain)] == [1, 1, 0, 0]
+    assert isinstance(web.pipeline[0].worker_init_fn, IgnoreStopSignals) and inline.worker_init_fn is None
+    init = pickle.loads(pickle.dumps(IgnoreStopSignals(None)))
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        init(0)
+        assert all(signal.getsignal(s) == signal.SIG_IGN for s in before)
+        plain.worker_init_fn(3)
+        assert seen == [3]  # the loader's own init function still runs
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
 
 
 # ---------------------------------------------------------------------------- whole runs
@@ -75,7 +134,10 @@ def test_a_step_checkpoint_of_another_batch_layout_is_refused_as_state():
 @pytest.mark.parametrize("extra", [[], ["--accum-freq", "2"]], ids=["plain", "accum2"])
 def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, extra):
     """SIGTERM in the middle of an epoch: the step in flight finishes, a step checkpoint is saved
-    (and loads in plain OpenCLIP), and `--resume latest` ends with the uninterrupted run's weights."""
+    (and loads in plain OpenCLIP), and `--resume latest` ends with the uninterrupted run's weights.
+    The signal goes to the whole process group, loader worker included, as `scancel`, a
+    preempting SLURM and torchrun send it (torch's worker handler used to kill the worker, and
+    the run then failed in its next fetch without saving)."""
     batch = 4 if extra else 8
     whole = train_argv(scene_csv, str(tmp_path), "whole", *HN_ONLINE_CHOICE, *extra, epochs=2, batch_size=batch)
     run_module("open_clip_hn.train", whole)
@@ -83,7 +145,7 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, 
     cut = train_argv(scene_csv, str(tmp_path), "cut", *HN_ONLINE_CHOICE, *extra, epochs=2, batch_size=batch)
     proc = start_training(cut)
     wait_for_steps(tmp_path / "cut" / "out.log", 2, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGTERM)
     output = proc.communicate(timeout=240)[0]
     assert proc.returncode == -signal.SIGTERM, output[-3000:]  # stopped as the signal would
     saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))

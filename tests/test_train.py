@@ -105,6 +105,12 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "precomputed", "--hn-seed", "3"], "--hn-seed acts on online text negatives"),
     (["--hn-negatives", "online", "--hn-curriculum-end", "0.5"], "--hn-curriculum-end acts on a curriculum that moves"),
     (["--hn-negatives", "online", "--hn-drop-state"], "--hn-drop-state acts on a resume"),
+    (["--hn-save-every-steps", "5", "--logs", "none"], "--hn-save-every-steps 5 writes checkpoints, and --logs none"),
+    # the plugin's own tiny models are not in OpenCLIP's registry: the fix names the shipped file
+    (["--model", "hn-tiny-rn-c32", "--hn-negatives", "online"],
+     "--model hn-tiny-rn-c32: OpenCLIP has no model of that name; the plugin ships its config: pass "
+     f"--model-config {REPO / 'open_clip_hn' / 'model_configs' / 'hn-tiny-rn-c32.json'}"),
+    (["--model", "no-such-model", "--hn-negatives", "online"], "--model no-such-model: OpenCLIP has no model"),
     (["--hn-config", "recommended", "--hn-drop-state", "--hn-print-config"], "--hn-drop-state acts on a resume"),
     # an empty list (an unset shell variable) is not read as "none" or "all"
     (["--hn-negatives", "online", "--hn-mirror", ""], "no mirror axis in ''"),
@@ -183,6 +189,31 @@ def test_missing_local_shards_are_refused_before_any_work(tmp_path, capsys):
     assert hooks.parse_args(["--model", TINY_MODEL, "--train-data", data]).train_data == data
     remote = "https://example.com/shard-{0..2}.tar"
     assert hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", remote]).train_data == remote
+
+
+def test_resuming_a_checkpoint_trained_as_another_model_is_refused(tmp_path, capsys):
+    """A checkpoint's record (its .json, or its plugin state) names the model it was trained as:
+    a resume as another model of the same shapes (QuickGELU vs GELU) would load, train on as the
+    wrong network and record the new model as the checkpoint's; refused at start, by path or
+    through --resume latest. Without --hn-* flags OpenCLIP's resume is left alone."""
+    from open_clip_hn import hooks, provenance, state
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    checkpoint = checkpoints / "epoch_1.pt"
+    torch.save({"epoch": 1, "state_dict": {"w": torch.zeros(4)}}, checkpoint)
+    record = provenance.model_record("ViT-B-32-quickgelu", "openai", None)
+    state.save_state(str(checkpoints), 1, {"trained_as": record})  # no .json: the state's record
+    hooks.install()
+    for resume in (str(checkpoint), "latest"):
+        with pytest.raises(SystemExit):
+            hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--resume", resume,
+                              "--logs", str(tmp_path), "--name", "run"])
+        err = capsys.readouterr().err
+        assert (f"--resume {checkpoint}: it was trained as --model ViT-B-32-quickgelu, not --model "
+                f"{TINY_MODEL}") in err and f"--pretrained {checkpoint}" in err
+    assert hooks.parse_args(["--model", "ViT-B-32-quickgelu", *HN_ONLINE, "--resume", str(checkpoint)])
+    assert hooks.parse_args(["--model", TINY_MODEL, "--resume", str(checkpoint)]).resume == str(checkpoint)
 
 
 def test_a_recipe_setting_for_a_part_switched_off_is_not_refused(tmp_path, capsys):

@@ -149,6 +149,27 @@ def record_shard(output_dir: str, source: str, identity: dict[str, Any], samples
         "output_size": os.path.getsize(os.path.join(output_dir, name))}, indent=1)
 
 
+SIZES = "sizes.json"  # OpenCLIP's count of a folder's samples per shard (get_dataset_size)
+
+
+def write_sizes(output_dir: str) -> str:
+    """Write the folder's `sizes.json` ({shard: samples}) from the manifest's finished shards,
+    as OpenCLIP reads it when `--train-num-samples` is not given; returns its path."""
+    sizes = {}
+    folder = os.path.join(output_dir, MANIFEST_DIR)
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json") or name == SETTINGS:
+            continue
+        shard = name[: -len(".json")]
+        entry = _read_json(os.path.join(folder, name))
+        if (isinstance(entry, dict) and isinstance(entry.get("samples"), int)
+                and os.path.isfile(os.path.join(output_dir, shard))):
+            sizes[shard] = entry["samples"]
+    path = os.path.join(output_dir, SIZES)
+    atomic_write_json(path, sizes, indent=1)
+    return path
+
+
 def _keys_without_negatives(path: str) -> tuple[int, int]:
     """(samples, samples without a neg.json member) of one shard, from its tar headers."""
     keys: dict[str, bool] = {}
@@ -164,32 +185,80 @@ def _keys_without_negatives(path: str) -> tuple[int, int]:
     return len(keys), sum(not has for has in keys.values())
 
 
+OPENCLIP_CAPTION_KEY = "txt"  # the member OpenCLIP's webdataset loader reads as the caption
+SAMPLED_NEGATIVES = 256  # samples read for the settings of shards that lost their manifest
+
+
+def _negatives_seen(path: str, limit: int = SAMPLED_NEGATIVES) -> tuple[int, int, set[str]]:
+    """(samples read, most negatives of one, types seen) over the first `limit` neg.json
+    members of a shard: the settings of precomputed shards copied without `.precompute/`."""
+    read, most, types = 0, 0, set()
+    try:
+        with tarfile.open(path, "r:*") as reader:
+            for member in reader:
+                if read >= limit:
+                    break
+                if not (member.isfile() and split_key(member.name)[1] == NEGATIVES_EXTENSION):
+                    continue
+                try:
+                    negatives = json.loads(reader.extractfile(member).read())
+                except ValueError:
+                    continue  # the loader masks a malformed one and counts it
+                read += 1
+                if isinstance(negatives, list):
+                    most = max(most, len(negatives))
+                    types.update(n["type"] for n in negatives if isinstance(n, dict)
+                                 and isinstance(n.get("type"), str))
+    except (tarfile.TarError, EOFError, OSError):
+        return 0, 0, set()  # check_precomputed_shards names a damaged shard
+    return read, most, types
+
+
 def check_precomputed_settings(shards: list[str], num_negatives: int,
                                types: tuple[str, ...] | None, num_is_default: bool = False) -> None:
     """Refuse a run that asks the precomputed folders for more than they hold: more negatives
-    per caption than precompute's `--num` (the extra slots would all be masked), or a type it
-    did not generate (`types`: the run's `--hn-types` when not every type; None: any type)."""
-    folders = sorted({os.path.dirname(os.path.abspath(s)) for s in shards if os.path.isfile(s)})
-    for folder in folders:
+    per caption than precompute's `--num` (the extra slots would all be masked), a type it
+    did not generate (`types`: the run's `--hn-types` when not every type; None: any type), or
+    negatives of another caption member than the `.txt` OpenCLIP trains on. A folder without
+    precompute's settings (shards copied without `.precompute/`) is judged by the negatives of
+    its first shard's first samples."""
+    folders: dict[str, str] = {}
+    for shard in shards:
+        if os.path.isfile(shard):
+            folders.setdefault(os.path.dirname(os.path.abspath(shard)), shard)
+    default = " (the default)" if num_is_default else ""
+    for folder, first in sorted(folders.items()):
         stored = _read_json(os.path.join(folder, MANIFEST_DIR, SETTINGS))
-        if not isinstance(stored, dict):
-            continue  # made by another tool: the per-shard check covers it
-        num = stored.get("num")
+        if isinstance(stored, dict):
+            key = stored.get("caption_key")
+            if isinstance(key, str) and key != OPENCLIP_CAPTION_KEY:
+                raise ManifestError(
+                    f"--hn-negatives precomputed: the shards in {folder} hold negatives of their "
+                    f"'.{key}' captions (precompute --caption-key {key}), but OpenCLIP trains on "
+                    f"the '.{OPENCLIP_CAPTION_KEY}' caption; write the captions as .txt and "
+                    f"precompute again into a new --output-dir")
+            num, made = stored.get("num"), stored.get("types")
+            made, where = (made if isinstance(made, list) else None), f"precompute --num {num}"
+            seen = f"precompute --types {','.join(made)}" if made else ""
+        else:
+            read, num, made_set = _negatives_seen(first)
+            if not read:
+                continue  # no negatives to judge by: the per-shard check covers it
+            made = sorted(made_set)
+            where = f"the most among the first {read} samples of {first}; its .precompute/ folder is absent"
+            seen = f"types among the first {read} samples of {first}: {', '.join(made) or 'none'}"
         if isinstance(num, int) and num_negatives > num:
             raise ManifestError(
-                f"--hn-num-negatives {num_negatives}{' (the default)' if num_is_default else ''}: "
-                f"the precomputed shards in {folder} hold at "
-                f"most {num} negatives per caption (precompute --num {num}), so {num_negatives - num} "
-                f"of every {num_negatives} slots would be masked; pass --hn-num-negatives {num}, or "
+                f"--hn-num-negatives {num_negatives}{default}: the precomputed shards in {folder} "
+                f"hold at most {num} negatives per caption ({where}), so {num_negatives - num} of "
+                f"every {num_negatives} slots would be masked; pass --hn-num-negatives {num}, or "
                 f"precompute again into a new --output-dir with --num {num_negatives}")
-        made = stored.get("types")
-        missing = [t for t in types or () if isinstance(made, list) and t not in made]
+        missing = [t for t in types or () if made is not None and t not in made]
         if missing:
             raise ManifestError(
                 f"--hn-types {','.join(types)}: the precomputed shards in {folder} hold no "
-                f"{', '.join(missing)} negatives (precompute --types {','.join(made)}); pass "
-                f"--hn-types among those, or precompute again into a new --output-dir with "
-                f"--types {','.join(types)}")
+                f"{', '.join(missing)} negatives ({seen}); pass --hn-types among those, or "
+                f"precompute again into a new --output-dir with --types {','.join(types)}")
 
 
 def check_precomputed_shards(shards: list[str]) -> None:

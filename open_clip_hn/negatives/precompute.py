@@ -20,7 +20,7 @@ from ..argtypes import InputError
 from ..files import atomic_open, content_identity, remove_stale_temps
 from .cli_common import progress
 from .generator import NegativeGenerator
-from .manifest import claim_output_dir, generator_settings, record_shard, shard_done
+from .manifest import claim_output_dir, generator_settings, record_shard, shard_done, write_sizes
 from .shards import NEGATIVES_EXTENSION, member_end, negatives_member, split_key, trailing_damage
 
 
@@ -172,6 +172,7 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
     totals = Counter(status for status, *_ in results)
     samples = sum(count for status, count, *_ in results if status == "written")
     masked = sum(empty for status, _, empty, _ in results if status == "written")
+    write_sizes(output_dir)  # so OpenCLIP counts the samples without --train-num-samples
     print(f"{totals['written']} shards written, {totals['skipped']} already done (skipped), "
           f"{totals['damaged']} damaged and {totals['empty']} empty (not written); {samples} "
           f"samples, {masked} without "
@@ -189,5 +190,11 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
     if empty:
         print(f"error: {len(empty)} input shard(s) hold no samples and were not written (e.g. "
               f"{empty[0]}); are they webdataset tars? Leave them out of --shards", file=sys.stderr)
+        return 1
+    if samples and masked == samples:
+        print(f"error: none of the {samples} samples got a negative: are their '.{caption_key}' "
+              "members plain-text captions (--caption-key)? Training on these shards is refused "
+              "(every slot would be masked); precompute again into a new --output-dir",
+              file=sys.stderr)
         return 1
     return 0
