@@ -64,9 +64,14 @@ step "the wheel runs, not the checkout"
 import os, sys
 venv, repo = (os.path.realpath(p) for p in sys.argv[1:])
 import open_clip_hn, open_clip_hn.demo as demo
+import open_clip_hn.negatives.cli, open_clip_hn.slurm.submit
 from open_clip_hn.recipes import resolve_recipe
+# every subpackage too: in a --system-site-packages venv an editable install of the checkout can
+# still serve a subpackage the wheel lacks
 for what, path in [("open_clip_hn", open_clip_hn.__file__), ("recipe negclip", resolve_recipe("negclip")),
-                   ("demo model config", demo.MODEL_CONFIG)]:
+                   ("demo model config", demo.MODEL_CONFIG),
+                   ("open_clip_hn.negatives", open_clip_hn.negatives.cli.__file__),
+                   ("open_clip_hn.slurm", open_clip_hn.slurm.submit.__file__)]:
     path = os.path.realpath(path)
     if not path.startswith(venv + os.sep) or path.startswith(repo + os.sep):
         sys.exit(f"{what} comes from {path}, not from the wheel in {venv}")

@@ -47,6 +47,9 @@ def read_choice_records(path: str) -> tuple[list[tuple[str, dict]], tuple[str, s
         wrong = [k for k in keys if not isinstance(record[k], str)]
         if wrong:
             raise layout_error(path, f"{label}: {wrong[0]} is {record[wrong[0]]!r}, not a string")
+        empty = [k for k in keys[1:] if not record[k].strip()]
+        if empty:  # scored, it would compare the image with no text at all
+            raise layout_error(path, f"{label}: {empty[0]} is empty")
     return list(zip(labels, records)), keys
 
 

@@ -127,7 +127,7 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
     if config.eval_compositional and not os.path.isdir(config.eval_compositional):
         raise ValueError(f"--hn-eval-compositional {config.eval_compositional}: no such folder; pass "
                          "a folder of SugarCrepe/ARO-layout sets (see README, Evaluation)")
-    _check_local_shards(args)
+    _check_local_train_data(args)
     if config.negatives == "precomputed" and args.train_data:
         _check_precomputed_settings(config, args)
     if config.image_neighbors:
@@ -185,11 +185,29 @@ def _check_run_flags(config: HNConfig, args: argparse.Namespace) -> None:
             check_token_model_config(model_config)
 
 
-def _check_local_shards(args: argparse.Namespace) -> None:
-    """Every local `--train-data` shard exists: OpenCLIP's webdataset loader logs a missing shard
-    and goes on, so a mistyped range trains on part of the data (or, with none found, waits
-    forever for a sample). Remote (`://`) and `pipe:` sources are read as given."""
-    if not args.train_data or _not_webdataset(args):
+def _check_local_train_data(args: argparse.Namespace) -> None:
+    """Local `--train-data` is there as OpenCLIP will read it. Every webdataset shard exists:
+    OpenCLIP's loader logs a missing shard and goes on, so a mistyped range trains on part of
+    the data (or, with none found, waits forever for a sample). A CSV has the image and caption
+    columns (OpenCLIP's loader raised a bare KeyError). Remote (`://`) and `pipe:` sources are
+    read as given."""
+    if not args.train_data or args.dataset_type == "synthetic":
+        return
+    captions = _train_captions(args)
+    if captions.is_csv:
+        if os.path.isfile(args.train_data):
+            import pandas as pd
+
+            columns = list(pd.read_csv(args.train_data, sep=args.csv_separator, nrows=0).columns)
+            missing = [f"{flag} {key}" for flag, key in (("--csv-img-key", args.csv_img_key),
+                                                          ("--csv-caption-key", args.csv_caption_key))
+                       if key not in columns]
+            if missing:
+                raise ValueError(f"--train-data {args.train_data}: no column named by "
+                                 f"{' or '.join(missing)} (its columns: {', '.join(map(str, columns))}); "
+                                 "pass the columns' names (and --csv-separator)")
+        return
+    if captions.synthetic:
         return
     urls = oc_data.expand_urls(args.train_data)[0]
     missing = [url for url in urls if "://" not in url and not url.startswith("pipe:")

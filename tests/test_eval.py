@@ -287,6 +287,7 @@ def test_check_compositional_sets_counts_missing_and_corrupt_images(tmp_path, se
     ({"filename": "a.png", "caption": None, "negative_caption": "b"},
      "item 'seven': caption is None, not a string"),
     ({"filename": "a.png", "caption": "a"}, "item 'seven' lacks one of filename, caption"),
+    ({"filename": "a.png", "caption": "a dog", "negative_caption": " "}, "item 'seven': negative_caption is empty"),
 ])
 def test_malformed_record_is_named_before_training(tmp_path, sets, record, message):
     data = _copy_set(sets, tmp_path)

@@ -146,6 +146,9 @@ def test_precompute_fails_when_no_caption_got_a_negative(tmp_path, capsys):
                  "--caption-key", "json"])
     err = capsys.readouterr().err
     assert code == 1 and "error: none of the 20 samples got a negative: are their '.json' members" in err
+    (tmp_path / "afile").write_text("x")
+    assert main(["precompute", "--shards", str(shard), "--output-dir", str(tmp_path / "afile")]) == 2
+    assert f"error: --output-dir {tmp_path / 'afile'} is a file; pass a folder" in capsys.readouterr().err
 
 
 def test_precompute_skips_a_corrupt_member_with_a_warning(tmp_path):

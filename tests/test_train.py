@@ -191,6 +191,23 @@ def test_missing_local_shards_are_refused_before_any_work(tmp_path, capsys):
     assert hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", remote]).train_data == remote
 
 
+def test_a_csv_without_the_image_or_caption_column_is_refused_before_any_work(tmp_path, capsys):
+    """OpenCLIP's CSV loader raised a bare KeyError ('title') after set-up; with the plugin on the
+    flags naming the columns are named, with the file's columns."""
+    from open_clip_hn import hooks
+
+    csv = tmp_path / "train.csv"
+    csv.write_text("filepath\tcaption\na.png\ta red cube\n")
+    hooks.install()
+    with pytest.raises(SystemExit):
+        hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", str(csv)])
+    assert (f"--train-data {csv}: no column named by --csv-caption-key title (its columns: filepath, "
+            "caption)") in capsys.readouterr().err
+    args = hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", str(csv),
+                             "--csv-caption-key", "caption"])
+    assert args.csv_caption_key == "caption"
+
+
 def test_resuming_a_checkpoint_trained_as_another_model_is_refused(tmp_path, capsys):
     """A checkpoint's record (its .json, or its plugin state) names the model it was trained as:
     a resume as another model of the same shapes (QuickGELU vs GELU) would load, train on as the

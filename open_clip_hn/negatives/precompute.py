@@ -148,6 +148,10 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
     Returns the exit status: 0, 1 when an input shard is damaged (reported with counts) or no
     sample was found, 2 when the output folder cannot be used (named, with the fix).
     """
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        print(f"error: --output-dir {output_dir} is a file; pass a folder (made when missing)",
+              file=sys.stderr)
+        return 2
     inside = [s for s in shards if os.path.samefile(os.path.dirname(os.path.abspath(s)),
                                                     output_dir)] \
         if os.path.isdir(output_dir) else []
