@@ -198,7 +198,10 @@ def _check_local_train_data(args: argparse.Namespace) -> None:
         if os.path.isfile(args.train_data):
             import pandas as pd
 
-            columns = list(pd.read_csv(args.train_data, sep=args.csv_separator, nrows=0).columns)
+            try:
+                columns = list(pd.read_csv(args.train_data, sep=args.csv_separator, nrows=0).columns)
+            except (ValueError, UnicodeDecodeError, OSError):  # pandas' parser errors: OpenCLIP's to report
+                return
             missing = [f"{flag} {key}" for flag, key in (("--csv-img-key", args.csv_img_key),
                                                           ("--csv-caption-key", args.csv_caption_key))
                        if key not in columns]
