@@ -484,7 +484,7 @@ def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get)
         ignore_stop_signals_in_workers(data["train"].dataloader)
     steps = data["train"].dataloader.num_batches // args.accum_freq if "train" in data else None
     run.data_ready(tokenizer, epoch, steps, args.epochs, world_size=args.world_size,
-                   workers=None if _not_webdataset(args) else args.workers)
+                   workers=None if args.dataset_resampled or _not_webdataset(args) else args.workers)
     return data
 
 

@@ -203,7 +203,7 @@ class HardNegativeRun:
         """OpenCLIP built its data for `epoch`: the step clock of the curriculum follows it. A
         step checkpoint continues only where the batches it skips are the ones it trained: the
         same steps per epoch, ranks and (`workers`, where the order depends on them: webdataset
-        splits shards by loader worker; None for CSV) loader workers."""
+        splits shards by loader worker; None for CSV and resampled shards) loader workers."""
         self.eval_tokenizer = tokenizer
         if steps_per_epoch is not None:
             self.start_step = epoch * steps_per_epoch
