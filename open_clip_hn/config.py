@@ -224,6 +224,10 @@ class HNConfig:
             raise ValueError(missing[0])
         if self.mined_k <= 0 and "mined" in self.loss:
             raise ValueError("--hn-mined-k must be >= 1 with --hn-loss mined")
+        if "mined" in self.loss and 0 < self.memory_bank_size < self.mined_k:
+            raise ValueError(f"--hn-mined-k {self.mined_k}: the memory bank holds "
+                             f"{self.memory_bank_size} pairs (--hn-memory-bank-size), fewer than the "
+                             "negatives mined per anchor; raise the bank or lower --hn-mined-k")
         if self.choice_grad != "both" and not any(TERMS[name].output == "contrastive_loss"
                                                   for name in self.loss):
             frozen = "text" if self.choice_grad == "image" else "image"

@@ -116,7 +116,9 @@ class RankThresholds:
         return self.margins.float()
 
     def seen(self) -> torch.Tensor:
-        """Bool [T]: types that have been observed at least once."""
+        """Bool [T]: types whose margin is set: observed at least once, or all for a fixed one."""
+        if self.mode == "fixed":
+            return torch.ones_like(self.updates, dtype=torch.bool)
         return self.updates > 0
 
     def update(self, gaps: torch.Tensor, types: torch.Tensor, mask: torch.Tensor) -> None:

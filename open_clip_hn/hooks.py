@@ -168,6 +168,11 @@ def _check_run_flags(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError(f"--hn-sample-shuffle {config.sample_shuffle} acts on webdataset's shuffle "
                          f"buffer, and {_train_data_named(args)} is not webdataset (its order is "
                          "already reproducible); drop the flag")
+    locked = {"text": args.lock_text, "image": args.lock_image}.get(config.choice_grad)
+    if "choice" in config.loss and locked:
+        raise ValueError(f"--hn-choice-grad {config.choice_grad} trains only the {config.choice_grad} "
+                         f"tower through the choice term, and --lock-{config.choice_grad} freezes it: "
+                         "the term would train nothing; drop one of them")
     if config.save_every_steps and not (args.logs and args.logs.lower() != "none"):
         raise ValueError(f"--hn-save-every-steps {config.save_every_steps} writes checkpoints, and "
                          "--logs none saves none; pass --logs DIR, or drop --hn-save-every-steps")

@@ -352,13 +352,30 @@ def _load_model(model_name: str, pretrained: str | None, model_config: str | Non
     return model, preprocess
 
 
+def _embeddings_usable(path: str, rows: int) -> bool:
+    """A shard's embeddings file exists, reads and holds one row per sample; a damaged one (the
+    writes are atomic, so damaged afterwards) is removed, with a warning, to be embedded again."""
+    if not os.path.exists(path):
+        return False
+    try:
+        usable = np.load(path, mmap_mode="r").shape[0] == rows
+    except (ValueError, OSError, EOFError):
+        usable = False
+    if not usable:
+        logging.warning("neighbors build: %s is damaged (unreadable or not %d rows); embedding "
+                        "its shard again", path, rows)
+        os.remove(path)
+    return usable
+
+
 def _embed_pending(paths: list[str], catalogs: list[list], output: str, model, preprocess,
                    device: str, batch_size: int, workers: int) -> None:
     """Embed the shards without an embeddings file yet; each shard's file lands when complete."""
     from tqdm import tqdm
 
     pending = [i for i, path in enumerate(paths)
-               if not os.path.exists(os.path.join(output, "embeddings", os.path.basename(path) + ".npy"))]
+               if not _embeddings_usable(os.path.join(output, "embeddings", os.path.basename(path) + ".npy"),
+                                         len(catalogs[i]))]
     total = sum(len(catalogs[i]) for i in pending)
     dataset = _ShardImages([paths[i] for i in pending], [catalogs[i] for i in pending], preprocess,
                            batch_size)
@@ -573,8 +590,13 @@ class NeighborIndex:
                              "finish); run `python -m open_clip_hn.neighbors build ... --output "
                              f"{index_dir}` again, it resumes (or `neighbors.write_given` for an "
                              "index of given neighbours)")
-        manifest = _read_json(manifest_path)
-        if manifest.get("version") != FORMAT_VERSION:
+        try:
+            manifest = _read_json(manifest_path)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--hn-image-neighbors {index_dir}: {manifest_path} cannot be read "
+                             f"({err}); rebuild the index (`python -m open_clip_hn.neighbors build "
+                             f"... --output {index_dir}` resumes)") from None
+        if not isinstance(manifest, dict) or manifest.get("version") != FORMAT_VERSION:
             raise ValueError(f"--hn-image-neighbors {index_dir}: index format "
                              f"{manifest.get('version')} identifies shards by name and size only "
                              f"(this version needs {FORMAT_VERSION}: by content); rebuild it with "
@@ -594,7 +616,13 @@ class NeighborIndex:
             first += entry["num_samples"]
         self._by_name = {s.name: s for s in self._shards}
         self._starts = np.array([s.first_id for s in self._shards])
-        self.neighbors = np.load(os.path.join(index_dir, "neighbors.npy"), mmap_mode="r")
+        try:
+            self.neighbors = np.load(os.path.join(index_dir, "neighbors.npy"), mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--hn-image-neighbors {index_dir}: neighbors.npy cannot be read "
+                             f"({err}); rebuild the index") from None
+        if check:
+            self._check_contents(first)
         if check and not _has_neighbor(self.neighbors):
             raise ValueError(f"--hn-image-neighbors {index_dir}: no sample of the {len(self)} has a "
                              "neighbour, so batches would not change; write it again with looser "
@@ -602,6 +630,27 @@ class NeighborIndex:
 
     def __len__(self) -> int:
         return len(self.neighbors)
+
+    CHECKED_ROWS = 1_000_000  # neighbour ids checked at each end of a larger index
+
+    def _check_contents(self, samples: int) -> None:
+        """neighbors.npy fits the manifest (one row of k ids in [-1, samples) per sample) and every
+        shard has its catalog: a damaged index would fail inside a loader worker, mid-epoch."""
+        where = f"--hn-image-neighbors {self.index_dir}"
+        shape = self.neighbors.shape
+        if len(shape) != 2 or shape[0] != samples or shape[1] < self.k:
+            raise ValueError(f"{where}: neighbors.npy holds an array of shape {shape}, the manifest "
+                             f"{samples} samples x {self.k} neighbours; rebuild the index")
+        rows = self.neighbors if samples <= 2 * self.CHECKED_ROWS else np.concatenate(
+            [self.neighbors[:self.CHECKED_ROWS], self.neighbors[-self.CHECKED_ROWS:]])
+        if rows.size and (rows.min() < -1 or rows.max() >= samples):
+            raise ValueError(f"{where}: neighbors.npy holds ids outside [-1, {samples}) "
+                             f"({int(rows.min())} to {int(rows.max())}); rebuild the index")
+        missing = [s.name for s in self._shards
+                   if not os.path.isfile(os.path.join(self.index_dir, "catalog", s.name + ".json"))]
+        if missing:
+            raise ValueError(f"{where}: no catalog for {len(missing)} shard(s) (e.g. catalog/"
+                             f"{missing[0]}.json); rebuild the index")
 
     def _catalog(self, shard: _Shard) -> _Shard:
         """Load a shard's keys and offsets on first use (a worker touches few shards as anchors)."""

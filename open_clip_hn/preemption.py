@@ -27,6 +27,7 @@ import os
 import random
 import re
 import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -184,22 +185,37 @@ class StopRequest:
 
 
 class IgnoreStopSignals:
-    """A loader's `worker_init_fn` that makes the worker ignore the stop signals, then calls the
-    loader's own. torch's worker loop installs its own SIGTERM handler after the fork (over the
-    at-fork `SIG_IGN` of `StopRequest`), which ends the worker on a SIGTERM sent to the whole
-    process group, as `scancel`, a preempting SLURM and torchrun send it; the training process
-    then failed at its next fetch instead of saving the step checkpoint. A class, not a closure:
-    workers started by spawn or forkserver unpickle it."""
+    """A loader's `worker_init_fn` that keeps the worker alive through the stop signals sent to
+    the whole process group, then calls the loader's own. `scancel`, a preempting SLURM and
+    torchrun signal the group; torch's worker loop installs its own SIGTERM handler after the
+    fork (over the at-fork `SIG_IGN` of `StopRequest`), which ended the worker, and the training
+    process then failed at its next fetch instead of saving the step checkpoint. SIGUSR2 is
+    ignored; SIGTERM is taken by a thread that ends the worker only when the training process
+    sends it (torch's shutdown and multiprocessing's exit clean-up terminate their workers so:
+    ignored, an exception in training left the process waiting for its worker forever). A
+    class, not a closure: workers started by spawn or forkserver unpickle it."""
 
     def __init__(self, init_fn: Callable[[int], None] | None, signals=STOP_SIGNALS):
         self.init_fn = init_fn
         self.signals = tuple(signals)
+        self.trainer = os.getpid()  # the training process: the loader is built there
 
     def __call__(self, worker_id: int) -> None:
         for signum in self.signals:
-            signal.signal(signum, signal.SIG_IGN)
+            if signum != signal.SIGTERM:
+                signal.signal(signum, signal.SIG_IGN)
+        if signal.SIGTERM in self.signals:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the thread below takes it
+            threading.Thread(target=self._end_on_trainer_sigterm, daemon=True,
+                             name="open_clip_hn-sigterm").start()
         if self.init_fn is not None:
             self.init_fn(worker_id)
+
+    def _end_on_trainer_sigterm(self) -> None:
+        senders = {self.trainer, os.getppid()}
+        while True:
+            if signal.sigwaitinfo({signal.SIGTERM}).si_pid in senders:
+                os._exit(0)  # as torch's own worker handler does for its parent's SIGTERM
 
 
 def ignore_stop_signals_in_workers(loader) -> int:

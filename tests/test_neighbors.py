@@ -144,6 +144,21 @@ def test_a_build_stopped_mid_scan_resumes_without_rescanning(tmp_path, monkeypat
     assert len(NeighborIndex(str(out), paths)) == 32 and not (out / "scanned").exists()
 
 
+def test_a_damaged_embeddings_file_is_embedded_again(tmp_path, caplog):
+    """A shard's embeddings file damaged after it was written (the writes are atomic): a rerun
+    of the build embeds that shard again, with a warning naming the file, and finishes."""
+    data, out = str(tmp_path / "data"), tmp_path / "index"
+    spec = shards_spec(write_scene_shards(data, 32, 8, seed=0))
+    build(spec, "hn-tiny-vit", str(out), model_config=TINY_CONFIG, k=2, batch_size=64)
+    damaged = out / "embeddings" / "shard-00001.tar.npy"
+    whole = damaged.read_bytes()
+    damaged.write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level("WARNING"):
+        build(spec, "hn-tiny-vit", str(out), model_config=TINY_CONFIG, k=2, batch_size=64)
+    assert f"{damaged} is damaged" in caplog.text
+    assert np.load(damaged).shape[0] == 8 and len(NeighborIndex(str(out))) == 32
+
+
 def test_resume_with_another_model_is_refused(index_dir, shards, tmp_path):
     other = tmp_path / "epoch_1.pt"
     other.write_bytes(b"another model's weights")  # refused by its record, before it is loaded
@@ -175,6 +190,36 @@ def test_index_of_the_old_format_is_refused_with_the_fix(index_dir, tmp_path):
     (old / "index.json").write_text(json.dumps({**manifest, "version": 1}))
     with pytest.raises(ValueError, match="index format 1 identifies shards by name and size.*rebuild"):
         NeighborIndex(str(old))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("manifest", r"index.json cannot be read \(Expecting"),
+    ("cut", r"neighbors.npy cannot be read"),
+    ("rows", r"neighbors.npy holds an array of shape \(10, \d+\), the manifest 2000 samples"),
+    ("ids", r"neighbors.npy holds ids outside \[-1, 2000\) \(\d+ to 99999\)"),
+    ("catalog", r"no catalog for 1 shard\(s\) \(e.g. catalog/shard-00001.tar.json\)"),
+])
+def test_a_damaged_index_is_refused_before_training_naming_the_file(index_dir, tmp_path, damage, message):
+    """Each of these used to pass the start-up check and fail in a loader worker mid-epoch (or,
+    with one bad id, never: that anchor was not drawn)."""
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(index_dir, bad)
+    neighbors = np.load(bad / "neighbors.npy")
+    if damage == "manifest":
+        (bad / "index.json").write_text('{"version": 2\n"k": 1}')
+    elif damage == "cut":
+        (bad / "neighbors.npy").write_bytes((bad / "neighbors.npy").read_bytes()[:100])
+    elif damage == "rows":
+        np.save(bad / "neighbors.npy", neighbors[:10])
+    elif damage == "ids":
+        neighbors[5, 0] = 99999
+        np.save(bad / "neighbors.npy", neighbors)
+    else:
+        os.remove(bad / "catalog" / "shard-00001.tar.json")
+    with pytest.raises(ValueError, match=message):
+        NeighborIndex(str(bad))
 
 
 @pytest.mark.parametrize("argv, message", [

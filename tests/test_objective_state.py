@@ -131,6 +131,7 @@ def test_rank_thresholds_follow_the_observed_gaps():
     fixed = RankThresholds("fixed", fixed=2.0)
     fixed.update(gaps, types, mask)
     assert torch.allclose(fixed.values(), torch.full((9,), 2.0))
+    assert fixed.seen().all()  # every type has the fixed margin: logged as Hn_rank_thr 2.0, not 0
     again = RankThresholds("adaptive-mean")
     again.load_state_dict(mean.state_dict())
     assert torch.equal(again.values(), mean.values())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -99,10 +100,10 @@ def test_drop_state_keeps_a_step_checkpoints_place_and_a_foreign_position_is_sta
                 "epoch_1_step_9.pt", {"epoch": 1, POSITION_KEY: bad})
 
 
-def test_loader_workers_of_both_openclip_loaders_ignore_the_stop_signals():
+def test_loader_workers_of_both_openclip_loaders_get_the_stop_signal_handling():
     """The train loader's workers (a DataLoader, or the one inside webdataset's WebLoader) get
-    `IgnoreStopSignals` ahead of their own init function; it pickles (spawned workers) and, run,
-    leaves SIGTERM and SIGUSR2 ignored. A loader without workers is left alone."""
+    `IgnoreStopSignals` ahead of their own init function, which still runs; it pickles (spawned
+    workers). A loader without workers is left alone."""
     import pickle
 
     import webdataset as wds
@@ -115,16 +116,39 @@ def test_loader_workers_of_both_openclip_loaders_ignore_the_stop_signals():
     inline = torch.utils.data.DataLoader(list(range(4)), num_workers=0)
     assert [ignore_stop_signals_in_workers(x) for x in (plain, web, inline, plain)] == [1, 1, 0, 0]
     assert isinstance(web.pipeline[0].worker_init_fn, IgnoreStopSignals) and inline.worker_init_fn is None
-    init = pickle.loads(pickle.dumps(IgnoreStopSignals(None)))
-    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
-    try:
-        init(0)
-        assert all(signal.getsignal(s) == signal.SIG_IGN for s in before)
-        plain.worker_init_fn(3)
-        assert seen == [3]  # the loader's own init function still runs
-    finally:
-        for signum, handler in before.items():
-            signal.signal(signum, handler)
+    assert pickle.loads(pickle.dumps(IgnoreStopSignals(None))).trainer == os.getpid()
+    plain.worker_init_fn.init_fn(3)
+    assert seen == [3]
+
+
+WORKER = """
+import os, signal, sys, time
+from open_clip_hn.preemption import IgnoreStopSignals
+init = IgnoreStopSignals(None)           # made in the training process, as the loader is
+child = os.fork()
+if child == 0:                           # a loader worker
+    init(0)
+    time.sleep(60)
+    os._exit(3)
+time.sleep(0.5)
+os.system(f"kill -TERM {child}")        # another process (scancel, torchrun): survived
+time.sleep(0.5)
+alive = os.waitpid(child, os.WNOHANG) == (0, 0)
+os.kill(child, signal.SIGUSR2)           # ignored too
+time.sleep(0.3)
+alive = alive and os.waitpid(child, os.WNOHANG) == (0, 0)
+os.kill(child, signal.SIGTERM)           # the training process's own (torch's or multiprocessing's shutdown): ends it
+_, status = os.waitpid(child, 0)
+print(alive, os.waitstatus_to_exitcode(status))
+"""
+
+
+def test_a_worker_survives_the_group_sigterm_and_ends_on_the_trainers():
+    """In a worker, SIGTERM from another process (the process group's) is ignored so the step
+    in flight can finish, while the training process's own SIGTERM ends it: multiprocessing's
+    exit clean-up terminates workers so, and ignoring it left a failed run waiting forever."""
+    out = subprocess.run([sys.executable, "-c", WORKER], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["True", "0"], out.stdout + out.stderr
 
 
 # ---------------------------------------------------------------------------- whole runs
@@ -171,6 +195,33 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, 
     hn_b = torch.load(tmp_path / "cut" / "checkpoints" / "epoch_2.pt.hn", weights_only=False)
     assert hn_a["loss"]["step"] == hn_b["loss"]["step"] == 8
     assert not list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))  # pruned
+
+
+FAILING_RUN = """
+import sys
+import open_clip_hn.objective as objective
+forward, calls = objective.HardNegativeLoss.forward, []
+def failing(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        raise RuntimeError("simulated failure at step 3")
+    return forward(self, *args, **kwargs)
+objective.HardNegativeLoss.forward = failing
+from open_clip_hn.hooks import run_openclip_main
+run_openclip_main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["scene_csv", "scene_shards"])
+def test_a_run_that_fails_exits_with_loader_workers(tmp_path, data, request):
+    """An exception in training ends the process (exit 1) with its loader worker: the worker's
+    stop-signal handling must let the training process's own SIGTERM through (multiprocessing's
+    exit clean-up sends it, then waits for the worker)."""
+    argv = train_argv(request.getfixturevalue(data), str(tmp_path), "fails", *HN_ONLINE_CHOICE)
+    out = subprocess.run([sys.executable, "-c", FAILING_RUN, *argv], capture_output=True, text=True,
+                         timeout=180, cwd=REPO)
+    assert out.returncode == 1 and "simulated failure at step 3" in out.stderr, out.stderr[-3000:]
 
 
 @pytest.mark.slow

@@ -62,6 +62,8 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "online", "--hn-num-negatives", "0"], "generates nothing"),
     (["--hn-loss", "importance", "--hn-importance-tau-plus", "1"], "--hn-importance-tau-plus"),
     (["--hn-loss", "mined"], "--hn-memory-bank-size"),
+    (["--hn-loss", "itc,mined", "--hn-memory-bank-size", "8", "--hn-mined-k", "32"],
+     "--hn-mined-k 32: the memory bank holds 8 pairs"),
     (["--hn-vocabulary", "words.txt"],
      "--hn-vocabulary acts on online text negatives (--hn-negatives online), which is off"),
     (["--hn-negatives", "online", "--hn-vocabulary", "/nonexistent/words.txt"],
@@ -106,6 +108,8 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "online", "--hn-curriculum-end", "0.5"], "--hn-curriculum-end acts on a curriculum that moves"),
     (["--hn-negatives", "online", "--hn-drop-state"], "--hn-drop-state acts on a resume"),
     (["--hn-save-every-steps", "5", "--logs", "none"], "--hn-save-every-steps 5 writes checkpoints, and --logs none"),
+    (["--hn-negatives", "online", "--hn-loss", "clip,choice", "--hn-choice-grad", "image", "--lock-image"],
+     "--hn-choice-grad image trains only the image tower through the choice term, and --lock-image freezes it"),
     # the plugin's own tiny models are not in OpenCLIP's registry: the fix names the shipped file
     (["--model", "hn-tiny-rn-c32", "--hn-negatives", "online"],
      "--model hn-tiny-rn-c32: OpenCLIP has no model of that name; the plugin ships its config: pass "
