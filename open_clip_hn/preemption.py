@@ -204,7 +204,8 @@ class IgnoreStopSignals:
         for signum in self.signals:
             if signum != signal.SIGTERM:
                 signal.signal(signum, signal.SIG_IGN)
-        if signal.SIGTERM in self.signals:
+        if signal.SIGTERM in self.signals and hasattr(signal, "sigwaitinfo"):  # not on macOS:
+            # there torch's handler stays, and a group SIGTERM ends the workers as before
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # the thread below takes it
             threading.Thread(target=self._end_on_trainer_sigterm, daemon=True,
                              name="open_clip_hn-sigterm").start()

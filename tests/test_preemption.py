@@ -121,6 +121,21 @@ def test_loader_workers_of_both_openclip_loaders_get_the_stop_signal_handling():
     assert seen == [3]
 
 
+def test_without_sigwaitinfo_the_worker_keeps_torchs_sigterm_handling(monkeypatch):
+    """macOS has no sigwaitinfo: the worker then ignores SIGUSR2 only and leaves SIGTERM as torch
+    sets it (blocking it there would leave no one to take it)."""
+    from open_clip_hn.preemption import IgnoreStopSignals
+
+    monkeypatch.delattr(signal, "sigwaitinfo")
+    before = signal.getsignal(signal.SIGUSR2)
+    try:
+        IgnoreStopSignals(None)(0)
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.signal(signal.SIGUSR2, before)
+
+
 WORKER = """
 import os, signal, sys, time
 from open_clip_hn.preemption import IgnoreStopSignals
