@@ -113,6 +113,10 @@ def step_checkpoint_name(epoch: int, step: int) -> str:
     return f"epoch_{epoch}_step_{step}.pt"
 
 
+def is_step_checkpoint_name(path: str) -> bool:
+    return _STEP_NAME.fullmatch(os.path.basename(path)) is not None
+
+
 def epoch_of_checkpoint_name(path: str) -> int | None:
     """N for OpenCLIP's epoch-end `epoch_N.pt`; None for any other name."""
     epoch = _EPOCH_NAME.fullmatch(os.path.basename(path))

@@ -90,27 +90,22 @@ def read_record(checkpoint: str) -> dict[str, Any] | None:
     """What `checkpoint` was trained as: its sidecar, else the record the plugin state holds (a
     step checkpoint `epoch_E_step_S.pt` carries it inside; `epoch_N.pt` has `epoch_N.pt.hn`
     beside it); None for a checkpoint of plain OpenCLIP or a damaged state (nothing to check)."""
-    from .state import EMBEDDED_STATE_KEY, StateError, read_state, state_path
+    from .preemption import epoch_of_checkpoint_name, is_step_checkpoint_name
+    from .state import EMBEDDED_STATE_KEY, find_state, load_checkpoint_file
 
     record = read_sidecar(checkpoint)
     if record is not None:
         return record
-    folder, name = os.path.split(checkpoint)
-    state = None
-    if re.fullmatch(r"epoch_\d+_step_\d+\.pt", name):
-        try:
-            import torch
-
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False, mmap=True).get(
-                EMBEDDED_STATE_KEY)
-        except Exception:  # not ours or damaged: the loader names it when the model is built
+    epoch = epoch_of_checkpoint_name(checkpoint)
+    try:
+        if is_step_checkpoint_name(checkpoint):
+            state = load_checkpoint_file(checkpoint).get(EMBEDDED_STATE_KEY)
+        elif epoch is not None:
+            state = (find_state(checkpoint, epoch) or (None, None))[1]
+        else:
             return None
-    elif re.fullmatch(r"epoch_\d+\.pt", name):
-        path = state_path(folder, int(name[6:-3]))
-        try:
-            state = read_state(path) if os.path.isfile(path) else None
-        except StateError:
-            return None
+    except (ValueError, AttributeError):  # not ours or damaged: the loader names it when built
+        return None
     record = state.get("trained_as") if isinstance(state, dict) else None
     return record if isinstance(record, dict) and isinstance(record.get("model"), str) else None
 
