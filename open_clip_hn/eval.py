@@ -41,7 +41,11 @@ from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, file_slug, forma
 from .provenance import model_mismatch, read_record
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
-COUNT_KEYS = ("n", "skipped", "groups_averaged")  # counts beside the metrics of a set's results
+# counts beside the metrics of a set's results (`options`: captions per item of a choice set)
+COUNT_KEYS = ("n", "skipped", "groups_averaged", "options")
+# what a scorer without information gets on an image pair: Winoground's text and image scores
+# each need two independent comparisons right, its group score the two matched pairs on top of 4
+PAIR_CHANCE = {"text": 1 / 4, "image": 1 / 4, "group": 1 / 6}
 RETRIEVAL = "retrieval"  # the retrieval results' name, and the subfolder read with a set folder
 # ARO's macro accuracies (Yuksekgonul et al., ICLR 2023; the repository's notebook
 # "Replicate ARO! VG-Relation, VG-Attribution"): VG-Relation averages over relations, leaving out
@@ -494,7 +498,7 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
             keep = _kept(s.path or s.name, len(s.items), bad, per_item=1)
             correct = choice_correct(images[keep], texts[keep])
             results[s.name] = {**_choice_metrics(s, correct, keep), "n": len(keep),
-                               "skipped": s.skipped + len(bad)}
+                               "skipped": s.skipped + len(bad), "options": options}
         for s in pair_sets:
             bad = unreadable.setdefault(s.name, {})
             images = encode_images(model, preprocess,
@@ -756,6 +760,16 @@ def format_table(labels: Sequence[str], runs: Sequence[dict[str, dict[str, float
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body)])
 
 
+def chance_level(metrics: dict[str, float], metric: str) -> float | None:
+    """A random scorer's expected `metric` on a set with these results; None where it depends
+    on the set's size (retrieval). Results written before `options` was recorded count as 2-way."""
+    if metric in PAIR_CHANCE:
+        return PAIR_CHANCE[metric]
+    if metric in ("acc", "item_acc"):
+        return 1 / metrics.get("options", 2)
+    return None
+
+
 def plot_results(path: str, labels: Sequence[str], runs: Sequence[dict[str, dict[str, float]]],
                  title: str = "Compositional evaluation") -> None:
     """Grouped bar plot (one bar per run) of every metric, written atomically as PNG."""
@@ -772,10 +786,10 @@ def plot_results(path: str, labels: Sequence[str], runs: Sequence[dict[str, dict
         values = [100 * results.get(n, {}).get(m, float("nan")) for n, m in rows]
         bars = ax.bar(xs, values, width, label=label)
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    chance = [50 if m == "acc" else None for _, m in rows]
-    for j, c in enumerate(chance):
-        if c is not None:
-            ax.hlines(c, j - 0.45, j + 0.45, colors="gray", linestyles="dotted", linewidth=1)
+    for j, (name, metric) in enumerate(rows):
+        chance = chance_level(next(r[name] for r in runs if name in r), metric)
+        if chance is not None:
+            ax.hlines(100 * chance, j - 0.45, j + 0.45, colors="gray", linestyles="dotted", linewidth=1)
     ax.set_xticks(range(len(rows)))
     ax.set_xticklabels([f"{n}\n{m}" for n, m in rows], rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("score (%)  ·  dotted: chance")

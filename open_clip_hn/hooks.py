@@ -42,6 +42,7 @@ from open_clip_train.precision import get_autocast
 
 from . import provenance
 from . import state as hn_state
+from .argtypes import InputError
 from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import log_metrics
 from .files import read_model_config, unknown_model_hint
@@ -354,6 +355,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         setattr(args, name, value)
     args.hn_typed = typed
     _PLUGIN.run = configure(args, argv, parser)
+    _PLUGIN.args = args
     if _PLUGIN.run is None:  # a run without --hn-* keeps exactly OpenCLIP's args
         for name in (*vars(hn_namespace), *(f"hn_{name}" for name in BOOKKEEPING_FIELDS)):
             delattr(args, name)
@@ -603,27 +605,43 @@ def _set_aside_unresumable(args: argparse.Namespace, run: HardNegativeRun) -> No
                                               with_state=_resumes_state(run))
 
 
-def _check_bank_memory(config: HNConfig, args: argparse.Namespace) -> None:
-    """The memory bank against the free memory of the device it will live on (before training)."""
+def _check_bank(config: HNConfig, args: argparse.Namespace) -> None:
+    """The memory bank against one global batch (each step pushes all ranks' pairs: a smaller
+    bank would keep only the last ranks' part of the latest batch) and against the free memory
+    of the device it will live on (before training; the world size is known here)."""
     from .memory_bank import check_bank_fits
 
+    if config.memory_bank_size <= 0:
+        return
+    global_batch = args.batch_size * args.world_size
+    if config.memory_bank_size < global_batch:
+        raise InputError(f"--hn-memory-bank-size {config.memory_bank_size} is smaller than one global "
+                         f"batch ({args.batch_size} x {args.world_size} ranks = {global_batch}): the "
+                         "bank would hold only part of the latest batch; pass at least "
+                         f"{global_batch} (several batches is usual)")
     dim = (open_clip.get_model_config(args.model) or {}).get("embed_dim")
-    if config.memory_bank_size <= 0 or dim is None:
+    if dim is None:
         return
     device = torch.device(args.device)
     if device.type == "cuda":
         available = torch.cuda.mem_get_info(device)[0]
     else:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    check_bank_fits(config.memory_bank_size, dim, config.memory_bank_fp16, available, str(device))
+    try:
+        check_bank_fits(config.memory_bank_size, dim, config.memory_bank_fp16, available, str(device))
+    except ValueError as err:
+        raise InputError(str(err)) from None
 
 
-def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint) -> None:
+def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint,
+                       args: argparse.Namespace | None) -> None:
     """A resume: the run picks up its state; without `--hn-*` flags a checkpoint that has plugin
     state is refused (continuing it as plain OpenCLIP would drop bank, thresholds and curriculum
     without a word)."""
     if run is not None:
         run.checkpoint_loaded(path, checkpoint)
+        if args is not None and args.distributed:
+            _add_ddp_prefix(checkpoint)
         return
     if isinstance(checkpoint, dict) and "epoch" in checkpoint:
         states = hn_state.state_files_beside(path, checkpoint["epoch"])
@@ -635,6 +653,17 @@ def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint) -> No
                 f"{states[0]}), but no --hn-* flag is given; pass the run's --hn-* flags (or its "
                 "--hn-config), or --hn-drop-state alone to continue as contrastive training "
                 "without hard negatives or the plugin state")
+
+
+def _add_ddp_prefix(checkpoint) -> None:
+    """A checkpoint of a one-process run resumed on several ranks: OpenCLIP strips DDP's
+    `module.` prefix for the opposite move but loads this one into the DDP wrapper as it is,
+    which fails on every key; the weights are the same, so the prefix is added."""
+    if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
+        return
+    weights = checkpoint.get("state_dict")
+    if isinstance(weights, dict) and weights and not any(k.startswith("module.") for k in weights):
+        checkpoint["state_dict"] = {f"module.{k}": v for k, v in weights.items()}
 
 
 # ---------------------------------------------------------------------------- the plugin
@@ -650,6 +679,7 @@ class Plugin:
     def __init__(self):
         self.run: HardNegativeRun | None = None
         self.typed: tuple[str, ...] = ()  # the --hn-* flags of the command line, before the recipe's
+        self.args: argparse.Namespace | None = None  # for hooks the monkeypatched route calls without them
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_hn_arguments(parser)
@@ -661,6 +691,7 @@ class Plugin:
     def configure(self, args: argparse.Namespace, argv: list[str],
                   parser: argparse.ArgumentParser) -> None:
         args.hn_typed = self.typed
+        self.args = args
         _print_config_if_asked(args, argv, parser)
         self.run = configure(args, argv, parser)
         if self.run is not None:
@@ -672,7 +703,7 @@ class Plugin:
             self.run.model_created(model, preprocess_val)
 
     def checkpoint_loaded(self, path: str, checkpoint, args) -> None:
-        _checkpoint_loaded(self.run, path, checkpoint)
+        _checkpoint_loaded(self.run, path, checkpoint, args)
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None, *, get_data):
         if self.run is None:
@@ -682,7 +713,7 @@ class Plugin:
     def create_loss(self, args, *, create_loss):
         if self.run is None:
             return create_loss(args)
-        _check_bank_memory(self.run.config, args)
+        _check_bank(self.run.config, args)
         return self.run.create_loss(rank=args.rank, world_size=args.world_size,
                                     local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
                                     accum_freq=args.accum_freq)
@@ -697,10 +728,17 @@ class Plugin:
                                      dist_model, args, tb_writer, train_one_epoch)
 
     def checkpoint_saved(self, path: str, args) -> None:
-        """`epoch_N.pt` is on disk: the step checkpoints of epochs before N are superseded."""
+        """`epoch_N.pt` is on disk: the step checkpoints of epochs before N are superseded, and
+        with `--delete-previous-checkpoint` so are the state and record of epoch N-1, whose
+        checkpoint OpenCLIP deletes right after this (at the last epoch nothing else would)."""
         completed = epoch_of_checkpoint_name(path)
-        if self.run is not None and completed is not None:
-            prune_step_checkpoints(os.path.dirname(path), before_epoch=completed)
+        if self.run is None or completed is None:
+            return
+        folder = os.path.dirname(path)
+        prune_step_checkpoints(folder, before_epoch=completed)
+        args = args if args is not None else self.args
+        if args is not None and args.delete_previous_checkpoint and not args.save_most_recent:
+            hn_state.drop_state_and_record(folder, completed - 1)
 
     def epoch_end(self, model, data, loss, epoch, optimizer, args, tb_writer=None) -> None:
         """After epoch `epoch` (0-based), before OpenCLIP's checkpoint: plugin state, eval."""
@@ -747,7 +785,7 @@ def create_model_and_transforms(*args, **kwargs):
 
 def pt_load(file_path, map_location=None):
     checkpoint = _ORIGINALS["pt_load"](file_path, map_location=map_location)
-    _checkpoint_loaded(_PLUGIN.run, file_path, checkpoint)
+    _checkpoint_loaded(_PLUGIN.run, file_path, checkpoint, _PLUGIN.args)
     return checkpoint
 
 

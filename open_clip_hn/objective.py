@@ -60,6 +60,7 @@ class HardNegativeLoss(torch.nn.Module):
         self.negative_counts = torch.zeros(2, dtype=torch.long)  # [slots, valid] since last taken
         # [rows, mirrored pairs used, converse pairs used] of steps whose share was above 0
         self.mirror_counts = torch.zeros(3, dtype=torch.long)
+        self.mined_counts = torch.zeros(2, dtype=torch.long)  # [slots searched, valid] since last taken
         self.on_step_end = on_step_end
         fixed = config.fixed_rank_threshold
         self.thresholds = RankThresholds("fixed" if fixed is not None else config.rank_threshold, fixed)
@@ -209,6 +210,10 @@ class HardNegativeLoss(torch.nn.Module):
             return MinedNegatives(zeros, invalid, zeros, invalid)
         found = mine(b.image, b.text, self.bank.entries(), k, self.config.false_negative_threshold,
                      self.config.miner_backend)
+        if torch.is_grad_enabled():
+            self.mined_counts = self.mined_counts.to(found.text_valid.device)  # no host sync per step
+            self.mined_counts[0] += found.text_valid.numel() + found.image_valid.numel()
+            self.mined_counts[1] += found.text_valid.sum() + found.image_valid.sum()
         texts, images = self.bank.texts(), self.bank.images()
         return MinedNegatives(texts[found.text_index].float(), found.text_valid,
                               images[found.image_index].float(), found.image_valid)
@@ -273,6 +278,13 @@ class HardNegativeLoss(torch.nn.Module):
         rows, mirrored, converse = (int(v) for v in self.mirror_counts.tolist())
         self.mirror_counts.zero_()
         return rows, mirrored, converse
+
+    def take_mined_counts(self) -> tuple[int, int]:
+        """(bank slots searched, valid mined negatives) since the last call; searches of an empty
+        bank or at a curriculum share of 0 are not counted."""
+        slots, valid = (int(v) for v in self.mined_counts.tolist())
+        self.mined_counts.zero_()
+        return slots, valid
 
     @torch.no_grad()
     def _end_of_step(self, b: TermBatch, logit_scale: torch.Tensor, share: float) -> None:

@@ -254,10 +254,12 @@ class SteppedLoader:
 
     `between_steps(step, rng_epoch_start)` runs before the batches of step `step` (0-based,
     inside the epoch) are fetched, i.e. after step `step - 1` finished, including before the
-    first step. With `resume`, the RNG that fixed the epoch's sample order is put back before the
-    iterator is made, the first `resume.step` steps' batches are skipped (or, with
-    `skip_by_drawing=False` for resampled data, simply not drawn), the RNG of the next step is
-    put back, and the loop continues at that step.
+    first step and, once more, after the last (so a stop signal received during the epoch's last
+    step is acted on before OpenCLIP's evaluation and epoch checkpoint). With `resume`, the RNG
+    that fixed the epoch's sample order is put back before the iterator is made, the first
+    `resume.step` steps' batches are skipped (or, with `skip_by_drawing=False` for resampled
+    data, simply not drawn), the RNG of the next step is put back, and the loop continues at
+    that step; a position saved after the epoch's last step reads no batch at all.
     """
 
     def __init__(self, loader, accum_freq: int, between_steps: Callable[[int, dict], None],
@@ -282,6 +284,12 @@ class SteppedLoader:
 
     def __iter__(self) -> Iterator:
         resume, first = self.resume, 0
+        if resume is not None and resume.step * self.accum_freq >= self.num_batches:
+            if resume.rng_now is not None:
+                set_rng_state(self._own(resume.rng_now))
+            logging.info("Resuming epoch %d after its last step: no batch left to train",
+                         resume.epoch)
+            return
         if resume is not None:
             set_rng_state(self._own(resume.rng_epoch_start))
         rng_epoch_start = rng_state()
@@ -303,6 +311,8 @@ class SteppedLoader:
                 self.between_steps(index // self.accum_freq, rng_epoch_start)
             yield batch
             index += 1
+        if index > first:  # after the last step (the next epoch's first call comes too late)
+            self.between_steps(index // self.accum_freq, rng_epoch_start)
 
 
 def shifted_scheduler(scheduler: Callable[[int], Any] | None, steps: int) -> Callable[[int], Any] | None:
@@ -336,7 +346,8 @@ class StepCheckpointer:
         def between_steps(step: int, rng_epoch_start: dict) -> None:
             global_step = epoch * self.steps_per_epoch + step
             stopping = agree(int(self.stop.received or 0), self.device, self.world_size)
-            periodic = self.every > 0 and step > 0 and global_step % self.every == 0
+            # none after the last step: OpenCLIP's epoch checkpoint follows
+            periodic = self.every > 0 and 0 < step < self.steps_per_epoch and global_step % self.every == 0
             if step == 0 and self.on_epoch_start is not None:
                 self.on_epoch_start(epoch, gather_states(rng_epoch_start, self.world_size))
             if stopping or periodic:

@@ -263,8 +263,8 @@ class HardNegativeRun:
                      ", ".join(f"{name}: {c['items']} items" for name, c in counts.items()))
 
     def epoch_trained(self, epoch: int) -> None:
-        """Warn loudly when an epoch's negatives were all masked slots (nothing generated), or
-        its mirror or converse term never had a pair."""
+        """Warn loudly when an epoch's negatives were all masked slots (nothing generated), its
+        mined term never found a bank entry, or its mirror or converse term never had a pair."""
         loss = self.loss
         if loss is None:
             return
@@ -275,6 +275,13 @@ class HardNegativeRun:
                             "vocabulary or plausibility filter that rejects everything, or captions "
                             "the generator cannot parse); the run is training without them",
                             epoch, ",".join(self.config.types))
+        searched, mined = loss.take_mined_counts()
+        if searched and not mined:
+            logging.warning("The mined term found no usable memory-bank entry in epoch %d: every "
+                            "entry was within --hn-false-negative-threshold %g of its anchor's "
+                            "image or text (a threshold too low, or a model whose embeddings are "
+                            "all alike); the mined term trained nothing", epoch,
+                            self.config.false_negative_threshold)
         rows, mirrored, converse = loss.take_mirror_counts()
         axes = ",".join(self.config.mirror)
         if rows and not mirrored:

@@ -171,6 +171,17 @@ def prune_states(checkpoint_dir: str, epoch: int) -> None:
             os.remove(os.path.join(checkpoint_dir, name))
 
 
+def drop_state_and_record(checkpoint_dir: str, epoch: int) -> None:
+    """Remove `epoch_N.pt.hn` and `epoch_N.pt.json` for an epoch whose checkpoint is being
+    deleted (`--delete-previous-checkpoint`), once the next epoch's pair is on disk."""
+    from .provenance import sidecar_path
+
+    checkpoint = os.path.join(checkpoint_dir, f"epoch_{epoch}.pt")
+    for path in (state_path(checkpoint_dir, epoch), sidecar_path(checkpoint)):
+        if os.path.exists(path):
+            os.remove(path)
+
+
 # ---------------------------------------------------------------------------- picking a checkpoint
 
 

@@ -113,6 +113,17 @@ def test_encode_choice_set_scores_like_the_evaluation(sets, checkpoint):
                                                            batch_size=17)["swap_objects"]["acc"])
 
 
+def test_chance_levels_are_what_a_random_scorer_gets():
+    """The plot's dotted chance lines: Winoground's pair scores of random similarities, and one
+    over the captions per item of a choice set (5 for ARO's order sets, 2 when not recorded)."""
+    random_pairs = hn_eval.pair_scores(torch.rand(200_000, 2, 2, generator=torch.Generator().manual_seed(0)))
+    for metric in ("text", "image", "group"):
+        assert random_pairs[metric] == pytest.approx(hn_eval.chance_level({}, metric), abs=0.005)
+    assert hn_eval.chance_level({"acc": 0.9, "options": 5}, "acc") == 0.2
+    assert hn_eval.chance_level({"acc": 0.9}, "item_acc") == 0.5
+    assert hn_eval.chance_level({"image_to_text_R@1": 0.5}, "image_to_text_R@1") is None
+
+
 def test_cli_side_by_side_writes_json_and_plot(sets, checkpoint, tmp_path, capsys):
     document = hn_eval.main([
         "--model", "hn-tiny-vit", "--model-config", CONFIG, "--pretrained", checkpoint,
@@ -125,6 +136,7 @@ def test_cli_side_by_side_writes_json_and_plot(sets, checkpoint, tmp_path, capsy
     assert saved == json.loads(json.dumps(document))
     assert [r["label"] for r in saved["runs"]] == ["vanilla", "hn"]
     assert all(v == 0 for v in saved["differences_vs_first"]["hn"].values())
+    assert saved["runs"][0]["results"]["swap_objects"]["options"] == 2
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -207,3 +207,20 @@ def test_resume_names_a_flag_changed_since_the_saved_run_even_one_it_did_not_sav
     # added with a new behaviour as default: the saved run had the old one
     assert "Resuming with --hn-sample-shuffle changed: 'process' -> 'seeded'" in messages
     assert len(messages) == 3
+
+
+def test_an_epoch_whose_bank_yields_no_negative_is_warned_about(caplog):
+    """On a collapsed model (or a threshold too low) the false-negative filter drops every bank
+    entry: the mined term logged Hn_mined 0 and trained nothing without a word."""
+    from open_clip_hn.run import HardNegativeRun
+
+    for threshold, warned in ((-1.0, True), (0.9, False)):
+        hn_run = HardNegativeRun(full_config(false_negative_threshold=threshold))
+        hn_run.create_loss(rank=0, world_size=1, local_loss=False, gather_with_grad=False,
+                           accum_freq=1)
+        logs = run(hn_run.loss, range(3))
+        assert (logs[-1]["hn_mined"] == 0) == warned
+        caplog.clear()
+        hn_run.epoch_trained(1)
+        assert ("The mined term found no usable memory-bank entry in epoch 1" in caplog.text) == warned
+        assert hn_run.loss.take_mined_counts() == (0, 0)  # taken once per epoch

@@ -148,6 +148,15 @@ def test_patched_route_trains_like_the_monkeypatch_route(patched_site, scene_csv
 
 
 @pytest.mark.slow
+def test_patched_route_deletes_the_previous_state_and_record(patched_site, scene_csv, tmp_path):
+    run(train_argv(scene_csv, str(tmp_path), "patched", "--plugins", "open_clip_hn", *HN_ONLINE,
+                   "--delete-previous-checkpoint", epochs=2),
+        site=patched_site, module="open_clip_train.main")
+    left = sorted(os.listdir(tmp_path / "patched" / "checkpoints"))
+    assert left == ["epoch_2.pt", "epoch_2.pt.hn", "epoch_2.pt.json"]
+
+
+@pytest.mark.slow
 def test_patched_trainer_without_plugins_is_openclip(patched_site, scene_csv, tmp_path):
     run(train_argv(scene_csv, str(tmp_path), "patched"), site=patched_site)
     run(train_argv(scene_csv, str(tmp_path), "vanilla"))

@@ -42,14 +42,24 @@ class _Loader(list):
     num_samples = 12
 
 
+class _Unread(_Loader):
+    def __iter__(self):
+        raise AssertionError("read")
+
+
 def test_stepped_loader_calls_between_steps_and_resumes():
     calls = []
     loader = SteppedLoader(_Loader(range(6)), 2, lambda step, rng: calls.append(step))
-    assert list(loader) == [0, 1, 2, 3, 4, 5] and calls == [0, 1, 2]
+    assert list(loader) == [0, 1, 2, 3, 4, 5] and calls == [0, 1, 2, 3]  # 3: after the last step
     position = EpochPosition(0, 2, 3, 8, [rng_state()], [rng_state()])
     calls.clear()
     resumed = SteppedLoader(_Loader(range(6)), 2, lambda step, rng: calls.append(step), position)
-    assert list(resumed) == [4, 5] and calls == []  # skipped what step 0-1 consumed
+    assert list(resumed) == [4, 5] and calls == [3]  # skipped what step 0-1 consumed
+    calls.clear()
+    ended = EpochPosition(0, 3, 3, 12, [rng_state()], [rng_state()])
+    # a position after the last step reads no batch, not even to skip it
+    assert list(SteppedLoader(_Unread(range(6)), 2, lambda step, rng: calls.append(step), ended)) == []
+    assert calls == []
     drawn = SteppedLoader(_Loader(range(100, 110)), 2, lambda step, rng: None, position,
                           skip_by_drawing=False)
     assert list(drawn) == [100, 101]  # resampled: the epoch's remaining 2 batches, newly drawn
@@ -237,6 +247,45 @@ def test_a_run_that_fails_exits_with_loader_workers(tmp_path, data, request):
     out = subprocess.run([sys.executable, "-c", FAILING_RUN, *argv], capture_output=True, text=True,
                          timeout=180, cwd=REPO)
     assert out.returncode == 1 and "simulated failure at step 3" in out.stderr, out.stderr[-3000:]
+
+
+SIGNAL_IN_LAST_STEP = """
+import os, signal, sys
+import open_clip_hn.objective as objective
+forward, calls = objective.HardNegativeLoss.forward, []
+def signalled(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == int(os.environ["SIGNAL_AT_CALL"]):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the run's last step is in flight
+    return forward(self, *args, **kwargs)
+objective.HardNegativeLoss.forward = signalled
+from open_clip_hn.hooks import run_openclip_main
+run_openclip_main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_in_the_last_step_saves_before_the_final_evaluation(tmp_path, scene_csv):
+    """A stop signal during an epoch's last step used to wait for the next epoch's first step:
+    after the run's last epoch that never came, so a time limit during OpenCLIP's final
+    evaluation and save lost the epoch. It is now acted on right after the step."""
+    whole = train_argv(scene_csv, str(tmp_path), "whole", *HN_ONLINE_CHOICE, epochs=2)
+    run_module("open_clip_hn.train", whole)
+    cut = train_argv(scene_csv, str(tmp_path), "cut", *HN_ONLINE_CHOICE, epochs=2)
+    out = subprocess.run([sys.executable, "-c", SIGNAL_IN_LAST_STEP, *cut], capture_output=True,
+                         text=True, timeout=180, cwd=REPO, env={**os.environ, "SIGNAL_AT_CALL": "8"})
+    assert out.returncode == -signal.SIGTERM, out.stderr[-3000:]
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.pt")) == ["epoch_1.pt", "epoch_1_step_4.pt"]
+    assert train_steps(tmp_path, "cut") == 8
+    run_module("open_clip_hn.train", [*cut, "--resume", "latest"])
+    assert "Resuming epoch 1 after its last step" in (tmp_path / "cut" / "out.log").read_text()
+    assert train_steps(tmp_path, "cut") == 8  # nothing trained twice
+    assert same_weights(load_checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
+                        load_checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
+    saved = torch.load(checkpoints / "epoch_2.pt.hn", weights_only=False)
+    assert saved["loss"]["step"] == 8
+    assert not list(checkpoints.glob("epoch_*_step_*.pt"))
 
 
 @pytest.mark.slow

@@ -418,7 +418,9 @@ def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
     run_module("open_clip_hn.train", accum)
     a, b = checkpoint(tmp_path, "big")["state_dict"], checkpoint(tmp_path, "accum")["state_dict"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a if a[k].is_floating_point())
-    assert worst < 1e-4, worst
+    # Adam turns float noise in a near-zero gradient into up to a step of lr (1e-3) for that
+    # weight (1.1e-4 with one thread for `local`); metadata out of line moves many by steps
+    assert worst < 2.5e-4, worst
     if extra == DISTILL:  # the EMA teacher moved once per optimizer step in both runs
         log = (tmp_path / "accum" / "out.log").read_text()
         assert "Distill_loss" in log
@@ -469,6 +471,27 @@ def test_resume_latest_restores_plugin_state(tmp_path, scene_shards):
     assert int(resumed["loss"][step]) == 2 * steps_per_epoch
 
 
+@pytest.mark.slow
+def test_delete_previous_checkpoint_leaves_no_state_or_record_behind(tmp_path, scene_shards):
+    argv = train_argv(scene_shards, str(tmp_path), "run", *HN_ONLINE,
+                      "--delete-previous-checkpoint", epochs=3)
+    run_module("open_clip_hn.train", argv)
+    left = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
+    assert left == ["epoch_3.pt", "epoch_3.pt.hn", "epoch_3.pt.json"]
+
+
+def test_a_bank_smaller_than_one_global_batch_is_refused(tmp_path, scene_shards):
+    """Each step pushes all ranks' pairs; a smaller bank kept only part of the latest batch."""
+    argv = train_argv(scene_shards, str(tmp_path), "run", *HN_ONLINE, "--hn-loss", "itc,mined",
+                      "--hn-memory-bank-size", "6", "--hn-mined-k", "2")
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2
+    assert ("error: --hn-memory-bank-size 6 is smaller than one global batch (8 x 1 ranks = 8)"
+            in proc.stderr)
+    assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+
+
 def test_precomputed_without_negatives_is_refused(tmp_path, scene_shards):
     argv = train_argv(scene_shards, str(tmp_path), "pre", "--hn-negatives", "precomputed")
     proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
@@ -491,12 +514,8 @@ def test_too_few_captions_for_the_plausibility_filter_is_an_error_naming_the_fix
     assert "Traceback" not in proc.stderr and "Train Epoch" not in proc.stderr + proc.stdout
 
 
-@pytest.mark.slow
-def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
-    """2 gloo CPU processes (the env torchrun sets): both ranks train, one checkpoint + state;
-    each rank reads the same vocabulary from the training captions."""
-    argv = train_argv(scene_shards, str(tmp_path), "ddp", *HN_ONLINE, "--dist-backend", "gloo",
-                      "--hn-vocabulary", "train-data", batch_size=4)
+def run_two_ranks(argv: list[str]) -> None:
+    """`open_clip_hn.train argv` as 2 gloo CPU processes (the env torchrun sets); both succeed."""
     base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
             "WORLD_SIZE": "2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
@@ -505,11 +524,34 @@ def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
              for r in range(2)]
     outputs = [p.communicate(timeout=300)[0] for p in ranks]
     assert [p.returncode for p in ranks] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_negatives(tmp_path, scene_shards):
+    """2 gloo CPU processes (the env torchrun sets): both ranks train, one checkpoint + state;
+    each rank reads the same vocabulary from the training captions."""
+    argv = train_argv(scene_shards, str(tmp_path), "ddp", *HN_ONLINE, "--dist-backend", "gloo",
+                      "--hn-vocabulary", "train-data", batch_size=4)
+    run_two_ranks(argv)
     log = (tmp_path / "ddp" / "out.log").read_text()
     assert "Process (global: 0, local 0), total 2" in log
     assert f"Negatives stay inside the {len(scene_words())} words of the --train-data captions" in log
     assert "Hn_" in log
     assert (tmp_path / "ddp" / "checkpoints" / "epoch_1.pt.hn").exists()
+
+
+@pytest.mark.slow
+def test_an_epoch_checkpoint_of_one_process_resumes_on_two_ranks(tmp_path, scene_shards):
+    """OpenCLIP loads a one-process checkpoint into the DDP wrapper as it is (no `module.`
+    prefix: every key missing); with the plugin on the run scales out at an epoch end."""
+    run_module("open_clip_hn.train", train_argv(scene_shards, str(tmp_path), "grow", *HN_ONLINE))
+    argv = train_argv(scene_shards, str(tmp_path), "grow", *HN_ONLINE, "--dist-backend", "gloo",
+                      "--resume", "latest", batch_size=4, epochs=2)
+    run_two_ranks(argv)
+    log = (tmp_path / "grow" / "out.log").read_text()
+    assert "=> resuming checkpoint" in log and "=> restored hard-negative state" in log
+    resumed = checkpoint(tmp_path, "grow", 2)
+    assert all(k.startswith("module.") for k in resumed["state_dict"])  # as OpenCLIP saves on DDP
 
 
 INSTALL_ROUTE = ("import sys, open_clip_hn; open_clip_hn.install(); "
