@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_int, optional_path,
                        path_value, unit_float)
 from .curriculum import parse_warmup
-from .mirror import parse_axes
+from .mirror import FLIP_COLOUR_AXES, parse_axes
 from .negatives.taxonomy import LM_TYPES, NEGATIVE_TYPES, parse_types
 from .recipes import ListRecipesAction, flag_actions, spell_out_flags
 from .sample_order import SAMPLE_SHUFFLE_MODES
@@ -151,6 +151,13 @@ class HNConfig:
     def packs_converse(self) -> bool:
         """Packed rows also carry the converse captions (the converse term is on)."""
         return bool(self.mirror) and self.converse_weight > 0
+
+    @property
+    def parses_captions(self) -> bool:
+        """The loader parses captions (WordNet and a POS tagger): online negatives, converse
+        captions, or the composed mirror axes' captions."""
+        return ((self.negatives == "online" and self.uses_text_negatives) or self.packs_converse
+                or bool(set(self.mirror) & set(FLIP_COLOUR_AXES)))
 
     @property
     def fixed_rank_threshold(self) -> float | None:

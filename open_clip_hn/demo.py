@@ -260,6 +260,31 @@ def check_run_flags(args: argparse.Namespace) -> str | None:
         run_stamp(argv)
     except ValueError as err:
         return f"{err} (in --hn-args)"
+    return _caption_parser_problem(proc.stdout)
+
+
+def _caption_parser_problem(printed_recipe: str) -> str | None:
+    """Why the hard-negative run (its resolved recipe, as the trainer printed it) could not parse
+    its captions here (NLTK data missing or damaged), or None: found before the data is rendered
+    and two runs trained, not when the third starts."""
+    import tempfile
+
+    from .config import HNConfig
+    from .hooks import build_parser
+    from .negatives import NegativeGenerator, NLTKDataError
+    from .recipes import recipe_argv
+
+    parser = build_parser()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as recipe:
+        recipe.write(printed_recipe)
+        recipe.flush()
+        config = HNConfig.unchecked(parser.parse_known_args(recipe_argv(recipe.name, parser))[0])
+    if not config.parses_captions:
+        return None
+    try:
+        NegativeGenerator().load()
+    except NLTKDataError as err:
+        return str(err)
     return None
 
 

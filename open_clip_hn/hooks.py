@@ -304,6 +304,8 @@ def configure(args: argparse.Namespace, argv: list[str],
             _check_compatible(config, args)
             run = HardNegativeRun(config)
             run.excluded_negatives  # read now: a bad one stops the run before any work
+            if config.parses_captions:
+                _check_caption_parser()
     except ValueError as err:
         parser.error(str(err))
     if args.model_config:
@@ -315,6 +317,18 @@ def configure(args: argparse.Namespace, argv: list[str],
     except hn_state.StateError as err:
         parser.error(str(err))
     return run
+
+
+def _check_caption_parser() -> None:
+    """WordNet and the POS tagger the loader will parse captions with, loaded here (and then
+    inherited by forked loader workers): missing or damaged NLTK data failed in a loader worker
+    after training had begun, or at the first caption needing it, possibly hours in."""
+    from .negatives import NegativeGenerator, NLTKDataError
+
+    try:
+        NegativeGenerator().load()
+    except NLTKDataError as err:
+        raise ValueError(str(err)) from None
 
 
 def _resumes_state(run: HardNegativeRun | None) -> bool:

@@ -33,6 +33,9 @@ from .mirror import FLIP_COLOUR_AXES
 from .packing import PackedNegativeTokenizer, attach_model_hooks
 from .preemption import EpochPosition, StopRequest
 
+TAGGERS = {"nltk": "NLTK's averaged perceptron POS tagger",
+           "lexicon": "the plugin's own POS tagger (NLTK's tagger data is not installed)"}
+
 
 @dataclass(frozen=True)
 class TrainCaptions:
@@ -194,9 +197,28 @@ class HardNegativeRun:
             from .negatives import NegativeGenerator
 
             parser = generator or NegativeGenerator(seed=config.seed)  # the negatives' one if any
+        if config.parses_captions:  # every rank reads its captions with the same tagger
+            self._check_tagger((generator or parser).tagger_name)
         return PackedNegativeTokenizer(tokenizer, config.packed_negatives, generator, config.types,
                                        config.mirror, parser if config.packs_converse else None,
                                        parser=parser)
+
+    @staticmethod
+    def _check_tagger(name: str) -> None:
+        """Log the POS tagger the loader parses captions with, and refuse ranks that parse with
+        different ones: nodes with and without NLTK's tagger data would mix two parsers'
+        negatives in every batch."""
+        names = [name]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            names = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(names, name)
+        if len(set(names)) > 1:
+            ranks = ", ".join(f"rank {rank}: {tagger}" for rank, tagger in enumerate(names))
+            raise InputError(f"the ranks parse captions with different POS taggers ({ranks}): NLTK's "
+                             "tagger data is installed on some nodes only; install it on every "
+                             "node (python -m nltk.downloader averaged_perceptron_tagger_eng) or "
+                             "on none")
+        logging.info("Captions are parsed with %s", TAGGERS[name])
 
     def data_ready(self, tokenizer: Callable, epoch: int, steps_per_epoch: int | None,
                    epochs: int, world_size: int = 1, workers: int | None = None) -> None:

@@ -127,6 +127,38 @@ def test_bad_flags_stop_the_demo_before_any_work(tmp_path, capsys, flags, messag
     assert not out.exists()
 
 
+def test_missing_nltk_data_stops_the_demo_before_any_work(tmp_path, monkeypatch):
+    """The hard-negative run parses captions (online negatives): without WordNet the demo used
+    to render its data and train two runs before the third failed in a loader worker."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
+    env.update(HOME=str(tmp_path / "home"), NLTK_DATA=str(tmp_path / "none"),
+               OPEN_CLIP_HN_CACHE=str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.demo", "--output-dir", str(out)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "NLTK's WordNet corpus was not found" in proc.stderr, proc.stderr
+    assert not out.exists()
+    # precomputed negatives and no converse term parse nothing: no NLTK data needed
+    precomputed = ["--hn-negatives", "precomputed", "--hn-num-negatives", "2", "--hn-loss", "itc",
+                   "--hn-mirror", "horizontal", "--hn-converse-weight", "0"]
+    printed = subprocess.run([sys.executable, "-m", "open_clip_hn.train", "--model", "RN50",
+                              *precomputed, "--hn-print-config"], capture_output=True, text=True,
+                             env=env, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    from open_clip_hn.negatives import NegativeGenerator, NLTKDataError
+
+    def missing(self):
+        raise NLTKDataError("no WordNet here")
+
+    monkeypatch.setattr(NegativeGenerator, "load", missing)
+    assert demo._caption_parser_problem(printed.stdout) is None
+    online = printed.stdout.replace("hn-negatives: precomputed", "hn-negatives: online")
+    assert demo._caption_parser_problem(online) == "no WordNet here"
+
+
 def test_an_unreadable_model_config_or_a_file_as_output_folder_is_named(tmp_path, capsys):
     (tmp_path / "text.pt").write_text("hi")
     for flags, message in ((["--model-config", str(tmp_path / "text.pt")], "not readable JSON"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -191,6 +192,56 @@ def test_missing_wordnet_message_then_setup_nltk_offline(tmp_path):
     check = subprocess.run([sys.executable, "-c", "from nltk.corpus import wordnet as wn; "
                             "print(wn.synsets('dog')[0].lexname())"], capture_output=True, text=True, env=env)
     assert check.stdout.strip() == "noun.animal", check.stderr
+
+
+def _nltk_copy(root: Path) -> dict:
+    """A copy of this machine's WordNet under `root` (NLTK_DATA), seen by nothing else."""
+    from open_clip_hn.negatives.nltk_data import find_wordnet
+
+    shutil.copytree(find_wordnet(), root / "corpora" / "wordnet")
+    env = {k: v for k, v in os.environ.items() if k not in ("NLTK_DATA",)}
+    env.update(HOME=str(root / "home"), NLTK_DATA=str(root), OPEN_CLIP_HN_CACHE=str(root / "cache"))
+    return env
+
+
+@pytest.mark.parametrize("damage", ["cut", "no-lexnames", "empty-tagger"])
+def test_damaged_nltk_data_is_named_with_the_fix(tmp_path, damage):
+    """A WordNet cut short (NLTK warned per missing synset, then an AttributeError), a file
+    missing, or a tagger folder left empty by an interrupted download: `error:` with the fix, no
+    traceback (the tagger used to be taken as installed because its folder existed)."""
+    env = _nltk_copy(tmp_path)
+    wordnet = tmp_path / "corpora" / "wordnet"
+    if damage == "cut":
+        with open(wordnet / "data.noun", "r+b") as handle:
+            handle.truncate(100_000)
+    elif damage == "no-lexnames":
+        (wordnet / "lexnames").unlink()
+    else:
+        (tmp_path / "taggers" / "averaged_perceptron_tagger_eng").mkdir(parents=True)
+    out = run_cli("show", "a red car", env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and out.stderr.count("warn") == 0
+    if damage == "empty-tagger":
+        assert f"NLTK's POS tagger data at {tmp_path / 'taggers'}" in out.stderr
+        assert "python -m nltk.downloader averaged_perceptron_tagger_eng" in out.stderr
+    else:
+        assert f"NLTK's WordNet corpus at {wordnet} cannot be read" in out.stderr
+        assert "Remove that folder and install it again" in out.stderr
+        assert "python -m nltk.downloader wordnet" in out.stderr
+
+
+def test_precompute_records_the_tagger_and_refuses_to_mix_two(tmp_path, scene_shards):
+    """The two POS taggers parse some captions differently: a folder begun on a machine with
+    NLTK's tagger data and finished on one without would hold two parsers' negatives."""
+    out = tmp_path / "out"
+    assert main(["precompute", "--shards", scene_shards, "--output-dir", str(out), "--num", "1"]) == 0
+    settings_file = out / ".precompute" / "settings.json"
+    settings = json.loads(settings_file.read_text())
+    assert settings["tagger"] == NegativeGenerator().tagger_name
+    settings["tagger"] = "nltk" if settings["tagger"] == "lexicon" else "lexicon"
+    settings_file.write_text(json.dumps(settings))
+    proc = run_cli("precompute", "--shards", scene_shards, "--output-dir", str(out), "--num", "1")
+    assert proc.returncode == 2 and "POS tagger" in proc.stderr, proc.stderr
 
 
 def test_vocabulary_from_shards_or_captions_feeds_show(tmp_path, scene_shards):

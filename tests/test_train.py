@@ -195,6 +195,56 @@ def test_missing_local_shards_are_refused_before_any_work(tmp_path, capsys):
     assert hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", remote]).train_data == remote
 
 
+def test_missing_nltk_data_is_refused_before_any_work(tmp_path):
+    """Online negatives, converse captions and the composed mirror axes parse captions in the
+    loader: a missing WordNet failed in a loader worker once training had begun (for the
+    converse term, at the first caption with a relation word)."""
+    from open_clip_hn.config import HNConfig
+
+    assert HNConfig(negatives="online", num_negatives=2).parses_captions
+    assert HNConfig(mirror=("horizontal+colour",), mirror_weight=1.0).parses_captions
+    assert HNConfig(mirror=("horizontal",), converse_weight=1.0).parses_captions
+    assert not HNConfig(mirror=("horizontal",), converse_weight=0.0).parses_captions
+    assert not HNConfig(negatives="precomputed", num_negatives=2).parses_captions
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
+    env.update(HOME=str(tmp_path / "home"), NLTK_DATA=str(tmp_path / "none"),
+               OPEN_CLIP_HN_CACHE=str(tmp_path / "cache"))
+    argv = train_argv(str(tmp_path / "unread.csv"), str(tmp_path), "run", "--hn-mirror", "horizontal",
+                      "--hn-converse-weight", "1", "--hn-loss", "itc")
+    (tmp_path / "unread.csv").write_text("filepath\ttitle\nx.png\ta cube left of a cone\n")
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=120, cwd=REPO, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: NLTK's WordNet corpus was not found" in proc.stderr
+    assert "python -m nltk.downloader wordnet" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_ranks_parsing_with_different_taggers_are_refused(tmp_path):
+    """Nodes with and without NLTK's tagger data would mix two parsers' negatives."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_tagger_rank, args=(str(tmp_path), free_port()), nprocs=2, join=True)
+    assert sorted(p.read_text() for p in tmp_path.glob("rank*")) == ["refused", "refused"]
+
+
+def _tagger_rank(rank: int, folder: str, port: int) -> None:
+    import torch.distributed as dist
+
+    from open_clip_hn.argtypes import InputError
+    from open_clip_hn.run import HardNegativeRun
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    HardNegativeRun._check_tagger("lexicon")  # the same on every rank: accepted
+    try:
+        HardNegativeRun._check_tagger(["nltk", "lexicon"][rank])
+        outcome = "accepted"
+    except InputError as err:
+        outcome = "refused" if "rank 0: nltk, rank 1: lexicon" in str(err) else str(err)
+    Path(folder, f"rank{rank}").write_text(outcome)
+    dist.destroy_process_group()
+
+
 def test_a_csv_without_the_image_or_caption_column_is_refused_before_any_work(tmp_path, capsys):
     """OpenCLIP's CSV loader raised a bare KeyError ('title') after set-up; with the plugin on the
     flags naming the columns are named, with the file's columns."""

@@ -7,8 +7,8 @@ Command line: `python -m open_clip_hn.negatives {show,generate,precompute,vocabu
 """
 
 from .generator import NegativeGenerator, normalise
-from .nltk_data import WordNetMissingError, ensure_wordnet
+from .nltk_data import NLTKDataError, WordNetMissingError, ensure_wordnet
 from .taxonomy import NEGATIVE_TYPES, TYPE_TO_ID, parse_types
 
-__all__ = ["NegativeGenerator", "normalise", "ensure_wordnet", "WordNetMissingError",
+__all__ = ["NegativeGenerator", "normalise", "ensure_wordnet", "NLTKDataError", "WordNetMissingError",
            "NEGATIVE_TYPES", "TYPE_TO_ID", "parse_types"]

@@ -235,14 +235,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_setup(args)
     from .audit import AuditError
     from .audit_cli import run_audit_command, run_plausibility_command
-    from .nltk_data import WordNetMissingError
+    from .nltk_data import NLTKDataError
     from .plausibility import PlausibilityError
 
     try:
         return {"show": run_show, "generate": run_generate, "precompute": run_precompute,
                 "vocabulary": run_vocabulary, "audit": run_audit_command,
                 "plausibility": run_plausibility_command}[args.command](args)
-    except (WordNetMissingError, VocabularyError, PlausibilityError, AuditError, InputError,
+    except (NLTKDataError, VocabularyError, PlausibilityError, AuditError, InputError,
             OSError) as err:  # InputError covers ManifestError and LMError
         print(f"error: {err}", file=sys.stderr)
         return 2

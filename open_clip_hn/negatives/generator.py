@@ -584,6 +584,12 @@ class NegativeGenerator:
             _PROCESS[key] = restrict_to_vocabulary(_resources(), self.vocabulary)
         return _PROCESS[key]
 
+    @property
+    def tagger_name(self) -> str:
+        """The POS tagger this process parses with ("nltk" or "lexicon"; auto: whichever has its
+        data here). The two parse some captions differently, so it is recorded with outputs."""
+        return _tagger(self.tagger).name
+
     def load(self) -> "NegativeGenerator":
         """Load the per-process resources now (otherwise the first generate() call does it)."""
         self._resources()

@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
@@ -141,8 +142,9 @@ def cache_dir() -> Path:
 
 
 def load_resources() -> Resources:
-    """Load the cached resources, building the cache from WordNet on first use."""
-    from .nltk_data import ensure_wordnet
+    """Load the cached resources, building the cache from WordNet on first use; a WordNet that
+    is present but damaged (a file missing or cut short) is an `NLTKDataError` naming the fix."""
+    from .nltk_data import damaged_wordnet, ensure_wordnet
 
     wordnet_path = ensure_wordnet()
     path = cache_dir() / f"negatives-{_fingerprint(wordnet_path)}.pkl"
@@ -153,7 +155,12 @@ def load_resources() -> Resources:
             return cached
     except (OSError, EOFError, pickle.UnpicklingError, AttributeError):
         pass
-    resources = build_resources()
+    try:
+        with warnings.catch_warnings():  # NLTK warns per synset a cut data file lacks, and goes on
+            warnings.filterwarnings("error", message="No WordNet synset found", category=UserWarning)
+            resources = build_resources()
+    except (OSError, LookupError, ValueError, AttributeError, IndexError, UserWarning) as err:
+        raise damaged_wordnet(wordnet_path, err) from None
     try:
         with atomic_open(path, "wb") as handle:
             pickle.dump(resources, handle, protocol=pickle.HIGHEST_PROTOCOL)

@@ -36,13 +36,15 @@ FORMAT_VERSION = 1
 _FLAGS = {"num": "--num", "types": "--types", "seed": "--seed", "vocabulary": "--vocabulary",
           "lm": "--lm", "caption_key": "--caption-key", "version": "open_clip_hn version",
           "format": "manifest format", "plausibility": "--plausibility (model identity)",
-          "swap_reorders": "--swap-reorders", "exclude": "--exclude (captions' digest)"}
+          "swap_reorders": "--swap-reorders", "exclude": "--exclude (captions' digest)",
+          "tagger": "POS tagger (nltk where its data is installed, else lexicon)"}
 
 
 # what a setting absent from a folder's settings.json means: reorders kept (recorded only when
 # dropped); a plausibility filter not recorded by an older version, so unknown and never equal
 _UNRECORDED: dict[str, Any] = {"swap_reorders": "keep",
-                               "plausibility": "not recorded (an older version's folder)"}
+                               "plausibility": "not recorded (an older version's folder)",
+                               "tagger": "not recorded (an older version's folder)"}
 
 
 class ManifestError(InputError):
@@ -56,15 +58,16 @@ def _digest_file(path: str) -> str:
 
 def generator_settings(num: int, types: tuple[str, ...], seed: int, vocabulary: str | None,
                        lm: str | None, caption_key: str, plausibility: str | None = None,
-                       swap_reorders: bool = True, exclude: frozenset[str] = frozenset()
-                       ) -> dict[str, Any]:
+                       swap_reorders: bool = True, exclude: frozenset[str] = frozenset(),
+                       tagger: str | None = None) -> dict[str, Any]:
     """Everything the output of `precompute` is a function of (besides the input shards).
 
     The vocabulary enters by content (its file may be rewritten under the same name), the
     plausibility filter by its model's identity (a digest of its captions); the LM by path, as a
     local model folder has no cheap content digest, the excluded captions by a digest of their
-    normalised set. Reorders dropped and exclusions are recorded only when asked, so folders
-    written before those options keep matching.
+    normalised set, the POS tagger by name (a rerun on a machine with the other one would mix
+    two parsers' negatives in one folder). Reorders dropped and exclusions are recorded only when
+    asked, so folders written before those options keep matching.
     """
     excluded = {} if not exclude else {
         "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode("utf-8")).hexdigest()}
@@ -72,7 +75,7 @@ def generator_settings(num: int, types: tuple[str, ...], seed: int, vocabulary: 
             "seed": seed, "vocabulary": None if vocabulary is None else _digest_file(vocabulary),
             "lm": None if lm is None else os.path.abspath(lm), "caption_key": caption_key,
             "plausibility": plausibility, **({} if swap_reorders else {"swap_reorders": "drop"}),
-            **excluded}
+            **excluded, **({} if tagger is None else {"tagger": tagger})}
 
 
 def _entry_path(output_dir: str, name: str) -> str:

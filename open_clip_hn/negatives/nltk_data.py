@@ -22,18 +22,39 @@ DEBIAN_LEXNAMES_MAN = Path("/usr/share/man/man5/lexnames.5WN.gz")
 _CATEGORY = {"noun": 1, "verb": 2, "adj": 3, "adv": 4}
 _LEXNAME_LINE = re.compile(r"^(\d\d)\t(\S+)\s*\t")
 
-MISSING_MESSAGE = (
-    "NLTK's WordNet corpus was not found in NLTK's search paths ({paths}). Install it with\n"
+INSTALL_WORDNET = (
     "    python -m nltk.downloader wordnet\n"
     "or, without internet, from Debian's packages:\n"
     "    apt-get install wordnet-base wordnet-sense-index\n"
     "    python -m open_clip_hn.negatives setup-nltk [--target DIR]\n"
     "(set NLTK_DATA=DIR when DIR is not one of NLTK's default paths)."
 )
+MISSING_MESSAGE = ("NLTK's WordNet corpus was not found in NLTK's search paths ({paths}). Install "
+                   "it with\n" + INSTALL_WORDNET)
+DAMAGED_MESSAGE = ("NLTK's WordNet corpus at {path} cannot be read ({reason}): it is damaged or "
+                   "incomplete (an interrupted download or copy?). Remove that folder and install "
+                   "it again with\n" + INSTALL_WORDNET)
+TAGGER_MESSAGE = ("NLTK's POS tagger data at {path} cannot be loaded ({reason}). Install it again "
+                  "with\n    python -m nltk.downloader averaged_perceptron_tagger_eng\nor remove "
+                  "that folder: without it captions are parsed by the plugin's own tagger.")
 
 
-class WordNetMissingError(LookupError):
+class NLTKDataError(LookupError):
+    """NLTK data the caption parser needs is missing or damaged; the message says how to fix it."""
+
+
+class WordNetMissingError(NLTKDataError):
     """WordNet is not installed where NLTK looks for it; the message says how to install it."""
+
+
+def damaged_wordnet(path: str, err: BaseException) -> NLTKDataError:
+    """The error for a WordNet folder whose files are missing, cut short or unreadable."""
+    return NLTKDataError(DAMAGED_MESSAGE.format(path=path, reason=f"{type(err).__name__}: {err}"))
+
+
+def broken_tagger(path: str | None, err: BaseException) -> NLTKDataError:
+    """The error for a tagger folder NLTK finds but cannot load (an interrupted download)."""
+    return NLTKDataError(TAGGER_MESSAGE.format(path=path, reason=f"{type(err).__name__}: {err}"))
 
 
 def default_search_paths() -> list[str]:

@@ -67,6 +67,8 @@ def unusable_reason(caption: object) -> str | None:
 class LexiconTagger:
     """Universal POS tags from closed-class lists, visual lexicons and WordNet's POS sets."""
 
+    name = "lexicon"  # recorded with precomputed negatives: the two taggers parse differently
+
     def __init__(self, resources: Resources):
         self.res = resources
         self._cache: dict[str, tuple[str, bool]] = {}
@@ -167,10 +169,18 @@ class LexiconTagger:
 class NLTKTagger:
     """NLTK's averaged perceptron tagger, mapped to universal tags (used when its model exists)."""
 
+    name = "nltk"
+
     def __init__(self):
         from nltk.tag import PerceptronTagger
 
-        self._tagger = PerceptronTagger()
+        from .nltk_data import broken_tagger
+
+        try:
+            self._tagger = PerceptronTagger()
+            self._tagger.tag(["a", "red", "car"])
+        except Exception as err:  # NLTK raises what its loader meets: OSError, ValueError, ...
+            raise broken_tagger(nltk_tagger_path(), err) from None
 
     def tag(self, words: list[str]) -> list[str]:
         tags = [_PENN_TO_UNIVERSAL.get(t, "." if not t[:1].isalpha() else "X")
@@ -178,12 +188,21 @@ class NLTKTagger:
         return ["PRT" if w.lower() == "to" else t for w, t in zip(words, tags)]
 
 
-def nltk_tagger_available() -> bool:
-    """True when NLTK's averaged perceptron tagger model is installed."""
+def nltk_tagger_path() -> str | None:
+    """Where NLTK's averaged perceptron tagger model is installed, or None."""
     from .nltk_data import find_resource
 
-    return any(find_resource(name) for name in ("taggers/averaged_perceptron_tagger_eng",
-                                                "taggers/averaged_perceptron_tagger"))
+    for name in ("taggers/averaged_perceptron_tagger_eng", "taggers/averaged_perceptron_tagger"):
+        path = find_resource(name)
+        if path:
+            return path
+    return None
+
+
+def nltk_tagger_available() -> bool:
+    """True when NLTK's averaged perceptron tagger model is installed (its folder exists; a
+    damaged one is an error when loaded, not a silent switch to the other tagger)."""
+    return nltk_tagger_path() is not None
 
 
 @dataclass

@@ -164,7 +164,7 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
     claim_output_dir(output_dir, generator_settings(
         k, generator.types, generator.seed, vocabulary, lm, caption_key,
         None if generator.plausibility is None else generator.plausibility.identity,
-        generator.swap_reorders, generator.exclude))
+        generator.swap_reorders, generator.exclude, generator.tagger_name))
     remove_stale_temps(output_dir)  # of killed runs; a live job's temps stay
     work = partial(precompute_shard, output_dir=output_dir, generator=generator, k=k,
                    caption_key=caption_key, allow_damaged=allow_damaged)
