@@ -45,6 +45,7 @@ import torch
 
 from .mirror import (AXIS_TO_ID, COLOUR_AXES, FLIP_COLOUR_AXES, MirrorPairs, axis_in,
                      converse_captions, flip_images, mirror_pair)
+from .negatives.parse import normalise_punctuation
 from .negatives.shards import NEGATIVES_EXTENSION, read_negatives
 from .negatives.taxonomy import NEGATIVE_TYPES, TYPE_TO_ID
 from .recolour import exchange_colours
@@ -143,7 +144,8 @@ class PackedNegativeTokenizer:
     def pack(self, text: Any) -> torch.Tensor:
         caption, precomputed = (decode_precomputed_caption(text) if isinstance(text, str)
                                 else (text, None))
-        caption = caption if isinstance(caption, str) else ""
+        # the form negatives are made from (a dash or curly quote would tell them apart)
+        caption = normalise_punctuation(caption) if isinstance(caption, str) else ""
         negatives = self.negatives_for(caption, precomputed) if self.num_negatives else []
         k = self.num_negatives
         texts = [caption] + [n["text"] for n in negatives] + [""] * (k - len(negatives))

@@ -112,9 +112,13 @@ def resolve_recipe(name_or_path: str) -> str:
     A path wins over a name, so a local `negclip.yaml` edited by the user is read as given;
     an unknown value fails with the shipped names listed.
     """
-    if os.path.isfile(name_or_path):
-        return name_or_path
     shipped = _recipe_files()
+    if os.path.isfile(name_or_path):
+        if name_or_path in shipped:  # a bare name: which one was meant cannot be told
+            raise FileNotFoundError(
+                f"{name_or_path!r} is both a shipped recipe and a file in {os.getcwd()}; pass "
+                f"./{name_or_path} for the file, or rename it to use the shipped recipe")
+        return name_or_path
     if name_or_path in shipped:
         return shipped[name_or_path]
     names = ", ".join(sorted(shipped)) or "(none installed)"
@@ -177,15 +181,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_recipe(path: str) -> dict[str, Any]:
-    """Read a recipe file (or shipped recipe name) into a mapping; an empty file is empty."""
+    """Read a recipe file (or shipped recipe name) into a mapping; a file that sets nothing
+    (empty, comments only) is refused: a run with it trained without any hard negative."""
     path = resolve_recipe(path)
     with open(path, encoding="utf-8") as handle:
         try:
             data = yaml.load(handle, Loader=_UniqueKeyLoader)
         except yaml.YAMLError as err:
             raise _error(path, f"is not valid YAML: {err}") from None
-    if data is None:
-        return {}
+    if not data:
+        raise _error(path, "sets no flag (the file is empty or holds only comments); write the "
+                           "recipe's flags in it, or drop --hn-config")
     if not isinstance(data, dict):
         raise _error(path, f"must be a mapping of flag names to values, got {type(data).__name__}")
     return data
@@ -276,5 +282,7 @@ def format_resolved_config(args: argparse.Namespace, parser: argparse.ArgumentPa
         if value is not None and value != []:  # unset (the default): a recipe leaves such keys out
             resolved[option[2:]] = value
     recipe = getattr(args, "hn_config_file", None)
-    header = f"# resolved configuration{f' (recipe {recipe} + command line)' if recipe else ''}\n"
+    source = recipe if recipe is None or resolve_recipe(recipe) == recipe else \
+        f"{recipe}: {resolve_recipe(recipe)}"
+    header = f"# resolved configuration{f' (recipe {source} + command line)' if recipe else ''}\n"
     return header + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)

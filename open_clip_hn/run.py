@@ -87,7 +87,11 @@ class HardNegativeRun:
     def model_created(self, model: torch.nn.Module, preprocess_val) -> None:
         """Attach the packing hooks (negatives and mirrored pairs ride in one forward)."""
         master = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-        if self.config.dropped and master:  # the first hook after OpenCLIP sets up logging
+        if self.config.config_file and master:  # the first hook after OpenCLIP sets up logging
+            from .recipes import resolve_recipe
+
+            logging.info("Hard-negative recipe: %s", os.path.abspath(resolve_recipe(self.config.config_file)))
+        if self.config.dropped and master:
             logging.info("Recipe settings for a part this command line switched off run at their "
                          "defaults: %s (from --hn-config %s)", ", ".join(self.config.dropped),
                          self.config.config_file)

@@ -60,6 +60,35 @@ def test_sentence_case_is_kept_when_phrases_move():
     assert moved == ["The cat sitting next to a dog."]
 
 
+@pytest.mark.parametrize("caption, kept", [
+    ("a 3-year-old girl holding a red balloon next to a blue car", "3-year-old"),
+    ("an 18-wheeler truck parked behind a small house", "18-wheeler"),
+    ("a man wearing a 49ers jersey next to a red car", "49ers"),
+    ("a dog on the 'left' side of a red car", "'left'"),
+    ("a man holding a sign reading \"no parking\" near a blue truck", '"no parking"'),
+])
+def test_digits_run_into_letters_and_quoted_words_stay_whole(caption, kept):
+    """Edits split "3-year-old" ("a 3-red year-old girl"), "49ers" ("a 49 ers jersey") and
+    moved quoted words away from their quotes ("a dog on the car' side of a red 'left")."""
+    negatives = NegativeGenerator(seed=0).generate(caption, 40)
+    assert len(negatives) >= 8
+    for negative in negatives:
+        assert negative["text"].count(kept) == 1, negative
+
+
+def test_a_title_case_caption_gets_title_case_negatives():
+    """Inserted words came in lower case ("A Red Car Next To A high Blue House"): a cue that
+    needs no image. Words the caption keeps lower case stay so."""
+    caption = "A Dog on the Beach Next To A Red Ball"
+    negatives = NegativeGenerator(seed=0).generate(caption, 40)
+    assert {"add_attribute", "add_object", "replace_object"} <= {n["type"] for n in negatives}
+    for negative in negatives:
+        words = negative["text"].split()
+        assert all(w[0].isupper() or w in ("on", "the") for w in words), negative
+    plain = NegativeGenerator(seed=0).generate("a dog on the beach next to a red ball", 40)
+    assert all(n["text"] == n["text"].lower() for n in plain)
+
+
 def test_no_synonym_hypernym_or_hyponym_replacements():
     """Checked against NLTK's WordNet directly, independent of the generator's cache."""
     from nltk.corpus import wordnet as wn

@@ -283,3 +283,18 @@ def test_blind_share_rides_with_the_negatives_and_is_logged(tokenizer):
     assert out["hn_blind"].item() == 0.5
     assert "hn_blind" not in HardNegativeLoss(HNConfig(negatives="online", num_negatives=3))(
         image, text, torch.tensor(10.0), packed, output_dict=True)
+
+
+def test_a_caption_with_dashes_or_curly_quotes_is_trained_in_its_negatives_form(tokenizer):
+    """Negatives are made from the caption with plain dashes and quotes: packed as written, the
+    caption differed from each of its negatives in that token (text-only detectable)."""
+    from open_clip_hn.negatives import NegativeGenerator
+
+    caption = "a black dog \u2014 with a red collar \u2013 sitting on a \u201cwhite\u201d rug"
+    rows = PackedNegativeTokenizer(tokenizer, 4, NegativeGenerator(seed=0)).pack(caption).reshape(5, -1)
+    tokens, meta = rows[:, :-4], rows[:, -4:]
+    assert torch.equal(tokens[0], tokenizer(['a black dog - with a red collar - sitting on a "white" rug'])[0])
+    assert int(meta[1:, 1].sum()) == 4  # four negatives packed
+    # the dashes' own tokens (OpenCLIP's ftfy already makes curly quotes straight)
+    written = set(tokenizer(["\u2014 \u2013"])[0].tolist()) - set(tokenizer(["-"])[0].tolist())
+    assert written and not written & set(tokens.flatten().tolist())

@@ -115,6 +115,10 @@ def test_print_config_is_the_file_plus_overrides(tmp_path, parser):
      "keys 'hn_num_negatives' and 'hn-num-negatives' both set --hn-num-negatives; keep one"),
     ("hn-loss:\n", "key 'hn-loss' has no value; give one, or remove the key"),
     ("hn-types: []\n", "key 'hn-types' has no value"),
+    # a run with a recipe that sets nothing trained without any hard negative
+    ("", "sets no flag (the file is empty or holds only comments)"),
+    ("# hn-loss: itc,choice\n", "sets no flag (the file is empty or holds only comments)"),
+    ("{}\n", "sets no flag"),
 ])
 def test_bad_recipes_name_the_key_the_file_and_the_fix(tmp_path, parser, text, message):
     path = write(tmp_path, text)
@@ -133,6 +137,24 @@ def test_unknown_key_lists_the_valid_keys(tmp_path, parser):
 def test_missing_recipe_file(tmp_path, parser):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         expand_recipe(["--hn-config", str(tmp_path / "nope.yaml")], parser)
+
+
+def test_a_file_named_like_a_shipped_recipe_is_refused_unless_given_as_a_path(tmp_path, parser,
+                                                                               monkeypatch):
+    """`--hn-config negclip` read a file `negclip` of the working folder (empty: no hard
+    negatives) while the printed header and params.txt looked like the shipped recipe's."""
+    from open_clip_hn.recipes import resolve_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "negclip").write_text("hn-negatives: online\n")
+    with pytest.raises(FileNotFoundError, match="'negclip' is both a shipped recipe and a file in"):
+        resolve_recipe("negclip")
+    assert resolve_recipe("./negclip") == "./negclip"
+    (tmp_path / "negclip").unlink()
+    assert resolve_recipe("negclip").endswith("negclip.yaml")
+    args = parser.parse_args(expand_recipe(["--hn-config", "negclip"], parser))
+    assert format_resolved_config(args, parser).startswith(
+        f"# resolved configuration (recipe negclip: {resolve_recipe('negclip')} + command line)")
 
 
 def run_config(flags: list[str], parser: argparse.ArgumentParser) -> HNConfig:

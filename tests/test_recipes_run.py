@@ -37,6 +37,7 @@ def test_recipe_trains_one_step(recipe: Path, scene_shards, neighbor_index, tmp_
     run_module("open_clip_hn.train", argv)
     log = (tmp_path / recipe.stem / "out.log").read_text()
     assert "Train Epoch: 0 [8/8 (100%)]" in log.replace("[ 8/8", "[8/8")
+    assert f"Hard-negative recipe: {recipe}" in log
     assert (tmp_path / recipe.stem / "checkpoints" / "epoch_1.pt").exists()
     if "--hn-image-neighbors" in extra:
         assert "Hard image negatives: each sample is followed by" in log

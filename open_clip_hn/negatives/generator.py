@@ -534,6 +534,28 @@ def noun_phrases(parse: Parse) -> list[str]:
     return sorted(" ".join(parse.words[n.start:n.end]).lower() for n in parse.nps)
 
 
+_WORD = re.compile(r"(?<![\w'])[A-Za-z][A-Za-z'-]*")
+
+
+def _title_case_words(caption: str) -> frozenset[str] | None:
+    """For a caption in title case (every word of 4+ letters capitalised, at least two), the
+    words it keeps lower case ("on", "the"); None for any other caption."""
+    words = _WORD.findall(caption)
+    long = [w for w in words if len(w) >= 4]
+    if len(long) < 2 or not all(w[0].isupper() for w in long):
+        return None
+    return frozenset(w for w in words if w[0].islower())
+
+
+def _in_title_case(text: str, lower: frozenset[str] | None) -> str:
+    """`text` with the words an edit brought in lower case capitalised as its title-case caption's
+    are (else a lower-case word in a title-case caption tells the negative apart)."""
+    if lower is None:
+        return text
+    return _WORD.sub(lambda m: m.group(0) if m.group(0) in lower or m.group(0)[0].isupper()
+                     else m.group(0)[0].upper() + m.group(0)[1:], text)
+
+
 class NegativeGenerator:
     """Turns a caption into up to k typed hard negatives `{"text", "type"}`.
 
@@ -697,6 +719,7 @@ class NegativeGenerator:
         positive = parse.render(parse.words, parse.gaps)
         seen = {normalise(positive)}
         shouting = positive.isupper()  # "A DOG ON A COUCH": inserted and re-inflected words too
+        title_case = _title_case_words(positive)  # "A Red Car Next To A Blue House": likewise
         own_words = set(next(iter(seen)).split())
         caption_phrases = None if self.swap_reorders else noun_phrases(parse)
         order = list(self.types)
@@ -714,7 +737,7 @@ class NegativeGenerator:
                     words, gaps = pending[cursor[name]]
                     cursor[name] += 1
                     text = parse.render(words, gaps)
-                    text = text.upper() if shouting else text
+                    text = text.upper() if shouting else _in_title_case(text, title_case)
                     key = normalise(text)
                     if key in seen or key in self.exclude or not self._in_vocabulary(key, own_words):
                         continue

@@ -14,7 +14,12 @@ from .lexicon import Resources
 
 MAX_CHARS = 1000
 MIN_KNOWN_SHARE = 0.6
-TOKEN = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*|'[A-Za-z]+|\d+(?:[.,]\d+)*|[^\sA-Za-z\d]")
+# words (hyphens inside), contractions ('s: a quote right after a letter), digits run into
+# letters as one token ("3-year-old", "49ers", "4x4"), numbers, then single punctuation marks
+TOKEN = re.compile(r"[A-Za-z]+(?:-[A-Za-z]+)*|(?<=[A-Za-z])'[A-Za-z]+|"
+                   r"\d+(?:[.,]\d+)*(?:-?[A-Za-z][A-Za-z\d]*)+(?:-[A-Za-z\d]+)*|\d+(?:[.,]\d+)*|[^\sA-Za-z\d]")
+_MIXED = re.compile(r"\d.*[A-Za-z]|[A-Za-z].*\d")
+_QUOTES = ("'", '"')
 _FORBIDDEN = re.compile(r"[^A-Za-z0-9 .,;:!?'\"()/&-]")
 _HTML_ENTITY = re.compile(r"&#?\w+;")
 _UNICODE_PUNCT = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"',
@@ -44,7 +49,14 @@ def clean_caption(caption: object) -> str | None:
     """
     if unusable_reason(caption):
         return None
-    return caption.translate(_UNICODE_PUNCT).strip()
+    return normalise_punctuation(caption).strip()
+
+
+def normalise_punctuation(text: str) -> str:
+    """Curly quotes, en and em dashes and no-break spaces as their plain forms. Negatives are
+    made from this text, so the caption trained against them must be too: else every negative
+    of a caption with a dash differs from it in that token, a shortcut needing no image."""
+    return text.translate(_UNICODE_PUNCT)
 
 
 def unusable_reason(caption: object) -> str | None:
@@ -53,7 +65,7 @@ def unusable_reason(caption: object) -> str | None:
         return f"it is a {type(caption).__name__}, not text"
     if len(caption) > MAX_CHARS:
         return f"it is longer than {MAX_CHARS} characters ({len(caption)})"
-    text = caption.translate(_UNICODE_PUNCT).strip()
+    text = normalise_punctuation(caption).strip()
     if not text:
         return "it is empty"
     forbidden = _FORBIDDEN.search(text)
@@ -265,7 +277,7 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
         return None
     if len(alpha) > 3 and not any(w in res.closed for w in alpha):
         return None  # English captions have function words; "le chat est sur la table" has none
-    tags = tagger.tag(tokens)
+    tags = _pin_literal_tokens(tokens, tagger.tag(tokens))
     words, gaps, unit_tags, kinds = [], [], [], []
     previous_end, i = 0, 0
     while i < len(tokens):
@@ -301,6 +313,24 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
     return parse
 
 
+def _pin_literal_tokens(tokens: list[str], tags: list[str]) -> list[str]:
+    """`tags` with X (no edit moves or replaces it) for tokens that are not plain words: digits
+    run into letters ("3-year-old", "49ers") and words between a pair of quotes ("a sign
+    reading 'no parking'"), which edits broke apart or traded with the quotes left behind."""
+    tags = list(tags)
+    i = 0
+    while i < len(tokens):
+        if tokens[i] in _QUOTES and tokens[i] in tokens[i + 1:]:
+            close = tokens.index(tokens[i], i + 1)
+            tags[i + 1:close] = ["X"] * (close - i - 1)
+            i = close + 1
+            continue
+        if _MIXED.search(tokens[i]):
+            tags[i] = "X"
+        i += 1
+    return tags
+
+
 def _attribute_group(tags: list[str], words: list[str], j: int) -> tuple[int, list[int]]:
     """End of the attribute group starting at j and its adjectives: intensifiers ("very tall") and
     coordination ("black and white", "green, white, and red") stay inside the group."""
@@ -323,7 +353,8 @@ def _attribute_group(tags: list[str], words: list[str], j: int) -> tuple[int, li
 
 
 def chunk_noun_phrases(parse: Parse, res: Resources) -> list[NounPhrase]:
-    """Noun phrases: [determiner] [count] attribute-group noun+ (the last noun is the head).
+    """Noun phrases: [determiner] [count] [pinned] attribute-group noun+ (the last noun is the
+    head; pinned tokens, tagged X, stay in place inside the phrase).
 
     A collective noun and its "of" phrase form one noun phrase headed by the inner noun ("a bunch
     of sheep" is sheep), so swaps and replacements act on the objects themselves.
@@ -335,6 +366,8 @@ def chunk_noun_phrases(parse: Parse, res: Resources) -> list[NounPhrase]:
             det, j = j, j + 1
         if j < n and tags[j] == "NUM":
             num, j = j, j + 1
+        while j < n and tags[j] == "X" and j > i:  # "a 3-year-old girl": inside, never edited
+            j += 1
         attr_start = j
         j, attrs = _attribute_group(tags, words, j)
         nouns_start = j
