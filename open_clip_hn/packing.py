@@ -197,11 +197,12 @@ class PackedNegativeTokenizer:
         meta[twins, 1] = 0
         if not self._warned_twins:
             self._warned_twins = True
-            logging.warning("%d hard-negative text(s) of a caption tokenize exactly like the caption "
+            logging.warning("%d text(s) packed with a caption as its negatives (generated, "
+                            "mirrored or converse captions) tokenize exactly like the caption "
                             "(it is cut at the tokenizer's context length, %d tokens: %r); they are "
-                            "masked, not trained as negatives. Captions this long lose their "
-                            "negatives' edits past the cut (this warning is shown once per loader "
-                            "worker)", int(twins.sum()), tokens.shape[1], caption[:120])
+                            "masked, not trained as negatives. Captions this long lose the edits "
+                            "made past the cut (this warning is shown once per loader worker)",
+                            int(twins.sum()), tokens.shape[1], caption[:120])
 
     def __call__(self, texts: Any) -> torch.Tensor:
         """Like an OpenCLIP tokenizer: a list of captions -> one row each; anything else -> one row."""

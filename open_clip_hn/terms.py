@@ -341,7 +341,9 @@ def importance(b: TermBatch, ctx: TermContext) -> torch.Tensor:
 
 @register_term("mined", curriculum=True, needs=("bank",), source="CM-HNCo",
                summary="negatives from a memory bank of all ranks' recent embeddings: close to the "
-                       "anchor in one modality, far in the other; false negatives filtered")
+                       "anchor in one modality, far in the other; false negatives filtered. Its own "
+                       "InfoNCE over the ordinary batch with each anchor's mined entries added to "
+                       "the denominators, so beside itc the batch's contrast counts twice")
 def mined(b: TermBatch, ctx: TermContext) -> TermResult:
     found = ctx.mine()
     loss = L.mined_loss(b.image, b.text, b.all_image, b.all_text, b.labels, found.text,

@@ -194,6 +194,13 @@ def test_missing_wordnet_message_then_setup_nltk_offline(tmp_path):
     assert check.stdout.strip() == "noun.animal", check.stderr
 
 
+def test_setup_nltk_names_an_absolute_nltk_data(tmp_path):
+    """A relative --target printed `export NLTK_DATA=rel`: wrong for a job started elsewhere."""
+    out = run_cli("setup-nltk", "--target", "rel", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert f"export NLTK_DATA={tmp_path / 'rel'}" in out.stdout
+
+
 def _nltk_copy(root: Path) -> dict:
     """A copy of this machine's WordNet under `root` (NLTK_DATA), seen by nothing else."""
     from open_clip_hn.negatives.nltk_data import find_wordnet

@@ -209,6 +209,19 @@ def test_filter_lowers_blind_accuracy_and_masks_rather_than_forces(captions, mod
             assert all(model.difference(caption, c) < -P.MARGIN for c in every)
 
 
+def test_audit_coverage_is_where_a_type_applies_whatever_k(captions):
+    """With the default --num 1 coverage was the share of captions whose one drawn negative had
+    the type (7% for swap_attributes where --num 4 said 36%), and a type no caption drew was
+    left out of the table."""
+    generator = NegativeGenerator(types="swap_attributes,replace_object,replace_count")
+    one, covered_one = generated_pairs(generator, captions[:60], 1)
+    _, covered_three = generated_pairs(generator, captions[:60], 3)
+    assert covered_one == covered_three
+    assert set(one) == set(generator.types)
+    assert generated_pairs(generator, ["a red cube next to a blue sphere"], 1)[0]["replace_count"] == []
+    assert covered_one["swap_attributes"] > len(one["swap_attributes"])  # applies beyond the draw
+
+
 def test_plausible_order_keeps_the_margin_most_plausible_first():
     assert P.plausible_order([-1.0, 3.0, -20.0, 0.5], margin=10) == [1, 3, 0]
     assert P.plausible_order([-11.0, -30.0], margin=10) == []

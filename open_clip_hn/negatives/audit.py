@@ -66,15 +66,19 @@ def read_sugarcrepe(paths: list[str]) -> dict[str, list[Pair]]:
 
 
 def generated_pairs(generator, captions: list[str], k: int) -> tuple[dict[str, list[Pair]], dict[str, int]]:
-    """Our negatives of `captions`: {type: pairs} and {type: captions with >= 1 such negative}."""
-    pairs: dict[str, list[Pair]] = {}
+    """Our negatives of `captions`: {type: pairs}, K per caption as training draws them (every
+    type of the generator a key, none left out for having no pair), and {type: captions it
+    applies to}: with at least one negative of it whatever K (a caption's first round of
+    negatives holds one of each type that applies), not only where the K drawn held one."""
+    pairs: dict[str, list[Pair]] = {name: [] for name in generator.types}
     covered: Counter = Counter()
+    every_type = len(generator.types)
     for caption in captions:
         found = generator.generate(caption, k)
-        for name in {n["type"] for n in found}:
-            covered[name] += 1
         for n in found:
             pairs.setdefault(n["type"], []).append((caption, n["text"]))
+        applying = found if k >= every_type else generator.generate(caption, every_type)
+        covered.update({n["type"] for n in applying})
     return pairs, dict(covered)
 
 
@@ -181,7 +185,8 @@ def audit_pairs(pairs: list[Pair], scorers: Scorers, name: str, examples: int) -
     if normalise:
         row["blind_kn3_raw"] = _accuracy(scorers.differences(pairs, False)["kn3"])
     row["detector"] = detector_accuracy(pairs, [fold_of(tokens(p), AUDIT_SALT) for p, _ in pairs])
-    worst = sorted(range(len(pairs)), key=lambda i: diffs["kn3"][i])[:examples]
+    first = {pair: i for i, pair in reversed(list(enumerate(pairs)))}  # a repeated caption once
+    worst = sorted(first.values(), key=lambda i: diffs["kn3"][i])[:examples]
     row["most_detectable"] = [{"positive": pairs[i][0], "negative": pairs[i][1],
                                "kn3_difference": round(diffs["kn3"][i], 3)} for i in worst]
     return row

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from functools import partial
 from multiprocessing import Pool
@@ -219,7 +220,8 @@ def run_setup(args: argparse.Namespace) -> int:
     corpus = setup_nltk(args.target, args.source, args.man_page)
     print(f"WordNet installed for NLTK in {corpus}")
     if args.target and os.path.abspath(str(Path(args.target))) not in map(os.path.abspath, _nltk_paths()):
-        print(f"note: {args.target} is not in NLTK's search path; export NLTK_DATA={args.target}")
+        target = shlex.quote(os.path.abspath(args.target))  # a job may start in another folder
+        print(f"note: {args.target} is not in NLTK's search path; export NLTK_DATA={target}")
     return 0
 
 
