@@ -27,10 +27,12 @@ def test_name_and_path_give_the_same_tokens():
     assert recipe_argv("negclip", parser) == by_path and "--hn-negatives=online" in by_path
 
 
-def test_a_local_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
+def test_a_local_file_named_like_a_shipped_recipe_is_read_by_its_path(tmp_path, monkeypatch):
     (tmp_path / "negclip").write_text("hn-num-negatives: 7\n")
     monkeypatch.chdir(tmp_path)
-    assert recipe_argv("negclip", build_parser()) == ["--hn-num-negatives=7"]
+    assert recipe_argv("./negclip", build_parser()) == ["--hn-num-negatives=7"]
+    with pytest.raises(FileNotFoundError, match="pass ./negclip for the file"):
+        recipe_argv("negclip", build_parser())  # which one was meant cannot be told
 
 
 @pytest.mark.parametrize("value, message", [
