@@ -87,7 +87,9 @@ SHIPPED=$(cd "$REPO/configs" && ls *.yaml | sed 's/\.yaml$//' | LC_ALL=C sort)
 for name in $NAMES; do
   # a ViT: the model the recipes were written for (fsc-clip's local term refuses a ResNet)
   "$PY" -m open_clip_hn.train --model ViT-B-32 --hn-config "$name" --hn-print-config >"$name.yaml"
-  grep -q "^# resolved configuration (recipe $name + command line)" "$name.yaml"
+  # the header names the file read: the wheel's own copy of the recipe
+  grep -q "^# resolved configuration (recipe $name: $PKG/configs/$name.yaml + command line)" "$name.yaml" || {
+    head -1 "$name.yaml"; exit 1; }
 done
 
 step "one-epoch tiny training with --hn-config recommended"

@@ -50,11 +50,12 @@ ABLATIONS: dict[str, list[str]] = {
 KEYS = [("replace_relation", "acc"), ("swap_attributes", "acc"), ("swap_objects", "acc"),
         ("replace_object", "acc"), ("replace_attribute", "acc"), ("relation_pairs", "group"),
         ("retrieval", "image_to_text_R@1")]
+COLUMNS = ["relations", "swap-att", "swap-obj", "repl-obj", "repl-att", "pairs group", "i2t R@1"]
 
 
 def table(rows: dict[str, dict[str, dict]], bench: str) -> str:
     """Key metrics per row, with differences to the vanilla row."""
-    header = ["run"] + [f"{name[:16]}/{metric[:9]}" for name, metric in KEYS] + ["Δrel", "Δi2t"]
+    header = ["run"] + COLUMNS + ["Δrel", "Δi2t"]
     lines = [header]
     for run, results in rows.items():
         r = results[bench]
@@ -102,6 +103,8 @@ def main() -> None:
     else:
         lr, batch_size, tag = args.lr, args.batch_size, ""
         names = args.only.split(";") if args.only else list(ABLATIONS)
+    if "vanilla" not in names:  # the row every Δ column is taken against (reused when scored)
+        names = ["vanilla", *names]
         if pretrained is None:
             pretrained = demo.run_training(
                 demo.train_argv(data, logs, "pretrain", args.pretrain_epochs, batch_size=128,

@@ -189,10 +189,13 @@ def main() -> None:
     model = open_clip.create_model(args.model, device=device, output_dict=True)
     model.train()
     b, k = args.batch_size, args.num_negatives
+    images, texts, mirror_texts, mask, types = make_batch(model, b, k, device)
     token_model = copy.deepcopy(model)  # the local row's: the other rows' steps keep no tokens
+    # the mark packing's own hook leaves on a packed training forward: token_features adds the
+    # tokens to such outputs only (this benchmark packs its texts itself)
+    token_model.register_forward_hook(lambda module, args, output: PackedOutputs(neg_mask=mask).write(output))
     attach_token_hooks(token_model, k)
     optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in (model, token_model)}
-    images, texts, mirror_texts, mask, types = make_batch(model, b, k, device)
 
     def step(loss_fn, texts_in, hn: bool, rows: int) -> float:
         net = token_model if hn and loss_fn.config.uses_tokens else model

@@ -44,8 +44,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-32", help="OpenCLIP model name. Default: ViT-B-32.")
     parser.add_argument("--repeats", type=int, default=3, help="Saves per variant. Default: 3.")
+    parser.add_argument("--model-config", default=None, metavar="PATH.json",
+                        help="Register a model config first (e.g. the package's "
+                             "model_configs/hn-tiny-vit.json, then --model hn-tiny-vit).")
     parser.add_argument("--dir", default=None, help="Folder to write into (default: a temp folder).")
     args = parser.parse_args()
+    if args.dir is not None and not os.path.isdir(args.dir):
+        parser.error(f"--dir {args.dir}: no such folder; create it or leave --dir out")
+    if args.model_config:
+        open_clip.add_model_config(args.model_config)
+    if open_clip.get_model_config(args.model) is None:
+        parser.error(f"--model {args.model}: OpenCLIP has no model of that name; pass --model-config "
+                     "PATH.json for a config of your own")
 
     model = open_clip.create_model(args.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)

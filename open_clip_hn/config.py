@@ -427,7 +427,7 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
         help=loss_help())
     add("--hn-seed", dest="hn_seed", type=int, default=0,
         help="Seed of the negative generator; negatives are a pure function of the caption, "
-             "the seed, K and the generator's settings.")
+             "the seed, K and the generator's settings. Default: 0.")
     add("--hn-lm", dest="hn_lm", type=path_value, default=None, metavar="PATH",
         help="Local masked language model (transformers) that proposes replacement words; "
              "proposals pass the same WordNet validity filter.")
@@ -585,8 +585,10 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
                           "and the plugin's state; the previous one is removed), so a kill loses "
                           "at most N steps; --resume latest continues at that step. With any "
                           "--hn-* flag a checkpoint is also saved when SIGUSR2 or SIGTERM arrives "
-                          "(preemption, time limit). Usable without hard negatives. Default: 0 "
-                          "(only at the signal).")
+                          "(preemption, time limit). Usable without hard negatives, but not "
+                          "with OpenCLIP's --siglip or --distill-model (the plugin's objective is "
+                          "a softmax contrastive loss and refuses both). Default: 0 (only at the "
+                          "signal).")
     add("--hn-sample-shuffle", dest="hn_sample_shuffle", choices=SAMPLE_SHUFFLE_MODES,
         default="seeded",
         help="Generator of OpenCLIP's webdataset sample shuffle buffer. seeded: from --seed, the "

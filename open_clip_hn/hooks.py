@@ -751,7 +751,9 @@ class Plugin:
         folder = os.path.dirname(path)
         prune_step_checkpoints(folder, before_epoch=completed)
         args = args if args is not None else self.args
-        if args is not None and args.delete_previous_checkpoint and not args.save_most_recent:
+        if args is not None and args.delete_previous_checkpoint:
+            # with --save-most-recent, epoch_latest.pt is epoch N-1's until OpenCLIP rewrites it
+            # right after: a kill in between resumes it without its state (a warning says so)
             hn_state.drop_state_and_record(folder, completed - 1)
 
     def epoch_end(self, model, data, loss, epoch, optimizer, args, tb_writer=None) -> None:

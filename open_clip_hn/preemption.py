@@ -303,16 +303,21 @@ class SteppedLoader:
                 set_rng_state(self._own(resume.rng_now))
             logging.info("Resuming epoch %d at step %d (%d batches %s)", resume.epoch, resume.step,
                          first, "skipped" if self.skip_by_drawing else "not drawn: resampled data")
-        index = first
-        for batch in batches:
-            if index >= self.num_batches:
-                break  # resampled data: the epoch's remaining batches are done
+        index, called = first, None
+        while index < self.num_batches:  # resampled data: the epoch's remaining batches are done
+            # before the step's first fetch: with --workers 0 the fetch draws the augmentations
+            # from this process's RNG, so the RNG a step checkpoint saves is the one before it
             if index % self.accum_freq == 0 and (index > first or resume is None):
                 self.between_steps(index // self.accum_freq, rng_epoch_start)
+                called = index
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
             yield batch
             index += 1
-        if index > first:  # after the last step (the next epoch's first call comes too late)
-            self.between_steps(index // self.accum_freq, rng_epoch_start)
+        if index > first and called != index:  # after the last step (the next epoch's first
+            self.between_steps(index // self.accum_freq, rng_epoch_start)  # call comes too late)
 
 
 def shifted_scheduler(scheduler: Callable[[int], Any] | None, steps: int) -> Callable[[int], Any] | None:

@@ -180,14 +180,17 @@ def test_a_worker_survives_the_group_sigterm_and_ends_on_the_trainers():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--accum-freq", "2"]], ids=["plain", "accum2"])
+@pytest.mark.parametrize("extra", [[], ["--accum-freq", "2"], ["--workers", "0"]],
+                         ids=["plain", "accum2", "workers0"])
 def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, extra):
     """SIGTERM in the middle of an epoch: the step in flight finishes, a step checkpoint is saved
     (and loads in plain OpenCLIP), and `--resume latest` ends with the uninterrupted run's weights.
     The signal goes to the whole process group, loader worker included, as `scancel`, a
     preempting SLURM and torchrun send it (torch's worker handler used to kill the worker, and
-    the run then failed in its next fetch without saving)."""
-    batch = 4 if extra else 8
+    the run then failed in its next fetch without saving). With `--workers 0` the augmentations
+    are drawn from the training process's RNG at each fetch: the saved RNG is the one before the
+    step's fetch (it was the one after, and the resumed run cropped its first batch otherwise)."""
+    batch = 4 if "--accum-freq" in extra else 8
     whole = train_argv(scene_csv, str(tmp_path), "whole", *HN_ONLINE_CHOICE, *extra, epochs=2, batch_size=batch)
     run_module("open_clip_hn.train", whole)
 

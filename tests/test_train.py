@@ -522,12 +522,15 @@ def test_resume_latest_restores_plugin_state(tmp_path, scene_shards):
 
 
 @pytest.mark.slow
-def test_delete_previous_checkpoint_leaves_no_state_or_record_behind(tmp_path, scene_shards):
+@pytest.mark.parametrize("latest", [False, True], ids=["epochs", "save-most-recent"])
+def test_delete_previous_checkpoint_leaves_no_state_or_record_behind(tmp_path, scene_shards, latest):
+    extra = ["--save-most-recent"] if latest else []
     argv = train_argv(scene_shards, str(tmp_path), "run", *HN_ONLINE,
-                      "--delete-previous-checkpoint", epochs=3)
+                      "--delete-previous-checkpoint", *extra, epochs=3)
     run_module("open_clip_hn.train", argv)
     left = sorted(os.listdir(tmp_path / "run" / "checkpoints"))
-    assert left == ["epoch_3.pt", "epoch_3.pt.hn", "epoch_3.pt.json"]
+    latest_files = ["epoch_latest.pt", "epoch_latest.pt.json"] if latest else []
+    assert left == ["epoch_3.pt", "epoch_3.pt.hn", "epoch_3.pt.json", *latest_files]
 
 
 def test_a_bank_smaller_than_one_global_batch_is_refused(tmp_path, scene_shards):
