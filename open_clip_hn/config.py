@@ -153,11 +153,20 @@ class HNConfig:
         return bool(self.mirror) and self.converse_weight > 0
 
     @property
+    def generates_negatives(self) -> bool:
+        """Text negatives are generated in the loader (online), not read from shards."""
+        return self.negatives == "online" and self.uses_text_negatives
+
+    @property
+    def phrases_mirrors(self) -> bool:
+        """The loader phrases captions for the mirror term: converse captions, or the composed
+        axes' (horizontal+colour, vertical+colour)."""
+        return self.packs_converse or bool(set(self.mirror) & set(FLIP_COLOUR_AXES))
+
+    @property
     def parses_captions(self) -> bool:
-        """The loader parses captions (WordNet and a POS tagger): online negatives, converse
-        captions, or the composed mirror axes' captions."""
-        return ((self.negatives == "online" and self.uses_text_negatives) or self.packs_converse
-                or bool(set(self.mirror) & set(FLIP_COLOUR_AXES)))
+        """The loader parses captions (WordNet and a POS tagger)."""
+        return self.generates_negatives or self.phrases_mirrors
 
     @property
     def fixed_rank_threshold(self) -> float | None:

@@ -270,8 +270,7 @@ def _caption_parser_problem(printed_recipe: str) -> str | None:
     import tempfile
 
     from .config import HNConfig
-    from .hooks import build_parser
-    from .negatives import NegativeGenerator, NLTKDataError
+    from .hooks import build_parser, check_caption_parser
     from .recipes import recipe_argv
 
     parser = build_parser()
@@ -282,8 +281,8 @@ def _caption_parser_problem(printed_recipe: str) -> str | None:
     if not config.parses_captions:
         return None
     try:
-        NegativeGenerator().load()
-    except NLTKDataError as err:
+        check_caption_parser()
+    except ValueError as err:
         return str(err)
     return None
 

@@ -305,7 +305,7 @@ def configure(args: argparse.Namespace, argv: list[str],
             run = HardNegativeRun(config)
             run.excluded_negatives  # read now: a bad one stops the run before any work
             if config.parses_captions:
-                _check_caption_parser()
+                check_caption_parser()
     except ValueError as err:
         parser.error(str(err))
     if args.model_config:
@@ -319,7 +319,7 @@ def configure(args: argparse.Namespace, argv: list[str],
     return run
 
 
-def _check_caption_parser() -> None:
+def check_caption_parser() -> None:
     """WordNet and the POS tagger the loader will parse captions with, loaded here (and then
     inherited by forked loader workers): missing or damaged NLTK data failed in a loader worker
     after training had begun, or at the first caption needing it, possibly hours in."""
@@ -571,7 +571,7 @@ class _AtomicSaveTorch:
     def save(obj, f, *args, **kwargs) -> None:
         hn_state.atomic_torch_save(obj, f, *args, **kwargs)
         if isinstance(f, (str, os.PathLike)):
-            _PLUGIN.checkpoint_saved(os.fspath(f), None)
+            _PLUGIN.checkpoint_saved(os.fspath(f), _PLUGIN.args)
 
 
 def get_latest_checkpoint(path: str, remote: bool):
@@ -648,13 +648,13 @@ def _check_bank(config: HNConfig, args: argparse.Namespace) -> None:
 
 
 def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint,
-                       args: argparse.Namespace | None) -> None:
+                       args: argparse.Namespace) -> None:
     """A resume: the run picks up its state; without `--hn-*` flags a checkpoint that has plugin
     state is refused (continuing it as plain OpenCLIP would drop bank, thresholds and curriculum
     without a word)."""
     if run is not None:
         run.checkpoint_loaded(path, checkpoint)
-        if args is not None and args.distributed:
+        if args.distributed:
             _add_ddp_prefix(checkpoint)
         return
     if isinstance(checkpoint, dict) and "epoch" in checkpoint:
@@ -693,7 +693,7 @@ class Plugin:
     def __init__(self):
         self.run: HardNegativeRun | None = None
         self.typed: tuple[str, ...] = ()  # the --hn-* flags of the command line, before the recipe's
-        self.args: argparse.Namespace | None = None  # for hooks the monkeypatched route calls without them
+        self.args: argparse.Namespace | None = None  # the monkeypatched route's (parse_args sets it)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_hn_arguments(parser)
@@ -705,7 +705,6 @@ class Plugin:
     def configure(self, args: argparse.Namespace, argv: list[str],
                   parser: argparse.ArgumentParser) -> None:
         args.hn_typed = self.typed
-        self.args = args
         _print_config_if_asked(args, argv, parser)
         self.run = configure(args, argv, parser)
         if self.run is not None:
@@ -750,8 +749,7 @@ class Plugin:
             return
         folder = os.path.dirname(path)
         prune_step_checkpoints(folder, before_epoch=completed)
-        args = args if args is not None else self.args
-        if args is not None and args.delete_previous_checkpoint:
+        if args.delete_previous_checkpoint:
             # with --save-most-recent, epoch_latest.pt is epoch N-1's until OpenCLIP rewrites it
             # right after: a kill in between resumes it without its state (a warning says so)
             hn_state.drop_state_and_record(folder, completed - 1)

@@ -282,7 +282,7 @@ def format_resolved_config(args: argparse.Namespace, parser: argparse.ArgumentPa
         if value is not None and value != []:  # unset (the default): a recipe leaves such keys out
             resolved[option[2:]] = value
     recipe = getattr(args, "hn_config_file", None)
-    source = recipe if recipe is None or resolve_recipe(recipe) == recipe else \
-        f"{recipe}: {resolve_recipe(recipe)}"
+    recipe_file = None if recipe is None else resolve_recipe(recipe)
+    source = recipe if recipe_file == recipe else f"{recipe}: {recipe_file}"
     header = f"# resolved configuration{f' (recipe {source} + command line)' if recipe else ''}\n"
     return header + yaml.safe_dump(resolved, sort_keys=False, default_flow_style=None)

@@ -29,7 +29,6 @@ from . import provenance
 from . import state as hn_state
 from .argtypes import InputError
 from .config import BEHAVIOUR_BEFORE_FLAG, BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig
-from .mirror import FLIP_COLOUR_AXES
 from .packing import PackedNegativeTokenizer, attach_model_hooks
 from .preemption import EpochPosition, StopRequest
 
@@ -185,7 +184,7 @@ class HardNegativeRun:
                         ) -> PackedNegativeTokenizer:
         """The train split's tokenizer: each caption with its K typed negatives in one row."""
         config, generator = self.config, None
-        if config.negatives == "online" and config.uses_text_negatives:
+        if config.generates_negatives:
             from .negatives import NegativeGenerator
 
             generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
@@ -197,7 +196,7 @@ class HardNegativeRun:
                 logging.info("Online negatives never equal one of the %d distinct captions of %s",
                              len(set(self.excluded_negatives)), config.exclude_negatives)
         parser = None
-        if config.packs_converse or set(config.mirror) & set(FLIP_COLOUR_AXES):
+        if config.phrases_mirrors:
             from .negatives import NegativeGenerator
 
             parser = generator or NegativeGenerator(seed=config.seed)  # the negatives' one if any

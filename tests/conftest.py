@@ -132,6 +132,16 @@ def train_argv(train_data: str, logs: str, name: str, *extra: str, epochs: int =
     ]
 
 
+def env_without_nltk_data(root: Path, nltk_data: Path | None = None) -> dict[str, str]:
+    """This environment with none of the machine's NLTK data in sight: HOME under `root`,
+    NLTK_DATA `nltk_data` (default: an empty folder name under `root`) and a WordNet cache of
+    its own under `root`."""
+    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
+    env.update(HOME=str(root / "home"), NLTK_DATA=str(nltk_data or root / "none"),
+               OPEN_CLIP_HN_CACHE=str(root / "cache"))
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+from conftest import env_without_nltk_data
 
 from open_clip_hn import demo
 
@@ -133,9 +134,7 @@ def test_missing_nltk_data_stops_the_demo_before_any_work(tmp_path, monkeypatch)
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
-    env.update(HOME=str(tmp_path / "home"), NLTK_DATA=str(tmp_path / "none"),
-               OPEN_CLIP_HN_CACHE=str(tmp_path / "cache"))
+    env = env_without_nltk_data(tmp_path)
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "open_clip_hn.demo", "--output-dir", str(out)],
                           capture_output=True, text=True, env=env, timeout=120)

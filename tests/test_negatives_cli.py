@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import scene_words
+from conftest import env_without_nltk_data, scene_words
 from open_clip_hn.negatives import NegativeGenerator
 from open_clip_hn.negatives.cli import main
 from open_clip_hn.negatives.lexicon import cache_dir
@@ -206,9 +206,7 @@ def _nltk_copy(root: Path) -> dict:
     from open_clip_hn.negatives.nltk_data import find_wordnet
 
     shutil.copytree(find_wordnet(), root / "corpora" / "wordnet")
-    env = {k: v for k, v in os.environ.items() if k not in ("NLTK_DATA",)}
-    env.update(HOME=str(root / "home"), NLTK_DATA=str(root), OPEN_CLIP_HN_CACHE=str(root / "cache"))
-    return env
+    return env_without_nltk_data(root, nltk_data=root)
 
 
 @pytest.mark.parametrize("damage", ["cut", "no-lexnames", "empty-tagger"])

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import (REPO, TINY_MODEL, TINY_MODEL_CONFIG, free_port, run_module, same_weights,
-                      scene_words, train_argv)
+from conftest import (REPO, TINY_MODEL, TINY_MODEL_CONFIG, env_without_nltk_data, free_port, run_module,
+                      same_weights, scene_words, train_argv)
 from open_clip_hn.hooks import build_parser
 
 HN_ONLINE = ["--hn-negatives", "online", "--hn-num-negatives", "2", "--hn-loss", "itc",
@@ -206,9 +206,7 @@ def test_missing_nltk_data_is_refused_before_any_work(tmp_path):
     assert HNConfig(mirror=("horizontal",), converse_weight=1.0).parses_captions
     assert not HNConfig(mirror=("horizontal",), converse_weight=0.0).parses_captions
     assert not HNConfig(negatives="precomputed", num_negatives=2).parses_captions
-    env = {k: v for k, v in os.environ.items() if k != "NLTK_DATA"}
-    env.update(HOME=str(tmp_path / "home"), NLTK_DATA=str(tmp_path / "none"),
-               OPEN_CLIP_HN_CACHE=str(tmp_path / "cache"))
+    env = env_without_nltk_data(tmp_path)
     argv = train_argv(str(tmp_path / "unread.csv"), str(tmp_path), "run", "--hn-mirror", "horizontal",
                       "--hn-converse-weight", "1", "--hn-loss", "itc")
     (tmp_path / "unread.csv").write_text("filepath\ttitle\nx.png\ta cube left of a cone\n")
