@@ -7,10 +7,14 @@ on the unseen sets (test compositions). Prints one table per benchmark with diff
 vanilla row. The rows take one part of the shipped `recommended` recipe away or change one setting.
 `--from-scratch` trains vanilla, the recommended recipe and its no-warmup variant from random
 weights instead (the no-collapse check; benchmarks/RESULTS.md reports it at the default 3 epochs of 10k scenes
-and with `--epochs 9`).
+and with `--epochs 9`). `--recipes` compares every shipped recipe (`--hn-config NAME`) under the
+same protocol instead: the command line's learning rate and warmup replace the recipes' own,
+which are set for fine-tuning a web-pretrained CLIP; a recipe the model cannot run (`local`
+needs a ViT) is skipped with the reason.
 
     python benchmarks/ablate_demo.py --output-dir ablate [--only "vanilla;recommended.yaml"]
     python benchmarks/ablate_demo.py --output-dir scratch --from-scratch --samples 10000
+    python benchmarks/ablate_demo.py --output-dir ablate --recipes
 
 The data are rendered on first use; runs and scores are cached in the output folder, each row
 under its command line, recipe contents and starting checkpoint (a change re-runs the row).
@@ -25,6 +29,8 @@ import time
 
 from open_clip_hn import demo
 from open_clip_hn.files import atomic_write_json
+from open_clip_hn.recipes import load_recipe, recipe_names, resolve_recipe
+from open_clip_hn.token_features import check_token_model_config
 
 RECOMMENDED = ["--hn-config", demo.RECOMMENDED]  # by name: found from an installed wheel too
 NO_TEXT_NEGATIVES = ["--hn-negatives", "none", "--hn-vocabulary", "none", "--hn-plausibility", "none",
@@ -47,6 +53,24 @@ ABLATIONS: dict[str, list[str]] = {
     "choice weight 5 instead of 2": RECOMMENDED + ["--hn-choice-weight", "5"],
     "no warmup (hard negatives from step 0)": RECOMMENDED + ["--hn-curriculum-warmup", "0"],
 }
+
+
+def shipped_recipes(model_config: str) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({"recipe NAME": flags} for every shipped recipe the model can run, {name: why not})."""
+    rows, skipped = {}, {}
+    config = json.load(open(model_config))
+    for name in recipe_names():
+        terms = load_recipe(resolve_recipe(name)).get("hn-loss", [])
+        if "local" in (terms.split(",") if isinstance(terms, str) else terms):
+            try:
+                check_token_model_config(config)
+            except ValueError as error:
+                skipped[name] = str(error)
+                continue
+        rows[f"recipe {name}"] = ["--hn-config", name]
+    return rows, skipped
+
+
 KEYS = [("replace_relation", "acc"), ("swap_attributes", "acc"), ("swap_objects", "acc"),
         ("replace_object", "acc"), ("replace_attribute", "acc"), ("relation_pairs", "group"),
         ("retrieval", "image_to_text_R@1")]
@@ -87,8 +111,20 @@ def main() -> None:
                         help="Train from random weights (lr 2e-3, batch 128) instead of continuing "
                              "the pretrained model; default rows: vanilla, recommended.yaml and "
                              "its no-warmup variant.")
+    parser.add_argument("--recipes", action="store_true",
+                        help="Rows: vanilla and every shipped recipe (--hn-config NAME) the model can "
+                             "run, at this protocol's learning rate and warmup, instead of the "
+                             "ablation of the recommended recipe.")
     parser.add_argument("--only", default=None, help="Semicolon list of ablation names to run.")
     args = parser.parse_args()
+    if args.recipes and args.from_scratch:
+        parser.error("--recipes continues the pretrained model: leave out --from-scratch")
+    rows_by_name = dict(ABLATIONS)
+    if args.recipes:
+        recipe_rows, skipped = shipped_recipes(args.model_config)
+        rows_by_name = {"vanilla": [], **recipe_rows}
+        for name, why in skipped.items():
+            print(f"recipe {name}: skipped, {why}")
 
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "runs")
@@ -102,23 +138,23 @@ def main() -> None:
                  else ["vanilla", "recommended.yaml", "no warmup (hard negatives from step 0)"])
     else:
         lr, batch_size, tag = args.lr, args.batch_size, ""
-        names = args.only.split(";") if args.only else list(ABLATIONS)
-    if "vanilla" not in names:  # the row every Δ column is taken against (reused when scored)
-        names = ["vanilla", *names]
+        names = args.only.split(";") if args.only else list(rows_by_name)
         if pretrained is None:
             pretrained = demo.run_training(
                 demo.train_argv(data, logs, "pretrain", args.pretrain_epochs, batch_size=128,
                                 lr=2e-3, warmup=min(100, args.samples // 128), **common),
                 logs, "pretrain", args.pretrain_epochs)
+    if "vanilla" not in names:  # the row every Δ column is taken against (reused when scored)
+        names = ["vanilla", *names]
     rows: dict[str, dict] = {}
     results_path = os.path.join(out, f"{tag}ablation.json")
     if os.path.isfile(results_path):
         rows = json.load(open(results_path))
-    unknown = [name for name in names if name not in ABLATIONS]
+    unknown = [name for name in names if name not in rows_by_name]
     if unknown:
-        parser.error(f"--only: unknown row(s) {unknown}; rows: {'; '.join(ABLATIONS)}")
+        parser.error(f"--only: unknown row(s) {unknown}; rows: {'; '.join(rows_by_name)}")
     for name in names:
-        flags = ABLATIONS[name]
+        flags = rows_by_name[name]
         slug = tag + "".join(c if c.isalnum() else "-" for c in name)
         argv = demo.train_argv(data, logs, slug, args.epochs, batch_size=batch_size, lr=lr,
                                warmup=max(1, steps_per_epoch // 10), pretrained=pretrained,

@@ -78,15 +78,76 @@ def test_digits_run_into_letters_and_quoted_words_stay_whole(caption, kept):
 
 def test_a_title_case_caption_gets_title_case_negatives():
     """Inserted words came in lower case ("A Red Car Next To A high Blue House"): a cue that
-    needs no image. Words the caption keeps lower case stay so."""
-    caption = "A Dog on the Beach Next To A Red Ball"
+    needs no image. Words the caption keeps lower case stay so, and so do new function words
+    and relations in its style ("A Dog on the Beach" -> "A Dog under the Beach", not "Under");
+    a small word the caption capitalises ("To A") stays capitalised."""
+    caption, res = "A Dog on the Beach Next To A Red Ball", _resources()
     negatives = NegativeGenerator(seed=0).generate(caption, 40)
     assert {"add_attribute", "add_object", "replace_object"} <= {n["type"] for n in negatives}
     for negative in negatives:
         words = negative["text"].split()
-        assert all(w[0].isupper() or w in ("on", "the") for w in words), negative
+        small = [w for w in words if not w[0].isupper()]
+        assert all(w in res.closed or any(w in r.split() for r in res.relations) for w in small), negative
+        assert " a " not in negative["text"], negative
+    assert "A Red Ball and a Ball" not in {n["text"] for n in negatives}
+    relations = by_type("A Brown Dog Sitting on the Beach", "replace_relation", k=10)
+    relations = [text for text in relations if "Sitting" in text]
+    assert relations and all(text.split()[4].islower() for text in relations), relations
+    everything = NegativeGenerator(seed=0).generate("A Dog On The Beach Next To A Red Ball", 40)
+    assert all(w[0].isupper() for n in everything for w in n["text"].split()), everything
     plain = NegativeGenerator(seed=0).generate("a dog on the beach next to a red ball", 40)
     assert all(n["text"] == n["text"].lower() for n in plain)
+
+
+@pytest.mark.parametrize("caption, name", [
+    ("a dog sitting next to the Eiffel Tower on a sunny day", "the Eiffel Tower"),
+    ("New York City skyline at night with tall buildings", "New York City"),
+    ("Times Square crowded with people and yellow taxis", "Times Square"),
+    ("a red double-decker bus parked on a street in London", "London"),
+])
+def test_proper_names_stay_whole(caption, name):
+    """Names were edited like common nouns ("the Eiffel Building", "Yellow times Square") or
+    torn apart ("Tall York City skyline ... new buildings")."""
+    negatives = NegativeGenerator(seed=0).generate(caption, 40)
+    assert len(negatives) >= 5
+    for negative in negatives:
+        assert negative["text"].count(name) == 1, negative
+
+
+def test_capitals_name_nothing_without_lower_case_nouns():
+    """In capitals or title case every noun is capitalised: no word is taken for a name."""
+    for caption in ("A DOG NEXT TO A RED CAR", "A Dog on the Beach Next To A Red Ball"):
+        assert {"replace_object", "swap_objects"} <= {
+            n["type"] for n in NegativeGenerator(seed=0).generate(caption, 40)}, caption
+    assert by_type("a man watching TV on a couch", "replace_object", k=10)  # "TV" is a noun
+
+
+@pytest.mark.parametrize("caption, owned", [
+    ("a cat eating from the dogs' bowl on the floor", "the dogs' bowl"),
+    ("a cat eating from the dog's bowl on the floor", "the dog's bowl"),
+    ("a man's hat on a wooden table", "man's hat"),
+])
+def test_a_possessive_stays_with_what_it_owns(caption, owned):
+    """A possessive was an object of its own: swaps tore it from its noun ("bowl eating from the
+    dogs' a cat", "hat's a man"), and objects were added inside it ("the dogs and a lion' bowl").
+    It is now part of the phrase of what it owns, which moves whole."""
+    negatives = NegativeGenerator(seed=0).generate(caption, 40)
+    assert {"swap_objects", "add_object"} <= {n["type"] for n in negatives}
+    for negative in negatives:
+        text = negative["text"]
+        assert " '" not in text and "' " + "'" not in text and not text.startswith(("bowl", "hat")), negative
+        if negative["type"] in ("shuffle_order", "add_object"):
+            assert owned in text, negative
+
+
+def test_a_possessive_plural_is_no_opening_quote():
+    """The quote after "dogs" was taken as an opening quote and pinned the words up to the next
+    quote, so "left" in quotes was edited: a quote opens only before a word it touches."""
+    caption = "a cat next to the dogs' bowl and a 'left' arrow on a red wall"
+    negatives = NegativeGenerator(seed=0).generate(caption, 40)
+    assert any(n["type"] == "replace_object" and "bowl" not in n["text"] for n in negatives)
+    for negative in negatives:
+        assert negative["text"].count("'left'") == 1, negative
 
 
 def test_no_synonym_hypernym_or_hyponym_replacements():

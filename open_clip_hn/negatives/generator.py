@@ -186,7 +186,8 @@ def _swappable(res: Resources, a: NounPhrase, b: NounPhrase) -> bool:
 def _trade_phrases(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
     """Whole noun phrases trade places; the verb after each agrees with its new subject."""
     wa, wb = p.words[a.start:a.end], p.words[b.start:b.end]
-    edits = [(a.start, a.end, wb, None), (b.start, b.end, wa, None)]
+    gaps = lambda at, np: [p.gaps[at]] + p.gaps[np.start + 1:np.end]  # "the dog's bowl" keeps its "'s"
+    edits = [(a.start, a.end, wb, gaps(a.start, b)), (b.start, b.end, wa, gaps(b.start, a))]
     if a.plural != b.plural:
         edits += _agree_verb(res, p, a, b.plural) + [r for r in _agree_verb(res, p, b, a.plural) if r[0] != a.start]
     return splice(p, edits)
@@ -496,7 +497,7 @@ def add_object(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
     present = {np.lemma for np in p.nps}
     for np in reversed(p.nps):
         nxt = p.words[np.end].lower() if np.end < len(p.words) else ""
-        if nxt in _SINGULAR_VERBS or (np.end < len(p.words) and p.tags[np.end] == "VERB"
+        if nxt.startswith("'") or nxt in _SINGULAR_VERBS or (np.end < len(p.words) and p.tags[np.end] == "VERB"
                                       and res.verb_forms.get(nxt, ("", ""))[1] == "s"):
             continue  # "a dog and a cat is" would break verb agreement
         options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
@@ -538,21 +539,27 @@ _WORD = re.compile(r"(?<![\w'])[A-Za-z][A-Za-z'-]*")
 
 
 def _title_case_words(caption: str) -> frozenset[str] | None:
-    """For a caption in title case (every word of 4+ letters capitalised, at least two), the
-    words it keeps lower case ("on", "the"); None for any other caption."""
+    """For a caption in title case (every word of 4+ letters capitalised, at least two), its
+    words as written; None for any other caption."""
     words = _WORD.findall(caption)
     long = [w for w in words if len(w) >= 4]
     if len(long) < 2 or not all(w[0].isupper() for w in long):
         return None
-    return frozenset(w for w in words if w[0].islower())
+    return frozenset(words)
 
 
-def _in_title_case(text: str, lower: frozenset[str] | None) -> str:
+def _in_title_case(res: Resources, text: str, caption_words: frozenset[str] | None) -> str:
     """`text` with the words an edit brought in lower case capitalised as its title-case caption's
-    are (else a lower-case word in a title-case caption tells the negative apart)."""
-    if lower is None:
+    are (else a lower-case word in a title-case caption tells the negative apart). Where the
+    caption keeps its small words lower case ("A Dog on the Couch"), new function words and
+    relations stay lower case too ("A Dog under the Couch")."""
+    if caption_words is None:
         return text
-    return _WORD.sub(lambda m: m.group(0) if m.group(0) in lower or m.group(0)[0].isupper()
+    lower = {w for w in caption_words if w[0].islower()}
+    relation_words = {w for relation in res.relations for w in relation.split()} if lower else set()
+    small = lambda w: w in lower or (bool(lower) and (w in res.closed or w in relation_words) and (
+        w[0].upper() + w[1:] not in caption_words))  # "A Dog on the Beach Next To A Ball": "A"
+    return _WORD.sub(lambda m: m.group(0) if m.group(0)[0].isupper() or small(m.group(0))
                      else m.group(0)[0].upper() + m.group(0)[1:], text)
 
 
@@ -737,7 +744,7 @@ class NegativeGenerator:
                     words, gaps = pending[cursor[name]]
                     cursor[name] += 1
                     text = parse.render(words, gaps)
-                    text = text.upper() if shouting else _in_title_case(text, title_case)
+                    text = text.upper() if shouting else _in_title_case(res, text, title_case)
                     key = normalise(text)
                     if key in seen or key in self.exclude or not self._in_vocabulary(key, own_words):
                         continue

@@ -277,12 +277,12 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
         return None
     if len(alpha) > 3 and not any(w in res.closed for w in alpha):
         return None  # English captions have function words; "le chat est sur la table" has none
-    tags = _pin_literal_tokens(tokens, tagger.tag(tokens))
+    tags = _pin_literal_tokens(tokens, spans, text, tagger.tag(tokens), res)
     words, gaps, unit_tags, kinds = [], [], [], []
     previous_end, i = 0, 0
     while i < len(tokens):
         length, kind = 1, ""
-        for sequence in res.multiword.get(lowers[i], ()):
+        for sequence in () if tags[i] == "X" else res.multiword.get(lowers[i], ()):
             if tuple(lowers[i:i + len(sequence)]) == sequence:
                 length = len(sequence)
                 phrase = " ".join(sequence)
@@ -305,7 +305,8 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
         kinds.append(kind)
         previous_end = end
         i += length
-    capitalized = bool(words) and words[0][:1].isupper() and (len(words[0]) == 1 or words[0][1:].islower())
+    capitalized = bool(words) and unit_tags[0] != "X" and words[0][:1].isupper() and (
+        len(words[0]) == 1 or words[0][1:].islower())
     if capitalized:
         words[0] = words[0].lower()
     parse = Parse(words, gaps, text[previous_end:], unit_tags, kinds, capitalized)
@@ -313,22 +314,65 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
     return parse
 
 
-def _pin_literal_tokens(tokens: list[str], tags: list[str]) -> list[str]:
+def _pin_literal_tokens(tokens: list[str], spans: list[tuple[int, int]], text: str, tags: list[str],
+                        res: Resources) -> list[str]:
     """`tags` with X (no edit moves or replaces it) for tokens that are not plain words: digits
-    run into letters ("3-year-old", "49ers") and words between a pair of quotes ("a sign
-    reading 'no parking'"), which edits broke apart or traded with the quotes left behind."""
+    run into letters ("3-year-old", "49ers"), words between a pair of quotes ("a sign reading
+    'no parking'") and proper names ("the Eiffel Tower", "New York City skyline"), which edits
+    broke apart ("the Eiffel Building") or traded with the quotes left behind."""
     tags = list(tags)
     i = 0
     while i < len(tokens):
-        if tokens[i] in _QUOTES and tokens[i] in tokens[i + 1:]:
-            close = tokens.index(tokens[i], i + 1)
-            tags[i + 1:close] = ["X"] * (close - i - 1)
+        close = _closing_quote(tokens, spans, text, i)
+        if close is not None:
+            tags[i:close + 1] = ["X"] * (close + 1 - i)
             i = close + 1
             continue
         if _MIXED.search(tokens[i]):
             tags[i] = "X"
         i += 1
+    for i in _proper_names(tokens, tags, res):
+        tags[i] = "X"
     return tags
+
+
+def _closing_quote(tokens: list[str], spans: list[tuple[int, int]], text: str, i: int) -> int | None:
+    """Index of the quote closing the one opening at token i, or None when token i opens no
+    quote. A quote opens before a word it touches ("'no"), after a space or the start; one
+    right after a word is a possessive ("the dogs' bowl") or a closing quote."""
+    if tokens[i] not in _QUOTES or i + 1 >= len(tokens) or spans[i + 1][0] != spans[i][1]:
+        return None
+    if i > 0 and spans[i - 1][1] == spans[i][0] and tokens[i - 1][-1:].isalnum():
+        return None
+    for k in range(i + 2, len(tokens)):
+        if tokens[k] == tokens[i] and spans[k - 1][1] == spans[k][0]:
+            return k
+    return None
+
+
+_SENTENCE_ENDS = frozenset((".", "!", "?", ":", ";"))
+
+
+def _proper_names(tokens: list[str], tags: list[str], res: Resources) -> list[int]:
+    """Indices of the words of proper names in a caption whose common nouns are in lower case: a
+    capitalised word inside a sentence ("next to the Eiffel Tower"), and a capitalised
+    sentence-initial word that runs on into one ("New York City skyline", "Times Square at
+    night") unless it is a function word ("A Boeing 747"). None where no noun is in lower case
+    (capitals, title case: "A Dog on the Couch"), since capitals there say nothing of names."""
+    if not any(tag == "NOUN" and token.islower() for token, tag in zip(tokens, tags)):
+        return []
+    capital = [t[0].isupper() and t != "I" and not (t.isupper() and t.lower() in res.nouns)  # "TV"
+               for t in tokens]
+    names = []
+    for i, token in enumerate(tokens):
+        if not capital[i]:
+            continue
+        starts_sentence = i == 0 or tokens[i - 1] in _SENTENCE_ENDS
+        if not starts_sentence:
+            names.append(i)
+        elif i + 1 < len(tokens) and capital[i + 1] and token.lower() not in res.closed:
+            names.append(i)
+    return names
 
 
 def _attribute_group(tags: list[str], words: list[str], j: int) -> tuple[int, list[int]]:
@@ -352,6 +396,16 @@ def _attribute_group(tags: list[str], words: list[str], j: int) -> tuple[int, li
     return j, attrs
 
 
+def _possessive(parse: Parse, owner: NounPhrase, i: int) -> bool:
+    """The unit before i is a possessive ending owner ("the dog's", "the dogs'"), so the phrase
+    at i is what owner has. A determiner after "'s" makes it "is" ("the dog's a puppy")."""
+    k = owner.end
+    if k + 1 != i or parse.gaps[k]:
+        return False
+    mark = parse.words[k].lower()
+    return mark == "'s" or (mark == "'" and parse.words[k - 1].lower().endswith("s"))
+
+
 def chunk_noun_phrases(parse: Parse, res: Resources) -> list[NounPhrase]:
     """Noun phrases: [determiner] [count] [pinned] attribute-group noun+ (the last noun is the
     head; pinned tokens, tagged X, stay in place inside the phrase).
@@ -366,7 +420,7 @@ def chunk_noun_phrases(parse: Parse, res: Resources) -> list[NounPhrase]:
             det, j = j, j + 1
         if j < n and tags[j] == "NUM":
             num, j = j, j + 1
-        while j < n and tags[j] == "X" and j > i:  # "a 3-year-old girl": inside, never edited
+        while j < n and tags[j] == "X":  # "a 3-year-old girl", "the Eiffel Tower": inside, never edited
             j += 1
         attr_start = j
         j, attrs = _attribute_group(tags, words, j)
@@ -386,6 +440,9 @@ def chunk_noun_phrases(parse: Parse, res: Resources) -> list[NounPhrase]:
             if outer is not None and outer.lemma in res.collective and outer.end + 1 == i and \
                     words[outer.end].lower() == "of":
                 np.start, np.det, np.num = outer.start, outer.det, outer.num
+                nps[-1] = np
+            elif outer is not None and det is None and _possessive(parse, outer, i):
+                np.start = outer.start  # "the dog's bowl": one object, the bowl
                 nps[-1] = np
             else:
                 nps.append(np)
