@@ -43,7 +43,7 @@ OBJECTIVES = {
     "rank": dict(loss=("itc", "rank")),
     "importance": dict(loss=("importance",)),
     "mined": dict(loss=("itc", "mined")),
-    "all": dict(loss=("itc", "choice", "intra", "rank", "importance", "mined")),
+    "all": dict(loss=("importance", "choice", "intra", "rank", "mined")),
     # the step includes the EMA teacher's forward (B images, B captions) and its update
     "distill (ema)": dict(loss=("itc", "choice"), distill="ema"),
     # FSC-CLIP's local term: the step keeps the towers' token features (a hooked copy of the model)

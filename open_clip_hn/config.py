@@ -235,9 +235,19 @@ class HNConfig:
                 f"--hn-negatives {self.negatives} with --hn-num-negatives 0 generates nothing; "
                 "give K >= 1 or use --hn-negatives none"
             )
+        contrastive = [name for name in dict.fromkeys(self.loss) if TERMS[name].output == "contrastive_loss"]
+        if len(contrastive) > 1:
+            raise ValueError(f"--hn-loss {','.join(self.loss)}: {' and '.join(contrastive)} are each "
+                             "OpenCLIP's contrastive loss (a run computes one of them, so the other "
+                             "would be dropped); keep one of them")
         missing = missing_needs(self) + ignored_flags(self)
         if missing:
             raise ValueError(missing[0])
+        if self.curriculum != "const" and self.curriculum_start == self.curriculum_end:
+            raise ValueError(f"--hn-curriculum {self.curriculum} moves the share from "
+                             f"--hn-curriculum-start to --hn-curriculum-end, both {self.curriculum_start:g} "
+                             "here, so it changes nothing: set --hn-curriculum-start below the end "
+                             "(e.g. 0.1), or leave --hn-curriculum out")
         if self.mined_k <= 0 and "mined" in self.loss:
             raise ValueError("--hn-mined-k must be >= 1 with --hn-loss mined")
         if "mined" in self.loss and 0 < self.memory_bank_size < self.mined_k:
@@ -284,8 +294,7 @@ def _settings_and_targets(c: HNConfig) -> dict[str, Target]:
     schedule = Target("the curriculum, which schedules text negatives, mirrored pairs and the "
                       "intra/rank/mined/mirror terms (none of them is on)", scheduled)
     lowest_share = min(c.curriculum_start, 1.0 if c.curriculum == "const" else c.curriculum_end)
-    softened = Target("the softmaxes that hold text negatives (choice or local in --hn-loss, or "
-                      "itc where neither clip nor importance replaces it)",
+    softened = Target("the softmaxes that hold text negatives (itc, choice or local in --hn-loss)",
                       bool({"itc", "choice", "local"} & active))
     targets = {
         "--hn-seed": Target("online text negatives (--hn-negatives online) and the curriculum's "

@@ -200,11 +200,8 @@ def run_training(argv: list[str], logs: str, name: str, epochs: int, quiet: bool
 
 
 def logged_average(log_path: str, key: str = "Hn_curriculum") -> float | None:
-    """A logged statistic averaged over the run's last logged epoch (None if not logged).
-
-    A recipe whose curriculum warmup outlasts the run (Hn_curriculum 0) trains with no hard
-    negatives at all; the demo says so.
-    """
+    """A logged statistic averaged over the run's last logged epoch (None if not logged): how
+    a finished run's share of hard negatives and mirrored pairs is read back from its log."""
     lines = [line for line in open(log_path) if "Train Epoch" in line and f"{key}:" in line]
     if not lines:
         return None
@@ -366,10 +363,6 @@ def main(argv: list[str] | None = None) -> dict:
     hn_extra = ["--hn-config", args.hn_config, *shlex.split(args.hn_args)]
     hn = run_training(train_argv(name="hard-negatives", extra=hn_extra, **cont), logs,
                       "hard-negatives", args.epochs)
-    used = logged_average(os.path.join(logs, "hard-negatives.log"))
-    if used is not None and used == 0:
-        print("[hard-negatives] WARNING: no hard negatives were used in this run (is the recipe's "
-              "--hn-curriculum-warmup longer than the run?)")
     results = evaluate_checkpoints(
         {"pretrained": pretrained, "vanilla": vanilla, "hard-negatives": hn},
         {"demo sets (val)": data.val, "unseen sets (test)": data.test}, args.device,

@@ -28,14 +28,17 @@ import json
 import logging
 import os
 import sys
+import zipfile
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Sequence
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any, Callable, ContextManager, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .argtypes import overwritten_input, positive_int, torch_device, writable_output
-from .eval_sets import layout_error, read_choice_records, read_pair_records
+from .eval_sets import first_few, layout_error, read_choice_records, read_pair_records
 from .files import atomic_open, atomic_write_json, unknown_model_hint
 from .formats import SUGARCREPE_SPLITS, clip_benchmark_records, file_slug, format_sugarcrepe_table
 from .provenance import model_mismatch, read_record
@@ -167,6 +170,7 @@ class ChoiceSet:
     empty_boxes: int = 0  # of those, ARO boxes under a pixel wide or high
     groups: list[str] | None = None
     group_kind: str | None = None  # "relation" (VG-Relation) or "attributes" (VG-Attribution)
+    missing: list[str] = field(default_factory=list)  # the images not found, as the set names them
 
 
 @dataclass
@@ -175,6 +179,7 @@ class PairSet:
     path: str
     items: list[tuple[str, str, str, str]]  # image_0, image_1, caption_0, caption_1
     skipped: int = 0
+    missing: list[str] = field(default_factory=list)  # the images not found, as the set names them
 
 
 @dataclass
@@ -182,6 +187,7 @@ class RetrievalSet:
     path: str
     items: list[tuple[str, list[str]]] = field(default_factory=list)  # image path, its captions
     skipped: int = 0  # images without a caption file, caption files without an image
+    unpaired: list[str] = field(default_factory=list)  # their keys
 
 
 def _find_image(root: str, name: str) -> str | None:
@@ -197,11 +203,11 @@ def load_choice_set(path: str) -> ChoiceSet:
     root, name = os.path.dirname(path), os.path.splitext(os.path.basename(path))[0]
     records, keys = read_choice_records(path)
     result = ChoiceSet(name, path, [])
-    groups, empty_boxes = [], 0
+    groups, empty_boxes = [], []
     for label, record in records:
         image = _find_image(root, record[keys[0]])
         if image is None:
-            result.skipped += 1
+            result.missing.append(record[keys[0]])
             continue
         box = None
         if all(k in record for k in ("bbox_x", "bbox_y", "bbox_w", "bbox_h")):
@@ -210,21 +216,21 @@ def load_choice_set(path: str) -> ChoiceSet:
             except (TypeError, ValueError):
                 raise layout_error(path, f"{label}: bbox_x/y/w/h must be numbers") from None
             if not (w >= 1 and h >= 1):
-                empty_boxes += 1
+                empty_boxes.append(label)
                 continue
             box = (x, y, x + w, y + h)
         result.items.append((image, box, [record[keys[1]], record[keys[2]]]))
         groups.append(_aro_group(record))
-    result.skipped += empty_boxes
-    result.empty_boxes = empty_boxes
+    result.empty_boxes = len(empty_boxes)
+    result.skipped = len(result.missing) + result.empty_boxes
     if empty_boxes:
-        logging.warning(f"eval set {path}: {empty_boxes} item(s) whose box is less than a pixel "
-                        "wide or high will be skipped")
+        logging.warning(f"eval set {path}: {len(empty_boxes)} item(s) whose box is less than a "
+                        f"pixel wide or high will be skipped ({first_few(empty_boxes)})")
     if not result.items:
         raise FileNotFoundError(f"{path}: none of its {len(records)} items has a usable image "
-                                f"({result.skipped - empty_boxes} not found under "
-                                f"{os.path.join(root, 'images')} or {root}, {empty_boxes} with a "
-                                "box under a pixel)")
+                                f"({len(result.missing)} not found under "
+                                f"{os.path.join(root, 'images')} or {root}, {len(empty_boxes)} "
+                                "with a box under a pixel)")
     kinds = {kind for kind, _ in groups}
     if len(kinds) == 1 and None not in kinds:
         result.group_kind, result.groups = kinds.pop(), [group for _, group in groups]
@@ -251,6 +257,8 @@ def load_pair_set(path: str) -> PairSet:
                   for k in ("image_0", "image_1")]
         if None in images:
             result.skipped += 1
+            result.missing += [record[k] for k, image in zip(("image_0", "image_1"), images)
+                               if image is None]
             continue
         result.items.append((images[0], images[1], record["caption_0"], record["caption_1"]))
     if not result.items:
@@ -278,19 +286,19 @@ def load_retrieval_set(folder: str) -> RetrievalSet:
     result = RetrievalSet(folder)
     kept = set()
     for stem in sorted(images.keys() & captions):
-        with open(os.path.join(folder, stem + ".txt"), encoding="utf-8", errors="replace") as f:
+        with open(os.path.join(folder, stem + ".txt"), encoding="utf-8-sig", errors="replace") as f:
             lines = [line.strip() for line in f if line.strip()]
         if lines:
             result.items.append((os.path.join(folder, images[stem]), lines))
             kept.add(stem)
     unpaired = sorted((images.keys() | captions) - kept)
-    result.skipped = len(unpaired)
+    result.skipped, result.unpaired = len(unpaired), unpaired
     if len(result.items) < 2:
         raise ValueError(f"retrieval folder {folder} holds {len(result.items)} image+caption "
                          f"pairs; expected at least 2 pairs named KEY.png (or .jpg) + KEY.txt")
     if unpaired:
         logging.warning(f"retrieval folder {folder}: {len(unpaired)} key(s) without both an image "
-                        f"and a non-empty caption file (e.g. {unpaired[0]}) are skipped")
+                        f"and a non-empty caption file ({first_few(unpaired)}) are skipped")
     return result
 
 
@@ -356,21 +364,28 @@ def check_sets(choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = 
                 sizes[path] = None
         return sizes[path] is not None
 
-    groups = [(s.name, s.path, [[p] for p, _, _ in s.items], s.skipped - s.empty_boxes)
-              for s in choice_sets]
-    groups += [(s.name, s.path, [[i0, i1] for i0, i1, *_ in s.items], s.skipped) for s in pair_sets]
+    def missing_images(names: Sequence[str], what: str = "with a missing image") -> str:
+        return f"{what} ({first_few(names)})" if names else what
+
+    groups = [(s.name, s.path, [[p] for p, _, _ in s.items], s.skipped - s.empty_boxes,
+               missing_images(s.missing)) for s in choice_sets]
+    groups += [(s.name, s.path, [[i0, i1] for i0, i1, *_ in s.items], s.skipped,
+                missing_images(s.missing)) for s in pair_sets]
     if retrieval:
-        groups.append(("retrieval", retrieval.path, [[p] for p, _ in retrieval.items], retrieval.skipped))
+        groups.append(("retrieval", retrieval.path, [[p] for p, _ in retrieval.items],
+                       retrieval.skipped, missing_images(retrieval.unpaired, "without both an image "
+                                                         "and a non-empty caption file")))
     summary = {}
-    for name, path, items, missing in groups:
+    for name, path, items, missing, lacking in groups:
         bad = [item for item in items if not all(ok(p) for p in item)]
         summary[name] = {"items": len(items) - len(bad), "missing": missing, "unreadable": len(bad)}
-        first = next(p for p in bad[0] if not ok(p)) if bad else None
+        unreadable = list(dict.fromkeys(p for item in bad for p in item if not ok(p)))
         if bad and len(bad) == len(items):
-            raise _undecodable(path, len(items), first)
+            raise _undecodable(path, len(items), unreadable[0])
         if missing or bad:
-            logging.warning(f"eval set {path}: {missing} item(s) with a missing image"
-                            + (f", {len(bad)} with an unreadable one (e.g. {first})" if bad else "")
+            logging.warning(f"eval set {path}: {missing} item(s) {lacking}"
+                            + (f", {len(bad)} with an unreadable one ({first_few(unreadable)})"
+                               if bad else "")
                             + f" will be skipped; {len(items) - len(bad)} usable")
     for s in choice_sets:
         outside = [p for p, box, _ in s.items if box and ok(p) and not _box_meets(box, sizes[p])]
@@ -390,8 +405,27 @@ def _box_meets(box: tuple[float, float, float, float], size: tuple[int, int]) ->
 # ----------------------------------------------------------------------------- encoding
 
 def _load_image(path: str, box: tuple[float, float, float, float] | None = None) -> Image.Image:
-    image = Image.open(path).convert("RGB")
+    image = _eight_bit(Image.open(path)).convert("RGB")
     return image.crop(box) if box else image
+
+
+def _eight_bit(image: Image.Image) -> Image.Image:
+    """`image` with 8-bit samples where PIL's `convert("RGB")` would clip wider ones to 0..255
+    (a 16-bit PNG was scored as an all-white image). 16-bit grey (modes I;16, I;16B, I;16L) is
+    divided by 257, so 65535 is 255, as an 8-bit export of it stores it. 32-bit integer (I)
+    and float (F) images do not say where their white is (an I image may hold 8- or 16-bit
+    values, an F image 0..1 or 0..255), so their own range is spread over 0..255: the lowest
+    value black, the highest white (one value throughout: black). Other modes are left to
+    `convert`."""
+    if image.mode.startswith("I;16"):
+        values, low, scale = np.asarray(image, dtype=np.float64), 0.0, 1 / 257
+    elif image.mode in ("I", "F"):
+        values = np.asarray(image, dtype=np.float64)
+        low, high = values.min(), values.max()
+        scale = 255 / (high - low) if high > low else 0.0
+    else:
+        return image
+    return Image.fromarray(np.rint((values - low) * scale).astype(np.uint8))
 
 
 @torch.no_grad()
@@ -465,15 +499,21 @@ def encode_choice_set(model: torch.nn.Module, preprocess: Callable, tokenizer: C
     return images, options.view(len(items), len(items[0][2]), -1)
 
 
+class EvaluationStopped(Exception):
+    """`evaluate_sets` ended early because its `stop()` said so."""
+
+
 def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
                   choice_sets: Sequence[ChoiceSet], pair_sets: Sequence[PairSet] = (),
                   retrieval: RetrievalSet | None = None, device: torch.device | str = "cpu",
                   batch_size: int = 256, autocast: Callable[[], ContextManager] | None = None,
-                  show_progress: bool = False, input_dtype: torch.dtype | None = None
-                  ) -> dict[str, dict[str, float]]:
+                  show_progress: bool = False, input_dtype: torch.dtype | None = None,
+                  stop: Callable[[], bool] | None = None) -> dict[str, dict[str, float]]:
     """{set name: {metric: value, "n": items scored, "skipped": items with a missing or
     unreadable image or an empty box}} for loaded sets. A corrupt image is skipped and counted, never raised;
-    a set with no item left raises a ValueError naming it."""
+    a set with no item left raises a ValueError naming it. `stop() -> True` ends it after the
+    batch in flight with `EvaluationStopped` (in training: a stop signal, which must not wait
+    for a long evaluation before the epoch's checkpoint)."""
     from tqdm import tqdm
 
     autocast = autocast or contextlib.nullcontext
@@ -484,7 +524,13 @@ def evaluate_sets(model: torch.nn.Module, preprocess: Callable, tokenizer: Calla
     total += sum(len(s.items) * 4 for s in pair_sets)
     total += sum(1 + len(captions) for _, captions in retrieval.items) if retrieval else 0
     bar = tqdm(total=total, desc="eval", unit="enc", disable=not show_progress)
-    encode = dict(device=device, batch_size=batch_size, autocast=autocast, progress=bar.update)
+
+    def progress(encoded: int) -> None:
+        bar.update(encoded)
+        if stop is not None and stop():
+            raise EvaluationStopped
+
+    encode = dict(device=device, batch_size=batch_size, autocast=autocast, progress=progress)
     results: dict[str, dict[str, float]] = {}
     unreadable: dict[str, dict[int, str]] = {}
     try:
@@ -583,25 +629,29 @@ def flatten(results: dict[str, dict[str, float]]) -> dict[str, float]:
 def evaluate_compositional(model: torch.nn.Module, preprocess: Callable, tokenizer: Callable,
                            root: str, device: torch.device | str = "cpu", batch_size: int = 256,
                            autocast: Callable[[], ContextManager] | None = None,
-                           input_dtype: torch.dtype | None = None) -> dict[str, float]:
+                           input_dtype: torch.dtype | None = None,
+                           stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """The in-loop evaluation: every set in `root` (and `root/retrieval` when present).
 
     Returns flat metric names ready for OpenCLIP's logging, e.g.
     "compositional/replace_relation/acc", "compositional/relation_pairs/group",
-    "retrieval/image_to_text_R@1". Restores the model's train/eval mode.
+    "retrieval/image_to_text_R@1". Restores the model's train/eval mode. `stop`: as in
+    `evaluate_sets`.
     """
     choice_sets, pair_sets = discover_sets(root)
     retrieval = retrieval_beside(root)
     return flatten(evaluate_sets(model, preprocess, tokenizer, choice_sets, pair_sets, retrieval,
-                                 device, batch_size, autocast, input_dtype=input_dtype))
+                                 device, batch_size, autocast, input_dtype=input_dtype, stop=stop))
 
 
 # ----------------------------------------------------------------------------- models
 
 def log_metrics(metrics: dict[str, float], epoch: int, *, results_dir: str | None = None,
-                tb_writer=None, use_wandb: bool = False) -> None:
+                tb_writer=None, use_wandb: bool = False, step: int | None = None) -> None:
     """Log in-loop evaluation metrics where OpenCLIP logs its own: the console, `results.jsonl`
-    in `results_dir` (OpenCLIP's checkpoint folder, with --save-logs), tensorboard, wandb."""
+    in `results_dir` (OpenCLIP's checkpoint folder, with --save-logs), tensorboard (at the
+    epoch, as OpenCLIP's val/ metrics), wandb (at `step`, the run's optimizer steps so far, as
+    OpenCLIP's evaluation logs there: without it wandb put them on the last training step)."""
     logging.info(f"Eval Epoch: {epoch} " + "\t".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
     if results_dir is not None:
         with open(os.path.join(results_dir, "results.jsonl"), "a+") as f:
@@ -612,7 +662,7 @@ def log_metrics(metrics: dict[str, float], epoch: int, *, results_dir: str | Non
     if use_wandb:
         import wandb
 
-        wandb.log({f"val/{name}": value for name, value in metrics.items()} | {"epoch": epoch})
+        wandb.log({f"val/{name}": value for name, value in metrics.items()} | {"epoch": epoch}, step=step)
 
 
 def _unloadable(path: str, err: BaseException) -> ValueError:
@@ -648,6 +698,27 @@ def check_model(name: str, pretrained: str | None, model_configs: Sequence[str] 
         tags = ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "none"
         raise ValueError(f"--pretrained {pretrained!r} is neither a pretrained tag of --model "
                          f"{name} (its tags: {tags}) nor a checkpoint file; pass one of those")
+
+
+def open_checkpoint(path: str) -> Any:
+    """A checkpoint file's contents without reading its tensors, opened as OpenCLIP will load it
+    (weights only; memory-mapped), so a damaged file among several stops the command before the
+    first is scored; a safetensors or big_vision (.npz) file's header or zip directory only
+    (contents: {}). ValueError names the file."""
+    suffix = os.path.splitext(path)[1]
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt"):
+                return {}
+        if suffix == ".npz":
+            zipfile.ZipFile(path).close()
+            return {}
+        return torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path),
+                          weights_only=True)
+    except Exception as err:  # a truncated or foreign file fails anywhere inside the readers
+        raise _unloadable(path, err) from None
 
 
 def fetch_pretrained(name: str, pretrained: str | None) -> None:
@@ -742,22 +813,46 @@ def metric_rows(runs: Sequence[dict[str, dict[str, float]]]) -> list[tuple[str, 
     return list(rows)
 
 
+def percent(value: float, decimals: int = 1) -> Decimal:
+    """A fraction in percent, halves rounded up as papers print them and as SugarCrepe's table
+    does (formats.py): 0.5625 is 56.3, where Python's format of the binary value gives 56.2."""
+    return Decimal(repr(100 * value)).quantize(Decimal(1).scaleb(-decimals), rounding=ROUND_HALF_UP)
+
+
 def format_table(labels: Sequence[str], runs: Sequence[dict[str, dict[str, float]]]) -> str:
-    """A text table: one row per (set, metric), one column per run, then Δ vs the first run."""
+    """A text table: one row per (set, metric), one column per run, then Δ vs the first run.
+
+    Δ is the difference of the printed values, so each row reads as its own subtraction (the
+    JSON document's `differences_vs_first` keep the unrounded ones)."""
     rows = metric_rows(runs)
     header = ["set", "metric", *labels] + [f"Δ {label}" for label in labels[1:]]
     body = []
     for name, metric in rows:
         values = [r.get(name, {}).get(metric) for r in runs]
-        cells = ["-" if v is None else f"{100 * v:.1f}" for v in values]
-        base = values[0]
-        cells += ["-" if v is None or base is None else f"{100 * (v - base):+.1f}"
-                  for v in values[1:]]
+        shown = [None if v is None else percent(v) for v in values]
+        cells = ["-" if v is None else str(v) for v in shown]
+        base = shown[0]
+        cells += ["-" if v is None or base is None else f"{v - base:+}" for v in shown[1:]]
         body.append([name, metric, *cells])
     widths = [max(len(str(row[i])) for row in [header, *body]) for i in range(len(header))]
     line = lambda row: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w)
                                  for i, (c, w) in enumerate(zip(row, widths)))
     return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, body)])
+
+
+def format_tables(table: str, labels: Sequence[str], runs: Sequence[dict[str, dict[str, float]]]
+                  ) -> str:
+    """What the console shows for `--table`: the sets table, or SugarCrepe's table followed by
+    the sets table of every set it has no row for (pair sets, retrieval, other choice sets), so
+    no result is only in --output."""
+    if table == "sets":
+        return format_table(labels, runs)
+    rest = [{name: metrics for name, metrics in r.items() if name not in SUGARCREPE_SPLITS}
+            for r in runs]
+    tables = [format_sugarcrepe_table(labels, runs)]
+    if any(rest):
+        tables.append(format_table(labels, rest))
+    return "\n\n".join(tables)
 
 
 def chance_level(metrics: dict[str, float], metric: str) -> float | None:
@@ -783,9 +878,11 @@ def plot_results(path: str, labels: Sequence[str], runs: Sequence[dict[str, dict
     fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2), 4.2))
     for i, (label, results) in enumerate(zip(labels, runs)):
         xs = [j + (i - (len(runs) - 1) / 2) * width for j in range(len(rows))]
-        values = [100 * results.get(n, {}).get(m, float("nan")) for n, m in rows]
-        bars = ax.bar(xs, values, width, label=label)
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+        values = [results.get(n, {}).get(m) for n, m in rows]
+        heights = [float("nan") if v is None else 100 * v for v in values]
+        bars = ax.bar(xs, heights, width, label=label)
+        ax.bar_label(bars, labels=["" if v is None else str(percent(v, 0)) for v in values],
+                     fontsize=7)
     for j, (name, metric) in enumerate(rows):
         chance = chance_level(next(r[name] for r in runs if name in r), metric)
         if chance is not None:
@@ -926,6 +1023,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     if args.table == "sugarcrepe" and not any(s.name in SUGARCREPE_SPLITS for s in choice_sets):
         parser.error(f"--table sugarcrepe: {args.compositional} has no SugarCrepe split; it needs "
                      f"sets named after SugarCrepe's files ({', '.join(SUGARCREPE_SPLITS)}.json)")
+    for pretrained in args.pretrained:  # a damaged last checkpoint before the first is scored
+        if os.path.isfile(pretrained):
+            open_checkpoint(pretrained)
     retrieval = load_retrieval_set(args.retrieval) if args.retrieval else None
     check_sets(choice_sets, pair_sets, retrieval)  # unreadable sets fail before any model loads
     runs = []
@@ -934,10 +1034,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         print(f"evaluating {name} @ {pretrained} on {args.device}")
         runs.append(evaluate_sets(model, preprocess, tokenizer, choice_sets, pair_sets, retrieval,
                                   args.device, args.batch_size, show_progress=True))
-    if args.table == "sugarcrepe":
-        print(format_sugarcrepe_table(labels, runs))
-    else:
-        print(format_table(labels, runs))
+    print(format_tables(args.table, labels, runs))
     document = report(labels, runs, [{"model": m, "pretrained": p}
                                      for m, p in zip(models, args.pretrained)])
     if args.output and args.format == "clip_benchmark":

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
+from typing import Any, Callable, Sequence
 
 SUGARCREPE_KEYS = ("filename", "caption", "negative_caption")
 ARO_KEYS = ("image_path", "true_caption", "false_caption")
 PAIR_KEYS = ("image_0", "image_1", "caption_0", "caption_1")
+NAMED_AT_MOST = 5  # names a message lists before "and N more"
+
+
+def first_few(names: Sequence[str], limit: int = NAMED_AT_MOST) -> str:
+    """`names` for a message: the first `limit`, then how many more, so a long list stays short."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
 
 
 def layout_error(path: str, detail: str) -> ValueError:
@@ -23,12 +32,27 @@ def layout_error(path: str, detail: str) -> ValueError:
         f"\"false_caption\", ...}}]")
 
 
+def _unique_keys(path: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """json's object_pairs_hook, refusing a key given twice in one object: json keeps only the
+    last, so a SugarCrepe-layout set with a repeated item id lost the earlier items silently."""
+    def build(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        twice = [repr(key) for key, count in Counter(key for key, _ in pairs).items() if count > 1]
+        if twice:
+            raise ValueError(f"{path}: the key(s) {first_few(twice)} appear more than once in one "
+                             "JSON object (item ids of a SugarCrepe-layout set, or keys of one "
+                             "record); JSON keeps only the last, so the others would be dropped: "
+                             "give every item its own id")
+        return dict(pairs)
+    return build
+
+
 def read_choice_records(path: str) -> tuple[list[tuple[str, dict]], tuple[str, str, str]]:
     """A SugarCrepe- or ARO-layout JSON's (label, record) pairs, validated, and its layout's keys
-    (image, true caption, false caption); images are not looked up."""
+    (image, true caption, false caption); images are not looked up. A byte-order mark (editors
+    on Windows write one) is read past."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, encoding="utf-8-sig") as f:
+            data = json.load(f, object_pairs_hook=_unique_keys(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise layout_error(path, f"not valid JSON ({err})") from None
     if isinstance(data, dict):
@@ -54,8 +78,9 @@ def read_choice_records(path: str) -> tuple[list[tuple[str, dict]], tuple[str, s
 
 
 def read_pair_records(path: str) -> list[dict]:
-    """A Winoground-style JSONL's records, validated; images are not looked up."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    """A Winoground-style JSONL's records, validated; images are not looked up. A byte-order mark
+    is read past, as a .json set's."""
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
     if not lines:
         raise ValueError(f"{path}: the set is empty; it needs at least one line")
@@ -95,7 +120,7 @@ def evaluation_captions(path: str) -> list[str]:
         if os.path.splitext(path)[1].lower() not in ("", ".txt"):
             raise ValueError("expected a folder of evaluation sets or a .txt file with one caption "
                              "per line (a set's .json goes in as its folder)")
-        with open(path, encoding="utf-8", errors="replace") as handle:
+        with open(path, encoding="utf-8-sig", errors="replace") as handle:
             captions = [line.strip() for line in handle if line.strip()]
     else:
         captions = []
@@ -109,7 +134,7 @@ def evaluation_captions(path: str) -> list[str]:
         retrieval = os.path.join(path, "retrieval")
         for name in sorted(os.listdir(retrieval)) if os.path.isdir(retrieval) else []:
             if name.endswith(".txt"):
-                with open(os.path.join(retrieval, name), encoding="utf-8", errors="replace") as f:
+                with open(os.path.join(retrieval, name), encoding="utf-8-sig", errors="replace") as f:
                     captions += [line.strip() for line in f]  # one caption per line
     captions = [c for c in captions if c.strip()]
     if not captions:

@@ -44,13 +44,13 @@ from . import provenance
 from . import state as hn_state
 from .argtypes import InputError
 from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
-from .eval import log_metrics
+from .eval import EvaluationStopped, log_metrics
 from .files import read_model_config, unknown_model_hint
 from .negatives.taxonomy import NEGATIVE_TYPES
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
-                         epoch_of_checkpoint_name, ignore_stop_signals_in_workers, prune_step_checkpoints,
-                         shifted_scheduler)
+                         counting_from_position, epoch_of_checkpoint_name, ignore_stop_signals_in_workers,
+                         prune_step_checkpoints)
 from .recipes import expand_recipe, recipe_argv, recipe_path, spell_out_flags
 from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
 from .sample_order import seed_sample_shuffle
@@ -151,11 +151,12 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
 
         check_masked_lm(config.lm, "--hn-lm")
     if config.vocabulary not in (None, TRAIN_DATA_VOCABULARY) and not os.path.isfile(config.vocabulary):
-        raise ValueError(f"--hn-vocabulary {config.vocabulary}: file not found; pass a word list "
+        raise ValueError(f"--hn-vocabulary {config.vocabulary}: {_not_a_file(config.vocabulary)}; pass a word list "
                          f"(`python -m open_clip_hn.negatives vocabulary` writes one) or "
                          f"{TRAIN_DATA_VOCABULARY}")
     if config.plausibility not in (None, TRAIN_DATA_VOCABULARY) and not os.path.isfile(config.plausibility):
-        raise ValueError(f"--hn-plausibility {config.plausibility}: file not found; pass a caption file, "
+        raise ValueError(f"--hn-plausibility {config.plausibility}: {_not_a_file(config.plausibility)}; "
+                         "pass a caption file, "
                          f"a model (`python -m open_clip_hn.negatives plausibility` writes one) or "
                          f"{TRAIN_DATA_VOCABULARY}")
     _check_run_flags(config, args)
@@ -393,6 +394,46 @@ class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
         super().__init__(module, device_ids, *args, **kwargs)
 
 
+LOCK_NAME = ".hn-lock"  # in the experiment folder, held by the process that trains into it
+_LOCKS: dict[str, Any] = {}  # lock path -> its open file, held until the process ends
+
+
+def claim_experiment_folder(args: argparse.Namespace) -> None:
+    """Refuse a second run training into an experiment folder a live process trains into (two
+    jobs submitted with one --logs/--name, or a resubmission while the first still runs): both
+    would resume the same checkpoints and overwrite each other's. Rank 0 holds an flock on
+    LOCK_NAME for its lifetime, so a dead run's lock is gone (a requeued job is not refused)."""
+    import fcntl
+    import socket
+
+    if not args.log_path:  # not the process that writes the folder
+        return
+    folder = os.path.dirname(args.log_path)
+    path = os.path.join(folder, LOCK_NAME)
+    if path in _LOCKS:
+        return
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process"
+        handle.close()
+        raise InputError(f"{holder} is training into {folder}: two runs in one experiment folder "
+                         "overwrite each other's checkpoints; wait for it to end (or stop it), or "
+                         "pass another --name") from None
+    except OSError as err:  # a file system without locks
+        handle.close()
+        logging.warning("Cannot lock %s (%s): a second run into %s would not be refused", path, err, folder)
+        return
+    job = os.environ.get("SLURM_JOB_ID")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}" + (f" (SLURM job {job})" if job else ""))
+    handle.flush()
+    _LOCKS[path] = handle
+
+
 def _allow_cpu_ddp(device) -> None:
     if torch.device(device).type == "cpu" and torch.distributed.is_available() \
             and torch.distributed.is_initialized():
@@ -505,7 +546,8 @@ def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get)
         ignore_stop_signals_in_workers(data["train"].dataloader)
     steps = data["train"].dataloader.num_batches // args.accum_freq if "train" in data else None
     run.data_ready(tokenizer, epoch, steps, args.epochs, world_size=args.world_size,
-                   workers=None if args.dataset_resampled or _not_webdataset(args) else args.workers)
+                   workers=None if args.dataset_resampled or _not_webdataset(args) else args.workers,
+                   seed=args.seed)
     return data
 
 
@@ -549,13 +591,13 @@ def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimi
         samples_per_step=args.batch_size * args.accum_freq * args.world_size,
         world_size=args.world_size, device=args.device, is_master=is_master(args) and args.save_logs,
         latest_name=oc_main.LATEST_CHECKPOINT_NAME if args.save_most_recent else None,
-        on_epoch_start=epoch_started, workers=args.workers)
+        on_epoch_start=epoch_started, workers=args.workers, seed=args.seed)
     info.dataloader = SteppedLoader(loader, args.accum_freq, checkpointer.for_epoch(epoch), position,
                                     skip_by_drawing=not args.dataset_resampled, rank=args.rank)
     try:
-        train_one_epoch(model, data, loss, epoch, optimizer, scaler,
-                        shifted_scheduler(scheduler, position.step if position else 0), dist_model,
-                        args, tb_writer=tb_writer)
+        with counting_from_position(train_one_epoch):
+            train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
+                            tb_writer=tb_writer)
     finally:
         info.dataloader = loader
 
@@ -713,6 +755,7 @@ class Plugin:
     def model_created(self, model, preprocess_train, preprocess_val, args) -> None:
         _allow_cpu_ddp(args.device)
         if self.run is not None:
+            claim_experiment_folder(args)
             self.run.model_created(model, preprocess_val)
 
     def checkpoint_loaded(self, path: str, checkpoint, args) -> None:
@@ -771,13 +814,18 @@ class Plugin:
                 metrics = run.evaluate(model, device=args.device, batch_size=args.batch_size,
                                        autocast=get_autocast(args.precision, device_type=device_type),
                                        input_dtype=open_clip.get_input_dtype(args.precision))
+            except EvaluationStopped:  # a scheduler's grace period must see the checkpoint written
+                logging.warning("--hn-eval-compositional after epoch %d stopped at the stop signal, "
+                                "so that the epoch's checkpoint is written first; evaluate it with "
+                                "`python -m open_clip_hn.eval`", completed)
             except Exception:  # never lose the epoch: OpenCLIP's checkpoint comes after this hook
                 logging.exception("--hn-eval-compositional failed after epoch %d; training goes on "
                                   "and the epoch's checkpoint is written", completed)
             else:
+                steps = data["train"].dataloader.num_batches // args.accum_freq if "train" in data else 0
                 log_metrics(metrics, completed,
                             results_dir=args.checkpoint_path if args.save_logs else None,
-                            tb_writer=tb_writer, use_wandb=bool(args.wandb))
+                            tb_writer=tb_writer, use_wandb=bool(args.wandb), step=steps * completed)
 
 
 _PLUGIN = Plugin()  # the plugin object of the monkeypatched route (install() below)
@@ -793,6 +841,7 @@ def create_model_and_transforms(*args, **kwargs):
     model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
     _allow_cpu_ddp(kwargs.get("device", "cpu"))
     if _PLUGIN.run is not None:
+        claim_experiment_folder(_PLUGIN.args)
         _PLUGIN.run.model_created(model, preprocess_val)
     return model, preprocess_train, preprocess_val
 
@@ -858,6 +907,24 @@ def install() -> None:
     for name, wrapper in _WRAPPERS.items():
         _ORIGINALS[name] = getattr(oc_main, name)
         setattr(oc_main, name, wrapper)
+
+
+def _not_a_file(path: str) -> str:
+    return "a folder, not a file" if os.path.isdir(path) else "file not found"
+
+
+def made_experiment_folder() -> str | None:
+    """The experiment folder OpenCLIP made for this run when it holds no checkpoint yet: a run
+    refused after OpenCLIP's set-up leaves it, and OpenCLIP then refuses the same --name."""
+    args = _PLUGIN.args
+    log_path = getattr(args, "log_path", None)
+    if not log_path or getattr(args, "resume", None) == "latest":
+        return None
+    folder = os.path.dirname(log_path)
+    checkpoints = os.path.join(folder, "checkpoints")
+    if os.path.isdir(checkpoints) and any(n.endswith(".pt") for n in os.listdir(checkpoints)):
+        return None
+    return folder
 
 
 def run_openclip_main(argv: list[str]):

@@ -93,7 +93,7 @@ def scan_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
                 end = member_end(member)
                 match = _MEMBER.match(member.name) if member.isfile() else None
                 if match:
-                    samples.setdefault(match.group(1), {})[match.group(2)] = (member.offset_data,
+                    samples.setdefault(match.group(1), {})[match.group(2).lower()] = (member.offset_data,
                                                                              member.size)
         damage = trailing_damage(path, end, os.path.getsize(path))
     except (tarfile.TarError, EOFError) as err:
@@ -622,7 +622,7 @@ class NeighborIndex:
             raise ValueError(f"--hn-image-neighbors {index_dir}: neighbors.npy cannot be read "
                              f"({err}); rebuild the index") from None
         if check:
-            self._check_contents(first)
+            self._check_contents(first, {e["name"]: e["num_samples"] for e in manifest["shards"]})
         if check and not _has_neighbor(self.neighbors):
             raise ValueError(f"--hn-image-neighbors {index_dir}: no sample of the {len(self)} has a "
                              "neighbour, so batches would not change; write it again with looser "
@@ -633,9 +633,10 @@ class NeighborIndex:
 
     CHECKED_ROWS = 1_000_000  # neighbour ids checked at each end of a larger index
 
-    def _check_contents(self, samples: int) -> None:
+    def _check_contents(self, samples: int, per_shard: dict[str, int]) -> None:
         """neighbors.npy fits the manifest (one row of k ids in [-1, samples) per sample) and every
-        shard has its catalog: a damaged index would fail inside a loader worker, mid-epoch."""
+        shard has a readable catalog of its samples: a damaged index would fail inside a loader
+        worker, mid-epoch (each catalog is read here once; the workers read them again)."""
         where = f"--hn-image-neighbors {self.index_dir}"
         shape = self.neighbors.shape
         if len(shape) != 2 or shape[0] != samples or shape[1] < self.k:
@@ -651,6 +652,18 @@ class NeighborIndex:
         if missing:
             raise ValueError(f"{where}: no catalog for {len(missing)} shard(s) (e.g. catalog/"
                              f"{missing[0]}.json); rebuild the index")
+        for name, count in per_shard.items():
+            path = os.path.join(self.index_dir, "catalog", name + ".json")
+            try:
+                stored = _read_json(path)
+                fits = len(stored["keys"]) == len(stored["members"]) == count
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"{where}: catalog/{name}.json cannot be read ({type(err).__name__}: "
+                                 f"{err}); rebuild the index (`python -m open_clip_hn.neighbors "
+                                 f"build ... --output {self.index_dir}` resumes)") from None
+            if not fits:
+                raise ValueError(f"{where}: catalog/{name}.json does not list the {count} samples "
+                                 "the manifest gives its shard; rebuild the index")
 
     def _catalog(self, shard: _Shard) -> _Shard:
         """Load a shard's keys and offsets on first use (a worker touches few shards as anchors)."""

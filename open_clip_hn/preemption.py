@@ -20,6 +20,7 @@ and the plugin's step clock continue at the step, and the rest of the run is unc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import logging
@@ -85,6 +86,7 @@ class EpochPosition:
     rng_epoch_start: list[dict]  # per rank: RNG when the epoch's loader iterator was created
     rng_now: list[dict] | None   # per rank: RNG right after the step (None at an epoch start)
     workers: int | None = None   # loader workers per rank (webdataset splits shards by worker)
+    seed: int | None = None      # --seed (it orders shards and samples); None before session 32
 
     @property
     def global_step(self) -> int:
@@ -276,6 +278,11 @@ class SteppedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    @property
+    def first_batch(self) -> int:
+        """Index in the epoch of the first batch this loader yields (a resumed epoch's step)."""
+        return self.resume.step * self.accum_freq if self.resume is not None else 0
+
     def _own(self, states: list[dict]) -> dict:
         if len(states) <= self.rank:
             raise ValueError(f"the checkpoint holds RNG states of {len(states)} rank(s), this is "
@@ -320,11 +327,33 @@ class SteppedLoader:
             self.between_steps(index // self.accum_freq, rng_epoch_start)  # call comes too late)
 
 
-def shifted_scheduler(scheduler: Callable[[int], Any] | None, steps: int) -> Callable[[int], Any] | None:
-    """OpenCLIP's `scheduler(step)` for a loop that restarts counting `steps` steps into the epoch."""
-    if scheduler is None or steps == 0:
-        return scheduler
-    return lambda step: scheduler(step + steps)
+_UNSET = object()
+
+
+def _enumerate_batches(iterable, start: int = 0):
+    """`enumerate` as OpenCLIP's `train_one_epoch` sees it (`counting_from_position`): over a
+    `SteppedLoader`, counting starts at the loader's first batch in the epoch."""
+    return enumerate(iterable, start + getattr(iterable, "first_batch", 0))
+
+
+@contextlib.contextmanager
+def counting_from_position(train_one_epoch: Callable) -> Iterator[None]:
+    """While it runs, `train_one_epoch` numbers a resumed epoch's batches from where the step
+    checkpoint left off, not from 0: its step (the learning rate, the tensorboard and wandb
+    points), sample count and end-of-epoch log line are then the uninterrupted run's. Its module
+    is OpenCLIP's training module (or a copy of it), whose loop is `for i, batch in
+    enumerate(dataloader)`."""
+    namespace = train_one_epoch.__globals__
+    saved = namespace.get("enumerate", _UNSET)
+    namespace["enumerate"] = _enumerate_batches
+    try:
+        yield
+    finally:
+        if saved is _UNSET:
+            del namespace["enumerate"]
+        else:
+            namespace["enumerate"] = saved
+
 
 
 class StepCheckpointer:
@@ -338,14 +367,15 @@ class StepCheckpointer:
     def __init__(self, folder: str, every: int, stop: StopRequest, *, build: Callable[[EpochPosition], dict],
                  steps_per_epoch: int, samples_per_step: int, world_size: int, device,
                  is_master: bool, latest_name: str | None = None,
-                 on_epoch_start: Callable[[int, list[dict]], None] | None = None, workers: int | None = None):
+                 on_epoch_start: Callable[[int, list[dict]], None] | None = None, workers: int | None = None,
+                 seed: int | None = None):
         self.folder, self.every, self.stop = folder, every, stop
         self.build = build
         self.steps_per_epoch, self.samples_per_step = steps_per_epoch, samples_per_step
         self.world_size, self.device, self.is_master = world_size, device, is_master
         self.latest_name = latest_name  # --save-most-recent: step checkpoints go there too
         self.on_epoch_start = on_epoch_start  # every rank's RNG that fixes this epoch's order
-        self.workers = workers
+        self.workers, self.seed = workers, seed
 
     def for_epoch(self, epoch: int) -> Callable[[int, dict], None]:
         def between_steps(step: int, rng_epoch_start: dict) -> None:
@@ -359,7 +389,8 @@ class StepCheckpointer:
                 rng_starts = gather_states(rng_epoch_start, self.world_size)
                 self.save(EpochPosition(epoch, step, self.steps_per_epoch,
                                         global_step * self.samples_per_step, rng_starts,
-                                        gather_states(rng_state(), self.world_size), self.workers))
+                                        gather_states(rng_state(), self.world_size), self.workers,
+                                        self.seed))
             if stopping:
                 self.stop.stop(signal.Signals(stopping))
 

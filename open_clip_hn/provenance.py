@@ -87,10 +87,11 @@ def read_sidecar(checkpoint: str) -> dict[str, Any] | None:
 
 
 def read_record(checkpoint: str) -> dict[str, Any] | None:
-    """What `checkpoint` was trained as: its sidecar, else the record the plugin state holds (a
-    step checkpoint `epoch_E_step_S.pt` carries it inside; `epoch_N.pt` has `epoch_N.pt.hn`
-    beside it); None for a checkpoint of plain OpenCLIP or a damaged state (nothing to check)."""
-    from .preemption import epoch_of_checkpoint_name, is_step_checkpoint_name
+    """What `checkpoint` was trained as: its sidecar, else the record the plugin state holds
+    (`epoch_N.pt` has `epoch_N.pt.hn` beside it; a step checkpoint carries it inside, also when
+    renamed: a copy named `best.pt`); None for a checkpoint of plain OpenCLIP or a damaged state
+    (nothing to check)."""
+    from .preemption import epoch_of_checkpoint_name
     from .state import EMBEDDED_STATE_KEY, find_state, load_checkpoint_file
 
     record = read_sidecar(checkpoint)
@@ -98,12 +99,10 @@ def read_record(checkpoint: str) -> dict[str, Any] | None:
         return record
     epoch = epoch_of_checkpoint_name(checkpoint)
     try:
-        if is_step_checkpoint_name(checkpoint):
-            state = load_checkpoint_file(checkpoint).get(EMBEDDED_STATE_KEY)
-        elif epoch is not None:
+        if epoch is not None:
             state = (find_state(checkpoint, epoch) or (None, None))[1]
-        else:
-            return None
+        else:  # memory-mapped: the weights are not read
+            state = load_checkpoint_file(checkpoint).get(EMBEDDED_STATE_KEY)
     except (ValueError, AttributeError):  # not ours or damaged: the loader names it when built
         return None
     record = state.get("trained_as") if isinstance(state, dict) else None

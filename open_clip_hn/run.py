@@ -60,6 +60,12 @@ def epoch_checkpoints(completed_epoch: int, epochs: int, save_frequency: int,
     return names
 
 
+# where a step checkpoint cannot continue: OpenCLIP refuses --resume PATH into an experiment
+# folder that exists, so the epoch checkpoint starts a new one
+EPOCH_RESTART = (", or continue from the last epoch checkpoint in a new experiment folder: "
+                 "--resume LOGS/NAME/checkpoints/epoch_N.pt --name NEW_NAME")
+
+
 class HardNegativeRun:
     """The plugin's part of one training run: config, loss and the state to save and resume."""
 
@@ -135,8 +141,12 @@ class HardNegativeRun:
         from .negatives.shards import word_counts
 
         vocabulary = self.config.vocabulary
+        if vocabulary is None:
+            return None
         if vocabulary != TRAIN_DATA_VOCABULARY:
-            return None if vocabulary is None else read_vocabulary(vocabulary)
+            words = read_vocabulary(vocabulary)
+            logging.info("Negatives stay inside the %d words of %s", len(words), vocabulary)
+            return words
         fix = ("write the word list once with `python -m open_clip_hn.negatives vocabulary` and "
                "pass its path to --hn-vocabulary")
         counts, _ = word_counts(self._captions(captions, "--hn-vocabulary", fix))
@@ -187,6 +197,10 @@ class HardNegativeRun:
         if config.generates_negatives:
             from .negatives import NegativeGenerator
 
+            if config.lm:
+                logging.info("Replacement words of replace_object and replace_attribute negatives "
+                             "are proposed by the masked LM in %s", os.path.abspath(config.lm))
+
             generator = NegativeGenerator(types=config.types, seed=config.seed, lm_path=config.lm,
                                           vocabulary=self.vocabulary(captions),
                                           plausibility=self.plausibility(captions),
@@ -198,6 +212,10 @@ class HardNegativeRun:
         parser = None
         if config.phrases_mirrors:
             from .negatives import NegativeGenerator
+
+            if config.lm:
+                logging.info("Replacement words of replace_object and replace_attribute negatives "
+                             "are proposed by the masked LM in %s", os.path.abspath(config.lm))
 
             parser = generator or NegativeGenerator(seed=config.seed)  # the negatives' one if any
         if config.parses_captions:  # every rank reads its captions with the same tagger
@@ -224,41 +242,49 @@ class HardNegativeRun:
         logging.info("Captions are parsed with %s", TAGGERS[name])
 
     def data_ready(self, tokenizer: Callable, epoch: int, steps_per_epoch: int | None,
-                   epochs: int, world_size: int = 1, workers: int | None = None) -> None:
+                   epochs: int, world_size: int = 1, workers: int | None = None,
+                   seed: int | None = None) -> None:
         """OpenCLIP built its data for `epoch`: the step clock of the curriculum follows it. A
         step checkpoint continues only where the batches it skips are the ones it trained: the
-        same steps per epoch, ranks and (`workers`, where the order depends on them: webdataset
-        splits shards by loader worker; None for CSV and resampled shards) loader workers."""
+        same steps per epoch, ranks, `--seed` (it orders the shards and samples) and (`workers`,
+        where the order depends on them: webdataset splits shards by loader worker; None for CSV
+        and resampled shards) loader workers."""
         self.eval_tokenizer = tokenizer
         if steps_per_epoch is not None:
             self.start_step = epoch * steps_per_epoch
             self.total_steps = steps_per_epoch * epochs
-            self._warn_if_no_hard_negative_step()
+            self._check_some_step_has_hard_negatives()
             position = self.resume_position
             if position is not None and position.epoch == epoch and position.step > 0:
                 if position.steps_per_epoch != steps_per_epoch:
                     raise hn_state.StateError(
                         f"the step checkpoint was saved with {position.steps_per_epoch} steps per "
                         f"epoch, this run has {steps_per_epoch} (batch size, --accum-freq, world "
-                        "size or --train-num-samples changed); keep them, or resume from an epoch "
-                        "checkpoint with --resume PATH/epoch_N.pt")
+                        "size, --workers or --train-num-samples changed); keep them" + EPOCH_RESTART)
                 ranks = len(position.rng_epoch_start)
                 if ranks != world_size:
                     raise hn_state.StateError(
                         f"the step checkpoint was saved by {ranks} rank(s), this run has "
                         f"{world_size}: each rank's shards and sample order depend on the world "
                         "size, so the batches skipped would not be the ones trained; resume with "
-                        f"{ranks} rank(s), or from an epoch checkpoint with --resume PATH/epoch_N.pt")
+                        f"{ranks} rank(s)" + EPOCH_RESTART)
                 if workers is not None and position.workers is not None and position.workers != workers:
                     raise hn_state.StateError(
                         f"the step checkpoint was saved with --workers {position.workers}, this run "
                         f"has --workers {workers}: webdataset splits the shards among the loader "
                         "workers, so the batches skipped would not be the ones trained; resume with "
-                        f"--workers {position.workers}, or from an epoch checkpoint with --resume "
-                        "PATH/epoch_N.pt")
+                        f"--workers {position.workers}" + EPOCH_RESTART)
+                if seed is not None and position.seed is not None and position.seed != seed:
+                    raise hn_state.StateError(
+                        f"the step checkpoint was saved with --seed {position.seed}, this run has "
+                        f"--seed {seed}: the seed orders the shards and samples, so the batches "
+                        f"skipped would not be the ones trained; resume with --seed {position.seed}"
+                        + EPOCH_RESTART)
                 self.start_step += position.step
 
-    def _warn_if_no_hard_negative_step(self) -> None:
+    def _check_some_step_has_hard_negatives(self) -> None:
+        """Refuse a curriculum that keeps every step at no hard negatives (a recipe's warmup in
+        steps longer than a short run): the run would be vanilla OpenCLIP and exit 0."""
         from .curriculum import curriculum_value, warmup_steps
 
         c = self.config
@@ -270,10 +296,12 @@ class HardNegativeRun:
                                  total_steps=self.total_steps)
         warmup = warmup_steps(c.curriculum_warmup, self.total_steps)
         if warmup >= self.total_steps or (share == 0 and c.curriculum_start == 0):
-            logging.warning("The curriculum leaves no step with hard negatives: --hn-curriculum-"
-                            "warmup %s (%d of %d steps), start %g, end %g; lower the warmup or "
-                            "raise the share", c.curriculum_warmup, warmup, self.total_steps,
-                            c.curriculum_start, c.curriculum_end)
+            raise InputError(
+                f"the curriculum leaves no step with hard negatives (--hn-curriculum-warmup "
+                f"{c.curriculum_warmup}: {warmup} of the run's {self.total_steps} steps; start "
+                f"{c.curriculum_start:g}, end {c.curriculum_end:g}), so the run would train as "
+                "vanilla OpenCLIP: lower --hn-curriculum-warmup (a share such as 12.5%% keeps its "
+                "part of a run of any length), raise the share, or train longer".replace("%%", "%"))
 
     def check_evaluation_sets(self) -> None:
         """Read every --hn-eval-compositional set and image once, before the first step, so a
@@ -452,11 +480,13 @@ class HardNegativeRun:
 
     def evaluate(self, model: torch.nn.Module, *, device, batch_size: int, autocast,
                  input_dtype) -> dict[str, float]:
-        """--hn-eval-compositional's per-type accuracies for the model being trained."""
+        """--hn-eval-compositional's per-type accuracies for the model being trained; a stop
+        signal ends it (`eval.EvaluationStopped`), since OpenCLIP's epoch checkpoint waits for it."""
         from .eval import evaluate_compositional
 
         unwrapped = model.module if hasattr(model, "module") else model
         return evaluate_compositional(unwrapped, self.preprocess_val, self.eval_tokenizer,
                                       self.config.eval_compositional, device=device,
                                       batch_size=batch_size, autocast=autocast,
-                                      input_dtype=input_dtype)
+                                      input_dtype=input_dtype,
+                                      stop=lambda: self.stop.received is not None)

@@ -148,7 +148,6 @@ class Term:
     weight_default: float = 1.0    # 0: an automatic term that is off unless its weight is given
     curriculum: bool = False       # scaled by the curriculum's value
     selectable: bool = True        # chosen with --hn-loss; else on whenever its needs are met
-    replaces: str | None = None    # a term this one takes the place of when both are chosen
     doc_name: str = ""             # how README's table names it
 
     @property
@@ -162,7 +161,7 @@ TERMS: dict[str, Term] = {}
 def register_term(name: str, *, summary: str, source: str, output: str | None = None,
                   needs: tuple[str, ...] = (), weight: bool = False, weight_help: str = "",
                   weight_default: float = 1.0, curriculum: bool = False, selectable: bool = True,
-                  replaces: str | None = None, doc_name: str = ""):
+                  doc_name: str = ""):
     """Decorator: register `fn(batch, ctx)` as the loss term `name` (see the module docstring)."""
     unknown = [n for n in needs if n not in NEEDS]
     if unknown or name in TERMS:
@@ -171,7 +170,7 @@ def register_term(name: str, *, summary: str, source: str, output: str | None = 
 
     def decorate(fn: Callable[[TermBatch, TermContext], TermResult]):
         TERMS[name] = Term(name, fn, summary, source, output or f"{name}_loss", needs, weight,
-                           weight_help, weight_default, curriculum, selectable, replaces,
+                           weight_help, weight_default, curriculum, selectable,
                            doc_name or f"`{name}`")
         return fn
 
@@ -184,14 +183,13 @@ def selectable_terms() -> tuple[str, ...]:
 
 
 def active_terms(config: "HNConfig") -> tuple[Term, ...]:
-    """The terms a run computes: those chosen with --hn-loss (less any a chosen term replaces),
-    then the automatic ones whose needs the config meets and whose weight is above 0."""
+    """The terms a run computes: those chosen with --hn-loss, then the automatic ones whose needs
+    the config meets and whose weight is above 0."""
     chosen = set(config.loss)
-    replaced = {TERMS[n].replaces for n in chosen if TERMS[n].replaces}
     active = []
     for name, term in TERMS.items():
         if term.selectable:
-            if name in chosen and name not in replaced:
+            if name in chosen:
                 active.append(term)
         elif all(NEEDS[n].provided(config) for n in term.needs) and weight_of(term, config) > 0:
             active.append(term)
@@ -210,7 +208,9 @@ def missing_needs(config: "HNConfig") -> list[str]:
     for need_name, need in NEEDS.items():
         lacking = sorted(n for n in config.loss if need_name in TERMS[n].needs)
         if lacking and not need.provided(config):
-            messages.append(f"--hn-loss {','.join(lacking)} needs {need.what}; {need.fix}")
+            rest = [n for n in config.loss if n not in lacking]
+            without = f", or leave {','.join(lacking)} out (--hn-loss {','.join(rest)})" if rest else ""
+            messages.append(f"--hn-loss {','.join(lacking)} needs {need.what}; {need.fix}{without}")
     return messages
 
 
@@ -262,11 +262,11 @@ def itc(b: TermBatch, ctx: TermContext) -> torch.Tensor:
     return L.itc_loss(per_image, per_text, labels) * share
 
 
-@register_term("clip", output="contrastive_loss", replaces="itc",
+@register_term("clip", output="contrastive_loss",
                source="OpenCLIP's ClipLoss (FSC-CLIP keeps its hard negatives out of it)",
                summary="OpenCLIP's InfoNCE over the ordinary batch only: text negatives and "
                        "mirrored pairs train through their own terms, never the retrieval "
-                       "objective (replaces itc)")
+                       "objective (in place of itc)")
 def clip(b: TermBatch, ctx: TermContext) -> torch.Tensor:
     no_negatives = b.all_negatives[:, :0]
     per_image, per_text = L.contrastive_logits(b.image, b.text, b.all_image, b.all_text, no_negatives,
@@ -328,9 +328,9 @@ def rank(b: TermBatch, ctx: TermContext) -> TermResult:
     return loss, {"hn_rank_thr": LoggedValue((margins[:-1] * seen).sum() / seen.sum().clamp(min=1))}
 
 
-@register_term("importance", output="contrastive_loss", replaces="itc", source="HCL / DiHT",
+@register_term("importance", output="contrastive_loss", source="HCL / DiHT",
                summary="negatives reweighted ∝ exp(β·s·cos), s the logit scale, with debiasing τ⁺ "
-                       "(replaces plain itc)")
+                       "(in place of itc)")
 def importance(b: TermBatch, ctx: TermContext) -> torch.Tensor:
     per_image, per_text, labels, share = _itc_logits(b, ctx)
     scale, bias, c = ctx.logit_scale, ctx.logit_bias, ctx.config

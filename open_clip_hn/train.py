@@ -15,9 +15,12 @@ def main(argv: list[str] | None = None):
     without the flags it needs), a word list or plausibility model that cannot be built from
     the given captions, and an input found unusable once OpenCLIP has set up the run
     (`InputError`: precomputed shards, evaluation sets) end the run as `error: ...` with exit
-    status 2, before the first step."""
+    status 2, before the first step; the error goes to OpenCLIP's log too, and names the
+    experiment folder OpenCLIP made for the run, which blocks its --name until removed."""
+    import logging
+
     from .argtypes import InputError
-    from .hooks import run_openclip_main
+    from .hooks import made_experiment_folder, run_openclip_main
     from .negatives.lexicon import VocabularyError
     from .negatives.plausibility import PlausibilityError
     from .state import StateError
@@ -25,7 +28,15 @@ def main(argv: list[str] | None = None):
     try:
         return run_openclip_main(sys.argv[1:] if argv is None else list(argv))
     except (StateError, VocabularyError, PlausibilityError, InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        folder = made_experiment_folder()
+        message = f"error: {err}" + (f" (OpenCLIP made the run's folder {folder} before this check, "
+                                     "and refuses its --name while it exists: remove the folder or "
+                                     "pass another --name)" if folder else "")
+        print(message, file=sys.stderr)
+        record = logging.makeLogRecord({"msg": message, "levelno": logging.ERROR, "levelname": "ERROR"})
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):  # the run's out.log, once OpenCLIP set it up
+                handler.handle(record)
         sys.exit(2)
 
 

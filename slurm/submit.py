@@ -24,8 +24,10 @@ import functools
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "given) the experiment; default ./slurm_jobs/<job-name>_<time>.")
     parser.add_argument("--signal-delay", type=int, default=120,
                         help="Seconds before the time limit at which SLURM sends SIGUSR2 so the "
-                             "job requeues itself (default: 120).")
+                             "job requeues itself; at most half of --time (default: 120).")
     parser.add_argument("--max-timeouts", type=int, default=3,
                         help="How many times a job that reaches its time limit is requeued (default: 3).")
     parser.add_argument("--dist-timeout", type=float, default=30.0,
@@ -91,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait", action="store_true",
                         help="Wait for the job to finish (through requeues) and exit non-zero "
                              "if it failed.")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="Make every check, print the resources the job would request, its "
+                             "folder and the training command each task would run, and stop: "
+                             "nothing is submitted and no folder is made.")
     return parser
 
 
@@ -118,6 +124,19 @@ def parse_time(text: str) -> int:
     if minutes < 1:
         raise SubmitError(f"--time {text!r}: the time limit must be at least one minute")
     return minutes
+
+
+def check_signal_delay(signal_delay: int, time: str) -> None:
+    """SLURM sends SIGUSR2 `--signal-delay` seconds before the time limit; a delay that is not well
+    below the limit signals each start at once, and the job requeues itself over and over without
+    training. At most half the limit leaves the job at least the other half."""
+    limit_s = parse_time(time) * 60
+    if signal_delay > limit_s // 2:
+        raise SubmitError(
+            f"--signal-delay {signal_delay} is not well below --time {time} ({limit_s} s): SLURM "
+            "would send SIGUSR2 as soon as the job starts and it would requeue itself over and "
+            f"over; pass --signal-delay {limit_s // 2} (at most half the time limit), or a --time "
+            f"of at least {-(-2 * signal_delay // 60)} minutes")
 
 
 def flag_value(argv: list[str], flag: str) -> str | None:
@@ -228,10 +247,12 @@ def make_job_dir(job_dir: Path) -> None:
 
 
 def check_experiment(train_argv: list[str]) -> None:
-    """OpenCLIP refuses an existing experiment unless resuming it: refuse before queueing."""
-    log = experiment_dir(train_argv) / "out.log"
-    if log.exists() and flag_value(train_argv, "--resume") != "latest":
-        raise SubmitError(f"experiment {log.parent} already exists: pass --resume latest after "
+    """OpenCLIP refuses an existing experiment unless resuming it, and a job given `--resume PATH`
+    takes any checkpoint in its experiment for its own (`start_argv`): refuse both before queueing."""
+    folder = experiment_dir(train_argv)
+    if flag_value(train_argv, "--resume") != "latest" and (
+            (folder / "out.log").exists() or has_checkpoint(folder / "checkpoints")):
+        raise SubmitError(f"experiment {folder} already exists: pass --resume latest after "
                           "'--' to continue it, or another --job-dir / --name")
 
 
@@ -404,6 +425,103 @@ def check_resources(args: argparse.Namespace, partition: str, tasks_per_node: in
         raise SubmitError(f"{problem}; nothing was submitted")
 
 
+JOBS_FILE = "submitted_jobs.txt"
+# squeue's states of a job that has ended for good; any other state (PENDING, RUNNING,
+# REQUEUED, SUSPENDED, COMPLETING, ...) means it may still write its experiment.
+ENDED_STATES = frozenset({"BOOT_FAIL", "CANCELLED", "COMPLETED", "DEADLINE", "FAILED", "NODE_FAIL",
+                          "OUT_OF_MEMORY", "PREEMPTED", "REVOKED", "TIMEOUT"})
+
+
+class JobRecord(NamedTuple):
+    """A job this launcher submitted into an experiment: a line `slurm JOBID` or
+    `local PID HOST` of the experiment's JOBS_FILE."""
+
+    kind: str
+    job_id: str
+    host: str = ""
+
+
+def read_job_records(experiment: Path) -> list[JobRecord]:
+    path = experiment / JOBS_FILE
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return [JobRecord(*line.split()[:3]) for line in lines if len(line.split()) >= 2]
+
+
+def record_job(experiment: Path, record: JobRecord) -> None:
+    """Note the submitted job in its experiment, for the next submission's `check_experiment_free`."""
+    try:
+        experiment.mkdir(parents=True, exist_ok=True)
+        with open(experiment / JOBS_FILE, "a") as file:
+            file.write(" ".join(record).strip() + "\n")
+    except OSError as err:
+        print(f"submit.py: warning: cannot note job {record.job_id} in {experiment} "
+              f"({err.strerror}); a second submission into it will not be refused", file=sys.stderr)
+
+
+def slurm_job_states(job_id: str) -> list[str] | None:
+    """The job's states in squeue (none once SLURM has forgotten it: it ended long ago); None
+    when SLURM cannot be asked."""
+    if shutil.which("squeue") is None:
+        return None
+    try:
+        proc = subprocess.run(["squeue", "-h", "-t", "all", f"--jobs={job_id}", "-o", "%T"],
+                              capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode == 0:
+        return proc.stdout.split()
+    return [] if "invalid job id" in proc.stderr.lower() else None
+
+
+def local_job_alive(pid: str, host: str) -> bool | None:
+    """Whether the `--local` job's controller process still runs; None when it ran on another
+    machine (its process cannot be seen from here)."""
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, PermissionError):  # gone, or the pid is another user's now
+        return False
+    return True
+
+
+def job_unfinished(record: JobRecord) -> str | None:
+    """Why `record`'s job may still write its experiment (its SLURM state, or 'running on this
+    machine'), '' when it has ended, None when that cannot be told."""
+    if record.kind == "local":
+        alive = local_job_alive(record.job_id, record.host)
+        return None if alive is None else "running on this machine" if alive else ""
+    states = slurm_job_states(record.job_id)
+    if states is None:
+        return None
+    return next((state for state in states if state not in ENDED_STATES), "")
+
+
+def check_experiment_free(train_argv: list[str], job_dir: Path) -> None:
+    """Refuse an experiment that an unfinished job of this launcher still writes: two jobs in one
+    folder take each other's step checkpoints (which the other then deletes) and mix their logs.
+
+    The jobs are the ones `record_job` noted there; SLURM (squeue) says whether each still
+    runs. When that cannot be told the submission goes on, with a warning.
+    """
+    folder = experiment_dir(train_argv)
+    in_job_dir = folder == job_dir / EXPERIMENT_NAME
+    for record in read_job_records(folder):
+        why = job_unfinished(record)
+        if why is None:
+            how = "squeue gave no answer" if record.kind == "slurm" else f"it runs on {record.host}"
+            print(f"submit.py: warning: cannot tell whether job {record.job_id}, submitted into "
+                  f"{folder}, has ended ({how}); make sure it has before this one starts",
+                  file=sys.stderr)
+        elif why:
+            stop = f"scancel {record.job_id}" if record.kind == "slurm" else f"kill {record.job_id}"
+            raise SubmitError(
+                f"{f'--job-dir {job_dir}' if in_job_dir else f'experiment {folder}'} is in use by "
+                f"job {record.job_id} ({why}) of this launcher: pass another "
+                f"{'--job-dir' if in_job_dir else '--name (or --logs)'}, or let the job end or "
+                f"stop it ({stop}) first; nothing was submitted")
+
+
 # ---------------------------------------------------------------------------- the job
 
 
@@ -423,8 +541,50 @@ def distributed_env(hostnames: list[str], job_id: str, global_rank: int, local_r
     }
 
 
-def checkpoints(checkpoint_dir: Path) -> list[Path]:
-    return sorted(checkpoint_dir.glob("*.pt")) if checkpoint_dir.is_dir() else []
+def has_checkpoint(checkpoint_dir: Path) -> bool:
+    """Whether `--resume latest` has a file to consider: a `*.pt`, not a save's leftover temp
+    file (one implementation with the trainer's pick: `open_clip_hn.state`)."""
+    use_checkout()
+    from open_clip_hn.state import checkpoints_newest_first
+
+    return bool(checkpoints_newest_first(checkpoint_dir))
+
+
+def start_argv(train_argv: list[str]) -> list[str]:
+    """The training flags of one start: a given `--resume PATH` until the experiment holds a
+    checkpoint, then `--resume latest`.
+
+    Decided at every start, on every task alike: SLURM restarts a job from its original
+    submission (node failure, `scontrol requeue`, PreemptMode=REQUEUE), not only through
+    submitit's requeue. The submission refused `--resume PATH` into an experiment that held a
+    checkpoint, so one found here is the experiment's own.
+    """
+    if flag_value(train_argv, "--resume") != "latest" and has_checkpoint(
+            experiment_dir(train_argv) / "checkpoints"):
+        return with_flag(train_argv, "--resume", "latest")
+    return list(train_argv)
+
+
+def set_aside_earlier_log(train_argv: list[str], global_rank: int, local_rank: int) -> Path | None:
+    """Rename the log an earlier start left (`out.log` -> `out.log.startN`, kept) when this start
+    resumes `--resume PATH` again (that start stopped before its first checkpoint): OpenCLIP
+    refuses a folder with a log unless resuming latest ("Experiment already exists").
+
+    Done by the task that runs OpenCLIP's check: rank 0, or with `--log-local` each node's first
+    task for its own `out-RANK`. Returns the new name, or None when there was nothing to move.
+    """
+    log_local = "--log-local" in train_argv
+    if (local_rank if log_local else global_rank) != 0:
+        return None
+    log = experiment_dir(train_argv) / (f"out-{global_rank}" if log_local else "out.log")
+    if not log.exists():
+        return None
+    number = 1
+    while log.with_name(f"{log.name}.start{number}").exists():
+        number += 1
+    kept = log.with_name(f"{log.name}.start{number}")
+    os.replace(log, kept)
+    return kept
 
 
 def set_aside_broken_checkpoints(checkpoint_dir: Path) -> list[Path]:
@@ -498,10 +658,11 @@ def set_dist_timeout(minutes: float) -> None:
 
 
 class TrainJob:
-    """One task of the training job; submitit pickles it and calls it on every task.
+    """One task of the training job; submitit pickles it and calls it on every task, at every start.
 
-    `checkpoint()` is submitit's preemption/time-limit hook (rank 0, on SIGUSR2): it returns the
-    job to requeue, switched to `--resume latest` once the experiment has a checkpoint.
+    `train_argv` is the submission's; each start picks its own `--resume` (`start_argv`).
+    `checkpoint()` is submitit's preemption/time-limit hook (rank 0, on SIGUSR2): it requeues the
+    job unchanged.
     """
 
     def __init__(self, train_argv: list[str], dist_timeout_min: float):
@@ -514,9 +675,16 @@ class TrainJob:
         env = submitit.JobEnvironment()
         os.environ.update(distributed_env(list(env.hostnames), env.job_id, env.global_rank,
                                           env.local_rank, env.num_tasks))
-        print(f"open_clip_hn job {env}: {' '.join(self.train_argv)}", flush=True)
+        argv = start_argv(self.train_argv)
+        print(f"open_clip_hn job {env}: {' '.join(argv)}", flush=True)
+        resume = flag_value(argv, "--resume")
+        kept = None if resume == "latest" else set_aside_earlier_log(argv, env.global_rank,
+                                                                      env.local_rank)
+        if kept is not None:
+            print(f"No checkpoint yet: starting again from --resume {resume}; the earlier "
+                  f"start's log is kept as {kept}", flush=True)
         if env.global_rank == 0:
-            for path in set_aside_broken_checkpoints(experiment_dir(self.train_argv) / "checkpoints"):
+            for path in set_aside_broken_checkpoints(experiment_dir(argv) / "checkpoints"):
                 print(f"Set aside an incomplete checkpoint: {path}", flush=True)
         set_dist_timeout(self.dist_timeout_min)
         requeue_signal = signal.Signals["SIG" + submitit.JobEnvironment.USR_SIG]
@@ -524,50 +692,71 @@ class TrainJob:
         ignore_signal_in_forked_children(requeue_signal)
         from open_clip_hn.train import main
 
-        if main(self.train_argv) == -1:
+        if main(argv) == -1:
             raise RuntimeError("open_clip_hn.train refused to start; see the log above")
         # Done: a time-limit signal now would only kill the exiting interpreter (Python restores
         # default handlers while it shuts down) and mark a finished run FAILED.
         signal.signal(requeue_signal, signal.SIG_IGN)
-        return str(experiment_dir(self.train_argv))
+        return str(experiment_dir(argv))
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         import submitit
 
-        argv = self.train_argv
-        if flag_value(argv, "--resume") != "latest" and checkpoints(
-                experiment_dir(argv) / "checkpoints"):
-            argv = with_flag(argv, "--resume", "latest")
-        return submitit.helpers.DelayedSubmission(TrainJob(argv, self.dist_timeout_min))
+        return submitit.helpers.DelayedSubmission(self)
 
 
 # ---------------------------------------------------------------------------- submission
 
 
-def make_executor(args: argparse.Namespace, job_dir: Path, tasks_per_node: int) -> Any:
-    import submitit
-
+def executor_parameters(args: argparse.Namespace, tasks_per_node: int) -> dict[str, Any]:
+    """What the job requests: the parameters of the submitit executor (`--local` or SLURM)."""
     setup = [f"export OMP_NUM_THREADS={args.cpus_per_task}",
              "export TORCH_NCCL_ASYNC_ERROR_HANDLING=1"]
     if CHECKOUT is not None:
         setup.append(f"export PYTHONPATH={CHECKOUT}${{PYTHONPATH:+:$PYTHONPATH}}")
     timeout_min = parse_time(args.time)
     if args.local:
-        executor = submitit.LocalExecutor(folder=str(job_dir))
-        executor.update_parameters(timeout_min=timeout_min, tasks_per_node=tasks_per_node,
-                                   gpus_per_node=args.gpus_per_node,
-                                   signal_delay_s=args.signal_delay, setup=setup)
-        return executor
-    executor = submitit.SlurmExecutor(folder=str(job_dir), max_num_timeout=args.max_timeouts)
-    extra = {"mem": args.mem} if args.mem else {}
-    executor.update_parameters(
+        return dict(timeout_min=timeout_min, tasks_per_node=tasks_per_node,
+                    gpus_per_node=args.gpus_per_node, signal_delay_s=args.signal_delay, setup=setup)
+    return dict(
         job_name=args.job_name, nodes=args.nodes, ntasks_per_node=tasks_per_node,
         cpus_per_task=args.cpus_per_task, gpus_per_node=args.gpus_per_node or None,
         time=timeout_min, partition=args.partition, account=args.account, qos=args.qos,
         constraint=args.constraint, signal_delay_s=args.signal_delay, setup=setup,
-        srun_args=["--kill-on-bad-exit=1"], additional_parameters=extra,
+        srun_args=["--kill-on-bad-exit=1"], additional_parameters={"mem": args.mem} if args.mem else {},
     )
+
+
+def make_executor(args: argparse.Namespace, job_dir: Path, tasks_per_node: int) -> Any:
+    import submitit
+
+    if args.local:
+        executor = submitit.LocalExecutor(folder=str(job_dir))
+    else:
+        executor = submitit.SlurmExecutor(folder=str(job_dir), max_num_timeout=args.max_timeouts)
+    executor.update_parameters(**executor_parameters(args, tasks_per_node))
     return executor
+
+
+def print_dry_run(args: argparse.Namespace, job_dir: Path, train_argv: list[str],
+                  tasks_per_node: int, partition: str | None) -> None:
+    """What a submission would do, made of the same pieces as the submission itself."""
+    where = ("submitit LocalExecutor, this machine" if args.local else
+             f"submitit SlurmExecutor, partition {partition}, requeued at most {args.max_timeouts} "
+             "time(s) at the time limit")
+    print("Dry run: every check passed; nothing was submitted and no folder was made.")
+    print(f"Resources ({where}):")
+    for key, value in executor_parameters(args, tasks_per_node).items():
+        if value not in (None, [], {}):
+            print(f"  {key}: {value}")
+    print(f"Job folder: {job_dir}")
+    print(f"Experiment: {experiment_dir(train_argv)}")
+    tasks = args.nodes * tasks_per_node
+    print(f"Each of the {tasks} task(s) runs, with RANK, LOCAL_RANK, WORLD_SIZE={tasks}, "
+          "MASTER_ADDR and MASTER_PORT set from the job:")
+    print(f"  python -m open_clip_hn.train {shlex.join(train_argv)}")
+    if flag_value(train_argv, "--resume") != "latest":
+        print("  (a start that finds a checkpoint of the experiment runs it with --resume latest)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -578,7 +767,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SubmitError("no training flags: put the flags of python -m open_clip_hn.train "
                               "after '--'")
         check_counts(args)
-        parse_time(args.time)
+        check_signal_delay(args.signal_delay, args.time)
         if args.mem:
             parse_mem_mb(args.mem)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -587,16 +776,27 @@ def main(argv: list[str] | None = None) -> int:
         train_argv = experiment_argv(spelled_out(train_argv), job_dir)
         check_train_flags(train_argv)
         check_experiment(train_argv)
+        check_experiment_free(train_argv, job_dir)
         tasks_per_node = args.tasks_per_node or max(args.gpus_per_node, 1)
+        partition = None
         if not args.local:
-            check_resources(args, check_partition(args.partition), tasks_per_node)
-        make_job_dir(job_dir)  # last: every refusal above leaves nothing on disk
+            partition = check_partition(args.partition)
+            check_resources(args, partition, tasks_per_node)
+        if not args.dry_run:
+            make_job_dir(job_dir)  # last: every refusal above leaves nothing on disk
+        elif job_dir.is_dir():
+            make_job_dir(job_dir)  # only its write test: the folder is there already
     except SubmitError as err:
         print(f"submit.py: error: {err}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        print_dry_run(args, job_dir, train_argv, tasks_per_node, partition)
+        return 0
 
     executor = make_executor(args, job_dir, tasks_per_node)
     job = executor.submit(TrainJob(train_argv, args.dist_timeout))
+    record_job(experiment_dir(train_argv), JobRecord("local", job.job_id, socket.gethostname())
+               if args.local else JobRecord("slurm", job.job_id))
     where = "locally" if args.local else f"on {args.nodes} node(s)"
     print(f"Submitted job {job.job_id} {where}, {tasks_per_node} task(s) per node")
     print(f"Job folder: {job_dir}")

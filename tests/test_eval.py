@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -288,7 +289,7 @@ def test_check_compositional_sets_counts_missing_and_corrupt_images(tmp_path, se
     with caplog.at_level("WARNING"):
         summary = hn_eval.check_compositional_sets(str(tmp_path))
     assert summary == {"swap_objects": {"items": 58, "missing": 1, "unreadable": 1}}
-    assert f"1 with an unreadable one (e.g. {corrupt})" in caplog.text
+    assert f"1 with an unreadable one ({corrupt})" in caplog.text
     for item in data.values():
         (tmp_path / "images" / item["filename"]).write_bytes(b"not an image")
     with pytest.raises(ValueError, match="none of its 60 items has images that can be decoded"):
@@ -544,3 +545,171 @@ def test_in_training_evaluation_runs_every_n_epochs_and_after_the_last(every, ep
     assert [e for e in range(1, epochs + 1) if run.evaluation_due(e, epochs)] == due
     off = HardNegativeRun(HNConfig(eval_every=every))
     assert not any(off.evaluation_due(e, epochs) for e in range(1, epochs + 1))
+
+
+# ---------------------------------------------------------------------------- fresh-user audit
+
+
+def test_a_repeated_item_id_is_refused_not_dropped(tmp_path, sets):
+    """json keeps only the last record of a repeated key: the set lost items silently (n fell)."""
+    data = _copy_set(sets, tmp_path)
+    records = [f'"{key}": {json.dumps(item)}' for key, item in list(data.items())[:4]]
+    records += [f'"1": {json.dumps(data["5"])}', f'"3": {json.dumps(data["6"])}']
+    (tmp_path / "swap_objects.json").write_text("{" + ", ".join(records) + "}")
+    with pytest.raises(ValueError, match="the key\\(s\\) '1', '3' appear more than once") as err:
+        hn_eval.load_choice_set(str(tmp_path / "swap_objects.json"))
+    assert str(tmp_path / "swap_objects.json") in str(err.value)
+    assert "give every item its own id" in str(err.value)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B", "I", "F"])
+def test_wide_grey_images_are_scaled_to_8_bit_not_clipped_white(tmp_path, mode):
+    """`convert("RGB")` clips samples over 255: a 16-bit PNG was scored as a white image."""
+    from PIL import Image
+
+    grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4  # 0..252, the 8-bit image
+    if mode.startswith("I;16"):  # 16-bit white is 65535 = 255 * 257
+        wide = grey.astype(np.uint16) * 257
+        path = tmp_path / ("grey16.png" if mode == "I;16" else "grey16b.tif")
+        if mode == "I;16":
+            Image.fromarray(wide).save(path)
+        else:  # a big-endian TIFF keeps the byte order PIL reads it in
+            Image.frombytes(mode, (8, 8), wide.astype(">u2").tobytes()).save(path)
+        expected = grey
+    else:  # no stated white level: the image's own range is spread over 0..255
+        values = grey.astype(np.int32) * 1000 if mode == "I" else grey.astype(np.float32) / 300
+        path = tmp_path / f"grey-{mode}.tif"
+        Image.fromarray(values).save(path)
+        expected = np.rint(grey.astype(np.float64) * 255 / 252).astype(np.uint8)
+    assert Image.open(path).mode == mode
+    decoded = np.asarray(hn_eval._load_image(str(path)))
+    assert decoded.shape == (8, 8, 3) and decoded.min() < 255
+    assert (decoded == expected[:, :, None]).all()
+
+
+def test_a_damaged_later_checkpoint_stops_the_command_before_any_scoring(sets, checkpoint, tmp_path,
+                                                                         capsys):
+    """It was found only after the earlier checkpoints were scored, and then nothing was written."""
+    cut = tmp_path / "cut.pt"
+    data = open(checkpoint, "rb").read()
+    cut.write_bytes(data[: len(data) // 2])  # head -c: a copy or a write cut short
+    output = tmp_path / "r.json"
+    with pytest.raises(SystemExit) as exit_:
+        hn_eval.main(["--model", "hn-tiny-vit", "--model-config", CONFIG, "--pretrained", checkpoint,
+                      str(cut), "--compositional", str(sets), "--output", str(output)])
+    printed = capsys.readouterr()
+    assert exit_.value.code == 2 and "evaluating" not in printed.out and not output.exists()
+    assert f"error: checkpoint {cut} cannot be loaded" in printed.err
+
+
+def test_open_checkpoint_reads_what_openclip_loads_and_names_what_it_cannot(checkpoint, tmp_path):
+    from safetensors.torch import save_file
+
+    assert "state_dict" in hn_eval.open_checkpoint(checkpoint)
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(64, 64)}, weights)
+    assert hn_eval.open_checkpoint(str(weights)) == {}
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"checkpoint {cut} cannot be loaded"):
+        hn_eval.open_checkpoint(str(cut))
+
+
+def test_a_renamed_step_checkpoint_is_still_checked_against_its_model(tmp_path, capsys):
+    """The record inside a step checkpoint's plugin state was read only under its step name."""
+    from open_clip_hn import provenance, state
+
+    record = provenance.model_record("ViT-B-32-quickgelu", "openai", None)
+    renamed = tmp_path / "best.pt"  # cp epoch_1_step_3.pt best.pt
+    torch.save({"epoch": 1, "state_dict": {}, state.EMBEDDED_STATE_KEY: {"trained_as": record}}, renamed)
+    with pytest.raises(SystemExit) as exit_:
+        hn_eval.main(["--model", "ViT-B-32", "--pretrained", str(renamed),
+                      "--compositional", str(tmp_path / "not-read")])
+    assert exit_.value.code == 2
+    assert f"checkpoint {renamed}: it was trained as --model ViT-B-32-quickgelu" in capsys.readouterr().err
+
+
+def test_both_tables_round_halves_up_and_show_every_set():
+    """56.25 printed 56.2 in the sets table (half-even) and 56.3 in SugarCrepe's; Δ is the
+    difference of the printed values; `--table sugarcrepe` also shows the sets it has no row for."""
+    from open_clip_hn.formats import format_sugarcrepe_table
+
+    runs = [{"swap_obj": {"acc": 0.5625, "n": 16, "skipped": 0}, "pairs": {"text": 0.5, "group": 0.125}},
+            {"swap_obj": {"acc": 0.5674, "n": 16, "skipped": 0}, "pairs": {"text": 0.5, "group": 0.125}}]
+    sets_rows = {tuple(line.split()[:2]): line.split()[2:]
+                 for line in hn_eval.format_table(["a", "b"], runs).splitlines()[2:]}
+    assert sets_rows[("swap_obj", "acc")] == ["56.3", "56.7", "+0.4"]  # 0.49 unrounded
+    assert sets_rows[("pairs", "group")] == ["12.5", "12.5", "+0.0"]
+    sugarcrepe = {tuple(line.split()[:2]): line.split()[2:4]
+                  for line in format_sugarcrepe_table(["a", "b"], runs).splitlines()[2:13]}
+    assert sugarcrepe[("Swap", "obj")] == sets_rows[("swap_obj", "acc")][:2]
+    both = hn_eval.format_tables("sugarcrepe", ["a", "b"], runs)
+    assert both.startswith(format_sugarcrepe_table(["a", "b"], runs))
+    assert "pairs  group" in both and "swap_obj" not in both.split("\n\n")[1]
+    assert hn_eval.format_tables("sugarcrepe", ["a"], [{"swap_obj": runs[0]["swap_obj"]}]) == \
+        format_sugarcrepe_table(["a"], [{"swap_obj": runs[0]["swap_obj"]}])
+    assert str(hn_eval.percent(0.125, 0)) == "13"  # the plot's bar labels, by the same rule
+
+
+def test_skipped_items_are_named_in_the_warning(tmp_path, sets, caplog):
+    """The warning said "N item(s) with a missing image" without naming one."""
+    data = _copy_set(sets, tmp_path)
+    gone = [data[str(i)]["filename"] for i in range(7)]
+    for name in gone:
+        os.remove(tmp_path / "images" / name)
+    with caplog.at_level("WARNING"):
+        summary = hn_eval.check_compositional_sets(str(tmp_path))
+    assert summary["swap_objects"]["missing"] == 7
+    assert f"7 item(s) with a missing image ({', '.join(gone[:5])} and 2 more)" in caplog.text
+    retrieval = tmp_path / "retrieval"
+    shutil.copytree(sets / "retrieval", retrieval)
+    keys = sorted(p.stem for p in retrieval.glob("*.txt"))[:2]
+    for key in keys:
+        os.remove(retrieval / f"{key}.png")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        hn_eval.check_compositional_sets(str(tmp_path))
+    assert f"2 item(s) without both an image and a non-empty caption file ({', '.join(keys)})" in caplog.text
+
+
+def test_a_byte_order_mark_is_read_past(tmp_path, sets):
+    """Editors on Windows start a UTF-8 file with one; a .jsonl set failed on its first line."""
+    _copy_set(sets, tmp_path)
+    for name in ("swap_objects.json", "relation_pairs.jsonl"):
+        text = (sets / name).read_text(encoding="utf-8")
+        (tmp_path / name).write_text(text, encoding="utf-8-sig")
+    choice, pairs = hn_eval.discover_sets(str(tmp_path))
+    assert len(choice[0].items) == 60 and len(pairs[0].items) == 30
+
+
+def test_a_stop_ends_the_evaluation_after_the_batch_in_flight(sets, checkpoint):
+    """In training a stop signal during --hn-eval-compositional waited for the whole evaluation,
+    while OpenCLIP's epoch checkpoint waits for the evaluation: a long one outlasted the
+    scheduler's grace period and the epoch was lost. `stop()` now ends it after one batch."""
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, model_configs=[CONFIG])
+    model.train()
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    with pytest.raises(hn_eval.EvaluationStopped):
+        hn_eval.evaluate_compositional(model, preprocess, tokenizer, str(sets), batch_size=16, stop=stop)
+    assert len(asked) == 2 and model.training  # no batch after the stop; the mode is restored
+    assert hn_eval.evaluate_compositional(model, preprocess, tokenizer, str(sets), batch_size=16,
+                                          stop=lambda: False)
+
+
+def test_in_training_metrics_go_to_wandb_at_the_runs_step(monkeypatch, tmp_path):
+    """wandb got the in-training evaluation without a step, so it landed on the last training
+    step logged; OpenCLIP logs its own evaluation at steps per epoch x epochs done."""
+    import sys
+    import types
+
+    logged = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(
+        log=lambda data, step=None: logged.append((data, step))))
+    hn_eval.log_metrics({"compositional/swap_objects/acc": 0.5}, 2, results_dir=str(tmp_path),
+                        use_wandb=True, step=38)
+    assert logged == [({"val/compositional/swap_objects/acc": 0.5, "epoch": 2}, 38)]

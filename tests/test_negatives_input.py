@@ -18,11 +18,12 @@ from open_clip_hn.negatives.cli import main
 from open_clip_hn.negatives.manifest import ManifestError, check_precomputed_shards
 
 
-def _write_shard(path: Path, captions: list[str], caption_ext: str = "txt") -> None:
+def _write_shard(path: Path, captions: list[str], caption_ext: str = "txt", image_ext: str = "jpg",
+                 key: str = "{:05d}") -> None:
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
         for i, caption in enumerate(captions):
-            for ext, data in (("jpg", bytes([i]) * 16), (caption_ext, caption.encode())):
-                info = tarfile.TarInfo(f"{i:05d}.{ext}")
+            for ext, data in ((image_ext, bytes([i]) * 16), (caption_ext, caption.encode())):
+                info = tarfile.TarInfo(f"{key.format(i)}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
 
@@ -72,6 +73,35 @@ def test_precompute_refuses_a_caption_key_no_sample_has(tmp_path, capsys):
     _write_shard(tmp_path / "json.tar", ["a red dog on a green couch"], caption_ext="json")
     assert main(["precompute", "--shards", str(tmp_path / "json.tar"), "--output-dir",
                  str(tmp_path / "out2"), "--caption-key", "json"]) == 0
+
+
+def test_upper_case_extensions_are_read_as_webdataset_reads_them(tmp_path, capsys):
+    """webdataset lowercases extensions, so '.JPG' and '.TXT' members train in OpenCLIP: precompute
+    refused them ("no sample has a '.txt' member"), with --caption-key TXT it wrote negatives the
+    trainer refused as of '.TXT' captions, and the train-data word list found no words."""
+    from open_clip_hn.negatives.manifest import OPENCLIP_CAPTION_KEY
+    from open_clip_hn.negatives.shards import shard_captions
+
+    _write_shard(tmp_path / "in.tar", ["a red dog on a green couch", "a cat under a table"],
+                 caption_ext="TXT", image_ext="JPG")
+    assert list(shard_captions(str(tmp_path / "in.tar"), OPENCLIP_CAPTION_KEY)) == [
+        "a red dog on a green couch", "a cat under a table"]
+    for flags, out in (([], "out"), (["--caption-key", "TXT"], "out2")):
+        assert main(["precompute", "--shards", str(tmp_path / "in.tar"), "--output-dir",
+                     str(tmp_path / out), *flags]) == 0, capsys.readouterr().err
+        assert "2 samples, 0 without negatives" in capsys.readouterr().err
+        check_precomputed_shards([str(tmp_path / out / "in.tar")])
+
+
+def test_keys_with_dots_are_named_as_the_cause(tmp_path, capsys):
+    """A key holding a dot ('img.0001.txt') makes webdataset read the extension as '0001.txt': the
+    error named --caption-key over a list of every member."""
+    _write_shard(tmp_path / "in.tar", [f"a red dog number {i}" for i in range(30)], key="img.{:04d}")
+    assert main(["precompute", "--shards", str(tmp_path / "in.tar"), "--output-dir",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "the sample keys hold dots (a member '<key>.0000.txt')" in err and "'a.b.txt' -> 'a_b.txt'" in err
+    assert len(err) < 600, err
 
 
 def test_training_refuses_precomputed_shards_that_hold_no_negative(tmp_path, capsys):

@@ -87,3 +87,57 @@ def test_hn_lm_is_refused_where_it_does_nothing(tmp_path):
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):
             HNConfig(**{"lm": path, **flags}).validate()
+
+
+def _tiny_bpe_lm(folder) -> str:
+    """A RoBERTa-style masked LM (byte-level BPE: a word after a space is 'Ġword')."""
+    import torch
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import RobertaConfig, RobertaForMaskedLM, RobertaTokenizerFast
+
+    res = _resources()
+    words = sorted(w for w in {*res.plurals, *res.attr_category} if w and " " not in w)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([f"a {w} on the {w}" for w in words], vocab_size=2000, min_frequency=1,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    tokenizer = RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
+                                     unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                                     cls_token="<s>", sep_token="</s>")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    RobertaForMaskedLM(RobertaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64,
+                                     max_position_embeddings=70, pad_token_id=1)).save_pretrained(folder)
+    return str(folder)
+
+
+def test_a_bpe_lm_proposes_whole_words(tmp_path):
+    """A RoBERTa-style LM's tokens carry BPE's word-start mark ('Ġcube'), which no lexicon word
+    matches: --hn-lm with such a model silently produced no edit. The mark is read as a word
+    start, and word pieces without it are not proposed."""
+    from open_clip_hn.negatives.lm import MaskedLMProposer, whole_words
+
+    proposer = MaskedLMProposer(_tiny_bpe_lm(tmp_path))
+    assert proposer.word_start == "Ġ"
+    proposals = proposer.propose("a red cube on the table".split(), 2)
+    assert proposals and all(w.isalpha() and not w.startswith("Ġ") for w in proposals)
+    assert whole_words(["Ġcube", "ne", "Ġ", "Ġred"], "Ġ") == ["cube", "red"]
+    assert whole_words(["▁cube", "▁re", "d"], "▁") == ["cube", "re"]
+    assert whole_words(["cube", "##ne", "red"], None) == ["cube", "red"]
+    res = _resources()
+    assert any(w in res.nouns or w in res.attr_category for w in proposals), proposals
+
+
+def test_a_base_model_without_its_masked_lm_head_is_refused(tmp_path):
+    """A BertModel saved without the MLM head loaded with a random head (transformers' load report
+    on stderr only) and trained on random proposals."""
+    import pytest
+    from transformers import BertModel
+
+    from open_clip_hn.negatives.lm import check_masked_lm
+
+    _tiny_lm(tmp_path)
+    BertModel.from_pretrained(tmp_path).save_pretrained(tmp_path)  # the encoder alone
+    with pytest.raises(ValueError, match=r"lacks weights of a masked LM \(cls\.predictions.*base "
+                                         r"model saved without its masked-LM head"):
+        check_masked_lm(str(tmp_path), "--hn-lm")

@@ -198,6 +198,8 @@ def test_index_of_the_old_format_is_refused_with_the_fix(index_dir, tmp_path):
     ("rows", r"neighbors.npy holds an array of shape \(10, \d+\), the manifest 2000 samples"),
     ("ids", r"neighbors.npy holds ids outside \[-1, 2000\) \(\d+ to 99999\)"),
     ("catalog", r"no catalog for 1 shard\(s\) \(e.g. catalog/shard-00001.tar.json\)"),
+    ("cut catalog", r"catalog/shard-00001.tar.json cannot be read \(JSONDecodeError"),
+    ("short catalog", r"catalog/shard-00001.tar.json does not list the \d+ samples"),
 ])
 def test_a_damaged_index_is_refused_before_training_naming_the_file(index_dir, tmp_path, damage, message):
     """Each of these used to pass the start-up check and fail in a loader worker mid-epoch (or,
@@ -216,8 +218,14 @@ def test_a_damaged_index_is_refused_before_training_naming_the_file(index_dir, t
     elif damage == "ids":
         neighbors[5, 0] = 99999
         np.save(bad / "neighbors.npy", neighbors)
-    else:
+    elif damage == "catalog":
         os.remove(bad / "catalog" / "shard-00001.tar.json")
+    else:
+        catalog = bad / "catalog" / "shard-00001.tar.json"
+        text = catalog.read_text()
+        stored = json.loads(text)
+        catalog.write_text(text[:len(text) // 2] if damage == "cut catalog" else json.dumps(
+            {**stored, "keys": stored["keys"][:-1], "members": stored["members"][:-1]}))
     with pytest.raises(ValueError, match=message):
         NeighborIndex(str(bad))
 

@@ -480,3 +480,18 @@ def test_model_from_shards_drives_precompute(tmp_path):
     assert [written[f"{i:05d}.neg.json"] for i in range(20)] == [generator.generate(c, 4) for c in captions[:20]]
     # the folder records the filter: finishing it without the filter (or with another) is refused
     assert main(["precompute", "--shards", str(shard), "--output-dir", str(out)]) == 2
+
+
+def test_sugarcrepe_files_are_read_as_the_evaluation_reads_them(tmp_path):
+    """The audit read SugarCrepe's files with json.loads: an id given twice kept only its last
+    record without a word, and a byte-order mark failed; it now uses the evaluation's reader."""
+    import pytest
+
+    from open_clip_hn.negatives.audit import AuditError, read_sugarcrepe
+
+    record = '{"filename": "a.jpg", "caption": "a dog", "negative_caption": "a cat"}'
+    (tmp_path / "swap_obj.json").write_text("\ufeff{" + f'"1": {record}, "2": {record}' + "}", encoding="utf-8")
+    assert read_sugarcrepe([str(tmp_path)]) == {"swap_objects": [("a dog", "a cat")] * 2}
+    (tmp_path / "swap_obj.json").write_text("{" + f'"1": {record}, "1": {record}' + "}")
+    with pytest.raises(AuditError, match=r"swap_obj.json: the key\(s\) '1' appear more than once"):
+        read_sugarcrepe([str(tmp_path)])

@@ -5,9 +5,11 @@ so weights are compared exactly)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,9 +75,15 @@ def test_a_step_checkpoint_of_another_batch_layout_is_refused_as_state():
     from open_clip_hn.state import StateError
 
     run = HardNegativeRun(HNConfig(save_every_steps=5))
-    run.resume_position = EpochPosition(0, 16, 50, 800, [rng_state()] * 2, [rng_state()] * 2, workers=2)
-    with pytest.raises(StateError, match="saved with 50 steps per epoch, this run has 25"):
+    run.resume_position = EpochPosition(0, 16, 50, 800, [rng_state()] * 2, [rng_state()] * 2, workers=2,
+                                        seed=0)
+    with pytest.raises(StateError, match=r"saved with 50 steps per epoch, this run has 25 \(batch size, "
+                                         r"--accum-freq, world size, --workers or --train-num-samples"):
         run.data_ready(lambda texts: texts, 0, 25, 1, world_size=2)
+    # the seed orders shards and samples (the seeded shuffle buffer too)
+    with pytest.raises(StateError, match=r"saved with --seed 0, this run has --seed 7.*--resume "
+                                         r"LOGS/NAME/checkpoints/epoch_N.pt --name NEW_NAME"):
+        run.data_ready(lambda texts: texts, 0, 50, 1, world_size=2, workers=2, seed=7)
     # the same global batch on another number of ranks, or other loader workers (webdataset)
     with pytest.raises(StateError, match=r"saved by 2 rank\(s\), this run has 1"):
         run.data_ready(lambda texts: texts, 0, 50, 1, world_size=1, workers=2)
@@ -189,8 +197,12 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, 
     preempting SLURM and torchrun send it (torch's worker handler used to kill the worker, and
     the run then failed in its next fetch without saving). With `--workers 0` the augmentations
     are drawn from the training process's RNG at each fetch: the saved RNG is the one before the
-    step's fetch (it was the one after, and the resumed run cropped its first batch otherwise)."""
+    step's fetch (it was the one after, and the resumed run cropped its first batch otherwise).
+    The resumed run logs the uninterrupted run's steps and sample counts, to the console and to
+    tensorboard (OpenCLIP's loop counted from 0 again, so the resumed half of the epoch was
+    logged over steps already logged, and its last log line never came)."""
     batch = 4 if "--accum-freq" in extra else 8
+    extra = [*extra, "--report-to", "tensorboard"]
     whole = train_argv(scene_csv, str(tmp_path), "whole", *HN_ONLINE_CHOICE, *extra, epochs=2, batch_size=batch)
     run_module("open_clip_hn.train", whole)
 
@@ -223,10 +235,26 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(tmp_path, scene_csv, 
     hn_b = torch.load(tmp_path / "cut" / "checkpoints" / "epoch_2.pt.hn", weights_only=False)
     assert hn_a["loss"]["step"] == hn_b["loss"]["step"] == 8
     assert not list((tmp_path / "cut" / "checkpoints").glob("epoch_*_step_*.pt"))  # pruned
+    assert logged_progress(tmp_path, "cut") == logged_progress(tmp_path, "whole")
+
+
+def logged_progress(logs: Path, name: str) -> tuple[list, list]:
+    """(epoch, samples) of every console progress line, and every tensorboard step of the
+    learning rate, over all starts of a run, sorted."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    console = re.findall(r"Train Epoch: (\d+) \[\s*(\d+)/", (logs / name / "out.log").read_text())
+    steps = []
+    for events in (logs / name / "tensorboard").glob("events.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        steps += [event.step for event in accumulator.Scalars("train/lr")]
+    return sorted(console), sorted(steps)
 
 
 FAILING_RUN = """
 import sys
+from pathlib import Path
 import open_clip_hn.objective as objective
 forward, calls = objective.HardNegativeLoss.forward, []
 def failing(self, *args, **kwargs):

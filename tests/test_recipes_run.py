@@ -33,6 +33,8 @@ def test_recipe_trains_one_step(recipe: Path, scene_shards, neighbor_index, tmp_
         captions = tmp_path / "captions.txt"
         captions.write_text("\n".join(sample_scene(random.Random(i)).caption for i in range(400)))
         extra += ["--hn-plausibility", str(captions)]
+    if isinstance(settings.get("hn-curriculum-warmup"), int):  # a warmup in steps outlasts 1 step
+        extra += ["--hn-curriculum-warmup", "0"]
     argv = train_argv(scene_shards, str(tmp_path), recipe.stem, *extra, batch_size=8, num_samples=8)
     run_module("open_clip_hn.train", argv)
     log = (tmp_path / recipe.stem / "out.log").read_text()
@@ -41,6 +43,25 @@ def test_recipe_trains_one_step(recipe: Path, scene_shards, neighbor_index, tmp_
     assert (tmp_path / recipe.stem / "checkpoints" / "epoch_1.pt").exists()
     if "--hn-image-neighbors" in extra:
         assert "Hard image negatives: each sample is followed by" in log
+
+
+def test_a_warmup_longer_than_the_run_is_refused_in_the_log_too(scene_shards, tmp_path):
+    """The recommended recipe's 117-step warmup over a 4-step run trained vanilla OpenCLIP and
+    exited 0 after a warning. Now it is an error, in out.log too (it went to stderr only), naming
+    the experiment folder OpenCLIP made, which blocks a rerun under the same --name."""
+    import subprocess
+    import sys
+
+    argv = train_argv(scene_shards, str(tmp_path), "short", "--hn-config", "recommended",
+                      "--hn-plausibility", "none", batch_size=8, num_samples=32)
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the curriculum leaves no step with hard negatives (--hn-curriculum-warmup 117: 117 of " \
+           "the run's 4 steps" in proc.stderr
+    assert f"OpenCLIP made the run's folder {tmp_path / 'short'} before this check" in proc.stderr
+    assert "leaves no step with hard negatives" in (tmp_path / "short" / "out.log").read_text()
+    assert not (tmp_path / "short" / "checkpoints" / "epoch_1.pt").exists()
 
 
 def test_print_config_shows_the_recipe_plus_overrides(scene_shards, tmp_path):

@@ -10,11 +10,14 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -84,6 +87,24 @@ def test_parse_time_refuses_bad_limits(text):
         submit.parse_time(text)
 
 
+@pytest.mark.parametrize("time, delay, message", [
+    ("1", 120, "--signal-delay 120 is not well below --time 1 (60 s): SLURM would send SIGUSR2 as "
+               "soon as the job starts and it would requeue itself over and over; pass "
+               "--signal-delay 30 (at most half the time limit), or a --time of at least 4 minutes"),
+    ("3", 120, "pass --signal-delay 90"),
+    ("0:10:00", 301, "--signal-delay 301 is not well below --time 0:10:00 (600 s)"),
+    ("4", 120, None), ("10", 170, None), ("72:00:00", 120, None),
+])
+def test_a_signal_delay_not_well_below_the_time_limit_is_refused(time, delay, message):
+    """USR2 `--signal-delay` seconds before the limit: near the limit, every start is signalled
+    at once and the job requeues itself again and again without training."""
+    if message is None:
+        submit.check_signal_delay(delay, time)
+    else:
+        with pytest.raises(submit.SubmitError, match=re.escape(message)):
+            submit.check_signal_delay(delay, time)
+
+
 @pytest.mark.parametrize("minutes", ["nan", "inf", "0", "-1"])
 def test_dist_timeout_must_be_a_finite_positive_number(minutes):
     """Checked at submission: the job itself would only fail once queued (timedelta(nan))."""
@@ -148,15 +169,84 @@ def test_broken_latest_checkpoint_is_set_aside(tmp_path):
     assert submit.set_aside_broken_checkpoints(tmp_path) == []
 
 
-def test_requeued_job_switches_to_latest_once_a_checkpoint_exists(tmp_path):
+def test_every_start_resumes_its_own_latest_once_the_experiment_has_a_checkpoint(tmp_path):
+    """Each start decides (`start_argv`), not only submitit's requeue: SLURM restarts a job from
+    its original submission too (node failure, `scontrol requeue`, PreemptMode=REQUEUE)."""
     argv = ["--logs", str(tmp_path), "--name", "x", "--resume", "pretrained.pt"]
     job = submit.TrainJob(argv, dist_timeout_min=5)
-    assert submit.flag_value(job.checkpoint().function.train_argv, "--resume") == "pretrained.pt"
-    (tmp_path / "x" / "checkpoints").mkdir(parents=True)
-    torch.save({"epoch": 1}, tmp_path / "x" / "checkpoints" / "epoch_1.pt")
-    requeued = job.checkpoint().function
-    assert submit.flag_value(requeued.train_argv, "--resume") == "latest"
-    assert requeued.dist_timeout_min == 5
+    assert submit.start_argv(argv) == argv
+    checkpoints = tmp_path / "x" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / ".tmp-epoch_1.pt").write_bytes(b"")  # a save killed midway: nothing to resume
+    assert submit.start_argv(argv) == argv
+    torch.save({"epoch": 1}, checkpoints / "epoch_1.pt")
+    assert submit.start_argv(argv) == ["--logs", str(tmp_path), "--name", "x", "--resume", "latest"]
+    requeued = job.checkpoint().function  # submitit's requeue: the same job, deciding at its start
+    assert requeued.train_argv == argv and requeued.dist_timeout_min == 5
+    assert submit.start_argv(["--resume", "latest", *argv[:4]]) == ["--resume", "latest", *argv[:4]]
+
+
+def test_a_start_after_one_that_saved_nothing_sets_its_log_aside(tmp_path):
+    """OpenCLIP refuses `--resume PATH` into a folder with a log ("Experiment already exists"):
+    the task that makes that check keeps the earlier start's log under another name."""
+    argv = ["--logs", str(tmp_path), "--name", "x", "--resume", "pretrained.pt"]
+    (tmp_path / "x").mkdir()
+    assert submit.set_aside_earlier_log(argv, global_rank=0, local_rank=0) is None
+    for start in (1, 2):
+        (tmp_path / "x" / "out.log").write_text(f"start {start}")
+        assert submit.set_aside_earlier_log(argv, global_rank=1, local_rank=0) is None
+        kept = submit.set_aside_earlier_log(argv, global_rank=0, local_rank=0)
+        assert kept == tmp_path / "x" / f"out.log.start{start}" and kept.read_text() == f"start {start}"
+    (tmp_path / "x" / "out-3").write_text("")  # --log-local: each node's first task checks its own
+    assert submit.set_aside_earlier_log([*argv, "--log-local"], global_rank=3, local_rank=1) is None
+    assert submit.set_aside_earlier_log([*argv, "--log-local"], global_rank=3, local_rank=0) == (
+        tmp_path / "x" / "out-3.start1")
+
+
+def replay_start(job_dir: Path, job_id: str) -> subprocess.CompletedProcess:
+    """One start of a submitted job from its original submitit pickle, as SLURM restarts a job
+    (node failure, `scontrol requeue`): submitit's own entry point, as the job's only task."""
+    env = {**os.environ, "SUBMITIT_EXECUTOR": "local", "SUBMITIT_LOCAL_JOB_ID": job_id,
+           "SUBMITIT_LOCAL_NTASKS": "1", "SUBMITIT_LOCAL_JOB_NUM_NODES": "1",
+           "SUBMITIT_LOCAL_NODEID": "0", "SUBMITIT_LOCAL_GLOBALID": "0", "SUBMITIT_LOCAL_LOCALID": "0",
+           "OMP_NUM_THREADS": "1",  # the job's setup lines, as the launcher writes them:
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run([sys.executable, "-u", "-m", "submitit.core._submit", str(job_dir)],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+
+
+def test_restarts_from_the_original_submission_with_resume_path_train_on(tmp_path, scene_shards):
+    """`--resume PATH` replayed from the submitted pickle: after a start that left only a log (a
+    signal during set-up, a dead node) the job starts again from PATH, and once the experiment has
+    a checkpoint it resumes that. OpenCLIP refused both ("Experiment already exists")."""
+    import submitit
+
+    from conftest import tiny_model, train_argv
+    from open_clip_hn.slurm.submit import TrainJob  # importable: the pickle names it
+
+    pretrained = tmp_path / "pretrained.pt"
+    torch.save(tiny_model().state_dict(), pretrained)
+    job_dir = tmp_path / "job"
+    argv = submit.experiment_argv(train_argv(scene_shards, str(job_dir), submit.EXPERIMENT_NAME,
+                                             "--resume", str(pretrained), num_samples=16), job_dir)
+    experiment = job_dir / submit.EXPERIMENT_NAME
+    experiment.mkdir(parents=True)
+    (experiment / "out.log").write_text("an earlier start, stopped before its first checkpoint\n")
+    submitit.helpers.DelayedSubmission(TrainJob(argv, 5)).dump(job_dir / "42_submitted.pkl")
+
+    after_setup = replay_start(job_dir, "42")
+    output = after_setup.stdout + after_setup.stderr
+    assert "Job completed successfully" in output, output[-4000:]
+    assert (experiment / "out.log.start1").read_text().startswith("an earlier start")
+    assert f"=> loaded checkpoint '{pretrained}'" in (experiment / "out.log").read_text()
+    assert (experiment / "checkpoints" / "epoch_1.pt").exists()
+
+    after_checkpoint = replay_start(job_dir, "42")
+    output = after_checkpoint.stdout + after_checkpoint.stderr
+    assert "Job completed successfully" in output, output[-4000:]
+    assert "--resume latest" in after_checkpoint.stdout
+    assert "=> resuming checkpoint" in (experiment / "out.log").read_text()
+    assert not (experiment / "out.log.start2").exists()
 
 
 def test_a_cluster_without_default_partition_needs_one(monkeypatch):
@@ -238,19 +328,26 @@ def passing_cluster(monkeypatch):
     monkeypatch.setattr(submit, "partition_nodes", lambda name: [submit.NodeShape(1, 64, 8000, 0)])
 
 
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
 @pytest.mark.parametrize("refusal, message", [
     ("experiment", "already exists: pass --resume latest"),
+    # a job given --resume PATH takes any checkpoint of its experiment for its own
+    ("checkpoints", "already exists: pass --resume latest"),
     ("srun", "no srun on this machine: run on a SLURM login node, or pass --local"),
     ("partition", "--partition big: no such partition"),
     ("resources", "needs 100 CPUs per node, but the nodes of partition cpu have at most 64"),
 ])
 def test_a_refused_submission_leaves_no_job_folder(passing_cluster, monkeypatch, tmp_path, capsys,
-                                                   refusal, message):
-    """Every check runs before the job folder is made, so a refusal leaves nothing to clean up."""
-    launch, flags = ["--gpus-per-node", "0", "--cpus-per-task", "1"], ["--epochs", "1"]
-    if refusal == "experiment":
-        (tmp_path / "logs" / "x").mkdir(parents=True)
-        (tmp_path / "logs" / "x" / "out.log").write_text("")
+                                                   refusal, message, dry_run):
+    """Every check runs before the job folder is made, so a refusal leaves nothing to clean up;
+    a dry run makes the same checks."""
+    launch, flags = ["--gpus-per-node", "0", "--cpus-per-task", "1", *dry_run], ["--epochs", "1"]
+    if refusal in ("experiment", "checkpoints"):
+        (tmp_path / "logs" / "x" / "checkpoints").mkdir(parents=True)
+        if refusal == "experiment":
+            (tmp_path / "logs" / "x" / "out.log").write_text("")
+        else:
+            torch.save({"epoch": 1}, tmp_path / "logs" / "x" / "checkpoints" / "epoch_1.pt")
         flags += ["--logs", str(tmp_path / "logs"), "--name", "x", "--resume", "pretrained.pt"]
     elif refusal == "srun":
         monkeypatch.setattr(submit.shutil, "which", lambda name: None if name == "srun" else name)
@@ -280,13 +377,150 @@ def test_the_job_folder_is_made_after_the_checks_and_before_the_executor(passing
                      "--", "--epochs", "1"])
 
 
+def test_a_dry_run_prints_the_request_and_each_tasks_command_and_makes_nothing(
+        passing_cluster, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(submit, "make_executor", lambda *a: pytest.fail("a dry run made an executor"))
+    job_dir = tmp_path / "jobs" / "job"
+    assert submit.main(["--dry-run", "--gpus-per-node", "0", "--tasks-per-node", "2",
+                        "--cpus-per-task", "4", "--mem", "4G", "--time", "1:00:00",
+                        "--job-dir", str(job_dir), "--", "--epochs", "1", "--resume", "/c/epoch_3.pt"]) == 0
+    out = capsys.readouterr().out
+    assert "Dry run: every check passed; nothing was submitted and no folder was made." in out
+    assert "Resources (submitit SlurmExecutor, partition cpu, requeued at most 3 time(s)" in out
+    for line in ("nodes: 1", "ntasks_per_node: 2", "cpus_per_task: 4", "time: 60", "signal_delay_s: 120",
+                 "additional_parameters: {'mem': '4G'}", "srun_args: ['--kill-on-bad-exit=1']"):
+        assert f"\n  {line}\n" in out
+    assert f"Job folder: {job_dir}\nExperiment: {job_dir / 'train'}\n" in out
+    assert "Each of the 2 task(s) runs" in out
+    assert (f"  python -m open_clip_hn.train --epochs 1 --resume /c/epoch_3.pt --logs {job_dir} "
+            "--name train\n  (a start that finds a checkpoint of the experiment runs it with "
+            "--resume latest)") in out
+    assert not (tmp_path / "jobs").exists()
+
+
+def test_a_local_dry_run_checks_the_training_flags_and_starts_nothing(tmp_path, scene_shards):
+    from conftest import train_argv
+
+    flags = train_argv(scene_shards, str(tmp_path / "logs"), "x")
+    launch = ["--dry-run", "--local", "--gpus-per-node", "0", "--cpus-per-task", "1", "--time", "10",
+              "--job-dir", str(tmp_path / "job")]
+    proc = run_submit(*launch, "--", *flags)
+    assert proc.returncode == 0, proc.stderr
+    assert "submitit LocalExecutor, this machine" in proc.stdout and "tasks_per_node: 1" in proc.stdout
+    assert f"  python -m open_clip_hn.train {shlex.join(flags)} --resume latest\n" in proc.stdout
+    refused = run_submit(*launch, "--", *flags, "--no-such-flag")
+    assert refused.returncode == 2 and "unrecognized arguments: --no-such-flag" in refused.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+class FakeJob:
+    def __init__(self, job_id: str):
+        self.job_id = job_id
+        self.paths = types.SimpleNamespace(stdout=f"{job_id}_0_log.out")
+
+    def results(self) -> list[str]:
+        return ["done"]
+
+
+def fake_submissions(monkeypatch, job_ids: list[str]) -> list:
+    """make_executor replaced: each submission gets the next job id; returns the submitted jobs."""
+    submitted, ids = [], iter(job_ids)
+
+    class Executor:
+        def submit(self, job):
+            submitted.append(job)
+            return FakeJob(next(ids))
+
+    monkeypatch.setattr(submit, "make_executor", lambda args, folder, tasks_per_node: Executor())
+    return submitted
+
+
+def fake_squeue(monkeypatch, tmp_path, script: str) -> None:
+    """An `squeue` first on PATH, answering with the sh `script`."""
+    folder = tmp_path / "bin"
+    folder.mkdir(exist_ok=True)
+    (folder / "squeue").write_text("#!/bin/sh\n" + script + "\n")
+    (folder / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+
+
+# squeue's answers for job 100 (asked with `-t all --jobs=100`), and whether it blocks a submission
+SQUEUE_ANSWERS = {
+    "RUNNING": ("echo RUNNING", True),
+    "PENDING": ("echo PENDING", True),  # queued, or requeued after a preemption
+    "COMPLETED": ("echo COMPLETED", False),
+    "forgotten": ("echo 'slurm_load_jobs error: Invalid job id specified' >&2; exit 1", False),
+    "unreachable": ("echo 'squeue: error: Unable to contact slurm controller' >&2; exit 1", False),
+}
+
+
+@pytest.mark.parametrize("answer", SQUEUE_ANSWERS)
+def test_a_job_dir_an_unfinished_job_writes_is_refused(passing_cluster, monkeypatch, tmp_path,
+                                                       capsys, answer):
+    """Two jobs in one experiment take each other's step checkpoints (then deleted under them)
+    and mix their logs: the launcher notes each job it submits and asks SLURM about it."""
+    script, blocks = SQUEUE_ANSWERS[answer]
+    fake_squeue(monkeypatch, tmp_path,
+                f'case "$*" in *"-t all --jobs=100 "*) {script} ;; *) exit 9 ;; esac')
+    submitted = fake_submissions(monkeypatch, ["100", "101"])
+    job_dir = tmp_path / "job"
+    launch = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--job-dir", str(job_dir), "--",
+              "--epochs", "1"]
+    assert submit.main(launch) == 0
+    assert (job_dir / "train" / submit.JOBS_FILE).read_text() == "slurm 100\n"
+    capsys.readouterr()
+    assert submit.main(launch) == (2 if blocks else 0)
+    err = capsys.readouterr().err
+    if blocks:
+        assert (f"--job-dir {job_dir} is in use by job 100 ({answer}) of this launcher: pass another "
+                "--job-dir, or let the job end or stop it (scancel 100) first; nothing was submitted") in err
+        assert len(submitted) == 1
+        return
+    assert len(submitted) == 2  # the same command continues the experiment once the job has ended
+    assert (job_dir / "train" / submit.JOBS_FILE).read_text() == "slurm 100\nslurm 101\n"
+    warned = "cannot tell whether job 100, submitted into" in err
+    assert warned == (answer == "unreachable")
+
+
+def test_an_experiment_another_job_dir_shares_is_refused(passing_cluster, monkeypatch, tmp_path,
+                                                         capsys):
+    fake_squeue(monkeypatch, tmp_path, "echo PENDING")
+    fake_submissions(monkeypatch, ["7", "8"])
+    launch = ["--gpus-per-node", "0", "--cpus-per-task", "1", "--job-dir"]
+    flags = ["--", "--epochs", "1", "--logs", str(tmp_path / "logs"), "--name", "x"]
+    assert submit.main([*launch, str(tmp_path / "one"), *flags]) == 0
+    capsys.readouterr()
+    for dry_run in ([], ["--dry-run"]):
+        assert submit.main([*dry_run, *launch, str(tmp_path / "two"), *flags]) == 2
+        assert (f"experiment {tmp_path / 'logs' / 'x'} is in use by job 7 (PENDING) of this "
+                "launcher: pass another --name (or --logs)") in capsys.readouterr().err
+    assert not (tmp_path / "two").exists()
+
+
+def test_a_local_job_is_unfinished_while_its_process_runs_on_this_machine(passing_cluster,
+                                                                         monkeypatch, tmp_path):
+    here = socket.gethostname()
+    fake_submissions(monkeypatch, [str(os.getpid())])
+    job_dir = tmp_path / "job"
+    assert submit.main(["--local", "--gpus-per-node", "0", "--job-dir", str(job_dir), "--",
+                        "--epochs", "1"]) == 0
+    record, = submit.read_job_records(job_dir / "train")
+    assert record == submit.JobRecord("local", str(os.getpid()), here)
+    assert submit.job_unfinished(record) == "running on this machine"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert submit.job_unfinished(submit.JobRecord("local", ended, here)) == ""
+    assert submit.job_unfinished(submit.JobRecord("local", ended, "another-machine")) is None
+
+
 # ---------------------------------------------------------------------------- the command line
 
 
 def test_help_lists_the_flags():
     out = run_submit("--help").stdout
     for flag in ("--nodes", "--gpus-per-node", "--partition", "--time", "--account", "--qos",
-                 "--constraint", "--mem", "--cpus-per-task", "--job-dir", "--local"):
+                 "--constraint", "--mem", "--cpus-per-task", "--job-dir", "--local", "--dry-run",
+                 "--signal-delay"):
         assert flag in out
 
 
@@ -294,6 +528,7 @@ def test_help_lists_the_flags():
     (["--nodes", "0"], "--nodes 0: must be at least 1"),
     (["--gpus-per-node", "-1"], "--gpus-per-node -1: must be at least 0"),
     (["--time", "soon"], "--time 'soon': not a SLURM time"),
+    (["--time", "1"], "--signal-delay 120 is not well below --time 1 (60 s)"),
     (["--local", "--nodes", "2"], "--local runs on this machine only: use --nodes 1"),
     # CI and this machine have no GPU: the default 8 would start 8 CPU ranks
     (["--local"], "--local --gpus-per-node 8, but this machine has 0 GPU(s); pass --gpus-per-node 0"),

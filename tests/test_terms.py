@@ -51,9 +51,17 @@ def test_needs_are_checked_from_the_registry():
     HNConfig(negatives="online", loss=("rank",)).validate()
 
 
-def test_active_terms_follow_choice_replacement_and_automatic_needs():
+@pytest.mark.parametrize("loss", [("clip", "importance"), ("itc", "clip"), ("importance", "itc", "choice")])
+def test_two_contrastive_terms_are_refused(loss):
+    """itc, clip and importance each compute OpenCLIP's contrastive loss: with two, the later one
+    silently overwrote the other (`clip,importance` trained importance alone)."""
+    with pytest.raises(ValueError, match=r"each OpenCLIP's contrastive loss .* keep one of them"):
+        HNConfig(loss=loss, negatives="online").validate()
+
+
+def test_active_terms_follow_choice_and_automatic_needs():
     names = lambda config: [t.name for t in terms.active_terms(config)]  # noqa: E731
-    assert names(HNConfig(loss=("itc", "importance"))) == ["importance"]  # importance replaces itc
+    assert names(HNConfig(loss=("importance",))) == ["importance"]
     assert names(HNConfig(loss=("choice", "itc"), negatives="online")) == ["itc", "choice"]
     assert names(HNConfig(loss=("itc",), mirror=("horizontal",))) == ["itc", "mirror"]
     assert names(HNConfig(loss=("itc",), mirror=("horizontal",), mirror_weight=0.0)) == ["itc"]

@@ -106,6 +106,9 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-save-every-steps", "50", "--hn-seed", "3"], "--hn-seed acts on online text negatives"),
     (["--hn-negatives", "precomputed", "--hn-seed", "3"], "--hn-seed acts on online text negatives"),
     (["--hn-negatives", "online", "--hn-curriculum-end", "0.5"], "--hn-curriculum-end acts on a curriculum that moves"),
+    (["--hn-negatives", "online", "--hn-curriculum", "linear"],
+     "--hn-curriculum linear moves the share from --hn-curriculum-start to --hn-curriculum-end, both 1 here"),
+    (["--hn-negatives", "online", "--hn-loss", "clip,importance"], "clip and importance are each OpenCLIP's contrastive loss"),
     (["--hn-negatives", "online", "--hn-drop-state"], "--hn-drop-state acts on a resume"),
     (["--hn-save-every-steps", "5", "--logs", "none"], "--hn-save-every-steps 5 writes checkpoints, and --logs none"),
     (["--hn-negatives", "online", "--hn-loss", "clip,choice", "--hn-choice-grad", "image", "--lock-image"],
@@ -120,7 +123,7 @@ def test_help_lists_openclip_and_hn_flags():
     (["--hn-negatives", "online", "--hn-mirror", ""], "no mirror axis in ''"),
     (["--hn-negatives", "online", "--hn-mirror", " , "], "no mirror axis in ' , '"),
     (["--hn-negatives", "online", "--hn-types", ""], "no negative type in ''"),
-    (["--hn-config", "diht", "--hn-label-smoothing", "0.1"], "or itc where neither clip nor importance replaces it"),
+    (["--hn-config", "diht", "--hn-label-smoothing", "0.1"], "the softmaxes that hold text negatives (itc, choice or local"),
     (["--hn-negatives", "precomputed", "--hn-seed", "3"], "pass --seed to `python -m open_clip_hn.negatives precompute`"),
     (["--hn-negatives", "online", "--dataset-type", "synthetic", "--hn-sample-shuffle", "process"],
      "--dataset-type synthetic is not webdataset"),
@@ -427,12 +430,13 @@ def assert_plain_openclip_scores(checkpoint_path: Path) -> None:
 
 @pytest.mark.slow
 def test_all_objectives_epoch_logs_each_term(tmp_path, scene_shards):
-    """Issue 5's run: itc,intra,rank,importance + the bank's mined term + linear curriculum with
-    warmup."""
+    """Issue 5's run: importance (HCL's contrastive loss, in place of itc: two contrastive terms
+    are refused since session 32), intra, rank + the bank's mined term + a linear curriculum
+    with warmup."""
     argv = train_argv(scene_shards, str(tmp_path), "all", "--hn-negatives", "online",
-                      "--hn-num-negatives", "2", "--hn-loss", "itc,intra,rank,importance,choice,mined",
+                      "--hn-num-negatives", "2", "--hn-loss", "importance,intra,rank,choice,mined",
                       "--hn-memory-bank-size", "256", "--hn-curriculum", "linear",
-                      "--hn-curriculum-warmup", "2")
+                      "--hn-curriculum-start", "0.5", "--hn-curriculum-warmup", "2")
     run_module("open_clip_hn.train", argv)
     lines = [l for l in (tmp_path / "all" / "out.log").read_text().splitlines() if "Train Epoch" in l]
     for term in ("Contrastive_loss", "Intra_loss", "Rank_loss", "Choice_loss", "Mined_loss", "Hn_curriculum"):
@@ -636,3 +640,35 @@ def test_readme_documents_every_plugin_flag():
     group = next(g for g in build_parser()._action_groups if g.title.startswith("open_clip_hn"))
     missing = [a.option_strings[0] for a in group._group_actions if f"`{a.option_strings[0]}" not in readme]
     assert not missing, f"README's flag reference lacks {missing}"
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, scene_shards):
+    """Two jobs with one --logs/--name (both resume latest, as the SLURM launcher's do) trained
+    into one folder: the second picked up the first's step checkpoint, which the first deleted
+    at its next save, and params.txt and out.log mixed both runs. The process training into a
+    folder holds a lock on it; a dead run's lock is gone, so a requeued job is not refused."""
+    import signal
+
+    from conftest import start_training, wait_for_steps
+
+    argv = train_argv(scene_shards, str(tmp_path), "shared", *HN_ONLINE, "--resume", "latest",
+                      epochs=50, num_samples=64)
+    first = start_training(argv)
+    try:
+        wait_for_steps(tmp_path / "shared" / "out.log", 2, first)
+        second = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                                text=True, timeout=300, cwd=REPO)
+        assert second.returncode == 2, second.stderr[-3000:]
+        assert f"process {first.pid} on " in second.stderr
+        assert f"is training into {tmp_path / 'shared'}: two runs in one experiment folder" in second.stderr
+        assert first.poll() is None  # the first run goes on
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    # the first is dead (no stop, no save): its lock went with it, and a restart resumes
+    restart = train_argv(scene_shards, str(tmp_path), "shared", *HN_ONLINE, "--resume", "latest",
+                         epochs=1, num_samples=64)
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *restart], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0 and "is training into" not in proc.stderr, proc.stderr[-3000:]

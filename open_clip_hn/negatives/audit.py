@@ -16,11 +16,11 @@ prefer the positive: for them both LMs compare per-token mean log-probabilities 
 
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from pathlib import Path
 
+from ..eval_sets import read_choice_records
 from .plausibility import fit, fold_of, tokens
 
 AUDIT_SALT = "audit-fold"
@@ -53,13 +53,13 @@ def read_sugarcrepe(paths: list[str]) -> dict[str, list[Pair]]:
         if name is None:
             raise AuditError(f"{file}: file name does not name a SugarCrepe type; expected one of "
                              f"{', '.join(s + '.json' for s in SUGARCREPE_FILES)}")
-        try:
-            items = json.loads(file.read_text(encoding="utf-8"))
-            rows = [(v["caption"], v["negative_caption"]) for v in items.values()]
-        except (OSError, ValueError, AttributeError, KeyError, TypeError) as err:
-            raise AuditError(f"{file}: not SugarCrepe layout ({err!r}); expected "
-                             '{id: {"filename", "caption", "negative_caption"}}') from err
-        pairs.setdefault(name, []).extend(rows)
+        try:  # the evaluation's reader: ids given twice, a byte-order mark, wrong records
+            records, (_, true, false) = read_choice_records(str(file))
+        except OSError as err:
+            raise AuditError(f"{file} cannot be read ({err})") from err
+        except ValueError as err:  # names the file and the layout it expects
+            raise AuditError(str(err)) from err
+        pairs.setdefault(name, []).extend((record[true], record[false]) for _, record in records)
     if not pairs:
         raise AuditError(f"no SugarCrepe JSON files in {', '.join(paths)}")
     return pairs

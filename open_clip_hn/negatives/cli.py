@@ -93,7 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("precompute", help="Write webdataset shards with <key>.neg.json added.")
     pre.add_argument("--shards", required=True, help="Input shards, brace pattern: 'in-{000000..000009}.tar'.")
     pre.add_argument("--output-dir", required=True, help="Folder for the output shards (same names).")
-    pre.add_argument("--caption-key", default="txt", help="Member extension holding the caption. Default: txt.")
+    pre.add_argument("--caption-key", default="txt", type=str.lower,
+                     help="Member extension holding the caption, in any case (webdataset reads "
+                          "extensions in lower case: .TXT is txt). Default: txt.")
     pre.add_argument("--workers", type=positive_int, default=1,
                      help="Shards processed in parallel. Default: 1.")
     pre.add_argument("--allow-damaged", action="store_true",

@@ -32,17 +32,49 @@ def _load(path: str) -> tuple:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise LMError(f"{path}: no config.json, so not a saved transformers model; {FIX}")
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its config dump, load report and progress bar: once per
+    hf_logging.disable_progress_bar()  # loader worker, on stderr
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True)
+        model, loading = AutoModelForMaskedLM.from_pretrained(path, local_files_only=True,
+                                                              output_loading_info=True)
     except Exception as err:  # whatever transformers raises, the folder is the cause: name it
         reason = (str(err).strip().splitlines() or [""])[0]
         raise LMError(f"{path}: not a loadable masked LM ({type(err).__name__}: {reason}); {FIX}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    if loading.get("missing_keys"):
+        missing = sorted(loading["missing_keys"])
+        raise LMError(f"{path}: the saved model lacks weights of a masked LM ({', '.join(missing[:3])}"
+                      f"{', ...' if len(missing) > 3 else ''}), so they would be random and propose "
+                      f"random words: is it a base model saved without its masked-LM head? {FIX}")
     if tokenizer.mask_token_id is None or len(tokenizer) <= len(tokenizer.all_special_ids):
         raise LMError(f"{path}: its tokenizer has no mask token or no words (only special tokens: "
                       f"are its tokenizer files there?), so the model cannot propose words; {FIX}")
     return tokenizer, model.eval()
+
+
+def word_start_marker(tokenizer) -> str | None:
+    """The prefix that marks a vocabulary entry as the start of a word: 'Ġ' for byte-level BPE
+    (RoBERTa), '▁' for SentencePiece (ALBERT, DeBERTa-v3, XLM-R); None for WordPiece (BERT),
+    whose word pieces after the first start with '##' instead."""
+    second = (tokenizer.tokenize("a a") or [""])[-1]  # how a word after a space starts
+    return second[0] if second[:1] in ("Ġ", "▁") else None
+
+
+def whole_words(tokens: list[str], marker: str | None) -> list[str]:
+    """The tokens that are whole words, as words: a proposal must be a word the lexicons know,
+    and a piece of one ('##ne', or 'ne' without BPE's marker) is not."""
+    if marker is not None:
+        words = [t[len(marker):] for t in tokens if t.startswith(marker)]
+    else:
+        words = [t for t in tokens if not t.startswith("##")]
+    return [w for w in words if w.isalpha()]
 
 
 def check_masked_lm(path: str, flag: str) -> None:
@@ -59,6 +91,7 @@ class MaskedLMProposer:
 
     def __init__(self, path: str):
         self.tokenizer, self.model = _load(path)
+        self.word_start = word_start_marker(self.tokenizer)
 
     def propose(self, words: list[str], index: int, top: int = TOP_K) -> list[str]:
         """Whole-word proposals for the masked unit `index`, most likely first."""
@@ -73,8 +106,7 @@ class MaskedLMProposer:
         with torch.no_grad():
             logits = self.model(**encoded).logits[0, positions[0, 0]]
         ids = logits.topk(min(top, logits.numel())).indices.tolist()
-        tokens = self.tokenizer.convert_ids_to_tokens(ids)
-        return [t for t in tokens if t.isalpha()]
+        return whole_words(self.tokenizer.convert_ids_to_tokens(ids), self.word_start)
 
     def edits(self, res: Resources, parse: Parse, name: str, rng: random.Random) -> list:
         """replace_object / replace_attribute edits whose new word the LM proposed (and is valid)."""

@@ -134,10 +134,18 @@ def _check_caption_key(shard: str, caption_key: str) -> None:
     except (tarfile.TarError, EOFError, OSError, ValueError):
         return  # damaged: precompute_shard reports it, with counts
     seen.discard(NEGATIVES_EXTENSION)
+    dotted = sorted(e for e in seen if e.endswith("." + caption_key))
+    if dotted:
+        raise InputError(f"{shard}: the sample keys hold dots (a member '<key>.{dotted[0]}'): "
+                         "webdataset splits a member's name at the first dot after the folder, "
+                         f"so its extension is '{dotted[0]}', not '{caption_key}', for OpenCLIP too; "
+                         "rename the members so that keys have no dots (e.g. 'a.b.txt' -> 'a_b.txt')")
     if seen:
+        shown = sorted(seen)
+        listed = ", ".join("." + e for e in shown[:8]) + (f" and {len(shown) - 8} more" if len(shown) > 8 else "")
         raise InputError(f"--caption-key {caption_key}: no sample of {shard} has a '.{caption_key}' "
-                         f"member (its members: {', '.join('.' + e for e in sorted(seen))}); pass "
-                         "--caption-key with the extension holding the captions (e.g. txt)")
+                         f"member (its members: {listed}); pass --caption-key with the extension "
+                         "holding the captions (e.g. txt)")
 
 
 def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator, k: int,

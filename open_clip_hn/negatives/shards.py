@@ -25,10 +25,11 @@ NEGATIVES_EXTENSION = "neg.json"  # member `<key>.neg.json`: a JSON list of {"te
 
 
 def split_key(name: str) -> tuple[str, str]:
-    """webdataset's sample key and extension: 'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg')."""
+    """webdataset's sample key and extension: 'dir/abc.seg.jpg' -> ('dir/abc', 'seg.jpg'); the
+    extension in lower case, as webdataset reads it ('a.JPG', 'a.TXT' train as jpg and txt)."""
     directory, _, base = name.rpartition("/")
     stem, _, extension = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), extension
+    return (f"{directory}/{stem}" if directory else stem), extension.lower()
 
 
 def negatives_member(key: str, negatives: list, template: tarfile.TarInfo
