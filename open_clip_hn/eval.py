@@ -315,7 +315,8 @@ def retrieval_beside(root: str) -> RetrievalSet | None:
 
 
 def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
-    """Every `*.json` (choice) and `*.jsonl` (image-pair) set directly inside `root`."""
+    """Every `*.json` (choice) and `*.jsonl` (image-pair) set directly inside `root` (none where
+    `root` holds only a `retrieval/` folder)."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"compositional folder {root} does not exist")
     names = sorted(os.listdir(root))
@@ -329,8 +330,9 @@ def discover_sets(root: str) -> tuple[list[ChoiceSet], list[PairSet]]:
                                  "name; rename one of them")
     choice = [load_choice_set(os.path.join(root, n)) for n in names if n.endswith(".json")]
     pairs = [load_pair_set(os.path.join(root, n)) for n in names if n.endswith(".jsonl")]
-    if not choice and not pairs:
-        raise ValueError(f"compositional folder {root} holds no *.json or *.jsonl sets")
+    if not choice and not pairs and retrieval_folder(root) is None:  # retrieval alone is a set too
+        raise ValueError(f"compositional folder {root} holds no *.json or *.jsonl sets and no "
+                         f"{RETRIEVAL}/ folder")
     return choice, pairs
 
 

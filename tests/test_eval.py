@@ -713,3 +713,16 @@ def test_in_training_metrics_go_to_wandb_at_the_runs_step(monkeypatch, tmp_path)
     hn_eval.log_metrics({"compositional/swap_objects/acc": 0.5}, 2, results_dir=str(tmp_path),
                         use_wandb=True, step=38)
     assert logged == [({"val/compositional/swap_objects/acc": 0.5, "epoch": 2}, 38)]
+
+
+def test_a_folder_of_retrieval_alone_is_evaluated(tmp_path, sets, checkpoint):
+    """A folder holding only `retrieval/` was refused ("holds no *.json or *.jsonl sets"), in
+    training and by the CLI, although retrieval is one of the sets a folder may hold."""
+    shutil.copytree(sets / "retrieval", tmp_path / "retrieval")
+    assert set(hn_eval.check_compositional_sets(str(tmp_path))) == {"retrieval"}
+    model, preprocess, tokenizer = hn_eval.load_model("hn-tiny-vit", checkpoint, model_configs=[CONFIG])
+    metrics = hn_eval.evaluate_compositional(model, preprocess, tokenizer, str(tmp_path), batch_size=16)
+    assert metrics and all(name.startswith("retrieval/") for name in metrics)
+    (tmp_path / "retrieval").rename(tmp_path / "elsewhere")
+    with pytest.raises(ValueError, match=r"holds no \*.json or \*.jsonl sets and no retrieval/ folder"):
+        hn_eval.discover_sets(str(tmp_path))
