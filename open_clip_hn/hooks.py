@@ -406,7 +406,7 @@ def claim_experiment_folder(args: argparse.Namespace) -> None:
     import fcntl
     import socket
 
-    if not args.log_path:  # not the process that writes the folder
+    if not args.log_path or args.rank != 0:  # --log-local: each node's first task logs too
         return
     folder = os.path.dirname(args.log_path)
     path = os.path.join(folder, LOCK_NAME)
