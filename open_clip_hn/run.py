@@ -213,10 +213,6 @@ class HardNegativeRun:
         if config.phrases_mirrors:
             from .negatives import NegativeGenerator
 
-            if config.lm:
-                logging.info("Replacement words of replace_object and replace_attribute negatives "
-                             "are proposed by the masked LM in %s", os.path.abspath(config.lm))
-
             parser = generator or NegativeGenerator(seed=config.seed)  # the negatives' one if any
         if config.parses_captions:  # every rank reads its captions with the same tagger
             self._check_tagger((generator or parser).tagger_name)
