@@ -254,7 +254,6 @@ def logged_progress(logs: Path, name: str) -> tuple[list, list]:
 
 FAILING_RUN = """
 import sys
-from pathlib import Path
 import open_clip_hn.objective as objective
 forward, calls = objective.HardNegativeLoss.forward, []
 def failing(self, *args, **kwargs):
