@@ -401,8 +401,9 @@ _LOCKS: dict[str, Any] = {}  # lock path -> its open file, held until the proces
 def claim_experiment_folder(args: argparse.Namespace) -> None:
     """Refuse a second run training into an experiment folder a live process trains into (two
     jobs submitted with one --logs/--name, or a resubmission while the first still runs): both
-    would resume the same checkpoints and overwrite each other's. Rank 0 holds an flock on
-    LOCK_NAME for its lifetime, so a dead run's lock is gone (a requeued job is not refused)."""
+    would resume the same checkpoints and overwrite each other's. Rank 0 holds a POSIX lock on
+    LOCK_NAME for its lifetime: it goes with the process (a requeued job is not refused), and
+    unlike flock it is not shared with forked loader workers, which may outlive a killed run."""
     import fcntl
     import socket
 
@@ -414,8 +415,8 @@ def claim_experiment_folder(args: argparse.Namespace) -> None:
         return
     handle = open(path, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except (BlockingIOError, PermissionError):  # EAGAIN or EACCES: another process holds it
         handle.seek(0)
         holder = handle.read().strip() or "a process"
         handle.close()
