@@ -737,6 +737,7 @@ class Plugin:
         self.run: HardNegativeRun | None = None
         self.typed: tuple[str, ...] = ()  # the --hn-* flags of the command line, before the recipe's
         self.args: argparse.Namespace | None = None  # the monkeypatched route's (parse_args sets it)
+        self.resumes_latest = False  # --resume latest as given (OpenCLIP then replaces args.resume)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         add_hn_arguments(parser)
@@ -748,6 +749,7 @@ class Plugin:
     def configure(self, args: argparse.Namespace, argv: list[str],
                   parser: argparse.ArgumentParser) -> None:
         args.hn_typed = self.typed
+        self.resumes_latest = args.resume == "latest"
         _print_config_if_asked(args, argv, parser)
         self.run = configure(args, argv, parser)
         if self.run is not None:
@@ -919,7 +921,7 @@ def made_experiment_folder() -> str | None:
     refused after OpenCLIP's set-up leaves it, and OpenCLIP then refuses the same --name."""
     args = _PLUGIN.args
     log_path = getattr(args, "log_path", None)
-    if not log_path or getattr(args, "resume", None) == "latest":
+    if not log_path or _PLUGIN.resumes_latest:  # OpenCLIP refuses no folder to --resume latest
         return None
     folder = os.path.dirname(log_path)
     checkpoints = os.path.join(folder, "checkpoints")
@@ -929,6 +931,14 @@ def made_experiment_folder() -> str | None:
 
 
 def run_openclip_main(argv: list[str]):
-    """`open_clip_train.main.main(argv)` with the plugin installed (returns what it returns)."""
+    """`open_clip_train.main.main(argv)` with the plugin installed (returns what it returns).
+    The run's experiment-folder lock is released when it ends, also in a process that goes on
+    (a notebook), where it would refuse the next run into that folder."""
     install()
-    return oc_main.main(argv)
+    _PLUGIN.args, _PLUGIN.resumes_latest = None, False  # not a previous in-process run's
+    try:
+        return oc_main.main(argv)
+    finally:
+        for handle in _LOCKS.values():
+            handle.close()  # closing the file releases its POSIX lock
+        _LOCKS.clear()

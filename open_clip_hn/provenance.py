@@ -91,8 +91,12 @@ def read_record(checkpoint: str) -> dict[str, Any] | None:
     (`epoch_N.pt` has `epoch_N.pt.hn` beside it; a step checkpoint carries it inside, also when
     renamed: a copy named `best.pt`); None for a checkpoint of plain OpenCLIP or a damaged state
     (nothing to check)."""
+    import zipfile
+
+    import torch
+
     from .preemption import epoch_of_checkpoint_name
-    from .state import EMBEDDED_STATE_KEY, find_state, load_checkpoint_file
+    from .state import EMBEDDED_STATE_KEY, find_state
 
     record = read_sidecar(checkpoint)
     if record is not None:
@@ -101,9 +105,10 @@ def read_record(checkpoint: str) -> dict[str, Any] | None:
     try:
         if epoch is not None:
             state = (find_state(checkpoint, epoch) or (None, None))[1]
-        else:  # memory-mapped: the weights are not read
-            state = load_checkpoint_file(checkpoint).get(EMBEDDED_STATE_KEY)
-    except (ValueError, AttributeError):  # not ours or damaged: the loader names it when built
+        else:  # weights only, as OpenCLIP loads it (any file: no code in it is run); memory-mapped
+            state = torch.load(checkpoint, map_location="cpu", mmap=zipfile.is_zipfile(checkpoint),
+                               weights_only=True).get(EMBEDDED_STATE_KEY)
+    except Exception:  # not ours, foreign or damaged: the loader names it when built
         return None
     record = state.get("trained_as") if isinstance(state, dict) else None
     return record if isinstance(record, dict) and isinstance(record.get("model"), str) else None

@@ -114,6 +114,20 @@ def test_proper_names_stay_whole(caption, name):
         assert negative["text"].count(name) == 1, negative
 
 
+def test_a_negative_starts_capitalised_as_its_caption_does():
+    """A caption starting with a name or a quote kept its first word as written, so a negative
+    that brought another word to the front started in lower case ("night at New York City
+    skyline"): a cue that needs no image. A title-case caption's own first word does not make
+    new small words capitals ("A Dog Sitting on the Beach and a Hill")."""
+    for caption in ("New York City skyline at night", '"Stop" sign on a red pole near a car',
+                    "A Dog Sitting on the Beach"):
+        for negative in NegativeGenerator(seed=0).generate(caption, 40):
+            first = next(c for c in negative["text"] if c.isalpha())
+            assert first.isupper(), negative
+    added = by_type("A Dog Sitting on the Beach", "add_object", k=10)
+    assert added and all(" and a " in text or " and an " in text for text in added), added
+
+
 def test_capitals_name_nothing_without_lower_case_nouns():
     """In capitals or title case every noun is capitalised: no word is taken for a name."""
     for caption in ("A DOG NEXT TO A RED CAR", "A Dog on the Beach Next To A Red Ball"):

@@ -124,6 +124,8 @@ def test_a_bpe_lm_proposes_whole_words(tmp_path):
     assert whole_words(["Ġcube", "ne", "Ġ", "Ġred"], "Ġ") == ["cube", "red"]
     assert whole_words(["▁cube", "▁re", "d"], "▁") == ["cube", "re"]
     assert whole_words(["cube", "##ne", "red"], None) == ["cube", "red"]
+    assert whole_words(["Ġcube", "dog"], "Ġ", first=True) == ["cube", "dog"]  # no space before it
+    assert proposer.propose("red cube on the table".split(), 0)  # a caption's first word
     res = _resources()
     assert any(w in res.nouns or w in res.attr_category for w in proposals), proposals
 

@@ -97,3 +97,26 @@ def test_allow_model_mismatch_warns_and_evaluates(tmp_path, caplog):
                              "--allow-model-mismatch"])
     assert "trained as --model hn-other, not --model hn-tiny-vit" in caplog.text
     assert document["runs"][0]["results"]
+
+
+class _Payload:
+    """Unpickling it runs code: a downloaded file may hold such an object."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_reading_a_record_never_runs_code_in_a_checkpoint(tmp_path):
+    """eval reads the record of every --pretrained file before OpenCLIP loads it: a file of any
+    name is read weights-only, as OpenCLIP reads it, so a pickle that runs code is not run."""
+    import torch
+
+    from open_clip_hn.provenance import read_record
+
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": {}, "payload": _Payload(str(marker))}, tmp_path / "downloaded.pt")
+    assert read_record(str(tmp_path / "downloaded.pt")) is None
+    assert not marker.exists()

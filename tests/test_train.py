@@ -662,6 +662,7 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, scene_shards)
         assert second.returncode == 2, second.stderr[-3000:]
         assert f"process {first.pid} on " in second.stderr
         assert f"is training into {tmp_path / 'shared'}: two runs in one experiment folder" in second.stderr
+        assert "OpenCLIP made the run's folder" not in second.stderr  # the live run's: keep it
         assert first.poll() is None  # the first run goes on
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -672,3 +673,35 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, scene_shards)
     proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *restart], capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0 and "is training into" not in proc.stderr, proc.stderr[-3000:]
+
+
+LOCKS_FILE = """
+import fcntl, sys
+handle = open(sys.argv[1], "a+")
+try:
+    fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    print("free")
+except OSError:
+    print("held")
+"""
+
+
+def test_the_folder_lock_is_released_when_an_in_process_run_ends(tmp_path, monkeypatch):
+    """A run started in-process (a notebook) kept its experiment-folder lock after it ended, so
+    any other process training into that folder was refused by an idle one."""
+    import argparse
+
+    from open_clip_hn import hooks
+
+    lock = tmp_path / hooks.LOCK_NAME
+    seen = []
+
+    def fake_main(argv):
+        hooks.claim_experiment_folder(argparse.Namespace(log_path=str(tmp_path / "out.log"), rank=0))
+        seen.append(subprocess.run([sys.executable, "-c", LOCKS_FILE, str(lock)], capture_output=True,
+                                   text=True).stdout.strip())
+
+    monkeypatch.setattr(hooks.oc_main, "main", fake_main)
+    hooks.run_openclip_main([])
+    after = subprocess.run([sys.executable, "-c", LOCKS_FILE, str(lock)], capture_output=True, text=True)
+    assert seen == ["held"] and after.stdout.strip() == "free"

@@ -540,12 +540,13 @@ _WORD = re.compile(r"(?<![\w'])[A-Za-z][A-Za-z'-]*")
 
 def _title_case_words(caption: str) -> frozenset[str] | None:
     """For a caption in title case (every word of 4+ letters capitalised, at least two), its
-    words as written; None for any other caption."""
+    words as written after the first (capitalised in any case: "A Dog on the Beach" keeps "a"
+    lower case); None for any other caption."""
     words = _WORD.findall(caption)
     long = [w for w in words if len(w) >= 4]
     if len(long) < 2 or not all(w[0].isupper() for w in long):
         return None
-    return frozenset(words)
+    return frozenset(words[1:])
 
 
 def _in_title_case(res: Resources, text: str, caption_words: frozenset[str] | None) -> str:

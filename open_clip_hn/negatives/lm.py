@@ -67,11 +67,13 @@ def word_start_marker(tokenizer) -> str | None:
     return second[0] if second[:1] in ("Ġ", "▁") else None
 
 
-def whole_words(tokens: list[str], marker: str | None) -> list[str]:
+def whole_words(tokens: list[str], marker: str | None, first: bool = False) -> list[str]:
     """The tokens that are whole words, as words: a proposal must be a word the lexicons know,
-    and a piece of one ('##ne', or 'ne' without BPE's marker) is not."""
+    and a piece of one ('##ne', or 'ne' without BPE's marker) is not. A caption's `first` word
+    has no space before it, so BPE writes it without its marker."""
     if marker is not None:
-        words = [t[len(marker):] for t in tokens if t.startswith(marker)]
+        words = [t[len(marker):] if t.startswith(marker) else t for t in tokens
+                 if first or t.startswith(marker)]
     else:
         words = [t for t in tokens if not t.startswith("##")]
     return [w for w in words if w.isalpha()]
@@ -106,7 +108,7 @@ class MaskedLMProposer:
         with torch.no_grad():
             logits = self.model(**encoded).logits[0, positions[0, 0]]
         ids = logits.topk(min(top, logits.numel())).indices.tolist()
-        return whole_words(self.tokenizer.convert_ids_to_tokens(ids), self.word_start)
+        return whole_words(self.tokenizer.convert_ids_to_tokens(ids), self.word_start, first=index == 0)
 
     def edits(self, res: Resources, parse: Parse, name: str, rng: random.Random) -> list:
         """replace_object / replace_attribute edits whose new word the LM proposed (and is valid)."""

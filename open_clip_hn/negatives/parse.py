@@ -305,9 +305,10 @@ def parse_caption(text: str, res: Resources, tagger) -> Parse | None:
         kinds.append(kind)
         previous_end = end
         i += length
-    capitalized = bool(words) and unit_tags[0] != "X" and words[0][:1].isupper() and (
-        len(words[0]) == 1 or words[0][1:].islower())
-    if capitalized:
+    first_letter = next((c for c in text if c.isalpha()), "")
+    capitalized = bool(words) and (unit_tags[0] == "X" and first_letter.isupper() or (
+        words[0][:1].isupper() and (len(words[0]) == 1 or words[0][1:].islower())))
+    if capitalized and unit_tags[0] != "X":  # a pinned name keeps its capitals wherever it moves
         words[0] = words[0].lower()
     parse = Parse(words, gaps, text[previous_end:], unit_tags, kinds, capitalized)
     parse.nps = chunk_noun_phrases(parse, res)
