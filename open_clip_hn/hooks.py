@@ -924,10 +924,7 @@ def made_experiment_folder() -> str | None:
     if not log_path or _PLUGIN.resumes_latest:  # OpenCLIP refuses no folder to --resume latest
         return None
     folder = os.path.dirname(log_path)
-    checkpoints = os.path.join(folder, "checkpoints")
-    if os.path.isdir(checkpoints) and any(n.endswith(".pt") for n in os.listdir(checkpoints)):
-        return None
-    return folder
+    return None if hn_state.checkpoints_newest_first(os.path.join(folder, "checkpoints")) else folder
 
 
 def run_openclip_main(argv: list[str]):

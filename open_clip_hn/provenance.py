@@ -91,10 +91,7 @@ def read_record(checkpoint: str) -> dict[str, Any] | None:
     (`epoch_N.pt` has `epoch_N.pt.hn` beside it; a step checkpoint carries it inside, also when
     renamed: a copy named `best.pt`); None for a checkpoint of plain OpenCLIP or a damaged state
     (nothing to check)."""
-    import zipfile
-
-    import torch
-
+    from .eval import open_checkpoint
     from .preemption import epoch_of_checkpoint_name
     from .state import EMBEDDED_STATE_KEY, find_state
 
@@ -105,10 +102,9 @@ def read_record(checkpoint: str) -> dict[str, Any] | None:
     try:
         if epoch is not None:
             state = (find_state(checkpoint, epoch) or (None, None))[1]
-        else:  # weights only, as OpenCLIP loads it (any file: no code in it is run); memory-mapped
-            state = torch.load(checkpoint, map_location="cpu", mmap=zipfile.is_zipfile(checkpoint),
-                               weights_only=True).get(EMBEDDED_STATE_KEY)
-    except Exception:  # not ours, foreign or damaged: the loader names it when built
+        else:  # weights only, as OpenCLIP loads it (any file: no code in it is run)
+            state = open_checkpoint(checkpoint).get(EMBEDDED_STATE_KEY)
+    except (ValueError, AttributeError):  # not ours or damaged: the loader names it when built
         return None
     record = state.get("trained_as") if isinstance(state, dict) else None
     return record if isinstance(record, dict) and isinstance(record.get("model"), str) else None
