@@ -370,7 +370,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         setattr(args, name, value)
     args.hn_typed = typed
     _PLUGIN.run = configure(args, argv, parser)
-    _PLUGIN.args = args
+    _PLUGIN.args, _PLUGIN.resumes_latest = args, args.resume == "latest"
     if _PLUGIN.run is None:  # a run without --hn-* keeps exactly OpenCLIP's args
         for name in (*vars(hn_namespace), *(f"hn_{name}" for name in BOOKKEEPING_FIELDS)):
             delattr(args, name)
