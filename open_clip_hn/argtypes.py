@@ -119,11 +119,21 @@ def cosine(value: str) -> float:
     return number
 
 
-def unit_float(value: str) -> float:
-    number = non_negative_float(value)
-    if number > 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+def unit_float(value: str, top_open: bool = False) -> float:
+    """A number in [0, 1] ([0, 1) where `top_open`), one message for every value outside."""
+    interval = "[0, 1)" if top_open else "[0, 1]"
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in {interval}, got {value!r}") from None
+    if not 0 <= number <= 1 or (top_open and number == 1):
+        raise argparse.ArgumentTypeError(f"must be in {interval}, got {value}")
     return number
+
+
+def decay(value: str) -> float:
+    """An EMA decay: in [0, 1) (1 would never move)."""
+    return unit_float(value, top_open=True)
 
 
 class InputError(ValueError):

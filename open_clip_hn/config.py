@@ -11,11 +11,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from .argtypes import (argparse_type, cosine, non_negative_float, non_negative_int, optional_path,
+from .argtypes import (argparse_type, cosine, decay, non_negative_float, non_negative_int, optional_path,
                        path_value, unit_float)
 from .curriculum import parse_warmup
 from .mirror import FLIP_COLOUR_AXES, parse_axes
-from .negatives.taxonomy import LM_TYPES, NEGATIVE_TYPES, parse_types
+from .negatives.taxonomy import LM_TYPES, NEGATIVE_TYPES, SWAP_TYPES, parse_types
 from .recipes import ListRecipesAction, flag_actions, spell_out_flags
 from .sample_order import SAMPLE_SHUFFLE_MODES
 from .terms import TERMS, active_terms, loss_help, missing_needs, selectable_terms
@@ -243,6 +243,16 @@ class HNConfig:
         missing = missing_needs(self) + ignored_flags(self)
         if missing:
             raise ValueError(missing[0])
+        if self.uses_text_negatives and not any(t.uses_text_negatives for t in active_terms(self)):
+            readers = ", ".join(name for name, term in TERMS.items() if term.selectable and term.uses_text_negatives)
+            raise ValueError(f"--hn-negatives {self.negatives}: no loss term of this run reads text "
+                             f"negatives (--hn-loss {','.join(self.loss)}), so they would be made and "
+                             f"encoded for nothing; add a term that does ({readers}), or pass "
+                             "--hn-negatives none")
+        if self.distill != "none" and self.distill_weight == 0:
+            raise ValueError(f"--hn-distill {self.distill} with --hn-distill-weight 0 keeps, runs and "
+                             "saves a teacher every step for a term that counts nothing; pass "
+                             "--hn-distill none to turn distillation off")
         if self.curriculum != "const" and self.curriculum_start == self.curriculum_end:
             raise ValueError(f"--hn-curriculum {self.curriculum} moves the share from "
                              f"--hn-curriculum-start to --hn-curriculum-end, both {self.curriculum_start:g} "
@@ -318,7 +328,10 @@ def _settings_and_targets(c: HNConfig) -> dict[str, Target]:
                                      "--hn-num-negatives K >= 1)", c.uses_text_negatives),
         "--hn-vocabulary": _online_only(c, generated, online, "--vocabulary"),
         "--hn-plausibility": _online_only(c, generated, online, "--plausibility"),
-        "--hn-swap-reorders": _online_only(c, generated, online, "--swap-reorders drop"),
+        "--hn-swap-reorders": _online_only(c, "online swap negatives (--hn-negatives online, "
+                                              f"--hn-types with {' or '.join(SWAP_TYPES)})",
+                                           online and bool(set(SWAP_TYPES) & set(c.types)),
+                                           "--swap-reorders drop"),
         "--hn-exclude-negatives": _online_only(c, generated, online, "--exclude"),
         "--hn-lm": _online_only(c, f"online {' and '.join(LM_TYPES)} negatives (--hn-negatives "
                                    "online, --hn-types with either)",
@@ -558,7 +571,7 @@ def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
              "the ordinary batch matches a teacher's (KL; term 'distill', --hn-distill-weight). "
              "'frozen': the weights the run started from; 'ema': an exponential moving average of "
              "the student (DeGLA). The teacher is saved with the plugin state. Default: none.")
-    add("--hn-distill-ema-decay", dest="hn_distill_ema_decay", type=unit_float, default=0.999,
+    add("--hn-distill-ema-decay", dest="hn_distill_ema_decay", type=decay, default=0.999,
         help="EMA decay of --hn-distill ema's teacher per optimizer step, in [0, 1). "
              "Default: 0.999.")
     add("--hn-label-smoothing", dest="hn_label_smoothing", type=unit_float, default=0.0,

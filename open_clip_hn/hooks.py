@@ -28,7 +28,10 @@ import contextlib
 import copy
 import functools
 import logging
+import multiprocessing
 import os
+import shutil
+import subprocess
 import sys
 from typing import Any, Iterator
 
@@ -140,6 +143,7 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
                              "shards, or drop --hn-image-neighbors")
         shards = oc_data.expand_urls(args.train_data)[0] if args.train_data else None
         check_index(config.image_neighbors, shards, config.image_neighbors_per_sample)
+    _check_resume_latest_finds_the_run(args)
     if args.resume not in (None, "latest") and "://" not in args.resume:
         try:
             hn_state.load_checkpoint_file(args.resume)
@@ -318,6 +322,28 @@ def configure(args: argparse.Namespace, argv: list[str],
     except hn_state.StateError as err:
         parser.error(str(err))
     return run
+
+
+def _check_resume_latest_finds_the_run(args: argparse.Namespace) -> None:
+    """`--resume latest` finds the run it is meant to continue. OpenCLIP starts over without a
+    word where it cannot: without --name (each run gets a new dated folder, so a stopped run's
+    checkpoints are left behind), and with --save-most-recent in a folder of epoch checkpoints
+    but no `epoch_latest.pt` (it then trains from scratch over them)."""
+    if args.resume != "latest":
+        return
+    if args.name is None:
+        raise ValueError("--resume latest continues the experiment --name names; without --name "
+                         "OpenCLIP makes a new dated folder for every run, so it never resumes (a "
+                         "stopped run's checkpoints are left behind): pass --name NAME")
+    if args.save_most_recent and args.remote_sync is None:
+        folder = os.path.join(args.logs, args.name, "checkpoints")
+        newest = hn_state.checkpoints_newest_first(folder)
+        if newest and not os.path.exists(os.path.join(folder, oc_main.LATEST_CHECKPOINT_NAME)):
+            raise ValueError(f"--resume latest with --save-most-recent resumes only "
+                             f"{os.path.join(folder, oc_main.LATEST_CHECKPOINT_NAME)}, which is not "
+                             f"there, while the run's folder holds {newest[0]}: OpenCLIP would train "
+                             "from scratch over its checkpoints; run without --save-most-recent (then "
+                             "--resume latest takes the newest), or pass another --name")
 
 
 def check_caption_parser() -> None:
@@ -545,11 +571,16 @@ def _get_data(run: HardNegativeRun, args, preprocess_fns, epoch, tokenizer, get)
         _add_image_neighbors(data["train"].dataloader, config, args)
     if "train" in data:  # a stop signal to the process group must not end the workers first
         ignore_stop_signals_in_workers(data["train"].dataloader)
-    steps = data["train"].dataloader.num_batches // args.accum_freq if "train" in data else None
-    run.data_ready(tokenizer, epoch, steps, args.epochs, world_size=args.world_size,
+    run.data_ready(tokenizer, epoch, _steps_per_epoch(data, args), args.epochs, world_size=args.world_size,
                    workers=None if args.dataset_resampled or _not_webdataset(args) else args.workers,
                    seed=args.seed)
     return data
+
+
+def _steps_per_epoch(data: dict, args: argparse.Namespace) -> int | None:
+    """Optimizer steps in one epoch, as OpenCLIP's `train_one_epoch` counts them (None: no
+    training data, an evaluation-only run)."""
+    return data["train"].dataloader.num_batches // args.accum_freq if "train" in data else None
 
 
 # ---------------------------------------------------------------------------- step checkpoints
@@ -565,13 +596,30 @@ def _openclip_checkpoint(model, optimizer, scaler, epoch: int, args: argparse.Na
     return checkpoint
 
 
+def sync_before_stop(args: argparse.Namespace) -> None:
+    """--remote-sync: the stop's checkpoint goes to the remote folder before the process ends.
+    OpenCLIP syncs every --remote-sync-frequency seconds and once at a normal end, so a stopped
+    run's newest checkpoints stayed local (lost with a node's scratch disk); its sync process is
+    ended first, as OpenCLIP ends it, or it would outlive the run."""
+    from open_clip_train.file_utils import keep_running_remote_sync, remote_sync
+
+    for child in multiprocessing.active_children():
+        if getattr(child, "_target", None) is keep_running_remote_sync:
+            child.terminate()
+    local, remote = os.path.join(args.logs, args.name), os.path.join(args.remote_sync, args.name)
+    if remote_sync(local, remote, args.remote_sync_protocol):
+        logging.info("Remote sync of the stop's checkpoint to %s done", remote)
+    else:
+        logging.error("Remote sync of the stop's checkpoint to %s failed: it is only in %s", remote, local)
+
+
 def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimizer, scaler,
                           scheduler, dist_model, args, tb_writer, train_one_epoch) -> None:
     """OpenCLIP's epoch over a `SteppedLoader`: step checkpoints, the signal, a resumed step."""
     run.install_stop_handlers()
     info = data["train"]
     loader = info.dataloader
-    steps_per_epoch = loader.num_batches // args.accum_freq
+    steps_per_epoch = _steps_per_epoch(data, args)
     position = run.position_for_epoch(epoch)
 
     def build(at: EpochPosition) -> dict:
@@ -592,7 +640,8 @@ def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimi
         samples_per_step=args.batch_size * args.accum_freq * args.world_size,
         world_size=args.world_size, device=args.device, is_master=is_master(args) and args.save_logs,
         latest_name=oc_main.LATEST_CHECKPOINT_NAME if args.save_most_recent else None,
-        on_epoch_start=epoch_started, workers=args.workers, seed=args.seed)
+        on_epoch_start=epoch_started, workers=args.workers, seed=args.seed,
+        before_stop=functools.partial(sync_before_stop, args) if args.remote_sync and is_master(args) else None)
     info.dataloader = SteppedLoader(loader, args.accum_freq, checkpointer.for_epoch(epoch), position,
                                     skip_by_drawing=not args.dataset_resampled, rank=args.rank)
     try:
@@ -622,9 +671,28 @@ def get_latest_checkpoint(path: str, remote: bool):
     with the plugin on, checkpoints whose plugin state is damaged; step checkpoints
     (epoch_E_step_S.pt) sort inside epoch E."""
     if remote:
-        return _ORIGINALS["get_latest_checkpoint"](path, remote)
+        return latest_remote_checkpoint(path)
     found = hn_state.latest_good_checkpoint(path, with_state=_resumes_state(_PLUGIN.run))
     return None if found is None else found[0]
+
+
+def latest_remote_checkpoint(path: str) -> str | None:
+    """`--resume latest` with `--remote-sync` (S3): the newest checkpoint `aws s3 ls` lists.
+    OpenCLIP takes the last name listed, which is the plugin's `epoch_N.pt.json` or `.pt.hn`
+    beside `epoch_N.pt` (it then loaded a JSON file as the checkpoint); this picks among the
+    checkpoints alone, in the local pick's order. Their files are not read here (each would be
+    downloaded): the pick's plugin state is read when the checkpoint is loaded."""
+    if shutil.which("aws") is None:
+        raise hn_state.StateError("--resume latest with --remote-sync lists the remote folder with the "
+                                  "AWS CLI (`aws s3 ls`, as OpenCLIP does), which is not on PATH: "
+                                  "install it (pip install awscli)")
+    listing = subprocess.run(["aws", "s3", "ls", path + "/"], capture_output=True, text=True)
+    if listing.returncode != 0:  # 1: nothing there yet (a first start)
+        return None
+    names = [fields[3] for fields in (line.split(None, 3) for line in listing.stdout.splitlines())
+             if len(fields) == 4]  # "2026-12-07 18:00:00  123456 epoch_1.pt" ("PRE dir/" skipped)
+    newest = hn_state.checkpoint_names_newest_first(names)
+    return os.path.join(path, newest[0]) if newest else None
 
 
 def check_resume_latest(args: argparse.Namespace, with_state: bool) -> str | None:
@@ -825,7 +893,7 @@ class Plugin:
                 logging.exception("--hn-eval-compositional failed after epoch %d; training goes on "
                                   "and the epoch's checkpoint is written", completed)
             else:
-                steps = data["train"].dataloader.num_batches // args.accum_freq if "train" in data else 0
+                steps = _steps_per_epoch(data, args) or 0
                 log_metrics(metrics, completed,
                             results_dir=args.checkpoint_path if args.save_logs else None,
                             tb_writer=tb_writer, use_wandb=bool(args.wandb), step=steps * completed)

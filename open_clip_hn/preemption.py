@@ -368,7 +368,7 @@ class StepCheckpointer:
                  steps_per_epoch: int, samples_per_step: int, world_size: int, device,
                  is_master: bool, latest_name: str | None = None,
                  on_epoch_start: Callable[[int, list[dict]], None] | None = None, workers: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, before_stop: Callable[[], None] | None = None):
         self.folder, self.every, self.stop = folder, every, stop
         self.build = build
         self.steps_per_epoch, self.samples_per_step = steps_per_epoch, samples_per_step
@@ -376,6 +376,7 @@ class StepCheckpointer:
         self.latest_name = latest_name  # --save-most-recent: step checkpoints go there too
         self.on_epoch_start = on_epoch_start  # every rank's RNG that fixes this epoch's order
         self.workers, self.seed = workers, seed
+        self.before_stop = before_stop  # after the stop's save, before the process ends (remote sync)
 
     def for_epoch(self, epoch: int) -> Callable[[int, dict], None]:
         def between_steps(step: int, rng_epoch_start: dict) -> None:
@@ -392,6 +393,10 @@ class StepCheckpointer:
                                         gather_states(rng_state(), self.world_size), self.workers,
                                         self.seed))
             if stopping:
+                if self.before_stop is not None:  # the master's; the others wait for it
+                    self.before_stop()
+                if self.world_size > 1:
+                    torch.distributed.barrier()
                 self.stop.stop(signal.Signals(stopping))
 
         return between_steps

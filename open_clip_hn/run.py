@@ -60,10 +60,14 @@ def epoch_checkpoints(completed_epoch: int, epochs: int, save_frequency: int,
     return names
 
 
-# where a step checkpoint cannot continue: OpenCLIP refuses --resume PATH into an experiment
-# folder that exists, so the epoch checkpoint starts a new one
-EPOCH_RESTART = (", or continue from the last epoch checkpoint in a new experiment folder: "
-                 "--resume LOGS/NAME/checkpoints/epoch_N.pt --name NEW_NAME")
+def epoch_restart(epoch: int) -> str:
+    """Where a step checkpoint of `epoch` (0-based) cannot continue: OpenCLIP refuses --resume
+    PATH into an experiment folder that exists, so the epoch checkpoint starts a new one."""
+    if epoch == 0:
+        return (", or start the run over in a new experiment folder (--name NEW_NAME): it stopped "
+                "in its first epoch, before any epoch checkpoint")
+    return (", or continue from the last epoch checkpoint in a new experiment folder: "
+            f"--resume LOGS/NAME/checkpoints/epoch_{epoch}.pt --name NEW_NAME")
 
 
 class HardNegativeRun:
@@ -256,26 +260,26 @@ class HardNegativeRun:
                     raise hn_state.StateError(
                         f"the step checkpoint was saved with {position.steps_per_epoch} steps per "
                         f"epoch, this run has {steps_per_epoch} (batch size, --accum-freq, world "
-                        "size, --workers or --train-num-samples changed); keep them" + EPOCH_RESTART)
+                        "size, --workers or --train-num-samples changed); keep them" + epoch_restart(epoch))
                 ranks = len(position.rng_epoch_start)
                 if ranks != world_size:
                     raise hn_state.StateError(
                         f"the step checkpoint was saved by {ranks} rank(s), this run has "
                         f"{world_size}: each rank's shards and sample order depend on the world "
                         "size, so the batches skipped would not be the ones trained; resume with "
-                        f"{ranks} rank(s)" + EPOCH_RESTART)
+                        f"{ranks} rank(s)" + epoch_restart(epoch))
                 if workers is not None and position.workers is not None and position.workers != workers:
                     raise hn_state.StateError(
                         f"the step checkpoint was saved with --workers {position.workers}, this run "
                         f"has --workers {workers}: webdataset splits the shards among the loader "
                         "workers, so the batches skipped would not be the ones trained; resume with "
-                        f"--workers {position.workers}" + EPOCH_RESTART)
+                        f"--workers {position.workers}" + epoch_restart(epoch))
                 if seed is not None and position.seed is not None and position.seed != seed:
                     raise hn_state.StateError(
                         f"the step checkpoint was saved with --seed {position.seed}, this run has "
                         f"--seed {seed}: the seed orders the shards and samples, so the batches "
                         f"skipped would not be the ones trained; resume with --seed {position.seed}"
-                        + EPOCH_RESTART)
+                        + epoch_restart(epoch))
                 self.start_step += position.step
 
     def _check_some_step_has_hard_negatives(self) -> None:
@@ -321,8 +325,9 @@ class HardNegativeRun:
         if self.config.uses_text_negatives and slots and not valid:
             logging.warning("Every hard-negative slot of epoch %d was masked: no caption yielded a "
                             "negative of --hn-types %s (precomputed shards without neg.json, a "
-                            "vocabulary or plausibility filter that rejects everything, or captions "
-                            "the generator cannot parse); the run is training without them",
+                            "vocabulary or plausibility filter that rejects everything, "
+                            "--hn-exclude-negatives holding every negative, or captions the "
+                            "generator cannot parse); the run is training without them",
                             epoch, ",".join(self.config.types))
         searched, mined = loss.take_mined_counts()
         if searched and not mined:
@@ -376,7 +381,8 @@ class HardNegativeRun:
         except ValueError as err:
             raise hn_state.StateError(
                 f"the resumed plugin state does not fit this run: {err} (--hn-drop-state starts "
-                "bank, thresholds, curriculum and teacher fresh instead)") from None
+                "the memory bank, rank thresholds and teacher fresh instead; the curriculum follows "
+                "the step count)") from None
         if self.pending_state is not None:
             if saved["step"] != self.start_step:
                 logging.warning("Hard-negative state was saved at step %s; OpenCLIP resumes at step "

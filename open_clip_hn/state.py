@@ -18,7 +18,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -107,14 +107,38 @@ def non_finite(value: Any, where: str = "") -> str | None:
     return None
 
 
-def read_state(path: str) -> dict[str, Any]:
-    """Load and validate a `.hn` file; `StateError` names the file, the problem and the fix.
+def is_url(path: str) -> bool:
+    """A remote path (`s3://...`, `file://...`): what OpenCLIP resumes from with --remote-sync,
+    read through fsspec as OpenCLIP reads it."""
+    return "://" in path
 
-    Memory-mapped (copy-on-write): every rank of a node checks the same file at start, and its
-    bank and teacher weights then sit once in the page cache, not once per rank."""
+
+def _exists(path: str) -> bool:
+    if not is_url(path):
+        return os.path.exists(path)
+    import fsspec
+
+    fs, inner = fsspec.core.url_to_fs(path)
+    return fs.exists(inner)
+
+
+def read_state(path: str) -> dict[str, Any]:
+    """Load and validate a `.hn` file (local, or a URL); `StateError` names the file, the
+    problem and the fix.
+
+    A local file is memory-mapped (copy-on-write): every rank of a node checks the same file at
+    start, and its bank and teacher weights then sit once in the page cache, not once per rank."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False,
-                           mmap=zipfile.is_zipfile(path))
+        if is_url(path):
+            import io
+
+            import fsspec
+
+            with fsspec.open(path, "rb") as handle:
+                state = torch.load(io.BytesIO(handle.read()), map_location="cpu", weights_only=False)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=False,
+                               mmap=zipfile.is_zipfile(path))
     except Exception as err:  # truncated zip, garbage, unpickling errors: all mean damaged
         raise StateError(f"plugin state {path} cannot be read ({type(err).__name__}: "
                          f"{str(err)[:200]}); it is damaged (e.g. cut short by a kill or a "
@@ -139,9 +163,9 @@ def state_files_beside(checkpoint_path: str, epoch: int) -> list[str]:
     Non-empty means the run had the plugin on: resuming it as plain OpenCLIP would silently
     drop the bank, thresholds and curriculum, which the caller should refuse unless asked.
     """
-    path = os.path.abspath(checkpoint_path)
+    path = checkpoint_path if is_url(checkpoint_path) else os.path.abspath(checkpoint_path)
     candidates = dict.fromkeys((path + STATE_SUFFIX, state_path(os.path.dirname(path), epoch)))
-    return [p for p in candidates if os.path.exists(p)]
+    return [p for p in candidates if _exists(p)]
 
 
 def find_state(checkpoint_path: str, epoch: int) -> tuple[str, dict[str, Any]] | None:
@@ -189,15 +213,22 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
+def checkpoint_names_newest_first(names: Iterable[str]) -> list[str]:
+    """The checkpoint names (`*.pt`; not the plugin's `.pt.hn`/`.pt.json` beside them, nor dot
+    files: a write's temp file is one) among `names`, in the order OpenCLIP's `--resume latest`
+    prefers them, newest first (natural sort: `epoch_latest.pt`, then `epoch_10.pt` before
+    `epoch_9.pt`)."""
+    return sorted((n for n in names if n.endswith(".pt") and not n.startswith(".")), key=_natural_key,
+                  reverse=True)
+
+
 def checkpoints_newest_first(checkpoint_dir: str | os.PathLike) -> list[str]:
-    """`*.pt` files in the order OpenCLIP's `--resume latest` prefers them, newest first
-    (natural sort, so `epoch_latest.pt` and then `epoch_10.pt` come before `epoch_9.pt`)."""
+    """The folder's checkpoint files, newest first (`checkpoint_names_newest_first`)."""
     folder = Path(checkpoint_dir)
     if not folder.is_dir():
         return []
-    names = sorted((p.name for p in folder.glob("*.pt") if p.is_file() and not p.name.startswith(".")),
-                   key=_natural_key)  # as OpenCLIP's glob: no dot files (a write's temp file is one)
-    return [str(folder / name) for name in reversed(names)]
+    names = checkpoint_names_newest_first(p.name for p in folder.iterdir() if p.is_file())
+    return [str(folder / name) for name in names]
 
 
 def load_checkpoint_file(path: str) -> Any:

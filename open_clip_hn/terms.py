@@ -149,6 +149,11 @@ class Term:
     curriculum: bool = False       # scaled by the curriculum's value
     selectable: bool = True        # chosen with --hn-loss; else on whenever its needs are met
     doc_name: str = ""             # how README's table names it
+    reads: tuple[str, ...] = ()    # what it uses where the run has it, without needing it (itc)
+
+    @property
+    def uses_text_negatives(self) -> bool:
+        return "text_negatives" in self.needs + self.reads
 
     @property
     def weight_field(self) -> str | None:
@@ -161,9 +166,9 @@ TERMS: dict[str, Term] = {}
 def register_term(name: str, *, summary: str, source: str, output: str | None = None,
                   needs: tuple[str, ...] = (), weight: bool = False, weight_help: str = "",
                   weight_default: float = 1.0, curriculum: bool = False, selectable: bool = True,
-                  doc_name: str = ""):
+                  doc_name: str = "", reads: tuple[str, ...] = ()):
     """Decorator: register `fn(batch, ctx)` as the loss term `name` (see the module docstring)."""
-    unknown = [n for n in needs if n not in NEEDS]
+    unknown = [n for n in needs + reads if n not in NEEDS]
     if unknown or name in TERMS:
         raise ValueError(f"term {name!r}: " + (f"unknown needs {unknown}; known: {list(NEEDS)}"
                                                 if unknown else "registered twice"))
@@ -171,7 +176,7 @@ def register_term(name: str, *, summary: str, source: str, output: str | None = 
     def decorate(fn: Callable[[TermBatch, TermContext], TermResult]):
         TERMS[name] = Term(name, fn, summary, source, output or f"{name}_loss", needs, weight,
                            weight_help, weight_default, curriculum, selectable,
-                           doc_name or f"`{name}`")
+                           doc_name or f"`{name}`", reads)
         return fn
 
     return decorate
@@ -251,7 +256,7 @@ def _itc_logits(b: TermBatch, ctx: TermContext):
     return per_image, per_text, labels, share
 
 
-@register_term("itc", output="contrastive_loss", source="NegCLIP",
+@register_term("itc", output="contrastive_loss", source="NegCLIP", reads=("text_negatives",),
                summary="InfoNCE; image→text over all positives and all valid hard negatives of "
                        "every rank, text→image over positives")
 def itc(b: TermBatch, ctx: TermContext) -> torch.Tensor:
@@ -328,7 +333,7 @@ def rank(b: TermBatch, ctx: TermContext) -> TermResult:
     return loss, {"hn_rank_thr": LoggedValue((margins[:-1] * seen).sum() / seen.sum().clamp(min=1))}
 
 
-@register_term("importance", output="contrastive_loss", source="HCL / DiHT",
+@register_term("importance", output="contrastive_loss", source="HCL / DiHT", reads=("text_negatives",),
                summary="negatives reweighted ∝ exp(β·s·cos), s the logit scale, with debiasing τ⁺ "
                        "(in place of itc)")
 def importance(b: TermBatch, ctx: TermContext) -> torch.Tensor:

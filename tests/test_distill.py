@@ -150,13 +150,26 @@ def test_objective_runs_the_term_and_the_step_callback_once_per_optimizer_step()
         loss(image, text, SCALE, output_dict=True)
 
 
-def test_distill_flags_are_validated():
+def test_distill_flags_are_validated(capsys):
     with pytest.raises(ValueError, match="--hn-distill-ema-decay must be in"):
         HNConfig(distill="ema", distill_ema_decay=1.0).validate()
     names = lambda c: [t.name for t in __import__("open_clip_hn.terms").terms.active_terms(c)]  # noqa: E731
     assert names(HNConfig()) == ["itc"]
     assert names(HNConfig(distill="ema")) == ["itc", "distill"]
     assert names(HNConfig(distill="ema", distill_weight=0.0)) == ["itc"]
+    with pytest.raises(ValueError, match=r"--hn-distill ema with --hn-distill-weight 0 keeps, runs and "
+                                         r"saves a teacher .* pass --hn-distill none"):
+        HNConfig(distill="ema", distill_weight=0.0).validate()
+    import argparse
+
+    from open_clip_hn.config import add_hn_arguments
+
+    parser = add_hn_arguments(argparse.ArgumentParser())
+    for value, message in (("-0.1", "must be in [0, 1), got -0.1"), ("1", "must be in [0, 1), got 1"),
+                           ("1.5", "must be in [0, 1), got 1.5"), ("x", "expected a number in [0, 1)")):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--hn-distill-ema-decay", value])
+        assert message in capsys.readouterr().err  # one message for every value outside
 
 
 def test_run_saves_the_start_weights_and_a_resume_gets_them_back(tmp_path):

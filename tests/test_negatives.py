@@ -55,6 +55,15 @@ def test_articles_follow_the_new_word():
     assert swapped == ["a red cube next to an orange ball"]
 
 
+def test_only_the_articles_an_edit_touches_change():
+    """A web caption's own article slip ("a old dog") stays in its negatives: corrected there
+    alone, it would tell the negative from the positive without the image."""
+    assert by_type("a old dog on a table", "swap_attributes") == ["a dog on an old table"]
+    for name in ("replace_relation", "add_object", "replace_object"):
+        kept = [text for text in by_type("a old dog on a table", name, k=5) if "dog" in text]
+        assert kept and all(text.startswith("a old dog") for text in kept), (name, kept)
+
+
 def test_sentence_case_is_kept_when_phrases_move():
     moved = by_type("A dog sitting next to the cat.", "shuffle_order")
     assert moved == ["The cat sitting next to a dog."]

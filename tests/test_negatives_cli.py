@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -46,6 +47,11 @@ def test_show_says_why_a_caption_gets_no_negatives(capsys):
     for caption, reason in (("a red cube " * 100, "it is longer than 1000 characters (1100)"),
                             ("a cat on a mat\u2122", "it holds '\u2122', outside plain English text"),
                             ("a cat &amp; a dog", "it holds an HTML entity"),
+                            ("a dog on a beach https://example.com/x.jpg",
+                             "it holds a web address or file name ('https://')"),
+                            ("www.example.com - a man riding a bike",
+                             "it holds a web address or file name ('www.')"),
+                            ("a man riding a bike photo.jpg", "it holds a web address or file name ('photo.jpg')"),
                             ("hello there", "it has nothing the negative types change")):
         assert main(["show", caption]) == 0
         assert f"(no negatives: {reason})" in capsys.readouterr().out
@@ -61,6 +67,7 @@ def test_generate_formats_order_and_malformed_lines(tmp_path, capsys):
     assert "line 3: invalid JSON" in capsys.readouterr().err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["caption"] for r in rows] == CAPTIONS[:5]
+    assert [r["line"] for r in rows] == [1, 2, 4, 5, 6]  # each output names its input line
     generator = NegativeGenerator(seed=0)
     assert [r["negatives"] for r in rows] == [generator.generate(c, 4) for c in CAPTIONS[:5]]
     assert main(["generate", "--input", str(jsonl), "--output", str(tmp_path / "x.jsonl"), "--strict"]) == 2
@@ -72,7 +79,7 @@ def test_generate_formats_order_and_malformed_lines(tmp_path, capsys):
                  "--types", "replace_relation", "--workers", "2"]) == 0
     rows = [json.loads(line) for line in out_csv.read_text().splitlines()]
     assert {"text": "A dog, sitting under a couch.", "type": "replace_relation"} in rows[0]["negatives"]
-    assert rows[1] == {"caption": "", "negatives": []}
+    assert rows[1] == {"line": 3, "caption": "", "negatives": []}
 
 
 def _write_shards(folder: Path, count: int, per_shard: int) -> None:
@@ -488,7 +495,7 @@ def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path):
         (["generate", "--input", str(tmp_path / "none.txt"), "--output", str(tmp_path / "o.jsonl")],
          f"error: caption file {tmp_path / 'none.txt'} not found"),
         (["generate", "--input", str(captions), "--output", str(captions)],
-         f"error: --output {captions} is the --input file"),
+         f"error: --output {captions} is an input of this command, which the output would replace"),
         (["generate", "--input", str(table), "--output", str(tmp_path / "o.jsonl")],
          f"error: {table}: no column 'caption' (columns: ['id', 'title']); pass --caption-key"),
         (["generate", "--input", str(tmp_path), "--output", str(tmp_path / "o.jsonl")],
@@ -500,7 +507,7 @@ def test_cli_user_errors_exit_non_zero_without_traceback(tmp_path):
         (["vocabulary", "--input", str(captions), "--output", str(tmp_path / "w.txt"),
           "--min-count", "0"], "argument --min-count: must be >= 1, got 0"),
         (["vocabulary", "--input", str(captions), "--output", str(captions)],
-         f"error: --output {captions} is an input"),
+         f"error: --output {captions} is an input of this command"),
         (["plausibility", "--input", str(tmp_path / "none.txt"), "--output", str(tmp_path / "m.npz")],
          f"error: --input {tmp_path / 'none.txt'}: caption file not found; pass a .txt"),
     ]
@@ -630,3 +637,159 @@ def test_show_generate_and_audit_honour_exclude(tmp_path, capsys):
         assert bool(texts & set(banned)) is want
     assert main(["audit", str(captions), "--exclude", str(tmp_path / "missing")]) == 2  # checked up front
     assert "--exclude " in capsys.readouterr().err
+
+
+def test_no_output_replaces_an_input_or_lands_in_a_folder(tmp_path, captions_300):
+    """Every command that writes a file refuses, before any work, an output that is one of its
+    inputs (a caption file, a shard, --vocabulary, --plausibility, --exclude, --reference, a
+    file of an input folder), a folder, or an empty path."""
+    source = tmp_path / "captions.txt"
+    source.write_text("\n".join(captions_300) + "\n")
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(captions_300[:250]) + "\n")
+    _write_shards(tmp_path, count=1, per_shard=3)
+    shard = tmp_path / "in-000000.tar"
+    sets = tmp_path / "sets"
+    sets.mkdir()
+    (sets / "swap_att.json").write_text(json.dumps({"0": {"caption": "a red cube", "negative_caption":
+                                                          "a blue cube"}}))
+    kept = {p: p.read_bytes() for p in (source, other, shard, sets / "swap_att.json")}
+    out = str(tmp_path / "out.jsonl")
+    for argv in (["audit", str(source), "--output", str(source)],
+                 ["audit", str(source), "--reference", str(other), "--output", str(other)],
+                 ["audit", str(sets), "--output", str(sets / "swap_att.json")],
+                 ["plausibility", "--input", str(source), "--output", str(source)],
+                 ["plausibility", "--shards", str(shard), "--output", str(shard)],
+                 ["vocabulary", "--shards", str(shard), "--output", str(shard)],
+                 ["generate", "--input", str(source), "--plausibility", str(other), "--output", str(other)],
+                 ["generate", "--input", str(source), "--vocabulary", str(other), "--output", str(other)],
+                 ["generate", "--input", str(source), "--exclude", str(other), "--output", str(other)]):
+        proc = run_cli(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        assert f"error: --output {argv[-1]} is an input of this command" in proc.stderr, (argv, proc.stderr)
+    assert {p: p.read_bytes() for p in kept} == kept
+    for command in (["generate", "--input", str(source)], ["vocabulary", "--input", str(source)],
+                    ["plausibility", "--input", str(source)], ["audit", str(source)]):
+        folder = run_cli(*command, "--output", str(tmp_path))
+        assert folder.returncode == 2 and f"error: --output {tmp_path} is a folder" in folder.stderr
+        empty = run_cli(*command, "--output", "")
+        assert empty.returncode == 2 and "--output: empty path" in empty.stderr, empty.stderr
+    assert not os.path.exists(out)
+    made = run_cli("vocabulary", "--input", str(source), "--output", str(tmp_path / "new" / "w.txt"))
+    assert made.returncode == 0, made.stderr  # a missing folder is made, as for every output
+
+
+@pytest.fixture
+def captions_300():
+    import random
+
+    from open_clip_hn.scenes import sample_scene
+
+    rng = random.Random(3)
+    return [sample_scene(rng).caption for _ in range(300)]
+
+
+def test_caption_files_as_web_data_comes(tmp_path, capsys):
+    """A byte-order mark, a stray carriage return inside a caption, bytes that are not UTF-8 and
+    jsonl values that are not text: each caption file is read as written, malformed lines
+    named, and an extension it is not is refused instead of read as lines."""
+    bom = "\ufeff"
+    (tmp_path / "b.txt").write_bytes((bom + "a dog on a couch\r\na cat\rsitting on a mat\r\n").encode())
+    (tmp_path / "b.csv").write_text(bom + "caption,id\na dog on a couch,1\n", encoding="utf-8")
+    (tmp_path / "b.jsonl").write_bytes(
+        (bom + '{"caption": "a dog on a couch"}\n{"caption": null}\n{"caption": 12}\n').encode()
+        + b'{"caption": "a red \xff car"}\n{"caption": "a cat on a mat"}\n')
+    (tmp_path / "b.json").write_text(json.dumps([{"caption": "a dog on a couch"}]))
+    rows = {}
+    for name in ("b.txt", "b.csv", "b.jsonl"):
+        out = tmp_path / f"{name}.out"
+        assert main(["generate", "--input", str(tmp_path / name), "--output", str(out)]) == 0
+        rows[name] = [json.loads(line) for line in out.read_text().splitlines()]
+    err = capsys.readouterr().err
+    assert [(r["line"], r["caption"]) for r in rows["b.txt"]] == [(1, "a dog on a couch"),
+                                                                  (2, "a cat\rsitting on a mat")]
+    assert [(r["line"], r["caption"]) for r in rows["b.csv"]] == [(2, "a dog on a couch")]
+    assert [(r["line"], r["caption"]) for r in rows["b.jsonl"]] == [(1, "a dog on a couch"),
+                                                                    (5, "a cat on a mat")]
+    assert all(r["negatives"] for r in rows["b.jsonl"])
+    assert "line 2: 'caption' is null, not text; skipped" in err
+    assert "line 3: 'caption' is 12, not text; skipped" in err
+    assert "line 4: not UTF-8 text (byte 19); skipped" in err
+    assert main(["generate", "--input", str(tmp_path / "b.json"), "--output", str(tmp_path / "j")]) == 2
+    assert "unknown caption file format '.json'; pass a .txt" in capsys.readouterr().err
+    assert main(["vocabulary", "--input", str(tmp_path / "b.jsonl"), "--output", str(tmp_path / "w")]) == 0
+    assert "3 malformed line(s) skipped (the first, line 2" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_file_where_no_caption_got_a_negative(tmp_path, capsys):
+    source = tmp_path / "c.txt"
+    source.write_text("\u4e00\u53ea\u732b\n\n   \n")
+    out = tmp_path / "o.jsonl"
+    assert main(["generate", "--input", str(source), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {source}: none of its 3 captions got a negative (the first, line 1: it holds" in err
+    assert not out.exists() and os.listdir(tmp_path) == ["c.txt"]  # nor a temp file
+
+
+def test_vocabulary_leaves_out_the_words_of_unusable_captions(tmp_path):
+    source = tmp_path / "c.txt"
+    source.write_text("a dog on a beach https://example.com/x.jpg\nfish &amp; chips on a plate\n"
+                      "a red car\n")
+    out = tmp_path / "w.txt"
+    proc = run_cli("vocabulary", "--input", str(source), "--output", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_text().split() == ["a", "car", "red"]
+    assert "from 1 usable captions" in proc.stderr
+
+
+def test_a_stopped_or_piped_command_leaves_nothing_behind(tmp_path):
+    """SIGTERM unwinds generate (its temp output goes), Ctrl-C says so without a traceback,
+    and `show | head` ends quietly."""
+    import signal
+
+    source = tmp_path / "c.txt"
+    source.write_text("a dog on a couch and a cat under a red table\n" * 200_000)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        proc = subprocess.Popen([sys.executable, "-m", "open_clip_hn.negatives", "generate", "--input",
+                                 str(source), "--output", str(tmp_path / "o.jsonl")],
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not any(n.startswith(".tmp-") for n in os.listdir(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.05)
+        proc.send_signal(stop)
+        err = proc.communicate(timeout=60)[1]
+        assert proc.returncode == (143 if stop == signal.SIGTERM else 130), err
+        assert "Traceback" not in err
+        assert sorted(os.listdir(tmp_path)) == ["c.txt"], err
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    _write_shards(shards, count=20, per_shard=400)
+    proc = subprocess.Popen([sys.executable, "-m", "open_clip_hn.negatives", "precompute", "--shards",
+                             str(shards / "in-{000000..000019}.tar"), "--output-dir", str(tmp_path / "out"),
+                             "--workers", "2"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "out" / "in-000000.tar").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _parent_of(int(p)) == proc.pid]
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.communicate(timeout=60)[1].count("Traceback") == 0 and proc.returncode == 143
+    time.sleep(1)
+    assert [w for w in workers if os.path.exists(f"/proc/{w}")] == []  # the pool went with it
+    rerun = run_cli("precompute", "--shards", str(shards / "in-{000000..000019}.tar"), "--output-dir",
+                    str(tmp_path / "out"), "--workers", "2")
+    assert rerun.returncode == 0 and "already done (skipped)" in rerun.stderr, rerun.stderr
+    assert not [n for n in os.listdir(tmp_path / "out") if n.startswith(".tmp-")]  # a worker's, removed
+    piped = subprocess.run(f"{shlex.quote(sys.executable)} -m open_clip_hn.negatives show "
+                           "'a dog on a couch and a cat under a red table' | head -1",
+                           shell=True, capture_output=True, text=True)
+    assert piped.stdout.startswith("caption:") and piped.stderr == "", piped.stderr
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -81,9 +81,16 @@ def test_a_step_checkpoint_of_another_batch_layout_is_refused_as_state():
                                          r"--accum-freq, world size, --workers or --train-num-samples"):
         run.data_ready(lambda texts: texts, 0, 25, 1, world_size=2)
     # the seed orders shards and samples (the seeded shuffle buffer too)
-    with pytest.raises(StateError, match=r"saved with --seed 0, this run has --seed 7.*--resume "
-                                         r"LOGS/NAME/checkpoints/epoch_N.pt --name NEW_NAME"):
+    with pytest.raises(StateError, match=r"saved with --seed 0, this run has --seed 7.*or start the "
+                                         r"run over in a new experiment folder \(--name NEW_NAME\): it "
+                                         r"stopped in its first epoch, before any epoch checkpoint"):
         run.data_ready(lambda texts: texts, 0, 50, 1, world_size=2, workers=2, seed=7)
+    later = HardNegativeRun(HNConfig(save_every_steps=5))  # a later epoch names its checkpoint
+    later.resume_position = EpochPosition(3, 16, 50, 800, [rng_state()] * 2, [rng_state()] * 2, workers=2,
+                                          seed=0)
+    with pytest.raises(StateError, match=r"saved with --seed 0, this run has --seed 7.*--resume "
+                                         r"LOGS/NAME/checkpoints/epoch_3.pt --name NEW_NAME"):
+        later.data_ready(lambda texts: texts, 3, 50, 4, world_size=2, workers=2, seed=7)
     # the same global batch on another number of ranks, or other loader workers (webdataset)
     with pytest.raises(StateError, match=r"saved by 2 rank\(s\), this run has 1"):
         run.data_ready(lambda texts: texts, 0, 50, 1, world_size=1, workers=2)
@@ -368,3 +375,106 @@ def test_two_ranks_agree_on_the_step_and_resume_exactly(tmp_path, data, request)
         assert proc.wait(timeout=300) == 0, proc.stdout.read()[-3000:]
     assert same_weights(load_checkpoint(tmp_path, "whole", "epoch_2.pt")["state_dict"],
                         load_checkpoint(tmp_path, "cut", "epoch_2.pt")["state_dict"])
+
+
+# `aws s3 ls` and `aws s3 sync` (as OpenCLIP calls them) on local folders standing for S3
+FAKE_AWS = '''#!/usr/bin/env python3
+import fnmatch, os, shutil, sys
+
+args = sys.argv[1:]
+if args[:2] == ["s3", "ls"]:
+    folder = args[2].rstrip("/")
+    if not os.path.isdir(folder):
+        sys.exit(1)
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            print(f"                           PRE {name}/")
+        else:
+            print(f"2026-12-07 18:00:00 {os.path.getsize(path):>10} {name}")
+elif args[:2] == ["s3", "sync"]:
+    source, target = args[2], args[3]
+    excluded = args[args.index("--exclude") + 1] if "--exclude" in args else None
+    for root, _, files in os.walk(source):
+        for name in files:
+            relative = os.path.relpath(os.path.join(root, name), source)
+            if excluded is None or not fnmatch.fnmatch(relative, excluded):
+                os.makedirs(os.path.dirname(os.path.join(target, relative)), exist_ok=True)
+                shutil.copy2(os.path.join(root, name), os.path.join(target, relative))
+else:
+    sys.exit(f"fake aws: {args}")
+'''
+
+
+def fake_aws(folder: Path) -> dict:
+    """An env whose PATH finds FAKE_AWS first."""
+    folder.mkdir()
+    (folder / "aws").write_text(FAKE_AWS)
+    (folder / "aws").chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_remote_latest_picks_a_checkpoint_not_the_plugins_files_beside_it(tmp_path, monkeypatch):
+    """OpenCLIP's remote pick took the last name `aws s3 ls` listed: epoch_1.pt.json."""
+    from open_clip_hn.hooks import latest_remote_checkpoint
+    from open_clip_hn.state import StateError
+
+    monkeypatch.setenv("PATH", fake_aws(tmp_path / "bin")["PATH"])
+    remote = tmp_path / "remote"
+    assert latest_remote_checkpoint(str(remote)) is None  # a first start: nothing there yet
+    remote.mkdir()
+    (remote / "sub").mkdir()
+    for name in ("epoch_1.pt", "epoch_1.pt.hn", "epoch_1.pt.json", "epoch_2.pt.hn", "epoch_9.pt",
+                 "epoch_9_step_3.pt", ".tmp-x-epoch_10.pt"):
+        (remote / name).write_bytes(b"x")
+    assert latest_remote_checkpoint(str(remote)) == str(remote / "epoch_9_step_3.pt")
+    (remote / "epoch_10.pt").write_bytes(b"x")
+    assert latest_remote_checkpoint(str(remote)) == str(remote / "epoch_10.pt")
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(StateError, match=r"lists the remote folder with the AWS CLI .* not on PATH"):
+        latest_remote_checkpoint(str(remote))
+
+
+def test_a_resume_from_a_url_reads_the_plugin_state_beside_it(tmp_path):
+    """`--resume file://.../epoch_1.pt` (or s3://, what the remote pick gives): the plugin state
+    beside it is read through fsspec, as OpenCLIP reads the checkpoint (it was looked for on the
+    local disk only, so the run went on without it, a warning aside)."""
+    from open_clip_hn.state import STATE_VERSION, find_state, save_state, state_files_beside
+
+    save_state(str(tmp_path), 1, {"version": STATE_VERSION, "epoch": 1, "loss": {"x": 1}})
+    url = f"file://{tmp_path}/epoch_1.pt"
+    assert state_files_beside(url, 1) == [f"{url}.hn"]
+    path, state = find_state(url, 1)
+    assert path == f"{url}.hn" and state["loss"] == {"x": 1}
+    assert find_state(f"file://{tmp_path}/epoch_2.pt", 2) is None
+
+
+@pytest.mark.slow
+def test_a_stop_with_remote_sync_is_synced_and_resumed_from_the_remote_alone(tmp_path, scene_csv):
+    """--remote-sync (S3) with a node's scratch disk lost: the stop's step checkpoint reaches the
+    remote folder before the process ends (OpenCLIP synced at a normal end only), and
+    `--resume latest` picks it there (OpenCLIP picked epoch_N.pt.json), with its plugin state,
+    ending with the uninterrupted run's weights."""
+    import shutil
+
+    env = fake_aws(tmp_path / "bin")
+    whole = train_argv(scene_csv, str(tmp_path), "whole", *HN_ONLINE_CHOICE, epochs=2)
+    run_module("open_clip_hn.train", whole)
+    remote = tmp_path / "remote"
+    cut = train_argv(scene_csv, str(tmp_path / "scratch"), "cut", *HN_ONLINE_CHOICE, "--remote-sync",
+                     str(remote), epochs=2)
+    proc = start_training(cut, env=env)
+    wait_for_steps(tmp_path / "scratch" / "cut" / "out.log", 6, proc)  # inside the second epoch
+    os.killpg(proc.pid, signal.SIGTERM)
+    output = proc.communicate(timeout=240)[0]
+    assert proc.returncode == -signal.SIGTERM, output[-3000:]
+    synced = {p.name for p in (remote / "cut" / "checkpoints").iterdir()}
+    steps = [name for name in synced if re.fullmatch(r"epoch_1_step_\d+\.pt", name)]
+    assert {"epoch_1.pt", "epoch_1.pt.hn", "epoch_1.pt.json"} <= synced and len(steps) == 1, synced
+    shutil.rmtree(tmp_path / "scratch")  # the node's disk is gone: only the remote copy is left
+    run_module("open_clip_hn.train", [*cut, "--resume", "latest"], env=env)
+    log = (tmp_path / "scratch" / "cut" / "out.log").read_text()
+    assert f"{remote / 'cut' / 'checkpoints' / steps[0]} is a step checkpoint" in log
+    a = load_checkpoint(tmp_path, "whole", "epoch_2.pt")
+    b = load_checkpoint(tmp_path / "scratch", "cut", "epoch_2.pt")
+    assert same_weights(a["state_dict"], b["state_dict"])

@@ -707,6 +707,7 @@ def jobs(cluster, shards, tmp_path_factory):
     long_flags = train_flags(shards, 48, 128, "--delete-previous-checkpoint")
     return {
         "env": env,
+        "interrupted_flags": long_flags,
         "interrupted": (submit_job(env, interrupted, long_flags), interrupted, 48, 128),
         "plain": (submit_job(env, root / "plain", plain_flags), root / "plain", 2, 128),
         "sbatch": (sbatch_job(env, root / "sbatch", plain_flags), root / "sbatch", 2, 128),
@@ -735,6 +736,11 @@ def test_preemption_and_time_limit_requeue_and_resume_with_plugin_state(jobs):
     log = job_dir / "train" / "out.log"
     first = wait_until("a first checkpoint", lambda: newest_checkpoint(checkpoints), job=job)
     assert first < epochs, "the run ended before its time limit could hit; make it longer"
+    # the same submission again, while the job runs: squeue tells the launcher, which refuses it
+    again = run_submit(*LAUNCH, "--job-dir", str(job_dir), "--", *jobs["interrupted_flags"], env=env)
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert f"is in use by job {job_id} (RUNNING) of this launcher" in again.stderr
+    assert "Submitted job" not in again.stdout
     # A limit 1-2 minutes ahead: within --signal-delay, so SLURM signals at its next limit check
     # (every 30 s), then the limit goes back up for the restarted run.
     limit = -(-elapsed_s(env, job_id) // 60) + 2

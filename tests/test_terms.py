@@ -59,6 +59,19 @@ def test_two_contrastive_terms_are_refused(loss):
         HNConfig(loss=loss, negatives="online").validate()
 
 
+@pytest.mark.parametrize("loss", [("clip",), ("clip", "mined"), ("mined",)])
+def test_text_negatives_no_term_reads_are_refused(loss):
+    """`--hn-negatives online --hn-loss clip` generated and encoded negatives every step and
+    trained exactly as vanilla OpenCLIP: no chosen term reads them."""
+    with pytest.raises(ValueError, match=r"--hn-negatives online: no loss term of this run reads text "
+                                         r"negatives .* add a term that does \(itc, choice, local, "
+                                         r"intra, rank, importance\), or pass --hn-negatives none"):
+        HNConfig(loss=loss, negatives="online", memory_bank_size=64 * ("mined" in loss)).validate()
+    for reader in ("itc", "importance", "choice"):  # itc and importance read them where given
+        chosen = (*loss, reader) if reader == "choice" or "clip" not in loss else (reader,)
+        HNConfig(loss=chosen, negatives="online", memory_bank_size=64 * ("mined" in chosen)).validate()
+
+
 def test_active_terms_follow_choice_and_automatic_needs():
     names = lambda config: [t.name for t in terms.active_terms(config)]  # noqa: E731
     assert names(HNConfig(loss=("importance",))) == ["importance"]

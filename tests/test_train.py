@@ -131,6 +131,12 @@ def test_help_lists_openclip_and_hn_flags():
      "--hn-sample-shuffle process acts on webdataset's shuffle buffer"),
     (["--hn-negatives", "online", "--train-data", "train.csv", "--hn-image-neighbors", "/tmp"],
      "--hn-image-neighbors reads webdataset shards"),
+    (["--hn-negatives", "online", "--hn-loss", "clip"], "no loss term of this run reads text negatives"),
+    (["--hn-negatives", "online", "--hn-types", "replace_object", "--hn-swap-reorders", "drop"],
+     "--hn-swap-reorders acts on online swap negatives (--hn-negatives online, --hn-types with "
+     "swap_objects or swap_attributes), which is off in this run"),
+    (["--hn-negatives", "online", "--resume", "latest"],
+     "--resume latest continues the experiment --name names; without --name OpenCLIP makes a new dated"),
     (["--hn-negatives", "online", "--resume", "/nonexistent/epoch_9.pt"],
      "--resume /nonexistent/epoch_9.pt: checkpoint /nonexistent/epoch_9.pt: file not found"),
     # local reads a ViT's patches: the tiny ResNet is refused before any work, printed or run
@@ -146,6 +152,26 @@ def test_bad_flags_fail_naming_the_input(argv, message, capsys):
     with pytest.raises(SystemExit):
         hooks.parse_args(["--model", TINY_MODEL] + argv)
     assert message in capsys.readouterr().err
+
+
+def test_save_most_recent_never_starts_over_on_a_runs_epoch_checkpoints(tmp_path, capsys):
+    """OpenCLIP's --save-most-recent resume reads epoch_latest.pt alone: on a folder of
+    epoch_N.pt without it (a run first trained without the flag) it trained from scratch over
+    them. With the plugin on that is refused; with epoch_latest.pt there it resumes."""
+    from open_clip_hn import hooks
+
+    folder = tmp_path / "run" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"epoch": 1, "state_dict": {}}, folder / "epoch_1.pt")
+    hooks.install()
+    argv = ["--model", TINY_MODEL, *HN_ONLINE, "--logs", str(tmp_path), "--name", "run", "--resume",
+            "latest", "--save-most-recent"]
+    with pytest.raises(SystemExit):
+        hooks.parse_args(argv)
+    assert (f"--resume latest with --save-most-recent resumes only {folder / 'epoch_latest.pt'}, which "
+            f"is not there, while the run's folder holds {folder / 'epoch_1.pt'}") in capsys.readouterr().err
+    torch.save({"epoch": 1, "state_dict": {}}, folder / "epoch_latest.pt")
+    assert hooks.parse_args(argv).save_most_recent
 
 
 def test_a_hub_model_is_checked_when_built_not_fetched_at_parse_time():

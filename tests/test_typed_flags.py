@@ -156,7 +156,7 @@ def test_printed_configuration_of_a_part_switched_off_is_itself_a_recipe(tmp_pat
 
 ONLINE_RECIPE = ("hn-negatives: online\nhn-loss: [itc, choice]\nhn-vocabulary: words.txt\n"
                  "hn-plausibility: captions.txt\nhn-exclude-negatives: sets\nhn-swap-reorders: drop\n"
-                 "hn-lm: lm\nhn-negative-grad: none\nhn-choice-grad: text\nhn-types: [replace_object]\n")
+                 "hn-lm: lm\nhn-negative-grad: none\nhn-choice-grad: text\nhn-types: [replace_object, swap_objects]\n")
 
 
 @pytest.mark.parametrize("negatives", ["none", "precomputed"])
@@ -196,7 +196,8 @@ def test_typed_settings_without_text_negatives_are_refused(capsys):
 def test_out_of_range_is_an_error_wherever_it_comes_from(tmp_path, capsys):
     """Dropping a recipe's setting for a part that is off does not hide a value no run takes."""
     recipe = write(tmp_path, "hn-negatives: online\nhn-distill-ema-decay: 1.0\n")
-    assert "--hn-distill-ema-decay must be in [0, 1)" in refusal(capsys, "--hn-config", recipe)
+    assert "key 'hn-distill-ema-decay' has a bad value 1.0: must be in [0, 1)" in refusal(
+        capsys, "--hn-config", recipe)
     recipe = write(tmp_path, "hn-negatives: online\nhn-importance-tau-plus: 1\n")
     assert "--hn-importance-tau-plus is a class prior" in refusal(capsys, "--hn-config", recipe)
 

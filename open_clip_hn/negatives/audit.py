@@ -148,8 +148,9 @@ class Scorers:
     """The two blind LMs, cross-fitted: a positive is scored by models that never saw it."""
 
     def __init__(self, positives: list[str], reference: list[str] | None = None):
+        purpose = "the audit's text-only scorer"
         if reference is None:
-            self.kn3 = fit(positives, source="audited captions", salt=AUDIT_SALT)
+            self.kn3 = fit(positives, source="audited captions", salt=AUDIT_SALT, purpose=purpose)
             halves: tuple[list, list] = ([], [])
             for c in set(positives):
                 halves[fold_of(tokens(c), AUDIT_SALT)].append(c)
@@ -157,7 +158,9 @@ class Scorers:
         else:
             scored = {" ".join(tokens(c)) for c in positives}
             kept = [c for c in reference if " ".join(tokens(c)) not in scored]
-            self.kn3 = fit(kept, source="--reference captions", salt=AUDIT_SALT)
+            source = (f"--reference captions ({len(reference) - len(kept)} of {len(reference)} dropped "
+                      "as equal to audited ones)")
+            self.kn3 = fit(kept, source=source, salt=AUDIT_SALT, purpose=purpose)
             self.bigram = (BigramLM(kept),) * 2
 
     def differences(self, pairs: list[Pair], normalise: bool) -> dict[str, list[float]]:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from ..argtypes import path_value
 from ..files import atomic_write_json
 from .audit import AuditError, Scorers, examples_text, format_table, generated_pairs, read_sugarcrepe, run_audit
 from .cli_common import add_caption_source, excluded, loaded, source_captions
@@ -20,7 +21,7 @@ def add_parsers(sub, add_generator_flags: Callable[[argparse.ArgumentParser, int
     """Add the `plausibility` and `audit` subcommands."""
     build = sub.add_parser("plausibility", help="Caption file or shards -> a saved plausibility model (.npz).")
     add_caption_source(build)
-    build.add_argument("--output", required=True, help="Model file (.npz), written atomically; pass it to "
+    build.add_argument("--output", required=True, type=path_value, help="Model file (.npz), written atomically; pass it to "
                                                        "--plausibility / --hn-plausibility.")
 
     audit = sub.add_parser("audit", help="Can a text-only reader tell negatives from positives? Per type.")
@@ -38,7 +39,7 @@ def add_parsers(sub, add_generator_flags: Callable[[argparse.ArgumentParser, int
                             "are dropped). Default: the audited captions, cross-fitted in two halves.")
     audit.add_argument("--examples", type=int, default=3, metavar="N",
                        help="Most detectable examples per type to print and save. Default: 3.")
-    audit.add_argument("--output", default=None, metavar="PATH.json", help="Full report as JSON, written atomically.")
+    audit.add_argument("--output", default=None, metavar="PATH.json", type=path_value, help="Full report as JSON, written atomically.")
     add_generator_flags(audit, 1)  # --plausibility also takes 'audited': a model of the audited captions
 
 
@@ -73,9 +74,6 @@ def run_audit_command(args: argparse.Namespace) -> int:
     for path in args.inputs + ([args.reference] if args.reference else []):
         if not os.path.exists(path):
             raise AuditError(f"{path} not found; pass a caption file or SugarCrepe-layout JSON files")
-    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
-        raise AuditError(f"--output {args.output}: folder {os.path.dirname(os.path.abspath(args.output))} "
-                         "does not exist")
     exclude = excluded(args)  # read once, and checked even where nothing is generated
     vocabulary = _vocabulary(args)  # likewise, and given to every generator below
     sugarcrepe = _is_sugarcrepe(args.inputs)

@@ -13,29 +13,31 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import sys
 from functools import partial
 from multiprocessing import Pool
 from pathlib import Path
 
-from ..argtypes import InputError, argparse_type, optional_path, overwritten_input, positive_int
+from ..argtypes import InputError, argparse_type, optional_path, path_value, positive_int
 from ..files import atomic_open
 from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
-from .parse import unusable_reason
-from .cli_common import (add_caption_source, excluded, existing_shards, loaded, progress, source_captions,
-                         source_files)
-from .shards import MalformedLine, read_captions, word_counts
+from .parse import normalise_punctuation, unusable_reason
+from .cli_common import (add_caption_source, check_output, excluded, existing_shards, input_files, loaded,
+                         progress, source_captions, worker_start)
+from .shards import MalformedLine, numbered_captions, read_captions, word_counts
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
 
-def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int) -> None:
+def _add_generator_flags(parser: argparse.ArgumentParser, num_default: int, per: str = "caption") -> None:
     parser.add_argument("--num", "-k", type=positive_int, default=num_default, metavar="K",
-                        help=f"Negatives per caption. Default: {num_default}.")
+                        help=f"Negatives per {per}. Default: {num_default}.")
     parser.add_argument("--types", type=argparse_type(parse_types), default=NEGATIVE_TYPES, metavar="A,B",
                         help=f"Comma list of types (default: all): {', '.join(NEGATIVE_TYPES)}.")
     parser.add_argument("--seed", type=int, default=0,
-                        help="Generator seed; output is a pure function of (caption, seed, types, K).")
+                        help="Generator seed; the output is a pure function of the caption, the seed "
+                             "and the other flags (the same command gives the same negatives).")
     parser.add_argument("--lm", default=None, metavar="PATH",
                         help="Local masked LM (transformers) proposing replacement words.")
     parser.add_argument("--vocabulary", default=None, metavar="PATH",
@@ -79,19 +81,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = sub.add_parser("show", help="Print each type's negatives for a caption.")
     show.add_argument("caption", help="The caption, in quotes.")
-    _add_generator_flags(show, 3)
+    _add_generator_flags(show, 3, per="type")
 
     gen = sub.add_parser("generate", help="Caption file (txt/csv/tsv/jsonl) -> JSON lines of negatives.")
-    gen.add_argument("--input", required=True, help="captions.txt (one per line), .csv, .tsv or .jsonl")
+    gen.add_argument("--input", required=True,
+                     help="captions.txt (one per line; a file without extension too), .csv, .tsv or "
+                          ".jsonl; other extensions are refused.")
     gen.add_argument("--caption-key", default="caption",
                      help="Column (csv/tsv) or key (jsonl) holding the caption. Default: caption.")
-    gen.add_argument("--output", required=True, help="Output .jsonl, written atomically.")
+    gen.add_argument("--output", required=True, type=path_value,
+                     help="Output .jsonl, written atomically: per caption read, {line, caption, "
+                          "negatives}, where line is its input line (CSV row) number and caption the "
+                          "text the negatives were made from.")
     gen.add_argument("--workers", type=positive_int, default=1, help="Worker processes. Default: 1.")
     gen.add_argument("--strict", action="store_true", help="Fail on the first malformed input line.")
     _add_generator_flags(gen, 4)
 
     pre = sub.add_parser("precompute", help="Write webdataset shards with <key>.neg.json added.")
-    pre.add_argument("--shards", required=True, help="Input shards, brace pattern: 'in-{000000..000009}.tar'.")
+    pre.add_argument("--shards", required=True,
+                     help="Input shards: a brace pattern 'in-{000000..000009}.tar' or a '::' list.")
     pre.add_argument("--output-dir", required=True, help="Folder for the output shards (same names).")
     pre.add_argument("--caption-key", default="txt", type=str.lower,
                      help="Member extension holding the caption, in any case (webdataset reads "
@@ -107,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_caption_source(voc)
     voc.add_argument("--min-count", type=positive_int, default=1, metavar="N",
                      help="Keep words seen at least N times (drops typos). Default: 1.")
-    voc.add_argument("--output", required=True, help="Word list (one per line), written atomically.")
+    voc.add_argument("--output", required=True, type=path_value,
+                     help="Word list (one per line), written atomically.")
 
     from .audit_cli import add_parsers
 
@@ -131,11 +140,9 @@ def _generate_one(generator: NegativeGenerator, k: int, caption: object) -> list
 def run_generate(args: argparse.Namespace) -> int:
     if not os.path.isfile(args.input):
         raise InputError(f"caption file {args.input} not found (--input)")
-    if overwritten_input([args.output], [args.input]):
-        raise InputError(f"--output {args.output} is the --input file; write elsewhere")
     generator = _generator(args)
     captions, malformed = [], 0
-    for item in read_captions(args.input, args.caption_key):
+    for number, item in numbered_captions(args.input, args.caption_key):
         if isinstance(item, MalformedLine):
             if args.strict:
                 print(f"error: {args.input}: {item}", file=sys.stderr)
@@ -143,28 +150,35 @@ def run_generate(args: argparse.Namespace) -> int:
             print(f"warning: {args.input}: {item}; skipped", file=sys.stderr)
             malformed += 1
             continue
-        captions.append(item)
+        captions.append((number, item))
     if not captions:
         raise InputError(f"{args.input}: no caption to process ({malformed} malformed line(s)); "
                          "check the file and --caption-key")
     work = partial(_generate_one, generator, args.num)
+    texts = [caption for _, caption in captions]
     with atomic_open(args.output, "w", encoding="utf-8") as handle:
         if args.workers > 1:  # forked workers inherit what the parent loaded; spawned ones load it
-            with Pool(args.workers, initializer=generator.load) as pool:
-                results = pool.imap(work, captions, chunksize=256)
-                masked = _write_results(handle, captions, results)
+            with Pool(args.workers, initializer=partial(worker_start, generator.load)) as pool:
+                masked = _write_results(handle, captions, pool.imap(work, texts, chunksize=256))
         else:
-            masked = _write_results(handle, captions, map(work, captions))
+            masked = _write_results(handle, captions, map(work, texts))
+        if masked == len(captions):  # raised inside: the output is not written
+            reason = unusable_reason(texts[0]) or "it has nothing the negative types change"
+            raise InputError(f"{args.input}: none of its {len(captions)} captions got a negative (the "
+                             f"first, line {captions[0][0]}: {reason}); check the file and --caption-key "
+                             "(`show CAPTION` explains one caption)")
     print(f"{len(captions)} captions, {masked} without negatives (masked), {malformed} malformed lines "
           f"skipped -> {args.output}", file=sys.stderr)
     return 0
 
 
-def _write_results(handle, captions: list, results) -> int:
+def _write_results(handle, captions: list[tuple[int, str]], results) -> int:
     masked = 0
-    for caption, negatives in zip(captions, progress(results, total=len(captions), unit="cap")):
+    for (number, caption), negatives in zip(captions, progress(results, total=len(captions), unit="cap")):
         masked += not negatives
-        handle.write(json.dumps({"caption": caption, "negatives": negatives}, ensure_ascii=False) + "\n")
+        record = {"line": number, "caption": normalise_punctuation(caption).strip() if negatives else caption,
+                  "negatives": negatives}
+        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
     return masked
 
 
@@ -181,23 +195,31 @@ def run_precompute(args: argparse.Namespace) -> int:
 
 
 def run_vocabulary(args: argparse.Namespace) -> int:
-    clash = overwritten_input([args.output], source_files(args))
-    if clash:
-        print(f"error: --output {clash} is an input; write the word list elsewhere", file=sys.stderr)
-        return 2
-    captions = source_captions(args, lambda path, key: (c for c in read_captions(path, key)
-                                                       if isinstance(c, str)))
-    counts, total = word_counts(captions)
+    malformed: list[MalformedLine] = []
+
+    def file_captions(path: str, key: str):
+        for caption in read_captions(path, key):
+            if isinstance(caption, MalformedLine):
+                malformed.append(caption)
+            else:
+                yield caption
+
+    counts, total = word_counts(source_captions(args, file_captions))
+    if malformed:
+        print(f"warning: {args.input}: {len(malformed)} malformed line(s) skipped (the first, "
+              f"{malformed[0]})", file=sys.stderr)
     words = sorted(w for w, n in counts.items() if n >= args.min_count)
     if not words:
-        where = (f"members '.{args.caption_key or 'txt'}'" if args.shards
-                 else f"column/key '{args.caption_key or 'caption'}'")
-        print(f"error: no word seen {args.min_count} time(s) in {total} captions (read from the "
+        where = (f"members '.{args.caption_key or 'txt'}' of the shards" if args.shards
+                 else f"lines of {args.input}" if Path(args.input).suffix.lower() in ("", ".txt")
+                 else f"column/key '{args.caption_key or 'caption'}' of {args.input}")
+        print(f"error: no word seen {args.min_count} time(s) in {total} usable captions (read from the "
               f"{where}); check --caption-key and --min-count", file=sys.stderr)
         return 2
     with atomic_open(args.output, "w", encoding="utf-8") as handle:
         handle.write("\n".join(words) + "\n")
-    print(f"{len(words)} words (of {len(counts)}) from {total} captions -> {args.output}", file=sys.stderr)
+    print(f"{len(words)} words (of {len(counts)}) from {total} usable captions -> {args.output}",
+          file=sys.stderr)
     return 0
 
 
@@ -242,11 +264,27 @@ def main(argv: list[str] | None = None) -> int:
     from .nltk_data import NLTKDataError
     from .plausibility import PlausibilityError
 
+    previous = signal.signal(signal.SIGTERM, _exit_on_stop)  # unwinds: temp files and pools go too
     try:
+        if getattr(args, "output", None) is not None:
+            check_output("--output", args.output, input_files(args))
         return {"show": run_show, "generate": run_generate, "precompute": run_precompute,
                 "vocabulary": run_vocabulary, "audit": run_audit_command,
                 "plausibility": run_plausibility_command}[args.command](args)
     except (NLTKDataError, VocabularyError, PlausibilityError, AuditError, InputError,
             OSError) as err:  # InputError covers ManifestError and LMError
+        if isinstance(err, BrokenPipeError):  # `show ... | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
+            return 0
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: every output is written whole or not at all (a rerun of precompute "
+              "resumes at its first unfinished shard)", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)  # main() may run inside another program
+
+
+def _exit_on_stop(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)

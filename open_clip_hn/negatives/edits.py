@@ -6,6 +6,8 @@ Shared by the rule route (`generator.py`) and the masked-LM route (`lm.py`). Pla
 
 from __future__ import annotations
 
+from typing import Iterable
+
 from .lexicon import Resources, regular_plural
 from .parse import Parse
 
@@ -29,9 +31,10 @@ def article_for(word: str) -> str:
 _ARTICLES = frozenset(("a", "an", "A", "An", "AN"))
 
 
-def fix_articles(words: list[str]) -> list[str]:
-    for i in range(len(words) - 1):
-        if words[i] in _ARTICLES:
+def fix_articles(words: list[str], positions: Iterable[int]) -> list[str]:
+    """The articles at `positions` of `words` made a/an by the sound of the word after each."""
+    for i in positions:
+        if 0 <= i < len(words) - 1 and words[i] in _ARTICLES:
             wanted = article_for(words[i + 1])
             if words[i + 1].isupper() and len(words[i + 1]) > 1:
                 words[i] = wanted.upper()  # "A GREEN TABLE WITH AN OLD BLENDER"
@@ -57,9 +60,14 @@ def noun_form(res: Resources, lemma: str, plural: bool) -> str:
 def splice(p: Parse, replacements: list[tuple[int, int, list[str], list[str] | None]]) -> Edit:
     """Replace unit ranges [a, b) by new words (new gaps default to the old first gap, then ' ')."""
     words, gaps = list(p.words), list(p.gaps)
-    for a, b, new_words, new_gaps in sorted(replacements, key=lambda r: r[0], reverse=True):
+    ordered = sorted(replacements, key=lambda r: r[0])
+    for a, b, new_words, new_gaps in reversed(ordered):  # from the end: earlier indices hold
         if new_gaps is None:
             first = gaps[a] if a < len(gaps) else " "
             new_gaps = [first] + [" "] * (len(new_words) - 1)
         words[a:b], gaps[a:b] = new_words, new_gaps
-    return fix_articles(words), gaps
+    touched, shift = [], 0  # only an article before or inside a replaced range can change
+    for a, b, new_words, _ in ordered:
+        touched.extend(range(a + shift - 1, a + shift + len(new_words)))
+        shift += len(new_words) - (b - a)
+    return fix_articles(words, touched), gaps

@@ -21,7 +21,7 @@ from .edits import Edit, match_case, noun_form, splice
 from .lexicon import Resources, load_resources, restrict_to_vocabulary, words_of
 from .parse import LexiconTagger, NLTKTagger, NounPhrase, Parse, clean_caption, nltk_tagger_available, parse_caption
 from .plausibility import PlausibilityModel, resolve as resolve_plausibility, select as plausible_order
-from .taxonomy import LM_TYPES, NEGATIVE_TYPES, parse_types
+from .taxonomy import LM_TYPES, NEGATIVE_TYPES, SWAP_TYPES, parse_types
 
 _BE_NUMBER = {"is": "are", "are": "is", "was": "were", "were": "was", "has": "have", "have": "has"}
 _SINGULAR_VERBS = ("is", "was", "has")
@@ -525,8 +525,6 @@ WIDE_TYPES = frozenset(("replace_object", "replace_attribute", "replace_relation
 REDRAWN_TYPES = frozenset(("replace_count", "add_attribute", "add_object"))
 PLAUSIBILITY_DRAWS = 2
 
-
-SWAP_TYPES = ("swap_objects", "swap_attributes")
 
 
 def noun_phrases(parse: Parse) -> list[str]:

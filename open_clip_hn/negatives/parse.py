@@ -22,6 +22,10 @@ _MIXED = re.compile(r"\d.*[A-Za-z]|[A-Za-z].*\d")
 _QUOTES = ("'", '"')
 _FORBIDDEN = re.compile(r"[^A-Za-z0-9 .,;:!?'\"()/&-]")
 _HTML_ENTITY = re.compile(r"&#?\w+;")
+# a web address or file name ("https://...", "www.x", "example.com/a.jpg"): edited as words, its
+# pieces would move around the caption ("com on a beach https://example.a dog/x.jpg")
+_WEB_ADDRESS = re.compile(r"(?i)\b[a-z][a-z\d+.-]*://|\bwww\.|\b[a-z\d-]+\.(?:com|org|net|edu|gov|io|"
+                          r"co|uk|de|fr|info|html?|php|aspx?|jpe?g|png|gif|webp)\b")
 _UNICODE_PUNCT = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"',
                                 "\u2013": "-", "\u2014": "-", "\u00a0": " "})
 _PENN_TO_UNIVERSAL = {
@@ -73,6 +77,9 @@ def unusable_reason(caption: object) -> str | None:
         return f"it holds {forbidden.group()!r}, outside plain English text"
     if _HTML_ENTITY.search(text):
         return "it holds an HTML entity"
+    address = _WEB_ADDRESS.search(text)
+    if address:
+        return f"it holds a web address or file name ({address.group()!r})"
     return None
 
 

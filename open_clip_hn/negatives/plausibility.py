@@ -274,13 +274,15 @@ def captions_identity(captions: list[str], salt: str = _FOLD_SALT) -> str:
     return digest.hexdigest()
 
 
-def fit(captions: Iterable[str], source: str = "captions", salt: str = _FOLD_SALT) -> PlausibilityModel:
-    """Fit the cross-fitted model on `captions`; refuses fewer than MIN_CAPTIONS usable ones.
-    `salt` picks the split into halves (the audit's scorers split otherwise than the filter)."""
+def fit(captions: Iterable[str], source: str = "captions", salt: str = _FOLD_SALT,
+        purpose: str = "a plausibility model") -> PlausibilityModel:
+    """Fit the cross-fitted model on `captions`; refuses fewer than MIN_CAPTIONS usable ones,
+    naming `source` and the `purpose` they were for. `salt` picks the split into halves (the
+    audit's scorers split otherwise than the filter)."""
     texts = [c for c in captions if isinstance(c, str) and tokens(c)]
     if len(texts) < MIN_CAPTIONS:
         raise PlausibilityError(
-            f"{source}: {len(texts)} usable captions; a plausibility model needs at least {MIN_CAPTIONS} "
+            f"{source}: {len(texts)} usable captions; {purpose} needs at least {MIN_CAPTIONS} "
             "(more is better: ideally the training captions themselves)")
     counts: Counter = Counter(w for c in texts for w in tokens(c))
     vocabulary = ["<unk>", "<s>", "</s>", *sorted(counts)]
@@ -348,14 +350,14 @@ def read_caption_file(path: str, caption_key: str = "caption", key_flag: str = "
     """The captions of a txt/csv/tsv/jsonl file (the formats `negatives generate` reads);
     `key_flag` names the flag that sets `caption_key` in errors."""
     from ..argtypes import InputError
-    from .shards import read_captions
+    from .shards import CAPTION_FILE_SUFFIXES, read_captions
 
     suffix = Path(path).suffix.lower()
     if suffix == ".npz":  # named as a saved model, but not one (is_saved_model said so)
         raise PlausibilityError(f"{path} is not a saved plausibility model (not an .npz archive: "
                                 "damaged, or another file under that name); write it again with "
                                 "`python -m open_clip_hn.negatives plausibility`")
-    if suffix not in ("", ".txt", ".csv", ".tsv", ".jsonl"):
+    if suffix not in CAPTION_FILE_SUFFIXES:
         raise PlausibilityError(f"{path}: unknown caption file format {suffix!r}; pass a .txt (one caption "
                                 "per line), .csv, .tsv or .jsonl file, or a model saved by "
                                 "`python -m open_clip_hn.negatives plausibility`")
@@ -372,7 +374,12 @@ def model_cache_dir(directory: str | os.PathLike | None = None) -> Path:
     default cache folder (made when missing)."""
     if directory is None:
         folder = cache_dir() / "plausibility"
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise PlausibilityError(f"cannot make the plausibility cache folder {folder} ({err.strerror}); "
+                                    "set OPEN_CLIP_HN_CACHE to a writable folder, or save a model once "
+                                    "with `python -m open_clip_hn.negatives plausibility` and pass it") from None
         return folder
     folder = Path(directory)
     if not folder.is_dir():

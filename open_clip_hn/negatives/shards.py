@@ -20,6 +20,7 @@ from typing import Iterable, Iterator
 from ..argtypes import InputError
 from ..files import shard_paths
 from .lexicon import VocabularyError, words_of
+from .parse import unusable_reason
 
 NEGATIVES_EXTENSION = "neg.json"  # member `<key>.neg.json`: a JSON list of {"text", "type"}
 
@@ -106,42 +107,71 @@ class MalformedLine(ValueError):
         self.line = line
 
 
+CAPTION_FILE_SUFFIXES = ("", ".txt", ".csv", ".tsv", ".jsonl")
+
+
 def read_captions(path: str, caption_key: str, key_flag: str = "--caption-key"
                   ) -> Iterator[str | MalformedLine]:
-    """Captions of a txt/csv/tsv/jsonl file in order; malformed lines come as MalformedLine.
-    `key_flag` is the flag that sets `caption_key`, named where the column or key is missing.
+    """Captions of a txt/csv/tsv/jsonl file in order; malformed lines come as MalformedLine."""
+    return (caption for _, caption in numbered_captions(path, caption_key, key_flag))
+
+
+def numbered_captions(path: str, caption_key: str, key_flag: str = "--caption-key"
+                      ) -> Iterator[tuple[int, str | MalformedLine]]:
+    """(line or CSV row number, caption) of a txt/csv/tsv/jsonl file in order, where the number
+    ties an output back to its input; malformed lines (not UTF-8, invalid JSON, a caption that
+    is not text) come as MalformedLine. `key_flag` is the flag that sets `caption_key`, named
+    where the column or key is missing. A UTF-8 byte-order mark is skipped; lines end at
+    '\n' only (a stray '\r' inside a caption does not split it).
 
     A .csv whose header holds a tab is read as tab-separated: OpenCLIP's own CSVs are (its
     --csv-separator default), whatever their extension."""
     suffix = Path(path).suffix.lower()
-    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
-        if suffix in (".csv", ".tsv"):
-            tabs = suffix == ".tsv" or "\t" in handle.readline()
-            handle.seek(0)
-            reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
-            if reader.fieldnames is None or caption_key not in reader.fieldnames:
-                raise InputError(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
-                                 f"pass {key_flag} NAME")
-            for row in reader:
-                value = row.get(caption_key)
-                yield value if isinstance(value, str) else MalformedLine(reader.line_num, "missing caption field")
-        elif suffix == ".jsonl":
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    yield MalformedLine(number, "empty line")
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield MalformedLine(number, f"invalid JSON ({err.msg})")
-                    continue
-                if not isinstance(record, dict) or caption_key not in record:
-                    yield MalformedLine(number, f"no key {caption_key!r}; pass {key_flag} KEY")
-                    continue
-                yield record[caption_key]
-        else:
-            for line in handle:
-                yield line.rstrip("\r\n")
+    if suffix not in CAPTION_FILE_SUFFIXES:
+        raise InputError(f"{path}: unknown caption file format {suffix!r}; pass a .txt (one caption "
+                         "per line), .csv, .tsv or .jsonl file")
+    if suffix in (".csv", ".tsv"):
+        yield from _csv_captions(path, suffix, caption_key, key_flag)
+        return
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                yield number, MalformedLine(number, f"not UTF-8 text (byte {err.start})")
+                continue
+            yield number, (_jsonl_caption(number, line, caption_key, key_flag) if suffix == ".jsonl"
+                           else line)
+
+
+def _csv_captions(path: str, suffix: str, caption_key: str, key_flag: str
+                  ) -> Iterator[tuple[int, str | MalformedLine]]:
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+        tabs = suffix == ".tsv" or "\t" in handle.readline()
+        handle.seek(0)
+        reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
+        if reader.fieldnames is None or caption_key not in reader.fieldnames:
+            raise InputError(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
+                             f"pass {key_flag} NAME")
+        for row in reader:
+            value = row.get(caption_key)
+            yield reader.line_num, (value if isinstance(value, str)
+                                    else MalformedLine(reader.line_num, "missing caption field"))
+
+
+def _jsonl_caption(number: int, line: str, caption_key: str, key_flag: str) -> str | MalformedLine:
+    if not line.strip():
+        return MalformedLine(number, "empty line")
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return MalformedLine(number, f"invalid JSON ({err.msg})")
+    if not isinstance(record, dict) or caption_key not in record:
+        return MalformedLine(number, f"no key {caption_key!r}; pass {key_flag} KEY")
+    value = record[caption_key]
+    if not isinstance(value, str):
+        return MalformedLine(number, f"{caption_key!r} is {json.dumps(value)[:40]}, not text")
+    return value
 
 
 def csv_captions(path: str, separator: str, caption_key: str) -> list[str]:
@@ -199,10 +229,13 @@ def train_data_captions(train_data: str, *, is_csv: bool, csv_separator: str = "
 
 
 def word_counts(captions: Iterable[str]) -> tuple[Counter[str], int]:
-    """(how often each word occurs, how many captions) — the one vocabulary builder."""
+    """(how often each word occurs, how many usable captions) — the one vocabulary builder.
+    Captions the generator masks (HTML, web addresses, other scripts) are left out, so their
+    pieces ('amp', 'https') never become words a negative may bring in."""
     counts: Counter[str] = Counter()
     total = 0
     for caption in captions:
-        counts.update(words_of(caption))
-        total += 1
+        if unusable_reason(caption) is None:
+            counts.update(words_of(caption))
+            total += 1
     return counts, total

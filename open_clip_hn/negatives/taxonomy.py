@@ -15,6 +15,8 @@ NEGATIVE_TYPES: tuple[str, ...] = (
 TYPE_TO_ID: dict[str, int] = {name: i for i, name in enumerate(NEGATIVE_TYPES)}
 # the types whose new word a masked LM (--hn-lm, --lm) proposes
 LM_TYPES: tuple[str, ...] = ("replace_object", "replace_attribute")
+# the types whose negatives may only reorder the caption's noun phrases (--hn-swap-reorders)
+SWAP_TYPES: tuple[str, ...] = ("swap_objects", "swap_attributes")
 
 
 def parse_types(spec: str | None) -> tuple[str, ...]:
