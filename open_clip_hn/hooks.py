@@ -607,8 +607,11 @@ def sync_before_stop(args: argparse.Namespace) -> None:
         if getattr(child, "_target", None) is keep_running_remote_sync:
             child.terminate()
     local, remote = os.path.join(args.logs, args.name), os.path.join(args.remote_sync, args.name)
+    if args.save_most_recent:
+        logging.warning("--save-most-recent: the stop's checkpoint is %s, which OpenCLIP's remote "
+                        "sync leaves out; it stays in %s", oc_main.LATEST_CHECKPOINT_NAME, local)
     if remote_sync(local, remote, args.remote_sync_protocol):
-        logging.info("Remote sync of the stop's checkpoint to %s done", remote)
+        logging.info("Remote sync to %s after the stop's checkpoint done", remote)
     else:
         logging.error("Remote sync of the stop's checkpoint to %s failed: it is only in %s", remote, local)
 
@@ -687,11 +690,16 @@ def latest_remote_checkpoint(path: str) -> str | None:
                                   "AWS CLI (`aws s3 ls`, as OpenCLIP does), which is not on PATH: "
                                   "install it (pip install awscli)")
     listing = subprocess.run(["aws", "s3", "ls", path + "/"], capture_output=True, text=True)
-    if listing.returncode != 0:  # 1: nothing there yet (a first start)
+    if listing.returncode == 1:  # nothing there yet (a first start)
         return None
+    if listing.returncode != 0:  # credentials, network: starting over would write over the run
+        raise hn_state.StateError(f"--resume latest with --remote-sync: `aws s3 ls {path}/` failed "
+                                  f"(exit {listing.returncode}: {listing.stderr.strip()[:300]}); fix "
+                                  "the access to the remote folder and start again")
     names = [fields[3] for fields in (line.split(None, 3) for line in listing.stdout.splitlines())
              if len(fields) == 4]  # "2026-12-07 18:00:00  123456 epoch_1.pt" ("PRE dir/" skipped)
-    newest = hn_state.checkpoint_names_newest_first(names)
+    # OpenCLIP's checkpoints only: not its --save-most-recent temp file (tmp.pt)
+    newest = hn_state.checkpoint_names_newest_first(n for n in names if n.startswith("epoch_"))
     return os.path.join(path, newest[0]) if newest else None
 
 

@@ -66,8 +66,9 @@ def epoch_restart(epoch: int) -> str:
     if epoch == 0:
         return (", or start the run over in a new experiment folder (--name NEW_NAME): it stopped "
                 "in its first epoch, before any epoch checkpoint")
-    return (", or continue from the last epoch checkpoint in a new experiment folder: "
-            f"--resume LOGS/NAME/checkpoints/epoch_{epoch}.pt --name NEW_NAME")
+    return (", or continue from the newest epoch checkpoint in a new experiment folder: "
+            f"--resume LOGS/NAME/checkpoints/epoch_N.pt --name NEW_NAME (N at most {epoch}, "
+            "the epochs this one follows)")
 
 
 class HardNegativeRun:

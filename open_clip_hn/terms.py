@@ -403,7 +403,7 @@ def converse(b: TermBatch, ctx: TermContext) -> TermResult:
 @register_term("distill", weight=True, needs=("teacher",), selectable=False,
                source="DeGLA (EMA self-distillation), CLIP-KD", doc_name="`distill` (`--hn-distill`)",
                weight_help="KL from the teacher's image<->text similarity distribution over the "
-                           "ordinary batch to the student's; 0 turns the term off",
+                           "ordinary batch to the student's (--hn-distill none turns it off)",
                summary="the student's image→text and text→image softmax over the ordinary batch "
                        "(positives only, each model's own logit scale) matches a frozen or EMA "
                        "teacher's (KL, both directions): keeps retrieval while the other terms "

@@ -59,6 +59,7 @@ def test_only_the_articles_an_edit_touches_change():
     """A web caption's own article slip ("a old dog") stays in its negatives: corrected there
     alone, it would tell the negative from the positive without the image."""
     assert by_type("a old dog on a table", "swap_attributes") == ["a dog on an old table"]
+    assert "a table on a old dog" in by_type("a old dog on a table", "swap_objects")  # moved whole
     for name in ("replace_relation", "add_object", "replace_object"):
         kept = [text for text in by_type("a old dog on a table", name, k=5) if "dog" in text]
         assert kept and all(text.startswith("a old dog") for text in kept), (name, kept)

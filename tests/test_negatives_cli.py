@@ -402,6 +402,10 @@ def test_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 2
     assert "--plausibility (model identity) none (folder: not recorded (an older version's folder))" \
         in capsys.readouterr().err
+    # a folder written under the generator's earlier rules (before they were recorded)
+    settings.write_text(json.dumps({k: v for k, v in stored.items() if k != "rules"}))
+    assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 2
+    assert "generator rules revision 2 (folder: 1)" in capsys.readouterr().err
     settings.write_text(json.dumps(stored))
     # a changed input shard (same name) is made again
     assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0
@@ -695,7 +699,8 @@ def test_caption_files_as_web_data_comes(tmp_path, capsys):
     named, and an extension it is not is refused instead of read as lines."""
     bom = "\ufeff"
     (tmp_path / "b.txt").write_bytes((bom + "a dog on a couch\r\na cat\rsitting on a mat\r\n").encode())
-    (tmp_path / "b.csv").write_text(bom + "caption,id\na dog on a couch,1\n", encoding="utf-8")
+    (tmp_path / "b.csv").write_bytes((bom + 'caption,id\n"a dog\non a couch",1\n').encode()
+                                     + b"a red \xff car,2\na cat on a mat,3\n")
     (tmp_path / "b.jsonl").write_bytes(
         (bom + '{"caption": "a dog on a couch"}\n{"caption": null}\n{"caption": 12}\n').encode()
         + b'{"caption": "a red \xff car"}\n{"caption": "a cat on a mat"}\n')
@@ -708,7 +713,9 @@ def test_caption_files_as_web_data_comes(tmp_path, capsys):
     err = capsys.readouterr().err
     assert [(r["line"], r["caption"]) for r in rows["b.txt"]] == [(1, "a dog on a couch"),
                                                                   (2, "a cat\rsitting on a mat")]
-    assert [(r["line"], r["caption"]) for r in rows["b.csv"]] == [(2, "a dog on a couch")]
+    assert [(r["line"], r["caption"]) for r in rows["b.csv"]] == [(2, "a dog\non a couch"),
+                                                                  (5, "a cat on a mat")]
+    assert "line 4: not UTF-8 text; skipped" in err  # a CSV row's number is its first line
     assert [(r["line"], r["caption"]) for r in rows["b.jsonl"]] == [(1, "a dog on a couch"),
                                                                     (5, "a cat on a mat")]
     assert all(r["negatives"] for r in rows["b.jsonl"])
@@ -743,24 +750,28 @@ def test_vocabulary_leaves_out_the_words_of_unusable_captions(tmp_path):
 
 
 def test_a_stopped_or_piped_command_leaves_nothing_behind(tmp_path):
-    """SIGTERM unwinds generate (its temp output goes), Ctrl-C says so without a traceback,
+    """SIGTERM or Ctrl-C to the command's process group (as scancel and a terminal send them)
+    unwinds generate, with or without workers: its temp output goes, no traceback is printed,
+    the pool never hangs its end (Pool.terminate waited forever on a lock a killed worker held);
     and `show | head` ends quietly."""
     import signal
 
     source = tmp_path / "c.txt"
     source.write_text("a dog on a couch and a cat under a red table\n" * 200_000)
-    for stop in (signal.SIGTERM, signal.SIGINT):
+    for stop, workers in ((signal.SIGTERM, "1"), (signal.SIGINT, "1"), (signal.SIGTERM, "2"),
+                          (signal.SIGINT, "2"), (signal.SIGTERM, "2"), (signal.SIGTERM, "2")):
         proc = subprocess.Popen([sys.executable, "-m", "open_clip_hn.negatives", "generate", "--input",
-                                 str(source), "--output", str(tmp_path / "o.jsonl")],
-                                stderr=subprocess.PIPE, text=True)
+                                 str(source), "--output", str(tmp_path / "o.jsonl"), "--workers", workers],
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.monotonic() + 120
         while not any(n.startswith(".tmp-") for n in os.listdir(tmp_path)):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
             time.sleep(0.05)
-        proc.send_signal(stop)
+        time.sleep(0.5)  # the workers are busy
+        os.killpg(proc.pid, stop)
         err = proc.communicate(timeout=60)[1]
-        assert proc.returncode == (143 if stop == signal.SIGTERM else 130), err
-        assert "Traceback" not in err
+        assert proc.returncode == (143 if stop == signal.SIGTERM else 130), (workers, err)
+        assert "Traceback" not in err, (workers, err)
         assert sorted(os.listdir(tmp_path)) == ["c.txt"], err
     shards = tmp_path / "shards"
     shards.mkdir()
@@ -777,7 +788,7 @@ def test_a_stopped_or_piped_command_leaves_nothing_behind(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.communicate(timeout=60)[1].count("Traceback") == 0 and proc.returncode == 143
     time.sleep(1)
-    assert [w for w in workers if os.path.exists(f"/proc/{w}")] == []  # the pool went with it
+    assert [w for w in workers if _state_of(w) not in (None, "Z")] == []  # the pool went with it
     rerun = run_cli("precompute", "--shards", str(shards / "in-{000000..000019}.tar"), "--output-dir",
                     str(tmp_path / "out"), "--workers", "2")
     assert rerun.returncode == 0 and "already done (skipped)" in rerun.stderr, rerun.stderr
@@ -788,8 +799,19 @@ def test_a_stopped_or_piped_command_leaves_nothing_behind(tmp_path):
     assert piped.stdout.startswith("caption:") and piped.stderr == "", piped.stderr
 
 
-def _parent_of(pid: int) -> int | None:
+def _stat_fields(pid: int) -> list[str]:
     try:
-        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return []
+
+
+def _parent_of(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if len(fields) > 1 else None
+
+
+def _state_of(pid: int) -> str | None:
+    """The process's state letter ('Z': ended, not yet reaped), None once it is gone."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None

@@ -89,7 +89,7 @@ def test_a_step_checkpoint_of_another_batch_layout_is_refused_as_state():
     later.resume_position = EpochPosition(3, 16, 50, 800, [rng_state()] * 2, [rng_state()] * 2, workers=2,
                                           seed=0)
     with pytest.raises(StateError, match=r"saved with --seed 0, this run has --seed 7.*--resume "
-                                         r"LOGS/NAME/checkpoints/epoch_3.pt --name NEW_NAME"):
+                                         r"LOGS/NAME/checkpoints/epoch_N.pt --name NEW_NAME \(N at most 3"):
         later.data_ready(lambda texts: texts, 3, 50, 4, world_size=2, workers=2, seed=7)
     # the same global batch on another number of ranks, or other loader workers (webdataset)
     with pytest.raises(StateError, match=r"saved by 2 rank\(s\), this run has 1"):
@@ -425,11 +425,14 @@ def test_remote_latest_picks_a_checkpoint_not_the_plugins_files_beside_it(tmp_pa
     remote.mkdir()
     (remote / "sub").mkdir()
     for name in ("epoch_1.pt", "epoch_1.pt.hn", "epoch_1.pt.json", "epoch_2.pt.hn", "epoch_9.pt",
-                 "epoch_9_step_3.pt", ".tmp-x-epoch_10.pt"):
+                 "epoch_9_step_3.pt", ".tmp-x-epoch_10.pt", "tmp.pt"):
         (remote / name).write_bytes(b"x")
     assert latest_remote_checkpoint(str(remote)) == str(remote / "epoch_9_step_3.pt")
     (remote / "epoch_10.pt").write_bytes(b"x")
     assert latest_remote_checkpoint(str(remote)) == str(remote / "epoch_10.pt")
+    (tmp_path / "bin" / "aws").write_text("#!/bin/sh\necho 'Unable to locate credentials' >&2\nexit 253\n")
+    with pytest.raises(StateError, match=r"`aws s3 ls .*` failed \(exit 253: Unable to locate credentials\)"):
+        latest_remote_checkpoint(str(remote))
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     with pytest.raises(StateError, match=r"lists the remote folder with the AWS CLI .* not on PATH"):
         latest_remote_checkpoint(str(remote))

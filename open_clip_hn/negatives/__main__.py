@@ -1,7 +1,6 @@
 """Entry point of `python -m open_clip_hn.negatives`."""
 
-import sys
-
 from .cli import main
+from .cli_common import exit_command
 
-sys.exit(main())
+exit_command(main())

@@ -15,8 +15,8 @@ import os
 import shlex
 import signal
 import sys
+import threading
 from functools import partial
-from multiprocessing import Pool
 from pathlib import Path
 
 from ..argtypes import InputError, argparse_type, optional_path, path_value, positive_int
@@ -25,7 +25,7 @@ from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
 from .parse import normalise_punctuation, unusable_reason
 from .cli_common import (add_caption_source, check_output, excluded, existing_shards, input_files, loaded,
-                         progress, source_captions, worker_start)
+                         progress, source_captions, worker_pool, Stopped)
 from .shards import MalformedLine, numbered_captions, read_captions, word_counts
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
@@ -158,7 +158,7 @@ def run_generate(args: argparse.Namespace) -> int:
     texts = [caption for _, caption in captions]
     with atomic_open(args.output, "w", encoding="utf-8") as handle:
         if args.workers > 1:  # forked workers inherit what the parent loaded; spawned ones load it
-            with Pool(args.workers, initializer=partial(worker_start, generator.load)) as pool:
+            with worker_pool(args.workers, generator.load) as pool:
                 masked = _write_results(handle, captions, pool.imap(work, texts, chunksize=256))
         else:
             masked = _write_results(handle, captions, map(work, texts))
@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     from .nltk_data import NLTKDataError
     from .plausibility import PlausibilityError
 
-    previous = signal.signal(signal.SIGTERM, _exit_on_stop)  # unwinds: temp files and pools go too
+    in_main_thread = threading.current_thread() is threading.main_thread()  # main() may be embedded
+    previous = signal.signal(signal.SIGTERM, _stop) if in_main_thread else None
     try:
         if getattr(args, "output", None) is not None:
             check_output("--output", args.output, input_files(args))
@@ -273,18 +274,20 @@ def main(argv: list[str] | None = None) -> int:
                 "plausibility": run_plausibility_command}[args.command](args)
     except (NLTKDataError, VocabularyError, PlausibilityError, AuditError, InputError,
             OSError) as err:  # InputError covers ManifestError and LMError
-        if isinstance(err, BrokenPipeError):  # `show ... | head`: the reader has what it wanted
+        if isinstance(err, BrokenPipeError) and args.command == "show":  # `show | head`: read enough
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit's flush
             return 0
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: every output is written whole or not at all (a rerun of precompute "
-              "resumes at its first unfinished shard)", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Stopped) as stop:
+        print(f"{'interrupted' if isinstance(stop, KeyboardInterrupt) else f'stopped by {stop}'}: every "
+              "output is written whole or not at all (a rerun of precompute resumes at its first "
+              "unfinished shard)", file=sys.stderr)
+        return 130 if isinstance(stop, KeyboardInterrupt) else stop.status
     finally:
-        signal.signal(signal.SIGTERM, previous)  # main() may run inside another program
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
-def _exit_on_stop(signum: int, frame) -> None:
-    raise SystemExit(128 + signum)
+def _stop(signum: int, frame) -> None:
+    raise Stopped(signum)

@@ -9,7 +9,10 @@ import argparse
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Callable, Iterable
+from contextlib import contextmanager
+import multiprocessing.pool
+from multiprocessing import Pool
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 from ..argtypes import InputError, overwritten_input
 from ..eval_sets import excluded_captions
@@ -21,19 +24,84 @@ if TYPE_CHECKING:
     from .generator import NegativeGenerator
 
 
-def worker_start(load: Callable[[], object] | None = None) -> None:
-    """A negatives command's Pool initializer: SIGTERM back to its default action in the worker.
-    The command's own handler (SIGTERM unwinds it, so its temp file and its pool go with it) must
-    not run there: the pool ends its workers with SIGTERM, and an exception raised in a worker
-    that waits on the task queue's lock hung the pool's end."""
+ABANDONED_POOLS: list = []  # pools left to end with the process (`worker_pool`, `exit_command`)
+
+
+def _worker_start(load: Callable[[], object] | None) -> None:
+    """A pool worker ends with its command: the kernel kills it when the command's process ends
+    (Linux's parent-death signal, so no orphan goes on writing output), and it ignores Ctrl-C,
+    which a terminal sends the whole group (each worker printed a traceback). SIGTERM keeps its
+    default action, which `Pool.terminate` relies on."""
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if load is not None:
         load()
+
+
+@contextmanager
+def worker_pool(workers: int, load: Callable[[], object] | None = None) -> Iterator[Pool]:
+    """A process pool for a negatives command (`load` runs in each worker first). A stop signal
+    or Ctrl-C leaves the pool alone, to end with the process (`exit_command`): `Pool.terminate`
+    waited forever for a queue lock that a worker killed by the group's signal held."""
+    pool = Pool(workers, initializer=_worker_start, initargs=(load,))
+    try:
+        yield pool
+    except (KeyboardInterrupt, Stopped):
+        _kill_workers(pool)
+        ABANDONED_POOLS.append(pool)
+        raise
+    except BaseException:
+        pool.terminate()
+        raise
+    pool.close()
+    pool.join()
+
+
+def _kill_workers(pool: Pool) -> None:
+    """Kill the pool's workers (SIGKILL: no worker writes or prints after its command stopped),
+    after telling its worker handler to start no new ones (it replaces workers a group signal
+    ended); killing a worker wakes the handler, which then ends."""
+    handler = getattr(pool, "_worker_handler", None)
+    if handler is not None:
+        handler._state = multiprocessing.pool.TERMINATE
+    for _ in range(2):  # again for any worker started while the handler was replacing others
+        children = multiprocessing.active_children()
+        for child in children:
+            child.kill()
+        for child in children:  # reaped: a zombie's pid looks alive, so its temp file would stay
+            child.join(timeout=1)
+        if handler is not None:
+            handler.join(timeout=1)
+
+
+class Stopped(BaseException):
+    """SIGTERM reached a negatives command: it unwinds (temp files go; a BaseException, so no
+    `except Exception` on the way swallows it) and ends with the signal's status."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.status = 128 + signum
+
+
+def exit_command(status: int) -> None:
+    """End the command's process with `status`. Where a stop left a pool, past the interpreter's
+    exit, output flushed: that would run the pool's exit handler, which can wait forever on a
+    queue lock of workers the signal killed; the kernel ends the pool's workers with it."""
+    if ABANDONED_POOLS:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def progress(iterable, **kwargs):
     from tqdm import tqdm
 
+    tqdm.monitor_interval = 0  # no monitor thread taking tqdm's process-shared lock beside the pools
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, **kwargs)
 
 
@@ -80,9 +148,9 @@ def existing_shards(spec: str, unique_because: str | None = None) -> list[str]:
 
 def input_files(args: argparse.Namespace) -> list[str]:
     """Every file a negatives command reads (caption files, shards, --vocabulary,
-    --plausibility, --exclude, --reference, and the files directly inside a folder given)."""
+    --plausibility, --exclude, --reference, --lm, and the files directly inside a folder given)."""
     named = [getattr(args, flag, None) for flag in ("input", "vocabulary", "plausibility", "exclude",
-                                                    "reference")]
+                                                    "reference", "lm")]
     named += list(getattr(args, "inputs", None) or [])
     if getattr(args, "shards", None):
         named += existing_shards(args.shards)

@@ -6,7 +6,7 @@ Shared by the rule route (`generator.py`) and the masked-LM route (`lm.py`). Pla
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Collection, Iterable
 
 from .lexicon import Resources, regular_plural
 from .parse import Parse
@@ -31,10 +31,12 @@ def article_for(word: str) -> str:
 _ARTICLES = frozenset(("a", "an", "A", "An", "AN"))
 
 
-def fix_articles(words: list[str], positions: Iterable[int]) -> list[str]:
-    """The articles at `positions` of `words` made a/an by the sound of the word after each."""
+def fix_articles(words: list[str], positions: Iterable[int], kept: Collection[tuple[str, str]] = ()
+                 ) -> list[str]:
+    """The articles at `positions` of `words` made a/an by the sound of the word after each,
+    except where the article and that word are a pair in `kept` (the caption's own pairs)."""
     for i in positions:
-        if 0 <= i < len(words) - 1 and words[i] in _ARTICLES:
+        if 0 <= i < len(words) - 1 and words[i] in _ARTICLES and (words[i], words[i + 1]) not in kept:
             wanted = article_for(words[i + 1])
             if words[i + 1].isupper() and len(words[i + 1]) > 1:
                 words[i] = wanted.upper()  # "A GREEN TABLE WITH AN OLD BLENDER"
@@ -66,8 +68,13 @@ def splice(p: Parse, replacements: list[tuple[int, int, list[str], list[str] | N
             first = gaps[a] if a < len(gaps) else " "
             new_gaps = [first] + [" "] * (len(new_words) - 1)
         words[a:b], gaps[a:b] = new_words, new_gaps
-    touched, shift = [], 0  # only an article before or inside a replaced range can change
+    # Only an article before or inside a replaced range can change; inside it, not one that came
+    # with its next word from the caption ("a old dog" moved whole stays as the caption has it)
+    edges, inner, shift = [], [], 0
     for a, b, new_words, _ in ordered:
-        touched.extend(range(a + shift - 1, a + shift + len(new_words)))
+        start, end = a + shift, a + shift + len(new_words)
+        edges += [start - 1, end - 1]
+        inner += range(start, end - 1)
         shift += len(new_words) - (b - a)
-    return fix_articles(words, touched), gaps
+    fix_articles(words, inner, kept=set(zip(p.words, p.words[1:])))
+    return fix_articles(words, edges), gaps

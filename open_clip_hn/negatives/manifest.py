@@ -29,6 +29,7 @@ from .. import __version__
 from ..argtypes import InputError
 from ..files import atomic_write_json
 from .shards import NEGATIVES_EXTENSION, split_key
+from .taxonomy import RULES_REVISION
 
 MANIFEST_DIR = ".precompute"
 SETTINGS = "settings.json"
@@ -37,14 +38,17 @@ _FLAGS = {"num": "--num", "types": "--types", "seed": "--seed", "vocabulary": "-
           "lm": "--lm", "caption_key": "--caption-key", "version": "open_clip_hn version",
           "format": "manifest format", "plausibility": "--plausibility (model identity)",
           "swap_reorders": "--swap-reorders", "exclude": "--exclude (captions' digest)",
-          "tagger": "POS tagger (nltk where its data is installed, else lexicon)"}
+          "tagger": "POS tagger (nltk where its data is installed, else lexicon)",
+          "rules": "generator rules revision"}
 
 
 # what a setting absent from a folder's settings.json means: reorders kept (recorded only when
-# dropped); a plausibility filter not recorded by an older version, so unknown and never equal
+# dropped); a plausibility filter not recorded by an older version, so unknown and never equal;
+# the rules before they were recorded
 _UNRECORDED: dict[str, Any] = {"swap_reorders": "keep",
                                "plausibility": "not recorded (an older version's folder)",
-                               "tagger": "not recorded (an older version's folder)"}
+                               "tagger": "not recorded (an older version's folder)",
+                               "rules": 1}
 
 
 class ManifestError(InputError):
@@ -71,7 +75,8 @@ def generator_settings(num: int, types: tuple[str, ...], seed: int, vocabulary: 
     """
     excluded = {} if not exclude else {
         "exclude": hashlib.sha256("\n".join(sorted(exclude)).encode("utf-8")).hexdigest()}
-    return {"format": FORMAT_VERSION, "version": __version__, "num": num, "types": list(types),
+    return {"format": FORMAT_VERSION, "version": __version__, "rules": RULES_REVISION, "num": num,
+            "types": list(types),
             "seed": seed, "vocabulary": None if vocabulary is None else _digest_file(vocabulary),
             "lm": None if lm is None else os.path.abspath(lm), "caption_key": caption_key,
             "plausibility": plausibility, **({} if swap_reorders else {"swap_reorders": "drop"}),

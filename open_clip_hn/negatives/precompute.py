@@ -14,11 +14,10 @@ import sys
 import tarfile
 from collections import Counter
 from functools import partial
-from multiprocessing import Pool
 
 from ..argtypes import InputError
 from ..files import atomic_open, content_identity, remove_stale_temps
-from .cli_common import progress, worker_start
+from .cli_common import progress, worker_pool
 from .generator import NegativeGenerator
 from .manifest import claim_output_dir, generator_settings, record_shard, shard_done, write_sizes
 from .shards import NEGATIVES_EXTENSION, member_end, negatives_member, split_key, trailing_damage
@@ -177,7 +176,7 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
     work = partial(precompute_shard, output_dir=output_dir, generator=generator, k=k,
                    caption_key=caption_key, allow_damaged=allow_damaged)
     if workers > 1:
-        with Pool(workers, initializer=worker_start) as pool:
+        with worker_pool(workers) as pool:
             results = list(progress(pool.imap(work, shards), total=len(shards), unit="shard"))
     else:
         results = [work(s) for s in progress(shards, unit="shard")]

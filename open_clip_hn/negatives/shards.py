@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+import re
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -108,6 +109,7 @@ class MalformedLine(ValueError):
 
 
 CAPTION_FILE_SUFFIXES = ("", ".txt", ".csv", ".tsv", ".jsonl")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes read with errors="surrogateescape"
 
 
 def read_captions(path: str, caption_key: str, key_flag: str = "--caption-key"
@@ -146,17 +148,24 @@ def numbered_captions(path: str, caption_key: str, key_flag: str = "--caption-ke
 
 def _csv_captions(path: str, suffix: str, caption_key: str, key_flag: str
                   ) -> Iterator[tuple[int, str | MalformedLine]]:
-    with open(path, encoding="utf-8-sig", errors="replace", newline="") as handle:
+    # bytes that are not UTF-8 come through as lone surrogates, so their row is named, not masked
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         tabs = suffix == ".tsv" or "\t" in handle.readline()
         handle.seek(0)
         reader = csv.DictReader(handle, delimiter="\t" if tabs else ",")
         if reader.fieldnames is None or caption_key not in reader.fieldnames:
             raise InputError(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
                              f"pass {key_flag} NAME")
+        read = reader.line_num
         for row in reader:
+            first, read = read + 1, reader.line_num  # a quoted caption may span lines: its first
             value = row.get(caption_key)
-            yield reader.line_num, (value if isinstance(value, str)
-                                    else MalformedLine(reader.line_num, "missing caption field"))
+            if not isinstance(value, str):
+                yield first, MalformedLine(first, "missing caption field")
+            elif _NOT_UTF8.search(value):
+                yield first, MalformedLine(first, "not UTF-8 text")
+            else:
+                yield first, value
 
 
 def _jsonl_caption(number: int, line: str, caption_key: str, key_flag: str) -> str | MalformedLine:

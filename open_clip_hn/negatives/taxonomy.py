@@ -15,6 +15,10 @@ NEGATIVE_TYPES: tuple[str, ...] = (
 TYPE_TO_ID: dict[str, int] = {name: i for i, name in enumerate(NEGATIVE_TYPES)}
 # the types whose new word a masked LM (--hn-lm, --lm) proposes
 LM_TYPES: tuple[str, ...] = ("replace_object", "replace_attribute")
+# the generator's rules: raised with every change that alters some caption's negatives, so a
+# precompute resumed into a folder written under other rules is refused (2: only the articles
+# an edit touches change; web addresses mask a caption)
+RULES_REVISION = 2
 # the types whose negatives may only reorder the caption's noun phrases (--hn-swap-reorders)
 SWAP_TYPES: tuple[str, ...] = ("swap_objects", "swap_attributes")
 
