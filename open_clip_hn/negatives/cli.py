@@ -25,7 +25,7 @@ from .generator import NegativeGenerator
 from .lexicon import VocabularyError, read_vocabulary
 from .parse import normalise_punctuation, unusable_reason
 from .cli_common import (add_caption_source, check_output, excluded, existing_shards, input_files, loaded,
-                         progress, source_captions, worker_pool, Stopped)
+                         Stopped, ordered_results, progress, source_captions, worker_pool)
 from .shards import MalformedLine, numbered_captions, read_captions, word_counts
 from .taxonomy import NEGATIVE_TYPES, parse_types
 
@@ -159,7 +159,7 @@ def run_generate(args: argparse.Namespace) -> int:
     with atomic_open(args.output, "w", encoding="utf-8") as handle:
         if args.workers > 1:  # forked workers inherit what the parent loaded; spawned ones load it
             with worker_pool(args.workers, generator.load) as pool:
-                masked = _write_results(handle, captions, pool.imap(work, texts, chunksize=256))
+                masked = _write_results(handle, captions, ordered_results(pool, work, texts, chunksize=256))
         else:
             masked = _write_results(handle, captions, map(work, texts))
         if masked == len(captions):  # raised inside: the output is not written

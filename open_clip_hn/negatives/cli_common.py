@@ -6,13 +6,14 @@ Kept apart so that none of them imports another's module (no import circle)."""
 from __future__ import annotations
 
 import argparse
+import multiprocessing.pool
 import os
 import signal
 import sys
 from contextlib import contextmanager
-import multiprocessing.pool
+from functools import partial
 from multiprocessing import Pool
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
 
 from ..argtypes import InputError, overwritten_input
 from ..eval_sets import excluded_captions
@@ -76,6 +77,26 @@ def _kill_workers(pool: Pool) -> None:
             child.join(timeout=1)
         if handler is not None:
             handler.join(timeout=1)
+
+
+def ordered_results(pool: Pool, work: Callable, items: Sequence, chunksize: int = 1) -> Iterator:
+    """`pool.imap(work, items, chunksize)`, its results waited for in short slices. A signal the
+    kernel hands to one of the pool's threads runs its Python handler only once the main thread
+    runs again: waiting for a result without a timeout, a stopped command never saw SIGTERM."""
+    chunks = [items[i:i + chunksize] for i in range(0, len(items), chunksize)]
+    results = pool.imap(partial(_apply, work), chunks)  # one chunk per task: an IMapIterator
+    while True:
+        try:
+            chunk = results.next(timeout=0.2)
+        except multiprocessing.TimeoutError:
+            continue
+        except StopIteration:
+            return
+        yield from chunk
+
+
+def _apply(work: Callable, chunk: Sequence) -> list:
+    return [work(item) for item in chunk]
 
 
 class Stopped(BaseException):

@@ -17,7 +17,7 @@ from functools import partial
 
 from ..argtypes import InputError
 from ..files import atomic_open, content_identity, remove_stale_temps
-from .cli_common import progress, worker_pool
+from .cli_common import ordered_results, progress, worker_pool
 from .generator import NegativeGenerator
 from .manifest import claim_output_dir, generator_settings, record_shard, shard_done, write_sizes
 from .shards import NEGATIVES_EXTENSION, member_end, negatives_member, split_key, trailing_damage
@@ -177,7 +177,7 @@ def precompute(shards: list[str], output_dir: str, generator: NegativeGenerator,
                    caption_key=caption_key, allow_damaged=allow_damaged)
     if workers > 1:
         with worker_pool(workers) as pool:
-            results = list(progress(pool.imap(work, shards), total=len(shards), unit="shard"))
+            results = list(progress(ordered_results(pool, work, shards), total=len(shards), unit="shard"))
     else:
         results = [work(s) for s in progress(shards, unit="shard")]
     totals = Counter(status for status, *_ in results)
