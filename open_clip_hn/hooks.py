@@ -144,7 +144,7 @@ def _check_compatible(config: HNConfig, args: argparse.Namespace) -> None:
         shards = oc_data.expand_urls(args.train_data)[0] if args.train_data else None
         check_index(config.image_neighbors, shards, config.image_neighbors_per_sample)
     _check_resume_latest_finds_the_run(args)
-    if args.resume not in (None, "latest") and "://" not in args.resume:
+    if args.resume not in (None, "latest") and not hn_state.is_url(args.resume):
         try:
             hn_state.load_checkpoint_file(args.resume)
         except ValueError as err:
@@ -224,7 +224,7 @@ def _check_local_train_data(args: argparse.Namespace) -> None:
     if captions.synthetic:
         return
     urls = oc_data.expand_urls(args.train_data)[0]
-    missing = [url for url in urls if "://" not in url and not url.startswith("pipe:")
+    missing = [url for url in urls if not hn_state.is_url(url) and not url.startswith("pipe:")
                and not os.path.isfile(url)]
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
@@ -364,11 +364,22 @@ def _resumes_state(run: HardNegativeRun | None) -> bool:
     return run is not None and not run.config.drop_state
 
 
+def _warn_random_teacher(args: argparse.Namespace, config: HNConfig) -> None:
+    """--hn-distill keeps what the continued model does; a run that starts from random weights
+    has nothing to keep, and its teacher pulls the student toward a random model's similarities."""
+    if config.distill != "none" and not args.pretrained and not args.resume and is_master(args):
+        logging.warning("--hn-distill %s with neither --pretrained nor --resume: the teacher starts as "
+                        "the randomly initialised model, so the distill term pulls toward a random "
+                        "model's similarities; continue a trained checkpoint (--pretrained PATH) or "
+                        "pass --hn-distill none", config.distill)
+
+
 def _check_resumed_model(args: argparse.Namespace, checkpoint: str | None) -> None:
     """The checkpoint a run resumes was trained as this `--model` (its record, provenance.py):
     another model of the same weight shapes (GELU vs QuickGELU, an edited config) loads without
     an error, trains on as the wrong network and records the new model as the checkpoint's."""
-    if not checkpoint or checkpoint == "latest" or "://" in checkpoint or not os.path.isfile(checkpoint):
+    if (not checkpoint or checkpoint == "latest" or hn_state.is_url(checkpoint)
+            or not os.path.isfile(checkpoint)):
         return
     try:
         record = provenance.read_record(checkpoint)
@@ -835,7 +846,8 @@ class Plugin:
         _allow_cpu_ddp(args.device)
         if self.run is not None:
             claim_experiment_folder(args)
-            self.run.model_created(model, preprocess_val)
+            _warn_random_teacher(args, self.run.config)
+            self.run.model_created(model, preprocess_val, args.pretrained)
 
     def checkpoint_loaded(self, path: str, checkpoint, args) -> None:
         _checkpoint_loaded(self.run, path, checkpoint, args)
@@ -921,7 +933,8 @@ def create_model_and_transforms(*args, **kwargs):
     _allow_cpu_ddp(kwargs.get("device", "cpu"))
     if _PLUGIN.run is not None:
         claim_experiment_folder(_PLUGIN.args)
-        _PLUGIN.run.model_created(model, preprocess_val)
+        _warn_random_teacher(_PLUGIN.args, _PLUGIN.run.config)
+        _PLUGIN.run.model_created(model, preprocess_val, _PLUGIN.args.pretrained)
     return model, preprocess_train, preprocess_val
 
 

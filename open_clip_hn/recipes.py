@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib.resources
+import logging
 import os
 import pathlib
 from typing import Any
@@ -252,8 +253,20 @@ def expand_recipe(argv: list[str], parser: argparse.ArgumentParser) -> list[str]
     """`argv`, spelled out (`spell_out_flags`), with the tokens of its `--hn-config` recipe (if
     any) put in front of it."""
     argv = spell_out_flags(list(argv), parser)
+    _warn_repeated_flags(argv)
     path = recipe_path(argv)
     return argv if path is None else recipe_argv(path, parser) + argv
+
+
+def _warn_repeated_flags(argv: list[str]) -> None:
+    """A `--hn-*` flag typed twice takes its last value, as argparse reads it; a script that
+    appends an override to a flag list it also sets would otherwise change a run unannounced."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    names = [token.split("=", 1)[0] for token in argv[:end] if token.startswith("--hn-")]
+    for name in dict.fromkeys(names):
+        if names.count(name) > 1:
+            logging.warning("%s is given %d times on the command line: the last one counts",
+                            name, names.count(name))
 
 
 def _yaml_value(action: argparse.Action, value: Any) -> Any:

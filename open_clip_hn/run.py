@@ -86,6 +86,7 @@ class HardNegativeRun:
         self.stop = StopRequest()
         self._stop_installed = False
         self.teacher = None  # --hn-distill's Teacher (teacher.py)
+        self.pretrained: str | None = None  # --pretrained: the weights the model was created with
         self.resumed = False
 
     @property
@@ -94,8 +95,10 @@ class HardNegativeRun:
 
     # ------------------------------------------------------------------ model
 
-    def model_created(self, model: torch.nn.Module, preprocess_val) -> None:
-        """Attach the packing hooks (negatives and mirrored pairs ride in one forward)."""
+    def model_created(self, model: torch.nn.Module, preprocess_val, pretrained: str | None = None) -> None:
+        """Attach the packing hooks (negatives and mirrored pairs ride in one forward).
+        `pretrained` (--pretrained) names the weights `model` was created with: a frozen
+        teacher whose saved state is missing on a resume is those weights, as at the start."""
         master = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
         if self.config.config_file and master:  # the first hook after OpenCLIP sets up logging
             from .recipes import resolve_recipe
@@ -106,6 +109,7 @@ class HardNegativeRun:
                          "defaults: %s (from --hn-config %s)", ", ".join(self.config.dropped),
                          self.config.config_file)
         self.preprocess_val = preprocess_val
+        self.pretrained = pretrained
         if self.config.distill != "none":  # copied before any hook is attached
             from .teacher import Teacher
 
@@ -395,10 +399,15 @@ class HardNegativeRun:
         return loss
 
     def _restore_teacher(self) -> None:
-        """A resumed run continues the saved teacher; without one, the resumed weights are it."""
+        """A resumed run continues the saved teacher. Without one, a frozen teacher of a run
+        created with --pretrained stays those weights (what it was at the start); otherwise the
+        resumed weights are it."""
         saved = None if self.pending_state is None else self.pending_state.get("teacher")
         if saved is not None:
             self.teacher.load_state_dict(saved)
+        elif self.resumed and self.config.distill == "frozen" and self.pretrained:
+            logging.warning("--hn-distill frozen: no saved teacher for this checkpoint; the teacher "
+                            "is --pretrained %s, the weights the run started from", self.pretrained)
         elif self.resumed:
             logging.warning("--hn-distill %s: no saved teacher for this checkpoint; the teacher "
                             "starts from the resumed weights", self.config.distill)

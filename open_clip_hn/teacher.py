@@ -12,7 +12,8 @@ averages the student's weights up to step t-1, a one-step lag.
 
 State: the teacher's weights are saved in both modes. For `frozen` they are the weights the run
 started from, which a resumed run can no longer rebuild from its checkpoint (that holds the
-student's), so they are saved rather than re-derived from `--pretrained`.
+student's), so they are saved rather than re-derived from `--pretrained` (which a resume
+without the saved teacher falls back to: `HardNegativeRun._restore_teacher`).
 """
 
 from __future__ import annotations

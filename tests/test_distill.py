@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 import math
 
 import pytest
@@ -206,3 +208,27 @@ def test_run_saves_the_start_weights_and_a_resume_gets_them_back(tmp_path):
     fresh.create_loss(rank=0, world_size=1, local_loss=False, gather_with_grad=False, accum_freq=1)
     for name, value in fresh.teacher.module.state_dict().items():
         torch.testing.assert_close(value, checkpoint["state_dict"][name], msg=name)
+
+    # ... unless the model was created with --pretrained weights: a frozen teacher stays those
+    again = HardNegativeRun(config)
+    again.model_created(model := tiny_model(), None, pretrained="start.pt")
+    created = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(checkpoint["state_dict"])  # OpenCLIP's --resume over the --pretrained weights
+    again.checkpoint_loaded(str(tmp_path / "epoch_1.pt"), checkpoint)
+    again.create_loss(rank=0, world_size=1, local_loss=False, gather_with_grad=False, accum_freq=1)
+    for name, value in again.teacher.module.state_dict().items():
+        torch.testing.assert_close(value, created[name], msg=name)
+
+
+@pytest.mark.parametrize("start, warned", [({}, True), ({"pretrained": "start.pt"}, False),
+                                           ({"resume": "latest"}, False)])
+def test_a_teacher_from_random_weights_is_warned_about(caplog, start, warned):
+    from open_clip_hn.hooks import _warn_random_teacher
+
+    args = argparse.Namespace(**{"pretrained": None, "resume": None, "rank": 0, "local_rank": 0,
+                                 "log_local": False, **start})
+    with caplog.at_level(logging.WARNING):
+        _warn_random_teacher(args, HNConfig(loss=("itc",), distill="frozen", given=("--hn-distill",)))
+        _warn_random_teacher(args, HNConfig(loss=("itc",)))  # no teacher: nothing to say
+    assert [r.getMessage().startswith("--hn-distill frozen with neither --pretrained nor --resume")
+            for r in caplog.records] == ([True] if warned else [])

@@ -550,6 +550,21 @@ def test_garbage_empty_and_gzipped_shards(tmp_path, capsys):
     out = str(tmp_path / "out")
     assert main(["precompute", "--shards", str(gz), "--output-dir", out]) == 0
     assert _neg_counts(tmp_path / "out" / "in-000001.tar.gz") == (6, 6)
+    written = (tmp_path / "out" / "in-000001.tar.gz").read_bytes()
+    assert written[:2] == b"\x1f\x8b"  # compressed like its input, as its name says
+    assert main(["precompute", "--shards", str(gz), "--output-dir", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "in-000001.tar.gz").read_bytes() == written  # no name or time inside
+    # a tar cut at a member boundary, then compressed whole: the decompressed tar lacks its end
+    plain = (tmp_path / "in-000000.tar").read_bytes()
+    with tarfile.open(tmp_path / "in-000000.tar") as tar:
+        members = tar.getmembers()
+    cut = tmp_path / "cut.tar.gz"
+    cut.write_bytes(gzip.compress(plain[:members[-2].offset]))
+    assert main(["precompute", "--shards", str(cut), "--output-dir", out]) == 1
+    err = capsys.readouterr().err
+    assert "is damaged" in err and "the decompressed tar ends at byte" in err, err
+    assert main(["vocabulary", "--shards", str(cut), "--output", str(tmp_path / "v.txt")]) == 2
+    assert "the decompressed tar ends at byte" in capsys.readouterr().err
     capsys.readouterr()
     for name, message in (("garbage.tar", "5120 bytes after the last readable member (byte 0)"),
                           ("empty.tar", "0 samples readable; not a tar archive")):
@@ -574,7 +589,7 @@ def test_a_cut_shard_is_refused_wherever_its_captions_are_read(tmp_path, capsys)
     the plausibility model and `--hn-vocabulary train-data` would lose its last captions without
     a word (precompute already refused it)."""
     from open_clip_hn.negatives.lexicon import VocabularyError
-    from open_clip_hn.negatives.shards import shard_captions, train_data_captions
+    from open_clip_hn.negatives.shards import shard_captions, train_data_captions, word_counts
 
     _write_shards(tmp_path, count=1, per_shard=400)
     whole = tmp_path / "in-000000.tar"
@@ -587,6 +602,32 @@ def test_a_cut_shard_is_refused_wherever_its_captions_are_read(tmp_path, capsys)
         assert main([command, "--shards", str(cut), "--output", str(tmp_path / f"{command}.out")]) == 2
         assert f"shard {cut} is damaged" in capsys.readouterr().err
         assert not (tmp_path / f"{command}.out").exists()
+    # --allow-damaged keeps the readable captions, named in a warning; it has no meaning for a file
+    readable = len(list(_readable(str(cut))))
+    assert 0 < readable < 400
+    spec = f"{tmp_path}/{{in-000000,cut}}.tar"
+    usable = word_counts([*shard_captions(str(whole), "txt"), *_readable(str(cut))])[1]
+    for command in ("vocabulary", "plausibility"):
+        out = tmp_path / f"{command}.out"
+        assert main([command, "--shards", spec, "--output", str(out), "--allow-damaged"]) == 0
+        err = capsys.readouterr().err
+        assert f"warning: shard {cut} is damaged" in err and "--allow-damaged" in err and out.exists()
+        assert command == "plausibility" or f"from {usable} usable captions" in err, err
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a dog\n")
+    assert main(["vocabulary", "--input", str(captions), "--output", str(tmp_path / "v2"),
+                 "--allow-damaged"]) == 2
+    assert "--allow-damaged applies to --shards" in capsys.readouterr().err
+
+
+def _readable(path: str):
+    from open_clip_hn.negatives.lexicon import VocabularyError
+    from open_clip_hn.negatives.shards import shard_captions
+
+    try:
+        yield from shard_captions(path, "txt")
+    except VocabularyError:
+        return
 
 
 def test_precompute_exclude_keeps_the_captions_out_and_is_recorded(tmp_path, capsys):
@@ -641,6 +682,21 @@ def test_show_generate_and_audit_honour_exclude(tmp_path, capsys):
         assert bool(texts & set(banned)) is want
     assert main(["audit", str(captions), "--exclude", str(tmp_path / "missing")]) == 2  # checked up front
     assert "--exclude " in capsys.readouterr().err
+
+
+def test_show_tells_a_filtered_type_from_one_that_does_not_apply(tmp_path, capsys):
+    caption = "a dog to the left of a cat"
+    shown = NegativeGenerator(seed=0, types=["replace_relation", "shuffle_order"]).candidates(caption)
+    excluded = tmp_path / "excluded.txt"
+    excluded.write_text("\n".join(shown["shuffle_order"]) + "\n")
+    flags = ["--types", "replace_relation,shuffle_order,replace_count", "--exclude", str(excluded)]
+    assert main(["show", caption, *flags]) == 0
+    out = capsys.readouterr().out
+    assert f"shuffle_order: (all {len(shown['shuffle_order'])} removed by --exclude)" in out
+    assert "replace_count: (does not apply)" in out and "replace_relation:\n  " in out
+    excluded.write_text("\n".join(shown["shuffle_order"] + shown["replace_relation"]) + "\n")
+    assert main(["show", caption, *flags]) == 0
+    assert "(no negatives: every one was removed by --exclude)" in capsys.readouterr().out
 
 
 def test_no_output_replaces_an_input_or_lands_in_a_folder(tmp_path, captions_300):

@@ -77,6 +77,18 @@ def test_command_line_overrides_the_file(tmp_path, parser):
     assert lifted.hn_vocabulary is None  # 'none' drops a recipe's vocabulary
 
 
+def test_a_flag_typed_twice_is_warned_about_but_a_recipe_override_is_not(tmp_path, parser, caplog):
+    path = write(tmp_path, "hn-negatives: online\nhn-num-negatives: 2\n")
+    with caplog.at_level("WARNING"):
+        argv = expand_recipe(["--hn-config", path, "--hn-num-negatives", "5"], parser)
+    assert not caplog.records and parser.parse_args(argv).hn_num_negatives == 5
+    with caplog.at_level("WARNING"):
+        argv = expand_recipe(["--hn-num-neg", "3", "--hn-num-negatives=4", "--", "--hn-num-negatives"],
+                             parser)
+    assert [r.getMessage() for r in caplog.records] == [
+        "--hn-num-negatives is given 2 times on the command line: the last one counts"]
+
+
 def test_print_config_is_the_file_plus_overrides(tmp_path, parser):
     recipe_path = CONFIGS[[p.stem for p in CONFIGS].index("ce-clip")]
     overrides = ["--hn-num-negatives", "2", "--batch-size", "16", "--hn-types", "swap_objects"]

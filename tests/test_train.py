@@ -502,6 +502,7 @@ def test_accum_freq_equals_the_big_batch(tmp_path, scene_csv, extra):
     if extra == DISTILL:  # the EMA teacher moved once per optimizer step in both runs
         log = (tmp_path / "accum" / "out.log").read_text()
         assert "Distill_loss" in log
+        assert "--hn-distill ema with neither --pretrained nor --resume" in log  # from scratch
         teachers = [torch.load(tmp_path / name / "checkpoints" / "epoch_1.pt.hn",
                                weights_only=False)["teacher"] for name in ("big", "accum")]
         assert teachers[0]["updates"] == teachers[1]["updates"] == 32 // 8

@@ -10,6 +10,7 @@ written to a temp file and renamed, so a killed run resumes by skipping finished
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shlex
@@ -226,16 +227,38 @@ def run_vocabulary(args: argparse.Namespace) -> int:
 def run_show(args: argparse.Namespace) -> int:
     generator = _generator(args)
     found = generator.candidates(args.caption)
+    unfiltered = _unfiltered_candidates(generator, args.caption)
     print(f"caption: {args.caption}")
     if not found:
-        reason = unusable_reason(args.caption) or "it has nothing the negative types change"
+        reason = (unusable_reason(args.caption) or
+                  (f"every one was removed by {_filters(args)}" if unfiltered
+                   else "it has nothing the negative types change"))
         print(f"  (no negatives: {reason})")
     for name in generator.types:
         texts = found.get(name, [])[: args.num]
-        print(f"{name}:" + ("" if texts else " (does not apply)"))
+        print(f"{name}:" + ("" if texts else _why_none(args, unfiltered.get(name, []))))
         for text in texts:
             print(f"  {text}")
     return 0
+
+
+def _unfiltered_candidates(generator: NegativeGenerator, caption: str) -> dict[str, list[str]]:
+    """The candidates before --exclude and --vocabulary, so `show` can tell a type that does not
+    apply from one whose every negative those filters removed."""
+    if not generator.exclude and generator.vocabulary is None:
+        return {}
+    bare = copy.copy(generator)
+    bare.exclude, bare.vocabulary = frozenset(), None
+    return bare.candidates(caption)
+
+
+def _filters(args: argparse.Namespace) -> str:
+    return " or ".join(flag for flag, value in (("--exclude", args.exclude),
+                                               ("--vocabulary", args.vocabulary)) if value)
+
+
+def _why_none(args: argparse.Namespace, unfiltered: list[str]) -> str:
+    return f" (all {len(unfiltered)} removed by {_filters(args)})" if unfiltered else " (does not apply)"
 
 
 def run_setup(args: argparse.Namespace) -> int:

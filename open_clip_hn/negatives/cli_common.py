@@ -19,6 +19,7 @@ from ..argtypes import InputError, overwritten_input
 from ..eval_sets import excluded_captions
 from ..files import local_shards
 from .lm import LMError
+from .lexicon import VocabularyError
 from .shards import shard_captions
 
 if TYPE_CHECKING:
@@ -134,6 +135,9 @@ def add_caption_source(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--caption-key", default=None,
                         help="Member extension (shards; default: txt) or column/key (file; default: "
                              "caption) holding the caption.")
+    parser.add_argument("--allow-damaged", action="store_true",
+                        help="With --shards: read the readable captions of a damaged shard (cut short "
+                             "or corrupt), with a warning naming it, instead of stopping at it.")
 
 
 def source_files(args: argparse.Namespace) -> list[str]:
@@ -153,9 +157,22 @@ def source_captions(args: argparse.Namespace, read_file: Callable[[str, str], It
     InputError names a bad pattern or a missing shard or file."""
     paths = source_files(args)
     if args.shards is None:
+        if args.allow_damaged:
+            raise InputError("--allow-damaged applies to --shards (a damaged caption file's "
+                             "malformed lines are named and skipped anyway); drop it")
         return read_file(args.input, args.caption_key or "caption")
     key = args.caption_key or "txt"
-    return (c for shard in progress(paths, unit="shard") for c in shard_captions(shard, key))
+    read = partial(_readable_captions, key=key) if args.allow_damaged else partial(shard_captions,
+                                                                                 caption_key=key)
+    return (c for shard in progress(paths, unit="shard") for c in read(shard))
+
+
+def _readable_captions(shard: str, key: str) -> Iterator[str]:
+    """`shard_captions` of a shard that may be damaged: what it yields before the damage is kept."""
+    try:
+        yield from shard_captions(shard, key)
+    except VocabularyError as err:
+        print(f"warning: {err} (--allow-damaged: its readable captions are kept)", file=sys.stderr)
 
 
 def existing_shards(spec: str, unique_because: str | None = None) -> list[str]:

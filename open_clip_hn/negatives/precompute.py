@@ -8,19 +8,25 @@ truncated or corrupt input shard is reported with counts and not written (unless
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 import sys
 import tarfile
 from collections import Counter
+from contextlib import contextmanager
 from functools import partial
+from typing import BinaryIO, Iterator
 
 from ..argtypes import InputError
 from ..files import atomic_open, content_identity, remove_stale_temps
 from .cli_common import ordered_results, progress, worker_pool
 from .generator import NegativeGenerator
 from .manifest import claim_output_dir, generator_settings, record_shard, shard_done, write_sizes
-from .shards import NEGATIVES_EXTENSION, member_end, negatives_member, split_key, trailing_damage
+from .shards import (NEGATIVES_EXTENSION, compression, member_end, negatives_member, split_key,
+                     trailing_damage)
 
 
 class DamagedShard(Exception):
@@ -56,7 +62,8 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
     damage: list[str] = []
     try:
         with reader, atomic_open(destination, "wb") as handle, \
-                tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
+                compressed_like(handle, compression(source)) as stream, \
+                tarfile.open(fileobj=stream, mode="w", format=tarfile.GNU_FORMAT) as writer:
             key, caption, last, expected_offset = None, None, None, 0
 
             def flush() -> None:
@@ -114,6 +121,21 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
               f"{detail}", file=sys.stderr)
     record_shard(output_dir, source, identity, samples, masked, detail or None)
     return "written", samples, masked, detail
+
+
+@contextmanager
+def compressed_like(handle: BinaryIO, kind: str) -> Iterator[BinaryIO]:
+    """`handle`, compressed as `kind` ('gz', 'bz2', 'xz' or '' for none): an output shard is
+    compressed like its input, which its name (`.tar.gz`) says. No name or time is stored, so the
+    same input and settings give the same bytes."""
+    if not kind:
+        yield handle
+        return
+    opened = {"gz": lambda: gzip.GzipFile(filename="", mode="wb", fileobj=handle, mtime=0, compresslevel=6),
+              "bz2": lambda: bz2.BZ2File(handle, "wb"),
+              "xz": lambda: lzma.LZMAFile(handle, "wb")}[kind]()
+    with opened as stream:  # closing it flushes into `handle`, which stays open
+        yield stream
 
 
 def _check_caption_key(shard: str, caption_key: str) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import lzma
 import os
 import re
 import tarfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -53,31 +55,47 @@ def member_end(member: tarfile.TarInfo) -> int:
     return member.offset_data + -(-member.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
 
 
-def _compressed(path: str) -> bool:
+_COMPRESSIONS = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}  # magic -> tarfile's name
+
+
+def compression(path: str) -> str:
+    """'gz', 'bz2' or 'xz' for a compressed tar (by its first bytes), '' for a plain one."""
     with open(path, "rb") as handle:
         head = handle.read(6)
-    return head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00"))
+    return next((name for magic, name in _COMPRESSIONS.items() if head.startswith(magic)), "")
 
 
 def trailing_damage(path: str, end: int, size: int) -> list[str]:
-    """What is wrong after the last member (byte `end`) of a tar, if anything (nothing is
-    checked in a compressed one, whose offsets are not the file's).
+    """What is wrong after the last member (byte `end` of the tar, decompressed where the file
+    is compressed; `size` the file's size), if anything.
 
     tarfile stops without a word at the first header it cannot read, as if the archive ended
     there. A whole tar ends in at least two zero blocks; a file cut at a member boundary lacks
     them (a valid-looking but short archive), and bytes that are not zeros are data tarfile
     skipped because no header could be read in them (garbage, or damaged members at the end).
     """
-    if _compressed(path):
-        return []
-    if size - end < 2 * tarfile.BLOCKSIZE:
-        return [f"the file ends at byte {size} without tar's end-of-archive marker (truncated)"]
+    if compression(path):
+        with tarfile.open(path, "r:*") as compressed:  # its file object: the decompressed tar
+            return _tail_damage(compressed.fileobj, end, "the decompressed tar")
     with open(path, "rb") as handle:
-        handle.seek(end)
-        while block := handle.read(1 << 20):
-            if block.strip(b"\0"):
-                return [f"{size - end} bytes after the last readable member (byte {end}) are "
-                        "not tar's end-of-archive zeros (corrupt or not a tar)"]
+        return _tail_damage(handle, end, "the file", size)
+
+
+def _tail_damage(stream, end: int, what: str, size: int | None = None) -> list[str]:
+    zeros, length = True, end
+    try:
+        stream.seek(end)  # forward in a decompressed stream: decompresses up to it
+        while block := stream.read(1 << 20):
+            length += len(block)
+            zeros = zeros and not block.strip(b"\0")
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as err:  # a cut or corrupt compressed stream
+        return [f"{what} is cut or corrupt after byte {end} ({err})"]
+    length = length if size is None else size
+    if length - end < 2 * tarfile.BLOCKSIZE:
+        return [f"{what} ends at byte {length} without tar's end-of-archive marker (truncated)"]
+    if not zeros:
+        return [f"{length - end} bytes after the last readable member (byte {end}) are "
+                "not tar's end-of-archive zeros (corrupt or not a tar)"]
     return []
 
 
