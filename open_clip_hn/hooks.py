@@ -395,18 +395,20 @@ def _check_resumed_model(args: argparse.Namespace, checkpoint: str | None) -> No
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file); configures
     the installed plugin's run."""
-    parser = build_parser()
-    typed = given_hn_flags(argv, parser)  # before the recipe's flags join them
-    argv = _with_recipe(list(argv), parser)
-    namespace = parser.parse_args(argv)  # --help, unknown flags and bad values end here
-    namespace.hn_typed = typed
-    _print_config_if_asked(namespace, argv, parser)
-    hn_namespace, openclip_argv = _hn_parser().parse_known_args(argv)
-    args = _ORIGINALS.get("parse_args", oc_params.parse_args)(openclip_argv)
-    for name, value in vars(hn_namespace).items():
-        setattr(args, name, value)
-    args.hn_typed = typed
-    _PLUGIN.run = configure(args, argv, parser)
+    _EARLY_WARNINGS.clear()
+    with early_warnings():
+        parser = build_parser()
+        typed = given_hn_flags(argv, parser)  # before the recipe's flags join them
+        argv = _with_recipe(list(argv), parser)
+        namespace = parser.parse_args(argv)  # --help, unknown flags and bad values end here
+        namespace.hn_typed = typed
+        _print_config_if_asked(namespace, argv, parser)
+        hn_namespace, openclip_argv = _hn_parser().parse_known_args(argv)
+        args = _ORIGINALS.get("parse_args", oc_params.parse_args)(openclip_argv)
+        for name, value in vars(hn_namespace).items():
+            setattr(args, name, value)
+        args.hn_typed = typed
+        _PLUGIN.run = configure(args, argv, parser)
     _PLUGIN.args, _PLUGIN.resumes_latest = args, args.resume == "latest"
     if _PLUGIN.run is None:  # a run without --hn-* keeps exactly OpenCLIP's args
         for name in (*vars(hn_namespace), *(f"hn_{name}" for name in BOOKKEEPING_FIELDS)):
@@ -432,6 +434,50 @@ class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
 
 
 LOCK_NAME = ".hn-lock"  # in the experiment folder, held by the process that trains into it
+_EARLY_WARNINGS: list[logging.LogRecord] = []  # logged while the command line was read
+
+
+class _EarlyWarnings(logging.Handler):
+    """Keeps the warnings logged while the command line is read (before OpenCLIP sets up its
+    log), printing them where nothing else would (`echo`)."""
+
+    def __init__(self, echo: bool):
+        super().__init__(logging.WARNING)
+        self.echo = echo
+        self.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(message)s",
+                                            datefmt="%Y-%m-%d,%H:%M:%S"))  # OpenCLIP's
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _EARLY_WARNINGS.append(record)
+        if self.echo:
+            sys.stderr.write(self.format(record) + "\n")
+
+
+@contextlib.contextmanager
+def early_warnings() -> Iterator[None]:
+    """Warnings logged inside reach stderr and, once OpenCLIP has set up the run's log,
+    `out.log` (`log_early_warnings`). Without this the first `logging.warning` configured the
+    root logger itself, which then printed every later line of the run twice, and `out.log`
+    never held the warning."""
+    root = logging.getLogger()
+    handler = _EarlyWarnings(echo=not root.handlers)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+
+
+def log_early_warnings() -> None:
+    """Write the warnings of `early_warnings` into the run's log files (OpenCLIP's `out.log`:
+    model creation is the first hook after it is set up); they were printed when they came."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            for record in _EARLY_WARNINGS:
+                handler.handle(record)
+    _EARLY_WARNINGS.clear()
+
+
 _LOCKS: dict[str, Any] = {}  # lock path -> its open file, held until the process ends
 
 
@@ -830,20 +876,24 @@ class Plugin:
         add_hn_arguments(parser)
 
     def expand_argv(self, argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-        self.typed = given_hn_flags(argv, parser)
-        return _with_recipe(list(argv), parser)
+        _EARLY_WARNINGS.clear()
+        with early_warnings():
+            self.typed = given_hn_flags(argv, parser)
+            return _with_recipe(list(argv), parser)
 
     def configure(self, args: argparse.Namespace, argv: list[str],
                   parser: argparse.ArgumentParser) -> None:
-        args.hn_typed = self.typed
-        self.resumes_latest = args.resume == "latest"
-        _print_config_if_asked(args, argv, parser)
-        self.run = configure(args, argv, parser)
-        if self.run is not None:
-            _set_aside_unresumable(args, self.run)
+        with early_warnings():
+            args.hn_typed = self.typed
+            self.resumes_latest = args.resume == "latest"
+            _print_config_if_asked(args, argv, parser)
+            self.run = configure(args, argv, parser)
+            if self.run is not None:
+                _set_aside_unresumable(args, self.run)
 
     def model_created(self, model, preprocess_train, preprocess_val, args) -> None:
         _allow_cpu_ddp(args.device)
+        log_early_warnings()
         if self.run is not None:
             claim_experiment_folder(args)
             _warn_random_teacher(args, self.run.config)
@@ -931,6 +981,7 @@ _ORIGINALS: dict[str, Any] = {}
 def create_model_and_transforms(*args, **kwargs):
     model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
     _allow_cpu_ddp(kwargs.get("device", "cpu"))
+    log_early_warnings()
     if _PLUGIN.run is not None:
         claim_experiment_folder(_PLUGIN.args)
         _warn_random_teacher(_PLUGIN.args, _PLUGIN.run.config)

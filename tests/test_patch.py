@@ -54,7 +54,7 @@ def patched_site(tmp_path_factory) -> Path:
     return site
 
 
-def run(argv: list[str], site: Path | None = None, module: str | None = None) -> None:
+def run(argv: list[str], site: Path | None = None, module: str | None = None) -> subprocess.CompletedProcess:
     """`python -m module argv` (or vanilla OpenCLIP with the tiny model registered), with
     `open_clip_train` resolved from `site` when given, and no plugin enabled by the environment."""
     env = {k: v for k, v in os.environ.items() if k != "OPEN_CLIP_TRAIN_PLUGINS"}
@@ -68,6 +68,7 @@ def run(argv: list[str], site: Path | None = None, module: str | None = None) ->
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=300,
                           env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
 
 
 def logged_losses(logs: Path, name: str) -> list[str]:
@@ -124,12 +125,17 @@ def test_install_prefers_the_official_hooks(patched_site):
 
 @pytest.mark.slow
 def test_patched_route_trains_like_the_monkeypatch_route(patched_site, scene_csv, tmp_path):
-    run(train_argv(scene_csv, str(tmp_path), "patched", "--plugins", "open_clip_hn", *HN_ONLINE),
-        site=patched_site, module="open_clip_train.main")
-    run(train_argv(scene_csv, str(tmp_path), "monkeypatched", *HN_ONLINE), module="open_clip_hn.train")
+    twice = [*HN_ONLINE, "--hn-num-negatives", "2"]  # a warning while the command line is read
+    procs = [run(train_argv(scene_csv, str(tmp_path), "patched", "--plugins", "open_clip_hn", *twice),
+                 site=patched_site, module="open_clip_train.main"),
+             run(train_argv(scene_csv, str(tmp_path), "monkeypatched", *twice), module="open_clip_hn.train")]
     assert_same_run(tmp_path, "patched", "monkeypatched")
-    for name in ("patched", "monkeypatched"):
+    warning = "--hn-num-negatives is given 2 times on the command line"
+    for name, proc in zip(("patched", "monkeypatched"), procs):
         assert (tmp_path / name / "checkpoints" / "epoch_1.pt.hn").is_file()
+        # printed once and kept in out.log; the run's own lines are not printed twice after it
+        assert proc.stderr.count(warning) == 1 and "INFO:root:" not in proc.stderr, proc.stderr[-3000:]
+        assert (tmp_path / name / "out.log").read_text().count(warning) == 1
     assert "plugins: ['open_clip_hn']" in (tmp_path / "patched" / "params.txt").read_text()
 
     run(train_argv(scene_csv, str(tmp_path), "patched", "--plugins", "open_clip_hn", *HN_ONLINE,

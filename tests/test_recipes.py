@@ -89,6 +89,29 @@ def test_a_flag_typed_twice_is_warned_about_but_a_recipe_override_is_not(tmp_pat
         "--hn-num-negatives is given 2 times on the command line: the last one counts"]
 
 
+def test_early_warnings_are_printed_once_and_replayed_into_the_runs_log(tmp_path):
+    import logging
+
+    from open_clip_hn.hooks import early_warnings, log_early_warnings
+
+    root = logging.getLogger()
+    kept = root.handlers[:]
+    root.handlers[:] = []  # as in a fresh process: nothing configured logging yet
+    try:
+        with early_warnings():
+            logging.warning("read early")
+        assert root.handlers == []  # logging.warning did not configure the root logger itself
+        log = logging.FileHandler(tmp_path / "out.log")  # OpenCLIP's setup_logging, later
+        root.addHandler(log)
+        log_early_warnings()
+        log_early_warnings()  # once only
+        log.close()
+        root.removeHandler(log)
+    finally:
+        root.handlers[:] = kept
+    assert (tmp_path / "out.log").read_text().count("read early") == 1
+
+
 def test_print_config_is_the_file_plus_overrides(tmp_path, parser):
     recipe_path = CONFIGS[[p.stem for p in CONFIGS].index("ce-clip")]
     overrides = ["--hn-num-negatives", "2", "--batch-size", "16", "--hn-types", "swap_objects"]
