@@ -72,7 +72,8 @@ def main() -> None:
                     torch.equal(results[0].image_index, r.image_index) for r in results[1:])
         print(row + f"{str(agree):>7}")
         del bank
-    print("times: one mine() call = both directions' top-(2k+8) search + false-negative filter.")
+    print("times: one mine() call = both directions' top-(2k+8) search + false-negative filter "
+          "(+ wider searches for anchors the filter left short).")
 
 
 if __name__ == "__main__":

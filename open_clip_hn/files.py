@@ -61,17 +61,18 @@ def _fsync_folder(folder: str) -> None:
         os.close(fd)
 
 
-def remove_stale_temps(folder: str | os.PathLike) -> list[str]:
+def remove_stale_temps(folder: str | os.PathLike, every_writer_gone: bool = False) -> list[str]:
     """Remove the temp files in `folder` left by killed writers on this host; return their names.
 
     Temps of live processes (another job writing into the same folder) and of other hosts
-    (whose processes cannot be checked from here) are kept.
+    (whose processes cannot be checked from here) are kept, unless `every_writer_gone`: the
+    caller holds the folder's lock, so no writer of any host is alive.
     """
     removed = []
     host = socket.gethostname().replace("-", "_")
     for name in os.listdir(folder):
         owner = _TMP_OWNER.match(name)
-        if owner is None or owner["host"] != host or _alive(int(owner["pid"])):
+        if owner is None or (not every_writer_gone and (owner["host"] != host or _alive(int(owner["pid"])))):
             continue
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))

@@ -30,6 +30,7 @@ import functools
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,14 +49,14 @@ from . import state as hn_state
 from .argtypes import InputError
 from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import EvaluationStopped, log_metrics
-from .files import read_model_config, unknown_model_hint
+from .files import read_model_config, remove_stale_temps, unknown_model_hint
 from .negatives.taxonomy import NEGATIVE_TYPES
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
                          counting_from_position, epoch_of_checkpoint_name, ignore_stop_signals_in_workers,
                          prune_step_checkpoints)
 from .recipes import expand_recipe, recipe_argv, recipe_path, spell_out_flags
-from .run import HardNegativeRun, TrainCaptions, epoch_checkpoints
+from .run import HardNegativeRun, TrainCaptions, check_finite_weights, epoch_checkpoints
 from .sample_order import seed_sample_shuffle
 
 PLUGIN_NAME = "open_clip_hn"
@@ -516,6 +517,23 @@ def claim_experiment_folder(args: argparse.Namespace) -> None:
     handle.write(f"process {os.getpid()} on {socket.gethostname()}" + (f" (SLURM job {job})" if job else ""))
     handle.flush()
     _LOCKS[path] = handle
+    _remove_killed_saves(args.checkpoint_path)
+
+
+def _remove_killed_saves(folder: str) -> None:
+    """Remove the temp files of saves a kill interrupted (a whole checkpoint's size each, which
+    nothing else removes): with the folder's lock held, no writer of them is alive. The patched
+    OpenCLIP writes `epoch_N.pt.tmp`; this plugin's writes are `files.atomic_open`'s temps."""
+    if not os.path.isdir(folder):
+        return
+    removed = remove_stale_temps(folder, every_writer_gone=True)
+    for name in os.listdir(folder):
+        if re.fullmatch(r"epoch_(\d+|latest)\.pt\.tmp", name):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    if removed:
+        logging.info("Removed %d temp file(s) of interrupted saves from %s: %s", len(removed), folder,
+                     ", ".join(sorted(removed)))
 
 
 def _allow_cpu_ddp(device) -> None:
@@ -694,8 +712,12 @@ def _train_epoch_in_steps(run: HardNegativeRun, model, data, loss, epoch, optimi
         if is_master(args) and args.save_logs and at_epoch > 0:
             hn_state.add_epoch_start_rng(args.checkpoint_path, at_epoch, rng_states)
 
+    def check(at: EpochPosition) -> None:
+        check_finite_weights(model, f"epoch {at.epoch + 1}, step {at.step}",
+                             args.checkpoint_path if args.save_logs else None)
+
     checkpointer = StepCheckpointer(
-        args.checkpoint_path, run.config.save_every_steps, run.stop, build=build,
+        args.checkpoint_path, run.config.save_every_steps, run.stop, build=build, check=check,
         steps_per_epoch=steps_per_epoch,
         samples_per_step=args.batch_size * args.accum_freq * args.world_size,
         world_size=args.world_size, device=args.device, is_master=is_master(args) and args.save_logs,
@@ -803,11 +825,12 @@ def _check_bank(config: HNConfig, args: argparse.Namespace) -> None:
 
     if config.memory_bank_size <= 0:
         return
-    global_batch = args.batch_size * args.world_size
+    global_batch = args.batch_size * args.world_size * args.accum_freq  # what one step pushes
     if config.memory_bank_size < global_batch:
+        accum = f" x --accum-freq {args.accum_freq}" if args.accum_freq > 1 else ""
         raise InputError(f"--hn-memory-bank-size {config.memory_bank_size} is smaller than one global "
-                         f"batch ({args.batch_size} x {args.world_size} ranks = {global_batch}): the "
-                         "bank would hold only part of the latest batch; pass at least "
+                         f"batch ({args.batch_size} x {args.world_size} ranks{accum} = {global_batch}): "
+                         "the bank would hold only part of the latest batch; pass at least "
                          f"{global_batch} (several batches is usual)")
     dim = (open_clip.get_model_config(args.model) or {}).get("embed_dim")
     if dim is None:
@@ -944,6 +967,7 @@ class Plugin:
         if run is None:
             return
         completed = epoch + 1
+        check_finite_weights(model, f"epoch {completed}", args.checkpoint_path if args.save_logs else None)
         run.epoch_trained(completed)
         if args.save_logs:
             run.save_state(args.checkpoint_path, completed, epoch_checkpoints(

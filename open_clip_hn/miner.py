@@ -6,9 +6,13 @@ score is the negation. With the bank stored as rows [I' | T'], both are one inne
 search: query [I, -T] (image anchors) or [-I, T] (text anchors) against the bank.
 
 Mining is search (torch or faiss, same protocol) followed by one shared filter, so both
-backends return the same indices: the search fetches the top 2k + 8 candidates, the filter drops
-likely false negatives (cosine >= `--hn-false-negative-threshold` to the anchor's pair in either
-modality; near-copies >= DUPLICATE_COSINE always) and keeps the best k that remain.
+backends return the same indices up to ties of equal scores: the search fetches the top 2k + 8
+candidates, the filter drops likely false negatives (cosine >= `--hn-false-negative-threshold` to
+the anchor's pair in either modality; near-copies >= DUPLICATE_COSINE always) and keeps the best
+k that remain. An anchor left with fewer than k (near-copies of its image fill the top of its
+ranking: they score highest and are what the filter drops) is searched again with 4x the
+candidates, up to MAX_FETCH_FACTOR x (2k + 8), so the k found are the best k that pass the
+filter wherever that many lie within that reach.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ import torch
 
 DUPLICATE_COSINE = 0.999  # a bank entry this close is the anchor's own pair, whatever the flag says
 SEARCH_CHUNK_ROWS = 65536  # torch search scans the bank in chunks of this many rows
+MAX_FETCH_FACTOR = 16  # an anchor short of k after the filter is searched again, up to this x (2k + 8)
+FILTER_CHUNK_BYTES = 1 << 28  # candidate rows gathered for the filter at once
 
 
 @dataclass(frozen=True)
@@ -37,8 +43,17 @@ def candidates_to_fetch(k: int, bank_rows: int) -> int:
 
 
 def torch_search(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-k inner products (scores, indices) [Q, k], scanning the bank chunk by chunk so
-    the score matrix never exceeds Q x SEARCH_CHUNK_ROWS."""
+    """Exact top-k inner products (scores, indices) [Q, k], scanning the bank chunk by chunk and
+    the queries block by block, so a score matrix never exceeds FILTER_CHUNK_BYTES (a global
+    batch of 32k anchors against a 64k bank would otherwise take 16 GiB at once)."""
+    block = max(1, FILTER_CHUNK_BYTES // (4 * max(1, min(bank.shape[0], SEARCH_CHUNK_ROWS))))
+    if queries.shape[0] > block:
+        found = [_torch_search(queries[i:i + block], bank, k) for i in range(0, queries.shape[0], block)]
+        return torch.cat([f[0] for f in found]), torch.cat([f[1] for f in found])
+    return _torch_search(queries, bank, k)
+
+
+def _torch_search(queries: torch.Tensor, bank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     best_scores = queries.new_empty(queries.shape[0], 0)
     best_index = torch.empty(queries.shape[0], 0, dtype=torch.long, device=queries.device)
     for begin in range(0, bank.shape[0], SEARCH_CHUNK_ROWS):
@@ -101,15 +116,37 @@ def mine(image: torch.Tensor, text: torch.Tensor, bank: torch.Tensor, k: int,
         raise ValueError(f"memory bank rows are {bank.shape[1] // 2}-d pairs but the features are {dim}-d")
     image, text = image.detach().float(), text.detach().float()
     queries = torch.cat([torch.cat([image, -text], dim=1), torch.cat([-image, text], dim=1)])
-    fetch = candidates_to_fetch(k, bank.shape[0])
-    _, candidates = SEARCH_BACKENDS[backend](queries, bank, fetch)
-    candidates = candidates.clamp(min=0)  # faiss marks missing results with -1 (never when fetch <= M)
-    rows = bank[candidates.flatten()].float().view(2 * anchors, fetch, 2 * dim)
     anchor_image, anchor_text = torch.cat([image, image]), torch.cat([text, text])
-    image_cos = torch.einsum("qd,qcd->qc", anchor_image, rows[..., :dim])
-    text_cos = torch.einsum("qd,qcd->qc", anchor_text, rows[..., dim:])
     limit = min(false_negative_threshold, DUPLICATE_COSINE)
-    keep = (image_cos < limit) & (text_cos < limit)
-    index, valid = select_valid(candidates, keep, k)
+    fetch = candidates_to_fetch(k, bank.shape[0])
+    reach = min(bank.shape[0], MAX_FETCH_FACTOR * fetch)
+    index, valid = _search_and_filter(queries, anchor_image, anchor_text, bank, fetch, k, limit, backend)
+    while fetch < reach:
+        short = (valid.sum(dim=1) < k).nonzero().flatten()
+        if short.numel() == 0:
+            break
+        fetch = min(reach, 4 * fetch)
+        index[short], valid[short] = _search_and_filter(queries[short], anchor_image[short],
+                                                        anchor_text[short], bank, fetch, k, limit, backend)
     return Mined(text_index=index[:anchors], text_valid=valid[:anchors],
                  image_index=index[anchors:], image_valid=valid[anchors:])
+
+
+def _search_and_filter(queries: torch.Tensor, anchor_image: torch.Tensor, anchor_text: torch.Tensor,
+                       bank: torch.Tensor, fetch: int, k: int, limit: float, backend: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top `fetch` candidates of each query, then the first k whose image and text are both
+    below `limit` in cosine to the anchor's (`select_valid`). The candidates' rows are gathered
+    a chunk of queries at a time, FILTER_CHUNK_BYTES at most."""
+    dim = anchor_image.shape[1]
+    _, candidates = SEARCH_BACKENDS[backend](queries, bank, fetch)
+    candidates = candidates.clamp(min=0)  # faiss marks missing results with -1 (never when fetch <= M)
+    keep = torch.empty(candidates.shape, dtype=torch.bool, device=candidates.device)
+    step = max(1, FILTER_CHUNK_BYTES // (fetch * 2 * dim * 4))
+    for begin in range(0, len(queries), step):
+        part = slice(begin, begin + step)
+        rows = bank[candidates[part]].float()  # [q, fetch, 2D]
+        image_cos = torch.einsum("qd,qcd->qc", anchor_image[part], rows[..., :dim])
+        text_cos = torch.einsum("qd,qcd->qc", anchor_text[part], rows[..., dim:])
+        keep[part] = (image_cos < limit) & (text_cos < limit)
+    return select_valid(candidates, keep, k)

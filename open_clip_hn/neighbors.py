@@ -835,7 +835,9 @@ def _parser() -> argparse.ArgumentParser:
     r = commands.add_parser("rebinding", help="Neighbours whose captions hold the same words bound "
                                               "differently (image-side swap negatives); no model.")
     r.add_argument("--shards", required=True, help="Local shards, as --train-data ('dir/{000..099}.tar').")
-    r.add_argument("--output", required=True, help="Index directory (rewritten when it exists).")
+    r.add_argument("--output", required=True, help="Index directory (rewritten when it was made "
+                                                  "with the same settings; one made with other "
+                                                  "settings is refused: use a fresh folder).")
     r.add_argument("--k", type=positive_int, default=4, help="Neighbours kept per sample. Default: 4.")
     r.add_argument("--min-word-overlap", type=unit_float, default=0.5,
                    help="Least tf-idf cosine of two captions' words for them to be neighbours. "

@@ -368,9 +368,11 @@ class StepCheckpointer:
                  steps_per_epoch: int, samples_per_step: int, world_size: int, device,
                  is_master: bool, latest_name: str | None = None,
                  on_epoch_start: Callable[[int, list[dict]], None] | None = None, workers: int | None = None,
-                 seed: int | None = None, before_stop: Callable[[], None] | None = None):
+                 seed: int | None = None, before_stop: Callable[[], None] | None = None,
+                 check: Callable[[EpochPosition], None] | None = None):
         self.folder, self.every, self.stop = folder, every, stop
         self.build = build
+        self.check = check  # on every rank before a save: TrainingDiverged stops them all
         self.steps_per_epoch, self.samples_per_step = steps_per_epoch, samples_per_step
         self.world_size, self.device, self.is_master = world_size, device, is_master
         self.latest_name = latest_name  # --save-most-recent: step checkpoints go there too
@@ -402,6 +404,8 @@ class StepCheckpointer:
         return between_steps
 
     def save(self, position: EpochPosition) -> None:
+        if self.check is not None:
+            self.check(position)
         if self.is_master:
             name = self.latest_name or step_checkpoint_name(position.epoch, position.step)
             path = os.path.join(self.folder, name)

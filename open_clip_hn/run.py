@@ -71,6 +71,30 @@ def epoch_restart(epoch: int) -> str:
             "the epochs this one follows)")
 
 
+class TrainingDiverged(RuntimeError):
+    """The model's weights hold NaN/inf: the checkpoint that would hold them is not written (with
+    --delete-previous-checkpoint or --save-most-recent it would replace the last good one)."""
+
+
+def check_finite_weights(model: torch.nn.Module, when: str, checkpoint_dir: str | None) -> None:
+    """`TrainingDiverged` where any weight of `model` is NaN/inf (every rank checks its copy,
+    so all stop together). One device sync for all the tensors."""
+    tensors = [t for t in model.state_dict().values() if t.is_floating_point()]
+    if not tensors or bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()):
+        return
+    bad = [name for name, t in model.state_dict().items()
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    kept = ""
+    if checkpoint_dir:
+        newest = hn_state.checkpoints_newest_first(checkpoint_dir)
+        kept = (f"; the newest checkpoint is {newest[0]}, from before" if newest
+                else "; no checkpoint of the run was written before")
+    raise TrainingDiverged(
+        f"the run diverged: after {when}, {len(bad)} weight tensor(s) hold NaN/inf (first: "
+        f"{bad[0]}), so no checkpoint was written for it{kept}; lower --lr, raise --warmup or "
+        "--grad-clip-norm, or lower the hard-negative weights")
+
+
 class HardNegativeRun:
     """The plugin's part of one training run: config, loss and the state to save and resume."""
 
@@ -337,7 +361,7 @@ class HardNegativeRun:
         searched, mined = loss.take_mined_counts()
         if searched and not mined:
             logging.warning("The mined term found no usable memory-bank entry in epoch %d: every "
-                            "entry was within --hn-false-negative-threshold %g of its anchor's "
+                            "entry searched was within --hn-false-negative-threshold %g of its anchor's "
                             "image or text (a threshold too low, or a model whose embeddings are "
                             "all alike); the mined term trained nothing", epoch,
                             self.config.false_negative_threshold)

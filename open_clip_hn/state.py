@@ -28,9 +28,9 @@ STATE_SUFFIX = ".hn"
 STATE_VERSION = 1
 BROKEN_SUFFIX = ".broken"
 EMBEDDED_STATE_KEY = "hn_state"  # a checkpoint that carries the plugin state inside (step checkpoints)
-_FIX = ("delete it (the run then resumes without the plugin state: bank, thresholds and "
-        "curriculum start over), or resume from the previous checkpoint (--resume "
-        "PATH/epoch_<N-1>.pt)")
+_FIX = ("resume from the previous checkpoint (--resume PATH/epoch_<N-1>.pt), or add "
+        "--hn-drop-state to resume this one without its plugin state (bank, thresholds and "
+        "teacher start fresh; the file is kept)")
 
 
 class StateError(ValueError):

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None):
     without the flags it needs), a word list or plausibility model that cannot be built from
     the given captions, and an input found unusable once OpenCLIP has set up the run
     (`InputError`: precomputed shards, evaluation sets) end the run as `error: ...` with exit
-    status 2, before the first step; the error goes to OpenCLIP's log too, and names the
+    status 2, before the first step, as does a run whose weights diverged (`TrainingDiverged`,
+    before the checkpoint that would hold them); the error goes to OpenCLIP's log too, and names the
     experiment folder OpenCLIP made for the run, which blocks its --name until removed."""
     import logging
 
@@ -23,12 +24,13 @@ def main(argv: list[str] | None = None):
     from .hooks import made_experiment_folder, run_openclip_main
     from .negatives.lexicon import VocabularyError
     from .negatives.plausibility import PlausibilityError
+    from .run import TrainingDiverged
     from .state import StateError
 
     try:
         return run_openclip_main(sys.argv[1:] if argv is None else list(argv))
-    except (StateError, VocabularyError, PlausibilityError, InputError) as err:
-        folder = made_experiment_folder()
+    except (StateError, VocabularyError, PlausibilityError, InputError, TrainingDiverged) as err:
+        folder = None if isinstance(err, TrainingDiverged) else made_experiment_folder()
         message = f"error: {err}" + (f" (OpenCLIP made the run's folder {folder} before this check, "
                                      "and refuses its --name while it exists: remove the folder or "
                                      "pass another --name)" if folder else "")

@@ -161,6 +161,37 @@ def test_damaged_state_and_a_resume_without_flags_are_refused(two_epochs, scene_
     assert "--hn-drop-state: resuming" in (tmp_path / "dropped" / "out.log").read_text()
 
 
+def test_a_diverged_run_stops_before_writing_a_checkpoint_of_nan_weights(two_epochs, scene_csv, tmp_path):
+    """lr 1e8 turns the weights into NaN at the first step. The run used to save NaN checkpoints
+    (over the last good one with --save-most-recent) and exit 0; it stops with exit 2 at the
+    first save, epoch or step, naming the newest good checkpoint."""
+    import shutil
+
+    shutil.copytree(two_epochs / "run", tmp_path / "run")
+    checkpoints = tmp_path / "run" / "checkpoints"
+    before = sorted(p.name for p in checkpoints.iterdir())
+    for extra in ([], ["--hn-save-every-steps", "1"]):
+        argv = train_argv(scene_csv, str(tmp_path), "run", *HN, "--resume", "latest", *extra, epochs=3)
+        argv[argv.index("--lr") + 1] = "1e8"
+        diverged = train(argv)
+        assert diverged.returncode == 2, diverged.stderr[-3000:]
+        when = r"epoch 3, step \d+" if extra else "epoch 3"  # at a step save, else at the epoch's end
+        message = re.search(rf"error: the run diverged: after {when}, \d+ weight tensor\(s\) hold NaN",
+                            diverged.stderr)
+        assert message, diverged.stderr[-3000:]
+        assert message.group(0) in (tmp_path / "run" / "out.log").read_text()
+        assert not (checkpoints / "epoch_3.pt").exists()
+        newest = re.search(r"the newest checkpoint is (\S+), from before", diverged.stderr).group(1)
+        for path in checkpoints.glob("*.pt"):  # what a resume may pick holds no NaN
+            weights = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+            assert all(torch.isfinite(w).all() for w in weights.values() if w.is_floating_point()), path
+        if not extra:
+            assert sorted(p.name for p in checkpoints.iterdir()) == before
+            assert newest == str(checkpoints / "epoch_2.pt")
+        else:  # the steps before the weights turned were saved
+            assert newest == str(sorted(checkpoints.glob("epoch_2_step_*.pt"))[-1])
+
+
 def test_a_broken_evaluation_set_fails_before_the_first_step(scene_csv, tmp_path):
     missing = train(train_argv(scene_csv, str(tmp_path), "missing", *HN,
                                "--hn-eval-compositional", str(tmp_path / "nowhere")))

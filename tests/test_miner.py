@@ -22,13 +22,14 @@ def filled_bank(rows: int, seed: int, fp16: bool = False) -> MemoryBank:
 
 
 def reference_mine(image, text, bank_image, bank_text, k, threshold):
-    """Loop version: score every entry, keep the top 2k+8 by score, drop false negatives, take k."""
+    """Loop version: score every entry, keep the top 16 x (2k+8) by score (the miner's reach),
+    drop false negatives, take the first k."""
     text_rows, image_rows = [], []
     for a in range(image.shape[0]):
         for sign, out in ((1, text_rows), (-1, image_rows)):
             scores = [sign * (float(image[a] @ bank_image[m]) - float(text[a] @ bank_text[m]))
                       for m in range(bank_image.shape[0])]
-            order = sorted(range(len(scores)), key=lambda m: -scores[m])[:2 * k + 8]
+            order = sorted(range(len(scores)), key=lambda m: -scores[m])[:16 * (2 * k + 8)]
             kept = [m for m in order if float(image[a] @ bank_image[m]) < min(threshold, 0.999)
                     and float(text[a] @ bank_text[m]) < min(threshold, 0.999)]
             out.append(kept[:k])
@@ -71,6 +72,7 @@ def test_miner_matches_loop_reference():
 @pytest.mark.parametrize("fp16", [False, True])
 def test_torch_and_faiss_return_the_same_indices(fp16, monkeypatch):
     monkeypatch.setattr(miner_module, "SEARCH_CHUNK_ROWS", 700)  # exercise the chunked scan
+    monkeypatch.setattr(miner_module, "FILTER_CHUNK_BYTES", 4 * 700 * 5)  # and query blocks of 5
     bank = filled_bank(3000, seed=6, fp16=fp16)
     image, text = unit(32, D, seed=7), unit(32, D, seed=8)
     a = mine(image, text, bank.entries(), k=8, false_negative_threshold=0.9, backend="torch")
@@ -98,6 +100,25 @@ def test_false_negative_filter_never_returns_the_anchors_own_pair(seed, threshol
         text_cos = torch.einsum("ad,akd->ak", text, texts)[valid]
         limit = min(threshold, 0.999)
         assert (image_cos < limit).all() and (text_cos < limit).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_near_copies_of_the_anchor_do_not_crowd_out_the_negatives(backend):
+    """40 near-copies of the anchor's image (unrelated captions) score highest and are dropped by
+    the false-negative filter; the 2k+8 candidates first fetched held 1 valid negative of 16. The
+    miner searches further and returns 16, the same as the loop reference."""
+    torch.manual_seed(0)
+    image, text = unit(1, D, seed=11), unit(1, D, seed=12)
+    copies = torch.nn.functional.normalize(image + 0.2 * unit(40, D, seed=13), dim=1)
+    bank = MemoryBank(1040)
+    bank.push(copies, unit(40, D, seed=14))
+    bank.push(unit(1000, D, seed=15), unit(1000, D, seed=16))
+    assert ((copies @ image.T) >= 0.9).all()
+    found = mine(image, text, bank.entries(), k=16, false_negative_threshold=0.9, backend=backend)
+    assert found.text_valid.sum() == 16
+    ref_text, ref_image = reference_mine(image, text, bank.images(), bank.texts(), 16, 0.9)
+    assert as_lists(found.text_index, found.text_valid) == ref_text
+    assert as_lists(found.image_index, found.image_valid) == ref_image
 
 
 def test_empty_bank_mines_nothing():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import re
 import subprocess
 import sys
@@ -572,6 +573,13 @@ def test_a_bank_smaller_than_one_global_batch_is_refused(tmp_path, scene_shards)
     assert ("error: --hn-memory-bank-size 6 is smaller than one global batch (8 x 1 ranks = 8)"
             in proc.stderr)
     assert not list((tmp_path / "run" / "checkpoints").glob("*.pt"))
+    # a step with --accum-freq 2 pushes both micro-batches
+    argv = train_argv(scene_shards, str(tmp_path), "accum", *HN_ONLINE, "--hn-loss", "itc,mined",
+                      "--hn-memory-bank-size", "8", "--hn-mined-k", "2", "--accum-freq", "2")
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 2 and ("error: --hn-memory-bank-size 8 is smaller than one global batch "
+                                     "(8 x 1 ranks x --accum-freq 2 = 16)") in proc.stderr, proc.stderr[-2000:]
 
 
 def test_precomputed_without_negatives_is_refused(tmp_path, scene_shards):
@@ -724,7 +732,8 @@ def test_the_folder_lock_is_released_when_an_in_process_run_ends(tmp_path, monke
     seen = []
 
     def fake_main(argv):
-        hooks.claim_experiment_folder(argparse.Namespace(log_path=str(tmp_path / "out.log"), rank=0))
+        hooks.claim_experiment_folder(argparse.Namespace(log_path=str(tmp_path / "out.log"), rank=0,
+                                                         checkpoint_path=str(tmp_path / "checkpoints")))
         seen.append(subprocess.run([sys.executable, "-c", LOCKS_FILE, str(lock)], capture_output=True,
                                    text=True).stdout.strip())
 
@@ -732,3 +741,30 @@ def test_the_folder_lock_is_released_when_an_in_process_run_ends(tmp_path, monke
     hooks.run_openclip_main([])
     after = subprocess.run([sys.executable, "-c", LOCKS_FILE, str(lock)], capture_output=True, text=True)
     assert seen == ["held"] and after.stdout.strip() == "free"
+
+
+def test_claiming_the_folder_removes_the_temps_of_killed_saves(tmp_path, caplog):
+    """A kill during a checkpoint's write leaves its temp (a whole checkpoint's size); the next
+    run into the folder, holding its lock, removes every such temp, whichever host wrote it."""
+    import argparse
+
+    from open_clip_hn import hooks
+    from open_clip_hn.files import TMP_PREFIX
+
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    left = [f"{TMP_PREFIX}otherhost-1-abcepoch_2.pt", f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-x.pt",
+            "epoch_3.pt.tmp"]
+    kept = ["epoch_1.pt", "epoch_1.pt.hn", "notes.tmp"]
+    for name in left + kept:
+        (checkpoints / name).write_bytes(b"x")
+    args = argparse.Namespace(log_path=str(tmp_path / "out.log"), rank=0, checkpoint_path=str(checkpoints))
+    try:
+        with caplog.at_level("INFO"):
+            hooks.claim_experiment_folder(args)
+    finally:
+        for handle in hooks._LOCKS.values():
+            handle.close()
+        hooks._LOCKS.clear()
+    assert sorted(p.name for p in checkpoints.iterdir()) == sorted(kept)
+    assert "Removed 3 temp file(s) of interrupted saves" in caplog.text
