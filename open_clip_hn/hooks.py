@@ -972,7 +972,7 @@ class Plugin:
         if args.save_logs:
             run.save_state(args.checkpoint_path, completed, epoch_checkpoints(
                 completed, args.epochs, args.save_frequency, args.save_most_recent,
-                oc_main.LATEST_CHECKPOINT_NAME), provenance.record_for_args(args))
+                oc_main.LATEST_CHECKPOINT_NAME), provenance.record_for_args(args), model.state_dict())
         if run.evaluation_due(completed, args.epochs) and is_master(args):
             device_type = torch.device(args.device).type
             try:

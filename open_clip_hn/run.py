@@ -437,9 +437,23 @@ class HardNegativeRun:
                             "starts from the resumed weights", self.config.distill)
             self.teacher.reset_from_student()
 
+    def input_identities(self) -> dict[str, dict[str, Any]]:
+        """What the files the flags name hold (`files.content_identity`: size and the hashes of
+        both ends), so a resume can tell a file changed under the same path."""
+        from .files import content_identity
+        from .neighbors import MANIFEST
+
+        named = {"--hn-vocabulary": self.config.vocabulary, "--hn-plausibility": self.config.plausibility,
+                 "--hn-exclude-negatives": self.config.exclude_negatives,
+                 "--hn-image-neighbors": self.config.image_neighbors and os.path.join(
+                     self.config.image_neighbors, MANIFEST)}
+        return {flag: {"path": path, **content_identity(path)} for flag, path in named.items()
+                if path and os.path.isfile(path)}
+
     def state(self) -> dict[str, Any]:
         assert self.loss is not None, "the loss is created before the first epoch ends"
-        state = {"config": dataclasses.asdict(self.config), "loss": self.loss.state_dict()}
+        state = {"config": dataclasses.asdict(self.config), "loss": self.loss.state_dict(),
+                 "inputs": self.input_identities()}
         if self.teacher is not None:
             state["teacher"] = self.teacher.state_dict()
         return state
@@ -464,26 +478,36 @@ class HardNegativeRun:
             return
         if position is not None:
             if checkpoint.get(hn_state.EMBEDDED_STATE_KEY) is not None:
-                self._warn_config_changes(checkpoint[hn_state.EMBEDDED_STATE_KEY].get("config", {}))
+                embedded = checkpoint[hn_state.EMBEDDED_STATE_KEY]
+                self._warn_config_changes(embedded.get("config", {}), embedded.get("inputs"))
                 self.pending_state = checkpoint[hn_state.EMBEDDED_STATE_KEY]
             return
-        found = hn_state.find_state(path, checkpoint["epoch"])
-        if found is None:
+        found = hn_state.find_state(path, checkpoint["epoch"], checkpoint.get("state_dict"))
+        if found is None:  # a checkpoint of plain OpenCLIP (no record of a state beside it)
             logging.warning("No hard-negative state for epoch %s beside %s: bank, thresholds and "
-                            "curriculum start fresh", checkpoint["epoch"], path)
+                            "teacher start fresh (the curriculum follows the step count)",
+                            checkpoint["epoch"], path)
             return
         state_file, saved = found
-        self._warn_config_changes(saved.get("config", {}))
+        self._warn_config_changes(saved.get("config", {}), saved.get("inputs"))
         self.pending_state = saved
         if saved.get("rng_epoch_start") is not None:  # the next epoch replays as it would have
             self.resume_position = EpochPosition(checkpoint["epoch"], 0, 0, 0,
                                                  saved["rng_epoch_start"], None)
         logging.info("=> found hard-negative state %s", state_file)
 
-    def _warn_config_changes(self, saved: dict[str, Any]) -> None:
+    def _warn_config_changes(self, saved: dict[str, Any], inputs: dict[str, Any] | None = None) -> None:
         """Name each flag that differs from the saved run's; a field an older version did not
         save had its default then, or for a flag whose default is new behaviour, the old one
-        (`config.BEHAVIOUR_BEFORE_FLAG`)."""
+        (`config.BEHAVIOUR_BEFORE_FLAG`). Also each input file that a flag names as before but
+        whose contents changed since (`inputs`: the saved `input_identities`)."""
+        for flag, identity in self.input_identities().items():
+            before = (inputs or {}).get(flag)
+            if before is not None and before.get("path") == identity["path"] and before != identity:
+                logging.warning("Resuming with %s %s changed since the checkpoint was saved (its "
+                                "contents differ): from here on the run trains on other %s than "
+                                "before", flag, identity["path"],
+                                "neighbours" if flag == "--hn-image-neighbors" else "negatives")
         defaults = {f.name: f.default for f in dataclasses.fields(self.config)
                     if f.default is not dataclasses.MISSING}
         for name, value in dataclasses.asdict(self.config).items():
@@ -495,12 +519,15 @@ class HardNegativeRun:
                                 before, value)
 
     def save_state(self, checkpoint_dir: str, completed_epoch: int, checkpoints: list[str],
-                   trained_as: dict[str, Any]) -> None:
+                   trained_as: dict[str, Any], weights: dict[str, torch.Tensor]) -> None:
         """The plugin state of every epoch OpenCLIP checkpoints (rank 0; all ranks agree), and
-        beside each checkpoint the model it was trained as (provenance.py)."""
+        beside each checkpoint the model it was trained as (provenance.py). `weights` (the
+        model's state dict, which OpenCLIP's checkpoint of this epoch will hold) ties the state
+        to that checkpoint (`state.weights_digest`)."""
         if checkpoints:
             path = hn_state.save_state(checkpoint_dir, completed_epoch,
-                                       {**self.state(), "trained_as": trained_as})
+                                       {**self.state(), "trained_as": trained_as,
+                                        hn_state.WEIGHTS_DIGEST_KEY: hn_state.weights_digest(weights)})
             provenance.write_sidecars([os.path.join(checkpoint_dir, c) for c in checkpoints],
                                       trained_as)
             logging.info("Saved hard-negative state to %s", path)

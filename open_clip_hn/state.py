@@ -11,6 +11,7 @@ from the newest checkpoint to the newest pair that loads.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -18,7 +19,7 @@ import pickle
 import re
 import zipfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -26,6 +27,7 @@ from .files import atomic_open
 
 STATE_SUFFIX = ".hn"
 STATE_VERSION = 1
+WEIGHTS_DIGEST_KEY = "weights_digest"  # `weights_digest` of the weights a state was saved beside
 BROKEN_SUFFIX = ".broken"
 EMBEDDED_STATE_KEY = "hn_state"  # a checkpoint that carries the plugin state inside (step checkpoints)
 _FIX = ("resume from the previous checkpoint (--resume PATH/epoch_<N-1>.pt), or add "
@@ -168,18 +170,58 @@ def state_files_beside(checkpoint_path: str, epoch: int) -> list[str]:
     return [p for p in candidates if _exists(p)]
 
 
-def find_state(checkpoint_path: str, epoch: int) -> tuple[str, dict[str, Any]] | None:
-    """The plugin state saved after `epoch` (the checkpoint's own epoch), or None.
+def find_state(checkpoint_path: str, epoch: int, weights: Mapping[str, Any] | None = None
+               ) -> tuple[str, dict[str, Any]] | None:
+    """The plugin state saved after `epoch` (the checkpoint's own epoch), or None when the
+    checkpoint never had one.
 
     Looked for beside the checkpoint under its own name first (`X.pt.hn`, for checkpoints that
     were copied with their state), then as `epoch_N.pt.hn` in its folder. A file whose epoch
-    differs from the checkpoint's is never used; a damaged one raises `StateError`.
+    differs from the checkpoint's is never used. `StateError` where the state is damaged, where
+    it was saved beside other weights than `weights` (the checkpoint's `state_dict`: another
+    run's file, or another save's), or where the checkpoint's record (`X.pt.json`, written with
+    the state) says it had a state that is not there: resuming would silently train on without
+    the bank, thresholds, teacher and sample order.
     """
+    others = []
     for path in state_files_beside(checkpoint_path, epoch):
         state = read_state(path)
-        if state.get("epoch") == epoch:
-            return path, state
+        if state.get("epoch") != epoch:
+            others.append(f"{path} is epoch {state.get('epoch')}'s")
+            continue
+        saved = state.get(WEIGHTS_DIGEST_KEY)
+        if weights is not None and saved is not None and saved != weights_digest(weights):
+            raise StateError(f"plugin state {path} was saved beside other weights than those of "
+                             f"{checkpoint_path} (another run's state, or another save's): {_FIX}")
+        return path, state
+    if _has_record(checkpoint_path):
+        found = f" ({'; '.join(others)})" if others else ""
+        raise StateError(f"the plugin state saved with {checkpoint_path} is missing: no epoch-{epoch} "
+                         f"state beside it{found}, though its record {checkpoint_path}.json says the "
+                         f"run had one (a checkpoint copied without its .hn file?); {_FIX}")
     return None
+
+
+def _has_record(checkpoint_path: str) -> bool:
+    from .provenance import sidecar_path
+
+    return _exists(sidecar_path(checkpoint_path))
+
+
+def weights_digest(weights: Mapping[str, Any]) -> str:
+    """What ties a plugin state to the weights it was saved beside: a SHA-256 of the names and
+    of the first and last 64 values of every floating tensor (DDP's `module.` and torch.compile's
+    `_orig_mod.` dropped from the names; in float32, read without touching the rest: cheap on a
+    memory-mapped checkpoint)."""
+    items = sorted((name.replace("_orig_mod.", "").removeprefix("module."), tensor)
+                   for name, tensor in weights.items()
+                   if isinstance(tensor, torch.Tensor) and tensor.is_floating_point())
+    digest = hashlib.sha256("\0".join(name for name, _ in items).encode())
+    if items:
+        flat = [tensor.detach().reshape(-1) for _, tensor in items]
+        picked = torch.cat([torch.cat([f[:64], f[-64:]]).float().cpu() for f in flat])
+        digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()[:32]
 
 
 def prune_states(checkpoint_dir: str, epoch: int) -> None:
@@ -291,7 +333,7 @@ def latest_good_checkpoint(checkpoint_dir: str | os.PathLike, with_state: bool, 
                 if bad:
                     raise StateError(f"its plugin state holds non-finite values in {bad}")
                 return path, path
-            found = find_state(path, checkpoint["epoch"])
+            found = find_state(path, checkpoint["epoch"], checkpoint.get("state_dict"))
             return path, None if found is None else found[0]
         except ValueError as err:
             if warn:

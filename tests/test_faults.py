@@ -161,6 +161,35 @@ def test_damaged_state_and_a_resume_without_flags_are_refused(two_epochs, scene_
     assert "--hn-drop-state: resuming" in (tmp_path / "dropped" / "out.log").read_text()
 
 
+def test_a_missing_or_foreign_state_is_refused_or_walked_back_never_trained_past(two_epochs, scene_csv,
+                                                                                 tmp_path):
+    """epoch_2.pt's .hn deleted (a checkpoint copied without it), replaced by epoch 1's, or
+    saved beside other weights (another run's): its record says the run had a state, so
+    resuming on without it (the run used to, with one warning) is refused for --resume PATH,
+    and --resume latest walks back to epoch 1's pair."""
+    import shutil
+
+    cases = {"deleted": lambda hn: hn.unlink(),
+             "another epoch's": lambda hn: shutil.copy(hn.with_name("epoch_1.pt.hn"), hn),
+             "other weights": lambda hn: torch.save({**torch.load(hn, weights_only=False),
+                                                     "weights_digest": "0" * 32}, hn)}
+    for case, damage in cases.items():
+        run = tmp_path / case.replace(" ", "_").replace("'", "")
+        shutil.copytree(two_epochs / "run", run / "run")
+        checkpoints = run / "run" / "checkpoints"
+        damage(checkpoints / "epoch_2.pt.hn")
+        explicit = train(train_argv(scene_csv, str(run), "other", *HN, "--resume",
+                                    str(checkpoints / "epoch_2.pt"), epochs=3))
+        assert explicit.returncode == 2, (case, explicit.stderr[-3000:])
+        want = "saved beside other weights" if case == "other weights" else "is missing"
+        assert want in explicit.stderr and "--hn-drop-state" in explicit.stderr, (case, explicit.stderr[-3000:])
+        latest = train(train_argv(scene_csv, str(run), "run", *HN, "--resume", "latest", epochs=3))
+        assert latest.returncode == 0, (case, latest.stderr[-3000:])
+        log = (run / "run" / "out.log").read_text()
+        assert f"skipping {checkpoints / 'epoch_2.pt'}" in log and want in log, case
+        assert re.search(r"=> resuming checkpoint '.*epoch_1\.pt' \(epoch 1\)", log), case
+
+
 def test_a_diverged_run_stops_before_writing_a_checkpoint_of_nan_weights(two_epochs, scene_csv, tmp_path):
     """lr 1e8 turns the weights into NaN at the first step. The run used to save NaN checkpoints
     (over the last good one with --save-most-recent) and exit 0; it stops with exit 2 at the

@@ -224,3 +224,40 @@ def test_an_epoch_whose_bank_yields_no_negative_is_warned_about(caplog):
         hn_run.epoch_trained(1)
         assert ("The mined term found no usable memory-bank entry in epoch 1" in caplog.text) == warned
         assert hn_run.loss.take_mined_counts() == (0, 0)  # taken once per epoch
+
+
+def test_an_input_file_changed_under_the_same_path_is_named_on_resume(tmp_path, caplog):
+    """The vocabulary (and plausibility, exclusion, neighbour index) files are recorded by
+    content: rewritten between a run and its resume, the negatives change, and a warning says so."""
+    import logging
+
+    from open_clip_hn import state as hn_state
+    from open_clip_hn.run import HardNegativeRun
+
+    from conftest import tiny_model
+
+    vocabulary = tmp_path / "vocab.txt"
+    vocabulary.write_text("red\nblue\ncube\n")
+    config = HNConfig(negatives="online", vocabulary=str(vocabulary), loss=("itc",),
+                      given=("--hn-negatives", "--hn-vocabulary"))
+    model = tiny_model()
+
+    def run_from(changed: bool) -> list[str]:
+        run = HardNegativeRun(config)
+        run.model_created(model, None)
+        run.create_loss(rank=0, world_size=1, local_loss=False, gather_with_grad=False, accum_freq=1)
+        folder = tmp_path / ("changed" if changed else "same")
+        folder.mkdir()
+        hn_state.save_state(str(folder), 1, {**run.state(), "weights_digest": hn_state.weights_digest(
+            model.state_dict())})
+        if changed:
+            vocabulary.write_text("green\nsphere\n")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            HardNegativeRun(config).checkpoint_loaded(str(folder / "epoch_1.pt"),
+                                                      {"epoch": 1, "state_dict": model.state_dict()})
+        return [r.getMessage() for r in caplog.records]
+
+    assert not any("changed since" in m for m in run_from(changed=False))
+    assert any(m.startswith(f"Resuming with --hn-vocabulary {vocabulary} changed since the checkpoint "
+                            "was saved") for m in run_from(changed=True))
