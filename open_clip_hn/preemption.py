@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from .state import StateError, atomic_torch_save
+from .state import CheckpointWriteError, StateError, atomic_torch_save
 
 POSITION_KEY = "hn_position"
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
@@ -393,7 +393,7 @@ class StepCheckpointer:
                 self.save(EpochPosition(epoch, step, self.steps_per_epoch,
                                         global_step * self.samples_per_step, rng_starts,
                                         gather_states(rng_state(), self.world_size), self.workers,
-                                        self.seed))
+                                        self.seed), at_stop=bool(stopping))
             if stopping:
                 if self.before_stop is not None:  # the master's; the others wait for it
                     self.before_stop()
@@ -403,16 +403,29 @@ class StepCheckpointer:
 
         return between_steps
 
-    def save(self, position: EpochPosition) -> None:
+    def save(self, position: EpochPosition, at_stop: bool = False) -> None:
         if self.check is not None:
             self.check(position)
         if self.is_master:
             name = self.latest_name or step_checkpoint_name(position.epoch, position.step)
             path = os.path.join(self.folder, name)
-            atomic_torch_save(self.build(position), path)
-            if self.latest_name is None:
-                prune_step_checkpoints(self.folder, keep=path)
-            logging.info("Saved step checkpoint %s (epoch %d, step %d of %d)", path, position.epoch,
-                         position.step, position.steps_per_epoch)
+            try:
+                atomic_torch_save(self.build(position), path)
+            except CheckpointWriteError as err:  # the other ranks wait at the barrier below
+                self._save_failed(err, at_stop)
+            else:
+                if self.latest_name is None:
+                    prune_step_checkpoints(self.folder, keep=path)
+                logging.info("Saved step checkpoint %s (epoch %d, step %d of %d)", path, position.epoch,
+                             position.step, position.steps_per_epoch)
         if self.world_size > 1:
             torch.distributed.barrier()
+
+    @staticmethod
+    def _save_failed(err: CheckpointWriteError, at_stop: bool) -> None:
+        """A periodic step save is insurance: training goes on without it. At a stop it was the
+        point of stopping: the error is logged, and the stop ends the run (non-zero) as before."""
+        if at_stop:
+            logging.error("The stop's step checkpoint was not saved: %s", err)
+        else:
+            logging.warning("Step checkpoint not saved; training goes on: %s", err)

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -39,17 +40,41 @@ class StateError(ValueError):
     """A plugin state file that cannot be used: the message names the file and what to do."""
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or state file could not be written (a full disk, a quota, an I/O error):
+    the message names it, the free space and the newest complete checkpoint."""
+
+
 def atomic_torch_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
     """`torch.save` that never leaves a partial file under the final name (temp, fsync, rename).
 
     Same signature as `torch.save`, so it can stand in for it where OpenCLIP writes
-    `epoch_N.pt`; a file-like `f` is written directly (there is no name to rename to).
+    `epoch_N.pt`; a file-like `f` is written directly (there is no name to rename to). A failed
+    write of a path is a `CheckpointWriteError` (torch's zip writer reports a full disk as a
+    RuntimeError about a position, which said nothing of the cause).
     """
     if not isinstance(f, (str, os.PathLike)):
         torch.save(obj, f, *args, **kwargs)
         return
-    with atomic_open(f, "wb") as handle:
-        torch.save(obj, handle, *args, **kwargs)
+    try:
+        with atomic_open(f, "wb") as handle:
+            torch.save(obj, handle, *args, **kwargs)
+    except (OSError, RuntimeError) as err:
+        raise CheckpointWriteError(_write_failure(os.fspath(f), err)) from err
+
+
+def _write_failure(path: str, err: BaseException) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    while not isinstance(err, OSError) and isinstance(err.__context__, OSError):
+        err = err.__context__  # torch's zip writer hides the OSError of the failed write
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free there"
+    except OSError:
+        free = "free space unknown"
+    newest = next((p for p in checkpoints_newest_first(folder) if p != os.path.abspath(path)), None)
+    kept = f"the newest complete checkpoint is {newest}" if newest else "no checkpoint was written before"
+    return (f"could not write {path} ({type(err).__name__}: {str(err)[:200]}; {free}); no part of it "
+            f"was left, and {kept}: free space (or pass another --logs) and resume with --resume latest")
 
 
 def state_path(checkpoint_dir: str, epoch: int) -> str:

@@ -16,7 +16,8 @@ def main(argv: list[str] | None = None):
     the given captions, and an input found unusable once OpenCLIP has set up the run
     (`InputError`: precomputed shards, evaluation sets) end the run as `error: ...` with exit
     status 2, before the first step, as does a run whose weights diverged (`TrainingDiverged`,
-    before the checkpoint that would hold them); the error goes to OpenCLIP's log too, and names the
+    before the checkpoint that would hold them) or whose checkpoint could not be written
+    (`CheckpointWriteError`: a full disk); the error goes to OpenCLIP's log too, and names the
     experiment folder OpenCLIP made for the run, which blocks its --name until removed."""
     import logging
 
@@ -25,12 +26,13 @@ def main(argv: list[str] | None = None):
     from .negatives.lexicon import VocabularyError
     from .negatives.plausibility import PlausibilityError
     from .run import TrainingDiverged
-    from .state import StateError
+    from .state import CheckpointWriteError, StateError
 
     try:
         return run_openclip_main(sys.argv[1:] if argv is None else list(argv))
-    except (StateError, VocabularyError, PlausibilityError, InputError, TrainingDiverged) as err:
-        folder = None if isinstance(err, TrainingDiverged) else made_experiment_folder()
+    except (StateError, VocabularyError, PlausibilityError, InputError, TrainingDiverged,
+            CheckpointWriteError) as err:
+        folder = None if isinstance(err, (TrainingDiverged, CheckpointWriteError)) else made_experiment_folder()
         message = f"error: {err}" + (f" (OpenCLIP made the run's folder {folder} before this check, "
                                      "and refuses its --name while it exists: remove the folder or "
                                      "pass another --name)" if folder else "")

@@ -190,6 +190,31 @@ def test_a_missing_or_foreign_state_is_refused_or_walked_back_never_trained_past
         assert re.search(r"=> resuming checkpoint '.*epoch_1\.pt' \(epoch 1\)", log), case
 
 
+def test_a_full_disk_is_an_error_naming_the_file_not_a_traceback(scene_csv, tmp_path):
+    """A file size limit (RLIMIT_FSIZE, SIGXFSZ ignored) makes every write past 20 MB fail, as
+    a full disk does: periodic step saves warn and training goes on, the epoch's checkpoint ends
+    the run with exit 2 and `error: could not write ...` in out.log too; no temp is left."""
+    import resource
+    import signal
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20 << 20, 20 << 20))
+
+    argv = train_argv(scene_csv, str(tmp_path), "full", *HN, "--hn-save-every-steps", "2")
+    proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, preexec_fn=limited)
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"error: could not write {checkpoints / 'epoch_1.pt'}" in proc.stderr, proc.stderr[-3000:]
+    assert "no checkpoint was written before" in proc.stderr
+    assert "(OSError: [Errno 27] File too large;" in proc.stderr  # the cause, not torch's "unexpected pos"
+    log = (tmp_path / "full" / "out.log").read_text()
+    assert "Step checkpoint not saved; training goes on: could not write" in log
+    assert f"error: could not write {checkpoints / 'epoch_1.pt'}" in log
+    assert not [p.name for p in checkpoints.iterdir() if p.suffix == ".pt" or p.name.startswith(".tmp")]
+
+
 def test_a_diverged_run_stops_before_writing_a_checkpoint_of_nan_weights(two_epochs, scene_csv, tmp_path):
     """lr 1e8 turns the weights into NaN at the first step. The run used to save NaN checkpoints
     (over the last good one with --save-most-recent) and exit 0; it stops with exit 2 at the
