@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The package as users get it: build the sdist and the wheel (`python -m build`), install the wheel
 # into a fresh virtualenv outside the checkout, and use it from an empty folder: every recipe by
-# name, a one-epoch tiny training with `--hn-config recommended`, the negatives CLI, eval, and the
-# demo at toy size. Run by .ci/run after the tests; alone: `bash .ci/wheel_check.sh` (~5 min).
+# name, a one-epoch tiny training with `--hn-config recommended`, the SLURM launcher, the OpenCLIP
+# patch, the negatives CLI, eval, and the demo at toy size. Run by .ci/run after the tests; alone: `bash .ci/wheel_check.sh` (~5 min).
 #
 # The virtualenv has --system-site-packages and the wheel goes in with --no-deps: a brand-new
 # environment would copy torch (~5 GB) on every CI run. What runs is still the wheel, not the
@@ -24,7 +24,7 @@ fi
 WHEEL=$(ls "$WORK"/dist/open_clip_hn-*.whl)
 SDIST=$(ls "$WORK"/dist/open_clip_hn-*.tar.gz)
 
-step "package data: every file of open_clip_hn/, configs/ and slurm/ is in the wheel and the sdist"
+step "package data: every file of open_clip_hn/, configs/, slurm/ and patches/ is in the wheel and the sdist"
 "$PYTHON" - "$REPO" "$WHEEL" "$SDIST" <<'EOF'
 import os, sys, tarfile, zipfile
 repo, wheel, sdist = sys.argv[1:]
@@ -32,17 +32,17 @@ def files(top):
     for root, dirs, names in os.walk(os.path.join(repo, top)):
         dirs[:] = [d for d in dirs if d != "__pycache__"]
         yield from (os.path.relpath(os.path.join(root, n), repo) for n in names if not n.endswith(".pyc"))
-source = sorted([*files("open_clip_hn"), *files("configs"), *files("slurm")])
+source = sorted([*files("open_clip_hn"), *files("configs"), *files("slurm"), *files("patches")])
 in_wheel = set(zipfile.ZipFile(wheel).namelist())
 # configs/ and slurm/ are installed as the packages open_clip_hn.configs and open_clip_hn.slurm
 # (pyproject's package-dir mapping)
-mapped = ("configs/", "slurm/")
+mapped = ("configs/", "slurm/", "patches/")
 missing = [f for f in source if (f"open_clip_hn/{f}" if f.startswith(mapped) else f) not in in_wheel]
 prefix = os.path.basename(sdist)[: -len(".tar.gz")]
 in_sdist = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
 missing += [f"(sdist) {f}" for f in source if f not in in_sdist]
 kinds = {"model configs": "open_clip_hn/model_configs/", "lexicons": "open_clip_hn/negatives/data/",
-         "recipes": "configs/", "SLURM launchers": "slurm/"}
+         "recipes": "configs/", "SLURM launchers": "slurm/", "OpenCLIP patch": "patches/"}
 for kind, folder in kinds.items():
     if not any(f.startswith(folder) for f in source):
         sys.exit(f"no {kind} under {folder} in the checkout")
@@ -115,6 +115,12 @@ test -f "$("$PY" -c "import open_clip_hn.slurm as s; print(s.__path__[0])")/trai
   --model-config "$PKG/model_configs/hn-tiny-vit.json" --report-to none >submit.out 2>&1 \
   || { tail -40 submit.out; cat job/*_log.err 2>/dev/null | tail -40; exit 1; }
 test -f job/train/checkpoints/epoch_1.pt.hn
+
+step "the OpenCLIP patch from the wheel, as patches/README.md applies it (to a copy of open_clip_train)"
+P=$("$PY" -c "import importlib.resources as r; print(r.files('open_clip_hn.patches') / 'open_clip_train-plugins.patch')")
+mkdir oct && cp -r "$("$PY" -c 'import open_clip_train, os; print(os.path.dirname(open_clip_train.__file__))')" oct/
+patch -p1 -N -d oct --dry-run < "$P" >/dev/null && patch -p1 -N -d oct < "$P" >/dev/null
+PYTHONPATH=oct "$PY" -m open_clip_train.main --plugins open_clip_hn --help | grep -q -- "--hn-negatives"
 
 step "negatives CLI and eval"
 "$PY" -m open_clip_hn.negatives show "a red cube to the left of a blue ball" >show.out
