@@ -231,6 +231,27 @@ def _check_local_train_data(args: argparse.Namespace) -> None:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ValueError(f"--train-data: {len(missing)} of {len(urls)} shards not found ({shown}); "
                          "fix the path or the brace range (OpenCLIP's loader would skip them)")
+    cut = [url for url in urls if os.path.isfile(url) and _lacks_tar_end(url)]
+    if cut:
+        shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
+        logging.warning("--train-data: %d of %d shards do not end in tar's end-of-archive marker, so "
+                        "they look cut short (%s): OpenCLIP's loader trains on what it can read of "
+                        "them and skips the rest with a log line; re-create or re-download them",
+                        len(cut), len(urls), shown)
+
+
+def _lacks_tar_end(path: str) -> bool:
+    """A plain tar shard whose last two blocks are not zeros (a whole tar ends in them): one read
+    of 1 KiB per shard, where reading every header would scan the data set."""
+    from .negatives.shards import compression
+
+    size = os.path.getsize(path)
+    if compression(path):
+        return False  # its end is inside the compressed stream
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - 1024))
+        tail = handle.read()
+    return size % 512 != 0 or len(tail) < 1024 or tail.strip(b"\0") != b""
 
 
 def _train_data_named(args: argparse.Namespace) -> str:

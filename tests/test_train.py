@@ -225,6 +225,25 @@ def test_missing_local_shards_are_refused_before_any_work(tmp_path, capsys):
     assert hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", remote]).train_data == remote
 
 
+def test_a_shard_cut_short_is_warned_about_before_any_work(tmp_path, scene_shards, caplog):
+    """A truncated shard trains only on what OpenCLIP's loader reads of it (a log line per
+    epoch); its missing end-of-archive marker is named at start."""
+    import shutil
+
+    from open_clip_hn import hooks
+
+    whole = scene_shards.split("::")[0]
+    shutil.copy(whole, tmp_path / "shard-0.tar")
+    data = (tmp_path / "shard-0.tar").read_bytes()
+    (tmp_path / "shard-1.tar").write_bytes(data[: len(data) // 2 // 512 * 512])  # cut at a block
+    hooks.install()
+    with caplog.at_level("WARNING"):
+        hooks.parse_args(["--model", TINY_MODEL, *HN_ONLINE, "--train-data", f"{tmp_path}/shard-{{0..1}}.tar"])
+    warned = [r.getMessage() for r in caplog.records if "end-of-archive" in r.getMessage()]
+    assert warned and warned[0].startswith(f"--train-data: 1 of 2 shards do not end in tar's end-of-archive "
+                                           f"marker, so they look cut short ({tmp_path}/shard-1.tar)")
+
+
 def test_missing_nltk_data_is_refused_before_any_work(tmp_path):
     """Online negatives, converse captions and the composed mirror axes parse captions in the
     loader: a missing WordNet failed in a loader worker once training had begun (for the
