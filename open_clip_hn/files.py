@@ -66,13 +66,18 @@ def remove_stale_temps(folder: str | os.PathLike, every_writer_gone: bool = Fals
 
     Temps of live processes (another job writing into the same folder) and of other hosts
     (whose processes cannot be checked from here) are kept, unless `every_writer_gone`: the
-    caller holds the folder's lock, so no writer of any host is alive.
+    caller holds the folder's lock, so no writer on another host is alive (a live process of
+    this host still keeps its temps).
     """
     removed = []
     host = socket.gethostname().replace("-", "_")
     for name in os.listdir(folder):
         owner = _TMP_OWNER.match(name)
-        if owner is None or (not every_writer_gone and (owner["host"] != host or _alive(int(owner["pid"])))):
+        if owner is None:
+            continue
+        if owner["host"] == host and _alive(int(owner["pid"])):
+            continue
+        if owner["host"] != host and not every_writer_gone:
             continue
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(folder, name))

@@ -231,7 +231,8 @@ def _check_local_train_data(args: argparse.Namespace) -> None:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ValueError(f"--train-data: {len(missing)} of {len(urls)} shards not found ({shown}); "
                          "fix the path or the brace range (OpenCLIP's loader would skip them)")
-    cut = [url for url in urls if os.path.isfile(url) and _lacks_tar_end(url)]
+    first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"  # one read per shard
+    cut = [url for url in urls if first and os.path.isfile(url) and _lacks_tar_end(url)]
     if cut:
         shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
         logging.warning("--train-data: %d of %d shards do not end in tar's end-of-archive marker, so "
@@ -389,7 +390,10 @@ def _resumes_state(run: HardNegativeRun | None) -> bool:
 def _warn_random_teacher(args: argparse.Namespace, config: HNConfig) -> None:
     """--hn-distill keeps what the continued model does; a run that starts from random weights
     has nothing to keep, and its teacher pulls the student toward a random model's similarities."""
-    if config.distill != "none" and not args.pretrained and not args.resume and is_master(args):
+    pretrained_elsewhere = (args.model.startswith(("hf-hub:", "local-dir:"))
+                            or getattr(args, "pretrained_image", False))
+    if config.distill != "none" and not (args.pretrained or args.resume or pretrained_elsewhere) \
+            and is_master(args):
         logging.warning("--hn-distill %s with neither --pretrained nor --resume: the teacher starts as "
                         "the randomly initialised model, so the distill term pulls toward a random "
                         "model's similarities; continue a trained checkpoint (--pretrained PATH) or "
@@ -543,13 +547,14 @@ def claim_experiment_folder(args: argparse.Namespace) -> None:
 
 def _remove_killed_saves(folder: str) -> None:
     """Remove the temp files of saves a kill interrupted (a whole checkpoint's size each, which
-    nothing else removes): with the folder's lock held, no writer of them is alive. The patched
-    OpenCLIP writes `epoch_N.pt.tmp`; this plugin's writes are `files.atomic_open`'s temps."""
+    nothing else removes): with the folder's lock held, no training run writes here (another
+    live process of this host keeps its temps). The patched OpenCLIP writes `epoch_N.pt.tmp`,
+    --save-most-recent `tmp.pt`; this plugin's writes are `files.atomic_open`'s temps."""
     if not os.path.isdir(folder):
         return
     removed = remove_stale_temps(folder, every_writer_gone=True)
-    for name in os.listdir(folder):
-        if re.fullmatch(r"epoch_(\d+|latest)\.pt\.tmp", name):
+    for name in os.listdir(folder):  # the patched OpenCLIP's and --save-most-recent's temps
+        if re.fullmatch(r"epoch_(\d+|latest)\.pt\.tmp|tmp\.pt", name):
             os.remove(os.path.join(folder, name))
             removed.append(name)
     if removed:
@@ -764,7 +769,12 @@ class _AtomicSaveTorch:
 
     @staticmethod
     def save(obj, f, *args, **kwargs) -> None:
-        hn_state.atomic_torch_save(obj, f, *args, **kwargs)
+        try:
+            hn_state.atomic_torch_save(obj, f, *args, **kwargs)
+        except hn_state.CheckpointWriteError as err:
+            if _PLUGIN.run is None:  # without --hn-* flags the failure is OpenCLIP's, as it raised it
+                raise err.__cause__ from None
+            raise
         if isinstance(f, (str, os.PathLike)):
             _PLUGIN.checkpoint_saved(os.fspath(f), _PLUGIN.args)
 
@@ -868,12 +878,15 @@ def _check_bank(config: HNConfig, args: argparse.Namespace) -> None:
 
 
 def _checkpoint_loaded(run: HardNegativeRun | None, path: str, checkpoint,
-                       args: argparse.Namespace) -> None:
+                       args: argparse.Namespace, resumes_latest: bool) -> None:
     """A resume: the run picks up its state; without `--hn-*` flags a checkpoint that has plugin
     state is refused (continuing it as plain OpenCLIP would drop bank, thresholds and curriculum
     without a word)."""
     if run is not None:
-        run.checkpoint_loaded(path, checkpoint)
+        # what --resume latest picked where the plugin cannot walk back (OpenCLIP's own read of
+        # epoch_latest.pt under --save-most-recent, the remote pick)
+        picked = resumes_latest and (args.save_most_recent or bool(args.remote_sync))
+        run.checkpoint_loaded(path, checkpoint, picked=picked)
         if args.distributed:
             _add_ddp_prefix(checkpoint)
         return
@@ -944,7 +957,7 @@ class Plugin:
             self.run.model_created(model, preprocess_val, args.pretrained)
 
     def checkpoint_loaded(self, path: str, checkpoint, args) -> None:
-        _checkpoint_loaded(self.run, path, checkpoint, args)
+        _checkpoint_loaded(self.run, path, checkpoint, args, self.resumes_latest)
 
     def get_data(self, args, preprocess_fns, epoch=0, tokenizer=None, *, get_data):
         if self.run is None:
@@ -1036,7 +1049,7 @@ def create_model_and_transforms(*args, **kwargs):
 
 def pt_load(file_path, map_location=None):
     checkpoint = _ORIGINALS["pt_load"](file_path, map_location=map_location)
-    _checkpoint_loaded(_PLUGIN.run, file_path, checkpoint, _PLUGIN.args)
+    _checkpoint_loaded(_PLUGIN.run, file_path, checkpoint, _PLUGIN.args, _PLUGIN.resumes_latest)
     return checkpoint
 
 

@@ -25,6 +25,7 @@ DUPLICATE_COSINE = 0.999  # a bank entry this close is the anchor's own pair, wh
 SEARCH_CHUNK_ROWS = 65536  # torch search scans the bank in chunks of this many rows
 MAX_FETCH_FACTOR = 16  # an anchor short of k after the filter is searched again, up to this x (2k + 8)
 FILTER_CHUNK_BYTES = 1 << 28  # candidate rows gathered for the filter at once
+FAISS_GPU_MAX_K = 2048  # faiss' GPU k-selection takes no more candidates per query
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,7 @@ def mine(image: torch.Tensor, text: torch.Tensor, bank: torch.Tensor, k: int,
     anchor_image, anchor_text = torch.cat([image, image]), torch.cat([text, text])
     limit = min(false_negative_threshold, DUPLICATE_COSINE)
     fetch = candidates_to_fetch(k, bank.shape[0])
-    reach = min(bank.shape[0], MAX_FETCH_FACTOR * fetch)
+    reach = min(bank.shape[0], MAX_FETCH_FACTOR * fetch, FAISS_GPU_MAX_K if backend == "faiss" else bank.shape[0])
     index, valid = _search_and_filter(queries, anchor_image, anchor_text, bank, fetch, k, limit, backend)
     while fetch < reach:
         short = (valid.sum(dim=1) < k).nonzero().flatten()

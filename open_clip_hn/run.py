@@ -429,12 +429,15 @@ class HardNegativeRun:
         saved = None if self.pending_state is None else self.pending_state.get("teacher")
         if saved is not None:
             self.teacher.load_state_dict(saved)
-        elif self.resumed and self.config.distill == "frozen" and self.pretrained:
-            logging.warning("--hn-distill frozen: no saved teacher for this checkpoint; the teacher "
-                            "is --pretrained %s, the weights the run started from", self.pretrained)
         elif self.resumed:
-            logging.warning("--hn-distill %s: no saved teacher for this checkpoint; the teacher "
-                            "starts from the resumed weights", self.config.distill)
+            why = ("--hn-drop-state: the saved teacher is not used" if self.config.drop_state
+                   else "no saved teacher for this checkpoint")
+            if self.config.distill == "frozen" and self.pretrained:
+                logging.warning("--hn-distill frozen: %s; the teacher is --pretrained %s, the weights "
+                                "the run started from", why, self.pretrained)
+                return
+            logging.warning("--hn-distill %s: %s; the teacher starts from the resumed weights",
+                            self.config.distill, why)
             self.teacher.reset_from_student()
 
     def input_identities(self) -> dict[str, dict[str, Any]]:
@@ -458,11 +461,17 @@ class HardNegativeRun:
             state["teacher"] = self.teacher.state_dict()
         return state
 
-    def checkpoint_loaded(self, path: str, checkpoint) -> None:
+    def checkpoint_loaded(self, path: str, checkpoint, picked: bool = False) -> None:
         """On a resume from `path`, pick up the plugin state: inside a step checkpoint, else
         beside the checkpoint of its epoch (`StateError` names a damaged one). A step
         checkpoint's place in its epoch is kept under --hn-drop-state too: it is OpenCLIP's
-        part of the resume (the epoch's first steps would otherwise be trained twice)."""
+        part of the resume (the epoch's first steps would otherwise be trained twice).
+
+        `picked`: `--resume latest` chose `path` where the plugin cannot walk back past it
+        (OpenCLIP reads `epoch_latest.pt` itself under --save-most-recent; the remote pick), so
+        a missing state is a warning and the run goes on without it, as a refusal would fail
+        every restart of the job (a kill between OpenCLIP's two saves of an epoch leaves
+        `epoch_latest.pt` one epoch behind its record)."""
         self.resumed = True
         if not isinstance(checkpoint, dict) or "epoch" not in checkpoint:
             return
@@ -482,7 +491,14 @@ class HardNegativeRun:
                 self._warn_config_changes(embedded.get("config", {}), embedded.get("inputs"))
                 self.pending_state = checkpoint[hn_state.EMBEDDED_STATE_KEY]
             return
-        found = hn_state.find_state(path, checkpoint["epoch"], checkpoint.get("state_dict"))
+        try:
+            found = hn_state.find_state(path, checkpoint["epoch"], checkpoint.get("state_dict"))
+        except hn_state.MissingState as err:
+            if not picked:
+                raise
+            logging.warning("%s; --resume latest picked it and cannot fall back, so the run goes on "
+                            "without it: bank, thresholds and teacher start fresh", err)
+            return
         if found is None:  # a checkpoint of plain OpenCLIP (no record of a state beside it)
             logging.warning("No hard-negative state for epoch %s beside %s: bank, thresholds and "
                             "teacher start fresh (the curriculum follows the step count)",
@@ -528,8 +544,12 @@ class HardNegativeRun:
             path = hn_state.save_state(checkpoint_dir, completed_epoch,
                                        {**self.state(), "trained_as": trained_as,
                                         hn_state.WEIGHTS_DIGEST_KEY: hn_state.weights_digest(weights)})
-            provenance.write_sidecars([os.path.join(checkpoint_dir, c) for c in checkpoints],
-                                      trained_as)
+            sidecars = [os.path.join(checkpoint_dir, c) for c in checkpoints]
+            try:
+                provenance.write_sidecars(sidecars, trained_as)
+            except OSError as err:
+                raise hn_state.CheckpointWriteError(
+                    hn_state.write_failure(provenance.sidecar_path(sidecars[0]), err)) from err
             logging.info("Saved hard-negative state to %s", path)
         hn_state.prune_states(checkpoint_dir, completed_epoch)
 

@@ -31,13 +31,17 @@ STATE_VERSION = 1
 WEIGHTS_DIGEST_KEY = "weights_digest"  # `weights_digest` of the weights a state was saved beside
 BROKEN_SUFFIX = ".broken"
 EMBEDDED_STATE_KEY = "hn_state"  # a checkpoint that carries the plugin state inside (step checkpoints)
-_FIX = ("resume from the previous checkpoint (--resume PATH/epoch_<N-1>.pt), or add "
+_FIX = ("resume from the previous checkpoint (--resume PATH/epoch_<N-1>.pt under a new --name), or add "
         "--hn-drop-state to resume this one without its plugin state (bank, thresholds and "
         "teacher start fresh; the file is kept)")
 
 
 class StateError(ValueError):
     """A plugin state file that cannot be used: the message names the file and what to do."""
+
+
+class MissingState(StateError):
+    """The checkpoint's record says it was saved with a plugin state that is not beside it."""
 
 
 class CheckpointWriteError(RuntimeError):
@@ -59,11 +63,17 @@ def atomic_torch_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
     try:
         with atomic_open(f, "wb") as handle:
             torch.save(obj, handle, *args, **kwargs)
-    except (OSError, RuntimeError) as err:
-        raise CheckpointWriteError(_write_failure(os.fspath(f), err)) from err
+    except OSError as err:
+        raise CheckpointWriteError(write_failure(os.fspath(f), err)) from err
+    except RuntimeError as err:  # torch's zip writer wraps the OSError of a failed write
+        if not isinstance(err.__context__, OSError):
+            raise
+        raise CheckpointWriteError(write_failure(os.fspath(f), err)) from err
 
 
-def _write_failure(path: str, err: BaseException) -> str:
+def write_failure(path: str, err: BaseException) -> str:
+    """The message of a file that could not be written: its cause, the free space there and
+    the newest complete checkpoint beside it."""
     folder = os.path.dirname(os.path.abspath(path))
     while not isinstance(err, OSError) and isinstance(err.__context__, OSError):
         err = err.__context__  # torch's zip writer hides the OSError of the failed write
@@ -106,8 +116,7 @@ def add_epoch_start_rng(checkpoint_dir: str, epoch: int, rng_states: list) -> st
         logging.warning("Not recording epoch %d's sample order: %s", epoch, err)
         return None
     state["rng_epoch_start"] = rng_states
-    with atomic_open(path, "wb") as f:
-        torch.save(state, f)
+    atomic_torch_save(state, path)
     return path
 
 
@@ -221,7 +230,7 @@ def find_state(checkpoint_path: str, epoch: int, weights: Mapping[str, Any] | No
         return path, state
     if _has_record(checkpoint_path):
         found = f" ({'; '.join(others)})" if others else ""
-        raise StateError(f"the plugin state saved with {checkpoint_path} is missing: no epoch-{epoch} "
+        raise MissingState(f"the plugin state saved with {checkpoint_path} is missing: no epoch-{epoch} "
                          f"state beside it{found}, though its record {checkpoint_path}.json says the "
                          f"run had one (a checkpoint copied without its .hn file?); {_FIX}")
     return None

@@ -221,12 +221,14 @@ def test_run_saves_the_start_weights_and_a_resume_gets_them_back(tmp_path):
 
 
 @pytest.mark.parametrize("start, warned", [({}, True), ({"pretrained": "start.pt"}, False),
-                                           ({"resume": "latest"}, False)])
+                                           ({"resume": "latest"}, False),
+                                           ({"model": "hf-hub:org/clip"}, False),  # weights by name
+                                           ({"pretrained_image": True}, False)])
 def test_a_teacher_from_random_weights_is_warned_about(caplog, start, warned):
     from open_clip_hn.hooks import _warn_random_teacher
 
-    args = argparse.Namespace(**{"pretrained": None, "resume": None, "rank": 0, "local_rank": 0,
-                                 "log_local": False, **start})
+    args = argparse.Namespace(**{"model": "hn-tiny-vit", "pretrained": None, "pretrained_image": False,
+                                 "resume": None, "rank": 0, "local_rank": 0, "log_local": False, **start})
     with caplog.at_level(logging.WARNING):
         _warn_random_teacher(args, HNConfig(loss=("itc",), distill="frozen", given=("--hn-distill",)))
         _warn_random_teacher(args, HNConfig(loss=("itc",)))  # no teacher: nothing to say

@@ -253,3 +253,26 @@ def test_a_legacy_format_checkpoint_is_readable(tmp_path):
                _use_new_zipfile_serialization=False)
     assert read_checkpoint(str(tmp_path / "epoch_1.pt"))["epoch"] == 1
     assert latest_good_checkpoint(str(tmp_path), with_state=False)[0] == str(tmp_path / "epoch_1.pt")
+
+
+def test_a_missing_state_is_refused_unless_resume_latest_picked_it_without_a_way_back(tmp_path, caplog):
+    """epoch_latest.pt one epoch behind its record (a kill between OpenCLIP's two saves of an
+    epoch under --save-most-recent --delete-previous-checkpoint): OpenCLIP reads that file
+    itself, so a refusal would fail every restart; the run goes on without the state, warned."""
+    import logging
+
+    from open_clip_hn.config import HNConfig
+    from open_clip_hn.run import HardNegativeRun
+    from open_clip_hn.state import MissingState
+
+    latest = tmp_path / "epoch_latest.pt"
+    latest.write_bytes(b"x")
+    (tmp_path / "epoch_latest.pt.json").write_text('{"model": "hn-tiny-vit"}')  # written for epoch 3
+    checkpoint = {"epoch": 2, "state_dict": {}}
+    config = HNConfig(negatives="online", loss=("itc",), given=("--hn-negatives",))
+    with pytest.raises(MissingState, match="is missing.*--hn-drop-state"):
+        HardNegativeRun(config).checkpoint_loaded(str(latest), checkpoint)
+    run = HardNegativeRun(config)
+    with caplog.at_level(logging.WARNING):
+        run.checkpoint_loaded(str(latest), checkpoint, picked=True)
+    assert run.pending_state is None and "cannot fall back, so the run goes on without it" in caplog.text

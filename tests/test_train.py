@@ -772,9 +772,13 @@ def test_claiming_the_folder_removes_the_temps_of_killed_saves(tmp_path, caplog)
 
     checkpoints = tmp_path / "checkpoints"
     checkpoints.mkdir()
-    left = [f"{TMP_PREFIX}otherhost-1-abcepoch_2.pt", f"{TMP_PREFIX}{socket.gethostname()}-{os.getpid()}-x.pt",
-            "epoch_3.pt.tmp"]
-    kept = ["epoch_1.pt", "epoch_1.pt.hn", "notes.tmp"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname().replace("-", "_")
+    left = [f"{TMP_PREFIX}otherhost-1-abcepoch_2.pt", f"{TMP_PREFIX}{host}-{dead}-x.pt",
+            "epoch_3.pt.tmp", "tmp.pt"]
+    kept = ["epoch_1.pt", "epoch_1.pt.hn", "notes.tmp",
+            f"{TMP_PREFIX}{host}-{os.getpid()}-y.pt"]  # a live writer of this host keeps its temp
     for name in left + kept:
         (checkpoints / name).write_bytes(b"x")
     args = argparse.Namespace(log_path=str(tmp_path / "out.log"), rank=0, checkpoint_path=str(checkpoints))
@@ -786,4 +790,4 @@ def test_claiming_the_folder_removes_the_temps_of_killed_saves(tmp_path, caplog)
             handle.close()
         hooks._LOCKS.clear()
     assert sorted(p.name for p in checkpoints.iterdir()) == sorted(kept)
-    assert "Removed 3 temp file(s) of interrupted saves" in caplog.text
+    assert "Removed 4 temp file(s) of interrupted saves" in caplog.text
