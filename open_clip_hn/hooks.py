@@ -34,6 +34,7 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 from typing import Any, Iterator
 
 import open_clip
@@ -461,6 +462,7 @@ class CpuDistributedDataParallel(torch.nn.parallel.DistributedDataParallel):
 
 LOCK_NAME = ".hn-lock"  # in the experiment folder, held by the process that trains into it
 _EARLY_WARNINGS: list[logging.LogRecord] = []  # logged while the command line was read
+_HAD_EARLY_WARNINGS: weakref.WeakSet = weakref.WeakSet()  # root handlers present then (they logged them)
 
 
 class _EarlyWarnings(logging.Handler):
@@ -487,6 +489,7 @@ def early_warnings() -> Iterator[None]:
     never held the warning."""
     root = logging.getLogger()
     handler = _EarlyWarnings(echo=not root.handlers)
+    _HAD_EARLY_WARNINGS.update(root.handlers)  # a caller's own log got them already
     root.addHandler(handler)
     try:
         yield
@@ -498,10 +501,11 @@ def log_early_warnings() -> None:
     """Write the warnings of `early_warnings` into the run's log files (OpenCLIP's `out.log`:
     model creation is the first hook after it is set up); they were printed when they came."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
+        if isinstance(handler, logging.FileHandler) and handler not in _HAD_EARLY_WARNINGS:
             for record in _EARLY_WARNINGS:
                 handler.handle(record)
     _EARLY_WARNINGS.clear()
+    _HAD_EARLY_WARNINGS.clear()
 
 
 _LOCKS: dict[str, Any] = {}  # lock path -> its open file, held until the process ends

@@ -107,9 +107,16 @@ def test_early_warnings_are_printed_once_and_replayed_into_the_runs_log(tmp_path
         log_early_warnings()  # once only
         log.close()
         root.removeHandler(log)
+        own = logging.FileHandler(tmp_path / "own.log")  # a caller's log, there while parsing
+        root.addHandler(own)
+        with early_warnings():
+            logging.warning("read early again")
+        log_early_warnings()
+        own.close()
     finally:
         root.handlers[:] = kept
     assert (tmp_path / "out.log").read_text().count("read early") == 1
+    assert (tmp_path / "own.log").read_text().count("read early again") == 1  # not twice
 
 
 def test_print_config_is_the_file_plus_overrides(tmp_path, parser):
