@@ -50,7 +50,9 @@ from . import state as hn_state
 from .argtypes import InputError
 from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
 from .eval import EvaluationStopped, log_metrics
+from .eval_sets import first_few
 from .files import read_model_config, remove_stale_temps, unknown_model_hint
+from .negatives.shards import lacks_end_marker
 from .negatives.taxonomy import NEGATIVE_TYPES
 from .packing import PackedNegativeTokenizer, samples_with_precomputed_negatives
 from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpointer,
@@ -229,31 +231,16 @@ def _check_local_train_data(args: argparse.Namespace) -> None:
     missing = [url for url in urls if not hn_state.is_url(url) and not url.startswith("pipe:")
                and not os.path.isfile(url)]
     if missing:
-        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ValueError(f"--train-data: {len(missing)} of {len(urls)} shards not found ({shown}); "
+        raise ValueError(f"--train-data: {len(missing)} of {len(urls)} shards not found "
+                         f"({first_few(missing, 3)}); "
                          "fix the path or the brace range (OpenCLIP's loader would skip them)")
     first = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"  # one read per shard
-    cut = [url for url in urls if first and os.path.isfile(url) and _lacks_tar_end(url)]
+    cut = [url for url in urls if first and os.path.isfile(url) and lacks_end_marker(url)]
     if cut:
-        shown = ", ".join(cut[:3]) + (f" and {len(cut) - 3} more" if len(cut) > 3 else "")
         logging.warning("--train-data: %d of %d shards do not end in tar's end-of-archive marker, so "
                         "they look cut short (%s): OpenCLIP's loader trains on what it can read of "
                         "them and skips the rest with a log line; re-create or re-download them",
-                        len(cut), len(urls), shown)
-
-
-def _lacks_tar_end(path: str) -> bool:
-    """A plain tar shard whose last two blocks are not zeros (a whole tar ends in them): one read
-    of 1 KiB per shard, where reading every header would scan the data set."""
-    from .negatives.shards import compression
-
-    size = os.path.getsize(path)
-    if compression(path):
-        return False  # its end is inside the compressed stream
-    with open(path, "rb") as handle:
-        handle.seek(max(0, size - 1024))
-        tail = handle.read()
-    return size % 512 != 0 or len(tail) < 1024 or tail.strip(b"\0") != b""
+                        len(cut), len(urls), first_few(cut, 3))
 
 
 def _train_data_named(args: argparse.Namespace) -> str:
