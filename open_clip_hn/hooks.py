@@ -409,8 +409,7 @@ def _check_resumed_model(args: argparse.Namespace, checkpoint: str | None) -> No
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """OpenCLIP's `parse_args` plus the `--hn-*` flags (and an optional recipe file); configures
     the installed plugin's run."""
-    _EARLY_WARNINGS.clear()
-    with early_warnings():
+    with early_warnings(new_command_line=True):
         parser = build_parser()
         typed = given_hn_flags(argv, parser)  # before the recipe's flags join them
         argv = _with_recipe(list(argv), parser)
@@ -469,11 +468,13 @@ class _EarlyWarnings(logging.Handler):
 
 
 @contextlib.contextmanager
-def early_warnings() -> Iterator[None]:
+def early_warnings(new_command_line: bool = False) -> Iterator[None]:
     """Warnings logged inside reach stderr and, once OpenCLIP has set up the run's log,
     `out.log` (`log_early_warnings`). Without this the first `logging.warning` configured the
     root logger itself, which then printed every later line of the run twice, and `out.log`
-    never held the warning."""
+    never held the warning. A new command line drops what an earlier one left unlogged."""
+    if new_command_line:
+        _EARLY_WARNINGS.clear()
     root = logging.getLogger()
     handler = _EarlyWarnings(echo=not root.handlers)
     _HAD_EARLY_WARNINGS.update(root.handlers)  # a caller's own log got them already
@@ -493,6 +494,18 @@ def log_early_warnings() -> None:
                 handler.handle(record)
     _EARLY_WARNINGS.clear()
     _HAD_EARLY_WARNINGS.clear()
+
+
+def _model_created(run: HardNegativeRun | None, model, preprocess_val, args: argparse.Namespace,
+                   device) -> None:
+    """What both routes do once OpenCLIP has made the model: CPU DDP allowed, the early warnings
+    logged into `out.log`, and, for a plugin run, the folder claimed and the run attached."""
+    _allow_cpu_ddp(device)
+    log_early_warnings()
+    if run is not None:
+        claim_experiment_folder(args)
+        _warn_random_teacher(args, run.config)
+        run.model_created(model, preprocess_val, args.pretrained)
 
 
 _LOCKS: dict[str, Any] = {}  # lock path -> its open file, held until the process ends
@@ -924,8 +937,7 @@ class Plugin:
         add_hn_arguments(parser)
 
     def expand_argv(self, argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
-        _EARLY_WARNINGS.clear()
-        with early_warnings():
+        with early_warnings(new_command_line=True):
             self.typed = given_hn_flags(argv, parser)
             return _with_recipe(list(argv), parser)
 
@@ -940,12 +952,7 @@ class Plugin:
                 _set_aside_unresumable(args, self.run)
 
     def model_created(self, model, preprocess_train, preprocess_val, args) -> None:
-        _allow_cpu_ddp(args.device)
-        log_early_warnings()
-        if self.run is not None:
-            claim_experiment_folder(args)
-            _warn_random_teacher(args, self.run.config)
-            self.run.model_created(model, preprocess_val, args.pretrained)
+        _model_created(self.run, model, preprocess_val, args, args.device)
 
     def checkpoint_loaded(self, path: str, checkpoint, args) -> None:
         _checkpoint_loaded(self.run, path, checkpoint, args, self.resumes_latest)
@@ -1029,12 +1036,7 @@ _ORIGINALS: dict[str, Any] = {}
 
 def create_model_and_transforms(*args, **kwargs):
     model, preprocess_train, preprocess_val = _ORIGINALS["create_model_and_transforms"](*args, **kwargs)
-    _allow_cpu_ddp(kwargs.get("device", "cpu"))
-    log_early_warnings()
-    if _PLUGIN.run is not None:
-        claim_experiment_folder(_PLUGIN.args)
-        _warn_random_teacher(_PLUGIN.args, _PLUGIN.run.config)
-        _PLUGIN.run.model_created(model, preprocess_val, _PLUGIN.args.pretrained)
+    _model_created(_PLUGIN.run, model, preprocess_val, _PLUGIN.args, kwargs.get("device", "cpu"))
     return model, preprocess_train, preprocess_val
 
 

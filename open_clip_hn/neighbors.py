@@ -53,7 +53,7 @@ from .argtypes import non_negative_int, positive_int, torch_device, unit_float
 from .eval import IMAGE_ERRORS, check_model, fetch_pretrained, load_model
 from . import files
 from .files import atomic_write_bytes, atomic_write_json, content_identity
-from .negatives.shards import member_end, trailing_damage
+from .negatives.shards import compression, member_end, trailing_damage
 from .sample_order import find_stages, is_filter
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # the extensions OpenCLIP's pipeline renames to image
@@ -78,8 +78,17 @@ def _read_json(path: str) -> Any:
 
 
 def local_shards(spec: str) -> list[str]:
-    """The shard files of `--shards`, all present and with unique names (`files.local_shards`)."""
-    return files.local_shards(spec, unique_because="the index names shards by file name")
+    """The shard files of `--shards`, all present, uncompressed and with unique names
+    (`files.local_shards`): the index reads images back by byte offset, which a compressed
+    tar does not allow."""
+    paths = files.local_shards(spec, unique_because="the index names shards by file name")
+    compressed = [path for path in paths if compression(path)]
+    if compressed:
+        raise ValueError(f"--shards: {len(compressed)} of {len(paths)} shard(s) are compressed "
+                         f"({compressed[0]} is {compression(compressed[0])}); the index reads "
+                         "images back by byte offset, so it needs plain tars: decompress them "
+                         "(e.g. `gunzip -k` and rename to .tar) and index those")
+    return paths
 
 
 def scan_shard(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:

@@ -231,8 +231,8 @@ def find_state(checkpoint_path: str, epoch: int, weights: Mapping[str, Any] | No
     if _has_record(checkpoint_path):
         found = f" ({'; '.join(others)})" if others else ""
         raise MissingState(f"the plugin state saved with {checkpoint_path} is missing: no epoch-{epoch} "
-                         f"state beside it{found}, though its record {checkpoint_path}.json says the "
-                         f"run had one (a checkpoint copied without its .hn file?); {_FIX}")
+                           f"state beside it{found}, though its record {checkpoint_path}.json says "
+                           f"the run had one (a checkpoint copied without its .hn file?); {_FIX}")
     return None
 
 
@@ -247,9 +247,10 @@ def weights_digest(weights: Mapping[str, Any]) -> str:
     of the first and last 64 values of every floating tensor (DDP's `module.` and torch.compile's
     `_orig_mod.` dropped from the names; in float32, read without touching the rest: cheap on a
     memory-mapped checkpoint)."""
-    items = sorted((name.replace("_orig_mod.", "").removeprefix("module."), tensor)
-                   for name, tensor in weights.items()
-                   if isinstance(tensor, torch.Tensor) and tensor.is_floating_point())
+    items = sorted(((name.replace("_orig_mod.", "").removeprefix("module."), tensor)
+                    for name, tensor in weights.items()
+                    if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()),
+                   key=lambda item: item[0])
     digest = hashlib.sha256("\0".join(name for name, _ in items).encode())
     if items:
         flat = [tensor.detach().reshape(-1) for _, tensor in items]

@@ -353,11 +353,28 @@ def test_unreadable_shard_and_output_file_are_named(tmp_path):
     from open_clip_hn.neighbors import scan_shard
 
     bad = tmp_path / "bad.tar"
-    bad.write_bytes(b"\x1f\x8b not an uncompressed tar" * 40)
+    bad.write_bytes(b"not a tar" * 160)
     with pytest.raises(ValueError, match=f"shard {bad} cannot be read"):
         scan_shard(str(bad))
     with pytest.raises(ValueError, match="is a file, not an index folder"):
         build(str(bad), "hn-tiny-vit", str(bad), model_config=TINY_CONFIG)
+
+
+def test_compressed_shards_are_refused_naming_the_fix(tmp_path, monkeypatch):
+    """The index reads images back by byte offset: a .tar.gz is refused before a model loads,
+    naming the shard and the fix, not reported as a damaged tar."""
+    import gzip
+
+    plain = tmp_path / "000.tar"
+    (tmp_path / "000.txt").write_text("a red cube")
+    with tarfile.open(plain, "w") as tar:
+        tar.add(tmp_path / "000.txt", arcname="000.txt")
+    (tmp_path / "001.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    monkeypatch.setattr("open_clip_hn.neighbors._load_model", lambda *a: pytest.fail("model built"))
+    with pytest.raises(ValueError, match=r"--shards: 1 of 2 shard\(s\) are compressed \(.*001.tar.gz "
+                                         r"is gz\).*decompress them"):
+        build(f"{plain}::{tmp_path / '001.tar.gz'}", "hn-tiny-vit", str(tmp_path / "index"))
+    assert not (tmp_path / "index").exists()
 
 
 def test_stage_rejects_groups_larger_than_a_batch(index_dir):
