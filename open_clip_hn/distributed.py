@@ -28,3 +28,14 @@ def gather_rows(tensor: torch.Tensor, *, rank: int, world_size: int, with_grad: 
     if keep_local_grad:
         parts[rank] = tensor
     return torch.cat(parts, dim=0)
+
+
+def any_rank(flag: bool, *, device, world_size: int) -> bool:
+    """True on every rank where `flag` is true on any rank: one all-reduce (none for one process),
+    so that a failure one rank meets stops all of them at the same point instead of leaving the
+    others waiting at their next collective."""
+    if world_size == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -49,6 +49,7 @@ from . import provenance
 from . import state as hn_state
 from .argtypes import InputError
 from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
+from .distributed import any_rank
 from .eval import EvaluationStopped, log_metrics
 from .eval_sets import first_few
 from .files import read_model_config, remove_stale_temps, unknown_model_hint
@@ -1001,10 +1002,18 @@ class Plugin:
         completed = epoch + 1
         check_finite_weights(model, f"epoch {completed}", args.checkpoint_path if args.save_logs else None)
         run.epoch_trained(completed)
+        failure = None
         if args.save_logs:
-            run.save_state(args.checkpoint_path, completed, epoch_checkpoints(
-                completed, args.epochs, args.save_frequency, args.save_most_recent,
-                oc_main.LATEST_CHECKPOINT_NAME), provenance.record_for_args(args), model.state_dict())
+            try:
+                run.save_state(args.checkpoint_path, completed, epoch_checkpoints(
+                    completed, args.epochs, args.save_frequency, args.save_most_recent,
+                    oc_main.LATEST_CHECKPOINT_NAME), provenance.record_for_args(args), model.state_dict())
+            except hn_state.CheckpointWriteError as err:
+                failure = err
+        if any_rank(failure is not None, device=args.device, world_size=args.world_size):
+            raise failure or hn_state.CheckpointWriteError(
+                f"rank 0 could not write the plugin state of epoch {completed} (its log names the "
+                "file and the cause); this rank stops with it")
         if run.evaluation_due(completed, args.epochs) and is_master(args):
             device_type = torch.device(args.device).type
             try:

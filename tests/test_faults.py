@@ -215,6 +215,36 @@ def test_a_full_disk_is_an_error_naming_the_file_not_a_traceback(scene_csv, tmp_
     assert not [p.name for p in checkpoints.iterdir() if p.suffix == ".pt" or p.name.startswith(".tmp")]
 
 
+def test_a_failed_state_write_on_rank_0_stops_every_rank(scene_csv, tmp_path):
+    """Rank 0 alone writes the plugin state; when that write fails (a 4 MB file size limit on
+    rank 0 against the frozen teacher's ~14 MB state), rank 1 used to train on into the next
+    epoch and fail at its first collective for a rank that had gone (gloo: a "Connection closed
+    by peer" traceback; NCCL waits for its timeout). Both stop at the epoch's end, exit 2, each
+    with its error; no checkpoint of the epoch is written."""
+    import resource
+    import signal
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    argv = train_argv(scene_csv, str(tmp_path), "full", *HN, "--hn-distill", "frozen",
+                      "--dist-backend", "gloo", batch_size=4, epochs=2)
+    base = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+            "WORLD_SIZE": "2", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-m", "open_clip_hn.train", *argv], cwd=REPO,
+                              env={**base, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              preexec_fn=limited if r == 0 else None,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in ranks]
+    checkpoints = tmp_path / "full" / "checkpoints"
+    assert [p.returncode for p in ranks] == [2, 2], errors[0][-3000:] + errors[1][-3000:]
+    assert f"error: could not write {checkpoints / 'epoch_1.pt.hn'}" in errors[0], errors[0][-3000:]
+    assert "error: rank 0 could not write the plugin state of epoch 1" in errors[1], errors[1][-3000:]
+    assert not [p.name for p in checkpoints.iterdir() if p.name.endswith((".pt", ".hn"))]
+
+
 def test_a_diverged_run_stops_before_writing_a_checkpoint_of_nan_weights(two_epochs, scene_csv, tmp_path):
     """lr 1e8 turns the weights into NaN at the first step. The run used to save NaN checkpoints
     (over the last good one with --save-most-recent) and exit 0; it stops with exit 2 at the

@@ -333,6 +333,10 @@ def test_swaps_move_whole_groups_counts_and_phrases():
         "A bunch of sheep are standing behind a fence.", "swap_objects")
     assert "Brown and brown dog sitting on the black couch." not in by_type(
         "Brown and black dog sitting on the brown couch.", "swap_attributes")
+    # "a" and "one" say the same count: trading them would be a paraphrase, not a negative
+    traded = by_type("a man with two black dogs and one white cat", "swap_attributes", k=10)
+    assert "one man with two black dogs and a white cat" not in traded
+    assert "two men with a black dog and one white cat" in traded
 
 
 def test_swap_reorders_can_be_dropped_so_swaps_only_rebind():

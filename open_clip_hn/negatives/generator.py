@@ -133,11 +133,16 @@ def _quantity(res: Resources, p: Parse, np: NounPhrase) -> tuple[int, str] | Non
     return None
 
 
+def _amount(res: Resources, word: str) -> int | str:
+    """What a count word says: its number (a/an/one/1 are all 1), or a quantifier itself."""
+    return 1 if word in ("a", "an") else (_count_value(res, word) or word)
+
+
 def _trade_counts(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> Edit | None:
     """Counts trade places ("two women ... a sofa" -> a woman ... two sofas), agreement kept."""
     qa, qb = _quantity(res, p, a), _quantity(res, p, b)
-    if qa is None or qb is None or qa[1] == qb[1] or {qa[1], qb[1]} <= {"a", "an"}:
-        return None
+    if qa is None or qb is None or _amount(res, qa[1]) == _amount(res, qb[1]):
+        return None  # "a man with one cat" -> "one man with a cat" says the same
     edits = []
     for np, (unit, _), (_, word) in ((a, qa, qb), (b, qb, qa)):
         plural = word not in ("a", "an", "one", "1")
