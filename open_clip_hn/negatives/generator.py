@@ -119,6 +119,7 @@ def _move_group(p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
 
 
 _QUANTIFIERS = frozenset(("many", "several", "some", "few", "multiple", "numerous"))
+_COPULAS = frozenset(("is", "are"))
 
 
 def _quantity(res: Resources, p: Parse, np: NounPhrase) -> tuple[int, str] | None:
@@ -188,6 +189,13 @@ def _swappable(res: Resources, a: NounPhrase, b: NounPhrase) -> bool:
     return a.lemma != b.lemma and frozenset((a.lemma, b.lemma)) not in res.related_nouns
 
 
+def _symmetric(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> bool:
+    """`a` and `b` are joined by a relation that holds both ways ("a cat next to a dog", "a cup
+    is beside a plate"): trading them says the same."""
+    between = [w.lower() for w in p.words[a.end:b.start] if w.lower() not in _COPULAS]
+    return " ".join(between) in res.symmetric_relations
+
+
 def _trade_phrases(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
     """Whole noun phrases trade places; the verb after each agrees with its new subject."""
     wa, wb = p.words[a.start:a.end], p.words[b.start:b.end]
@@ -210,7 +218,8 @@ def swap_objects(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
             a, b = p.nps[x], p.nps[y]
             if not _swappable(res, a, b):
                 continue
-            if not _coordinated(p, a, b):  # "a toilet and a sink" -> "a sink and a toilet": the same
+            # "a toilet and a sink" -> "a sink and a toilet", "a cup by a plate" -> ...: the same
+            if not _coordinated(p, a, b) and not _symmetric(res, p, a, b):
                 (subject if x == 0 else others).append(_trade_phrases(res, p, a, b))
             if a.attrs or b.attrs:
                 heads.append(splice(p, [
@@ -228,13 +237,10 @@ def shuffle_order(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
         for y in range(x + 1, len(p.nps)):
             a, b = p.nps[x], p.nps[y]
             wa, wb = [w.lower() for w in p.words[a.start:a.end]], [w.lower() for w in p.words[b.start:b.end]]
-            if wa != wb and a.lemma != b.lemma and not _coordinated(p, a, b):
+            if wa != wb and a.lemma != b.lemma and not _coordinated(p, a, b) and not _symmetric(res, p, a, b):
                 out.append(_trade_phrases(res, p, a, b))
     rng.shuffle(out)
     return out
-
-
-_COPULAS = frozenset(("is", "are"))
 
 
 def related_phrases(p: Parse, relation_words: Collection[str]) -> tuple[NounPhrase, NounPhrase] | None:

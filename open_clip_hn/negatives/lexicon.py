@@ -78,6 +78,7 @@ class Resources:
     add_categories: dict[str, tuple[str, ...]]  # noun lexname -> attribute categories to add
     categories: dict[str, tuple[str, ...]]  # attribute category -> words
     relations: dict[str, tuple[str, ...]]  # spatial relation -> opposites
+    symmetric_relations: frozenset  # relations that hold both ways ("next to")
     verb_forms: dict[str, tuple[str, str]]  # verb form -> (base, form name: base/s/ing/past)
     verb_table: dict[str, dict[str, str]]  # base -> {form name: text}
     verb_candidates: dict[str, tuple[str, ...]]  # base -> replacements, same WordNet class first
@@ -451,6 +452,7 @@ def build_resources() -> Resources:
         add_categories={k: tuple(v) for k, v in attributes["add_categories"].items()},
         categories=categories,
         relations={k: tuple(dict.fromkeys(v)) for k, v in relations.items()},
+        symmetric_relations=frozenset(relations_data.get("symmetric", ())),
         verb_forms=verb_forms,
         verb_table=verb_table,
         verb_candidates=verb_candidates,
