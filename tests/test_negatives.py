@@ -341,12 +341,15 @@ def test_swaps_move_whole_groups_counts_and_phrases():
 
 def test_phrases_around_a_symmetric_relation_do_not_trade_places():
     """"a dog next to a cat" says what "a cat next to a dog" says: no swap_objects or
-    shuffle_order negative from it (a verb in between, or an asymmetric relation, still trades)."""
+    shuffle_order negative from it (a verb in between, an asymmetric relation, or a pair that is
+    not the caption's subject still trades)."""
     for caption in ("a cat next to a dog", "a cup is beside a plate", "a bird near a kite"):
         assert by_type(caption, "swap_objects,shuffle_order") == [], caption
     assert "a dog on a cat" in by_type("a cat on a dog", "swap_objects")
     assert "a blue truck parked beside a red car" in by_type("a red car parked beside a blue truck",
                                                              "swap_objects")
+    assert "a person cutting a salad next to a pizza" in by_type(
+        "a person cutting a pizza next to a salad", "swap_objects")  # what is cut changes
 
 
 def test_swap_reorders_can_be_dropped_so_swaps_only_rebind():

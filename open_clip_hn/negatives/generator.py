@@ -190,10 +190,11 @@ def _swappable(res: Resources, a: NounPhrase, b: NounPhrase) -> bool:
 
 
 def _symmetric(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> bool:
-    """`a` and `b` are joined by a relation that holds both ways ("a cat next to a dog", "a cup
-    is beside a plate"): trading them says the same."""
+    """The subject `a` and `b` are joined by a relation that holds both ways ("a cat next to a
+    dog", "a cup is beside a plate"): trading them says the same. Deeper in the caption the
+    pair may be what a verb acts on ("cutting a pizza next to a salad"), and there it may trade."""
     between = [w.lower() for w in p.words[a.end:b.start] if w.lower() not in _COPULAS]
-    return " ".join(between) in res.symmetric_relations
+    return a is p.nps[0] and " ".join(between) in res.symmetric_relations
 
 
 def _trade_phrases(res: Resources, p: Parse, a: NounPhrase, b: NounPhrase) -> Edit:
