@@ -352,6 +352,23 @@ def test_phrases_around_a_symmetric_relation_do_not_trade_places():
         "a person cutting a pizza next to a salad", "swap_objects")  # what is cut changes
 
 
+def test_no_negative_says_a_word_twice_where_its_caption_does_not():
+    """"walking and skiing" -> "walking and walking" reads wrong without the image."""
+    from open_clip_hn.negatives.generator import doubled_words
+
+    assert doubled_words("skiers walking and walking") == {"walking"}
+    assert doubled_words("a red and red car, a the the dog") == {"red", "the"}
+    assert doubled_words("a man and a woman") == set()
+    caption = "Many skiers are walking and skiing around the snow."
+    for seed in range(10):  # seed 0 made "walking and walking" before
+        for k in (2, 4, 8):
+            for negative in NegativeGenerator(types="replace_relation,replace_attribute",
+                                              seed=seed).generate(caption, k):
+                assert not doubled_words(negative["text"].lower().rstrip(".")), negative
+    # a caption's own repetition does not stop its negatives
+    assert by_type("a red and red car next to a blue truck", "replace_object")
+
+
 def test_swap_reorders_can_be_dropped_so_swaps_only_rebind():
     """--hn-swap-reorders drop: a swap that only puts the noun phrases in another order is a
     relation negative in effect and is dropped; swaps that move nouns or attributes between

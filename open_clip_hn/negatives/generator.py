@@ -134,6 +134,15 @@ def _quantity(res: Resources, p: Parse, np: NounPhrase) -> tuple[int, str] | Non
     return None
 
 
+def doubled_words(text: str) -> set[str]:
+    """Words said twice in a row ("walking walking") or on both sides of "and"/"or" ("walking
+    and walking") in a normalised text: an edit that makes one reads wrong at a glance (a
+    text-only shortcut), so a negative may only keep those of its caption."""
+    words = text.split()
+    return {w for i, w in enumerate(words)
+            if words[i + 1:i + 2] == [w] or (words[i + 1:i + 2] in (["and"], ["or"]) and words[i + 2:i + 3] == [w])}
+
+
 def _amount(res: Resources, word: str) -> int | str:
     """What a count word says: its number (a/an/one/1 are all 1), or a quantifier itself."""
     return 1 if word in ("a", "an") else (_count_value(res, word) or word)
@@ -739,6 +748,7 @@ class NegativeGenerator:
         shouting = positive.isupper()  # "A DOG ON A COUCH": inserted and re-inflected words too
         title_case = _title_case_words(positive)  # "A Red Car Next To A Blue House": likewise
         own_words = set(next(iter(seen)).split())
+        own_doubles = doubled_words(next(iter(seen)))
         caption_phrases = None if self.swap_reorders else noun_phrases(parse)
         order = list(self.types)
         rng.shuffle(order)
@@ -757,7 +767,8 @@ class NegativeGenerator:
                     text = parse.render(words, gaps)
                     text = text.upper() if shouting else _in_title_case(res, text, title_case)
                     key = normalise(text)
-                    if key in seen or key in self.exclude or not self._in_vocabulary(key, own_words):
+                    if key in seen or key in self.exclude or not self._in_vocabulary(key, own_words) \
+                            or not doubled_words(key) <= own_doubles:
                         continue
                     if caption_phrases is not None and name in SWAP_TYPES and \
                             self.reorders(caption_phrases, text):
