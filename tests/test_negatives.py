@@ -430,6 +430,8 @@ def test_tagger_reads_s_verbs_and_multiword_materials():
     assert ("stainless steel", "ADJ") in _tags("A stainless steel refrigerator in a kitchen.")
     assert ("wood", "ADJ") in _tags("A wood floor in a room.") and ("wood", "NOUN") in _tags("A pile of wood.")
     assert ("are", "VERB") in _tags("Three zebras that are standing in the dirt.")
+    assert ("slices", "NOUN") in _tags("A spatula near slices of bread.")  # after a preposition
+    assert ("cuts", "VERB") in _tags("A man cuts a cake.")
     out = by_type("A stainless steel refrigerator in a kitchen.", "replace_attribute")
     assert out and all("stainless" not in t or "stainless steel" in t for t in out)
     assert "A steel refrigerator in a kitchen." not in out  # a hypernym-like curated synonym

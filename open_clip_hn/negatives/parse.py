@@ -142,6 +142,9 @@ class LexiconTagger:
             if tag == "VERB" and prev in ("DET", "ADJ", "NUM") and "n" in res.pos_of.get(lower, "n") and \
                     lower not in res.closed:  # "that are", "this is": never the noun "are"
                 tag = "NOUN"
+            elif tag == "VERB" and prev == "ADP" and lower.endswith("s") and not lower.endswith("ss") and \
+                    "n" in res.pos_of.get(res.verb_forms.get(lower, (lower,))[0], ""):
+                tag = "NOUN"  # "near slices of bread", "with cuts": a plural noun after a preposition
             elif tag == "NOUN" and prev in ("PRT",) and lowers[i - 1] == "to" and "v" in res.pos_of.get(lower, ""):
                 tag = "VERB"
             elif tag == "NOUN" and prev == "NOUN" and self._present_verb(lowers, i):
