@@ -369,6 +369,32 @@ def test_no_negative_says_a_word_twice_where_its_caption_does_not():
     assert by_type("a red and red car next to a blue truck", "replace_object")
 
 
+REVISION_CORPUS = CAPTIONS + [
+    "a man with two black dogs and one white cat", "a cat next to a dog",
+    "Many skiers are walking and skiing around the snow.",
+    "A person is holding a spatula near slices of bread on a stove.",
+    "a red cube to the left of a small blue sphere", "there is a tiny pink star over two big cyan rings",
+]
+REVISION_DIGEST = (3, "eb27c4f64d64e7e6")  # (RULES_REVISION, digest of the generator's output on REVISION_CORPUS)
+
+
+def test_the_generators_output_is_pinned_to_its_rules_revision():
+    """A precompute resumed into a folder written under other rules is refused only if
+    RULES_REVISION changed with them: any change to what the generator writes must raise it."""
+    import hashlib
+    import json
+
+    from open_clip_hn.negatives.taxonomy import RULES_REVISION
+
+    generator = NegativeGenerator(seed=0, tagger="lexicon")
+    outputs = [generator.generate(caption, 8) for caption in REVISION_CORPUS]
+    digest = hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()[:16]
+    assert (RULES_REVISION, digest) == REVISION_DIGEST, (
+        "the generator's output changed: raise RULES_REVISION in negatives/taxonomy.py (so that a "
+        f"resumed precompute does not mix two revisions) and set REVISION_DIGEST = ({RULES_REVISION + 1}, "
+        f"{digest!r}) here; if it already was raised, set ({RULES_REVISION}, {digest!r})")
+
+
 def test_swap_reorders_can_be_dropped_so_swaps_only_rebind():
     """--hn-swap-reorders drop: a swap that only puts the noun phrases in another order is a
     relation negative in effect and is dropped; swaps that move nouns or attributes between
