@@ -111,6 +111,16 @@ def content_identity(path: str | os.PathLike) -> dict[str, object]:
     return {"size": size, "sha256_ends": digest.hexdigest()}
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a whole file, read in 4 MiB blocks: what `content_identity` cannot see (an edit
+    in the middle that keeps the size), at the cost of reading it all."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(4 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_open(path, "wb") as handle:
         handle.write(data)

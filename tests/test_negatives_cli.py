@@ -134,6 +134,36 @@ def test_precompute_adds_neg_json_and_resumes_after_kill(tmp_path):
         assert json.loads(tar.extractfile("00100000.neg.json").read()) == []  # emoji caption: masked
 
 
+def test_precompute_redoes_a_shard_edited_in_the_middle_at_the_same_size(tmp_path, capsys):
+    """A caption fixed in place ("a" -> "A") far from the shard's ends keeps its size and its
+    ends' digest; the rerun redoes the shard. Only touching it (a new modification time, the same
+    content) does not."""
+    source = tmp_path / "src"
+    source.mkdir()
+    _write_shards(source, count=1, per_shard=400)
+    shard, out = source / "in-000000.tar", tmp_path / "out"
+    argv = ["precompute", "--shards", str(shard), "--output-dir", str(out)]
+    assert main(argv) == 0
+    with tarfile.open(shard) as tar:
+        member = next(m for m in tar.getmembers()[390:] if m.name.endswith(".txt")
+                      and tar.extractfile(m).read()[:1].isalpha())
+    assert 1 << 17 < member.offset_data < shard.stat().st_size - (1 << 17)  # past content_identity's ends
+    with open(shard, "r+b") as handle:
+        handle.seek(member.offset_data)
+        first = handle.read(1)
+        handle.seek(member.offset_data)
+        handle.write(first.swapcase())
+    capsys.readouterr()
+    os.utime(shard, ns=(time.time_ns(), time.time_ns() + 10**9))  # a coarse clock may not move
+    assert main(argv) == 0
+    assert "1 shards written, 0 already done" in capsys.readouterr().err
+    with tarfile.open(out / shard.name) as tar:
+        assert tar.extractfile(member.name).read()[:1] == first.swapcase()
+    os.utime(shard, ns=(time.time_ns(), time.time_ns() + 2 * 10**9))
+    assert main(argv) == 0
+    assert "0 shards written, 1 already done" in capsys.readouterr().err
+
+
 def test_precompute_fails_when_no_caption_got_a_negative(tmp_path, capsys):
     """Captions under a member that is not plain text (`--caption-key json`: a JSON document)
     get no negative at all: exit 1 naming --caption-key, not a quiet "N without negatives"."""
@@ -405,7 +435,11 @@ def test_rerun_with_other_settings_is_refused_naming_them(tmp_path, capsys):
     # a folder written under the generator's earlier rules (before they were recorded)
     settings.write_text(json.dumps({k: v for k, v in stored.items() if k != "rules"}))
     assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 2
-    assert "generator rules revision 2 (folder: 1)" in capsys.readouterr().err
+    from open_clip_hn.negatives.taxonomy import RULES_REVISION
+
+    err = capsys.readouterr().err
+    assert f"generator rules revision {RULES_REVISION} (folder: 1)" in err
+    assert "another release of open_clip_hn" in err and "another --output-dir" in err
     settings.write_text(json.dumps(stored))
     # a changed input shard (same name) is made again
     assert main(["precompute", "--shards", spec, "--output-dir", out, "--num", "2"]) == 0

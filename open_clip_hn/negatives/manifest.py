@@ -6,9 +6,10 @@ Layout inside `--output-dir`:
                                   plausibility model identity, swap reorders dropped, excluded
                                   captions' digest, version)
   .precompute/<shard>.json        one entry per finished shard: the input's identity (size and a
-                                  digest of its ends), samples, masked, skipped (damaged) data and
-                                  the output's size; written after the shard, so its presence
-                                  (matching input and output) is what "done" means
+                                  digest of its ends; its modification time and a digest of it
+                                  all), samples, masked, skipped (damaged) data and the output's
+                                  size; written after the shard, so its presence (matching input
+                                  and output) is what "done" means
 
 One entry file per shard means concurrent jobs writing disjoint shards never touch the same
 file; only the settings are read-checked-written, under an `fcntl.flock`. Plain Python (no
@@ -27,7 +28,7 @@ from typing import Any, Iterator
 
 from .. import __version__
 from ..argtypes import InputError
-from ..files import atomic_write_json
+from ..files import atomic_write_json, file_sha256
 from .shards import NEGATIVES_EXTENSION, split_key
 from .taxonomy import RULES_REVISION
 
@@ -124,10 +125,12 @@ def claim_output_dir(output_dir: str, settings: dict[str, Any]) -> None:
     differing = [f"{_FLAGS.get(k, k)} {_show(value(settings, k))} (folder: {_show(value(stored, k))})"
                  for k in sorted(set(settings) | set(stored)) if value(settings, k) != value(stored, k)]
     if differing:
-        raise ManifestError(
-            f"--output-dir {output_dir} holds negatives made with other settings: "
-            f"{'; '.join(differing)}. Pass another --output-dir for these settings, or rerun "
-            f"with the folder's settings to finish it")
+        fix = "Pass another --output-dir for these settings, or rerun with the folder's settings to finish it"
+        if value(settings, "rules") != value(stored, "rules"):  # no flag brings the old rules back
+            fix = ("The folder was written by another release of open_clip_hn, whose generator writes "
+                   "other negatives: pass another --output-dir, or finish it with that release")
+        raise ManifestError(f"--output-dir {output_dir} holds negatives made with other settings: "
+                            f"{'; '.join(differing)}. {fix}")
 
 
 def _show(value: Any) -> str:
@@ -139,22 +142,29 @@ def _show(value: Any) -> str:
 
 
 def shard_done(output_dir: str, source: str, identity: dict[str, Any]) -> bool:
-    """Whether `output_dir` holds a finished output of `source` as it is now (same identity)."""
+    """Whether `output_dir` holds a finished output of `source` as it is now: same identity
+    (size, ends), and the same modification time or, where that changed (a copy, an edit in
+    place that kept the size: a fixed caption), the same digest of the whole file."""
     name = os.path.basename(source)
     entry = _read_json(_entry_path(output_dir, name))
     output = os.path.join(output_dir, name)
-    return (isinstance(entry, dict) and entry.get("input") == identity
-            and os.path.isfile(output) and os.path.getsize(output) == entry.get("output_size"))
+    if not (isinstance(entry, dict) and entry.get("input") == identity
+            and os.path.isfile(output) and os.path.getsize(output) == entry.get("output_size")):
+        return False
+    return (entry.get("input_mtime_ns") == os.stat(source).st_mtime_ns
+            or entry.get("input_sha256") == file_sha256(source))
 
 
 def record_shard(output_dir: str, source: str, identity: dict[str, Any], samples: int,
-                 masked: int, damaged: str | None) -> None:
-    """Mark the shard finished (after its output was renamed into place)."""
+                 masked: int, damaged: str | None, mtime_ns: int, sha256: str) -> None:
+    """Mark the shard finished (after its output was renamed into place). `mtime_ns` and
+    `sha256`: the input's modification time and digest taken before it was read, so that an
+    edit while it was read is not taken as done."""
     name = os.path.basename(source)
     atomic_write_json(_entry_path(output_dir, name), {
-        "input": identity, "input_path": os.path.abspath(source), "samples": samples,
-        "masked": masked, "damaged": damaged,
-        "output_size": os.path.getsize(os.path.join(output_dir, name))}, indent=1)
+        "input": identity, "input_path": os.path.abspath(source), "input_mtime_ns": mtime_ns,
+        "input_sha256": sha256, "samples": samples, "masked": masked,
+        "damaged": damaged, "output_size": os.path.getsize(os.path.join(output_dir, name))}, indent=1)
 
 
 SIZES = "sizes.json"  # OpenCLIP's count of a folder's samples per shard (get_dataset_size)

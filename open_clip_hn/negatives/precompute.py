@@ -21,7 +21,7 @@ from functools import partial
 from typing import BinaryIO, Iterator
 
 from ..argtypes import InputError
-from ..files import atomic_open, content_identity, remove_stale_temps
+from ..files import atomic_open, content_identity, file_sha256, remove_stale_temps
 from .cli_common import ordered_results, progress, worker_pool
 from .generator import NegativeGenerator
 from .manifest import claim_output_dir, generator_settings, record_shard, shard_done, write_sizes
@@ -51,6 +51,7 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
     identity = content_identity(source)
     if shard_done(output_dir, source, identity):
         return "skipped", 0, 0, ""
+    mtime_ns, sha256 = os.stat(source).st_mtime_ns, file_sha256(source)  # before it is read
     try:
         # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
         reader = tarfile.open(source, "r:*", ignore_zeros=True)
@@ -119,7 +120,7 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
     if damage:
         print(f"warning: {source}: damaged, kept the {samples} readable samples (--allow-damaged): "
               f"{detail}", file=sys.stderr)
-    record_shard(output_dir, source, identity, samples, masked, detail or None)
+    record_shard(output_dir, source, identity, samples, masked, detail or None, mtime_ns, sha256)
     return "written", samples, masked, detail
 
 
