@@ -193,3 +193,18 @@ def test_training_refuses_negatives_of_another_caption_member_than_txt(tmp_path)
     with pytest.raises(ManifestError, match=rf"the shards in {out} hold negatives of their '.cap' captions "
                                             r"\(precompute --caption-key cap\), but OpenCLIP trains on the '.txt'"):
         check_precomputed_settings([str(out / "a.tar")], 2, None)
+
+
+def test_a_caption_longer_than_the_csv_modules_field_limit_is_read_and_masked(tmp_path, capsys):
+    """Python's csv stops at 128 KiB fields with a traceback; pandas (OpenCLIP) reads them. The
+    200k-character caption is read, masked like any too-long caption, and its neighbour gets
+    negatives; vocabulary reads the same file."""
+    import json
+
+    path = tmp_path / "huge.csv"
+    path.write_text("filepath,caption\na.png,a red dog next to a blue cat\nb.png," + "a red dog " * 20000 + "\n")
+    out = tmp_path / "out.jsonl"
+    assert main(["generate", "--input", str(path), "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 2 and rows[0]["negatives"] and rows[1]["negatives"] == []
+    assert main(["vocabulary", "--input", str(path), "--output", str(tmp_path / "words.txt")]) == 0

@@ -177,9 +177,15 @@ def numbered_captions(path: str, caption_key: str, key_flag: str = "--caption-ke
                            else line)
 
 
+CSV_FIELD_LIMIT = (1 << 31) - 1  # the csv module's default, 128 KiB, ended on one long caption
+# with a traceback; pandas (OpenCLIP's reader) has no such limit, and too long a caption is
+# masked by the generator like any other unusable one
+
+
 def _csv_captions(path: str, suffix: str, caption_key: str, key_flag: str
                   ) -> Iterator[tuple[int, str | MalformedLine]]:
     # bytes that are not UTF-8 come through as lone surrogates, so their row is named, not masked
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         tabs = suffix == ".tsv" or "\t" in handle.readline()
         handle.seek(0)
