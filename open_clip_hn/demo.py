@@ -28,8 +28,10 @@ from typing import Sequence
 from . import eval as hn_eval
 from . import scenes
 from .argtypes import non_negative_int, positive_float, positive_int
+from .config import HNConfig
 from .files import atomic_write_json, read_model_config, shard_paths
 from .recipes import resolve_recipe
+from .run import no_hard_negative_step
 
 PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # The demo's tiny CLIP has a ModifiedResNet image tower: the tiny ViT of the tests
@@ -255,26 +257,50 @@ def check_run_flags(args: argparse.Namespace) -> str | None:
             " (in the hard-negative run's flags: --model-config, --hn-config, --hn-args)"
     try:
         run_stamp(argv)
+        _check_train_data(shlex.split(args.hn_args))
     except ValueError as err:
         return f"{err} (in --hn-args)"
-    return _caption_parser_problem(proc.stdout)
+    config = _printed_config(proc.stdout)
+    steps = max(1, args.samples // args.batch_size) * args.epochs  # the continued runs'
+    short = no_hard_negative_step(config, steps)
+    if short:
+        return (f"{short} (the demo's hard-negative run, {steps} steps from --samples, "
+                "--batch-size and --epochs: e.g. --hn-args '--hn-curriculum-warmup 12.5%')")
+    return _caption_parser_problem(config)
 
 
-def _caption_parser_problem(printed_recipe: str) -> str | None:
-    """Why the hard-negative run (its resolved recipe, as the trainer printed it) could not parse
-    its captions here (NLTK data missing or damaged), or None: found before the data is rendered
-    and two runs trained, not when the third starts."""
+def _check_train_data(hn_tokens: list[str]) -> None:
+    """A --train-data of --hn-args names shards that are all there (else the hard-negative run,
+    the demo's third, would be the first to find out)."""
+    for flag, value in zip(hn_tokens, hn_tokens[1:]):
+        if flag == "--train-data":
+            paths = shard_paths(value, "--train-data")
+            missing = [p for p in paths if not os.path.isfile(p)]
+            if missing:
+                raise ValueError(f"--train-data {value!r}: {len(missing)} of {len(paths)} shard "
+                                 f"file(s) not found (first: {missing[0]})")
+
+
+def _printed_config(printed_recipe: str) -> HNConfig:
+    """The hard-negative run's configuration, from its resolved recipe as the trainer printed it."""
     import tempfile
 
-    from .config import HNConfig
-    from .hooks import build_parser, check_caption_parser
+    from .hooks import build_parser
     from .recipes import recipe_argv
 
     parser = build_parser()
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as recipe:
         recipe.write(printed_recipe)
         recipe.flush()
-        config = HNConfig.unchecked(parser.parse_known_args(recipe_argv(recipe.name, parser))[0])
+        return HNConfig.unchecked(parser.parse_known_args(recipe_argv(recipe.name, parser))[0])
+
+
+def _caption_parser_problem(config: HNConfig) -> str | None:
+    """Why the hard-negative run could not parse its captions here (NLTK data missing or
+    damaged), or None: found before the data is rendered and two runs trained, not when the
+    third starts."""
+    from .hooks import check_caption_parser
+
     if not config.parses_captions:
         return None
     try:
@@ -324,6 +350,12 @@ def main(argv: list[str] | None = None) -> dict:
         read_model_config(args.model_config)
     except ValueError as err:
         parser.error(f"{err} (such as {MODEL_CONFIG})")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--device cuda: no CUDA device is visible to torch here (OpenCLIP would "
+                         "fall back to the CPU with amp); use --device cpu")
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         parser.error(f"--output-dir {args.output_dir} is a file; pass a folder (made when missing)")
     try:

@@ -95,6 +95,26 @@ def check_finite_weights(model: torch.nn.Module, when: str, checkpoint_dir: str 
         "--grad-clip-norm, or lower the hard-negative weights")
 
 
+def no_hard_negative_step(c: HNConfig, total_steps: int) -> str | None:
+    """Why the curriculum keeps every one of `total_steps` steps at no hard negatives (a
+    recipe's warmup in steps longer than a short run: the run would be vanilla OpenCLIP and exit
+    0), or None."""
+    from .curriculum import curriculum_value, warmup_steps
+
+    if not (c.uses_text_negatives or c.mirror or c.memory_bank_size):
+        return None
+    share = curriculum_value(total_steps - 1, kind=c.curriculum, warmup=c.curriculum_warmup,
+                             start=c.curriculum_start, end=c.curriculum_end, total_steps=total_steps)
+    warmup = warmup_steps(c.curriculum_warmup, total_steps)
+    if warmup < total_steps and not (share == 0 and c.curriculum_start == 0):
+        return None
+    return (f"the curriculum leaves no step with hard negatives (--hn-curriculum-warmup "
+            f"{c.curriculum_warmup}: {warmup} of the run's {total_steps} steps; start "
+            f"{c.curriculum_start:g}, end {c.curriculum_end:g}), so the run would train as "
+            "vanilla OpenCLIP: lower --hn-curriculum-warmup (a share such as 12.5% keeps its "
+            "part of a run of any length), raise the share, or train longer")
+
+
 class HardNegativeRun:
     """The plugin's part of one training run: config, loss and the state to save and resume."""
 
@@ -312,25 +332,9 @@ class HardNegativeRun:
                 self.start_step += position.step
 
     def _check_some_step_has_hard_negatives(self) -> None:
-        """Refuse a curriculum that keeps every step at no hard negatives (a recipe's warmup in
-        steps longer than a short run): the run would be vanilla OpenCLIP and exit 0."""
-        from .curriculum import curriculum_value, warmup_steps
-
-        c = self.config
-        if not (c.uses_text_negatives or c.mirror or c.memory_bank_size) or not self.total_steps:
-            return
-        last = self.total_steps - 1
-        share = curriculum_value(last, kind=c.curriculum, warmup=c.curriculum_warmup,
-                                 start=c.curriculum_start, end=c.curriculum_end,
-                                 total_steps=self.total_steps)
-        warmup = warmup_steps(c.curriculum_warmup, self.total_steps)
-        if warmup >= self.total_steps or (share == 0 and c.curriculum_start == 0):
-            raise InputError(
-                f"the curriculum leaves no step with hard negatives (--hn-curriculum-warmup "
-                f"{c.curriculum_warmup}: {warmup} of the run's {self.total_steps} steps; start "
-                f"{c.curriculum_start:g}, end {c.curriculum_end:g}), so the run would train as "
-                "vanilla OpenCLIP: lower --hn-curriculum-warmup (a share such as 12.5%% keeps its "
-                "part of a run of any length), raise the share, or train longer".replace("%%", "%"))
+        problem = self.total_steps and no_hard_negative_step(self.config, self.total_steps)
+        if problem:
+            raise InputError(problem)
 
     def check_evaluation_sets(self) -> None:
         """Read every --hn-eval-compositional set and image once, before the first step, so a

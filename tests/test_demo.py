@@ -117,6 +117,10 @@ def test_missing_model_config_is_named(tmp_path, capsys):
     (["--hn-args", "--hn-seed 1 --lr=0.1"], "--lr=0.1 is not a --hn-* flag"),
     (["--hn-args", "--train-data 'x/{0..1.tar'"], "--train-data 'x/{0..1.tar': unbalanced braces; close "
                                                   "every '{' with a '}', e.g. 'dir/{000..099}.tar' (in --hn-args)"),
+    (["--hn-args", "--train-data 'nowhere/{0..1}.tar'"],
+     "--train-data 'nowhere/{0..1}.tar': 2 of 2 shard file(s) not found (first: nowhere/0.tar) (in --hn-args)"),
+    (["--samples", "2000"], "the curriculum leaves no step with hard negatives (--hn-curriculum-warmup "
+                            "117: 117 of the run's 93 steps"),
 ])
 def test_bad_flags_stop_the_demo_before_any_work(tmp_path, capsys, flags, message):
     """Every value is checked before a scene is rendered or a run trained (a bad one used to
@@ -126,6 +130,14 @@ def test_bad_flags_stop_the_demo_before_any_work(tmp_path, capsys, flags, messag
         demo.main(["--output-dir", str(out), *flags])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_cuda_without_a_cuda_device_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        demo.main(["--output-dir", str(tmp_path / "out"), "--device", "cuda"])
+    assert stop.value.code == 2 and "--device cuda: no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_missing_nltk_data_stops_the_demo_before_any_work(tmp_path, monkeypatch):
@@ -153,9 +165,9 @@ def test_missing_nltk_data_stops_the_demo_before_any_work(tmp_path, monkeypatch)
         raise NLTKDataError("no WordNet here")
 
     monkeypatch.setattr(NegativeGenerator, "load", missing)
-    assert demo._caption_parser_problem(printed.stdout) is None
+    assert demo._caption_parser_problem(demo._printed_config(printed.stdout)) is None
     online = printed.stdout.replace("hn-negatives: precomputed", "hn-negatives: online")
-    assert demo._caption_parser_problem(online) == "no WordNet here"
+    assert demo._caption_parser_problem(demo._printed_config(online)) == "no WordNet here"
 
 
 def test_an_unreadable_model_config_or_a_file_as_output_folder_is_named(tmp_path, capsys):
