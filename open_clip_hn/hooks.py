@@ -28,6 +28,7 @@ import contextlib
 import copy
 import functools
 import logging
+import math
 import multiprocessing
 import os
 import re
@@ -60,7 +61,8 @@ from .preemption import (POSITION_KEY, EpochPosition, SteppedLoader, StepCheckpo
                          counting_from_position, epoch_of_checkpoint_name, ignore_stop_signals_in_workers,
                          prune_step_checkpoints)
 from .recipes import expand_recipe, recipe_argv, recipe_path, spell_out_flags
-from .run import HardNegativeRun, TrainCaptions, check_finite_weights, epoch_checkpoints
+from .run import (HardNegativeRun, TrainCaptions, check_finite_weights, epoch_checkpoints,
+                  no_hard_negative_step)
 from .sample_order import seed_sample_shuffle
 
 PLUGIN_NAME = "open_clip_hn"
@@ -193,12 +195,37 @@ def _check_run_flags(config: HNConfig, args: argparse.Namespace) -> None:
     if ":" not in args.model and _model_config(args) is None:
         raise ValueError(f"--model {args.model}: OpenCLIP has no model of that name; "
                          f"{unknown_model_hint(args.model)}")
+    _check_run_length(config, args)
     if config.uses_tokens:
         from .token_features import check_token_model_config
 
         model_config = _model_config(args)
         if model_config is not None:
             check_token_model_config(model_config)
+
+
+def _check_run_length(config: HNConfig, args: argparse.Namespace) -> None:
+    """What the command line alone decides of the memory bank and the curriculum (the world size
+    as the launcher's environment gives it), checked again once the data is built: refused
+    here, before OpenCLIP makes the run's folder (which then blocks the --name) and before
+    `--hn-print-config` prints a configuration the run would refuse."""
+    from open_clip_train.distributed import world_info_from_env
+
+    world = world_info_from_env()[2]
+    global_batch = args.batch_size * world * args.accum_freq  # what one step pushes to the bank
+    if 0 < config.memory_bank_size < global_batch:
+        accum = f" x --accum-freq {args.accum_freq}" if args.accum_freq > 1 else ""
+        raise ValueError(f"--hn-memory-bank-size {config.memory_bank_size} is smaller than one global "
+                         f"batch ({args.batch_size} x {world} ranks{accum} = {global_batch}): the bank "
+                         f"would hold only part of the latest batch; pass at least {global_batch} "
+                         "(several batches is usual)")
+    if args.train_num_samples and not _not_webdataset(args):  # OpenCLIP's count of its batches
+        batches = math.ceil(args.train_num_samples / (args.batch_size * world))
+        workers = max(1, args.workers)
+        steps = math.ceil(batches / workers) * workers // args.accum_freq * args.epochs
+        problem = steps and no_hard_negative_step(config, steps)
+        if problem:
+            raise ValueError(problem)
 
 
 def _check_local_train_data(args: argparse.Namespace) -> None:

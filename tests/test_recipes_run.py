@@ -45,15 +45,33 @@ def test_recipe_trains_one_step(recipe: Path, scene_shards, neighbor_index, tmp_
         assert "Hard image negatives: each sample is followed by" in log
 
 
-def test_a_warmup_longer_than_the_run_is_refused_in_the_log_too(scene_shards, tmp_path):
+def test_a_warmup_longer_than_the_run_is_refused_before_the_runs_folder(scene_shards, tmp_path):
     """The recommended recipe's 117-step warmup over a 4-step run trained vanilla OpenCLIP and
-    exited 0 after a warning. Now it is an error, in out.log too (it went to stderr only), naming
-    the experiment folder OpenCLIP made, which blocks a rerun under the same --name."""
+    exited 0 after a warning. With --train-num-samples the command line decides the steps: the
+    run and --hn-print-config refuse it before OpenCLIP makes the run's folder (which would
+    block a rerun under the same --name)."""
     import subprocess
     import sys
 
     argv = train_argv(scene_shards, str(tmp_path), "short", "--hn-config", "recommended",
                       "--hn-plausibility", "none", batch_size=8, num_samples=32)
+    for extra in ([], ["--hn-print-config"]):
+        proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv, *extra],
+                              capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "the curriculum leaves no step with hard negatives (--hn-curriculum-warmup 117: 117 of " \
+               "the run's 4 steps" in proc.stderr
+        assert not (tmp_path / "short").exists()
+
+
+def test_a_warmup_longer_than_a_csv_run_is_refused_in_the_log_too(scene_csv, tmp_path):
+    """A CSV's size is known once OpenCLIP reads it: the refusal comes then, in out.log too (it
+    went to stderr only), naming the experiment folder OpenCLIP made, which blocks the --name."""
+    import subprocess
+    import sys
+
+    argv = train_argv(scene_csv, str(tmp_path), "short", "--hn-config", "recommended",
+                      "--hn-plausibility", "none", batch_size=8)
     proc = subprocess.run([sys.executable, "-m", "open_clip_hn.train", *argv], capture_output=True,
                           text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2, proc.stderr[-2000:]
