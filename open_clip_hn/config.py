@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -58,6 +59,11 @@ def _rank_threshold(value: str) -> str:
 
 # HNConfig fields that record how the flags were given, not a setting (not compared on resume)
 BOOKKEEPING_FIELDS = ("given", "typed", "dropped")
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of an `HNConfig` field (`config_file` is `--hn-config`)."""
+    return "--hn-config" if field == "config_file" else "--hn-" + field.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -423,6 +429,17 @@ def _origin(c: HNConfig, flag: str) -> str:
     if c.config_file is None or flag in c.typed or flag not in c.given:
         return ""
     return f" (key {flag[2:]} of --hn-config {c.config_file})"
+
+
+def with_origin(c: HNConfig, message: str) -> str:
+    """`message` about the flag it starts with, plus the recipe key it came from where a recipe
+    set it; a path there is read from the working folder, as on the command line."""
+    flag = re.match(r"--hn-[a-z0-9-]+", message)
+    origin = _origin(c, flag.group(0)) if flag else ""
+    if not origin or origin in message:
+        return message
+    return (f"{message}{origin}; a recipe's relative paths are read from the working folder, "
+            "as on the command line")
 
 
 def add_hn_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

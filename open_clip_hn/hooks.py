@@ -49,7 +49,8 @@ from open_clip_train.precision import get_autocast
 from . import provenance
 from . import state as hn_state
 from .argtypes import InputError
-from .config import BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags
+from .config import (BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, add_hn_arguments, given_hn_flags,
+                     with_origin)
 from .distributed import any_rank
 from .eval import EvaluationStopped, log_metrics
 from .eval_sets import first_few
@@ -196,12 +197,27 @@ def _check_run_flags(config: HNConfig, args: argparse.Namespace) -> None:
         raise ValueError(f"--model {args.model}: OpenCLIP has no model of that name; "
                          f"{unknown_model_hint(args.model)}")
     _check_run_length(config, args)
+    _check_text_lock(args)
     if config.uses_tokens:
         from .token_features import check_token_model_config
 
         model_config = _model_config(args)
         if model_config is not None:
             check_token_model_config(model_config)
+
+
+def _check_text_lock(args: argparse.Namespace) -> None:
+    """OpenCLIP's `CLIP` (its built-in text tower) locks the text tower only with its LayerNorms
+    frozen: `--lock-text` alone ends in an AssertionError once the model is built."""
+    if not args.lock_text or args.lock_text_freeze_layer_norm or getattr(args, "force_custom_text", False):
+        return
+    model_config = _model_config(args)
+    if model_config is None or model_config.get("custom_text") or \
+            "hf_model_name" in model_config.get("text_cfg", {}):
+        return
+    raise ValueError(f"--lock-text: OpenCLIP locks the built-in text tower of --model {args.model} "
+                     "only with its LayerNorms frozen (it asserts 'Unfreezing LayerNorm is not "
+                     "supported'); add --lock-text-freeze-layer-norm")
 
 
 def _check_run_length(config: HNConfig, args: argparse.Namespace) -> None:
@@ -351,7 +367,7 @@ def configure(args: argparse.Namespace, argv: list[str],
             if config.parses_captions:
                 check_caption_parser()
     except ValueError as err:
-        parser.error(str(err))
+        parser.error(with_origin(config, str(err)))
     if args.model_config:
         _register_model_config(args.model_config, args.model, parser)
     try:

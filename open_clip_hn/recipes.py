@@ -45,7 +45,10 @@ def _error(path: str, message: str) -> ValueError:
 
 def _check_scalar(path: str, option: str, action: argparse.Action, value: Any) -> str:
     """Run the action's own type and choices on one value; return its command-line form."""
-    if isinstance(value, bool) or isinstance(value, (dict, list)):
+    if isinstance(value, bool):  # YAML 1.1 reads yes/no/on/off as booleans
+        raise _error(path, f"key {option[2:]!r} expects a single value, got {value!r} (YAML reads "
+                           "true/false/yes/no/on/off as a switch: quote a word, e.g. 'off')")
+    if isinstance(value, (dict, list)):
         raise _error(path, f"key {option[2:]!r} expects a single value, got {value!r}")
     text = str(value)
     converted: Any = text
@@ -53,6 +56,8 @@ def _check_scalar(path: str, option: str, action: argparse.Action, value: Any) -
         try:
             converted = action.type(text)
         except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
+            if action.type in (int, float):  # their own text is Python's ("invalid literal ...")
+                err = f"expects {'a whole number' if action.type is int else 'a number'}"
             raise _error(path, f"key {option[2:]!r} has a bad value {value!r}: {err}") from None
     if action.choices is not None and converted not in action.choices:
         raise _error(path, f"key {option[2:]!r} must be one of {', '.join(map(str, action.choices))}; "
@@ -123,6 +128,10 @@ def resolve_recipe(name_or_path: str) -> str:
     if name_or_path in shipped:
         return shipped[name_or_path]
     names = ", ".join(sorted(shipped)) or "(none installed)"
+    if os.path.exists(name_or_path):
+        kind = "a folder" if os.path.isdir(name_or_path) else "not a regular file"
+        raise FileNotFoundError(f"recipe {name_or_path} is {kind}; give a YAML recipe file or a "
+                                f"shipped recipe name: {names}")
     if "/" in name_or_path or os.sep in name_or_path or name_or_path.endswith(RECIPE_SUFFIX):
         raise FileNotFoundError(f"recipe file {name_or_path} does not exist; give an existing YAML "
                                 f"recipe or a shipped recipe name: {names}")
@@ -212,8 +221,9 @@ def recipe_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
             raise _error(path, f"key {key!r} cannot be set inside a recipe; give it on the command line")
         if option not in actions:
             valid = sorted(o[2:] for o in actions if o not in _META_FLAGS)
-            close = difflib.get_close_matches(option[2:], valid, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            extended = [v for v in valid if v.startswith(option[2:])]  # the command line's abbreviation
+            close = extended if len(extended) == 1 else difflib.get_close_matches(option[2:], valid, n=1)
+            hint = f" Did you mean {close[0]!r}? (a recipe's keys are whole flag names)" if close else ""
             raise _error(path, f"unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}")
         argv += _tokens(path, option, actions[option], value)
     return argv

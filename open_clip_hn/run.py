@@ -28,7 +28,7 @@ import torch
 from . import provenance
 from . import state as hn_state
 from .argtypes import InputError
-from .config import BEHAVIOUR_BEFORE_FLAG, BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig
+from .config import BEHAVIOUR_BEFORE_FLAG, BOOKKEEPING_FIELDS, TRAIN_DATA_VOCABULARY, HNConfig, flag_of
 from .packing import PackedNegativeTokenizer, attach_model_hooks
 from .preemption import EpochPosition, StopRequest
 
@@ -535,7 +535,7 @@ class HardNegativeRun:
                 continue
             before = saved.get(name, BEHAVIOUR_BEFORE_FLAG.get(name, defaults.get(name)))
             if before != value:
-                logging.warning("Resuming with --hn-%s changed: %r -> %r", name.replace("_", "-"),
+                logging.warning("Resuming with %s changed: %r -> %r", flag_of(name),
                                 before, value)
 
     def save_state(self, checkpoint_dir: str, completed_epoch: int, checkpoints: list[str],

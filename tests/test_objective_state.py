@@ -207,6 +207,10 @@ def test_resume_names_a_flag_changed_since_the_saved_run_even_one_it_did_not_sav
     # added with a new behaviour as default: the saved run had the old one
     assert "Resuming with --hn-sample-shuffle changed: 'process' -> 'seeded'" in messages
     assert len(messages) == 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the recipe's field is named by its flag, --hn-config
+        run._warn_config_changes({**saved, "config_file": "negclip"})
+    assert [r.getMessage() for r in caplog.records] == ["Resuming with --hn-config changed: 'negclip' -> None"]
 
 
 def test_an_epoch_whose_bank_yields_no_negative_is_warned_about(caplog):

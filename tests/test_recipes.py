@@ -161,12 +161,25 @@ def test_print_config_is_the_file_plus_overrides(tmp_path, parser):
     ("", "sets no flag (the file is empty or holds only comments)"),
     ("# hn-loss: itc,choice\n", "sets no flag (the file is empty or holds only comments)"),
     ("{}\n", "sets no flag"),
+    # the command line's abbreviation is not a key; Python's own texts are not the message
+    ("hn-num: 2\n", "unknown key 'hn-num'. Did you mean 'hn-num-negatives'? (a recipe's keys are whole"),
+    ("hn-seed: 1.5\n", "key 'hn-seed' has a bad value 1.5: expects a whole number"),
+    ("hn-negatives: off\n", "got False (YAML reads true/false/yes/no/on/off as a switch: quote a word"),
 ])
 def test_bad_recipes_name_the_key_the_file_and_the_fix(tmp_path, parser, text, message):
     path = write(tmp_path, text)
     with pytest.raises(ValueError) as err:
         recipe_argv(path, parser)
     assert message in str(err.value) and path in str(err.value)
+
+
+def test_a_folder_or_a_device_as_recipe_is_named_for_what_it_is(tmp_path):
+    from open_clip_hn.recipes import resolve_recipe
+
+    with pytest.raises(FileNotFoundError, match=f"recipe {tmp_path} is a folder; give a YAML recipe file"):
+        resolve_recipe(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="recipe /dev/null is not a regular file"):
+        resolve_recipe("/dev/null")
 
 
 def test_unknown_key_lists_the_valid_keys(tmp_path, parser):
@@ -330,3 +343,25 @@ def test_recipe_worlds_demo64_renders_the_demo_world_at_the_vits_resolution(tmp_
     with pytest.raises(SystemExit) as exit_info:
         module.main()
     assert exit_info.value.code == 2 and "demo64/vit" in capsys.readouterr().err
+
+
+def test_a_recipes_bad_path_names_its_key_and_where_paths_are_read_from(tmp_path, scene_shards,
+                                                                       capsys, monkeypatch):
+    """`hn-vocabulary: words.txt` beside the recipe is read from the working folder, as on the
+    command line; the error says so and names the recipe's key, not only the flag."""
+    from open_clip_hn.hooks import parse_args
+
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "words.txt").write_text("cube\nsphere\n")
+    recipe = tmp_path / "recipes" / "rel.yaml"
+    recipe.write_text("hn-negatives: online\nhn-vocabulary: words.txt\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        parse_args(["--model", "RN50", "--train-data", scene_shards, "--hn-config", str(recipe)])
+    err = capsys.readouterr().err
+    assert "error: --hn-vocabulary words.txt: file not found" in err
+    assert (f"(key hn-vocabulary of --hn-config {recipe}); a recipe's relative paths are read from "
+            "the working folder, as on the command line") in err
+    monkeypatch.chdir(tmp_path / "recipes")  # from the recipe's folder the same recipe reads it
+    assert parse_args(["--model", "RN50", "--train-data", scene_shards, "--hn-config",
+                       str(recipe)]).hn_vocabulary == "words.txt"

@@ -791,3 +791,15 @@ def test_claiming_the_folder_removes_the_temps_of_killed_saves(tmp_path, caplog)
         hooks._LOCKS.clear()
     assert sorted(p.name for p in checkpoints.iterdir()) == sorted(kept)
     assert "Removed 4 temp file(s) of interrupted saves" in caplog.text
+
+
+def test_lock_text_without_frozen_layer_norms_is_refused_before_the_model_is_built(scene_shards, capsys):
+    """OpenCLIP's CLIP asserts 'Unfreezing LayerNorm is not supported' once the model is built;
+    with --hn-* flags the command line is refused naming the flag that fixes it."""
+    from open_clip_hn.hooks import parse_args
+
+    base = ["--model", "RN50", "--train-data", scene_shards, "--hn-negatives", "online", "--lock-text"]
+    with pytest.raises(SystemExit):
+        parse_args(base)
+    assert "add --lock-text-freeze-layer-norm" in capsys.readouterr().err
+    assert parse_args([*base, "--lock-text-freeze-layer-norm"]).lock_text
