@@ -116,6 +116,11 @@ def main() -> None:
                              "run, at this protocol's learning rate and warmup, instead of the "
                              "ablation of the recommended recipe.")
     parser.add_argument("--only", default=None, help="Semicolon list of ablation names to run.")
+    parser.add_argument("--recipe-warmup-share", type=float, default=None, metavar="SHARE",
+                        help="Set the rows' --hn-curriculum-warmup (where a row does not set it) to "
+                             "this share of the continued run's steps (recommended.yaml's 117 steps "
+                             "are 0.125 of the demo's 937): for --samples far below the demo's, "
+                             "where 117 steps would be the whole run. Default: the recipes' own.")
     args = parser.parse_args()
     if args.recipes and args.from_scratch:
         parser.error("--recipes continues the pretrained model: leave out --from-scratch")
@@ -126,6 +131,17 @@ def main() -> None:
         for name, why in skipped.items():
             print(f"recipe {name}: skipped, {why}")
 
+    if args.from_scratch:
+        names = (args.only.split(";") if args.only
+                 else ["vanilla", "recommended.yaml", "no warmup (hard negatives from step 0)"])
+    else:
+        names = args.only.split(";") if args.only else list(rows_by_name)
+    unknown = [name for name in names if name not in rows_by_name]
+    if unknown:  # before any scene is rendered
+        parser.error(f"--only: unknown row(s) {unknown}; rows: {'; '.join(rows_by_name)}")
+    if "vanilla" not in names:  # the row every Δ column is taken against (reused when scored)
+        names = ["vanilla", *names]
+
     out = os.path.abspath(args.output_dir)
     logs = os.path.join(out, "runs")
     data = demo.prepare_data(os.path.join(out, "data"), args.samples, args.test_items)
@@ -134,27 +150,22 @@ def main() -> None:
     pretrained = args.pretrained
     if args.from_scratch:
         pretrained, lr, batch_size, tag = None, 2e-3, 128, "scratch-"
-        names = (args.only.split(";") if args.only
-                 else ["vanilla", "recommended.yaml", "no warmup (hard negatives from step 0)"])
     else:
         lr, batch_size, tag = args.lr, args.batch_size, ""
-        names = args.only.split(";") if args.only else list(rows_by_name)
         if pretrained is None:
             pretrained = demo.run_training(
                 demo.train_argv(data, logs, "pretrain", args.pretrain_epochs, batch_size=128,
                                 lr=2e-3, warmup=min(100, args.samples // 128), **common),
                 logs, "pretrain", args.pretrain_epochs)
-    if "vanilla" not in names:  # the row every Δ column is taken against (reused when scored)
-        names = ["vanilla", *names]
     rows: dict[str, dict] = {}
     results_path = os.path.join(out, f"{tag}ablation.json")
     if os.path.isfile(results_path):
         rows = json.load(open(results_path))
-    unknown = [name for name in names if name not in rows_by_name]
-    if unknown:
-        parser.error(f"--only: unknown row(s) {unknown}; rows: {'; '.join(rows_by_name)}")
     for name in names:
         flags = rows_by_name[name]
+        if flags and args.recipe_warmup_share is not None and "--hn-curriculum-warmup" not in flags:
+            flags = [*flags, "--hn-curriculum-warmup",
+                     str(round(args.recipe_warmup_share * (args.samples // batch_size) * args.epochs))]
         slug = tag + "".join(c if c.isalnum() else "-" for c in name)
         argv = demo.train_argv(data, logs, slug, args.epochs, batch_size=batch_size, lr=lr,
                                warmup=max(1, steps_per_epoch // 10), pretrained=pretrained,

@@ -79,15 +79,17 @@ def _run_generate(path: str, out: str) -> float:
     return time.perf_counter() - start
 
 
-def cli_throughput(captions: list[str]) -> tuple[float, float, float]:
-    """(captions/s including start-up, captions/s excluding it, start-up seconds) of `generate`."""
+def cli_throughput(captions: list[str]) -> tuple[float, float | None, float]:
+    """(captions/s including start-up, captions/s excluding it, start-up seconds) of `generate`;
+    the second is None where the run is too short to tell its work from the start-up's noise."""
     with tempfile.TemporaryDirectory() as tmp:
         full, one, out = (os.path.join(tmp, name) for name in ("all.txt", "one.txt", "out.jsonl"))
         Path(full).write_text("\n".join(captions) + "\n", encoding="utf-8")
         Path(one).write_text(captions[0] + "\n", encoding="utf-8")
         startup = min(_run_generate(one, out) for _ in range(2))
         total = _run_generate(full, out)
-    return len(captions) / total, len(captions) / max(total - startup, 1e-9), startup
+    work = total - startup
+    return len(captions) / total, len(captions) / work if work > 0.1 * startup else None, startup
 
 
 def main() -> None:
@@ -129,7 +131,9 @@ def main() -> None:
     if not args.no_throughput:
         with_startup, steady, startup = cli_throughput(list(positives))
         print(f"`generate`, all types, K=4, one core, {len(positives):,} distinct captions: "
-              f"{with_startup:,.0f} captions/s with start-up, {steady:,.0f} without (start-up {startup:.2f} s)")
+              f"{with_startup:,.0f} captions/s with start-up, "
+              f"{'n/a (too few captions)' if steady is None else f'{steady:,.0f}'} without "
+              f"(start-up {startup:.2f} s)")
         summary["generate"] = {"captions": len(positives), "captions_per_s": with_startup,
                                "captions_per_s_steady": steady, "startup_s": startup}
     print(json.dumps(summary))

@@ -754,10 +754,14 @@ def load_model(name: str, pretrained: str | None, device: torch.device | str = "
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device=device)
-    except RuntimeError as err:
-        if "size mismatch" in str(err) or "Missing key" in str(err) or "Unexpected key" in str(err):
+    except (RuntimeError, AssertionError) as err:
+        # load_state_dict's mismatch, or resize_pos_embed's assertion ("text pos_embed width
+        # changed!"): weights of another architecture, not a damaged file
+        if isinstance(err, AssertionError) or any(
+                text in str(err) for text in ("size mismatch", "Missing key", "Unexpected key")):
+            detail = str(err) if len(str(err)) <= 600 else str(err)[:600] + " ..."
             raise ValueError(f"checkpoint {pretrained} does not fit model {name!r} (another "
-                             f"architecture?); pass the --model it was trained with.\n{err}") from None
+                             f"architecture?); pass the --model it was trained with.\n{detail}") from None
         if not looks_like_path:
             raise
         raise _unloadable(pretrained, err) from None
@@ -1055,5 +1059,16 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     return document
 
 
+def cli() -> None:
+    """`python -m open_clip_hn.eval`: Ctrl-C ends with one line, not a traceback (the outputs are
+    written whole at the end, so an interrupted run left none)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print("interrupted: no --output or --plot was written (they are written whole once every "
+              "checkpoint is scored); rerun the command", file=sys.stderr)
+        sys.exit(130)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

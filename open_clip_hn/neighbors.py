@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from .argtypes import non_negative_int, positive_int, torch_device, unit_float
-from .eval import IMAGE_ERRORS, check_model, fetch_pretrained, load_model
+from .eval import IMAGE_ERRORS, check_model, fetch_pretrained, load_model, trained_as_problems
 from . import files
 from .files import atomic_write_bytes, atomic_write_json, content_identity
 from .negatives.shards import compression, member_end, trailing_damage
@@ -829,6 +829,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="Register this OpenCLIP model config first (custom or tiny models).")
     b.add_argument("--pretrained", default=None,
                    help="Pretrained tag or checkpoint path (e.g. openai, or logs/run/checkpoints/epoch_5.pt).")
+    b.add_argument("--allow-model-mismatch", action="store_true",
+                   help="Build even when the --pretrained checkpoint's record (CHECKPOINT.json, "
+                        "written by runs with --hn-* flags) names another --model; warn instead.")
     b.add_argument("--output", required=True, help="Index directory (resumes when it exists).")
     b.add_argument("--k", type=positive_int, default=8, help="Neighbours kept per image. Default: 8.")
     b.add_argument("--batch-size", type=positive_int, default=256,
@@ -861,6 +864,17 @@ def main(argv: list[str] | None = None) -> None:
         local_shards(args.shards)  # a usage error (exit 2), before the output or a model is made
     except ValueError as err:
         parser.error(str(err))
+    if args.command == "build" and args.pretrained:  # as eval: the model the weights were trained as
+        try:
+            problems = trained_as_problems([args.model], [args.pretrained],
+                                           [args.model_config] if args.model_config else [])
+        except ValueError as err:  # an unreadable record, named
+            parser.error(str(err))
+        for problem in problems:
+            if not args.allow_model_mismatch:
+                parser.error(f"{problem}; pass the --model it was trained as (or "
+                             "--allow-model-mismatch to build anyway)")
+            logging.warning("neighbors build: %s (building anyway: --allow-model-mismatch)", problem)
     try:
         if args.command == "rebinding":
             manifest = write_rebinding(args.shards, args.output, k=args.k,
@@ -873,6 +887,10 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, OSError) as err:  # bad shards, output or model: named in the message
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"interrupted: every file of {args.output} is written whole or not at all; the same "
+              "command resumes (a build keeps the shards it embedded)", file=sys.stderr)
+        sys.exit(130)
     written = _read_json(manifest)
     print(f"wrote {manifest}: {written['with_neighbors']} of {written['num_samples']} samples "
           f"({written['with_neighbors'] / written['num_samples']:.1%}) have a neighbour")

@@ -205,6 +205,15 @@ def test_checkpoint_of_another_architecture(tmp_path, checkpoint):
     config.write_text(json.dumps(other))
     with pytest.raises(ValueError, match="does not fit model 'hn-other-vit'"):
         hn_eval.load_model("hn-other-vit", checkpoint, model_configs=[str(config)])
+    # a model whose text context differs: OpenCLIP's resize_pos_embed asserts before any key is
+    # compared, which said "is it complete?" as if the file were damaged
+    longer = dict(json.load(open(CONFIG)))
+    longer["text_cfg"] = {**longer["text_cfg"], "context_length": 2 * longer["text_cfg"]["context_length"],
+                          "width": 2 * longer["text_cfg"]["width"]}
+    (tmp_path / "hn-wide-text.json").write_text(json.dumps(longer))
+    with pytest.raises(ValueError, match="does not fit model 'hn-wide-text'") as err:
+        hn_eval.load_model("hn-wide-text", checkpoint, model_configs=[str(tmp_path / "hn-wide-text.json")])
+    assert "cannot be loaded" not in str(err.value)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         hn_eval.load_model("hn-tiny-vit", str(tmp_path / "missing.pt"), model_configs=[CONFIG])
     data = open(checkpoint, "rb").read()
@@ -726,3 +735,14 @@ def test_a_folder_of_retrieval_alone_is_evaluated(tmp_path, sets, checkpoint):
     (tmp_path / "retrieval").rename(tmp_path / "elsewhere")
     with pytest.raises(ValueError, match=r"holds no \*.json or \*.jsonl sets and no retrieval/ folder"):
         hn_eval.discover_sets(str(tmp_path))
+
+
+def test_an_interrupted_evaluation_ends_with_one_line(monkeypatch, capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hn_eval, "main", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        hn_eval.cli()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.startswith("interrupted: no --output or --plot was written")

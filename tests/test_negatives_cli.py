@@ -238,6 +238,30 @@ def test_setup_nltk_names_an_absolute_nltk_data(tmp_path):
     assert f"export NLTK_DATA={tmp_path / 'rel'}" in out.stdout
 
 
+def test_setup_nltk_from_a_folder_without_wordnet_is_an_error_not_a_traceback(tmp_path, capsys):
+    assert main(["setup-nltk", "--target", str(tmp_path / "data"), "--source", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and str(tmp_path / "nope") in err
+
+
+def test_an_interrupt_names_a_resume_only_where_one_exists(tmp_path, capsys, monkeypatch):
+    """Ctrl-C: one line, exit 130; only precompute resumes at its first unfinished shard."""
+    import open_clip_hn.negatives.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    (tmp_path / "in.txt").write_text("a red cube\n")
+    for command, runner in (("generate", "run_generate"), ("precompute", "run_precompute")):
+        monkeypatch.setattr(cli, runner, interrupted)
+        source = ["--input", str(tmp_path / "in.txt"), "--output", str(tmp_path / "o.jsonl")] \
+            if command == "generate" else ["--shards", str(tmp_path / "x.tar"), "--output-dir", str(tmp_path / "o")]
+        assert main([command, *source]) == 130
+        err = capsys.readouterr().err
+        assert err.startswith("interrupted: every output is written whole or not at all")
+        assert ("resumes at its first unfinished shard" in err) == (command == "precompute")
+
+
 def _nltk_copy(root: Path) -> dict:
     """A copy of this machine's WordNet under `root` (NLTK_DATA), seen by nothing else."""
     from open_clip_hn.negatives.nltk_data import find_wordnet

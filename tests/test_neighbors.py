@@ -377,6 +377,42 @@ def test_compressed_shards_are_refused_naming_the_fix(tmp_path, monkeypatch):
     assert not (tmp_path / "index").exists()
 
 
+def test_a_checkpoint_trained_as_another_model_is_refused_as_eval_refuses_it(shards, tmp_path, capsys,
+                                                                           monkeypatch):
+    """The checkpoint's record (CHECKPOINT.json) names the model it was trained as: building
+    with another --model (QuickGELU vs GELU loads either way) is refused before any model loads,
+    unless --allow-model-mismatch."""
+    checkpoint = tmp_path / "epoch_1.pt"
+    checkpoint.write_bytes(b"weights")
+    (tmp_path / "epoch_1.pt.json").write_text(json.dumps({"model": "hn-tiny-vit-quickgelu"}))
+    monkeypatch.setattr("open_clip_hn.neighbors._load_model", lambda *a: pytest.fail("model built"))
+    argv = ["build", "--shards", shards_spec(shards), "--model", "hn-tiny-vit", "--model-config",
+            TINY_CONFIG, "--pretrained", str(checkpoint), "--output", str(tmp_path / "index")]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "it was trained as --model hn-tiny-vit-quickgelu, not --model " \
+        "hn-tiny-vit (QuickGELU vs GELU" in err and "--allow-model-mismatch" in err
+    assert not (tmp_path / "index").exists()
+    (tmp_path / "epoch_1.pt.json").write_text("{")
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "unreadable model record" in capsys.readouterr().err
+
+
+def test_an_interrupted_build_ends_with_one_line(shards, tmp_path, capsys, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("open_clip_hn.neighbors.build", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        main(["build", "--shards", shards_spec(shards), "--model", "hn-tiny-vit", "--output",
+              str(tmp_path / "index")])
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.startswith(f"interrupted: every file of {tmp_path / 'index'} is "
+                                              "written whole or not at all; the same command resumes")
+
+
 def test_stage_rejects_groups_larger_than_a_batch(index_dir):
     with pytest.raises(ValueError, match="must be in \\[1, batch size - 1 = 3\\]"):
         neighbor_stage(index_dir, 4, 4)

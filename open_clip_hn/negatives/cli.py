@@ -281,7 +281,11 @@ def _nltk_paths() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "setup-nltk":
-        return run_setup(args)
+        try:
+            return run_setup(args)
+        except (OSError, ValueError) as err:  # no WordNet at --source, a --target not writable
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     from .audit import AuditError
     from .audit_cli import run_audit_command, run_plausibility_command
     from .nltk_data import NLTKDataError
@@ -303,9 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Stopped) as stop:
+        resumes = " (a rerun resumes at its first unfinished shard)" if args.command == "precompute" else ""
         print(f"{'interrupted' if isinstance(stop, KeyboardInterrupt) else f'stopped by {stop}'}: every "
-              "output is written whole or not at all (a rerun of precompute resumes at its first "
-              "unfinished shard)", file=sys.stderr)
+              f"output is written whole or not at all{resumes}", file=sys.stderr)
         return 130 if isinstance(stop, KeyboardInterrupt) else stop.status
     finally:
         if in_main_thread:
