@@ -320,6 +320,14 @@ def _build_identity(model_name: str, pretrained: str | None, model_config: str |
     return identity
 
 
+def _setting_change(key: str, built: Any, now: Any) -> str:
+    """One setting of build.json that differs: "--model ViT-B-32 (index: RN50)"."""
+    if key == "given":
+        return f"the neighbours: {now or 'embedded'!r} (index: {built or 'embedded'!r})"
+    flag = "--model-config" if key == "model_config" else f"--{key}"
+    return f"{flag} {now if now is not None else 'none'} (index: {built if built is not None else 'none'})"
+
+
 def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
     """A resumed build must embed with the same model, or its rows would not be comparable (and
     an index of given neighbours is never mixed with one of embeddings). An older version's index
@@ -332,9 +340,13 @@ def _check_build_identity(output: str, identity: dict[str, Any]) -> None:
     settings = [{k: v for k, v in d.items() if k != CHECKPOINT_CONTENT}
                 for d in (previous, identity) if isinstance(d, dict)]
     if len(settings) < 2 or settings[0] != settings[1]:
-        raise ValueError(f"--output {output} was built from {previous}, not {identity}; "
-                         "use a fresh --output, or the same --model/--pretrained/--model-config "
-                         "(build) or description (write_given)")
+        differing = "; ".join(_setting_change(key, settings[0].get(key), settings[1].get(key))
+                              for key in sorted(set(settings[0]) | set(settings[1]))
+                              if settings[0].get(key) != settings[1].get(key)) \
+            if len(settings) == 2 else f"{previous!r} (unreadable), not {identity!r}"
+        raise ValueError(f"--output {output} was built with other settings: {differing}; use a "
+                         "fresh --output, or the same --model/--pretrained/--model-config (build), "
+                         "--k/--min-word-overlap (rebinding) or description (write_given)")
     built, now = previous.get(CHECKPOINT_CONTENT), identity.get(CHECKPOINT_CONTENT)
     where = f"--output {output} was built from --pretrained {identity['pretrained']}"
     if built is None:  # an older version's build.json: it recorded nothing else to compare

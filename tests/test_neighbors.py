@@ -162,7 +162,8 @@ def test_a_damaged_embeddings_file_is_embedded_again(tmp_path, caplog):
 def test_resume_with_another_model_is_refused(index_dir, shards, tmp_path):
     other = tmp_path / "epoch_1.pt"
     other.write_bytes(b"another model's weights")  # refused by its record, before it is loaded
-    with pytest.raises(ValueError, match="was built from .*use a fresh --output"):
+    with pytest.raises(ValueError, match=f"was built with other settings: --pretrained {other} "
+                                         r"\(index: none\); use a fresh --output"):
         build(shards_spec(shards), "hn-tiny-vit", index_dir, model_config=TINY_CONFIG,
               pretrained=str(other), k=K)
 
@@ -532,7 +533,7 @@ def test_write_given_stores_chosen_neighbours_that_the_stage_serves(shards, tmp_
         write_given(shards_spec(shards), out, lambda captions: np.arange(len(captions))[:, None],
                     "next sample of the same size")
     assert NeighborIndex(out, shards).k == 1
-    with pytest.raises(ValueError, match="was built from"):
+    with pytest.raises(ValueError, match="was built with other settings"):
         write_given(shards_spec(shards), out, same_size, "another description")
 
 
