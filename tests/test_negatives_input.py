@@ -208,3 +208,16 @@ def test_a_caption_longer_than_the_csv_modules_field_limit_is_read_and_masked(tm
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 2 and rows[0]["negatives"] and rows[1]["negatives"] == []
     assert main(["vocabulary", "--input", str(path), "--output", str(tmp_path / "words.txt")]) == 0
+
+
+def test_a_quoted_caption_over_several_lines_is_warned_about(tmp_path, capsys):
+    """An unclosed quote reads the rest of the file as one caption (legal CSV, so the csv module
+    says nothing; pandas, OpenCLIP's reader, refuses it): the row and the lines it took are named."""
+    path = tmp_path / "weird.csv"
+    path.write_text('filepath,title\nf.png,"unclosed quote, a red dog\ng.png,a blue cat\nh.png,a green cube\n')
+    main(["generate", "--input", str(path), "--caption-key", "title", "--output", str(tmp_path / "o.jsonl")])
+    assert f"warning: {path}: the row at line 2 runs to line 4" in capsys.readouterr().err
+    path.write_text('filepath,title\nf.png,"a red dog, on a mat"\ng.png,a blue cat\n')
+    assert main(["generate", "--input", str(path), "--caption-key", "title", "--output",
+                 str(tmp_path / "o.jsonl")]) == 0
+    assert "runs to line" not in capsys.readouterr().err

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import sys
 import lzma
 import os
 import re
@@ -193,9 +194,11 @@ def _csv_captions(path: str, suffix: str, caption_key: str, key_flag: str
         if reader.fieldnames is None or caption_key not in reader.fieldnames:
             raise InputError(f"{path}: no column {caption_key!r} (columns: {reader.fieldnames}); "
                              f"pass {key_flag} NAME")
-        read = reader.line_num
+        read, spanning = reader.line_num, None
         for row in reader:
             first, read = read + 1, reader.line_num  # a quoted caption may span lines: its first
+            if read > first and spanning is None:
+                spanning = (first, read)
             value = row.get(caption_key)
             if not isinstance(value, str):
                 yield first, MalformedLine(first, "missing caption field")
@@ -203,6 +206,10 @@ def _csv_captions(path: str, suffix: str, caption_key: str, key_flag: str
                 yield first, MalformedLine(first, "not UTF-8 text")
             else:
                 yield first, value
+        if spanning is not None:  # legal CSV, but an unclosed quote reads the same way
+            print(f"warning: {path}: the row at line {spanning[0]} runs to line {spanning[1]} (a "
+                  "quoted field over several lines); if that is an unclosed quote, the rows after "
+                  "it were read as its text: close the quote", file=sys.stderr)
 
 
 def _jsonl_caption(number: int, line: str, caption_key: str, key_flag: str) -> str | MalformedLine:
