@@ -32,7 +32,7 @@ import tarfile
 
 from open_clip_hn import demo, world2
 from open_clip_hn.files import atomic_open, atomic_write_json, content_identity, expand_shards
-from open_clip_hn.negatives.manifest import record_shard, shard_done
+from open_clip_hn.negatives.manifest import input_stamp, record_shard, shard_done
 from open_clip_hn.negatives.shards import negatives_member, split_key
 from open_clip_hn.scenes import shards_spec
 
@@ -68,7 +68,7 @@ def write_oracle_shards(train_spec: str, output_dir: str, seed: int = 0) -> str:
         identity = content_identity(source)
         if shard_done(output_dir, source, identity):
             continue  # written from this very shard (precompute's manifest): new data is redone
-        samples = 0
+        stamp, samples = input_stamp(source), 0
         with tarfile.open(source) as reader, atomic_open(destination, "wb") as handle, \
                 tarfile.open(fileobj=handle, mode="w", format=tarfile.GNU_FORMAT) as writer:
             for member in reader:
@@ -87,7 +87,7 @@ def write_oracle_shards(train_spec: str, output_dir: str, seed: int = 0) -> str:
                 writer.addfile(info, io.BytesIO(data))
                 samples += 1
         # none masked: every scene has a shape left to replace one of its pair with
-        record_shard(output_dir, source, identity, samples, 0, None)
+        record_shard(output_dir, source, identity, samples, 0, None, stamp)
         print(f"wrote {destination}", flush=True)
     with open(os.path.join(os.path.dirname(shards[0]), "sizes.json")) as handle:
         atomic_write_json(os.path.join(output_dir, "sizes.json"), json.load(handle), indent=1)

@@ -155,15 +155,20 @@ def shard_done(output_dir: str, source: str, identity: dict[str, Any]) -> bool:
             or entry.get("input_sha256") == file_sha256(source))
 
 
+def input_stamp(source: str) -> dict[str, Any]:
+    """The input's modification time and whole-file digest, taken before it is read (so that an
+    edit while it is read is not taken as done), for `record_shard`."""
+    return {"input_mtime_ns": os.stat(source).st_mtime_ns, "input_sha256": file_sha256(source)}
+
+
 def record_shard(output_dir: str, source: str, identity: dict[str, Any], samples: int,
-                 masked: int, damaged: str | None, mtime_ns: int, sha256: str) -> None:
-    """Mark the shard finished (after its output was renamed into place). `mtime_ns` and
-    `sha256`: the input's modification time and digest taken before it was read, so that an
-    edit while it was read is not taken as done."""
+                 masked: int, damaged: str | None, stamp: dict[str, Any]) -> None:
+    """Mark the shard finished (after its output was renamed into place); `stamp`: the input's
+    `input_stamp` from before it was read."""
     name = os.path.basename(source)
     atomic_write_json(_entry_path(output_dir, name), {
-        "input": identity, "input_path": os.path.abspath(source), "input_mtime_ns": mtime_ns,
-        "input_sha256": sha256, "samples": samples, "masked": masked,
+        "input": identity, "input_path": os.path.abspath(source), **stamp,
+        "samples": samples, "masked": masked,
         "damaged": damaged, "output_size": os.path.getsize(os.path.join(output_dir, name))}, indent=1)
 
 

@@ -21,10 +21,11 @@ from functools import partial
 from typing import BinaryIO, Iterator
 
 from ..argtypes import InputError
-from ..files import atomic_open, content_identity, file_sha256, remove_stale_temps
+from ..files import atomic_open, content_identity, remove_stale_temps
 from .cli_common import ordered_results, progress, worker_pool
 from .generator import NegativeGenerator
-from .manifest import claim_output_dir, generator_settings, record_shard, shard_done, write_sizes
+from .manifest import (claim_output_dir, generator_settings, input_stamp, record_shard, shard_done,
+                       write_sizes)
 from .shards import (NEGATIVES_EXTENSION, compression, member_end, negatives_member, split_key,
                      trailing_damage)
 
@@ -51,7 +52,7 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
     identity = content_identity(source)
     if shard_done(output_dir, source, identity):
         return "skipped", 0, 0, ""
-    mtime_ns, sha256 = os.stat(source).st_mtime_ns, file_sha256(source)  # before it is read
+    stamp = input_stamp(source)
     try:
         # ignore_zeros: scan past unreadable headers instead of stopping as if the archive ended
         reader = tarfile.open(source, "r:*", ignore_zeros=True)
@@ -120,7 +121,7 @@ def precompute_shard(source: str, output_dir: str, generator: NegativeGenerator,
     if damage:
         print(f"warning: {source}: damaged, kept the {samples} readable samples (--allow-damaged): "
               f"{detail}", file=sys.stderr)
-    record_shard(output_dir, source, identity, samples, masked, detail or None, mtime_ns, sha256)
+    record_shard(output_dir, source, identity, samples, masked, detail or None, stamp)
     return "written", samples, masked, detail
 
 
