@@ -286,13 +286,57 @@ def exchange_related_objects(res: Resources, p: Parse, relation_words: Collectio
     return _trade_phrases(res, p, subject, reference)
 
 
+_MALE = frozenset(("man", "boy", "guy", "gentleman", "father", "dad", "son", "husband", "brother",
+                   "king", "prince", "grandfather", "uncle", "groom", "policeman", "fisherman"))
+_FEMALE = frozenset(("woman", "girl", "lady", "mother", "mom", "daughter", "wife", "sister", "queen",
+                     "princess", "grandmother", "aunt", "bride", "policewoman"))
+_PRONOUNS = {"he": "m", "his": "m", "him": "m", "himself": "m",
+             "she": "f", "her": "f", "hers": "f", "herself": "f"}
+
+
+_YOUTHFUL = frozenset(("girl", "boy", "child", "kid", "baby", "toddler", "infant", "teen", "teenager",
+                       "youngster", "puppy", "kitten", "calf", "lamb", "foal", "cub", "chick"))
+_PERSON_AGES = frozenset(("young", "old", "elderly"))  # not "an antique woman", "a baby woman"
+_COLLECTIVE = frozenset(("family", "crowd", "couple", "group", "team", "audience", "crew", "class",
+                         "band", "army", "troop", "gang", "party"))
+
+
+def _person_like(res: Resources, lemma: str) -> bool:
+    return lemma in ("people", "person") or res.noun_lexname.get(lemma) in ("noun.person", "noun.Tops")
+
+
+def _gender(lemma: str) -> str | None:
+    return "m" if lemma in _MALE else "f" if lemma in _FEMALE else None
+
+
+def _pronoun_gender(p: Parse) -> set[str]:
+    """The genders the caption's pronouns give ("his", "she"): a replacement must not contradict them."""
+    return {_PRONOUNS[w.lower()] for w in p.words if w.lower() in _PRONOUNS}
+
+
+def _fits_in_place(res: Resources, np: NounPhrase, choice: str, pronouns: set[str]) -> bool:
+    """Whether `choice` can stand where `np`'s noun stands without a text-only tell: no plural-only
+    noun after "a" ("a sunglasses"), no person turned into a group or back ("a woman smiles" ->
+    "a family smiles", "two people" -> "two crowds"), no gender the caption's pronouns contradict
+    ("a man uses his computer" -> "a woman uses his computer")."""
+    if not np.plural and res.plurals.get(choice) == choice and choice.endswith("s"):
+        return False
+    if (np.lemma in _COLLECTIVE) != (choice in _COLLECTIVE) and \
+            _person_like(res, np.lemma if choice in _COLLECTIVE else choice):
+        return False
+    gender = _gender(choice)
+    return gender is None or not pronouns or pronouns == {gender}
+
+
 def replace_object(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
     """One object becomes a co-hyponym (dog -> cat), never a synonym, hypernym or hyponym.
     `wide`: the closest WIDE_OPTIONS co-hyponyms, not one drawn from six (for a plausibility filter)."""
     out = []
     present = {np.lemma for np in p.nps}
+    pronouns = _pronoun_gender(p)
     for np in p.nps:
-        options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present]
+        options = [c for c in res.noun_candidates.get(np.lemma, ()) if c not in present
+                   and _fits_in_place(res, np, c, pronouns)]
         for choice in (options[:WIDE_OPTIONS] if wide else [rng.choice(options[:6])] if options else []):
             word = match_case(p.words[np.head], noun_form(res, choice, np.plural))
             out.append(splice(p, [(np.head, np.head + 1, [word], None)]))
@@ -412,15 +456,31 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random, wide: bool =
     present = {w.lower() for w in p.words}
     in_phrase = {i for np in p.nps for i in np.attrs}
     np_ends = {np.end for np in p.nps}
+    owner = {i: np for np in p.nps for i in np.attrs}
     for i, tag in enumerate(p.tags):
         if i not in in_phrase and not _attributive(res, p, i, np_ends):
             options = _state_participle(res, p, i)[:4]
+        elif i in owner and owner[i].lemma in _YOUTHFUL and res.attr_category.get(p.words[i].lower()) == "age":
+            options = []  # "a young girl" -> "an old girl": the noun says its age
         else:
             options = _replacements(res, p.words[i].lower(), present)
         for choice in (options[:WIDE_OPTIONS] if wide else [rng.choice(options[:8])] if options else []):
             out.append(splice(p, [(i, i + 1, [match_case(p.words[i], choice)], None)]))
     rng.shuffle(out)
     return out
+
+
+def _participle(res: Resources, word: str) -> bool:
+    """A past participle ("filled", "topped", "made"): what it is done with is not a relation."""
+    form = res.verb_forms.get(word)
+    return (form is not None and form[1] == "past") or (word.endswith("ed") and len(word) > 4)
+
+
+def _animate_before(res: Resources, p: Parse, i: int) -> bool:
+    """The noun phrase closest before word i (its subject, as far as a caption tells) names a
+    person or an animal, or is unknown; True where there is none."""
+    subject = max((np for np in p.nps if np.end <= i), key=lambda np: np.end, default=None)
+    return subject is None or res.noun_lexname.get(subject.lemma, "noun.person") in _ANIMATE
 
 
 def replace_relation(res: Resources, p: Parse, rng: random.Random, wide: bool = False) -> list[Edit]:
@@ -433,10 +493,16 @@ def replace_relation(res: Resources, p: Parse, rng: random.Random, wide: bool = 
         lower = word.lower()
         if p.kinds[i] == "rel" or (p.tags[i] == "ADP" and lower in res.relations):
             forms = list(res.relations[lower])
+            if lower == "with" and i > 0 and _participle(res, p.words[i - 1].lower()):
+                forms = [f for f in forms if f != "without"]  # "filled with" -> "filled without"
+            if not forms:
+                continue
         elif p.tags[i] == "VERB" and lower in res.verb_forms:
             base, form = res.verb_forms[lower]
             if form not in ("ing", "s") or not res.verb_candidates.get(base):
                 continue
+            if base in res.state_verbs and not _animate_before(res, p, i):
+                continue  # "chairs sitting in a room": a thing's posture only says where it is
             forms = [res.verb_table[v][form] for v in res.verb_candidates[base][:WIDE_VERBS if wide else 4]]
         else:
             continue
@@ -495,8 +561,13 @@ def add_attribute(res: Resources, p: Parse, rng: random.Random) -> list[Edit]:
         categories = [c for c in res.add_categories.get(lexname, res.add_categories["default"]) if c not in have]
         if not categories:
             continue
+        if np.lemma in _YOUTHFUL:  # "an old little girl", "an adult child"
+            categories = [c for c in categories if c != "age"]
+            if not categories:
+                continue
         category = rng.choice(categories)
-        options = [w for w in res.categories[category] if w not in present]
+        options = [w for w in res.categories[category] if w not in present
+                   and (category != "age" or not _person_like(res, np.lemma) or w in _PERSON_AGES)]
         if not options:
             continue
         first_noun = np.nouns_start

@@ -261,6 +261,9 @@ class Parse:
         return text
 
 
+_ES_PLURAL_STEMS = ("s", "x", "z", "ch", "sh", "o")  # the singulars English pluralises with -es
+
+
 def noun_lemma(res: Resources, word: str) -> tuple[str, bool]:
     """(lemma, plural?) of a noun form, from the vocabulary, WordNet exceptions or suffix rules."""
     if word in res.nouns:
@@ -271,6 +274,8 @@ def noun_lemma(res: Resources, word: str) -> tuple[str, bool]:
     for suffix, repl in (("ies", "y"), ("es", ""), ("s", "")):
         if word.endswith(suffix) and len(word) > len(suffix) + 1 and not word.endswith("ss"):
             stem = word[: -len(suffix)] + repl
+            if suffix == "es" and not stem.endswith(_ES_PLURAL_STEMS):
+                continue  # "pipes" is pipe + s, not pip + es
             if "n" in res.pos_of.get(stem, ""):
                 return stem, True
     return word, False

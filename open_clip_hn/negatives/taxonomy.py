@@ -19,7 +19,10 @@ LM_TYPES: tuple[str, ...] = ("replace_object", "replace_attribute")
 # precompute resumed into a folder written under other rules is refused (2: only the articles
 # an edit touches change; web addresses mask a caption; 3: no trade of counts that say the same,
 # none across a symmetric relation of the subject, no doubled word, plural nouns after a
-# preposition; tests/test_negatives.py pins the output of each revision)
+# preposition, no "without" after a participle, no
+# posture change for things, "-es" plurals of s/x/z/ch/sh/o stems only, no person made a group
+# or given a gender its pronouns contradict, no age on a noun that says it; tests/
+# test_negatives.py pins the output of each revision)
 RULES_REVISION = 3
 # the types whose negatives may only reorder the caption's noun phrases (--hn-swap-reorders)
 SWAP_TYPES: tuple[str, ...] = ("swap_objects", "swap_attributes")
