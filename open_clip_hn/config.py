@@ -212,6 +212,13 @@ class HNConfig:
 
     def check_values(self) -> None:
         """The checks of one setting at a time that argparse's types leave (ranges, choices)."""
+        if isinstance(self.loss, str) or not all(isinstance(name, str) for name in self.loss):
+            raise ValueError(f"--hn-loss (HNConfig.loss) is a tuple of term names such as "
+                             f"('clip', 'choice'), got {self.loss!r}")
+        unknown = [name for name in self.loss if name not in TERMS]
+        if unknown:
+            raise ValueError(f"--hn-loss: unknown loss term(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(selectable_terms())}")
         if self.importance_tau_plus >= 1:
             raise ValueError("--hn-importance-tau-plus is a class prior in [0, 1): with 1 every "
                              "negative would be a false negative; use a value below 1")

@@ -98,6 +98,7 @@ class MemoryBank:
                              f"--hn-memory-bank-size is {self.size}; resume with the saved size")
         storage = state["storage"]
         device = self.storage.device if self.storage is not None else "cpu"
-        self.storage = None if storage is None else storage.to(device=device, dtype=self.dtype)
+        # a copy, as nn.Module.load_state_dict makes: later pushes must not write into the caller's tensor
+        self.storage = None if storage is None else storage.to(device=device, dtype=self.dtype, copy=True)
         self.pointer = int(state["pointer"])
         self.count = int(state["count"])

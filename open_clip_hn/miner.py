@@ -106,7 +106,9 @@ def select_valid(candidates: torch.Tensor, keep: torch.Tensor, k: int) -> tuple[
 def mine(image: torch.Tensor, text: torch.Tensor, bank: torch.Tensor, k: int,
          false_negative_threshold: float, backend: str = "torch") -> Mined:
     """Mine k cross-modal hard negatives per anchor pair (image [A, D], text [A, D]) from
-    `bank` [M, 2D] rows [image | text]; see the module docstring for the score and filter."""
+    `bank` [M, 2D] rows [image | text]; see the module docstring for the score and filter.
+    Scores are inner products: pass L2-normalised features (OpenCLIP's are; `MemoryBank.push`
+    normalises what it stores), else the threshold does not compare cosines."""
     if backend not in SEARCH_BACKENDS:
         raise ValueError(f"unknown miner backend {backend!r}; use {' or '.join(SEARCH_BACKENDS)}")
     anchors, dim = image.shape

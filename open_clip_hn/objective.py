@@ -41,9 +41,7 @@ class HardNegativeLoss(torch.nn.Module):
         """`on_step_end` runs once per optimizer step, after the objective's own update (the
         run's EMA teacher, `teacher.py`)."""
         super().__init__()
-        if config.importance_tau_plus >= 1:
-            raise ValueError("--hn-importance-tau-plus must be < 1 (it is the share of false "
-                             f"negatives among the negatives), got {config.importance_tau_plus}")
+        config.check_values()  # a config built in code: term names, types and ranges checked
         if accum_freq < 1:
             raise ValueError(f"accum_freq must be >= 1, got {accum_freq}")
         warmup_steps(config.curriculum_warmup, total_steps)  # a share needs the run's length
@@ -247,6 +245,11 @@ class HardNegativeLoss(torch.nn.Module):
                 continue  # a batch without mirrored pairs (e.g. a caller's own loop)
             result = term.compute(b, ctx)
             value, term_stats = result if isinstance(result, tuple) else (result, {})
+            plain = [key for key, stat in term_stats.items() if not isinstance(stat, LoggedValue)]
+            if plain:  # a plain tensor in the loss dict is summed into the loss OpenCLIP trains on
+                raise TypeError(f"loss term {term.name!r} returned statistic(s) {plain} that are not "
+                                "terms.LoggedValue: wrap each as LoggedValue(value), or OpenCLIP adds "
+                                "them to the loss")
             factor = weight_of(term, self.config) * (share if term.curriculum else 1.0)
             losses[term.output] = factor * value
             stats.update(term_stats)

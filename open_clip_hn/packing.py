@@ -421,8 +421,12 @@ def attach_model_hooks(model: torch.nn.Module, num_negatives: int, mirror: bool 
         meta = pending.pop("meta", None)
         rows = pending.pop("mirror_rows", None)
         converse_rows = pending.pop("converse_rows", None)
-        if meta is None or not isinstance(output, dict):
+        if meta is None:
             return output
+        if not isinstance(output, dict):  # the mask would be lost and every slot read as valid
+            raise TypeError("the model returned a tuple, so the hard-negative mask has nowhere to "
+                            "go: build it with output_dict=True (open_clip.create_model_and_transforms"
+                            "(..., output_dict=True)), as open_clip_train does")
         device = output["text_features"].device
         mirrors = None
         if rows is not None:

@@ -11,11 +11,16 @@ registry come `--hn-loss`'s choices and help, the weight flags, the cross-flag v
         return L.my_pure_function(b.image, b.text, b.negatives, b.anchor_used, ctx.logit_scale)
 
 A term function receives the gathered batch and the step's context and returns its unweighted
-loss (or `(loss, stats)`); the objective applies the weight and, where declared, the curriculum.
+loss (or `(loss, stats)`, each stat a `LoggedValue`: a plain tensor would be summed into the
+loss, so it is refused); the objective applies the weight and, where declared, the curriculum.
+A package term with `weight=True` has its `<name>_weight` field in `HNConfig`; a term
+registered from outside the package has no weight flag (scale inside the function) and is
+registered before the trainer parses its flags (README: "Your own loss term").
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
@@ -172,6 +177,11 @@ def register_term(name: str, *, summary: str, source: str, output: str | None = 
     if unknown or name in TERMS:
         raise ValueError(f"term {name!r}: " + (f"unknown needs {unknown}; known: {list(NEEDS)}"
                                                 if unknown else "registered twice"))
+    config = getattr(sys.modules.get(__package__ + ".config"), "HNConfig", None)  # None: built-ins
+    if weight and config is not None and f"{name}_weight" not in config.__dataclass_fields__:
+        raise ValueError(f"term {name!r}: weight=True needs the field {name}_weight in HNConfig, "
+                         "which only the package's own terms have; leave weight out and scale the "
+                         "loss inside the term")
 
     def decorate(fn: Callable[[TermBatch, TermContext], TermResult]):
         TERMS[name] = Term(name, fn, summary, source, output or f"{name}_loss", needs, weight,

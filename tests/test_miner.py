@@ -58,6 +58,11 @@ def test_bank_fp16_storage_and_state_round_trip():
     other = MemoryBank(8, fp16=True)
     other.load_state_dict(bank.state_dict())
     assert torch.equal(other.entries(), bank.entries()) and other.pointer == bank.pointer
+    saved = bank.state_dict()
+    kept = saved["storage"].clone()
+    other.load_state_dict(saved)
+    other.push(unit(3, D, seed=9), unit(3, D, seed=10))
+    assert torch.equal(saved["storage"], kept)  # the loaded copy, not the caller's tensor, moved on
 
 
 def test_miner_matches_loop_reference():

@@ -109,6 +109,48 @@ def test_a_new_term_is_one_decorated_function():
         del terms.TERMS["toy"]
 
 
+def test_misuse_from_code_is_refused_not_trained_on():
+    """Audit 16: a stat returned as a plain tensor was summed into the loss; weight=True on a term
+    from outside the package crashed at parse time; a misspelt or string --hn-loss built in code
+    trained without the term (or returned the int 0)."""
+    @terms.register_term("leaky", summary="", source="test", needs=("text_negatives",))
+    def leaky(b, ctx):
+        loss = L.choice_loss(b.image, b.text, b.negatives, b.anchor_used, ctx.logit_scale)
+        return loss, {"leaky_stat": loss * 100}
+
+    try:
+        k, batch, dim = 2, 4, 8
+        image, text = unit(batch, dim, seed=1), unit(batch, 1 + k, dim, seed=2).flatten(0, 1)
+        mask = torch.ones(batch, k, dtype=torch.bool)
+        config = HNConfig(negatives="online", num_negatives=k, loss=("itc", "leaky"))
+        with pytest.raises(TypeError, match=r"'leaky' returned statistic\(s\) \['leaky_stat'\] that are not"):
+            HardNegativeLoss(config)(image, text, SCALE, PackedOutputs(mask))
+    finally:
+        del terms.TERMS["leaky"]
+    with pytest.raises(ValueError, match="weight=True needs the field weighty_weight in HNConfig"):
+        terms.register_term("weighty", summary="", source="test", weight=True)
+    assert "weighty" not in terms.TERMS
+    with pytest.raises(ValueError, match="unknown loss term\\(s\\) chioce"):
+        HardNegativeLoss(HNConfig(negatives="online", num_negatives=2, loss=("itc", "chioce")))
+    with pytest.raises(ValueError, match="is a tuple of term names"):
+        HardNegativeLoss(HNConfig(negatives="online", num_negatives=2, loss="choice"))
+
+
+def test_a_model_returning_a_tuple_is_refused_before_its_mask_is_lost(tokenizer):
+    """OpenCLIP's default output_dict=False returned a tuple; the hook dropped the negative mask
+    and every slot, empty placeholders included, was trained on as a negative."""
+    import open_clip
+
+    from open_clip_hn.run import HardNegativeRun
+
+    model = open_clip.create_model("hn-tiny-vit")  # output_dict=False
+    run = HardNegativeRun(HNConfig(negatives="online", num_negatives=2, loss=("itc", "choice")))
+    run.model_created(model, None)
+    tokenize = run.train_tokenizer(tokenizer, None)
+    with pytest.raises(TypeError, match="build it with output_dict=True"):
+        model(torch.zeros(2, 3, 32, 32), tokenize(["a red cube to the left of a blue sphere", "sky"]))
+
+
 def test_register_refuses_unknown_needs_and_duplicates():
     with pytest.raises(ValueError, match="unknown needs"):
         terms.register_term("bad", summary="", source="", needs=("gpu",))
