@@ -309,6 +309,8 @@ def _settings_and_targets(c: HNConfig) -> dict[str, Target]:
     """Flag -> the part of the run it acts on, for the flags that only tune a part of the run that
     another flag switches on."""
     mined = Target("the mined term (--hn-loss ...,mined)", "mined" in c.loss)
+    bank = Target("a term that reads the memory bank (--hn-loss ...,mined, or a registered term "
+                  "that needs it)", any("bank" in term.needs for term in active_terms(c)))
     importance = Target("the importance term (--hn-loss ...,importance)", "importance" in c.loss)
     generated, online = "online text negatives (--hn-negatives online)", c.negatives == "online"
     terms = active_terms(c)
@@ -361,8 +363,8 @@ def _settings_and_targets(c: HNConfig) -> dict[str, Target]:
         "--hn-importance-tau-plus": importance,
         "--hn-importance-beta": importance,
         "--hn-rank-threshold": Target("the rank term (--hn-loss ...,rank)", "rank" in c.loss),
-        "--hn-memory-bank-size": mined,
-        "--hn-memory-bank-fp16": mined,
+        "--hn-memory-bank-size": bank,
+        "--hn-memory-bank-fp16": bank,
         "--hn-mined-k": mined,
         "--hn-false-negative-threshold": mined,
         "--hn-miner-backend": mined,

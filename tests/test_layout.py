@@ -58,3 +58,20 @@ def test_no_import_circle_inside_negatives():
     # the commands share cli_common.py; only the entry point imports the CLI module
     importers = {p.name for p in (PACKAGE / "negatives").glob("*.py") if "from .cli import" in p.read_text()}
     assert importers == {"__main__.py"}
+
+
+def test_the_library_api_is_importable_from_the_package_without_loading_torch_first():
+    """`from open_clip_hn import HardNegativeLoss, ...` works (each name is imported when first
+    used), while `import open_clip_hn` alone stays cheap for loader workers."""
+    script = ("import sys, open_clip_hn\n"
+              "assert 'torch' not in sys.modules, 'import open_clip_hn loaded torch'\n"
+              "from open_clip_hn import HardNegativeLoss, HNConfig, register_term, LoggedValue, "
+              "PackedOutputs, NegativeGenerator, MemoryBank\n"
+              "import open_clip_hn.objective as objective\n"
+              "assert HardNegativeLoss is objective.HardNegativeLoss\n"
+              "assert set(open_clip_hn.__all__) <= set(dir(open_clip_hn))\n"
+              "try:\n    open_clip_hn.nothing\nexcept AttributeError as err:\n    assert 'nothing' in str(err)\n"
+              "else:\n    raise SystemExit('no AttributeError')\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -136,6 +136,21 @@ def test_misuse_from_code_is_refused_not_trained_on():
         HardNegativeLoss(HNConfig(negatives="online", num_negatives=2, loss="choice"))
 
 
+def test_a_registered_term_that_needs_the_bank_can_be_turned_on():
+    """The bank's flags acted on the mined term only: a term of one's own with needs=("bank",)
+    was refused without a bank and refused again with one."""
+    @terms.register_term("banky", summary="", source="test", needs=("bank",))
+    def banky(b, ctx):
+        return b.image.sum() * 0
+
+    try:
+        HNConfig(loss=("clip", "banky"), memory_bank_size=64).validate()
+        with pytest.raises(ValueError, match="--hn-memory-bank-size acts on a term that reads the memory bank"):
+            HNConfig(loss=("clip", "choice"), negatives="online", num_negatives=2, memory_bank_size=64).validate()
+    finally:
+        del terms.TERMS["banky"]
+
+
 def test_a_model_returning_a_tuple_is_refused_before_its_mask_is_lost(tokenizer):
     """OpenCLIP's default output_dict=False returned a tuple; the hook dropped the negative mask
     and every slot, empty placeholders included, was trained on as a negative."""
