@@ -470,6 +470,10 @@ def replace_attribute(res: Resources, p: Parse, rng: random.Random, wide: bool =
     return out
 
 
+_LEVEL_WAYS = frozenset(("street", "road", "sidewalk", "path", "lane", "alley", "avenue", "highway",
+                         "walkway", "boulevard", "driveway", "hallway", "corridor", "aisle", "runway"))
+
+
 def _participle(res: Resources, word: str) -> bool:
     """A past participle ("filled", "topped", "made"): what it is done with is not a relation."""
     form = res.verb_forms.get(word)
@@ -495,6 +499,8 @@ def replace_relation(res: Resources, p: Parse, rng: random.Random, wide: bool = 
             forms = list(res.relations[lower])
             if lower == "with" and i > 0 and _participle(res, p.words[i - 1].lower()):
                 forms = [f for f in forms if f != "without"]  # "filled with" -> "filled without"
+            if lower in ("up", "down") and any(np.start == i + 1 and np.lemma in _LEVEL_WAYS for np in p.nps):
+                continue  # "walking down a street" is "walking up a street": along it, both
             if not forms:
                 continue
         elif p.tags[i] == "VERB" and lower in res.verb_forms:

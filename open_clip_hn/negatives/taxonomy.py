@@ -21,7 +21,8 @@ LM_TYPES: tuple[str, ...] = ("replace_object", "replace_attribute")
 # none across a symmetric relation of the subject, no doubled word, plural nouns after a
 # preposition, no "without" after a participle, no
 # posture change for things, "-es" plurals of s/x/z/ch/sh/o stems only, no person made a group
-# or given a gender its pronouns contradict, no age on a noun that says it; tests/
+# or given a gender its pronouns contradict, no age on a noun that says it, no up/down along a
+# street; tests/
 # test_negatives.py pins the output of each revision)
 RULES_REVISION = 3
 # the types whose negatives may only reorder the caption's noun phrases (--hn-swap-reorders)
