@@ -220,6 +220,18 @@ def _check_text_lock(args: argparse.Namespace) -> None:
                      "supported'); add --lock-text-freeze-layer-norm")
 
 
+def _bank_smaller_than_a_step(config: HNConfig, args: argparse.Namespace, world: int) -> str | None:
+    """Why the memory bank cannot hold what one optimizer step pushes (every rank's pairs, all
+    `--accum-freq` micro-batches), or None."""
+    global_batch = args.batch_size * world * args.accum_freq
+    if not 0 < config.memory_bank_size < global_batch:
+        return None
+    accum = f" x --accum-freq {args.accum_freq}" if args.accum_freq > 1 else ""
+    return (f"--hn-memory-bank-size {config.memory_bank_size} is smaller than one global batch "
+            f"({args.batch_size} x {world} ranks{accum} = {global_batch}): the bank would hold only "
+            f"part of the latest batch; pass at least {global_batch} (several batches is usual)")
+
+
 def _check_run_length(config: HNConfig, args: argparse.Namespace) -> None:
     """What the command line alone decides of the memory bank and the curriculum (the world size
     as the launcher's environment gives it), checked again once the data is built: refused
@@ -228,13 +240,9 @@ def _check_run_length(config: HNConfig, args: argparse.Namespace) -> None:
     from open_clip_train.distributed import world_info_from_env
 
     world = world_info_from_env()[2]
-    global_batch = args.batch_size * world * args.accum_freq  # what one step pushes to the bank
-    if 0 < config.memory_bank_size < global_batch:
-        accum = f" x --accum-freq {args.accum_freq}" if args.accum_freq > 1 else ""
-        raise ValueError(f"--hn-memory-bank-size {config.memory_bank_size} is smaller than one global "
-                         f"batch ({args.batch_size} x {world} ranks{accum} = {global_batch}): the bank "
-                         f"would hold only part of the latest batch; pass at least {global_batch} "
-                         "(several batches is usual)")
+    problem = _bank_smaller_than_a_step(config, args, world)
+    if problem:
+        raise ValueError(problem)
     if args.train_num_samples and not _not_webdataset(args):  # OpenCLIP's count of its batches
         batches = math.ceil(args.train_num_samples / (args.batch_size * world))
         workers = max(1, args.workers)
@@ -904,13 +912,9 @@ def _check_bank(config: HNConfig, args: argparse.Namespace) -> None:
 
     if config.memory_bank_size <= 0:
         return
-    global_batch = args.batch_size * args.world_size * args.accum_freq  # what one step pushes
-    if config.memory_bank_size < global_batch:
-        accum = f" x --accum-freq {args.accum_freq}" if args.accum_freq > 1 else ""
-        raise InputError(f"--hn-memory-bank-size {config.memory_bank_size} is smaller than one global "
-                         f"batch ({args.batch_size} x {args.world_size} ranks{accum} = {global_batch}): "
-                         "the bank would hold only part of the latest batch; pass at least "
-                         f"{global_batch} (several batches is usual)")
+    problem = _bank_smaller_than_a_step(config, args, args.world_size)
+    if problem:
+        raise InputError(problem)
     dim = (open_clip.get_model_config(args.model) or {}).get("embed_dim")
     if dim is None:
         return
